@@ -1,0 +1,45 @@
+# `make demo` and `make test` work on a fresh machine: each sets up .venv (torch if missing,
+# the dev requirements, an editable build of the extension) before it runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+NVCC_ARCH ?= -gencode arch=compute_90,code=sm_90
+DEMO_OUT ?= demo_out
+
+.PHONY: setup test demo bench bench-report check-cuda clean
+
+$(VENV)/.stamp: setup.py requirements-dev.txt $(EXT_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.stamp
+
+# Compile every CUDA source on its own with nvcc (no torch headers), so CUDA code that does not
+# compile cannot land even on machines without a GPU.
+check-cuda:
+ifneq ($(NVCC),)
+	@for f in $(wildcard csrc/cuda/*.cu); do \
+	  echo "nvcc -c $$f"; \
+	  $(NVCC) -std=c++17 -O2 $(NVCC_ARCH) --expt-relaxed-constexpr -c $$f -o /tmp/eeruntime_$$(basename $$f).o || exit 1; \
+	done
+else
+	@echo "check-cuda: nvcc not found, CUDA sources not compiled"
+endif
+
+test: setup check-cuda
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m eeruntime demo --out $(DEMO_OUT)
+
+bench: setup
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/latest.json
+
+clean:
+	rm -rf build *.egg-info eeruntime/_C*.so $(DEMO_OUT)

@@ -1,0 +1,83 @@
+"""Cost model of DESIGN.md: FLOPs per stage and exit head, expected cost and ideal speed-up.
+
+c_k = FLOPs(stage k) + FLOPs(exit head k), counted once per model with
+``torch.utils.flop_counter`` on one sample. Exiting at k costs sum_{j<=k} c_j; the plain model
+costs every stage plus the final head only. Ideal speed-up = plain / sum_k f_k sum_{j<=k} c_j.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .state import as_tuple, call, from_tuple
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return int(counter.get_total_flops()), out
+
+
+@dataclass(frozen=True)
+class CostModel:
+    stage_flops: List[int]
+    head_flops: List[int]
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stage_flops)
+
+    @property
+    def exit_costs(self) -> List[int]:
+        """c_k: stage k plus its exit head."""
+        return [s + h for s, h in zip(self.stage_flops, self.head_flops)]
+
+    @property
+    def cumulative(self) -> List[int]:
+        """Cost of a sample that leaves at exit k: sum_{j<=k} c_j."""
+        out, run = [], 0
+        for c in self.exit_costs:
+            run += c
+            out.append(run)
+        return out
+
+    @property
+    def plain(self) -> int:
+        """The backbone alone: every stage and the final head."""
+        return sum(self.stage_flops) + self.head_flops[-1]
+
+    def expected(self, fractions: Sequence[float]) -> float:
+        """Average FLOPs per sample when a fraction f_k leaves at exit k."""
+        if len(fractions) != self.num_exits:
+            raise ValueError(f"need {self.num_exits} exit fractions, got {len(fractions)}")
+        return float(sum(f * c for f, c in zip(fractions, self.cumulative)))
+
+    def ideal_speedup(self, fractions: Sequence[float]) -> float:
+        e = self.expected(fractions)
+        return float(self.plain / e) if e > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"stage_flops": list(self.stage_flops), "head_flops": list(self.head_flops)}
+
+
+@torch.no_grad()
+def measure_costs(model, example) -> CostModel:
+    """Count the FLOPs of every stage and head of ``model`` on one sample of ``example``."""
+    state = from_tuple([t[:1] for t in as_tuple(example)], example)
+    was_training = model.training
+    model.eval()
+    try:
+        stage_flops, head_flops = [], []
+        for stage, head in zip(model.stages, model.exits):
+            f, state = _flops(lambda: call(stage, state))
+            if isinstance(state, list):
+                state = tuple(state)
+            stage_flops.append(f)
+            f, _ = _flops(lambda: call(head, state))
+            head_flops.append(f)
+    finally:
+        model.train(was_training)
+    return CostModel(stage_flops, head_flops)

@@ -1,0 +1,56 @@
+"""``MultiExitModel``: a classifier as a chain of stages, each followed by an exit head."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from .state import call
+
+
+class MultiExitModel(nn.Module):
+    """Stages ``s_0 .. s_{K-1}`` and exits ``e_0 .. e_{K-1}``.
+
+    Stage k maps the state of stage k-1 (the input for k = 0) to its own state; exit k maps stage
+    k's state to logits [B, C]. A state is a tensor or a tuple of tensors sharing batch dim 0; a
+    tuple is passed to the next module unpacked (``stage(*state)``). The last exit is the final
+    classifier. ``model(x)`` runs every stage and returns the list of all exits' logits (training
+    and evaluation alike); :class:`eeruntime.EERuntime` runs it with early exits.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], exits: Sequence[nn.Module]):
+        super().__init__()
+        stages, exits = list(stages), list(exits)
+        if len(stages) != len(exits):
+            raise ValueError(
+                f"stages and exits must have the same length (one exit after each stage); "
+                f"got {len(stages)} stages and {len(exits)} exits"
+            )
+        if len(stages) == 0:
+            raise ValueError("a MultiExitModel needs at least one stage and its exit")
+        for what, mods in (("stages", stages), ("exits", exits)):
+            for i, m in enumerate(mods):
+                if not isinstance(m, nn.Module):
+                    raise TypeError(f"{what}[{i}] must be a torch.nn.Module, got {type(m).__name__}")
+        self.stages = nn.ModuleList(stages)
+        self.exits = nn.ModuleList(exits)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    def forward(self, x) -> List[torch.Tensor]:
+        outs = []
+        state = x
+        for stage, head in zip(self.stages, self.exits):
+            state = call(stage, state)
+            outs.append(call(head, state))
+        return outs
+
+    def forward_until(self, x, k: int):
+        """The state after stage ``k`` (0-based)."""
+        state = x
+        for stage in self.stages[: k + 1]:
+            state = call(stage, state)
+        return state

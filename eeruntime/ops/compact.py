@@ -1,0 +1,132 @@
+"""Row compaction between stages, and the scatter of exited rows into the output.
+
+``compact`` keeps the rows of ``keep`` (stable order) of several tensors that share dim 0;
+``compact_into`` does the same into caller-owned buffers and writes the count into a device
+tensor (no host sync: capturable in a CUDA graph); ``scatter_rows`` writes the rows of ``mask``
+of each source tensor to their original rows ``rows[i]`` of the matching output.
+
+Backends in priority order: ``cuda`` and ``cpp`` (the ``eeruntime._C`` extension, when built),
+``torch`` (the references below).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from . import dispatch
+
+
+def _check_mask(mask: torch.Tensor, name: str) -> int:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool or mask.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D bool tensor, got dtype {mask.dtype} and shape {tuple(mask.shape)}")
+    return mask.shape[0]
+
+
+def _check_rows(tensors: Sequence[torch.Tensor], B: int, device: torch.device, what: str) -> None:
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{what} must be a list or tuple of tensors")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() == 0 or t.shape[0] != B:
+            raise ValueError(
+                f"{what}[{i}] has shape {tuple(t.shape)}; every tensor must have batch size {B} in dim 0"
+            )
+        if t.device != device:
+            raise ValueError(f"{what}[{i}] is on {t.device} but the mask is on {device}")
+
+
+def compact_ref(keep: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    index = keep.nonzero().squeeze(1)
+    return index, [t.index_select(0, index) for t in tensors]
+
+
+def compact_into_ref(keep, tensors, outs, index_out, count_out) -> None:
+    index = keep.nonzero().squeeze(1)
+    n = index.numel()
+    for t, o in zip(tensors, outs):
+        o[:n].copy_(t.index_select(0, index))
+    index_out[:n].copy_(index)
+    count_out.fill_(n)
+
+
+def scatter_rows_ref(mask, rows, srcs, outs) -> None:
+    index = mask.nonzero().squeeze(1)
+    dst = rows.index_select(0, index)
+    for s, o in zip(srcs, outs):
+        o.index_copy_(0, dst, s.index_select(0, index).to(o.dtype))
+
+
+def _always(*args, forced):
+    return None
+
+
+dispatch.register("compact", dispatch.Backend("torch", compact_ref, _always))
+dispatch.register("compact_into", dispatch.Backend("torch", compact_into_ref, _always))
+dispatch.register("scatter_rows", dispatch.Backend("torch", scatter_rows_ref, _always))
+
+
+def compact(keep: torch.Tensor, tensors: Sequence[torch.Tensor], *, backend: str = "auto"):
+    """Keep the rows where ``keep`` is True, in order.
+
+    Returns ``(index, packed)``: ``index`` int64 [n] the original rows kept, ascending; ``packed``
+    the list of ``t[index]`` for each tensor (any trailing shape and dtype; batch in dim 0).
+    """
+    B = _check_mask(keep, "keep")
+    _check_rows(tensors, B, keep.device, "tensors")
+    return dispatch.select("compact", backend, keep, tensors).fn(keep, list(tensors))
+
+
+def compact_into(
+    keep: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor],
+    index_out: torch.Tensor,
+    count_out: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> None:
+    """``compact`` into caller-owned buffers: rows ``[:n]`` of each ``outs[i]`` and of ``index_out``
+    receive the kept rows and their original indices, and ``count_out`` (int64, one element) gets n.
+    Buffers need capacity >= B rows and the same trailing shape and dtype as their source."""
+    B = _check_mask(keep, "keep")
+    _check_rows(tensors, B, keep.device, "tensors")
+    if len(outs) != len(tensors):
+        raise ValueError(f"got {len(tensors)} tensors but {len(outs)} output buffers")
+    for i, (t, o) in enumerate(zip(tensors, outs)):
+        if o.shape[0] < B or o.shape[1:] != t.shape[1:] or o.dtype != t.dtype or o.device != t.device:
+            raise ValueError(
+                f"outs[{i}] is {tuple(o.shape)} {o.dtype} on {o.device}; it must hold >= {B} rows of "
+                f"{tuple(t.shape[1:])} {t.dtype} on {t.device}"
+            )
+    if index_out.dtype != torch.int64 or index_out.dim() != 1 or index_out.shape[0] < B:
+        raise ValueError(f"index_out must be int64 [>= {B}], got {index_out.dtype} {tuple(index_out.shape)}")
+    if count_out.dtype != torch.int64 or count_out.numel() != 1:
+        raise ValueError(f"count_out must be a one-element int64 tensor, got {count_out.dtype} {tuple(count_out.shape)}")
+    b = dispatch.select("compact_into", backend, keep, tensors, outs, index_out, count_out)
+    b.fn(keep, list(tensors), list(outs), index_out, count_out)
+
+
+def scatter_rows(
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    srcs: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor],
+    *,
+    backend: str = "auto",
+) -> None:
+    """For every i with ``mask[i]``: ``outs[j][rows[i]] = srcs[j][i]`` for each j (in place)."""
+    B = _check_mask(mask, "mask")
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.shape != (B,):
+        raise ValueError(f"rows must be int64 [{B}], got {getattr(rows, 'dtype', type(rows))} {tuple(getattr(rows, 'shape', ()))}")
+    _check_rows(srcs, B, mask.device, "srcs")
+    if len(outs) != len(srcs):
+        raise ValueError(f"got {len(srcs)} sources but {len(outs)} outputs")
+    for i, (s, o) in enumerate(zip(srcs, outs)):
+        if o.shape[1:] != s.shape[1:] or o.device != s.device:
+            raise ValueError(f"outs[{i}] {tuple(o.shape)} on {o.device} does not match srcs[{i}] {tuple(s.shape)} on {s.device}")
+    b = dispatch.select("scatter_rows", backend, mask, rows, srcs, outs)
+    b.fn(mask, rows, list(srcs), list(outs))

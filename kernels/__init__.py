@@ -1,0 +1,1 @@
+"""Triton kernels of eeruntime, packaged as ``eeruntime.kernels`` (one file per kernel)."""

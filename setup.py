@@ -1,0 +1,78 @@
+"""Build eeruntime and, when there are sources, its extension ``eeruntime._C``.
+
+The C++ CPU ops are built whenever a compiler is available; the CUDA ops when torch has CUDA and
+``nvcc`` is found. ``EERUNTIME_BUILD_CUDA=auto|0|1`` overrides the CUDA choice (1 fails loudly
+when it cannot). Without a compiler the package still installs and runs on the torch references.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_mode():
+    mode = os.environ.get("EERUNTIME_BUILD_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"EERUNTIME_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def _extensions():
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not cpp:
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("eeruntime: torch not importable at build time; skipping the extension", file=sys.stderr)
+        return [], {}
+    mode = _build_mode()
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    have_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    use_cuda = bool(cu) and (mode == "1" or (mode == "auto" and have_cuda))
+    if mode == "1" and not have_cuda:
+        sys.exit("EERUNTIME_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
+    cxx = ["-O3", "-std=c++17"]
+    if use_cuda:
+        ext = CUDAExtension(
+            "eeruntime._C",
+            cpp + cu,
+            define_macros=[("EERUNTIME_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        )
+    else:
+        ext = CppExtension("eeruntime._C", cpp, extra_compile_args={"cxx": cxx})
+
+    class OptionalBuild(BuildExtension):
+        """A failed optional build warns and installs the pure-Python package."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # noqa: BLE001
+                if mode == "1":
+                    raise
+                print(f"eeruntime: extension build failed ({e}); the torch reference backends will be used",
+                      file=sys.stderr)
+
+    return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="eeruntime",
+    version="0.1.0",
+    description="Batched early-exit inference for PyTorch classifiers: exits, compaction, CUDA graphs",
+    packages=find_packages(include=["eeruntime", "eeruntime.*"]) + ["eeruntime.kernels"],
+    package_dir={"eeruntime.kernels": "kernels"},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.3", "numpy", "tqdm", "matplotlib", "safetensors"],
+    extras_require={"triton": ["triton"], "data": ["scikit-learn"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
