@@ -15,6 +15,15 @@ Criterion = Union[str, Callable]
 
 
 def check_criterion(criterion: Criterion) -> Criterion:
+    """Validate a criterion.
+
+    Accepted: a name of ``CRITERIA``; a callable ``f(logits, state) -> [B]`` score; or a
+    *per-exit scorer*, a callable with attribute ``per_exit = True`` called as
+    ``f(logits, state, k, history) -> [B]`` where ``k`` is the 0-based exit and ``history`` the
+    list of the earlier exits' logits for the same rows (carried through compaction only when
+    the scorer sets ``uses_history = True``; otherwise an empty list). Confidence heads, gates and
+    EENet scorers are per-exit scorers. Callables exit when score >= threshold.
+    """
     if callable(criterion):
         return criterion
     if isinstance(criterion, str) and criterion in CRITERIA:
@@ -34,3 +43,11 @@ def criterion_name(criterion: Criterion) -> str:
     if isinstance(criterion, str):
         return criterion
     return getattr(criterion, "__qualname__", None) or type(criterion).__name__
+
+
+def is_per_exit(criterion: Criterion) -> bool:
+    return callable(criterion) and bool(getattr(criterion, "per_exit", False))
+
+
+def uses_history(criterion: Criterion) -> bool:
+    return is_per_exit(criterion) and bool(getattr(criterion, "uses_history", False))

@@ -11,7 +11,7 @@ import torch
 
 from . import ops
 from .cost import CostModel, measure_costs
-from .criteria import Criterion, check_criterion, criterion_name
+from .criteria import Criterion, check_criterion, criterion_name, is_per_exit, uses_history
 from .ops.exit_decision import confidence_ref, exits_from_scores
 from .state import as_tuple, call, check_state, from_tuple
 from .stats import RuntimeStats
@@ -200,6 +200,13 @@ class EERuntime:
             self._graph_runner = GraphRunner(self, buckets=self.buckets)
         self._graph_runner.warmup(max_batch, example)
 
+    def save(self, path) -> None:
+        """Save thresholds, criterion, calibration summary and learned scorer weights (JSON +
+        safetensors; see :func:`eeruntime.load`)."""
+        from .io import save_runtime
+
+        save_runtime(self, path)
+
     @property
     def stats(self) -> RuntimeStats:
         """Exits per exit point, samples seen, wall time, and the FLOPs cost model (ideal cost)."""
@@ -270,10 +277,13 @@ class EERuntime:
             )
         return C
 
-    def score(self, logits: torch.Tensor, state) -> torch.Tensor:
-        """The criterion's float32 score per row (used at the final exit and by callables)."""
+    def score(self, logits: torch.Tensor, state, k: int, history=()) -> torch.Tensor:
+        """The criterion's float32 score per row at exit ``k`` (used at the final exit and by callables)."""
         if callable(self.criterion):
-            s = self.criterion(logits, state)
+            if is_per_exit(self.criterion):
+                s = self.criterion(logits, state, k, list(history))
+            else:
+                s = self.criterion(logits, state)
             if not isinstance(s, torch.Tensor) or s.shape != (logits.shape[0],):
                 raise ValueError(
                     f"criterion {criterion_name(self.criterion)} must return a [B] tensor, got "
@@ -284,11 +294,11 @@ class EERuntime:
             logits, 0.0, self.criterion, backend=self.decision_backend
         )[0]
 
-    def decide(self, logits: torch.Tensor, state, k: int):
+    def decide(self, logits: torch.Tensor, state, k: int, history=()):
         """Score and exit flag at early exit ``k`` against the device threshold tensor."""
         thr = self.thresholds_tensor(logits.device)[k]
         if callable(self.criterion):
-            s = self.score(logits, state)
+            s = self.score(logits, state, k, history)
             return s, exits_from_scores(s, thr, self.criterion)
         return ops.exit_decision(logits, thr, self.criterion, backend=self.decision_backend)
 
@@ -303,6 +313,7 @@ class EERuntime:
         counts = [0] * K
         out = None
         acc = None  # running sum of the survivors' logits, for final="average"
+        history = [] if uses_history(self.criterion) else None  # earlier exits' logits of the survivors
         n = B
         for k in range(K):
             state = call(model.stages[k], state)
@@ -319,24 +330,30 @@ class EERuntime:
             if k == K - 1:
                 final_logits = (acc / K).to(logits.dtype) if self.final == "average" else logits
                 out.index_copy_(0, rows, final_logits.to(out.dtype))
-                confidence.index_copy_(0, rows, self.score(final_logits, state))
+                confidence.index_copy_(0, rows, self.score(final_logits, state, k, history or ()))
                 counts[k] = n
                 break
-            score, exited = self.decide(logits, state, k)
+            score, exited = self.decide(logits, state, k, history or ())
             ops.scatter_rows(
                 exited, rows, [logits, score, torch.full_like(rows, k)], [out, confidence, exit_index],
                 backend=self.compact_backend,
             )
             parts = as_tuple(state)
-            carried = [*parts, rows] + ([acc] if acc is not None else [])
+            if history is not None:
+                history.append(logits)
+            extra = ([acc] if acc is not None else []) + (history or [])
+            carried = [*parts, rows, *extra]
             _, packed = ops.compact(~exited, carried, backend=self.compact_backend)
             n_next = packed[0].shape[0]
             counts[k] = n - n_next
             n = n_next
             state = from_tuple(packed[: len(parts)], state)
             rows = packed[len(parts)]
+            rest = packed[len(parts) + 1 :]
             if acc is not None:
-                acc = packed[-1]
+                acc, rest = rest[0], rest[1:]
+            if history is not None:
+                history = list(rest)
             if n == 0:
                 break
         return InferenceResult(out, exit_index, confidence), counts
