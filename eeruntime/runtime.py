@@ -122,14 +122,14 @@ class EERuntime:
                 thresholds = float(thresholds)
             else:
                 thresholds = thresholds.detach().cpu().reshape(-1).tolist()
-        if isinstance(thresholds, bool):
-            raise TypeError("thresholds must be a float or a sequence of floats, got a bool")
+        if isinstance(thresholds, (bool, str, bytes)):
+            raise TypeError(f"thresholds must be a float or a sequence of {n} floats, got {type(thresholds).__name__}")
         if isinstance(thresholds, (int, float)):
             values = [float(thresholds)] * n
         else:
             try:
                 values = [float(t) for t in thresholds]
-            except TypeError:
+            except (TypeError, ValueError):
                 raise TypeError(
                     f"thresholds must be a float or a sequence of {n} floats, got {type(thresholds).__name__}"
                 ) from None
@@ -153,8 +153,10 @@ class EERuntime:
         values = self._normalise_thresholds(thresholds)
         with self._lock:
             self._thr_values = values
-            for t in self._thr.values():
-                t.copy_(torch.tensor(values, dtype=torch.float32))
+            new = torch.tensor(values, dtype=torch.float32)
+            with torch.inference_mode(False), torch.no_grad():
+                for t in self._thr.values():
+                    t.copy_(new)
 
     def thresholds_tensor(self, device) -> torch.Tensor:
         """The float32 [K-1] device tensor of thresholds that the exit kernels read."""
@@ -164,7 +166,9 @@ class EERuntime:
             with self._lock:
                 t = self._thr.get(device)
                 if t is None:
-                    t = torch.tensor(self._thr_values, dtype=torch.float32, device=device)
+                    # A normal tensor (not an inference tensor) so set_thresholds can update it in place.
+                    with torch.inference_mode(False):
+                        t = torch.tensor(self._thr_values, dtype=torch.float32, device=device)
                     self._thr[device] = t
         return t
 
@@ -334,19 +338,25 @@ class EERuntime:
                 counts[k] = n
                 break
             score, exited = self.decide(logits, state, k, history or ())
+            # The eager loop needs the count anyway (the next stage's batch size): read it once
+            # here so a stage where nobody leaves skips the scatter and the pack altogether.
+            n_exit = int(exited.sum())
+            if history is not None:
+                history.append(logits)
+            if n_exit == 0:
+                continue
             ops.scatter_rows(
                 exited, rows, [logits, score, torch.full_like(rows, k)], [out, confidence, exit_index],
                 backend=self.compact_backend,
             )
+            counts[k] = n_exit
+            if n_exit == n:
+                break
             parts = as_tuple(state)
-            if history is not None:
-                history.append(logits)
             extra = ([acc] if acc is not None else []) + (history or [])
             carried = [*parts, rows, *extra]
             _, packed = ops.compact(~exited, carried, backend=self.compact_backend)
-            n_next = packed[0].shape[0]
-            counts[k] = n - n_next
-            n = n_next
+            n -= n_exit
             state = from_tuple(packed[: len(parts)], state)
             rows = packed[len(parts)]
             rest = packed[len(parts) + 1 :]
@@ -354,6 +364,4 @@ class EERuntime:
                 acc, rest = rest[0], rest[1:]
             if history is not None:
                 history = list(rest)
-            if n == 0:
-                break
         return InferenceResult(out, exit_index, confidence), counts

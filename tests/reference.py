@@ -7,6 +7,7 @@ import math
 import torch
 
 
+@torch.no_grad()
 def score64(logits: torch.Tensor, criterion: str) -> torch.Tensor:
     """Float64 score per row from the definitions (independent of the runtime's reference)."""
     x = logits.double()

@@ -1,0 +1,331 @@
+"""EERuntime against the per-sample loop of DESIGN.md (tests/reference.py)."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import eeruntime as ee
+from reference import per_sample_loop, score64
+
+CRITERIA = ["entropy", "max_prob", "margin", "norm_entropy"]
+NEAR = 1e-4  # rows whose score is this close to a threshold may legitimately flip
+
+
+def mlp_model(K=3, d_in=6, width=12, C=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    stages, exits = [], []
+    d = d_in
+    for _ in range(K):
+        stages.append(nn.Sequential(nn.Linear(d, width), nn.Tanh()))
+        exits.append(nn.Linear(width, C))
+        d = width
+    m = ee.MultiExitModel(stages, exits)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 1.5)
+    return m.eval()
+
+
+def thresholds_for(model, x, criterion, regime):
+    """Thresholds where all / none / some samples leave at each early exit."""
+    K = len(model.stages)
+    if regime == "all":
+        return [math.inf if criterion == "entropy" else -1.0] * (K - 1)
+    if regime == "none":
+        return [-1.0 if criterion == "entropy" else 2.0] * (K - 1)
+    outs = model(x) if x.shape[0] else None
+    thr = []
+    for k in range(K - 1):
+        if outs is None:
+            thr.append(0.5)
+            continue
+        s = score64(outs[k], criterion)
+        thr.append(float(s.quantile(0.4 if criterion == "entropy" else 0.6)))
+    return thr
+
+
+def assert_matches_loop(rt, model, x, thresholds, criterion, final="last"):
+    res = rt.infer(x)
+    ref_logits, ref_exit, near = per_sample_loop(model, x, thresholds, criterion, final)
+    B = x[0].shape[0] if isinstance(x, tuple) else x.shape[0]
+    assert res.logits.shape[0] == B and res.exit_index.shape == (B,) and res.confidence.shape == (B,)
+    assert res.exit_index.dtype == torch.int64 and res.confidence.dtype == torch.float32
+    if B == 0:
+        assert res.logits.dim() == 2
+        return res
+    clear = near > NEAR
+    assert torch.equal(res.exit_index[clear], ref_exit[clear])
+    same = res.exit_index == ref_exit
+    torch.testing.assert_close(res.logits[same].double(), ref_logits[same], rtol=1e-5, atol=1e-5)
+    return res
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("B", [0, 1, 7, 64])
+@pytest.mark.parametrize("regime", ["all", "none", "some"])
+def test_matches_per_sample_loop(criterion, B, regime):
+    model = mlp_model()
+    x = torch.randn(B, 6)
+    thr = thresholds_for(model, x, criterion, regime)
+    rt = ee.EERuntime(model, thresholds=thr, criterion=criterion)
+    res = assert_matches_loop(rt, model, x, thr, criterion)
+    if B and regime == "all":
+        assert (res.exit_index == 0).all()
+    if B and regime == "none":
+        assert (res.exit_index == 2).all()
+
+
+def test_large_batch_and_one_float_threshold():
+    model = mlp_model(K=4)
+    x = torch.randn(3001, 6)
+    rt = ee.EERuntime(model, thresholds=1.0, criterion="entropy")
+    assert rt.thresholds == [1.0, 1.0, 1.0]
+    res = assert_matches_loop(rt, model, x, [1.0] * 3, "entropy")
+    assert len(set(res.exit_index.tolist())) > 1, "the test needs a mix of exits"
+
+
+def test_confidence_is_score_at_exit_taken():
+    model = mlp_model()
+    x = torch.randn(50, 6)
+    rt = ee.EERuntime(model, thresholds=[0.5, 0.6], criterion="max_prob")
+    res = rt.infer(x)
+    outs = model(x)
+    for i in range(50):
+        k = int(res.exit_index[i])
+        expect = score64(outs[k][i : i + 1], "max_prob")[0]
+        assert abs(float(res.confidence[i]) - float(expect)) < 1e-5
+
+
+def test_final_average():
+    model = mlp_model()
+    x = torch.randn(40, 6)
+    thr = thresholds_for(model, x, "entropy", "some")
+    rt = ee.EERuntime(model, thresholds=thr, criterion="entropy", final="average")
+    res = assert_matches_loop(rt, model, x, thr, "entropy", final="average")
+    assert (res.exit_index == 2).any() and (res.exit_index < 2).any()
+
+
+class TupleStage(nn.Module):
+    """A transformer-like stage carrying (hidden, mask)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, h, mask):
+        return torch.tanh(self.lin(h)) * mask.unsqueeze(-1), mask
+
+
+class TupleExit(nn.Module):
+    def __init__(self, d, C):
+        super().__init__()
+        self.lin = nn.Linear(d, C)
+
+    def forward(self, h, mask):
+        pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return self.lin(pooled) * 3
+
+
+def test_tuple_states():
+    d, C = 8, 4
+    model = ee.MultiExitModel([TupleStage(d) for _ in range(3)], [TupleExit(d, C) for _ in range(3)]).eval()
+    h = torch.randn(33, 5, d)
+    mask = (torch.rand(33, 5) > 0.3).float()
+    x = (h, mask)
+    outs = model(x)
+    thr = [float(score64(outs[k], "entropy").median()) for k in range(2)]
+    rt = ee.EERuntime(model, thresholds=thr)
+    res = assert_matches_loop(rt, model, x, thr, "entropy")
+    assert len(set(res.exit_index.tolist())) > 1
+
+
+def test_callable_criterion():
+    model = mlp_model()
+    x = torch.randn(30, 6)
+
+    def top_logit(logits, state):
+        return logits.max(dim=1).values
+
+    rt = ee.EERuntime(model, thresholds=[2.0, 2.5], criterion=top_logit)
+    assert_matches_loop(rt, model, x, [2.0, 2.5], top_logit)
+
+
+class AgreeWithHistory:
+    """A per-exit scorer with history: 1 when this exit's argmax agrees with every earlier exit."""
+
+    per_exit = True
+    uses_history = True
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, logits, state, k, history):
+        self.seen.append((k, len(history)))
+        agree = torch.ones(logits.shape[0])
+        for h in history:
+            assert h.shape == logits.shape
+            agree = agree * (h.argmax(1) == logits.argmax(1)).float()
+        return agree if k > 0 else torch.zeros(logits.shape[0])
+
+
+def test_per_exit_scorer_with_history():
+    model = mlp_model(K=4)
+    x = torch.randn(64, 6)
+    scorer = AgreeWithHistory()
+    rt = ee.EERuntime(model, thresholds=0.5, criterion=scorer)
+    res = rt.infer(x)
+    assert all(len_h == k for k, len_h in scorer.seen)
+    outs = model(x)
+    preds = torch.stack([o.argmax(1) for o in outs])  # [K, B]
+    for i in range(64):
+        expect = 3
+        for k in range(1, 3):
+            if (preds[: k + 1, i] == preds[k, i]).all():
+                expect = k
+                break
+        assert int(res.exit_index[i]) == expect
+
+
+def test_nan_rows_never_exit_and_carry_nan():
+    model = ee.MultiExitModel([nn.Identity(), nn.Identity()], [nn.Identity(), nn.Identity()])
+    x = torch.tensor([[10.0, 0.0, 0.0], [float("nan"), 0.0, 0.0], [float("inf"), 0.0, 0.0]])
+    rt = ee.EERuntime(model, thresholds=[0.5], criterion="max_prob")
+    res = rt.infer(x)
+    assert res.exit_index.tolist() == [0, 1, 1]
+    assert torch.isnan(res.logits[1, 0]) and torch.isnan(res.confidence[1])
+
+
+def test_set_thresholds_takes_effect_next_call():
+    model = mlp_model()
+    x = torch.randn(20, 6)
+    rt = ee.EERuntime(model, thresholds=[-1.0, -1.0])
+    assert (rt.infer(x).exit_index == 2).all()
+    rt.set_thresholds([math.inf, math.inf])
+    assert (rt.infer(x).exit_index == 0).all()
+    rt.set_thresholds(0.3)
+    assert rt.thresholds == [0.3, 0.3]
+
+
+def test_drop_in_call_and_eval_mode():
+    model = mlp_model().train()
+    x = torch.randn(9, 6)
+    rt = ee.EERuntime(model, thresholds=[-1.0, -1.0])
+    assert not model.training
+    torch.testing.assert_close(rt(x), model(x)[-1])
+
+
+def test_never_modifies_weights_or_input():
+    model = mlp_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(17, 6)
+    x0 = x.clone()
+    ee.EERuntime(model, thresholds=[0.5, 0.5])(x)
+    assert torch.equal(x, x0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_stats_and_cost():
+    model = mlp_model()
+    x = torch.randn(100, 6)
+    rt = ee.EERuntime(model, thresholds=thresholds_for(model, x, "entropy", "some"))
+    res = rt.infer(x)
+    rt.infer(x[:10])
+    st_ = rt.stats
+    counts = torch.bincount(torch.cat([res.exit_index, rt.infer(x[:0]).exit_index]), minlength=3)
+    res10 = torch.bincount(ee.EERuntime(model, thresholds=rt.thresholds).infer(x[:10]).exit_index, minlength=3)
+    assert st_.exit_counts == (counts + res10).tolist()
+    assert st_.samples == 110 and st_.calls == 2
+    cm = st_.cost_model
+    # Linear(6,12): 2*6*12 FLOPs, Linear(12,12): 2*12*12, heads Linear(12,5): 2*12*5.
+    assert cm.stage_flops == [144, 288, 288] and cm.head_flops == [120, 120, 120]
+    f = st_.exit_fractions
+    cum = [264, 264 + 408, 264 + 408 * 2]
+    assert st_.ideal_speedup == pytest.approx((144 + 288 + 288 + 120) / sum(a * b for a, b in zip(f, cum)))
+    rt.reset_stats()
+    assert rt.stats.samples == 0
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_thresholds():
+    model = mlp_model()
+    with pytest.raises(ValueError, match="one per early exit"):
+        ee.EERuntime(model, thresholds=[0.1, 0.2, 0.3])
+    with pytest.raises(TypeError):
+        ee.EERuntime(model, thresholds="high")
+    with pytest.raises(ValueError, match="NaN"):
+        ee.EERuntime(model, thresholds=float("nan"))
+    rt = ee.EERuntime(model, thresholds=[0.1, 0.2])
+    with pytest.raises(ValueError, match="one per early exit"):
+        rt.set_thresholds([0.1])
+    assert rt.thresholds == [0.1, 0.2]
+
+
+def test_bad_criterion_and_final():
+    with pytest.raises(ValueError, match="accepted: 'entropy'"):
+        ee.EERuntime(mlp_model(), criterion="confidence")
+    with pytest.raises(ValueError, match="final mode"):
+        ee.EERuntime(mlp_model(), final="mean")
+
+
+def test_stages_exits_mismatch():
+    with pytest.raises(ValueError, match="same length"):
+        ee.MultiExitModel([nn.Identity(), nn.Identity()], [nn.Identity()])
+    with pytest.raises(TypeError, match="nn.Module"):
+        ee.MultiExitModel([lambda x: x], [nn.Identity()])
+    with pytest.raises(TypeError, match="MultiExitModel"):
+        ee.EERuntime(nn.Linear(2, 2))
+
+
+def test_bad_inputs():
+    rt = ee.EERuntime(mlp_model(), thresholds=[0.5, 0.5])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        rt([[1.0] * 6])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        rt(None)
+    with pytest.raises(ValueError, match="batch dimension"):
+        rt(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="is on meta but the model is on cpu"):
+        rt(torch.empty(4, 6, device="meta"))
+
+
+def test_bad_exit_outputs():
+    bad_dim = ee.MultiExitModel([nn.Identity(), nn.Identity()], [nn.Unflatten(1, (2, 2)), nn.Identity()])
+    with pytest.raises(ValueError, match="exit 0 must return 2-D logits"):
+        ee.EERuntime(bad_dim, thresholds=0.5)(torch.randn(3, 4))
+    bad_c = ee.MultiExitModel([nn.Identity(), nn.Identity()], [nn.Identity(), nn.Linear(4, 3)])
+    with pytest.raises(ValueError, match="exit 1 returns 3 classes but earlier exits return 4"):
+        ee.EERuntime(bad_c, thresholds=-1.0)(torch.randn(3, 4))
+
+
+def test_empty_batch_returns_empty_result():
+    rt = ee.EERuntime(mlp_model(C=7), thresholds=[0.5, 0.5])
+    res = rt.infer(torch.randn(0, 6))
+    assert res.logits.shape == (0, 7) and res.exit_index.shape == (0,) and res.confidence.shape == (0,)
+
+
+# ---------------------------------------------------------------- property test
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    K=st.integers(1, 4),
+    B=st.integers(0, 40),
+    C=st.integers(1, 6),
+    criterion=st.sampled_from(CRITERIA),
+    q=st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3),
+    seed=st.integers(0, 10_000),
+    final=st.sampled_from(["last", "average"]),
+)
+def test_property_random_models(K, B, C, criterion, q, seed, final):
+    torch.manual_seed(seed)
+    model = mlp_model(K=K, C=C, seed=seed)
+    x = torch.randn(B, 6) * 2
+    if B:
+        outs = model(x)
+        thr = [float(score64(outs[k], criterion).nan_to_num(0.0).quantile(q[k])) for k in range(K - 1)]
+    else:
+        thr = [0.5] * (K - 1)
+    rt = ee.EERuntime(model, thresholds=thr, criterion=criterion, final=final)
+    assert_matches_loop(rt, model, x, thr, criterion, final)
