@@ -65,3 +65,32 @@ def benchmark_record(benchmark, **extra) -> None:
     """Attach device, versions and the case's parameters to a pytest-benchmark result."""
     benchmark.extra_info.update(device_info())
     benchmark.extra_info.update(extra)
+
+
+@torch.no_grad()
+def thresholds_for_fractions(model, x, fractions, criterion: str = "entropy"):
+    """Thresholds under which about ``fractions[k]`` of ``x`` leaves at early exit k (the last
+    fraction is what reaches the final exit). Each exit's threshold is a quantile of the scores of
+    the rows still running there. Fractions near zero give thresholds no row meets."""
+    from eeruntime.ops import confidence_ref
+
+    model.eval()
+    outs = model(x)
+    B = x.shape[0] if isinstance(x, torch.Tensor) else x[0].shape[0]
+    alive = torch.ones(B, dtype=torch.bool, device=outs[0].device)
+    thresholds = []
+    for k in range(len(outs) - 1):
+        s = confidence_ref(outs[k], criterion)
+        want = fractions[k] * B
+        live = s[alive]
+        q = min(max(want / max(int(alive.sum()), 1), 0.0), 1.0)
+        if want < 0.5 or live.numel() == 0:
+            thr = -1.0 if criterion == "entropy" else 2.0
+        elif criterion == "entropy":
+            thr = float(live.float().quantile(q)) + 1e-6
+        else:
+            thr = float(live.float().quantile(1.0 - q))
+        thresholds.append(thr)
+        exits = (s < thr) if criterion == "entropy" else (s >= thr)
+        alive &= ~exits
+    return thresholds

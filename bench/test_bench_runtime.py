@@ -1,0 +1,88 @@
+"""Runtime suite (CPU and, when present, CUDA eager): a 4-stage conv net with 4 exits at batch 256.
+
+Three variants side by side: the plain backbone (every stage, final head), EERuntime, and the
+oracle (eeruntime.oracle: each stage on exactly the rows that reach it, no decisions or packs).
+Reports measured speed-up (plain / runtime), FLOPs-ideal speed-up (cost model) and efficiency
+(oracle / runtime). Target: efficiency >= 0.97 with exits and with none.
+"""
+import json
+
+import pytest
+import torch
+
+import eeruntime as ee
+from common import benchmark_record, thresholds_for_fractions, time_fn
+from eeruntime.oracle import oracle_forward, plan_oracle
+from eeruntime.zoo import conv_net
+
+SCENARIOS = {"exits": [0.5, 0.2, 0.15, 0.15], "none": [0.0, 0.0, 0.0, 1.0]}
+BATCH = 256
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _plain(model, x):
+    state = x
+    for stage in model.stages:
+        state = stage(state)
+    return model.exits[-1](state)
+
+
+@pytest.fixture(scope="module")
+def setup_cache():
+    return {}
+
+
+def _setup(cache, device, scenario):
+    key = (device, scenario)
+    if key not in cache:
+        torch.manual_seed(0)
+        model = conv_net(num_exits=4, in_channels=3, width=16).to(device).eval()
+        x = torch.randn(BATCH, 3, 32, 32, device=device)
+        thr = thresholds_for_fractions(model, x, SCENARIOS[scenario], "entropy")
+        rt = ee.EERuntime(model, thresholds=thr, criterion="entropy", graphs=False)
+        res = rt.infer(x)
+        plan = plan_oracle(x, res.exit_index, 4)
+        cache[key] = (model, x, rt, plan, res)
+    return cache[key]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_runtime_vs_plain_vs_oracle(benchmark, setup_cache, device, scenario):
+    model, x, rt, plan, res = _setup(setup_cache, device, scenario)
+    fractions = (torch.bincount(res.exit_index.cpu(), minlength=4).float() / BATCH).tolist()
+    with torch.inference_mode():
+        # Interleaved rounds so drift in machine load hits all three alike.
+        t_plain, t_rt, t_oracle = [], [], []
+        for _ in range(5):
+            t_plain.append(time_fn(lambda: _plain(model, x), device, warmup=1, iters=5))
+            t_rt.append(time_fn(lambda: rt(x), device, warmup=1, iters=5))
+            t_oracle.append(time_fn(lambda: oracle_forward(model, plan), device, warmup=1, iters=5))
+    tp, tr, to = (sorted(t)[len(t) // 2] for t in (t_plain, t_rt, t_oracle))
+    cost = ee.measure_costs(model, x[:1])
+    summary = {
+        "scenario": scenario,
+        "batch": BATCH,
+        "dtype": "float32",
+        "exit_fractions": fractions,
+        "plain_ms": tp * 1e3,
+        "runtime_ms": tr * 1e3,
+        "oracle_ms": to * 1e3,
+        "speedup_measured": tp / tr,
+        "speedup_ideal": cost.ideal_speedup(fractions),
+        "speedup_oracle": tp / to,
+        "efficiency": to / tr,
+    }
+    benchmark_record(benchmark, **summary)
+    print("\n" + json.dumps(summary, indent=1))
+    benchmark.pedantic(lambda: rt(x), rounds=10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["plain", "oracle"])
+def test_baselines(benchmark, setup_cache, device, variant):
+    model, x, rt, plan, res = _setup(setup_cache, device, "exits")
+    benchmark_record(benchmark, variant=variant, batch=BATCH)
+    with torch.inference_mode():
+        fn = (lambda: _plain(model, x)) if variant == "plain" else (lambda: oracle_forward(model, plan))
+        benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
