@@ -38,8 +38,9 @@ test: setup check-cuda
 demo: setup
 	$(PY) -m eeruntime demo --out $(DEMO_OUT)
 
+# Every suite in one run: bench/results/<device>-<date>.json plus its markdown tables and plots.
 bench: setup
-	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/latest.json
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf build *.egg-info eeruntime/_C*.so $(DEMO_OUT)
