@@ -1,0 +1,307 @@
+"""Fused exit decision: softmax statistics, confidence score, exit flag and argmax in one read.
+
+For every row x of ``logits`` [B, C] (any float dtype of fp32/fp16/bf16, math in fp32) the kernel
+reads the row once and computes, with m = max_c x_c,
+
+    S = sum_c e^(x_c - m)                 (the softmax denominator: p_c = e^(x_c - m) / S)
+    T = sum_c e^(x_c - m) (x_c - m)       (so that sum_c p_c log p_c = T/S - log S)
+    x2 = the second largest logit (equal to m when the maximum is tied; -inf when C = 1)
+
+and from them the score of DESIGN.md's table:
+
+    entropy       H = log S - T / S                    exits when H <  threshold
+    max_prob      1 / S                                exits when score >= threshold
+    margin        p(1) - p(2) = (1 - e^(x2 - m)) / S   exits when score >= threshold
+    norm_entropy  1 - H / log C  (1 when C = 1)        exits when score >= threshold
+
+A row holding NaN or +inf, or only -inf, scores NaN (``torch.softmax`` gives NaN there) and never
+exits, because every comparison with NaN is false. Entries equal to -inf are masked classes: they
+add 0 to S and to T (the 0 * -inf of e^(x-m)(x-m) is taken as its limit, 0). The argmax follows
+``torch.argmax``: the first index of the maximum, or the first NaN when the row holds one.
+
+Two paths:
+
+* one block (C <= ``ONE_BLOCK_MAX``): a tile of ``ROWS`` rows x ``BLOCK_C`` >= C columns is loaded
+  once and reduced along the row; small vocabularies pack many rows into one program.
+* chunked (wider rows, e.g. vocabularies of 32k-256k): one program per row walks the row in chunks
+  of ``BLOCK_C`` and keeps, per lane, an online state (m, S, T) over the values that lane has seen.
+  A new value x updates it to m' = max(m, x) with the rescaling
+
+      S' = e^(m - m') S + e^(x - m'),   T' = e^(m - m') (T + (m - m') S) + e^(x - m') (x - m'),
+
+  which costs one exponential per element (one of the two factors is e^0 = 1). The lanes are
+  combined at the end with the same rule. Per lane it also tracks the top two values and the
+  first index of its maximum, which give x2 and the argmax across lanes.
+
+The threshold is read from a device pointer (a one-element tensor, e.g. a view into the
+runtime's [K-1] threshold tensor) so a captured CUDA graph sees new thresholds without
+re-capture; a Python float is passed by value instead. Row offsets are int64; the row stride is
+arbitrary (the column stride must be 1: the launcher makes other layouts contiguous first). The
+launcher passes ``VEC``, the largest power of two (up to 16 bytes) dividing both C and the row
+stride, so that the loads are vectorised whenever the layout allows it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from eeruntime.criteria import CRITERIA, CRITERION_CODE
+
+# Rows up to this many classes take the one-block path; wider rows are walked in chunks.
+ONE_BLOCK_MAX = 4096
+# Chunk width of the chunked path, and the number of elements one tile of the one-block path aims for.
+CHUNK = 4096
+TILE_ELEMS = 2048
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# True when this module's kernels were built for the Triton interpreter (TRITON_INTERPRET=1 was
+# set when triton.jit ran, i.e. when this module was first imported): they then run on CPU tensors.
+INTERPRETED = False
+
+_ENTROPY: tl.constexpr = tl.constexpr(CRITERION_CODE["entropy"])
+_MAX_PROB: tl.constexpr = tl.constexpr(CRITERION_CODE["max_prob"])
+_MARGIN: tl.constexpr = tl.constexpr(CRITERION_CODE["margin"])
+_NORM_ENTROPY: tl.constexpr = tl.constexpr(CRITERION_CODE["norm_entropy"])
+
+
+@triton.jit
+def _score_and_store(rows, row_ok, M, S, T, X2, thr, inv_log_c, conf_ptr, mask_ptr, CRITERION: tl.constexpr):
+    """Score from (m, S, T, x2) and the exit flag against ``thr``.
+
+    S is NaN exactly for the rows that must score NaN (NaN, +inf, or only -inf in the row; see
+    the kernels), and every score divides by S, so those rows score NaN and never exit."""
+    if CRITERION == _MAX_PROB:
+        score = 1.0 / S
+    elif CRITERION == _MARGIN:
+        score = (1.0 - tl.exp(X2 - M)) / S
+    else:
+        H = tl.log(S) - T / S
+        if CRITERION == _NORM_ENTROPY:
+            score = 1.0 - H * inv_log_c  # inv_log_c = 0 when C = 1, whose score is 1 (NaN * 0 stays NaN)
+        else:
+            score = H
+    if CRITERION == _ENTROPY:
+        exits = score < thr
+    else:
+        exits = score >= thr
+    tl.store(conf_ptr + rows, score, mask=row_ok)
+    tl.store(mask_ptr + rows, exits.to(tl.uint8), mask=row_ok)
+
+
+@triton.jit
+def _exit_decision_tile_kernel(
+    x_ptr, thr_ptr, thr_value, conf_ptr, mask_ptr, argmax_ptr,
+    B, C, stride_row, inv_log_c,
+    CRITERION: tl.constexpr, THR_FROM_PTR: tl.constexpr, WRITE_ARGMAX: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+):
+    """One-block path: ROWS whole rows (C <= BLOCK_C) per program."""
+    # VEC divides C and the row stride (the launcher checks), so these are identities; written so,
+    # they tell the compiler that divisibility (tl.multiple_of on a scalar argument does not), and
+    # with an aligned base pointer it loads VEC elements per instruction.
+    C = (C // VEC) * VEC
+    stride_row = (stride_row // VEC) * VEC
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < B
+    ok = row_ok[:, None] & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows[:, None] * stride_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+
+    # m over the non-NaN values (the reductions' NaN handling differs between GPU and interpreter).
+    is_nan = x != x
+    xm = tl.where(is_nan, float("-inf"), x)
+    M = tl.max(xm, axis=1)
+    # e^(x - m) is NaN where x is NaN, where x = m = +inf and where x = m = -inf (a row of -inf):
+    # exactly the rows whose softmax is NaN, so S carries the NaN into every score.
+    d = x - M[:, None]
+    e = tl.exp(d)
+    S = tl.sum(e, axis=1)
+    T = tl.sum(tl.where(e > 0, e * d, 0.0), axis=1)  # e^d d -> 0 as d -> -inf (masked classes)
+
+    X2 = M
+    if CRITERION == _MARGIN or WRITE_ARGMAX:
+        first_max = tl.min(tl.where(xm == M[:, None], cols[None, :], BLOCK_C), axis=1)
+        if CRITERION == _MARGIN:
+            X2 = tl.max(tl.where(cols[None, :] == first_max[:, None], float("-inf"), xm), axis=1)
+        if WRITE_ARGMAX:
+            first_nan = tl.min(tl.where(is_nan, cols[None, :], BLOCK_C), axis=1)
+            am = tl.where(first_nan < BLOCK_C, first_nan, first_max)
+            tl.store(argmax_ptr + rows, am.to(tl.int64), mask=row_ok)
+
+    if THR_FROM_PTR:
+        thr = tl.load(thr_ptr).to(tl.float32)
+    else:
+        thr = thr_value
+    _score_and_store(rows, row_ok, M, S, T, X2, thr, inv_log_c, conf_ptr, mask_ptr, CRITERION)
+
+
+@triton.jit
+def _exit_decision_chunked_kernel(
+    x_ptr, thr_ptr, thr_value, conf_ptr, mask_ptr, argmax_ptr,
+    B, C, stride_row, inv_log_c,
+    CRITERION: tl.constexpr, THR_FROM_PTR: tl.constexpr, WRITE_ARGMAX: tl.constexpr,
+    BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+):
+    """Chunked online path: one row per program, per-lane online (m, S, T), lanes merged at the end."""
+    C = (C // VEC) * VEC  # identities that carry VEC's divisibility (see the tile kernel)
+    stride_row = (stride_row // VEC) * VEC
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride_row
+    lanes = tl.arange(0, BLOCK_C)
+    m = tl.full([BLOCK_C], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_C], tl.float32)
+    t = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.full([BLOCK_C], float("-inf"), tl.float32)  # runner-up per lane (margin)
+    idx = tl.zeros([BLOCK_C], tl.int32)  # first column of the lane's maximum (argmax)
+    first_nan = tl.full([BLOCK_C], 2147483647, tl.int32)  # (argmax)
+    for start in range(0, C, BLOCK_C):
+        cols = start + lanes
+        x = tl.load(base + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
+        gt = x > m  # false for NaN: m never holds NaN
+        if CRITERION == _MARGIN:
+            m2 = tl.where(gt, m, tl.where(x > m2, x, m2))
+        if WRITE_ARGMAX:
+            idx = tl.where(gt, cols, idx)  # strict >: keeps the earliest column of a tie
+            first_nan = tl.minimum(first_nan, tl.where(x != x, cols, 2147483647))
+        # One exponential: when x is the new maximum the old state is rescaled by e^(m - x) and x
+        # adds e^0 = 1; otherwise the state stays and x adds e^(x - m).
+        d = tl.where(gt, m - x, x - m)
+        # -inf adds nothing (its d is NaN when m is still -inf); a NaN x makes s NaN for good,
+        # which is how a NaN row reaches S.
+        e = tl.where(x == float("-inf"), 0.0, tl.exp(d))
+        ed = tl.where(e > 0, e * d, 0.0)  # e^d d -> 0 as d -> -inf
+        s_new = tl.where(gt, s * e + 1.0, s + e)
+        t = tl.where(gt, e * t + ed * s, t + ed)
+        s = s_new
+        m = tl.where(gt, x, m)
+
+    # Merge the lanes with the same rescaling. e^(m_lane - M) is NaN only where m_lane = M = +inf
+    # (a +inf in the row) or M = -inf (nothing but -inf and NaN): the rows whose softmax is NaN.
+    M = tl.max(m, axis=0)
+    a = tl.exp(m - M)
+    S = tl.sum(a * s, axis=0)
+    T = tl.sum(tl.where(a > 0, a * (t + (m - M) * s), 0.0), axis=0)
+
+    X2 = M
+    if CRITERION == _MARGIN:
+        lead = tl.min(tl.where(m == M, lanes, BLOCK_C), axis=0)
+        X2 = tl.max(tl.where(lanes == lead, m2, m), axis=0)
+    if WRITE_ARGMAX:
+        nan_at = tl.min(first_nan, axis=0)
+        first_max = tl.min(tl.where(m == M, idx, 2147483647), axis=0)
+        am = tl.where(nan_at < C, nan_at, first_max)
+        tl.store(argmax_ptr + row, am.to(tl.int64))
+
+    if THR_FROM_PTR:
+        thr = tl.load(thr_ptr).to(tl.float32)
+    else:
+        thr = thr_value
+    _score_and_store(row, True, M, S, T, X2, thr, inv_log_c, conf_ptr, mask_ptr, CRITERION)
+
+
+INTERPRETED = type(_exit_decision_tile_kernel).__name__ == "InterpretedFunction"
+
+
+def _launch_config(C: int, one_block_max: int, chunk: int):
+    """(path, BLOCK_C, ROWS, num_warps) for rows of C classes."""
+    if C <= one_block_max:
+        block_c = triton.next_power_of_2(C)
+        rows = max(1, TILE_ELEMS // block_c)
+        tile = rows * block_c
+        num_warps = 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+        return "tile", block_c, rows, num_warps
+    block_c = triton.next_power_of_2(chunk)
+    return "chunked", block_c, 1, 8 if block_c >= 2048 else 4
+
+
+def _vector_width(C: int, stride_row: int, elem_bytes: int) -> int:
+    """The largest power of two, up to 16 bytes of elements, that divides C and the row stride."""
+    g = math.gcd(C, stride_row)
+    vec = 1
+    while vec * 2 * elem_bytes <= 16 and g % (vec * 2) == 0:
+        vec *= 2
+    return vec
+
+
+def exit_decision_triton(
+    logits: torch.Tensor,
+    threshold: Union[float, int, torch.Tensor],
+    criterion: str = "entropy",
+    return_argmax: bool = False,
+    *,
+    one_block_max: Optional[int] = None,
+    chunk: Optional[int] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """Launch the fused kernel: ``(conf float32 [B], exit bool [B])`` (+ ``argmax int64 [B]``).
+
+    ``threshold``: a float (passed by value) or a one-element tensor (read through its pointer on
+    the device, no host sync). ``one_block_max`` and ``chunk`` override the path choice (tests use
+    them to run the chunked path on narrow rows). Logits with a column stride other than 1 are
+    copied to a contiguous tensor first; any row stride is read in place.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a 2-D tensor [B, C], got {getattr(logits, 'shape', type(logits).__name__)}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton exit kernel takes float32, float16 or bfloat16 logits, got {logits.dtype}")
+    if criterion not in CRITERION_CODE:
+        raise ValueError(f"unknown criterion {criterion!r}; accepted: {', '.join(map(repr, CRITERIA))}")
+    B, C = logits.shape
+    if C < 1 or C >= 2**31 - 1:
+        raise ValueError(f"logits must have between 1 and 2**31 - 2 classes (column offsets are int32), got C = {C}")
+    device = logits.device
+    conf = torch.empty(B, dtype=torch.float32, device=device)
+    mask = torch.empty(B, dtype=torch.bool, device=device)
+    argmax = torch.empty(B, dtype=torch.int64, device=device) if return_argmax else None
+    out = (conf, mask, argmax) if return_argmax else (conf, mask)
+    if B == 0:
+        return out
+    if C > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous()
+
+    if isinstance(threshold, torch.Tensor):
+        if threshold.numel() != 1:
+            raise ValueError(f"threshold must be a float or a one-element tensor, got shape {tuple(threshold.shape)}")
+        if threshold.device != device or not threshold.is_floating_point():
+            threshold = threshold.to(device=device, dtype=torch.float32)
+        thr_ptr, thr_value, from_ptr = threshold, 0.0, True
+    elif isinstance(threshold, (float, int)) and not isinstance(threshold, bool):
+        thr_ptr, thr_value, from_ptr = conf, float(threshold), False  # conf: an unused valid pointer
+    else:
+        raise TypeError(f"threshold must be a float or a one-element tensor, got {type(threshold).__name__}")
+
+    path, block_c, rows, num_warps = _launch_config(
+        C, ONE_BLOCK_MAX if one_block_max is None else one_block_max, CHUNK if chunk is None else chunk
+    )
+    args = (
+        logits, thr_ptr, thr_value, conf, mask.view(torch.uint8), argmax if return_argmax else conf,
+        B, C, logits.stride(0), 1.0 / math.log(C) if C > 1 else 0.0,
+    )
+    flags = dict(
+        CRITERION=CRITERION_CODE[criterion], THR_FROM_PTR=from_ptr, WRITE_ARGMAX=bool(return_argmax),
+        # With one row the stride is never used (row 0 is at offset 0), so only C limits VEC.
+        VEC=_vector_width(C, logits.stride(0) if B > 1 else 0, logits.element_size()),
+    )
+    if path == "tile":
+        grid = (triton.cdiv(B, rows),)
+        _run(_exit_decision_tile_kernel, grid, args, dict(flags, ROWS=rows, BLOCK_C=block_c), num_warps)
+    else:
+        _run(_exit_decision_chunked_kernel, (B,), args, dict(flags, BLOCK_C=block_c), num_warps)
+    return out
+
+
+def _run(kernel, grid, args, constexprs, num_warps):
+    if INTERPRETED:
+        import numpy as np
+
+        # The interpreter evaluates -inf - (-inf) and exp(NaN) in numpy, which warns; the kernel
+        # handles those values (see the module docstring), so the warnings are noise.
+        with np.errstate(invalid="ignore", over="ignore", under="ignore", divide="ignore"):
+            kernel[grid](*args, **constexprs, num_warps=num_warps)
+    else:
+        kernel[grid](*args, **constexprs, num_warps=num_warps)
