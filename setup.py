@@ -32,17 +32,25 @@ def _extensions():
         return [], {}
     mode = _build_mode()
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    have_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    use_cuda = bool(cu) and (mode == "1" or (mode == "auto" and have_cuda))
-    if mode == "1" and not have_cuda:
-        sys.exit("EERUNTIME_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
-    cxx = ["-O3", "-std=c++17"]
+    no_cuda = None
+    if torch.version.cuda is None:
+        no_cuda = f"torch {torch.__version__} was built without CUDA (install a CUDA build of torch)"
+    elif CUDA_HOME is None:
+        no_cuda = "nvcc was not found (put it on PATH or set CUDA_HOME to the CUDA toolkit)"
+    if mode == "1" and no_cuda:
+        sys.exit(f"EERUNTIME_BUILD_CUDA=1 but the CUDA ops cannot be built: {no_cuda}")
+    use_cuda = bool(cu) and mode != "0" and no_cuda is None
+    if mode == "auto" and no_cuda:
+        print(f"eeruntime: building the C++ CPU ops only: {no_cuda}", file=sys.stderr)
+    # No -std flag: torch's build adds the standard its headers need (C++20 for recent torch, C++17 for older).
+    cxx = ["-O3"]
     if use_cuda:
         ext = CUDAExtension(
             "eeruntime._C",
             cpp + cu,
             define_macros=[("EERUNTIME_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            # -lineinfo: compute-sanitizer and profilers report source lines at no runtime cost
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         )
     else:
         ext = CppExtension("eeruntime._C", cpp, extra_compile_args={"cxx": cxx})

@@ -1,0 +1,33 @@
+// Argument checks and row-layout helpers shared by the CPU and CUDA implementations of the
+// eeruntime compaction ops. A "row" is one index of dim 0; the ops copy whole rows as bytes, so
+// every dtype works the same way.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace eeruntime {
+
+// True when each row (all dims but 0) is one dense block of memory: rows may then sit at any
+// stride in dim 0 (a slice of a larger buffer, a broadcast row) and still be copied with memcpy.
+bool rows_are_dense(const at::Tensor& t);
+
+// `t` itself when its rows are dense, else a contiguous copy (the only case that copies inputs).
+at::Tensor with_dense_rows(const at::Tensor& t);
+
+// element size * number of elements per row
+int64_t row_bytes(const at::Tensor& t);
+
+// byte distance between consecutive rows of a tensor whose rows are dense
+int64_t row_stride_bytes(const at::Tensor& t);
+
+// Checks shared by the ops; each raises a c10::Error (ValueError/TypeError in Python) that says
+// what was wrong and what is accepted. `B` is the mask length.
+int64_t check_mask(const at::Tensor& mask, const char* name);
+void check_rows(at::TensorList tensors, int64_t B, const at::Tensor& mask, const char* what);
+void check_compact_into(const at::Tensor& keep, at::TensorList tensors, at::TensorList outs,
+                        const at::Tensor& index_out, const at::Tensor& count_out);
+void check_scatter(const at::Tensor& mask, const at::Tensor& rows, at::TensorList srcs, at::TensorList outs);
+
+}  // namespace eeruntime

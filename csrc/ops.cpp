@@ -1,0 +1,45 @@
+// The eeruntime operator library (torch.ops.eeruntime.*) and the Python module eeruntime._C.
+//
+// Schemas are defined once here; csrc/compact_cpu.cpp registers the CPU kernels and, in a CUDA
+// build, csrc/compact_cuda.cpp the CUDA ones. The fake (meta) kernels that torch.compile traces
+// are registered in Python (eeruntime/ops/_ext_backend.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(eeruntime, m) {
+  // (index int64 [n], [t[index] for t in tensors]): the rows where keep is true, in order.
+  m.def("compact(Tensor keep, Tensor[] tensors) -> (Tensor, Tensor[])");
+  // outs[i][:n] = tensors[i][index], index_out[:n] = index, count_out = n; rows past n untouched.
+  m.def(
+      "compact_into(Tensor keep, Tensor[] tensors, Tensor(a!)[] outs, Tensor(b!) index_out, "
+      "Tensor(c!) count_out) -> ()");
+  // outs[j][rows[i]] = srcs[j][i] for every i with mask[i].
+  m.def("scatter_rows(Tensor mask, Tensor rows, Tensor[] srcs, Tensor(a!)[] outs) -> ()");
+}
+
+extern "C" {
+// Importing eeruntime._C loads this library, which registers the ops above with torch.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                                      "_C",
+                                      "eeruntime's compiled ops, registered as torch.ops.eeruntime.*",
+                                      -1,
+                                      nullptr,
+                                      nullptr,
+                                      nullptr,
+                                      nullptr,
+                                      nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+#ifdef EERUNTIME_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
+}
