@@ -1,0 +1,562 @@
+"""``attach_exits``: turn a trained backbone into a :class:`~eeruntime.MultiExitModel`.
+
+The backbone is cut at the named split points into stages; an exit head follows each stage, and
+the backbone's own tail (its classifier and the parameter-free ops just before it, e.g. avgpool +
+flatten + fc) is the final exit. Running every exit of the result gives the backbone's output at
+the final exit, bit for bit: the stages and the tail run the backbone's own modules, in its order,
+with the same ops (checked on a dry run).
+
+Two ways to cut:
+
+- ``children``: for modules whose children run in order. ``nn.Sequential`` always qualifies; a
+  nested ``nn.Sequential`` child is opened when a split point names one of its children
+  (``"features.10"``). Other modules qualify when running their children in order gives their
+  output exactly on the dry run. Torchvision-style classifiers (ResNet, VGG, AlexNet) flatten in
+  ``forward`` just before the classifier: a ``Flatten(1)`` is inserted where a child whose first
+  layer is ``nn.Linear`` gets a map of more than two dims whose last dim does not fit it but whose
+  flattened size does.
+- ``fx``: ``torch.fx.symbolic_trace`` and split the graph at named nodes. A split point is a node
+  name (``"layer1_0_relu_1"``) or the qualified name of a submodule that ``forward`` calls once
+  (``"layer1"``; it is traced as one node). When values other than the split node are still
+  needed later (a residual input), the state is a tuple: the split node's value first, then those
+  values; default heads read the first member only.
+
+The tail starts after the last parametrised layer before the classifier (the last layer with
+parameters); in ``fx`` mode, at the first node from there on whose value alone flows on. Split
+points must lie before the tail and leave at least one layer for the last stage.
+
+The result *shares* the backbone's modules (training it trains the backbone; pass ``copy=True``
+to work on a deep copy). The backbone itself is not changed: no module is replaced, wrapped or
+re-registered, and its train/eval mode is restored after the dry run.
+"""
+from __future__ import annotations
+
+import copy as _copy
+import operator
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import fx, nn
+
+from .heads import ConvHead, PoolLinearHead, wrap_head
+from .model import MultiExitModel
+from .state import as_tuple, call
+
+MODES = ("auto", "children", "fx")
+HEADS = ("pool_linear", "conv")
+_MAX_LISTED = 60
+
+HeadSpec = Union[str, Callable, Sequence[nn.Module]]
+
+
+def attach_exits(
+    backbone: nn.Module,
+    at: Union[str, Sequence[str]],
+    num_classes: Optional[int] = None,
+    *,
+    head: HeadSpec = "pool_linear",
+    example_input=None,
+    confidence: bool = False,
+    gates: bool = False,
+    mode: str = "auto",
+    copy: bool = False,
+) -> MultiExitModel:
+    """Split ``backbone`` at ``at`` and put an exit after each split.
+
+    Args:
+        backbone: a trained classifier returning logits [B, C].
+        at: the split points, in forward order: child names (``"layer1"``, ``"features.10"``),
+            fx node names, or submodule names (see the module docstring).
+        num_classes: the classes of the early exits; default: the backbone's output width (a
+            value that differs from it is an error).
+        head: ``"pool_linear"`` (global average pool + linear), ``"conv"`` (PTEE branch: conv
+            3x3 + BN + ReLU, pool, linear), a factory ``head(state_shape, num_classes) -> nn.Module``
+            (``state_shape`` is the split value's shape without the batch dim, from the dry run on
+            ``example_input``, which it therefore requires), or a sequence of ready modules, one
+            per split point.
+        example_input: a batch of 2 or more rows (a tensor or a tuple of tensors) the backbone
+            accepts; used for the dry run that finds the heads' input shapes and checks the split
+            (and, in fx mode, which values carry the batch dim). When omitted, a random batch
+            is made from the backbone's first layer (Conv1d/2d/3d at 32 per spatial dim, or Linear).
+        confidence: give each early exit a PTEE confidence head (see :mod:`eeruntime.heads`).
+        gates: give each early exit a differentiable-branching gate.
+        mode: ``"auto"`` (``children`` for ``nn.Sequential`` and for modules whose children
+            reproduce the output on the dry run, ``fx`` otherwise), ``"children"`` or ``"fx"``.
+        copy: work on ``copy.deepcopy(backbone)`` instead of sharing its modules.
+
+    Returns:
+        a ``MultiExitModel`` with ``len(at) + 1`` exits, on the backbone's device. It records the
+        split in ``model.split_points`` and ``model.split_mode``.
+    """
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    at = _check_at(at)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(map(repr, MODES))}")
+    custom_factory = callable(head) and not isinstance(head, (str, nn.Module))
+    if custom_factory and example_input is None:
+        raise ValueError("a head factory gets the state shapes from a dry run: pass example_input=<a batch the backbone accepts>")
+    if copy:
+        backbone = _copy.deepcopy(backbone)
+    probe = _as_input(example_input) if example_input is not None else _probe_input(backbone)
+
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            try:
+                expected = call(backbone, probe)
+            except Exception as e:
+                if example_input is not None:
+                    raise
+                raise ValueError(
+                    f"the backbone does not run on a guessed input of shape {tuple(probe.shape)} "
+                    f"({type(e).__name__}: {e}); pass example_input=<a batch the backbone accepts>"
+                ) from e
+            if not isinstance(expected, torch.Tensor) or expected.dim() != 2:
+                what = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
+                raise ValueError(f"the backbone must return logits [B, C]; it returned {what}")
+            split, used = _split(backbone, at, probe, expected, mode)
+            states = _dry_run(split.stages, probe)
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+    C = int(expected.shape[1])
+    if num_classes is None:
+        num_classes = C
+    elif int(num_classes) != C:
+        raise ValueError(f"num_classes={num_classes} but the backbone predicts {C} classes; every exit must predict the same classes")
+
+    heads = _make_heads(head, states[:-1], num_classes, at)
+    ref = next(iter(backbone.parameters()), None)
+    for k, h in enumerate(heads):
+        if confidence or gates:
+            h = heads[k] = wrap_head(h, num_classes, confidence=confidence, gate=gates)
+        if ref is not None:
+            h.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
+    model = MultiExitModel(split.stages, heads + [split.tail])
+    shared = set(backbone.modules())
+    for m in model.modules():  # new containers and heads follow the backbone; its own modules keep their modes
+        if m not in shared:
+            m.training = backbone.training
+    model.split_points = list(at)
+    model.split_mode = used
+    return model
+
+
+# ---------------------------------------------------------------------------- arguments
+def _check_at(at) -> List[str]:
+    if isinstance(at, str):
+        at = [at]
+    try:
+        at = list(at)
+    except TypeError:
+        raise TypeError(f"at must be a split-point name or a sequence of names, got {type(at).__name__}") from None
+    if not at:
+        raise ValueError("at is empty: name at least one split point")
+    for a in at:
+        if not isinstance(a, str) or not a:
+            raise TypeError(f"split points are non-empty strings (module or node names), got {a!r}")
+    dup = sorted({a for a in at if at.count(a) > 1})
+    if dup:
+        raise ValueError(f"split point(s) {dup} given more than once")
+    return at
+
+
+def _as_input(x):
+    if isinstance(x, list):
+        x = tuple(x)
+    for t in as_tuple(x):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"example_input must be a tensor or a tuple of tensors, got {type(t).__name__}")
+    return x
+
+
+def _probe_input(backbone: nn.Module):
+    """A random batch of 2 shaped for the backbone's first parametrised layer (Conv or Linear)."""
+    first = next((m for m in backbone.modules() if not list(m.children()) and _has_params(m)), None)
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if not isinstance(first, convs + (nn.Linear,)):
+        what = type(first).__name__ if first is not None else "missing"
+        raise ValueError(
+            f"cannot guess an input for {type(backbone).__name__} (its first layer is {what}, not a Conv or Linear): "
+            "pass example_input=<a batch the backbone accepts>"
+        )
+    p = next(first.parameters())
+    g = torch.Generator().manual_seed(0)
+    if isinstance(first, nn.Linear):
+        shape = (2, first.in_features)
+    else:
+        shape = (2, first.in_channels) + (32,) * (convs.index(type(first)) + 1)
+    return torch.randn(shape, generator=g).to(device=p.device, dtype=p.dtype)
+
+
+# ---------------------------------------------------------------------------- splitting
+@dataclass
+class _Split:
+    stages: List[nn.Module]
+    tail: nn.Module
+
+
+def _split(backbone, at, probe, expected, mode) -> Tuple[_Split, str]:
+    if mode == "children" or (mode == "auto" and isinstance(backbone, nn.Sequential)):
+        return _split_children(backbone, at, probe, expected), "children"
+    if mode == "fx" or not _children_in_order(backbone, probe, expected):
+        return _split_fx(backbone, at, probe, expected), "fx"
+    # auto, children in order: name children; fx node names still work.
+    try:
+        return _split_children(backbone, at, probe, expected), "children"
+    except ValueError as children_error:
+        try:
+            return _split_fx(backbone, at, probe, expected), "fx"
+        except ValueError:
+            raise children_error from None
+
+
+def _dry_run(stages, probe):
+    states, state = [], probe
+    for stage in stages:
+        state = call(stage, state)
+        if isinstance(state, list):
+            state = tuple(state)
+        states.append(state)
+    return states
+
+
+def _run_split(split: _Split, probe):
+    states = _dry_run(split.stages, probe)
+    return call(split.tail, states[-1])
+
+
+def _verify(split, probe, expected, how) -> None:
+    try:
+        out = _run_split(split, probe)
+    except Exception as e:
+        raise ValueError(f"the {how} split fails on the dry run ({type(e).__name__}: {e})") from e
+    if not (isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)):
+        hint = " (its children do not run in order in forward; use mode='fx')" if how == "children" else ""
+        raise ValueError(f"the {how} split does not reproduce the backbone's output on the dry run{hint}")
+
+
+def _has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def _first_leaf(m: nn.Module) -> nn.Module:
+    while isinstance(m, nn.Sequential) and len(m) > 0:
+        m = m[0]
+    return m
+
+
+def _mutates_input(m: nn.Module) -> bool:
+    return bool(getattr(_first_leaf(m), "inplace", False))
+
+
+def _clone_unless_inference(x):
+    """Stage-entry guard: the next stage's first op works in place, and the exit head before it
+    may have saved the same tensor for backward. Inference (the runtime) needs no copy."""
+    return x if torch.is_inference_mode_enabled() else x.clone()
+
+
+class _InputGuard(nn.Module):
+    def forward(self, x):
+        return _clone_unless_inference(x)
+
+
+def _blocks(backbone: nn.Module, at: Sequence[str]):
+    """The backbone's children as (qualified name, module), opening nested nn.Sequential
+    children that a split point reaches into."""
+    blocks = list(backbone.named_children())
+    changed = True
+    while changed:
+        changed = False
+        names = [n for n, _ in blocks]
+        for a in at:
+            if a in names:
+                continue
+            for i, (n, m) in enumerate(blocks):
+                if isinstance(m, nn.Sequential) and a.startswith(n + "."):
+                    blocks[i : i + 1] = [(f"{n}.{c}", cm) for c, cm in m.named_children()]
+                    changed = True
+                    break
+            if changed:
+                break
+    return blocks
+
+
+def _run_blocks(blocks, probe):
+    """Run blocks in order, flattening (torchvision-style) where a Linear-led block gets a
+    feature map it can only take flattened. Returns the output and the indices of the blocks
+    that get a flatten."""
+    flatten_before, state = set(), probe
+    for i, (_, m) in enumerate(blocks):
+        lin = _first_leaf(m)
+        if (
+            isinstance(lin, nn.Linear) and isinstance(state, torch.Tensor) and state.dim() > 2
+            and state.shape[-1] != lin.in_features and state[0].numel() == lin.in_features
+        ):
+            flatten_before.add(i)
+            state = torch.flatten(state, 1)
+        state = call(m, state)
+        if isinstance(state, list):
+            state = tuple(state)
+    return state, flatten_before
+
+
+def _children_in_order(backbone, probe, expected) -> bool:
+    blocks = list(backbone.named_children())
+    if not blocks:
+        return False
+    try:
+        out, _ = _run_blocks(blocks, probe)
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)
+
+
+def _split_children(backbone: nn.Module, at, probe, expected) -> _Split:
+    blocks = _blocks(backbone, at)
+    names = [n for n, _ in blocks]
+    with_params = [i for i, (_, m) in enumerate(blocks) if _has_params(m)]
+    if len(with_params) < 2:
+        raise ValueError(
+            f"{type(backbone).__name__} has {len(with_params)} child(ren) with parameters; a split needs layers before the classifier"
+        )
+    last_layer = with_params[-2]  # the last parametrised block before the classifier ends the last stage
+    valid = names[:last_layer]
+    idx = []
+    for a in at:
+        if a not in valid:
+            why = "is part of the classifier tail or leaves the last stage empty" if a in names else "is not a child module"
+            raise ValueError(f"split point {a!r} {why}; valid split points (in order): {_listing(valid)}")
+        idx.append(names.index(a))
+    if idx != sorted(idx):
+        raise ValueError(f"split points must be in forward order; got {list(at)}, valid order: {_listing(valid)}")
+    try:
+        _, flatten_before = _run_blocks(blocks, probe)
+    except Exception as e:
+        raise ValueError(
+            f"running the children of {type(backbone).__name__} in order fails ({type(e).__name__}: {e}); use mode='fx'"
+        ) from e
+
+    def seq(lo, hi, guard):
+        items = []
+        if guard and _mutates_input(blocks[lo][1]):
+            items.append(("_input_guard", _InputGuard()))
+        for i in range(lo, hi):
+            if i in flatten_before:
+                items.append((f"_flatten_{i}", nn.Flatten(1)))
+            items.append((blocks[i][0].replace(".", "_"), blocks[i][1]))
+        return nn.Sequential(OrderedDict(items))
+
+    bounds = [0] + [i + 1 for i in idx] + [last_layer + 1]
+    stages = [seq(bounds[k], bounds[k + 1], guard=k > 0) for k in range(len(bounds) - 1)]
+    split = _Split(stages, seq(last_layer + 1, len(blocks), guard=False))
+    _verify(split, probe, expected, "children")
+    return split
+
+
+def _listing(names: Sequence[str]) -> str:
+    if len(names) <= _MAX_LISTED:
+        return ", ".join(names) if names else "(none)"
+    return ", ".join(names[:_MAX_LISTED]) + f", ... ({len(names) - _MAX_LISTED} more)"
+
+
+# ---------------------------------------------------------------------------- fx
+class _SplitTracer(fx.Tracer):
+    def __init__(self, leaves):
+        super().__init__()
+        self.leaves = set(leaves)
+
+    def is_leaf_module(self, m, qualname):
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+_COMPUTE = ("call_module", "call_function", "call_method")
+
+
+def _node_inputs(n: fx.Node) -> List[fx.Node]:
+    found = []
+    fx.node.map_arg((n.args, n.kwargs), lambda a: found.append(a))
+    return found
+
+
+class _BatchRecorder(fx.Interpreter):
+    """Records which nodes yield a tensor with the input's batch size (those can travel in a state)."""
+
+    def __init__(self, gm, batch: int):
+        super().__init__(gm)
+        self.batch, self.batched = batch, set()
+
+    def run_node(self, n):
+        v = super().run_node(n)
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.batch:
+            self.batched.add(n)
+        return v
+
+
+def _split_fx(backbone: nn.Module, at, probe, expected) -> _Split:
+    modules = dict(backbone.named_modules())
+    leaves = [a for a in at if a in modules and a != ""]
+    nested = [(a, b) for a in leaves for b in leaves if a != b and b.startswith(a + ".")]
+    if nested:
+        raise ValueError(f"split points {nested[0][0]!r} and {nested[0][1]!r} are nested modules; name modules that run one after the other")
+    try:
+        graph = _SplitTracer(leaves).trace(backbone)
+    except Exception as e:
+        raise ValueError(
+            f"torch.fx cannot trace {type(backbone).__name__} ({type(e).__name__}: {e}); make forward traceable, "
+            "or use mode='children' for a module whose children run in order"
+        ) from e
+    gm = fx.GraphModule(backbone, graph)  # shares the backbone's submodules and parameters
+    recorder = _BatchRecorder(gm, as_tuple(probe)[0].shape[0])
+    recorder.run(*as_tuple(probe))
+    nodes = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((pos[u] for u in n.users), default=-1) for n in nodes}
+    compute = [n for n in nodes if n.op in _COMPUTE]
+
+    def live_after(i: int) -> List[fx.Node]:
+        # get_attr values are re-read in each stage, so they never travel between stages.
+        return [n for n in nodes[: i + 1] if n.op in ("placeholder",) + _COMPUTE and last_use[n] > i]
+
+    def splittable(n: fx.Node) -> bool:
+        return n in recorder.batched and all(v in recorder.batched for v in live_after(pos[n]))
+
+    def has_params(n: fx.Node) -> bool:
+        if n.op == "call_module":
+            return _has_params(gm.get_submodule(n.target))
+        return any(a.op == "get_attr" for a in _node_inputs(n))
+
+    param_nodes = [n for n in compute if has_params(n)]
+    if len(param_nodes) < 2:
+        raise ValueError(f"{type(backbone).__name__} has {len(param_nodes)} parametrised layer(s); a split needs layers before the classifier")
+    last_layer, classifier = pos[param_nodes[-2]], pos[param_nodes[-1]]
+    cut = [i for i in range(last_layer, classifier) if nodes[i].op in _COMPUTE and live_after(i) == [nodes[i]] and splittable(nodes[i])]
+    boundary = cut[0] if cut else last_layer
+    if not splittable(nodes[boundary]):
+        raise ValueError(f"cannot separate the classifier of {type(backbone).__name__}: the values after {nodes[boundary].name!r} are not batched tensors")
+    valid = [n.name for n in compute if pos[n] < boundary and splittable(n)]
+
+    by_name = {n.name: n for n in compute}
+    targets = {}
+    for n in compute:
+        if n.op == "call_module":
+            targets.setdefault(n.target, []).append(n)
+    split_nodes = []
+    for a in at:
+        n = by_name.get(a)
+        if n is None and a in targets:
+            if len(targets[a]) > 1:
+                raise ValueError(f"split point {a!r}: forward calls this module {len(targets[a])} times; name one of its nodes: {[m.name for m in targets[a]]}")
+            n = targets[a][0]
+        if n is None or pos[n] >= boundary or not splittable(n):
+            if n is None:
+                why = "is not a node or submodule called by forward"
+            elif pos[n] >= boundary:
+                why = "is part of the classifier tail or leaves the last stage empty"
+            else:
+                why = "does not give batched tensors (its value, or one still needed later, has no batch dim)"
+            raise ValueError(
+                f"split point {a!r} {why}; valid split points (fx node names, in order): {_listing(valid)}; "
+                "a submodule's qualified name (e.g. 'layer1') also works when forward calls it once"
+            )
+        split_nodes.append(n)
+    order = [pos[n] for n in split_nodes]
+    if order != sorted(order):
+        by_pos = [a for _, a in sorted(zip(order, at))]
+        raise ValueError(f"split points must be in forward order; got {list(at)}, forward order is {by_pos}")
+
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    stages, inputs, start = [], placeholders, 0
+    for c in order + [boundary]:
+        outputs = _outputs_at(nodes[c], live_after(c))
+        stages.append(_subgraph(gm, nodes, inputs, range(start, c + 1), outputs, guard=bool(stages)))
+        inputs, start = outputs, c + 1
+    out_node = next(n for n in nodes if n.op == "output")
+    tail = _subgraph(gm, nodes, inputs, range(start, pos[out_node]), out_node.args[0], guard=False, raw_output=True)
+    split = _Split(stages, tail)
+    _verify(split, probe, expected, "fx")
+    return split
+
+
+def _outputs_at(split: fx.Node, live: List[fx.Node]) -> List[fx.Node]:
+    return [split] + [n for n in live if n is not split]
+
+
+def _mutating_consumer(node: fx.Node, gm: fx.GraphModule) -> bool:
+    for u in node.users:
+        if u.op == "call_module" and _mutates_input(gm.get_submodule(u.target)):
+            return True
+        if u.op == "call_function" and (u.kwargs.get("inplace") or u.target in (operator.iadd, operator.imul)):
+            return True
+        if u.op == "call_method" and str(u.target).endswith("_") and not str(u.target).startswith("_"):
+            return True
+    return False
+
+
+def _subgraph(gm, nodes, inputs, span, outputs, *, guard: bool, raw_output: bool = False) -> fx.GraphModule:
+    g = fx.Graph()
+    env = {}
+    for n in inputs:
+        ph = g.placeholder(n.name)
+        if guard and _mutating_consumer(n, gm):
+            ph = g.call_function(_clone_unless_inference, (ph,))
+        env[n] = ph
+
+    def lookup(a: fx.Node):
+        if a not in env and a.op == "get_attr":
+            env[a] = g.get_attr(a.target)
+        return env[a]
+
+    for i in span:
+        n = nodes[i]
+        if n.op in ("get_attr", "placeholder"):
+            continue
+        env[n] = g.node_copy(n, lookup)
+    if raw_output:
+        g.output(fx.node.map_arg(outputs, lookup))
+    else:
+        g.output(lookup(outputs[0]) if len(outputs) == 1 else tuple(lookup(o) for o in outputs))
+    g.lint()
+    return fx.GraphModule(gm, g)
+
+
+# ---------------------------------------------------------------------------- heads
+def _make_heads(head: HeadSpec, states, num_classes: int, at) -> List[nn.Module]:
+    n = len(states)
+    if isinstance(head, nn.Module) and not isinstance(head, nn.ModuleList):
+        raise TypeError("head must be 'pool_linear', 'conv', a factory head(state_shape, num_classes), or a sequence of modules (one per split point); got a single module")
+    if isinstance(head, str):
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; accepted: {', '.join(map(repr, HEADS))}, a factory head(state_shape, num_classes) or a list of modules")
+        out = []
+        for k, s in enumerate(states):
+            x = as_tuple(s)[0]
+            if x.dim() < 2:
+                raise ValueError(f"split point {at[k]!r} yields shape {tuple(x.shape)}; default heads need [B, C, ...]")
+            if head == "pool_linear":
+                out.append(PoolLinearHead(x.shape[1], num_classes))
+            else:
+                if not 3 <= x.dim() <= 5:
+                    raise ValueError(f"head='conv' needs a [B, C, *spatial] map at {at[k]!r}, got shape {tuple(x.shape)}")
+                out.append(ConvHead(x.shape[1], num_classes, dims=x.dim() - 2))
+        return out
+    if callable(head) and not isinstance(head, nn.Module):
+        out = []
+        for k, s in enumerate(states):
+            h = head(as_tuple(s)[0].shape[1:], num_classes)
+            if not isinstance(h, nn.Module):
+                raise TypeError(f"the head factory must return an nn.Module, got {type(h).__name__} for split point {at[k]!r}")
+            out.append(h)
+        return out
+    heads = list(head)
+    if len(heads) != n:
+        raise ValueError(f"got {len(heads)} head modules for {n} split points; give one per split point")
+    for k, h in enumerate(heads):
+        if not isinstance(h, nn.Module):
+            raise TypeError(f"head {k} must be an nn.Module, got {type(h).__name__}")
+    return heads

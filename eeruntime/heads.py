@@ -1,0 +1,276 @@
+"""Exit heads: what ``attach_exits`` puts after each stage, and where confidence heads and gates live.
+
+Every default head is an :class:`ExitHead`: a *body* turns the stage's state into a feature
+vector [B, D], a *classifier* turns the features into logits [B, C], and two optional one-unit
+heads read the same features:
+
+- ``confidence_head`` (PTEE): ``confidence(state) = sigmoid(w . features + b)`` [B], trained by
+  :func:`eeruntime.train.post_train` to predict that this exit's prediction is right;
+- ``gate_head`` (differentiable branching): ``gate(state) = g_b = sigmoid(w . features + b)`` [B],
+  trained by :func:`eeruntime.train.differentiable`; at inference a sample exits when g_b >= T.
+
+``forward`` returns the logits only, so a head with a confidence head or a gate is still a plain
+exit for :class:`eeruntime.MultiExitModel` and :class:`eeruntime.EERuntime`. Both one-unit heads
+are submodules, so they are saved and loaded with the model's ``state_dict``
+(keys ``exits.<k>.confidence_head.*`` and ``exits.<k>.gate_head.*``).
+
+Any other module can become an ``ExitHead`` with :func:`wrap_head`: its output (the logits) is
+then the feature vector and the classifier is the identity.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ExitHead", "PoolLinearHead", "ConvHead", "GlobalPool", "wrap_head", "equip_heads"]
+
+
+class GlobalPool(nn.Module):
+    """Average over every dimension after the channel dimension: [B, C, *S] -> [B, C] (channels
+    first, like conv feature maps); a [B, C] input passes through. When the state is a tuple, only
+    its first member is pooled (the others, e.g. a residual branch carried across an fx split,
+    belong to the next stage)."""
+
+    def forward(self, x, *rest):
+        return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+
+
+class _AdaptivePool(nn.Module):
+    """Adaptive average pool of a [B, C, *S] map to ``size`` per spatial dim, flattened to [B, C * size^n]."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, x):
+        n = x.dim() - 2
+        if n < 1 or n > 3:
+            raise ValueError(f"ConvHead needs a [B, C, *spatial] map with 1 to 3 spatial dims, got shape {tuple(x.shape)}")
+        pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[n - 1]
+        return torch.flatten(pool(x, self.size), 1)
+
+
+class _FirstOf(nn.Module):
+    """Run ``module`` on the first member of a state and drop the rest."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x, *rest):
+        return self.module(x)
+
+
+class ExitHead(nn.Module):
+    """body: state -> features [B, D]; classifier: features -> logits [B, C]; optional
+    ``confidence_head`` / ``gate_head``: Linear(D, 1), read through a sigmoid.
+
+    ``forward(*state)`` returns the logits. ``confidence(*state)`` and ``gate(*state)`` return
+    float [B] values in (0, 1). ``parts(*state)`` returns ``(logits, confidence_logit,
+    gate_logit)`` from one pass of the body (the training methods use it; the missing ones are
+    None).
+
+    Inference reuse: the runtime calls ``forward`` and then the criterion (``confidence`` or
+    ``gate``) on the same state tensor. Without autograd, the head keeps its last features and
+    the criterion reuses them when it gets the very same tensor object (and, where the tensor has
+    a version counter, unmodified), so a conv body is not run twice per exit.
+    """
+
+    def __init__(self, body: nn.Module, classifier: nn.Module, feature_dim: int, *, confidence: bool = False, gate: bool = False):
+        super().__init__()
+        if int(feature_dim) < 1:
+            raise ValueError(f"feature_dim must be a positive int, got {feature_dim}")
+        self.body = body
+        self.classifier = classifier
+        self.feature_dim = int(feature_dim)
+        self.confidence_head: Optional[nn.Module] = None
+        self.gate_head: Optional[nn.Module] = None
+        self._cache = None
+        if confidence:
+            self.add_confidence_head()
+        if gate:
+            self.add_gate()
+
+    # ---------------------------------------------------------------- one-unit heads
+    def _unit(self) -> nn.Linear:
+        ref = next(iter(self.parameters()), None)
+        lin = nn.Linear(self.feature_dim, 1)
+        if ref is not None:
+            lin = lin.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
+        return lin
+
+    def add_confidence_head(self) -> nn.Module:
+        """Create the confidence head if it is missing; return it."""
+        if self.confidence_head is None:
+            self.confidence_head = self._unit()
+        return self.confidence_head
+
+    def add_gate(self) -> nn.Module:
+        """Create the gate if it is missing; return it."""
+        if self.gate_head is None:
+            self.gate_head = self._unit()
+        return self.gate_head
+
+    @property
+    def has_confidence(self) -> bool:
+        return self.confidence_head is not None
+
+    @property
+    def has_gate(self) -> bool:
+        return self.gate_head is not None
+
+    # ---------------------------------------------------------------- features
+    def features(self, *state) -> torch.Tensor:
+        cacheable = not torch.is_grad_enabled()
+        if cacheable and self._cache is not None:
+            ref, version, training, feats = self._cache
+            if ref() is state[0] and version == _version(state[0]) and training == self.training:
+                return feats
+        feats = self.body(*state)
+        self._cache = (weakref.ref(state[0]), _version(state[0]), self.training, feats) if cacheable else None
+        return feats
+
+    def forward(self, *state) -> torch.Tensor:
+        return self.classifier(self.features(*state))
+
+    def parts(self, *state):
+        f = self.features(*state)
+        conf = self.confidence_head(f).squeeze(-1) if self.confidence_head is not None else None
+        gate = self.gate_head(f).squeeze(-1) if self.gate_head is not None else None
+        return self.classifier(f), conf, gate
+
+    def confidence(self, *state) -> torch.Tensor:
+        if self.confidence_head is None:
+            raise RuntimeError("this exit head has no confidence head; create it with add_confidence_head()")
+        return torch.sigmoid(self.confidence_head(self.features(*state)).squeeze(-1))
+
+    def gate(self, *state) -> torch.Tensor:
+        if self.gate_head is None:
+            raise RuntimeError("this exit head has no gate; create it with add_gate()")
+        return torch.sigmoid(self.gate_head(self.features(*state)).squeeze(-1))
+
+    def __getstate__(self):
+        # The feature cache holds a weak reference and a batch of activations: never pickle or copy it.
+        d = self.__dict__.copy()
+        d["_cache"] = None
+        return d
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+class PoolLinearHead(ExitHead):
+    """Global average pool + linear: the smallest exit (BranchyNet-style)."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, confidence: bool = False, gate: bool = False):
+        super().__init__(GlobalPool(), nn.Linear(in_channels, num_classes), in_channels, confidence=confidence, gate=gate)
+
+
+class ConvHead(ExitHead):
+    """PTEE-style branch: ``blocks`` x (conv 3x3 -> BatchNorm -> ReLU) of ``width`` channels
+    (default: the input's), adaptive average pool to ``pool_size`` per spatial dim, flatten,
+    linear. ``dims`` is the number of spatial dims of the state (2 for images). The default
+    ``pool_size=2`` keeps a coarse layout: early features pooled to one value per channel lose
+    the "where" that early layers are good at. Measured once on the digits CNN's first stage
+    (8 channels, 8x8) after post-training: pool 1 gave 59% (width 8) / 83% (width 32) test
+    accuracy, pool 2 gave 92% / 96%."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        width: Optional[int] = None,
+        blocks: int = 1,
+        pool_size: int = 2,
+        dims: int = 2,
+        confidence: bool = False,
+        gate: bool = False,
+    ):
+        if dims not in (1, 2, 3):
+            raise ValueError(f"dims must be 1, 2 or 3 spatial dims, got {dims}")
+        if blocks < 1 or pool_size < 1:
+            raise ValueError(f"blocks and pool_size must be >= 1, got blocks={blocks}, pool_size={pool_size}")
+        width = int(width or in_channels)
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+        layers, cin = [], in_channels
+        for _ in range(blocks):
+            layers += [conv(cin, width, 3, padding=1, bias=False), bn(width), nn.ReLU()]
+            cin = width
+        layers.append(_AdaptivePool(pool_size))
+        feature_dim = width * pool_size ** dims
+        super().__init__(_FirstOf(nn.Sequential(*layers)), nn.Linear(feature_dim, num_classes), feature_dim, confidence=confidence, gate=gate)
+
+
+def wrap_head(module: nn.Module, num_classes: int, *, confidence: bool = False, gate: bool = False) -> ExitHead:
+    """Make any exit module an :class:`ExitHead`: its logits are the features, the classifier is
+    the identity, and a confidence head or gate reads the logits. An ``ExitHead`` is returned
+    as it is (with the requested one-unit heads added)."""
+    if isinstance(module, ExitHead):
+        head = module
+    else:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"an exit head must be a torch.nn.Module, got {type(module).__name__}")
+        head = ExitHead(module, nn.Identity(), num_classes)
+    if confidence:
+        head.add_confidence_head()
+    if gate:
+        head.add_gate()
+    return head
+
+
+def equip_heads(model, *, confidence: bool = False, gate: bool = False, num_classes: Optional[int] = None, example=None) -> Sequence[int]:
+    """Give every early exit of ``model`` a confidence head and/or a gate, wrapping exits that are
+    not :class:`ExitHead` with :func:`wrap_head` (their ``state_dict`` keys move under
+    ``exits.<k>.body.``). ``num_classes`` (or ``example``, run through the model once) sizes the
+    one-unit heads of wrapped exits. Returns the indices of the exits that changed."""
+    from .state import call
+
+    if not (confidence or gate):
+        return []
+    missing = [
+        k
+        for k, e in enumerate(list(model.exits)[:-1])
+        if not isinstance(e, ExitHead) or (confidence and not e.has_confidence) or (gate and not e.has_gate)
+    ]
+    if not missing:
+        return []
+    if any(not isinstance(model.exits[k], ExitHead) for k in missing) and num_classes is None:
+        if example is None:
+            raise ValueError("wrapping a plain exit module needs num_classes or an example input to find it")
+        was = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with torch.no_grad():
+                state = example
+                for stage in model.stages:
+                    state = call(stage, state)
+                    if isinstance(state, list):
+                        state = tuple(state)
+                num_classes = int(call(model.exits[-1], state).shape[-1])
+        finally:
+            for m, t in was.items():
+                m.training = t
+    ref = next(iter(model.parameters()), None)
+    for k in missing:
+        head = model.exits[k]
+        if not isinstance(head, ExitHead):
+            wrapped = wrap_head(head, num_classes)
+            wrapped.train(head.training)
+            model.exits[k] = head = wrapped
+        if confidence:
+            head.add_confidence_head().train(head.training)
+        if gate:
+            head.add_gate().train(head.training)
+        if ref is not None:
+            head.to(ref.device)  # a head without parameters of its own got its new units on the default device
+    return missing

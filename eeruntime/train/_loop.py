@@ -1,0 +1,253 @@
+"""The loop every training method shares: argument checks, device, seed, modes, tqdm, history.
+
+A method supplies ``prepare(x)`` (called on the first batch: adds heads it needs, freezes what
+it freezes, sets train/eval modes, returns the parameters to optimise and a callback that undoes
+its temporary changes) and ``step(x, y)`` (returns a :class:`StepResult`). The loop owns the
+optimiser, iterates ``data`` once per epoch and restores every module's train/eval mode at the end,
+whatever happens.
+"""
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # scalar, differentiable
+    terms: Dict[str, torch.Tensor]  # scalar parts of the loss, for the history
+    logits: Sequence[torch.Tensor]  # every exit's logits [B, C], for per-exit accuracy
+    pseudo_labels: Optional[torch.Tensor] = None  # post-training's targets, for agreement
+
+
+@dataclass
+class History:
+    """What a training run saw, per epoch (means over the training samples of that epoch).
+
+    ``loss``: total loss; ``terms``: each part of the loss by name; ``exit_accuracy[e][k]``:
+    accuracy of exit k against the labels on the training batches of epoch e (taken in training
+    mode, before each optimiser step); ``exit_agreement`` (post-training only): agreement of
+    exit k with the pseudo-labels; ``samples``: samples per epoch. ``history["loss"]`` works too.
+    """
+
+    method: str
+    num_exits: int
+    loss: List[float] = field(default_factory=list)
+    terms: Dict[str, List[float]] = field(default_factory=dict)
+    exit_accuracy: List[List[float]] = field(default_factory=list)
+    exit_agreement: Optional[List[List[float]]] = None
+    samples: List[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "num_exits": self.num_exits,
+            "loss": list(self.loss),
+            "terms": {k: list(v) for k, v in self.terms.items()},
+            "exit_accuracy": [list(a) for a in self.exit_accuracy],
+            "exit_agreement": None if self.exit_agreement is None else [list(a) for a in self.exit_agreement],
+            "samples": list(self.samples),
+        }
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+
+def model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def check_common(model, epochs, lr, weight_decay, optimizer) -> None:
+    if not (hasattr(model, "stages") and hasattr(model, "exits")):
+        raise TypeError(
+            f"training needs a MultiExitModel (stages and exits), got {type(model).__name__}; "
+            "build one with ee.MultiExitModel(stages, exits) or ee.attach_exits(backbone, at=[...])"
+        )
+    if len(model.exits) < 2:
+        raise ValueError(f"the model has {len(model.exits)} exit(s); early-exit training needs at least one early exit and the final one")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite float > 0, got {lr!r}")
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
+    if not (optimizer in OPTIMIZERS or callable(optimizer)):
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a callable (params, lr) -> torch.optim.Optimizer, got {optimizer!r}")
+
+
+def check_nonneg(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return float(value)
+
+
+def _make_optimizer(optimizer, params, lr, weight_decay):
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    opt = optimizer(params, lr)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"the optimizer callable must return a torch.optim.Optimizer, got {type(opt).__name__}")
+    return opt
+
+
+def _to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return tuple(t.to(device, non_blocking=True) for t in x)
+    raise TypeError(f"a batch's x must be a tensor or a tuple of tensors, got {type(x).__name__}")
+
+
+def _labels(y, device) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"a batch's y must be a tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+        raise TypeError(f"a batch's y must be a 1-D integer tensor of class indices [B], got {y.dtype} of shape {tuple(y.shape)}")
+    return y.to(device, dtype=torch.int64, non_blocking=True)
+
+
+def _seeded(seed: Optional[int], device: torch.device):
+    if seed is None:
+        return contextlib.nullcontext()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+
+    @contextlib.contextmanager
+    def ctx():
+        # Own RNG stream for the run; the caller's global RNG state is left as it was.
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    return ctx()
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def run(
+    model,
+    data: Iterable,
+    *,
+    method: str,
+    epochs: int,
+    lr: float,
+    prepare: Callable,
+    step: Callable[..., StepResult],
+    optimizer="adam",
+    weight_decay: float = 0.0,
+    seed: Optional[int] = None,
+    progress: bool = True,
+) -> History:
+    device = model_device(model)
+    K = len(model.exits)
+    history = History(method=method, num_exits=K)
+    if isinstance(data, collections.abc.Iterator) and epochs > 1:
+        raise TypeError(
+            f"data is a one-shot iterator but epochs={epochs}; pass something iterable once per epoch "
+            "(a list of (x, y) batches, a DataLoader, ee.data.Batches)"
+        )
+    modes = {m: m.training for m in model.modules()}
+    undo = None
+    try:
+        with _seeded(seed, device):
+            opt = None
+            for epoch in range(epochs):
+                sums: Dict[str, float] = {}
+                correct = torch.zeros(K, dtype=torch.int64, device=device)
+                agree = torch.zeros(K, dtype=torch.int64, device=device)
+                seen = 0
+                total = len(data) if hasattr(data, "__len__") else None
+                bar = _progress(data, total, f"{method} {epoch + 1}/{epochs}", progress)
+                for batch in bar:
+                    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                        raise TypeError(f"data must yield (x, y) pairs, got {type(batch).__name__}")
+                    x, y = _to_device(batch[0], device), _labels(batch[1], device)
+                    if opt is None:
+                        params, undo = prepare(x)
+                        if not params:
+                            raise ValueError(f"{method}: nothing to train (every parameter it trains has requires_grad=False)")
+                        opt = _make_optimizer(optimizer, params, lr, weight_decay)
+                    out = step(x, y)
+                    opt.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    opt.step()
+                    B = y.shape[0]
+                    seen += B
+                    for name, v in (("loss", out.loss), *out.terms.items()):
+                        sums[name] = sums.get(name, 0.0) + float(v.detach()) * B
+                    with torch.no_grad():
+                        for k, lg in enumerate(out.logits):
+                            pred = lg.argmax(1)
+                            correct[k] += (pred == y).sum()
+                            if out.pseudo_labels is not None:
+                                agree[k] += (pred == out.pseudo_labels).sum()
+                    if progress and hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
+                if seen == 0:
+                    raise ValueError(
+                        f"data yielded no batches in epoch {epoch + 1}"
+                        + ("; it must be iterable once per epoch (a list, a DataLoader, ee.data.Batches)" if epoch else "")
+                    )
+                history.loss.append(sums.pop("loss") / seen)
+                for name, v in sums.items():
+                    history.terms.setdefault(name, []).append(v / seen)
+                history.exit_accuracy.append((correct.double() / seen).tolist())
+                if out.pseudo_labels is not None:
+                    history.exit_agreement = history.exit_agreement or []
+                    history.exit_agreement.append((agree.double() / seen).tolist())
+                history.samples.append(seen)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+    finally:
+        if undo is not None:
+            undo()
+        top = modes.get(model, model.training)
+        for m in model.modules():
+            # Modules added during training (heads, gates) follow the model's own mode.
+            m.training = modes.get(m, top)
+    return history
+
+
+def freeze(params) -> Callable[[], None]:
+    """Set ``requires_grad=False`` on ``params``; the returned callback restores each flag."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+
+    def restore():
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+    return restore
+
+
+def unique_trainable(modules) -> List[torch.nn.Parameter]:
+    """Parameters of ``modules`` that require grad, each once, in registration order."""
+    seen, out = set(), []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
