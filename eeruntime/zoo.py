@@ -44,3 +44,57 @@ def conv_net(num_exits: int = 4, in_channels: int = 3, width: int = 32, num_clas
         exits.append(_pool_head(cout, num_classes))
         cin = cout
     return MultiExitModel(stages, exits)
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv + BN, a 1x1 conv + BN shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        )
+
+    def forward(self, x):
+        return nn.functional.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet_style(
+    num_classes: int = 1000,
+    widths=(64, 128, 256, 512),
+    blocks=(2, 2, 2, 2),
+    in_channels: int = 3,
+) -> MultiExitModel:
+    """A ResNet-18-style net (the defaults) cut into ``len(widths)`` stages, a global-pool +
+    linear exit after each: the benchmark model of the CUDA-graph suite.
+
+    Stage 0 is the ImageNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool) and ``blocks[0]`` basic
+    blocks at ``widths[0]``; stage k > 0 is ``blocks[k]`` basic blocks at ``widths[k]``, the first
+    with stride 2. Any input of at least 32x32 works (the heads pool globally).
+    """
+    widths, blocks = list(widths), list(blocks)
+    if len(widths) != len(blocks) or not widths:
+        raise ValueError(f"widths and blocks need the same non-zero length, got {len(widths)} and {len(blocks)}")
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    )
+    stages, exits = [], []
+    cin = widths[0]
+    for k, (w, n) in enumerate(zip(widths, blocks)):
+        group = [_BasicBlock(cin if i == 0 else w, w, stride=2 if (k > 0 and i == 0) else 1) for i in range(n)]
+        stages.append(nn.Sequential(stem, *group) if k == 0 else nn.Sequential(*group))
+        exits.append(_pool_head(w, num_classes))
+        cin = w
+    return MultiExitModel(stages, exits)

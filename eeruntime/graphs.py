@@ -1,0 +1,658 @@
+"""CUDA graphs per stage and batch bucket: the GPU hot path of :class:`~eeruntime.EERuntime`.
+
+For every stage k and batch bucket b one graph holds the whole step:
+
+    state  = stage_k(input_k[:b])                    # input_k: static buffer of the largest bucket
+    logits = exit_k(state)
+    valid  = arange(b) < count_k                     # rows past the count are padding
+    score, exited = exit_decision(logits, thresholds[k])   # thresholds: the runtime's device tensor
+    exited &= valid
+    out[rows_k[i]] = logits[i], score[i], k          for every exited row i   (scatter)
+    input_{k+1}, rows_{k+1}, count_{k+1} = pack(valid & ~exited, state, rows_k)   (compact_into)
+
+``rows_k`` holds each packed row's index in the caller's batch (it travels with the rows) and
+``count_{k+1}`` stays on the device. The host reads it once after each early exit, the only host
+sync, stops when it is zero and otherwise replays stage k+1 at the smallest bucket >= the count.
+The final stage writes every valid row (``final="average"``: the running float32 sum of all exits'
+logits, packed like the state, divided by K). Each output row is written exactly once per call, by
+the exit that row took, so the static outputs need no reset; a call copies them into fresh
+tensors, so what it returns is never a view of a static buffer.
+
+Graphs are captured per input signature (trailing shapes and dtypes), lazily or by
+:meth:`GraphRunner.warmup` (largest bucket first, all on one memory pool). Thresholds are read
+through the runtime's device tensor, which ``set_thresholds`` updates in place: no re-capture.
+With ``capture=False`` (and on any non-CUDA device) the very same static-buffer loop runs eagerly,
+which is how its buffer, padding and chunking logic is tested on CPU.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import operator
+import threading
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import ops
+from .criteria import uses_history
+from .runtime import InferenceResult
+from .state import as_tuple, call, check_state
+
+# The ops backends known to run with no host sync, so they may sit inside a captured graph. The
+# torch references call ``nonzero`` (a sync); when the selected backend is not listed here the
+# graph packs and scatters with the sync-free torch formulations below instead.
+CAPTURE_SAFE_BACKENDS = {"compact_into": ("cuda",), "scatter_rows": ("cuda",)}
+
+# Eager runs of a (stage, bucket) body before its capture, as the CUDA-graph docs require: they
+# trigger the lazy work (cuDNN autotuning, Triton compiles, cuBLAS handles) outside the capture.
+WARMUP_RUNS = 2
+
+# Input signatures (trailing shapes and dtypes) with their own buffers and graphs; a runtime fed
+# more distinct shapes than this runs the extra ones eagerly rather than grow memory without bound.
+MAX_SIGNATURES = 8
+
+# Only one capture may be under way in a process (CUDA's rule), across all runners.
+_CAPTURE_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------- buckets
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a positive int, got a bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a positive int, got {type(value).__name__}") from None
+    if v < 1:
+        raise ValueError(f"{what} must be a positive int (>= 1), got {v}")
+    return v
+
+
+def default_buckets(max_batch: int = 256) -> Tuple[int, ...]:
+    """The batch buckets that cover batches up to ``max_batch``.
+
+    1, 2, 4, 8, then multiples of 8 up to 256 (at most 7 padded rows), then 8 buckets per doubling
+    (steps of 32 up to 512, 64 up to 1024, ...: at most 1/8 of the rows padded); the list stops at
+    the first bucket >= ``max_batch``. ``default_buckets(256)`` has 35 buckets.
+    """
+    m = _positive_int(max_batch, "max_batch")
+    out = []
+    b = 1
+    while True:
+        out.append(b)
+        if b >= m:
+            return tuple(out)
+        if b < 8:
+            b *= 2
+        elif b < 256:
+            b += 8
+        else:
+            b += 1 << (b.bit_length() - 1 - 3)  # an eighth of the octave [2^j, 2^(j+1)) b is in
+
+
+def check_buckets(buckets: Sequence[int]) -> Tuple[int, ...]:
+    """Validate user buckets: a non-empty collection of positive ints; returned sorted, unique."""
+    if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__iter__"):
+        raise TypeError(f"buckets must be a sequence of positive ints, got {type(buckets).__name__}")
+    values = [_positive_int(b, f"bucket {b!r}") for b in buckets]
+    if not values:
+        raise ValueError("buckets must not be empty; e.g. buckets=[1, 2, 4, 8, 16, 32, 64]")
+    return tuple(sorted(set(values)))
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= ``n`` (``buckets`` sorted ascending, as :func:`check_buckets` gives)."""
+    n = _positive_int(n, "batch size")
+    i = bisect.bisect_left(buckets, n)
+    if i == len(buckets):
+        raise ValueError(
+            f"batch size {n} is larger than the largest bucket {buckets[-1]}; run it in chunks of "
+            f"{buckets[-1]} (chunk_bounds) or add a larger bucket"
+        )
+    return buckets[i]
+
+
+def chunk_bounds(B: int, size: int) -> List[Tuple[int, int]]:
+    """``[start, stop)`` row ranges that split a batch of ``B`` rows into chunks of at most ``size``."""
+    if B < 0:
+        raise ValueError(f"batch size must be >= 0, got {B}")
+    size = _positive_int(size, "chunk size")
+    return [(s, min(s + size, B)) for s in range(0, B, size)]
+
+
+# ------------------------------------------------------------------------- sync-free pack/scatter
+def compact_into_nosync(keep: torch.Tensor, tensors, outs, count_out: torch.Tensor) -> None:
+    """Stable compaction with no host sync, capturable in a CUDA graph.
+
+    For B rows, n = sum(keep), c_i = sum_{j<=i} keep_j:
+        dst_i = c_i - 1                    if keep_i   (kept rows to [0, n), in order)
+        dst_i = n + (i + 1 - c_i) - 1      otherwise   (dropped rows to [n, B), in order)
+        outs[t][dst_i] = tensors[t][i];  count_out = n
+    dst is a permutation of [0, B): every write has its own row, so the result is deterministic.
+    Rows [n, B) of each output hold the dropped rows; callers treat them as padding.
+    """
+    B = keep.shape[0]
+    if B == 0:
+        count_out.zero_()
+        return
+    kept = torch.cumsum(keep.to(torch.int64), 0)
+    n = kept[-1:]
+    dropped = torch.arange(1, B + 1, device=keep.device) - kept
+    dst = torch.where(keep, kept - 1, n + dropped - 1)
+    for t, o in zip(tensors, outs):
+        o.index_copy_(0, dst, t)
+    count_out.copy_(n.reshape(count_out.shape))
+
+
+def scatter_rows_nosync(mask: torch.Tensor, rows: torch.Tensor, srcs, outs, spare_row: int) -> None:
+    """``outs[j][rows[i]] = srcs[j][i]`` for every i with ``mask[i]``, with no host sync.
+
+    Unmasked row i is written to ``outs[j][spare_row + i]`` instead: every output needs
+    ``spare_row + B`` rows, rows from ``spare_row`` on being scratch. With distinct ``rows`` of the
+    masked entries no two writes meet, so the result is deterministic.
+    """
+    B = mask.shape[0]
+    if B == 0:
+        return
+    dst = torch.where(mask, rows, torch.arange(spare_row, spare_row + B, device=rows.device))
+    for s, o in zip(srcs, outs):
+        o.index_copy_(0, dst, s.to(o.dtype))
+
+
+# --------------------------------------------------------------------------------- support check
+def _runtime_reason(rt) -> Optional[str]:
+    """Why the static-buffer loop cannot run this runtime at all (any device), or None."""
+    if uses_history(rt.criterion):
+        return (
+            "the criterion is a per-exit scorer with uses_history=True: the earlier exits' logits "
+            "it reads vary in number per stage, which a static graph cannot carry"
+        )
+    return None
+
+
+def graphs_supported(rt) -> Optional[str]:
+    """None when ``rt`` can replay its stages as CUDA graphs, else the reason (the runtime then
+    runs eagerly). Input-dependent limits (a stage whose per-sample state shape changes between
+    calls, a capture that fails, e.g. a callable criterion that syncs) are found at the first call
+    and also fall back to eager, with a warning. A missing CUDA build of the extension is not a
+    reason: the graphs then pack and scatter with :func:`compact_into_nosync` and
+    :func:`scatter_rows_nosync` (sync-free, a little more memory traffic than CUB's select)."""
+    why = _runtime_reason(rt)
+    if why is not None:
+        return why
+    if getattr(rt, "graphs", "auto") is False:
+        return "graphs=False was asked for"
+    if not (hasattr(torch.cuda, "CUDAGraph") and hasattr(torch.cuda, "graph")):
+        return "this torch build has no CUDA graphs (torch.cuda.CUDAGraph is missing)"
+    if not torch.cuda.is_available():
+        return "torch has no usable CUDA device (torch.cuda.is_available() is False)"
+    device = getattr(rt, "_device", None)
+    if device is not None and device.type != "cuda":
+        return f"the model is on {device}, not on a CUDA device"
+    return None
+
+
+class _GraphsUnusable(RuntimeError):
+    """This runner cannot go on with graphs (capture failed, state shapes vary): run eagerly."""
+
+
+# --------------------------------------------------------------------------------- static buffers
+class _StageBuffers:
+    """Static inputs of one stage: shared by all its buckets, which read their first b rows."""
+
+    def __init__(self, parts, is_tuple: bool, rows, count, acc):
+        self.inputs: Tuple[torch.Tensor, ...] = tuple(parts)  # [cap, *per-sample shape] each
+        self.is_tuple = is_tuple
+        self.rows = rows  # int64 [cap]: each packed row's index in the caller's batch
+        self.count = count  # int64 [1]: valid rows; written by the previous stage's pack
+        self.acc = acc  # float32 [cap, C]: running logit sum (final="average", stages >= 1)
+
+    def state(self, b: int):
+        parts = [t[:b] for t in self.inputs]
+        return tuple(parts) if self.is_tuple else parts[0]
+
+    def matches(self, parts, is_tuple: bool) -> bool:
+        return is_tuple == self.is_tuple and len(parts) == len(self.inputs) and all(
+            p.shape[1:] == t.shape[1:] and p.dtype == t.dtype for p, t in zip(parts, self.inputs)
+        )
+
+
+class _Signature:
+    """Buffers and graphs for one input signature (per-sample shapes and dtypes of the input)."""
+
+    def __init__(self, x, cap: int, K: int, capture: bool):
+        parts = as_tuple(x)
+        self.device = parts[0].device
+        self.cap = cap
+        self.capture = capture
+        dev = self.device
+        self.arange = torch.arange(cap, device=dev)
+        self.exit_ids = torch.arange(K, device=dev).unsqueeze(1).repeat(1, cap)  # [K, cap]
+        self.zero_threshold = torch.zeros((), dtype=torch.float32, device=dev)
+        self.stages: List[Optional[_StageBuffers]] = [None] * K
+        self.stages[0] = _StageBuffers(
+            [torch.zeros((cap, *p.shape[1:]), dtype=p.dtype, device=dev) for p in parts],
+            isinstance(x, tuple),
+            self.arange,  # stage 0's rows are the chunk's own rows, 0..n-1
+            torch.zeros(1, dtype=torch.int64, device=dev),
+            None,
+        )
+        # Outputs have cap scratch rows after the cap real ones (see scatter_rows_nosync).
+        self.out_logits: Optional[torch.Tensor] = None
+        self.out_conf = torch.zeros(2 * cap, dtype=torch.float32, device=dev)
+        self.out_exit = torch.zeros(2 * cap, dtype=torch.int64, device=dev)
+        self.pack_index = torch.zeros(cap, dtype=torch.int64, device=dev)  # compact_into's index_out
+        self.graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
+        self.ready = set()  # (k, b) already prepared (captured, or run once without capture)
+
+    def tensors(self) -> List[torch.Tensor]:
+        out = [self.out_conf, self.out_exit, self.pack_index]
+        if self.out_logits is not None:
+            out.append(self.out_logits)
+        for st in self.stages:
+            if st is not None:
+                out += [*st.inputs, st.rows, st.count] + ([st.acc] if st.acc is not None else [])
+        return out
+
+
+def _no_alloc_while_capturing(what: str) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"internal error: {what} allocated during CUDA graph capture (it must exist before)")
+
+
+# ------------------------------------------------------------------------------------- the runner
+class GraphRunner:
+    """Runs an :class:`~eeruntime.EERuntime` on static buffers, one CUDA graph per stage and bucket.
+
+    Args:
+        rt: the runtime (its model, criterion, thresholds, ``final`` and backends are used).
+        buckets: batch sizes to capture (any positive ints; sorted and de-duplicated). ``None``:
+            :func:`default_buckets` of 256, or of ``max_batch`` at :meth:`warmup`. A batch above the
+            largest bucket runs in chunks of it, and the largest bucket sets the buffers' size.
+        capture: ``None`` captures graphs for CUDA inputs and runs the same loop eagerly on other
+            devices; ``False`` never captures; ``True`` requires CUDA inputs.
+        pack: how the survivors are packed and exited rows scattered inside a graph: ``"auto"``
+            uses ``ee.ops.compact_into`` / ``scatter_rows`` when their selected backend is
+            sync-free (``CAPTURE_SAFE_BACKENDS``) and the sync-free torch formulations of this
+            module otherwise (always the ops when not capturing); ``"ops"`` or ``"torch"`` force one.
+
+    ``infer`` is thread-safe: one lock covers a call's use of the static buffers, and work on
+    different CUDA streams is ordered through an event, so callers on any stream get their own
+    result. Diagnostics: ``num_captures``, ``host_syncs`` (count reads), ``prepared`` (the
+    ``(stage, bucket)`` pairs in the order they were captured or first run), ``disabled_reason``.
+    """
+
+    def __init__(self, rt, buckets: Optional[Sequence[int]] = None, *, capture: Optional[bool] = None, pack: str = "auto"):
+        why = _runtime_reason(rt)
+        if why is not None:
+            raise ValueError(f"GraphRunner cannot run this runtime: {why}; use EERuntime(..., graphs=False)")
+        if capture not in (None, True, False):
+            raise ValueError(f"capture must be None, True or False, got {capture!r}")
+        if pack not in ("auto", "ops", "torch"):
+            raise ValueError(f"pack must be 'auto', 'ops' or 'torch', got {pack!r}")
+        self.rt = rt
+        self._auto_buckets = buckets is None
+        self.buckets = default_buckets() if buckets is None else check_buckets(buckets)
+        self.capture = capture
+        self.pack = pack
+        self.max_signatures = MAX_SIGNATURES
+        self._lock = threading.Lock()
+        self._sigs: Dict[tuple, _Signature] = {}
+        self._pending_warmup: Optional[int] = None
+        self._warmed_max: Optional[int] = None
+        self._pool = None
+        self._streams: Dict[torch.device, tuple] = {}
+        self._done: Dict[torch.device, "torch.cuda.Event"] = {}
+        self.num_captures = 0
+        self.host_syncs = 0
+        self.prepared: List[Tuple[int, int]] = []
+        self.disabled_reason: Optional[str] = None
+
+    # ------------------------------------------------------------------ public
+    def infer(self, x):
+        """``(InferenceResult, counts)`` for ``x`` (a tensor or tuple of tensors, batch in dim 0);
+        ``counts[k]`` is the number of rows that left at exit k."""
+        if isinstance(x, list):
+            x = tuple(x)
+        B = check_state(x, "GraphRunner input")
+        if B == 0 or self.disabled_reason is not None:
+            return self._eager(x, B)
+        device = as_tuple(x)[0].device
+        capture = self._capture_for(device)
+        with torch.inference_mode(), self._on_device(device):
+            try:
+                with self._lock:
+                    self._after_previous_call(device)
+                    try:
+                        sig = self._signature(x, capture)
+                        if sig is not None:
+                            return self._run(sig, x, B)
+                    finally:
+                        self._mark_call_done(device)
+            except _GraphsUnusable as e:
+                self._disable(str(e))
+        return self._eager(x, B)
+
+    def warmup(self, max_batch: int, example=None) -> None:
+        """Prepare (capture) every bucket up to the one covering ``max_batch``, per stage, largest
+        bucket first. ``example``: a batch (any size, e.g. ``x[:1]``) with the per-sample shape and
+        dtype of the coming inputs; without it the runtime's first seen input is used, or capture
+        happens at the first call. With default buckets, they become ``default_buckets(m)`` for the
+        largest ``max_batch`` m warmed up so far (graphs of other buckets are dropped when they
+        change); batches above it run in chunks of its largest bucket.
+        """
+        max_batch = _positive_int(max_batch, "max_batch")
+        if example is not None and isinstance(example, list):
+            example = tuple(example)
+        with torch.inference_mode(), self._lock:
+            if self._auto_buckets:
+                # Default buckets fit the largest max_batch warmed up so far (they never shrink,
+                # so a later, smaller warmup keeps what was captured).
+                self._warmed_max = max_batch if self._warmed_max is None else max(self._warmed_max, max_batch)
+                new = default_buckets(self._warmed_max)
+                if new != self.buckets:
+                    self._drop_signatures()
+                    self.buckets = new
+            if example is None:
+                example = getattr(self.rt, "_example", None)
+            if example is None:
+                self._pending_warmup = max_batch
+                return
+            if check_state(example, "warmup example") == 0:
+                raise ValueError("warmup example must hold at least one row (e.g. x[:1])")
+            device = as_tuple(example)[0].device
+            with self._on_device(device):
+                try:
+                    self._after_previous_call(device)
+                    try:
+                        sig = self._signature(example, self._capture_for(device))
+                        if sig is None:
+                            raise _GraphsUnusable(f"more than {self.max_signatures} input shapes")
+                        self._warm(sig, max_batch)
+                    finally:
+                        self._mark_call_done(device)
+                except _GraphsUnusable as e:
+                    self.disabled_reason = str(e)
+                    raise RuntimeError(f"CUDA graph warmup failed, the runtime will run eagerly: {e}") from e
+
+    def static_buffers(self) -> List[torch.Tensor]:
+        """Every static buffer of every signature (for diagnostics and tests)."""
+        with self._lock:
+            return [t for sig in self._sigs.values() for t in sig.tensors()]
+
+    @property
+    def num_signatures(self) -> int:
+        return len(self._sigs)
+
+    def __repr__(self) -> str:
+        return (
+            f"GraphRunner(buckets={list(self.buckets)}, signatures={len(self._sigs)}, "
+            f"captures={self.num_captures}, disabled={self.disabled_reason!r})"
+        )
+
+    # ------------------------------------------------------------------ call sequence
+    def _eager(self, x, B: int):
+        with torch.inference_mode():
+            return self.rt._infer_eager(x, B)
+
+    def _disable(self, reason: str) -> None:
+        if self.rt.graphs is True:
+            raise RuntimeError(f"graphs=True but CUDA graphs cannot be used: {reason}")
+        self.disabled_reason = reason
+        warnings.warn(f"eeruntime: CUDA graphs disabled, running eagerly: {reason}", RuntimeWarning, stacklevel=3)
+
+    def _capture_for(self, device: torch.device) -> bool:
+        if self.capture is None:
+            return device.type == "cuda"
+        if self.capture and device.type != "cuda":
+            raise ValueError(f"capture=True needs CUDA inputs, got a tensor on {device}")
+        return bool(self.capture)
+
+    @staticmethod
+    def _on_device(device: torch.device):
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+    def _after_previous_call(self, device: torch.device) -> None:
+        # The previous call may have run on another stream: its work on the static buffers must
+        # finish before this one writes them. Device-side wait, no host sync.
+        ev = self._done.get(device)
+        if ev is not None:
+            torch.cuda.current_stream(device).wait_event(ev)
+
+    def _mark_call_done(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            ev = self._done.get(device)
+            if ev is None:
+                ev = self._done[device] = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(device))
+
+    def _signature(self, x, capture: bool) -> Optional[_Signature]:
+        parts = as_tuple(x)
+        key = (isinstance(x, tuple), capture, tuple((tuple(p.shape[1:]), p.dtype, p.device) for p in parts))
+        sig = self._sigs.get(key)
+        if sig is None:
+            if len(self._sigs) >= self.max_signatures:
+                return None  # beyond the limit: run eagerly rather than hold more buffers
+            self.rt.thresholds_tensor(parts[0].device)  # created now, never inside a capture
+            sig = self._sigs[key] = _Signature(x, self.buckets[-1], self.rt.num_exits, capture)
+            if self._pending_warmup is not None:
+                max_batch, self._pending_warmup = self._pending_warmup, None
+                self._warm(sig, max_batch)
+        return sig
+
+    def _drop_signatures(self) -> None:
+        if any(sig.device.type == "cuda" for sig in self._sigs.values()):
+            torch.cuda.synchronize()  # no replay may still read buffers that are about to be freed
+        self._sigs.clear()
+
+    def _warm(self, sig: _Signature, max_batch: int) -> None:
+        top = bucket_for(min(max_batch, self.buckets[-1]), self.buckets)
+        sizes = [b for b in reversed(self.buckets) if b <= top]
+        for k in range(self.rt.num_exits):
+            for b in sizes:
+                if (k, b) in sig.ready:
+                    continue
+                if k == 0:
+                    sig.stages[0].count.fill_(b)  # a full batch, so the warm runs pack real rows
+                self._prepare(sig, k, b)
+
+    def _run(self, sig: _Signature, x, B: int):
+        parts = as_tuple(x)
+        K = self.rt.num_exits
+        counts = [0] * K
+        first = sig.stages[0]
+        logits = exit_index = confidence = None
+        for start, stop in chunk_bounds(B, sig.cap):
+            n = stop - start
+            for buf, p in zip(first.inputs, parts):
+                buf[:n].copy_(p[start:stop])
+            first.count.fill_(n)
+            for k, c in enumerate(self._run_stages(sig, n)):
+                counts[k] += c
+            if logits is None:
+                logits = sig.out_logits.new_empty((B, sig.out_logits.shape[1]))
+                exit_index = torch.empty(B, dtype=torch.int64, device=sig.device)
+                confidence = torch.empty(B, dtype=torch.float32, device=sig.device)
+            # Copies into fresh tensors: the caller never holds a view of a static buffer.
+            logits[start:stop].copy_(sig.out_logits[:n])
+            exit_index[start:stop].copy_(sig.out_exit[:n])
+            confidence[start:stop].copy_(sig.out_conf[:n])
+        return InferenceResult(logits, exit_index, confidence), counts
+
+    def _run_stages(self, sig: _Signature, n: int) -> List[int]:
+        K = self.rt.num_exits
+        counts = [0] * K
+        for k in range(K):
+            self._launch(sig, k, bucket_for(n, self.buckets))
+            if k == K - 1:
+                counts[k] = n
+                break
+            n_next = self._read_count(sig.stages[k + 1].count)
+            counts[k] = n - n_next
+            n = n_next
+            if n == 0:
+                break
+        return counts
+
+    def _read_count(self, count: torch.Tensor) -> int:
+        self.host_syncs += 1  # the one host sync per early exit
+        return int(count.item())
+
+    def _launch(self, sig: _Signature, k: int, b: int) -> None:
+        if not sig.capture:
+            if (k, b) not in sig.ready:
+                sig.ready.add((k, b))
+                self.prepared.append((k, b))
+            self._body(sig, k, b)
+            return
+        graph = sig.graphs.get((k, b))
+        if graph is None:
+            graph = self._capture(sig, k, b)
+        graph.replay()
+
+    def _prepare(self, sig: _Signature, k: int, b: int) -> None:
+        if sig.capture:
+            self._capture(sig, k, b)
+        else:
+            self._body(sig, k, b)
+            sig.ready.add((k, b))
+            self.prepared.append((k, b))
+
+    # ------------------------------------------------------------------ capture
+    def _cuda_streams(self, device: torch.device):
+        s = self._streams.get(device)
+        if s is None:
+            s = self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return s  # (side stream for the warm-up runs, capture stream)
+
+    def _capture(self, sig: _Signature, k: int, b: int):
+        device = sig.device
+        side, capture_stream = self._cuda_streams(device)
+        current = torch.cuda.current_stream(device)
+        # Warm-up runs: on real data mid-call they write exactly what the replay writes next
+        # (the body only reads stage k's buffers), so they are harmless.
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._body(sig, k, b)
+        current.wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with _CAPTURE_LOCK, torch.cuda.graph(
+                graph, pool=self._pool, stream=capture_stream, capture_error_mode="thread_local"
+            ):
+                self._body(sig, k, b)
+        except Exception as e:
+            # torch.cuda.graph skips restoring the caller's stream when capture_end raises.
+            torch.cuda.set_stream(current)
+            if isinstance(e, _GraphsUnusable):
+                raise
+            raise _GraphsUnusable(
+                f"capturing stage {k} at batch bucket {b} failed ({type(e).__name__}: {e}); a model or "
+                "criterion that syncs with the host (.item(), nonzero, boolean indexing) cannot be captured"
+            ) from e
+        sig.graphs[(k, b)] = graph
+        sig.ready.add((k, b))
+        self.num_captures += 1
+        self.prepared.append((k, b))
+        return graph
+
+    # ------------------------------------------------------------------ the graph body
+    def _body(self, sig: _Signature, k: int, b: int) -> None:
+        """Stage k at bucket b on static buffers: no host sync, no allocation that outlives it."""
+        rt = self.rt
+        K = rt.num_exits
+        st = sig.stages[k]
+        state = call(rt.model.stages[k], st.state(b))
+        if isinstance(state, list):
+            state = tuple(state)
+        logits = call(rt.model.exits[k], state)
+        C = rt._check_logits(logits, b, k)
+        self._ensure_outputs(sig, logits, C)
+        valid = sig.arange[:b] < st.count
+        rows = st.rows[:b]
+        acc = None
+        if rt.final == "average":
+            acc = logits.float() if st.acc is None else st.acc[:b] + logits.float()
+        if k == K - 1:
+            final_logits = (acc / K).to(logits.dtype) if acc is not None else logits
+            conf = self._final_score(sig, final_logits, state, k)
+            self._scatter(sig, valid, rows, [final_logits, conf, sig.exit_ids[k, :b]])
+            return
+        score, exited = rt.decide(logits, state, k)
+        exited = exited & valid
+        keep = valid & ~exited
+        self._scatter(sig, exited, rows, [logits, score, sig.exit_ids[k, :b]])
+        nxt = self._ensure_stage(sig, k + 1, state, b, C)
+        carried = [*as_tuple(state), rows] + ([acc] if acc is not None else [])
+        outs = [*nxt.inputs, nxt.rows] + ([nxt.acc] if acc is not None else [])
+        self._pack(sig, keep, carried, outs, nxt.count)
+
+    def _final_score(self, sig: _Signature, logits: torch.Tensor, state, k: int) -> torch.Tensor:
+        rt = self.rt
+        if callable(rt.criterion):
+            return rt.score(logits, state, k, ())
+        # rt.score passes a float threshold, which the torch reference turns into a new device
+        # tensor (a host copy, not capturable); the score does not depend on it.
+        return ops.exit_decision(logits, sig.zero_threshold, rt.criterion, backend=rt.decision_backend)[0]
+
+    def _ensure_outputs(self, sig: _Signature, logits: torch.Tensor, C: int) -> None:
+        if sig.out_logits is None:
+            _no_alloc_while_capturing("the output buffer")
+            sig.out_logits = torch.zeros((2 * sig.cap, C), dtype=logits.dtype, device=sig.device)
+
+    def _ensure_stage(self, sig: _Signature, k: int, state, b: int, C: int) -> _StageBuffers:
+        parts = as_tuple(state)
+        is_tuple = isinstance(state, tuple)
+        for i, p in enumerate(parts):
+            if not isinstance(p, torch.Tensor) or p.dim() == 0 or p.shape[0] != b:
+                got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"stage {k - 1} returned {got} as state part {i} for a batch of {b} rows")
+        st = sig.stages[k]
+        if st is None:
+            _no_alloc_while_capturing(f"stage {k}'s input buffer")
+            dev, cap = sig.device, sig.cap
+            st = sig.stages[k] = _StageBuffers(
+                [torch.zeros((cap, *p.shape[1:]), dtype=p.dtype, device=dev) for p in parts],
+                is_tuple,
+                torch.zeros(cap, dtype=torch.int64, device=dev),
+                torch.zeros(1, dtype=torch.int64, device=dev),
+                torch.zeros((cap, C), dtype=torch.float32, device=dev) if self.rt.final == "average" else None,
+            )
+        elif not st.matches(parts, is_tuple):
+            raise _GraphsUnusable(
+                f"stage {k - 1}'s per-sample state changed shape or dtype for the same input shape "
+                f"(was {[(tuple(t.shape[1:]), t.dtype) for t in st.inputs]}, now "
+                f"{[(tuple(p.shape[1:]), p.dtype) for p in parts]}); static buffers need fixed shapes"
+            )
+        return st
+
+    def _use_ops(self, sig: _Signature, op: str, *args) -> bool:
+        if self.pack != "auto":
+            return self.pack == "ops"
+        if not sig.capture:
+            return True
+        try:
+            chosen = ops.dispatch.select(op, self.rt.compact_backend, *args)
+        except (ops.BackendUnavailable, ValueError):
+            return False
+        return chosen.name in CAPTURE_SAFE_BACKENDS[op]
+
+    def _scatter(self, sig: _Signature, mask, rows, srcs) -> None:
+        outs = [sig.out_logits, sig.out_conf, sig.out_exit]
+        srcs = [s.to(o.dtype) for s, o in zip(srcs, outs)]
+        if self._use_ops(sig, "scatter_rows", mask, rows, srcs, outs):
+            ops.scatter_rows(mask, rows, srcs, outs, backend=self.rt.compact_backend)
+        else:
+            scatter_rows_nosync(mask, rows, srcs, outs, spare_row=sig.cap)
+
+    def _pack(self, sig: _Signature, keep, carried, outs, count_out) -> None:
+        index_out = sig.pack_index
+        if self._use_ops(sig, "compact_into", keep, carried, outs, index_out, count_out):
+            ops.compact_into(keep, carried, outs, index_out, count_out, backend=self.rt.compact_backend)
+        else:
+            compact_into_nosync(keep, carried, outs, count_out)
