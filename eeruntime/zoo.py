@@ -25,9 +25,11 @@ def digits_cnn(num_classes: int = 10, width: int = 16) -> MultiExitModel:
         nn.Sequential(_conv_block(w1, w2, pool=False), _conv_block(w2, w2, pool=True)),
         nn.Sequential(_conv_block(w2, w3, pool=False), _conv_block(w3, w3, pool=True)),
     ]
+    # The first exit keeps the 8x8 layout (a global pool over one conv layer leaves too little to
+    # classify digits); the second pools to 2x2.
     exits = [
-        _pool_head(w1, num_classes),
-        _pool_head(w2, num_classes),
+        nn.Sequential(nn.Flatten(), nn.Linear(w1 * 8 * 8, num_classes)),
+        nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(w2 * 2 * 2, num_classes)),
         nn.Sequential(nn.Flatten(), nn.Linear(w3 * 2 * 2, num_classes)),
     ]
     return MultiExitModel(stages, exits)
