@@ -37,3 +37,9 @@ try:
     __all__ += ["calibrate", "load"]
 except ImportError:  # pragma: no cover
     pass
+try:
+    from . import plot  # noqa: F401  (matplotlib is imported inside the plotting functions)
+
+    __all__.append("plot")
+except ImportError:  # pragma: no cover
+    pass
