@@ -3,9 +3,10 @@ device's measured copy bandwidth (the yardstick for the memory-bound kernels).""
 from __future__ import annotations
 
 import platform
-import time
 
 import torch
+
+from eeruntime.calibration.costs import median_seconds
 
 try:
     import triton
@@ -40,17 +41,32 @@ def sync(device) -> None:
 
 def time_fn(fn, device="cpu", warmup: int = 3, iters: int = 20) -> float:
     """Median seconds per call of ``fn``, synchronising the device around each call."""
-    for _ in range(warmup):
+    return median_seconds(fn, torch.device(device), warmup=warmup, iters=iters)
+
+
+def per_call_seconds(fn, target_s: float = 0.05, max_inner: int = 1000) -> tuple:
+    """(seconds per call, inner) of a CUDA ``fn``: the median of 5 batches of ``inner``
+    back-to-back calls timed with CUDA events, ``inner`` chosen so a batch lasts about ``target_s``."""
+    for _ in range(3):
         fn()
-    sync(device)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end) / 1e3, 1e-6)
+    inner = int(min(max_inner, max(1, target_s / once)))
     times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    for _ in range(5):
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], inner
 
 
 def copy_bandwidth(device="cuda", nbytes: int = 1 << 28) -> float:

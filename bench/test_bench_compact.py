@@ -25,7 +25,7 @@ import time
 import pytest
 import torch
 
-from common import CUDA, benchmark_record, copy_bandwidth
+from common import CUDA, benchmark_record, copy_bandwidth, per_call_seconds
 
 import eeruntime as ee
 from eeruntime import _ext
@@ -40,31 +40,6 @@ TARGET_COPY_FRACTION = 0.7
 def copy_bw() -> float:
     """The device's copy bandwidth (bytes/s, read + write), measured once in this run."""
     return copy_bandwidth("cuda")
-
-
-def per_call_seconds(fn, target_s: float = 0.05, max_inner: int = 500) -> tuple:
-    """(seconds per call, inner): median of 5 batches of ``inner`` back-to-back calls timed with
-    CUDA events, ``inner`` chosen so a batch lasts about ``target_s``."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    once = max(start.elapsed_time(end) / 1e3, 1e-6)
-    inner = int(min(max_inner, max(1, target_s / once)))
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / inner)
-    times.sort()
-    return times[len(times) // 2], inner
 
 
 def _gpu_cases():
@@ -104,10 +79,10 @@ def test_compact_bandwidth(benchmark, copy_bw, B, row_bytes):
     def op_into():
         ee.ops.compact_into(keep, [x], [out], index_out, count_out, backend="cuda")
 
-    t_op, _ = per_call_seconds(op)
-    t_into, inner = per_call_seconds(op_into)
-    t_bool, _ = per_call_seconds(lambda: x[keep])
-    t_nz, _ = per_call_seconds(lambda: x.index_select(0, keep.nonzero().squeeze(1)))
+    t_op, _ = per_call_seconds(op, max_inner=500)
+    t_into, inner = per_call_seconds(op_into, max_inner=500)
+    t_bool, _ = per_call_seconds(lambda: x[keep], max_inner=500)
+    t_nz, _ = per_call_seconds(lambda: x.index_select(0, keep.nonzero().squeeze(1)), max_inner=500)
 
     def timed():
         for _ in range(inner):

@@ -25,7 +25,7 @@ import math
 import pytest
 import torch
 
-from common import benchmark_record, copy_bandwidth, needs_cuda
+from common import benchmark_record, copy_bandwidth, needs_cuda, per_call_seconds
 
 pytestmark = needs_cuda
 
@@ -42,33 +42,6 @@ THRESHOLD = 0.5
 def copy_bw() -> float:
     """The device's copy bandwidth (bytes/s, read + write), measured once in this run."""
     return copy_bandwidth("cuda")
-
-
-def per_call_seconds(fn, target_s: float = 0.05, max_inner: int = 1000) -> tuple:
-    """(seconds per call, inner) from CUDA events around ``inner`` back-to-back calls, after warmup.
-
-    ``inner`` is chosen so one timed batch lasts about ``target_s``; the median of 5 batches is used.
-    """
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    once = max(start.elapsed_time(end) / 1e3, 1e-6)
-    inner = int(min(max_inner, max(1, target_s / once)))
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / inner)
-    times.sort()
-    return times[len(times) // 2], inner
 
 
 @functools.lru_cache(maxsize=None)

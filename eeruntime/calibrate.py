@@ -99,13 +99,14 @@ class Calibration:
         """An :class:`~eeruntime.EERuntime` for ``model`` with these thresholds, criterion and
         final mode (``kwargs`` go to the runtime). A scorer criterion is moved to the model's
         device. The runtime keeps this calibration as ``rt.calibration`` for ``rt.save``."""
-        from .runtime import EERuntime, _model_device
+        from .model import model_device
+        from .runtime import EERuntime
 
         n = len(getattr(model, "stages", ()))
         if n != self.num_exits:
             raise ValueError(f"this calibration is for a model with {self.num_exits} exits, got one with {n}")
         criterion = self.criterion
-        device = _model_device(model)
+        device = model_device(model)
         if device is not None and hasattr(criterion, "to"):
             criterion = criterion.to(device)
         kwargs.setdefault("final", self.final)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from typing import List, Optional
 
 import torch
 
+from .calibration.costs import median_seconds
 from .data import Batches, load_digits_split
 from .oracle import oracle_forward, plan_oracle
 from .runtime import EERuntime
@@ -27,23 +27,6 @@ def _plain(model, x):
     for stage in model.stages:
         state = stage(state)
     return model.exits[-1](state)
-
-
-def _median_time(fn, device, reps: int) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    fn()
-    sync()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def _chunks(x, batch):
@@ -64,7 +47,7 @@ def time_side_by_side(model, rt, x, batch: int, device, rounds: int = 7, reps: i
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            times[k].append(_median_time(fn, device, reps))
+            times[k].append(median_seconds(fn, device, warmup=1, iters=reps))
     # Noise from other work on the machine only adds time: the best round is the truest.
     return {k: min(v) for k, v in times.items()}
 

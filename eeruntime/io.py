@@ -173,7 +173,8 @@ def load(path, model, **runtime_kwargs):
     cannot rebuild.
     """
     from .calibrate import Calibration
-    from .runtime import EERuntime, _model_device
+    from .model import model_device
+    from .runtime import EERuntime
 
     json_path, _ = _paths(path)
     doc = _read(json_path)
@@ -213,7 +214,7 @@ def load(path, model, **runtime_kwargs):
         _load_weights(criterion, weights_path)
     if isinstance(criterion, nn.Module):
         criterion.eval()
-        device = _model_device(model)
+        device = model_device(model)
         if device is not None:
             criterion = criterion.to(device)
 

@@ -1,12 +1,21 @@
 """``MultiExitModel``: a classifier as a chain of stages, each followed by an exit head."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .state import call
+
+
+def model_device(model) -> Optional[torch.device]:
+    """The device of a module's first parameter (or buffer); None for a module with neither."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
 
 
 class MultiExitModel(nn.Module):

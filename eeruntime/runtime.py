@@ -14,6 +14,7 @@ from .cost import CostModel, measure_costs
 from .criteria import Criterion, check_criterion, criterion_name, is_per_exit, uses_history
 from .ops.exit_decision import confidence_ref, exits_from_scores
 from .state import as_tuple, call, check_state, from_tuple
+from .model import model_device
 from .stats import RuntimeStats
 
 FINAL_MODES = ("last", "average")
@@ -33,14 +34,6 @@ class InferenceResult:
     logits: torch.Tensor
     exit_index: torch.Tensor
     confidence: torch.Tensor
-
-
-def _model_device(model) -> Optional[torch.device]:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return None
 
 
 class EERuntime:
@@ -98,7 +91,7 @@ class EERuntime:
         self.compact_backend = compact_backend
         self.num_exits = len(model.stages)
         model.eval()
-        self._device = _model_device(model)
+        self._device = model_device(model)
         self._lock = threading.Lock()
         self._thr_values = self._normalise_thresholds(thresholds)
         self._thr: Dict[torch.device, torch.Tensor] = {}

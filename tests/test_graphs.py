@@ -25,6 +25,8 @@ from eeruntime.graphs import (
     scatter_rows_nosync,
 )
 from eeruntime.zoo import conv_net
+from models import TupleExit, TupleStage
+from models import mlp_model as _mlp_model
 from reference import per_sample_loop, score64
 
 NAMED = ["entropy", "max_prob", "margin", "norm_entropy"]
@@ -32,40 +34,8 @@ NEAR = 1e-4  # rows whose score is this close to a threshold may legitimately fl
 
 
 # ----------------------------------------------------------------------------------- models, data
-def mlp_model(K=4, d_in=6, width=12, C=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    stages, exits = [], []
-    d = d_in
-    for _ in range(K):
-        stages.append(nn.Sequential(nn.Linear(d, width), nn.Tanh()))
-        exits.append(nn.Linear(width, C))
-        d = width
-    m = ee.MultiExitModel(stages, exits)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 1.5)
-    return m.eval()
-
-
-class TupleStage(nn.Module):
-    """A transformer-like stage carrying (hidden, mask)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, h, mask):
-        return torch.tanh(self.lin(h)) * mask.unsqueeze(-1), mask
-
-
-class TupleExit(nn.Module):
-    def __init__(self, d, C):
-        super().__init__()
-        self.lin = nn.Linear(d, C)
-
-    def forward(self, h, mask):
-        pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return self.lin(pooled) * 3
+def mlp_model(K=4, **kwargs):
+    return _mlp_model(K=K, **kwargs)
 
 
 def top_logit(logits, state):

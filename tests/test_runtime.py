@@ -8,25 +8,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import eeruntime as ee
+from models import TupleExit, TupleStage, mlp_model
 from reference import per_sample_loop, score64
 
 CRITERIA = ["entropy", "max_prob", "margin", "norm_entropy"]
 NEAR = 1e-4  # rows whose score is this close to a threshold may legitimately flip
-
-
-def mlp_model(K=3, d_in=6, width=12, C=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    stages, exits = [], []
-    d = d_in
-    for _ in range(K):
-        stages.append(nn.Sequential(nn.Linear(d, width), nn.Tanh()))
-        exits.append(nn.Linear(width, C))
-        d = width
-    m = ee.MultiExitModel(stages, exits)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 1.5)
-    return m.eval()
 
 
 def thresholds_for(model, x, criterion, regime):
@@ -106,27 +92,6 @@ def test_final_average():
     rt = ee.EERuntime(model, thresholds=thr, criterion="entropy", final="average")
     res = assert_matches_loop(rt, model, x, thr, "entropy", final="average")
     assert (res.exit_index == 2).any() and (res.exit_index < 2).any()
-
-
-class TupleStage(nn.Module):
-    """A transformer-like stage carrying (hidden, mask)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.lin = nn.Linear(d, d)
-
-    def forward(self, h, mask):
-        return torch.tanh(self.lin(h)) * mask.unsqueeze(-1), mask
-
-
-class TupleExit(nn.Module):
-    def __init__(self, d, C):
-        super().__init__()
-        self.lin = nn.Linear(d, C)
-
-    def forward(self, h, mask):
-        pooled = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return self.lin(pooled) * 3
 
 
 def test_tuple_states():

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..cost import CostModel
+from ..model import model_device
 from ..criteria import check_criterion, uses_history
 from ..ops.exit_decision import confidence_ref
 from ..scorers import DEFAULT_TOP_K, exit_features
@@ -225,14 +226,6 @@ def _is_pair(obj) -> bool:
     return _is_state(x)
 
 
-def _model_device(model) -> Optional[torch.device]:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return None
-
-
 def _to(x, device):
     if device is None:
         return x
@@ -273,7 +266,7 @@ def build_cache(
     criterion = check_criterion(criterion)
     _check_final(final)
     was_training = model.training
-    device = _model_device(model)
+    device = model_device(model)
     rt = EERuntime(model, criterion=criterion, final=final, graphs=False, decision_backend=decision_backend)
     keep_history = uses_history(criterion)
     acc = _Accumulator(K, criterion, final, top_k)

@@ -16,6 +16,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from ..model import model_device as _device_of
+
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -61,11 +63,7 @@ class History:
 
 
 def model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
+    return _device_of(model) or torch.device("cpu")
 
 
 def check_common(model, epochs, lr, weight_decay, optimizer) -> None:
