@@ -44,6 +44,12 @@ def _extensions():
         print(f"eeruntime: building the C++ CPU ops only: {no_cuda}", file=sys.stderr)
     # No -std flag: torch's build adds the standard its headers need (C++20 for recent torch, C++17 for older).
     cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # ATen's at::parallel_for runs on one thread unless the extension itself is built with
+        # OpenMP; it then shares torch's own OpenMP runtime and thread pool.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if use_cuda:
         ext = CUDAExtension(
             "eeruntime._C",
@@ -51,9 +57,10 @@ def _extensions():
             define_macros=[("EERUNTIME_WITH_CUDA", "1")],
             # -lineinfo: compute-sanitizer and profilers report source lines at no runtime cost
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("eeruntime._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("eeruntime._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     class OptionalBuild(BuildExtension):
         """A failed optional build warns and installs the pure-Python package."""

@@ -1,8 +1,8 @@
 // The eeruntime operator library (torch.ops.eeruntime.*) and the Python module eeruntime._C.
 //
-// Schemas are defined once here; csrc/compact_cpu.cpp registers the CPU kernels and, in a CUDA
-// build, csrc/compact_cuda.cpp the CUDA ones. The fake (meta) kernels that torch.compile traces
-// are registered in Python (eeruntime/ops/_ext_backend.py).
+// Schemas are defined once here; csrc/compact_cpu.cpp and csrc/exit_decision_cpu.cpp register the
+// CPU kernels and, in a CUDA build, csrc/compact_cuda.cpp the CUDA ones. The fake (meta) kernels
+// that torch.compile traces are registered in Python (eeruntime/ops/_ext_backend.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,6 +15,12 @@ TORCH_LIBRARY(eeruntime, m) {
       "Tensor(c!) count_out) -> ()");
   // outs[j][rows[i]] = srcs[j][i] for every i with mask[i].
   m.def("scatter_rows(Tensor mask, Tensor rows, Tensor[] srcs, Tensor(a!)[] outs) -> ()");
+  // (conf float32 [B], exit bool [B], argmax int64 [B], or [0] unless return_argmax) of logits [B, C];
+  // the threshold is read from `threshold` (one element, read inside the op) or, when it is None,
+  // is threshold_value. criterion: the code of eeruntime.criteria.CRITERION_CODE.
+  m.def(
+      "exit_decision(Tensor logits, Tensor? threshold, float threshold_value, int criterion, "
+      "bool return_argmax) -> (Tensor conf, Tensor mask, Tensor argmax)");
 }
 
 extern "C" {

@@ -45,7 +45,9 @@ def assert_matches_loop(rt, model, x, thresholds, criterion, final="last"):
     clear = near > NEAR
     assert torch.equal(res.exit_index[clear], ref_exit[clear])
     same = res.exit_index == ref_exit
-    torch.testing.assert_close(res.logits[same].double(), ref_logits[same], rtol=1e-5, atol=1e-5)
+    # float32 logits: a batched matmul and a one-row one may round differently (different BLAS
+    # kernels); the random test weights are large, so allow 1e-4.
+    torch.testing.assert_close(res.logits[same].double(), ref_logits[same], rtol=1e-4, atol=1e-4)
     return res
 
 

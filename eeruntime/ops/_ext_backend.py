@@ -1,7 +1,9 @@
 """The compiled ops of ``eeruntime._C`` as backends of ``compact``, ``compact_into`` and
 ``scatter_rows``: ``cuda`` (CUB stable select + vectorized row gather/scatter) first, then ``cpp``
-(CPU), ahead of the ``torch`` references. Also registers the ops' fake kernels, so
-``torch.compile`` can trace ``torch.ops.eeruntime.*``.
+(CPU), ahead of the ``torch`` references; and of ``exit_decision``: ``cpp``, the fused CPU kernel
+of csrc/exit_decision_cpu.cpp (one read of each row; formulas in that file), after ``triton`` and
+before ``torch``. Also registers the ops' fake kernels, so ``torch.compile`` can trace
+``torch.ops.eeruntime.*``.
 
 The ops copy whole rows as bytes (any dtype, any trailing shape). They are not differentiable:
 with grad enabled and an input that requires grad, ``auto`` leaves them to the ``torch`` backend.
@@ -19,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _ext
+from ..criteria import CRITERIA, CRITERION_CODE
 from . import dispatch
 
 _INT32_MAX = 2**31 - 1
@@ -134,3 +137,71 @@ if _ext.available():
     @torch.library.register_fake("eeruntime::scatter_rows")
     def _scatter_rows_fake(mask, rows, srcs, outs):
         return None
+
+
+# ------------------------------------------------------------------------------- exit_decision
+# fp64 logits are rounded to fp32 first, as the torch reference's logits.float().
+_EXIT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+_exit_op = None  # torch.ops.eeruntime.exit_decision.default, looked up on first use
+
+
+def _exit_decision_op():
+    """The compiled op, or None when this build of the extension predates it."""
+    global _exit_op
+    if _exit_op is None and _ext.available() and hasattr(torch.ops.eeruntime, "exit_decision"):
+        _exit_op = torch.ops.eeruntime.exit_decision.default
+    return _exit_op
+
+
+def _exit_decision_why_not(logits, threshold, criterion, return_argmax=False, *, forced):
+    if not _ext.available():
+        return _ext.why_unavailable()
+    if _exit_decision_op() is None:
+        return "the extension eeruntime._C was built before exit_decision was added; rebuild it"
+    if not logits.is_cpu:
+        return f"logits are on {logits.device.type}; the cpp backend runs CPU tensors"
+    if logits.dtype not in _EXIT_DTYPES:
+        return f"the kernel takes float32, float16, bfloat16 or float64 logits, got {logits.dtype}"
+    if logits.requires_grad and torch.is_grad_enabled():
+        return "logits require grad and the C++ op is not differentiable (the torch backend is)"
+    if isinstance(threshold, torch.Tensor) and not threshold.is_cpu:
+        return f"the threshold tensor is on {threshold.device.type}; the cpp backend reads it on the host"
+    return None
+
+
+def _exit_decision_cpp(logits, threshold, criterion="entropy", return_argmax=False):
+    """(conf, exit) or (conf, exit, argmax) from one call of the compiled op.
+
+    A tensor threshold is read inside the op (no ``.item()`` here); a Python number travels by
+    value in the op's ``threshold_value`` argument, so no tensor is made for it."""
+    op = _exit_op or _exit_decision_op()
+    code = CRITERION_CODE.get(criterion)
+    if code is None:
+        raise ValueError(f"unknown criterion {criterion!r}; accepted: {', '.join(map(repr, CRITERIA))}")
+    if isinstance(threshold, torch.Tensor):
+        conf, exits, argmax = op(logits, threshold, 0.0, code, return_argmax)
+    elif isinstance(threshold, (float, int)) and not isinstance(threshold, bool):
+        conf, exits, argmax = op(logits, None, float(threshold), code, return_argmax)
+    else:
+        raise TypeError(f"threshold must be a float or a one-element tensor, got {type(threshold).__name__}")
+    return (conf, exits, argmax) if return_argmax else (conf, exits)
+
+
+# Just ahead of the torch reference: after triton, which auto takes only for CUDA tensors.
+_exit_backends = dispatch.backends("exit_decision")
+dispatch.register(
+    "exit_decision",
+    dispatch.Backend("cpp", _exit_decision_cpp, _exit_decision_why_not, _FIX["cpp"]),
+    priority=_exit_backends.index("torch") if "torch" in _exit_backends else None,
+)
+
+if _exit_decision_op() is not None:
+
+    @torch.library.register_fake("eeruntime::exit_decision")
+    def _exit_decision_fake(logits, threshold, threshold_value, criterion, return_argmax):
+        B = logits.shape[0]
+        return (
+            logits.new_empty((B,), dtype=torch.float32),
+            logits.new_empty((B,), dtype=torch.bool),
+            logits.new_empty((B if return_argmax else 0,), dtype=torch.int64),
+        )

@@ -1,7 +1,8 @@
 """``exit_decision``: softmax, confidence score and exit flag for every row of a logits batch.
 
 Backends, in priority order: ``triton`` (CUDA tensors; CPU tensors only when forced and
-``TRITON_INTERPRET=1``), ``torch`` (the reference below, any device).
+``TRITON_INTERPRET=1``), ``cpp`` (the fused C++ CPU kernel of ``eeruntime._C``), ``torch`` (the
+reference below, any device).
 """
 from __future__ import annotations
 
