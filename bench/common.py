@@ -2,6 +2,7 @@
 device's measured copy bandwidth (the yardstick for the memory-bound kernels)."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -23,9 +24,20 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_info() -> dict:
     info = {
-        "device": torch.cuda.get_device_name() if CUDA else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if CUDA else _cpu_name(),
         "torch": torch.__version__,
         "triton": getattr(triton, "__version__", None),
         "cuda": torch.version.cuda,

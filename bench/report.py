@@ -81,6 +81,7 @@ def plots(data: dict, suites, prefix: str):
                 if key in ei and x is not None:
                     series = " ".join(str(ei[k]) for k in ("scenario", "resolution", "C", "dtype", "row_bytes") if k in ei)
                     pts[series or suite].append((x, ei[key]))
+            pts = {k: v for k, v in pts.items() if len(v) > 1}  # a line needs two batch sizes
             if not pts:
                 continue
             fig, ax = plt.subplots(figsize=(6, 4))

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
+from ._json import dec_float as _dec
+from ._json import enc_float as _enc
 from .cost import CostModel
 from .criteria import criterion_name
 
@@ -24,16 +26,6 @@ METHODS = ("greedy", "accuracy", "budget", "sweep")
 MAX_SAVED_GRID = 20000
 
 Point = Tuple[List[float], float, float]  # (thresholds, accuracy, expected cost)
-
-
-def _enc(x: float):
-    """A float as strict JSON: non-finite values as the strings 'inf', '-inf', 'nan'."""
-    x = float(x)
-    return x if math.isfinite(x) else str(x)
-
-
-def _dec(x) -> float:
-    return float(x)
 
 
 def _enc_points(points):

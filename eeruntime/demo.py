@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import torch
 
+from ._json import enc_float
 from .calibration.costs import median_seconds
 from .data import Batches, load_digits_split
 from .oracle import oracle_forward, plan_oracle
@@ -34,7 +35,7 @@ def _chunks(x, batch):
 
 
 @torch.inference_mode()
-def time_side_by_side(model, rt, x, batch: int, device, rounds: int = 7, reps: int = 5):
+def time_side_by_side(model, rt, x, batch: int, device, rounds: int = 15, reps: int = 7):
     """Median seconds per pass over ``x`` in serving batches: plain backbone, runtime, oracle.
     Rounds are interleaved so changes in machine load hit all three alike."""
     chunks = _chunks(x, batch)
@@ -64,7 +65,7 @@ def _table(rows: List[dict]) -> str:
 
 
 def run(out: str = "demo_out", device: Optional[str] = None, epochs: int = 20, batch: int = 256,
-        max_drop: float = 0.005, seed: int = 0, progress: bool = True, rounds: int = 7,
+        max_drop: float = 0.005, seed: int = 0, progress: bool = True, rounds: int = 15,
         return_model: bool = False):
     """Run the demo; returns the report (and the trained model with ``return_model``)."""
     from . import calibrate, plot, train
@@ -119,7 +120,7 @@ def run(out: str = "demo_out", device: Optional[str] = None, epochs: int = 20, b
     summary = {
         "baseline_accuracy": baseline_acc,
         "ee_accuracy": main["ee_accuracy"],
-        "thresholds": main["thresholds"],
+        "thresholds": [enc_float(t) for t in main["thresholds"]],
         "exit_fractions": main["exit_fractions"],
         "speedup_measured": main["speedup_measured"],
         "speedup_ideal": main["speedup_ideal"],
@@ -136,12 +137,12 @@ def run(out: str = "demo_out", device: Optional[str] = None, epochs: int = 20, b
         "test_samples": int(len(y_test)),
         "criterion": "entropy",
         "max_drop": max_drop,
-        "greedy": report["greedy"],
+        "greedy": {**report["greedy"], "thresholds": [enc_float(t) for t in report["greedy"]["thresholds"]]},
         "final_train_loss": history["loss"][-1] if isinstance(history, dict) and "loss" in history else None,
         "frontier_png": frontier_png,
     }
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(summary, f, indent=2, allow_nan=False)
     print()
     print(_table(rows))
     print(f"\nspeed-up: measured {main['speedup_measured']:.2f}x, oracle {main['speedup_oracle']:.2f}x, "

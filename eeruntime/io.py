@@ -16,24 +16,19 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Optional, Tuple
 
 from torch import nn
 
+from ._json import enc_float as _enc
 from .criteria import CRITERIA, criterion_name, is_per_exit, uses_history
 
 FORMAT = "eeruntime.runtime"
 FORMAT_VERSION = 1
 JSON_NAME = "runtime.json"
 WEIGHTS_NAME = "weights.safetensors"
-
-
-def _enc(x: float):
-    x = float(x)
-    return x if math.isfinite(x) else str(x)
 
 
 def _paths(path) -> Tuple[Path, Path]:

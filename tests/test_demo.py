@@ -32,7 +32,7 @@ def test_short_demo_report(tmp_path):
     # The report's accuracy and exits are those of EERuntime on the test split: recompute them.
     split = load_digits_split(seed=0)
     assert report["test_samples"] == len(split.y_test)
-    res = ee.EERuntime(model, thresholds=report["thresholds"]).infer(split.x_test)
+    res = ee.EERuntime(model, thresholds=[float(t) for t in report["thresholds"]]).infer(split.x_test)
     assert report["ee_accuracy"] == pytest.approx(float((res.logits.argmax(1) == split.y_test).float().mean()))
     fractions = torch.bincount(res.exit_index, minlength=3).double() / len(split.y_test)
     assert report["exit_fractions"] == pytest.approx(fractions.tolist())
