@@ -81,3 +81,44 @@ def per_sample_loop(model, x, thresholds, criterion="entropy", final="last"):
     C = outs[0].shape[0] if outs else None
     logits = torch.stack(outs) if outs else torch.empty(0, C or 0, dtype=torch.float64)
     return logits, torch.tensor(exits, dtype=torch.int64), torch.tensor(near, dtype=torch.float64)
+
+
+# -------------------------------------------------------------- fast exit-decision backends' oracle
+# 16-bit logits are exact in fp32 and the oracle scores those same rounded values, so the
+# tolerances bound a backend's fp32 arithmetic (fast exp/log included). 16-bit rows get a little
+# more room: their coarse grid yields larger logit gaps, hence larger terms e^d d in T.
+DECISION_ATOL = {torch.float32: 1e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float64: 1e-5}
+
+
+def decision_tol(dtype, C: int, criterion: str) -> float:
+    # Entropy grows like log C and its rounding error with it; the other scores lie in [0, 1].
+    return DECISION_ATOL[dtype] * (max(1.0, math.log(C)) if criterion == "entropy" else 1.0)
+
+
+def decision_logits(B: int, C: int, dtype=torch.float32, scale: float = 3.0) -> torch.Tensor:
+    """Random rows of mixed confidence, with masked (-inf) classes and a tied maximum."""
+    x = torch.randn(B, C) * torch.linspace(0.3, scale, B)[:, None]
+    if B > 1 and C > 3:
+        x[1, torch.randperm(C)[: C // 2]] = float("-inf")  # masked classes
+    if B > 2 and C > 1:
+        x[2, :2] = x[2].max() + 1.0  # two equal maxima: margin 0, argmax the first
+    return x.to(dtype)
+
+
+def check_decision(x, criterion, thr, conf, mask, argmax=None, ref=None):
+    """A backend's conf, mask (and argmax) against the float64 oracle on the same rounded values;
+    flags must agree except for rows within the tolerance of the threshold."""
+    if ref is None:
+        ref = score64(x.cpu(), criterion)
+    conf, mask = conf.cpu(), mask.cpu()
+    assert conf.dtype == torch.float32 and mask.dtype == torch.bool and conf.shape == mask.shape == (x.shape[0],)
+    assert torch.equal(torch.isnan(conf), torch.isnan(ref)), (conf, ref)
+    t = decision_tol(x.dtype, x.shape[1], criterion)
+    torch.testing.assert_close(conf.double(), ref, atol=t, rtol=0, equal_nan=True)
+    for i in range(x.shape[0]):
+        s = float(ref[i])
+        if math.isnan(s) or abs(s - thr) > t:  # a near-tie may fall either way
+            assert bool(mask[i]) == exits64(s, thr, criterion), (i, s, thr)
+    if argmax is not None:
+        assert argmax.dtype == torch.int64
+        assert torch.equal(argmax.cpu(), x.cpu().argmax(dim=1))

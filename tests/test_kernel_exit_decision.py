@@ -19,7 +19,7 @@ from eeruntime.ops import BackendUnavailable, dispatch
 from eeruntime.ops import _triton_backend as tb
 from eeruntime.ops.exit_decision import exit_decision_ref
 
-from reference import exits64, per_sample_loop, score64
+from reference import check_decision, decision_logits, decision_tol, per_sample_loop, score64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
@@ -31,42 +31,9 @@ CRITERIA = ("entropy", "max_prob", "margin", "norm_entropy")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NEG_INF, POS_INF, NAN = float("-inf"), float("inf"), float("nan")
 
-# The 16-bit inputs are exact in fp32 and the oracle scores those same rounded values, so every
-# tolerance bounds the kernel's fp32 arithmetic (the GPU's fast exp/log included). 16-bit rows get
-# a little more room: their coarse grid yields larger logit gaps, hence larger terms e^d d in T.
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
-
-
-def tol(dtype, C: int, criterion: str) -> float:
-    # Entropy grows like log C and its error with it; the other scores lie in [0, 1].
-    return ATOL[dtype] * (max(1.0, math.log(C)) if criterion == "entropy" else 1.0)
-
 
 def make_logits(B: int, C: int, dtype, scale: float = 3.0) -> torch.Tensor:
-    """Random rows of mixed confidence, with masked (-inf) classes and a tied maximum."""
-    x = torch.randn(B, C) * torch.linspace(0.3, scale, B)[:, None]
-    if B > 1 and C > 3:
-        x[1, torch.randperm(C)[: C // 2]] = NEG_INF  # masked classes
-    if B > 2 and C > 1:
-        x[2, :2] = x[2].max() + 1.0  # two equal maxima: margin 0, argmax the first
-    return x.to(dtype)
-
-
-def check_against_oracle(x, criterion, thr, conf, mask, argmax=None, ref=None):
-    if ref is None:
-        ref = score64(x.cpu(), criterion)
-    conf, mask = conf.cpu(), mask.cpu()
-    assert conf.dtype == torch.float32 and mask.dtype == torch.bool
-    assert torch.equal(torch.isnan(conf), torch.isnan(ref)), (conf, ref)
-    t = tol(x.dtype, x.shape[1], criterion)
-    torch.testing.assert_close(conf.double(), ref, atol=t, rtol=0, equal_nan=True)
-    for i in range(x.shape[0]):
-        s = float(ref[i])
-        if math.isnan(s) or abs(s - thr) > t:  # a near-tie may fall either way
-            assert bool(mask[i]) == exits64(s, thr, criterion), (i, s, thr)
-    if argmax is not None:
-        assert argmax.dtype == torch.int64
-        assert torch.equal(argmax.cpu(), x.cpu().argmax(dim=1))
+    return decision_logits(B, C, dtype, scale)
 
 
 # ---------------------------------------------------------------------------------------- scores
@@ -80,7 +47,7 @@ def test_scores_flags_argmax_match_float64(C, dtype):
         # The median score as threshold puts rows on both sides, so a wrong flag shows.
         thr = float(ref.nanmedian())
         conf, mask, argmax = exit_decision_triton(x, thr, criterion, return_argmax=True)
-        check_against_oracle(x, criterion, thr, conf, mask, argmax, ref=ref)
+        check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
 
 
 def special_rows(C: int) -> torch.Tensor:
@@ -116,7 +83,7 @@ def test_special_rows(C, chunk, dtype):
         ref = score64(x.cpu(), criterion)
         thr = float(ref.nanmedian())
         conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, **kw)
-        check_against_oracle(x, criterion, thr, conf, mask, argmax, ref=ref)
+        check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
         # A threshold every finite score passes: exactly the NaN rows stay.
         always = math.inf if criterion == "entropy" else -math.inf
         _, mask_all = exit_decision_triton(x, always, criterion, **kw)
@@ -152,7 +119,7 @@ def test_non_contiguous_rows(C, kw):
             want = exit_decision_triton(dense, 0.5, criterion, True, **kw)
             for g, w in zip(got, want):
                 assert torch.equal(g, w), name
-            check_against_oracle(dense, criterion, 0.5, *got)
+            check_decision(dense, criterion, 0.5, *got)
 
 
 def test_threshold_float_tensor_and_device_view():
@@ -170,7 +137,7 @@ def test_threshold_float_tensor_and_device_view():
         (lo, torch.tensor(lo)),  # a CPU tensor is moved to the logits' device
     ]:
         conf, mask = exit_decision_triton(x, thr, "max_prob")
-        check_against_oracle(x, "max_prob", thr_val, conf, mask)
+        check_decision(x, "max_prob", thr_val, conf, mask)
     # New values in the same tensor are seen by the next launch (what a captured graph relies on).
     view = thr_all[2]
     before = exit_decision_triton(x, view, "max_prob")[1]
@@ -216,8 +183,8 @@ def test_ops_backend_triton_matches_torch_backend():
         thr = float(score64(x.cpu(), criterion).nanmedian())
         c1, m1, a1 = ee.ops.exit_decision(x, thr, criterion, backend="triton", return_argmax=True)
         c2, m2, a2 = ee.ops.exit_decision(x, thr, criterion, backend="torch", return_argmax=True)
-        torch.testing.assert_close(c1, c2, atol=tol(x.dtype, 100, criterion), rtol=0, equal_nan=True)
-        far = (c2 - thr).abs() > tol(x.dtype, 100, criterion)
+        torch.testing.assert_close(c1, c2, atol=decision_tol(x.dtype, 100, criterion), rtol=0, equal_nan=True)
+        far = (c2 - thr).abs() > decision_tol(x.dtype, 100, criterion)
         assert torch.equal(m1[far], m2[far]) and torch.equal(a1, a2)
 
 
