@@ -34,10 +34,19 @@ def _chunks(x, batch):
     return [x[i : i + batch] for i in range(0, x.shape[0], batch)]
 
 
+def _median(v):
+    v = sorted(v)
+    return v[len(v) // 2]
+
+
 @torch.inference_mode()
 def time_side_by_side(model, rt, x, batch: int, device, rounds: int = 15, reps: int = 7):
-    """Median seconds per pass over ``x`` in serving batches: plain backbone, runtime, oracle.
-    Rounds are interleaved so changes in machine load hit all three alike."""
+    """Seconds per pass over ``x`` in serving batches of the plain backbone, the runtime and the
+    oracle, and their ratios.
+
+    The three are timed in interleaved rounds (the order rotating each round), so drifts in
+    machine load hit all three alike. Times are medians over rounds; each ratio is the median
+    over rounds of that round's ratio (paired, so a slow round cancels)."""
     chunks = _chunks(x, batch)
     plans = [plan_oracle(c, rt.infer(c).exit_index, rt.num_exits) for c in chunks]
     fns = {
@@ -45,12 +54,16 @@ def time_side_by_side(model, rt, x, batch: int, device, rounds: int = 15, reps: 
         "runtime": lambda: [rt(c) for c in chunks],
         "oracle": lambda: [oracle_forward(model, p) for p in plans],
     }
+    names = list(fns)
     times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(median_seconds(fn, device, warmup=1, iters=reps))
-    # Noise from other work on the machine only adds time: the best round is the truest.
-    return {k: min(v) for k, v in times.items()}
+    for r in range(rounds):
+        for k in names[r % 3:] + names[: r % 3]:
+            times[k].append(median_seconds(fns[k], device, warmup=1, iters=reps))
+    out = {k: _median(v) for k, v in times.items()}
+    ratio = lambda a, b: _median([x / y for x, y in zip(times[a], times[b])])  # noqa: E731
+    out.update(speedup=ratio("plain", "runtime"), speedup_oracle=ratio("plain", "oracle"),
+               efficiency=ratio("oracle", "runtime"))
+    return out
 
 
 def _table(rows: List[dict]) -> str:
@@ -101,11 +114,11 @@ def run(out: str = "demo_out", device: Optional[str] = None, epochs: int = 20, b
         fractions = (torch.bincount(res.exit_index.cpu(), minlength=rt.num_exits).float() / len(y_test)).tolist()
         t = time_side_by_side(model, rt, x_test, batch, dev, rounds=rounds)
         ideal = rt.stats.cost_model.ideal_speedup(fractions)
-        measured = t["plain"] / t["runtime"]
+        measured = t["speedup"]
         report[name] = {
             "thresholds": list(cal.thresholds), "ee_accuracy": acc, "exit_fractions": fractions,
-            "speedup_measured": measured, "speedup_ideal": ideal, "speedup_oracle": t["plain"] / t["oracle"],
-            "efficiency": t["oracle"] / t["runtime"], "efficiency_flops": measured / ideal,
+            "speedup_measured": measured, "speedup_ideal": ideal, "speedup_oracle": t["speedup_oracle"],
+            "efficiency": t["efficiency"], "efficiency_flops": measured / ideal,
             "time_per_sample_s": t["runtime"] / len(y_test),
         }
         if not rows:
