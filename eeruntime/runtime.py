@@ -189,10 +189,13 @@ class EERuntime:
 
     def warmup(self, max_batch: int, example=None) -> None:
         """Capture the CUDA graphs of every bucket up to ``max_batch`` ahead of traffic."""
-        from .graphs import GraphRunner
+        from .graphs import GraphRunner, graphs_supported
 
         if self._device is None or self._device.type != "cuda" or self.graphs is False:
             raise RuntimeError("warmup captures CUDA graphs; it needs a model on a CUDA device and graphs enabled")
+        why = graphs_supported(self)
+        if why is not None:
+            raise RuntimeError(f"warmup cannot capture CUDA graphs: {why}")
         if self._graph_runner is None:
             self._graph_runner = GraphRunner(self, buckets=self.buckets)
         self._graph_runner.warmup(max_batch, example)
