@@ -81,6 +81,9 @@ def _score_and_store(rows, row_ok, M, S, T, X2, thr, inv_log_c, conf_ptr, mask_p
         score = (1.0 - tl.exp(X2 - M)) / S
     else:
         H = tl.log(S) - T / S
+        # H >= 0 exactly (every p log p <= 0); clamp rounding below 0 as the reference's sum
+        # and the C++ kernel do. A where, not a max: NaN < 0 is false, so NaN stays NaN.
+        H = tl.where(H < 0.0, 0.0, H)
         if CRITERION == _NORM_ENTROPY:
             score = 1.0 - H * inv_log_c  # inv_log_c = 0 when C = 1, whose score is 1 (NaN * 0 stays NaN)
         else:

@@ -115,6 +115,8 @@ def check_decision(x, criterion, thr, conf, mask, argmax=None, ref=None):
     assert torch.equal(torch.isnan(conf), torch.isnan(ref)), (conf, ref)
     t = decision_tol(x.dtype, x.shape[1], criterion)
     torch.testing.assert_close(conf.double(), ref, atol=t, rtol=0, equal_nan=True)
+    if criterion == "entropy":
+        assert not (conf < 0).any()  # H >= 0 exactly; rounding below 0 must be clamped
     for i in range(x.shape[0]):
         s = float(ref[i])
         if math.isnan(s) or abs(s - thr) > t:  # a near-tie may fall either way
