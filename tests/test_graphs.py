@@ -38,6 +38,15 @@ def mlp_model(K=4, **kwargs):
     return _mlp_model(K=K, **kwargs)
 
 
+def run_threads(worker, n: int) -> None:
+    """Start ``worker(i)`` for i < n on n threads at once and wait for all."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def top_logit(logits, state):
     """A plain callable criterion f(logits, state)."""
     return logits.max(dim=1).values
@@ -544,11 +553,7 @@ def test_threads_each_get_their_own_result_cpu():
         except Exception as e:  # noqa: BLE001 reported below
             errors.append((i, e))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 8)
     assert not errors, errors
 
 
@@ -756,11 +761,7 @@ def test_gpu_eight_threads_get_their_own_results(exact_cuda):
         except Exception as e:  # noqa: BLE001 reported below
             errors.append((i, repr(e)))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 8)
     assert not errors, errors
 
 
