@@ -5,8 +5,11 @@
     rt = ee.EERuntime(model, thresholds=[0.3, 0.5], criterion="entropy")
     logits = rt(x)
 """
-from . import ops
+from . import ops, plot, train
+from .attach import attach_exits
+from .calibrate import calibrate
 from .cost import CostModel, measure_costs
+from .io import load
 from .model import MultiExitModel
 from .runtime import EERuntime, InferenceResult
 from .stats import RuntimeStats
@@ -15,31 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MultiExitModel", "EERuntime", "InferenceResult", "RuntimeStats", "CostModel", "measure_costs", "ops",
+    "attach_exits", "train", "calibrate", "load", "plot",
 ]
-
-# Optional parts arrive through their own modules; each import is guarded so the core stays usable.
-try:  # noqa: SIM105
-    from .attach import attach_exits  # noqa: F401
-
-    __all__.append("attach_exits")
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from . import train  # noqa: F401
-
-    __all__.append("train")
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from .calibrate import calibrate  # noqa: F401
-    from .io import load  # noqa: F401
-
-    __all__ += ["calibrate", "load"]
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from . import plot  # noqa: F401  (matplotlib is imported inside the plotting functions)
-
-    __all__.append("plot")
-except ImportError:  # pragma: no cover
-    pass
