@@ -46,11 +46,6 @@ def device_info() -> dict:
     return info
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_fn(fn, device="cpu", warmup: int = 3, iters: int = 20) -> float:
     """Median seconds per call of ``fn``, synchronising the device around each call."""
     return median_seconds(fn, torch.device(device), warmup=warmup, iters=iters)

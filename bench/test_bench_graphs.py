@@ -29,7 +29,7 @@ import torch
 
 import eeruntime as ee
 from common import CUDA, benchmark_record, thresholds_for_fractions, time_fn
-from eeruntime.oracle import oracle_forward, plan_oracle
+from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle
 from eeruntime.zoo import resnet_style
 
 pytestmark = pytest.mark.skipif(not CUDA, reason="GPU benchmark: needs a CUDA device, none on this machine")
@@ -42,13 +42,6 @@ POOL = 512
 MAX_BATCH = 256
 DTYPE_NAME = os.environ.get("EERUNTIME_BENCH_DTYPE", "float16")
 STRICT = os.environ.get("EERUNTIME_BENCH_STRICT", "0") == "1"
-
-
-def _plain(model, x):
-    state = x
-    for stage in model.stages:
-        state = stage(state)
-    return model.exits[-1](state)
 
 
 def _capture(fn, pool=None):
@@ -115,14 +108,14 @@ def test_graphs_vs_plain_vs_oracle(benchmark, res, batch, scenario):
         fractions = (torch.bincount(exit_index.cpu(), minlength=4).float() / exit_index.numel()).tolist()
         # Static copies and graphs for the plain model and the oracle of each batch.
         plain_in = batches[0].clone()
-        plain_graph = _capture(lambda: _plain(model, plain_in))
+        plain_graph = _capture(lambda: plain_forward(model, plain_in))
         plans = [plan_oracle(xb, res_.exit_index, 4) for xb, res_ in zip(batches, results)]
         oracle_pool = torch.cuda.graph_pool_handle()
         oracle_graphs = [_capture(lambda p=p: oracle_forward(model, p), oracle_pool) for p in plans]
 
         def run_plain_eager():
             for xb in batches:
-                _plain(model, xb)
+                plain_forward(model, xb)
 
         def run_plain_graph():
             for xb in batches:

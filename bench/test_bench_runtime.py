@@ -12,19 +12,12 @@ import torch
 
 import eeruntime as ee
 from common import benchmark_record, thresholds_for_fractions, time_fn
-from eeruntime.oracle import oracle_forward, plan_oracle
+from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle
 from eeruntime.zoo import conv_net
 
 SCENARIOS = {"exits": [0.5, 0.2, 0.15, 0.15], "none": [0.0, 0.0, 0.0, 1.0]}
 BATCH = 256
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _plain(model, x):
-    state = x
-    for stage in model.stages:
-        state = stage(state)
-    return model.exits[-1](state)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def test_runtime_vs_plain_vs_oracle(benchmark, setup_cache, device, scenario):
         # Interleaved rounds so drift in machine load hits all three alike.
         t_plain, t_rt, t_oracle = [], [], []
         for _ in range(5):
-            t_plain.append(time_fn(lambda: _plain(model, x), device, warmup=1, iters=5))
+            t_plain.append(time_fn(lambda: plain_forward(model, x), device, warmup=1, iters=5))
             t_rt.append(time_fn(lambda: rt(x), device, warmup=1, iters=5))
             t_oracle.append(time_fn(lambda: oracle_forward(model, plan), device, warmup=1, iters=5))
     tp, tr, to = (sorted(t)[len(t) // 2] for t in (t_plain, t_rt, t_oracle))
@@ -84,5 +77,5 @@ def test_baselines(benchmark, setup_cache, device, variant):
     model, x, rt, plan, res = _setup(setup_cache, device, "exits")
     benchmark_record(benchmark, variant=variant, batch=BATCH)
     with torch.inference_mode():
-        fn = (lambda: _plain(model, x)) if variant == "plain" else (lambda: oracle_forward(model, plan))
+        fn = (lambda: plain_forward(model, x)) if variant == "plain" else (lambda: oracle_forward(model, plan))
         benchmark.pedantic(fn, rounds=10, warmup_rounds=1)

@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .state import as_tuple, call, from_tuple
 
 
-def _flops(fn) -> int:
+def _flops(fn):
+    """(FLOPs counted while running ``fn``, its result)."""
     with FlopCounterMode(display=False) as counter:
         out = fn()
     return int(counter.get_total_flops()), out

@@ -18,16 +18,9 @@ import torch
 from ._json import enc_float
 from .calibration.costs import median_seconds
 from .data import Batches, load_digits_split
-from .oracle import oracle_forward, plan_oracle
+from .oracle import oracle_forward, plain_forward, plan_oracle
 from .runtime import EERuntime
 from .zoo import digits_cnn
-
-
-def _plain(model, x):
-    state = x
-    for stage in model.stages:
-        state = stage(state)
-    return model.exits[-1](state)
 
 
 def _chunks(x, batch):
@@ -50,7 +43,7 @@ def time_side_by_side(model, rt, x, batch: int, device, rounds: int = 15, reps: 
     chunks = _chunks(x, batch)
     plans = [plan_oracle(c, rt.infer(c).exit_index, rt.num_exits) for c in chunks]
     fns = {
-        "plain": lambda: [_plain(model, c) for c in chunks],
+        "plain": lambda: [plain_forward(model, c) for c in chunks],
         "runtime": lambda: [rt(c) for c in chunks],
         "oracle": lambda: [oracle_forward(model, p) for p in plans],
     }
@@ -99,7 +92,7 @@ def run(out: str = "demo_out", device: Optional[str] = None, epochs: int = 20, b
     model.eval()
     x_test, y_test = split.x_test.to(dev), split.y_test.to(dev)
     with torch.inference_mode():
-        baseline_acc = float((_plain(model, x_test).argmax(1) == y_test).float().mean())
+        baseline_acc = float((plain_forward(model, x_test).argmax(1) == y_test).float().mean())
 
     cal_data = Batches(x_cal, y_cal, batch_size=256, shuffle=False)
     cal_acc = calibrate(model, cal_data, "accuracy", criterion="entropy", max_drop=max_drop, progress=progress)

@@ -34,6 +34,17 @@ def plan_oracle(x, exit_index: torch.Tensor, num_exits: int) -> OraclePlan:
 
 
 @torch.inference_mode()
+def plain_forward(model, x) -> torch.Tensor:
+    """The plain backbone, the baseline of every speed-up: every stage, then the final exit only."""
+    state = x
+    for stage in model.stages:
+        state = call(stage, state)
+        if isinstance(state, list):
+            state = tuple(state)
+    return call(model.exits[-1], state)
+
+
+@torch.inference_mode()
 def oracle_forward(model, plan: OraclePlan) -> List[torch.Tensor]:
     """Run each stage and head on the first n_k rows; returns each exit's logits for those rows."""
     state = plan.x_sorted
