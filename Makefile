@@ -9,7 +9,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null)
 NVCC_ARCH ?= -gencode arch=compute_90,code=sm_90
 DEMO_OUT ?= demo_out
 
-.PHONY: setup test demo bench bench-report check-cuda clean
+.PHONY: setup test demo bench bench-report check-cuda check-ext clean
 
 $(VENV)/.stamp: setup.py requirements-dev.txt $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ else
 	@echo "check-cuda: nvcc not found, CUDA sources not compiled"
 endif
 
-test: setup check-cuda
+# The tests must exercise the compiled ops: a C++ build that failed (setup.py then falls back to
+# the torch references) fails here instead of skipping every extension test.
+check-ext: setup
+	@$(PY) -c "from eeruntime import _ext; import sys; sys.exit(0 if _ext.available() else 'eeruntime._C did not build or load: ' + str(_ext.why_unavailable()) + '; see the pip output of: $(PY) -m pip install -v --no-build-isolation -e .')"
+
+test: setup check-cuda check-ext
 	$(PY) -m pytest -q tests
 
 demo: setup

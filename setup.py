@@ -71,6 +71,12 @@ def _extensions():
             except Exception as e:  # noqa: BLE001
                 if mode == "1":
                     raise
+                # An editable install keeps the last build next to the sources; left there, it
+                # would load in place of the sources that just failed to compile.
+                for stale in glob.glob(os.path.join(ROOT, "eeruntime", "_C*.so")) + glob.glob(
+                    os.path.join(ROOT, "eeruntime", "_C*.pyd")
+                ):
+                    os.remove(stale)
                 print(f"eeruntime: extension build failed ({e}); the torch reference backends will be used",
                       file=sys.stderr)
 

@@ -28,7 +28,8 @@ import pytest
 import torch
 
 import eeruntime as ee
-from common import CUDA, benchmark_record, thresholds_for_fractions, time_fn
+from common import CUDA, benchmark_record, thresholds_for_fractions
+from eeruntime.timing import side_by_side
 from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle
 from eeruntime.zoo import resnet_style
 
@@ -142,14 +143,11 @@ def test_graphs_vs_plain_vs_oracle(benchmark, res, batch, scenario):
             "plain_eager": run_plain_eager, "plain_graph": run_plain_graph, "runtime_eager": run_rt_eager,
             "runtime_graphs": run_rt_graphs, "oracle": run_oracle, "oracle_eager": run_oracle_eager,
         }
-        # Interleaved rounds so drift in clocks or load hits every variant alike.
-        times = {name: [] for name in variants}
-        for _ in range(5):
-            for name, fn in variants.items():
-                times[name].append(time_fn(fn, "cuda", warmup=1, iters=5) / len(batches))
-    ms = {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
+        # Interleaved rounds in changing orders, so drift in clocks or load hits every variant alike.
+        t = side_by_side(variants, "cuda", rounds=30, warmup=1, inner=3)
+    ms = {name: 1e3 * t.median(name) / len(batches) for name in variants}
     runner = r.rt_graphs._graph_runner
-    efficiency = ms["oracle"] / ms["runtime_graphs"]
+    efficiency = t.ratio("oracle", "runtime_graphs")
     targets = {}
     if batch == 256:
         targets["efficiency>=0.9@256"] = efficiency >= 0.9
@@ -170,7 +168,7 @@ def test_graphs_vs_plain_vs_oracle(benchmark, res, batch, scenario):
         "exit_agreement_graphs_vs_eager": float((exit_index == eager_exits).float().mean()),
         **{f"{name}_ms": v for name, v in ms.items()},
         "efficiency": efficiency,
-        "efficiency_eager": ms["oracle_eager"] / ms["runtime_eager"],
+        "efficiency_eager": t.ratio("oracle_eager", "runtime_eager"),
         "speedup_vs_plain_eager": ms["plain_eager"] / ms["runtime_graphs"],
         "speedup_vs_plain_graph": ms["plain_graph"] / ms["runtime_graphs"],
         "speedup_ideal": r.cost.ideal_speedup(fractions),

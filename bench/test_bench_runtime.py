@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import eeruntime as ee
-from common import benchmark_record, thresholds_for_fractions, time_fn
+from common import benchmark_record, thresholds_for_fractions
+from eeruntime.timing import side_by_side
 from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle
 from eeruntime.zoo import conv_net
 
@@ -45,13 +46,10 @@ def test_runtime_vs_plain_vs_oracle(benchmark, setup_cache, device, scenario):
     model, x, rt, plan, res = _setup(setup_cache, device, scenario)
     fractions = (torch.bincount(res.exit_index.cpu(), minlength=4).float() / BATCH).tolist()
     with torch.inference_mode():
-        # Interleaved rounds so drift in machine load hits all three alike.
-        t_plain, t_rt, t_oracle = [], [], []
-        for _ in range(5):
-            t_plain.append(time_fn(lambda: plain_forward(model, x), device, warmup=1, iters=5))
-            t_rt.append(time_fn(lambda: rt(x), device, warmup=1, iters=5))
-            t_oracle.append(time_fn(lambda: oracle_forward(model, plan), device, warmup=1, iters=5))
-    tp, tr, to = (sorted(t)[len(t) // 2] for t in (t_plain, t_rt, t_oracle))
+        # Interleaved rounds in changing orders, so drift in machine load hits all three alike.
+        t = side_by_side({"plain": lambda: plain_forward(model, x), "runtime": lambda: rt(x),
+                          "oracle": lambda: oracle_forward(model, plan)}, device, rounds=60)
+    tp, tr, to = t.median("plain"), t.median("runtime"), t.median("oracle")
     cost = ee.measure_costs(model, x[:1])
     summary = {
         "scenario": scenario,
@@ -61,10 +59,10 @@ def test_runtime_vs_plain_vs_oracle(benchmark, setup_cache, device, scenario):
         "plain_ms": tp * 1e3,
         "runtime_ms": tr * 1e3,
         "oracle_ms": to * 1e3,
-        "speedup_measured": tp / tr,
+        "speedup_measured": t.ratio("plain", "runtime"),
         "speedup_ideal": cost.ideal_speedup(fractions),
-        "speedup_oracle": tp / to,
-        "efficiency": to / tr,
+        "speedup_oracle": t.ratio("plain", "oracle"),
+        "efficiency": t.ratio("oracle", "runtime"),
     }
     benchmark_record(benchmark, **summary)
     print("\n" + json.dumps(summary, indent=1))

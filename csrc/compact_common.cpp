@@ -32,6 +32,8 @@ void check_strided(const at::Tensor& t, const char* what, size_t i) {
                     "; only dense (strided) tensors are supported");
 }
 
+}  // namespace
+
 // Output rows are written in place, so they must be dense and must not overlap each other.
 void check_writable_rows(const at::Tensor& o, const char* what, size_t i) {
   TORCH_CHECK_VALUE(rows_are_dense(o), what, "[", i, "] with shape ", o.sizes(), " and strides ", o.strides(),
@@ -40,8 +42,6 @@ void check_writable_rows(const at::Tensor& o, const char* what, size_t i) {
   TORCH_CHECK_VALUE(o.size(0) <= 1 || o.stride(0) * o.element_size() >= row_bytes(o), what, "[", i,
                     "] has overlapping rows (stride ", o.stride(0), " in dim 0); pass a tensor with distinct rows");
 }
-
-}  // namespace
 
 int64_t check_mask(const at::Tensor& mask, const char* name) {
   TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.dim() == 1, name,

@@ -28,6 +28,8 @@ int64_t check_mask(const at::Tensor& mask, const char* name);
 void check_rows(at::TensorList tensors, int64_t B, const at::Tensor& mask, const char* what);
 void check_compact_into(const at::Tensor& keep, at::TensorList tensors, at::TensorList outs,
                         const at::Tensor& index_out, const at::Tensor& count_out);
+// Rows written in place must be dense and must not overlap each other.
+void check_writable_rows(const at::Tensor& t, const char* what, size_t i);
 void check_scatter(const at::Tensor& mask, const at::Tensor& rows, at::TensorList srcs, at::TensorList outs);
 
 }  // namespace eeruntime

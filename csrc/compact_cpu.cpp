@@ -142,6 +142,39 @@ void compact_into_cpu(const at::Tensor& keep, at::TensorList tensors, at::Tensor
   for (size_t i = 0; i < tensors.size(); ++i) gather_rows(with_dense_rows(tensors[i]), outs[i], idx, n);
 }
 
+// Stable in-place compaction: row r moves to row (kept rows before r) <= r, so walking upward
+// never overwrites a row not yet read. One thread: concurrent upward moves would race.
+void compact_inplace_cpu(const at::Tensor& keep, at::TensorList tensors) {
+  const int64_t B = check_mask(keep, "keep");
+  check_rows(tensors, B, keep, "tensors");
+  for (size_t i = 0; i < tensors.size(); ++i) check_writable_rows(tensors[i], "tensors", i);
+  const at::Tensor k = keep.contiguous();
+  const uint8_t* kp = mask_bytes(k);
+  for (const at::Tensor& t : tensors) {
+    const int64_t rb = row_bytes(t), rs = row_stride_bytes(t);
+    if (rb == 0) continue;
+    char* base = static_cast<char*>(t.mutable_data_ptr());
+    int64_t dst = 0;
+    for (int64_t r = 0; r < B;) {
+      if (!kp[r]) {
+        ++r;
+        continue;
+      }
+      int64_t len = 1;  // a run of kept rows moves in one call when rows are packed back to back
+      if (rs == rb)
+        while (r + len < B && kp[r + len]) ++len;
+      if (dst != r) {
+        if (rs == rb)
+          std::memmove(base + dst * rs, base + r * rs, static_cast<size_t>(len * rb));
+        else
+          for (int64_t j = 0; j < len; ++j) std::memcpy(base + (dst + j) * rs, base + (r + j) * rs, static_cast<size_t>(rb));
+      }
+      dst += len;
+      r += len;
+    }
+  }
+}
+
 void scatter_rows_cpu(const at::Tensor& mask, const at::Tensor& rows, at::TensorList srcs, at::TensorList outs) {
   check_scatter(mask, rows, srcs, outs);
   const int64_t B = mask.size(0);
@@ -183,6 +216,7 @@ void scatter_rows_cpu(const at::Tensor& mask, const at::Tensor& rows, at::Tensor
 TORCH_LIBRARY_IMPL(eeruntime, CPU, m) {
   m.impl("compact", &compact_cpu);
   m.impl("compact_into", &compact_into_cpu);
+  m.impl("compact_", &compact_inplace_cpu);
   m.impl("scatter_rows", &scatter_rows_cpu);
 }
 

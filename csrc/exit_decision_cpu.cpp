@@ -28,6 +28,8 @@
 // the CPU picks the clone at load time (pass 2 runs ~2.5x faster). Batches of more than
 // kGrainElems logits are split over threads by at::parallel_for; that needs the extension to be
 // compiled with OpenMP (-fopenmp), else it runs on the calling thread.
+#include "exit_decision_cpu.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -61,9 +63,6 @@
 
 namespace eeruntime {
 namespace {
-
-// Criterion codes, shared with eeruntime/criteria.py (CRITERION_CODE) and the Triton kernel.
-enum Criterion : int64_t { kEntropy = 0, kMaxProb = 1, kMargin = 2, kNormEntropy = 3 };
 
 // Accumulators per row in the wide path (vectorised along the row).
 constexpr int kLanes = 8;
@@ -357,35 +356,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_decision_cpu(const at::Tenso
                                                                  const std::optional<at::Tensor>& threshold,
                                                                  double threshold_value, int64_t criterion,
                                                                  bool return_argmax) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "exit_decision: logits must be 2-D [B, C], got shape ", logits.sizes());
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
-                       logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kDouble,
-                   "exit_decision: logits must be float32, float16, bfloat16 or float64, got ", logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.size(1) >= 1, "exit_decision: logits must have at least one class (C >= 1)");
-  TORCH_CHECK_VALUE(criterion >= kEntropy && criterion <= kNormEntropy,
-                    "exit_decision: criterion must be a code 0-3 (entropy, max_prob, margin, norm_entropy), got ",
-                    criterion);
+  check_decision_args(logits, criterion, "exit_decision");
   const float thr = read_threshold(threshold, threshold_value);
-  const int64_t B = logits.size(0), C = logits.size(1);
+  const int64_t B = logits.size(0);
   const auto options = logits.options();
   at::Tensor conf = at::empty({B}, options.dtype(at::kFloat));
   at::Tensor exits = at::empty({B}, options.dtype(at::kBool));
   at::Tensor argmax = at::empty({return_argmax ? B : 0}, options.dtype(at::kLong));
-  if (B == 0) return {conf, exits, argmax};
+  decide_cpu(logits, thr, criterion, conf.mutable_data_ptr<float>(), exits.mutable_data_ptr<bool>(),
+             return_argmax ? argmax.mutable_data_ptr<int64_t>() : nullptr);
+  return {conf, exits, argmax};
+}
+
+}  // namespace
+
+void check_decision_args(const at::Tensor& logits, int64_t criterion, const char* op) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D [B, C], got shape ", logits.sizes());
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
+                       logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kDouble,
+                   op, ": logits must be float32, float16, bfloat16 or float64, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": logits must have at least one class (C >= 1)");
+  TORCH_CHECK_VALUE(criterion >= kEntropy && criterion <= kNormEntropy, op,
+                    ": criterion must be a code 0-3 (entropy, max_prob, margin, norm_entropy), got ", criterion);
+}
+
+void decide_cpu(const at::Tensor& logits, float threshold, int64_t criterion, float* conf, bool* exits,
+                int64_t* argmax) {
+  const int64_t B = logits.size(0), C = logits.size(1);
+  if (B == 0) return;
   // Rows may sit at any stride; within a row the kernel needs unit stride.
   const at::Tensor x = (C > 1 && logits.stride(1) != 1) ? logits.contiguous() : logits;
-  const Params params{C, x.stride(0), criterion, thr, static_cast<float>(std::log(static_cast<double>(C))),
-                      conf.mutable_data_ptr<float>(), exits.mutable_data_ptr<bool>(),
-                      return_argmax ? argmax.mutable_data_ptr<int64_t>() : nullptr};
+  const float log_c = static_cast<float>(std::log(static_cast<double>(C)));
+  const Params params{C, x.stride(0), criterion, threshold, log_c, conf, exits, argmax};
   const int64_t grain = std::max<int64_t>(kGroup, kGrainElems / C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "exit_decision_cpu", [&] {
     const scalar_t* data = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) { decide_rows(data, params, begin, end); });
   });
-  return {conf, exits, argmax};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(eeruntime, CPU, m) { m.impl("exit_decision", &exit_decision_cpu); }
 

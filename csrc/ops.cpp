@@ -13,6 +13,9 @@ TORCH_LIBRARY(eeruntime, m) {
   m.def(
       "compact_into(Tensor keep, Tensor[] tensors, Tensor(a!)[] outs, Tensor(b!) index_out, "
       "Tensor(c!) count_out) -> ()");
+  // In place: rows [:n] of each tensor become its rows where keep is true, in order (n = the number
+  // kept); rows past n are left in an unspecified state.
+  m.def("compact_(Tensor keep, Tensor(a!)[] tensors) -> ()");
   // outs[j][rows[i]] = srcs[j][i] for every i with mask[i].
   m.def("scatter_rows(Tensor mask, Tensor rows, Tensor[] srcs, Tensor(a!)[] outs) -> ()");
   // (conf float32 [B], exit bool [B], argmax int64 [B], or [0] unless return_argmax) of logits [B, C];
@@ -21,6 +24,13 @@ TORCH_LIBRARY(eeruntime, m) {
   m.def(
       "exit_decision(Tensor logits, Tensor? threshold, float threshold_value, int criterion, "
       "bool return_argmax) -> (Tensor conf, Tensor mask, Tensor argmax)");
+  // One exit of the eager loop: score logits [n, C] (criterion code as above), decide against
+  // thresholds[exit] (every row leaves when final), write each leaving row i's logits, score and
+  // `exit` at row rows[i] of out / confidence / exit_index; returns (keep = the rows that go on,
+  // the number that left, a 0-d int64 tensor).
+  m.def(
+      "exit_scatter(Tensor logits, Tensor thresholds, int criterion, int exit, bool final, Tensor rows, "
+      "Tensor(a!) out, Tensor(b!) confidence, Tensor(c!) exit_index) -> (Tensor keep, Tensor n_exit)");
 }
 
 extern "C" {

@@ -16,10 +16,10 @@ from typing import List, Optional
 import torch
 
 from ._json import enc_float
-from .calibration.costs import median_seconds
 from .data import Batches, load_digits_split
 from .oracle import oracle_forward, plain_forward, plan_oracle
 from .runtime import EERuntime
+from .timing import side_by_side
 from .zoo import digits_cnn
 
 
@@ -27,35 +27,20 @@ def _chunks(x, batch):
     return [x[i : i + batch] for i in range(0, x.shape[0], batch)]
 
 
-def _median(v):
-    v = sorted(v)
-    return v[len(v) // 2]
-
-
 @torch.inference_mode()
-def time_side_by_side(model, rt, x, batch: int, device, rounds: int = 15, reps: int = 7):
+def time_side_by_side(model, rt, x, batch: int, device, rounds: int = 90):
     """Seconds per pass over ``x`` in serving batches of the plain backbone, the runtime and the
-    oracle, and their ratios.
-
-    The three are timed in interleaved rounds (the order rotating each round), so drifts in
-    machine load hit all three alike. Times are medians over rounds; each ratio is the median
-    over rounds of that round's ratio (paired, so a slow round cancels)."""
+    oracle (medians over ``rounds`` interleaved rounds), and their paired ratios."""
     chunks = _chunks(x, batch)
     plans = [plan_oracle(c, rt.infer(c).exit_index, rt.num_exits) for c in chunks]
-    fns = {
+    t = side_by_side({
         "plain": lambda: [plain_forward(model, c) for c in chunks],
         "runtime": lambda: [rt(c) for c in chunks],
         "oracle": lambda: [oracle_forward(model, p) for p in plans],
-    }
-    names = list(fns)
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for k in names[r % 3:] + names[: r % 3]:
-            times[k].append(median_seconds(fns[k], device, warmup=1, iters=reps))
-    out = {k: _median(v) for k, v in times.items()}
-    ratio = lambda a, b: _median([x / y for x, y in zip(times[a], times[b])])  # noqa: E731
-    out.update(speedup=ratio("plain", "runtime"), speedup_oracle=ratio("plain", "oracle"),
-               efficiency=ratio("oracle", "runtime"))
+    }, device, rounds=rounds)
+    out = {k: t.median(k) for k in t.times}
+    out.update(speedup=t.ratio("plain", "runtime"), speedup_oracle=t.ratio("plain", "oracle"),
+               efficiency=t.ratio("oracle", "runtime"))
     return out
 
 
@@ -71,7 +56,7 @@ def _table(rows: List[dict]) -> str:
 
 
 def run(out: str = "demo_out", device: Optional[str] = None, epochs: int = 20, batch: int = 256,
-        max_drop: float = 0.005, seed: int = 0, progress: bool = True, rounds: int = 15,
+        max_drop: float = 0.005, seed: int = 0, progress: bool = True, rounds: int = 90,
         return_model: bool = False):
     """Run the demo; returns the report (and the trained model with ``return_model``)."""
     from . import calibrate, plot, train

@@ -11,10 +11,12 @@ import torch
 
 from . import ops
 from .cost import CostModel, measure_costs
-from .criteria import Criterion, check_criterion, criterion_name, is_per_exit, uses_history
+from .criteria import CRITERION_CODE, Criterion, check_criterion, criterion_name, is_per_exit, uses_history
+from .ops._ext_backend import _rows_dense, cpu_loop_ops
 from .ops.exit_decision import confidence_ref, exits_from_scores
 from .state import as_tuple, call, check_state, from_tuple
 from .model import model_device
+from .ownership import sole_owner
 from .stats import RuntimeStats
 
 FINAL_MODES = ("last", "average")
@@ -24,6 +26,8 @@ FINAL_MODES = ("last", "average")
 # differentiable branching, which exit at g >= 0.5.
 DEFAULT_THRESHOLDS = {"entropy": 0.05, "max_prob": 0.99, "margin": 0.98, "norm_entropy": 0.98}
 DEFAULT_CALLABLE_THRESHOLD = 0.5
+# Logits dtypes the fused CPU exit op (eeruntime::exit_scatter) takes.
+FUSED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 
 
 @dataclass
@@ -34,6 +38,13 @@ class InferenceResult:
     logits: torch.Tensor
     exit_index: torch.Tensor
     confidence: torch.Tensor
+
+
+def _packable_in_place(t: torch.Tensor) -> bool:
+    """Rows the in-place CPU pack can move: each one dense block, none overlapping another."""
+    if not t.is_cpu:
+        return False
+    return t.is_contiguous() or (_rows_dense(t) and (t.shape[0] <= 1 or t.stride(0) >= math.prod(t.shape[1:])))
 
 
 class EERuntime:
@@ -81,6 +92,7 @@ class EERuntime:
             )
         self.model = model
         self.criterion = check_criterion(criterion)
+        self._criterion_code = CRITERION_CODE.get(self.criterion) if isinstance(self.criterion, str) else None
         if final not in FINAL_MODES:
             raise ValueError(f"unknown final mode {final!r}; accepted: {', '.join(map(repr, FINAL_MODES))}")
         self.final = final
@@ -302,11 +314,49 @@ class EERuntime:
             return s, exits_from_scores(s, thr, self.criterion)
         return ops.exit_decision(logits, thr, self.criterion, backend=self.decision_backend)
 
+    def _fused_ops(self, device: torch.device):
+        """The compiled ops of the CPU loop (``CpuLoopOps``) when this call can use them (CPU
+        tensors, a named criterion, no backend forced away from ``cpp``), else None."""
+        if device.type != "cpu" or callable(self.criterion):
+            return None
+        if self.decision_backend not in ("auto", "cpp") or self.compact_backend not in ("auto", "cpp"):
+            return None
+        return cpu_loop_ops()
+
+    def _exit_step(self, fused, logits, state, k: int, final: bool, history, rows, out, confidence, exit_index):
+        """Score and decide exit ``k`` for the ``n`` rows that reached it and write the leaving
+        rows into the outputs. Returns ``(keep, n_exit)``; ``keep`` is None when all leave."""
+        if fused is not None and logits.dtype in FUSED_DTYPES:
+            thr = self.thresholds_tensor(logits.device)
+            keep, n_exit = fused.exit_scatter(
+                logits, thr, self._criterion_code, k, final, rows, out, confidence, exit_index
+            )
+            return keep, int(n_exit)
+        n = logits.shape[0]
+        if final:
+            out.index_copy_(0, rows, logits.to(out.dtype))
+            confidence.index_copy_(0, rows, self.score(logits, state, k, history))
+            return None, n
+        score, exited = self.decide(logits, state, k, history)
+        n_exit = int(exited.sum())
+        if n_exit:
+            ops.scatter_rows(
+                exited, rows, [logits, score, torch.full_like(rows, k)], [out, confidence, exit_index],
+                backend=self.compact_backend,
+            )
+        return ~exited, n_exit
+
+    def _pack(self, fused, keep, carried):
+        if fused is not None and all(t.layout == torch.strided for t in carried):
+            return fused.compact(keep, carried)
+        return ops.compact(keep, carried, backend=self.compact_backend)[1]
+
     def _infer_eager(self, x, B: int):
         K = self.num_exits
         model = self.model
         state = x
         device = as_tuple(x)[0].device
+        fused = self._fused_ops(device)
         rows = torch.arange(B, device=device)
         exit_index = torch.full((B,), K - 1, dtype=torch.int64, device=device)
         confidence = torch.empty(B, dtype=torch.float32, device=device)
@@ -325,34 +375,34 @@ class EERuntime:
                 out = logits.new_empty((B, C))
             if B == 0:
                 break
+            final = k == K - 1
             if self.final == "average":
                 acc = logits.float() if acc is None else acc + logits.float()
-            if k == K - 1:
-                final_logits = (acc / K).to(logits.dtype) if self.final == "average" else logits
-                out.index_copy_(0, rows, final_logits.to(out.dtype))
-                confidence.index_copy_(0, rows, self.score(final_logits, state, k, history or ()))
-                counts[k] = n
+                if final:
+                    logits = (acc / K).to(logits.dtype)
+            # The loop needs the count anyway (the next stage's batch size): it is read once
+            # here, so a stage where nobody leaves skips the pack altogether.
+            keep, n_exit = self._exit_step(
+                fused, logits, state, k, final, history or (), rows, out, confidence, exit_index
+            )
+            counts[k] = n_exit
+            if final or n_exit == n:
                 break
-            score, exited = self.decide(logits, state, k, history or ())
-            # The eager loop needs the count anyway (the next stage's batch size): read it once
-            # here so a stage where nobody leaves skips the scatter and the pack altogether.
-            n_exit = int(exited.sum())
             if history is not None:
                 history.append(logits)
             if n_exit == 0:
                 continue
-            ops.scatter_rows(
-                exited, rows, [logits, score, torch.full_like(rows, k)], [out, confidence, exit_index],
-                backend=self.compact_backend,
-            )
-            counts[k] = n_exit
-            if n_exit == n:
-                break
             parts = as_tuple(state)
             extra = ([acc] if acc is not None else []) + (history or [])
-            carried = [*parts, rows, *extra]
-            _, packed = ops.compact(~exited, carried, backend=self.compact_backend)
             n -= n_exit
+            if fused is not None and sole_owner(parts, named=int(parts is not state)) and all(map(_packable_in_place, parts)):
+                # Nothing else can see this stage's output: pack it where it lies (no new memory;
+                # the next stage reads the first n rows, as the oracle does). `rows` is the
+                # runtime's own. acc and history may alias exit logits, so they are copied.
+                fused.compact_(keep, [*parts, rows])
+                packed = [t[:n] for t in (*parts, rows)] + (self._pack(fused, keep, extra) if extra else [])
+            else:
+                packed = self._pack(fused, keep, [*parts, rows, *extra])
             state = from_tuple(packed[: len(parts)], state)
             rows = packed[len(parts)]
             rest = packed[len(parts) + 1 :]

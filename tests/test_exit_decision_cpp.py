@@ -260,8 +260,9 @@ def test_runtime_with_cpp_decisions_equals_torch_decisions(criterion, monkeypatc
     i = int(torch.argmax(srt[100:200].diff())) + 100
     thr = float(srt[i] + srt[i + 1]) / 2
     calls = []
-    cpp = next(b for b in dispatch._REGISTRY["exit_decision"] if b.name == "cpp")
-    monkeypatch.setattr(cpp, "fn", lambda *a, _fn=cpp.fn: calls.append(1) or _fn(*a))
+    real = _ext_backend.cpu_loop_ops()  # the runtime's CPU loop decides with the fused exit_scatter op
+    counted = _ext_backend.CpuLoopOps(lambda *a: calls.append(1) or real.exit_scatter(*a), real.compact, real.compact_)
+    monkeypatch.setattr("eeruntime.runtime.cpu_loop_ops", lambda: counted)
     a = ee.EERuntime(model, thresholds=thr, criterion=criterion, decision_backend="cpp").infer(x)
     assert calls  # the cpp kernel made the decisions
     b = ee.EERuntime(model, thresholds=thr, criterion=criterion, decision_backend="torch").infer(x)

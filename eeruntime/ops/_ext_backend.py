@@ -16,7 +16,8 @@ there would need a host sync). Outputs must not overlap their inputs.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -80,6 +81,14 @@ def _compact_into_why_not(device_type):
     return why_not
 
 
+def _compact_inplace_why_not(keep, tensors, *, forced):
+    # In place, the tensors are outputs: their rows must be dense and distinct, like compact_into's outs.
+    why = _why_not("cpu", keep, tensors, tensors)
+    if why is None and not hasattr(torch.ops.eeruntime, "compact_"):
+        return "the extension eeruntime._C was built before compact_ was added; rebuild it"
+    return why.replace("outs[", "tensors[") if why else None
+
+
 def _scatter_why_not(device_type):
     def why_not(mask, rows, srcs, outs, *, forced):
         return _why_not(device_type, mask, srcs, outs)
@@ -94,6 +103,10 @@ def _compact(keep, tensors):
 
 def _compact_into(keep, tensors, outs, index_out, count_out):
     torch.ops.eeruntime.compact_into(keep, tensors, outs, index_out, count_out)
+
+
+def _compact_inplace(keep, tensors):
+    torch.ops.eeruntime.compact_.default(keep, tensors)
 
 
 def _scatter_rows(mask, rows, srcs, outs):
@@ -118,6 +131,9 @@ for _device_type, _priority in (("cuda", 0), ("cpp", 1)):
         "scatter_rows", dispatch.Backend(_device_type, _scatter_rows, _scatter_why_not(_dev), _FIX[_device_type]),
         priority=_priority,
     )
+# In-place compaction has a CPU kernel only: on CUDA the runtime packs into the static buffers of
+# its captured graphs (compact_into) instead.
+dispatch.register("compact_", dispatch.Backend("cpp", _compact_inplace, _compact_inplace_why_not, _FIX["cpp"]), priority=0)
 
 
 if _ext.available():
@@ -133,6 +149,12 @@ if _ext.available():
     @torch.library.register_fake("eeruntime::compact_into")
     def _compact_into_fake(keep, tensors, outs, index_out, count_out):
         return None
+
+    if hasattr(torch.ops.eeruntime, "compact_"):
+
+        @torch.library.register_fake("eeruntime::compact_")
+        def _compact_inplace_fake(keep, tensors):
+            return None
 
     @torch.library.register_fake("eeruntime::scatter_rows")
     def _scatter_rows_fake(mask, rows, srcs, outs):
@@ -205,3 +227,76 @@ if _exit_decision_op() is not None:
             logits.new_empty((B,), dtype=torch.bool),
             logits.new_empty((B if return_argmax else 0,), dtype=torch.int64),
         )
+
+
+# ------------------------------------------------------------------------------- exit_scatter
+_scatter_op = None  # torch.ops.eeruntime.exit_scatter.default, looked up on first use
+
+
+def exit_scatter_op():
+    """The compiled op, or None when the extension is missing or predates it."""
+    global _scatter_op
+    if _scatter_op is None and _ext.available() and hasattr(torch.ops.eeruntime, "exit_scatter"):
+        _scatter_op = torch.ops.eeruntime.exit_scatter.default
+    return _scatter_op
+
+
+@dataclass(frozen=True)
+class CpuLoopOps:
+    """The compiled ops of EERuntime's CPU loop, called directly (no dispatch) once per exit:
+    ``exit_scatter(logits, thresholds, code, exit, final, rows, out, confidence, exit_index)``,
+    ``compact(keep, tensors) -> packed`` and ``compact_(keep, tensors)`` (in place)."""
+
+    exit_scatter: Callable
+    compact: Callable
+    compact_: Callable
+
+
+_loop_ops: Optional[CpuLoopOps] = None
+
+
+def cpu_loop_ops() -> Optional[CpuLoopOps]:
+    """The ops of the runtime's CPU loop, or None when the extension is missing or predates them."""
+    global _loop_ops
+    if _loop_ops is None and exit_scatter_op() is not None and hasattr(torch.ops.eeruntime, "compact_"):
+        _compact_op = torch.ops.eeruntime.compact.default
+        _loop_ops = CpuLoopOps(exit_scatter_op(), lambda keep, ts: _compact_op(keep, ts)[1],
+                               torch.ops.eeruntime.compact_.default)
+    return _loop_ops
+
+
+def _exit_scatter_why_not(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index, *, forced):
+    if not _ext.available():
+        return _ext.why_unavailable()
+    if exit_scatter_op() is None:
+        return "the extension eeruntime._C was built before exit_scatter was added; rebuild it"
+    for name, t in (("logits", logits), ("thresholds", thresholds), ("rows", rows), ("out", out),
+                    ("confidence", confidence), ("exit_index", exit_index)):
+        if not t.is_cpu:
+            return f"{name} is on {t.device.type}; the cpp backend runs CPU tensors"
+    if logits.dtype not in _EXIT_DTYPES:
+        return f"the kernel takes float32, float16, bfloat16 or float64 logits, got {logits.dtype}"
+    if logits.requires_grad and torch.is_grad_enabled():
+        return "logits require grad and the C++ op is not differentiable (the torch backend is)"
+    if not _rows_dense(out) or (out.shape[0] > 1 and out.stride(0) < out.shape[1]):
+        return "out must have distinct rows with unit stride along a row"
+    return None
+
+
+def _exit_scatter_cpp(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index):
+    return exit_scatter_op()(logits, thresholds, CRITERION_CODE[criterion], exit, final, rows, out, confidence,
+                             exit_index)
+
+
+_scatter_backends = dispatch.backends("exit_scatter")
+dispatch.register(
+    "exit_scatter",
+    dispatch.Backend("cpp", _exit_scatter_cpp, _exit_scatter_why_not, _FIX["cpp"]),
+    priority=_scatter_backends.index("torch") if "torch" in _scatter_backends else None,
+)
+
+if exit_scatter_op() is not None:
+
+    @torch.library.register_fake("eeruntime::exit_scatter")
+    def _exit_scatter_fake(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index):
+        return logits.new_empty((logits.shape[0],), dtype=torch.bool), logits.new_empty((), dtype=torch.int64)

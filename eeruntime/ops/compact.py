@@ -2,7 +2,7 @@
 
 ``compact`` keeps the rows of ``keep`` (stable order) of several tensors that share dim 0;
 ``compact_into`` does the same into caller-owned buffers and writes the count into a device
-tensor (no host sync: capturable in a CUDA graph); ``scatter_rows`` writes the rows of ``mask``
+tensor (no host sync: capturable in a CUDA graph); ``compact_`` packs them in place; ``scatter_rows`` writes the rows of ``mask``
 of each source tensor to their original rows ``rows[i]`` of the matching output.
 
 Backends in priority order: ``cuda`` and ``cpp`` (the ``eeruntime._C`` extension, when built),
@@ -53,6 +53,13 @@ def compact_into_ref(keep, tensors, outs, index_out, count_out) -> None:
     count_out.fill_(n)
 
 
+def compact_inplace_ref(keep, tensors) -> None:
+    index = keep.nonzero().squeeze(1)
+    n = index.numel()
+    for t in tensors:
+        t[:n] = t.index_select(0, index)  # index_select copies first: no row is read after it is overwritten
+
+
 def scatter_rows_ref(mask, rows, srcs, outs) -> None:
     index = mask.nonzero().squeeze(1)
     dst = rows.index_select(0, index)
@@ -66,6 +73,7 @@ def _always(*args, forced):
 
 dispatch.register("compact", dispatch.Backend("torch", compact_ref, _always))
 dispatch.register("compact_into", dispatch.Backend("torch", compact_into_ref, _always))
+dispatch.register("compact_", dispatch.Backend("torch", compact_inplace_ref, _always))
 dispatch.register("scatter_rows", dispatch.Backend("torch", scatter_rows_ref, _always))
 
 
@@ -108,6 +116,24 @@ def compact_into(
         raise ValueError(f"count_out must be a one-element int64 tensor, got {count_out.dtype} {tuple(count_out.shape)}")
     b = dispatch.select("compact_into", backend, keep, tensors, outs, index_out, count_out)
     b.fn(keep, list(tensors), list(outs), index_out, count_out)
+
+
+def compact_(keep: torch.Tensor, tensors: Sequence[torch.Tensor], *, backend: str = "auto") -> int:
+    """``compact`` in place: rows ``[:n]`` of each tensor become its rows where ``keep`` is True, in
+    order; rows from n on are left unspecified. Returns n. The tensors must have distinct rows,
+    each one dense block (the layout a stage's fresh output has); no new memory is taken, so the
+    runtime uses it for stage outputs that only it holds (see ``eeruntime.ownership``)."""
+    B = _check_mask(keep, "keep")
+    _check_rows(tensors, B, keep.device, "tensors")
+    storages = [t.untyped_storage().data_ptr() if t.numel() else None for t in tensors]
+    for i, t in enumerate(tensors):
+        if (t.shape[0] > 1 and t.stride(0) == 0) or (storages[i] is not None and storages[i] in storages[:i]):
+            raise ValueError(
+                f"tensors[{i}] shares memory with another row or another tensor; in-place compaction "
+                "needs tensors of their own with distinct rows"
+            )
+    dispatch.select("compact_", backend, keep, tensors).fn(keep, list(tensors))
+    return int(keep.sum())
 
 
 def scatter_rows(
