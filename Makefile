@@ -20,14 +20,16 @@ $(VENV)/.stamp: setup.py requirements-dev.txt $(EXT_SOURCES)
 
 setup: $(VENV)/.stamp
 
-# Compile every CUDA source on its own with nvcc (no torch headers), so CUDA code that does not
-# compile cannot land even on machines without a GPU.
-check-cuda:
+# Compile every CUDA source on its own with nvcc (no torch headers), and check that the CUDA
+# binding compiles against torch's and the toolkit's headers, so CUDA code that does not compile
+# cannot land even on machines without a GPU.
+check-cuda: setup
 ifneq ($(NVCC),)
 	@for f in $(wildcard csrc/cuda/*.cu); do \
 	  echo "nvcc -c $$f"; \
 	  $(NVCC) -std=c++17 -O2 $(NVCC_ARCH) --expt-relaxed-constexpr -c $$f -o /tmp/eeruntime_$$(basename $$f).o || exit 1; \
 	done
+	$(PY) tools/check_cuda_binding.py $(NVCC)
 else
 	@echo "check-cuda: nvcc not found, CUDA sources not compiled"
 endif
