@@ -28,6 +28,25 @@ from . import dispatch
 _INT32_MAX = 2**31 - 1
 
 
+_compiled_ops = {}  # name -> torch.ops.eeruntime.<name>.default, looked up on first use
+
+
+def _compiled(name: str):
+    """The compiled op ``torch.ops.eeruntime.<name>``, or None when the extension is missing or
+    this build of it predates the op."""
+    op = _compiled_ops.get(name)
+    if op is None and _ext.available() and hasattr(torch.ops.eeruntime, name):
+        op = _compiled_ops[name] = getattr(torch.ops.eeruntime, name).default
+    return op
+
+
+def _register_before_torch(op: str, backend: dispatch.Backend) -> None:
+    """Register a CPU backend just ahead of the op's torch reference (after triton, which auto
+    takes only for CUDA tensors)."""
+    names = dispatch.backends(op)
+    dispatch.register(op, backend, priority=names.index("torch") if "torch" in names else None)
+
+
 def _rows_dense(t: torch.Tensor) -> bool:
     """Each row (all dims but 0) is one dense block, so it can be written with one copy."""
     expected = 1
@@ -84,7 +103,7 @@ def _compact_into_why_not(device_type):
 def _compact_inplace_why_not(keep, tensors, *, forced):
     # In place, the tensors are outputs: their rows must be dense and distinct, like compact_into's outs.
     why = _why_not("cpu", keep, tensors, tensors)
-    if why is None and not hasattr(torch.ops.eeruntime, "compact_"):
+    if why is None and _compiled("compact_") is None:
         return "the extension eeruntime._C was built before compact_ was added; rebuild it"
     return why.replace("outs[", "tensors[") if why else None
 
@@ -150,7 +169,7 @@ if _ext.available():
     def _compact_into_fake(keep, tensors, outs, index_out, count_out):
         return None
 
-    if hasattr(torch.ops.eeruntime, "compact_"):
+    if _compiled("compact_") is not None:
 
         @torch.library.register_fake("eeruntime::compact_")
         def _compact_inplace_fake(keep, tensors):
@@ -164,28 +183,31 @@ if _ext.available():
 # ------------------------------------------------------------------------------- exit_decision
 # fp64 logits are rounded to fp32 first, as the torch reference's logits.float().
 _EXIT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
-_exit_op = None  # torch.ops.eeruntime.exit_decision.default, looked up on first use
 
 
 def _exit_decision_op():
-    """The compiled op, or None when this build of the extension predates it."""
-    global _exit_op
-    if _exit_op is None and _ext.available() and hasattr(torch.ops.eeruntime, "exit_decision"):
-        _exit_op = torch.ops.eeruntime.exit_decision.default
-    return _exit_op
+    return _compiled("exit_decision")
 
 
-def _exit_decision_why_not(logits, threshold, criterion, return_argmax=False, *, forced):
+def _logits_kernel_why_not(name: str, lookup, logits) -> Optional[str]:
+    """What the fused CPU kernels that read logits (exit_decision, exit_scatter) all need."""
     if not _ext.available():
         return _ext.why_unavailable()
-    if _exit_decision_op() is None:
-        return "the extension eeruntime._C was built before exit_decision was added; rebuild it"
+    if lookup() is None:
+        return f"the extension eeruntime._C was built before {name} was added; rebuild it"
     if not logits.is_cpu:
         return f"logits are on {logits.device.type}; the cpp backend runs CPU tensors"
     if logits.dtype not in _EXIT_DTYPES:
         return f"the kernel takes float32, float16, bfloat16 or float64 logits, got {logits.dtype}"
     if logits.requires_grad and torch.is_grad_enabled():
         return "logits require grad and the C++ op is not differentiable (the torch backend is)"
+    return None
+
+
+def _exit_decision_why_not(logits, threshold, criterion, return_argmax=False, *, forced):
+    why = _logits_kernel_why_not("exit_decision", _exit_decision_op, logits)
+    if why is not None:
+        return why
     if isinstance(threshold, torch.Tensor) and not threshold.is_cpu:
         return f"the threshold tensor is on {threshold.device.type}; the cpp backend reads it on the host"
     return None
@@ -196,7 +218,7 @@ def _exit_decision_cpp(logits, threshold, criterion="entropy", return_argmax=Fal
 
     A tensor threshold is read inside the op (no ``.item()`` here); a Python number travels by
     value in the op's ``threshold_value`` argument, so no tensor is made for it."""
-    op = _exit_op or _exit_decision_op()
+    op = _exit_decision_op()
     code = CRITERION_CODE.get(criterion)
     if code is None:
         raise ValueError(f"unknown criterion {criterion!r}; accepted: {', '.join(map(repr, CRITERIA))}")
@@ -209,13 +231,7 @@ def _exit_decision_cpp(logits, threshold, criterion="entropy", return_argmax=Fal
     return (conf, exits, argmax) if return_argmax else (conf, exits)
 
 
-# Just ahead of the torch reference: after triton, which auto takes only for CUDA tensors.
-_exit_backends = dispatch.backends("exit_decision")
-dispatch.register(
-    "exit_decision",
-    dispatch.Backend("cpp", _exit_decision_cpp, _exit_decision_why_not, _FIX["cpp"]),
-    priority=_exit_backends.index("torch") if "torch" in _exit_backends else None,
-)
+_register_before_torch("exit_decision", dispatch.Backend("cpp", _exit_decision_cpp, _exit_decision_why_not, _FIX["cpp"]))
 
 if _exit_decision_op() is not None:
 
@@ -230,15 +246,8 @@ if _exit_decision_op() is not None:
 
 
 # ------------------------------------------------------------------------------- exit_scatter
-_scatter_op = None  # torch.ops.eeruntime.exit_scatter.default, looked up on first use
-
-
 def exit_scatter_op():
-    """The compiled op, or None when the extension is missing or predates it."""
-    global _scatter_op
-    if _scatter_op is None and _ext.available() and hasattr(torch.ops.eeruntime, "exit_scatter"):
-        _scatter_op = torch.ops.eeruntime.exit_scatter.default
-    return _scatter_op
+    return _compiled("exit_scatter")
 
 
 @dataclass(frozen=True)
@@ -258,26 +267,20 @@ _loop_ops: Optional[CpuLoopOps] = None
 def cpu_loop_ops() -> Optional[CpuLoopOps]:
     """The ops of the runtime's CPU loop, or None when the extension is missing or predates them."""
     global _loop_ops
-    if _loop_ops is None and exit_scatter_op() is not None and hasattr(torch.ops.eeruntime, "compact_"):
-        _compact_op = torch.ops.eeruntime.compact.default
-        _loop_ops = CpuLoopOps(exit_scatter_op(), lambda keep, ts: _compact_op(keep, ts)[1],
-                               torch.ops.eeruntime.compact_.default)
+    if _loop_ops is None and exit_scatter_op() is not None and _compiled("compact_") is not None:
+        compact_op = _compiled("compact")
+        _loop_ops = CpuLoopOps(exit_scatter_op(), lambda keep, ts: compact_op(keep, ts)[1], _compiled("compact_"))
     return _loop_ops
 
 
 def _exit_scatter_why_not(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index, *, forced):
-    if not _ext.available():
-        return _ext.why_unavailable()
-    if exit_scatter_op() is None:
-        return "the extension eeruntime._C was built before exit_scatter was added; rebuild it"
-    for name, t in (("logits", logits), ("thresholds", thresholds), ("rows", rows), ("out", out),
-                    ("confidence", confidence), ("exit_index", exit_index)):
+    why = _logits_kernel_why_not("exit_scatter", exit_scatter_op, logits)
+    if why is not None:
+        return why
+    for name, t in (("thresholds", thresholds), ("rows", rows), ("out", out), ("confidence", confidence),
+                    ("exit_index", exit_index)):
         if not t.is_cpu:
             return f"{name} is on {t.device.type}; the cpp backend runs CPU tensors"
-    if logits.dtype not in _EXIT_DTYPES:
-        return f"the kernel takes float32, float16, bfloat16 or float64 logits, got {logits.dtype}"
-    if logits.requires_grad and torch.is_grad_enabled():
-        return "logits require grad and the C++ op is not differentiable (the torch backend is)"
     if not _rows_dense(out) or (out.shape[0] > 1 and out.stride(0) < out.shape[1]):
         return "out must have distinct rows with unit stride along a row"
     return None
@@ -288,12 +291,7 @@ def _exit_scatter_cpp(logits, thresholds, criterion, exit, final, rows, out, con
                              exit_index)
 
 
-_scatter_backends = dispatch.backends("exit_scatter")
-dispatch.register(
-    "exit_scatter",
-    dispatch.Backend("cpp", _exit_scatter_cpp, _exit_scatter_why_not, _FIX["cpp"]),
-    priority=_scatter_backends.index("torch") if "torch" in _scatter_backends else None,
-)
+_register_before_torch("exit_scatter", dispatch.Backend("cpp", _exit_scatter_cpp, _exit_scatter_why_not, _FIX["cpp"]))
 
 if exit_scatter_op() is not None:
 
