@@ -323,11 +323,12 @@ class EERuntime:
             return None
         return cpu_loop_ops()
 
-    def _exit_step(self, fused, logits, state, k: int, final: bool, history, rows, out, confidence, exit_index):
+    def _exit_step(self, fused, thr, logits, state, k: int, final: bool, history, rows, out, confidence,
+                   exit_index):
         """Score and decide exit ``k`` for the ``n`` rows that reached it and write the leaving
-        rows into the outputs. Returns ``(keep, n_exit)``; ``keep`` is None when all leave."""
+        rows (logits, score, k) into the outputs. Returns ``(keep, n_exit)``; ``keep`` is None when
+        all leave. ``thr`` is the thresholds tensor on the CPU when ``fused`` is given."""
         if fused is not None and logits.dtype in FUSED_DTYPES:
-            thr = self.thresholds_tensor(logits.device)
             keep, n_exit = fused.exit_scatter(
                 logits, thr, self._criterion_code, k, final, rows, out, confidence, exit_index
             )
@@ -336,6 +337,7 @@ class EERuntime:
         if final:
             out.index_copy_(0, rows, logits.to(out.dtype))
             confidence.index_copy_(0, rows, self.score(logits, state, k, history))
+            exit_index.index_fill_(0, rows, k)
             return None, n
         score, exited = self.decide(logits, state, k, history)
         n_exit = int(exited.sum())
@@ -357,8 +359,10 @@ class EERuntime:
         state = x
         device = as_tuple(x)[0].device
         fused = self._fused_ops(device)
+        thr = self.thresholds_tensor(device) if fused is not None else None
         rows = torch.arange(B, device=device)
-        exit_index = torch.full((B,), K - 1, dtype=torch.int64, device=device)
+        # Every row's entry is written at the exit it takes (at the latest the final one).
+        exit_index = torch.empty(B, dtype=torch.int64, device=device)
         confidence = torch.empty(B, dtype=torch.float32, device=device)
         counts = [0] * K
         out = None
@@ -383,7 +387,7 @@ class EERuntime:
             # The loop needs the count anyway (the next stage's batch size): it is read once
             # here, so a stage where nobody leaves skips the pack altogether.
             keep, n_exit = self._exit_step(
-                fused, logits, state, k, final, history or (), rows, out, confidence, exit_index
+                fused, thr, logits, state, k, final, history or (), rows, out, confidence, exit_index
             )
             counts[k] = n_exit
             if final or n_exit == n:
