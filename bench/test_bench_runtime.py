@@ -1,4 +1,5 @@
-"""Runtime suite (CPU and, when present, CUDA eager): a 4-stage conv net with 4 exits at batch 256.
+"""Runtime suite (CPU and, when present, CUDA eager): a 4-stage conv net with 4 exits at batch 16,
+64 and 256 (thresholds set once, on a 256-sample batch, for the target fractions).
 
 Three variants side by side: the plain backbone (every stage, final head), EERuntime, and the
 oracle (eeruntime.oracle: each stage on exactly the rows that reach it, no decisions or packs).
@@ -18,6 +19,7 @@ from eeruntime.zoo import conv_net
 
 SCENARIOS = {"exits": [0.5, 0.2, 0.15, 0.15], "none": [0.0, 0.0, 0.0, 1.0]}
 BATCH = 256
+BATCHES = [16, 64, 256]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -26,13 +28,14 @@ def setup_cache():
     return {}
 
 
-def _setup(cache, device, scenario):
-    key = (device, scenario)
+def _setup(cache, device, scenario, batch=BATCH):
+    key = (device, scenario, batch)
     if key not in cache:
         torch.manual_seed(0)
         model = conv_net(num_exits=4, in_channels=3, width=16).to(device).eval()
         x = torch.randn(BATCH, 3, 32, 32, device=device)
         thr = thresholds_for_fractions(model, x, SCENARIOS[scenario], "entropy")
+        x = x[:batch].contiguous()
         rt = ee.EERuntime(model, thresholds=thr, criterion="entropy", graphs=False)
         res = rt.infer(x)
         plan = plan_oracle(x, res.exit_index, 4)
@@ -42,9 +45,10 @@ def _setup(cache, device, scenario):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_runtime_vs_plain_vs_oracle(benchmark, setup_cache, device, scenario):
-    model, x, rt, plan, res = _setup(setup_cache, device, scenario)
-    fractions = (torch.bincount(res.exit_index.cpu(), minlength=4).float() / BATCH).tolist()
+@pytest.mark.parametrize("batch", BATCHES)
+def test_runtime_vs_plain_vs_oracle(benchmark, setup_cache, device, scenario, batch):
+    model, x, rt, plan, res = _setup(setup_cache, device, scenario, batch)
+    fractions = (torch.bincount(res.exit_index.cpu(), minlength=4).float() / batch).tolist()
     with torch.inference_mode():
         # Interleaved rounds in changing orders, so drift in machine load hits all three alike.
         t = side_by_side({"plain": lambda: plain_forward(model, x), "runtime": lambda: rt(x),
@@ -53,7 +57,7 @@ def test_runtime_vs_plain_vs_oracle(benchmark, setup_cache, device, scenario):
     cost = ee.measure_costs(model, x[:1])
     summary = {
         "scenario": scenario,
-        "batch": BATCH,
+        "batch": batch,
         "dtype": "float32",
         "exit_fractions": fractions,
         "plain_ms": tp * 1e3,
