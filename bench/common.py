@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from eeruntime.calibration.costs import median_seconds
+from eeruntime.timing import median_seconds
 
 try:
     import triton

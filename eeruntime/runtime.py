@@ -12,7 +12,7 @@ import torch
 from . import ops
 from .cost import CostModel, measure_costs
 from .criteria import CRITERION_CODE, Criterion, check_criterion, criterion_name, is_per_exit, uses_history
-from .ops._ext_backend import _rows_dense, cpu_loop_ops
+from .ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
 from .ops.exit_decision import confidence_ref, exits_from_scores
 from .state import as_tuple, call, check_state, from_tuple
 from .model import model_device
@@ -26,8 +26,6 @@ FINAL_MODES = ("last", "average")
 # differentiable branching, which exit at g >= 0.5.
 DEFAULT_THRESHOLDS = {"entropy": 0.05, "max_prob": 0.99, "margin": 0.98, "norm_entropy": 0.98}
 DEFAULT_CALLABLE_THRESHOLD = 0.5
-# Logits dtypes the fused CPU exit op (eeruntime::exit_scatter) takes.
-FUSED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 
 
 @dataclass
@@ -38,13 +36,6 @@ class InferenceResult:
     logits: torch.Tensor
     exit_index: torch.Tensor
     confidence: torch.Tensor
-
-
-def _packable_in_place(t: torch.Tensor) -> bool:
-    """Rows the in-place CPU pack can move: each one dense block, none overlapping another."""
-    if not t.is_cpu:
-        return False
-    return t.is_contiguous() or (_rows_dense(t) and (t.shape[0] <= 1 or t.stride(0) >= math.prod(t.shape[1:])))
 
 
 class EERuntime:
@@ -326,9 +317,10 @@ class EERuntime:
     def _exit_step(self, fused, thr, logits, state, k: int, final: bool, history, rows, out, confidence,
                    exit_index):
         """Score and decide exit ``k`` for the ``n`` rows that reached it and write the leaving
-        rows (logits, score, k) into the outputs. Returns ``(keep, n_exit)``; ``keep`` is None when
-        all leave. ``thr`` is the thresholds tensor on the CPU when ``fused`` is given."""
-        if fused is not None and logits.dtype in FUSED_DTYPES:
+        rows (logits, score, k) into the outputs. Returns ``(keep, n_exit)``: ``keep`` bool [n],
+        the rows that go on (None from the final exit without the compiled op). ``thr`` is the
+        CPU thresholds tensor the compiled op reads when ``fused`` is given."""
+        if fused is not None and logits.dtype in FUSED_LOGITS_DTYPES:
             keep, n_exit = fused.exit_scatter(
                 logits, thr, self._criterion_code, k, final, rows, out, confidence, exit_index
             )
@@ -399,7 +391,8 @@ class EERuntime:
             parts = as_tuple(state)
             extra = ([acc] if acc is not None else []) + (history or [])
             n -= n_exit
-            if fused is not None and sole_owner(parts, named=int(parts is not state)) and all(map(_packable_in_place, parts)):
+            in_place = fused is not None and sole_owner(parts, named=int(parts is not state))
+            if in_place and all(t.is_cpu and rows_writable(t) for t in parts):
                 # Nothing else can see this stage's output: pack it where it lies (no new memory;
                 # the next stage reads the first n rows, as the oracle does). `rows` is the
                 # runtime's own. acc and history may alias exit logits, so they are copied.

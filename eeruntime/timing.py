@@ -20,6 +20,21 @@ def _median(v: List[float]) -> float:
     return v[len(v) // 2]
 
 
+def median_seconds(fn: Callable[[], object], device, warmup: int = 2, iters: int = 7) -> float:
+    """Median wall time of ``fn()``, with the device synchronised around every call."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
 @dataclass
 class SideBySide:
     """Seconds per call of each variant, one entry per round."""

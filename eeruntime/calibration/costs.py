@@ -1,34 +1,13 @@
 """Per-exit costs for calibration: FLOPs (the cost model of DESIGN.md) or measured latency."""
 from __future__ import annotations
 
-import time
-from typing import Callable, Tuple
+from typing import Tuple
 
 import torch
 
 from ..cost import CostModel, measure_costs
 from ..state import as_tuple, call
-
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int = 2, iters: int = 7) -> float:
-    """Median wall time of ``fn()``, with the device synchronised around every call."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+from ..timing import median_seconds
 
 
 @torch.inference_mode()

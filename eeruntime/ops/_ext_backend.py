@@ -60,6 +60,16 @@ def _rows_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _rows_distinct(t: torch.Tensor) -> bool:
+    """No two rows of a tensor with dense rows share memory (so each can be written on its own)."""
+    return t.shape[0] <= 1 or t.stride(0) >= math.prod(t.shape[1:])
+
+
+def rows_writable(t: torch.Tensor) -> bool:
+    """The compiled ops can write every row of ``t`` in place: dense rows that do not overlap."""
+    return t.is_contiguous() or (_rows_dense(t) and _rows_distinct(t))
+
+
 def _why_not(device_type: str, mask: torch.Tensor, inputs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] = (),
              index_out: Optional[torch.Tensor] = None) -> Optional[str]:
     if not _ext.available():
@@ -77,7 +87,7 @@ def _why_not(device_type: str, mask: torch.Tensor, inputs: Sequence[torch.Tensor
     for i, o in enumerate(outs):
         if not _rows_dense(o):
             return f"outs[{i}] is not dense within a row (its dims after 0 must be contiguous)"
-        if o.shape[0] > 1 and o.stride(0) < math.prod(o.shape[1:]):
+        if not _rows_distinct(o):
             return f"outs[{i}] has overlapping rows (stride {o.stride(0)} in dim 0)"
     if index_out is not None and index_out.shape[0] > 1 and index_out.stride(0) != 1:
         return "index_out is not contiguous"
@@ -181,8 +191,9 @@ if _ext.available():
 
 
 # ------------------------------------------------------------------------------- exit_decision
-# fp64 logits are rounded to fp32 first, as the torch reference's logits.float().
-_EXIT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+# Logits dtypes of the fused CPU kernels (exit_decision, exit_scatter); fp64 logits are rounded
+# to fp32 first, as the torch reference's logits.float().
+FUSED_LOGITS_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 
 
 def _exit_decision_op():
@@ -197,7 +208,7 @@ def _logits_kernel_why_not(name: str, lookup, logits) -> Optional[str]:
         return f"the extension eeruntime._C was built before {name} was added; rebuild it"
     if not logits.is_cpu:
         return f"logits are on {logits.device.type}; the cpp backend runs CPU tensors"
-    if logits.dtype not in _EXIT_DTYPES:
+    if logits.dtype not in FUSED_LOGITS_DTYPES:
         return f"the kernel takes float32, float16, bfloat16 or float64 logits, got {logits.dtype}"
     if logits.requires_grad and torch.is_grad_enabled():
         return "logits require grad and the C++ op is not differentiable (the torch backend is)"
@@ -281,7 +292,7 @@ def _exit_scatter_why_not(logits, thresholds, criterion, exit, final, rows, out,
                     ("exit_index", exit_index)):
         if not t.is_cpu:
             return f"{name} is on {t.device.type}; the cpp backend runs CPU tensors"
-    if not _rows_dense(out) or (out.shape[0] > 1 and out.stride(0) < out.shape[1]):
+    if not rows_writable(out):
         return "out must have distinct rows with unit stride along a row"
     return None
 
