@@ -34,6 +34,7 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops
 from .criteria import uses_history
@@ -196,6 +197,51 @@ def graphs_supported(rt) -> Optional[str]:
 
 class _GraphsUnusable(RuntimeError):
     """This runner cannot go on with graphs (capture failed, state shapes vary): run eagerly."""
+
+
+_aten = torch.ops.aten
+# Ops that read device data on the host (.item(), float(), nonzero, ...): on CUDA each one syncs.
+_HOST_READS = frozenset((
+    _aten._local_scalar_dense, _aten.item, _aten.nonzero, _aten.masked_select, _aten.is_nonzero,
+    _aten.equal, _aten.allclose,
+))
+
+
+def _host_read(func, args, kwargs) -> Optional[str]:
+    """Why this aten call reads device data on the host, or None."""
+    packet = getattr(func, "overloadpacket", None)
+    if packet in _HOST_READS:
+        return f"{packet}"
+    if packet in (_aten.index, _aten.index_put, _aten.index_put_) and len(args) > 1:
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or []):
+            return "indexing with a bool mask"
+    if packet is _aten._to_copy and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cpu":
+            return "a copy to the CPU"
+    if packet is _aten.copy_ and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        if args[1].is_cuda and args[0].device.type == "cpu":
+            return "a copy to the CPU"
+    return None
+
+
+class _HostReadProbe(TorchDispatchMode):
+    """Raises _GraphsUnusable at the first op that reads device data on the host.
+
+    It runs over the first warm-up of every capture, so a body that cannot be captured is refused
+    before capture starts: a capture that fails on a sync leaves the caching allocator of several
+    torch releases believing a capture is still under way (every later ``empty_cache`` then fails
+    and the graph pool leaks)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        why = _host_read(func, args, kwargs)
+        if why is not None:
+            raise _GraphsUnusable(
+                f"the stage, its exit head or the criterion reads device data on the host ({why}); a model "
+                "or criterion that syncs with the host (.item(), nonzero, boolean indexing) cannot be captured"
+            )
+        return func(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------- static buffers
@@ -531,13 +577,22 @@ class GraphRunner:
         device = sig.device
         side, capture_stream = self._cuda_streams(device)
         current = torch.cuda.current_stream(device)
-        # Warm-up runs: on real data mid-call they write exactly what the replay writes next
-        # (the body only reads stage k's buffers), so they are harmless.
+        # Warm-up runs on real data mid-call write what the replay writes next, and read stage k's
+        # input buffers; a stage that changes its input in place (x.mul_(s), x += emb) would
+        # change them on every run, so each run, and the replay after the capture, starts from a
+        # copy of the input as the call left it.
+        inputs = [t[:b] for t in sig.stages[k].inputs]
+        saved = [t.clone() for t in inputs]
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self._body(sig, k, b)
+            for run in range(WARMUP_RUNS):
+                for t, v in zip(inputs, saved):
+                    t.copy_(v)
+                with _HostReadProbe() if run == 0 else contextlib.nullcontext():
+                    self._body(sig, k, b)
         current.wait_stream(side)
+        for t, v in zip(inputs, saved):
+            t.copy_(v)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

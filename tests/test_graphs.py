@@ -16,6 +16,8 @@ from conftest import requires_cuda
 from eeruntime.graphs import (
     CAPTURE_SAFE_BACKENDS,
     GraphRunner,
+    _host_read,
+    _HostReadProbe,
     bucket_for,
     check_buckets,
     chunk_bounds,
@@ -310,6 +312,69 @@ def test_the_host_op_detector_sees_the_reference_pack():
     rec = traced_body(runner)
     runner.infer(x)
     assert "aten.nonzero" in host_ops(rec.ops)
+
+
+def probed_body(runner):
+    """Run every _body under the runtime's own pre-capture probe (as the first warm-up does)."""
+    body = runner._body
+
+    def probed(sig, k, b):
+        with _HostReadProbe():
+            body(sig, k, b)
+
+    runner._body = probed
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "margin", "callable", "per_exit"])
+@pytest.mark.parametrize("final", ["last", "average"])
+def test_pre_capture_probe_passes_a_sync_free_body(criterion, final):
+    crit = {"callable": top_logit, "per_exit": ScaledMaxProb()}.get(criterion, criterion)
+    model = mlp_model()
+    x = torch.randn(11, 6)
+    rt = ee.EERuntime(model, thresholds=quantile_thresholds(model, x, crit), criterion=crit, final=final, graphs=False)
+    runner = cpu_runner(rt, pack="torch")
+    probed_body(runner)
+    res, counts = runner.infer(x)
+    assert runner.disabled_reason is None
+    ref = rt.infer(x)  # the eager loop (itself checked against the per-sample loop above)
+    assert torch.equal(res.exit_index, ref.exit_index)
+    torch.testing.assert_close(res.logits, ref.logits)
+
+
+def item_criterion(logits, state):
+    if logits.sum().item() > 1e30:  # a host read
+        pass
+    return logits.max(1).values
+
+
+def bool_index_criterion(logits, state):
+    s = logits.max(1).values.clone()
+    s[s < -1e30] = 0.0  # index_put with a bool mask: nonzero inside
+    return s
+
+
+@pytest.mark.parametrize("crit,why", [(item_criterion, "aten.item"),
+                                      (bool_index_criterion, "indexing with a bool mask")])
+def test_pre_capture_probe_refuses_a_body_that_reads_on_the_host(crit, why):
+    model = mlp_model()
+    x = torch.randn(11, 6)
+    rt = ee.EERuntime(model, thresholds=0.5, criterion=crit, graphs=False)
+    runner = cpu_runner(rt, pack="torch")
+    probed_body(runner)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs disabled"):
+        res, counts = runner.infer(x)  # refused, then run eagerly
+    assert why in runner.disabled_reason and "cannot be captured" in runner.disabled_reason
+    check_against_loop(res, model, x, rt.thresholds, crit, "last")
+
+
+def test_host_read_rules():
+    cuda_like = torch.zeros(2)  # on CPU only the device-independent reads can be exercised
+    assert _host_read(torch.ops.aten._local_scalar_dense.default, (cuda_like,), {}) is not None
+    assert _host_read(torch.ops.aten.nonzero.default, (cuda_like,), {}) is not None
+    assert _host_read(torch.ops.aten.add.Tensor, (cuda_like, cuda_like), {}) is None
+    assert _host_read(torch.ops.aten._to_copy.default, (cuda_like,), {"device": torch.device("cpu")}) is None
+    assert _host_read(torch.ops.aten.index.Tensor, (cuda_like, [torch.tensor([0, 1])]), {}) is None
+    assert _host_read(torch.ops.aten.index.Tensor, (cuda_like, [torch.tensor([True, False])]), {}) is not None
 
 
 def test_one_count_read_per_early_exit_reached():
@@ -684,6 +749,35 @@ def test_gpu_pack_variants_equal_eager(exact_cuda, pack):
         ref, _ = eager_reference(rt, x)
         assert_same_result(res, counts, ref, tie_margin(model, x, rt.thresholds, "max_prob", ref.exit_index), atol=1e-4, rtol=1e-4)
     assert runner.num_captures > 0
+
+
+class ScalesInPlace(torch.nn.Module):
+    """A stage that changes its input in place before its body (as `x += pos_emb` would)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        x.mul_(1.5)
+        return self.inner(x)
+
+
+@requires_cuda
+def test_gpu_lazy_capture_mid_call_of_a_stage_that_writes_its_input(exact_cuda):
+    # The call that captures stage k runs its body in warm-ups before the replay: each must start
+    # from the input as the call left it, or the in-place write is applied three times.
+    model, pool, rt = cuda_setup(graphs=True)
+    model.stages[1] = ScalesInPlace(model.stages[1])
+    for B in (5, 64):
+        x = pool[:B]
+        rt.reset_stats()
+        res = rt.infer(x)  # lazy: stage 1 is captured in the middle of this call
+        counts = rt.stats.exit_counts
+        ref, _ = eager_reference(rt, x)
+        near = tie_margin(model, x, rt.thresholds, "max_prob", ref.exit_index)
+        assert_same_result(res, counts, ref, near, atol=1e-4, rtol=1e-4)
+    assert rt._graph_runner.num_captures > 0
 
 
 @requires_cuda
