@@ -275,16 +275,20 @@ def host_ops(recorded):
     return bad
 
 
-def traced_body(runner):
-    rec = BodyOps()
+def body_under(runner, mode):
+    """Run every GraphRunner._body (the code a CUDA graph captures) under the dispatch ``mode``."""
     body = runner._body
 
-    def traced(sig, k, b):
-        with rec:
+    def wrapped(sig, k, b):
+        with mode:
             body(sig, k, b)
 
-    runner._body = traced
-    return rec
+    runner._body = wrapped
+    return mode
+
+
+def traced_body(runner):
+    return body_under(runner, BodyOps())
 
 
 @pytest.mark.parametrize("criterion", NAMED + ["callable", "per_exit"])
@@ -300,6 +304,13 @@ def test_graph_body_has_no_host_sync_or_host_copy(criterion, final):
     res, counts = runner.infer(x)
     assert len(rec.ops) > 50 and counts[-1] < 11 and max(counts[:-1]) > 0  # it ran, with exits
     assert host_ops(rec.ops) == []
+    # The runtime's own pre-capture probe (run over the first warm-up of each capture) agrees.
+    probed = cpu_runner(rt, pack="torch")
+    body_under(probed, _HostReadProbe())
+    res_probed, _ = probed.infer(x)
+    assert probed.disabled_reason is None
+    assert torch.equal(res_probed.exit_index, res.exit_index)
+    torch.testing.assert_close(res_probed.logits, res.logits)
 
 
 def test_the_host_op_detector_sees_the_reference_pack():
@@ -312,33 +323,6 @@ def test_the_host_op_detector_sees_the_reference_pack():
     rec = traced_body(runner)
     runner.infer(x)
     assert "aten.nonzero" in host_ops(rec.ops)
-
-
-def probed_body(runner):
-    """Run every _body under the runtime's own pre-capture probe (as the first warm-up does)."""
-    body = runner._body
-
-    def probed(sig, k, b):
-        with _HostReadProbe():
-            body(sig, k, b)
-
-    runner._body = probed
-
-
-@pytest.mark.parametrize("criterion", ["entropy", "margin", "callable", "per_exit"])
-@pytest.mark.parametrize("final", ["last", "average"])
-def test_pre_capture_probe_passes_a_sync_free_body(criterion, final):
-    crit = {"callable": top_logit, "per_exit": ScaledMaxProb()}.get(criterion, criterion)
-    model = mlp_model()
-    x = torch.randn(11, 6)
-    rt = ee.EERuntime(model, thresholds=quantile_thresholds(model, x, crit), criterion=crit, final=final, graphs=False)
-    runner = cpu_runner(rt, pack="torch")
-    probed_body(runner)
-    res, counts = runner.infer(x)
-    assert runner.disabled_reason is None
-    ref = rt.infer(x)  # the eager loop (itself checked against the per-sample loop above)
-    assert torch.equal(res.exit_index, ref.exit_index)
-    torch.testing.assert_close(res.logits, ref.logits)
 
 
 def item_criterion(logits, state):
@@ -360,7 +344,7 @@ def test_pre_capture_probe_refuses_a_body_that_reads_on_the_host(crit, why):
     x = torch.randn(11, 6)
     rt = ee.EERuntime(model, thresholds=0.5, criterion=crit, graphs=False)
     runner = cpu_runner(rt, pack="torch")
-    probed_body(runner)
+    body_under(runner, _HostReadProbe())
     with pytest.warns(RuntimeWarning, match="CUDA graphs disabled"):
         res, counts = runner.infer(x)  # refused, then run eagerly
     assert why in runner.disabled_reason and "cannot be captured" in runner.disabled_reason
