@@ -11,12 +11,12 @@ from .calibrate import calibrate
 from .cost import CostModel, measure_costs
 from .io import load
 from .model import MultiExitModel
-from .runtime import EERuntime, InferenceResult
+from .runtime import EERuntime, InferenceResult, StageResult
 from .stats import RuntimeStats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MultiExitModel", "EERuntime", "InferenceResult", "RuntimeStats", "CostModel", "measure_costs", "ops",
+    "MultiExitModel", "EERuntime", "InferenceResult", "StageResult", "RuntimeStats", "CostModel", "measure_costs", "ops",
     "attach_exits", "train", "calibrate", "load", "plot",
 ]

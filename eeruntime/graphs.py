@@ -277,6 +277,7 @@ class _Signature:
         self.arange = torch.arange(cap, device=dev)
         self.exit_ids = torch.arange(K, device=dev).unsqueeze(1).repeat(1, cap)  # [K, cap]
         self.zero_threshold = torch.zeros((), dtype=torch.float32, device=dev)
+        self.thresholds = torch.zeros(K - 1, dtype=torch.float32, device=dev)  # the call's snapshot
         self.stages: List[Optional[_StageBuffers]] = [None] * K
         self.stages[0] = _StageBuffers(
             [torch.zeros((cap, *p.shape[1:]), dtype=p.dtype, device=dev) for p in parts],
@@ -294,7 +295,7 @@ class _Signature:
         self.ready = set()  # (k, b) already prepared (captured, or run once without capture)
 
     def tensors(self) -> List[torch.Tensor]:
-        out = [self.out_conf, self.out_exit, self.pack_index]
+        out = [self.out_conf, self.out_exit, self.pack_index, self.thresholds]
         if self.out_logits is not None:
             out.append(self.out_logits)
         for st in self.stages:
@@ -357,14 +358,16 @@ class GraphRunner:
         self.disabled_reason: Optional[str] = None
 
     # ------------------------------------------------------------------ public
-    def infer(self, x):
+    def infer(self, x, thresholds=None):
         """``(InferenceResult, counts)`` for ``x`` (a tensor or tuple of tensors, batch in dim 0);
-        ``counts[k]`` is the number of rows that left at exit k."""
+        ``counts[k]`` is the number of rows that left at exit k. ``thresholds``: the call's
+        snapshot (None: the runtime's current one), copied once into the graphs' buffer."""
         if isinstance(x, list):
             x = tuple(x)
         B = check_state(x, "GraphRunner input")
+        snap = self.rt.thresholds_snapshot() if thresholds is None else thresholds
         if B == 0 or self.disabled_reason is not None:
-            return self._eager(x, B)
+            return self._eager(x, B, snap)
         device = as_tuple(x)[0].device
         capture = self._capture_for(device)
         with torch.inference_mode(), self._on_device(device):
@@ -374,12 +377,12 @@ class GraphRunner:
                     try:
                         sig = self._signature(x, capture)
                         if sig is not None:
-                            return self._run(sig, x, B)
+                            return self._run(sig, x, B, snap)
                     finally:
                         self._mark_call_done(device)
             except _GraphsUnusable as e:
                 self._disable(str(e))
-        return self._eager(x, B)
+        return self._eager(x, B, snap)
 
     def warmup(self, max_batch: int, example=None) -> None:
         """Prepare (capture) every bucket up to the one covering ``max_batch``, per stage, largest
@@ -439,9 +442,9 @@ class GraphRunner:
         )
 
     # ------------------------------------------------------------------ call sequence
-    def _eager(self, x, B: int):
+    def _eager(self, x, B: int, snap):
         with torch.inference_mode():
-            return self.rt._infer_eager(x, B)
+            return self.rt._infer_eager(x, B, snap)
 
     def _disable(self, reason: str) -> None:
         if self.rt.graphs is True:
@@ -481,8 +484,8 @@ class GraphRunner:
         if sig is None:
             if len(self._sigs) >= self.max_signatures:
                 return None  # beyond the limit: run eagerly rather than hold more buffers
-            self.rt.thresholds_tensor(parts[0].device)  # created now, never inside a capture
             sig = self._sigs[key] = _Signature(x, self.buckets[-1], self.rt.num_exits, capture)
+            sig.thresholds.copy_(self.rt.thresholds_snapshot().tensor(sig.device))  # for a warm-up run now
             if self._pending_warmup is not None:
                 max_batch, self._pending_warmup = self._pending_warmup, None
                 self._warm(sig, max_batch)
@@ -504,7 +507,10 @@ class GraphRunner:
                     sig.stages[0].count.fill_(b)  # a full batch, so the warm runs pack real rows
                 self._prepare(sig, k, b)
 
-    def _run(self, sig: _Signature, x, B: int):
+    def _run(self, sig: _Signature, x, B: int, snap):
+        # The graphs read the thresholds from this buffer: filled once per call (a device-side
+        # copy), so every stage of the call decides against the same snapshot.
+        sig.thresholds.copy_(snap.tensor(sig.device))
         parts = as_tuple(x)
         K = self.rt.num_exits
         counts = [0] * K
@@ -638,7 +644,7 @@ class GraphRunner:
             conf = self._final_score(sig, final_logits, state, k)
             self._scatter(sig, valid, rows, [final_logits, conf, sig.exit_ids[k, :b]])
             return
-        score, exited = rt.decide(logits, state, k)
+        score, exited = rt.decide(logits, state, k, thresholds=sig.thresholds)
         exited = exited & valid
         keep = valid & ~exited
         self._scatter(sig, exited, rows, [logits, score, sig.exit_ids[k, :b]])

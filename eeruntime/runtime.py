@@ -5,7 +5,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -14,18 +14,13 @@ from .cost import CostModel, measure_costs
 from .criteria import CRITERION_CODE, Criterion, check_criterion, criterion_name, is_per_exit, uses_history
 from .ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
 from .ops.exit_decision import confidence_ref, exits_from_scores
-from .state import as_tuple, call, check_state, from_tuple
+from .state import State, as_tuple, call, cat_rows, check_state, from_tuple, take_rows  # noqa: F401  (cat_rows, take_rows: public here)
 from .model import model_device
 from .ownership import sole_owner
 from .stats import RuntimeStats
+from .thresholds import ThresholdSnapshot, coerce_thresholds
 
 FINAL_MODES = ("last", "average")
-
-# Conservative defaults for ``EERuntime(model)`` with no thresholds: few samples leave early
-# until the user calibrates (``ee.calibrate``). A callable's default follows the gates of
-# differentiable branching, which exit at g >= 0.5.
-DEFAULT_THRESHOLDS = {"entropy": 0.05, "max_prob": 0.99, "margin": 0.98, "norm_entropy": 0.98}
-DEFAULT_CALLABLE_THRESHOLD = 0.5
 
 
 @dataclass
@@ -36,6 +31,25 @@ class InferenceResult:
     logits: torch.Tensor
     exit_index: torch.Tensor
     confidence: torch.Tensor
+
+
+@dataclass
+class StageResult:
+    """What one stage step (:meth:`EERuntime.run_stage`) gives back.
+
+    ``exit_rows`` int64 [E]: the ids (from the step's ``rows``) of the rows that left at exit
+    ``k``, in order; ``logits`` [E, C] and ``confidence`` float32 [E]: theirs. ``rows`` int64
+    [n - E]: the survivors' ids, in order; ``state``: their packed state for stage k + 1 (None
+    at the final stage or when none survive); ``carry``: their carry (a tuple row-aligned with
+    ``rows``) for the next step."""
+
+    k: int
+    exit_rows: torch.Tensor
+    logits: torch.Tensor
+    confidence: torch.Tensor
+    rows: torch.Tensor
+    state: Optional[State]
+    carry: Tuple[torch.Tensor, ...]
 
 
 class EERuntime:
@@ -96,8 +110,7 @@ class EERuntime:
         model.eval()
         self._device = model_device(model)
         self._lock = threading.Lock()
-        self._thr_values = self._normalise_thresholds(thresholds)
-        self._thr: Dict[torch.device, torch.Tensor] = {}
+        self._snapshot = ThresholdSnapshot(coerce_thresholds(thresholds, self.num_exits - 1, self.criterion))
         self._stats = RuntimeStats([0] * self.num_exits)
         self._example = None
         self._cost: Optional[CostModel] = None
@@ -106,89 +119,106 @@ class EERuntime:
         self.buckets = buckets
 
     # ------------------------------------------------------------------ thresholds
-    def _normalise_thresholds(self, thresholds) -> List[float]:
-        n = self.num_exits - 1
-        if thresholds is None:
-            default = (
-                DEFAULT_CALLABLE_THRESHOLD if callable(self.criterion) else DEFAULT_THRESHOLDS[self.criterion]
-            )
-            return [default] * n
-        if isinstance(thresholds, torch.Tensor):
-            if thresholds.dim() == 0:
-                thresholds = float(thresholds)
-            else:
-                thresholds = thresholds.detach().cpu().reshape(-1).tolist()
-        if isinstance(thresholds, (bool, str, bytes)):
-            raise TypeError(f"thresholds must be a float or a sequence of {n} floats, got {type(thresholds).__name__}")
-        if isinstance(thresholds, (int, float)):
-            values = [float(thresholds)] * n
-        else:
-            try:
-                values = [float(t) for t in thresholds]
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"thresholds must be a float or a sequence of {n} floats, got {type(thresholds).__name__}"
-                ) from None
-            if len(values) != n:
-                raise ValueError(
-                    f"got {len(values)} thresholds for a model with {self.num_exits} exits; give one per "
-                    f"early exit ({n}) or a single float for all"
-                )
-        for v in values:
-            if math.isnan(v):
-                raise ValueError("thresholds must not be NaN")
-        return values
-
     @property
     def thresholds(self) -> List[float]:
-        return list(self._thr_values)
+        return list(self._snapshot.values)
+
+    def thresholds_snapshot(self) -> ThresholdSnapshot:
+        """The current thresholds as one immutable whole (pass it to :meth:`run_stage`)."""
+        return self._snapshot
 
     def set_thresholds(self, thresholds) -> None:
-        """New thresholds, used from the next call. The device tensors are updated in place, so
-        captured graphs see them without re-capture."""
-        values = self._normalise_thresholds(thresholds)
+        """New thresholds, used from the next call (a call under way keeps the set it started
+        with). Captured graphs read them from a buffer each call fills: no re-capture."""
+        snap = ThresholdSnapshot(coerce_thresholds(thresholds, self.num_exits - 1, self.criterion))
         with self._lock:
-            self._thr_values = values
-            new = torch.tensor(values, dtype=torch.float32)
-            with torch.inference_mode(False), torch.no_grad():
-                for t in self._thr.values():
-                    t.copy_(new)
+            self._snapshot = snap
 
     def thresholds_tensor(self, device) -> torch.Tensor:
-        """The float32 [K-1] device tensor of thresholds that the exit kernels read."""
-        device = torch.device(device)
-        t = self._thr.get(device)
-        if t is None:
-            with self._lock:
-                t = self._thr.get(device)
-                if t is None:
-                    # A normal tensor (not an inference tensor) so set_thresholds can update it in place.
-                    with torch.inference_mode(False):
-                        t = torch.tensor(self._thr_values, dtype=torch.float32, device=device)
-                    self._thr[device] = t
-        return t
+        """The current thresholds as a float32 [K-1] tensor on ``device`` (read-only)."""
+        return self._snapshot.tensor(device)
 
     # ------------------------------------------------------------------ public calls
     def __call__(self, x) -> torch.Tensor:
         return self.infer(x).logits
 
     def infer(self, x) -> InferenceResult:
-        """Run ``x`` (a tensor, or a tuple of tensors sharing batch dim 0) with early exits."""
+        """Run ``x`` (a tensor, or a tuple of tensors sharing batch dim 0) with early exits.
+
+        The thresholds are read once per call (one snapshot), so a concurrent ``set_thresholds``
+        applies to a call as a whole or not at all."""
         if isinstance(x, list):
             x = tuple(x)
         B = check_state(x, "EERuntime input")
         self._check_device(x)
         if self.model.training:
             self.model.eval()
+        snap = self._snapshot
         t0 = time.perf_counter()
         with torch.inference_mode():
             runner = self._graph_runner_for(x)
             if runner is not None:
-                result, counts = runner.infer(x)
+                result, counts = runner.infer(x, thresholds=snap)
             else:
-                result, counts = self._infer_eager(x, B)
+                result, counts = self._infer_eager(x, B, snap)
         self._record(x, B, counts, time.perf_counter() - t0)
         return result
+
+    def run_stage(self, k: int, state, rows: torch.Tensor, carry=None, thresholds: Optional[ThresholdSnapshot] = None,
+                  record: bool = False) -> StageResult:
+        """Run stage ``k`` and exit ``k`` on the rows of ``state`` and say who leaves.
+
+        ``state``: stage k's input (the model input at k == 0, else the ``state`` an earlier
+        ``run_stage(k - 1, ...)`` returned, possibly rows of several concatenated with
+        :func:`cat_rows`); ``rows``: int64 [n] caller-chosen ids, returned subset in order;
+        ``carry``: the ``carry`` of the earlier step (None at k == 0); ``thresholds``: a
+        :meth:`thresholds_snapshot` (None: the current one). Returns a :class:`StageResult`.
+        Inputs are never written; ``rt.stats`` is updated only with ``record=True`` (the leavers
+        count as samples, see :meth:`record_exits`). The same step as :meth:`infer`'s, row for row.
+        """
+        K = self.num_exits
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < K:
+            raise ValueError(f"stage index k must be an int in [0, {K}), got {k!r}")
+        if isinstance(state, list):
+            state = tuple(state)
+        n = check_state(state, f"run_stage({k}) state")
+        self._check_device(state)
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.shape != (n,):
+            got = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise ValueError(f"rows must be an int64 tensor of shape [{n}] (one id per state row), got {got}")
+        carry = self._check_carry(k, carry, n)
+        snap = self._snapshot if thresholds is None else thresholds
+        if not isinstance(snap, ThresholdSnapshot) or len(snap) != K - 1:
+            raise TypeError(
+                f"thresholds must be a snapshot of {K - 1} thresholds from rt.thresholds_snapshot(), got {snap!r}"
+            )
+        if self.model.training:
+            self.model.eval()
+        with torch.inference_mode():
+            res = self._stage_step(k, state, rows, carry, snap)
+        if record:
+            counts = [0] * K
+            counts[k] = res.exit_rows.shape[0]
+            self.record_exits(counts, calls=0, example=state if k == 0 else None)
+        return res
+
+    def record_exits(self, counts_per_exit: Sequence[int], samples: Optional[int] = None, *, wall_time_s: float = 0.0,
+                     calls: int = 1, example=None) -> None:
+        """Add exits seen outside :meth:`infer` (e.g. by a scheduler calling :meth:`run_stage`) to
+        ``rt.stats``: ``counts_per_exit[k]`` rows left at exit k; ``samples`` defaults to their
+        sum. ``example``: a model input, kept (one row) to measure the FLOPs cost model."""
+        counts = [int(c) for c in counts_per_exit]
+        if len(counts) != self.num_exits or any(c < 0 for c in counts):
+            raise ValueError(f"counts_per_exit must hold {self.num_exits} counts >= 0, got {list(counts_per_exit)}")
+        samples = sum(counts) if samples is None else int(samples)
+        with self._lock:
+            if self._example is None and example is not None and samples > 0:
+                self._example = from_tuple([t[:1].detach().clone() for t in as_tuple(example)], example)
+            for k, c in enumerate(counts):
+                self._stats.exit_counts[k] += c
+            self._stats.samples += samples
+            self._stats.calls += calls
+            self._stats.wall_time_s += wall_time_s
 
     def warmup(self, max_batch: int, example=None) -> None:
         """Capture the CUDA graphs of every bucket up to ``max_batch`` ahead of traffic."""
@@ -255,14 +285,7 @@ class EERuntime:
         return self._graph_runner
 
     def _record(self, x, B: int, counts: List[int], dt: float) -> None:
-        with self._lock:
-            if self._example is None and B > 0:
-                self._example = from_tuple([t[:1].detach().clone() for t in as_tuple(x)], x)
-            for k, c in enumerate(counts):
-                self._stats.exit_counts[k] += c
-            self._stats.samples += B
-            self._stats.calls += 1
-            self._stats.wall_time_s += dt
+        self.record_exits(counts, B, wall_time_s=dt, example=x)
 
     def _check_logits(self, logits, n: int, k: int) -> int:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
@@ -297,9 +320,10 @@ class EERuntime:
             logits, 0.0, self.criterion, backend=self.decision_backend
         )[0]
 
-    def decide(self, logits: torch.Tensor, state, k: int, history=()):
-        """Score and exit flag at early exit ``k`` against the device threshold tensor."""
-        thr = self.thresholds_tensor(logits.device)[k]
+    def decide(self, logits: torch.Tensor, state, k: int, history=(), thresholds: Optional[torch.Tensor] = None):
+        """Score and exit flag at early exit ``k`` against ``thresholds[k]`` (a float32 [K-1]
+        tensor on the logits' device; None: the current snapshot's)."""
+        thr = (self.thresholds_tensor(logits.device) if thresholds is None else thresholds)[k]
         if callable(self.criterion):
             s = self.score(logits, state, k, history)
             return s, exits_from_scores(s, thr, self.criterion)
@@ -318,8 +342,8 @@ class EERuntime:
                    exit_index):
         """Score and decide exit ``k`` for the ``n`` rows that reached it and write the leaving
         rows (logits, score, k) into the outputs. Returns ``(keep, n_exit)``: ``keep`` bool [n],
-        the rows that go on (None from the final exit without the compiled op). ``thr`` is the
-        CPU thresholds tensor the compiled op reads when ``fused`` is given."""
+        the rows that go on (None from the final exit without the compiled op). ``thr``: the
+        call's thresholds, a float32 [K-1] tensor on the logits' device."""
         if fused is not None and logits.dtype in FUSED_LOGITS_DTYPES:
             keep, n_exit = fused.exit_scatter(
                 logits, thr, self._criterion_code, k, final, rows, out, confidence, exit_index
@@ -331,7 +355,7 @@ class EERuntime:
             confidence.index_copy_(0, rows, self.score(logits, state, k, history))
             exit_index.index_fill_(0, rows, k)
             return None, n
-        score, exited = self.decide(logits, state, k, history)
+        score, exited = self.decide(logits, state, k, history, thr)
         n_exit = int(exited.sum())
         if n_exit:
             ops.scatter_rows(
@@ -345,13 +369,65 @@ class EERuntime:
             return fused.compact(keep, carried)
         return ops.compact(keep, carried, backend=self.compact_backend)[1]
 
-    def _infer_eager(self, x, B: int):
+    def _forward(self, k: int, state, n: int):
+        """Stage ``k`` then exit ``k`` on ``n`` rows: ``(state, logits, C)``."""
+        state = call(self.model.stages[k], state)
+        if isinstance(state, list):
+            state = tuple(state)
+        logits = call(self.model.exits[k], state)
+        return state, logits, self._check_logits(logits, n, k)
+
+    def _check_carry(self, k: int, carry, n: int) -> tuple:
+        """The carry stage ``k`` needs: the running logit sum (final="average", k > 0), then the
+        earlier exits' logits (a history criterion); each [n, C]."""
+        want = int(self.final == "average" and k > 0) + (k if uses_history(self.criterion) else 0)
+        carry = () if carry is None else tuple(carry) if isinstance(carry, (tuple, list)) else carry
+        if not isinstance(carry, tuple) or len(carry) != want or not all(
+            isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == n for t in carry
+        ):
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in carry] if isinstance(
+                carry, tuple) else type(carry).__name__
+            raise ValueError(
+                f"carry for stage {k} must be a tuple of {want} [{n}, C] tensors (the carry the step of stage "
+                f"{k - 1} returned, rows selected like the state), got {got}"
+            )
+        return carry
+
+    def _stage_step(self, k: int, state, rows: torch.Tensor, carry: tuple, snap: ThresholdSnapshot) -> StageResult:
         K = self.num_exits
-        model = self.model
+        n = rows.shape[0]
+        state, logits, C = self._forward(k, state, n)
+        final = k == K - 1
+        acc = carry[0] if self.final == "average" and k > 0 else None
+        history = list(carry[1 if acc is not None else 0 :])
+        if self.final == "average":
+            acc = logits.float() if acc is None else acc + logits.float()
+            if final:
+                logits = (acc / K).to(logits.dtype)
+        if final:
+            return StageResult(k, rows, logits, self.score(logits, state, k, history), rows[:0], None, ())
+        score, exited = self.decide(logits, state, k, history, snap.tensor(logits.device))
+        index, (exit_logits, exit_score) = ops.compact(exited, [logits, score], backend=self.compact_backend)
+        exit_rows = rows.index_select(0, index.to(rows.device))
+        n_exit = exit_rows.shape[0]
+        if n_exit == n:
+            return StageResult(k, exit_rows, exit_logits, exit_score, rows[:0], None, ())
+        parts = as_tuple(state)
+        carried = [*parts, *([acc] if acc is not None else []), *history, *([logits] if uses_history(self.criterion) else [])]
+        if n_exit:
+            index, carried = ops.compact(~exited, carried, backend=self.compact_backend)
+            rows = rows.index_select(0, index.to(rows.device))
+        return StageResult(
+            k, exit_rows, exit_logits, exit_score, rows, from_tuple(carried[: len(parts)], state),
+            tuple(carried[len(parts) :]),
+        )
+
+    def _infer_eager(self, x, B: int, snap: Optional[ThresholdSnapshot] = None):
+        K = self.num_exits
         state = x
         device = as_tuple(x)[0].device
         fused = self._fused_ops(device)
-        thr = self.thresholds_tensor(device) if fused is not None else None
+        thr = (self._snapshot if snap is None else snap).tensor(device)
         rows = torch.arange(B, device=device)
         # Every row's entry is written at the exit it takes (at the latest the final one).
         exit_index = torch.empty(B, dtype=torch.int64, device=device)
@@ -362,11 +438,7 @@ class EERuntime:
         history = [] if uses_history(self.criterion) else None  # earlier exits' logits of the survivors
         n = B
         for k in range(K):
-            state = call(model.stages[k], state)
-            if isinstance(state, list):
-                state = tuple(state)
-            logits = call(model.exits[k], state)
-            C = self._check_logits(logits, n, k)
+            state, logits, C = self._forward(k, state, n)
             if out is None:
                 out = logits.new_empty((B, C))
             if B == 0:

@@ -43,3 +43,26 @@ def check_state(state, where: str) -> int:
         if t.shape[0] != B:
             raise ValueError(f"{where}: tuple members must share batch dim 0; member 0 has {B} rows, member {i} has {t.shape[0]}")
     return B
+
+
+def cat_rows(states):
+    """Concatenate states (or carries) along dim 0, member-wise: tensors into a tensor, tuples of
+    tensors into a tuple (every one with the same number of members, possibly none)."""
+    states = list(states)
+    if not states:
+        raise ValueError("cat_rows needs at least one state")
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(s, torch.Tensor) for s in states):
+            raise TypeError("cat_rows: mix of tensors and tuples; give states of one kind")
+        return torch.cat(states, 0)
+    if not all(isinstance(s, (tuple, list)) and len(s) == len(first) for s in states):
+        raise TypeError(f"cat_rows: every state must be a tensor, or a tuple of {len(first)} tensors like the first")
+    return tuple(torch.cat([s[i] for s in states], 0) for i in range(len(first)))
+
+
+def take_rows(state, index: torch.Tensor):
+    """Rows ``index`` (int64 [m]) of a state (or carry), member-wise (``index_select`` on dim 0)."""
+    if isinstance(state, torch.Tensor):
+        return state.index_select(0, index.to(state.device))
+    return tuple(t.index_select(0, index.to(t.device)) for t in state)

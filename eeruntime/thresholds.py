@@ -1,0 +1,110 @@
+"""Thresholds: coerced from what a user gives in one place, held as immutable snapshots.
+
+A runtime holds one :class:`ThresholdSnapshot` at a time; ``set_thresholds`` swaps in a new one.
+A call takes the current snapshot once and decides every exit against it, so a call never mixes
+old and new thresholds (see docs/design.md, "Thresholds").
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Dict, Tuple
+
+import torch
+
+# Conservative defaults for ``EERuntime(model)`` with no thresholds: few samples leave early
+# until the user calibrates (``ee.calibrate``). A callable's default follows the gates of
+# differentiable branching, which exit at g >= 0.5.
+DEFAULT_THRESHOLDS = {"entropy": 0.05, "max_prob": 0.99, "margin": 0.98, "norm_entropy": 0.98}
+DEFAULT_CALLABLE_THRESHOLD = 0.5
+
+
+def coerce_thresholds(thresholds, num_early: int, criterion=None) -> Tuple[float, ...]:
+    """``num_early`` floats from ``thresholds``: None (the criterion's default), one float (or a
+    0-dim tensor) for every early exit, or a sequence / 1-D tensor of ``num_early`` floats."""
+    n = num_early
+    if thresholds is None:
+        default = DEFAULT_CALLABLE_THRESHOLD if callable(criterion) else DEFAULT_THRESHOLDS[criterion]
+        return (default,) * n
+    if isinstance(thresholds, ThresholdSnapshot):
+        thresholds = thresholds.values
+    if isinstance(thresholds, torch.Tensor):
+        if thresholds.dim() == 0:
+            thresholds = float(thresholds)
+        else:
+            thresholds = thresholds.detach().cpu().reshape(-1).tolist()
+    if isinstance(thresholds, (bool, str, bytes)):
+        raise TypeError(f"thresholds must be a float or a sequence of {n} floats, got {type(thresholds).__name__}")
+    if isinstance(thresholds, (int, float)):
+        values = [float(thresholds)] * n
+    else:
+        try:
+            values = [float(t) for t in thresholds]
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"thresholds must be a float or a sequence of {n} floats, got {type(thresholds).__name__}"
+            ) from None
+        if len(values) != n:
+            raise ValueError(
+                f"got {len(values)} thresholds for a model with {n + 1} exits; give one per "
+                f"early exit ({n}) or a single float for all"
+            )
+    for v in values:
+        if math.isnan(v):
+            raise ValueError("thresholds must not be NaN")
+    return tuple(values)
+
+
+class ThresholdSnapshot:
+    """One whole set of thresholds (one float per early exit), never changed after creation.
+
+    ``values`` is the tuple of floats; :meth:`tensor` gives them as a float32 [K-1] tensor on a
+    device (made once per device and cached; treat it as read-only)."""
+
+    __slots__ = ("_values", "_tensors", "_lock")
+
+    def __init__(self, values):
+        object.__setattr__(self, "_values", tuple(float(v) for v in values))
+        object.__setattr__(self, "_tensors", {})
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a ThresholdSnapshot is immutable; take a new one with rt.thresholds_snapshot()")
+
+    @property
+    def values(self) -> Tuple[float, ...]:
+        return self._values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, k: int) -> float:
+        return self._values[k]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ThresholdSnapshot) and other._values == self._values
+
+    def __hash__(self) -> int:
+        return hash(self._values)
+
+    def __repr__(self) -> str:
+        return f"ThresholdSnapshot({list(self._values)})"
+
+    def tensor(self, device) -> torch.Tensor:
+        """The thresholds as a float32 [K-1] tensor on ``device`` (cached: do not write it)."""
+        device = torch.device(device)
+        tensors: Dict[torch.device, torch.Tensor] = self._tensors
+        t = tensors.get(device)
+        if t is None:
+            with self._lock:
+                t = tensors.get(device)
+                if t is None:
+                    # Not an inference tensor, so callers may copy it into buffers made outside
+                    # inference mode (the graph executor's static thresholds).
+                    with torch.inference_mode(False):
+                        t = torch.tensor(self._values, dtype=torch.float32, device=device)
+                    tensors[device] = t
+        return t

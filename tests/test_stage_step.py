@@ -1,0 +1,308 @@
+"""The stage step (``rt.run_stage``), the public seam a scheduler or a remote tier calls: run
+stage k on given rows, get back who leaves and the packed survivors. Checked against the model
+run directly with boolean indexing, the per-sample loop and ``rt.infer``; plus the threshold
+snapshots (one per call, so a concurrent ``set_thresholds`` never splits a call)."""
+import threading
+
+import pytest
+import torch
+
+import eeruntime as ee
+from eeruntime.runtime import cat_rows, take_rows
+from models import TupleExit, TupleStage, mlp_model
+from reference import per_sample_loop, score64
+
+NAMED = ["entropy", "max_prob", "margin", "norm_entropy"]
+NEAR = 1e-4
+
+
+def quantile_thresholds(model, x, criterion, q=0.5):
+    with torch.no_grad():
+        outs = model(x)
+    qq = q if criterion == "entropy" else 1 - q
+    return [float(score64(o, criterion).quantile(qq)) for o in outs[:-1]]
+
+
+def walk(rt, x, rows=None, thresholds=None):
+    """Drive a whole batch through run_stage, one stage after another; returns the output in
+    row-id order as (logits, exit_index, confidence) plus the per-step results."""
+    B = (x[0] if isinstance(x, tuple) else x).shape[0]
+    rows = torch.arange(B) if rows is None else rows
+    state, carry, steps = x, None, []
+    for k in range(rt.num_exits):
+        res = rt.run_stage(k, state, rows, carry, thresholds=thresholds)
+        steps.append(res)
+        if res.state is None:
+            break
+        state, rows, carry = res.state, res.rows, res.carry
+    return assemble(steps, B), steps
+
+
+def assemble(steps, B):
+    C = steps[0].logits.shape[1]
+    logits = torch.full((B, C), float("nan"), dtype=steps[0].logits.dtype)
+    exit_index = torch.full((B,), -1, dtype=torch.int64)
+    confidence = torch.full((B,), float("nan"))
+    for res in steps:
+        logits[res.exit_rows] = res.logits
+        exit_index[res.exit_rows] = res.k
+        confidence[res.exit_rows] = res.confidence
+    return logits, exit_index, confidence
+
+
+def assert_same_as_infer(rt, x, got):
+    ref = rt.infer(x)
+    logits, exit_index, confidence = got
+    assert torch.equal(exit_index, ref.exit_index)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(confidence, ref.confidence, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("criterion", NAMED)
+@pytest.mark.parametrize("final", ["last", "average"])
+def test_walk_equals_infer_and_per_sample_loop(criterion, final):
+    model = mlp_model(K=4)
+    x = torch.randn(50, 6)
+    thr = quantile_thresholds(model, x, criterion, q=0.35)
+    rt = ee.EERuntime(model, thresholds=thr, criterion=criterion, final=final)
+    got, steps = walk(rt, x)
+    assert_same_as_infer(rt, x, got)
+    ref_logits, ref_exit, near = per_sample_loop(model, x, thr, criterion, final)
+    clear = near > NEAR
+    assert torch.equal(got[1][clear], ref_exit[clear])
+    assert len({int(s.k) for s in steps if s.exit_rows.numel()}) > 1  # rows really left at several exits
+
+
+def test_one_step_against_the_model_run_directly():
+    """Stage k on given rows with arbitrary ids: the leavers are the rows whose float64 score
+    passes, the survivors' state is the stage output of the rest (boolean indexing), in order."""
+    model = mlp_model(K=3)
+    x = torch.randn(40, 6)
+    thr = quantile_thresholds(model, x, "max_prob", q=0.5)
+    rt = ee.EERuntime(model, thresholds=thr, criterion="max_prob")
+    ids = torch.randperm(1000)[:40]
+    x_before, ids_before = x.clone(), ids.clone()
+    res = rt.run_stage(0, x, ids)
+    assert torch.equal(x, x_before) and torch.equal(ids, ids_before)  # inputs never written
+    with torch.no_grad():
+        h = model.stages[0](x)
+        logits = model.exits[0](h)
+    score = score64(logits, "max_prob")
+    leave = score >= thr[0]
+    clear = (score - thr[0]).abs() > NEAR
+    assert clear.all()  # no near-tie in this draw, so the sets below are exact
+    assert isinstance(res, ee.StageResult) and res.k == 0
+    assert torch.equal(res.exit_rows, ids[leave]) and torch.equal(res.rows, ids[~leave])
+    assert res.exit_rows.dtype == res.rows.dtype == torch.int64 and res.confidence.dtype == torch.float32
+    torch.testing.assert_close(res.logits, logits[leave])
+    torch.testing.assert_close(res.confidence.double(), score[leave], atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.state, h[~leave])
+    assert res.carry == ()
+    # The next step on the survivors goes on from there; the last stage lets every row go.
+    nxt = rt.run_stage(1, res.state, res.rows)
+    fin = rt.run_stage(2, nxt.state, nxt.rows, nxt.carry)
+    assert fin.state is None and fin.rows.numel() == 0 and fin.carry == ()
+    assert torch.equal(torch.sort(torch.cat([res.exit_rows, nxt.exit_rows, fin.exit_rows])).values, torch.sort(ids).values)
+
+
+def test_tuple_state_is_packed_member_wise():
+    d, C = 8, 4
+    model = ee.MultiExitModel([TupleStage(d) for _ in range(3)], [TupleExit(d, C) for _ in range(3)]).eval()
+    x = (torch.randn(33, 5, d), (torch.rand(33, 5) > 0.3).float())
+    with torch.no_grad():
+        outs = model(x)
+    thr = [float(score64(outs[k], "entropy").median()) for k in range(2)]
+    rt = ee.EERuntime(model, thresholds=thr)
+    got, steps = walk(rt, x)
+    assert_same_as_infer(rt, x, got)
+    first = steps[0]
+    assert isinstance(first.state, tuple) and len(first.state) == 2
+    with torch.no_grad():
+        h, m = model.stages[0](*x)
+    kept = torch.ones(33, dtype=torch.bool)
+    kept[first.exit_rows] = False
+    torch.testing.assert_close(first.state[0], h[kept])
+    assert torch.equal(first.state[1], m[kept])
+
+
+class AgreeWithHistory:
+    """A per-exit scorer with history: 1 when this exit's argmax agrees with every earlier exit."""
+
+    per_exit = True
+    uses_history = True
+
+    def __call__(self, logits, state, k, history):
+        agree = torch.ones(logits.shape[0])
+        for h in history:
+            agree = agree * (h.argmax(1) == logits.argmax(1)).float()
+        return agree if k > 0 else torch.zeros(logits.shape[0])
+
+
+@pytest.mark.parametrize("final", ["last", "average"])
+def test_history_criterion_and_average_travel_in_the_carry(final):
+    model = mlp_model(K=4)
+    x = torch.randn(64, 6)
+    rt = ee.EERuntime(model, thresholds=0.5, criterion=AgreeWithHistory(), final=final)
+    got, steps = walk(rt, x)
+    assert_same_as_infer(rt, x, got)
+    # Stage k's survivors carry the running sum (average) and the k + 1 exits' logits so far.
+    for res in steps[:-1]:
+        want = int(final == "average") + res.k + 1
+        assert len(res.carry) == want and all(c.shape[0] == res.rows.shape[0] for c in res.carry)
+    with pytest.raises(ValueError, match="carry for stage 1"):
+        rt.run_stage(1, steps[0].state, steps[0].rows, carry=None)
+
+
+@pytest.mark.parametrize("final", ["last", "average"])
+def test_survivors_of_two_batches_concatenated_then_continued(final):
+    """A scheduler's move: run stage 0 on two requests, join their survivors with cat_rows and
+    run the rest as one batch; each request's rows come out as rt.infer gives them."""
+    model = mlp_model(K=3)
+    a, b = torch.randn(20, 6), torch.randn(30, 6)
+    thr = quantile_thresholds(model, torch.cat([a, b]), "entropy", q=0.4)
+    rt = ee.EERuntime(model, thresholds=thr, criterion=AgreeWithHistory() if final == "average" else "entropy",
+                      final=final)
+    if final == "average":
+        rt.set_thresholds(0.5)
+    ra = rt.run_stage(0, a, torch.arange(20))
+    rb = rt.run_stage(0, b, torch.arange(100, 130))
+    steps = [ra, rb]
+    state = cat_rows([ra.state, rb.state])
+    rows = cat_rows([ra.rows, rb.rows])
+    carry = cat_rows([ra.carry, rb.carry])
+    for k in (1, 2):
+        res = rt.run_stage(k, state, rows, carry)
+        steps.append(res)
+        if res.state is None:
+            break
+        state, rows, carry = res.state, res.rows, res.carry
+    for x, base in ((a, 0), (b, 100)):
+        mine = []
+        for s in steps:
+            sel = ((s.exit_rows >= base) & (s.exit_rows < base + x.shape[0])).nonzero().squeeze(1)
+            mine.append(ee.StageResult(s.k, s.exit_rows[sel] - base, s.logits[sel], s.confidence[sel],
+                                       s.rows, None, ()))
+        assert_same_as_infer(rt, x, assemble(mine, x.shape[0]))
+
+
+def test_cat_rows_and_take_rows():
+    t1, t2 = torch.randn(3, 2), torch.randn(4, 2)
+    assert torch.equal(cat_rows([t1, t2]), torch.cat([t1, t2]))
+    m1, m2 = torch.ones(3, 5), torch.zeros(4, 5)
+    both = cat_rows([(t1, m1), (t2, m2)])
+    assert isinstance(both, tuple) and torch.equal(both[0], torch.cat([t1, t2])) and torch.equal(both[1], torch.cat([m1, m2]))
+    assert cat_rows([(), ()]) == ()
+    idx = torch.tensor([4, 0, 2])
+    assert torch.equal(take_rows(both, idx)[1], torch.cat([m1, m2])[idx])
+    assert torch.equal(take_rows(t2, torch.tensor([1])), t2[1:2])
+    with pytest.raises(ValueError):
+        cat_rows([])
+    with pytest.raises(TypeError):
+        cat_rows([t1, (t2,)])
+
+
+def test_stats_untouched_unless_recorded():
+    model = mlp_model(K=3)
+    rt = ee.EERuntime(model, thresholds=[0.5, 0.5], criterion="max_prob")
+    x = torch.randn(16, 6)
+    res = rt.run_stage(0, x, torch.arange(16))
+    assert rt.stats.samples == 0 and rt.stats.calls == 0
+    res = rt.run_stage(0, x, torch.arange(16), record=True)
+    s = rt.stats
+    assert s.exit_counts[0] == res.exit_rows.numel() and s.samples == res.exit_rows.numel()
+    rt.record_exits([1, 2, 3], 6)
+    assert rt.stats.exit_counts == [res.exit_rows.numel() + 1, 2, 3] and rt.stats.calls == 1
+    with pytest.raises(ValueError, match="3 counts"):
+        rt.record_exits([1, 2])
+
+
+def test_bad_calls_say_what_is_accepted():
+    model = mlp_model(K=3)
+    rt = ee.EERuntime(model, thresholds=[0.5, 0.5], criterion="max_prob")
+    x = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="stage index"):
+        rt.run_stage(3, x, torch.arange(4))
+    with pytest.raises(ValueError, match="int64"):
+        rt.run_stage(0, x, torch.arange(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"shape \[4\]"):
+        rt.run_stage(0, x, torch.arange(5))
+    with pytest.raises(TypeError, match="thresholds_snapshot"):
+        rt.run_stage(0, x, torch.arange(4), thresholds=[0.5, 0.5])
+
+
+# ------------------------------------------------------------------------------ snapshots
+def test_snapshot_is_immutable_and_an_old_one_still_decides():
+    model = mlp_model(K=3)
+    x = torch.randn(40, 6)
+    rt = ee.EERuntime(model, thresholds=[2.0, 2.0], criterion="max_prob")  # nobody leaves early
+    old = rt.thresholds_snapshot()
+    rt.set_thresholds(-1.0)  # everybody leaves at exit 0
+    assert old.values == (2.0, 2.0) and rt.thresholds_snapshot().values == (-1.0, -1.0)
+    with pytest.raises(AttributeError):
+        old._values = (0.0, 0.0)
+    assert rt.run_stage(0, x, torch.arange(40), thresholds=old).exit_rows.numel() == 0
+    assert rt.run_stage(0, x, torch.arange(40)).exit_rows.numel() == 40
+
+
+def _race(call, rt, x, sets, refs):
+    """8 threads call ``call(x)`` while one thread flips the thresholds between ``sets``; every
+    result must equal the result under one of the sets as a whole."""
+    stop = threading.Event()
+    errors, seen = [], set()
+
+    def flipper():
+        i = 0
+        while not stop.is_set():
+            rt.set_thresholds(sets[i % 2])
+            i += 1
+
+    def worker(_):
+        try:
+            for _ in range(25):
+                res = call(x)
+                match = [j for j, r in enumerate(refs) if torch.equal(res.exit_index, r.exit_index)
+                         and torch.allclose(res.logits, r.logits, rtol=1e-6, atol=1e-6)]
+                if not match:
+                    errors.append(res.exit_index.tolist())
+                seen.update(match)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    flip = threading.Thread(target=flipper)
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    flip.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    flip.join()
+    assert not errors, f"{len(errors)} results mixed two threshold sets, e.g. {errors[0]}"
+    return seen
+
+
+def _race_setup():
+    torch.manual_seed(0)
+    model = mlp_model(K=6)
+    x = torch.randn(96, 6)
+    sets = [quantile_thresholds(model, x, "entropy", q=0.15), quantile_thresholds(model, x, "entropy", q=0.3)]
+    rt = ee.EERuntime(model, thresholds=sets[0])
+    refs = []
+    for s in sets:
+        rt.set_thresholds(s)
+        refs.append(rt.infer(x))
+    assert not torch.equal(refs[0].exit_index, refs[1].exit_index)
+    return rt, x, sets, refs
+
+
+def test_set_thresholds_never_splits_an_infer_call():
+    rt, x, sets, refs = _race_setup()
+    _race(rt.infer, rt, x, sets, refs)
+
+
+def test_set_thresholds_never_splits_a_graph_executor_call():
+    from eeruntime.graphs import GraphRunner
+
+    rt, x, sets, refs = _race_setup()
+    runner = GraphRunner(rt, buckets=(32, 96), capture=False)
+    _race(lambda v: runner.infer(v)[0], rt, x, sets, refs)
