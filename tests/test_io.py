@@ -153,3 +153,23 @@ def test_confidence_head_criterion_is_rebuilt_from_the_model(tmp_path):
     back = ee.load(tmp_path / "rt", model)
     assert same_inference(rt, back, x)
     assert back.calibration.exit_fractions == cal.exit_fractions
+
+
+def test_a_runtime_saved_by_format_version_1_still_loads():
+    """tests/fixtures/runtime_v1_eenet was written by eeruntime at 68605db (the EENet scorer
+    named by its module path, cls=...; made by tests/fixtures/make_runtime_v1_eenet.py) with the
+    inference result it gave: loading it today must give the same scorer, thresholds and result."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    here = Path(__file__).parent / "fixtures" / "runtime_v1_eenet"
+    back = ee.load(here, tiny_model())
+    doc = json.loads((here / "runtime.json").read_text())
+    assert isinstance(back.criterion, EENetScorer) and back.thresholds == doc["thresholds"]
+    assert back.calibration.method == "budget" and back.calibration.scorer is back.criterion
+    want = load_file(str(here / "expected.safetensors"))
+    res = back.infer(want["x"])
+    assert torch.equal(res.exit_index, want["exit_index"])
+    torch.testing.assert_close(res.logits, want["logits"])
+    torch.testing.assert_close(res.confidence, want["confidence"])
