@@ -75,9 +75,14 @@ class ExitHead(nn.Module):
     None).
 
     Inference reuse: the runtime calls ``forward`` and then the criterion (``confidence`` or
-    ``gate``) on the same state tensor. Without autograd, the head keeps its last features and
-    the criterion reuses them when it gets the very same tensor object (and, where the tensor has
-    a version counter, unmodified), so a conv body is not run twice per exit.
+    ``gate``, through :class:`eeruntime.train.HeadScorer`) with the logits ``forward`` returned.
+    Without autograd, ``forward`` tags the logits tensor it returns with the features they came
+    from, and ``confidence(*state, logits=those logits)`` reads them from the tag instead of running
+    the body again, so a conv body runs once per exit. The features belong to the logits object,
+    not to the state: an input buffer changed in place between two calls (inference tensors have
+    no version counter to tell) can never bring back an earlier batch's features, the head holds
+    no state between calls, and threads sharing a head cannot see each other's. ``forward`` under
+    ``torch.compile`` tags nothing (the criterion then runs the body itself).
     """
 
     def __init__(self, body: nn.Module, classifier: nn.Module, feature_dim: int, *, confidence: bool = False, gate: bool = False):
@@ -89,7 +94,6 @@ class ExitHead(nn.Module):
         self.feature_dim = int(feature_dim)
         self.confidence_head: Optional[nn.Module] = None
         self.gate_head: Optional[nn.Module] = None
-        self._cache = None
         if confidence:
             self.add_confidence_head()
         if gate:
@@ -125,17 +129,14 @@ class ExitHead(nn.Module):
 
     # ---------------------------------------------------------------- features
     def features(self, *state) -> torch.Tensor:
-        cacheable = not torch.is_grad_enabled()
-        if cacheable and self._cache is not None:
-            ref, version, training, feats = self._cache
-            if ref() is state[0] and version == _version(state[0]) and training == self.training:
-                return feats
-        feats = self.body(*state)
-        self._cache = (weakref.ref(state[0]), _version(state[0]), self.training, feats) if cacheable else None
-        return feats
+        return self.body(*state)
 
     def forward(self, *state) -> torch.Tensor:
-        return self.classifier(self.features(*state))
+        feats = self.body(*state)
+        logits = self.classifier(feats)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            _tag(logits, self, feats, state)
+        return logits
 
     def parts(self, *state):
         f = self.features(*state)
@@ -143,28 +144,42 @@ class ExitHead(nn.Module):
         gate = self.gate_head(f).squeeze(-1) if self.gate_head is not None else None
         return self.classifier(f), conf, gate
 
-    def confidence(self, *state) -> torch.Tensor:
+    def _features_of(self, state, logits: Optional[torch.Tensor]) -> torch.Tensor:
+        tag = getattr(logits, _FEATURES, None) if logits is not None else None
+        if tag is not None and tag[0]() is self:
+            return logits if tag[1] is _SAME else tag[1]
+        return self.body(*state)
+
+    def confidence(self, *state, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """sigmoid(confidence head(features)) [B]; ``logits``: what ``forward`` returned for this
+        state, whose features are then reused."""
         if self.confidence_head is None:
             raise RuntimeError("this exit head has no confidence head; create it with add_confidence_head()")
-        return torch.sigmoid(self.confidence_head(self.features(*state)).squeeze(-1))
+        return torch.sigmoid(self.confidence_head(self._features_of(state, logits)).squeeze(-1))
 
-    def gate(self, *state) -> torch.Tensor:
+    def gate(self, *state, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """sigmoid(gate(features)) [B]; ``logits`` as in :meth:`confidence`."""
         if self.gate_head is None:
             raise RuntimeError("this exit head has no gate; create it with add_gate()")
-        return torch.sigmoid(self.gate_head(self.features(*state)).squeeze(-1))
-
-    def __getstate__(self):
-        # The feature cache holds a weak reference and a batch of activations: never pickle or copy it.
-        d = self.__dict__.copy()
-        d["_cache"] = None
-        return d
+        return torch.sigmoid(self.gate_head(self._features_of(state, logits)).squeeze(-1))
 
 
-def _version(t: torch.Tensor) -> int:
+# The attribute ExitHead.forward sets on the logits it returns: (weak ref to the head, features).
+_FEATURES = "_eeruntime_exit_features"
+_SAME = object()  # the features are the logits themselves (an identity classifier)
+
+
+def _tag(logits: torch.Tensor, head: ExitHead, feats: torch.Tensor, state) -> None:
+    if not isinstance(logits, torch.Tensor) or not isinstance(feats, torch.Tensor):
+        return
+    if logits is not feats and (feats._base is not None or any(feats is s for s in state)):
+        # Features that are the state or a view of it cost nothing to recompute, and holding them
+        # would keep a reference to the stage's output (the runtime could not pack it in place).
+        return
     try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return -1
+        setattr(logits, _FEATURES, (weakref.ref(head), _SAME if logits is feats else feats))
+    except (AttributeError, TypeError):  # a tensor subclass without a __dict__
+        pass
 
 
 class PoolLinearHead(ExitHead):

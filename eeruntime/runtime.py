@@ -463,7 +463,9 @@ class EERuntime:
             parts = as_tuple(state)
             extra = ([acc] if acc is not None else []) + (history or [])
             n -= n_exit
-            in_place = fused is not None and sole_owner(parts, named=int(parts is not state))
+            in_place = fused is not None and sole_owner(
+                parts, named=int(parts is not state), tuple_names=1 + int(parts is state)
+            )
             if in_place and all(t.is_cpu and rows_writable(t) for t in parts):
                 # Nothing else can see this stage's output: pack it where it lies (no new memory;
                 # the next stage reads the first n rows, as the oracle does). `rows` is the

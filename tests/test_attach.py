@@ -1,6 +1,5 @@
 """attach_exits: the final exit reproduces the backbone bit for bit, split points are checked,
 heads get the right shapes, and the backbone is shared, never changed."""
-import copy
 
 import pytest
 import torch
@@ -353,29 +352,30 @@ def test_modes_of_the_backbone_are_left_alone():
 
 
 # ------------------------------------------------------------------ head feature reuse
-def test_exit_head_reuses_features_only_for_the_same_tensor():
+def test_exit_head_reuses_features_only_for_its_own_logits():
     head = ConvHead(4, 3, confidence=True, gate=True).eval()
+    other = ConvHead(4, 3, confidence=True).eval()
     calls = []
     head.body.register_forward_hook(lambda *a: calls.append(1))
     x, y = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
-    with torch.inference_mode():
-        head(x)
-        c = head.confidence(x)
-        assert len(calls) == 1
-        head.gate(y)
-        assert len(calls) == 2
     with torch.no_grad():
         fresh = torch.sigmoid(head.confidence_head(head.body(x)).squeeze(-1))
-    assert torch.equal(c, fresh)
-    x2 = torch.randn(2, 4, 6, 6)
-    with torch.no_grad():
-        head(x2)
-        x2.add_(1.0)  # changed in place: the cached features are stale and must not be used
         calls.clear()
-        head.confidence(x2)
-        assert len(calls) == 1
+    with torch.inference_mode():
+        logits = head(x)
+        c = head.confidence(x, logits=logits)  # the features behind these logits: no second body pass
+        assert len(calls) == 1 and torch.equal(c, fresh)
+        head.gate(y)  # no logits given: the body runs
+        head.confidence(x)
+        assert len(calls) == 3
+        other_logits = other(x)
+        head.confidence(x, logits=other_logits)  # another head's logits carry nothing for this one
+        assert len(calls) == 4
+        x.add_(1.0)  # an inference tensor changed in place: nothing is keyed on it
+        c2 = head.confidence(x)
+        assert not torch.equal(c2, c) and len(calls) == 5
     calls.clear()
-    head(x)
-    head.confidence(x)  # with autograd on, nothing is cached
-    assert len(calls) == 2
-    copy.deepcopy(head)  # the cache never travels with a copy
+    logits = head(x)
+    head.confidence(x, logits=logits)  # with autograd on, nothing is tagged
+    assert len(calls) == 2 and not hasattr(logits, "_eeruntime_exit_features")
+    assert not any(isinstance(v, torch.Tensor) and v.shape[0] == 2 for v in vars(head).values())  # no batch kept

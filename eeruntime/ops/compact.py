@@ -15,6 +15,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from . import dispatch
+from .aliasing import inputs_apart, refuse_overlapping_outputs
 
 
 def _check_mask(mask: torch.Tensor, name: str) -> int:
@@ -114,24 +115,27 @@ def compact_into(
         raise ValueError(f"index_out must be int64 [>= {B}], got {index_out.dtype} {tuple(index_out.shape)}")
     if count_out.dtype != torch.int64 or count_out.numel() != 1:
         raise ValueError(f"count_out must be a one-element int64 tensor, got {count_out.dtype} {tuple(count_out.shape)}")
+    written = [*outs, index_out, count_out]
+    refuse_overlapping_outputs(
+        "compact_into", [*((f"outs[{i}]", o) for i, o in enumerate(outs)), ("index_out", index_out), ("count_out", count_out)]
+    )
+    keep, *tensors = inputs_apart([("keep", keep), *(("tensors", t) for t in tensors)], written)
     b = dispatch.select("compact_into", backend, keep, tensors, outs, index_out, count_out)
     b.fn(keep, list(tensors), list(outs), index_out, count_out)
 
 
 def compact_(keep: torch.Tensor, tensors: Sequence[torch.Tensor], *, backend: str = "auto") -> int:
     """``compact`` in place: rows ``[:n]`` of each tensor become its rows where ``keep`` is True, in
-    order; rows from n on are left unspecified. Returns n. The tensors must have distinct rows,
-    each one dense block (the layout a stage's fresh output has); no new memory is taken, so the
+    order; rows from n on are left unspecified. Returns n. The tensors must not share memory
+    (with each other, or an element with another: ``ValueError``); no new memory is taken, so the
     runtime uses it for stage outputs that only it holds (see ``eeruntime.ownership``)."""
     B = _check_mask(keep, "keep")
     _check_rows(tensors, B, keep.device, "tensors")
-    storages = [t.untyped_storage().data_ptr() if t.numel() else None for t in tensors]
-    for i, t in enumerate(tensors):
-        if (t.shape[0] > 1 and t.stride(0) == 0) or (storages[i] is not None and storages[i] in storages[:i]):
-            raise ValueError(
-                f"tensors[{i}] shares memory with another row or another tensor; in-place compaction "
-                "needs tensors of their own with distinct rows"
-            )
+    # Every tensor is written: the same checks as outputs (no element twice, no memory shared with
+    # another tensor, whatever storage it came through); the mask is read throughout, so a mask on
+    # their memory is copied first (eeruntime/ops/aliasing.py).
+    refuse_overlapping_outputs("compact_", [(f"tensors[{i}]", t) for i, t in enumerate(tensors)])
+    (keep,) = inputs_apart([("keep", keep)], tensors)
     dispatch.select("compact_", backend, keep, tensors).fn(keep, list(tensors))
     return int(keep.sum())
 
@@ -154,5 +158,7 @@ def scatter_rows(
     for i, (s, o) in enumerate(zip(srcs, outs)):
         if o.shape[1:] != s.shape[1:] or o.device != s.device:
             raise ValueError(f"outs[{i}] {tuple(o.shape)} on {o.device} does not match srcs[{i}] {tuple(s.shape)} on {s.device}")
+    refuse_overlapping_outputs("scatter_rows", [(f"outs[{i}]", o) for i, o in enumerate(outs)])
+    mask, rows, *srcs = inputs_apart([("mask", mask), ("rows", rows), *(("srcs", s) for s in srcs)], outs)
     b = dispatch.select("scatter_rows", backend, mask, rows, srcs, outs)
     b.fn(mask, rows, list(srcs), list(outs))

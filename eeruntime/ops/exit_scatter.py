@@ -17,6 +17,7 @@ import torch
 
 from ..criteria import CRITERIA
 from . import dispatch
+from .aliasing import inputs_apart, refuse_overlapping_outputs
 from .compact import scatter_rows_ref
 from .exit_decision import _check_logits, confidence_ref, exits_from_scores
 
@@ -87,9 +88,16 @@ def exit_scatter(
     name of ``CRITERIA`` (entropy leaves when H < T, the others when score >= T); ``rows`` int64
     [n]: each logits row's row of the outputs; ``out`` [B, C] (any float dtype; logits are
     converted), ``confidence`` float32 [B] and ``exit_index`` int64 [B] are written in place at
-    the leaving rows only. ``keep`` is bool [n]; ``n_exit`` an int.
+    the leaving rows only. ``keep`` is bool [n]; ``n_exit`` an int. An input on an output's
+    memory (``out`` aliasing ``logits``) is read as it was when the call began; outputs that
+    share memory are refused (``eeruntime/ops/aliasing.py``).
     """
     _check(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index)
+    outputs = [("out", out), ("confidence", confidence), ("exit_index", exit_index)]
+    refuse_overlapping_outputs("exit_scatter", outputs)
+    logits, thresholds, rows = inputs_apart(
+        [("logits", logits), ("thresholds", thresholds), ("rows", rows)], [t for _, t in outputs]
+    )
     args = (logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index)
     keep, n_exit = dispatch.select("exit_scatter", backend, *args).fn(*args)
     return keep, int(n_exit)

@@ -28,11 +28,19 @@ class HeadScorer:
     def __init__(self, fns: Sequence[Callable], name: str):
         self.fns: List[Callable] = list(fns)
         self.__qualname__ = name
+        # An ExitHead's confidence / gate reuse the features behind the logits forward returned.
+        self._takes_logits = [
+            isinstance(getattr(f, "__self__", None), ExitHead) and getattr(f, "__name__", "") in ("confidence", "gate")
+            for f in self.fns
+        ]
 
     def __call__(self, logits: torch.Tensor, state, k: int, history=()) -> torch.Tensor:
         if k >= len(self.fns):
             return torch.ones(logits.shape[0], dtype=torch.float32, device=logits.device)
-        s = self.fns[k](*as_tuple(state))
+        if self._takes_logits[k]:
+            s = self.fns[k](*as_tuple(state), logits=logits)
+        else:
+            s = self.fns[k](*as_tuple(state))
         return s.reshape(logits.shape[0]).float()
 
     def __repr__(self) -> str:
