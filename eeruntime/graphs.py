@@ -205,28 +205,56 @@ _HOST_READS = frozenset((
     _aten._local_scalar_dense, _aten.item, _aten.nonzero, _aten.masked_select, _aten.is_nonzero,
     _aten.equal, _aten.allclose,
 ))
+# torch.tensor(v, device=...) / torch.as_tensor: the data is copied from the host before the op
+# reaches a dispatch mode, which then sees lift_fresh on the tensor already on the device.
+_LIFTS = frozenset((_aten.lift_fresh, _aten.lift_fresh_copy))
+
+
+def _on_host(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu"
+
+
+def _on_device(t) -> bool:
+    """A tensor in device memory (CUDA, or any non-CPU device: tests stand meta tensors in for it)."""
+    return isinstance(t, torch.Tensor) and t.device.type != "cpu"
 
 
 def _host_read(func, args, kwargs) -> Optional[str]:
-    """Why this aten call reads device data on the host, or None."""
+    """Why this aten call moves data between the host and the device, or None.
+
+    Either way it cannot sit in a CUDA graph: a read of device data on the host (a copy to the CPU,
+    ``.item()``, ``nonzero``, boolean indexing) syncs, which capture forbids; a host-to-device copy
+    (``torch.tensor(v, device="cuda")``, ``t.to("cuda")``, ``cuda_buf.copy_(cpu_t)``) is a blocking
+    pageable copy, which fails the capture too (and a replay would copy the captured host address,
+    not the value the caller meant)."""
     packet = getattr(func, "overloadpacket", None)
     if packet in _HOST_READS:
         return f"{packet}"
     if packet in (_aten.index, _aten.index_put, _aten.index_put_) and len(args) > 1:
         if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or []):
             return "indexing with a bool mask"
-    if packet is _aten._to_copy and isinstance(args[0], torch.Tensor) and args[0].is_cuda:
+    if packet in _LIFTS and args and _on_device(args[0]):
+        return f"a tensor made from host data on the device ({packet}: torch.tensor(..., device=...))"
+    if packet is _aten._to_copy and args and isinstance(args[0], torch.Tensor):
         device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cpu":
+        if device is not None:
+            target = torch.device(device)
+            if _on_device(args[0]) and target.type == "cpu":
+                return "a copy to the CPU"
+            if _on_host(args[0]) and target.type != "cpu":
+                return "a host-to-device copy (.to(device) of a CPU tensor)"
+    if packet is _aten.copy_ and len(args) > 1:
+        dst, src = args[0], args[1]
+        if _on_device(src) and _on_host(dst):
             return "a copy to the CPU"
-    if packet is _aten.copy_ and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        if args[1].is_cuda and args[0].device.type == "cpu":
-            return "a copy to the CPU"
+        if _on_host(src) and _on_device(dst):
+            return "a host-to-device copy (copy_ from a CPU tensor)"
     return None
 
 
 class _HostReadProbe(TorchDispatchMode):
-    """Raises _GraphsUnusable at the first op that reads device data on the host.
+    """Raises _GraphsUnusable at the first op that reads device data on the host or copies host
+    data to the device (see :func:`_host_read`).
 
     It runs over the first warm-up of every capture, so a body that cannot be captured is refused
     before capture starts: a capture that fails on a sync leaves the caching allocator of several
@@ -238,8 +266,9 @@ class _HostReadProbe(TorchDispatchMode):
         why = _host_read(func, args, kwargs)
         if why is not None:
             raise _GraphsUnusable(
-                f"the stage, its exit head or the criterion reads device data on the host ({why}); a model "
-                "or criterion that syncs with the host (.item(), nonzero, boolean indexing) cannot be captured"
+                f"the stage, its exit head or the criterion moves data between host and device ({why}); a model "
+                "or criterion that syncs with the host (.item(), nonzero, boolean indexing) or copies host data "
+                "to the device (torch.tensor(v, device=...), .to(device)) cannot be captured"
             )
         return func(*args, **kwargs)
 

@@ -17,6 +17,7 @@ from eeruntime.graphs import (
     CAPTURE_SAFE_BACKENDS,
     GraphRunner,
     _host_read,
+    _GraphsUnusable,
     _HostReadProbe,
     bucket_for,
     check_buckets,
@@ -359,6 +360,45 @@ def test_host_read_rules():
     assert _host_read(torch.ops.aten._to_copy.default, (cuda_like,), {"device": torch.device("cpu")}) is None
     assert _host_read(torch.ops.aten.index.Tensor, (cuda_like, [torch.tensor([0, 1])]), {}) is None
     assert _host_read(torch.ops.aten.index.Tensor, (cuda_like, [torch.tensor([True, False])]), {}) is not None
+
+
+def test_host_read_rules_refuse_host_to_device_copies():
+    """A host-to-device copy cannot be captured either. Meta tensors stand in for device memory on
+    CPU (the rules treat every non-CPU tensor as device data)."""
+    aten = torch.ops.aten
+    dev, host = torch.zeros(3, device="meta"), torch.ones(3)
+    assert "host-to-device" in _host_read(aten._to_copy.default, (host,), {"device": torch.device("meta")})
+    assert "host-to-device" in _host_read(aten.copy_.default, (dev, host), {})
+    assert "lift_fresh" in _host_read(aten.lift_fresh.default, (dev,), {})  # torch.tensor(v, device=...)
+    assert _host_read(aten.lift_fresh_copy.default, (dev,), {}) is not None
+    assert "copy to the CPU" in _host_read(aten._to_copy.default, (dev,), {"device": torch.device("cpu")})
+    assert "copy to the CPU" in _host_read(aten.copy_.default, (host, dev), {})
+    # device to device, host to host, dtype-only casts and host constants stay allowed
+    assert _host_read(aten.copy_.default, (dev, dev), {}) is None
+    assert _host_read(aten.copy_.default, (host, host), {}) is None
+    assert _host_read(aten._to_copy.default, (dev,), {"dtype": torch.float16}) is None
+    assert _host_read(aten._to_copy.default, (dev,), {"device": torch.device("meta")}) is None
+    assert _host_read(aten.lift_fresh.default, (host,), {}) is None  # a CPU scalar like torch.tensor(2.0)
+
+
+def _criterion_with_host_constant(logits, state):
+    return logits.max(1).values - torch.tensor([0.25]).to(logits.device)
+
+
+def _criterion_copying_into_device(logits, state):
+    s = logits.max(1).values
+    return s.copy_(torch.zeros(s.shape))
+
+
+@pytest.mark.parametrize("crit", [_criterion_with_host_constant, _criterion_copying_into_device])
+def test_pre_capture_probe_refuses_host_to_device_copies(crit):
+    """The probe (the dispatch mode over the first warm-up's op stream) on a criterion run on
+    'device' (meta) logits: refused before the copy runs; a sync-free criterion passes."""
+    logits = torch.zeros(4, 5, device="meta")
+    with pytest.raises(_GraphsUnusable, match="host-to-device"), _HostReadProbe():
+        crit(logits, None)
+    with _HostReadProbe():
+        assert top_logit(logits, None).shape == (4,)
 
 
 def test_one_count_read_per_early_exit_reached():
