@@ -18,9 +18,9 @@ logits, packed like the state, divided by K). Each output row is written exactly
 the exit that row took, so the static outputs need no reset; a call copies them into fresh
 tensors, so what it returns is never a view of a static buffer.
 
-Graphs are captured per input signature (trailing shapes and dtypes), lazily or by
-:meth:`GraphRunner.warmup` (largest bucket first, all on one memory pool). Thresholds are read
-through the runtime's device tensor, which ``set_thresholds`` updates in place: no re-capture.
+Graphs are captured per input signature (trailing shapes and dtypes, and the autocast state),
+lazily or by :meth:`GraphRunner.warmup` (largest bucket first, all on one memory pool, with no
+device sync between captures). Thresholds are read through the runtime's device tensor, which ``set_thresholds`` updates in place: no re-capture.
 With ``capture=False`` (and on any non-CUDA device) the very same static-buffer loop runs eagerly,
 which is how its buffer, padding and chunking logic is tested on CPU.
 """
@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops
 from .criteria import uses_history
+from .devices import device_guard
 from .runtime import InferenceResult
 from .state import as_tuple, call, check_state
 
@@ -195,6 +196,15 @@ def graphs_supported(rt) -> Optional[str]:
     return None
 
 
+def autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
+    """Whether autocast is on for ``device_type`` and its dtype: part of a graph's signature, since
+    a graph captured under autocast replays its casts (and one captured outside it replays none),
+    whatever the autocast state of the call that replays it."""
+    if not torch.is_autocast_enabled(device_type):
+        return (False, None)
+    return (True, torch.get_autocast_dtype(device_type))
+
+
 class _GraphsUnusable(RuntimeError):
     """This runner cannot go on with graphs (capture failed, state shapes vary): run eagerly."""
 
@@ -271,6 +281,42 @@ class _HostReadProbe(TorchDispatchMode):
                 "to the device (torch.tensor(v, device=...), .to(device)) cannot be captured"
             )
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _side_stream(side, current):
+    """Run the block on ``side`` after the work already queued on ``current``; ``current`` then
+    waits for it, also when the block raises: otherwise a buffer allocated on ``current`` (the
+    saved inputs, the static buffers) could be freed and reused while ``side`` still has work
+    queued on it."""
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        current.wait_stream(side)
+
+
+def _capture_into(graph, pool, stream, current, body) -> None:
+    """Capture ``body()`` into ``graph`` on ``stream`` (after the work queued on ``current``), with
+    its memory from ``pool``.
+
+    ``torch.cuda.graph`` would also synchronize the device, run ``empty_cache`` and empty the host
+    cache before every capture; warmup(256) makes ~140 captures, and none of that is needed for a
+    correct capture (the stream wait orders it after the warm-ups). The caller's stream is restored
+    even when the capture fails (``torch.cuda.graph`` skips that when ``capture_end`` raises)."""
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            body()
+        except BaseException:
+            try:
+                graph.capture_end()  # ends the (invalidated) capture; its own error adds nothing
+            except Exception:  # noqa: BLE001
+                pass
+            raise
+        graph.capture_end()
 
 
 # --------------------------------------------------------------------------------- static buffers
@@ -399,7 +445,7 @@ class GraphRunner:
             return self._eager(x, B, snap)
         device = as_tuple(x)[0].device
         capture = self._capture_for(device)
-        with torch.inference_mode(), self._on_device(device):
+        with torch.inference_mode(), device_guard(device):
             try:
                 with self._lock:
                     self._after_previous_call(device)
@@ -441,7 +487,7 @@ class GraphRunner:
             if check_state(example, "warmup example") == 0:
                 raise ValueError("warmup example must hold at least one row (e.g. x[:1])")
             device = as_tuple(example)[0].device
-            with self._on_device(device):
+            with device_guard(device):
                 try:
                     self._after_previous_call(device)
                     try:
@@ -488,10 +534,6 @@ class GraphRunner:
             raise ValueError(f"capture=True needs CUDA inputs, got a tensor on {device}")
         return bool(self.capture)
 
-    @staticmethod
-    def _on_device(device: torch.device):
-        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
     def _after_previous_call(self, device: torch.device) -> None:
         # The previous call may have run on another stream: its work on the static buffers must
         # finish before this one writes them. Device-side wait, no host sync.
@@ -508,7 +550,11 @@ class GraphRunner:
 
     def _signature(self, x, capture: bool) -> Optional[_Signature]:
         parts = as_tuple(x)
-        key = (isinstance(x, tuple), capture, tuple((tuple(p.shape[1:]), p.dtype, p.device) for p in parts))
+        device = parts[0].device
+        key = (
+            isinstance(x, tuple), capture, tuple((tuple(p.shape[1:]), p.dtype, p.device) for p in parts),
+            autocast_state(device.type),
+        )
         sig = self._sigs.get(key)
         if sig is None:
             if len(self._sigs) >= self.max_signatures:
@@ -528,6 +574,11 @@ class GraphRunner:
     def _warm(self, sig: _Signature, max_batch: int) -> None:
         top = bucket_for(min(max_batch, self.buckets[-1]), self.buckets)
         sizes = [b for b in reversed(self.buckets) if b <= top]
+        if sig.capture:
+            # Once for all the captures that follow (torch.cuda.graph would do it per capture):
+            # cached blocks go back to the driver, so the graph pool can take that memory.
+            torch.cuda.synchronize(sig.device)
+            torch.cuda.empty_cache()
         for k in range(self.rt.num_exits):
             for b in sizes:
                 if (k, b) in sig.ready:
@@ -618,27 +669,21 @@ class GraphRunner:
         # copy of the input as the call left it.
         inputs = [t[:b] for t in sig.stages[k].inputs]
         saved = [t.clone() for t in inputs]
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        with _side_stream(side, current):
             for run in range(WARMUP_RUNS):
                 for t, v in zip(inputs, saved):
                     t.copy_(v)
                 with _HostReadProbe() if run == 0 else contextlib.nullcontext():
                     self._body(sig, k, b)
-        current.wait_stream(side)
         for t, v in zip(inputs, saved):
             t.copy_(v)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with _CAPTURE_LOCK, torch.cuda.graph(
-                graph, pool=self._pool, stream=capture_stream, capture_error_mode="thread_local"
-            ):
-                self._body(sig, k, b)
+            with _CAPTURE_LOCK:
+                _capture_into(graph, self._pool, capture_stream, current, lambda: self._body(sig, k, b))
         except Exception as e:
-            # torch.cuda.graph skips restoring the caller's stream when capture_end raises.
-            torch.cuda.set_stream(current)
             if isinstance(e, _GraphsUnusable):
                 raise
             raise _GraphsUnusable(

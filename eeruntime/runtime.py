@@ -11,6 +11,7 @@ import torch
 
 from . import ops
 from .cost import CostModel, measure_costs
+from .devices import device_guard
 from .criteria import CRITERION_CODE, Criterion, check_criterion, criterion_name, is_per_exit, uses_history
 from .ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
 from .ops.exit_decision import confidence_ref, exits_from_scores
@@ -155,7 +156,7 @@ class EERuntime:
             self.model.eval()
         snap = self._snapshot
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), device_guard(as_tuple(x)[0].device):
             runner = self._graph_runner_for(x)
             if runner is not None:
                 result, counts = runner.infer(x, thresholds=snap)

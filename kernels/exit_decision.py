@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from eeruntime.criteria import CRITERIA, CRITERION_CODE
+from eeruntime.devices import device_guard
 
 # Rows up to this many classes take the one-block path; wider rows are walked in chunks.
 ONE_BLOCK_MAX = 4096
@@ -290,11 +291,13 @@ def exit_decision_triton(
         # With one row the stride is never used (row 0 is at offset 0), so only C limits VEC.
         VEC=_vector_width(C, logits.stride(0) if B > 1 else 0, logits.element_size()),
     )
-    if path == "tile":
-        grid = (triton.cdiv(B, rows),)
-        _run(_exit_decision_tile_kernel, grid, args, dict(flags, ROWS=rows, BLOCK_C=block_c), num_warps)
-    else:
-        _run(_exit_decision_chunked_kernel, (B,), args, dict(flags, BLOCK_C=block_c), num_warps)
+    # Triton launches on the current device and its current stream: make logits' device current.
+    with device_guard(device):
+        if path == "tile":
+            grid = (triton.cdiv(B, rows),)
+            _run(_exit_decision_tile_kernel, grid, args, dict(flags, ROWS=rows, BLOCK_C=block_c), num_warps)
+        else:
+            _run(_exit_decision_chunked_kernel, (B,), args, dict(flags, BLOCK_C=block_c), num_warps)
     return out
 
 

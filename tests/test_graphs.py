@@ -2,6 +2,7 @@
 (run eagerly on CPU with capture=False) against the eager runtime and the per-sample loop, and on
 a GPU the captured graphs (equality, no re-capture on set_thresholds, host syncs, threads, memory).
 """
+import contextlib
 import math
 import threading
 import warnings
@@ -19,6 +20,7 @@ from eeruntime.graphs import (
     _host_read,
     _GraphsUnusable,
     _HostReadProbe,
+    autocast_state,
     bucket_for,
     check_buckets,
     chunk_bounds,
@@ -399,6 +401,87 @@ def test_pre_capture_probe_refuses_host_to_device_copies(crit):
         crit(logits, None)
     with _HostReadProbe():
         assert top_logit(logits, None).shape == (4,)
+
+
+class FakeStream:
+    """Stands in for a torch.cuda.Stream on CPU: records which streams it was made to wait for."""
+
+    def __init__(self, name):
+        self.name = name
+        self.waited = []
+
+    def wait_stream(self, other):
+        self.waited.append(other.name)
+
+
+class FailsOnce(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.fail = True
+
+    def forward(self, x):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("stage failed in its warm-up")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("failure", ["stage raises", "probe refuses"])
+def test_a_warm_up_that_raises_still_joins_the_side_stream(monkeypatch, failure):
+    """GraphRunner._capture on CPU with fake streams: whether a warm-up raises (the stage) or is
+    refused (the probe), the current stream must wait for the side stream before the error leaves
+    _capture, or buffers allocated on the current stream are freed under the side stream's work."""
+    model = mlp_model()
+    crit = item_criterion if failure == "probe refuses" else "max_prob"
+    if failure == "stage raises":
+        model.stages[0] = FailsOnce(model.stages[0])
+    rt = ee.EERuntime(model, thresholds=0.5, criterion=crit, graphs=False)
+    runner = cpu_runner(rt, pack="torch")
+    x = torch.randn(4, 6)
+    with torch.inference_mode():
+        sig = runner._signature(x, capture=False)
+        sig.stages[0].inputs[0][:4].copy_(x)
+        sig.stages[0].count.fill_(4)
+    side, capture_stream, current = FakeStream("side"), FakeStream("capture"), FakeStream("current")
+    monkeypatch.setattr(runner, "_cuda_streams", lambda device: (side, capture_stream))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    with pytest.raises((RuntimeError, _GraphsUnusable), match="warm-up|host"), torch.inference_mode():
+        runner._capture(sig, 0, 4)
+    assert side.waited == ["current"]  # the side stream started after the queued work
+    assert current.waited == ["side"]  # and was joined although the warm-up raised
+    assert capture_stream.waited == [] and runner.num_captures == 0
+
+
+def test_autocast_state_is_part_of_the_signature():
+    assert autocast_state("cpu") == (False, None) and autocast_state("cuda") == (False, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_state("cpu") == (True, torch.bfloat16)
+        assert autocast_state("cuda") == (False, None)
+    prev = torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)  # thread-local flags; settable without a GPU
+    torch.set_autocast_dtype("cuda", torch.float16)
+    try:
+        assert autocast_state("cuda") == (True, torch.float16)
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+        torch.set_autocast_dtype("cuda", prev)
+    # A runner called in and out of autocast keeps one set of buffers (graphs) for each, and each
+    # call gives what the eager runtime gives in the same autocast state (bfloat16 logits inside).
+    model = mlp_model()
+    x = torch.randn(9, 6)
+    thr = quantile_thresholds(model, x, "max_prob")
+    rt = ee.EERuntime(model, thresholds=thr, criterion="max_prob", graphs=False)
+    runner = cpu_runner(rt)
+    for amp in (False, True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            res, counts = runner.infer(x)
+            ref, _ = rt._infer_eager(x, 9)
+            near = tie_margin(model, x, thr, "max_prob", ref.exit_index)
+        assert res.logits.dtype == ref.logits.dtype == (torch.bfloat16 if amp else torch.float32)
+        assert_same_result(res, counts, ref, near, atol=1e-2 if amp else 1e-5, rtol=1e-2 if amp else 1e-5)
+    assert runner.num_signatures == 2
 
 
 def test_one_count_read_per_early_exit_reached():
@@ -802,6 +885,35 @@ def test_gpu_lazy_capture_mid_call_of_a_stage_that_writes_its_input(exact_cuda):
         near = tie_margin(model, x, rt.thresholds, "max_prob", ref.exit_index)
         assert_same_result(res, counts, ref, near, atol=1e-4, rtol=1e-4)
     assert rt._graph_runner.num_captures > 0
+
+
+class SleepsThenFails(nn.Module):
+    """Queues ~50 ms of GPU work on the current (side) stream, then raises: a failing warm-up."""
+
+    def forward(self, x):
+        torch.cuda._sleep(100_000_000)
+        raise RuntimeError("stage failed in its warm-up")
+
+
+@requires_cuda
+def test_gpu_a_warm_up_that_raises_leaves_the_current_stream_after_the_side_stream(exact_cuda):
+    model, pool, rt = cuda_setup(graphs=True)
+    stage0 = model.stages[0]
+    model.stages[0] = SleepsThenFails()
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match="warm-up"):
+        rt.infer(pool[:8])  # the first call captures stage 0: its warm-up raises on the side stream
+    # The current stream was made to wait for the side stream's queued sleep before the error
+    # left the runner (without the join it would be idle already).
+    assert not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    model.stages[0] = stage0  # the runner is still usable
+    x = pool[:8]
+    rt.reset_stats()
+    res = rt.infer(x)
+    ref, _ = eager_reference(rt, x)
+    near = tie_margin(model, x, rt.thresholds, "max_prob", ref.exit_index)
+    assert_same_result(res, rt.stats.exit_counts, ref, near, atol=1e-4, rtol=1e-4)
 
 
 @requires_cuda
