@@ -2,6 +2,7 @@
 device's measured copy bandwidth (the yardstick for the memory-bound kernels)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 
@@ -76,12 +77,51 @@ def per_call_seconds(fn, target_s: float = 0.05, max_inner: int = 1000) -> tuple
     return times[len(times) // 2], inner
 
 
-def copy_bandwidth(device="cuda", nbytes: int = 1 << 28) -> float:
-    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
+COPY_BYTES = 1 << 30  # 1 GiB: a copy long enough (~0.3 ms on an H100) that launch costs vanish
+
+
+def copy_bandwidth(device="cuda", nbytes: int = COPY_BYTES) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write counted).
+
+    Timed with CUDA events around back-to-back copies (``per_call_seconds``), not by wall clock
+    around one synchronised copy: on a copy this short the launch and the sync would be counted as
+    copy time and under-read the bandwidth, inflating every "fraction of copy bandwidth". The
+    buffers shrink (by halves, down to 256 MiB) only when 2 x ``nbytes`` does not fit in free memory.
+    """
+    free, _ = torch.cuda.mem_get_info(device)
+    while 2.2 * nbytes > free and nbytes > (1 << 28):
+        nbytes //= 2
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=10)
+    t, _ = per_call_seconds(lambda: dst.copy_(src), target_s=0.05, max_inner=200)
+    del src, dst
     return 2 * nbytes / t
+
+
+@contextlib.contextmanager
+def cudnn_benchmark_on():
+    """cuDNN autotuning inside the block only; the previous setting comes back after it (also on
+    error), so suites that run later keep theirs."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def synced(fn, device):
+    """``fn`` followed by a device synchronize on CUDA, so a pytest-benchmark row times the work
+    and not only its launch (CUDA calls return before the GPU is done)."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
 
 
 def benchmark_record(benchmark, **extra) -> None:

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import eeruntime as ee
-from common import CUDA, benchmark_record, thresholds_for_fractions
+from common import CUDA, benchmark_record, cudnn_benchmark_on, thresholds_for_fractions
 from eeruntime.timing import side_by_side
 from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle
 from eeruntime.zoo import resnet_style
@@ -59,12 +59,20 @@ def _capture(fn, pool=None):
     return graph
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cudnn_benchmark():
+    """cuDNN autotuning for this suite only: the suites collected after it keep the setting they
+    had (the default algorithms)."""
+    with cudnn_benchmark_on():
+        yield
+        _CACHE.clear()  # the models were tuned under it
+
+
 class _Resolution:
     """Model, sample pool and both runtimes of one input resolution (graphs captured once)."""
 
     def __init__(self, res: int):
         torch.manual_seed(0)
-        torch.backends.cudnn.benchmark = True
         dtype = getattr(torch, DTYPE_NAME)
         self.model = resnet_style(num_classes=100).cuda().to(dtype).eval()
         self.pool = torch.randn(POOL, 3, res, res, device="cuda").to(dtype)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eeruntime as ee
-from common import benchmark_record, thresholds_for_fractions
+from common import benchmark_record, synced, thresholds_for_fractions
 from eeruntime.timing import side_by_side
 from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle
 from eeruntime.zoo import conv_net
@@ -70,7 +70,7 @@ def test_runtime_vs_plain_vs_oracle(benchmark, setup_cache, device, scenario, ba
     }
     benchmark_record(benchmark, **summary)
     print("\n" + json.dumps(summary, indent=1))
-    benchmark.pedantic(lambda: rt(x), rounds=10, warmup_rounds=1)
+    benchmark.pedantic(synced(lambda: rt(x), device), rounds=10, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,4 +80,4 @@ def test_baselines(benchmark, setup_cache, device, variant):
     benchmark_record(benchmark, variant=variant, batch=BATCH)
     with torch.inference_mode():
         fn = (lambda: plain_forward(model, x)) if variant == "plain" else (lambda: oracle_forward(model, plan))
-        benchmark.pedantic(fn, rounds=10, warmup_rounds=1)
+        benchmark.pedantic(synced(fn, device), rounds=10, warmup_rounds=1)

@@ -1,0 +1,83 @@
+"""The benchmark suites' measurement helpers (bench/common.py, the compiled baseline of
+bench/test_bench_exit_decision.py), checked on CPU: what they time and how they restore state."""
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+
+import common  # noqa: E402  (bench/ on sys.path)
+from eeruntime.ops.exit_decision import exit_decision_ref  # noqa: E402
+
+
+def test_cudnn_benchmark_is_restored_after_the_block_also_on_error():
+    saved = torch.backends.cudnn.benchmark
+    try:
+        for before in (False, True):
+            torch.backends.cudnn.benchmark = before
+            with common.cudnn_benchmark_on():
+                assert torch.backends.cudnn.benchmark is True
+            assert torch.backends.cudnn.benchmark is before
+            with pytest.raises(KeyError), common.cudnn_benchmark_on():
+                raise KeyError("a failing case")
+            assert torch.backends.cudnn.benchmark is before
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def test_synced_waits_for_the_device_on_cuda_only(monkeypatch):
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    calls = []
+    fn = lambda: calls.append(1) or "out"  # noqa: E731
+    assert common.synced(fn, "cpu") is fn
+    wrapped = common.synced(fn, "cuda")
+    assert wrapped() == "out" and calls == [1] and syncs == ["cuda"]  # after the call, every call
+    wrapped()
+    assert len(syncs) == 2
+
+
+def test_copy_bandwidth_uses_event_timing_over_at_least_1_gib(monkeypatch):
+    timed = []
+
+    def fake_per_call_seconds(fn, target_s=0.05, max_inner=1000):
+        timed.append(fn)
+        return 1e-3, 10
+
+    monkeypatch.setattr(common, "per_call_seconds", fake_per_call_seconds)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 << 30, 80 << 30))
+    assert common.COPY_BYTES >= 1 << 30
+    # "cpu" stands in for the device: torch.empty does not touch the pages, and nothing is copied
+    assert common.copy_bandwidth("cpu") == 2 * common.COPY_BYTES / 1e-3
+    assert len(timed) == 1
+    # too little free memory: the buffers shrink by halves, never below 256 MiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    assert common.copy_bandwidth("cpu") == 2 * (1 << 28) / 1e-3
+
+
+def test_compiled_baseline_compiles_once_per_row_length():
+    """Batch dynamic, classes static: batches 2, 5 and 17 at two row lengths are 2 compiles (it
+    was one per shape, ~51 in the suite), and the compiled baseline still equals the reference."""
+    import test_bench_exit_decision as suite
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = suite.compiled_reference("entropy", counting_backend)
+    thr = torch.tensor(0.5)
+    for C in (10, 30):
+        for B in (2, 5, 17):
+            x = torch.randn(B, C) * 3
+            conf, flag = suite.prepare_compiled(compiled, x, thr)
+            ref_conf, ref_flag = exit_decision_ref(x, thr, "entropy")
+            torch.testing.assert_close(conf, ref_conf)
+            assert torch.equal(flag, ref_flag)
+            compiled(x, thr)  # the timed calls: no compile
+    assert len(graphs) == 2
+    torch._dynamo.reset()
