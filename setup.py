@@ -6,6 +6,8 @@ when it cannot). Without a compiler the package still installs and runs on the t
 """
 import glob
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -18,6 +20,42 @@ def _build_mode():
     if mode not in ("auto", "0", "1"):
         sys.exit(f"EERUNTIME_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
     return mode
+
+
+def parse_nvcc_version(text: str):
+    """``(major, minor)`` from the output of ``nvcc --version`` ("... release 12.4, V12.4.131"), or None."""
+    m = re.search(r"release (\d+)\.(\d+)", text or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def nvcc_version(cuda_home: str):
+    """The ``(major, minor)`` of ``CUDA_HOME/bin/nvcc``, or None when it cannot be run or read."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvcc_version(out)
+
+
+def why_no_cuda(torch_cuda, cuda_home, nvcc):
+    """Why the CUDA ops cannot be built, or None. ``torch_cuda``: torch.version.cuda ("12.8" or
+    None); ``cuda_home``: the toolkit torch found (None without nvcc); ``nvcc``: its
+    ``(major, minor)``. Extensions built by an nvcc of another major version than torch's CUDA do
+    not load against it (torch's own build refuses them), so that is a reason too."""
+    if torch_cuda is None:
+        return "this torch was built without CUDA (install a CUDA build of torch)"
+    if cuda_home is None:
+        return "nvcc was not found (put it on PATH or set CUDA_HOME to the CUDA toolkit)"
+    if nvcc is None:
+        return f"could not read the version of {os.path.join(cuda_home, 'bin', 'nvcc')} (nvcc --version failed)"
+    torch_major = int(str(torch_cuda).split(".")[0])
+    if nvcc[0] != torch_major:
+        return (
+            f"nvcc {nvcc[0]}.{nvcc[1]} (in {cuda_home}) and torch's CUDA {torch_cuda} have different major "
+            f"versions; put a CUDA {torch_major}.x toolkit first on PATH or set CUDA_HOME to one"
+        )
+    return None
 
 
 def _extensions():
@@ -33,15 +71,17 @@ def _extensions():
     mode = _build_mode()
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     no_cuda = None
-    if torch.version.cuda is None:
-        no_cuda = f"torch {torch.__version__} was built without CUDA (install a CUDA build of torch)"
-    elif CUDA_HOME is None:
-        no_cuda = "nvcc was not found (put it on PATH or set CUDA_HOME to the CUDA toolkit)"
+    if mode != "0":
+        has_nvcc = torch.version.cuda is not None and CUDA_HOME is not None
+        no_cuda = why_no_cuda(torch.version.cuda, CUDA_HOME, nvcc_version(CUDA_HOME) if has_nvcc else None)
     if mode == "1" and no_cuda:
         sys.exit(f"EERUNTIME_BUILD_CUDA=1 but the CUDA ops cannot be built: {no_cuda}")
     use_cuda = bool(cu) and mode != "0" and no_cuda is None
     if mode == "auto" and no_cuda:
-        print(f"eeruntime: building the C++ CPU ops only: {no_cuda}", file=sys.stderr)
+        # One line that stands out in pip's output: a CUDA machine would otherwise end up with the
+        # CPU ops only and no sign of it until the GPU paths run slowly.
+        warn = "WARNING: " if torch.version.cuda is not None else ""
+        print(f"eeruntime: {warn}building the C++ CPU ops only, no CUDA ops: {no_cuda}", file=sys.stderr)
     # No -std flag: torch's build adds the standard its headers need (C++20 for recent torch, C++17 for older).
     cxx = ["-O3"]
     link = []
@@ -83,17 +123,21 @@ def _extensions():
     return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = _extensions()
+def _setup(ext_modules, cmdclass):
+    setup(
+        name="eeruntime",
+        version="0.1.0",
+        description="Batched early-exit inference for PyTorch classifiers: exits, compaction, CUDA graphs",
+        packages=find_packages(include=["eeruntime", "eeruntime.*"]) + ["eeruntime.kernels"],
+        package_dir={"eeruntime.kernels": "kernels"},
+        python_requires=">=3.9",
+        install_requires=["torch>=2.3", "numpy", "tqdm", "matplotlib", "safetensors"],
+        extras_require={"triton": ["triton"], "data": ["scikit-learn"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )
 
-setup(
-    name="eeruntime",
-    version="0.1.0",
-    description="Batched early-exit inference for PyTorch classifiers: exits, compaction, CUDA graphs",
-    packages=find_packages(include=["eeruntime", "eeruntime.*"]) + ["eeruntime.kernels"],
-    package_dir={"eeruntime.kernels": "kernels"},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.3", "numpy", "tqdm", "matplotlib", "safetensors"],
-    extras_require={"triton": ["triton"], "data": ["scikit-learn"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import its helpers
+    ext_modules, cmdclass = _extensions()
+    _setup(ext_modules, cmdclass)
