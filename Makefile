@@ -9,7 +9,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null)
 NVCC_ARCH ?= -gencode arch=compute_90,code=sm_90
 DEMO_OUT ?= demo_out
 
-.PHONY: setup test demo bench bench-report check-cuda check-ext clean
+.PHONY: setup test demo bench bench-report check-cuda check-ext gpu-check clean
 
 $(VENV)/.stamp: setup.py requirements-dev.txt $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ demo: setup
 # Every suite in one run: bench/results/<device>-<date>.json plus its markdown tables and plots.
 bench: setup
 	$(PY) bench/run_all.py
+
+# On a GPU machine: build for sm_90, check the CUDA ops, run every GPU test, memcheck and the key
+# benchmarks, time-boxed to 10 minutes; writes bench/results/<device>-<date>.json and .md
+# (docs/gpu-check.md). No network: it uses the Python that already has torch and triton and never
+# runs `make setup`. GPU_CHECK_ARGS="--dry-run" prints the plan; "--steps ext,tests" runs a part.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py --python $(GPU_PYTHON) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info eeruntime/_C*.so $(DEMO_OUT)

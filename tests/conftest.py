@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -44,3 +45,18 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# A test that skips without a GPU (its skipif reason names the missing CUDA device, GPU or CUDA
+# build) is marked `gpu`, so `pytest -m gpu tests` runs every GPU test (make gpu-check).
+_GPU_SKIP_REASON = re.compile(r"needs a CUDA device|CUDA devices|GPU|built without CUDA|no CUDA")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: exercises a CUDA device when one is present (make gpu-check runs pytest -m gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(_GPU_SKIP_REASON.search(str(m.kwargs.get("reason", ""))) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)

@@ -1033,3 +1033,28 @@ def test_gpu_uncapturable_criterion_falls_back_or_raises():
     history = ee.EERuntime(model, thresholds=0.5, criterion=WithHistory(), graphs=True)
     with pytest.raises(RuntimeError, match="uses_history"):
         history.infer(pool[:4])
+
+
+@requires_cuda
+def test_gpu_host_to_device_criterion_is_refused_before_capture_and_the_allocator_still_works(exact_cuda):
+    model, pool, _ = cuda_setup()
+
+    def with_device_constant(logits, state):
+        return logits.max(1).values - torch.tensor(0.25, device=logits.device)  # a host-to-device copy
+
+    rt = ee.EERuntime(model, thresholds=[1.0, 1.5, 2.0], criterion=with_device_constant, graphs="auto")
+    with pytest.warns(RuntimeWarning, match="CUDA graphs disabled"):
+        res = rt.infer(pool[:16])
+    assert "lift_fresh" in rt._graph_runner.disabled_reason  # refused by the probe, not by a failed capture
+    ref, _ = eager_reference(rt, pool[:16])
+    assert torch.equal(res.exit_index, ref.exit_index)
+    # No capture was left open: the allocator still empties its cache and new graphs capture.
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    ok = ee.EERuntime(model, thresholds=rt.thresholds, criterion=top_logit, graphs=True)
+    x = pool[:16]
+    res = ok.infer(x)
+    assert ok._graph_runner.num_captures > 0 and ok._graph_runner.disabled_reason is None
+    ref, _ = eager_reference(ok, x)
+    near = tie_margin(model, x, ok.thresholds, top_logit, ref.exit_index)
+    assert_same_result(res, ok.stats.exit_counts, ref, near, atol=1e-4, rtol=1e-4)

@@ -22,6 +22,8 @@ from eeruntime.ops.exit_decision import exit_decision_ref
 from reference import check_decision, decision_logits, decision_tol, per_sample_loop, score64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On a CUDA machine every test here runs the compiled kernel on the device (make gpu-check).
+pytestmark = pytest.mark.gpu
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover
     pytest.skip("CPU run without TRITON_INTERPRET=1: the kernel cannot run", allow_module_level=True)
 

@@ -1,0 +1,200 @@
+"""tools/gpu_check.py (`make gpu-check`) on CPU: its plan, argument parsing, time boxes, skip and
+output parsing, targets and result files; the GPU run itself is the script's job on a device."""
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_check as gc  # noqa: E402
+
+
+def test_dry_run_lists_every_step_within_the_budget(capsys):
+    assert gc.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    names = ["sanity", "build", "ext", "tests", "memcheck", "bench-exit", "bench-compact", "bench-graphs"]
+    heads = [line.split()[1] for line in out.splitlines() if line.startswith(gc.PREFIX) and " box " in line]
+    assert heads == names
+    total = sum(s.box_s for s in gc.plan())
+    assert total <= gc.TOTAL_BUDGET_S == 600
+    assert f"time boxes total {total} s" in out
+    # no network: the build installs nothing from an index, with build isolation off
+    build = next(line for line in out.splitlines() if "pip install" in line)
+    for flag in ("--no-index", "--no-deps", "--no-build-isolation", "TORCH_CUDA_ARCH_LIST=9.0", "EERUNTIME_BUILD_CUDA=1"):
+        assert flag in build
+    assert "compute-sanitizer --tool memcheck" in out and "-m gpu tests" in out
+    assert "--benchmark-json=<tmp>/bench-graphs.json" in out
+
+
+def test_steps_option_selects_in_plan_order_and_rejects_unknown(capsys):
+    steps = gc.select_steps(gc.plan(), "tests, ext")
+    assert [s.name for s in steps] == ["ext", "tests"]
+    assert gc.main(["--dry-run", "--steps", "memcheck"]) == 0
+    out = capsys.readouterr().out
+    assert "memcheck" in out and "bench-exit" not in out and "1 steps" in out
+    assert gc.main(["--dry-run", "--steps", "build,bogus"]) == 2
+    assert "unknown step(s) ['bogus']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="steps are: sanity, build"):
+        gc.select_steps(gc.plan(), ",")
+
+
+def test_arch_option():
+    assert "TORCH_CUDA_ARCH_LIST=8.0" in "\n".join(gc.describe(gc.plan(arch="8.0")))
+    assert gc.parse_args(["--arch", "9.0a"]).arch == "9.0a"
+    with pytest.raises(SystemExit):
+        gc.parse_args(["--arch", "sm_90"])
+
+
+class _Log:
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_a_command_past_its_time_box_is_killed_with_its_children():
+    log = _Log()
+    t0 = time.monotonic()
+    # the shell's child sleeps too: the whole process group must go
+    rc, _ = gc.run_command(["sh", "-c", "sleep 30 & sleep 30; echo never"], {}, 1.0, log)
+    assert rc is None and time.monotonic() - t0 < 15
+    rc, out = gc.run_command([sys.executable, "-c", "import os; print(os.environ['GPU_CHECK_X'])"], {"GPU_CHECK_X": "7"}, 60, log)
+    assert rc == 0 and out.strip() == "7" and "GPU_CHECK_X" in log.text
+
+
+PYTEST_RS = """
+SKIPPED [1] tests/test_graphs.py:815: needs a CUDA device; none on this machine
+SKIPPED [2] tests/test_kernel_exit_decision.py:280: needs 2 CUDA devices (logits on cuda:1 while cuda:0 is current)
+SKIPPED [4] tests/test_compact_ops.py:358: eeruntime._C was built without CUDA; rebuild with ...
+SKIPPED [1] tests/test_x.py:3: needs scikit-learn
+12 passed, 8 skipped, 300 deselected in 41.2s
+"""
+
+
+def test_skips_for_want_of_a_gpu_fail_the_tests_step():
+    bad = gc.bad_skips(PYTEST_RS)
+    assert len(bad) == 2 and "none on this machine" in bad[0] and "built without CUDA" in bad[1]
+    step = next(s for s in gc.plan() if s.name == "tests")
+    status, summary = gc.summarize(step, 0, PYTEST_RS, {})
+    assert status == "FAIL" and "2 skipped for want of the GPU path" in summary and "12 passed" in summary
+    ok = "SKIPPED [2] t.py:1: needs 2 CUDA devices\n30 passed, 2 skipped in 9.0s\n"
+    assert gc.summarize(step, 0, ok, {}) == ("ok", "30 passed, 2 skipped in 9.0s")
+    assert gc.summarize(step, 1, "1 failed, 29 passed in 9.0s", {})[0] == "FAIL"
+    assert gc.summarize(step, None, "", {})[0] == "TIMEOUT"
+
+
+def test_sanity_and_memcheck_summaries():
+    info = {}
+    out = ('NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB\nGPU_CHECK_INFO {"device": "NVIDIA H100 80GB HBM3", '
+           '"capability": "9.0", "device_count": 1, "torch": "2.13.0", "cuda": "12.8", "triton": "3.5.0"}\n'
+           "Cuda compilation tools, release 12.8, V12.8.93\n")
+    sanity = gc.plan()[0]
+    status, summary = gc.summarize(sanity, 0, out, info)
+    assert status == "ok" and "NVIDIA H100 80GB HBM3 (sm_90)" in summary and "nvcc 12.8" in summary
+    assert info["nvcc"] == "12.8" and info["nvidia_smi"].startswith("NVIDIA H100") and info["cuda"] == "12.8"
+    status, summary = gc.summarize(sanity, 0, 'GPU_CHECK_INFO {"device": null}\n', {})
+    assert status == "FAIL" and "no CUDA device" in summary
+    memcheck = next(s for s in gc.plan() if s.name == "memcheck")
+    status, summary = gc.summarize(memcheck, 0, "10 passed in 50.0s\n========= ERROR SUMMARY: 0 errors\n", {})
+    assert status == "ok" and "memcheck: 0 errors" in summary and "10 passed" in summary
+    assert gc.summarize(memcheck, 9, "========= ERROR SUMMARY: 3 errors\n", {})[0] == "FAIL"
+
+
+def _bench(name, **extra):
+    return {"name": name, "fullname": f"bench/x.py::{name}", "stats": {"median": 0.002}, "extra_info": extra}
+
+
+EXIT_CASE = dict(op="exit_decision", B=4096, C=32000, dtype="bf16", criterion="entropy")
+
+
+def test_targets_against_the_figures():
+    benchmarks = [
+        _bench("exit", **EXIT_CASE, fraction_of_copy=0.85, speedup_vs_eager=2.5, speedup_vs_compile=1.3, copy_GBps=3000.0),
+        _bench("exit-other", op="exit_decision", B=4096, C=32000, dtype="bf16", criterion="margin", fraction_of_copy=0.1),
+        _bench("compact4k", op="compact", B=4096, row_bytes=4096, copy_fraction=0.71),
+        _bench("g256", resolution=224, batch=256, scenario="exits", efficiency=0.93),
+        _bench("g256none", resolution=224, batch=256, scenario="none", speedup_vs_plain_graph=0.96),
+        _bench("g64none", resolution=64, batch=256, scenario="none", speedup_vs_plain_graph=0.5),
+    ]
+    steps = {"bench-graphs": gc.StepResult("bench-graphs", "TIMEOUT", 100.0, 100, "stopped")}
+    rows = {r["name"]: r for r in gc.evaluate_targets(benchmarks, steps)}
+    assert [r["name"] for r in gc.evaluate_targets([], {})] == [t.name for t in gc.TARGETS]
+    assert rows["exit_kernel_bandwidth"]["status"] == "pass" and rows["exit_kernel_bandwidth"]["value"] == 0.85
+    assert rows["exit_kernel_vs_eager"]["status"] == "FAIL"  # 2.5 < 3
+    assert rows["exit_kernel_vs_compile"]["status"] == "pass"
+    assert rows["compact_4KB"]["status"] == "pass"
+    assert rows["compact_64KB"]["status"] == "unmeasured" and "bench-compact: step not run" in rows["compact_64KB"]["why"]
+    assert rows["runtime_efficiency_256"]["status"] == "pass"
+    assert rows["no_exit_vs_plain_graph"]["status"] == "pass"  # 0.96 >= 1/1.05, the 64x64 case is not it
+    assert rows["batch1_vs_plain_eager"]["status"] == "unmeasured" and "TIMEOUT" in rows["batch1_vs_plain_eager"]["why"]
+
+
+def test_result_files(tmp_path):
+    info = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "cuda": "12.8", "nvcc": "12.8", "triton": "3.5.0",
+            "arch": "9.0", "date": "2026-11-26T02:00:00+00:00"}
+    steps = [gc.StepResult("sanity", "ok", 1.5, 15, "fine"), gc.StepResult("tests", "FAIL", 80.0, 130, "1 failed | x")]
+    benchmarks = [_bench("exit", **EXIT_CASE, fraction_of_copy=0.9, speedup_vs_eager=4.0, speedup_vs_compile=1.1,
+                         exit_fractions=[0.5, 0.5])]
+    json_path, md_path = gc.write_results(str(tmp_path), info, steps, benchmarks, {"node": "x"},
+                                          today=datetime.date(2026, 11, 26))
+    assert pathlib.Path(json_path).name == "nvidia-h100-80gb-hbm3-2026-11-26.json"
+    assert pathlib.Path(md_path).name == "nvidia-h100-80gb-hbm3-2026-11-26.md"
+    data = json.loads(pathlib.Path(json_path).read_text())
+    assert data["benchmarks"] == benchmarks and data["machine_info"] == {"node": "x"}
+    assert data["gpu_check"]["info"]["device"] == "NVIDIA H100 80GB HBM3"
+    assert [s["status"] for s in data["gpu_check"]["steps"]] == ["ok", "FAIL"]
+    assert {t["name"]: t["status"] for t in data["gpu_check"]["targets"]}["exit_kernel_bandwidth"] == "pass"
+    md = pathlib.Path(md_path).read_text()
+    assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3")
+    assert "torch 2.13.0 | CUDA 12.8 | nvcc 12.8 | triton 3.5.0" in md
+    assert "| tests | FAIL | 80.0 | 130 | 1 failed / x |" in md  # a '|' in a summary cannot break the table
+    assert "| exit kernel >= 80 % of copy bandwidth (B=4096, C=32000, bf16, entropy) | fraction_of_copy | 0.9 | 0.8 | pass |" in md
+    assert "unmeasured (bench-graphs: step not run)" in md
+    # bench/report.py renders the same file (pytest-benchmark format)
+    import report
+
+    _, suites = report.load(json_path)
+    assert "exit" in report.markdown(data, suites)
+    assert gc.result_stem({}, datetime.date(2026, 1, 2)) == "no-device-2026-01-02"
+
+
+def _collect(*args):
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return r.stdout
+
+
+def test_the_benchmark_cases_it_runs_exist():
+    """The node ids of the three benchmark steps name collected cases (the plan follows the code)."""
+    collected = set(_collect("bench/test_bench_exit_decision.py", "bench/test_bench_compact.py",
+                             "bench/test_bench_graphs.py").split())
+    for node in gc.BENCH_EXIT + gc.BENCH_COMPACT + gc.BENCH_GRAPHS:
+        assert node in collected, node
+
+
+def test_gpu_marker_selects_the_gpu_tests_and_memcheck_selection():
+    out = _collect("-m", "gpu", "tests")
+    for node in ("tests/test_graphs.py::test_gpu_graphs_equal_eager_and_per_sample_loop",
+                 "tests/test_graphs.py::test_gpu_host_to_device_criterion_is_refused_before_capture_and_the_allocator_still_works",
+                 "tests/test_compact_ops.py::test_cuda_compact_into_graph_capture_and_replay_with_new_mask",
+                 "tests/test_kernel_exit_decision.py::test_gpu_logits_on_another_device_than_the_current_one",
+                 "tests/test_kernel_exit_decision.py::test_chunked_path_matches_tile_path",
+                 "tests/test_train.py::"):
+        assert node in out, node
+    assert "tests/test_graphs.py::test_default_buckets" not in out  # CPU-only tests stay out
+    memcheck = next(s for s in gc.plan() if s.name == "memcheck").commands[0]
+    k = memcheck[memcheck.index("-k") + 1]
+    out = _collect("tests/test_compact_ops.py", "-k", k)
+    assert "test_cuda_compact_matches_boolean_indexing[some-1000]" in out
+    assert "70000" not in out and "graph_capture" not in out
