@@ -1058,3 +1058,36 @@ def test_gpu_host_to_device_criterion_is_refused_before_capture_and_the_allocato
     ref, _ = eager_reference(ok, x)
     near = tie_margin(model, x, ok.thresholds, top_logit, ref.exit_index)
     assert_same_result(res, ok.stats.exit_counts, ref, near, atol=1e-4, rtol=1e-4)
+
+
+@requires_cuda
+def test_gpu_graphs_captured_under_autocast_are_not_replayed_outside_it(exact_cuda):
+    model, pool, rt = cuda_setup(graphs=True)
+    x = pool[:32]
+    for amp in (True, False, True):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            rt.reset_stats()
+            res = rt.infer(x)
+            ref, _ = eager_reference(rt, x)
+            near = tie_margin(model, x, rt.thresholds, "max_prob", ref.exit_index)
+        assert res.logits.dtype == ref.logits.dtype == (torch.float16 if amp else torch.float32)
+        assert_same_result(res, rt.stats.exit_counts, ref, near, atol=1e-2 if amp else 1e-4, rtol=1e-2 if amp else 1e-4)
+    assert rt._graph_runner.num_signatures == 2 and rt._graph_runner.disabled_reason is None
+
+
+@requires_cuda
+def test_gpu_set_thresholds_never_splits_a_captured_graph_call(exact_cuda):
+    """#12's race test (tests/test_stage_step.py) on captured graphs: each call decides every exit
+    with one threshold set."""
+    from test_stage_step import _race
+
+    model, pool, rt = cuda_setup("entropy", graphs=True)
+    x = pool[:96]
+    sets = [quantile_thresholds(model, x, "entropy", q=0.15), quantile_thresholds(model, x, "entropy", q=0.3)]
+    refs = []
+    for s in sets:
+        rt.set_thresholds(s)
+        refs.append(rt.infer(x))
+    assert not torch.equal(refs[0].exit_index, refs[1].exit_index)
+    _race(rt.infer, rt, x, sets, refs)
+    assert rt._graph_runner.num_captures > 0 and rt._graph_runner.disabled_reason is None
