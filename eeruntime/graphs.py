@@ -20,7 +20,8 @@ tensors, so what it returns is never a view of a static buffer.
 
 Graphs are captured per input signature (trailing shapes and dtypes, and the autocast state),
 lazily or by :meth:`GraphRunner.warmup` (largest bucket first, all on one memory pool, with no
-device sync between captures). Thresholds are read through the runtime's device tensor, which ``set_thresholds`` updates in place: no re-capture.
+device sync between captures). Thresholds are read through the runtime's device tensor, which
+``set_thresholds`` updates in place: no re-capture.
 With ``capture=False`` (and on any non-CUDA device) the very same static-buffer loop runs eagerly,
 which is how its buffer, padding and chunking logic is tested on CPU.
 """

@@ -454,6 +454,55 @@ def test_a_warm_up_that_raises_still_joins_the_side_stream(monkeypatch, failure)
     assert capture_stream.waited == [] and runner.num_captures == 0
 
 
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: records the capture calls."""
+
+    log = []
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        FakeGraph.log.append(("begin", pool, capture_error_mode))
+
+    def capture_end(self):
+        FakeGraph.log.append(("end",))
+
+
+def test_warmup_captures_without_a_device_sync_per_capture(monkeypatch):
+    """The capture sequence of warmup on CPU with fake streams and graphs: one device sync and one
+    empty_cache for the whole warmup (torch.cuda.graph did both before each of its ~140 captures
+    at warmup(256)), every capture on the capture stream after the warm-ups, all on one pool."""
+    model = mlp_model()
+    rt = ee.EERuntime(model, thresholds=0.5, criterion="max_prob", graphs=False)
+    runner = cpu_runner(rt, buckets=(1, 2, 4, 8), pack="torch")
+    side, capture_stream, current = FakeStream("side"), FakeStream("capture"), FakeStream("current")
+    calls = {"synchronize": 0, "empty_cache": 0, "body": 0}
+    FakeGraph.log = []
+    pool = object()
+    monkeypatch.setattr(runner, "_cuda_streams", lambda device: (side, capture_stream))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: pool)
+    monkeypatch.setattr(torch.cuda, "graph", None)  # not used any more
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.__setitem__("synchronize", calls["synchronize"] + 1))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.__setitem__("empty_cache", calls["empty_cache"] + 1))
+    body = runner._body
+
+    def counted(sig, k, b):
+        calls["body"] += 1
+        body(sig, k, b)
+
+    monkeypatch.setattr(runner, "_body", counted)
+    with torch.inference_mode():
+        sig = runner._signature(torch.randn(1, 6), capture=True)
+        runner._warm(sig, 8)
+    n = 4 * 4  # stages x buckets
+    assert runner.num_captures == n and runner.prepared == [(k, b) for k in range(4) for b in (8, 4, 2, 1)]
+    assert calls == {"synchronize": 1, "empty_cache": 1, "body": 3 * n}  # 2 warm-ups + the capture each
+    assert FakeGraph.log == [("begin", pool, "thread_local"), ("end",)] * n
+    assert capture_stream.waited == ["current"] * n  # each capture after the warm-ups it follows
+    assert side.waited == ["current"] * n and current.waited == ["side"] * n
+
+
 def test_autocast_state_is_part_of_the_signature():
     assert autocast_state("cpu") == (False, None) and autocast_state("cuda") == (False, None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
