@@ -222,3 +222,26 @@ def test_gpu_marker_selects_the_gpu_tests_and_memcheck_selection():
     out = _collect("tests/test_compact_ops.py", "-k", k)
     assert "test_cuda_compact_matches_boolean_indexing[some-1000]" in out
     assert "70000" not in out and "graph_capture" not in out
+
+
+def test_append_merges_a_check_split_over_two_runs(tmp_path):
+    today = datetime.date(2026, 11, 26)
+    info = {"device": "NVIDIA H200", "torch": "2.11.0", "date": "first"}
+    first = [gc.StepResult("sanity", "ok", 1.0, 15, "a"), gc.StepResult("tests", "FAIL", 9.0, 130, "b")]
+    gc.write_results(str(tmp_path), info, first, [_bench("exit", **EXIT_CASE, fraction_of_copy=0.5)], {"m": 1}, today)
+    second = [gc.StepResult("sanity", "ok", 2.0, 15, "c"), gc.StepResult("bench-exit", "ok", 30.0, 75, "d")]
+    merged = gc.merge_previous(str(tmp_path), {"device": "NVIDIA H200", "date": "second", "torch": None}, second,
+                               [_bench("exit", **EXIT_CASE, fraction_of_copy=0.9)], {}, today)
+    info2, steps, benchmarks, machine = merged
+    assert [(s.name, s.summary) for s in steps] == [("sanity", "c"), ("tests", "b"), ("bench-exit", "d")]
+    assert len(benchmarks) == 1 and benchmarks[0]["extra_info"]["fraction_of_copy"] == 0.9
+    assert info2 == {"device": "NVIDIA H200", "torch": "2.11.0", "date": "second"} and machine == {"m": 1}
+    # nothing to merge with: unchanged
+    assert gc.merge_previous(str(tmp_path / "none"), info, second, [], {}, today)[1] == second
+
+
+def test_test_workers_option(capsys):
+    assert gc.main(["--dry-run", "--steps", "tests", "--test-workers", "4"]) == 0
+    assert " -n 4 " in capsys.readouterr().out
+    assert gc.main(["--dry-run", "--steps", "tests", "--test-workers", "1"]) == 0
+    assert " -n " not in capsys.readouterr().out

@@ -98,9 +98,12 @@ class StepResult:
 
 
 # ------------------------------------------------------------------------------------------- plan
-def plan(python: str = "python", arch: str = "9.0", jobs: Optional[int] = None) -> List[Step]:
-    """Every step in the order it runs; the time boxes add up to at most TOTAL_BUDGET_S."""
+def plan(python: str = "python", arch: str = "9.0", jobs: Optional[int] = None, test_workers: int = 1) -> List[Step]:
+    """Every step in the order it runs; the time boxes add up to at most TOTAL_BUDGET_S.
+    ``test_workers`` > 1 runs the GPU tests in that many pytest-xdist processes (their first run
+    compiles every Triton kernel variant, which one process does one after the other)."""
     py = python
+    workers = ["-n", str(test_workers)] if test_workers > 1 else []
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     bench = pytest + ["--benchmark-only", "-s"]
     jobs = jobs or os.cpu_count() or 8
@@ -113,7 +116,7 @@ def plan(python: str = "python", arch: str = "9.0", jobs: Optional[int] = None) 
              env={"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(jobs), "EERUNTIME_BUILD_CUDA": "1"}),
         Step("ext", 20, "CUDA ops and compiled Triton kernel load", [[py, "-c", EXT_CHECK]]),
         Step("tests", 130, "every GPU test, no GPU skip allowed",
-             [pytest + ["-rs", "-m", "gpu", "--continue-on-collection-errors", "tests"]]),
+             [pytest + ["-rs", "-m", "gpu", "--continue-on-collection-errors", *workers, "tests"]]),
         Step("memcheck", 70, "compute-sanitizer memcheck on the CUDA op tests",
              [["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", "--print-limit", "10"]
               + pytest + ["tests/test_compact_ops.py", "-k", "cuda and not 70000 and not graph_capture"]],
@@ -381,6 +384,26 @@ def write_results(out_dir: str, info: dict, steps: Sequence[StepResult], benchma
     return json_path, md_path
 
 
+def merge_previous(out_dir: str, info: dict, steps: List[StepResult], benchmarks: List[dict], machine_info: dict,
+                   today: Optional[datetime.date] = None) -> tuple:
+    """This run's results merged into the earlier result file of the same device and date in
+    ``out_dir`` (if any): its steps and cases come first, those this run repeats are replaced."""
+    path = os.path.join(out_dir, result_stem(info, today) + ".json")
+    if not info.get("device") or not os.path.exists(path):
+        return info, steps, benchmarks, machine_info
+    with open(path) as f:
+        old = json.load(f)
+    section = old.get("gpu_check", {})
+    new_steps = {s.name for s in steps}
+    merged_steps = [StepResult(**s) for s in section.get("steps", []) if s["name"] not in new_steps] + list(steps)
+    order = [s.name for s in plan()]
+    merged_steps.sort(key=lambda s: order.index(s.name) if s.name in order else len(order))
+    new_cases = {b.get("name") for b in benchmarks}
+    merged_benchmarks = [b for b in old.get("benchmarks", []) if b.get("name") not in new_cases] + list(benchmarks)
+    merged_info = {**section.get("info", {}), **{k: v for k, v in info.items() if v is not None}}
+    return merged_info, merged_steps, merged_benchmarks, machine_info or old.get("machine_info", {})
+
+
 # ------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="gpu_check", description=__doc__.splitlines()[0])
@@ -389,6 +412,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="where the .json and .md go")
     ap.add_argument("--arch", default="9.0", help="TORCH_CUDA_ARCH_LIST for the build (default 9.0: H100/H200)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter that has torch and triton")
+    ap.add_argument("--test-workers", type=int, default=None,
+                    help="pytest-xdist processes for the GPU tests (default 4 when xdist is installed, else 1)")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into the result files of the same device and date already in --out (steps of the "
+                         "same name and benchmark cases are replaced): a check split over several runs")
     args = ap.parse_args(argv)
     if not re.fullmatch(r"\d+\.\d+a?", args.arch):
         ap.error(f"--arch takes one architecture like 9.0 or 9.0a, got {args.arch!r}")
@@ -397,7 +425,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    all_steps = plan(args.python, args.arch)
+    workers = args.test_workers
+    if workers is None:
+        import importlib.util
+
+        workers = 4 if importlib.util.find_spec("xdist") is not None else 1
+    all_steps = plan(args.python, args.arch, test_workers=workers)
     try:
         steps = select_steps(all_steps, args.steps)
     except ValueError as e:
@@ -416,7 +449,7 @@ def main(argv=None) -> int:
     machine_info: dict = {}
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "gpu-check.log")
-    with tempfile.TemporaryDirectory() as tmp, open(log_path, "w") as log:
+    with tempfile.TemporaryDirectory() as tmp, open(log_path, "a" if args.append else "w") as log:
         for step in steps:
             if results and results[0].name == "sanity" and results[0].status != "ok":
                 results.append(StepResult(step.name, "not run", 0.0, step.box_s, "sanity failed"))
@@ -448,6 +481,8 @@ def main(argv=None) -> int:
                 summary = f"{summary}; {figures}" if figures else summary
             results.append(StepResult(step.name, status, time.monotonic() - t0, step.box_s, summary))
             print(results[-1].line(), flush=True)
+    if args.append:
+        info, results, benchmarks, machine_info = merge_previous(args.out, info, results, benchmarks, machine_info)
     json_path, md_path = write_results(args.out, info, results, benchmarks, machine_info)
     failed = [r.name for r in results if r.status != "ok"]
     print(f"{PREFIX} {'all steps passed' if not failed else 'failed: ' + ', '.join(failed)} in "
