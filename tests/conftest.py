@@ -48,12 +48,9 @@ def _seed():
 
 
 # A test that skips without a GPU (its skipif reason names the missing CUDA device, GPU or CUDA
-# build) is marked `gpu`, so `pytest -m gpu tests` runs every GPU test (make gpu-check).
+# build) is marked `gpu` (registered in pyproject.toml), so `pytest -m gpu tests` runs every GPU
+# test (make gpu-check).
 _GPU_SKIP_REASON = re.compile(r"needs a CUDA device|CUDA devices|GPU|built without CUDA|no CUDA")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: exercises a CUDA device when one is present (make gpu-check runs pytest -m gpu)")
 
 
 def pytest_collection_modifyitems(config, items):
