@@ -15,7 +15,7 @@ from .devices import device_guard
 from .criteria import CRITERION_CODE, Criterion, check_criterion, criterion_name, is_per_exit, uses_history
 from .ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
 from .ops.exit_decision import confidence_ref, exits_from_scores
-from .state import State, as_tuple, call, cat_rows, check_state, from_tuple, take_rows  # noqa: F401  (cat_rows, take_rows: public here)
+from .state import State, as_tuple, call, cat_rows, check_stage_output, check_state, from_tuple, take_rows  # noqa: F401  (cat_rows, take_rows: public here)
 from .model import model_device
 from .ownership import sole_owner
 from .stats import RuntimeStats
@@ -311,6 +311,11 @@ class EERuntime:
                 s = self.criterion(logits, state, k, list(history))
             else:
                 s = self.criterion(logits, state)
+            if isinstance(s, torch.Tensor) and s.device.type == "meta":
+                raise ValueError(
+                    f"criterion {criterion_name(self.criterion)} returned a meta tensor (no values) at exit {k}; "
+                    f"it must return a [B] tensor of scores on the logits' device ({logits.device})"
+                )
             if not isinstance(s, torch.Tensor) or s.shape != (logits.shape[0],):
                 raise ValueError(
                     f"criterion {criterion_name(self.criterion)} must return a [B] tensor, got "
@@ -375,6 +380,7 @@ class EERuntime:
         state = call(self.model.stages[k], state)
         if isinstance(state, list):
             state = tuple(state)
+        check_stage_output(state, k, n)
         logits = call(self.model.exits[k], state)
         return state, logits, self._check_logits(logits, n, k)
 
