@@ -23,10 +23,10 @@ from typing import Optional, Tuple
 from torch import nn
 
 from ._json import enc_float as _enc
+from .bundle_schema import FORMAT as SCHEMA_FORMAT, FORMAT_VERSION as SCHEMA_VERSION, check_runtime_doc, check_safetensors, read_json
 from .criteria import CRITERIA, criterion_name, is_per_exit, uses_history
 
-FORMAT = "eeruntime.runtime"
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = SCHEMA_FORMAT, SCHEMA_VERSION  # the schema module holds the one definition
 JSON_NAME = "runtime.json"
 WEIGHTS_NAME = "weights.safetensors"
 
@@ -92,25 +92,8 @@ def save_runtime(rt, path) -> Path:
 
 
 def _read(json_path: Path) -> dict:
-    if not json_path.is_file():
-        raise FileNotFoundError(f"no saved runtime at {json_path} (rt.save writes {JSON_NAME} in a directory)")
-    try:
-        doc = json.loads(json_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_path} is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ValueError(f"{json_path} is not a saved eeruntime runtime (format {FORMAT!r} expected)")
-    version = doc.get("format_version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        raise ValueError(
-            f"{json_path} has format version {version!r}; this eeruntime reads version {FORMAT_VERSION}"
-            + (" (it was written by a newer eeruntime: upgrade)" if newer else "")
-        )
-    for key in ("num_exits", "thresholds", "criterion", "final"):
-        if key not in doc:
-            raise ValueError(f"{json_path} lacks {key!r}")
-    return doc
+    # The whole file is checked against the schema before anything is built from it.
+    return check_runtime_doc(read_json(json_path), json_path)
 
 
 def _load_weights(module: nn.Module, weights_path: Path) -> None:
@@ -118,7 +101,11 @@ def _load_weights(module: nn.Module, weights_path: Path) -> None:
 
     if not weights_path.is_file():
         raise FileNotFoundError(f"the saved criterion's weights {weights_path} are missing")
-    state = load_file(str(weights_path), device="cpu")
+    check_safetensors(weights_path)
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as e:  # the reader's own errors name neither the file nor what is wrong in it
+        raise ValueError(f"{weights_path}: cannot be read as safetensors ({e})") from None
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:

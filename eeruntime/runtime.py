@@ -15,8 +15,9 @@ from .devices import device_guard
 from .criteria import CRITERION_CODE, Criterion, check_criterion, criterion_name, is_per_exit, uses_history
 from .ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
 from .ops.exit_decision import confidence_ref, exits_from_scores
-from .state import State, as_tuple, call, cat_rows, check_state, from_tuple, take_rows  # noqa: F401  (cat_rows, take_rows: public here)
+from .state import State, as_tuple, call, cat_rows, check_stage_output, check_state, from_tuple, take_rows  # noqa: F401  (cat_rows, take_rows: public here)
 from .model import model_device
+from .model_guard import ModelGuard
 from .ownership import sole_owner
 from .stats import RuntimeStats
 from .thresholds import ThresholdSnapshot, coerce_thresholds
@@ -108,7 +109,7 @@ class EERuntime:
         self.decision_backend = decision_backend
         self.compact_backend = compact_backend
         self.num_exits = len(model.stages)
-        model.eval()
+        self._guard = ModelGuard(model, self.num_exits)  # eval mode everywhere, said out loud
         self._device = model_device(model)
         self._lock = threading.Lock()
         self._snapshot = ThresholdSnapshot(coerce_thresholds(thresholds, self.num_exits - 1, self.criterion))
@@ -152,8 +153,7 @@ class EERuntime:
             x = tuple(x)
         B = check_state(x, "EERuntime input")
         self._check_device(x)
-        if self.model.training:
-            self.model.eval()
+        self._guard.check()
         snap = self._snapshot
         t0 = time.perf_counter()
         with torch.inference_mode(), device_guard(as_tuple(x)[0].device):
@@ -193,8 +193,7 @@ class EERuntime:
             raise TypeError(
                 f"thresholds must be a snapshot of {K - 1} thresholds from rt.thresholds_snapshot(), got {snap!r}"
             )
-        if self.model.training:
-            self.model.eval()
+        self._guard.check()
         with torch.inference_mode():
             res = self._stage_step(k, state, rows, carry, snap)
         if record:
@@ -295,11 +294,13 @@ class EERuntime:
         if logits.shape[0] != n:
             raise ValueError(f"exit {k} returned {logits.shape[0]} rows for a batch of {n}")
         C = logits.shape[1]
-        if self._num_classes is None:
+        # Exit 0 of each call sets the class count the later exits must match, so exits replaced
+        # between calls are judged against each other, not against an earlier call's.
+        if k == 0 or self._num_classes is None:
             self._num_classes = C
         elif C != self._num_classes:
             raise ValueError(
-                f"exit {k} returns {C} classes but earlier exits return {self._num_classes}; "
+                f"exit {k} returns {C} classes but exit 0 returns {self._num_classes}; "
                 "every exit must predict the same classes"
             )
         return C
@@ -311,6 +312,11 @@ class EERuntime:
                 s = self.criterion(logits, state, k, list(history))
             else:
                 s = self.criterion(logits, state)
+            if isinstance(s, torch.Tensor) and s.device.type == "meta":
+                raise ValueError(
+                    f"criterion {criterion_name(self.criterion)} returned a meta tensor (no values) at exit {k}; "
+                    f"it must return a [B] tensor of scores on the logits' device ({logits.device})"
+                )
             if not isinstance(s, torch.Tensor) or s.shape != (logits.shape[0],):
                 raise ValueError(
                     f"criterion {criterion_name(self.criterion)} must return a [B] tensor, got "
@@ -375,6 +381,7 @@ class EERuntime:
         state = call(self.model.stages[k], state)
         if isinstance(state, list):
             state = tuple(state)
+        check_stage_output(state, k, n)
         logits = call(self.model.exits[k], state)
         return state, logits, self._check_logits(logits, n, k)
 

@@ -22,27 +22,56 @@ def call(module, state: State):
     return module(*state) if isinstance(state, tuple) else module(state)
 
 
+ACCEPTED_STATE = (
+    "a torch.Tensor with the batch in dim 0, or a tuple (or list) of tensors sharing batch dim 0 "
+    "(e.g. hidden states and an attention mask)"
+)
+
+
+def _member_error(where: str, t, i, in_tuple: bool) -> str:
+    kind = "None" if t is None else f"a {type(t).__name__}"
+    at = f" at position {i} of the tuple" if in_tuple else ""
+    return f"{where}: got {kind}{at}; a state must be {ACCEPTED_STATE}"
+
+
 def check_state(state, where: str) -> int:
-    """Validate a state and return its batch size."""
+    """Validate a state and return its batch size; the error says what was wrong, where, and what
+    a state may be."""
     if isinstance(state, list):
         state = tuple(state)
+    if isinstance(state, dict):
+        raise TypeError(
+            f"{where}: got a dict (keys {sorted(map(str, state))[:6]}); a state must be {ACCEPTED_STATE}. For a "
+            "model that takes keyword inputs, pass them as a tuple in the order of the first stage's forward"
+        )
     parts = as_tuple(state)
     if len(parts) == 0:
-        raise TypeError(f"{where}: a state must be a tensor or a non-empty tuple of tensors, got an empty tuple")
+        raise TypeError(f"{where}: got an empty tuple; a state must be {ACCEPTED_STATE}")
     for i, t in enumerate(parts):
         if not isinstance(t, torch.Tensor):
-            kind = type(t).__name__
-            raise TypeError(
-                f"{where}: a state must be a torch.Tensor or a tuple of tensors sharing batch dim 0; "
-                f"got {kind}" + (f" at position {i}" if isinstance(state, tuple) else "")
-            )
+            raise TypeError(_member_error(where, t, i, isinstance(state, tuple)))
         if t.dim() == 0:
-            raise ValueError(f"{where}: tensors need a batch dimension (dim 0); got a 0-dim tensor")
+            raise ValueError(f"{where}: member {i} is a 0-dim tensor; tensors need a batch dimension (dim 0)")
+        if t.device.type == "meta":
+            raise ValueError(
+                f"{where}: member {i} is a meta tensor (a shape without data); the runtime computes on real "
+                "tensors: create the input on the model's device (cpu or cuda)"
+            )
     B = parts[0].shape[0]
     for i, t in enumerate(parts[1:], 1):
         if t.shape[0] != B:
             raise ValueError(f"{where}: tuple members must share batch dim 0; member 0 has {B} rows, member {i} has {t.shape[0]}")
     return B
+
+
+def check_stage_output(state, k: int, n: int) -> None:
+    """Refuse what stage ``k`` returned for ``n`` rows unless it is a state of ``n`` rows (the
+    runtime packs every member row-wise, so each must be a tensor with the batch in dim 0)."""
+    if type(state) is torch.Tensor and state.dim() > 0 and state.shape[0] == n and state.device.type != "meta":
+        return  # the common case, checked at the cost of a few attribute reads
+    got = check_state(state, f"stage {k} returned a state the runtime cannot pack")
+    if got != n:
+        raise ValueError(f"stage {k} returned {got} rows for a batch of {n}; a stage must keep one row per sample")
 
 
 def cat_rows(states):

@@ -7,9 +7,11 @@ old and new thresholds (see docs/design.md, "Thresholds").
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from typing import Dict, Tuple
 
+import numpy as np
 import torch
 
 # Conservative defaults for ``EERuntime(model)`` with no thresholds: few samples leave early
@@ -28,31 +30,51 @@ def coerce_thresholds(thresholds, num_early: int, criterion=None) -> Tuple[float
         return (default,) * n
     if isinstance(thresholds, ThresholdSnapshot):
         thresholds = thresholds.values
+    accepted = f"a float (one for every early exit) or a sequence of {n} floats, one per early exit, in exit order"
     if isinstance(thresholds, torch.Tensor):
+        if thresholds.device.type == "meta":
+            raise ValueError(f"thresholds are a meta tensor (no values); give {accepted}")
+        if thresholds.dtype == torch.bool or thresholds.is_complex():
+            raise TypeError(f"thresholds must be real numbers, got a {thresholds.dtype} tensor; give {accepted}")
         if thresholds.dim() == 0:
             thresholds = float(thresholds)
         else:
             thresholds = thresholds.detach().cpu().reshape(-1).tolist()
-    if isinstance(thresholds, (bool, str, bytes)):
-        raise TypeError(f"thresholds must be a float or a sequence of {n} floats, got {type(thresholds).__name__}")
-    if isinstance(thresholds, (int, float)):
-        values = [float(thresholds)] * n
+    if isinstance(thresholds, (set, frozenset, dict)) or not hasattr(thresholds, "__iter__") and not _is_number(thresholds):
+        # A set has no order: which threshold belongs to which exit would be a guess.
+        raise TypeError(f"thresholds must be {accepted}; got a {type(thresholds).__name__}")
+    if _is_number(thresholds):
+        values = [_number(thresholds, accepted)] * n
     else:
-        try:
-            values = [float(t) for t in thresholds]
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"thresholds must be a float or a sequence of {n} floats, got {type(thresholds).__name__}"
-            ) from None
+        if isinstance(thresholds, (str, bytes)):
+            raise TypeError(f"thresholds must be {accepted}; got a {type(thresholds).__name__}")
+        values = [_number(t, accepted, i) for i, t in enumerate(thresholds)]
         if len(values) != n:
             raise ValueError(
                 f"got {len(values)} thresholds for a model with {n + 1} exits; give one per "
                 f"early exit ({n}) or a single float for all"
             )
-    for v in values:
+    for i, v in enumerate(values):
         if math.isnan(v):
-            raise ValueError("thresholds must not be NaN")
+            raise ValueError(f"threshold {i} is NaN; give {accepted} (inf means: never exit there)")
     return tuple(values)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) or (isinstance(x, torch.Tensor) and x.dim() == 0)
+
+
+def _number(x, accepted: str, i=None) -> float:
+    """One threshold as a float: a real number (Python, numpy or a 0-dim tensor), not a bool and
+    not a string ("0.5" would parse, but a file or a form field passing strings is a bug)."""
+    where = "thresholds" if i is None else f"threshold {i}"
+    if isinstance(x, (bool, np.bool_)) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
+        raise TypeError(f"{where} is a bool ({x}); give {accepted}")
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and x.device.type != "meta" and not x.is_complex():
+        return float(x)
+    if not isinstance(x, numbers.Real):
+        raise TypeError(f"{where} is a {type(x).__name__} ({x!r}); give {accepted}")
+    return float(x)
 
 
 class ThresholdSnapshot:

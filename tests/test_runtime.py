@@ -255,7 +255,7 @@ def test_bad_inputs():
         rt(None)
     with pytest.raises(ValueError, match="batch dimension"):
         rt(torch.tensor(1.0))
-    with pytest.raises(ValueError, match="is on meta but the model is on cpu"):
+    with pytest.raises(ValueError, match="member 0 is a meta tensor"):
         rt(torch.empty(4, 6, device="meta"))
 
 
@@ -264,7 +264,7 @@ def test_bad_exit_outputs():
     with pytest.raises(ValueError, match="exit 0 must return 2-D logits"):
         ee.EERuntime(bad_dim, thresholds=0.5)(torch.randn(3, 4))
     bad_c = ee.MultiExitModel([nn.Identity(), nn.Identity()], [nn.Identity(), nn.Linear(4, 3)])
-    with pytest.raises(ValueError, match="exit 1 returns 3 classes but earlier exits return 4"):
+    with pytest.raises(ValueError, match="exit 1 returns 3 classes but exit 0 returns 4"):
         ee.EERuntime(bad_c, thresholds=-1.0)(torch.randn(3, 4))
 
 

@@ -87,7 +87,10 @@ class ScoreCache:
         if len(exit_logits) < 2:
             raise ValueError(f"calibration needs at least two exits (one early exit), got {len(exit_logits)}")
         acc = _Accumulator(len(exit_logits), criterion, final, top_k)
-        acc.add_outputs(_outputs(list(exit_logits), final), torch.as_tensor(labels), lambda out, k: confidence_ref(out, criterion))
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be a 1-D tensor of integer class indices, got {labels.dtype} {tuple(labels.shape)}")
+        acc.add_outputs(_outputs(list(exit_logits), final), labels, lambda out, k: confidence_ref(out, criterion))
         return acc.finish(cost, cost_unit)
 
     def outcome(self, thresholds: Sequence[float]) -> "Outcome":
@@ -144,6 +147,15 @@ class _Accumulator:
             if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"exit {k} must give logits [B, C] with B = {n} rows, got {shape}")
+        C = outs[-1].shape[1]
+        if n and (int(y.min()) < 0 or int(y.max()) >= C):
+            bad = y[(y < 0) | (y >= C)]
+            seen = sum(len(v) for v in self.labels)
+            first = int(((y < 0) | (y >= C)).nonzero()[0, 0]) + seen
+            raise ValueError(
+                f"calibration labels must be class indices in [0, {C}) (the model's exits give {C} classes); "
+                f"got {int(bad[0])} for sample {first} ({bad.numel()} out of range in this batch)"
+            )
         self.scores.append(torch.stack([score_fn(o, k).float().cpu() for k, o in enumerate(outs)], dim=1).numpy())
         self.preds.append(torch.stack([o.argmax(dim=1).cpu() for o in outs], dim=1).numpy())
         self.features.append(torch.stack([exit_features(o, self.top_k).cpu() for o in outs], dim=1).numpy())
