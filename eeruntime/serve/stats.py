@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 PERCENTILES = (50, 90, 99)
 
 
-def percentile(sorted_values: List[float], q: float) -> float:
-    """Nearest-rank percentile of sorted values (NaN for none)."""
+def percentile(sorted_values: List[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile of sorted values (None for none)."""
     if not sorted_values:
-        return float("nan")
+        return None
     i = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
     return sorted_values[i]
 
@@ -49,7 +49,7 @@ class SchedulerStats:
     def latency_percentiles_ms(self) -> Dict[str, float]:
         with self._lock:
             values = sorted(self._latencies)
-        return {f"p{q}": percentile(values, q) * 1000.0 for q in PERCENTILES}
+        return {f"p{q}": None if not values else percentile(values, q) * 1000.0 for q in PERCENTILES}
 
     def as_dict(self) -> dict:
         with self._lock:
@@ -79,7 +79,7 @@ def prometheus_text(d: dict, prefix: str = "eeruntime") -> str:
         lines.append(f"# TYPE {prefix}_{name} {kind}")
         for labels, value in samples:
             lab = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-            lines.append(f"{prefix}_{name}{lab} {float(value)!r}".replace("nan", "NaN"))
+            lines.append(f"{prefix}_{name}{lab} {'NaN' if value is None else repr(float(value))}")
 
     req = d["requests"]
     metric("requests_total", "counter", "Requests by outcome.", [({"outcome": k}, v) for k, v in req.items()])
