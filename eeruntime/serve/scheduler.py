@@ -153,8 +153,6 @@ class StageScheduler:
         self._sleeping = False
         self._closing = False
         self._drain = True
-        self._snap = rt.thresholds_snapshot()
-        self._snap_values = list(rt.thresholds)
         self.stats = SchedulerStats(self.num_stages, latency_window)
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
@@ -196,11 +194,9 @@ class StageScheduler:
                     self.stats.timeouts += 1
                     raise TimeoutError(f"no room in the scheduler within the request's timeout of {timeout_s} s")
                 self._room.wait(left)
-            values = self.rt.thresholds
-            if values != self._snap_values:  # rt.set_thresholds called directly: a new snapshot
-                self._snap, self._snap_values = self.rt.thresholds_snapshot(), values
             seq = next(self._seq)
-            req = _Request(seq, n, future, self._snap, t0, deadline, layout)
+            # the runtime's current snapshot: the same object until set_thresholds replaces it
+            req = _Request(seq, n, future, self.rt.thresholds_snapshot(), t0, deadline, layout)
             self._requests[seq] = req
             self._admitted_rows += n
             if deadline is not None:
@@ -230,13 +226,11 @@ class StageScheduler:
     def set_thresholds(self, thresholds) -> None:
         """New thresholds for requests admitted from now on; requests already admitted finish with
         the snapshot they started with (no request mixes two sets)."""
-        with self._cv:
-            self.rt.set_thresholds(thresholds)
-            self._snap, self._snap_values = self.rt.thresholds_snapshot(), list(self.rt.thresholds)
+        self.rt.set_thresholds(thresholds)
 
     @property
     def thresholds(self) -> List[float]:
-        return list(self._snap_values)
+        return list(self.rt.thresholds_snapshot())
 
     # ------------------------------------------------------------------ shutting down
     def close(self, drain: bool = True, timeout_s: Optional[float] = None) -> None:
@@ -416,7 +410,9 @@ class StageScheduler:
             if closing and not any(self._queues):
                 return False
             with self._cv:
-                if self._inbox or self._dead or (self._closing and not self._drain):
+                # re-checked under the lock: a submit, cancel or close since this turn began
+                # notified no one (the worker was not asleep yet)
+                if self._inbox or self._dead or self._closing:
                     return True
                 self._sleeping = True
                 self._cv.wait(wait)
@@ -513,7 +509,7 @@ class StageScheduler:
             self._queues[k + 1].append(_Chunk(res.rows, res.state, res.carry, head.snap, head.layout, t1))
         counts = [0] * self.num_stages
         counts[k] = len(exit_ids)
-        self.rt.record_exits(counts, len(exit_ids))
+        self.rt.record_exits(counts, calls=0, example=state if k == 0 else None)
         self.stats.record_batch(k, n, len(exit_ids), t1 - t0, time.perf_counter() - t0)
 
 
