@@ -39,6 +39,7 @@ import eeruntime as ee  # noqa: E402
 from eeruntime.oracle import plain_forward  # noqa: E402
 from eeruntime.serve import StageScheduler  # noqa: E402
 from eeruntime.serve.stats import percentile  # noqa: E402
+from eeruntime.timing import side_by_side  # noqa: E402
 from eeruntime.zoo import digits_cnn, resnet_style  # noqa: E402
 
 from common import device_info, thresholds_for_fractions  # noqa: E402
@@ -134,8 +135,8 @@ def open_loop(system, pool, rate: float, n: int, time_limit_s: float, drain_s: f
         "sent": sent,
         "answered": answered,
         "throughput": answered / max(finish - t0, 1e-9),
-        "p50_ms": percentile(lat, 50) * 1e3,
-        "p99_ms": percentile(lat, 99) * 1e3,
+        "p50_ms": percentile(lat, 50) * 1e3 if lat else math.inf,
+        "p99_ms": percentile(lat, 99) * 1e3 if lat else math.inf,
     }
 
 
@@ -172,13 +173,21 @@ def run_model(name, spec, args) -> dict:
     xb = torch.cat(pool[: args.max_batch])
     plain_b = median_call_ms(lambda x: plain_forward(model, x), xb, iters=30) / args.max_batch
     slo_ms = 10 * plain1
+    # The serving machinery's own cost at light load: one sample at a time through the scheduler
+    # against rt.infer, timed side by side (paired rounds, robust to the shared VM's drift).
+    with StageScheduler(rt, max_batch=args.max_batch) as sched:
+        x1 = pool[1]
+        sbs = side_by_side({"infer": lambda: rt.infer(x1), "stage": lambda: sched.infer(x1)}, "cpu",
+                           rounds=40, inner=10)
+    machinery_ms = (sbs.median("stage") - sbs.median("infer")) * 1e3
     capacity = 1e3 / plain_b  # plain rows/s at max_batch: the rate grid is relative to it
     rates = [round(capacity * f, 1) for f in args.rate_factors]
+    print(f"[{name}] scheduler one-at-a-time minus rt.infer batch-1 (side by side): {machinery_ms:+.3f} ms")
     print(f"[{name}] plain batch-1 {plain1:.3f} ms, rt.infer batch-1 {ee1:.3f} ms, plain per row at batch "
           f"{args.max_batch} {plain_b:.3f} ms; SLO p99 <= {slo_ms:.2f} ms; rates {rates}", flush=True)
     rows = []
     for i, rate in enumerate(rates):
-        n = max(50, min(args.max_requests, int(rate * args.seconds)))
+        n = max(20, min(args.max_requests, int(rate * args.seconds)))
         for system_name, make in (("plain", lambda: plain_system(model, args.max_batch)),
                                   ("ee-req", lambda: ee_request_system(rt, args.max_batch)),
                                   ("stage", lambda: StageScheduler(rt, max_batch=args.max_batch,
@@ -186,7 +195,7 @@ def run_model(name, spec, args) -> dict:
             system = make()
             for x in pool[:20]:  # warm the worker
                 system.submit_nowait(x).result()
-            r = open_loop(system, pool, rate, n, args.seconds * 1.5, args.drain_s, seed=i)
+            r = open_loop(system, pool, rate, n, 1.5 * n / rate, args.drain_s, seed=i)
             if system_name == "stage":
                 st = system.stats_dict()
                 r["mean_batch_per_stage"] = [round(b, 2) for b in st["mean_batch"]]
@@ -206,6 +215,8 @@ def run_model(name, spec, args) -> dict:
         "plain_batch1_ms": plain1, "infer_batch1_ms": ee1, "plain_per_row_ms_at_max_batch": plain_b,
         "slo_p99_ms": slo_ms, "max_batch": args.max_batch, "rows": rows, "max_sustained_rate": best,
         "light_load_p50_overhead_ms": light["p50_ms"] - ee1,
+        "closed_loop_machinery_ms": machinery_ms,
+        "closed_loop_ratio_stage_over_infer": sbs.ratio("stage", "infer"),
     }
 
 
@@ -239,7 +250,9 @@ def markdown(doc) -> str:
                   f"plain batch-1 {res['plain_batch1_ms']:.3f} ms; rt.infer batch-1 {res['infer_batch1_ms']:.3f} ms; "
                   f"SLO p99 <= {res['slo_p99_ms']:.2f} ms", "",
                   f"highest sustained rate: plain {ms['plain']:.0f}/s, ee-req {ms['ee-req']:.0f}/s, stage {ms['stage']:.0f}/s; "
-                  f"light-load p50 of stage minus rt.infer batch-1: {res['light_load_p50_overhead_ms']:+.3f} ms", "",
+                  f"light-load p50 of stage minus rt.infer batch-1: {res['light_load_p50_overhead_ms']:+.3f} ms; "
+                  f"one request at a time through the scheduler minus rt.infer (side by side): "
+                  f"{res['closed_loop_machinery_ms']:+.3f} ms", "",
                   "| offered /s | system | throughput /s | p50 ms | p99 ms | sustained | stage mean batches |",
                   "| ---: | --- | ---: | ---: | ---: | --- | --- |"]
         for r in res["rows"]:
@@ -247,6 +260,17 @@ def markdown(doc) -> str:
                          f"{r['p99_ms']:.2f} | {'yes' if r['sustained'] else 'no'} | {r.get('mean_batch_per_stage', '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _finite(v):
+    """Strict JSON: unanswered requests' infinite latencies as the string "inf"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def main(argv=None) -> int:
@@ -258,12 +282,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-requests", type=int, default=6000)
     p.add_argument("--drain-s", type=float, default=10.0)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: on a shared 2-core VM, OpenMP's spinning threads fight "
+                        "the serving worker, the load generator and other jobs)")
     p.add_argument("--quick", action="store_true", help="smoke run: one model, three rates, 0.5 s each")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.rate_factors, args.seconds, args.drain_s = "digits", "0.1,1.0,2.0", 0.5, 5.0
     args.rate_factors = [float(f) for f in args.rate_factors.split(",")]
+    torch.set_num_threads(args.threads)
     results = [run_model(m, MODELS[m], args) for m in args.models.split(",")]
     info = device_info()
     date = datetime.date.today().isoformat()
@@ -274,7 +302,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"serve-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, allow_nan=False, default=str))
+    stem.with_suffix(".json").write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
     stem.with_suffix(".md").write_text(markdown(doc))
     plot(results, str(stem) + "-latency.png")
     print(f"wrote {stem}.json, .md, -latency.png")

@@ -87,6 +87,11 @@ def test_json_and_safetensors_answers_equal_infer(served):
     assert torch.equal(out["exit_index"], ref.exit_index[7:20])
     torch.testing.assert_close(out["logits"], ref.logits[7:20])
     torch.testing.assert_close(out["confidence"], ref.confidence[7:20])
+    # a NaN row is served (it never exits early); strict JSON spells its NaNs as strings
+    r = served.client.post("/v1/infer", content=json.dumps({"inputs": [[float("nan")] * 6, x[0].tolist()]}),
+                           headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["exit_index"] == [2, ref.exit_index[0].item()] and r.json()["logits"][0] == ["nan"] * 5
 
 
 @pytest.mark.parametrize("kwargs,status,message", [

@@ -11,9 +11,12 @@ was wrong and what is accepted; it never carries a traceback.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
+
+from .._json import enc_float
 
 SAFETENSORS_TYPES = ("application/vnd.safetensors", "application/octet-stream")
 
@@ -111,11 +114,26 @@ def decode_safetensors(body: bytes, spec: InputSpec, max_rows: int):
     return spec.check(x if len(x) > 1 else x[0], max_rows)
 
 
+def _strict(rows):
+    """Nested lists of floats as strict JSON (non-finite values as "nan", "inf", "-inf", as in
+    the saved runtimes); the common all-finite case is returned as it is."""
+    return rows if all(map(math.isfinite, _flat(rows))) else [
+        _strict(r) if isinstance(r, list) else enc_float(r) for r in rows]
+
+
+def _flat(rows):
+    for r in rows:
+        if isinstance(r, list):
+            yield from r
+        else:
+            yield r
+
+
 def encode_json(result) -> dict:
     return {
-        "logits": result.logits.float().tolist(),
+        "logits": _strict(result.logits.float().tolist()),
         "exit_index": result.exit_index.tolist(),
-        "confidence": result.confidence.float().tolist(),
+        "confidence": _strict(result.confidence.float().tolist()),
     }
 
 
