@@ -132,7 +132,12 @@ def _setup(ext_modules, cmdclass):
         package_dir={"eeruntime.kernels": "kernels"},
         python_requires=">=3.9",
         install_requires=["torch>=2.3", "numpy", "tqdm", "matplotlib", "safetensors"],
-        extras_require={"triton": ["triton"], "data": ["scikit-learn"]},
+        extras_require={
+            "triton": ["triton"],
+            "data": ["scikit-learn"],
+            # the HTTP server, its test client and the LitServe adapter (eeruntime.serve)
+            "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "litserve>=0.2.10"],
+        },
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

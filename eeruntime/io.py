@@ -9,8 +9,9 @@ A saved runtime is a directory holding
   Confidence heads and gates (``ee.train.confidence_criterion`` / ``gate_criterion``) live in the
   model, so their weights come with the model and ``load`` rebuilds the criterion from it.
 
-Only JSON and safetensors are read back; nothing is unpickled. The model's own weights are not
-part of it: ``load`` takes the model.
+Only JSON and safetensors are read back; nothing is unpickled. The model's own weights are added
+by ``rt.save(path, weights=True)`` (``model.safetensors``, see :mod:`eeruntime.bundle`); ``load``
+then takes the model's constructor instead of the model.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Optional, Tuple
 from torch import nn
 
 from ._json import enc_float as _enc
+from .bundle import ModelSource, build_model, save_model_weights
 from .bundle_schema import FORMAT as SCHEMA_FORMAT, FORMAT_VERSION as SCHEMA_VERSION, check_runtime_doc, check_safetensors, read_json
 from .criteria import CRITERIA, criterion_name, is_per_exit, uses_history
 
@@ -58,10 +60,11 @@ def _criterion_entry(criterion) -> dict:
     return entry
 
 
-def save_runtime(rt, path) -> Path:
+def save_runtime(rt, path, weights: bool = False, factory=None) -> Path:
     """Write ``rt``'s thresholds, criterion, final mode, calibration summary (``rt.calibration``
     when set, e.g. by ``Calibration.runtime``) and criterion weights under ``path`` (a directory,
-    created if needed; or a ``*.json`` file name with the weights beside it). Returns the JSON path."""
+    created if needed; or a ``*.json`` file name with the weights beside it); with ``weights`` the
+    model's weights too (``factory``: the constructor's name, kept as a hint). Returns the JSON path."""
     json_path, weights_path = _paths(path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     criterion = rt.criterion
@@ -76,6 +79,7 @@ def save_runtime(rt, path) -> Path:
         "final": rt.final,
         "calibration": calibration.to_dict() if calibration is not None else None,
         "weights": None,
+        "model": save_model_weights(rt.model, json_path.parent, factory) if weights else None,
     }
     if isinstance(criterion, nn.Module):
         from safetensors.torch import save_file
@@ -145,8 +149,12 @@ def _rebuild_from_model(entry: dict, model):
     return factory(model)
 
 
-def load(path, model, **runtime_kwargs):
+def load(path, model: ModelSource, **runtime_kwargs):
     """An :class:`~eeruntime.EERuntime` for ``model`` with the settings saved by ``rt.save(path)``.
+
+    ``model`` is the model itself (used as given), or, for a bundle saved with ``weights=True``,
+    its constructor: a callable or a ``"module:factory"`` name, called with no arguments; the new
+    model gets the saved weights after their names and shapes are checked against it.
 
     ``runtime_kwargs`` go to ``EERuntime`` (``graphs``, ``buckets``, backends) and may override
     ``final`` or ``thresholds``; ``criterion=`` supplies a criterion that cannot be rebuilt from
@@ -161,6 +169,7 @@ def load(path, model, **runtime_kwargs):
     json_path, _ = _paths(path)
     doc = _read(json_path)
     weights_path = json_path.with_name(doc["weights"]) if doc.get("weights") else None
+    model = build_model(model, doc.get("model"), json_path.parent)
     if not (hasattr(model, "stages") and hasattr(model, "exits")):
         raise TypeError(f"load needs the MultiExitModel the runtime was saved for, got {type(model).__name__}")
     K = len(model.stages)

@@ -233,12 +233,14 @@ class EERuntime:
             self._graph_runner = GraphRunner(self, buckets=self.buckets)
         self._graph_runner.warmup(max_batch, example)
 
-    def save(self, path) -> None:
+    def save(self, path, weights: bool = False, factory=None) -> None:
         """Save thresholds, criterion, calibration summary and learned scorer weights (JSON +
-        safetensors; see :func:`eeruntime.load`)."""
+        safetensors; see :func:`eeruntime.load`); ``weights=True`` adds the model's weights, so
+        ``ee.load(path, factory)`` rebuilds the whole runtime from the model's constructor
+        (``factory``, a callable or ``"module:factory"`` name, is recorded as a hint)."""
         from .io import save_runtime
 
-        save_runtime(self, path)
+        save_runtime(self, path, weights=weights, factory=factory)
 
     @property
     def stats(self) -> RuntimeStats:

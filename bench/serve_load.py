@@ -1,0 +1,313 @@
+"""Open-loop load benchmark of serving (in-process, no network): Poisson arrivals of single samples.
+
+For each model and arrival rate it runs, back to back at the same rate,
+
+  (a) plain:  the plain model (every stage, final exit) behind request-level dynamic batching,
+  (b) ee-req: EERuntime.infer behind the same request-level dynamic batching,
+  (c) stage:  ee.serve.StageScheduler (rows of all requests re-batched at every stage),
+
+and records throughput and p50/p99 latency, measured from each request's *scheduled* arrival
+(open loop: a late generator does not hide queueing). The SLO is 10x the plain model's batch-1
+latency measured in the same run; a rate is sustained when p99 <= SLO and every request was
+answered. Also measured: rt.infer at batch 1 (the light-load reference for (c)'s p50).
+
+    python bench/serve_load.py                      # both models, the default rate grid
+    python bench/serve_load.py --quick              # a smoke run (seconds)
+
+Writes bench/results/serve-<device>-<date>.{json,md} and a latency-vs-throughput PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import eeruntime as ee  # noqa: E402
+from eeruntime.oracle import plain_forward  # noqa: E402
+from eeruntime.serve import StageScheduler  # noqa: E402
+from eeruntime.serve.stats import percentile  # noqa: E402
+from eeruntime.timing import side_by_side  # noqa: E402
+from eeruntime.zoo import digits_cnn, resnet_style  # noqa: E402
+
+from common import device_info, thresholds_for_fractions  # noqa: E402
+
+
+class RequestBatcher:
+    """Request-level dynamic batching, the usual serving baseline: one worker takes every request
+    waiting (up to ``max_batch``), stacks them, runs ``fn`` on the batch, splits the answers."""
+
+    def __init__(self, fn, max_batch: int):
+        self.fn, self.max_batch = fn, max_batch
+        self._cv = threading.Condition()
+        self._queue = []
+        self._stop = False
+        self._worker = threading.Thread(target=self._run, daemon=True)
+        self._worker.start()
+
+    def submit_nowait(self, x):
+        f = concurrent.futures.Future()
+        with self._cv:
+            self._queue.append((x, f))
+            self._cv.notify()
+        return f
+
+    def close(self):
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._worker.join()
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if self._stop and not self._queue:
+                    return
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+            out = self.fn(torch.cat([x for x, _ in batch]))
+            for i, (_, f) in enumerate(batch):
+                f.set_result(out[i:i + 1])
+
+
+def plain_system(model, max_batch):
+    return RequestBatcher(lambda x: plain_forward(model, x), max_batch)
+
+
+def ee_request_system(rt, max_batch):
+    return RequestBatcher(lambda x: rt.infer(x).logits, max_batch)
+
+
+def open_loop(system, pool, rate: float, n: int, time_limit_s: float, drain_s: float, seed: int) -> dict:
+    """Submit ``n`` single samples at Poisson arrivals of ``rate``/s (at most ``time_limit_s`` of
+    arrivals); latency = completion - scheduled arrival."""
+    rng = random.Random(seed)
+    gaps = [rng.expovariate(rate) for _ in range(n)]
+    done_at = [math.inf] * n
+    sched_at = [0.0] * n
+    remaining = [n]
+    all_done = threading.Event()
+
+    def on_done(i):
+        def cb(f):
+            done_at[i] = time.perf_counter()
+            remaining[0] -= 1  # single writer per request; the worker thread runs callbacks
+            if remaining[0] == 0:
+                all_done.set()
+        return cb
+
+    t0 = time.perf_counter()
+    t = t0
+    sent = 0
+    for i in range(n):
+        t += gaps[i]
+        if t - t0 > time_limit_s:
+            break
+        now = time.perf_counter()
+        if t > now:
+            time.sleep(t - now)
+        sched_at[i] = t
+        f = system.submit_nowait(pool[i % len(pool)])
+        f.add_done_callback(on_done(i))
+        sent += 1
+    remaining[0] -= n - sent
+    if remaining[0] == 0:
+        all_done.set()
+    all_done.wait(drain_s)
+    lat = sorted((done_at[i] - sched_at[i]) for i in range(sent))
+    answered = sum(1 for v in lat if math.isfinite(v))
+    finish = max((done_at[i] for i in range(sent) if math.isfinite(done_at[i])), default=t0)
+    return {
+        "offered_rate": rate,
+        "sent": sent,
+        "answered": answered,
+        "throughput": answered / max(finish - t0, 1e-9),
+        "p50_ms": percentile(lat, 50) * 1e3 if lat else math.inf,
+        "p99_ms": percentile(lat, 99) * 1e3 if lat else math.inf,
+    }
+
+
+def median_call_ms(fn, x, iters=200):
+    for _ in range(10):
+        fn(x)
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3
+
+
+MODELS = {
+    # the demo's digits CNN (3 exits, 1x8x8 inputs), random weights
+    "digits": dict(build=lambda: digits_cnn(), shape=(1, 8, 8), fractions=[0.5, 0.3, 0.2]),
+    # a small ResNet-style net (basic blocks, 4 exits, 32x32 RGB), random weights
+    "resnet": dict(build=lambda: resnet_style(num_classes=10, widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1)),
+                   shape=(3, 32, 32), fractions=[0.5, 0.2, 0.15, 0.15]),
+}
+
+
+def run_model(name, spec, args) -> dict:
+    torch.manual_seed(0)
+    model = spec["build"]().eval()
+    pool_x = torch.randn(512, *spec["shape"])
+    thr = thresholds_for_fractions(model, pool_x, spec["fractions"], "entropy")
+    rt = ee.EERuntime(model, thresholds=thr, criterion="entropy")
+    pool = [pool_x[i:i + 1].clone() for i in range(pool_x.shape[0])]
+    plain1 = median_call_ms(lambda x: plain_forward(model, x), pool[0])
+    ee1 = median_call_ms(lambda x: rt.infer(x), pool[0])
+    xb = torch.cat(pool[: args.max_batch])
+    plain_b = median_call_ms(lambda x: plain_forward(model, x), xb, iters=30) / args.max_batch
+    slo_ms = 10 * plain1
+    # The serving machinery's own cost at light load: one sample at a time through the scheduler
+    # against rt.infer, timed side by side (paired rounds, robust to the shared VM's drift).
+    with StageScheduler(rt, max_batch=args.max_batch) as sched:
+        x1 = pool[1]
+        sbs = side_by_side({"infer": lambda: rt.infer(x1), "stage": lambda: sched.infer(x1)}, "cpu",
+                           rounds=40, inner=10)
+    machinery_ms = (sbs.median("stage") - sbs.median("infer")) * 1e3
+    capacity = 1e3 / plain_b  # plain rows/s at max_batch: the rate grid is relative to it
+    rates = [round(capacity * f, 1) for f in args.rate_factors]
+    print(f"[{name}] scheduler one-at-a-time minus rt.infer batch-1 (side by side): {machinery_ms:+.3f} ms")
+    print(f"[{name}] plain batch-1 {plain1:.3f} ms, rt.infer batch-1 {ee1:.3f} ms, plain per row at batch "
+          f"{args.max_batch} {plain_b:.3f} ms; SLO p99 <= {slo_ms:.2f} ms; rates {rates}", flush=True)
+    rows = []
+    for i, rate in enumerate(rates):
+        n = max(20, min(args.max_requests, int(rate * args.seconds)))
+        for system_name, make in (("plain", lambda: plain_system(model, args.max_batch)),
+                                  ("ee-req", lambda: ee_request_system(rt, args.max_batch)),
+                                  ("stage", lambda: StageScheduler(rt, max_batch=args.max_batch,
+                                                                   max_queue_rows=1 << 20))):
+            system = make()
+            for x in pool[:20]:  # warm the worker
+                system.submit_nowait(x).result()
+            r = open_loop(system, pool, rate, n, 1.5 * n / rate, args.drain_s, seed=i)
+            if system_name == "stage":
+                st = system.stats_dict()
+                r["mean_batch_per_stage"] = [round(b, 2) for b in st["mean_batch"]]
+                r["overhead_ms_per_batch"] = round(st["overhead_ms_per_batch"], 4)
+            system.close()
+            r["system"] = system_name
+            r["sustained"] = r["answered"] == r["sent"] and r["p99_ms"] <= slo_ms
+            rows.append(r)
+            print(f"  {system_name:6s} rate {rate:8.1f}/s  thr {r['throughput']:8.1f}/s  p50 {r['p50_ms']:8.2f} ms  "
+                  f"p99 {r['p99_ms']:9.2f} ms {'ok' if r['sustained'] else '--'}"
+                  + (f"  batches {r['mean_batch_per_stage']}" if "mean_batch_per_stage" in r else ""), flush=True)
+    best = {s: max([r["offered_rate"] for r in rows if r["system"] == s and r["sustained"]], default=0.0)
+            for s in ("plain", "ee-req", "stage")}
+    light = [r for r in rows if r["system"] == "stage"][0]
+    return {
+        "model": name, "input_shape": list(spec["shape"]), "exit_fractions": spec["fractions"], "thresholds": thr,
+        "plain_batch1_ms": plain1, "infer_batch1_ms": ee1, "plain_per_row_ms_at_max_batch": plain_b,
+        "slo_p99_ms": slo_ms, "max_batch": args.max_batch, "rows": rows, "max_sustained_rate": best,
+        "light_load_p50_overhead_ms": light["p50_ms"] - ee1,
+        "closed_loop_machinery_ms": machinery_ms,
+        "closed_loop_ratio_stage_over_infer": sbs.ratio("stage", "infer"),
+    }
+
+
+def plot(results, path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0 * len(results), 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    for j, res in enumerate(results):
+        ax = fig.add_subplot(1, len(results), j + 1)
+        for system, style in (("plain", "s-"), ("ee-req", "o-"), ("stage", "^-")):
+            pts = [r for r in res["rows"] if r["system"] == system]
+            ax.plot([r["throughput"] for r in pts], [r["p99_ms"] for r in pts], style, label=f"{system} p99")
+        ax.axhline(res["slo_p99_ms"], color="grey", ls="--", lw=1, label="SLO (10x plain batch-1)")
+        ax.set_yscale("log")
+        ax.set_xlabel("throughput (requests/s)")
+        ax.set_ylabel("p99 latency (ms)")
+        ax.set_title(f"{res['model']}: latency vs throughput")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def markdown(doc) -> str:
+    lines = [f"# Serving load benchmark ({doc['device']['device']}, torch {doc['device']['torch']}, {doc['date']})", "",
+             doc["note"], ""]
+    for res in doc["results"]:
+        ms = res["max_sustained_rate"]
+        lines += [f"## {res['model']} (exit fractions {res['exit_fractions']}, max_batch {res['max_batch']})", "",
+                  f"plain batch-1 {res['plain_batch1_ms']:.3f} ms; rt.infer batch-1 {res['infer_batch1_ms']:.3f} ms; "
+                  f"SLO p99 <= {res['slo_p99_ms']:.2f} ms", "",
+                  f"highest sustained rate: plain {ms['plain']:.0f}/s, ee-req {ms['ee-req']:.0f}/s, stage {ms['stage']:.0f}/s; "
+                  f"light-load p50 of stage minus rt.infer batch-1: {res['light_load_p50_overhead_ms']:+.3f} ms; "
+                  f"one request at a time through the scheduler minus rt.infer (side by side): "
+                  f"{res['closed_loop_machinery_ms']:+.3f} ms", "",
+                  "| offered /s | system | throughput /s | p50 ms | p99 ms | sustained | stage mean batches |",
+                  "| ---: | --- | ---: | ---: | ---: | --- | --- |"]
+        for r in res["rows"]:
+            lines.append(f"| {r['offered_rate']:.0f} | {r['system']} | {r['throughput']:.0f} | {r['p50_ms']:.2f} | "
+                         f"{r['p99_ms']:.2f} | {'yes' if r['sustained'] else 'no'} | {r.get('mean_batch_per_stage', '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _finite(v):
+    """Strict JSON: unanswered requests' infinite latencies as the string "inf"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="digits,resnet")
+    p.add_argument("--rate-factors", default="0.1,0.3,0.6,0.9,1.2,1.6,2.0,2.5",
+                   help="arrival rates as multiples of the plain model's rows/s at max_batch")
+    p.add_argument("--seconds", type=float, default=3.0, help="arrivals per run (bounded by --max-requests)")
+    p.add_argument("--max-requests", type=int, default=6000)
+    p.add_argument("--drain-s", type=float, default=10.0)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: on a shared 2-core VM, OpenMP's spinning threads fight "
+                        "the serving worker, the load generator and other jobs)")
+    p.add_argument("--quick", action="store_true", help="smoke run: one model, three rates, 0.5 s each")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.rate_factors, args.seconds, args.drain_s = "digits", "0.1,1.0,2.0", 0.5, 5.0
+    args.rate_factors = [float(f) for f in args.rate_factors.split(",")]
+    torch.set_num_threads(args.threads)
+    results = [run_model(m, MODELS[m], args) for m in args.models.split(",")]
+    info = device_info()
+    date = datetime.date.today().isoformat()
+    doc = {"device": info, "date": date, "results": results, "argv": sys.argv[1:],
+           "note": "In-process open loop (Poisson arrivals of single samples; latency from the scheduled arrival). "
+                   "Measured on a shared 2-core VM with other jobs running: absolute numbers are noisy; "
+                   "the three systems run back to back at each rate."}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"serve-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}"
+    stem.with_suffix(".json").write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
+    stem.with_suffix(".md").write_text(markdown(doc))
+    plot(results, str(stem) + "-latency.png")
+    print(f"wrote {stem}.json, .md, -latency.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

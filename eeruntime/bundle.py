@@ -1,0 +1,123 @@
+"""The model half of a self-contained saved runtime: ``rt.save(path, weights=True)`` and
+``ee.load(path, model_factory)``.
+
+A bundle is a saved runtime (see :mod:`eeruntime.io`) plus ``model.safetensors``: the model's
+``state_dict`` (parameters and buffers, e.g. batch-norm statistics). The model's *code* is not
+saved: ``load`` calls the user's constructor (a callable or a ``"module:factory"`` name) and fills
+the new model with the saved tensors. The JSON records each tensor's name, shape and dtype, so a
+constructor that builds a different model is refused with the names that differ, before any
+tensor is read. Nothing is unpickled, and no module named in the file is ever imported: the
+factory name saved as a hint is only quoted in error messages.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+MODEL_WEIGHTS_NAME = "model.safetensors"
+
+ModelSource = Union[nn.Module, Callable[[], nn.Module], str]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _factory_name(factory) -> Optional[str]:
+    """``module:qualname`` of a named top-level callable (a hint for whoever loads the bundle)."""
+    if isinstance(factory, str):
+        return factory
+    mod, qual = getattr(factory, "__module__", None), getattr(factory, "__qualname__", None)
+    if mod and qual and "<" not in qual:
+        return f"{mod}:{qual}"
+    return None
+
+
+def save_model_weights(model: nn.Module, directory: Path, factory=None) -> dict:
+    """Write ``model``'s state dict as ``directory/model.safetensors``; return the JSON entry
+    that describes it (file name, factory hint, each tensor's shape and dtype)."""
+    from safetensors.torch import save_file
+
+    # Copies on the host: safetensors refuses tensors that share storage (tied weights) and
+    # device memory; the caller's model is never written.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / MODEL_WEIGHTS_NAME), metadata={"format": "eeruntime.model"})
+    return {
+        "weights": MODEL_WEIGHTS_NAME,
+        "factory": _factory_name(factory),
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
+    }
+
+
+def resolve_factory(spec) -> Callable[[], nn.Module]:
+    """A ``"package.module:function"`` name (or ``"package.module:Class.method"``) imported and
+    looked up; a callable is returned as it is."""
+    if callable(spec) and not isinstance(spec, str):
+        return spec
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(
+            f"a model factory must be a callable or a 'module:factory' string such as "
+            f"'eeruntime.zoo:digits_cnn', got {spec!r}"
+        )
+    mod_name, attr = spec.split(":")
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import the model factory's module {mod_name!r} (from {spec!r}): {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{mod_name!r} has no attribute {attr!r} (model factory {spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"the model factory {spec!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _check_fits(model: nn.Module, entry: dict, where: Path) -> None:
+    """Compare the factory model's state dict with the saved one by name and shape; the error
+    lists what is missing, extra and mis-shaped (the first few of each)."""
+    saved: Dict[str, dict] = entry.get("tensors") or {}
+    have = {k: list(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in have if k not in saved]
+    extra = [k for k in saved if k not in have]
+    shapes = [f"{k}: saved {saved[k]['shape']}, model {have[k]}" for k in have if k in saved and saved[k]["shape"] != have[k]]
+    if not (missing or extra or shapes):
+        return
+    hint = f" (it was saved from {entry.get('factory')!r})" if entry.get("factory") else ""
+    parts = []
+    for what, items in (("not in the bundle", missing), ("not in the model", extra), ("shape differs", shapes)):
+        if items:
+            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+            parts.append(f"{what}: {', '.join(items[:5])}{more}")
+    raise ValueError(
+        f"the model built by the factory does not match the weights in {where}{hint}: " + "; ".join(parts)
+    )
+
+
+def build_model(source: ModelSource, entry: Optional[dict], directory: Path) -> nn.Module:
+    """The model a saved runtime runs: ``source`` itself when it is a module (used as given, its
+    weights untouched), else the factory's new model filled with the bundle's weights."""
+    if isinstance(source, nn.Module):
+        return source
+    factory = resolve_factory(source)
+    if entry is None:
+        raise ValueError(
+            f"{directory} holds no model weights (save with rt.save(path, weights=True)); pass the model "
+            "itself instead of a factory"
+        )
+    weights = directory / entry["weights"]
+    if not weights.is_file():
+        raise FileNotFoundError(f"the bundle's model weights {weights} are missing")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model factory returned a {type(model).__name__}, not a torch.nn.Module")
+    _check_fits(model, entry, weights)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    return model

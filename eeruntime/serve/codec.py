@@ -1,0 +1,147 @@
+"""Request and response bodies shared by the HTTP server and the LitServe adapter.
+
+Inputs (batch first; one sample is a batch of one):
+
+- JSON ``{"inputs": <nested list>}``: one tensor, numbers only, converted to the model's dtype;
+- safetensors bytes: ``input`` (one tensor) or ``input_0``, ``input_1``, ... (a tuple state).
+
+Outputs: JSON ``{"logits": [[...]], "exit_index": [...], "confidence": [...]}`` or the same three
+tensors as safetensors bytes. Every refusal is an :class:`InputError` whose message says what
+was wrong and what is accepted; it never carries a traceback.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .._json import enc_float
+
+SAFETENSORS_TYPES = ("application/vnd.safetensors", "application/octet-stream")
+
+
+class InputError(ValueError):
+    """A request the server refuses; ``status`` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+class InputSpec:
+    """What one row of a request must look like: per member, its shape after the batch dim. Given
+    at start (``--input-shape``) or learned from the first request the model answered."""
+
+    def __init__(self, shapes: Optional[Sequence[Tuple[int, ...]]] = None, dtype: torch.dtype = torch.float32):
+        self.shapes = None if shapes is None else [tuple(int(d) for d in s) for s in shapes]
+        self.dtype = dtype
+
+    def learn(self, x) -> None:
+        if self.shapes is None:
+            parts = x if isinstance(x, tuple) else (x,)
+            self.shapes = [tuple(t.shape[1:]) for t in parts]
+
+    def check(self, x, max_rows: int):
+        parts = x if isinstance(x, tuple) else (x,)
+        n = parts[0].shape[0] if parts[0].dim() else 0
+        if any(t.dim() == 0 for t in parts):
+            raise InputError("inputs need a batch dimension: send a list of samples, e.g. [[...]] for one sample")
+        if n == 0:
+            raise InputError("inputs hold no rows; send at least one sample")
+        if n > max_rows:
+            raise InputError(f"a request holds at most {max_rows} rows, got {n}; split it", status=413)
+        for i, t in enumerate(parts):
+            if t.shape[0] != n:
+                raise InputError(f"input_{i} has {t.shape[0]} rows but input_0 has {n}; members share the batch dim")
+        if self.shapes is not None:
+            if len(parts) != len(self.shapes):
+                raise InputError(f"the model takes {len(self.shapes)} input tensor(s), got {len(parts)}")
+            for i, (t, want) in enumerate(zip(parts, self.shapes)):
+                if tuple(t.shape[1:]) != want:
+                    name = "inputs" if len(parts) == 1 else f"input_{i}"
+                    raise InputError(
+                        f"{name}: each row must have shape {list(want)}, got {list(t.shape[1:])} "
+                        f"(the request's shape is {list(t.shape)}, batch first)"
+                    )
+        for i, t in enumerate(parts):
+            if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool)):
+                raise InputError(f"input_{i} has dtype {t.dtype}; send floating-point (or integer) tensors")
+        return x
+
+
+def _ragged_message(e: Exception) -> str:
+    return f"inputs must be a rectangular nested list of numbers (batch first): {e}"
+
+
+def decode_json(doc, spec: InputSpec, max_rows: int):
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise InputError('the JSON body must be an object with an "inputs" field: {"inputs": [[...], ...]}')
+    unknown = sorted(set(doc) - {"inputs"})
+    if unknown:
+        raise InputError(f"unknown field(s) {unknown}; the body takes only \"inputs\"")
+    data = doc["inputs"]
+    if not isinstance(data, list):
+        raise InputError(f'"inputs" must be a list of samples (batch first), got {type(data).__name__}')
+    if spec.shapes is not None and len(spec.shapes) != 1:
+        raise InputError("this model takes several input tensors; send them as safetensors (input_0, input_1, ...)")
+    try:
+        x = torch.tensor(data, dtype=spec.dtype)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise InputError(_ragged_message(e)) from None
+    return spec.check(x, max_rows)
+
+
+def decode_safetensors(body: bytes, spec: InputSpec, max_rows: int):
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    try:
+        tensors = st_load(body)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise InputError(f"the body is not a valid safetensors file: {e}", status=400) from None
+    if "input" in tensors and len(tensors) == 1:
+        x = tensors["input"]
+    else:
+        names = [f"input_{i}" for i in range(len(tensors))]
+        if sorted(tensors) != sorted(names) or not names:
+            raise InputError(f"safetensors inputs must be named 'input' or input_0, input_1, ...; got {sorted(tensors)}")
+        x = tuple(tensors[n] for n in names)
+        if len(x) == 1:
+            x = x[0]
+    parts = x if isinstance(x, tuple) else (x,)
+    x = tuple(t.to(spec.dtype) if t.is_floating_point() else t for t in parts)
+    return spec.check(x if len(x) > 1 else x[0], max_rows)
+
+
+def _strict(rows):
+    """Nested lists of floats as strict JSON (non-finite values as "nan", "inf", "-inf", as in
+    the saved runtimes); the common all-finite case is returned as it is."""
+    return rows if all(map(math.isfinite, _flat(rows))) else [
+        _strict(r) if isinstance(r, list) else enc_float(r) for r in rows]
+
+
+def _flat(rows):
+    for r in rows:
+        if isinstance(r, list):
+            yield from r
+        else:
+            yield r
+
+
+def encode_json(result) -> dict:
+    return {
+        "logits": _strict(result.logits.float().tolist()),
+        "exit_index": result.exit_index.tolist(),
+        "confidence": _strict(result.confidence.float().tolist()),
+    }
+
+
+def encode_safetensors(result) -> bytes:
+    from safetensors.torch import save
+
+    return save({
+        "logits": result.logits.contiguous(),
+        "exit_index": result.exit_index.contiguous(),
+        "confidence": result.confidence.contiguous(),
+    })

@@ -1,0 +1,81 @@
+"""A LitServe ``LitAPI`` that serves a saved runtime bundle through the stage scheduler.
+
+    import litserve as ls
+    from eeruntime.serve.litserve_api import EarlyExitLitAPI
+
+    api = EarlyExitLitAPI("bundle_dir", "my_models:build", max_batch=32)
+    ls.LitServer(api, accelerator="cpu").run(port=8000)   # POST /predict {"inputs": [[...]]}
+
+LitServe's own request batching is left off (``max_batch_size=1``): the API runs in LitServe's
+async mode, so every request in flight reaches the stage scheduler at once and is batched there,
+stage by stage, with other requests' rows. The API object holds only the bundle path and the
+factory name until ``setup`` (LitServe may start it in a new process).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+try:
+    import litserve as ls
+except ImportError as e:  # pragma: no cover - depends on the [serve] extra
+    raise ImportError("the LitServe adapter needs litserve: pip install 'eeruntime[serve]'") from e
+
+from .codec import InputError, InputSpec, decode_json, encode_json
+
+
+class EarlyExitLitAPI(ls.LitAPI):
+    """``bundle``: a directory written by ``rt.save(path, weights=True)``; ``model``: the model's
+    constructor (``"module:factory"`` or a picklable callable). Scheduler options as in
+    :class:`~eeruntime.serve.StageScheduler`."""
+
+    def __init__(self, bundle, model, *, max_batch: int = 32, max_wait_ms: float = 0.0,
+                 max_queue_rows: int = 4096, timeout_s: Optional[float] = 30.0, max_rows: int = 256,
+                 api_path: str = "/predict"):
+        super().__init__(max_batch_size=1, api_path=api_path, enable_async=True)
+        self.bundle, self.model_spec = str(bundle), model
+        self.options = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows,
+                            timeout_s=timeout_s)
+        self.max_rows = max_rows
+        self.sched = None
+
+    def setup(self, device):
+        import eeruntime as ee
+
+        from .scheduler import StageScheduler
+        from .server import _model_dtype
+
+        rt = ee.load(self.bundle, self.model_spec)
+        if device and device != "cpu":
+            rt.model.to(device)
+            rt = ee.load(self.bundle, rt.model)
+        self.sched = StageScheduler(rt, **self.options)
+        self.spec = InputSpec(dtype=_model_dtype(rt.model))
+        self.device_name = device
+
+    async def decode_request(self, request, **kwargs):
+        from fastapi import HTTPException
+
+        try:
+            x = decode_json(request, self.spec, self.max_rows)
+        except InputError as e:
+            raise HTTPException(e.status, str(e)) from None
+        return x if self.device_name in (None, "cpu") else x.to(self.device_name)
+
+    async def predict(self, x, **kwargs):
+        from fastapi import HTTPException
+
+        from .scheduler import SchedulerFull, StageFailed
+
+        try:
+            result = await self.sched.submit(x)
+        except SchedulerFull as e:
+            raise HTTPException(503, str(e)) from None
+        except TimeoutError as e:
+            raise HTTPException(504, str(e)) from None
+        except StageFailed:
+            raise HTTPException(500, "the model failed on the batch holding this request") from None
+        self.spec.learn(x)
+        return result
+
+    async def encode_response(self, output, **kwargs):
+        return encode_json(output)

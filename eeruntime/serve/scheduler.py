@@ -1,0 +1,516 @@
+"""``StageScheduler``: one worker thread runs the runtime's stage step on rows gathered from every
+request waiting at a stage, so the survivors of many small requests share one batch (E3's "keep
+every block's batch full", done inside one process).
+
+How a request travels (see docs/serving.md for the measurements behind the policy):
+
+- ``submit`` validates the input, takes the request's thresholds snapshot and puts its rows, as
+  one *chunk* (row ids, state, carry), in stage 0's queue. Row ids encode the request
+  (``seq << ROW_BITS | local row``), so a result can only reach the request its id names.
+- The worker picks a stage: the **deepest stage that is ready** (its rows go on to free memory
+  and finish requests first). A stage is ready when it holds ``max_batch`` rows or its oldest row
+  has waited ``max_wait_ms`` (default 0: any waiting row is ready; waiting for fuller batches
+  costs latency under tight SLOs on a CPU, whose cost per row barely falls with batch size).
+- It gathers chunks from that queue's head up to ``max_batch`` rows (splitting the last one) that
+  share one thresholds snapshot and one input layout, concatenates them, and calls
+  ``rt.run_stage``. Leavers' logits go to their requests; a request whose rows have all left
+  resolves. Survivors go, as one chunk, to the next stage's queue.
+
+Thresholds: **one snapshot per request**, taken when it is admitted; a batch never mixes
+snapshots, so every request is answered with one set of thresholds, exactly as ``rt.infer``
+would be. ``set_thresholds`` swaps the snapshot atomically for requests admitted after it.
+
+Failure isolation: an exception in a stage step fails exactly the requests with rows in that
+batch. Timeouts and cancellation mark a request dead; its rows are dropped from every queue
+before the next batch. ``close`` drains or fails every pending request; none is left pending.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Deque, Dict, List, Optional, Sequence
+
+import torch
+
+from ..runtime import EERuntime, InferenceResult, cat_rows, take_rows
+from ..state import as_tuple, check_state
+from .stats import SchedulerStats
+
+ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
+ROW_MASK = (1 << ROW_BITS) - 1
+
+
+class SchedulerError(RuntimeError):
+    """Base of the scheduler's own refusals."""
+
+
+class SchedulerFull(SchedulerError):
+    """Admitting the request would exceed ``max_queue_rows`` (backpressure)."""
+
+
+class SchedulerClosed(SchedulerError):
+    """The scheduler is shut down (or shutting down) and takes no new requests."""
+
+
+class StageFailed(SchedulerError):
+    """A stage step raised while this request's rows were in its batch (``__cause__`` holds it)."""
+
+
+class _Request:
+    __slots__ = ("seq", "n", "future", "snap", "t0", "deadline", "remaining", "logits", "exit_index",
+                 "confidence", "layout")
+
+    def __init__(self, seq, n, future, snap, t0, deadline, layout):
+        self.seq, self.n, self.future, self.snap, self.t0 = seq, n, future, snap, t0
+        self.deadline, self.layout = deadline, layout
+        self.remaining = n
+        self.logits = self.exit_index = self.confidence = None
+
+
+class _Chunk:
+    """Rows waiting at a stage: ids int64 [n], their state and carry, the snapshot and input
+    layout they share, and when the oldest of them entered this queue."""
+
+    __slots__ = ("ids", "state", "carry", "snap", "layout", "since", "n")
+
+    def __init__(self, ids, state, carry, snap, layout, since):
+        self.ids, self.state, self.carry, self.snap, self.layout, self.since = ids, state, carry, snap, layout, since
+        self.n = int(ids.shape[0])
+
+    def split(self, r: int):
+        """The first ``r`` rows as a new chunk; this one keeps the rest (views, no copy)."""
+        head = _Chunk(self.ids[:r], _slice(self.state, 0, r), _slice(self.carry, 0, r), self.snap, self.layout, self.since)
+        self.ids, self.state, self.carry = self.ids[r:], _slice(self.state, r, None), _slice(self.carry, r, None)
+        self.n -= r
+        return head
+
+
+def _slice(state, a, b):
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(t[a:b] for t in state)
+    return state[a:b]
+
+
+def _layout(x) -> tuple:
+    """What rows must share to be concatenated: per member, the shape after dim 0, dtype, device."""
+    return tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in as_tuple(x))
+
+
+class StageScheduler:
+    """Serve ``rt`` by stage: rows of all requests waiting at a stage run as one batch.
+
+    Args:
+        rt: the :class:`~eeruntime.EERuntime` to serve (its ``run_stage`` seam does the work).
+        max_batch: most rows in one stage step (16-32 suits a small CPU model; see docs/serving.md).
+        max_wait_ms: how long a stage with fewer than ``max_batch`` rows may wait for more before
+            it runs anyway (0: never wait).
+        max_queue_rows: rows admitted and not yet answered, at most; beyond it ``submit`` raises
+            :class:`SchedulerFull` (``when_full="error"``) or waits for room up to the request's
+            timeout (``when_full="wait"``).
+        timeout_s: default per-request timeout (None: none); ``submit(x, timeout_s=...)`` overrides.
+        latency_window: how many recent request latencies the percentiles are computed over.
+    """
+
+    def __init__(self, rt: EERuntime, max_batch: int = 32, max_wait_ms: float = 0.0, *,
+                 max_queue_rows: int = 4096, when_full: str = "error", timeout_s: Optional[float] = None,
+                 latency_window: int = 10000, name: str = "eeruntime-stage-scheduler"):
+        if not hasattr(rt, "run_stage"):
+            raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        if not max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+        if not isinstance(max_queue_rows, int) or max_queue_rows < 1:
+            raise ValueError(f"max_queue_rows must be a positive int, got {max_queue_rows!r}")
+        if when_full not in ("error", "wait"):
+            raise ValueError(f"when_full must be 'error' or 'wait', got {when_full!r}")
+        self.rt = rt
+        self.num_stages = rt.num_exits
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue_rows = max_queue_rows
+        self.when_full = when_full
+        self.timeout_s = timeout_s
+        lock = threading.Lock()
+        self._cv = threading.Condition(lock)    # the worker sleeps on it
+        self._room = threading.Condition(lock)  # submitters waiting for room (when_full="wait")
+        self._reaper_cv = threading.Condition(lock)  # the timeout thread sleeps on it
+        self._reaper: Optional[threading.Thread] = None
+        self._inbox: Deque[_Chunk] = deque()      # stage-0 chunks from submitters, taken by the worker
+        self._queues: List[Deque[_Chunk]] = [deque() for _ in range(self.num_stages)]  # worker only
+        self._requests: Dict[int, _Request] = {}  # admitted, not answered (worker and submitters, under _cv)
+        self._deadlines: list = []                # heap of (deadline, seq)
+        self._dead: set = set()                   # seqs answered early (timeout, cancel, failure) whose rows may still wait
+        self._admitted_rows = 0
+        self._seq = itertools.count(1)
+        self._sleeping = False
+        self._closing = False
+        self._drain = True
+        self.stats = SchedulerStats(self.num_stages, latency_window)
+        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ submitting
+    def submit_nowait(self, x, timeout_s: Optional[float] = None) -> concurrent.futures.Future:
+        """Admit ``x`` (a tensor or a tuple of tensors sharing batch dim 0: one sample or a small
+        batch) and return a :class:`concurrent.futures.Future` of its
+        :class:`~eeruntime.InferenceResult`. Cancelling the future frees the request's rows at
+        every stage. ``x`` must not be modified until the future is done."""
+        if isinstance(x, list):
+            x = tuple(x)
+        n = check_state(x, "StageScheduler input")
+        if n > self.max_queue_rows or n > ROW_MASK:
+            raise ValueError(
+                f"a request of {n} rows can never be admitted: the scheduler holds at most "
+                f"{min(self.max_queue_rows, ROW_MASK)} rows (max_queue_rows); split it"
+            )
+        self.rt._check_device(x)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        t0 = time.perf_counter()
+        deadline = None if timeout_s is None else t0 + timeout_s
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        layout = _layout(x)
+        with self._cv:
+            while True:
+                if self._closing:
+                    raise SchedulerClosed("the scheduler is closed; it takes no new requests")
+                if self._admitted_rows + n <= self.max_queue_rows:
+                    break
+                if self.when_full == "error":
+                    self.stats.rejected += 1
+                    raise SchedulerFull(
+                        f"the scheduler is full ({self._admitted_rows} of {self.max_queue_rows} rows pending); "
+                        "retry later or raise max_queue_rows"
+                    )
+                left = None if deadline is None else deadline - time.perf_counter()
+                if left is not None and left <= 0:
+                    self.stats.timeouts += 1
+                    raise TimeoutError(f"no room in the scheduler within the request's timeout of {timeout_s} s")
+                self._room.wait(left)
+            seq = next(self._seq)
+            # the runtime's current snapshot: the same object until set_thresholds replaces it
+            req = _Request(seq, n, future, self.rt.thresholds_snapshot(), t0, deadline, layout)
+            self._requests[seq] = req
+            self._admitted_rows += n
+            if deadline is not None:
+                self._arm(deadline, seq)
+            ids = torch.arange(n, dtype=torch.int64).add_(seq << ROW_BITS)
+            self._inbox.append(_Chunk(ids, x, None, req.snap, layout, t0))
+            self.stats.submitted += 1
+            if self._sleeping:
+                self._cv.notify()
+        future.add_done_callback(lambda f, seq=seq: f.cancelled() and self._forget(seq, "cancelled"))
+        return future
+
+    async def submit(self, x, timeout_s: Optional[float] = None) -> InferenceResult:
+        """Await the result of ``x``; cancelling the awaiting task frees its rows."""
+        if self.when_full == "wait":
+            # admission may block while the scheduler is full: keep it off the event loop
+            loop = asyncio.get_running_loop()
+            future = await loop.run_in_executor(None, self.submit_nowait, x, timeout_s)
+        else:
+            future = self.submit_nowait(x, timeout_s)
+        return await asyncio.wrap_future(future)
+
+    def infer(self, x, timeout_s: Optional[float] = None) -> InferenceResult:
+        """Blocking form of :meth:`submit`."""
+        return self.submit_nowait(x, timeout_s).result()
+
+    def set_thresholds(self, thresholds) -> None:
+        """New thresholds for requests admitted from now on; requests already admitted finish with
+        the snapshot they started with (no request mixes two sets)."""
+        self.rt.set_thresholds(thresholds)
+
+    @property
+    def thresholds(self) -> List[float]:
+        return list(self.rt.thresholds_snapshot())
+
+    # ------------------------------------------------------------------ shutting down
+    def close(self, drain: bool = True, timeout_s: Optional[float] = None) -> None:
+        """Stop taking requests; ``drain`` answers every admitted request first, else they fail
+        with :class:`SchedulerClosed`. Requests still pending after ``timeout_s`` fail too. Returns
+        when the worker has stopped and no request is pending."""
+        with self._cv:
+            self._closing = True
+            self._drain = self._drain and drain
+            self._cv.notify_all()
+            self._room.notify_all()
+            self._reaper_cv.notify_all()
+        self._worker.join(timeout_s)
+        with self._cv:
+            self._drain = False
+            self._cv.notify_all()
+        self._worker.join()
+        self._fail_all(SchedulerClosed("the scheduler was closed before this request was answered"))
+        with self._cv:
+            self._reaper_cv.notify_all()
+        if self._reaper is not None:
+            self._reaper.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def pending(self) -> int:
+        """Requests admitted and not yet answered."""
+        with self._cv:
+            return len(self._requests)
+
+    def queue_depths(self) -> List[int]:
+        """Rows waiting at each stage (a racy but cheap look at the worker's queues)."""
+        depths = [sum(c.n for c in list(q)) for q in self._queues]
+        depths[0] += sum(c.n for c in list(self._inbox))
+        return depths
+
+    def stats_dict(self) -> dict:
+        d = self.stats.as_dict()
+        d.update(queue_depths=self.queue_depths(), pending_requests=len(self._requests),
+                 pending_rows=self._admitted_rows, max_batch=self.max_batch,
+                 max_wait_ms=self.max_wait_s * 1000, thresholds=self.thresholds)
+        return d
+
+    # ------------------------------------------------------------------ answering
+    def _forget(self, seq: int, why: str) -> Optional[_Request]:
+        """Remove a request from the pending set (its rows are dropped before the next batch)."""
+        with self._cv:
+            req = self._requests.pop(seq, None)
+            if req is None:
+                return None
+            self._admitted_rows -= req.n
+            if req.remaining:
+                self._dead.add(seq)
+            if why == "cancelled":
+                self.stats.cancelled += 1
+            self._room.notify_all()
+            if self._sleeping:
+                self._cv.notify()
+        return req
+
+    def _fail(self, seq: int, exc: BaseException, why: str) -> None:
+        req = self._forget(seq, why)
+        if req is not None and not req.future.done():
+            try:
+                req.future.set_exception(exc)
+            except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+                pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cv:
+            seqs = list(self._requests)
+        for seq in seqs:
+            self._fail(seq, exc, "closed")
+
+    def _deliver(self, k: int, exit_ids: List[int], logits: torch.Tensor, confidence: torch.Tensor) -> None:
+        """Write the leaving rows into their requests and resolve the requests now complete."""
+        i, E = 0, len(exit_ids)
+        now = time.perf_counter()
+        while i < E:
+            seq = exit_ids[i] >> ROW_BITS
+            j = i + 1
+            while j < E and exit_ids[j] >> ROW_BITS == seq:
+                j += 1
+            req = self._requests.get(seq)
+            if req is not None:
+                m = j - i
+                local0 = exit_ids[i] & ROW_MASK
+                if req.logits is None and m == req.n and exit_ids[j - 1] & ROW_MASK == req.n - 1 and local0 == 0:
+                    # every row of the request left here, in order: views of the batch's output
+                    req.logits, req.confidence = logits[i:j], confidence[i:j]
+                    req.exit_index = torch.full((m,), k, dtype=torch.int64)
+                else:
+                    if req.logits is None:
+                        req.logits = logits.new_empty((req.n, logits.shape[1]))
+                        req.confidence = confidence.new_empty(req.n)
+                        req.exit_index = torch.empty(req.n, dtype=torch.int64)
+                    local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64)
+                    req.logits.index_copy_(0, local, logits[i:j])
+                    req.confidence.index_copy_(0, local, confidence[i:j])
+                    req.exit_index.index_fill_(0, local, k)
+                req.remaining -= m
+                if req.remaining == 0:
+                    self._finish(req, now)
+            i = j
+
+    def _finish(self, req: _Request, now: float) -> None:
+        with self._cv:
+            if self._requests.pop(req.seq, None) is None:
+                return
+            self._admitted_rows -= req.n
+            self._room.notify_all()
+        self.stats.record_latency(now - req.t0)
+        try:
+            req.future.set_result(InferenceResult(req.logits, req.exit_index, req.confidence))
+        except concurrent.futures.InvalidStateError:  # cancelled at the last moment
+            pass
+
+    # ------------------------------------------------------------------ timeouts
+    def _arm(self, deadline: float, seq: int) -> None:
+        """Register a deadline (under ``_cv``). A separate thread fails late requests, so a
+        timeout fires even while the worker is inside a long stage step."""
+        heapq.heappush(self._deadlines, (deadline, seq))
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name=self._worker.name + "-timeouts", daemon=True)
+            self._reaper.start()
+        elif self._deadlines[0][1] == seq:
+            self._reaper_cv.notify()
+
+    def _reap(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    if self._closing and not self._requests:
+                        return
+                    now = time.perf_counter()
+                    if self._deadlines and self._deadlines[0][0] <= now:
+                        seq = heapq.heappop(self._deadlines)[1]
+                        if seq in self._requests:
+                            break
+                        continue
+                    self._reaper_cv.wait(self._deadlines[0][0] - now if self._deadlines else None)
+            self.stats.timeouts += 1
+            self._fail(seq, TimeoutError("the request timed out before all its rows left the model"), "timeout")
+
+    # ------------------------------------------------------------------ the worker
+    def _run(self) -> None:
+        try:
+            while self._step():
+                pass
+        except BaseException as e:  # noqa: BLE001  (a bug in the loop itself: fail everyone, never hang)
+            self._closing = True
+            self._fail_all(SchedulerError(f"the scheduler's worker stopped: {type(e).__name__}: {e}"))
+
+    def _step(self) -> bool:
+        """One turn of the worker: take new requests, expire, purge, run one batch or sleep.
+        Returns False when the worker should stop."""
+        now = time.perf_counter()
+        with self._cv:
+            while self._inbox:
+                self._queues[0].append(self._inbox.popleft())
+            closing, drain = self._closing, self._drain
+        if self._dead:
+            self._purge()
+        if closing and not drain:
+            self._fail_all(SchedulerClosed("the scheduler was closed before this request was answered"))
+            return False
+        k, wait = self._pick(now)
+        if k is None:
+            if closing and not any(self._queues):
+                return False
+            with self._cv:
+                # re-checked under the lock: a submit, cancel or close since this turn began
+                # notified no one (the worker was not asleep yet)
+                if self._inbox or self._dead or self._closing:
+                    return True
+                self._sleeping = True
+                self._cv.wait(wait)
+                self._sleeping = False
+            return True
+        self._run_batch(k)
+        return True
+
+    def _pick(self, now: float):
+        """The deepest ready stage, or (None, seconds until one becomes ready by max_wait)."""
+        soonest = None
+        for k in range(self.num_stages - 1, -1, -1):
+            q = self._queues[k]
+            if not q:
+                continue
+            if self.max_wait_s <= 0:
+                return k, None
+            rows = 0
+            for c in q:
+                rows += c.n
+                if rows >= self.max_batch:
+                    return k, None
+            ready_at = q[0].since + self.max_wait_s
+            if ready_at <= now or self._closing:
+                return k, None
+            soonest = ready_at - now if soonest is None else min(soonest, ready_at - now)
+        return None, soonest
+
+    def _purge(self) -> None:
+        """Drop the rows of dead requests from every queue."""
+        with self._cv:
+            # the inbox too: a request may die between its admission and the worker's next turn
+            while self._inbox:
+                self._queues[0].append(self._inbox.popleft())
+            dead, self._dead = self._dead, set()
+        dead_t = torch.tensor(sorted(dead), dtype=torch.int64)
+        for q in self._queues:
+            kept = deque()
+            for c in q:
+                alive = ~torch.isin(c.ids >> ROW_BITS, dead_t)
+                if bool(alive.all()):
+                    kept.append(c)
+                elif bool(alive.any()):
+                    idx = alive.nonzero().squeeze(1)
+                    carry = None if c.carry is None else take_rows(c.carry, idx) if c.carry else ()
+                    kept.append(_Chunk(c.ids[idx], take_rows(c.state, idx), carry, c.snap, c.layout, c.since))
+            q.clear()
+            q.extend(kept)
+
+    def _gather(self, k: int) -> List[_Chunk]:
+        q = self._queues[k]
+        head = q[0]
+        taken, rows = [], 0
+        while q and rows < self.max_batch:
+            c = q[0]
+            if c.snap is not head.snap or c.layout != head.layout:
+                break  # a batch shares one thresholds snapshot and one input layout
+            if rows + c.n > self.max_batch:
+                c = c.split(self.max_batch - rows)
+            else:
+                q.popleft()
+            taken.append(c)
+            rows += c.n
+        return taken
+
+    def _run_batch(self, k: int) -> None:
+        chunks = self._gather(k)
+        t0 = time.perf_counter()
+        if len(chunks) == 1:
+            c = chunks[0]
+            ids, state, carry = c.ids, c.state, c.carry
+        else:
+            ids = torch.cat([c.ids for c in chunks])
+            state = cat_rows([c.state for c in chunks])
+            carry = None if k == 0 else cat_rows([c.carry for c in chunks]) if chunks[0].carry else ()
+        n = int(ids.shape[0])
+        try:
+            res = self.rt.run_stage(k, state, ids, carry, thresholds=chunks[0].snap)
+        except Exception as e:  # noqa: BLE001  (fail only the requests in this batch)
+            self.stats.stage_failures += 1
+            err = StageFailed(f"stage {k} failed on a batch of {n} rows: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            for seq in sorted(set((ids >> ROW_BITS).tolist())):
+                self._fail(seq, err, "failed")
+            return
+        t1 = time.perf_counter()
+        exit_ids = res.exit_rows.tolist()
+        if exit_ids:
+            # a copy of the leavers' outputs: a graph executor may reuse its output buffers
+            self._deliver(k, exit_ids, res.logits.clone(), res.confidence.clone())
+        survivors = int(res.rows.shape[0])
+        if survivors and k + 1 < self.num_stages:
+            head = chunks[0]
+            self._queues[k + 1].append(_Chunk(res.rows, res.state, res.carry, head.snap, head.layout, t1))
+        counts = [0] * self.num_stages
+        counts[k] = len(exit_ids)
+        self.rt.record_exits(counts, calls=0, example=state if k == 0 else None)
+        self.stats.record_batch(k, n, len(exit_ids), t1 - t0, time.perf_counter() - t0)
+
+
+__all__ = ["StageScheduler", "SchedulerError", "SchedulerFull", "SchedulerClosed", "StageFailed", "ROW_BITS"]

@@ -1,0 +1,180 @@
+"""The HTTP server: FastAPI routes around a :class:`StageScheduler` (``python -m eeruntime serve``).
+
+Routes:
+
+- ``POST /v1/infer``: a batch as JSON ``{"inputs": [...]}`` or safetensors bytes (Content-Type
+  ``application/vnd.safetensors`` or ``application/octet-stream``); the answer is JSON, or
+  safetensors when the request's Accept header asks for it.
+- ``GET /health``: 200 while the scheduler takes requests, 503 once it is closing.
+- ``GET /stats``: the scheduler's and the runtime's statistics as JSON; ``GET /metrics``: the same
+  in the Prometheus text format.
+- ``POST /admin/thresholds``: ``{"thresholds": [...]}`` swaps the thresholds for requests admitted
+  from then on; needs ``Authorization: Bearer <token>`` with the token given at start (without a
+  token configured the route is refused).
+
+Bodies above ``max_body_bytes`` get 413 before they are read whole; malformed ones 400, invalid
+ones 422, each with a message saying what was wrong. Errors never carry a traceback: an
+unexpected one is logged on the server and answered "internal error".
+"""
+# no `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at
+# definition time, and they are imported inside create_app (fastapi is an optional extra)
+import hmac
+import json
+import logging
+from typing import Optional
+
+from .codec import SAFETENSORS_TYPES, InputError, InputSpec, decode_json, decode_safetensors, encode_json, encode_safetensors
+from .scheduler import SchedulerClosed, SchedulerFull, StageFailed, StageScheduler
+from .stats import prometheus_text
+
+log = logging.getLogger("eeruntime.serve")
+
+
+def create_app(sched: StageScheduler, *, admin_token: Optional[str] = None, max_body_bytes: int = 8 << 20,
+               max_rows: int = 256, input_spec: Optional[InputSpec] = None, close_on_shutdown: bool = True):
+    """A FastAPI app serving ``sched``. ``input_spec`` fixes each row's shape (else the first
+    answered request's shape is enforced from then on); ``close_on_shutdown`` drains the
+    scheduler when the app stops."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+    spec = input_spec or InputSpec(dtype=_model_dtype(sched.rt.model))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        if close_on_shutdown:
+            sched.close(drain=True, timeout_s=30)
+
+    app = FastAPI(title="eeruntime", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(status: int, message: str, headers=None):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc):  # never a traceback to the client; the log keeps it
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error(500, "internal error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return error(422, "invalid request")
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise InputError("Content-Length must be a number of bytes", status=400)
+            if int(declared) > max_body_bytes:
+                raise InputError(f"the body has {declared} bytes; at most {max_body_bytes} are accepted", status=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise InputError(f"the body exceeds {max_body_bytes} bytes", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def wants_safetensors(request: Request) -> bool:
+        accept = request.headers.get("accept", "")
+        return any(t in accept for t in SAFETENSORS_TYPES)
+
+    @app.post("/v1/infer")
+    async def infer(request: Request):
+        try:
+            body = await read_body(request)
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype in SAFETENSORS_TYPES:
+                x = decode_safetensors(body, spec, max_rows)
+            elif ctype in ("application/json", ""):
+                try:
+                    doc = json.loads(body)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise InputError(f"the body is not valid JSON: {e}", status=400) from None
+                x = decode_json(doc, spec, max_rows)
+            else:
+                raise InputError(
+                    f"unsupported Content-Type {ctype!r}; send application/json or application/vnd.safetensors",
+                    status=415,
+                )
+        except InputError as e:
+            return error(e.status, str(e))
+        try:
+            result = await sched.submit(x)
+        except SchedulerFull as e:
+            return error(503, str(e), headers={"Retry-After": "1"})
+        except SchedulerClosed as e:
+            return error(503, str(e))
+        except TimeoutError as e:
+            return error(504, str(e))
+        except StageFailed as e:
+            log.error("%s", e, exc_info=e.__cause__)
+            return error(500, "the model failed on the batch holding this request")
+        spec.learn(x)
+        if wants_safetensors(request):
+            return Response(encode_safetensors(result), media_type=SAFETENSORS_TYPES[0])
+        return JSONResponse(encode_json(result))
+
+    @app.get("/health")
+    async def health():
+        if sched.closed:
+            return error(503, "closing")
+        return {"status": "ok", "pending_requests": sched.pending()}
+
+    def stats_doc():
+        d = sched.stats_dict()
+        d["runtime"] = sched.rt.stats.as_dict() if sched.rt.stats.cost_model is not None else {
+            "exit_counts": sched.rt.stats.exit_counts, "samples": sched.rt.stats.samples}
+        return d
+
+    @app.get("/stats")
+    async def stats():
+        return JSONResponse(stats_doc())
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus_text(sched.stats_dict()), media_type="text/plain; version=0.0.4")
+
+    @app.post("/admin/thresholds")
+    async def set_thresholds(request: Request):
+        if not admin_token:
+            return error(403, "the admin endpoint is disabled: start the server with an admin token")
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not given:
+            return error(401, "missing token: send Authorization: Bearer <admin token>",
+                         headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.encode(), admin_token.encode()):
+            return error(403, "wrong admin token")
+        try:
+            doc = json.loads(await read_body(request))
+        except InputError as e:
+            return error(e.status, str(e))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error(400, f"the body is not valid JSON: {e}")
+        if not isinstance(doc, dict) or "thresholds" not in doc:
+            return error(422, 'send {"thresholds": [t1, ...]} (one per early exit) or {"thresholds": t}')
+        try:
+            sched.set_thresholds(doc["thresholds"])
+        except (TypeError, ValueError) as e:
+            return error(422, str(e))
+        return {"thresholds": sched.thresholds}
+
+    return app
+
+
+def _model_dtype(model):
+    import torch
+
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

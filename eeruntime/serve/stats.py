@@ -1,0 +1,95 @@
+"""What the stage scheduler has done: requests, exits, batch sizes per stage, the worker's own
+overhead, and latency percentiles over a window of recent requests; as a dict and in the
+Prometheus text exposition format."""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Dict, List, Optional
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentile(sorted_values: List[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile of sorted values (None for none)."""
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[i]
+
+
+class SchedulerStats:
+    def __init__(self, num_stages: int, latency_window: int = 10000):
+        self._lock = threading.Lock()
+        self.num_stages = num_stages
+        self.submitted = self.completed = self.rejected = self.timeouts = self.cancelled = 0
+        self.stage_failures = 0
+        self.exits = [0] * num_stages
+        self.batches = [0] * num_stages
+        self.rows = [0] * num_stages
+        self.max_batch_seen = [0] * num_stages
+        self.stage_seconds = [0.0] * num_stages
+        self.overhead_seconds = 0.0  # worker time per batch outside the stage step (gather, cat, deliver)
+        self._latencies: deque = deque(maxlen=latency_window)
+
+    def record_batch(self, k: int, n: int, exits: int, stage_s: float, total_s: float) -> None:
+        with self._lock:
+            self.batches[k] += 1
+            self.rows[k] += n
+            self.exits[k] += exits
+            self.max_batch_seen[k] = max(self.max_batch_seen[k], n)
+            self.stage_seconds[k] += stage_s
+            self.overhead_seconds += total_s - stage_s
+
+    def record_latency(self, seconds: float) -> None:
+        with self._lock:
+            self.completed += 1
+            self._latencies.append(seconds)
+
+    def latency_percentiles_ms(self) -> Dict[str, float]:
+        with self._lock:
+            values = sorted(self._latencies)
+        return {f"p{q}": None if not values else percentile(values, q) * 1000.0 for q in PERCENTILES}
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            batches = sum(self.batches)
+            d = {
+                "requests": {"submitted": self.submitted, "completed": self.completed, "rejected": self.rejected,
+                             "timeouts": self.timeouts, "cancelled": self.cancelled},
+                "stage_failures": self.stage_failures,
+                "exits": list(self.exits),
+                "batches": list(self.batches),
+                "mean_batch": [r / b if b else 0.0 for r, b in zip(self.rows, self.batches)],
+                "max_batch_seen": list(self.max_batch_seen),
+                "stage_seconds": list(self.stage_seconds),
+                "overhead_ms_per_batch": 1000.0 * self.overhead_seconds / batches if batches else 0.0,
+            }
+        d["latency_ms"] = self.latency_percentiles_ms()
+        d["latency_window"] = self._latencies.maxlen
+        return d
+
+
+def prometheus_text(d: dict, prefix: str = "eeruntime") -> str:
+    """A ``stats_dict()`` in the Prometheus text exposition format (version 0.0.4)."""
+    lines: List[str] = []
+
+    def metric(name, kind, help_, samples):
+        lines.append(f"# HELP {prefix}_{name} {help_}")
+        lines.append(f"# TYPE {prefix}_{name} {kind}")
+        for labels, value in samples:
+            lab = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+            lines.append(f"{prefix}_{name}{lab} {'NaN' if value is None else repr(float(value))}")
+
+    req = d["requests"]
+    metric("requests_total", "counter", "Requests by outcome.", [({"outcome": k}, v) for k, v in req.items()])
+    metric("stage_failures_total", "counter", "Stage steps that raised.", [({}, d["stage_failures"])])
+    metric("exits_total", "counter", "Rows that left at each exit.", [({"exit": str(k)}, v) for k, v in enumerate(d["exits"])])
+    metric("batches_total", "counter", "Stage steps run per stage.", [({"stage": str(k)}, v) for k, v in enumerate(d["batches"])])
+    metric("batch_rows_mean", "gauge", "Mean rows per stage step.", [({"stage": str(k)}, v) for k, v in enumerate(d["mean_batch"])])
+    metric("queue_rows", "gauge", "Rows waiting at each stage.", [({"stage": str(k)}, v) for k, v in enumerate(d["queue_depths"])])
+    metric("pending_requests", "gauge", "Requests admitted and not answered.", [({}, d["pending_requests"])])
+    metric("overhead_ms_per_batch", "gauge", "Worker time per batch outside the stage step.", [({}, d["overhead_ms_per_batch"])])
+    metric("latency_ms", "gauge", f"Request latency percentiles over the last {d['latency_window']} requests.",
+           [({"quantile": k[1:]}, v) for k, v in d["latency_ms"].items()])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,96 @@
+"""Models for the serving tests.
+
+``scripted_model``: rows are ``[id, exit_at, payload]``; every stage passes them through (a copy)
+after calling a hook with the stage index and the ids it sees (to record, block or raise), and
+exit k gives row i confident one-hot logits (class ``id % C``) when ``exit_at == k``, flat logits
+otherwise. Which row leaves where, and which rows share a batch, are thus known exactly.
+"""
+import threading
+
+import torch
+from torch import nn
+
+import eeruntime as ee
+from eeruntime.ops import confidence_ref
+
+C = 7
+
+
+class HookStage(nn.Module):
+    def __init__(self, k, hook):
+        super().__init__()
+        self.k, self.hook = k, hook
+
+    def forward(self, x):
+        self.hook(self.k, x[:, 0].long().tolist())
+        return x.clone()
+
+
+class ScriptedExit(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        onehot = nn.functional.one_hot(x[:, 0].long() % C, C).float() * 30.0
+        here = (x[:, 1].long() == self.k).unsqueeze(1)
+        return torch.where(here, onehot, torch.zeros_like(onehot)) + x[:, 2:3] * 0.01
+
+
+class Hook:
+    """Records the ids each stage saw per batch; can hold a batch until ``gate`` opens (those
+    for which ``hold_if(k, ids)`` is true) or fail it (``fail_if``)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.batches = []           # (k, ids)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.hold_if = None         # (k, ids) -> bool
+        self.fail_if = None         # (k, ids) -> bool
+
+    def hold(self, k, trigger=None):
+        """Hold stage ``k`` (only batches holding id ``trigger``, when given) until ``gate`` opens."""
+        self.gate.clear()
+        self.entered.clear()
+        self.hold_if = lambda s, ids: s == k and (trigger is None or trigger in ids)
+
+    def __call__(self, k, ids):
+        with self.lock:
+            self.batches.append((k, ids))
+        if self.hold_if is not None and self.hold_if(k, ids) and not self.gate.is_set():
+            self.entered.set()
+            assert self.gate.wait(30), "test gate never opened"
+        if self.fail_if is not None and self.fail_if(k, ids):
+            raise RuntimeError(f"injected failure at stage {k}")
+
+    def seen(self, k=None):
+        with self.lock:
+            return [i for s, ids in self.batches if k is None or s == k for i in ids]
+
+
+def scripted_model(K=3, hook=None):
+    hook = hook or Hook()
+    return ee.MultiExitModel([HookStage(k, hook) for k in range(K)], [ScriptedExit(k) for k in range(K)]), hook
+
+
+def scripted_rows(ids, exit_at):
+    ids = torch.as_tensor(ids, dtype=torch.float32)
+    return torch.stack([ids, torch.as_tensor(exit_at, dtype=torch.float32), torch.randn(len(ids))], 1)
+
+
+@torch.no_grad()
+def thresholds_for(model, x, fractions, criterion):
+    """Thresholds under which about ``fractions[k]`` of ``x`` leaves at early exit k: quantiles of
+    the scores of the rows still running there."""
+    outs = model(x)
+    alive = torch.ones(x.shape[0], dtype=torch.bool)
+    thresholds = []
+    for k in range(len(outs) - 1):
+        s = confidence_ref(outs[k], criterion)
+        q = min(fractions[k] * x.shape[0] / max(int(alive.sum()), 1), 1.0)
+        live = s[alive]
+        thr = float(live.quantile(q)) if criterion == "entropy" else float(live.quantile(1.0 - q))
+        thresholds.append(thr)
+        alive &= ~((s < thr) if criterion == "entropy" else (s >= thr))
+    return thresholds

@@ -1,0 +1,226 @@
+"""The HTTP server on 127.0.0.1 (ephemeral ports), real HTTP requests: answers equal rt.infer,
+bad bodies get 4xx saying what was wrong (never a traceback), the admin endpoint needs its token,
+and `python -m eeruntime serve` serves a bundle from a fresh process."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+import eeruntime as ee
+from eeruntime.serve import StageScheduler
+from eeruntime.serve.codec import InputSpec
+from eeruntime.serve.server import create_app
+
+from models import mlp_model
+from serve_models import thresholds_for
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-token"
+
+
+class Served:
+    """A uvicorn server in a thread on a socket the OS gave a port to."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+        for _ in range(600):
+            if self.server.started:
+                break
+            threading.Event().wait(0.05)
+        assert self.server.started, "server did not start"
+
+    def stop(self):
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def served():
+    torch.manual_seed(0)
+    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=3)
+    x = torch.randn(200, 6)
+    rt = ee.EERuntime(model, thresholds=thresholds_for(model, x, [0.3, 0.3], "max_prob"), criterion="max_prob")
+    ref_rt = ee.EERuntime(model, thresholds=rt.thresholds, criterion="max_prob")
+    sched = StageScheduler(rt, max_batch=16, timeout_s=30)
+    app = create_app(sched, admin_token=TOKEN, max_body_bytes=4096, max_rows=32, input_spec=InputSpec([(6,)]))
+    s = Served(app)
+    s.x, s.ref_rt, s.sched = x, ref_rt, sched
+    yield s
+    s.stop()
+    assert sched.closed and sched.pending() == 0  # the app's shutdown drained the scheduler
+
+
+def no_traceback(r):
+    assert "Traceback" not in r.text and 'File "' not in r.text
+
+
+def test_json_and_safetensors_answers_equal_infer(served):
+    x, ref = served.x[:20], served.ref_rt.infer(served.x[:20])
+    r = served.client.post("/v1/infer", json={"inputs": x[:7].tolist()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["exit_index"] == ref.exit_index[:7].tolist()
+    torch.testing.assert_close(torch.tensor(body["logits"]), ref.logits[:7])
+    r = served.client.post("/v1/infer", content=st_save({"input": x[7:20].contiguous()}),
+                           headers={"content-type": "application/vnd.safetensors", "accept": "application/vnd.safetensors"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.safetensors"
+    out = st_load(r.content)
+    assert torch.equal(out["exit_index"], ref.exit_index[7:20])
+    torch.testing.assert_close(out["logits"], ref.logits[7:20])
+    torch.testing.assert_close(out["confidence"], ref.confidence[7:20])
+    # a NaN row is served (it never exits early); strict JSON spells its NaNs as strings
+    r = served.client.post("/v1/infer", content=json.dumps({"inputs": [[float("nan")] * 6, x[0].tolist()]}),
+                           headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["exit_index"] == [2, ref.exit_index[0].item()] and r.json()["logits"][0] == ["nan"] * 5
+
+
+@pytest.mark.parametrize("kwargs,status,message", [
+    (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    (dict(json={"input": [[0.0] * 6]}), 422, 'an "inputs" field'),
+    (dict(json={"inputs": [[0.0] * 6], "extra": 1}), 422, "unknown field"),
+    (dict(json={"inputs": "abc"}), 422, "must be a list of samples"),
+    (dict(json={"inputs": [[0.0] * 6, [0.0] * 5]}), 422, "rectangular nested list"),
+    (dict(json={"inputs": [["a"] * 6]}), 422, "rectangular nested list"),
+    (dict(json={"inputs": [[0.0] * 5]}), 422, r"each row must have shape [6], got [5]"),
+    (dict(json={"inputs": [0.0] * 6}), 422, r"each row must have shape [6], got []"),
+    (dict(json={"inputs": []}), 422, "no rows"),
+    (dict(json={"inputs": [[0.0] * 6] * 33}), 413, "at most 32 rows"),
+    (dict(content=b"x" * 5000, headers={"content-type": "application/json"}), 413, "at most 4096 are accepted"),
+    (dict(content=b"abc", headers={"content-type": "text/plain"}), 415, "unsupported Content-Type"),
+    (dict(content=b"\x10\x00\x00\x00\x00\x00\x00\x00garbage", headers={"content-type": "application/octet-stream"}),
+     400, "not a valid safetensors"),
+    (dict(content=st_save({"x": torch.zeros(1, 6)}), headers={"content-type": "application/octet-stream"}),
+     422, "named 'input'"),
+])
+def test_bad_bodies_get_4xx_saying_what_was_wrong(served, kwargs, status, message):
+    r = served.client.post("/v1/infer", **kwargs)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    no_traceback(r)
+
+
+def test_chunked_body_over_the_limit_is_refused():
+    r = None
+
+    def chunks():
+        for _ in range(10):
+            yield b"[" * 1000
+
+    sched = StageScheduler(ee.EERuntime(mlp_model(K=2, d_in=6, width=8, C=3), thresholds=0.5), max_batch=4)
+    s = Served(create_app(sched, max_body_bytes=4096))
+    try:
+        r = s.client.post("/v1/infer", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "exceeds 4096 bytes" in r.json()["error"]
+        # without an admin token configured, the admin route is refused whatever is sent
+        r = s.client.post("/admin/thresholds", json={"thresholds": 0.1}, headers={"authorization": "Bearer x"})
+        assert r.status_code == 403 and "disabled" in r.json()["error"]
+        # a stage that raises: 500, no traceback, the server goes on serving
+        r = s.client.post("/v1/infer", json={"inputs": [[0.0] * 5]})  # no spec given: the model itself refuses
+        assert r.status_code == 500 and r.json()["error"] == "the model failed on the batch holding this request"
+        no_traceback(r)
+        assert s.client.post("/v1/infer", json={"inputs": [[0.0] * 6]}).status_code == 200
+        assert s.client.post("/v1/infer", json={"inputs": [[0.0] * 7]}).status_code == 422  # shape learned
+    finally:
+        s.stop()
+
+
+def test_health_stats_and_prometheus_metrics(served):
+    assert served.client.get("/health").json()["status"] == "ok"
+    served.client.post("/v1/infer", json={"inputs": served.x[:10].tolist()})
+    stats = served.client.get("/stats").json()
+    assert stats["requests"]["completed"] >= 1 and sum(stats["exits"]) >= 10
+    assert len(stats["queue_depths"]) == 3 and stats["latency_ms"]["p50"] > 0
+    text = served.client.get("/metrics").text
+    assert served.client.get("/metrics").headers["content-type"].startswith("text/plain")
+    for line in ('# TYPE eeruntime_exits_total counter', 'eeruntime_exits_total{exit="0"} ',
+                 'eeruntime_queue_rows{stage="2"} ', 'eeruntime_latency_ms{quantile="99"} ',
+                 'eeruntime_batch_rows_mean{stage="1"} '):
+        assert line in text, line
+
+
+def test_admin_threshold_swap_needs_the_token(served):
+    x = served.x[20:50]  # 30 rows: under the 32-row limit
+    url = "/admin/thresholds"
+    r = served.client.post(url, json={"thresholds": [0.0, 0.0]})
+    assert r.status_code == 401 and "missing token" in r.json()["error"]
+    r = served.client.post(url, json={"thresholds": [0.0, 0.0]}, headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 403
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    r = served.client.post(url, json={"thresholds": [0.1, 0.2, 0.3]}, headers=auth)
+    assert r.status_code == 422 and "got 3 thresholds" in r.json()["error"]
+    old = served.sched.thresholds
+    try:
+        r = served.client.post(url, json={"thresholds": [0.0, 0.0]}, headers=auth)  # max_prob >= 0: all leave at 0
+        assert r.status_code == 200 and r.json()["thresholds"] == [0.0, 0.0]
+        body = served.client.post("/v1/infer", json={"inputs": x.tolist()}).json()
+        assert body["exit_index"] == [0] * len(x)
+    finally:
+        assert served.client.post(url, json={"thresholds": old}, headers=auth).status_code == 200
+    body = served.client.post("/v1/infer", json={"inputs": x.tolist()}).json()
+    assert body["exit_index"] == served.ref_rt.infer(x).exit_index.tolist()
+
+
+def test_cli_serves_a_bundle_from_a_fresh_process(tmp_path):
+    from eeruntime.zoo import digits_cnn
+
+    torch.manual_seed(5)
+    rt = ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy")
+    rt.save(tmp_path / "bundle", weights=True)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eeruntime", "serve", str(tmp_path / "bundle"), "--model", "eeruntime.zoo:digits_cnn",
+         "--port", "0", "--input-shape", "1,8,8", "--admin-token-file", str(tmp_path / "token"), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        if "on http://127.0.0.1:" not in line:
+            proc.wait(30)
+            pytest.fail(f"the server did not start: {line}{proc.stderr.read()}")
+        url = line.split("on ")[1].split()[0]
+        x = torch.randn(5, 1, 8, 8)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for _ in range(200):
+                try:
+                    if c.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    threading.Event().wait(0.05)
+            r = c.post("/v1/infer", json={"inputs": x.tolist()})
+            assert r.status_code == 200, r.text
+            want = rt.infer(x)
+            assert r.json()["exit_index"] == want.exit_index.tolist()
+            torch.testing.assert_close(torch.tensor(r.json()["logits"]), want.logits, rtol=1e-4, atol=1e-5)
+            bad = c.post("/v1/infer", json={"inputs": torch.randn(1, 8, 8).tolist()})
+            assert bad.status_code == 422 and "[1, 8, 8]" in bad.json()["error"]
+            assert c.post("/admin/thresholds", json={"thresholds": 1.0},
+                          headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, proc.stderr.read()

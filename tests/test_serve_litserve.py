@@ -1,0 +1,73 @@
+"""The LitServe adapter: a real LitServer (its own processes) on 127.0.0.1 serving a bundle through
+the stage scheduler; concurrent HTTP requests get rt.infer's answers, bad bodies a 4xx."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import eeruntime as ee
+from eeruntime.zoo import digits_cnn
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("litserve")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_litserve_adapter_serves_a_bundle(tmp_path):
+    torch.manual_seed(7)
+    rt = ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy")
+    rt.save(tmp_path / "bundle", weights=True)
+    port = free_port()
+    script = textwrap.dedent(f"""
+        import litserve as ls
+        from eeruntime.serve.litserve_api import EarlyExitLitAPI
+        api = EarlyExitLitAPI({str(tmp_path / 'bundle')!r}, "eeruntime.zoo:digits_cnn", max_batch=8)
+        ls.LitServer(api, accelerator="cpu", devices=1, timeout=60).run(
+            host="127.0.0.1", port={port}, generate_client_file=False, log_level="warning")
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for _ in range(1200):
+                assert proc.poll() is None, proc.stderr.read()
+                try:
+                    if c.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                threading.Event().wait(0.1)
+            x = torch.randn(24, 1, 8, 8)
+            want = rt.infer(x)
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(lambda i: c.post("/predict", json={"inputs": x[i:i + 3].tolist()}), range(0, 24, 3)))
+            for i, r in zip(range(0, 24, 3), answers):
+                assert r.status_code == 200, r.text
+                assert r.json()["exit_index"] == want.exit_index[i:i + 3].tolist()
+                torch.testing.assert_close(torch.tensor(r.json()["logits"]), want.logits[i:i + 3], rtol=1e-4, atol=1e-5)
+            bad = c.post("/predict", json={"inputs": [[1.0, 2.0], [3.0]]})
+            assert bad.status_code == 422 and "rectangular" in bad.text and "Traceback" not in bad.text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -1,0 +1,300 @@
+"""StageScheduler: results equal rt.infer row for row whatever shares the batches; backpressure,
+timeouts, cancellation, stage failures, shutdown and threshold swaps never leave a request pending
+nor deliver a row to another request."""
+import asyncio
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+import eeruntime as ee
+from eeruntime.ops import confidence_ref
+from eeruntime.serve import SchedulerClosed, SchedulerFull, StageFailed, StageScheduler
+
+from models import mlp_model
+from serve_models import Hook, scripted_model, scripted_rows, thresholds_for
+
+WAIT = 30  # seconds any single result may take before the test calls it hung
+
+
+@torch.no_grad()
+def near_threshold(model, x, thresholds, criterion, final, tol=1e-4):
+    """Rows whose score at some early exit is within float noise of its threshold (their exit may
+    legitimately differ between batch compositions)."""
+    outs = model(x)
+    near = torch.zeros(x.shape[0], dtype=torch.bool)
+    acc = torch.zeros_like(outs[0])
+    for k, thr in enumerate(thresholds):
+        acc = acc + outs[k]
+        near |= (confidence_ref(outs[k], criterion) - thr).abs() < tol
+    return near
+
+
+def submit_concurrently(sched, x, threads=4, seed=0):
+    """Split x into requests of 1-6 rows, submitted in random order from several threads (one of
+    them through asyncio); returns [(start, stop, future)]."""
+    rng = random.Random(seed)
+    spans, i = [], 0
+    while i < x.shape[0]:
+        n = rng.randint(1, 6)
+        spans.append((i, min(i + n, x.shape[0])))
+        i += n
+    rng.shuffle(spans)
+    parts = [spans[t::threads] for t in range(threads)]
+    results, lock = [], threading.Lock()
+
+    def blocking(part, seed):
+        r = random.Random(seed)
+        for a, b in part:
+            f = sched.submit_nowait(x[a:b])
+            with lock:
+                results.append((a, b, f))
+            if r.random() < 0.3:
+                time.sleep(r.random() * 0.002)
+
+    def via_asyncio(part):
+        async def one(a, b):
+            return await sched.submit(x[a:b])
+
+        async def main():
+            return await asyncio.gather(*(one(a, b) for a, b in part))
+
+        for (a, b), res in zip(part, asyncio.run(main())):
+            done = __import__("concurrent.futures").futures.Future()
+            done.set_result(res)
+            with lock:
+                results.append((a, b, done))
+
+    workers = [threading.Thread(target=blocking, args=(p, t)) for t, p in enumerate(parts[1:])]
+    workers.append(threading.Thread(target=via_asyncio, args=(parts[0],)))
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(WAIT)
+    assert sum(b - a for a, b, _ in results) == x.shape[0]
+    return results
+
+
+@pytest.mark.parametrize("criterion,final", [("entropy", "last"), ("max_prob", "average"), ("margin", "last")])
+def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterion, final):
+    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1)
+    x = torch.randn(600, 6)
+    thresholds = thresholds_for(model, x, [0.35, 0.3], criterion)
+    rt = ee.EERuntime(model, thresholds=thresholds, criterion=criterion, final=final)
+    ref = rt.infer(x)
+    assert all(int((ref.exit_index == k).sum()) > 60 for k in range(3))  # every stage really serves
+    near = near_threshold(model, x, thresholds, criterion, final)
+    rt.reset_stats()
+    with StageScheduler(rt, max_batch=16) as sched:
+        results = submit_concurrently(sched, x, seed=hash(criterion) % 1000)
+        for a, b, f in results:
+            got = f.result(WAIT)
+            assert got.logits.shape == (b - a, 5) and got.exit_index.shape == (b - a,)
+            same = got.exit_index == ref.exit_index[a:b]
+            assert bool((same | near[a:b]).all()), (a, b, got.exit_index, ref.exit_index[a:b])
+            torch.testing.assert_close(got.logits[same], ref.logits[a:b][same], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.confidence[same], ref.confidence[a:b][same], rtol=1e-5, atol=1e-5)
+        stats = sched.stats_dict()
+    assert stats["requests"]["completed"] == len(results) and stats["pending_requests"] == 0
+    assert sum(stats["exits"]) == x.shape[0] and max(stats["max_batch_seen"]) <= 16
+    assert stats["batches"][1] < stats["exits"][1] + stats["exits"][2]  # survivors of requests shared batches
+    assert rt.stats.samples == x.shape[0] and rt.stats.exit_counts == stats["exits"]
+
+
+def gated(K=3, max_batch=8, **kw):
+    """A scripted model whose stage 0 holds until the hook's gate opens, and its scheduler."""
+    model, hook = scripted_model(K)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    hook.hold(0)
+    return StageScheduler(rt, max_batch=max_batch, **kw), hook
+
+
+def drained(sched, timeout=WAIT):
+    """No request pending and no row queued, once the worker has taken its next turn (dead rows
+    are dropped between batches)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if sched.pending() == 0 and sched.queue_depths() == [0] * sched.num_stages:
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def check_answers(req_rows, futures, failed=()):
+    """Each request's result has exactly its own rows (class = id % C, the exit it was scripted to)."""
+    for (ids, exit_at), f in zip(req_rows, futures):
+        if f in failed:
+            continue
+        r = f.result(WAIT)
+        assert r.logits.argmax(1).tolist() == [i % 7 for i in ids]
+        assert r.exit_index.tolist() == exit_at
+
+
+def test_backpressure_error_and_wait():
+    sched, hook = gated(max_queue_rows=6)
+    try:
+        first = sched.submit_nowait(scripted_rows([0, 1], [2, 2]))
+        assert hook.entered.wait(WAIT)
+        more = sched.submit_nowait(scripted_rows([2, 3, 4, 5], [0, 1, 2, 0]))
+        with pytest.raises(SchedulerFull, match="6 of 6 rows pending"):
+            sched.submit_nowait(scripted_rows([6], [0]))
+        with pytest.raises(ValueError, match="can never be admitted"):
+            sched.submit_nowait(scripted_rows(list(range(7)), [0] * 7))
+        assert sched.stats.rejected == 1
+        hook.gate.set()
+        check_answers([([0, 1], [2, 2]), ([2, 3, 4, 5], [0, 1, 2, 0])], [first, more])
+    finally:
+        sched.close()
+    waiting, hook = gated(max_queue_rows=2, when_full="wait")
+    try:
+        first = waiting.submit_nowait(scripted_rows([0, 1], [0, 1]))
+        assert hook.entered.wait(WAIT)
+        with pytest.raises(TimeoutError, match="no room"):
+            waiting.submit_nowait(scripted_rows([9], [0]), timeout_s=0.05)
+        threading.Timer(0.1, hook.gate.set).start()
+        later = waiting.submit_nowait(scripted_rows([2], [2]), timeout_s=WAIT)  # blocks until room
+        check_answers([([0, 1], [0, 1]), ([2], [2])], [first, later])
+    finally:
+        waiting.close()
+
+
+def test_timeout_fires_while_the_rows_run_and_frees_them_at_every_stage():
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    hook.hold(1, trigger=2)
+    with StageScheduler(rt, max_batch=4) as sched:
+        slow = sched.submit_nowait(scripted_rows([1, 2, 3], [0, 2, 2]), timeout_s=0.2)
+        assert hook.entered.wait(WAIT)  # row 1 left at exit 0; rows 2, 3 are inside stage 1
+        waiting = sched.submit_nowait(scripted_rows([4, 5], [1, 2]), timeout_s=0.2)  # stuck in stage 0's queue
+        other = sched.submit_nowait(scripted_rows([6, 7], [1, 2]))
+        with pytest.raises(TimeoutError, match="timed out"):
+            slow.result(WAIT)  # answered although the worker is still busy
+        with pytest.raises(TimeoutError, match="timed out"):
+            waiting.result(WAIT)
+        hook.gate.set()
+        check_answers([([6, 7], [1, 2])], [other])
+        assert not {2, 3} & set(hook.seen(2)) and not {4, 5} & set(hook.seen())
+        assert drained(sched) and sched.stats.timeouts == 2
+
+
+def test_cancellation_frees_rows_blocking_and_async():
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    hook.hold(1, trigger=2)
+    with StageScheduler(rt, max_batch=2) as sched:
+        victim = sched.submit_nowait(scripted_rows([1, 2, 3], [0, 2, 2]))
+        assert hook.entered.wait(WAIT)  # rows 2, 3 are inside stage 1
+        keep = sched.submit_nowait(scripted_rows([4, 5], [2, 2]))
+        assert victim.cancel()
+        hook.gate.set()
+        check_answers([([4, 5], [2, 2])], [keep])
+        assert not {2, 3} & set(hook.seen(2)) and sched.stats.cancelled == 1
+
+        async def cancel_one():
+            hook.hold(1, trigger=60)
+            blocker = asyncio.ensure_future(sched.submit(scripted_rows([60], [1])))
+            while not hook.entered.is_set():
+                await asyncio.sleep(0.005)
+            task = asyncio.ensure_future(sched.submit(scripted_rows([7, 8], [2, 2])))
+            await asyncio.sleep(0.05)  # admitted, waiting in stage 0's queue
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            hook.gate.set()
+            return await blocker
+
+        assert asyncio.run(cancel_one()).exit_index.tolist() == [1]
+        assert not {7, 8} & set(hook.seen()) and sched.stats.cancelled == 2
+        assert drained(sched)
+
+
+def test_stage_failure_fails_only_the_requests_in_that_batch():
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    poison = {13, 27}
+    hook.fail_if = lambda k, ids: k == 1 and bool(poison & set(ids))
+    rng = random.Random(0)
+    reqs, futures, i = [], [], 0
+    with StageScheduler(rt, max_batch=4) as sched:
+        for _ in range(40):
+            n = rng.randint(1, 3)
+            ids = list(range(i, i + n))
+            exit_at = [rng.randint(0, 2) if j not in poison else 2 for j in ids]
+            reqs.append((ids, exit_at))
+            futures.append(sched.submit_nowait(scripted_rows(ids, exit_at)))
+            i += n
+        done = [f.exception(WAIT) for f in futures]
+        assert drained(sched)
+    failing = [set(ids) for k, ids in hook.batches if k == 1 and poison & set(ids)]
+    doomed = set().union(*failing)
+    failed = set()
+    for (ids, exit_at), f, exc in zip(reqs, futures, done):
+        if doomed & set(ids):
+            assert isinstance(exc, StageFailed) and "injected failure at stage 1" in str(exc), ids
+            failed.add(f)
+        else:
+            assert exc is None, (ids, exc)
+    assert 2 <= len(failed) < len(futures)
+    check_answers(reqs, futures, failed)
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_shutdown_drains_or_fails_every_pending_request(drain):
+    sched, hook = gated(max_batch=2)
+    futures = [sched.submit_nowait(scripted_rows([i], [i % 3])) for i in range(10)]
+    assert hook.entered.wait(WAIT)
+    threading.Timer(0.1, hook.gate.set).start()
+    sched.close(drain=drain)
+    assert all(f.done() for f in futures) and sched.pending() == 0
+    if drain:
+        check_answers([([i], [i % 3]) for i in range(10)], futures)
+    else:
+        outcomes = [f.exception() for f in futures]
+        assert any(isinstance(e, SchedulerClosed) for e in outcomes)
+        check_answers([([i], [i % 3]) for i in range(10)], futures, {f for f, e in zip(futures, outcomes) if e})
+    with pytest.raises(SchedulerClosed):
+        sched.submit_nowait(scripted_rows([0], [0]))
+
+
+def test_threshold_swap_is_atomic_per_request():
+    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=2)
+    x = torch.randn(64, 6)
+    old, new = thresholds_for(model, x, [0.2, 0.2], "entropy"), thresholds_for(model, x, [0.6, 0.3], "entropy")
+    want_old = ee.EERuntime(model, thresholds=old).infer(x)
+    want_new = ee.EERuntime(model, thresholds=new).infer(x)
+    assert not torch.equal(want_old.exit_index, want_new.exit_index)
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        if not gate.is_set():
+            entered.set()
+            gate.wait(WAIT)
+
+    model.stages[1].register_forward_pre_hook(hold)
+    rt = ee.EERuntime(model, thresholds=old)
+    with StageScheduler(rt, max_batch=8) as sched:
+        before = [sched.submit_nowait(x[i:i + 4]) for i in range(0, 32, 4)]
+        assert entered.wait(WAIT)  # some of them are past stage 0 with the old snapshot
+        sched.set_thresholds(new)
+        after = [sched.submit_nowait(x[i:i + 4]) for i in range(32, 64, 4)]
+        gate.set()
+        for want, futs, start in ((want_old, before, 0), (want_new, after, 32)):
+            for j, f in enumerate(futs):
+                a = start + 4 * j
+                assert torch.equal(f.result(WAIT).exit_index, want.exit_index[a:a + 4])
+    assert sched.thresholds == pytest.approx(new)
+
+
+def test_bad_inputs_are_refused_at_submit_and_mismatched_layouts_never_share_a_batch():
+    model = mlp_model(K=2, d_in=6, width=8, C=3)
+    with StageScheduler(ee.EERuntime(model, thresholds=0.5), max_batch=8) as sched:
+        with pytest.raises(TypeError, match="StageScheduler input"):
+            sched.submit_nowait("not a tensor")
+        good = sched.submit_nowait(torch.randn(3, 6))
+        bad = sched.submit_nowait(torch.randn(2, 5))  # wrong width: fails alone, at stage 0
+        assert isinstance(bad.exception(WAIT), StageFailed)
+        assert good.result(WAIT).logits.shape == (3, 3)
+    with pytest.raises(ValueError, match="max_batch"):
+        StageScheduler(ee.EERuntime(model), max_batch=0)
