@@ -40,12 +40,14 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import fx, nn
 
-from .heads import ConvHead, PoolLinearHead, wrap_head
+from . import encoders
+from .encoders import TokenLayout, output_logits
+from .heads import TOKEN_POOLS, ConvHead, PoolLinearHead, SequenceHead, wrap_head
 from .model import MultiExitModel
 from .state import as_tuple, call
 
 MODES = ("auto", "children", "fx")
-HEADS = ("pool_linear", "conv")
+HEADS = ("auto", "pool_linear", "conv") + TOKEN_POOLS
 _MAX_LISTED = 60
 
 HeadSpec = Union[str, Callable, Sequence[nn.Module]]
@@ -56,7 +58,7 @@ def attach_exits(
     at: Union[str, Sequence[str]],
     num_classes: Optional[int] = None,
     *,
-    head: HeadSpec = "pool_linear",
+    head: HeadSpec = "auto",
     example_input=None,
     confidence: bool = False,
     gates: bool = False,
@@ -66,29 +68,42 @@ def attach_exits(
     """Split ``backbone`` at ``at`` and put an exit after each split.
 
     Args:
-        backbone: a trained classifier returning logits [B, C].
+        backbone: a trained classifier returning logits [B, C] (or an HF ``ModelOutput`` / a dict
+            with ``logits``, or a tuple whose first member is the logits). HF encoders (BERT,
+            RoBERTa, DistilBERT, ViT, ...) and timm ViTs are cut between their layers (see
+            :mod:`eeruntime.encoders`); an HF base model without a classifier needs ``num_classes``.
         at: the split points, in forward order: child names (``"layer1"``, ``"features.10"``),
-            fx node names, or submodule names (see the module docstring).
-        num_classes: the classes of the early exits; default: the backbone's output width (a
-            value that differs from it is an error).
-        head: ``"pool_linear"`` (global average pool + linear), ``"conv"`` (PTEE branch: conv
-            3x3 + BN + ReLU, pool, linear), a factory ``head(state_shape, num_classes) -> nn.Module``
-            (``state_shape`` is the split value's shape without the batch dim, from the dry run on
-            ``example_input``, which it therefore requires), or a sequence of ready modules, one
-            per split point.
-        example_input: a batch of 2 or more rows (a tensor or a tuple of tensors) the backbone
-            accepts; used for the dry run that finds the heads' input shapes and checks the split
-            (and, in fx mode, which values carry the batch dim). When omitted, a random batch
-            is made from the backbone's first layer (Conv1d/2d/3d at 32 per spatial dim, or Linear).
+            fx node names (``"layer1_1_relu_1"``) or torchvision's dotted node names
+            (``"layer1.1.relu_1"``), submodule names, or an encoder's layers
+            (``"bert.encoder.layer.3"``, ``"encoder.layer.3"``, ``"blocks.3"``; a split point
+            ends the stage after that layer). :func:`split_points` lists them.
+        num_classes: the classes of every exit; default: the backbone's output width. A value
+            that differs from it replaces the backbone's classifier (its last ``nn.Linear``) in
+            the final exit with a new one for fine-tuning; the backbone keeps its own.
+        head: ``"auto"`` (``"pool_linear"`` for feature maps, a token head for a transformer's
+            [B, S, H] states), ``"pool_linear"`` (global average pool + linear; on tokens: the
+            masked mean), ``"conv"`` (PTEE branch: conv 3x3 + BN + ReLU, pool, linear), ``"cls"``
+            / ``"mean"`` (token heads: CLS token or masked mean, LayerNorm, linear), a factory
+            ``head(state_shape, num_classes) -> nn.Module`` (``state_shape`` is the split value's
+            shape without the batch dim, from the dry run on ``example_input``, which it
+            therefore requires), or a sequence of ready modules, one per split point.
+        example_input: a batch of 2 or more rows the backbone accepts (a tensor, a tuple of
+            tensors, or for HF models a dict / ``BatchEncoding``); used for the dry run that finds
+            the heads' input shapes and checks the split (and, in fx mode, which values carry
+            the batch dim). When omitted, a random batch is made from the backbone's first layer
+            (Conv1d/2d/3d at 32 per spatial dim, or Linear) or an encoder's config.
         confidence: give each early exit a PTEE confidence head (see :mod:`eeruntime.heads`).
         gates: give each early exit a differentiable-branching gate.
         mode: ``"auto"`` (``children`` for ``nn.Sequential`` and for modules whose children
-            reproduce the output on the dry run, ``fx`` otherwise), ``"children"`` or ``"fx"``.
+            reproduce the output on the dry run, ``fx`` otherwise), ``"children"`` or ``"fx"``;
+            ignored for encoders.
         copy: work on ``copy.deepcopy(backbone)`` instead of sharing its modules.
 
     Returns:
         a ``MultiExitModel`` with ``len(at) + 1`` exits, on the backbone's device. It records the
-        split in ``model.split_points`` and ``model.split_mode``.
+        split in ``model.split_points`` and ``model.split_mode`` (``"encoder"`` for encoders), and
+        for encoders the input adapter (``model.input_adapter``: dict / tuple / tensor inputs to
+        the tuple stage 0 takes) and the token layout (``model.token_layout``).
     """
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
@@ -100,51 +115,189 @@ def attach_exits(
         raise ValueError("a head factory gets the state shapes from a dry run: pass example_input=<a batch the backbone accepts>")
     if copy:
         backbone = _copy.deepcopy(backbone)
-    probe = _as_input(example_input) if example_input is not None else _probe_input(backbone)
 
     modes = {m: m.training for m in backbone.modules()}
     backbone.eval()
     try:
         with torch.no_grad():
-            try:
-                expected = call(backbone, probe)
-            except Exception as e:
-                if example_input is not None:
-                    raise
-                raise ValueError(
-                    f"the backbone does not run on a guessed input of shape {tuple(probe.shape)} "
-                    f"({type(e).__name__}: {e}); pass example_input=<a batch the backbone accepts>"
-                ) from e
-            if not isinstance(expected, torch.Tensor) or expected.dim() != 2:
-                what = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
-                raise ValueError(f"the backbone must return logits [B, C]; it returned {what}")
-            split, used = _split(backbone, at, probe, expected, mode)
-            states = _dry_run(split.stages, probe)
+            if encoders.encoder_layers(backbone) is not None:
+                built = _build_encoder(backbone, at, example_input)
+            else:
+                built = _build_generic(backbone, at, example_input, mode)
     finally:
         for m, t in modes.items():
             m.training = t
 
-    C = int(expected.shape[1])
+    C, tail = built.classes, built.split.tail
     if num_classes is None:
+        if C is None:
+            raise ValueError(f"{type(backbone).__name__} has no classifier (it returns no logits): pass num_classes=<number of classes>")
         num_classes = C
-    elif int(num_classes) != C:
-        raise ValueError(f"num_classes={num_classes} but the backbone predicts {C} classes; every exit must predict the same classes")
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes}")
+    if C is None:  # a base encoder: the final exit is a new token head on its last state
+        tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:])[0]
+    elif num_classes != C:
+        tail = replace_classifier(tail, num_classes, backbone, C)
 
-    heads = _make_heads(head, states[:-1], num_classes, at)
+    heads = _make_heads(head, built.states[:-1], num_classes, at, built.layouts[:-1])
     ref = next(iter(backbone.parameters()), None)
     for k, h in enumerate(heads):
         if confidence or gates:
             h = heads[k] = wrap_head(h, num_classes, confidence=confidence, gate=gates)
         if ref is not None:
             h.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
-    model = MultiExitModel(split.stages, heads + [split.tail])
+    if ref is not None and C is None:
+        tail.to(device=ref.device, dtype=ref.dtype if ref.dtype.is_floating_point else None)
+    model = MultiExitModel(built.split.stages, heads + [tail], input_adapter=built.input_adapter)
     shared = set(backbone.modules())
     for m in model.modules():  # new containers and heads follow the backbone; its own modules keep their modes
         if m not in shared:
             m.training = backbone.training
     model.split_points = list(at)
-    model.split_mode = used
+    model.split_mode = built.mode
+    model.token_layout = built.layouts[0] if built.layouts and built.layouts[0] is not None else None
     return model
+
+
+@dataclass
+class _Built:
+    split: "_Split"
+    states: list  # the dry run's state after each stage
+    layouts: list  # per state: a TokenLayout for token states, else None
+    classes: Optional[int]  # the backbone's output width (None: it returns no logits)
+    mode: str
+    input_adapter: Optional[Callable] = None
+
+
+def _build_generic(backbone, at, example_input, mode) -> _Built:
+    probe = _as_input(example_input) if example_input is not None else _probe_input(backbone)
+    try:
+        raw = call(backbone, probe)
+    except Exception as e:
+        if example_input is not None:
+            raise
+        raise ValueError(
+            f"the backbone does not run on a guessed input of shape {tuple(probe.shape)} "
+            f"({type(e).__name__}: {e}); pass example_input=<a batch the backbone accepts>"
+        ) from e
+    expected = output_logits(raw)
+    if expected is None or expected.dim() != 2:
+        what = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(raw).__name__
+        raise ValueError(f"the backbone must return logits [B, C] (a tensor, or an output with .logits); it returned {what}")
+    split, used = _split(backbone, at, probe, expected, mode)
+    if not isinstance(raw, torch.Tensor):
+        split.tail = encoders.LogitsOf(split.tail)
+    states = _dry_run(split.stages, probe)
+    layouts = split.layouts or [_guess_layout(backbone, s) for s in states]
+    return _Built(split, states, layouts, int(expected.shape[1]), used)
+
+
+def _guess_layout(backbone, state) -> Optional[TokenLayout]:
+    """A 3-D state of a backbone without 1-D convolutions is read as tokens [B, S, H] (mean
+    pooled): a conv1d map [B, C, L] would be channels first."""
+    x = as_tuple(state)[0]
+    if x.dim() != 3 or any(isinstance(m, (nn.Conv1d, nn.BatchNorm1d)) for m in backbone.modules()):
+        return None
+    return TokenLayout(pool="mean")
+
+
+def _build_encoder(backbone, at, example_input) -> _Built:
+    names = encoders.encoder_layers(backbone)
+    cuts = [_encoder_cut(a, names) for a in at]
+    if cuts != sorted(cuts):
+        raise ValueError(f"split points must be in forward order; got {list(at)}")
+    if cuts[-1] >= len(names) - 1:
+        raise ValueError(f"split point {at[cuts.index(cuts[-1])]!r} is the last layer: it leaves the last stage empty; valid: {_listing(names[:-1])}")
+    split = encoders.split_encoder(backbone, cuts)
+    adapter = split.input_adapter
+    probe = example_input if example_input is not None else _encoder_probe(backbone)
+    x = adapter(probe) if adapter is not None else _as_input(probe)
+    if adapter is not None:
+        raw = backbone(**dict(zip(adapter.names, as_tuple(x))))
+    else:
+        raw = call(backbone, x)
+    expected = output_logits(raw)
+    states = _dry_run(split.stages, x)
+    classes = None
+    if split.tail is not None:
+        if expected is None or expected.dim() != 2:
+            raise ValueError(f"{type(backbone).__name__} returned no logits [B, C]; cannot check its classifier tail")
+        out = call(split.tail, states[-1])
+        if not (isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)):
+            raise ValueError(
+                f"the layers and classifier of {type(backbone).__name__}, run stage by stage, do not reproduce its "
+                "output on the dry run; its forward does something else between them (supported: BERT/RoBERTa/"
+                "DistilBERT/ViT-style sequence and image classifiers, timm VisionTransformer)"
+            )
+        classes = int(expected.shape[1])
+    layouts = [split.layout] * len(states)
+    return _Built(_Split(split.stages, split.tail), states, layouts, classes, "encoder", adapter)
+
+
+def _encoder_cut(a: str, names: List[str]) -> int:
+    """The index of the layer a split point names: its qualified name or a unique dotted suffix."""
+    if a in names:
+        return names.index(a)
+    hits = [i for i, n in enumerate(names) if n.endswith("." + a)]
+    if len(hits) == 1:
+        return hits[0]
+    why = "matches several layers" if hits else "is not one of its layers"
+    raise ValueError(f"split point {a!r} {why}; valid split points (the encoder's layers, in order): {_listing(names[:-1])}")
+
+
+def _encoder_probe(backbone):
+    """A random batch of 2 for an encoder: token ids with a padded second row, or images."""
+    g = torch.Generator().manual_seed(0)
+    p = next(iter(backbone.parameters()))
+    cfg = getattr(getattr(backbone, "base_model", None), "config", None)
+    if cfg is not None and hasattr(cfg, "vocab_size"):
+        S = min(8, int(getattr(cfg, "max_position_embeddings", 8)))
+        ids = torch.randint(0, int(cfg.vocab_size), (2, S), generator=g)
+        mask = torch.ones(2, S, dtype=torch.long)
+        mask[1, S // 2 :] = 0
+        return {"input_ids": ids.to(p.device), "attention_mask": mask.to(p.device)}
+    if cfg is not None and hasattr(cfg, "image_size"):
+        size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
+        return torch.randn((2, int(getattr(cfg, "num_channels", 3))) + tuple(size), generator=g).to(p.device, p.dtype)
+    pe = getattr(backbone, "patch_embed", None)
+    size = tuple(getattr(pe, "img_size", None) or (224, 224))
+    chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
+    return torch.randn((2, chans) + size, generator=g).to(p.device, p.dtype)
+
+
+def replace_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, classes: int) -> nn.Module:
+    """``tail`` with its classifier (the last ``nn.Linear`` with ``classes`` outputs) replaced by a
+    new ``Linear(in, num_classes)``. The backbone is not changed: containers of the backbone on
+    the way to that layer are shallow copies (their other members stay shared)."""
+    linears = [n for n, m in tail.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes]
+    if not linears:
+        raise ValueError(
+            f"num_classes={num_classes} differs from the backbone's {classes}, but its classifier tail has no "
+            f"nn.Linear with {classes} outputs to replace"
+        )
+    path = linears[-1].split(".")
+    owned = {id(m) for m in backbone.modules()}
+    if id(tail) in owned:
+        tail = _shallow_copy(tail)
+    parent = tail
+    for name in path[:-1]:
+        child = parent._modules[name]
+        if id(child) in owned:
+            child = _shallow_copy(child)
+            parent._modules[name] = child
+        parent = child
+    old = parent._modules[path[-1]]
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    parent._modules[path[-1]] = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    return tail
+
+
+def _shallow_copy(m: nn.Module) -> nn.Module:
+    c = _copy.copy(m)
+    c._modules = OrderedDict(m._modules)
+    return c
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -199,6 +352,7 @@ def _probe_input(backbone: nn.Module):
 class _Split:
     stages: List[nn.Module]
     tail: nn.Module
+    layouts: Optional[list] = None  # per stage: a TokenLayout when its state is tokens
 
 
 def _split(backbone, at, probe, expected, mode) -> Tuple[_Split, str]:
@@ -233,7 +387,7 @@ def _run_split(split: _Split, probe):
 
 def _verify(split, probe, expected, how) -> None:
     try:
-        out = _run_split(split, probe)
+        out = output_logits(_run_split(split, probe))
     except Exception as e:
         raise ValueError(f"the {how} split fails on the dry run ({type(e).__name__}: {e})") from e
     if not (isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)):
@@ -526,25 +680,14 @@ def _subgraph(gm, nodes, inputs, span, outputs, *, guard: bool, raw_output: bool
 
 
 # ---------------------------------------------------------------------------- heads
-def _make_heads(head: HeadSpec, states, num_classes: int, at) -> List[nn.Module]:
+def _make_heads(head: HeadSpec, states, num_classes: int, at, layouts) -> List[nn.Module]:
     n = len(states)
     if isinstance(head, nn.Module) and not isinstance(head, nn.ModuleList):
-        raise TypeError("head must be 'pool_linear', 'conv', a factory head(state_shape, num_classes), or a sequence of modules (one per split point); got a single module")
+        raise TypeError("head must be 'auto', 'pool_linear', 'conv', 'cls', 'mean', a factory head(state_shape, num_classes), or a sequence of modules (one per split point); got a single module")
     if isinstance(head, str):
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; accepted: {', '.join(map(repr, HEADS))}, a factory head(state_shape, num_classes) or a list of modules")
-        out = []
-        for k, s in enumerate(states):
-            x = as_tuple(s)[0]
-            if x.dim() < 2:
-                raise ValueError(f"split point {at[k]!r} yields shape {tuple(x.shape)}; default heads need [B, C, ...]")
-            if head == "pool_linear":
-                out.append(PoolLinearHead(x.shape[1], num_classes))
-            else:
-                if not 3 <= x.dim() <= 5:
-                    raise ValueError(f"head='conv' needs a [B, C, *spatial] map at {at[k]!r}, got shape {tuple(x.shape)}")
-                out.append(ConvHead(x.shape[1], num_classes, dims=x.dim() - 2))
-        return out
+        return [_default_head(head, s, num_classes, a, lay) for s, a, lay in zip(states, at, layouts)]
     if callable(head) and not isinstance(head, nn.Module):
         out = []
         for k, s in enumerate(states):
@@ -560,3 +703,21 @@ def _make_heads(head: HeadSpec, states, num_classes: int, at) -> List[nn.Module]
         if not isinstance(h, nn.Module):
             raise TypeError(f"head {k} must be an nn.Module, got {type(h).__name__}")
     return heads
+
+
+def _default_head(head: str, state, num_classes: int, at: str, layout: Optional[TokenLayout]) -> nn.Module:
+    x = as_tuple(state)[0]
+    if layout is not None:  # tokens [B, S, H]: pool along S, classify the H features
+        if head == "conv":
+            raise ValueError(f"head='conv' needs a [B, C, *spatial] map; split point {at!r} yields tokens {tuple(x.shape)} (use 'cls' or 'mean')")
+        pool = layout.pool if head == "auto" else ("mean" if head == "pool_linear" else head)
+        return SequenceHead(x.shape[-1], num_classes, pool=pool, mask_index=layout.mask_index, padding_mask=layout.padding_mask)
+    if x.dim() < 2:
+        raise ValueError(f"split point {at!r} yields shape {tuple(x.shape)}; default heads need [B, C, ...]")
+    if head in TOKEN_POOLS:
+        raise ValueError(f"head={head!r} is a token head; split point {at!r} yields a feature map {tuple(x.shape)} (use 'pool_linear' or 'conv')")
+    if head in ("auto", "pool_linear"):
+        return PoolLinearHead(x.shape[1], num_classes)
+    if not 3 <= x.dim() <= 5:
+        raise ValueError(f"head='conv' needs a [B, C, *spatial] map at {at!r}, got shape {tuple(x.shape)}")
+    return ConvHead(x.shape[1], num_classes, dims=x.dim() - 2)
