@@ -32,7 +32,9 @@ re-registered, and its train/eval mode is restored after the dry run.
 from __future__ import annotations
 
 import copy as _copy
+import functools
 import operator
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -159,6 +161,46 @@ def attach_exits(
     model.split_mode = built.mode
     model.token_layout = built.layouts[0] if built.layouts and built.layouts[0] is not None else None
     return model
+
+
+@dataclass(frozen=True)
+class SplitPoint:
+    """A valid split point: ``name`` (pass it in ``at``) and ``shape``, the state there without
+    the batch dim (its first member for a tuple state), from a dry run."""
+
+    name: str
+    shape: Tuple[int, ...]
+
+
+def split_points(backbone: nn.Module, example_input=None, mode: str = "auto") -> List[SplitPoint]:
+    """The split points ``attach_exits(backbone, at=...)`` accepts, in forward order, with the
+    state's shape at each (like timm's ``feature_info``). Encoders list their layers; other
+    backbones list their children (``mode="children"``, the default when they run in order) or
+    every splittable graph node by torchvision's dotted names (``mode="fx"``)."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(map(repr, MODES))}")
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            names = encoders.encoder_layers(backbone)
+            if names is not None:
+                built = _build_encoder(backbone, names[:-1], example_input)
+                return [SplitPoint(n, tuple(as_tuple(s)[0].shape[1:])) for n, s in zip(names[:-1], built.states)]
+            probe = _as_input(example_input) if example_input is not None else _probe_input(backbone)
+            expected = output_logits(call(backbone, probe))
+            if expected is None or expected.dim() != 2:
+                raise ValueError("the backbone must return logits [B, C] (a tensor, or an output with .logits)")
+            children = mode == "children" or (
+                mode == "auto" and (isinstance(backbone, nn.Sequential) or _children_in_order(backbone, probe, expected))
+            )
+            split = _split_children if children else _split_fx
+            return [SplitPoint(n, s) for n, s in split(backbone, [], probe, expected, points_only=True)]
+    finally:
+        for m, t in modes.items():
+            m.training = t
 
 
 @dataclass
@@ -385,12 +427,15 @@ def _run_split(split: _Split, probe):
     return call(split.tail, states[-1])
 
 
-def _verify(split, probe, expected, how) -> None:
+def _verify(split, probe, expected, how, exact: bool = True) -> None:
     try:
         out = output_logits(_run_split(split, probe))
     except Exception as e:
         raise ValueError(f"the {how} split fails on the dry run ({type(e).__name__}: {e})") from e
-    if not (isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)):
+    same = isinstance(out, torch.Tensor) and out.shape == expected.shape and (
+        torch.equal(out, expected) if exact else torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+    )
+    if not same:
         hint = " (its children do not run in order in forward; use mode='fx')" if how == "children" else ""
         raise ValueError(f"the {how} split does not reproduce the backbone's output on the dry run{hint}")
 
@@ -441,10 +486,10 @@ def _blocks(backbone: nn.Module, at: Sequence[str]):
     return blocks
 
 
-def _run_blocks(blocks, probe):
+def _run_blocks(blocks, probe, shapes: Optional[list] = None):
     """Run blocks in order, flattening (torchvision-style) where a Linear-led block gets a
     feature map it can only take flattened. Returns the output and the indices of the blocks
-    that get a flatten."""
+    that get a flatten; appends each block's output shape (no batch dim) to ``shapes``."""
     flatten_before, state = set(), probe
     for i, (_, m) in enumerate(blocks):
         lin = _first_leaf(m)
@@ -457,6 +502,8 @@ def _run_blocks(blocks, probe):
         state = call(m, state)
         if isinstance(state, list):
             state = tuple(state)
+        if shapes is not None:
+            shapes.append(tuple(as_tuple(state)[0].shape[1:]))
     return state, flatten_before
 
 
@@ -471,7 +518,9 @@ def _children_in_order(backbone, probe, expected) -> bool:
     return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)
 
 
-def _split_children(backbone: nn.Module, at, probe, expected) -> _Split:
+def _split_children(backbone: nn.Module, at, probe, expected, points_only: bool = False):
+    """The children split at ``at``; with ``points_only``, the valid split points instead, as
+    ``[(child name, shape)]``."""
     blocks = _blocks(backbone, at)
     names = [n for n, _ in blocks]
     with_params = [i for i, (_, m) in enumerate(blocks) if _has_params(m)]
@@ -481,6 +530,10 @@ def _split_children(backbone: nn.Module, at, probe, expected) -> _Split:
         )
     last_layer = with_params[-2]  # the last parametrised block before the classifier ends the last stage
     valid = names[:last_layer]
+    if points_only:
+        shapes = []
+        _run_blocks(blocks[:last_layer], probe, shapes)
+        return list(zip(valid, shapes))
     idx = []
     for a in at:
         if a not in valid:
@@ -521,12 +574,62 @@ def _listing(names: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------------------- fx
 class _SplitTracer(fx.Tracer):
+    """fx tracer that keeps the split points' modules as leaves, names every node the way
+    torchvision's feature extraction does (``layer1.1.relu_1``, ``layer1.0.add``: the scope
+    module's qualified name, then the op, ``_N`` for its N-th repeat there), and traces an
+    ``nn.TransformerEncoder`` as its layers, one node per layer (its own forward builds masks
+    with Python control flow that tracing cannot follow)."""
+
     def __init__(self, leaves):
         super().__init__()
         self.leaves = set(leaves)
+        self._scopes = [""]
+        self.dotted = {}
+        self._repeats = {}
+        self.padding_masks = set()  # nodes passed to expanded encoder layers as key-padding masks
+        self.expanded = False
 
     def is_leaf_module(self, m, qualname):
+        if isinstance(m, nn.TransformerEncoder):
+            return qualname in self.leaves
         return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        if isinstance(m, nn.TransformerEncoder) and name not in self.leaves:
+            self.expanded = True
+            forward = functools.partial(_encoder_by_layers, m, self)
+        self._scopes.append(name)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._scopes.pop()
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "call_module":
+            base = target
+        elif kind in ("call_function", "call_method"):
+            stem = re.sub(r"_[0-9]+$", "", node.name)
+            base = f"{self._scopes[-1]}.{stem}" if self._scopes[-1] else stem
+        else:
+            return node
+        n = self._repeats.get(base, 0)
+        self._repeats[base] = n + 1
+        self.dotted[node] = base if n == 0 else f"{base}_{n}"
+        return node
+
+
+def _encoder_by_layers(enc: nn.TransformerEncoder, tracer: _SplitTracer, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    """nn.TransformerEncoder.forward as a plain run of its layers (then its norm). Numerically
+    the same on the real tokens; its nested-tensor fast path (eval, with a padding mask) leaves
+    zeros at padded positions where this leaves the layers' values."""
+    if isinstance(src_key_padding_mask, fx.Proxy):
+        tracer.padding_masks.add(src_key_padding_mask.node)
+    x = src
+    for layer in enc.layers:
+        x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
+    return enc.norm(x) if enc.norm is not None else x
 
 
 _COMPUTE = ("call_module", "call_function", "call_method")
@@ -543,23 +646,27 @@ class _BatchRecorder(fx.Interpreter):
 
     def __init__(self, gm, batch: int):
         super().__init__(gm)
-        self.batch, self.batched = batch, set()
+        self.batch, self.batched, self.shapes = batch, set(), {}
 
     def run_node(self, n):
         v = super().run_node(n)
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.batch:
             self.batched.add(n)
+            self.shapes[n] = tuple(v.shape[1:])
         return v
 
 
-def _split_fx(backbone: nn.Module, at, probe, expected) -> _Split:
+def _split_fx(backbone: nn.Module, at, probe, expected, points_only: bool = False):
+    """The fx split at ``at``; with ``points_only``, the valid split points instead, as
+    ``[(dotted name, shape)]``."""
     modules = dict(backbone.named_modules())
     leaves = [a for a in at if a in modules and a != ""]
     nested = [(a, b) for a in leaves for b in leaves if a != b and b.startswith(a + ".")]
     if nested:
         raise ValueError(f"split points {nested[0][0]!r} and {nested[0][1]!r} are nested modules; name modules that run one after the other")
+    tracer = _SplitTracer(leaves)
     try:
-        graph = _SplitTracer(leaves).trace(backbone)
+        graph = tracer.trace(backbone)
     except Exception as e:
         raise ValueError(
             f"torch.fx cannot trace {type(backbone).__name__} ({type(e).__name__}: {e}); make forward traceable, "
@@ -593,9 +700,14 @@ def _split_fx(backbone: nn.Module, at, probe, expected) -> _Split:
     boundary = cut[0] if cut else last_layer
     if not splittable(nodes[boundary]):
         raise ValueError(f"cannot separate the classifier of {type(backbone).__name__}: the values after {nodes[boundary].name!r} are not batched tensors")
-    valid = [n.name for n in compute if pos[n] < boundary and splittable(n)]
+    dotted = tracer.dotted
+    valid_nodes = [n for n in compute if pos[n] < boundary and splittable(n)]
+    if points_only:
+        return [(dotted.get(n, n.name), recorder.shapes[n]) for n in valid_nodes]
+    valid = [dotted.get(n, n.name) for n in valid_nodes]
 
     by_name = {n.name: n for n in compute}
+    by_name.update({dotted[n]: n for n in compute if n in dotted})
     targets = {}
     for n in compute:
         if n.op == "call_module":
@@ -615,8 +727,9 @@ def _split_fx(backbone: nn.Module, at, probe, expected) -> _Split:
             else:
                 why = "does not give batched tensors (its value, or one still needed later, has no batch dim)"
             raise ValueError(
-                f"split point {a!r} {why}; valid split points (fx node names, in order): {_listing(valid)}; "
-                "a submodule's qualified name (e.g. 'layer1') also works when forward calls it once"
+                f"split point {a!r} {why}; valid split points (node names, in order): {_listing(valid)}; "
+                "fx's underscored names (layer1_1_relu_1) and a submodule's qualified name (e.g. 'layer1', when "
+                "forward calls it once) also work"
             )
         split_nodes.append(n)
     order = [pos[n] for n in split_nodes]
@@ -625,16 +738,27 @@ def _split_fx(backbone: nn.Module, at, probe, expected) -> _Split:
         raise ValueError(f"split points must be in forward order; got {list(at)}, forward order is {by_pos}")
 
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    stages, inputs, start = [], placeholders, 0
+    stages, layouts, inputs, start = [], [], placeholders, 0
     for c in order + [boundary]:
         outputs = _outputs_at(nodes[c], live_after(c))
         stages.append(_subgraph(gm, nodes, inputs, range(start, c + 1), outputs, guard=bool(stages)))
+        layouts.append(_fx_layout(outputs, recorder.shapes, tracer.padding_masks))
         inputs, start = outputs, c + 1
     out_node = next(n for n in nodes if n.op == "output")
     tail = _subgraph(gm, nodes, inputs, range(start, pos[out_node]), out_node.args[0], guard=False, raw_output=True)
-    split = _Split(stages, tail)
-    _verify(split, probe, expected, "fx")
+    split = _Split(stages, tail, layouts if tracer.expanded else None)
+    # An expanded nn.TransformerEncoder is the same math in another kernel order (see _encoder_by_layers)
+    _verify(split, probe, expected, "fx", exact=not tracer.expanded)
     return split
+
+
+def _fx_layout(outputs, shapes, padding_masks) -> Optional[TokenLayout]:
+    """Token layout of an fx state whose first member is [B, S, H]: its key-padding mask, when
+    an expanded TransformerEncoder took one and it travels in the state."""
+    if len(shapes.get(outputs[0], ())) != 2:
+        return None
+    idx = next((i for i, n in enumerate(outputs) if n in padding_masks), None)
+    return TokenLayout(mask_index=idx, padding_mask=idx is not None, pool="mean")
 
 
 def _outputs_at(split: fx.Node, live: List[fx.Node]) -> List[fx.Node]:

@@ -9,6 +9,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import torchvision_compat  # noqa: E402
+
+# Before anything imports torchvision (transformers and timm do): see torchvision_compat.
+torchvision_compat.prepare()
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
 
 

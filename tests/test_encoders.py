@@ -208,3 +208,39 @@ def test_token_pool_against_float64_reference():
         TokenPool("max")
     with pytest.raises(ValueError, match=r"\[B, S, H\]"):
         TokenPool("cls")(torch.randn(3, 4))
+
+
+# ------------------------------------------------------------------ torch's nn.TransformerEncoder
+class TorchTextClassifier(nn.Module):
+    """Embedding -> nn.TransformerEncoder (key-padding mask, True = pad) -> masked mean -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, ids, pad):
+        h = self.encoder(self.embed(ids), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.fc((h * keep).sum(1) / keep.sum(1))
+
+
+def test_torch_transformer_encoder_split_at_its_layers():
+    backbone = TorchTextClassifier().eval()
+    x = text_batch(16)
+    ids, pad = x["input_ids"], x["attention_mask"] == 0
+    model = ee.attach_exits(backbone, at=["encoder.layers.0", "encoder.layers.2"], example_input=(ids[:2], pad[:2]))
+    assert model.split_mode == "fx"
+    head = model.exits[0]
+    assert isinstance(head, SequenceHead) and head.body.pool == "mean" and head.body.padding_mask
+    state = model.forward_until((ids, pad), 0)
+    assert isinstance(state, tuple) and torch.equal(state[head.body.mask_index], pad)  # the mask travels with the rows
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()((ids, pad))[-1], backbone(ids, pad), rtol=1e-4, atol=1e-5)
+    thr = median_threshold(model, (ids, pad))
+    res = check_rows(ee.EERuntime(model, thresholds=thr, criterion="max_prob"), model, (ids, pad), [thr, thr])
+    assert len(set(res.exit_index.tolist())) >= 2
+    names = [p.name for p in ee.split_points(backbone, example_input=(ids[:2], pad[:2]), mode="fx")]
+    assert {"encoder.layers.0", "encoder.layers.2", "embed"} <= set(names)
