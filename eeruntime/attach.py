@@ -66,6 +66,7 @@ def attach_exits(
     gates: bool = False,
     mode: str = "auto",
     copy: bool = False,
+    trim: bool = False,
 ) -> MultiExitModel:
     """Split ``backbone`` at ``at`` and put an exit after each split.
 
@@ -100,6 +101,11 @@ def attach_exits(
             reproduce the output on the dry run, ``fx`` otherwise), ``"children"`` or ``"fx"``;
             ignored for encoders.
         copy: work on ``copy.deepcopy(backbone)`` instead of sharing its modules.
+        trim: for HF text encoders, each stage after the first cuts the packed survivors' sequence
+            axis to the longest real sequence among them (:func:`eeruntime.encoders.trim_tokens`;
+            results unchanged). Off by default: a caller that concatenates stage states of
+            several batches (``cat_rows``) needs them the same length.
+            :func:`eeruntime.encoders.set_trim` switches it later.
 
     Returns:
         a ``MultiExitModel`` with ``len(at) + 1`` exits, on the backbone's device. It records the
@@ -160,6 +166,9 @@ def attach_exits(
     model.split_points = list(at)
     model.split_mode = built.mode
     model.token_layout = built.layouts[0] if built.layouts and built.layouts[0] is not None else None
+    layout = model.token_layout
+    if trim and (layout is None or layout.mask_index is None or encoders.set_trim(model, True) == 0):
+        raise ValueError("trim=True applies to HF text encoders (their stages carry an attention mask); this model has none")
     return model
 
 

@@ -137,16 +137,50 @@ class HFEmbed(nn.Module):
         return hidden if mask is None else (hidden, mask)
 
 
+def trim_tokens(state: tuple, mask_index: int = 1, padding_mask: bool = False) -> tuple:
+    """Cut the sequence axis (dim 1) of every state member that has it to the longest real
+    sequence among the rows: columns past the last real token of every row are padding for all
+    of them. Exact for encoders: a padded key gets zero attention weight and tokens do not mix
+    otherwise. With left padding (or none) nothing is cut. Reads one scalar to the host."""
+    mask = state[mask_index]
+    S = mask.shape[1]
+    real = (mask == 0) if padding_mask else (mask != 0)
+    cols = real.any(dim=0)
+    # last real column + 1 (at least 1 column, token 0, is kept)
+    L = max(int(S - torch.flip(cols, (0,)).int().argmax()) if bool(cols.any()) else 1, 1)
+    if L >= S:
+        return state
+    return tuple(t[:, :L] if t.dim() >= 2 and t.shape[1] == S else t for t in state)
+
+
+def trim_ref(state: tuple, mask_index: int = 1, padding_mask: bool = False) -> tuple:
+    """Plain reference of :func:`trim_tokens`: per column, loop."""
+    mask = state[mask_index]
+    S = mask.shape[1]
+    L = 1
+    for j in range(S):
+        col = mask[:, j]
+        if bool(((col == 0) if padding_mask else (col != 0)).any()):
+            L = j + 1
+    return tuple(t[:, :L] if t.dim() >= 2 and t.shape[1] == S else t for t in state)
+
+
 class HFLayers(nn.Module):
     """A run of HF encoder layers on ``(hidden, mask)`` (or ``hidden`` alone). The layers'
     attention mask is built from the 2-D mask by ``create_bidirectional_mask``, the function the
-    HF encoders' own forward calls (older transformers: ``get_extended_attention_mask``)."""
+    HF encoders' own forward calls (older transformers: ``get_extended_attention_mask``).
+
+    ``trim`` (stages after the first): the state this stage gets is packed rows; it first cuts
+    the sequence axis to the longest real sequence among them (:func:`trim_tokens`), so batch
+    and length compaction go together. Skipped while a CUDA graph is being captured (its shapes
+    are fixed)."""
 
     def __init__(self, layers: Sequence[nn.Module], config, embed: Optional[nn.Module] = None, mask_maker=None):
         super().__init__()
         self.embed = embed
         self.layers = nn.ModuleList(layers)
         self.config = config
+        self.trim = False
         self._mask_maker = mask_maker  # older transformers: the base model's get_extended_attention_mask
 
     def layer_mask(self, hidden, mask):
@@ -162,6 +196,8 @@ class HFLayers(nn.Module):
         if self.embed is not None:
             state = self.embed(*state)
             state = state if isinstance(state, tuple) else (state,)
+        elif self.trim and len(state) > 1 and not _capturing():
+            state = trim_tokens(state)
         hidden, mask = state[0], (state[1] if len(state) > 1 else None)
         ext = self.layer_mask(hidden, mask)
         for layer in self.layers:
@@ -202,6 +238,21 @@ class HFTail(nn.Module):
         if self.norm is not None:
             hidden = self.norm(hidden)
         return self.classifier(hidden[:, 0])
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def set_trim(model, on: bool = True) -> int:
+    """Turn length trimming on or off in every HF encoder stage of ``model`` (an attached
+    encoder); returns how many stages it applies to (stage 0 embeds, it never trims)."""
+    n = 0
+    for stage in list(model.stages)[1:]:
+        if isinstance(stage, HFLayers):
+            stage.trim = bool(on)
+            n += 1
+    return n
 
 
 def _hf_tail(model: nn.Module, base: nn.Module) -> Optional[HFTail]:

@@ -231,7 +231,7 @@ def test_sequential_errors_list_child_names():
 
 def test_fx_errors_list_node_names():
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"'nope' is not a node.*valid split points \(fx node names, in order\): a, relu, b, relu_1, add"):
+    with pytest.raises(ValueError, match=r"'nope' is not a node.*valid split points \(node names, in order\): a, relu, b, relu_1, add"):
         ee.attach_exits(OutOfOrder(), at=["nope"], example_input=x)
     with pytest.raises(ValueError, match="classifier tail"):
         ee.attach_exits(OutOfOrder(), at=["mean"], example_input=x)

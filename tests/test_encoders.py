@@ -244,3 +244,44 @@ def test_torch_transformer_encoder_split_at_its_layers():
     assert len(set(res.exit_index.tolist())) >= 2
     names = [p.name for p in ee.split_points(backbone, example_input=(ids[:2], pad[:2]), mode="fx")]
     assert {"encoder.layers.0", "encoder.layers.2", "embed"} <= set(names)
+
+
+# ------------------------------------------------------------------ length trimming
+def test_trim_tokens_against_its_reference():
+    from eeruntime.encoders import trim_ref, trim_tokens
+
+    g = torch.Generator().manual_seed(0)
+    for lengths, left in (([5, 3, 2], False), ([1, 1], False), ([0, 0], False), ([4, 2, 7], False), ([2, 3], True)):
+        S = 7
+        mask = (torch.arange(S)[None] < torch.tensor(lengths)[:, None]).long()
+        if left:
+            mask = mask.flip(1)
+        h = torch.randn(len(lengths), S, 4, generator=g)
+        for padding in (False, True):
+            m = (mask == 0) if padding else mask
+            got, want = trim_tokens((h, m), 1, padding), trim_ref((h, m), 1, padding)
+            assert [t.shape for t in got] == [t.shape for t in want]
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        expect = S if left else max(max(lengths), 1)
+        assert trim_tokens((h, mask))[0].shape[1] == expect
+
+
+def test_trimming_survivors_keeps_every_result():
+    backbone = bert()
+    x = {k: torch.cat([v, torch.zeros(24, 4, dtype=v.dtype)], 1) for k, v in text_batch(24, seed=3).items()}  # 4 more pads
+    plain = ee.attach_exits(backbone, at=["layer.0", "layer.2"], head="mean")
+    trimmed = ee.attach_exits(backbone, at=["layer.0", "layer.2"], head="mean", trim=True)
+    trimmed.load_state_dict(plain.state_dict())  # same heads
+    thr = median_threshold(plain, x)
+    want = ee.EERuntime(plain, thresholds=thr, criterion="max_prob").infer(x)
+    seen = []  # the layers are the backbone's, shared by both models: hook after the plain run
+    trimmed.stages[1].layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    got = ee.EERuntime(trimmed, thresholds=thr, criterion="max_prob").infer(x)
+    assert torch.equal(got.exit_index, want.exit_index)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    check_rows(ee.EERuntime(trimmed, thresholds=thr, criterion="max_prob"), trimmed, x, [thr, thr])
+    # stage 1's layers ran on the survivors trimmed to the longest of them
+    longest = int(x["attention_mask"][want.exit_index >= 1].sum(1).max())
+    assert seen[0] == longest <= S < S + 4
+    with pytest.raises(ValueError, match="trim=True applies to HF text encoders"):
+        ee.attach_exits(vit(), at=["layers.1"], trim=True)
