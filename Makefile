@@ -8,8 +8,11 @@ EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 NVCC_ARCH ?= -gencode arch=compute_90,code=sm_90
 DEMO_OUT ?= demo_out
+# torchvision and timm get a venv of their own layered on the main one (see requirements-vision.txt)
+VISION_VENV ?= .venv-vision
+VISION_PY := $(VISION_VENV)/bin/python
 
-.PHONY: setup test demo bench bench-report check-cuda check-ext gpu-check clean
+.PHONY: setup setup-vision test demo bench bench-report check-cuda check-ext gpu-check clean
 
 $(VENV)/.stamp: setup.py requirements-dev.txt $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +22,18 @@ $(VENV)/.stamp: setup.py requirements-dev.txt $(EXT_SOURCES)
 	touch $@
 
 setup: $(VENV)/.stamp
+
+# The vision venv sees the main venv's packages (torch, transformers, eeruntime's editable
+# install) through a .pth file that adds its site-packages; only torchvision and timm are its own.
+$(VISION_VENV)/.stamp: $(VENV)/.stamp requirements-vision.txt
+	test -x $(VISION_PY) || $(PYTHON) -m venv $(VISION_VENV)
+	$(PY) -c "import site; print('import site; site.addsitedir(%r)' % site.getsitepackages()[0])" > \
+	  "$$($(VISION_PY) -c 'import site; print(site.getsitepackages()[0])')/_eeruntime_main_venv.pth"
+	$(VISION_PY) -m pip install -q --no-deps -r requirements-vision.txt
+	$(VISION_PY) -c "import torch, sys; sys.exit(0 if torch.__file__.startswith('$(abspath $(VENV))') else 'the vision venv must use the main venv torch, got ' + torch.__file__)"
+	touch $@
+
+setup-vision: $(VISION_VENV)/.stamp
 
 # Compile every CUDA source on its own with nvcc (no torch headers), and check that the CUDA
 # binding compiles against torch's and the toolkit's headers, so CUDA code that does not compile
@@ -39,8 +54,9 @@ endif
 check-ext: setup
 	@$(PY) -c "from eeruntime import _ext; import sys; sys.exit(0 if _ext.available() else 'eeruntime._C did not build or load: ' + str(_ext.why_unavailable()) + '; see the pip output of: $(PY) -m pip install -v --no-build-isolation -e .')"
 
-test: setup check-cuda check-ext
+test: setup setup-vision check-cuda check-ext
 	$(PY) -m pytest -q tests
+	$(VISION_PY) -m pytest -q tests/test_vision.py
 
 demo: setup
 	$(PY) -m eeruntime demo --out $(DEMO_OUT)

@@ -6,7 +6,7 @@
     logits = rt(x)
 """
 from . import ops, plot, train
-from .attach import attach_exits
+from .attach import SplitPoint, attach_exits, split_points
 from .calibrate import calibrate
 from .cost import CostModel, measure_costs
 from .io import load
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MultiExitModel", "EERuntime", "InferenceResult", "StageResult", "RuntimeStats", "CostModel", "measure_costs", "ops",
-    "attach_exits", "train", "calibrate", "load", "plot",
+    "attach_exits", "split_points", "SplitPoint", "train", "calibrate", "load", "plot",
 ]

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ExitHead", "PoolLinearHead", "ConvHead", "GlobalPool", "wrap_head", "equip_heads"]
+__all__ = [
+    "ExitHead", "PoolLinearHead", "ConvHead", "SequenceHead", "GlobalPool", "TokenPool", "wrap_head", "equip_heads",
+]
+TOKEN_POOLS = ("cls", "mean")
 
 
 class GlobalPool(nn.Module):
@@ -37,6 +40,43 @@ class GlobalPool(nn.Module):
 
     def forward(self, x, *rest):
         return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+
+
+class TokenPool(nn.Module):
+    """Pool a token state [B, S, H] (tokens first, features last, as transformer encoders give
+    them) to [B, H]: ``"cls"`` takes token 0 (BERT's [CLS], ViT's class token); ``"mean"``
+    averages the real tokens. The mask is member ``mask_index`` of the state tuple (None: every
+    token is real); ``padding_mask=True`` reads it as torch's ``key_padding_mask`` (True = pad),
+    else as HF's ``attention_mask`` (non-zero = real). Padded tokens never reach the result:
+    they are selected out, not multiplied by 0, so even a NaN there cannot leak in."""
+
+    def __init__(self, pool: str = "cls", mask_index: Optional[int] = None, padding_mask: bool = False):
+        super().__init__()
+        if pool not in TOKEN_POOLS:
+            raise ValueError(f"unknown token pool {pool!r}; accepted: {', '.join(map(repr, TOKEN_POOLS))}")
+        if mask_index is not None and int(mask_index) < 1:
+            raise ValueError(f"mask_index is the mask's position in the state tuple (>= 1, the tokens are 0), got {mask_index}")
+        self.pool = pool
+        self.mask_index = None if mask_index is None else int(mask_index)
+        self.padding_mask = bool(padding_mask)
+
+    def forward(self, x, *rest):
+        if x.dim() != 3:
+            raise ValueError(f"a token head needs a [B, S, H] state, got shape {tuple(x.shape)}")
+        if self.pool == "cls":
+            return x[:, 0]
+        if self.mask_index is None:
+            return x.mean(dim=1)
+        if len(rest) < self.mask_index:
+            raise ValueError(f"the token head reads the mask at state position {self.mask_index}, but the state has {len(rest) + 1} member(s)")
+        mask = rest[self.mask_index - 1]
+        real = ~mask.bool() if self.padding_mask else mask != 0
+        real = real.unsqueeze(-1)
+        total = torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1)
+        return total / real.sum(dim=1).clamp_min(1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}, mask_index={self.mask_index}, padding_mask={self.padding_mask}"
 
 
 class _AdaptivePool(nn.Module):
@@ -187,6 +227,28 @@ class PoolLinearHead(ExitHead):
 
     def __init__(self, in_channels: int, num_classes: int, *, confidence: bool = False, gate: bool = False):
         super().__init__(GlobalPool(), nn.Linear(in_channels, num_classes), in_channels, confidence=confidence, gate=gate)
+
+
+class SequenceHead(ExitHead):
+    """Exit for a transformer encoder's token state [B, S, H] (+ mask): pool the tokens
+    (:class:`TokenPool`: the CLS token or the masked mean; the features), then LayerNorm and
+    linear (the classifier). The pooled
+    width is H, the features axis; a plain pool-linear head on such a state would average
+    over H and classify along the tokens, which is never what is meant."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_classes: int,
+        *,
+        pool: str = "cls",
+        mask_index: Optional[int] = None,
+        padding_mask: bool = False,
+        confidence: bool = False,
+        gate: bool = False,
+    ):
+        classifier = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, num_classes))
+        super().__init__(TokenPool(pool, mask_index, padding_mask), classifier, hidden_size, confidence=confidence, gate=gate)
 
 
 class ConvHead(ExitHead):

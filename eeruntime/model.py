@@ -26,10 +26,19 @@ class MultiExitModel(nn.Module):
     tuple is passed to the next module unpacked (``stage(*state)``). The last exit is the final
     classifier. ``model(x)`` runs every stage and returns the list of all exits' logits (training
     and evaluation alike); :class:`eeruntime.EERuntime` runs it with early exits.
+
+    ``input_adapter`` (optional, set by ``attach_exits`` for HF encoders) turns a user's input
+    (a dict, a ``BatchEncoding``, a tuple in the backbone's forward order) into stage 0's
+    input; :meth:`prepare_input` applies it.
     """
 
-    def __init__(self, stages: Sequence[nn.Module], exits: Sequence[nn.Module]):
+    def __init__(self, stages: Sequence[nn.Module], exits: Sequence[nn.Module], *, input_adapter=None):
         super().__init__()
+        if input_adapter is not None and not callable(input_adapter):
+            raise TypeError(f"input_adapter must be callable (input -> state of stage 0), got {type(input_adapter).__name__}")
+        # Maps what users pass (e.g. an HF model's dict of input_ids / attention_mask) to the
+        # tensor or tuple that stage 0 takes; None: inputs are passed as they are.
+        self.input_adapter = input_adapter
         stages, exits = list(stages), list(exits)
         if len(stages) != len(exits):
             raise ValueError(
@@ -49,9 +58,14 @@ class MultiExitModel(nn.Module):
     def num_exits(self) -> int:
         return len(self.stages)
 
+    def prepare_input(self, x):
+        """Stage 0's input for a user's input ``x`` (the input adapter's result, or ``x``)."""
+        adapter = getattr(self, "input_adapter", None)
+        return adapter(x) if adapter is not None else x
+
     def forward(self, x) -> List[torch.Tensor]:
         outs = []
-        state = x
+        state = self.prepare_input(x)
         for stage, head in zip(self.stages, self.exits):
             state = call(stage, state)
             outs.append(call(head, state))
@@ -59,7 +73,7 @@ class MultiExitModel(nn.Module):
 
     def forward_until(self, x, k: int):
         """The state after stage ``k`` (0-based)."""
-        state = x
+        state = self.prepare_input(x)
         for stage in self.stages[: k + 1]:
             state = call(stage, state)
         return state

@@ -145,10 +145,15 @@ class EERuntime:
         return self.infer(x).logits
 
     def infer(self, x) -> InferenceResult:
-        """Run ``x`` (a tensor, or a tuple of tensors sharing batch dim 0) with early exits.
+        """Run ``x`` (a tensor, or a tuple of tensors sharing batch dim 0; for a model with an
+        input adapter, e.g. an attached HF encoder, whatever it takes: a dict / BatchEncoding)
+        with early exits.
 
         The thresholds are read once per call (one snapshot), so a concurrent ``set_thresholds``
         applies to a call as a whole or not at all."""
+        adapter = getattr(self.model, "input_adapter", None)
+        if adapter is not None:
+            x = adapter(x)
         if isinstance(x, list):
             x = tuple(x)
         B = check_state(x, "EERuntime input")
@@ -180,6 +185,9 @@ class EERuntime:
         K = self.num_exits
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < K:
             raise ValueError(f"stage index k must be an int in [0, {K}), got {k!r}")
+        adapter = getattr(self.model, "input_adapter", None)
+        if k == 0 and adapter is not None:  # the model input as users pass it (e.g. an HF dict)
+            state = adapter(state)
         if isinstance(state, list):
             state = tuple(state)
         n = check_state(state, f"run_stage({k}) state")

@@ -38,6 +38,11 @@ def _import_this_checkouts_kernels() -> None:
 
 _import_this_checkouts_kernels()
 
+import torchvision_compat  # noqa: E402
+
+# Before anything imports torchvision (transformers and timm do): see torchvision_compat.
+torchvision_compat.prepare()
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
 
 

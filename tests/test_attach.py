@@ -231,7 +231,7 @@ def test_sequential_errors_list_child_names():
 
 def test_fx_errors_list_node_names():
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"'nope' is not a node.*valid split points \(fx node names, in order\): a, relu, b, relu_1, add"):
+    with pytest.raises(ValueError, match=r"'nope' is not a node.*valid split points \(node names, in order\): a, relu, b, relu_1, add"):
         ee.attach_exits(OutOfOrder(), at=["nope"], example_input=x)
     with pytest.raises(ValueError, match="classifier tail"):
         ee.attach_exits(OutOfOrder(), at=["mean"], example_input=x)
@@ -319,9 +319,30 @@ def test_design_usage_without_an_example_input():
     assert ee.attach_exits(digits_like, at=["1"], example_input=torch.zeros(2, 1, 8, 8)).num_exits == 2
 
 
+@pytest.mark.parametrize("mode", ["children", "fx"])
+def test_num_classes_replaces_the_final_classifier_for_fine_tuning(mode):
+    # the classifier sits in a nested Sequential, as in torchvision's MobileNet / VGG
+    backbone = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10)),
+    ).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        want = backbone(x)
+    model = ee.attach_exits(backbone, at=["1"], num_classes=7, mode=mode, example_input=x[:2]).eval()
+    with torch.no_grad():
+        outs = model(x)
+        assert torch.equal(backbone(x), want)  # the backbone still predicts its 10 classes
+    assert [o.shape for o in outs] == [torch.Size([4, 7])] * 2
+    assert backbone[5][2].out_features == 10
+    new = [m for m in model.exits[-1].modules() if isinstance(m, nn.Linear)]
+    assert new[-1].out_features == 7 and new[-1] is not backbone[5][2]
+    assert any(m is backbone[5][0] for m in model.modules())  # the rest of the classifier is shared
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        ee.attach_exits(seq_cnn(), at=["2"], num_classes=0)
+
+
 def test_num_classes_and_example_input_checks():
-    with pytest.raises(ValueError, match="num_classes=7 but the backbone predicts 10"):
-        ee.attach_exits(seq_cnn(), at=["2"], num_classes=7)
     emb = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="pass example_input"):
         ee.attach_exits(emb, at=["1"])

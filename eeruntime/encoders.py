@@ -1,0 +1,400 @@
+"""Transformer encoders cut into stages: HF (BERT, RoBERTa, DistilBERT, ViT, ...) and timm ViTs.
+
+An encoder's stages carry a token state: ``(hidden [B, S, H], attention_mask [B, S])`` for text
+(HF's mask: non-zero = real token), ``hidden`` alone for images (every patch is real). Stage 0
+runs the embeddings and the first layers; each later stage runs its layers on the state it gets.
+Every stage rebuilds the layers' attention mask from the 2-D mask with the model's own mask
+function, so a state packed row-wise (or trimmed along S) stays consistent with its mask.
+
+The input adapter (:class:`HFInputs`) turns what users pass an HF model (a dict, a tokenizer's
+``BatchEncoding``, a tuple in ``forward`` order, or the main tensor alone) into the fixed tuple
+stage 0 takes, filling an absent ``attention_mask`` with ones and ``token_type_ids`` with zeros
+(HF's own defaults).
+
+The final exit is the model's own classifier tail (its pooler, norm, dropout and classifier, in
+its order); ``attach_exits`` checks that stages + tail give the model's logits on a dry run.
+Models whose layers are called in a loop by ``forward`` are handled here, not by torch.fx,
+because their forward builds masks with Python control flow that tracing cannot follow.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+# Inputs of an HF encoder that the runtime carries (others are refused with a clear error).
+_PRIMARY = ("input_ids", "pixel_values")
+_HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
+
+
+@dataclass
+class TokenLayout:
+    """How to read a token state: the mask's position in the state tuple (None: no mask),
+    whether it is a key-padding mask (True = pad, torch) or an attention mask (non-zero = real,
+    HF), and the default pooling of exit heads (``"cls"`` when the model has a class token)."""
+
+    mask_index: Optional[int] = None
+    padding_mask: bool = False
+    pool: str = "cls"
+
+
+@dataclass
+class EncoderSplit:
+    stages: List[nn.Module]
+    tail: nn.Module
+    layout: TokenLayout
+    layer_names: List[str]  # qualified names of the layers, in order (the split points)
+    input_adapter: Optional[object] = None
+    extra_names: dict = field(default_factory=dict)  # alias -> layer name (e.g. timm feature_info names)
+
+
+def output_logits(out):
+    """The logits of a model output: a tensor as it is; ``.logits`` / ``["logits"]`` of an HF
+    ``ModelOutput`` or a dict; the first member of a tuple. None when there is none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) or hasattr(out, "logits"):
+        v = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+        return v if isinstance(v, torch.Tensor) else None
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+class LogitsOf(nn.Module):
+    """Wrap a module whose output holds the logits (ModelOutput, dict, tuple): return the logits."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        out = self.module(*args)
+        logits = output_logits(out)
+        if logits is None:
+            raise ValueError(f"cannot find logits in the output {type(out).__name__}")
+        return logits
+
+
+# ---------------------------------------------------------------------------- HF inputs
+class HFInputs:
+    """Map an HF model's inputs, as users pass them, to the tuple stage 0 takes (``names``)."""
+
+    def __init__(self, names: Sequence[str], forward_order: Sequence[str]):
+        self.names = tuple(names)
+        self.forward_order = tuple(forward_order)
+
+    def __call__(self, x):
+        if isinstance(x, torch.Tensor):
+            given = {self.names[0]: x}
+        elif isinstance(x, Mapping):
+            given = dict(x.items())
+        elif isinstance(x, (tuple, list)):
+            if len(x) > len(self.forward_order):
+                raise ValueError(f"got {len(x)} positional inputs; the model's forward takes {self.forward_order}")
+            given = {n: v for n, v in zip(self.forward_order, x) if v is not None}
+        else:
+            raise TypeError(
+                f"an HF model's input is a dict (or a tokenizer's BatchEncoding), a tuple in forward order "
+                f"{self.forward_order[:4]} or the {self.names[0]} tensor; got {type(x).__name__}"
+            )
+        unknown = sorted(k for k, v in given.items() if k not in self.names and v is not None)
+        if unknown:
+            raise ValueError(f"inputs {unknown} are not supported by the early-exit stages; accepted: {list(self.names)}")
+        main = given.get(self.names[0])
+        if not isinstance(main, torch.Tensor):
+            raise ValueError(f"the input needs {self.names[0]!r} (a tensor); got keys {sorted(given)}")
+        out = []
+        for n in self.names:
+            v = given.get(n)
+            if v is None:  # HF's own defaults: every token real, segment 0
+                v = torch.ones_like(main) if n == "attention_mask" else torch.zeros_like(main)
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"input {n!r} must be a tensor, got {type(v).__name__}")
+            out.append(v)
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+# ---------------------------------------------------------------------------- HF stages
+class HFEmbed(nn.Module):
+    """Stage-0 entry of an HF encoder: embeddings of the inputs; passes the 2-D mask on."""
+
+    def __init__(self, embeddings: nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.embeddings = embeddings
+        self.names = tuple(names)
+        params = inspect.signature(embeddings.forward).parameters
+        self._pass = tuple(n for n in self.names if n != "attention_mask" and n in params)
+
+    def forward(self, *inputs):
+        given = dict(zip(self.names, inputs))
+        hidden = self.embeddings(**{n: given[n] for n in self._pass})
+        mask = given.get("attention_mask")
+        return hidden if mask is None else (hidden, mask)
+
+
+def trim_tokens(state: tuple, mask_index: int = 1, padding_mask: bool = False) -> tuple:
+    """Cut the sequence axis (dim 1) of every state member that has it to the longest real
+    sequence among the rows: columns past the last real token of every row are padding for all
+    of them. Exact for encoders: a padded key gets zero attention weight and tokens do not mix
+    otherwise. With left padding (or none) nothing is cut. Reads one scalar to the host."""
+    mask = state[mask_index]
+    S = mask.shape[1]
+    real = (mask == 0) if padding_mask else (mask != 0)
+    cols = real.any(dim=0)
+    # last real column + 1 (at least 1 column, token 0, is kept)
+    L = max(int(S - torch.flip(cols, (0,)).int().argmax()) if bool(cols.any()) else 1, 1)
+    if L >= S:
+        return state
+    return tuple(t[:, :L] if t.dim() >= 2 and t.shape[1] == S else t for t in state)
+
+
+def trim_ref(state: tuple, mask_index: int = 1, padding_mask: bool = False) -> tuple:
+    """Plain reference of :func:`trim_tokens`: per column, loop."""
+    mask = state[mask_index]
+    S = mask.shape[1]
+    L = 1
+    for j in range(S):
+        col = mask[:, j]
+        if bool(((col == 0) if padding_mask else (col != 0)).any()):
+            L = j + 1
+    return tuple(t[:, :L] if t.dim() >= 2 and t.shape[1] == S else t for t in state)
+
+
+class HFLayers(nn.Module):
+    """A run of HF encoder layers on ``(hidden, mask)`` (or ``hidden`` alone). The layers'
+    attention mask is built from the 2-D mask by ``create_bidirectional_mask``, the function the
+    HF encoders' own forward calls (older transformers: ``get_extended_attention_mask``).
+
+    ``trim`` (stages after the first): the state this stage gets is packed rows; it first cuts
+    the sequence axis to the longest real sequence among them (:func:`trim_tokens`), so batch
+    and length compaction go together. Skipped while a CUDA graph is being captured (its shapes
+    are fixed)."""
+
+    def __init__(self, layers: Sequence[nn.Module], config, embed: Optional[nn.Module] = None, mask_maker=None):
+        super().__init__()
+        self.embed = embed
+        self.layers = nn.ModuleList(layers)
+        self.config = config
+        self.trim = False
+        self._mask_maker = mask_maker  # older transformers: the base model's get_extended_attention_mask
+
+    def layer_mask(self, hidden, mask):
+        if mask is None:
+            return None
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+        except ImportError:
+            return self._mask_maker(mask, hidden.shape[:2])
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
+
+    def forward(self, *state):
+        if self.embed is not None:
+            state = self.embed(*state)
+            state = state if isinstance(state, tuple) else (state,)
+        elif self.trim and len(state) > 1 and not _capturing():
+            state = trim_tokens(state)
+        hidden, mask = state[0], (state[1] if len(state) > 1 else None)
+        ext = self.layer_mask(hidden, mask)
+        for layer in self.layers:
+            out = layer(hidden, ext) if ext is not None else layer(hidden)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden if mask is None else (hidden, mask)
+
+
+class HFTail(nn.Module):
+    """The classifier of an HF sequence / image classification model, on the last hidden state.
+
+    ``kind`` follows the model families' forward:
+    ``pooler`` (BERT: pooler -> dropout -> classifier), ``distil`` (DistilBERT: token 0 ->
+    pre_classifier -> ReLU -> dropout -> classifier), ``sequence`` (RoBERTa: a classifier module
+    that reads the whole sequence), ``cls`` (ViT: norm -> token 0 -> classifier)."""
+
+    KINDS = ("pooler", "distil", "sequence", "cls")
+
+    def __init__(self, kind: str, classifier: nn.Module, *, pooler=None, dropout=None, pre_classifier=None, norm=None):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown tail kind {kind!r}")
+        self.kind = kind
+        # registered in forward order
+        self.pooler, self.pre_classifier, self.norm, self.dropout = pooler, pre_classifier, norm, dropout
+        self.classifier = classifier
+
+    def _drop(self, x):
+        return self.dropout(x) if self.dropout is not None else x
+
+    def forward(self, hidden, *rest):
+        if self.kind == "pooler":
+            return self.classifier(self._drop(self.pooler(hidden)))
+        if self.kind == "distil":
+            return self.classifier(self._drop(torch.relu(self.pre_classifier(hidden[:, 0]))))
+        if self.kind == "sequence":
+            return self.classifier(hidden)
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        return self.classifier(hidden[:, 0])
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def set_trim(model, on: bool = True) -> int:
+    """Turn length trimming on or off in every HF encoder stage of ``model`` (an attached
+    encoder); returns how many stages it applies to (stage 0 embeds, it never trims)."""
+    n = 0
+    for stage in list(model.stages)[1:]:
+        if isinstance(stage, HFLayers):
+            stage.trim = bool(on)
+            n += 1
+    return n
+
+
+def _hf_tail(model: nn.Module, base: nn.Module) -> Optional[HFTail]:
+    clf = getattr(model, "classifier", None)
+    if model is base or not isinstance(clf, nn.Module):
+        return None
+    drop = getattr(model, "dropout", None)
+    if isinstance(getattr(model, "pre_classifier", None), nn.Module):
+        return HFTail("distil", clf, pre_classifier=model.pre_classifier, dropout=drop)
+    if not isinstance(clf, nn.Linear):
+        return HFTail("sequence", clf)
+    if getattr(base, "pooler", None) is not None:
+        return HFTail("pooler", clf, pooler=base.pooler, dropout=drop)
+    return HFTail("cls", clf, norm=getattr(base, "layernorm", None))
+
+
+def hf_encoder(model: nn.Module) -> Optional[Tuple[nn.Module, nn.ModuleList]]:
+    """(base model, layer list) when ``model`` is an HF encoder this module can cut, else None."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or not hasattr(getattr(base, "config", None), "to_dict"):
+        return None
+    if not isinstance(getattr(base, "embeddings", None), nn.Module):
+        return None
+    # where the model families keep their layer list, across transformers releases
+    for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
+        layers = base
+        for a in path.split("."):
+            layers = getattr(layers, a, None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return base, layers
+    return None
+
+
+def _qualified(model: nn.Module, modules: Sequence[nn.Module]) -> List[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(m)] for m in modules]
+
+
+def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
+    """Cut an HF encoder after layers ``cuts`` (0-based indices, increasing)."""
+    base, layers = hf_encoder(model)
+    if getattr(base.config, "is_decoder", False):
+        raise ValueError(f"{type(model).__name__} is configured as a decoder; early exits here cut encoders only")
+    order = [n for n in inspect.signature(model.forward).parameters if n not in ("self", "kwargs")]
+    primary = next((n for n in order if n in _PRIMARY), None)
+    if primary is None:
+        raise ValueError(f"{type(model).__name__}.forward takes none of {_PRIMARY}; cannot tell its main input")
+    names = [primary]
+    if primary == "input_ids":
+        names.append("attention_mask")
+        if "token_type_ids" in order and "token_type_ids" in inspect.signature(base.embeddings.forward).parameters:
+            names.append("token_type_ids")
+    mask_maker = getattr(base, "get_extended_attention_mask", None)
+    bounds = [0] + [c + 1 for c in cuts] + [len(layers)]
+    stages = [
+        HFLayers(
+            list(layers)[lo:hi], base.config, embed=HFEmbed(base.embeddings, names) if k == 0 else None, mask_maker=mask_maker,
+        )
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
+    tail = _hf_tail(model, base)
+    text = primary == "input_ids"
+    layout = TokenLayout(mask_index=1 if text else None, padding_mask=False, pool="cls")
+    return EncoderSplit(stages, tail, layout, _qualified(model, layers), HFInputs(names, order))
+
+
+# ---------------------------------------------------------------------------- timm ViT
+_TIMM_EMBED = ("patch_embed", "pos_drop", "patch_drop", "norm_pre")
+
+
+def timm_vit(model: nn.Module) -> bool:
+    """True for a timm VisionTransformer-style model (patch_embed, _pos_embed, blocks, forward_head)."""
+    return all(hasattr(model, a) for a in _TIMM_EMBED + ("_pos_embed", "blocks", "norm", "forward_head")) and isinstance(
+        model.blocks, nn.Sequential
+    )
+
+
+class TimmEmbed(nn.Module):
+    """patch_embed -> _pos_embed -> patch_drop -> norm_pre of a timm ViT. ``_pos_embed`` is the
+    model's own method; the modules and parameters it reads (pos_drop, pos_embed, cls_token,
+    reg_token) are registered here, so they are part of the multi-exit model's parameters."""
+
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        for a in _TIMM_EMBED:
+            setattr(self, a, getattr(owner, a))
+        for n, p in owner.named_parameters(recurse=False):
+            self.register_parameter(n, p)
+        self.__dict__["_owner"] = owner  # not a submodule: its other layers belong to other stages
+
+    def forward(self, x):
+        x = self._owner._pos_embed(self.patch_embed(x))
+        return self.norm_pre(self.patch_drop(x))
+
+
+class TimmTail(nn.Module):
+    """norm -> forward_head of a timm ViT (pooling, fc_norm, head). Registers the model's
+    children that the stages do not hold."""
+
+    def __init__(self, owner: nn.Module):
+        super().__init__()
+        for n, m in owner.named_children():
+            if n not in _TIMM_EMBED + ("blocks",):
+                setattr(self, n, m)
+        self.__dict__["_owner"] = owner
+
+    def forward(self, x):
+        # pre_logits, then our own `head`, so a replaced classifier (num_classes) is the one used
+        return self.head(self._owner.forward_head(self._owner.norm(x), pre_logits=True))
+
+
+def split_timm_vit(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
+    blocks = list(model.blocks)
+    bounds = [0] + [c + 1 for c in cuts] + [len(blocks)]
+    stages = []
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        run = nn.Sequential(*blocks[lo:hi])
+        stages.append(nn.Sequential(TimmEmbed(model), run) if k == 0 else run)
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    pool = "cls" if prefix > 0 and getattr(model, "global_pool", "token") == "token" else "mean"
+    names = _qualified(model, blocks)
+    aliases = {}
+    for info in getattr(model, "feature_info", None) or []:
+        mod = info.get("module")
+        if mod in names:
+            aliases[mod] = mod
+    return EncoderSplit(stages, TimmTail(model), TokenLayout(pool=pool), names, None, aliases)
+
+
+# ---------------------------------------------------------------------------- dispatch
+def encoder_layers(model: nn.Module) -> Optional[List[str]]:
+    """The qualified names of an encoder's layers (its split points), or None when ``model`` is
+    not an encoder this module cuts."""
+    hf = hf_encoder(model)
+    if hf is not None:
+        return _qualified(model, hf[1])
+    if timm_vit(model):
+        return _qualified(model, list(model.blocks))
+    return None
+
+
+def split_encoder(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
+    if hf_encoder(model) is not None:
+        return split_hf(model, cuts)
+    return split_timm_vit(model, cuts)

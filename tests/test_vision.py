@@ -1,0 +1,111 @@
+"""The vision models people serve, with random weights: torchvision resnet18 / mobilenet_v3_small
+and timm resnet18 / vit_tiny, attached by their own names (torchvision's dotted node names,
+timm's feature_info names), checked row for row against the per-sample loop; split_points
+listings; a num_classes that differs from the backbone's replaces its classifier only.
+
+torchvision and timm live in the vision venv that ``make test`` sets up beside the main one
+(see the Makefile: it shares the main venv's pinned torch); elsewhere these tests skip."""
+import pytest
+import torch
+from torch import nn
+
+import eeruntime as ee
+from eeruntime.heads import PoolLinearHead, SequenceHead
+
+from reference import per_sample_loop
+
+WHY = "torchvision / timm are installed in the vision venv only (make test runs this file there)"
+torchvision = pytest.importorskip("torchvision", reason=WHY)
+timm = pytest.importorskip("timm", reason=WHY)
+
+
+def check_rows(model, x, min_exits=2):
+    """EERuntime == the per-sample loop row for row, at thresholds giving a mix of exits."""
+    with torch.no_grad():
+        first = model.eval()(x)[0]
+    thr = float(torch.softmax(first.double(), 1).max(1).values.median())
+    thresholds = [thr] * (model.num_exits - 1)
+    res = ee.EERuntime(model, thresholds=thresholds, criterion="max_prob").infer(x)
+    ref_logits, ref_exit, margin = per_sample_loop(model, x, thresholds, "max_prob")
+    clear = margin > 1e-6
+    assert clear.sum() >= len(clear) - 2
+    assert torch.equal(res.exit_index[clear], ref_exit[clear])
+    torch.testing.assert_close(res.logits[clear].double(), ref_logits[clear], rtol=1e-4, atol=1e-5)
+    assert len(set(res.exit_index.tolist())) >= min_exits
+    return res
+
+
+def images(B=16, size=32, seed=0):
+    return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("make, at, mode", [
+    (lambda: torchvision.models.resnet18(num_classes=10), ["layer1.1.relu_1", "layer2"], "fx"),  # torchvision node name
+    (lambda: torchvision.models.resnet18(num_classes=10), ["layer1", "layer2.0"], "children"),
+    (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), ["features.2", "features.5"], "children"),
+    (lambda: timm.create_model("resnet18", pretrained=False, num_classes=10), ["layer1", "layer2"], "children"),
+])
+def test_cnns_attach_by_their_names_and_match_the_per_sample_loop(make, at, mode):
+    backbone = make().eval()
+    x = images()
+    model = ee.attach_exits(backbone, at=at)
+    assert model.split_mode == mode
+    assert all(isinstance(h, PoolLinearHead) for h in model.exits[:-1])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone(x))
+    check_rows(model, x)
+
+
+def test_timm_vit_by_feature_info_names():
+    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10).eval()
+    names = [f["module"] for f in backbone.feature_info]
+    model = ee.attach_exits(backbone, at=[names[3], names[7]])
+    assert model.split_mode == "encoder"
+    head = model.exits[0]
+    assert isinstance(head, SequenceHead) and head.classifier[-1].in_features == 192  # features, not the 17 tokens
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone(x))
+    check_rows(model, x)
+    # the multi-exit model holds every parameter of the backbone (pos_embed and cls_token too)
+    ids = {id(p) for p in model.parameters()}
+    assert all(id(p) in ids for p in backbone.parameters())
+
+
+def test_split_points_list_names_with_shapes():
+    rn = torchvision.models.resnet18(num_classes=10).eval()
+    x = images(2)
+    points = ee.split_points(rn, example_input=x)
+    assert [p.name for p in points] == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"]
+    assert dict((p.name, p.shape) for p in points)["layer2"] == (128, 4, 4)
+    fine = {p.name: p.shape for p in ee.split_points(rn, example_input=x, mode="fx")}
+    assert fine["layer1.1.relu_1"] == (64, 8, 8) and "layer1.0.add" in fine and "fc" not in fine
+    # torchvision's own listing of node names agrees on every name it shares with ours
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    assert set(fine) <= set(get_graph_node_names(rn)[1])
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10).eval()
+    vp = ee.split_points(vit)
+    assert [p.name for p in vp] == [f"blocks.{i}" for i in range(11)]
+    assert {p.shape for p in vp} == {(17, 192)}
+    for p in points + vp:  # every listed point is accepted
+        assert ee.attach_exits(rn if p in points else vit, at=[p.name], example_input=x if p in points else None).num_exits == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torchvision.models.mobilenet_v3_small(),
+    lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8),
+])
+def test_num_classes_for_fine_tuning_replaces_only_the_classifier(make):
+    backbone = make().eval()
+    x = images(4)
+    with torch.no_grad():
+        want = backbone(x)
+    at = "features.4" if isinstance(backbone, torchvision.models.MobileNetV3) else "blocks.5"
+    model = ee.attach_exits(backbone, at=[at], num_classes=5).eval()
+    with torch.no_grad():
+        outs = model(x)
+        assert torch.equal(backbone(x), want)  # 1000 classes, unchanged
+    assert [o.shape for o in outs] == [torch.Size([4, 5])] * 2
+    new = [m for m in model.exits[-1].modules() if isinstance(m, nn.Linear)][-1]
+    assert new.out_features == 5 and all(new is not m for m in backbone.modules())
