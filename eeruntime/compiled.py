@@ -9,9 +9,8 @@ the part's eager module, because dynamo specialises sizes 0 and 1 (a graph for t
 recompile for no gain). ``torch.compile(rt.infer)`` is refused with a message that points here
 (see docs/design.md, "torch.compile").
 
-An :class:`~eeruntime.heads.ExitHead` is compiled as ``classifier(body(state))``: its feature
-cache (which lets a confidence head or gate reuse the body's output) stays out of the graph, so
-such a criterion runs the body once more, eagerly.
+A compiled :class:`~eeruntime.heads.ExitHead` does not tag its logits with its features (see
+its docstring), so a confidence-head or gate criterion runs the head's body once more, eagerly.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from typing import Any, Dict, Union
 import torch
 from torch import nn
 
-from .heads import ExitHead
 
 INFER_NOT_TRACEABLE = (
     "torch.compile(rt.infer) is not supported: the early-exit loop reads on the host how many rows "
@@ -56,24 +54,12 @@ def compile_options(compile: Union[bool, Dict[str, Any]]) -> Union[None, Dict[st
     raise TypeError(f"compile must be True, False or a dict of torch.compile options, got {type(compile).__name__}")
 
 
-class _HeadForward(nn.Module):
-    """An ExitHead's logits without its feature cache: classifier(body(*state))."""
-
-    def __init__(self, head: ExitHead):
-        super().__init__()
-        self.head = head
-
-    def forward(self, *state):
-        return self.head.classifier(self.head.body(*state))
-
-
 class CompiledPart:
     """A stage or head compiled with a dynamic batch dim; 0 or 1 rows run the eager module."""
 
     def __init__(self, module: nn.Module, options: Dict[str, Any]):
         self.module = module
-        target = _HeadForward(module) if isinstance(module, ExitHead) else module
-        self.compiled = torch.compile(target, **options)
+        self.compiled = torch.compile(module, **options)
 
     def __call__(self, *state):
         if state[0].shape[0] < 2:

@@ -1,7 +1,6 @@
 """``EERuntime``: run a multi-exit model stage by stage, packing the survivors between stages."""
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass

@@ -80,7 +80,7 @@ def test_each_part_compiled_once_across_batch_sizes():
 
 
 def test_confidence_heads_compiled_match_eager():
-    """ExitHeads compile as classifier(body(x)); a confidence criterion still reads its head."""
+    """Compiled ExitHeads; a confidence criterion still reads their confidence heads."""
     model = conv_model()
     crit = ee.train.confidence_criterion(model)
     rt = ee.EERuntime(model, thresholds=0.5, criterion=crit, compile={"backend": CountingBackend()})

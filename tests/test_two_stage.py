@@ -1,7 +1,6 @@
 """DeeBERT's two-stage highway training: stage 1 moves only the backbone and the final exit,
 stage 2 only the early exits; each leaves the other side bit-identical (weights and BatchNorm
 buffers), and the whole equals its two halves run one after the other."""
-import copy
 
 import pytest
 import torch
