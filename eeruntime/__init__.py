@@ -5,7 +5,7 @@
     rt = ee.EERuntime(model, thresholds=[0.3, 0.5], criterion="entropy")
     logits = rt(x)
 """
-from . import ops, plot, train
+from . import exit_rules, ops, plot, train
 from .attach import SplitPoint, attach_exits, split_points
 from .calibrate import calibrate
 from .cost import CostModel, measure_costs
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MultiExitModel", "EERuntime", "InferenceResult", "StageResult", "RuntimeStats", "CostModel", "measure_costs", "ops",
-    "attach_exits", "split_points", "SplitPoint", "train", "calibrate", "load", "plot",
+    "attach_exits", "split_points", "SplitPoint", "train", "calibrate", "load", "plot", "exit_rules",
 ]

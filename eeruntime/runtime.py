@@ -1,7 +1,6 @@
 """``EERuntime``: run a multi-exit model stage by stage, packing the survivors between stages."""
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ import torch
 
 from . import ops
 from .cost import CostModel, measure_costs
+from .compiled import CompiledModel, compile_options, refuse_if_traced
 from .devices import device_guard
 from .criteria import CRITERION_CODE, Criterion, check_criterion, criterion_name, is_per_exit, uses_history
 from .ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
@@ -71,6 +71,10 @@ class EERuntime:
         buckets: the batch sizes captured as graphs (default: 1, 2, 4, 8, then multiples of 8
             up to 256).
         decision_backend, compact_backend: force an ops backend (default ``"auto"``).
+        compile: ``True`` compiles each stage and exit head once with ``torch.compile`` and a
+            dynamic batch (a dict passes ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}``);
+            the loop, decisions and packing stay eager (see :mod:`eeruntime.compiled`). Not with
+            ``graphs=True``.
 
     The model is put in eval mode and runs under ``torch.inference_mode()``; its weights and the
     input are never written.
@@ -87,6 +91,7 @@ class EERuntime:
         buckets: Optional[Sequence[int]] = None,
         decision_backend: str = "auto",
         compact_backend: str = "auto",
+        compile: Union[bool, dict] = False,
     ):
         if not (hasattr(model, "stages") and hasattr(model, "exits")):
             raise TypeError(
@@ -105,6 +110,11 @@ class EERuntime:
         self.final = final
         if graphs not in ("auto", True, False):
             raise ValueError(f"graphs must be 'auto', True or False, got {graphs!r}")
+        self._compile = compile_options(compile)
+        if self._compile is not None:
+            if graphs is True:
+                raise ValueError("compile=True runs the stages as torch.compile graphs; it cannot be combined with graphs=True")
+            graphs = False
         self.graphs = graphs
         self.decision_backend = decision_backend
         self.compact_backend = compact_backend
@@ -118,6 +128,7 @@ class EERuntime:
         self._cost: Optional[CostModel] = None
         self._num_classes: Optional[int] = None
         self._graph_runner = None
+        self._compiled = None
         self.buckets = buckets
 
     # ------------------------------------------------------------------ thresholds
@@ -151,6 +162,7 @@ class EERuntime:
 
         The thresholds are read once per call (one snapshot), so a concurrent ``set_thresholds``
         applies to a call as a whole or not at all."""
+        refuse_if_traced()
         adapter = getattr(self.model, "input_adapter", None)
         if adapter is not None:
             x = adapter(x)
@@ -381,6 +393,15 @@ class EERuntime:
             )
         return ~exited, n_exit
 
+    def _walked_model(self):
+        """The model the loop walks: the user's, or its compiled parts with ``compile=True``."""
+        if self._compile is None:
+            return self.model
+        with self._lock:
+            if self._compiled is None or not self._compiled.matches(self.model):
+                self._compiled = CompiledModel(self.model, self._compile)
+            return self._compiled
+
     def _pack(self, fused, keep, carried):
         if fused is not None and all(t.layout == torch.strided for t in carried):
             return fused.compact(keep, carried)
@@ -388,11 +409,12 @@ class EERuntime:
 
     def _forward(self, k: int, state, n: int):
         """Stage ``k`` then exit ``k`` on ``n`` rows: ``(state, logits, C)``."""
-        state = call(self.model.stages[k], state)
+        model = self._walked_model()
+        state = call(model.stages[k], state)
         if isinstance(state, list):
             state = tuple(state)
         check_stage_output(state, k, n)
-        logits = call(self.model.exits[k], state)
+        logits = call(model.exits[k], state)
         return state, logits, self._check_logits(logits, n, k)
 
     def _check_carry(self, k: int, carry, n: int) -> tuple:

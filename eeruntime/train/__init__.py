@@ -3,6 +3,8 @@
     ee.train.joint(model, data, epochs, lr, weights=None)              # BranchyNet
     ee.train.post_train(model, data, epochs, lr, cost_weight, confidence)  # PTEE, frozen backbone
     ee.train.differentiable(model, data, epochs, lr, cost_weight)      # gates, soft-conditional output
+    ee.train.two_stage(model, data, epochs, lr)                        # DeeBERT: final first, then exits
+    ee.train.learned_exit(model, lte, data, epochs, lr)                # BERxiT's learning-to-exit head
     rt = ee.EERuntime(model, 0.5, criterion=ee.train.gate_criterion(model))
 
 ``data`` is any iterable of ``(x, y)`` batches, iterated once per epoch. Each method trains on
@@ -14,8 +16,10 @@ from ._costs import normalised_exit_costs, soft_cost
 from ._loop import History
 from .differentiable import differentiable, differentiable_loss, soft_conditional
 from .joint import joint, joint_loss
+from .learned_exit import learned_exit
 from .post_train import post_train, post_train_loss
 from .scorers import HeadScorer, confidence_criterion, gate_criterion
+from .two_stage import two_stage
 
 
 def add_gates(model, example=None, num_classes=None):
@@ -30,7 +34,7 @@ def add_confidence_heads(model, example=None, num_classes=None):
 
 
 __all__ = [
-    "joint", "post_train", "differentiable", "History",
+    "joint", "post_train", "differentiable", "two_stage", "learned_exit", "History",
     "confidence_criterion", "gate_criterion", "HeadScorer",
     "add_gates", "add_confidence_heads",
     "joint_loss", "post_train_loss", "differentiable_loss", "soft_conditional", "soft_cost", "normalised_exit_costs",
