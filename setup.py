@@ -93,7 +93,7 @@ setup(
     package_dir={"eeruntime.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.3", "numpy", "tqdm", "matplotlib", "safetensors"],
-    extras_require={"triton": ["triton"], "data": ["scikit-learn"]},
+    extras_require={"triton": ["triton"], "data": ["scikit-learn"], "ray": ["ray[serve]>=2.60"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,0 +1,1 @@
+"""Serving eeruntime (see the README's "Serving" section)."""
