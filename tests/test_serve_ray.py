@@ -23,6 +23,7 @@ serve = pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra:
 import eeruntime as ee  # noqa: E402
 from eeruntime.serve.ray import TierError  # noqa: E402
 from eeruntime.serve.ray.app import app_config, deploy  # noqa: E402
+from eeruntime.serve.ray.local import start_local_ray  # noqa: E402
 from models import mlp_model  # noqa: E402
 from reference import per_sample_loop  # noqa: E402
 from slow_models import slow_mlp  # noqa: E402
@@ -111,13 +112,15 @@ def apps():
         # One Ray node whose custom resources stand for the two machines: "edge" places tier 0,
         # "cloud" tier 1 (each replica is its own process, so the survivors still cross processes
         # through Ray, as they would cross machines).
-        ray.init(num_cpus=2, resources={"edge": 8, "cloud": 8}, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        metrics_port = free_port()
+        start_local_ray({"edge": 8, "cloud": 8}, num_cpus=2, log_to_driver=False, _metrics_export_port=metrics_port,
+                        _system_config={"metrics_report_interval_ms": 1000})
         http_port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         deploy(configs())
         handles = {name: serve.get_app_handle(name) for name in ("drop", "tiers", "slow")}
         handles["http"] = f"http://127.0.0.1:{http_port}/drop"
+        handles["metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
         yield handles
     finally:
         try:
@@ -146,6 +149,29 @@ def test_dropin_equals_infer_row_for_row(apps):
     assert sum(stats["exit_counts"]) == stats["rows"]
     # Requests sent together were batched by @serve.batch (more rows per batch than per request).
     assert stats["mean_batch_rows"] > sum(x.shape[0] for x in xs) / len(xs)
+
+
+def test_dropin_stats_are_ray_serve_metrics(apps):
+    """The replica's counters reach Prometheus through Ray's metrics agent, tagged with the
+    application and deployment, and agree with its stats()."""
+    gather(apps["drop"], requests(5, seed=9))
+    stats = apps["drop"].stats.remote().result(timeout_s=WAIT_S)
+
+    def exported():
+        with urllib.request.urlopen(apps["metrics"], timeout=10) as r:
+            text = r.read().decode()
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_eeruntime_exits_total{")
+                 and 'application="drop"' in ln]
+        return {ln.split('exit="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines}
+
+    counts = {}
+
+    def caught_up():
+        counts.update(exported())
+        return sum(counts.values()) >= sum(stats["exit_counts"])
+
+    wait_for(caught_up, "the metrics export", timeout_s=60)
+    assert all(counts.get(str(k), 0) >= c for k, c in enumerate(stats["exit_counts"]))
 
 
 def test_dropin_over_http(apps):
@@ -303,3 +329,63 @@ def test_slow_tier_backpressure_then_replica_kill(apps):
     check_rows(model, x, handle.remote(x).result(timeout_s=WAIT_S), thr)
     stats = handle.stats.remote().result(timeout_s=WAIT_S)
     assert stats["retries"] >= 1 or outcomes.count("ok") < 2
+
+
+# ------------------------------------------------------------------ no cluster needed
+
+
+def test_wire_round_trip_and_lower_precision():
+    from eeruntime.serve.ray.wire import Survivors
+
+    state = (torch.randn(3, 4), torch.ones(3, 2, dtype=torch.int64))
+    carry = (torch.randn(3, 5),)
+    keep = [t.clone() for t in (*state, *carry)]
+    exact = Survivors.encode(state, torch.tensor([4, 0, 2]), carry, (0.5, 0.25), stage=1)
+    s2, rows, c2 = exact.decode()
+    assert torch.equal(s2[0], state[0]) and torch.equal(s2[1], state[1]) and torch.equal(c2[0], carry[0])
+    assert rows.tolist() == [4, 0, 2] and exact.thresholds == (0.5, 0.25)
+    assert exact.nbytes == 3 * 4 * 4 + 3 * 2 * 8 + 3 * 8 + 3 * 5 * 4
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        low = Survivors.encode(state, torch.tensor([4, 0, 2]), carry, (0.5, 0.25), 1, lower=dtype)
+        s3, _, c3 = low.decode()
+        assert s3[0].dtype == torch.float32 and torch.equal(s3[0], state[0].to(dtype).float()), name
+        assert torch.equal(s3[1], state[1]) and torch.equal(c3[0], carry[0])  # ints and carry exact
+        assert low.nbytes == exact.nbytes - 3 * 4 * 2
+    for t, k in zip((*state, *carry), keep):
+        assert torch.equal(t, k)  # the sender's tensors are untouched
+
+
+def test_split_and_spec_errors():
+    from eeruntime.serve.ray import RuntimeSpec, split_stages
+    from eeruntime.serve.ray.app import build_app
+
+    assert split_stages(4, [1, 3]) == [(0, 1), (1, 4)]
+    with pytest.raises(ValueError, match="summing to the model's 4 stages"):
+        split_stages(4, [1, 2])
+    with pytest.raises(ValueError, match="module:function"):
+        RuntimeSpec(model="models.mlp_model")
+    with pytest.raises(ValueError, match="unknown app argument"):
+        build_app({"model": "models:mlp_model", "colour": "red"})
+    with pytest.raises(ValueError, match="stages_per_tier"):
+        build_app({"model": "models:mlp_model", "form": "tiers"})
+    with pytest.raises(ValueError, match="cannot import"):
+        RuntimeSpec(model="no_such_module_here:f").build()
+
+
+def test_cli_config_builds_the_tiers(capsys):
+    import yaml
+
+    from eeruntime.serve.ray.app import build_app
+    from eeruntime.serve.ray.cli import main
+
+    assert main(["--model", "models:mlp_model", "--model-kwargs", '{"K": 4}', "--form", "tiers",
+                 "--stages-per-tier", "1,3", "--tier-resources", "edge,cloud", "--transfer-dtype", "bf16",
+                 "--thresholds", "0.5,0.5,0.5", "--print-config"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    (app,) = config["applications"]
+    assert app["import_path"] == "eeruntime.serve.ray.app:build_app"
+    assert app["deployments"] == [{"name": "Tier0", "user_config": {"transfer_dtype": "bf16"}}]
+    built = build_app(app["args"])  # the application `serve run` would deploy: tier 0 bound to tier 1
+    assert type(built).__name__ == "Application"
+    options = app["args"]["tier_options"]
+    assert [o["ray_actor_options"]["resources"] for o in options] == [{"edge": 1}, {"cloud": 1}]

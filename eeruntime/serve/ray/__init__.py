@@ -6,7 +6,7 @@
   only the survivors' state travels on (:mod:`eeruntime.serve.ray.tiers`).
 - :class:`RuntimeSpec`: how replicas build the runtime (a model factory and a saved bundle).
 
-The README's "Scale-out with Ray" section shows the commands; docs/design.md the design.
+The README's "Scale-out with Ray" section shows the design, the commands and the results.
 """
 try:
     import ray as _ray  # noqa: F401  (the package itself, not this module: absolute import)

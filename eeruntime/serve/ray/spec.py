@@ -1,8 +1,8 @@
 """How a Ray Serve replica builds its runtime: a :class:`RuntimeSpec` of plain values (strings,
 numbers, paths), so it travels to replicas on other machines as a deployment argument and can be
 written in a ``serve run`` config. The model's code comes from the user as ``module:factory``
-(never pickled); its weights from a saved bundle or a safetensors file (see docs/design.md,
-"Serving")."""
+(never pickled); its weights from a saved bundle or a safetensors file (README, "Scale-out with
+Ray")."""
 from __future__ import annotations
 
 import importlib

@@ -1,6 +1,6 @@
 """Stage-split serving: the model's stages grouped into tiers, each tier its own Ray Serve
 deployment (own replicas, own ``ray_actor_options`` such as ``{"resources": {"edge": 1}}``), the
-edge/cloud tiers of differentiable branching (docs/design.md, "Serving").
+edge/cloud tiers of differentiable branching (README, "Scale-out with Ray").
 
     client --> tier 0 (stages 0..a-1) --survivors--> tier 1 (stages a..b-1) --survivors--> ...
                  |  exited rows answered here          |  exited rows answered here
