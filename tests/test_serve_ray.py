@@ -23,7 +23,7 @@ serve = pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra:
 import eeruntime as ee  # noqa: E402
 from eeruntime.serve.ray import TierError  # noqa: E402
 from eeruntime.serve.ray.app import app_config, deploy  # noqa: E402
-from eeruntime.serve.ray.local import start_local_ray  # noqa: E402
+from eeruntime.serve.ray.local import RayStartError, start_local_ray  # noqa: E402
 from models import mlp_model  # noqa: E402
 from reference import per_sample_loop  # noqa: E402
 from slow_models import slow_mlp  # noqa: E402
@@ -36,6 +36,9 @@ K = 4
 THR = [0.6, 0.6, 0.6]
 NEAR = 1e-4  # |score - threshold| below this is a near-tie: either exit is right
 WAIT_S = 90  # no single request may take longer than this, whatever happens
+# Starting five replicas (each a fresh process importing torch) takes minutes when other jobs
+# load this 2-core machine; a failed deploy still ends the module within this bound.
+DEPLOY_S = 360
 
 
 def free_port() -> int:
@@ -113,11 +116,16 @@ def apps():
         # "cloud" tier 1 (each replica is its own process, so the survivors still cross processes
         # through Ray, as they would cross machines).
         metrics_port = free_port()
-        start_local_ray({"edge": 8, "cloud": 8}, num_cpus=2, log_to_driver=False, _metrics_export_port=metrics_port,
-                        _system_config={"metrics_report_interval_ms": 1000})
+        try:
+            start_local_ray({"edge": 8, "cloud": 8}, num_cpus=2, log_to_driver=False, _metrics_export_port=metrics_port,
+                            _system_config={"metrics_report_interval_ms": 1000})
+        except RayStartError as e:
+            # Ray's own processes missed their fixed startup windows (seen only with the 2-core
+            # machine loaded many times over); no eeruntime code has run yet.
+            pytest.skip(f"Ray itself did not start here: {e}")
         http_port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        deploy(configs())
+        deploy(configs(), timeout_s=DEPLOY_S)
         handles = {name: serve.get_app_handle(name) for name in ("drop", "tiers", "slow")}
         handles["http"] = f"http://127.0.0.1:{http_port}/drop"
         handles["metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -217,7 +225,7 @@ def test_dropin_hot_swap_under_load(apps):
         t.start()
     try:
         time.sleep(0.5)
-        deploy(configs(drop_thresholds=new))
+        deploy(configs(drop_thresholds=new), timeout_s=DEPLOY_S)
         wait_for(lambda: apps["drop"].stats.remote().result(timeout_s=WAIT_S)["thresholds"] == new, "the swap")
         time.sleep(0.5)
     finally:
@@ -231,7 +239,7 @@ def test_dropin_hot_swap_under_load(apps):
         check_rows(model, xs[i], a, a["thresholds"])
     after = apps["drop"].stats.remote().result(timeout_s=WAIT_S)
     assert after["pid"] == pid_before  # reconfigured in place, not restarted
-    deploy(configs())
+    deploy(configs(), timeout_s=DEPLOY_S)
     wait_for(lambda: apps["drop"].stats.remote().result(timeout_s=WAIT_S)["thresholds"] == THR, "thresholds back")
 
 
@@ -267,12 +275,12 @@ def test_tiers_equal_infer_and_send_only_survivors(apps):
 def test_tiers_bf16_transfer_halves_state_bytes(apps):
     model = mlp_model(K=K)
     xs = requests(20, seed=5)
-    deploy(configs(transfer_dtype="bf16"))
+    deploy(configs(transfer_dtype="bf16"), timeout_s=DEPLOY_S)
     try:
         wait_for(lambda: apps["tiers"].stats.remote().result(timeout_s=WAIT_S)["transfer_dtype"] == "bf16", "bf16")
         answers = gather(apps["tiers"], xs)
     finally:
-        deploy(configs())
+        deploy(configs(), timeout_s=DEPLOY_S)
     agree = total = 0
     for x, a in zip(xs, answers):
         ref = ee.EERuntime(model, thresholds=THR, final="average").infer(x)
