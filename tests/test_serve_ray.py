@@ -397,3 +397,25 @@ def test_cli_config_builds_the_tiers(capsys):
     assert type(built).__name__ == "Application"
     options = app["args"]["tier_options"]
     assert [o["ray_actor_options"]["resources"] for o in options] == [{"edge": 1}, {"cloud": 1}]
+
+
+def test_spec_rebuilds_a_saved_runtime(tmp_path):
+    """A replica's runtime from a bundle (thresholds, criterion) and a weights file: the same
+    answers as the runtime that was saved; the caller's model is not touched."""
+    from safetensors.torch import save_file
+
+    from eeruntime.serve.ray import RuntimeSpec
+
+    model = mlp_model(K=K, seed=3)  # not the factory's default weights (seed 0)
+    rt = ee.EERuntime(model, thresholds=[0.5, 0.7, 0.9], criterion="entropy")
+    rt.save(tmp_path / "rt")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    spec = RuntimeSpec(model="models:mlp_model", model_kwargs={"K": K}, bundle=str(tmp_path / "rt"),
+                       weights=str(tmp_path / "w.safetensors"))
+    built = spec.build()
+    assert built.thresholds == [0.5, 0.7, 0.9] and built.model is not model
+    x = torch.randn(32, 6)
+    a, b = built.infer(x), rt.infer(x)
+    assert torch.equal(a.exit_index, b.exit_index)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    assert RuntimeSpec.from_value(spec.to_dict()) == spec  # travels as plain values

@@ -92,14 +92,31 @@ class RuntimeSpec:
         if self.torch_threads is not None:
             torch.set_num_threads(int(self.torch_threads))
         factory = resolve_factory(self.model)
-        if self.seed is not None:
-            torch.manual_seed(int(self.seed))
-        model = factory(**self.model_kwargs)
+
+        def make():
+            if self.seed is not None:
+                torch.manual_seed(int(self.seed))
+            return factory(**self.model_kwargs)
+
+        kwargs = {} if self.thresholds is None else {"thresholds": self.thresholds}
+        if self.bundle is not None and self.weights is None and _bundle_has_weights(self.bundle):
+            # rt.save(path, weights=True): ee.load builds the model and checks the weights fit it.
+            return ee.load(self.bundle, make, **kwargs)
+        model = make()
         if self.weights is not None:
             from safetensors.torch import load_file
 
             model.load_state_dict(load_file(self.weights))
         if self.bundle is not None:
-            kwargs = {} if self.thresholds is None else {"thresholds": self.thresholds}
             return ee.load(self.bundle, model, **kwargs)
         return ee.EERuntime(model, thresholds=self.thresholds, criterion=self.criterion, final=self.final)
+
+
+def _bundle_has_weights(path) -> bool:
+    """Whether a saved runtime holds the model's weights (its JSON names them under "model")."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    doc = json.loads((p if p.suffix == ".json" else p / "runtime.json").read_text())
+    return bool(doc.get("model"))
