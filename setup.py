@@ -137,6 +137,8 @@ def _setup(ext_modules, cmdclass):
             "data": ["scikit-learn"],
             # the HTTP server, its test client and the LitServe adapter (eeruntime.serve)
             "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "litserve>=0.2.10"],
+            # Ray Serve deployments and stage tiers (eeruntime.serve.ray)
+            "ray": ["ray[serve]>=2.60"],
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -1,0 +1,175 @@
+"""What every eeruntime replica on Ray Serve shares: building the runtime from a spec, running the
+model off the event loop, hot-swapping thresholds and batch settings through ``reconfigure``,
+stats, and the HTTP / handle entry point. The drop-in deployment (:mod:`.deployment`) and the
+stage tiers (:mod:`.tiers`) add what they batch and run.
+
+Why one worker thread: the replica's event loop must keep accepting requests (and filling the
+next ``@serve.batch``) while torch computes; torch itself uses the cores through its intra-op
+threads, so a second compute thread would only contend with the first. Threshold swaps run on the
+same thread, between batches, which is what makes every answer's ``thresholds`` exact.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict
+
+import torch
+
+from ...state import check_state
+from . import http
+from .metrics import ReplicaMetrics
+from .spec import RuntimeSpec
+
+# reconfigure(user_config) keys every replica understands.
+CONFIG_KEYS = ("thresholds", "max_batch_size", "batch_wait_timeout_s")
+
+
+def overloaded_errors():
+    """Exceptions that mean "a deployment is full or gone": answered 503 over HTTP."""
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    return (BackPressureError, DeploymentUnavailableError)
+
+
+class ReplicaBase:
+    tier = 0
+
+    def _setup(self, spec, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.spec = RuntimeSpec.from_value(spec)
+        self.rt = self.spec.build()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eeruntime-compute")
+        self.metrics = ReplicaMetrics(self.rt.num_exits, tier=self.tier)
+        self.metrics.thresholds(self.rt.thresholds)
+        self._batch_settings = {"max_batch_size": int(max_batch_size), "batch_wait_timeout_s": float(batch_wait_timeout_s)}
+        self._apply_batch_settings()
+
+    # ---------------------------------------------------------------- configuration
+    def _batched_method(self):
+        raise NotImplementedError
+
+    def _apply_batch_settings(self) -> None:
+        m = self._batched_method()
+        m.set_max_batch_size(self._batch_settings["max_batch_size"])
+        m.set_batch_wait_timeout_s(self._batch_settings["batch_wait_timeout_s"])
+
+    def _check_config(self, config) -> Dict[str, Any]:
+        if config is None:
+            return {}
+        if not isinstance(config, dict):
+            raise TypeError(f"user_config must be a dict with keys from {self.config_keys()}, got {type(config).__name__}")
+        unknown = set(config) - set(self.config_keys())
+        if unknown:
+            raise ValueError(f"unknown user_config key(s) {sorted(unknown)}; accepted: {list(self.config_keys())}")
+        return config
+
+    def config_keys(self):
+        return CONFIG_KEYS
+
+    def reconfigure(self, config) -> None:
+        """Ray Serve calls this on the running replica when the deployment's ``user_config``
+        changes (no restart): new thresholds take effect from the next batch; the batch under way
+        finishes with the set it started with."""
+        config = self._check_config(config)
+        if config.get("thresholds") is not None:
+            values = config["thresholds"]
+            # On the compute thread, between two batches.
+            self._executor.submit(self.rt.set_thresholds, values).result()
+            self.metrics.thresholds(self.rt.thresholds)
+        for key in ("max_batch_size", "batch_wait_timeout_s"):
+            if config.get(key) is not None:
+                self._batch_settings[key] = type(self._batch_settings[key])(config[key])
+        self._apply_batch_settings()
+
+    # ---------------------------------------------------------------- entry points
+    async def _compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def infer(self, x) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    async def __call__(self, request):
+        """A handle call with a tensor (or a tuple of tensors, or a numpy array) gets a dict of
+        tensors; an HTTP request gets JSON (see :mod:`.http`)."""
+        if not http.is_http_request(request):
+            return await self.infer(_as_input(request))
+        try:
+            x = await http.read_inputs(request)
+            answer = await self.infer(x)
+        except http.BadRequest as e:
+            return http.error_response(400, str(e))
+        except ValueError as e:
+            # the input does not fit the model (shape, dtype): the runtime's own message.
+            return http.error_response(400, f"the input does not fit the model: {e}")
+        except overloaded_errors() as e:
+            return http.error_response(503, f"overloaded, retry later: {type(e).__name__}")
+        except (TimeoutError, asyncio.TimeoutError) as e:
+            return http.error_response(504, f"timed out: {e}")
+        return http.answer_json(answer)
+
+    def stats(self) -> Dict[str, Any]:
+        import os
+
+        import ray
+
+        out = self.metrics.snapshot()
+        out["thresholds"] = self.rt.thresholds
+        out["pid"] = os.getpid()
+        ctx = ray.get_runtime_context()
+        out["node"] = ctx.get_node_id()
+        out["resources"] = {k: v for k, v in ctx.get_assigned_resources().items() if v}
+        out.update(self._batch_settings)
+        return out
+
+    def thresholds(self):
+        return self.rt.thresholds
+
+
+def _as_input(x):
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    elif isinstance(x, list):
+        x = tuple(torch.from_numpy(t) if isinstance(t, np.ndarray) else t for t in x)
+    check_state(x, "request input")
+    return x
+
+
+def signature(state) -> tuple:
+    """Rows of two states can share a batch when every member agrees beyond dim 0."""
+    from ...state import as_tuple
+
+    return tuple((tuple(t.shape[1:]), t.dtype) for t in as_tuple(state))
+
+
+def group_by(items, key) -> Dict[Any, list]:
+    groups: Dict[Any, list] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return groups
+
+
+def run_groups(items, key, run_group):
+    """``run_group(list_of_items) -> list_of_answers`` on each group of compatible items; a group
+    that raises answers its own items with the exception (the others are unaffected)."""
+    answers: list = [None] * len(items)
+    for idxs in group_by(items, key).values():
+        try:
+            outs = run_group([items[i] for i in idxs])
+        except Exception as e:  # noqa: BLE001 - delivered to the requests of this group only
+            outs = [e] * len(idxs)
+        for i, out in zip(idxs, outs):
+            answers[i] = out
+    return answers
+
+
+def raise_if_error(answer):
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
+
+
+def rows_of(state) -> int:
+    return check_state(state, "state")
+
