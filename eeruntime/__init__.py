@@ -13,10 +13,11 @@ from .io import load
 from .model import MultiExitModel
 from .runtime import EERuntime, InferenceResult, StageResult
 from .stats import RuntimeStats
+from . import serve  # noqa: E402  (after the runtime it schedules; fastapi is imported only by its server)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MultiExitModel", "EERuntime", "InferenceResult", "StageResult", "RuntimeStats", "CostModel", "measure_costs", "ops",
-    "attach_exits", "split_points", "SplitPoint", "train", "calibrate", "load", "plot", "exit_rules",
+    "attach_exits", "split_points", "SplitPoint", "train", "calibrate", "load", "plot", "exit_rules", "serve",
 ]

@@ -87,7 +87,7 @@ def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterio
     assert all(int((ref.exit_index == k).sum()) > 60 for k in range(3))  # every stage really serves
     near = near_threshold(model, x, thresholds, criterion, final)
     rt.reset_stats()
-    with StageScheduler(rt, max_batch=16) as sched:
+    with ee.serve.StageScheduler(rt, max_batch=16) as sched:  # the public name
         results = submit_concurrently(sched, x, seed=hash(criterion) % 1000)
         for a, b, f in results:
             got = f.result(WAIT)
