@@ -383,10 +383,10 @@ def test_split_and_spec_errors():
 def test_cli_config_builds_the_tiers(capsys):
     import yaml
 
+    from eeruntime.__main__ import main
     from eeruntime.serve.ray.app import build_app
-    from eeruntime.serve.ray.cli import main
 
-    assert main(["--model", "models:mlp_model", "--model-kwargs", '{"K": 4}', "--form", "tiers",
+    assert main(["serve", "--ray", "--model", "models:mlp_model", "--model-kwargs", '{"K": 4}', "--form", "tiers",
                  "--stages-per-tier", "1,3", "--tier-resources", "edge,cloud", "--transfer-dtype", "bf16",
                  "--thresholds", "0.5,0.5,0.5", "--print-config"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)

@@ -31,6 +31,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if argv is not None and "--ray" in argv:  # the Ray Serve forms: eeruntime/serve/ray/cli.py
+        from .ray.cli import main as ray_main
+
+        return ray_main([a for a in argv if a != "--ray"])
     args = parser().parse_args(argv)
     import uvicorn
 

@@ -1,5 +1,5 @@
-"""Command line of the Ray Serve forms: ``python -m eeruntime.serve.ray BUNDLE --model module:factory
-[--form runtime|plain|tiers] ...``. It starts (or joins, ``--address``) a Ray cluster, deploys the
+"""Command line of the Ray Serve forms: ``python -m eeruntime serve --ray BUNDLE --model module:factory
+[--form runtime|plain|tiers] ...`` (or ``python -m eeruntime.serve.ray ...``). It starts (or joins, ``--address``) a Ray cluster, deploys the
 application from a Serve config (so a later ``serve deploy`` of the same config with another
 ``user_config`` hot-swaps thresholds in place) and serves HTTP until interrupted;
 ``--print-config`` writes that config as YAML for ``serve run config.yaml`` instead."""
@@ -126,7 +126,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eeruntime.serve.ray", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m eeruntime serve --ray", description=__doc__)
     add_arguments(p)
     return run(p.parse_args(argv))
 
