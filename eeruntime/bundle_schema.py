@@ -27,9 +27,8 @@ CRITERION_KINDS = ("builtin", "module", "callable")
 MAX_EXITS = 4096
 MAX_JSON_BYTES = 256 << 20
 # Sizes in a learned criterion's config: each bounds an allocation made before weights are read.
-CONFIG_FIELDS: Dict[str, Dict[str, tuple]] = {
-    "eeruntime.scorers.EENetScorer": {"num_exits": (2, MAX_EXITS), "top_k": (1, 1024), "hidden": (1, 1 << 16)},
-}
+_EENET_SIZES = {"num_exits": (2, MAX_EXITS), "top_k": (1, 1024), "hidden": (1, 1 << 16)}
+CONFIG_FIELDS: Dict[str, Dict[str, tuple]] = {"eenet": _EENET_SIZES, "eeruntime.scorers.EENetScorer": _EENET_SIZES}
 SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -170,10 +169,16 @@ def _check_criterion(path, c, K: int) -> dict:
         if flag in c:
             _bool(path, f"criterion.{flag}", c[flag])
     if kind == "module":
-        _obj(path, "criterion", c, ("cls", "config"))
-        cls = _str(path, "criterion.cls", c["cls"])
-        if c["config"] is not None:
-            _check_config(path, "criterion.config", c["config"], cls, K)
+        # Named by its registered name ("registered", null for a user's module) or, in files of
+        # format 1, by its Python path ("cls").
+        if "registered" not in c and "cls" not in c:
+            _fail(path, "criterion.registered", "is missing", "the name a learned criterion is registered under (or null)")
+        name = None
+        for key in ("registered", "cls"):
+            if c.get(key) is not None:
+                name = _str(path, f"criterion.{key}", c[key])
+        if c.get("config") is not None:
+            _check_config(path, "criterion.config", c["config"], name, K)
     return c
 
 

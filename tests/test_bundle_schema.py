@@ -66,6 +66,7 @@ BROKEN = [
     (("criterion", "kind"), "plugin", "'criterion.kind'"),
     (("criterion", "kind"), DELETE, "'criterion.kind' is missing"),
     (("criterion", "cls"), 7, "'criterion.cls'"),
+    (("criterion", "registered"), 7, "'criterion.registered'"),
     (("criterion", "config"), [3, 3, 16], "'criterion.config'"),
     (("criterion", "config", "hidden"), -4, "'criterion.config.hidden'"),
     (("criterion", "config", "hidden"), 10**13, "'criterion.config.hidden'"),

@@ -13,9 +13,9 @@ from reference import per_sample_loop, score64
 
 CRITERIA = ["entropy", "max_prob", "margin", "norm_entropy", "callable"]
 # dtype -> (how close to a threshold a row's float64 score may be and still flip, logits tolerance):
-# the runtime scores in float32 whatever the logits' dtype, and batched and one-row matmuls round
-# differently, more so in bfloat16.
-TOL = {torch.float64: (1e-5, 1e-9), torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 6e-2)}
+# the runtime scores in float32 whatever the logits' dtype (and final="average" sums in float32),
+# and batched and one-row matmuls round differently, more so in bfloat16.
+TOL = {torch.float64: (1e-5, 1e-6), torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 6e-2)}
 
 
 def top_two_gap(logits, state):
