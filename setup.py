@@ -139,6 +139,11 @@ def _setup(ext_modules, cmdclass):
             "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "litserve>=0.2.10"],
             # Ray Serve deployments and stage tiers (eeruntime.serve.ray)
             "ray": ["ray[serve]>=2.60"],
+            # HF encoders cut at their layers (eeruntime.encoders); tested with 5.x
+            "transformers": ["transformers>=5,<6"],
+            # timm and torchvision backbones; pip picks the torchvision that matches your torch
+            # (make test installs them in a venv of their own: see requirements-vision.txt)
+            "vision": ["timm>=1.0", "torchvision"],
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,
