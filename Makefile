@@ -12,7 +12,7 @@ DEMO_OUT ?= demo_out
 VISION_VENV ?= .venv-vision
 VISION_PY := $(VISION_VENV)/bin/python
 
-.PHONY: setup setup-vision test demo bench bench-report check-cuda check-ext gpu-check clean
+.PHONY: setup setup-vision test demo demo-vit bench bench-report check-cuda check-ext gpu-check clean
 
 $(VENV)/.stamp: setup.py requirements-dev.txt $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,9 @@ test: setup setup-vision check-cuda check-ext
 
 demo: setup
 	$(PY) -m eeruntime demo --out $(DEMO_OUT)
+
+demo-vit: setup
+	$(PY) -m eeruntime demo-vit --out $(DEMO_OUT)/vit
 
 # Every suite in one run: bench/results/<device>-<date>.json plus its markdown tables and plots.
 bench: setup

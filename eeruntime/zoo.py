@@ -1,6 +1,7 @@
 """Small multi-exit models used by the demo, the tests and the benchmarks."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .model import MultiExitModel
@@ -100,3 +101,48 @@ def resnet_style(
         exits.append(_pool_head(w, num_classes))
         cin = w
     return MultiExitModel(stages, exits)
+
+
+class PatchTokens(nn.Module):
+    """[B, C, H, W] images -> [B, 1 + (H/p)(W/p), dim] tokens: a learned CLS token, then a linear
+    embedding of each p x p patch (row-major), plus learned position embeddings."""
+
+    def __init__(self, patch: int, dim: int, image: int = 8, channels: int = 1):
+        super().__init__()
+        if image % patch:
+            raise ValueError(f"patch size {patch} does not divide the image size {image}")
+        self.patch = int(patch)
+        self.proj = nn.Linear(channels * patch * patch, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 1 + (image // patch) ** 2, dim) * 0.02)
+
+    def forward(self, x):
+        B, C = x.shape[:2]
+        p = self.patch
+        t = x.unfold(2, p, p).unfold(3, p, p)  # [B, C, H/p, W/p, p, p]
+        t = t.permute(0, 2, 3, 1, 4, 5).reshape(B, -1, C * p * p)
+        return torch.cat([self.cls.expand(B, -1, -1), self.proj(t)], dim=1) + self.pos
+
+
+class ClsHead(nn.Module):
+    """A ViT exit: LayerNorm and a linear classifier on the CLS token (position 0) of [B, S, D]."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, h):
+        return self.fc(self.norm(h[:, 0]))
+
+
+def digits_vit(num_classes: int = 10, dim: int = 32, depth: int = 6, heads: int = 4, patch: int = 2) -> MultiExitModel:
+    """A tiny ViT for 1x8x8 digits, plain torch: 2x2 patches (16 tokens and a CLS token), ``depth``
+    pre-norm ``nn.TransformerEncoderLayer`` blocks, one stage per block (the patch embedding rides
+    with the first) and a CLS exit after each, so PABEE's patience has exits to count."""
+    blocks = [
+        nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        for _ in range(depth)
+    ]
+    stages = [nn.Sequential(PatchTokens(patch, dim), blocks[0]), *blocks[1:]]
+    return MultiExitModel(stages, [ClsHead(dim, num_classes) for _ in range(depth)])
