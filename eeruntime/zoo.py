@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .heads import SequenceHead
 from .model import MultiExitModel
 
 
@@ -124,25 +125,13 @@ class PatchTokens(nn.Module):
         return torch.cat([self.cls.expand(B, -1, -1), self.proj(t)], dim=1) + self.pos
 
 
-class ClsHead(nn.Module):
-    """A ViT exit: LayerNorm and a linear classifier on the CLS token (position 0) of [B, S, D]."""
-
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, h):
-        return self.fc(self.norm(h[:, 0]))
-
-
 def digits_vit(num_classes: int = 10, dim: int = 32, depth: int = 6, heads: int = 4, patch: int = 2) -> MultiExitModel:
     """A tiny ViT for 1x8x8 digits, plain torch: 2x2 patches (16 tokens and a CLS token), ``depth``
     pre-norm ``nn.TransformerEncoderLayer`` blocks, one stage per block (the patch embedding rides
-    with the first) and a CLS exit after each, so PABEE's patience has exits to count."""
+    with the first) and a CLS exit (:class:`~eeruntime.heads.SequenceHead`) after each, so PABEE's patience has exits to count."""
     blocks = [
         nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
         for _ in range(depth)
     ]
     stages = [nn.Sequential(PatchTokens(patch, dim), blocks[0]), *blocks[1:]]
-    return MultiExitModel(stages, [ClsHead(dim, num_classes) for _ in range(depth)])
+    return MultiExitModel(stages, [SequenceHead(dim, num_classes, pool="cls") for _ in range(depth)])
