@@ -7,7 +7,7 @@ dynamic, and keeps the loop, the exit decisions, the packing and the stats bookk
 around them. One graph per part then serves every batch size >= 2; batches of 0 or 1 rows run
 the part's eager module, because dynamo specialises sizes 0 and 1 (a graph for them would be a
 recompile for no gain). ``torch.compile(rt.infer)`` is refused with a message that points here
-(see docs/design.md, "torch.compile").
+(README.md, section "torch.compile").
 
 A compiled :class:`~eeruntime.heads.ExitHead` does not tag its logits with its features (see
 its docstring), so a confidence-head or gate criterion runs the head's body once more, eagerly.

@@ -16,7 +16,7 @@ that rule for comparison. Here each row carries its own history: the runtime pac
 exits' logits with the survivors (``uses_history``), so a row's counter survives compaction.
 
 A row whose logits at exit k hold a NaN has no prediction there: its score is NaN (never exits
-early, docs/design.md's NaN rule) and it breaks the streak of the later exits.
+early, like a NaN score of any criterion) and it breaks the streak of the later exits.
 """
 from __future__ import annotations
 
