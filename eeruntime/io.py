@@ -134,8 +134,10 @@ def _rebuild_module(entry: dict) -> Optional[nn.Module]:
 
 
 # Criteria that read heads inside the model (PTEE confidence heads, differentiable-branching
-# gates): their weights are the model's, so load rebuilds them from the model by name.
-_MODEL_CRITERIA = {"confidence_criterion": "eeruntime.train.scorers", "gate_criterion": "eeruntime.train.scorers"}
+# gates): their weights are the model's, so load rebuilds them from the model by name. PABEE's
+# patience has no weights at all: its factory ignores the model.
+_MODEL_CRITERIA = {"confidence_criterion": "eeruntime.train.scorers", "gate_criterion": "eeruntime.train.scorers",
+                   "patience": "eeruntime.exit_rules.patience"}
 
 
 def _rebuild_from_model(entry: dict, model):

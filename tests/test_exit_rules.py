@@ -140,6 +140,17 @@ def test_calibrate_patience_reproduces_on_runtime(method, label_exit):
     assert cal.exit_fractions[-1] < 1.0  # patience let some rows leave early
 
 
+def test_patience_runtime_saves_and_loads_by_name(tmp_path):
+    model = mlp_model(K=4, C=3, seed=9)
+    rt = ee.EERuntime(model, thresholds=[1, 2, 1], criterion=Patience())
+    rt.save(tmp_path / "rt")
+    loaded = ee.load(tmp_path / "rt", model)
+    assert isinstance(loaded.criterion, Patience) and loaded.thresholds == [1.0, 2.0, 1.0]
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(9))
+    a, b = rt.infer(x), loaded.infer(x)
+    assert torch.equal(a.exit_index, b.exit_index) and torch.equal(a.logits, b.logits)
+
+
 # ------------------------------------------------------------------------------- BERxiT learned exit
 def lte_of_row(lte, pool="cls"):
     """float64 certainty of a one-row state from the LTE's weights (independent of its forward)."""
