@@ -5,6 +5,7 @@ The C++ CPU ops are built whenever a compiler is available; the CUDA ops when to
 when it cannot). Without a compiler the package still installs and runs on the torch references.
 """
 import glob
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = "_C_build.json"  # read by eeruntime/_ext.py
 
 
 def _build_mode():
@@ -102,8 +104,13 @@ def _extensions():
     else:
         ext = CppExtension("eeruntime._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
+    build_info = {"torch": torch.__version__, "torch_git": getattr(torch.version, "git_version", None),
+                  "cuda": torch.version.cuda if use_cuda else None}
+
     class OptionalBuild(BuildExtension):
-        """A failed optional build warns and installs the pure-Python package."""
+        """A failed optional build warns and installs the pure-Python package. A successful one
+        records the torch it was built against beside the library (eeruntime/_ext.py compares
+        it with the running torch at import)."""
 
         def run(self):
             try:
@@ -115,36 +122,92 @@ def _extensions():
                 # would load in place of the sources that just failed to compile.
                 for stale in glob.glob(os.path.join(ROOT, "eeruntime", "_C*.so")) + glob.glob(
                     os.path.join(ROOT, "eeruntime", "_C*.pyd")
-                ):
+                ) + glob.glob(os.path.join(ROOT, "eeruntime", BUILD_INFO)):
                     os.remove(stale)
                 print(f"eeruntime: extension build failed ({e}); the torch reference backends will be used",
                       file=sys.stderr)
+                return
+            # The wheel's copy (build_lib) and, for in-place and editable builds, the source tree's.
+            folders = {os.path.join(self.build_lib, "eeruntime")}
+            if self.inplace or getattr(self, "editable_mode", False):
+                folders.add(os.path.join(ROOT, "eeruntime"))
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, BUILD_INFO), "w") as f:
+                    json.dump(build_info, f, indent=1)
 
     return [ext], {"build_ext": OptionalBuild.with_options(use_ninja=True)}
 
 
+def _build_torch_version():
+    """The torch this build compiles against (None when torch is not importable here)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__.split("+")[0]  # the public version: 2.13.0 for 2.13.0+cpu
+
+
+def _requirements(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
+def dependencies(torch_version):
+    """install_requires and extras for a build against ``torch_version`` (its public version, or
+    None without the extension). A wheel with the compiled extension only works with the torch it
+    was compiled against (no stable C++ ABI across torch releases), so it requires that torch
+    release: installing it into an environment keeps the torch there (the build compiles against
+    it, see tools/build_backend.py), and pip refuses to pair it with another torch instead of
+    leaving a library that cannot load. Without the extension any torch >= 2.3 works."""
+    torch_req = f"torch=={torch_version}" if torch_version else "torch>=2.3"
+    # torchvision's minor release is torch's minor + 15 (torch 2.13 <-> torchvision 0.28), and
+    # each torchvision pins its torch exactly, so an unpinned torchvision (or timm, which pulls
+    # the newest one) would replace the user's torch. Note that PyPI's torchvision wheels are
+    # built against PyPI's CUDA torch; with a CPU-only torch (download.pytorch.org/whl/cpu),
+    # install torchvision from that same index, or its C++ ops fail to register ("operator
+    # torchvision::nms does not exist"; tests/torchvision_compat.py works around it for the tests).
+    torchvision = "torchvision"
+    if torch_version and torch_version.startswith("2."):
+        torchvision = f"torchvision==0.{int(torch_version.split('.')[1]) + 15}.*"
+    extras = {
+        # timm and torchvision backbones (make test installs them in a venv of their own: see
+        # requirements-vision.txt)
+        "vision": [torchvision, "timm>=1.0"],
+        # HF encoders cut at their layers (eeruntime.encoders); tested with 5.x
+        "transformers": ["transformers>=5,<6"],
+        # the HTTP server, its test client and the LitServe adapter (eeruntime.serve)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "litserve>=0.2.10"],
+        # Ray Serve deployments and stage tiers (eeruntime.serve.ray)
+        "ray": ["ray[serve]>=2.60"],
+        "triton": ["triton>=3.2"],
+        "data": ["scikit-learn"],
+        "dev": _requirements("requirements-dev.txt"),
+    }
+    return [torch_req, "numpy", "tqdm", "matplotlib", "safetensors"], extras
+
+
+def _version():
+    with open(os.path.join(ROOT, "eeruntime", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 def _setup(ext_modules, cmdclass):
+    # An sdist is built again wherever it is installed: its metadata must not carry this machine's torch.
+    torch_version = _build_torch_version() if ext_modules and "sdist" not in sys.argv else None
+    install_requires, extras_require = dependencies(torch_version)
     setup(
         name="eeruntime",
-        version="0.1.0",
+        version=_version(),
         description="Batched early-exit inference for PyTorch classifiers: exits, compaction, CUDA graphs",
+        long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+        long_description_content_type="text/markdown",
         packages=find_packages(include=["eeruntime", "eeruntime.*"]) + ["eeruntime.kernels"],
         package_dir={"eeruntime.kernels": "kernels"},
         python_requires=">=3.9",
-        install_requires=["torch>=2.3", "numpy", "tqdm", "matplotlib", "safetensors"],
-        extras_require={
-            "triton": ["triton"],
-            "data": ["scikit-learn"],
-            # the HTTP server, its test client and the LitServe adapter (eeruntime.serve)
-            "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "litserve>=0.2.10"],
-            # Ray Serve deployments and stage tiers (eeruntime.serve.ray)
-            "ray": ["ray[serve]>=2.60"],
-            # HF encoders cut at their layers (eeruntime.encoders); tested with 5.x
-            "transformers": ["transformers>=5,<6"],
-            # timm and torchvision backbones; pip picks the torchvision that matches your torch
-            # (make test installs them in a venv of their own: see requirements-vision.txt)
-            "vision": ["timm>=1.0", "torchvision"],
-        },
+        install_requires=install_requires,
+        extras_require=extras_require,
+        entry_points={"console_scripts": ["eeruntime = eeruntime.cli:main"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

@@ -170,7 +170,7 @@ def train_eenet_scorer(
     Rows with non-finite features (NaN logits) are left out. The global RNG is not touched.
     ``history``, when a list, receives the final losses.
     """
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
 
     feats = torch.as_tensor(features, dtype=torch.float64)
     N, K, F = feats.shape
@@ -187,7 +187,7 @@ def train_eenet_scorer(
         torch.manual_seed(seed)
         scorer = EENetScorer(K, top_k=top_k, hidden=hidden)
     opt = torch.optim.Adam(scorer.parameters(), lr=lr)
-    bar = tqdm(range(epochs), desc="EENet scorers", disable=not progress, leave=False)
+    bar = progress_bar(range(epochs), desc="EENet scorers", enabled=progress)
     losses = (None, None, None)
     threads = torch.get_num_threads()
     # The scorers are a few hundred weights: extra threads only add synchronisation, which on a

@@ -264,8 +264,7 @@ def build_cache(
     its training flag is restored afterwards. ``cost``: ``"flops"``, ``"latency"`` (timed on the
     model's device at this batch size) or a :class:`~eeruntime.CostModel`.
     """
-    from tqdm.auto import tqdm
-
+    from ..progress import bar as progress_bar
     from ..runtime import EERuntime
 
     if not (hasattr(model, "stages") and hasattr(model, "exits")):
@@ -288,7 +287,7 @@ def build_cache(
             total = -(-as_tuple(data[0])[0].shape[0] // batch_size)
         else:
             total = len(data) if hasattr(data, "__len__") else None
-        bar = tqdm(labelled_batches(data, batch_size), total=total, desc="calibration pass", disable=not progress, leave=False)
+        bar = progress_bar(labelled_batches(data, batch_size), total=total, desc="calibration pass", enabled=progress)
         with torch.inference_mode():
             for x, y in bar:
                 x = _to(x, device)

@@ -137,9 +137,9 @@ def _seeded(seed: Optional[int], device: torch.device):
 def _progress(iterable, total, desc, enabled):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from ..progress import bar
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return bar(iterable, total=total, desc=desc)
 
 
 def run(
