@@ -12,9 +12,9 @@ DEMO_OUT ?= demo_out
 VISION_VENV ?= .venv-vision
 VISION_PY := $(VISION_VENV)/bin/python
 
-.PHONY: setup setup-vision test demo demo-vit bench bench-report check-cuda check-ext gpu-check clean
+.PHONY: setup setup-vision test demo demo-vit bench bench-report check-cuda check-ext check-install gpu-check clean
 
-$(VENV)/.stamp: setup.py requirements-dev.txt $(EXT_SOURCES)
+$(VENV)/.stamp: setup.py pyproject.toml tools/build_backend.py requirements-dev.txt $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -54,9 +54,16 @@ endif
 check-ext: setup
 	@$(PY) -c "from eeruntime import _ext; import sys; sys.exit(0 if _ext.available() else 'eeruntime._C did not build or load: ' + str(_ext.why_unavailable()) + '; see the pip output of: $(PY) -m pip install -v --no-build-isolation -e .')"
 
+# A user's install: the sdist, `pip install`ed (not editable, pip's build isolation on) into a fresh
+# venv that already has torch; torch must stay as it was and the compiled ops must load
+# (tools/check_install.py). Minutes: it installs torch into the venv and compiles the extension.
+check-install: setup
+	$(PY) tools/check_install.py --torch "$(TORCH_SPEC)" --python "$(PYTHON)"
+
 test: setup setup-vision check-cuda check-ext
 	$(PY) -m pytest -q tests
 	$(VISION_PY) -m pytest -q tests/test_vision.py
+	$(MAKE) --no-print-directory check-install
 
 demo: setup
 	$(PY) -m eeruntime demo --out $(DEMO_OUT)
@@ -66,7 +73,7 @@ demo-vit: setup
 
 # Every suite in one run: bench/results/<device>-<date>.json plus its markdown tables and plots.
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) -m eeruntime bench
 
 # On a GPU machine: build for sm_90, check the CUDA ops, run every GPU test, memcheck and the key
 # benchmarks, time-boxed to 10 minutes; writes bench/results/<device>-<date>.json and .md
@@ -77,4 +84,4 @@ gpu-check:
 	$(GPU_PYTHON) tools/gpu_check.py --python $(GPU_PYTHON) $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build *.egg-info eeruntime/_C*.so $(DEMO_OUT)
+	rm -rf build dist *.egg-info eeruntime/_C*.so eeruntime/_C_build.json $(DEMO_OUT)

@@ -35,8 +35,7 @@ def threshold_notes(criterion: str, thresholds) -> List[str]:
     for k, t in enumerate(thresholds, start=1):
         if math.isinf(t):
             if (t > 0) == below:
-                what = (f"every sample that reaches exit {k} leaves there, so the stages after it never run "
-                        f"(exit {k} is the last one used)")
+                what = f"every sample that reaches exit {k} leaves there and the stages after it never run"
             else:
                 what = f"no sample leaves at exit {k} (it is switched off)"
             notes.append(f"T = {'inf' if t > 0 else '-inf'} at exit {k}: {rule}, so {what}.")

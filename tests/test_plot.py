@@ -51,3 +51,31 @@ def test_frontier_absolute_cost_and_bad_input(tmp_path):
         plot.frontier(cal, tmp_path / "f.jpg")
     with pytest.raises(TypeError, match="needs a Calibration"):
         plot.frontier({"accuracy": 1.0}, tmp_path / "f.png")
+
+
+def _texts(fig):
+    return [t.get_text() for t in fig.texts + fig.axes[0].texts]
+
+
+@pytest.mark.parametrize("max_drop", [0.0, 0.02])
+def test_frontier_shows_tolerance_thresholds_and_split(tmp_path, max_drop):
+    cache, _, _ = synthetic_cache(200, 3, seed=5)
+    cal = ee.calibrate(None, cache, "accuracy", max_drop=max_drop, grid=10)
+    cal.thresholds = [0.25, float("inf")]  # an infinite threshold is printed as a word, not a number
+    fig = plot.frontier(cal, tmp_path / "f.png")
+    tol = _artist(fig, f"tolerance: final exit - {100 * max_drop:.3g} pt")
+    # the dashed line sits at the lowest accepted accuracy: the final exit's minus max_drop
+    assert np.allclose(tol.get_ydata(), 100 * (cal.final_accuracy - max_drop))
+    assert "T = 0.25, inf" in _texts(fig)
+    assert "calibration split" in fig.axes[0].get_ylabel()
+    note = [t for t in _texts(fig) if "calibration split" in t]
+    assert len(note) == 1 and f"({cal.num_samples} samples)" in note[0] and "not a test split" in note[0]
+
+
+def test_frontier_budget_line_at_the_budget(tmp_path):
+    cache, _, _ = synthetic_cache(200, 3, seed=5)
+    cal = ee.calibrate(None, cache, "budget", budget=0.6, grid=10, scorer_epochs=20, progress=False)
+    fig = plot.frontier(cal, tmp_path / "b.png")
+    line = _artist(fig, "budget: 0.6 of the full model")
+    assert np.allclose(line.get_xdata(), 0.6)  # relative cost axis: the budget as a fraction
+    assert not [a for a in fig.axes[0].lines if a.get_label().startswith("tolerance")]

@@ -62,16 +62,18 @@ def _use_installed_torch() -> bool:
     return True
 
 
-def _requires(base):
-    return list(base) if _use_installed_torch() else list(base) + ["torch"]
+def _requires(hook, config_settings):
+    have_torch = _use_installed_torch()  # before the hook: it runs setup.py, which imports torch
+    base = list(hook(config_settings))
+    return base if have_torch else base + ["torch"]
 
 
 def get_requires_for_build_wheel(config_settings=None):
-    return _requires(_setuptools.get_requires_for_build_wheel(config_settings))
+    return _requires(_setuptools.get_requires_for_build_wheel, config_settings)
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _requires(_setuptools.get_requires_for_build_editable(config_settings))
+    return _requires(_setuptools.get_requires_for_build_editable, config_settings)
 
 
 def get_requires_for_build_sdist(config_settings=None):
