@@ -32,7 +32,6 @@ conf, mask = ee.ops.exit_decision(logits, 0.5, criterion="entropy")
 ref = confidence_ref(logits.double(), "entropy")
 print(json.dumps({"torch": torch.__version__, "ext": _ext.available(), "why": _ext.why_unavailable(),
                   "built": (_ext.build_info() or {}).get("torch"),
-                  "backend": ee.ops.explain("exit_decision", logits, 0.5, criterion="entropy"),
                   "max_err": float((conf.double() - ref).abs().max()),
                   "same_exits": bool((mask == (ref < 0.5)).all())}))
 """
