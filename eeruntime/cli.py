@@ -4,13 +4,10 @@ Commands are a registry: one function per command, decorated with :func:`command
 options to the parser it is given and returns the function that runs them (``args -> exit code``).
 Heavy imports belong inside that runner so ``eeruntime --help`` stays fast. Adding a command::
 
-    @command("serve", "serve a saved runtime over HTTP")
-    def _serve(p):
-        p.add_argument("runtime")
-        def run(a):
-            from .serve import http
-            return http.main(a)
-        return run
+    @command("hello", "say hello")
+    def _hello(p):
+        p.add_argument("name")
+        return lambda a: print(f"hello {a.name}") or 0
 
 Exit codes: 0 done, 1 the command failed on what it was given (the message says what), 2 usage
 (an unknown command or option, a bad argument).
@@ -33,18 +30,20 @@ class Command:
     name: str
     help: str
     configure: Callable[[argparse.ArgumentParser], Runner]
+    raw: bool = False  # the command parses its own arguments: configure() returns main(argv) -> int
 
 
 COMMANDS: Dict[str, Command] = {}
 
 
-def command(name: str, help: str):
-    """Register ``configure(parser) -> runner`` as the command ``name``."""
+def command(name: str, help: str, raw: bool = False):
+    """Register ``configure(parser) -> runner`` as the command ``name``; with ``raw``,
+    ``configure()`` (no parser) returns a ``main(argv) -> int`` that parses its own arguments."""
 
     def register(configure):
         if name in COMMANDS:
             raise ValueError(f"command {name!r} is registered twice")
-        COMMANDS[name] = Command(name, help, configure)
+        COMMANDS[name] = Command(name, help, configure, raw)
         return configure
 
     return register
@@ -94,6 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(f"unknown {kind} {first!r}{hint}; commands: {', '.join(COMMANDS)} "
                      f"(see {PROG} --help)", 2)
     cmd = COMMANDS[first]
+    if cmd.raw:
+        return int(cmd.configure()(rest) or 0)
     parser = argparse.ArgumentParser(prog=f"{PROG} {cmd.name}", description=cmd.help)
     runner = cmd.configure(parser)
     try:
@@ -261,3 +262,11 @@ def _bench(p):
         return subprocess.call(cmd)
 
     return run
+
+
+@command("serve", "serve a saved runtime bundle over HTTP (stage scheduler; --ray: Ray Serve; needs the "
+                  "[serve] or [ray] extra)", raw=True)
+def _serve():
+    from .serve.cli import main  # argparse only; uvicorn / ray are imported when it runs
+
+    return main

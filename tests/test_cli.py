@@ -28,7 +28,7 @@ def test_version_and_help(capsys):
     assert "extension" in out
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0
-    for name in ("demo", "calibrate", "time", "bench"):
+    for name in ("demo", "calibrate", "time", "bench", "serve"):
         assert re.search(rf"^  {name}\s", out, re.M), name
 
 

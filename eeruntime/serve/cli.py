@@ -13,6 +13,12 @@ TOKEN_ENV = "EERUNTIME_ADMIN_TOKEN"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eeruntime serve",
                                 description="Serve a saved runtime bundle over HTTP with the stage scheduler.")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``eeruntime serve`` (registered in eeruntime/cli.py)."""
     p.add_argument("bundle", help="directory written by rt.save(path, weights=True)")
     p.add_argument("--model", required=True, help="the model's constructor, 'module:factory' (called with no arguments)")
     p.add_argument("--host", default="127.0.0.1")
@@ -27,7 +33,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-token-file", help=f"file holding the admin token (or set ${TOKEN_ENV}); "
                                               "without one the admin endpoint is disabled")
     p.add_argument("--log-level", default="info")
-    return p
 
 
 def main(argv=None) -> int:
@@ -35,7 +40,10 @@ def main(argv=None) -> int:
         from .ray.cli import main as ray_main
 
         return ray_main([a for a in argv if a != "--ray"])
-    args = parser().parse_args(argv)
+    return run(parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     import eeruntime as ee
