@@ -94,7 +94,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f"(see {PROG} --help)", 2)
     cmd = COMMANDS[first]
     if cmd.raw:
-        return int(cmd.configure()(rest) or 0)
+        try:
+            return int(cmd.configure()(rest) or 0)
+        except SystemExit as e:  # its own argparse: --help (0) or a usage error (2, message printed)
+            return int(e.code or 0)
     parser = argparse.ArgumentParser(prog=f"{PROG} {cmd.name}", description=cmd.help)
     runner = cmd.configure(parser)
     try:

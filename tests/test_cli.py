@@ -52,6 +52,13 @@ def test_bad_options_of_a_command_exit_2(capsys):
     assert code == 2 and "invalid int value: 'many'" in err
 
 
+def test_serve_parses_its_own_arguments(capsys):
+    code, out, _ = run_cli(capsys, "serve", "--help")
+    assert code == 0 and "--max-batch" in out
+    code, _, err = run_cli(capsys, "serve", "bundle")  # --model missing
+    assert code == 2 and "--model" in err
+
+
 def test_python_m_and_the_registry(capsys):
     done = subprocess.run([sys.executable, "-m", "eeruntime", "nonsense"], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
