@@ -273,3 +273,10 @@ def _serve():
     from .serve.cli import main  # argparse only; uvicorn / ray are imported when it runs
 
     return main
+
+
+@command("demo-vit", "the demo for a tiny 6-exit ViT, with PABEE per row vs whole batch", raw=True)
+def _demo_vit():
+    from .demo_vit import main
+
+    return main

@@ -235,7 +235,10 @@ def test_same_seed_same_result_and_global_rng_untouched():
     assert torch.equal(r1, torch.rand(1)) and torch.equal(r1, r2)
 
 
-def test_train_mode_is_restored_and_progress_bars(capfd):
+def test_train_mode_is_restored_and_progress_bars(capfd, monkeypatch):
+    # EERUNTIME_PROGRESS=1: the terminal bar even though pytest's capture is not a terminal (a
+    # short loop in a log prints nothing: eeruntime/progress.py, tests/test_progress.py)
+    monkeypatch.setenv("EERUNTIME_PROGRESS", "1")
     m = small_model().eval()
     ee.train.joint(m, toy_data(), 1, 1e-3, progress=False)
     assert not any(mod.training for mod in m.modules())
