@@ -12,7 +12,7 @@ DEMO_OUT ?= demo_out
 VISION_VENV ?= .venv-vision
 VISION_PY := $(VISION_VENV)/bin/python
 
-.PHONY: setup setup-vision test demo demo-vit bench bench-report check-cuda check-ext check-install gpu-check clean
+.PHONY: setup lint setup-vision test demo demo-vit bench bench-report check-cuda check-ext check-install gpu-check clean
 
 $(VENV)/.stamp: setup.py pyproject.toml tools/build_backend.py requirements-dev.txt $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,7 +60,14 @@ check-ext: setup
 check-install: setup
 	$(PY) tools/check_install.py --torch "$(TORCH_SPEC)" --python "$(PYTHON)"
 
-test: setup setup-vision check-cuda check-ext
+# ruff (lint and format check) over the whole tree and mypy on the package: pyproject.toml holds
+# their settings, CONTRIBUTING.md says how to fix what they report (`ruff format .`, `ruff check --fix .`).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup lint setup-vision check-cuda check-ext
 	$(PY) -m pytest -q tests
 	$(VISION_PY) -m pytest -q tests/test_vision.py
 	$(MAKE) --no-print-directory check-install

@@ -4,6 +4,7 @@ The C++ CPU ops are built whenever a compiler is available; the CUDA ops when to
 ``nvcc`` is found. ``EERUNTIME_BUILD_CUDA=auto|0|1`` overrides the CUDA choice (1 fails loudly
 when it cannot). Without a compiler the package still installs and runs on the torch references.
 """
+
 import glob
 import json
 import os
@@ -104,8 +105,11 @@ def _extensions():
     else:
         ext = CppExtension("eeruntime._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
-    build_info = {"torch": torch.__version__, "torch_git": getattr(torch.version, "git_version", None),
-                  "cuda": torch.version.cuda if use_cuda else None}
+    build_info = {
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", None),
+        "cuda": torch.version.cuda if use_cuda else None,
+    }
 
     class OptionalBuild(BuildExtension):
         """A failed optional build warns and installs the pure-Python package. A successful one
@@ -120,12 +124,16 @@ def _extensions():
                     raise
                 # An editable install keeps the last build next to the sources; left there, it
                 # would load in place of the sources that just failed to compile.
-                for stale in glob.glob(os.path.join(ROOT, "eeruntime", "_C*.so")) + glob.glob(
-                    os.path.join(ROOT, "eeruntime", "_C*.pyd")
-                ) + glob.glob(os.path.join(ROOT, "eeruntime", BUILD_INFO)):
+                for stale in (
+                    glob.glob(os.path.join(ROOT, "eeruntime", "_C*.so"))
+                    + glob.glob(os.path.join(ROOT, "eeruntime", "_C*.pyd"))
+                    + glob.glob(os.path.join(ROOT, "eeruntime", BUILD_INFO))
+                ):
                     os.remove(stale)
-                print(f"eeruntime: extension build failed ({e}); the torch reference backends will be used",
-                      file=sys.stderr)
+                print(
+                    f"eeruntime: extension build failed ({e}); the torch reference backends will be used",
+                    file=sys.stderr,
+                )
                 return
             # The wheel's copy (build_lib) and, for in-place and editable builds, the source tree's.
             folders = {os.path.join(self.build_lib, "eeruntime")}

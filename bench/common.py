@@ -1,8 +1,10 @@
 """Shared helpers of the benchmark suites: device and version info, synchronised timing, and the
 device's measured copy bandwidth (the yardstick for the memory-bound kernels)."""
+
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 
@@ -93,7 +95,7 @@ def copy_bandwidth(device="cuda", nbytes: int = COPY_BYTES) -> float:
         nbytes //= 2
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t, _ = per_call_seconds(lambda: dst.copy_(src), target_s=0.05, max_inner=200)
+    t, _ = per_call_seconds(functools.partial(dst.copy_, src), target_s=0.05, max_inner=200)
     del src, dst
     return 2 * nbytes / t
 

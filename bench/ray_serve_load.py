@@ -15,6 +15,7 @@ Writes bench/results/ray-serve-<date>.json, .md and a latency-vs-throughput PNG.
 are custom resources of one local Ray instance, so the numbers include Ray's cross-process path
 (serialization, object store, scheduling) but no network.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,10 +94,15 @@ async def open_loop(handle, rate: float, seconds: float, max_requests: int, seed
 def summarize(results, elapsed, rate):
     ok = [r for r in results if r[2] is None]
     lat = np.array([r[0] for r in ok]) * 1e3
-    row = {"rate": rate, "sent": len(results), "ok": len(ok), "errors": len(results) - len(ok),
-           "throughput": len(ok) / elapsed if elapsed > 0 else 0.0,
-           "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-           "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+    row = {
+        "rate": rate,
+        "sent": len(results),
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "throughput": len(ok) / elapsed if elapsed > 0 else 0.0,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+    }
     tiers = [r[1].get("tiers", 1) for r in ok]
     sent = [sum(r[1].get("transfer_bytes", [])) for r in ok]
     tms = [t for r in ok for t in r[1].get("transfer_ms", [])]
@@ -125,7 +131,7 @@ def accuracy_effect(handle, thresholds, n=256):
         while handle.stats.remote().result(timeout_s=60)["transfer_dtype"] != dtype:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        answers = [handle.remote(x[i:i + 8]).result(timeout_s=120) for i in range(0, n, 8)]
+        answers = [handle.remote(x[i : i + 8]).result(timeout_s=120) for i in range(0, n, 8)]
         logits = torch.cat([a["logits"] for a in answers])
         exits = torch.cat([a["exit_index"] for a in answers])
         sent = sum(sum(a["meta"]["transfer_bytes"]) for a in answers)
@@ -142,16 +148,33 @@ def accuracy_effect(handle, thresholds, n=256):
 def apps_config(thresholds, transfer_dtype="same"):
     from eeruntime.serve.ray.app import app_config
 
-    base = {"model": MODEL, "model_kwargs": MODEL_KWARGS, "thresholds": thresholds, "torch_threads": 1,
-            "max_batch_size": 16, "batch_wait_timeout_s": 0.001}
+    base = {
+        "model": MODEL,
+        "model_kwargs": MODEL_KWARGS,
+        "thresholds": thresholds,
+        "torch_threads": 1,
+        "max_batch_size": 16,
+        "batch_wait_timeout_s": 0.001,
+    }
     one = {"ray_actor_options": {"num_cpus": 0}}
     return [
         app_config("plain", {**base, "form": "plain", **one}, None),
         app_config("runtime", {**base, "form": "runtime", **one}, None),
-        app_config("tiers", {**base, "form": "tiers", "stages_per_tier": [1, 3], "num_exits": 4, "tier_options": [
-            {"ray_actor_options": {"num_cpus": 0, "resources": {"edge": 1}}},
-            {"ray_actor_options": {"num_cpus": 0, "resources": {"cloud": 1}}},
-        ]}, None, {"Tier0": {"transfer_dtype": transfer_dtype}}),
+        app_config(
+            "tiers",
+            {
+                **base,
+                "form": "tiers",
+                "stages_per_tier": [1, 3],
+                "num_exits": 4,
+                "tier_options": [
+                    {"ray_actor_options": {"num_cpus": 0, "resources": {"edge": 1}}},
+                    {"ray_actor_options": {"num_cpus": 0, "resources": {"cloud": 1}}},
+                ],
+            },
+            None,
+            {"Tier0": {"transfer_dtype": transfer_dtype}},
+        ),
     ]
 
 
@@ -223,25 +246,39 @@ def main(argv=None):
     stem = out / f"ray-serve-{day}"
     record = {
         "machine": f"shared {os.cpu_count()}-core VM ({platform.processor() or platform.machine()}), no GPU; "
-                   "both tiers' 'nodes' are custom resources of one local Ray instance",
-        "torch": torch.__version__, "ray": _ray.__version__, "python": sys.version.split()[0],
-        "model": MODEL, "model_kwargs": MODEL_KWARGS, "input": list(SHAPE), "thresholds": thresholds,
-        "seconds_per_rate": a.seconds, "rows": rows, "transfer_dtype_accuracy": accuracy,
+        "both tiers' 'nodes' are custom resources of one local Ray instance",
+        "torch": torch.__version__,
+        "ray": _ray.__version__,
+        "python": sys.version.split()[0],
+        "model": MODEL,
+        "model_kwargs": MODEL_KWARGS,
+        "input": list(SHAPE),
+        "thresholds": thresholds,
+        "seconds_per_rate": a.seconds,
+        "rows": rows,
+        "transfer_dtype_accuracy": accuracy,
     }
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    lines = ["| form | rate (req/s) | throughput | p50 ms | p99 ms | errors | never tier 1 | bytes/request | transfer p50 ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| form | rate (req/s) | throughput | p50 ms | p99 ms | errors | never tier 1 | bytes/request | transfer p50 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         lines.append(
             f"| {r['form']} | {r['rate']:.0f} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
             f"{r['errors']} | {r.get('never_tier2', float('nan')):.2f} | {r.get('bytes_per_request', float('nan')):.0f} | "
             f"{r.get('transfer_ms_p50') or float('nan'):.1f} |"
         )
-    lines += ["", "| transfer dtype | same exit as rt.infer | same prediction | max abs logit diff | bytes/sample |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| transfer dtype | same exit as rt.infer | same prediction | max abs logit diff | bytes/sample |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for d, v in accuracy.items():
-        lines.append(f"| {d} | {v['same_exit']:.3f} | {v['same_prediction']:.3f} | {v['max_abs_logit_diff']:.2e} | "
-                     f"{v['bytes_per_sample']:.0f} |")
+        lines.append(
+            f"| {d} | {v['same_exit']:.3f} | {v['same_prediction']:.3f} | {v['max_abs_logit_diff']:.2e} | "
+            f"{v['bytes_per_sample']:.0f} |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, str(stem) + "-latency.png")
     print("\n".join(lines))

@@ -7,6 +7,7 @@ One table per suite (benchmark file): each case's median time and the ratios it 
 ``extra_info`` (speed-ups, efficiency, bandwidth fractions). Plots: speed-up and efficiency vs
 batch where a suite records them, and the fraction of copy bandwidth for the kernel suites.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,17 @@ import json
 import os
 from collections import defaultdict
 
-RATIO_KEYS = ("speedup_measured", "speedup_ideal", "speedup_oracle", "efficiency", "speedup_vs_eager",
-              "speedup_vs_compile", "speedup_vs_boolean", "gbps", "copy_fraction")
+RATIO_KEYS = (
+    "speedup_measured",
+    "speedup_ideal",
+    "speedup_oracle",
+    "efficiency",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "speedup_vs_boolean",
+    "gbps",
+    "copy_fraction",
+)
 PARAM_KEYS = ("scenario", "variant", "batch", "B", "C", "dtype", "row_bytes", "resolution", "impl")
 
 
@@ -57,8 +67,12 @@ def markdown(data: dict, suites) -> str:
         lines.append("|" + "---|" * len(header))
         for b in benches:
             ei = b.get("extra_info", {})
-            row = [b["name"], *[_fmt(ei.get(k, "")) for k in params], f"{b['stats']['median'] * 1e3:.3f}",
-                   *[_fmt(ei.get(k, "")) for k in ratios]]
+            row = [
+                b["name"],
+                *[_fmt(ei.get(k, "")) for k in params],
+                f"{b['stats']['median'] * 1e3:.3f}",
+                *[_fmt(ei.get(k, "")) for k in ratios],
+            ]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -79,7 +93,9 @@ def plots(data: dict, suites, prefix: str):
                 ei = b.get("extra_info", {})
                 x = ei.get("batch", ei.get("B"))
                 if key in ei and x is not None:
-                    series = " ".join(str(ei[k]) for k in ("scenario", "resolution", "C", "dtype", "row_bytes") if k in ei)
+                    series = " ".join(
+                        str(ei[k]) for k in ("scenario", "resolution", "C", "dtype", "row_bytes") if k in ei
+                    )
                     pts[series or suite].append((x, ei[key]))
             pts = {k: v for k, v in pts.items() if len(v) > 1}  # a line needs two batch sizes
             if not pts:

@@ -4,6 +4,7 @@ markdown tables and plots next to it (``bench/report.py``).
 
     python bench/run_all.py [-k EXPR] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,17 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = f"{device_slug()}-{datetime.date.today().isoformat()}"
     json_path = os.path.join(args.out, stem + ".json")
-    cmd = [sys.executable, "-m", "pytest", "-q", HERE, "--benchmark-only", f"--benchmark-json={json_path}",
-           "-p", "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        HERE,
+        "--benchmark-only",
+        f"--benchmark-json={json_path}",
+        "-p",
+        "no:cacheprovider",
+    ]
     if args.k:
         cmd += ["-k", args.k]
     rc = subprocess.call(cmd, cwd=os.path.dirname(HERE))

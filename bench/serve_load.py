@@ -16,6 +16,7 @@ answered. Also measured: rt.infer at batch 1 (the light-load reference for (c)'s
 
 Writes bench/results/serve-<device>-<date>.{json,md} and a latency-vs-throughput PNG.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,14 +36,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from common import device_info, thresholds_for_fractions  # noqa: E402
+
 import eeruntime as ee  # noqa: E402
 from eeruntime.oracle import plain_forward  # noqa: E402
 from eeruntime.serve import StageScheduler  # noqa: E402
 from eeruntime.serve.stats import percentile  # noqa: E402
 from eeruntime.timing import side_by_side  # noqa: E402
 from eeruntime.zoo import digits_cnn, resnet_style  # noqa: E402
-
-from common import device_info, thresholds_for_fractions  # noqa: E402
 
 
 class RequestBatcher:
@@ -77,10 +78,10 @@ class RequestBatcher:
                     self._cv.wait()
                 if self._stop and not self._queue:
                     return
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             out = self.fn(torch.cat([x for x, _ in batch]))
             for i, (_, f) in enumerate(batch):
-                f.set_result(out[i:i + 1])
+                f.set_result(out[i : i + 1])
 
 
 def plain_system(model, max_batch):
@@ -107,6 +108,7 @@ def open_loop(system, pool, rate: float, n: int, time_limit_s: float, drain_s: f
             remaining[0] -= 1  # single writer per request; the worker thread runs callbacks
             if remaining[0] == 0:
                 all_done.set()
+
         return cb
 
     t0 = time.perf_counter()
@@ -156,8 +158,11 @@ MODELS = {
     # the demo's digits CNN (3 exits, 1x8x8 inputs), random weights
     "digits": dict(build=lambda: digits_cnn(), shape=(1, 8, 8), fractions=[0.5, 0.3, 0.2]),
     # a small ResNet-style net (basic blocks, 4 exits, 32x32 RGB), random weights
-    "resnet": dict(build=lambda: resnet_style(num_classes=10, widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1)),
-                   shape=(3, 32, 32), fractions=[0.5, 0.2, 0.15, 0.15]),
+    "resnet": dict(
+        build=lambda: resnet_style(num_classes=10, widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1)),
+        shape=(3, 32, 32),
+        fractions=[0.5, 0.2, 0.15, 0.15],
+    ),
 }
 
 
@@ -167,7 +172,7 @@ def run_model(name, spec, args) -> dict:
     pool_x = torch.randn(512, *spec["shape"])
     thr = thresholds_for_fractions(model, pool_x, spec["fractions"], "entropy")
     rt = ee.EERuntime(model, thresholds=thr, criterion="entropy")
-    pool = [pool_x[i:i + 1].clone() for i in range(pool_x.shape[0])]
+    pool = [pool_x[i : i + 1].clone() for i in range(pool_x.shape[0])]
     plain1 = median_call_ms(lambda x: plain_forward(model, x), pool[0])
     ee1 = median_call_ms(lambda x: rt.infer(x), pool[0])
     xb = torch.cat(pool[: args.max_batch])
@@ -177,21 +182,26 @@ def run_model(name, spec, args) -> dict:
     # against rt.infer, timed side by side (paired rounds, robust to the shared VM's drift).
     with StageScheduler(rt, max_batch=args.max_batch) as sched:
         x1 = pool[1]
-        sbs = side_by_side({"infer": lambda: rt.infer(x1), "stage": lambda: sched.infer(x1)}, "cpu",
-                           rounds=40, inner=10)
+        sbs = side_by_side(
+            {"infer": lambda: rt.infer(x1), "stage": lambda: sched.infer(x1)}, "cpu", rounds=40, inner=10
+        )
     machinery_ms = (sbs.median("stage") - sbs.median("infer")) * 1e3
     capacity = 1e3 / plain_b  # plain rows/s at max_batch: the rate grid is relative to it
     rates = [round(capacity * f, 1) for f in args.rate_factors]
     print(f"[{name}] scheduler one-at-a-time minus rt.infer batch-1 (side by side): {machinery_ms:+.3f} ms")
-    print(f"[{name}] plain batch-1 {plain1:.3f} ms, rt.infer batch-1 {ee1:.3f} ms, plain per row at batch "
-          f"{args.max_batch} {plain_b:.3f} ms; SLO p99 <= {slo_ms:.2f} ms; rates {rates}", flush=True)
+    print(
+        f"[{name}] plain batch-1 {plain1:.3f} ms, rt.infer batch-1 {ee1:.3f} ms, plain per row at batch "
+        f"{args.max_batch} {plain_b:.3f} ms; SLO p99 <= {slo_ms:.2f} ms; rates {rates}",
+        flush=True,
+    )
     rows = []
     for i, rate in enumerate(rates):
         n = max(20, min(args.max_requests, int(rate * args.seconds)))
-        for system_name, make in (("plain", lambda: plain_system(model, args.max_batch)),
-                                  ("ee-req", lambda: ee_request_system(rt, args.max_batch)),
-                                  ("stage", lambda: StageScheduler(rt, max_batch=args.max_batch,
-                                                                   max_queue_rows=1 << 20))):
+        for system_name, make in (
+            ("plain", lambda: plain_system(model, args.max_batch)),
+            ("ee-req", lambda: ee_request_system(rt, args.max_batch)),
+            ("stage", lambda: StageScheduler(rt, max_batch=args.max_batch, max_queue_rows=1 << 20)),
+        ):
             system = make()
             for x in pool[:20]:  # warm the worker
                 system.submit_nowait(x).result()
@@ -204,16 +214,29 @@ def run_model(name, spec, args) -> dict:
             r["system"] = system_name
             r["sustained"] = r["answered"] == r["sent"] and r["p99_ms"] <= slo_ms
             rows.append(r)
-            print(f"  {system_name:6s} rate {rate:8.1f}/s  thr {r['throughput']:8.1f}/s  p50 {r['p50_ms']:8.2f} ms  "
-                  f"p99 {r['p99_ms']:9.2f} ms {'ok' if r['sustained'] else '--'}"
-                  + (f"  batches {r['mean_batch_per_stage']}" if "mean_batch_per_stage" in r else ""), flush=True)
-    best = {s: max([r["offered_rate"] for r in rows if r["system"] == s and r["sustained"]], default=0.0)
-            for s in ("plain", "ee-req", "stage")}
+            print(
+                f"  {system_name:6s} rate {rate:8.1f}/s  thr {r['throughput']:8.1f}/s  p50 {r['p50_ms']:8.2f} ms  "
+                f"p99 {r['p99_ms']:9.2f} ms {'ok' if r['sustained'] else '--'}"
+                + (f"  batches {r['mean_batch_per_stage']}" if "mean_batch_per_stage" in r else ""),
+                flush=True,
+            )
+    best = {
+        s: max([r["offered_rate"] for r in rows if r["system"] == s and r["sustained"]], default=0.0)
+        for s in ("plain", "ee-req", "stage")
+    }
     light = [r for r in rows if r["system"] == "stage"][0]
     return {
-        "model": name, "input_shape": list(spec["shape"]), "exit_fractions": spec["fractions"], "thresholds": thr,
-        "plain_batch1_ms": plain1, "infer_batch1_ms": ee1, "plain_per_row_ms_at_max_batch": plain_b,
-        "slo_p99_ms": slo_ms, "max_batch": args.max_batch, "rows": rows, "max_sustained_rate": best,
+        "model": name,
+        "input_shape": list(spec["shape"]),
+        "exit_fractions": spec["fractions"],
+        "thresholds": thr,
+        "plain_batch1_ms": plain1,
+        "infer_batch1_ms": ee1,
+        "plain_per_row_ms_at_max_batch": plain_b,
+        "slo_p99_ms": slo_ms,
+        "max_batch": args.max_batch,
+        "rows": rows,
+        "max_sustained_rate": best,
         "light_load_p50_overhead_ms": light["p50_ms"] - ee1,
         "closed_loop_machinery_ms": machinery_ms,
         "closed_loop_ratio_stage_over_infer": sbs.ratio("stage", "infer"),
@@ -242,22 +265,33 @@ def plot(results, path):
 
 
 def markdown(doc) -> str:
-    lines = [f"# Serving load benchmark ({doc['device']['device']}, torch {doc['device']['torch']}, {doc['date']})", "",
-             doc["note"], ""]
+    lines = [
+        f"# Serving load benchmark ({doc['device']['device']}, torch {doc['device']['torch']}, {doc['date']})",
+        "",
+        doc["note"],
+        "",
+    ]
     for res in doc["results"]:
         ms = res["max_sustained_rate"]
-        lines += [f"## {res['model']} (exit fractions {res['exit_fractions']}, max_batch {res['max_batch']})", "",
-                  f"plain batch-1 {res['plain_batch1_ms']:.3f} ms; rt.infer batch-1 {res['infer_batch1_ms']:.3f} ms; "
-                  f"SLO p99 <= {res['slo_p99_ms']:.2f} ms", "",
-                  f"highest sustained rate: plain {ms['plain']:.0f}/s, ee-req {ms['ee-req']:.0f}/s, stage {ms['stage']:.0f}/s; "
-                  f"light-load p50 of stage minus rt.infer batch-1: {res['light_load_p50_overhead_ms']:+.3f} ms; "
-                  f"one request at a time through the scheduler minus rt.infer (side by side): "
-                  f"{res['closed_loop_machinery_ms']:+.3f} ms", "",
-                  "| offered /s | system | throughput /s | p50 ms | p99 ms | sustained | stage mean batches |",
-                  "| ---: | --- | ---: | ---: | ---: | --- | --- |"]
+        lines += [
+            f"## {res['model']} (exit fractions {res['exit_fractions']}, max_batch {res['max_batch']})",
+            "",
+            f"plain batch-1 {res['plain_batch1_ms']:.3f} ms; rt.infer batch-1 {res['infer_batch1_ms']:.3f} ms; "
+            f"SLO p99 <= {res['slo_p99_ms']:.2f} ms",
+            "",
+            f"highest sustained rate: plain {ms['plain']:.0f}/s, ee-req {ms['ee-req']:.0f}/s, stage {ms['stage']:.0f}/s; "
+            f"light-load p50 of stage minus rt.infer batch-1: {res['light_load_p50_overhead_ms']:+.3f} ms; "
+            f"one request at a time through the scheduler minus rt.infer (side by side): "
+            f"{res['closed_loop_machinery_ms']:+.3f} ms",
+            "",
+            "| offered /s | system | throughput /s | p50 ms | p99 ms | sustained | stage mean batches |",
+            "| ---: | --- | ---: | ---: | ---: | --- | --- |",
+        ]
         for r in res["rows"]:
-            lines.append(f"| {r['offered_rate']:.0f} | {r['system']} | {r['throughput']:.0f} | {r['p50_ms']:.2f} | "
-                         f"{r['p99_ms']:.2f} | {'yes' if r['sustained'] else 'no'} | {r.get('mean_batch_per_stage', '')} |")
+            lines.append(
+                f"| {r['offered_rate']:.0f} | {r['system']} | {r['throughput']:.0f} | {r['p50_ms']:.2f} | "
+                f"{r['p99_ms']:.2f} | {'yes' if r['sustained'] else 'no'} | {r.get('mean_batch_per_stage', '')} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -276,15 +310,22 @@ def _finite(v):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="digits,resnet")
-    p.add_argument("--rate-factors", default="0.1,0.3,0.6,0.9,1.2,1.6,2.0,2.5",
-                   help="arrival rates as multiples of the plain model's rows/s at max_batch")
+    p.add_argument(
+        "--rate-factors",
+        default="0.1,0.3,0.6,0.9,1.2,1.6,2.0,2.5",
+        help="arrival rates as multiples of the plain model's rows/s at max_batch",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="arrivals per run (bounded by --max-requests)")
     p.add_argument("--max-requests", type=int, default=6000)
     p.add_argument("--drain-s", type=float, default=10.0)
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1: on a shared 2-core VM, OpenMP's spinning threads fight "
-                        "the serving worker, the load generator and other jobs)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: on a shared 2-core VM, OpenMP's spinning threads fight "
+        "the serving worker, the load generator and other jobs)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: one model, three rates, 0.5 s each")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
@@ -295,10 +336,15 @@ def main(argv=None) -> int:
     results = [run_model(m, MODELS[m], args) for m in args.models.split(",")]
     info = device_info()
     date = datetime.date.today().isoformat()
-    doc = {"device": info, "date": date, "results": results, "argv": sys.argv[1:],
-           "note": "In-process open loop (Poisson arrivals of single samples; latency from the scheduled arrival). "
-                   "Measured on a shared 2-core VM with other jobs running: absolute numbers are noisy; "
-                   "the three systems run back to back at each rate."}
+    doc = {
+        "device": info,
+        "date": date,
+        "results": results,
+        "argv": sys.argv[1:],
+        "note": "In-process open loop (Poisson arrivals of single samples; latency from the scheduled arrival). "
+        "Measured on a shared 2-core VM with other jobs running: absolute numbers are noisy; "
+        "the three systems run back to back at each rate.",
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"serve-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}"

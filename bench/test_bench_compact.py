@@ -18,13 +18,13 @@ pytest-benchmark's own row is ``compact_into`` for a batch of ``inner`` back-to-
 
 The CPU case (B = 4096, 4 KB rows) compares the C++ op with boolean indexing, quick enough for CI.
 """
+
 from __future__ import annotations
 
 import time
 
 import pytest
 import torch
-
 from common import CUDA, benchmark_record, copy_bandwidth, per_call_seconds
 
 import eeruntime as ee
@@ -48,10 +48,14 @@ def _gpu_cases():
             yield pytest.param(B, rb, id=f"B{B}-row{rb}B")
 
 
-@pytest.mark.skipif(not (CUDA and _ext.with_cuda()), reason=(
-    "GPU benchmark: needs a CUDA device, none on this machine" if not CUDA
-    else f"eeruntime._C has no CUDA ops: {_ext.CUDA_BUILD_HINT}"
-))
+@pytest.mark.skipif(
+    not (CUDA and _ext.with_cuda()),
+    reason=(
+        "GPU benchmark: needs a CUDA device, none on this machine"
+        if not CUDA
+        else f"eeruntime._C has no CUDA ops: {_ext.CUDA_BUILD_HINT}"
+    ),
+)
 @pytest.mark.parametrize("B,row_bytes", list(_gpu_cases()))
 def test_compact_bandwidth(benchmark, copy_bw, B, row_bytes):
     free, _ = torch.cuda.mem_get_info()
@@ -96,12 +100,26 @@ def test_compact_bandwidth(benchmark, copy_bw, B, row_bytes):
     target_bw = B == 4096 and row_bytes >= 4096
     benchmark_record(
         benchmark,
-        op="compact", impl="compact_into", B=B, row_bytes=row_bytes, dtype="fp32", keep_fraction=KEEP_FRACTION,
-        kept=n, inner=inner,
-        seconds_compact=t_op, seconds_compact_into=t_into, seconds_boolean=t_bool, seconds_nonzero_index_select=t_nz,
-        bytes_moved=moved, gbps=gbps_into / 1e9, gbps_compact=gbps_op / 1e9, copy_GBps=copy_bw / 1e9,
-        copy_fraction=gbps_into / copy_bw, copy_fraction_compact=gbps_op / copy_bw,
-        speedup_vs_boolean=t_bool / t_op, speedup_into_vs_boolean=t_bool / t_into,
+        op="compact",
+        impl="compact_into",
+        B=B,
+        row_bytes=row_bytes,
+        dtype="fp32",
+        keep_fraction=KEEP_FRACTION,
+        kept=n,
+        inner=inner,
+        seconds_compact=t_op,
+        seconds_compact_into=t_into,
+        seconds_boolean=t_bool,
+        seconds_nonzero_index_select=t_nz,
+        bytes_moved=moved,
+        gbps=gbps_into / 1e9,
+        gbps_compact=gbps_op / 1e9,
+        copy_GBps=copy_bw / 1e9,
+        copy_fraction=gbps_into / copy_bw,
+        copy_fraction_compact=gbps_op / copy_bw,
+        speedup_vs_boolean=t_bool / t_op,
+        speedup_into_vs_boolean=t_bool / t_into,
         speedup_vs_nonzero_index_select=t_nz / t_op,
         target_copy_fraction=(gbps_into / copy_bw >= TARGET_COPY_FRACTION) if target_bw else None,
         target_vs_boolean=t_op < t_bool and t_into < t_bool,
@@ -144,10 +162,21 @@ def test_compact_cpu_vs_boolean_indexing(benchmark):
     n = packed.shape[0]
     benchmark_record(
         benchmark,
-        op="compact", impl="cpp", B=B, row_bytes=row_bytes, dtype="fp32", keep_fraction=KEEP_FRACTION, kept=n,
-        seconds_compact=t_op, seconds_boolean=t_bool, seconds_nonzero_index_select=t_nz,
+        op="compact",
+        impl="cpp",
+        B=B,
+        row_bytes=row_bytes,
+        dtype="fp32",
+        keep_fraction=KEEP_FRACTION,
+        kept=n,
+        seconds_compact=t_op,
+        seconds_boolean=t_bool,
+        seconds_nonzero_index_select=t_nz,
         gbps=2 * n * row_bytes / t_op / 1e9,
-        speedup_vs_boolean=t_bool / t_op, speedup_vs_nonzero_index_select=t_nz / t_op,
+        speedup_vs_boolean=t_bool / t_op,
+        speedup_vs_nonzero_index_select=t_nz / t_op,
     )
-    print(f"\nCPU B={B} row={row_bytes}B: cpp {t_op * 1e6:.0f} us, x[keep] {t_bool * 1e6:.0f} us, "
-          f"nonzero+index_select {t_nz * 1e6:.0f} us")
+    print(
+        f"\nCPU B={B} row={row_bytes}B: cpp {t_op * 1e6:.0f} us, x[keep] {t_bool * 1e6:.0f} us, "
+        f"nonzero+index_select {t_nz * 1e6:.0f} us"
+    )

@@ -18,6 +18,7 @@ the rows at exits 0 / 1 / final.
 
     python bench/test_bench_encoder.py [--rounds N] [--batches 1,16,64] [--out bench/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import eeruntime as ee  # noqa: E402
 from common import benchmark_record, device_info, thresholds_for_fractions  # noqa: E402
-from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle  # noqa: E402
+
+import eeruntime as ee  # noqa: E402
 from eeruntime.ops import confidence_ref  # noqa: E402
+from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle  # noqa: E402
 from eeruntime.state import as_tuple, call  # noqa: E402
 from eeruntime.timing import side_by_side  # noqa: E402
 
@@ -48,8 +50,14 @@ BATCHES = [1, 16, 64]
 
 def build(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=12,
-                                  intermediate_size=4 * HIDDEN, max_position_embeddings=512, num_labels=4)
+    cfg = transformers.BertConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=12,
+        intermediate_size=4 * HIDDEN,
+        max_position_embeddings=512,
+        num_labels=4,
+    )
     backbone = transformers.BertForSequenceClassification(cfg).eval()
     at = [f"bert.encoder.layer.{n - 1}" for n in EXITS_AFTER]  # "after layer 4" = the 4th layer
     model = ee.attach_exits(backbone, at=at, head="mean")
@@ -117,19 +125,27 @@ def measure(model, trimmed, x_all, thr, batch, rounds):
         t = side_by_side(fns, "cpu", rounds=rounds, warmup=1)
     fractions = (torch.bincount(res.exit_index, minlength=model.num_exits).float() / batch).tolist()
     cost = ee.measure_costs(model, rows(x, 1))
-    summary = {"batch": batch, "seq_len": S, "exit_fractions": fractions, "rounds": rounds, "trim_exit_flips": trim_flips,
-               "torch_threads": torch.get_num_threads()}
+    summary = {
+        "batch": batch,
+        "seq_len": S,
+        "exit_fractions": fractions,
+        "rounds": rounds,
+        "trim_exit_flips": trim_flips,
+        "torch_threads": torch.get_num_threads(),
+    }
     summary.update({f"{n}_ms": t.median(n) * 1e3 for n in fns})
-    summary.update({
-        "speedup_ideal": cost.ideal_speedup(fractions),
-        "speedup_runtime": t.ratio("plain", "runtime"),
-        "speedup_oracle": t.ratio("plain", "oracle"),
-        "speedup_batch1": t.ratio("plain", "batch1"),
-        "speedup_whole_batch": t.ratio("plain", "whole_batch"),
-        "efficiency": t.ratio("oracle", "runtime"),
-        "speedup_runtime_trim": t.ratio("plain", "runtime_trim"),
-        "trim_gain": t.ratio("runtime", "runtime_trim"),
-    })
+    summary.update(
+        {
+            "speedup_ideal": cost.ideal_speedup(fractions),
+            "speedup_runtime": t.ratio("plain", "runtime"),
+            "speedup_oracle": t.ratio("plain", "oracle"),
+            "speedup_batch1": t.ratio("plain", "batch1"),
+            "speedup_whole_batch": t.ratio("plain", "whole_batch"),
+            "efficiency": t.ratio("oracle", "runtime"),
+            "speedup_runtime_trim": t.ratio("plain", "runtime_trim"),
+            "trim_gain": t.ratio("runtime", "runtime_trim"),
+        }
+    )
     return summary
 
 
@@ -150,9 +166,22 @@ def test_encoder_runtime(benchmark, built, batch):
 
 
 def table(results) -> str:
-    cols = ["batch", "plain_ms", "runtime_ms", "oracle_ms", "batch1_ms", "whole_batch_ms", "speedup_ideal",
-            "speedup_runtime", "speedup_oracle", "speedup_batch1", "speedup_whole_batch", "efficiency",
-            "runtime_trim_ms", "trim_gain"]
+    cols = [
+        "batch",
+        "plain_ms",
+        "runtime_ms",
+        "oracle_ms",
+        "batch1_ms",
+        "whole_batch_ms",
+        "speedup_ideal",
+        "speedup_runtime",
+        "speedup_oracle",
+        "speedup_batch1",
+        "speedup_whole_batch",
+        "efficiency",
+        "runtime_trim_ms",
+        "trim_gain",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")

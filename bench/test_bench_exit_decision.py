@@ -17,6 +17,7 @@ timing row is the Triton kernel's, for a batch of ``inner`` back-to-back launche
 The whole file needs CUDA: on CPU the kernel only runs in the Triton interpreter, whose timings
 mean nothing, and compiling the reference for every shape would cost minutes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,7 +25,6 @@ import math
 
 import pytest
 import torch
-
 from common import benchmark_record, copy_bandwidth, needs_cuda, per_call_seconds
 
 pytestmark = needs_cuda
@@ -44,7 +44,7 @@ def copy_bw() -> float:
     return copy_bandwidth("cuda")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_reference(criterion: str, backend: str = "inductor"):
     """torch.compile of the reference, one compiled function per criterion.
 
@@ -149,10 +149,21 @@ def test_exit_decision_bandwidth(benchmark, copy_bw, B, C, dtype_name, criterion
     bandwidth_target = B == 4096 and C >= 1000
     benchmark_record(
         benchmark,
-        op="exit_decision", B=B, C=C, dtype=dtype_name, criterion=criterion, inner=inner,
-        seconds_triton=t_triton, seconds_eager=t_eager, seconds_compile=t_compile,
-        bytes_moved=moved, achieved_GBps=gbps / 1e9, copy_GBps=copy_bw / 1e9, fraction_of_copy=fraction,
-        speedup_vs_eager=speedup_eager, speedup_vs_compile=speedup_compile,
+        op="exit_decision",
+        B=B,
+        C=C,
+        dtype=dtype_name,
+        criterion=criterion,
+        inner=inner,
+        seconds_triton=t_triton,
+        seconds_eager=t_eager,
+        seconds_compile=t_compile,
+        bytes_moved=moved,
+        achieved_GBps=gbps / 1e9,
+        copy_GBps=copy_bw / 1e9,
+        fraction_of_copy=fraction,
+        speedup_vs_eager=speedup_eager,
+        speedup_vs_compile=speedup_compile,
         target_fraction_of_copy=(fraction >= TARGET_COPY_FRACTION) if bandwidth_target else None,
         target_vs_eager=(speedup_eager >= TARGET_SPEEDUP_EAGER) if speedup_eager else None,
         target_vs_compile=(speedup_compile >= TARGET_SPEEDUP_COMPILE) if speedup_compile else None,
@@ -164,4 +175,3 @@ def test_exit_decision_bandwidth(benchmark, copy_bw, B, C, dtype_name, criterion
         + (f", eager x{speedup_eager:.1f}" if speedup_eager else "")
         + (f", compile x{speedup_compile:.2f}" if speedup_compile else "")
     )
-

@@ -21,16 +21,17 @@ plain_eager; with no exits runtime_graphs within 5% of plain_graph.
     pytest bench/test_bench_graphs.py --benchmark-json bench/results/<device>-<date>.json
 EERUNTIME_BENCH_DTYPE (default float16) sets the dtype.
 """
+
 import json
 import os
 
 import pytest
 import torch
+from common import CUDA, benchmark_record, cudnn_benchmark_on, thresholds_for_fractions
 
 import eeruntime as ee
-from common import CUDA, benchmark_record, cudnn_benchmark_on, thresholds_for_fractions
-from eeruntime.timing import side_by_side
 from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle
+from eeruntime.timing import side_by_side
 from eeruntime.zoo import resnet_style
 
 pytestmark = pytest.mark.skipif(not CUDA, reason="GPU benchmark: needs a CUDA device, none on this machine")
@@ -148,8 +149,12 @@ def test_graphs_vs_plain_vs_oracle(benchmark, res, batch, scenario):
                 oracle_forward(model, p)
 
         variants = {
-            "plain_eager": run_plain_eager, "plain_graph": run_plain_graph, "runtime_eager": run_rt_eager,
-            "runtime_graphs": run_rt_graphs, "oracle": run_oracle, "oracle_eager": run_oracle_eager,
+            "plain_eager": run_plain_eager,
+            "plain_graph": run_plain_graph,
+            "runtime_eager": run_rt_eager,
+            "runtime_graphs": run_rt_graphs,
+            "oracle": run_oracle,
+            "oracle_eager": run_oracle_eager,
         }
         # Interleaved rounds in changing orders, so drift in clocks or load hits every variant alike.
         t = side_by_side(variants, "cuda", rounds=30, warmup=1, inner=3)

@@ -6,15 +6,16 @@ oracle (eeruntime.oracle: each stage on exactly the rows that reach it, no decis
 Reports measured speed-up (plain / runtime), FLOPs-ideal speed-up (cost model) and efficiency
 (oracle / runtime). Target: efficiency >= 0.97 with exits and with none.
 """
+
 import json
 
 import pytest
 import torch
+from common import benchmark_record, synced, thresholds_for_fractions
 
 import eeruntime as ee
-from common import benchmark_record, synced, thresholds_for_fractions
-from eeruntime.timing import side_by_side
 from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle
+from eeruntime.timing import side_by_side
 from eeruntime.zoo import conv_net
 
 SCENARIOS = {"exits": [0.5, 0.2, 0.15, 0.15], "none": [0.0, 0.0, 0.0, 1.0]}
@@ -51,8 +52,15 @@ def test_runtime_vs_plain_vs_oracle(benchmark, setup_cache, device, scenario, ba
     fractions = (torch.bincount(res.exit_index.cpu(), minlength=4).float() / batch).tolist()
     with torch.inference_mode():
         # Interleaved rounds in changing orders, so drift in machine load hits all three alike.
-        t = side_by_side({"plain": lambda: plain_forward(model, x), "runtime": lambda: rt(x),
-                          "oracle": lambda: oracle_forward(model, plan)}, device, rounds=60)
+        t = side_by_side(
+            {
+                "plain": lambda: plain_forward(model, x),
+                "runtime": lambda: rt(x),
+                "oracle": lambda: oracle_forward(model, plan),
+            },
+            device,
+            rounds=60,
+        )
     tp, tr, to = t.median("plain"), t.median("runtime"), t.median("oracle")
     cost = ee.measure_costs(model, x[:1])
     summary = {

@@ -1,4 +1,5 @@
 """``python -m eeruntime COMMAND``: the same command line as the ``eeruntime`` script (eeruntime/cli.py)."""
+
 import sys
 
 from .cli import main

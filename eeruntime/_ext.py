@@ -1,4 +1,5 @@
 """Guarded access to the compiled extension ``eeruntime._C``."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,11 @@ def build_info() -> Optional[dict]:
     return info if isinstance(info, dict) and "torch" in info else None
 
 
-def torch_mismatch(info: Optional[dict], version: str = torch.__version__,
-                   git_version: Optional[str] = getattr(torch.version, "git_version", None)) -> Optional[str]:
+def torch_mismatch(
+    info: Optional[dict],
+    version: str = torch.__version__,
+    git_version: Optional[str] = getattr(torch.version, "git_version", None),
+) -> Optional[str]:
     """Why a build described by ``info`` does not fit the running torch, or None when it does.
     C++ extensions have no stable ABI across torch releases (nor between a CPU and a CUDA build
     of one release), so the exact version, local label included, must match."""
@@ -40,8 +44,10 @@ def torch_mismatch(info: Optional[dict], version: str = torch.__version__,
         return f"eeruntime._C was built against torch {built} but torch {version} is running"
     built_git = info.get("torch_git")
     if built_git and git_version and built_git != git_version:
-        return (f"eeruntime._C was built against torch {built} ({built_git[:12]}) but this torch {version} "
-                f"is another build ({git_version[:12]})")
+        return (
+            f"eeruntime._C was built against torch {built} ({built_git[:12]}) but this torch {version} "
+            f"is another build ({git_version[:12]})"
+        )
     return None
 
 
@@ -52,15 +58,18 @@ if _MISMATCH is not None:
     # Loading a library built for another torch fails on a missing symbol at best; at worst it
     # loads and misbehaves. Do not load it: warn once and run on the torch references.
     _IMPORT_ERROR = f"{_MISMATCH}; {REBUILD_HINT}"
-    warnings.warn(f"{_IMPORT_ERROR}. Until then the torch reference ops run (correct, slower).",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"{_IMPORT_ERROR}. Until then the torch reference ops run (correct, slower).", RuntimeWarning, stacklevel=2
+    )
 else:
     try:
         from . import _C  # type: ignore  # noqa: F811  registers torch.ops.eeruntime.*
     except Exception as e:  # ImportError, or an undefined symbol from a torch mismatch
         # No compiled file at all reads better as "not built" than Python's partial-import message.
-        _IMPORT_ERROR = None if importlib.util.find_spec(f"{__name__.rpartition('.')[0]}._C") is None else (
-            f"{type(e).__name__}: {e}"
+        _IMPORT_ERROR = (
+            None
+            if importlib.util.find_spec(f"{__name__.rpartition('.')[0]}._C") is None
+            else (f"{type(e).__name__}: {e}")
         )
 
 BUILD_HINT = (

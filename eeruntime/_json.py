@@ -1,4 +1,5 @@
 """Floats as strict JSON (no bare Infinity/NaN, which many parsers reject)."""
+
 import math
 
 

@@ -29,6 +29,7 @@ The result *shares* the backbone's modules (training it trains the backbone; pas
 to work on a deep copy). The backbone itself is not changed: no module is replaced, wrapped or
 re-registered, and its train/eval mode is restored after the dry run.
 """
+
 from __future__ import annotations
 
 import copy as _copy
@@ -120,7 +121,9 @@ def attach_exits(
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(map(repr, MODES))}")
     custom_factory = callable(head) and not isinstance(head, (str, nn.Module))
     if custom_factory and example_input is None:
-        raise ValueError("a head factory gets the state shapes from a dry run: pass example_input=<a batch the backbone accepts>")
+        raise ValueError(
+            "a head factory gets the state shapes from a dry run: pass example_input=<a batch the backbone accepts>"
+        )
     if copy:
         backbone = _copy.deepcopy(backbone)
 
@@ -139,7 +142,9 @@ def attach_exits(
     C, tail = built.classes, built.split.tail
     if num_classes is None:
         if C is None:
-            raise ValueError(f"{type(backbone).__name__} has no classifier (it returns no logits): pass num_classes=<number of classes>")
+            raise ValueError(
+                f"{type(backbone).__name__} has no classifier (it returns no logits): pass num_classes=<number of classes>"
+            )
         num_classes = C
     num_classes = int(num_classes)
     if num_classes < 1:
@@ -168,7 +173,9 @@ def attach_exits(
     model.token_layout = built.layouts[0] if built.layouts and built.layouts[0] is not None else None
     layout = model.token_layout
     if trim and (layout is None or layout.mask_index is None or encoders.set_trim(model, True) == 0):
-        raise ValueError("trim=True applies to HF text encoders (their stages carry an attention mask); this model has none")
+        raise ValueError(
+            "trim=True applies to HF text encoders (their stages carry an attention mask); this model has none"
+        )
     return model
 
 
@@ -203,7 +210,8 @@ def split_points(backbone: nn.Module, example_input=None, mode: str = "auto") ->
             if expected is None or expected.dim() != 2:
                 raise ValueError("the backbone must return logits [B, C] (a tensor, or an output with .logits)")
             children = mode == "children" or (
-                mode == "auto" and (isinstance(backbone, nn.Sequential) or _children_in_order(backbone, probe, expected))
+                mode == "auto"
+                and (isinstance(backbone, nn.Sequential) or _children_in_order(backbone, probe, expected))
             )
             split = _split_children if children else _split_fx
             return [SplitPoint(n, s) for n, s in split(backbone, [], probe, expected, points_only=True)]
@@ -214,7 +222,7 @@ def split_points(backbone: nn.Module, example_input=None, mode: str = "auto") ->
 
 @dataclass
 class _Built:
-    split: "_Split"
+    split: _Split
     states: list  # the dry run's state after each stage
     layouts: list  # per state: a TokenLayout for token states, else None
     classes: Optional[int]  # the backbone's output width (None: it returns no logits)
@@ -236,7 +244,9 @@ def _build_generic(backbone, at, example_input, mode) -> _Built:
     expected = output_logits(raw)
     if expected is None or expected.dim() != 2:
         what = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(raw).__name__
-        raise ValueError(f"the backbone must return logits [B, C] (a tensor, or an output with .logits); it returned {what}")
+        raise ValueError(
+            f"the backbone must return logits [B, C] (a tensor, or an output with .logits); it returned {what}"
+        )
     split, used = _split(backbone, at, probe, expected, mode)
     if not isinstance(raw, torch.Tensor):
         split.tail = encoders.LogitsOf(split.tail)
@@ -260,7 +270,9 @@ def _build_encoder(backbone, at, example_input) -> _Built:
     if cuts != sorted(cuts):
         raise ValueError(f"split points must be in forward order; got {list(at)}")
     if cuts[-1] >= len(names) - 1:
-        raise ValueError(f"split point {at[cuts.index(cuts[-1])]!r} is the last layer: it leaves the last stage empty; valid: {_listing(names[:-1])}")
+        raise ValueError(
+            f"split point {at[cuts.index(cuts[-1])]!r} is the last layer: it leaves the last stage empty; valid: {_listing(names[:-1])}"
+        )
     split = encoders.split_encoder(backbone, cuts)
     adapter = split.input_adapter
     probe = example_input if example_input is not None else _encoder_probe(backbone)
@@ -295,7 +307,9 @@ def _encoder_cut(a: str, names: List[str]) -> int:
     if len(hits) == 1:
         return hits[0]
     why = "matches several layers" if hits else "is not one of its layers"
-    raise ValueError(f"split point {a!r} {why}; valid split points (the encoder's layers, in order): {_listing(names[:-1])}")
+    raise ValueError(
+        f"split point {a!r} {why}; valid split points (the encoder's layers, in order): {_listing(names[:-1])}"
+    )
 
 
 def _encoder_probe(backbone):
@@ -441,8 +455,10 @@ def _verify(split, probe, expected, how, exact: bool = True) -> None:
         out = output_logits(_run_split(split, probe))
     except Exception as e:
         raise ValueError(f"the {how} split fails on the dry run ({type(e).__name__}: {e})") from e
-    same = isinstance(out, torch.Tensor) and out.shape == expected.shape and (
-        torch.equal(out, expected) if exact else torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+    same = (
+        isinstance(out, torch.Tensor)
+        and out.shape == expected.shape
+        and (torch.equal(out, expected) if exact else torch.allclose(out, expected, rtol=1e-4, atol=1e-5))
     )
     if not same:
         hint = " (its children do not run in order in forward; use mode='fx')" if how == "children" else ""
@@ -503,8 +519,11 @@ def _run_blocks(blocks, probe, shapes: Optional[list] = None):
     for i, (_, m) in enumerate(blocks):
         lin = _first_leaf(m)
         if (
-            isinstance(lin, nn.Linear) and isinstance(state, torch.Tensor) and state.dim() > 2
-            and state.shape[-1] != lin.in_features and state[0].numel() == lin.in_features
+            isinstance(lin, nn.Linear)
+            and isinstance(state, torch.Tensor)
+            and state.dim() > 2
+            and state.shape[-1] != lin.in_features
+            and state[0].numel() == lin.in_features
         ):
             flatten_before.add(i)
             state = torch.flatten(state, 1)
@@ -546,7 +565,11 @@ def _split_children(backbone: nn.Module, at, probe, expected, points_only: bool 
     idx = []
     for a in at:
         if a not in valid:
-            why = "is part of the classifier tail or leaves the last stage empty" if a in names else "is not a child module"
+            why = (
+                "is part of the classifier tail or leaves the last stage empty"
+                if a in names
+                else "is not a child module"
+            )
             raise ValueError(f"split point {a!r} {why}; valid split points (in order): {_listing(valid)}")
         idx.append(names.index(a))
     if idx != sorted(idx):
@@ -629,7 +652,9 @@ class _SplitTracer(fx.Tracer):
         return node
 
 
-def _encoder_by_layers(enc: nn.TransformerEncoder, tracer: _SplitTracer, src, mask=None, src_key_padding_mask=None, is_causal=None):
+def _encoder_by_layers(
+    enc: nn.TransformerEncoder, tracer: _SplitTracer, src, mask=None, src_key_padding_mask=None, is_causal=None
+):
     """nn.TransformerEncoder.forward as a plain run of its layers (then its norm). Numerically
     the same on the real tokens; its nested-tensor fast path (eval, with a padding mask) leaves
     zeros at padded positions where this leaves the layers' values."""
@@ -672,7 +697,9 @@ def _split_fx(backbone: nn.Module, at, probe, expected, points_only: bool = Fals
     leaves = [a for a in at if a in modules and a != ""]
     nested = [(a, b) for a in leaves for b in leaves if a != b and b.startswith(a + ".")]
     if nested:
-        raise ValueError(f"split points {nested[0][0]!r} and {nested[0][1]!r} are nested modules; name modules that run one after the other")
+        raise ValueError(
+            f"split points {nested[0][0]!r} and {nested[0][1]!r} are nested modules; name modules that run one after the other"
+        )
     tracer = _SplitTracer(leaves)
     try:
         graph = tracer.trace(backbone)
@@ -703,12 +730,20 @@ def _split_fx(backbone: nn.Module, at, probe, expected, points_only: bool = Fals
 
     param_nodes = [n for n in compute if has_params(n)]
     if len(param_nodes) < 2:
-        raise ValueError(f"{type(backbone).__name__} has {len(param_nodes)} parametrised layer(s); a split needs layers before the classifier")
+        raise ValueError(
+            f"{type(backbone).__name__} has {len(param_nodes)} parametrised layer(s); a split needs layers before the classifier"
+        )
     last_layer, classifier = pos[param_nodes[-2]], pos[param_nodes[-1]]
-    cut = [i for i in range(last_layer, classifier) if nodes[i].op in _COMPUTE and live_after(i) == [nodes[i]] and splittable(nodes[i])]
+    cut = [
+        i
+        for i in range(last_layer, classifier)
+        if nodes[i].op in _COMPUTE and live_after(i) == [nodes[i]] and splittable(nodes[i])
+    ]
     boundary = cut[0] if cut else last_layer
     if not splittable(nodes[boundary]):
-        raise ValueError(f"cannot separate the classifier of {type(backbone).__name__}: the values after {nodes[boundary].name!r} are not batched tensors")
+        raise ValueError(
+            f"cannot separate the classifier of {type(backbone).__name__}: the values after {nodes[boundary].name!r} are not batched tensors"
+        )
     dotted = tracer.dotted
     valid_nodes = [n for n in compute if pos[n] < boundary and splittable(n)]
     if points_only:
@@ -726,7 +761,9 @@ def _split_fx(backbone: nn.Module, at, probe, expected, points_only: bool = Fals
         n = by_name.get(a)
         if n is None and a in targets:
             if len(targets[a]) > 1:
-                raise ValueError(f"split point {a!r}: forward calls this module {len(targets[a])} times; name one of its nodes: {[m.name for m in targets[a]]}")
+                raise ValueError(
+                    f"split point {a!r}: forward calls this module {len(targets[a])} times; name one of its nodes: {[m.name for m in targets[a]]}"
+                )
             n = targets[a][0]
         if n is None or pos[n] >= boundary or not splittable(n):
             if n is None:
@@ -816,17 +853,23 @@ def _subgraph(gm, nodes, inputs, span, outputs, *, guard: bool, raw_output: bool
 def _make_heads(head: HeadSpec, states, num_classes: int, at, layouts) -> List[nn.Module]:
     n = len(states)
     if isinstance(head, nn.Module) and not isinstance(head, nn.ModuleList):
-        raise TypeError("head must be 'auto', 'pool_linear', 'conv', 'cls', 'mean', a factory head(state_shape, num_classes), or a sequence of modules (one per split point); got a single module")
+        raise TypeError(
+            "head must be 'auto', 'pool_linear', 'conv', 'cls', 'mean', a factory head(state_shape, num_classes), or a sequence of modules (one per split point); got a single module"
+        )
     if isinstance(head, str):
         if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; accepted: {', '.join(map(repr, HEADS))}, a factory head(state_shape, num_classes) or a list of modules")
+            raise ValueError(
+                f"unknown head {head!r}; accepted: {', '.join(map(repr, HEADS))}, a factory head(state_shape, num_classes) or a list of modules"
+            )
         return [_default_head(head, s, num_classes, a, lay) for s, a, lay in zip(states, at, layouts)]
     if callable(head) and not isinstance(head, nn.Module):
         out = []
         for k, s in enumerate(states):
             h = head(as_tuple(s)[0].shape[1:], num_classes)
             if not isinstance(h, nn.Module):
-                raise TypeError(f"the head factory must return an nn.Module, got {type(h).__name__} for split point {at[k]!r}")
+                raise TypeError(
+                    f"the head factory must return an nn.Module, got {type(h).__name__} for split point {at[k]!r}"
+                )
             out.append(h)
         return out
     heads = list(head)
@@ -842,13 +885,19 @@ def _default_head(head: str, state, num_classes: int, at: str, layout: Optional[
     x = as_tuple(state)[0]
     if layout is not None:  # tokens [B, S, H]: pool along S, classify the H features
         if head == "conv":
-            raise ValueError(f"head='conv' needs a [B, C, *spatial] map; split point {at!r} yields tokens {tuple(x.shape)} (use 'cls' or 'mean')")
+            raise ValueError(
+                f"head='conv' needs a [B, C, *spatial] map; split point {at!r} yields tokens {tuple(x.shape)} (use 'cls' or 'mean')"
+            )
         pool = layout.pool if head == "auto" else ("mean" if head == "pool_linear" else head)
-        return SequenceHead(x.shape[-1], num_classes, pool=pool, mask_index=layout.mask_index, padding_mask=layout.padding_mask)
+        return SequenceHead(
+            x.shape[-1], num_classes, pool=pool, mask_index=layout.mask_index, padding_mask=layout.padding_mask
+        )
     if x.dim() < 2:
         raise ValueError(f"split point {at!r} yields shape {tuple(x.shape)}; default heads need [B, C, ...]")
     if head in TOKEN_POOLS:
-        raise ValueError(f"head={head!r} is a token head; split point {at!r} yields a feature map {tuple(x.shape)} (use 'pool_linear' or 'conv')")
+        raise ValueError(
+            f"head={head!r} is a token head; split point {at!r} yields a feature map {tuple(x.shape)} (use 'pool_linear' or 'conv')"
+        )
     if head in ("auto", "pool_linear"):
         return PoolLinearHead(x.shape[1], num_classes)
     if not 3 <= x.dim() <= 5:

@@ -9,6 +9,7 @@ constructor that builds a different model is refused with the names that differ,
 tensor is read. Nothing is unpickled, and no module named in the file is ever imported: the
 factory name saved as a hint is only quoted in error messages.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -85,7 +86,9 @@ def _check_fits(model: nn.Module, entry: dict, where: Path) -> None:
     have = {k: list(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in have if k not in saved]
     extra = [k for k in saved if k not in have]
-    shapes = [f"{k}: saved {saved[k]['shape']}, model {have[k]}" for k in have if k in saved and saved[k]["shape"] != have[k]]
+    shapes = [
+        f"{k}: saved {saved[k]['shape']}, model {have[k]}" for k in have if k in saved and saved[k]["shape"] != have[k]
+    ]
     if not (missing or extra or shapes):
         return
     hint = f" (it was saved from {entry.get('factory')!r})" if entry.get("factory") else ""
@@ -94,9 +97,7 @@ def _check_fits(model: nn.Module, entry: dict, where: Path) -> None:
         if items:
             more = f" and {len(items) - 5} more" if len(items) > 5 else ""
             parts.append(f"{what}: {', '.join(items[:5])}{more}")
-    raise ValueError(
-        f"the model built by the factory does not match the weights in {where}{hint}: " + "; ".join(parts)
-    )
+    raise ValueError(f"the model built by the factory does not match the weights in {where}{hint}: " + "; ".join(parts))
 
 
 def build_model(source: ModelSource, entry: Optional[dict], directory: Path) -> nn.Module:

@@ -10,6 +10,7 @@ checks a safetensors file's header against the file's length before a byte of da
 Unknown top-level keys are left alone (a newer writer's additions, or a section another module
 checks, such as the model weights of a bundle).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,21 @@ MAX_JSON_BYTES = 256 << 20
 _EENET_SIZES = {"num_exits": (2, MAX_EXITS), "top_k": (1, 1024), "hidden": (1, 1 << 16)}
 CONFIG_FIELDS: Dict[str, Dict[str, tuple]] = {"eenet": _EENET_SIZES, "eeruntime.scorers.EENetScorer": _EENET_SIZES}
 SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 MAX_SAFETENSORS_HEADER = 100 << 20
 
@@ -41,8 +55,11 @@ class BadFile(ValueError):
 
 
 def _fail(path, field: str, problem: str, accepted: str):
-    raise BadFile(f"{path}: field {field!r} {problem}; accepted: {accepted}" if field != "the file" else
-                  f"{path}: the file {problem}; accepted: {accepted}")
+    raise BadFile(
+        f"{path}: field {field!r} {problem}; accepted: {accepted}"
+        if field != "the file"
+        else f"{path}: the file {problem}; accepted: {accepted}"
+    )
 
 
 def _show(v) -> str:
@@ -61,7 +78,9 @@ def _int(path, field: str, v, lo: int, hi: int) -> int:
 def _number(path, field: str, v, *, nan: bool = False, lo: Optional[float] = None, hi: Optional[float] = None) -> float:
     """A JSON number, or one of the strings ``rt.save`` writes for non-finite values."""
     specials = ("inf", "-inf") + (("nan",) if nan else ())
-    accepted = "a number" + (f" in [{lo}, {hi}]" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else "")
+    accepted = "a number" + (
+        f" in [{lo}, {hi}]" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
+    )
     accepted += " or one of " + ", ".join(map(repr, specials))
     if isinstance(v, str) and v in specials:
         return float(v)
@@ -77,7 +96,12 @@ def _number(path, field: str, v, *, nan: bool = False, lo: Optional[float] = Non
 
 def _list(path, field: str, v, length: Optional[int], item: Callable[[str, Any], Any]) -> list:
     if not isinstance(v, list):
-        _fail(path, field, f"is {_show(v)} ({type(v).__name__})", f"a list of {length if length is not None else 'any number of'} items")
+        _fail(
+            path,
+            field,
+            f"is {_show(v)} ({type(v).__name__})",
+            f"a list of {length if length is not None else 'any number of'} items",
+        )
     if length is not None and len(v) != length:
         _fail(path, field, f"has {len(v)} items", f"{length} items")
     return [item(f"{field}[{i}]", x) for i, x in enumerate(v)]
@@ -100,7 +124,12 @@ def _obj(path, field: str, v, required=()) -> dict:
         _fail(path, field, f"is {_show(v)} ({type(v).__name__})", "a JSON object")
     for key in required:
         if key not in v:
-            _fail(path, f"{field}.{key}" if field else key, "is missing", f"every {field or 'file'} has {', '.join(required)}")
+            _fail(
+                path,
+                f"{field}.{key}" if field else key,
+                "is missing",
+                f"every {field or 'file'} has {', '.join(required)}",
+            )
     return v
 
 
@@ -115,7 +144,9 @@ def read_json(path: Path) -> dict:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadFile(f"{path}: is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); accepted: the JSON file rt.save writes") from None
+        raise BadFile(
+            f"{path}: is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); accepted: the JSON file rt.save writes"
+        ) from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -129,8 +160,10 @@ def check_runtime_doc(doc: dict, path) -> dict:
     """Check every field of a ``runtime.json`` document (``path`` names it in errors); returns it."""
     _obj(path, "the file", doc)
     if doc.get("format") != FORMAT:
-        raise BadFile(f"{path} is not a saved eeruntime runtime: field 'format' is {_show(doc.get('format'))}; "
-                      f"accepted: {FORMAT!r} (a file written by rt.save)")
+        raise BadFile(
+            f"{path} is not a saved eeruntime runtime: field 'format' is {_show(doc.get('format'))}; "
+            f"accepted: {FORMAT!r} (a file written by rt.save)"
+        )
     version = doc.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
         newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
@@ -147,10 +180,16 @@ def check_runtime_doc(doc: dict, path) -> dict:
     if weights is not None:
         name = _str(path, "weights", weights)
         if name in ("", ".", "..") or "/" in name or "\\" in name or not name.endswith(".safetensors"):
-            _fail(path, "weights", f"is {_show(name)}", "the name of a .safetensors file beside the JSON (no directories)")
+            _fail(
+                path, "weights", f"is {_show(name)}", "the name of a .safetensors file beside the JSON (no directories)"
+            )
     elif crit["kind"] == "module":
-        _fail(path, "weights", "is null but the criterion is a learned module (its weights would be random)",
-              "the name of the .safetensors file rt.save wrote beside the JSON")
+        _fail(
+            path,
+            "weights",
+            "is null but the criterion is a learned module (its weights would be random)",
+            "the name of the .safetensors file rt.save wrote beside the JSON",
+        )
     if doc.get("calibration") is not None:
         _check_calibration(path, doc["calibration"], K)
     return doc
@@ -172,7 +211,9 @@ def _check_criterion(path, c, K: int) -> dict:
         # Named by its registered name ("registered", null for a user's module) or, in files of
         # format 1, by its Python path ("cls").
         if "registered" not in c and "cls" not in c:
-            _fail(path, "criterion.registered", "is missing", "the name a learned criterion is registered under (or null)")
+            _fail(
+                path, "criterion.registered", "is missing", "the name a learned criterion is registered under (or null)"
+            )
         name = None
         for key in ("registered", "cls"):
             if c.get(key) is not None:
@@ -191,7 +232,9 @@ def _check_config(path, field: str, config, cls: str, K: int) -> None:
     for key, (lo, hi) in sizes.items():
         _int(path, f"{field}.{key}", config[key], lo, hi)
     if "num_exits" in sizes and config["num_exits"] != K:
-        _fail(path, f"{field}.num_exits", f"is {config['num_exits']} but num_exits is {K}", f"{K}, the model's exit count")
+        _fail(
+            path, f"{field}.num_exits", f"is {config['num_exits']} but num_exits is {K}", f"{K}, the model's exit count"
+        )
 
 
 _CAL_NUMBERS = ("accuracy", "final_accuracy", "expected_cost", "plain_cost")
@@ -199,8 +242,22 @@ _CAL_NUMBERS = ("accuracy", "final_accuracy", "expected_cost", "plain_cost")
 
 def _check_calibration(path, cal, K: int) -> None:
     f = "calibration"
-    _obj(path, f, cal, ("method", "criterion", "final", "thresholds", "exit_fractions", "exit_costs", "cost_unit",
-                        "num_samples", *_CAL_NUMBERS))
+    _obj(
+        path,
+        f,
+        cal,
+        (
+            "method",
+            "criterion",
+            "final",
+            "thresholds",
+            "exit_fractions",
+            "exit_costs",
+            "cost_unit",
+            "num_samples",
+            *_CAL_NUMBERS,
+        ),
+    )
     _str(path, f"{f}.method", cal["method"])
     _str(path, f"{f}.criterion", cal["criterion"])
     _str(path, f"{f}.final", cal["final"], FINAL_MODES)
@@ -220,8 +277,13 @@ def _check_calibration(path, cal, K: int) -> None:
         if cal.get(key) is not None:
             _list(path, f"{f}.{key}", cal[key], None, lambda g, v: _point(path, g, v, K))
     if cal.get("grid") is not None:
-        _list(path, f"{f}.grid", cal["grid"], K - 1,
-              lambda g, v: _list(path, g, v, None, lambda h, t: _number(path, h, t)))
+        _list(
+            path,
+            f"{f}.grid",
+            cal["grid"],
+            K - 1,
+            lambda g, v: _list(path, g, v, None, lambda h, t: _number(path, h, t)),
+        )
     if cal.get("settings") is not None:
         _obj(path, f"{f}.settings", cal["settings"])
 
@@ -249,8 +311,10 @@ def check_safetensors(path: Path) -> None:
             raise BadFile(f"{path}: is {size} bytes, too short for a safetensors header; accepted: {accepted}")
         (n,) = struct.unpack("<Q", head)
         if n > min(MAX_SAFETENSORS_HEADER, size - 8):
-            raise BadFile(f"{path}: declares a {n}-byte header but holds {size - 8} bytes after its length "
-                          f"(truncated or not safetensors); accepted: {accepted}")
+            raise BadFile(
+                f"{path}: declares a {n}-byte header but holds {size - 8} bytes after its length "
+                f"(truncated or not safetensors); accepted: {accepted}"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -265,11 +329,19 @@ def check_safetensors(path: Path) -> None:
         if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
             raise BadFile(f"{path}: tensor {name!r} has no known dtype ({_show(entry)}); accepted: {accepted}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if not (
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise BadFile(f"{path}: tensor {name!r} has shape {_show(shape)}; accepted: {accepted}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
             raise BadFile(f"{path}: tensor {name!r} has data_offsets {_show(offsets)}; accepted: {accepted}")
         begin, end = offsets
         if not 0 <= begin <= end <= data or end - begin != math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]]:
-            raise BadFile(f"{path}: tensor {name!r} ({entry['dtype']} {shape}) lies at bytes [{begin}, {end}) of "
-                          f"{data} data bytes (truncated or corrupt); accepted: {accepted}")
+            raise BadFile(
+                f"{path}: tensor {name!r} ({entry['dtype']} {shape}) lies at bytes [{begin}, {end}) of "
+                f"{data} data bytes (truncated or corrupt); accepted: {accepted}"
+            )

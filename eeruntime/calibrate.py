@@ -11,6 +11,7 @@ branch by branch), ``"accuracy"`` (cheapest within ``max_drop`` of the final exi
 frontier of accuracy against expected cost; its chosen point is the one ``"accuracy"`` with the
 same ``max_drop`` would take on that grid).
 """
+
 from __future__ import annotations
 
 import math
@@ -135,20 +136,19 @@ class Calibration:
             "candidates": _enc_points(self.candidates),
             "frontier": _enc_points(self.frontier),
             # the full candidate lists of a large calibration set would swamp the file
-            "grid": None if self.grid is None or sum(map(len, self.grid)) > MAX_SAVED_GRID
+            "grid": None
+            if self.grid is None or sum(map(len, self.grid)) > MAX_SAVED_GRID
             else [[_enc(t) for t in g] for g in self.grid],
             "settings": dict(self.settings),
         }
 
     @classmethod
-    def from_dict(cls, d: dict, scorer=None) -> "Calibration":
+    def from_dict(cls, d: dict, scorer=None) -> Calibration:
         """Inverse of :meth:`to_dict`; ``scorer`` supplies the module of a learned criterion."""
         criterion = d["criterion"]
         if d.get("scorer_config") is not None or criterion not in ("entropy", "max_prob", "margin", "norm_entropy"):
             if scorer is None:
-                raise ValueError(
-                    f"this calibration's criterion is a learned module ({criterion}); pass it as scorer="
-                )
+                raise ValueError(f"this calibration's criterion is a learned module ({criterion}); pass it as scorer=")
             criterion = scorer
         return cls(
             method=d["method"],
@@ -276,15 +276,23 @@ def calibrate(
     if isinstance(data, ScoreCache):
         cache = data
         if criterion is not None and not (criterion is cache.criterion or criterion == cache.criterion):
-            raise ValueError(f"the cache holds {criterion_name(cache.criterion)} scores, not {criterion_name(criterion)}")
+            raise ValueError(
+                f"the cache holds {criterion_name(cache.criterion)} scores, not {criterion_name(criterion)}"
+            )
         if final is not None and final != cache.final:
             raise ValueError(f"the cache was built with final={cache.final!r}, not {final!r}")
     else:
         if model is None:
             raise TypeError("calibrate needs the model (or a ScoreCache as data)")
         cache = build_cache(
-            model, data, "entropy" if criterion is None else criterion, final or "last", cost=cost,
-            batch_size=batch_size, progress=progress, decision_backend=decision_backend,
+            model,
+            data,
+            "entropy" if criterion is None else criterion,
+            final or "last",
+            cost=cost,
+            batch_size=batch_size,
+            progress=progress,
+            decision_backend=decision_backend,
         )
 
     settings = {"grid": grid, "max_combos": max_combos}
@@ -306,16 +314,28 @@ def calibrate(
         budget_abs = float(budget) * plain if budget is not None else float(budget_cost)
         settings.update(budget=budget_abs / plain, budget_cost=budget_abs, budget_tol=float(budget_tol))
         crit, scores, thresholds, grids, acc, cst, weighed, losses = budget_mod.within_budget(
-            cache, budget_abs, float(budget_tol), grid, max_combos, epochs=scorer_epochs, hidden=scorer_hidden,
-            seed=seed, progress=progress,
+            cache,
+            budget_abs,
+            float(budget_tol),
+            grid,
+            max_combos,
+            epochs=scorer_epochs,
+            hidden=scorer_hidden,
+            seed=seed,
+            progress=progress,
         )
         settings["scorer_losses"] = losses
         candidates = acc_mod.sample_points(grids, acc, cst, max(1, max_candidates - len(weighed)), seed) + weighed
 
     out = _outcome(cache, scores, thresholds)
     if method == "budget":
-        budget_mod.warn_if_off(out.expected_cost, settings["budget_cost"], settings["budget_tol"],
-                               float(cache.cumulative[-1]), cache.num_samples)
+        budget_mod.warn_if_off(
+            out.expected_cost,
+            settings["budget_cost"],
+            settings["budget_tol"],
+            float(cache.cumulative[-1]),
+            cache.num_samples,
+        )
     if len(candidates) > max_candidates:
         step = len(candidates) / max_candidates
         candidates = [candidates[int(i * step)] for i in range(max_candidates)]

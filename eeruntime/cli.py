@@ -12,6 +12,7 @@ Heavy imports belong inside that runner so ``eeruntime --help`` stays fast. Addi
 Exit codes: 0 done, 1 the command failed on what it was given (the message says what), 2 usage
 (an unknown command or option, a bad argument).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,12 @@ def version_line() -> str:
 
 
 def usage() -> str:
-    lines = [f"usage: {PROG} COMMAND [options]    ({PROG} COMMAND --help for a command's options)",
-             f"       {PROG} --version", "", "commands:"]
+    lines = [
+        f"usage: {PROG} COMMAND [options]    ({PROG} COMMAND --help for a command's options)",
+        f"       {PROG} --version",
+        "",
+        "commands:",
+    ]
     lines += [f"  {c.name:<11}{c.help}" for c in COMMANDS.values()]
     return "\n".join(lines)
 
@@ -90,8 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         kind = "option" if first.startswith("-") else "command"
         close = difflib.get_close_matches(first.lstrip("-"), list(COMMANDS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return _fail(f"unknown {kind} {first!r}{hint}; commands: {', '.join(COMMANDS)} "
-                     f"(see {PROG} --help)", 2)
+        return _fail(f"unknown {kind} {first!r}{hint}; commands: {', '.join(COMMANDS)} (see {PROG} --help)", 2)
     cmd = COMMANDS[first]
     if cmd.raw:
         try:
@@ -124,16 +128,27 @@ def _demo(p):
 
 
 def _model_options(p, data_help: str) -> None:
-    p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                   help="a function returning your ee.MultiExitModel (called with no arguments); the "
-                        "current directory is importable")
-    p.add_argument("--weights", default=None, metavar="FILE.safetensors",
-                   help="a state dict to load into the model (if the factory does not load its own)")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:FACTORY",
+        help="a function returning your ee.MultiExitModel (called with no arguments); the "
+        "current directory is importable",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE.safetensors",
+        help="a state dict to load into the model (if the factory does not load its own)",
+    )
     p.add_argument("--data", required=True, metavar="FILE|MODULE:FUNCTION", help=data_help)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: OMP_NUM_THREADS, else one fewer than the CPUs on "
-                        "machines of at most 4)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: OMP_NUM_THREADS, else one fewer than the CPUs on machines of at most 4)",
+    )
 
 
 def _device(name):
@@ -163,16 +178,28 @@ def _load(a, need_labels: bool):
 def _calibrate(p):
     from .calibrate import METHODS
 
-    _model_options(p, "labelled calibration data: a .safetensors/.pt file with tensors x and y, or a "
-                      "function returning (x, y) or (x, y) batches")
+    _model_options(
+        p,
+        "labelled calibration data: a .safetensors/.pt file with tensors x and y, or a "
+        "function returning (x, y) or (x, y) batches",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="where to save the runtime (rt.save)")
     p.add_argument("--method", choices=METHODS, default="accuracy")
-    p.add_argument("--criterion", default="entropy", choices=["entropy", "max_prob", "margin", "norm_entropy"],
-                   help="ignored by --method budget, which learns its own")
-    p.add_argument("--max-drop", type=float, default=0.01,
-                   help="accuracy/sweep: accuracy the thresholds may give up, as a fraction (0.01 = 1 point)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="budget: average cost as a fraction of the full model's, in (0, 1]")
+    p.add_argument(
+        "--criterion",
+        default="entropy",
+        choices=["entropy", "max_prob", "margin", "norm_entropy"],
+        help="ignored by --method budget, which learns its own",
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.01,
+        help="accuracy/sweep: accuracy the thresholds may give up, as a fraction (0.01 = 1 point)",
+    )
+    p.add_argument(
+        "--budget", type=float, default=None, help="budget: average cost as a fraction of the full model's, in (0, 1]"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also write the accuracy / cost frontier")
     p.add_argument("--no-progress", action="store_true")
@@ -186,9 +213,16 @@ def _calibrate(p):
             budget = a.budget if a.method == "budget" else None
             if a.method == "budget" and budget is None:
                 raise CommandError("--method budget needs --budget (a fraction of the full model's cost, e.g. 0.5)")
-            cal = calibrate(model, (x, y), a.method, None if a.method == "budget" else a.criterion,
-                            max_drop=a.max_drop, budget=budget, batch_size=a.batch_size,
-                            progress=not a.no_progress)
+            cal = calibrate(
+                model,
+                (x, y),
+                a.method,
+                None if a.method == "budget" else a.criterion,
+                max_drop=a.max_drop,
+                budget=budget,
+                batch_size=a.batch_size,
+                progress=not a.no_progress,
+            )
             rt = cal.runtime(model)
             path = rt.save(a.out)
         print(cal.summary())
@@ -204,8 +238,11 @@ def _calibrate(p):
 @command("time", "time a saved runtime against the plain model on your data, side by side")
 def _time(p):
     p.add_argument("runtime", metavar="RUNTIME", help="a runtime saved by rt.save or `eeruntime calibrate`")
-    _model_options(p, "inputs: a .safetensors/.pt file with tensor x (and y for accuracy), or a function "
-                      "returning x, (x, y) or (x, y) batches")
+    _model_options(
+        p,
+        "inputs: a .safetensors/.pt file with tensor x (and y for accuracy), or a function "
+        "returning x, (x, y) or (x, y) batches",
+    )
     p.add_argument("--batch", type=int, default=256, help="serving batch size")
     p.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds")
 
@@ -234,8 +271,10 @@ def _time(p):
                 acc = f"{100 * float((logits.argmax(1) == y).double().mean()):.2f}%"
             gain = "-" if name == PLAIN else f"{speed.speedup(name):.2f}x"
             print(f"{name:<10}{1e3 * speed.per_sample(name):>11.4f}{gain:>10}{acc:>10}")
-        print(f"exits (%): {', '.join(f'{100 * f:.1f}' for f in fractions.tolist())}; "
-              f"thresholds {list(rt.thresholds)} ({rt.criterion if isinstance(rt.criterion, str) else 'learned'})")
+        print(
+            f"exits (%): {', '.join(f'{100 * f:.1f}' for f in fractions.tolist())}; "
+            f"thresholds {list(rt.thresholds)} ({rt.criterion if isinstance(rt.criterion, str) else 'learned'})"
+        )
         print(f"time: {speed.method()}; {threads} torch thread(s), device {dev}")
         return 0
 
@@ -244,8 +283,12 @@ def _time(p):
 
 @command("bench", "run the benchmark suites of a source checkout (bench/) and write their report")
 def _bench(p):
-    p.add_argument("--suites", default=None, metavar="DIR",
-                   help="the bench/ folder of an eeruntime checkout (default: the one beside this package)")
+    p.add_argument(
+        "--suites",
+        default=None,
+        metavar="DIR",
+        help="the bench/ folder of an eeruntime checkout (default: the one beside this package)",
+    )
     p.add_argument("-k", default=None, help="pytest -k expression selecting cases")
     p.add_argument("--out", default=None, help="results folder (default: bench/results)")
 
@@ -267,8 +310,11 @@ def _bench(p):
     return run
 
 
-@command("serve", "serve a saved runtime bundle over HTTP (stage scheduler; --ray: Ray Serve; needs the "
-                  "[serve] or [ray] extra)", raw=True)
+@command(
+    "serve",
+    "serve a saved runtime bundle over HTTP (stage scheduler; --ray: Ray Serve; needs the [serve] or [ray] extra)",
+    raw=True,
+)
 def _serve():
     from .serve.cli import main  # argparse only; uvicorn / ray are imported when it runs
 

@@ -12,13 +12,13 @@ recompile for no gain). ``torch.compile(rt.infer)`` is refused with a message th
 A compiled :class:`~eeruntime.heads.ExitHead` does not tag its logits with its features (see
 its docstring), so a confidence-head or gate criterion runs the head's body once more, eagerly.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Union
 
 import torch
 from torch import nn
-
 
 INFER_NOT_TRACEABLE = (
     "torch.compile(rt.infer) is not supported: the early-exit loop reads on the host how many rows "
@@ -49,7 +49,9 @@ def compile_options(compile: Union[bool, Dict[str, Any]]) -> Union[None, Dict[st
     if isinstance(compile, dict):
         bad = {"dynamic", "fullgraph"} & set(compile)
         if bad:
-            raise ValueError(f"compile options {sorted(bad)} are set by the runtime (dynamic batch, graph breaks allowed)")
+            raise ValueError(
+                f"compile options {sorted(bad)} are set by the runtime (dynamic batch, graph breaks allowed)"
+            )
         return dict(compile)
     raise TypeError(f"compile must be True, False or a dict of torch.compile options, got {type(compile).__name__}")
 
@@ -81,4 +83,6 @@ class CompiledModel:
 
     def matches(self, model) -> bool:
         """False once a stage or exit of ``model`` was replaced, added or removed."""
-        return [p.module for p in self.stages] == list(model.stages) and [p.module for p in self.exits] == list(model.exits)
+        return [p.module for p in self.stages] == list(model.stages) and [p.module for p in self.exits] == list(
+            model.exits
+        )

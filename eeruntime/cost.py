@@ -4,6 +4,7 @@ c_k = FLOPs(stage k) + FLOPs(exit head k), counted once per model with
 ``torch.utils.flop_counter`` on one sample. Exiting at k costs sum_{j<=k} c_j; the plain model
 costs every stage plus the final head only. Ideal speed-up = plain / sum_k f_k sum_{j<=k} c_j.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

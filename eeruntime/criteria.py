@@ -3,6 +3,7 @@
 A criterion turns a row of logits into one score. ``entropy`` exits when the score is *below* the
 threshold; every other criterion (and a user callable) exits when the score is *at or above* it.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Union

@@ -1,5 +1,6 @@
 """Bundled real data: scikit-learn's handwritten digits (8x8, 10 classes, shipped with the package,
 no download), as tensors and as an iterable of ``(x, y)`` batches."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

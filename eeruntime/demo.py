@@ -7,6 +7,7 @@ serving batch size. Prints a table like BranchyNet's (every number of a row from
 measurement, see :mod:`eeruntime.speed`) and writes ``report.json`` and the accuracy / cost
 frontier plot into ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,13 +50,24 @@ def _table(rows: List[dict]) -> str:
         thr = ", ".join(f"{t:.3g}" for t in r["thresholds"]) if r["thresholds"] else "-"
         ex = ", ".join(f"{100 * f:.1f}" for f in r["exit_fractions"]) if r["exit_fractions"] else "-"
         gain = f"{r['gain']:.2f}x" if r["gain"] else "-"
-        lines.append(f"{r['name']:<22}{100 * r['accuracy']:>9.2f}{1e3 * r['time_per_sample']:>18.4f}{gain:>7}  {thr:<22}{ex:<22}")
+        lines.append(
+            f"{r['name']:<22}{100 * r['accuracy']:>9.2f}{1e3 * r['time_per_sample']:>18.4f}{gain:>7}  {thr:<22}{ex:<22}"
+        )
     return "\n".join(lines)
 
 
-def run(out: str = "demo_out", device: Optional[str] = None, epochs: int = 20, batch: int = 256,
-        max_drop: float = 0.005, seed: int = 0, progress: bool = True, rounds: int = 90,
-        return_model: bool = False, threads: Optional[int] = None):
+def run(
+    out: str = "demo_out",
+    device: Optional[str] = None,
+    epochs: int = 20,
+    batch: int = 256,
+    max_drop: float = 0.005,
+    seed: int = 0,
+    progress: bool = True,
+    rounds: int = 90,
+    return_model: bool = False,
+    threads: Optional[int] = None,
+):
     """Run the demo; returns the report (and the trained model with ``return_model``).
     ``threads``: torch CPU threads for the whole run (default :func:`eeruntime.threads.default_threads`)."""
     with using_threads(threads) as n_threads:
@@ -77,8 +89,9 @@ def _run(out, device, epochs, batch, max_drop, seed, progress, rounds, n_threads
     x_cal, y_cal = split.x_train[:n_cal], split.y_train[:n_cal]
 
     model = digits_cnn().to(dev)
-    history = train.joint(model, Batches(x_fit, y_fit, batch_size=64, seed=seed), epochs=epochs, lr=3e-3,
-                          progress=progress, seed=seed)
+    history = train.joint(
+        model, Batches(x_fit, y_fit, batch_size=64, seed=seed), epochs=epochs, lr=3e-3, progress=progress, seed=seed
+    )
     model.eval()
     x_test, y_test = split.x_test.to(dev), split.y_test.to(dev)
     with torch.inference_mode():
@@ -93,8 +106,16 @@ def _run(out, device, epochs, batch, max_drop, seed, progress, rounds, n_threads
     # One measurement for every row: plain, both runtimes and their oracles in the same rounds.
     speed = measure(model, runtimes, x_test, batch, dev, rounds=rounds)
 
-    rows = [{"name": "CNN (plain)", "accuracy": baseline_acc, "time_per_sample": speed.per_sample(PLAIN),
-             "gain": None, "thresholds": [], "exit_fractions": []}]
+    rows = [
+        {
+            "name": "CNN (plain)",
+            "accuracy": baseline_acc,
+            "time_per_sample": speed.per_sample(PLAIN),
+            "gain": None,
+            "thresholds": [],
+            "exit_fractions": [],
+        }
+    ]
     report = {}
     for name, rt in runtimes.items():
         res = rt.infer(x_test)
@@ -103,14 +124,27 @@ def _run(out, device, epochs, batch, max_drop, seed, progress, rounds, n_threads
         ideal = rt.stats.cost_model.ideal_speedup(fractions)
         measured = speed.speedup(name)
         report[name] = {
-            "thresholds": [enc_float(t) for t in rt.thresholds], "ee_accuracy": acc, "exit_fractions": fractions,
-            "speedup_measured": measured, "speedup_ideal": ideal, "speedup_oracle": speed.speedup(f"{name} oracle"),
-            "efficiency": speed.efficiency(name), "efficiency_flops": measured / ideal,
+            "thresholds": [enc_float(t) for t in rt.thresholds],
+            "ee_accuracy": acc,
+            "exit_fractions": fractions,
+            "speedup_measured": measured,
+            "speedup_ideal": ideal,
+            "speedup_oracle": speed.speedup(f"{name} oracle"),
+            "efficiency": speed.efficiency(name),
+            "efficiency_flops": measured / ideal,
             "time_per_sample_s": speed.per_sample(name),
             "notes": threshold_notes("entropy", rt.thresholds),
         }
-        rows.append({"name": f"B-CNN ({name})", "accuracy": acc, "time_per_sample": speed.per_sample(name),
-                     "gain": measured, "thresholds": list(rt.thresholds), "exit_fractions": fractions})
+        rows.append(
+            {
+                "name": f"B-CNN ({name})",
+                "accuracy": acc,
+                "time_per_sample": speed.per_sample(name),
+                "gain": measured,
+                "thresholds": list(rt.thresholds),
+                "exit_fractions": fractions,
+            }
+        )
 
     frontier_png = os.path.join(out, "frontier.png")
     plot.frontier(cals["accuracy"], frontier_png, title="digits CNN, 3 exits: calibration candidates (entropy)")
@@ -154,11 +188,15 @@ def _run(out, device, epochs, batch, max_drop, seed, progress, rounds, n_threads
     for name in runtimes:
         for note in report[name]["notes"]:
             print(f"B-CNN ({name}): {note}")
-    print(f"Speed-up (accuracy row): measured {main['speedup_measured']:.2f}x, oracle {main['speedup_oracle']:.2f}x, "
-          f"FLOPs-ideal {main['speedup_ideal']:.2f}x; efficiency (oracle / runtime time) {main['efficiency']:.2f}, "
-          f"measured / FLOPs-ideal {main['efficiency_flops']:.2f}")
-    print(f"Accuracy is on the {len(y_test)}-sample test split; thresholds were chosen on a held-out part of "
-          f"the training split (the frontier plot's accuracy axis).")
+    print(
+        f"Speed-up (accuracy row): measured {main['speedup_measured']:.2f}x, oracle {main['speedup_oracle']:.2f}x, "
+        f"FLOPs-ideal {main['speedup_ideal']:.2f}x; efficiency (oracle / runtime time) {main['efficiency']:.2f}, "
+        f"measured / FLOPs-ideal {main['efficiency_flops']:.2f}"
+    )
+    print(
+        f"Accuracy is on the {len(y_test)}-sample test split; thresholds were chosen on a held-out part of "
+        f"the training split (the frontier plot's accuracy axis)."
+    )
     print(f"report: {os.path.join(out, 'report.json')}, frontier plot: {frontier_png}")
     return summary, model
 
@@ -182,9 +220,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-drop", type=float, default=0.005, help="accuracy the calibration may give up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=90, help="interleaved timing rounds")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: OMP_NUM_THREADS, else one fewer than the CPUs on "
-                         "machines of at most 4, so 1 on a 2-core machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: OMP_NUM_THREADS, else one fewer than the CPUs on "
+        "machines of at most 4, so 1 on a 2-core machine)",
+    )
     ap.add_argument("--no-progress", action="store_true")
 
 
@@ -195,6 +237,15 @@ def run_args(a: argparse.Namespace) -> int:
         v = getattr(a, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name} must be at least 1, got {v}")
-    run(a.out, a.device, a.epochs, a.batch, a.max_drop, a.seed, progress=not a.no_progress, rounds=a.rounds,
-        threads=a.threads)
+    run(
+        a.out,
+        a.device,
+        a.epochs,
+        a.batch,
+        a.max_drop,
+        a.seed,
+        progress=not a.no_progress,
+        rounds=a.rounds,
+        threads=a.threads,
+    )
     return 0

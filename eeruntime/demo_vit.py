@@ -15,6 +15,7 @@ Each EERuntime row is also timed against the oracle (the same blocks run on exac
 reach them, no decisions, no packing): efficiency = oracle time / runtime time. Prints the table
 and writes ``report.json`` into ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,17 @@ import torch
 from ._json import enc_float
 from .calibration.cache import build_cache
 from .data import Batches, load_digits_split
-from .demo import _chunks, _table
+from .demo import _table
 from .exit_rules import Patience, whole_batch_patience
 from .oracle import oracle_forward, plain_forward, plan_oracle
 from .runtime import EERuntime
 from .timing import side_by_side
 from .zoo import digits_vit
+
+
+def _chunks(x, batch):
+    """``x`` in serving batches of ``batch`` rows (the last one shorter)."""
+    return [x[i : i + batch] for i in range(0, x.shape[0], batch)]
 
 
 def smallest_patience(cache, max_drop: float) -> int:
@@ -53,9 +59,18 @@ def _fractions(exit_index, K: int):
     return (torch.bincount(exit_index.cpu(), minlength=K).float() / max(1, exit_index.numel())).tolist()
 
 
-def run(out: str = "demo_vit_out", device: Optional[str] = None, epochs: int = 60, batch: int = 256,
-        max_drop: float = 0.005, seed: int = 0, progress: bool = True, rounds: int = 40, depth: int = 6,
-        return_model: bool = False):
+def run(
+    out: str = "demo_vit_out",
+    device: Optional[str] = None,
+    epochs: int = 60,
+    batch: int = 256,
+    max_drop: float = 0.005,
+    seed: int = 0,
+    progress: bool = True,
+    rounds: int = 40,
+    depth: int = 6,
+    return_model: bool = False,
+):
     """Run the demo; returns the report (a dict, also written to ``out/report.json``), and the
     trained model with ``return_model``."""
     from . import calibrate, train
@@ -69,7 +84,9 @@ def run(out: str = "demo_vit_out", device: Optional[str] = None, epochs: int = 6
     cal_data = Batches(split.x_train[:n_cal], split.y_train[:n_cal], batch_size=256, shuffle=False)
 
     model = digits_vit(depth=depth).to(dev)
-    train.joint(model, Batches(x_fit, y_fit, batch_size=64, seed=seed), epochs=epochs, lr=3e-3, progress=progress, seed=seed)
+    train.joint(
+        model, Batches(x_fit, y_fit, batch_size=64, seed=seed), epochs=epochs, lr=3e-3, progress=progress, seed=seed
+    )
     model.eval()
     K = model.num_exits
     x_test, y_test = split.x_test.to(dev), split.y_test.to(dev)
@@ -101,31 +118,62 @@ def run(out: str = "demo_vit_out", device: Optional[str] = None, epochs: int = 6
         results[batch_name] = (
             torch.cat([lg for lg, _ in whole]),
             torch.cat([torch.full((c.shape[0],), k, dtype=torch.int64) for c, (_, k) in zip(chunks, whole)]),
-            [float(P)] * (K - 1), None,
+            [float(P)] * (K - 1),
+            None,
         )
         fns[batch_name] = lambda: [whole_batch_patience(model, c, P) for c in chunks]
     t = side_by_side(fns, dev, rounds=rounds)
 
-    rows = [{"name": "ViT (plain)", "accuracy": baseline_acc, "time_per_sample": t.median("plain") / N, "gain": None,
-             "thresholds": [], "exit_fractions": []}]
+    rows = [
+        {
+            "name": "ViT (plain)",
+            "accuracy": baseline_acc,
+            "time_per_sample": t.median("plain") / N,
+            "gain": None,
+            "thresholds": [],
+            "exit_fractions": [],
+        }
+    ]
     report = {}
     for name, (logits, exit_index, thresholds, cost) in results.items():
         fractions = _fractions(exit_index, K)
         entry = {
-            "thresholds": [enc_float(float(v)) for v in thresholds], "ee_accuracy": _accuracy(logits, y_test),
-            "exit_fractions": fractions, "mean_blocks_run": float(exit_index.double().mean()) + 1,
-            "speedup_measured": t.ratio("plain", name), "time_per_sample_s": t.median(name) / N,
+            "thresholds": [enc_float(float(v)) for v in thresholds],
+            "ee_accuracy": _accuracy(logits, y_test),
+            "exit_fractions": fractions,
+            "mean_blocks_run": float(exit_index.double().mean()) + 1,
+            "speedup_measured": t.ratio("plain", name),
+            "time_per_sample_s": t.median(name) / N,
         }
         if name + " oracle" in t.times:
-            entry.update(speedup_oracle=t.ratio("plain", name + " oracle"), efficiency=t.ratio(name + " oracle", name),
-                         speedup_ideal=cost.ideal_speedup(fractions))
+            entry.update(
+                speedup_oracle=t.ratio("plain", name + " oracle"),
+                efficiency=t.ratio(name + " oracle", name),
+                speedup_ideal=cost.ideal_speedup(fractions),
+            )
         report[name] = entry
-        rows.append({"name": name, "accuracy": entry["ee_accuracy"], "time_per_sample": entry["time_per_sample_s"],
-                     "gain": entry["speedup_measured"], "thresholds": thresholds, "exit_fractions": fractions})
+        rows.append(
+            {
+                "name": name,
+                "accuracy": entry["ee_accuracy"],
+                "time_per_sample": entry["time_per_sample_s"],
+                "gain": entry["speedup_measured"],
+                "thresholds": thresholds,
+                "exit_fractions": fractions,
+            }
+        )
     summary = {
-        "baseline_accuracy": baseline_acc, "rows": report, "patience": P, "max_drop": max_drop,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-        "batch": batch, "test_samples": N, "depth": depth, "epochs": epochs, "rounds": rounds,
+        "baseline_accuracy": baseline_acc,
+        "rows": report,
+        "patience": P,
+        "max_drop": max_drop,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "batch": batch,
+        "test_samples": N,
+        "depth": depth,
+        "epochs": epochs,
+        "rounds": rounds,
     }
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(summary, f, indent=2, allow_nan=False)
@@ -133,9 +181,17 @@ def run(out: str = "demo_vit_out", device: Optional[str] = None, epochs: int = 6
     print(_table(rows))
     print()
     for name, e in report.items():
-        extra = (f", oracle {e['speedup_oracle']:.2f}x, FLOPs-ideal {e['speedup_ideal']:.2f}x, "
-                 f"efficiency (oracle / runtime time) {e['efficiency']:.2f}") if "efficiency" in e else ""
-        print(f"{name}: speed-up {e['speedup_measured']:.2f}x{extra}; blocks run per sample {e['mean_blocks_run']:.2f} of {K}")
+        extra = (
+            (
+                f", oracle {e['speedup_oracle']:.2f}x, FLOPs-ideal {e['speedup_ideal']:.2f}x, "
+                f"efficiency (oracle / runtime time) {e['efficiency']:.2f}"
+            )
+            if "efficiency" in e
+            else ""
+        )
+        print(
+            f"{name}: speed-up {e['speedup_measured']:.2f}x{extra}; blocks run per sample {e['mean_blocks_run']:.2f} of {K}"
+        )
     print(f"device {summary['device']}, batch {batch}; report: {os.path.join(out, 'report.json')}")
     return (summary, model) if return_model else summary
 

@@ -1,4 +1,5 @@
 """Device guard for work launched on a tensor's device rather than the current one."""
+
 from __future__ import annotations
 
 import contextlib

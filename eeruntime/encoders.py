@@ -16,6 +16,7 @@ its order); ``attach_exits`` checks that stages + tail give the model's logits o
 Models whose layers are called in a loop by ``forward`` are handled here, not by torch.fx,
 because their forward builds masks with Python control flow that tracing cannot follow.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -104,7 +105,9 @@ class HFInputs:
             )
         unknown = sorted(k for k, v in given.items() if k not in self.names and v is not None)
         if unknown:
-            raise ValueError(f"inputs {unknown} are not supported by the early-exit stages; accepted: {list(self.names)}")
+            raise ValueError(
+                f"inputs {unknown} are not supported by the early-exit stages; accepted: {list(self.names)}"
+            )
         main = given.get(self.names[0])
         if not isinstance(main, torch.Tensor):
             raise ValueError(f"the input needs {self.names[0]!r} (a tensor); got keys {sorted(given)}")
@@ -309,7 +312,10 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     bounds = [0] + [c + 1 for c in cuts] + [len(layers)]
     stages = [
         HFLayers(
-            list(layers)[lo:hi], base.config, embed=HFEmbed(base.embeddings, names) if k == 0 else None, mask_maker=mask_maker,
+            list(layers)[lo:hi],
+            base.config,
+            embed=HFEmbed(base.embeddings, names) if k == 0 else None,
+            mask_maker=mask_maker,
         )
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
     ]
@@ -325,9 +331,9 @@ _TIMM_EMBED = ("patch_embed", "pos_drop", "patch_drop", "norm_pre")
 
 def timm_vit(model: nn.Module) -> bool:
     """True for a timm VisionTransformer-style model (patch_embed, _pos_embed, blocks, forward_head)."""
-    return all(hasattr(model, a) for a in _TIMM_EMBED + ("_pos_embed", "blocks", "norm", "forward_head")) and isinstance(
-        model.blocks, nn.Sequential
-    )
+    return all(
+        hasattr(model, a) for a in _TIMM_EMBED + ("_pos_embed", "blocks", "norm", "forward_head")
+    ) and isinstance(model.blocks, nn.Sequential)
 
 
 class TimmEmbed(nn.Module):

@@ -25,6 +25,7 @@ device sync between captures). Thresholds are read through the runtime's device 
 With ``capture=False`` (and on any non-CUDA device) the very same static-buffer loop runs eagerly,
 which is how its buffer, padding and chunking logic is tested on CPU.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -212,10 +213,17 @@ class _GraphsUnusable(RuntimeError):
 
 _aten = torch.ops.aten
 # Ops that read device data on the host (.item(), float(), nonzero, ...): on CUDA each one syncs.
-_HOST_READS = frozenset((
-    _aten._local_scalar_dense, _aten.item, _aten.nonzero, _aten.masked_select, _aten.is_nonzero,
-    _aten.equal, _aten.allclose,
-))
+_HOST_READS = frozenset(
+    (
+        _aten._local_scalar_dense,
+        _aten.item,
+        _aten.nonzero,
+        _aten.masked_select,
+        _aten.is_nonzero,
+        _aten.equal,
+        _aten.allclose,
+    )
+)
 # torch.tensor(v, device=...) / torch.as_tensor: the data is copied from the host before the op
 # reaches a dispatch mode, which then sees lift_fresh on the tensor already on the device.
 _LIFTS = frozenset((_aten.lift_fresh, _aten.lift_fresh_copy))
@@ -336,8 +344,10 @@ class _StageBuffers:
         return tuple(parts) if self.is_tuple else parts[0]
 
     def matches(self, parts, is_tuple: bool) -> bool:
-        return is_tuple == self.is_tuple and len(parts) == len(self.inputs) and all(
-            p.shape[1:] == t.shape[1:] and p.dtype == t.dtype for p, t in zip(parts, self.inputs)
+        return (
+            is_tuple == self.is_tuple
+            and len(parts) == len(self.inputs)
+            and all(p.shape[1:] == t.shape[1:] and p.dtype == t.dtype for p, t in zip(parts, self.inputs))
         )
 
 
@@ -367,7 +377,7 @@ class _Signature:
         self.out_conf = torch.zeros(2 * cap, dtype=torch.float32, device=dev)
         self.out_exit = torch.zeros(2 * cap, dtype=torch.int64, device=dev)
         self.pack_index = torch.zeros(cap, dtype=torch.int64, device=dev)  # compact_into's index_out
-        self.graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
+        self.graphs: Dict[Tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.ready = set()  # (k, b) already prepared (captured, or run once without capture)
 
     def tensors(self) -> List[torch.Tensor]:
@@ -407,7 +417,9 @@ class GraphRunner:
     ``(stage, bucket)`` pairs in the order they were captured or first run), ``disabled_reason``.
     """
 
-    def __init__(self, rt, buckets: Optional[Sequence[int]] = None, *, capture: Optional[bool] = None, pack: str = "auto"):
+    def __init__(
+        self, rt, buckets: Optional[Sequence[int]] = None, *, capture: Optional[bool] = None, pack: str = "auto"
+    ):
         why = _runtime_reason(rt)
         if why is not None:
             raise ValueError(f"GraphRunner cannot run this runtime: {why}; use EERuntime(..., graphs=False)")
@@ -427,7 +439,7 @@ class GraphRunner:
         self._warmed_max: Optional[int] = None
         self._pool = None
         self._streams: Dict[torch.device, tuple] = {}
-        self._done: Dict[torch.device, "torch.cuda.Event"] = {}
+        self._done: Dict[torch.device, torch.cuda.Event] = {}
         self.num_captures = 0
         self.host_syncs = 0
         self.prepared: List[Tuple[int, int]] = []
@@ -553,7 +565,9 @@ class GraphRunner:
         parts = as_tuple(x)
         device = parts[0].device
         key = (
-            isinstance(x, tuple), capture, tuple((tuple(p.shape[1:]), p.dtype, p.device) for p in parts),
+            isinstance(x, tuple),
+            capture,
+            tuple((tuple(p.shape[1:]), p.dtype, p.device) for p in parts),
             autocast_state(device.type),
         )
         sig = self._sigs.get(key)

@@ -17,6 +17,7 @@ are submodules, so they are saved and loaded with the model's ``state_dict``
 Any other module can become an ``ExitHead`` with :func:`wrap_head`: its output (the logits) is
 then the feature vector and the classifier is the identity.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -27,7 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "ExitHead", "PoolLinearHead", "ConvHead", "SequenceHead", "GlobalPool", "TokenPool", "wrap_head", "equip_heads",
+    "ExitHead",
+    "PoolLinearHead",
+    "ConvHead",
+    "SequenceHead",
+    "GlobalPool",
+    "TokenPool",
+    "wrap_head",
+    "equip_heads",
 ]
 TOKEN_POOLS = ("cls", "mean")
 
@@ -55,7 +63,9 @@ class TokenPool(nn.Module):
         if pool not in TOKEN_POOLS:
             raise ValueError(f"unknown token pool {pool!r}; accepted: {', '.join(map(repr, TOKEN_POOLS))}")
         if mask_index is not None and int(mask_index) < 1:
-            raise ValueError(f"mask_index is the mask's position in the state tuple (>= 1, the tokens are 0), got {mask_index}")
+            raise ValueError(
+                f"mask_index is the mask's position in the state tuple (>= 1, the tokens are 0), got {mask_index}"
+            )
         self.pool = pool
         self.mask_index = None if mask_index is None else int(mask_index)
         self.padding_mask = bool(padding_mask)
@@ -68,7 +78,9 @@ class TokenPool(nn.Module):
         if self.mask_index is None:
             return x.mean(dim=1)
         if len(rest) < self.mask_index:
-            raise ValueError(f"the token head reads the mask at state position {self.mask_index}, but the state has {len(rest) + 1} member(s)")
+            raise ValueError(
+                f"the token head reads the mask at state position {self.mask_index}, but the state has {len(rest) + 1} member(s)"
+            )
         mask = rest[self.mask_index - 1]
         real = ~mask.bool() if self.padding_mask else mask != 0
         real = real.unsqueeze(-1)
@@ -89,7 +101,9 @@ class _AdaptivePool(nn.Module):
     def forward(self, x):
         n = x.dim() - 2
         if n < 1 or n > 3:
-            raise ValueError(f"ConvHead needs a [B, C, *spatial] map with 1 to 3 spatial dims, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"ConvHead needs a [B, C, *spatial] map with 1 to 3 spatial dims, got shape {tuple(x.shape)}"
+            )
         pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[n - 1]
         return torch.flatten(pool(x, self.size), 1)
 
@@ -125,7 +139,9 @@ class ExitHead(nn.Module):
     ``torch.compile`` tags nothing (the criterion then runs the body itself).
     """
 
-    def __init__(self, body: nn.Module, classifier: nn.Module, feature_dim: int, *, confidence: bool = False, gate: bool = False):
+    def __init__(
+        self, body: nn.Module, classifier: nn.Module, feature_dim: int, *, confidence: bool = False, gate: bool = False
+    ):
         super().__init__()
         if int(feature_dim) < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim}")
@@ -226,7 +242,9 @@ class PoolLinearHead(ExitHead):
     """Global average pool + linear: the smallest exit (BranchyNet-style)."""
 
     def __init__(self, in_channels: int, num_classes: int, *, confidence: bool = False, gate: bool = False):
-        super().__init__(GlobalPool(), nn.Linear(in_channels, num_classes), in_channels, confidence=confidence, gate=gate)
+        super().__init__(
+            GlobalPool(), nn.Linear(in_channels, num_classes), in_channels, confidence=confidence, gate=gate
+        )
 
 
 class SequenceHead(ExitHead):
@@ -248,7 +266,9 @@ class SequenceHead(ExitHead):
         gate: bool = False,
     ):
         classifier = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, num_classes))
-        super().__init__(TokenPool(pool, mask_index, padding_mask), classifier, hidden_size, confidence=confidence, gate=gate)
+        super().__init__(
+            TokenPool(pool, mask_index, padding_mask), classifier, hidden_size, confidence=confidence, gate=gate
+        )
 
 
 class ConvHead(ExitHead):
@@ -284,8 +304,14 @@ class ConvHead(ExitHead):
             layers += [conv(cin, width, 3, padding=1, bias=False), bn(width), nn.ReLU()]
             cin = width
         layers.append(_AdaptivePool(pool_size))
-        feature_dim = width * pool_size ** dims
-        super().__init__(_FirstOf(nn.Sequential(*layers)), nn.Linear(feature_dim, num_classes), feature_dim, confidence=confidence, gate=gate)
+        feature_dim = width * pool_size**dims
+        super().__init__(
+            _FirstOf(nn.Sequential(*layers)),
+            nn.Linear(feature_dim, num_classes),
+            feature_dim,
+            confidence=confidence,
+            gate=gate,
+        )
 
 
 def wrap_head(module: nn.Module, num_classes: int, *, confidence: bool = False, gate: bool = False) -> ExitHead:
@@ -305,7 +331,9 @@ def wrap_head(module: nn.Module, num_classes: int, *, confidence: bool = False, 
     return head
 
 
-def equip_heads(model, *, confidence: bool = False, gate: bool = False, num_classes: Optional[int] = None, example=None) -> Sequence[int]:
+def equip_heads(
+    model, *, confidence: bool = False, gate: bool = False, num_classes: Optional[int] = None, example=None
+) -> Sequence[int]:
     """Give every early exit of ``model`` a confidence head and/or a gate, wrapping exits that are
     not :class:`ExitHead` with :func:`wrap_head` (their ``state_dict`` keys move under
     ``exits.<k>.body.``). ``num_classes`` (or ``example``, run through the model once) sizes the

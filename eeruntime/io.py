@@ -13,6 +13,7 @@ Only JSON and safetensors are read back; nothing is unpickled. The model's own w
 by ``rt.save(path, weights=True)`` (``model.safetensors``, see :mod:`eeruntime.bundle`); ``load``
 then takes the model's constructor instead of the model.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,7 +26,17 @@ from torch import nn
 
 from ._json import enc_float as _enc
 from .bundle import ModelSource, build_model, save_model_weights
-from .bundle_schema import FORMAT as SCHEMA_FORMAT, FORMAT_VERSION as SCHEMA_VERSION, check_runtime_doc, check_safetensors, read_json
+from .bundle_schema import (
+    FORMAT as SCHEMA_FORMAT,
+)
+from .bundle_schema import (
+    FORMAT_VERSION as SCHEMA_VERSION,
+)
+from .bundle_schema import (
+    check_runtime_doc,
+    check_safetensors,
+    read_json,
+)
 from .criteria import CRITERIA, criterion_name, is_per_exit, uses_history
 
 FORMAT, FORMAT_VERSION = SCHEMA_FORMAT, SCHEMA_VERSION  # the schema module holds the one definition
@@ -136,8 +147,11 @@ def _rebuild_module(entry: dict) -> Optional[nn.Module]:
 # Criteria that read heads inside the model (PTEE confidence heads, differentiable-branching
 # gates): their weights are the model's, so load rebuilds them from the model by name. PABEE's
 # patience has no weights at all: its factory ignores the model.
-_MODEL_CRITERIA = {"confidence_criterion": "eeruntime.train.scorers", "gate_criterion": "eeruntime.train.scorers",
-                   "patience": "eeruntime.exit_rules.patience"}
+_MODEL_CRITERIA = {
+    "confidence_criterion": "eeruntime.train.scorers",
+    "gate_criterion": "eeruntime.train.scorers",
+    "patience": "eeruntime.exit_rules.patience",
+}
 
 
 def _rebuild_from_model(entry: dict, model):
@@ -176,9 +190,7 @@ def load(path, model: ModelSource, **runtime_kwargs):
         raise TypeError(f"load needs the MultiExitModel the runtime was saved for, got {type(model).__name__}")
     K = len(model.stages)
     if int(doc["num_exits"]) != K:
-        raise ValueError(
-            f"{json_path} was saved for a model with {doc['num_exits']} exits, but this model has {K}"
-        )
+        raise ValueError(f"{json_path} was saved for a model with {doc['num_exits']} exits, but this model has {K}")
 
     entry = doc["criterion"]
     criterion = runtime_kwargs.pop("criterion", None)

@@ -1,4 +1,5 @@
 """``MultiExitModel``: a classifier as a chain of stages, each followed by an exit head."""
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -35,7 +36,9 @@ class MultiExitModel(nn.Module):
     def __init__(self, stages: Sequence[nn.Module], exits: Sequence[nn.Module], *, input_adapter=None):
         super().__init__()
         if input_adapter is not None and not callable(input_adapter):
-            raise TypeError(f"input_adapter must be callable (input -> state of stage 0), got {type(input_adapter).__name__}")
+            raise TypeError(
+                f"input_adapter must be callable (input -> state of stage 0), got {type(input_adapter).__name__}"
+            )
         # Maps what users pass (e.g. an HF model's dict of input_ids / attention_mask) to the
         # tensor or tuple that stage 0 takes; None: inputs are passed as they are.
         self.input_adapter = input_adapter

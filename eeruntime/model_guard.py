@@ -14,6 +14,7 @@ The list of modules is cached and refreshed only when a module was registered an
 (torch's global module-registration hook bumps a counter), so the per-call check is one pass over
 the modules' ``training`` flags.
 """
+
 from __future__ import annotations
 
 import threading

@@ -6,6 +6,7 @@ reach stage k are the first n_k rows: each stage's input is a slice (a view), no
 time is the floor the runtime's machinery (decisions, compaction, syncs, launches) is measured
 against: efficiency = oracle time / runtime time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

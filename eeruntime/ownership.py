@@ -18,6 +18,7 @@ every way to reach its bytes is accounted for:
 A stage's fresh output (``torch.relu(x)``, a matmul, a ``Sequential``'s last result) passes; any
 doubt fails and the runtime copies, which is always correct.
 """
+
 from __future__ import annotations
 
 import sys

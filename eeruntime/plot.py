@@ -1,4 +1,5 @@
 """Plots of calibration results (matplotlib, Agg: no display needed, the global backend untouched)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,11 +27,23 @@ def _tolerance(ax, calibration, scale) -> None:
     settings = calibration.settings or {}
     if calibration.method in ("accuracy", "sweep") and settings.get("max_drop") is not None:
         floor = 100 * (calibration.final_accuracy - float(settings["max_drop"]))
-        ax.axhline(floor, ls="--", lw=1, color="tab:orange", zorder=1.5,
-                   label=f"tolerance: final exit - {100 * float(settings['max_drop']):.3g} pt")
+        ax.axhline(
+            floor,
+            ls="--",
+            lw=1,
+            color="tab:orange",
+            zorder=1.5,
+            label=f"tolerance: final exit - {100 * float(settings['max_drop']):.3g} pt",
+        )
     elif calibration.method == "budget" and settings.get("budget_cost") is not None:
-        ax.axvline(float(settings["budget_cost"]) * scale, ls="--", lw=1, color="tab:orange", zorder=1.5,
-                   label=f"budget: {float(settings['budget']):.3g} of the full model")
+        ax.axvline(
+            float(settings["budget_cost"]) * scale,
+            ls="--",
+            lw=1,
+            color="tab:orange",
+            zorder=1.5,
+            label=f"budget: {float(settings['budget']):.3g} of the full model",
+        )
 
 
 def frontier(calibration, path, *, relative: bool = True, title=None):
@@ -62,32 +75,61 @@ def frontier(calibration, path, *, relative: bool = True, title=None):
     cands = list(calibration.candidates or [])
     if cands:
         ax.scatter(
-            [p[2] * scale for p in cands], [100 * p[1] for p in cands], s=6, c="0.7", label="candidates", zorder=1,
+            [p[2] * scale for p in cands],
+            [100 * p[1] for p in cands],
+            s=6,
+            c="0.7",
+            label="candidates",
+            zorder=1,
         )
     front = calibration.frontier if calibration.frontier else _pareto(cands)
     if front:
         ax.plot(
-            [p[2] * scale for p in front], [100 * p[1] for p in front], "-o", ms=3, color="tab:blue",
-            label="frontier", drawstyle="steps-post", zorder=2,
+            [p[2] * scale for p in front],
+            [100 * p[1] for p in front],
+            "-o",
+            ms=3,
+            color="tab:blue",
+            label="frontier",
+            drawstyle="steps-post",
+            zorder=2,
         )
     ax.plot(
-        [calibration.exit_costs[-1] * scale], [100 * calibration.final_accuracy], "s", ms=8, color="tab:purple",
-        label="final exit only", zorder=3,
+        [calibration.exit_costs[-1] * scale],
+        [100 * calibration.final_accuracy],
+        "s",
+        ms=8,
+        color="tab:purple",
+        label="final exit only",
+        zorder=3,
     )
     _tolerance(ax, calibration, scale)
     cx, cy = calibration.expected_cost * scale, 100 * calibration.accuracy
     ax.plot([cx], [cy], "*", ms=16, color="tab:red", markeredgecolor="k", label="chosen", zorder=4)
     ax.annotate(
-        "T = " + ", ".join(_fmt(t) for t in calibration.thresholds), (cx, cy), xytext=(8, -14),
-        textcoords="offset points", fontsize=9, color="tab:red", gid="chosen thresholds",
+        "T = " + ", ".join(_fmt(t) for t in calibration.thresholds),
+        (cx, cy),
+        xytext=(8, -14),
+        textcoords="offset points",
+        fontsize=9,
+        color="tab:red",
+        gid="chosen thresholds",
         bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
     )
     ax.set_xlabel("expected cost (fraction of the full model)" if relative else f"expected cost ({unit} per sample)")
     ax.set_ylabel("accuracy on the calibration split (%)")
     # The thresholds were chosen on these very samples: the plot's accuracy is optimistic, and
     # the test split's is what to report.
-    fig.text(0.01, 0.005, f"accuracy and cost on the calibration split ({calibration.num_samples} samples), "
-             "not a test split", fontsize=7, color="0.35", ha="left", va="bottom", gid="split note")
+    fig.text(
+        0.01,
+        0.005,
+        f"accuracy and cost on the calibration split ({calibration.num_samples} samples), not a test split",
+        fontsize=7,
+        color="0.35",
+        ha="left",
+        va="bottom",
+        gid="split note",
+    )
     ax.set_title(title or f"{calibration.method} calibration, {calibration.criterion_name}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")

@@ -8,6 +8,7 @@ when an earlier one was printed: a loop shorter than ``log_interval`` prints not
 line every ``log_interval`` seconds. ``EERUNTIME_PROGRESS=0`` turns every bar off, ``=1`` forces
 the terminal bar.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,15 @@ class LogBar(_std_tqdm):
     def __init__(self, *args, log_interval: float = LOG_INTERVAL, **kwargs):
         self._lines = 0
         self._last_line_n = None
-        kwargs.update(mininterval=log_interval, delay=log_interval, miniters=1, leave=False,
-                      dynamic_ncols=False, ncols=kwargs.get("ncols") or 100, ascii=True)
+        kwargs.update(
+            mininterval=log_interval,
+            delay=log_interval,
+            miniters=1,
+            leave=False,
+            dynamic_ncols=False,
+            ncols=kwargs.get("ncols") or 100,
+            ascii=True,
+        )
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):
@@ -84,8 +92,16 @@ def on_terminal(file=None) -> bool:
     return tty or _in_notebook()
 
 
-def bar(iterable: Optional[Iterable] = None, *, total=None, desc: Optional[str] = None, enabled: bool = True,
-        file=None, log_interval: float = LOG_INTERVAL, **kwargs):
+def bar(
+    iterable: Optional[Iterable] = None,
+    *,
+    total=None,
+    desc: Optional[str] = None,
+    enabled: bool = True,
+    file=None,
+    log_interval: float = LOG_INTERVAL,
+    **kwargs,
+):
     """A tqdm bar over ``iterable`` (or a manual one with ``total``): redrawn in place on a terminal,
     whole lines at most every ``log_interval`` seconds elsewhere, nothing when ``enabled`` is false
     or ``EERUNTIME_PROGRESS=0``. Always a tqdm object (``set_postfix``, ``update``, ``close`` work

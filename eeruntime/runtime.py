@@ -1,4 +1,5 @@
 """``EERuntime``: run a multi-exit model stage by stage, packing the survivors between stages."""
+
 from __future__ import annotations
 
 import threading
@@ -9,16 +10,16 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops
-from .cost import CostModel, measure_costs
 from .compiled import CompiledModel, compile_options, refuse_if_traced
-from .devices import device_guard
+from .cost import CostModel, measure_costs
 from .criteria import CRITERION_CODE, Criterion, check_criterion, criterion_name, is_per_exit, uses_history
-from .ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
-from .ops.exit_decision import confidence_ref, exits_from_scores
-from .state import State, as_tuple, call, cat_rows, check_stage_output, check_state, from_tuple, take_rows  # noqa: F401  (cat_rows, take_rows: public here)
+from .devices import device_guard
 from .model import model_device
 from .model_guard import ModelGuard
+from .ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
+from .ops.exit_decision import confidence_ref, exits_from_scores
 from .ownership import sole_owner
+from .state import State, as_tuple, call, cat_rows, check_stage_output, check_state, from_tuple, take_rows  # noqa: F401  (cat_rows, take_rows: public here)
 from .stats import RuntimeStats
 from .thresholds import ThresholdSnapshot, coerce_thresholds
 
@@ -113,7 +114,9 @@ class EERuntime:
         self._compile = compile_options(compile)
         if self._compile is not None:
             if graphs is True:
-                raise ValueError("compile=True runs the stages as torch.compile graphs; it cannot be combined with graphs=True")
+                raise ValueError(
+                    "compile=True runs the stages as torch.compile graphs; it cannot be combined with graphs=True"
+                )
             graphs = False
         self.graphs = graphs
         self.decision_backend = decision_backend
@@ -182,8 +185,15 @@ class EERuntime:
         self._record(x, B, counts, time.perf_counter() - t0)
         return result
 
-    def run_stage(self, k: int, state, rows: torch.Tensor, carry=None, thresholds: Optional[ThresholdSnapshot] = None,
-                  record: bool = False) -> StageResult:
+    def run_stage(
+        self,
+        k: int,
+        state,
+        rows: torch.Tensor,
+        carry=None,
+        thresholds: Optional[ThresholdSnapshot] = None,
+        record: bool = False,
+    ) -> StageResult:
         """Run stage ``k`` and exit ``k`` on the rows of ``state`` and say who leaves.
 
         ``state``: stage k's input (the model input at k == 0, else the ``state`` an earlier
@@ -222,8 +232,15 @@ class EERuntime:
             self.record_exits(counts, calls=0, example=state if k == 0 else None)
         return res
 
-    def record_exits(self, counts_per_exit: Sequence[int], samples: Optional[int] = None, *, wall_time_s: float = 0.0,
-                     calls: int = 1, example=None) -> None:
+    def record_exits(
+        self,
+        counts_per_exit: Sequence[int],
+        samples: Optional[int] = None,
+        *,
+        wall_time_s: float = 0.0,
+        calls: int = 1,
+        example=None,
+    ) -> None:
         """Add exits seen outside :meth:`infer` (e.g. by a scheduler calling :meth:`run_stage`) to
         ``rt.stats``: ``counts_per_exit[k]`` rows left at exit k; ``samples`` defaults to their
         sum. ``example``: a model input, kept (one row) to measure the FLOPs cost model."""
@@ -266,7 +283,9 @@ class EERuntime:
     def stats(self) -> RuntimeStats:
         """Exits per exit point, samples seen, wall time, and the FLOPs cost model (ideal cost)."""
         with self._lock:
-            snap = RuntimeStats(list(self._stats.exit_counts), self._stats.samples, self._stats.calls, self._stats.wall_time_s)
+            snap = RuntimeStats(
+                list(self._stats.exit_counts), self._stats.samples, self._stats.calls, self._stats.wall_time_s
+            )
             example = self._example
         if self._cost is None and example is not None:
             self._cost = measure_costs(self.model, example)
@@ -345,9 +364,11 @@ class EERuntime:
                     f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}"
                 )
             return s.float()
-        return confidence_ref(logits, self.criterion) if logits.shape[0] == 0 else ops.exit_decision(
-            logits, 0.0, self.criterion, backend=self.decision_backend
-        )[0]
+        return (
+            confidence_ref(logits, self.criterion)
+            if logits.shape[0] == 0
+            else ops.exit_decision(logits, 0.0, self.criterion, backend=self.decision_backend)[0]
+        )
 
     def decide(self, logits: torch.Tensor, state, k: int, history=(), thresholds: Optional[torch.Tensor] = None):
         """Score and exit flag at early exit ``k`` against ``thresholds[k]`` (a float32 [K-1]
@@ -367,8 +388,7 @@ class EERuntime:
             return None
         return cpu_loop_ops()
 
-    def _exit_step(self, fused, thr, logits, state, k: int, final: bool, history, rows, out, confidence,
-                   exit_index):
+    def _exit_step(self, fused, thr, logits, state, k: int, final: bool, history, rows, out, confidence, exit_index):
         """Score and decide exit ``k`` for the ``n`` rows that reached it and write the leaving
         rows (logits, score, k) into the outputs. Returns ``(keep, n_exit)``: ``keep`` bool [n],
         the rows that go on (None from the final exit without the compiled op). ``thr``: the
@@ -388,7 +408,10 @@ class EERuntime:
         n_exit = int(exited.sum())
         if n_exit:
             ops.scatter_rows(
-                exited, rows, [logits, score, torch.full_like(rows, k)], [out, confidence, exit_index],
+                exited,
+                rows,
+                [logits, score, torch.full_like(rows, k)],
+                [out, confidence, exit_index],
                 backend=self.compact_backend,
             )
         return ~exited, n_exit
@@ -422,11 +445,16 @@ class EERuntime:
         earlier exits' logits (a history criterion); each [n, C]."""
         want = int(self.final == "average" and k > 0) + (k if uses_history(self.criterion) else 0)
         carry = () if carry is None else tuple(carry) if isinstance(carry, (tuple, list)) else carry
-        if not isinstance(carry, tuple) or len(carry) != want or not all(
-            isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == n for t in carry
+        if (
+            not isinstance(carry, tuple)
+            or len(carry) != want
+            or not all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == n for t in carry)
         ):
-            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in carry] if isinstance(
-                carry, tuple) else type(carry).__name__
+            got = (
+                [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in carry]
+                if isinstance(carry, tuple)
+                else type(carry).__name__
+            )
             raise ValueError(
                 f"carry for stage {k} must be a tuple of {want} [{n}, C] tensors (the carry the step of stage "
                 f"{k - 1} returned, rows selected like the state), got {got}"
@@ -453,12 +481,22 @@ class EERuntime:
         if n_exit == n:
             return StageResult(k, exit_rows, exit_logits, exit_score, rows[:0], None, ())
         parts = as_tuple(state)
-        carried = [*parts, *([acc] if acc is not None else []), *history, *([logits] if uses_history(self.criterion) else [])]
+        carried = [
+            *parts,
+            *([acc] if acc is not None else []),
+            *history,
+            *([logits] if uses_history(self.criterion) else []),
+        ]
         if n_exit:
             index, carried = ops.compact(~exited, carried, backend=self.compact_backend)
             rows = rows.index_select(0, index.to(rows.device))
         return StageResult(
-            k, exit_rows, exit_logits, exit_score, rows, from_tuple(carried[: len(parts)], state),
+            k,
+            exit_rows,
+            exit_logits,
+            exit_score,
+            rows,
+            from_tuple(carried[: len(parts)], state),
             tuple(carried[len(parts) :]),
         )
 

@@ -20,6 +20,7 @@ score of exit k is u_k and a sample leaves when u_k >= T_k. The scorer computes 
 returns float32, so its scores do not depend on how rows are batched: the runtime sees the same
 values as the calibration that chose the thresholds.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,7 +75,7 @@ class EENetScorer(nn.Module):
         return {"num_exits": self.num_exits, "top_k": self.top_k, "hidden": self.hidden}
 
     @classmethod
-    def from_config(cls, config: dict) -> "EENetScorer":
+    def from_config(cls, config: dict) -> EENetScorer:
         return cls(int(config["num_exits"]), int(config["top_k"]), int(config["hidden"]))
 
     # ------------------------------------------------------------------ scoring
@@ -106,8 +107,10 @@ class EENetScorer(nn.Module):
             raise ValueError(f"logits are on {logits.device} but the scorer is on {dev}; move it with scorer.to(...)")
         seen = [*history, logits]
         base = torch.stack([exit_features(x, self.top_k) for x in seen], dim=1)
-        preds = torch.stack([x.argmax(dim=1) for x in seen], dim=1) if logits.shape[0] else logits.new_zeros(
-            (0, k + 1), dtype=torch.int64
+        preds = (
+            torch.stack([x.argmax(dim=1) for x in seen], dim=1)
+            if logits.shape[0]
+            else logits.new_zeros((0, k + 1), dtype=torch.int64)
         )
         u, _ = self.chain(base, preds, k)
         return u[:, k].float()

@@ -7,6 +7,7 @@ per round over the whole input in serving batches, the order cycling through all
 ratio in a table is a ratio of those medians, so each row's speed-up is exactly its plain time
 divided by its own time, both from this one run.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,14 +52,17 @@ class SpeedTable:
         return None if oracle is None else oracle / self.seconds[name]
 
     def method(self) -> str:
-        return (f"median of {self.rounds} interleaved rounds (every variant once per round over all "
-                f"{self.samples} samples in batches of {self.batch}, the order cycling through every "
-                f"permutation); speed-up = plain time / row time")
+        return (
+            f"median of {self.rounds} interleaved rounds (every variant once per round over all "
+            f"{self.samples} samples in batches of {self.batch}, the order cycling through every "
+            f"permutation); speed-up = plain time / row time"
+        )
 
 
 @torch.inference_mode()
-def measure(model, runtimes: Dict[str, object], x: torch.Tensor, batch: int, device, rounds: int = 60,
-            oracle: bool = True) -> SpeedTable:
+def measure(
+    model, runtimes: Dict[str, object], x: torch.Tensor, batch: int, device, rounds: int = 60, oracle: bool = True
+) -> SpeedTable:
     """Time ``model``'s plain forward and each runtime of ``runtimes`` (name -> ``EERuntime``)
     over ``x`` in batches of ``batch``, side by side. With ``oracle``, also each runtime's oracle
     (the same stages run on exactly the rows that reach them, see :mod:`eeruntime.oracle`)."""

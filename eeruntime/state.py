@@ -1,5 +1,6 @@
 """A stage's state: one tensor, or a tuple of tensors sharing batch dimension 0 (e.g. hidden
 states and an attention mask). Stages and exits are called with the state unpacked."""
+
 from __future__ import annotations
 
 from typing import Tuple, Union
@@ -60,7 +61,9 @@ def check_state(state, where: str) -> int:
     B = parts[0].shape[0]
     for i, t in enumerate(parts[1:], 1):
         if t.shape[0] != B:
-            raise ValueError(f"{where}: tuple members must share batch dim 0; member 0 has {B} rows, member {i} has {t.shape[0]}")
+            raise ValueError(
+                f"{where}: tuple members must share batch dim 0; member 0 has {B} rows, member {i} has {t.shape[0]}"
+            )
     return B
 
 

@@ -1,4 +1,5 @@
 """What the runtime has seen: exits per exit point, samples, time, and the cost they imply."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

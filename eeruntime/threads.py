@@ -5,6 +5,7 @@ runner, an editor, other jobs) those threads spin waiting for each other: the de
 to 5 min 46 s on a busy 2-core VM with torch's default and 52 s with one thread. So the default
 leaves a core free on machines of at most four CPUs.
 """
+
 from __future__ import annotations
 
 import contextlib

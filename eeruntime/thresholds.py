@@ -4,6 +4,7 @@ A runtime holds one :class:`ThresholdSnapshot` at a time; ``set_thresholds`` swa
 A call takes the current snapshot once and decides every exit against it, so a call never mixes
 old and new thresholds (see docs/design.md, "Thresholds").
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,11 @@ def coerce_thresholds(thresholds, num_early: int, criterion=None) -> Tuple[float
             thresholds = float(thresholds)
         else:
             thresholds = thresholds.detach().cpu().reshape(-1).tolist()
-    if isinstance(thresholds, (set, frozenset, dict)) or not hasattr(thresholds, "__iter__") and not _is_number(thresholds):
+    if (
+        isinstance(thresholds, (set, frozenset, dict))
+        or not hasattr(thresholds, "__iter__")
+        and not _is_number(thresholds)
+    ):
         # A set has no order: which threshold belongs to which exit would be a guess.
         raise TypeError(f"thresholds must be {accepted}; got a {type(thresholds).__name__}")
     if _is_number(thresholds):

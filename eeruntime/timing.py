@@ -1,5 +1,6 @@
 """Side-by-side timing: several variants of one job measured in the same run, so that their
 ratios (speed-up, efficiency) mean something on a machine whose speed drifts."""
+
 from __future__ import annotations
 
 import itertools
@@ -50,8 +51,9 @@ class SideBySide:
         return _median([x / y for x, y in zip(self.times[a], self.times[b])])
 
 
-def side_by_side(fns: Dict[str, Callable[[], object]], device, rounds: int = 60, warmup: int = 2,
-                 inner: int = 1) -> SideBySide:
+def side_by_side(
+    fns: Dict[str, Callable[[], object]], device, rounds: int = 60, warmup: int = 2, inner: int = 1
+) -> SideBySide:
     """Time every variant once per round (``inner`` calls, the device synchronised around them).
 
     The order within a round cycles through every permutation of the variants: a heavy variant

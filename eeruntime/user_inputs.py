@@ -1,6 +1,7 @@
 """What the command line loads from the user: a model from a ``module:factory`` name, its weights,
 and data from a file or a ``module:function`` name. Nothing is unpickled (``torch.load`` with
 ``weights_only=True``, safetensors)."""
+
 from __future__ import annotations
 
 import importlib
@@ -72,8 +73,9 @@ def _pair(obj, source: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     else:
         batches = list(obj) if hasattr(obj, "__iter__") else None
         if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
-            raise InputError(f"{source} must give x, (x, y), {{'x': ..., 'y': ...}} or (x, y) batches; "
-                             f"got {type(obj).__name__}")
+            raise InputError(
+                f"{source} must give x, (x, y), {{'x': ..., 'y': ...}} or (x, y) batches; got {type(obj).__name__}"
+            )
         x = torch.cat([torch.as_tensor(b[0]) for b in batches])
         y = torch.cat([torch.as_tensor(b[1]) for b in batches])
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] == 0:
@@ -81,8 +83,10 @@ def _pair(obj, source: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     if y is not None:
         y = torch.as_tensor(y)
         if y.shape[:1] != x.shape[:1] or y.dtype.is_floating_point:
-            raise InputError(f"{source}: y must be integer labels, one per row of x ({x.shape[0]}), "
-                             f"got {y.dtype} of shape {tuple(y.shape)}")
+            raise InputError(
+                f"{source}: y must be integer labels, one per row of x ({x.shape[0]}), "
+                f"got {y.dtype} of shape {tuple(y.shape)}"
+            )
         y = y.long()
     return x, y
 

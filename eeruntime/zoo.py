@@ -1,4 +1,5 @@
 """Small multi-exit models used by the demo, the tests and the benchmarks."""
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,7 @@ def conv_net(num_exits: int = 4, in_channels: int = 3, width: int = 32, num_clas
     stages, exits = [], []
     cin = in_channels
     for k in range(num_exits):
-        cout = width * (2 ** k)
+        cout = width * (2**k)
         stages.append(nn.Sequential(_conv_block(cin, cout, pool=False), _conv_block(cout, cout, pool=k > 0)))
         exits.append(_pool_head(cout, num_classes))
         cin = cout
@@ -130,7 +131,9 @@ def digits_vit(num_classes: int = 10, dim: int = 32, depth: int = 6, heads: int 
     pre-norm ``nn.TransformerEncoderLayer`` blocks, one stage per block (the patch embedding rides
     with the first) and a CLS exit (:class:`~eeruntime.heads.SequenceHead`) after each, so PABEE's patience has exits to count."""
     blocks = [
-        nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        nn.TransformerEncoderLayer(
+            dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         for _ in range(depth)
     ]
     stages = [nn.Sequential(PatchTokens(patch, dim), blocks[0]), *blocks[1:]]

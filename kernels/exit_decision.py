@@ -40,6 +40,7 @@ arbitrary (the column stride must be 1: the launcher makes other layouts contigu
 launcher passes ``VEC``, the largest power of two (up to 16 bytes) dividing both C and the row
 stride, so that the loads are vectorised whenever the layout allows it.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,10 +100,22 @@ def _score_and_store(rows, row_ok, M, S, T, X2, thr, inv_log_c, conf_ptr, mask_p
 
 @triton.jit
 def _exit_decision_tile_kernel(
-    x_ptr, thr_ptr, thr_value, conf_ptr, mask_ptr, argmax_ptr,
-    B, C, stride_row, inv_log_c,
-    CRITERION: tl.constexpr, THR_FROM_PTR: tl.constexpr, WRITE_ARGMAX: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+    x_ptr,
+    thr_ptr,
+    thr_value,
+    conf_ptr,
+    mask_ptr,
+    argmax_ptr,
+    B,
+    C,
+    stride_row,
+    inv_log_c,
+    CRITERION: tl.constexpr,
+    THR_FROM_PTR: tl.constexpr,
+    WRITE_ARGMAX: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """One-block path: ROWS whole rows (C <= BLOCK_C) per program."""
     # VEC divides C and the row stride (the launcher checks), so these are identities; written so,
@@ -147,10 +160,21 @@ def _exit_decision_tile_kernel(
 
 @triton.jit
 def _exit_decision_chunked_kernel(
-    x_ptr, thr_ptr, thr_value, conf_ptr, mask_ptr, argmax_ptr,
-    B, C, stride_row, inv_log_c,
-    CRITERION: tl.constexpr, THR_FROM_PTR: tl.constexpr, WRITE_ARGMAX: tl.constexpr,
-    BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+    x_ptr,
+    thr_ptr,
+    thr_value,
+    conf_ptr,
+    mask_ptr,
+    argmax_ptr,
+    B,
+    C,
+    stride_row,
+    inv_log_c,
+    CRITERION: tl.constexpr,
+    THR_FROM_PTR: tl.constexpr,
+    WRITE_ARGMAX: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Chunked online path: one row per program, per-lane online (m, S, T), lanes merged at the end."""
     C = (C // VEC) * VEC  # identities that carry VEC's divisibility (see the tile kernel)
@@ -283,11 +307,21 @@ def exit_decision_triton(
         C, ONE_BLOCK_MAX if one_block_max is None else one_block_max, CHUNK if chunk is None else chunk
     )
     args = (
-        logits, thr_ptr, thr_value, conf, mask.view(torch.uint8), argmax if return_argmax else conf,
-        B, C, logits.stride(0), 1.0 / math.log(C) if C > 1 else 0.0,
+        logits,
+        thr_ptr,
+        thr_value,
+        conf,
+        mask.view(torch.uint8),
+        argmax if return_argmax else conf,
+        B,
+        C,
+        logits.stride(0),
+        1.0 / math.log(C) if C > 1 else 0.0,
     )
     flags = dict(
-        CRITERION=CRITERION_CODE[criterion], THR_FROM_PTR=from_ptr, WRITE_ARGMAX=bool(return_argmax),
+        CRITERION=CRITERION_CODE[criterion],
+        THR_FROM_PTR=from_ptr,
+        WRITE_ARGMAX=bool(return_argmax),
         # With one row the stride is never used (row 0 is at offset 0), so only C limits VEC.
         VEC=_vector_width(C, logits.stride(0) if B > 1 else 0, logits.element_size()),
     )

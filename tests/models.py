@@ -1,5 +1,6 @@
 """Small models shared by the tests: a random MLP with an exit after every stage, and a
 transformer-like stage / exit pair whose state is a (hidden, mask) tuple."""
+
 import torch
 from torch import nn
 

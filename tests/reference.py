@@ -1,5 +1,6 @@
 """Independent oracles for the tests: a float64 confidence score and the per-sample loop of
 DESIGN.md (one sample at a time, stop at the first exit whose criterion holds)."""
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,9 @@ def per_sample_loop(model, x, thresholds, criterion="entropy", final="last"):
             seen.append(logits.double())
             if k == K - 1:
                 out = torch.stack(seen).mean(0) if final == "average" else logits.double()
-                outs.append(out[0]); exits.append(k); near.append(closest)
+                outs.append(out[0])
+                exits.append(k)
+                near.append(closest)
                 break
             if callable(criterion):
                 s = float(criterion(logits, state)[0])
@@ -76,7 +79,9 @@ def per_sample_loop(model, x, thresholds, criterion="entropy", final="last"):
             if not math.isnan(s):
                 closest = min(closest, abs(s - thresholds[k]))
             if done:
-                outs.append(logits.double()[0]); exits.append(k); near.append(closest)
+                outs.append(logits.double()[0])
+                exits.append(k)
+                near.append(closest)
                 break
     C = outs[0].shape[0] if outs else None
     logits = torch.stack(outs) if outs else torch.empty(0, C or 0, dtype=torch.float64)

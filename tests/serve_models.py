@@ -5,6 +5,7 @@ after calling a hook with the stage index and the ids it sees (to record, block 
 exit k gives row i confident one-hot logits (class ``id % C``) when ``exit_at == k``, flat logits
 otherwise. Which row leaves where, and which rows share a batch, are thus known exactly.
 """
+
 import threading
 
 import torch
@@ -43,11 +44,11 @@ class Hook:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.batches = []           # (k, ids)
+        self.batches = []  # (k, ids)
         self.gate = threading.Event()
         self.entered = threading.Event()
-        self.hold_if = None         # (k, ids) -> bool
-        self.fail_if = None         # (k, ids) -> bool
+        self.hold_if = None  # (k, ids) -> bool
+        self.fail_if = None  # (k, ids) -> bool
 
     def hold(self, k, trigger=None):
         """Hold stage ``k`` (only batches holding id ``trigger``, when given) until ``gate`` opens."""

@@ -1,10 +1,10 @@
 """Model factories for the Ray Serve tests: replicas import them by name (``slow_models:...``),
 so they live in a module of their own that imports nothing heavy."""
+
 import time
 
-from torch import nn
-
 from models import mlp_model
+from torch import nn
 
 
 class Sleep(nn.Module):

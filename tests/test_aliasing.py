@@ -2,6 +2,7 @@
 rows, several storages over one buffer (numpy, dlpack, frombuffer), an output on an input. Each
 result is compared with boolean indexing / the op's reference run on separate copies; where no
 answer is right (two outputs on one memory) the op must refuse before it writes anything."""
+
 import numpy as np
 import pytest
 import torch
@@ -58,13 +59,17 @@ def test_self_overlap(make, expected):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda B: [torch.randn(B * 4 + 3).as_strided((B, 4), (1, 1))],       # each row overlaps the next
-        lambda B: [torch.randn(B * 4).as_strided((B, 4), (2, 1))],           # half-overlapping rows
-        lambda B: [torch.randn(1, 5).expand(B, 5)],                           # every row is one row
+        lambda B: [torch.randn(B * 4 + 3).as_strided((B, 4), (1, 1))],  # each row overlaps the next
+        lambda B: [torch.randn(B * 4).as_strided((B, 4), (2, 1))],  # half-overlapping rows
+        lambda B: [torch.randn(1, 5).expand(B, 5)],  # every row is one row
         lambda B: (lambda a: [torch.from_numpy(a), torch.from_numpy(a)])(np.random.rand(B, 3)),
         lambda B: (lambda a: [torch.from_numpy(a[:, :2]), torch.from_numpy(a[:, 1:])])(np.random.rand(B, 3)),
-        lambda B: (lambda b: [torch.frombuffer(b, dtype=torch.float32).view(B, 4),
-                              torch.frombuffer(b, dtype=torch.int32).view(B, 4)])(bytearray(B * 16)),
+        lambda B: (
+            lambda b: [
+                torch.frombuffer(b, dtype=torch.float32).view(B, 4),
+                torch.frombuffer(b, dtype=torch.int32).view(B, 4),
+            ]
+        )(bytearray(B * 16)),
         lambda B: (lambda x: [x, torch.from_dlpack(x)])(torch.randn(B, 2)),
     ],
     ids=["as_strided-1", "as_strided-2", "expand", "numpy-twice", "numpy-columns", "frombuffer-twice", "dlpack"],
@@ -155,7 +160,9 @@ def test_scatter_rows_refuses_outputs_on_one_memory(backend):
     mask, rows = torch.ones(B, dtype=torch.bool), torch.arange(B)
     out = torch.zeros(B, 4)
     with pytest.raises(ValueError, match="outs\\[1\\] and outs\\[0\\] share memory"):
-        ee.ops.scatter_rows(mask, rows, [torch.randn(B, 2), torch.randn(B, 2)], [out[:, :2], out[:, 1:3]], backend=backend)
+        ee.ops.scatter_rows(
+            mask, rows, [torch.randn(B, 2), torch.randn(B, 2)], [out[:, :2], out[:, 1:3]], backend=backend
+        )
     with pytest.raises(ValueError, match="outs\\[0\\] has elements that share memory"):
         ee.ops.scatter_rows(mask, rows, [torch.randn(B, 4)], [torch.zeros(1, 4).expand(B, 4)], backend=backend)
     assert not out.any()
@@ -199,10 +206,14 @@ def test_exit_scatter_inputs_inside_other_outputs(backend):
     perm = torch.randperm(B, generator=torch.Generator().manual_seed(7))
     exit_index = perm.clone()
     rows = exit_index  # the row ids are the exit index being written
-    check_exit_scatter(backend, peaked_logits(B, C, 7), torch.tensor([0.5]), rows, torch.zeros(B, C), torch.zeros(B), exit_index)
+    check_exit_scatter(
+        backend, peaked_logits(B, C, 7), torch.tensor([0.5]), rows, torch.zeros(B, C), torch.zeros(B), exit_index
+    )
     conf = torch.full((B,), 0.5)
     thr = conf[3:4]  # the threshold is read from the confidence being written
-    check_exit_scatter(backend, peaked_logits(B, C, 8), thr, perm, torch.zeros(B, C), conf, torch.zeros(B, dtype=torch.int64))
+    check_exit_scatter(
+        backend, peaked_logits(B, C, 8), thr, perm, torch.zeros(B, C), conf, torch.zeros(B, dtype=torch.int64)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

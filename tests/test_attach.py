@@ -4,21 +4,28 @@ heads get the right shapes, and the backbone is shared, never changed."""
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import per_sample_loop
 from torch import nn
 
 import eeruntime as ee
 from eeruntime.heads import ConvHead, ExitHead, PoolLinearHead
 
-from reference import per_sample_loop
-
 
 # ------------------------------------------------------------------ backbones
 def seq_cnn():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     )
 
 
@@ -231,7 +238,9 @@ def test_sequential_errors_list_child_names():
 
 def test_fx_errors_list_node_names():
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"'nope' is not a node.*valid split points \(node names, in order\): a, relu, b, relu_1, add"):
+    with pytest.raises(
+        ValueError, match=r"'nope' is not a node.*valid split points \(node names, in order\): a, relu, b, relu_1, add"
+    ):
         ee.attach_exits(OutOfOrder(), at=["nope"], example_input=x)
     with pytest.raises(ValueError, match="classifier tail"):
         ee.attach_exits(OutOfOrder(), at=["mean"], example_input=x)
@@ -313,8 +322,12 @@ def test_design_usage_without_an_example_input():
     x = torch.randn(3, 3, 24, 24)
     with torch.no_grad():
         assert torch.equal(model.eval()(x)[-1], backbone(x))
-    digits_like = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
-    with pytest.raises(ValueError, match=r"does not run on a guessed input of shape \(2, 1, 32, 32\).*pass example_input"):
+    digits_like = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+    )
+    with pytest.raises(
+        ValueError, match=r"does not run on a guessed input of shape \(2, 1, 32, 32\).*pass example_input"
+    ):
         ee.attach_exits(digits_like, at=["1"])
     assert ee.attach_exits(digits_like, at=["1"], example_input=torch.zeros(2, 1, 8, 8)).num_exits == 2
 
@@ -323,7 +336,11 @@ def test_design_usage_without_an_example_input():
 def test_num_classes_replaces_the_final_classifier_for_fine_tuning(mode):
     # the classifier sits in a nested Sequential, as in torchvision's MobileNet / VGG
     backbone = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 10)),
     ).eval()
     x = torch.randn(4, 3, 8, 8)
@@ -347,8 +364,12 @@ def test_num_classes_and_example_input_checks():
     with pytest.raises(ValueError, match="pass example_input"):
         ee.attach_exits(emb, at=["1"])
     tokens = torch.randint(0, 20, (4, 5))
-    m = ee.attach_exits(nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Flatten(), nn.Linear(40, 3)),
-                        at=["0"], head=lambda s, c: nn.Sequential(nn.Flatten(), nn.Linear(s.numel(), c)), example_input=tokens)
+    m = ee.attach_exits(
+        nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Flatten(), nn.Linear(40, 3)),
+        at=["0"],
+        head=lambda s, c: nn.Sequential(nn.Flatten(), nn.Linear(s.numel(), c)),
+        example_input=tokens,
+    )
     assert [o.shape for o in m(tokens)] == [torch.Size([4, 3])] * 2
 
 

@@ -1,5 +1,6 @@
 """The benchmark suites' measurement helpers (bench/common.py, the compiled baseline of
 bench/test_bench_exit_decision.py), checked on CPU: what they time and how they restore state."""
+
 import pathlib
 import sys
 
@@ -9,6 +10,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 
 import common  # noqa: E402  (bench/ on sys.path)
+
 from eeruntime.ops.exit_decision import exit_decision_ref  # noqa: E402
 
 

@@ -1,5 +1,6 @@
 """rt.save(path, weights=True) / ee.load(path, factory): the model rebuilt from its constructor and
 the saved weights, in a fresh process, with clear refusals for a constructor that does not fit."""
+
 import functools
 import os
 import subprocess
@@ -48,10 +49,10 @@ def test_bundle_round_trip_in_a_fresh_process(tmp_path):
             raise AssertionError("load must not unpickle")
         pickle.load = pickle.loads = torch.load = refuse
         import eeruntime as ee
-        rt = ee.load({str(tmp_path / 'bundle')!r}, "eeruntime.zoo:digits_cnn")
+        rt = ee.load({str(tmp_path / "bundle")!r}, "eeruntime.zoo:digits_cnn")
         assert rt.final == "average" and rt.thresholds == [0.6, 0.3], (rt.final, rt.thresholds)
-        res = rt.infer(load_file({str(tmp_path / 'x.safetensors')!r})["x"])
-        save_file({{"logits": res.logits, "exit": res.exit_index}}, {str(tmp_path / 'out.safetensors')!r})
+        res = rt.infer(load_file({str(tmp_path / "x.safetensors")!r})["x"])
+        save_file({{"logits": res.logits, "exit": res.exit_index}}, {str(tmp_path / "out.safetensors")!r})
         """
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -75,7 +76,9 @@ def test_callable_factory_and_a_user_module(tmp_path, monkeypatch):
     for (k, a), (_, b) in zip(model.state_dict().items(), back.model.state_dict().items()):
         assert torch.equal(a, b), k
     # a "module:factory" name from the user's own module
-    (tmp_path / "my_models.py").write_text("from eeruntime.zoo import digits_cnn\ndef build():\n    return digits_cnn()\n")
+    (tmp_path / "my_models.py").write_text(
+        "from eeruntime.zoo import digits_cnn\ndef build():\n    return digits_cnn()\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     x = torch.randn(20, 1, 8, 8)
     assert torch.equal(ee.load(tmp_path / "b", "my_models:build").infer(x).logits, rt.infer(x).logits)
@@ -88,10 +91,15 @@ def test_callable_factory_and_a_user_module(tmp_path, monkeypatch):
 
 def test_factory_that_does_not_fit_is_refused_with_names(tmp_path):
     ee.EERuntime(perturbed_digits(), thresholds=0.5).save(tmp_path / "b", weights=True, factory=digits_cnn)
-    with pytest.raises(ValueError, match=r"saved from 'eeruntime.zoo:digits_cnn'.*shape differs: stages.0.0.weight: "
-                                         r"saved \[32, 1, 3, 3\], model \[16, 1, 3, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved from 'eeruntime.zoo:digits_cnn'.*shape differs: stages.0.0.weight: "
+        r"saved \[32, 1, 3, 3\], model \[16, 1, 3, 3\]",
+    ):
         ee.load(tmp_path / "b", functools.partial(digits_cnn, width=8))
-    with pytest.raises(ValueError, match=r"not in the bundle: stages.0.0.0.weight.*not in the model: stages.0.0.weight"):
+    with pytest.raises(
+        ValueError, match=r"not in the bundle: stages.0.0.0.weight.*not in the model: stages.0.0.weight"
+    ):
         ee.load(tmp_path / "b", lambda: ee.zoo.conv_net(num_exits=3, in_channels=1))
     with pytest.raises(ValueError, match="'module:factory' string"):
         ee.load(tmp_path / "b", "eeruntime.zoo.digits_cnn")

@@ -2,18 +2,17 @@
 (wrong types, missing, out of range, huge sizes), binary and truncated files. Each must fail with
 an error naming the file and the field, before anything is built (no model call, no allocation
 from a size in the file), and a valid file must still load."""
+
 import copy
 import json
 import math
 
 import pytest
-import torch
+from test_calibrate import tiny_data, tiny_model
 
 import eeruntime as ee
 from eeruntime.bundle_schema import BadFile, check_runtime_doc, check_safetensors
 from eeruntime.scorers import EENetScorer
-
-from test_calibrate import tiny_data, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +88,19 @@ BROKEN = [
 ]
 
 
-@pytest.mark.parametrize("path, value, words", BROKEN, ids=[f"{'.'.join(p)}={v if v is not DELETE else 'missing'}"[:40] for p, v, _ in BROKEN])
+@pytest.mark.parametrize(
+    "path, value, words",
+    BROKEN,
+    ids=[f"{'.'.join(p)}={v if v is not DELETE else 'missing'}"[:40] for p, v, _ in BROKEN],
+)
 def test_each_broken_field_is_named(saved, tmp_path, monkeypatch, path, value, words):
     src, doc, model = saved
     (tmp_path / "weights.safetensors").write_bytes((src / "weights.safetensors").read_bytes())
     write(tmp_path, set_path(doc, path, value))
     built = []
-    monkeypatch.setattr(EENetScorer, "__init__", lambda *a, **k: built.append(1) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(
+        EENetScorer, "__init__", lambda *a, **k: built.append(1) or (_ for _ in ()).throw(AssertionError)
+    )
     with pytest.raises(ValueError) as info:
         ee.load(tmp_path, model)
     msg = str(info.value)
@@ -118,7 +123,9 @@ def test_binary_file(tmp_path, content):
     assert str(tmp_path / "runtime.json") in str(info.value)
 
 
-@pytest.mark.parametrize("text", ["", "[1, 2, 3]", "null", '"eeruntime.runtime"', "{" * 100000, '{"format": "eeruntime.runtime",'])
+@pytest.mark.parametrize(
+    "text", ["", "[1, 2, 3]", "null", '"eeruntime.runtime"', "{" * 100000, '{"format": "eeruntime.runtime",']
+)
 def test_not_a_json_object(tmp_path, text):
     (tmp_path / "runtime.json").write_text(text)
     with pytest.raises(ValueError) as info:
@@ -137,7 +144,9 @@ def test_truncated_or_foreign_weights(saved, tmp_path):
             ee.load(tmp_path, model)
         assert str(tmp_path / "weights.safetensors") in str(info.value), (cut, str(info.value))
     # a header that promises 2**40 elements in a small file: refused by arithmetic, not by the allocator
-    header = json.dumps({"heads.0.0.weight": {"dtype": "F64", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 8 << 40]}}).encode()
+    header = json.dumps(
+        {"heads.0.0.weight": {"dtype": "F64", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 8 << 40]}}
+    ).encode()
     (tmp_path / "weights.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
     with pytest.raises(ValueError, match="truncated or corrupt"):
         check_safetensors(tmp_path / "weights.safetensors")
@@ -151,4 +160,6 @@ def test_infinite_thresholds_still_round_trip(tmp_path):
     rt.save(tmp_path / "rt")
     assert ee.load(tmp_path / "rt", model).thresholds == [math.inf, -math.inf]
     with pytest.raises(BadFile):
-        check_runtime_doc({**json.loads((tmp_path / "rt" / "runtime.json").read_text()), "thresholds": ["Infinity", 1]}, "f")
+        check_runtime_doc(
+            {**json.loads((tmp_path / "rt" / "runtime.json").read_text()), "thresholds": ["Infinity", 1]}, "f"
+        )

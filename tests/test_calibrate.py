@@ -1,5 +1,6 @@
 """ee.calibrate: each method against an independent brute force on small cached data, the runtime
 reproducing every calibration, argument errors, and the digits check of the issue."""
+
 import itertools
 import json
 import math
@@ -7,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import score64
 from torch import nn
 
 import eeruntime as ee
@@ -16,8 +18,6 @@ from eeruntime.calibration.search import full_candidates
 from eeruntime.cost import CostModel
 from eeruntime.data import Batches, load_digits_split
 from eeruntime.zoo import digits_cnn
-
-from reference import score64
 
 
 # ----------------------------------------------------------------------------- fixtures, oracles
@@ -201,10 +201,17 @@ def brute_greedy(cache, candidates):
 
 # cases chosen so that a changed objective (no (1 - E/N) factor, or that factor squared) picks
 # different thresholds: on easy data greedy takes error-free exits and any objective agrees
-@pytest.mark.parametrize("K,criterion,seed,strength", [
-    (3, "entropy", 0, 4.0), (3, "max_prob", 0, 4.0), (3, "max_prob", 2, 4.0), (4, "margin", 2, 2.0),
-    (4, "margin", 3, 2.0), (4, "entropy", 5, 3.0),
-])
+@pytest.mark.parametrize(
+    "K,criterion,seed,strength",
+    [
+        (3, "entropy", 0, 4.0),
+        (3, "max_prob", 0, 4.0),
+        (3, "max_prob", 2, 4.0),
+        (4, "margin", 2, 2.0),
+        (4, "margin", 3, 2.0),
+        (4, "entropy", 5, 3.0),
+    ],
+)
 def test_greedy_equals_brute_force(K, criterion, seed, strength):
     cache, _, _ = synthetic_cache(60, K, criterion, seed=seed, strength=strength)
     cal = ee.calibrate(None, cache, "greedy")
@@ -229,7 +236,9 @@ def test_greedy_ties_go_to_more_exits():
 
 
 # ----------------------------------------------------------------------------- accuracy
-@pytest.mark.parametrize("K,criterion,max_drop", [(3, "entropy", 0.0), (3, "max_prob", 0.03), (4, "entropy", 0.05), (4, "norm_entropy", 0.1)])
+@pytest.mark.parametrize(
+    "K,criterion,max_drop", [(3, "entropy", 0.0), (3, "max_prob", 0.03), (4, "entropy", 0.05), (4, "norm_entropy", 0.1)]
+)
 def test_accuracy_meets_constraint_and_beats_every_grid_point(K, criterion, max_drop):
     cache, _, _ = synthetic_cache(80, K, criterion, seed=K)
     cal = ee.calibrate(None, cache, "accuracy", max_drop=max_drop, grid=6)
@@ -334,9 +343,15 @@ def test_eenet_scorer_inputs_match_their_definitions():
 
 
 # ----------------------------------------------------------------------------- runtime agreement
-@pytest.mark.parametrize("method,kw", [
-    ("greedy", {}), ("accuracy", {"max_drop": 0.02}), ("sweep", {"max_drop": 0.05}), ("budget", {"budget": 0.6}),
-])
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("greedy", {}),
+        ("accuracy", {"max_drop": 0.02}),
+        ("sweep", {"max_drop": 0.05}),
+        ("budget", {"budget": 0.6}),
+    ],
+)
 @pytest.mark.parametrize("final", ["last", "average"])
 def test_runtime_reproduces_calibration(method, kw, final):
     model = tiny_model()
@@ -373,7 +388,10 @@ def test_data_forms_agree_and_cache_can_be_reused():
     assert a.thresholds == b.thresholds == c.thresholds and a.accuracy == b.accuracy == c.accuracy
     cache = build_cache(model, (x, y), "entropy", progress=False)
     assert ee.calibrate(None, cache, "accuracy").thresholds == a.thresholds
-    assert ee.calibrate(model, cache, "greedy").thresholds == ee.calibrate(model, (x, y), "greedy", progress=False).thresholds
+    assert (
+        ee.calibrate(model, cache, "greedy").thresholds
+        == ee.calibrate(model, (x, y), "greedy", progress=False).thresholds
+    )
     with pytest.raises(ValueError, match="entropy scores, not max_prob"):
         ee.calibrate(None, cache, "accuracy", criterion="max_prob")
 
@@ -396,8 +414,22 @@ def test_to_dict_is_strict_json_and_round_trips():
     cal.thresholds[0] = -math.inf  # non-finite thresholds must survive
     d = json.loads(json.dumps(cal.to_dict(), allow_nan=False))
     back = Calibration.from_dict(d)
-    for name in ("method", "criterion", "final", "thresholds", "exit_fractions", "accuracy", "final_accuracy",
-                 "expected_cost", "plain_cost", "exit_costs", "cost_unit", "num_samples", "grid", "settings"):
+    for name in (
+        "method",
+        "criterion",
+        "final",
+        "thresholds",
+        "exit_fractions",
+        "accuracy",
+        "final_accuracy",
+        "expected_cost",
+        "plain_cost",
+        "exit_costs",
+        "cost_unit",
+        "num_samples",
+        "grid",
+        "settings",
+    ):
         assert getattr(back, name) == getattr(cal, name), name
     assert back.frontier == [(list(t), a, c) for t, a, c in cal.frontier]
     assert back.relative_cost == cal.relative_cost

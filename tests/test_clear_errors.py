@@ -1,15 +1,14 @@
 """Bad input through the public API: each error says what was wrong, where, and what is accepted,
 and nothing is left half-changed (thresholds keep their old values after a refused set)."""
+
 import numpy as np
 import pytest
 import torch
+from models import TupleExit, TupleStage, mlp_model
+from test_calibrate import tiny_data, tiny_model
 from torch import nn
 
 import eeruntime as ee
-
-from models import TupleExit, TupleStage, mlp_model
-from test_calibrate import tiny_data, tiny_model
-
 
 # ------------------------------------------------------------------------------ thresholds
 BAD_THRESHOLDS = [
@@ -44,11 +43,18 @@ def test_bad_thresholds_are_refused_and_change_nothing(bad, err, words):
         ee.EERuntime(mlp_model(K=3), thresholds=bad, criterion="max_prob")
 
 
-@pytest.mark.parametrize("good, want", [
-    ([np.float32(0.25), 0.5], [0.25, 0.5]), (np.array([0.25, 0.5]), [0.25, 0.5]), ((0.25, 1), [0.25, 1.0]),
-    (torch.tensor([0.25, 0.5], dtype=torch.float64), [0.25, 0.5]), (torch.tensor(0.25), [0.25, 0.25]),
-    ([float("inf"), -float("inf")], [float("inf"), -float("inf")]), (2, [2.0, 2.0]),
-])
+@pytest.mark.parametrize(
+    "good, want",
+    [
+        ([np.float32(0.25), 0.5], [0.25, 0.5]),
+        (np.array([0.25, 0.5]), [0.25, 0.5]),
+        ((0.25, 1), [0.25, 1.0]),
+        (torch.tensor([0.25, 0.5], dtype=torch.float64), [0.25, 0.5]),
+        (torch.tensor(0.25), [0.25, 0.25]),
+        ([float("inf"), -float("inf")], [float("inf"), -float("inf")]),
+        (2, [2.0, 2.0]),
+    ],
+)
 def test_good_thresholds_still_accepted(good, want):
     assert ee.EERuntime(mlp_model(K=3), thresholds=good, criterion="max_prob").thresholds == want
 
@@ -76,18 +82,21 @@ class AnyExit(nn.Module):
         return self.lin(h if isinstance(h, torch.Tensor) else h["hidden"])
 
 
-@pytest.mark.parametrize("extra, words", [
-    (lambda h: (h, None), "got None at position 1 of the tuple"),
-    (lambda h: (h, 3), "got a int at position 1 of the tuple"),
-    (lambda h: (h, "mask"), "got a str at position 1 of the tuple"),
-    (lambda h: (h, torch.tensor(1.0)), "member 1 is a 0-dim tensor"),
-    (lambda h: (h, torch.ones(h.shape[0] + 1)), "member 0 has"),
-    (lambda h: (), "got an empty tuple"),
-    (lambda h: {"hidden": h}, "got a dict"),
-    (lambda h: h[:1], "stage 0 returned 1 rows for a batch of"),
-    (lambda h: None, "got None"),
-    (lambda h: h.to("meta"), "meta tensor"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (lambda h: (h, None), "got None at position 1 of the tuple"),
+        (lambda h: (h, 3), "got a int at position 1 of the tuple"),
+        (lambda h: (h, "mask"), "got a str at position 1 of the tuple"),
+        (lambda h: (h, torch.tensor(1.0)), "member 1 is a 0-dim tensor"),
+        (lambda h: (h, torch.ones(h.shape[0] + 1)), "member 0 has"),
+        (lambda h: (), "got an empty tuple"),
+        (lambda h: {"hidden": h}, "got a dict"),
+        (lambda h: h[:1], "stage 0 returned 1 rows for a batch of"),
+        (lambda h: None, "got None"),
+        (lambda h: h.to("meta"), "meta tensor"),
+    ],
+)
 def test_a_stage_returning_no_state(extra, words):
     model = ee.MultiExitModel([Returns(extra), nn.Identity()], [AnyExit(), AnyExit()]).eval()
     rt = ee.EERuntime(model, thresholds=2.0, criterion="max_prob")
@@ -97,12 +106,15 @@ def test_a_stage_returning_no_state(extra, words):
     assert "stage 0" in msg and ("a torch.Tensor" in msg or "rows" in msg or "0-dim" in msg or "real" in msg), msg
 
 
-@pytest.mark.parametrize("x, words", [
-    ({"input_ids": torch.ones(2, 3)}, "got a dict"),
-    ((torch.randn(2, 6), None), "got None at position 1"),
-    (torch.randn(3, 6, device="meta"), "meta tensor"),
-    ((torch.randn(3, 6, device="meta"),), "meta tensor"),
-])
+@pytest.mark.parametrize(
+    "x, words",
+    [
+        ({"input_ids": torch.ones(2, 3)}, "got a dict"),
+        ((torch.randn(2, 6), None), "got None at position 1"),
+        (torch.randn(3, 6, device="meta"), "meta tensor"),
+        ((torch.randn(3, 6, device="meta"),), "meta tensor"),
+    ],
+)
 def test_bad_model_inputs(x, words):
     with pytest.raises((TypeError, ValueError), match=words) as info:
         ee.EERuntime(mlp_model(K=2, d_in=6), thresholds=0.5)(x)

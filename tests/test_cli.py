@@ -1,5 +1,6 @@
 """The command line (eeruntime/cli.py): exit codes and messages, and calibrate / time on a user's
 own model factory and data files."""
+
 import re
 import subprocess
 import sys
@@ -32,12 +33,15 @@ def test_version_and_help(capsys):
         assert re.search(rf"^  {name}\s", out, re.M), name
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["nonsense"], "unknown command 'nonsense'"),
-    (["calibrat"], "unknown command 'calibrat' (did you mean 'calibrate'?)"),
-    (["--frobnicate"], "unknown option '--frobnicate'"),
-    ([], "a command is needed"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nonsense"], "unknown command 'nonsense'"),
+        (["calibrat"], "unknown command 'calibrat' (did you mean 'calibrate'?)"),
+        (["--frobnicate"], "unknown option '--frobnicate'"),
+        ([], "a command is needed"),
+    ],
+)
 def test_unknown_commands_say_so_with_exit_2(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2
@@ -60,8 +64,9 @@ def test_serve_parses_its_own_arguments(capsys):
 
 
 def test_python_m_and_the_registry(capsys):
-    done = subprocess.run([sys.executable, "-m", "eeruntime", "nonsense"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "eeruntime", "nonsense"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert done.returncode == 2 and "unknown command 'nonsense'" in done.stderr
     seen = []
 
@@ -111,8 +116,22 @@ def user_project(tmp_path, monkeypatch):
 
 def test_calibrate_saves_what_ee_calibrate_finds(capsys, tmp_path, user_project):
     mod, x, y = user_project
-    code, out, err = run_cli(capsys, "calibrate", "--model", f"{mod}:build", "--data", "cal.safetensors",
-                             "--out", "rt", "--method", "greedy", "--plot", "f.png", "--threads", "1")
+    code, out, err = run_cli(
+        capsys,
+        "calibrate",
+        "--model",
+        f"{mod}:build",
+        "--data",
+        "cal.safetensors",
+        "--out",
+        "rt",
+        "--method",
+        "greedy",
+        "--plot",
+        "f.png",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     model = __import__(mod).build().eval()
     expected = ee.calibrate(model, (x, y), "greedy", "entropy", progress=False)
@@ -121,8 +140,20 @@ def test_calibrate_saves_what_ee_calibrate_finds(capsys, tmp_path, user_project)
     assert rt.calibration.accuracy == pytest.approx(expected.accuracy)
     assert "saved:" in out and (tmp_path / "f.png").is_file()
     # a function returning (x, y) batches is data too
-    code, _, err = run_cli(capsys, "calibrate", "--model", f"{mod}:build", "--data", f"{mod}:data", "--out", "rt2",
-                           "--method", "accuracy", "--max-drop", "0.02")
+    code, _, err = run_cli(
+        capsys,
+        "calibrate",
+        "--model",
+        f"{mod}:build",
+        "--data",
+        f"{mod}:data",
+        "--out",
+        "rt2",
+        "--method",
+        "accuracy",
+        "--max-drop",
+        "0.02",
+    )
     assert code == 0, err
 
 
@@ -130,13 +161,27 @@ def test_time_prints_one_consistent_measurement(capsys, tmp_path, user_project):
     mod, x, y = user_project
     model = __import__(mod).build().eval()
     ee.EERuntime(model, thresholds=[1.5, 1.0]).save(tmp_path / "rt")
-    code, out, err = run_cli(capsys, "time", "rt", "--model", f"{mod}:build", "--data", "cal.safetensors",
-                             "--batch", "32", "--rounds", "3", "--threads", "1")
+    code, out, err = run_cli(
+        capsys,
+        "time",
+        "rt",
+        "--model",
+        f"{mod}:build",
+        "--data",
+        "cal.safetensors",
+        "--batch",
+        "32",
+        "--rounds",
+        "3",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
-    rows = {m.group(1): m.groups()[1:] for m in
-            re.finditer(r"^(plain|runtime)\s+([\d.]+)\s+(\S+)\s+([\d.]+)%$", out, re.M)}
+    rows = {
+        m.group(1): m.groups()[1:] for m in re.finditer(r"^(plain|runtime)\s+([\d.]+)\s+(\S+)\s+([\d.]+)%$", out, re.M)
+    }
     assert set(rows) == {"plain", "runtime"}, out
-    (p_ms, _, p_acc), (r_ms, gain, r_acc) = rows["plain"], rows["runtime"]
+    (p_ms, _, _p_acc), (r_ms, gain, r_acc) = rows["plain"], rows["runtime"]
     # the speed-up is plain time / runtime time of the same run (up to the printed rounding)
     lo = (float(p_ms) - 5e-5) / (float(r_ms) + 5e-5)
     hi = (float(p_ms) + 5e-5) / max(float(r_ms) - 5e-5, 1e-9)
@@ -146,20 +191,24 @@ def test_time_prints_one_consistent_measurement(capsys, tmp_path, user_project):
     fractions = torch.bincount(res.exit_index, minlength=3).double() / len(y)
     assert f"exits (%): {', '.join(f'{100 * f:.1f}' for f in fractions.tolist())}" in out
     # inputs without labels: times, no accuracy
-    code, out, err = run_cli(capsys, "time", "rt", "--model", f"{mod}:build", "--data", "nolabels.safetensors",
-                             "--rounds", "1")
+    code, out, err = run_cli(
+        capsys, "time", "rt", "--model", f"{mod}:build", "--data", "nolabels.safetensors", "--rounds", "1"
+    )
     assert code == 0, err
     assert re.search(r"^runtime\s+[\d.]+\s+[\d.]+x\s+-$", out, re.M), out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "no_such_module_xyz:build", "--data", "cal.safetensors"], "cannot import 'no_such_module_xyz'"),
-    (["--model", "{mod}:nothing", "--data", "cal.safetensors"], "has no 'nothing'"),
-    (["--model", "{mod}build", "--data", "cal.safetensors"], "must be given as module:name"),
-    (["--model", "{mod}:build", "--data", "missing.safetensors"], "no such file"),
-    (["--model", "{mod}:build", "--data", "nolabels.safetensors"], "has no labels"),
-    (["--model", "{mod}:build", "--data", "cal.safetensors", "--method", "budget"], "needs --budget"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no_such_module_xyz:build", "--data", "cal.safetensors"], "cannot import 'no_such_module_xyz'"),
+        (["--model", "{mod}:nothing", "--data", "cal.safetensors"], "has no 'nothing'"),
+        (["--model", "{mod}build", "--data", "cal.safetensors"], "must be given as module:name"),
+        (["--model", "{mod}:build", "--data", "missing.safetensors"], "no such file"),
+        (["--model", "{mod}:build", "--data", "nolabels.safetensors"], "has no labels"),
+        (["--model", "{mod}:build", "--data", "cal.safetensors", "--method", "budget"], "needs --budget"),
+    ],
+)
 def test_calibrate_errors_say_what_is_wrong(capsys, user_project, args, message):
     mod = user_project[0]
     code, out, err = run_cli(capsys, "calibrate", "--out", "rt", *[a.format(mod=mod) for a in args])

@@ -1,5 +1,6 @@
 """The compiled compaction ops of ``eeruntime._C`` (backends "cpp" and "cuda") against boolean
 indexing, ``index_copy_`` and the ``torch`` references; their checks, dispatch and opcheck."""
+
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ from eeruntime.ops import BackendUnavailable
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"{_ext.why_unavailable()}; {_ext.BUILD_HINT}")
 needs_cuda_ext = pytest.mark.skipif(
     not (torch.cuda.is_available() and _ext.with_cuda()),
-    reason="needs a CUDA device; none on this machine" if not torch.cuda.is_available()
+    reason="needs a CUDA device; none on this machine"
+    if not torch.cuda.is_available()
     else f"eeruntime._C was built without CUDA; {_ext.CUDA_BUILD_HINT}",
 )
 
@@ -303,16 +305,23 @@ def test_inputs_requiring_grad_go_to_the_differentiable_reference():
 def test_opcheck_all_ops(B):
     keep = torch.tensor([True, False, True, True, False, True])[:B]
     tensors = [torch.randn(B, 3), torch.arange(B), torch.randn(B, 2, 2).to(torch.bfloat16)]
+
     def buffers(rows):
-        return [torch.zeros(rows, 3), torch.zeros(rows, dtype=torch.int64), torch.zeros(rows, 2, 2, dtype=torch.bfloat16)]
+        return [
+            torch.zeros(rows, 3),
+            torch.zeros(rows, dtype=torch.int64),
+            torch.zeros(rows, 2, 2, dtype=torch.bfloat16),
+        ]
 
     outs = buffers(B + 1)
     rows = torch.randperm(B)
     scatter_outs = buffers(B)
     cases = [
         (torch.ops.eeruntime.compact.default, (keep, tensors)),
-        (torch.ops.eeruntime.compact_into.default,
-         (keep, tensors, outs, torch.zeros(B + 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))),
+        (
+            torch.ops.eeruntime.compact_into.default,
+            (keep, tensors, outs, torch.zeros(B + 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)),
+        ),
         (torch.ops.eeruntime.scatter_rows.default, (keep, rows, tensors, scatter_outs)),
     ]
     for op, args in cases:
@@ -376,8 +385,11 @@ def test_cuda_compact_into_no_sync_tail_untouched_and_scatter():
     B, cap = 4099, 4200
     keep = torch.rand(B, device="cuda") < 0.4
     tensors = [torch.randn(B, 1024, device="cuda"), torch.arange(B, device="cuda"), aligned_and_misaligned(B, 7, 3)]
-    sentinels = [torch.randn(cap, 1024, device="cuda"), torch.full((cap,), -5, device="cuda"),
-                 torch.randint(0, 256, (cap, 7), dtype=torch.uint8, device="cuda")]
+    sentinels = [
+        torch.randn(cap, 1024, device="cuda"),
+        torch.full((cap,), -5, device="cuda"),
+        torch.randint(0, 256, (cap, 7), dtype=torch.uint8, device="cuda"),
+    ]
     outs = [s.clone() for s in sentinels]
     index_out = torch.full((cap,), -3, dtype=torch.int64, device="cuda")
     count_out = torch.zeros(1, dtype=torch.int64, device="cuda")
@@ -455,6 +467,7 @@ def test_cuda_scatter_rows_matches_index_copy_and_skips_out_of_range():
     # a row past the output is skipped on CUDA (checking it would need a host sync)
     bad = torch.tensor([0, B + 10, 2], device="cuda")
     o = torch.zeros(B + 10, device="cuda")
-    ee.ops.scatter_rows(torch.ones(3, dtype=torch.bool, device="cuda"), bad, [torch.ones(3, device="cuda")], [o],
-                        backend="cuda")
+    ee.ops.scatter_rows(
+        torch.ones(3, dtype=torch.bool, device="cuda"), bad, [torch.ones(3, device="cuda")], [o], backend="cuda"
+    )
     assert int(o.sum()) == 2 and o[0] == 1 and o[2] == 1

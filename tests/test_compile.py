@@ -2,15 +2,15 @@
 batch and gives the eager runtime's results; torch.compile(rt.infer) is refused with a message
 that points to compile=True. A counting backend (no code generation) keeps most tests fast; one
 test runs the default inductor backend on a tiny model."""
+
 import pytest
 import torch
+from models import TupleExit, TupleStage, mlp_model
 from torch import nn
 
 import eeruntime as ee
 from eeruntime.compiled import INFER_NOT_TRACEABLE
 from eeruntime.heads import PoolLinearHead
-
-from models import TupleExit, TupleStage, mlp_model
 
 
 class CountingBackend:
@@ -33,8 +33,11 @@ def fresh_dynamo():
 
 def conv_model():
     torch.manual_seed(0)
-    stages = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()),
-              nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())]
+    stages = [
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()),
+    ]
     exits = [PoolLinearHead(4, 5, confidence=True), PoolLinearHead(4, 5, confidence=True), PoolLinearHead(8, 5)]
     return ee.MultiExitModel(stages, exits).eval()
 
@@ -157,8 +160,13 @@ def test_fullgraph_compile_of_infer_is_refused_too():
 
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", FULLGRAPH_SCRIPT.format(tests=tests)], capture_output=True, text=True,
-                         timeout=600, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", FULLGRAPH_SCRIPT.format(tests=tests)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert INFER_NOT_TRACEABLE in out.stdout
 

@@ -1,4 +1,5 @@
 """A shortened run of the demo (`python -m eeruntime demo`) and the report it writes."""
+
 import json
 import math
 import os
@@ -52,8 +53,16 @@ def test_short_demo_report(tmp_path, capsys):
         assert lo - 0.005 <= gain <= hi + 0.005, (name, p_ms, r_ms, gain)
     assert "Time: median of 3 interleaved rounds" in printed and "speed-up = plain time / row time" in printed
     assert report["threads"] == default_threads() and f"{default_threads()} torch thread(s)" in printed
-    for key in ("baseline_accuracy", "ee_accuracy", "thresholds", "exit_fractions", "speedup_measured",
-                "speedup_ideal", "efficiency", "device"):
+    for key in (
+        "baseline_accuracy",
+        "ee_accuracy",
+        "thresholds",
+        "exit_fractions",
+        "speedup_measured",
+        "speedup_ideal",
+        "efficiency",
+        "device",
+    ):
         assert key in report, key
     assert report["device"] == "cpu"
     assert 0.0 <= report["baseline_accuracy"] <= 1.0 and 0.0 <= report["ee_accuracy"] <= 1.0

@@ -1,5 +1,6 @@
 """A shortened run of `python -m eeruntime demo-vit`: the tiny ViT trained with exits, its table
 rows recomputed from the returned model, and PABEE per row never later than the whole-batch rule."""
+
 import json
 import math
 
@@ -36,14 +37,20 @@ def test_patch_tokens_are_the_image_patches():
 @pytest.mark.slow
 def test_short_demo_vit_report(tmp_path):
     out = tmp_path / "vit"
-    summary, model = run(str(out), device="cpu", epochs=1, batch=128, progress=False, rounds=1, depth=3,
-                         max_drop=0.05, return_model=True)
+    summary, model = run(
+        str(out), device="cpu", epochs=1, batch=128, progress=False, rounds=1, depth=3, max_drop=0.05, return_model=True
+    )
     with open(out / "report.json") as f:
         report = json.load(f)
     assert report == json.loads(json.dumps(summary))
     P = report["patience"]
     rows = report["rows"]
-    assert set(rows) == {"entropy (accuracy)", "entropy (greedy)", f"PABEE per row (P={P})", f"PABEE whole batch, HF (P={P})"}
+    assert set(rows) == {
+        "entropy (accuracy)",
+        "entropy (greedy)",
+        f"PABEE per row (P={P})",
+        f"PABEE whole batch, HF (P={P})",
+    }
     split = load_digits_split(seed=0)
     x, y = split.x_test, split.y_test
     for name, criterion in (("entropy (accuracy)", "entropy"), (f"PABEE per row (P={P})", Patience())):
@@ -52,12 +59,16 @@ def test_short_demo_vit_report(tmp_path):
         assert r["speedup_measured"] > 0 and r["efficiency"] > 0 and r["speedup_ideal"] > 0
         res = ee.EERuntime(model, thresholds=[float(t) for t in r["thresholds"]], criterion=criterion).infer(x)
         assert r["ee_accuracy"] == pytest.approx(float((res.logits.argmax(1) == y).float().mean()))
-        assert r["exit_fractions"] == pytest.approx((torch.bincount(res.exit_index, minlength=3).double() / len(y)).tolist())
+        assert r["exit_fractions"] == pytest.approx(
+            (torch.bincount(res.exit_index, minlength=3).double() / len(y)).tolist()
+        )
     # HF's rule: each serving batch leaves at one exit, never before any of its rows would alone
     per_row = ee.EERuntime(model, thresholds=float(P), criterion=Patience()).infer(x).exit_index
     whole = rows[f"PABEE whole batch, HF (P={P})"]
     ks = [whole_batch_patience(model, x[i : i + 128], P)[1] for i in range(0, len(y), 128)]
-    assert whole["mean_blocks_run"] == pytest.approx(1 + sum(k * len(y[i : i + 128]) for k, i in zip(ks, range(0, len(y), 128))) / len(y))
+    assert whole["mean_blocks_run"] == pytest.approx(
+        1 + sum(k * len(y[i : i + 128]) for k, i in zip(ks, range(0, len(y), 128))) / len(y)
+    )
     for k, i in zip(ks, range(0, len(y), 128)):
         assert (per_row[i : i + 128] <= k).all()
     assert rows[f"PABEE per row (P={P})"]["mean_blocks_run"] <= whole["mean_blocks_run"]

@@ -2,23 +2,34 @@
 (random weights), cut at their layers by name, run by EERuntime on the inputs users pass (dict,
 BatchEncoding, tuple in forward order) and checked row for row against the per-sample loop;
 padded tokens never change a row's result; token heads pool along the tokens."""
+
 import pytest
 import torch
+from reference import per_sample_loop
 from torch import nn
 
 import eeruntime as ee
 from eeruntime.heads import SequenceHead, TokenPool
 
-from reference import per_sample_loop
-
-transformers = pytest.importorskip("transformers", reason="transformers is an optional dependency (make test installs it)")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is an optional dependency (make test installs it)"
+)
 
 V, S = 50, 12
 
 
 def bert_config(**kw):
-    base = dict(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-                max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    base = dict(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
     base.update(kw)
     return transformers.BertConfig(**base)
 
@@ -34,13 +45,22 @@ def roberta():
 
 
 def distilbert():
-    cfg = transformers.DistilBertConfig(vocab_size=V, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=32, num_labels=3)
+    cfg = transformers.DistilBertConfig(
+        vocab_size=V, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=32, num_labels=3
+    )
     return transformers.DistilBertForSequenceClassification(cfg).eval()
 
 
 def vit():
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                 intermediate_size=64, num_labels=5)
+    cfg = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+    )
     return transformers.ViTForImageClassification(cfg).eval()
 
 
@@ -73,11 +93,14 @@ def check_rows(rt, model, x, thr):
 
 
 # ------------------------------------------------------------------ HF text models
-@pytest.mark.parametrize("make, at", [
-    (bert, ["bert.encoder.layer.0", "bert.encoder.layer.2"]),
-    (roberta, ["encoder.layer.1", "layer.2"]),
-    (distilbert, ["transformer.layer.0", "transformer.layer.1"]),
-])
+@pytest.mark.parametrize(
+    "make, at",
+    [
+        (bert, ["bert.encoder.layer.0", "bert.encoder.layer.2"]),
+        (roberta, ["encoder.layer.1", "layer.2"]),
+        (distilbert, ["transformer.layer.0", "transformer.layer.1"]),
+    ],
+)
 def test_hf_text_final_exit_is_the_model_and_runtime_matches_per_sample_loop(make, at):
     backbone = make()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -107,8 +130,12 @@ def test_hf_inputs_as_users_pass_them():
     want = rt.infer(x)
     enc = transformers.BatchEncoding(dict(x))  # what a tokenizer returns
     tt = torch.zeros_like(x["input_ids"])
-    for given in (enc, (x["input_ids"], x["attention_mask"]), (x["input_ids"], x["attention_mask"], tt),
-                  {**x, "token_type_ids": tt}):
+    for given in (
+        enc,
+        (x["input_ids"], x["attention_mask"]),
+        (x["input_ids"], x["attention_mask"], tt),
+        {**x, "token_type_ids": tt},
+    ):
         got = rt.infer(given)
         assert torch.equal(got.exit_index, want.exit_index)
         assert torch.equal(got.logits, want.logits)
@@ -268,7 +295,9 @@ def test_trim_tokens_against_its_reference():
 
 def test_trimming_survivors_keeps_every_result():
     backbone = bert()
-    x = {k: torch.cat([v, torch.zeros(24, 4, dtype=v.dtype)], 1) for k, v in text_batch(24, seed=3).items()}  # 4 more pads
+    x = {
+        k: torch.cat([v, torch.zeros(24, 4, dtype=v.dtype)], 1) for k, v in text_batch(24, seed=3).items()
+    }  # 4 more pads
     plain = ee.attach_exits(backbone, at=["layer.0", "layer.2"], head="mean")
     trimmed = ee.attach_exits(backbone, at=["layer.0", "layer.2"], head="mean", trim=True)
     trimmed.load_state_dict(plain.state_dict())  # same heads

@@ -1,19 +1,17 @@
 """The fused C++ CPU exit decision (backend "cpp", csrc/exit_decision_cpu.cpp) against the float64
 oracle of tests/reference.py and torch.argmax; its threshold forms, layouts, checks, opcheck,
 dispatch and use by EERuntime."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
+from reference import check_decision, decision_logits, decision_tol, score64
 
 import eeruntime as ee
 from eeruntime import _ext
 from eeruntime.criteria import CRITERION_CODE
-from eeruntime.ops import BackendUnavailable, dispatch
-from eeruntime.ops import _ext_backend
-
-from reference import check_decision, decision_logits, decision_tol, score64
+from eeruntime.ops import BackendUnavailable, _ext_backend, dispatch
 
 needs_op = pytest.mark.skipif(
     _ext_backend._exit_decision_op() is None,
@@ -24,6 +22,8 @@ pytestmark = needs_op
 
 CRITERIA = ("entropy", "max_prob", "margin", "norm_entropy")
 NEG_INF, POS_INF, NAN = float("-inf"), float("inf"), float("nan")
+
+
 def make_logits(B: int, C: int, dtype=torch.float32) -> torch.Tensor:
     return decision_logits(B, C, dtype, scale=6.0)
 

@@ -1,5 +1,6 @@
 """ExitHead's feature reuse between an exit's logits and its learned criterion: never stale, never
 kept between calls, and no obstacle to torch.compile of the default heads."""
+
 import pytest
 import torch
 from torch import nn
@@ -12,8 +13,11 @@ CH, C = 3, 5
 
 def conv_model(seed=0):
     torch.manual_seed(seed)
-    stages = [nn.Identity(), nn.Sequential(nn.Conv2d(CH, CH, 3, padding=1), nn.Tanh()),
-              nn.Sequential(nn.Conv2d(CH, CH, 3, padding=1), nn.Tanh())]
+    stages = [
+        nn.Identity(),
+        nn.Sequential(nn.Conv2d(CH, CH, 3, padding=1), nn.Tanh()),
+        nn.Sequential(nn.Conv2d(CH, CH, 3, padding=1), nn.Tanh()),
+    ]
     exits = [ConvHead(CH, C, confidence=True), PoolLinearHead(CH, C, confidence=True, gate=True), PoolLinearHead(CH, C)]
     model = ee.MultiExitModel(stages, exits).eval()
     with torch.no_grad():  # confidences spread over (0, 1), so a threshold splits the batch
@@ -73,6 +77,7 @@ def test_no_batch_is_kept_by_a_head_after_a_call():
     model = conv_model()
     x = batch(4)
     ee.EERuntime(model, thresholds=0.5, criterion=ee.train.confidence_criterion(model)).infer(x)
+
     def tensors_in(v):
         if isinstance(v, (tuple, list)):
             return any(tensors_in(u) for u in v)

@@ -1,18 +1,18 @@
 """The text papers' exit rules: PABEE patience per row and BERxiT's learned exit, against
 per-sample references (one row through the model alone, its counter / certainty in float64),
 through packing across stages, with ee.calibrate, and saved / loaded."""
+
 import math
 
 import pytest
 import torch
+from models import TupleExit, TupleStage, mlp_model
 from torch import nn
 
 import eeruntime as ee
 from eeruntime.calibration.cache import build_cache
 from eeruntime.data import Batches
 from eeruntime.exit_rules import LearnedExit, Patience, patience_scores_ref, whole_batch_patience
-
-from models import TupleExit, TupleStage, mlp_model
 
 
 def _call(m, s):
@@ -38,7 +38,8 @@ def per_sample(model, x, thresholds, score_of):
             seen.append(_call(model.exits[k], state))
             s = score_of(seen, state, k)
             if k == K - 1 or (not math.isnan(s) and s >= thresholds[k]):
-                outs.append(seen[-1][0]); exits.append(k)
+                outs.append(seen[-1][0])
+                exits.append(k)
                 break
     return (torch.stack(outs) if outs else torch.empty(0, 0)), torch.tensor(exits, dtype=torch.int64)
 

@@ -2,17 +2,17 @@
 ops of EERuntime's CPU loop, against float64 scores, ``index_copy_`` and boolean indexing; and
 the runtime's in-place pack against the per-sample loop, including the models it must not use it
 for (a stage that keeps or returns a tensor someone else holds)."""
+
 import math
 
 import pytest
 import torch
+from reference import decision_logits, decision_tol, exits64, per_sample_loop, score64
 
 import eeruntime as ee
 from eeruntime import _ext
-from eeruntime.ops import BackendUnavailable
-from eeruntime.ops import _ext_backend
+from eeruntime.ops import BackendUnavailable, _ext_backend
 from eeruntime.ownership import sole_owner
-from reference import decision_logits, decision_tol, exits64, per_sample_loop, score64
 
 needs_op = pytest.mark.skipif(
     _ext_backend.cpu_loop_ops() is None,
@@ -75,15 +75,17 @@ def test_exit_scatter_final_writes_every_row_nan_included(backend, criterion):
     rows = torch.randperm(12)
     out, conf, exit_index = outputs(12, 5)
     # No threshold at all: a one-exit model's final exit has none.
-    keep, n_exit = ee.ops.exit_scatter(x, torch.empty(0), criterion, 0, rows, out, conf, exit_index,
-                                       final=True, backend=backend)
+    keep, n_exit = ee.ops.exit_scatter(
+        x, torch.empty(0), criterion, 0, rows, out, conf, exit_index, final=True, backend=backend
+    )
     assert n_exit == 12 and not keep.any()
     torch.testing.assert_close(out[rows], x, atol=0, rtol=0, equal_nan=True)
     assert (exit_index == 0).all()
     ref = score64(x, criterion)
     assert torch.isnan(ref[3]) and torch.isnan(ref[4])
-    torch.testing.assert_close(conf[rows].double(), ref, atol=decision_tol(torch.float32, 5, criterion), rtol=0,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        conf[rows].double(), ref, atol=decision_tol(torch.float32, 5, criterion), rtol=0, equal_nan=True
+    )
 
 
 @needs_op
@@ -162,8 +164,12 @@ def test_exit_scatter_unbuilt_extension_falls_back_and_says_how_to_build(monkeyp
 @pytest.mark.parametrize("pattern", ["none", "all", "some", "alternate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool], ids=str)
 def test_compact_inplace_matches_boolean_indexing(backend, B, pattern, dtype):
-    keep = {"none": torch.zeros(B, dtype=torch.bool), "all": torch.ones(B, dtype=torch.bool),
-            "some": torch.rand(B) < 0.5, "alternate": torch.arange(B) % 2 == 1}[pattern]
+    keep = {
+        "none": torch.zeros(B, dtype=torch.bool),
+        "all": torch.ones(B, dtype=torch.bool),
+        "some": torch.rand(B) < 0.5,
+        "alternate": torch.arange(B) % 2 == 1,
+    }[pattern]
     t = (torch.randn(B, 3, 2) * 100).to(dtype)
     rows = torch.arange(B)
     scalar = torch.randn(B)  # one element per row

@@ -1,5 +1,6 @@
 """The compiled extension records the torch it was built against, and an import under another
 torch warns with the fix and runs on the torch references instead of loading it."""
+
 import json
 import shutil
 import subprocess
@@ -45,8 +46,9 @@ def test_import_under_another_torch_warns_and_falls_back(tmp_path):
         "assert torch.allclose(conf.double(), confidence_ref(x.double(), 'entropy').double(), atol=1e-6)\n"
         "print(_ext.why_unavailable())\n"
     )
-    done = subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     expected = f"eeruntime._C was built against torch 2.0.0+cpu but torch {torch.__version__} is running"
     assert expected in done.stderr and "RuntimeWarning" in done.stderr

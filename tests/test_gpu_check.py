@@ -1,5 +1,6 @@
 """tools/gpu_check.py (`make gpu-check`) on CPU: its plan, argument parsing, time boxes, skip and
 output parsing, targets and result files; the GPU run itself is the script's job on a device."""
+
 import datetime
 import json
 import pathlib
@@ -27,7 +28,13 @@ def test_dry_run_lists_every_step_within_the_budget(capsys):
     assert f"time boxes total {total} s" in out
     # no network: the build installs nothing from an index, with build isolation off
     build = next(line for line in out.splitlines() if "pip install" in line)
-    for flag in ("--no-index", "--no-deps", "--no-build-isolation", "TORCH_CUDA_ARCH_LIST=9.0", "EERUNTIME_BUILD_CUDA=1"):
+    for flag in (
+        "--no-index",
+        "--no-deps",
+        "--no-build-isolation",
+        "TORCH_CUDA_ARCH_LIST=9.0",
+        "EERUNTIME_BUILD_CUDA=1",
+    ):
         assert flag in build
     assert "compute-sanitizer --tool memcheck" in out and "-m gpu --continue-on-collection-errors tests" in out
     assert "--benchmark-json=<tmp>/bench-graphs.json" in out
@@ -69,7 +76,9 @@ def test_a_command_past_its_time_box_is_killed_with_its_children():
     # the shell's child sleeps too: the whole process group must go
     rc, _ = gc.run_command(["sh", "-c", "sleep 30 & sleep 30; echo never"], {}, 1.0, log)
     assert rc is None and time.monotonic() - t0 < 15
-    rc, out = gc.run_command([sys.executable, "-c", "import os; print(os.environ['GPU_CHECK_X'])"], {"GPU_CHECK_X": "7"}, 60, log)
+    rc, out = gc.run_command(
+        [sys.executable, "-c", "import os; print(os.environ['GPU_CHECK_X'])"], {"GPU_CHECK_X": "7"}, 60, log
+    )
     assert rc == 0 and out.strip() == "7" and "GPU_CHECK_X" in log.text
 
 
@@ -120,9 +129,11 @@ def test_test_modules_of_missing_optional_packages_do_not_fail_the_tests_step():
 
 def test_sanity_and_memcheck_summaries():
     info = {}
-    out = ('NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB\nGPU_CHECK_INFO {"device": "NVIDIA H100 80GB HBM3", '
-           '"capability": "9.0", "device_count": 1, "torch": "2.13.0", "cuda": "12.8", "triton": "3.5.0"}\n'
-           "Cuda compilation tools, release 12.8, V12.8.93\n")
+    out = (
+        'NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB\nGPU_CHECK_INFO {"device": "NVIDIA H100 80GB HBM3", '
+        '"capability": "9.0", "device_count": 1, "torch": "2.13.0", "cuda": "12.8", "triton": "3.5.0"}\n'
+        "Cuda compilation tools, release 12.8, V12.8.93\n"
+    )
     sanity = gc.plan()[0]
     status, summary = gc.summarize(sanity, 0, out, info)
     assert status == "ok" and "NVIDIA H100 80GB HBM3 (sm_90)" in summary and "nvcc 12.8" in summary
@@ -144,8 +155,12 @@ EXIT_CASE = dict(op="exit_decision", B=4096, C=32000, dtype="bf16", criterion="e
 
 def test_targets_against_the_figures():
     benchmarks = [
-        _bench("exit", **EXIT_CASE, fraction_of_copy=0.85, speedup_vs_eager=2.5, speedup_vs_compile=1.3, copy_GBps=3000.0),
-        _bench("exit-other", op="exit_decision", B=4096, C=32000, dtype="bf16", criterion="margin", fraction_of_copy=0.1),
+        _bench(
+            "exit", **EXIT_CASE, fraction_of_copy=0.85, speedup_vs_eager=2.5, speedup_vs_compile=1.3, copy_GBps=3000.0
+        ),
+        _bench(
+            "exit-other", op="exit_decision", B=4096, C=32000, dtype="bf16", criterion="margin", fraction_of_copy=0.1
+        ),
         _bench("compact4k", op="compact", B=4096, row_bytes=4096, copy_fraction=0.71),
         _bench("g256", resolution=224, batch=256, scenario="exits", efficiency=0.93),
         _bench("g256none", resolution=224, batch=256, scenario="none", speedup_vs_plain_graph=0.96),
@@ -158,20 +173,38 @@ def test_targets_against_the_figures():
     assert rows["exit_kernel_vs_eager"]["status"] == "FAIL"  # 2.5 < 3
     assert rows["exit_kernel_vs_compile"]["status"] == "pass"
     assert rows["compact_4KB"]["status"] == "pass"
-    assert rows["compact_64KB"]["status"] == "unmeasured" and "bench-compact: step not run" in rows["compact_64KB"]["why"]
+    assert (
+        rows["compact_64KB"]["status"] == "unmeasured" and "bench-compact: step not run" in rows["compact_64KB"]["why"]
+    )
     assert rows["runtime_efficiency_256"]["status"] == "pass"
     assert rows["no_exit_vs_plain_graph"]["status"] == "pass"  # 0.96 >= 1/1.05, the 64x64 case is not it
     assert rows["batch1_vs_plain_eager"]["status"] == "unmeasured" and "TIMEOUT" in rows["batch1_vs_plain_eager"]["why"]
 
 
 def test_result_files(tmp_path):
-    info = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.13.0", "cuda": "12.8", "nvcc": "12.8", "triton": "3.5.0",
-            "arch": "9.0", "date": "2026-11-26T02:00:00+00:00"}
+    info = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "torch": "2.13.0",
+        "cuda": "12.8",
+        "nvcc": "12.8",
+        "triton": "3.5.0",
+        "arch": "9.0",
+        "date": "2026-11-26T02:00:00+00:00",
+    }
     steps = [gc.StepResult("sanity", "ok", 1.5, 15, "fine"), gc.StepResult("tests", "FAIL", 80.0, 130, "1 failed | x")]
-    benchmarks = [_bench("exit", **EXIT_CASE, fraction_of_copy=0.9, speedup_vs_eager=4.0, speedup_vs_compile=1.1,
-                         exit_fractions=[0.5, 0.5])]
-    json_path, md_path = gc.write_results(str(tmp_path), info, steps, benchmarks, {"node": "x"},
-                                          today=datetime.date(2026, 11, 26))
+    benchmarks = [
+        _bench(
+            "exit",
+            **EXIT_CASE,
+            fraction_of_copy=0.9,
+            speedup_vs_eager=4.0,
+            speedup_vs_compile=1.1,
+            exit_fractions=[0.5, 0.5],
+        )
+    ]
+    json_path, md_path = gc.write_results(
+        str(tmp_path), info, steps, benchmarks, {"node": "x"}, today=datetime.date(2026, 11, 26)
+    )
     assert pathlib.Path(json_path).name == "nvidia-h100-80gb-hbm3-2026-11-26.json"
     assert pathlib.Path(md_path).name == "nvidia-h100-80gb-hbm3-2026-11-26.md"
     data = json.loads(pathlib.Path(json_path).read_text())
@@ -183,7 +216,10 @@ def test_result_files(tmp_path):
     assert md.startswith("# GPU check: NVIDIA H100 80GB HBM3")
     assert "torch 2.13.0 | CUDA 12.8 | nvcc 12.8 | triton 3.5.0" in md
     assert "| tests | FAIL | 80.0 | 130 | 1 failed / x |" in md  # a '|' in a summary cannot break the table
-    assert "| exit kernel >= 80 % of copy bandwidth (B=4096, C=32000, bf16, entropy) | fraction_of_copy | 0.9 | 0.8 | pass |" in md
+    assert (
+        "| exit kernel >= 80 % of copy bandwidth (B=4096, C=32000, bf16, entropy) | fraction_of_copy | 0.9 | 0.8 | pass |"
+        in md
+    )
     assert "unmeasured (bench-graphs: step not run)" in md
     # bench/report.py renders the same file (pytest-benchmark format)
     import report
@@ -194,27 +230,37 @@ def test_result_files(tmp_path):
 
 
 def _collect(*args):
-    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return r.stdout
 
 
 def test_the_benchmark_cases_it_runs_exist():
     """The node ids of the three benchmark steps name collected cases (the plan follows the code)."""
-    collected = set(_collect("bench/test_bench_exit_decision.py", "bench/test_bench_compact.py",
-                             "bench/test_bench_graphs.py").split())
+    collected = set(
+        _collect(
+            "bench/test_bench_exit_decision.py", "bench/test_bench_compact.py", "bench/test_bench_graphs.py"
+        ).split()
+    )
     for node in gc.BENCH_EXIT + gc.BENCH_COMPACT + gc.BENCH_GRAPHS:
         assert node in collected, node
 
 
 def test_gpu_marker_selects_the_gpu_tests_and_memcheck_selection():
     out = _collect("-m", "gpu", "tests")
-    for node in ("tests/test_graphs.py::test_gpu_graphs_equal_eager_and_per_sample_loop",
-                 "tests/test_graphs.py::test_gpu_host_to_device_criterion_is_refused_before_capture_and_the_allocator_still_works",
-                 "tests/test_compact_ops.py::test_cuda_compact_into_graph_capture_and_replay_with_new_mask",
-                 "tests/test_kernel_exit_decision.py::test_gpu_logits_on_another_device_than_the_current_one",
-                 "tests/test_kernel_exit_decision.py::test_chunked_path_matches_tile_path",
-                 "tests/test_train.py::"):
+    for node in (
+        "tests/test_graphs.py::test_gpu_graphs_equal_eager_and_per_sample_loop",
+        "tests/test_graphs.py::test_gpu_host_to_device_criterion_is_refused_before_capture_and_the_allocator_still_works",
+        "tests/test_compact_ops.py::test_cuda_compact_into_graph_capture_and_replay_with_new_mask",
+        "tests/test_kernel_exit_decision.py::test_gpu_logits_on_another_device_than_the_current_one",
+        "tests/test_kernel_exit_decision.py::test_chunked_path_matches_tile_path",
+        "tests/test_train.py::",
+    ):
         assert node in out, node
     assert "tests/test_graphs.py::test_default_buckets" not in out  # CPU-only tests stay out
     memcheck = next(s for s in gc.plan() if s.name == "memcheck").commands[0]
@@ -230,8 +276,14 @@ def test_append_merges_a_check_split_over_two_runs(tmp_path):
     first = [gc.StepResult("sanity", "ok", 1.0, 15, "a"), gc.StepResult("tests", "FAIL", 9.0, 130, "b")]
     gc.write_results(str(tmp_path), info, first, [_bench("exit", **EXIT_CASE, fraction_of_copy=0.5)], {"m": 1}, today)
     second = [gc.StepResult("sanity", "ok", 2.0, 15, "c"), gc.StepResult("bench-exit", "ok", 30.0, 75, "d")]
-    merged = gc.merge_previous(str(tmp_path), {"device": "NVIDIA H200", "date": "second", "torch": None}, second,
-                               [_bench("exit", **EXIT_CASE, fraction_of_copy=0.9)], {}, today)
+    merged = gc.merge_previous(
+        str(tmp_path),
+        {"device": "NVIDIA H200", "date": "second", "torch": None},
+        second,
+        [_bench("exit", **EXIT_CASE, fraction_of_copy=0.9)],
+        {},
+        today,
+    )
     info2, steps, benchmarks, machine = merged
     assert [(s.name, s.summary) for s in steps] == [("sanity", "c"), ("tests", "b"), ("bench-exit", "d")]
     assert len(benchmarks) == 1 and benchmarks[0]["extra_info"]["fraction_of_copy"] == 0.9

@@ -2,6 +2,7 @@
 (run eagerly on CPU with capture=False) against the eager runtime and the per-sample loop, and on
 a GPU the captured graphs (equality, no re-capture on set_thresholds, host syncs, threads, memory).
 """
+
 import contextlib
 import math
 import threading
@@ -9,16 +10,19 @@ import warnings
 
 import pytest
 import torch
+from conftest import requires_cuda
+from models import TupleExit, TupleStage
+from models import mlp_model as _mlp_model
+from reference import per_sample_loop, score64
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import eeruntime as ee
-from conftest import requires_cuda
 from eeruntime.graphs import (
     CAPTURE_SAFE_BACKENDS,
     GraphRunner,
-    _host_read,
     _GraphsUnusable,
+    _host_read,
     _HostReadProbe,
     autocast_state,
     bucket_for,
@@ -30,9 +34,6 @@ from eeruntime.graphs import (
     scatter_rows_nosync,
 )
 from eeruntime.zoo import conv_net
-from models import TupleExit, TupleStage
-from models import mlp_model as _mlp_model
-from reference import per_sample_loop, score64
 
 NAMED = ["entropy", "max_prob", "margin", "norm_entropy"]
 NEAR = 1e-4  # rows whose score is this close to a threshold may legitimately flip between paths
@@ -152,8 +153,16 @@ def test_default_buckets_cover_max_batch_with_bounded_padding(max_batch):
 def test_check_buckets_normalises_and_rejects():
     assert check_buckets([8, 1, 4, 4, 2]) == (1, 2, 4, 8)
     assert check_buckets((3,)) == (3,)
-    for bad, exc in [([], ValueError), ([0, 4], ValueError), ([-2], ValueError), ([1.5], TypeError),
-                     ([True], TypeError), ("8", TypeError), (None, TypeError), (8, TypeError)]:
+    for bad, exc in [
+        ([], ValueError),
+        ([0, 4], ValueError),
+        ([-2], ValueError),
+        ([1.5], TypeError),
+        ([True], TypeError),
+        ("8", TypeError),
+        (None, TypeError),
+        (8, TypeError),
+    ]:
         with pytest.raises(exc):
             check_buckets(bad)
 
@@ -161,7 +170,9 @@ def test_check_buckets_normalises_and_rejects():
 def test_bucket_for_is_smallest_bucket_at_least_n():
     g = torch.Generator().manual_seed(1)
     for _ in range(50):
-        bs = check_buckets((torch.randint(1, 100, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g)).tolist())
+        bs = check_buckets(
+            (torch.randint(1, 100, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g)).tolist()
+        )
         for n in range(1, bs[-1] + 1):
             assert bucket_for(n, bs) == min(b for b in bs if b >= n)
         with pytest.raises(ValueError, match="larger than the largest bucket"):
@@ -261,9 +272,15 @@ class BodyOps(TorchDispatchMode):
 # Ops that read device data on the host (a sync) or copy a Python value to the device: neither
 # may sit in a captured graph.
 HOST_OPS = {
-    torch.ops.aten.nonzero, torch.ops.aten._local_scalar_dense, torch.ops.aten.item,
-    torch.ops.aten.masked_select, torch.ops.aten.is_nonzero, torch.ops.aten.lift_fresh,
-    torch.ops.aten.lift_fresh_copy, torch.ops.aten.equal, torch.ops.aten.allclose,
+    torch.ops.aten.nonzero,
+    torch.ops.aten._local_scalar_dense,
+    torch.ops.aten.item,
+    torch.ops.aten.masked_select,
+    torch.ops.aten.is_nonzero,
+    torch.ops.aten.lift_fresh,
+    torch.ops.aten.lift_fresh_copy,
+    torch.ops.aten.equal,
+    torch.ops.aten.allclose,
 }
 
 
@@ -340,8 +357,9 @@ def bool_index_criterion(logits, state):
     return s
 
 
-@pytest.mark.parametrize("crit,why", [(item_criterion, "aten.item"),
-                                      (bool_index_criterion, "indexing with a bool mask")])
+@pytest.mark.parametrize(
+    "crit,why", [(item_criterion, "aten.item"), (bool_index_criterion, "indexing with a bool mask")]
+)
 def test_pre_capture_probe_refuses_a_body_that_reads_on_the_host(crit, why):
     model = mlp_model()
     x = torch.randn(11, 6)
@@ -483,7 +501,9 @@ def test_warmup_captures_without_a_device_sync_per_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: pool)
     monkeypatch.setattr(torch.cuda, "graph", None)  # not used any more
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.__setitem__("synchronize", calls["synchronize"] + 1))
+    monkeypatch.setattr(
+        torch.cuda, "synchronize", lambda device=None: calls.__setitem__("synchronize", calls["synchronize"] + 1)
+    )
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.__setitem__("empty_cache", calls["empty_cache"] + 1))
     body = runner._body
 
@@ -505,8 +525,10 @@ def test_warmup_captures_without_a_device_sync_per_capture(monkeypatch):
 
 def test_sync_warning_filter():
     assert is_sync_warning("called a synchronizing CUDA operation")
-    assert not is_sync_warning("Synchronization debug mode is a prototype feature and does not yet detect all "
-                               "synchronizing operations (Triggered internally at Module.cpp:1003.)")
+    assert not is_sync_warning(
+        "Synchronization debug mode is a prototype feature and does not yet detect all "
+        "synchronizing operations (Triggered internally at Module.cpp:1003.)"
+    )
 
 
 def test_autocast_state_is_part_of_the_signature():
@@ -620,7 +642,9 @@ def test_padded_rows_never_reach_the_output(poison, pack):
 
 
 def _storage_spans(tensors):
-    return [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()) for t in tensors]
+    return [
+        (t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()) for t in tensors
+    ]
 
 
 def test_results_are_fresh_tensors_not_views_of_static_buffers():
@@ -909,7 +933,9 @@ def test_gpu_pack_variants_equal_eager(exact_cuda, pack):
         x = pool[:B]
         res, counts = runner.infer(x)
         ref, _ = eager_reference(rt, x)
-        assert_same_result(res, counts, ref, tie_margin(model, x, rt.thresholds, "max_prob", ref.exit_index), atol=1e-4, rtol=1e-4)
+        assert_same_result(
+            res, counts, ref, tie_margin(model, x, rt.thresholds, "max_prob", ref.exit_index), atol=1e-4, rtol=1e-4
+        )
     assert runner.num_captures > 0
 
 
@@ -1051,7 +1077,14 @@ def test_gpu_eight_threads_get_their_own_results(exact_cuda):
                 with torch.cuda.stream(stream):
                     res = rt.infer(inputs[i])
                     stream.synchronize()
-                assert_same_result(res, torch.bincount(res.exit_index.cpu(), minlength=4).tolist(), expected[i], nears[i], atol=1e-4, rtol=1e-4)
+                assert_same_result(
+                    res,
+                    torch.bincount(res.exit_index.cpu(), minlength=4).tolist(),
+                    expected[i],
+                    nears[i],
+                    atol=1e-4,
+                    rtol=1e-4,
+                )
         except Exception as e:  # noqa: BLE001 reported below
             errors.append((i, repr(e)))
 

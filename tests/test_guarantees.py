@@ -1,4 +1,5 @@
 """One test per sentence of the README's "Guarantees" section, in its order (test names say which)."""
+
 import hashlib
 import threading
 import warnings
@@ -6,12 +7,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from models import TupleExit, TupleStage, mlp_model
+from reference import per_sample_loop
 from torch import nn
 
 import eeruntime as ee
-
-from models import TupleExit, TupleStage, mlp_model
-from reference import per_sample_loop
 
 D, C = 6, 4
 
@@ -25,10 +25,13 @@ def identity_first_model(seed=0, tuple_state=False):
             return x if len(x) > 1 else x[0]
 
     if tuple_state:
-        return ee.MultiExitModel([Same(), TupleStage(D), TupleStage(D)],
-                                 [TupleExit(D, C), TupleExit(D, C), TupleExit(D, C)]).eval()
-    return ee.MultiExitModel([Same(), nn.Sequential(nn.Linear(D, D), nn.Tanh()), nn.Linear(D, D)],
-                             [nn.Linear(D, C), nn.Linear(D, C), nn.Linear(D, C)]).eval()
+        return ee.MultiExitModel(
+            [Same(), TupleStage(D), TupleStage(D)], [TupleExit(D, C), TupleExit(D, C), TupleExit(D, C)]
+        ).eval()
+    return ee.MultiExitModel(
+        [Same(), nn.Sequential(nn.Linear(D, D), nn.Tanh()), nn.Linear(D, D)],
+        [nn.Linear(D, C), nn.Linear(D, C), nn.Linear(D, C)],
+    ).eval()
 
 
 def split_thresholds(rt, x):
@@ -82,8 +85,10 @@ def test_g2_never_writes_memory_a_stage_kept():
     torch.manual_seed(1)
     stage0 = KeepsNumpy()
     hooked = []
-    model = ee.MultiExitModel([stage0, nn.Sequential(nn.Linear(D, D), nn.Tanh()), nn.Linear(D, D)],
-                              [nn.Linear(D, C), nn.Linear(D, C), nn.Linear(D, C)]).eval()
+    model = ee.MultiExitModel(
+        [stage0, nn.Sequential(nn.Linear(D, D), nn.Tanh()), nn.Linear(D, D)],
+        [nn.Linear(D, C), nn.Linear(D, C), nn.Linear(D, C)],
+    ).eval()
     model.stages[1].register_forward_hook(lambda m, i, o: hooked.append((o, o.clone())))
     x = torch.randn(50, D) * 3
     rt = ee.EERuntime(model, criterion="max_prob")
@@ -99,7 +104,9 @@ def test_g2_never_writes_memory_a_stage_kept():
 # 3 ------------------------------------------------------------------------------------------------
 def test_g3_never_changes_weights_or_buffers():
     torch.manual_seed(2)
-    backbone = nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D), nn.ReLU(), nn.Linear(D, D), nn.BatchNorm1d(D), nn.Linear(D, C))
+    backbone = nn.Sequential(
+        nn.Linear(D, D), nn.BatchNorm1d(D), nn.ReLU(), nn.Linear(D, D), nn.BatchNorm1d(D), nn.Linear(D, C)
+    )
     model = ee.attach_exits(backbone, at=["2"], num_classes=C, example_input=torch.randn(2, D))
     rt = ee.EERuntime(model, thresholds=0.3, criterion="max_prob")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -156,8 +163,9 @@ def test_g6_ops_never_mix_inputs_and_outputs():
     want_out = torch.zeros(B, 5)
     rows = torch.randperm(B)
     conf, idx = torch.zeros(B), torch.zeros(B, dtype=torch.int64)
-    keep, n = ee.ops.exit_scatter_ref(logits.clone(), torch.tensor([0.5]), "max_prob", 0, False, rows, want_out,
-                                      conf.clone(), idx.clone())
+    keep, n = ee.ops.exit_scatter_ref(
+        logits.clone(), torch.tensor([0.5]), "max_prob", 0, False, rows, want_out, conf.clone(), idx.clone()
+    )
     out = logits  # the output is the logits being read
     ee.ops.exit_scatter(logits, torch.tensor([0.5]), "max_prob", 0, rows, out, conf, idx)
     assert torch.equal(out[rows[~keep]], want_out[rows[~keep]])

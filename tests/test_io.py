@@ -1,23 +1,25 @@
 """rt.save / ee.load: JSON + safetensors round trips, refusals, and no unpickling."""
+
 import json
 import math
 import pickle
 
 import pytest
 import torch
+from test_calibrate import tiny_data, tiny_model
 from torch import nn
 
 import eeruntime as ee
 from eeruntime.calibrate import Calibration
 from eeruntime.scorers import EENetScorer
 
-from test_calibrate import tiny_data, tiny_model
-
 
 def same_inference(rt_a, rt_b, x):
     a, b = rt_a.infer(x), rt_b.infer(x)
-    return torch.equal(a.exit_index, b.exit_index) and torch.equal(a.logits, b.logits) and torch.equal(
-        a.confidence, b.confidence
+    return (
+        torch.equal(a.exit_index, b.exit_index)
+        and torch.equal(a.logits, b.logits)
+        and torch.equal(a.confidence, b.confidence)
     )
 
 
@@ -144,8 +146,9 @@ def test_confidence_head_criterion_is_rebuilt_from_the_model(tmp_path):
     model = tiny_model()
     x, y = tiny_data(model, N=100)
     train.add_confidence_heads(model, num_classes=5)
-    cal = ee.calibrate(model, (x, y), "accuracy", criterion=train.confidence_criterion(model), max_drop=0.05,
-                       progress=False)
+    cal = ee.calibrate(
+        model, (x, y), "accuracy", criterion=train.confidence_criterion(model), max_drop=0.05, progress=False
+    )
     rt = cal.runtime(model)
     rt.save(tmp_path / "rt")
     doc = json.loads((tmp_path / "rt" / "runtime.json").read_text())

@@ -4,6 +4,7 @@ On a machine without CUDA the kernel runs on CPU tensors in the Triton interpret
 (``TRITON_INTERPRET=1``, set by conftest.py before triton is imported); with CUDA the same tests
 run the compiled kernel on the GPU. Shapes stay small because the interpreter is slow.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,14 +13,13 @@ import sys
 
 import pytest
 import torch
+from reference import check_decision, decision_logits, decision_tol, per_sample_loop, score64
 from torch import nn
 
 import eeruntime as ee
 from eeruntime.ops import BackendUnavailable, dispatch
 from eeruntime.ops import _triton_backend as tb
 from eeruntime.ops.exit_decision import exit_decision_ref
-
-from reference import check_decision, decision_logits, decision_tol, per_sample_loop, score64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On a CUDA machine every test here runs the compiled kernel on the device (make gpu-check).
@@ -60,18 +60,44 @@ def special_rows(C: int) -> torch.Tensor:
     def row():
         return torch.randn(C, generator=g) * 2
 
-    r = row(); r[C // 3] = NAN; rows.append(r)                           # NaN inside
-    r = row(); r[C - 1] = NAN; r[C // 2] = NAN; rows.append(r)            # two NaN, the last column
-    r = row(); r[C // 2] = POS_INF; rows.append(r)                        # +inf: softmax NaN
-    r = row(); r[0] = POS_INF; r[C - 1] = POS_INF; rows.append(r)         # two +inf
-    rows.append(torch.full((C,), NEG_INF))                                # all masked
-    r = torch.full((C,), NEG_INF); r[C - 2] = 4.0; rows.append(r)         # one live class: H = 0, p = 1
-    rows.append(torch.zeros(C))                                           # uniform: H = log C
-    r = row(); r[C // 5] = 9.0; r[C - 3] = 9.0; rows.append(r)            # tie far apart (other lanes/chunks)
-    r = row(); r[::2] = NEG_INF; rows.append(r)                           # every other class masked
-    r = row(); r[C // 4] = NAN; r[C // 2] = POS_INF; rows.append(r)      # NaN and +inf
-    r = row(); r[: C // 2] = NEG_INF; r[C - 1] = 30.0; rows.append(r)    # large peak after masked half
-    r = row(); r[0] = NEG_INF; r[1] = 50.0; rows.append(r)                # -inf then the maximum
+    r = row()
+    r[C // 3] = NAN
+    rows.append(r)  # NaN inside
+    r = row()
+    r[C - 1] = NAN
+    r[C // 2] = NAN
+    rows.append(r)  # two NaN, the last column
+    r = row()
+    r[C // 2] = POS_INF
+    rows.append(r)  # +inf: softmax NaN
+    r = row()
+    r[0] = POS_INF
+    r[C - 1] = POS_INF
+    rows.append(r)  # two +inf
+    rows.append(torch.full((C,), NEG_INF))  # all masked
+    r = torch.full((C,), NEG_INF)
+    r[C - 2] = 4.0
+    rows.append(r)  # one live class: H = 0, p = 1
+    rows.append(torch.zeros(C))  # uniform: H = log C
+    r = row()
+    r[C // 5] = 9.0
+    r[C - 3] = 9.0
+    rows.append(r)  # tie far apart (other lanes/chunks)
+    r = row()
+    r[::2] = NEG_INF
+    rows.append(r)  # every other class masked
+    r = row()
+    r[C // 4] = NAN
+    r[C // 2] = POS_INF
+    rows.append(r)  # NaN and +inf
+    r = row()
+    r[: C // 2] = NEG_INF
+    r[C - 1] = 30.0
+    rows.append(r)  # large peak after masked half
+    r = row()
+    r[0] = NEG_INF
+    r[1] = 50.0
+    rows.append(r)  # -inf then the maximum
     return torch.stack(rows)
 
 
@@ -279,7 +305,9 @@ def test_launch_runs_under_a_guard_for_the_logits_device(monkeypatch):
     check_decision(x, "entropy", 0.5, conf, mask)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (logits on cuda:1 while cuda:0 is current)")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (logits on cuda:1 while cuda:0 is current)"
+)
 @pytest.mark.parametrize("C", [100, 5000])  # the tile path and the chunked path
 def test_gpu_logits_on_another_device_than_the_current_one(C):
     x = make_logits(64, C, torch.float32).to("cuda:1")

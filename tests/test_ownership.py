@@ -6,17 +6,17 @@ a registered buffer, a weak reference, shared memory, two outputs on one memory)
 some rows leave at exit 0, so the survivors are packed before stage 1: the memory the stage kept
 must still hold what the stage wrote, and the result must equal the float64 per-sample loop.
 A plain stage's fresh output is still packed where it lies (the fast path is not lost)."""
+
 import weakref
 
 import numpy as np
 import pytest
 import torch
+from reference import per_sample_loop
 from torch import nn
 
 import eeruntime as ee
 from eeruntime.ownership import sole_owner
-
-from reference import per_sample_loop
 
 D, C, B = 6, 4, 64
 
@@ -182,8 +182,16 @@ def run_and_check(model, x):
     return addresses
 
 
-KEPT = ["attribute-tuple", "untyped_storage", "numpy", "dlpack-of-output", "dlpack-of-buffer", "frombuffer",
-        "weakref", "list"]
+KEPT = [
+    "attribute-tuple",
+    "untyped_storage",
+    "numpy",
+    "dlpack-of-output",
+    "dlpack-of-buffer",
+    "frombuffer",
+    "weakref",
+    "list",
+]
 
 
 @pytest.mark.parametrize("tuple_state", [False, True], ids=["tensor", "tuple"])
@@ -252,7 +260,9 @@ def test_sole_owner_accepts_only_memory_nobody_else_reaches():
         "parameter": lambda: (nn.Parameter(fresh()),),
         "shared": lambda: (fresh().share_memory_(),),
         "same-twice": lambda: (lambda t: (t, t))(fresh()),
-        "second-tensor-on-storage": lambda: (lambda t: (t, torch.empty(0).set_(t.untyped_storage(), 0, (4,), (1,))))(fresh()),
+        "second-tensor-on-storage": lambda: (lambda t: (t, torch.empty(0).set_(t.untyped_storage(), 0, (4,), (1,))))(
+            fresh()
+        ),
         "from_file": lambda: (torch.from_file(__file__, shared=False, size=12, dtype=torch.uint8).view(4, 3),),
     }
     for name, make in cases.items():

@@ -1,12 +1,12 @@
 """ee.plot.frontier: a PNG with labelled axes, the candidates, the frontier and the chosen point."""
+
 import matplotlib
 import numpy as np
 import pytest
+from test_calibrate import synthetic_cache
 
 import eeruntime as ee
 from eeruntime import plot
-
-from test_calibrate import synthetic_cache
 
 
 def _artist(fig, label):

@@ -1,4 +1,5 @@
 """eeruntime.progress.bar: a redrawn tqdm bar on a terminal, a few whole lines in a log."""
+
 import io
 
 import pytest
@@ -76,6 +77,9 @@ def test_every_bar_of_the_package_goes_through_the_helper():
     import eeruntime
 
     root = pathlib.Path(eeruntime.__file__).parent
-    users = [p.relative_to(root).as_posix() for p in root.rglob("*.py")
-             if "import tqdm" in p.read_text() or "from tqdm" in p.read_text()]
+    users = [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if "import tqdm" in p.read_text() or "from tqdm" in p.read_text()
+    ]
     assert users == ["progress.py"], users

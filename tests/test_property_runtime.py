@@ -3,13 +3,14 @@ states (a tensor, or a (hidden, mask) tuple with ragged masks), criteria (the fo
 callable), thresholds anywhere in the scores' range, batch sizes 0 to 300, final modes and dtypes.
 Every example also checks that the caller's input and the model's weights come back untouched.
 Bounded: a few seconds (max_examples below, no deadline: the shared CPU is slow at times)."""
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import eeruntime as ee
 from models import TupleExit, TupleStage, mlp_model
 from reference import per_sample_loop, score64
+
+import eeruntime as ee
 
 CRITERIA = ["entropy", "max_prob", "margin", "norm_entropy", "callable"]
 # dtype -> (how close to a threshold a row's float64 score may be and still flip, logits tolerance):
@@ -42,8 +43,12 @@ def scores_for(model, x, criterion):
     return [score64(o.float(), criterion) for o in outs]
 
 
-@settings(max_examples=20, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=20,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(
     K=st.integers(1, 4),
     B=st.one_of(st.integers(0, 3), st.integers(4, 64), st.integers(65, 300)),

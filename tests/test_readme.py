@@ -1,6 +1,7 @@
 """Every ```python block of README.md runs as written: in order, in one fresh namespace (later
 blocks continue from earlier ones, as a reader would), in an empty working folder. A block can
 opt out only with a first line `# readme-test: skip (<reason>)`, visible to the reader."""
+
 import os
 import re
 from pathlib import Path

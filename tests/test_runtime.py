@@ -1,15 +1,16 @@
 """EERuntime against the per-sample loop of DESIGN.md (tests/reference.py)."""
+
 import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import TupleExit, TupleStage, mlp_model
+from reference import per_sample_loop, score64
 from torch import nn
 
 import eeruntime as ee
-from models import TupleExit, TupleStage, mlp_model
-from reference import per_sample_loop, score64
 
 CRITERIA = ["entropy", "max_prob", "margin", "norm_entropy"]
 NEAR = 1e-4  # rows whose score is this close to a threshold may legitimately flip

@@ -1,6 +1,7 @@
 """The HTTP server on 127.0.0.1 (ephemeral ports), real HTTP requests: answers equal rt.infer,
 bad bodies get 4xx saying what was wrong (never a traceback), the admin endpoint needs its token,
 and `python -m eeruntime serve` serves a bundle from a fresh process."""
+
 import json
 import os
 import signal
@@ -14,16 +15,15 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from models import mlp_model
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from serve_models import thresholds_for
 
 import eeruntime as ee
 from eeruntime.serve import StageScheduler
 from eeruntime.serve.codec import InputSpec
 from eeruntime.serve.server import create_app
-
-from models import mlp_model
-from serve_models import thresholds_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
@@ -80,38 +80,55 @@ def test_json_and_safetensors_answers_equal_infer(served):
     body = r.json()
     assert body["exit_index"] == ref.exit_index[:7].tolist()
     torch.testing.assert_close(torch.tensor(body["logits"]), ref.logits[:7])
-    r = served.client.post("/v1/infer", content=st_save({"input": x[7:20].contiguous()}),
-                           headers={"content-type": "application/vnd.safetensors", "accept": "application/vnd.safetensors"})
+    r = served.client.post(
+        "/v1/infer",
+        content=st_save({"input": x[7:20].contiguous()}),
+        headers={"content-type": "application/vnd.safetensors", "accept": "application/vnd.safetensors"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.safetensors"
     out = st_load(r.content)
     assert torch.equal(out["exit_index"], ref.exit_index[7:20])
     torch.testing.assert_close(out["logits"], ref.logits[7:20])
     torch.testing.assert_close(out["confidence"], ref.confidence[7:20])
     # a NaN row is served (it never exits early); strict JSON spells its NaNs as strings
-    r = served.client.post("/v1/infer", content=json.dumps({"inputs": [[float("nan")] * 6, x[0].tolist()]}),
-                           headers={"content-type": "application/json"})
+    r = served.client.post(
+        "/v1/infer",
+        content=json.dumps({"inputs": [[float("nan")] * 6, x[0].tolist()]}),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["exit_index"] == [2, ref.exit_index[0].item()] and r.json()["logits"][0] == ["nan"] * 5
 
 
-@pytest.mark.parametrize("kwargs,status,message", [
-    (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
-    (dict(json={"input": [[0.0] * 6]}), 422, 'an "inputs" field'),
-    (dict(json={"inputs": [[0.0] * 6], "extra": 1}), 422, "unknown field"),
-    (dict(json={"inputs": "abc"}), 422, "must be a list of samples"),
-    (dict(json={"inputs": [[0.0] * 6, [0.0] * 5]}), 422, "rectangular nested list"),
-    (dict(json={"inputs": [["a"] * 6]}), 422, "rectangular nested list"),
-    (dict(json={"inputs": [[0.0] * 5]}), 422, r"each row must have shape [6], got [5]"),
-    (dict(json={"inputs": [0.0] * 6}), 422, r"each row must have shape [6], got []"),
-    (dict(json={"inputs": []}), 422, "no rows"),
-    (dict(json={"inputs": [[0.0] * 6] * 33}), 413, "at most 32 rows"),
-    (dict(content=b"x" * 5000, headers={"content-type": "application/json"}), 413, "at most 4096 are accepted"),
-    (dict(content=b"abc", headers={"content-type": "text/plain"}), 415, "unsupported Content-Type"),
-    (dict(content=b"\x10\x00\x00\x00\x00\x00\x00\x00garbage", headers={"content-type": "application/octet-stream"}),
-     400, "not a valid safetensors"),
-    (dict(content=st_save({"x": torch.zeros(1, 6)}), headers={"content-type": "application/octet-stream"}),
-     422, "named 'input'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,status,message",
+    [
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+        (dict(json={"input": [[0.0] * 6]}), 422, 'an "inputs" field'),
+        (dict(json={"inputs": [[0.0] * 6], "extra": 1}), 422, "unknown field"),
+        (dict(json={"inputs": "abc"}), 422, "must be a list of samples"),
+        (dict(json={"inputs": [[0.0] * 6, [0.0] * 5]}), 422, "rectangular nested list"),
+        (dict(json={"inputs": [["a"] * 6]}), 422, "rectangular nested list"),
+        (dict(json={"inputs": [[0.0] * 5]}), 422, r"each row must have shape [6], got [5]"),
+        (dict(json={"inputs": [0.0] * 6}), 422, r"each row must have shape [6], got []"),
+        (dict(json={"inputs": []}), 422, "no rows"),
+        (dict(json={"inputs": [[0.0] * 6] * 33}), 413, "at most 32 rows"),
+        (dict(content=b"x" * 5000, headers={"content-type": "application/json"}), 413, "at most 4096 are accepted"),
+        (dict(content=b"abc", headers={"content-type": "text/plain"}), 415, "unsupported Content-Type"),
+        (
+            dict(
+                content=b"\x10\x00\x00\x00\x00\x00\x00\x00garbage", headers={"content-type": "application/octet-stream"}
+            ),
+            400,
+            "not a valid safetensors",
+        ),
+        (
+            dict(content=st_save({"x": torch.zeros(1, 6)}), headers={"content-type": "application/octet-stream"}),
+            422,
+            "named 'input'",
+        ),
+    ],
+)
 def test_bad_bodies_get_4xx_saying_what_was_wrong(served, kwargs, status, message):
     r = served.client.post("/v1/infer", **kwargs)
     assert r.status_code == status, r.text
@@ -152,9 +169,13 @@ def test_health_stats_and_prometheus_metrics(served):
     assert len(stats["queue_depths"]) == 3 and stats["latency_ms"]["p50"] > 0
     text = served.client.get("/metrics").text
     assert served.client.get("/metrics").headers["content-type"].startswith("text/plain")
-    for line in ('# TYPE eeruntime_exits_total counter', 'eeruntime_exits_total{exit="0"} ',
-                 'eeruntime_queue_rows{stage="2"} ', 'eeruntime_latency_ms{quantile="99"} ',
-                 'eeruntime_batch_rows_mean{stage="1"} '):
+    for line in (
+        "# TYPE eeruntime_exits_total counter",
+        'eeruntime_exits_total{exit="0"} ',
+        'eeruntime_queue_rows{stage="2"} ',
+        'eeruntime_latency_ms{quantile="99"} ',
+        'eeruntime_batch_rows_mean{stage="1"} ',
+    ):
         assert line in text, line
 
 
@@ -187,11 +208,32 @@ def test_cli_serves_a_bundle_from_a_fresh_process(tmp_path):
     rt = ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy")
     rt.save(tmp_path / "bundle", weights=True)
     (tmp_path / "token").write_text(TOKEN + "\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eeruntime", "serve", str(tmp_path / "bundle"), "--model", "eeruntime.zoo:digits_cnn",
-         "--port", "0", "--input-shape", "1,8,8", "--admin-token-file", str(tmp_path / "token"), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "eeruntime",
+            "serve",
+            str(tmp_path / "bundle"),
+            "--model",
+            "eeruntime.zoo:digits_cnn",
+            "--port",
+            "0",
+            "--input-shape",
+            "1,8,8",
+            "--admin-token-file",
+            str(tmp_path / "token"),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         line = proc.stdout.readline()
@@ -214,8 +256,12 @@ def test_cli_serves_a_bundle_from_a_fresh_process(tmp_path):
             torch.testing.assert_close(torch.tensor(r.json()["logits"]), want.logits, rtol=1e-4, atol=1e-5)
             bad = c.post("/v1/infer", json={"inputs": torch.randn(1, 8, 8).tolist()})
             assert bad.status_code == 422 and "[1, 8, 8]" in bad.json()["error"]
-            assert c.post("/admin/thresholds", json={"thresholds": 1.0},
-                          headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+            assert (
+                c.post(
+                    "/admin/thresholds", json={"thresholds": 1.0}, headers={"authorization": f"Bearer {TOKEN}"}
+                ).status_code
+                == 200
+            )
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -1,5 +1,6 @@
 """The LitServe adapter: a real LitServer (its own processes) on 127.0.0.1 serving a bundle through
 the stage scheduler; concurrent HTTP requests get rt.infer's answers, bad bodies a 4xx."""
+
 import os
 import signal
 import socket
@@ -36,13 +37,23 @@ def test_litserve_adapter_serves_a_bundle(tmp_path):
     script = textwrap.dedent(f"""
         import litserve as ls
         from eeruntime.serve.litserve_api import EarlyExitLitAPI
-        api = EarlyExitLitAPI({str(tmp_path / 'bundle')!r}, "eeruntime.zoo:digits_cnn", max_batch=8)
+        api = EarlyExitLitAPI({str(tmp_path / "bundle")!r}, "eeruntime.zoo:digits_cnn", max_batch=8)
         ls.LitServer(api, accelerator="cpu", devices=1, timeout=60).run(
             host="127.0.0.1", port={port}, generate_client_file=False, log_level="warning")
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=60) as c:
@@ -57,11 +68,15 @@ def test_litserve_adapter_serves_a_bundle(tmp_path):
             x = torch.randn(24, 1, 8, 8)
             want = rt.infer(x)
             with ThreadPoolExecutor(6) as pool:
-                answers = list(pool.map(lambda i: c.post("/predict", json={"inputs": x[i:i + 3].tolist()}), range(0, 24, 3)))
+                answers = list(
+                    pool.map(lambda i: c.post("/predict", json={"inputs": x[i : i + 3].tolist()}), range(0, 24, 3))
+                )
             for i, r in zip(range(0, 24, 3), answers):
                 assert r.status_code == 200, r.text
-                assert r.json()["exit_index"] == want.exit_index[i:i + 3].tolist()
-                torch.testing.assert_close(torch.tensor(r.json()["logits"]), want.logits[i:i + 3], rtol=1e-4, atol=1e-5)
+                assert r.json()["exit_index"] == want.exit_index[i : i + 3].tolist()
+                torch.testing.assert_close(
+                    torch.tensor(r.json()["logits"]), want.logits[i : i + 3], rtol=1e-4, atol=1e-5
+                )
             bad = c.post("/predict", json={"inputs": [[1.0, 2.0], [3.0]]})
             assert bad.status_code == 422 and "rectangular" in bad.text and "Traceback" not in bad.text
     finally:

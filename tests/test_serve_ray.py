@@ -6,6 +6,7 @@ at the end. Replicas import the test models by name, so the worktree and tests/ 
 before the nodes start. Every answer is checked row by row against ``rt.infer`` on the same
 thresholds and against the per-sample loop (an exit may differ only for a row within float noise
 of its threshold)."""
+
 import json
 import os
 import socket
@@ -20,15 +21,14 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'eeruntime[ray]'")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install 'eeruntime[ray]'")
 
+from models import mlp_model  # noqa: E402
+from ray.serve.exceptions import BackPressureError  # noqa: E402
+from reference import per_sample_loop  # noqa: E402
+
 import eeruntime as ee  # noqa: E402
 from eeruntime.serve.ray import TierError  # noqa: E402
 from eeruntime.serve.ray.app import app_config, deploy  # noqa: E402
 from eeruntime.serve.ray.local import RayStartError, start_local_ray  # noqa: E402
-from models import mlp_model  # noqa: E402
-from reference import per_sample_loop  # noqa: E402
-from slow_models import slow_mlp  # noqa: E402
-
-from ray.serve.exceptions import BackPressureError  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -72,8 +72,11 @@ def requests(n, seed, max_rows=5):
 
 
 def replica_actor(app: str, deployment: str):
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")
+    ]
     assert len(names) == 1, names
     return ray.get_actor(names[0], namespace="serve")
 
@@ -85,16 +88,31 @@ SLOW_THR = [0.0, 0.6, 0.6]  # 0.0: nobody leaves at exit 0, every request reache
 def configs(drop_thresholds=THR, transfer_dtype="same"):
     """The Serve config of the three applications (deployed as `serve run config.yaml` would);
     only the user_configs vary between deploys, so a redeploy reconfigures replicas in place."""
-    tiers = {"form": "tiers", "stages_per_tier": [1, 3], "num_exits": K, "tier_options": [place("edge"), place("cloud")]}
+    tiers = {
+        "form": "tiers",
+        "stages_per_tier": [1, 3],
+        "num_exits": K,
+        "tier_options": [place("edge"), place("cloud")],
+    }
     slow = {
-        **tiers, "model": "slow_models:slow_mlp", "model_kwargs": {"K": K, "delay_s": 0.3, "slow_from": 1},
-        "thresholds": SLOW_THR, "torch_threads": 1, "timeout_s": 30, "retries": 3, "max_batch_size": 8,
+        **tiers,
+        "model": "slow_models:slow_mlp",
+        "model_kwargs": {"K": K, "delay_s": 0.3, "slow_from": 1},
+        "thresholds": SLOW_THR,
+        "torch_threads": 1,
+        "timeout_s": 30,
+        "retries": 3,
+        "max_batch_size": 8,
         "batch_wait_timeout_s": 0.05,
         "tier_options": [place("edge"), {**place("cloud"), "max_ongoing_requests": 1, "max_queued_requests": 2}],
     }
     return [
-        app_config("drop", {**SPEC, "form": "runtime", "ray_actor_options": {"num_cpus": 0}}, "/drop",
-                   {"EERuntime": {"thresholds": drop_thresholds}}),
+        app_config(
+            "drop",
+            {**SPEC, "form": "runtime", "ray_actor_options": {"num_cpus": 0}},
+            "/drop",
+            {"EERuntime": {"thresholds": drop_thresholds}},
+        ),
         app_config("tiers", {**SPEC, **tiers, "final": "average"}, None, {"Tier0": {"transfer_dtype": transfer_dtype}}),
         app_config("slow", slow, None),
     ]
@@ -117,8 +135,13 @@ def apps():
         # through Ray, as they would cross machines).
         metrics_port = free_port()
         try:
-            start_local_ray({"edge": 8, "cloud": 8}, num_cpus=2, log_to_driver=False, _metrics_export_port=metrics_port,
-                            _system_config={"metrics_report_interval_ms": 1000})
+            start_local_ray(
+                {"edge": 8, "cloud": 8},
+                num_cpus=2,
+                log_to_driver=False,
+                _metrics_export_port=metrics_port,
+                _system_config={"metrics_report_interval_ms": 1000},
+            )
         except RayStartError as e:
             # Ray's own processes missed their fixed startup windows (seen only with the 2-core
             # machine loaded many times over); no eeruntime code has run yet.
@@ -168,8 +191,9 @@ def test_dropin_stats_are_ray_serve_metrics(apps):
     def exported():
         with urllib.request.urlopen(apps["metrics"], timeout=10) as r:
             text = r.read().decode()
-        lines = [ln for ln in text.splitlines() if ln.startswith("ray_eeruntime_exits_total{")
-                 and 'application="drop"' in ln]
+        lines = [
+            ln for ln in text.splitlines() if ln.startswith("ray_eeruntime_exits_total{") and 'application="drop"' in ln
+        ]
         return {ln.split('exit="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines}
 
     counts = {}
@@ -191,8 +215,11 @@ def test_dropin_over_http(apps):
         doc = json.loads(r.read())
     answer = {k: torch.tensor(doc[k]) for k in ("logits", "exit_index", "confidence")}
     check_rows(model, x, answer, THR)
-    for bad, why in ((b"{not json", "not valid JSON"), (b'{"inputs": [1, 2]}', "batch dimension"),
-                     (b'{"x": 1}', '"inputs"')):
+    for bad, why in (
+        (b"{not json", "not valid JSON"),
+        (b'{"inputs": [1, 2]}', "batch dimension"),
+        (b'{"x": 1}', '"inputs"'),
+    ):
         req = urllib.request.Request(apps["http"], data=bad, headers={"content-type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(req, timeout=WAIT_S)
@@ -252,7 +279,7 @@ def test_tiers_equal_infer_and_send_only_survivors(apps):
     near = sum(check_rows(model, x, a, THR, final="average") for x, a in zip(xs, answers))
     assert near <= 2
     width = 12  # mlp_model's hidden width: the state of one row is 12 float32
-    for x, a in zip(xs, answers):
+    for _x, a in zip(xs, answers):
         survivors = int((a["exit_index"] > 0).sum())
         meta = a["meta"]
         assert meta["tiers"] == (2 if survivors else 1)
@@ -386,9 +413,30 @@ def test_cli_config_builds_the_tiers(capsys):
     from eeruntime.__main__ import main
     from eeruntime.serve.ray.app import build_app
 
-    assert main(["serve", "--ray", "--model", "models:mlp_model", "--model-kwargs", '{"K": 4}', "--form", "tiers",
-                 "--stages-per-tier", "1,3", "--tier-resources", "edge,cloud", "--transfer-dtype", "bf16",
-                 "--thresholds", "0.5,0.5,0.5", "--print-config"]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--ray",
+                "--model",
+                "models:mlp_model",
+                "--model-kwargs",
+                '{"K": 4}',
+                "--form",
+                "tiers",
+                "--stages-per-tier",
+                "1,3",
+                "--tier-resources",
+                "edge,cloud",
+                "--transfer-dtype",
+                "bf16",
+                "--thresholds",
+                "0.5,0.5,0.5",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     config = yaml.safe_load(capsys.readouterr().out)
     (app,) = config["applications"]
     assert app["import_path"] == "eeruntime.serve.ray.app:build_app"
@@ -410,8 +458,12 @@ def test_spec_rebuilds_a_saved_runtime(tmp_path):
     rt = ee.EERuntime(model, thresholds=[0.5, 0.7, 0.9], criterion="entropy")
     rt.save(tmp_path / "rt")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    spec = RuntimeSpec(model="models:mlp_model", model_kwargs={"K": K}, bundle=str(tmp_path / "rt"),
-                       weights=str(tmp_path / "w.safetensors"))
+    spec = RuntimeSpec(
+        model="models:mlp_model",
+        model_kwargs={"K": K},
+        bundle=str(tmp_path / "rt"),
+        weights=str(tmp_path / "w.safetensors"),
+    )
     built = spec.build()
     assert built.thresholds == [0.5, 0.7, 0.9] and built.model is not model
     x = torch.randn(32, 6)

@@ -1,6 +1,7 @@
 """StageScheduler: results equal rt.infer row for row whatever shares the batches; backpressure,
 timeouts, cancellation, stage failures, shutdown and threshold swaps never leave a request pending
 nor deliver a row to another request."""
+
 import asyncio
 import random
 import threading
@@ -8,13 +9,12 @@ import time
 
 import pytest
 import torch
+from models import mlp_model
+from serve_models import scripted_model, scripted_rows, thresholds_for
 
 import eeruntime as ee
 from eeruntime.ops import confidence_ref
 from eeruntime.serve import SchedulerClosed, SchedulerFull, StageFailed, StageScheduler
-
-from models import mlp_model
-from serve_models import Hook, scripted_model, scripted_rows, thresholds_for
 
 WAIT = 30  # seconds any single result may take before the test calls it hung
 
@@ -230,7 +230,7 @@ def test_stage_failure_fails_only_the_requests_in_that_batch():
     failing = [set(ids) for k, ids in hook.batches if k == 1 and poison & set(ids)]
     doomed = set().union(*failing)
     failed = set()
-    for (ids, exit_at), f, exc in zip(reqs, futures, done):
+    for (ids, _exit_at), f, exc in zip(reqs, futures, done):
         if doomed & set(ids):
             assert isinstance(exc, StageFailed) and "injected failure at stage 1" in str(exc), ids
             failed.add(f)
@@ -275,15 +275,15 @@ def test_threshold_swap_is_atomic_per_request():
     model.stages[1].register_forward_pre_hook(hold)
     rt = ee.EERuntime(model, thresholds=old)
     with StageScheduler(rt, max_batch=8) as sched:
-        before = [sched.submit_nowait(x[i:i + 4]) for i in range(0, 32, 4)]
+        before = [sched.submit_nowait(x[i : i + 4]) for i in range(0, 32, 4)]
         assert entered.wait(WAIT)  # some of them are past stage 0 with the old snapshot
         sched.set_thresholds(new)
-        after = [sched.submit_nowait(x[i:i + 4]) for i in range(32, 64, 4)]
+        after = [sched.submit_nowait(x[i : i + 4]) for i in range(32, 64, 4)]
         gate.set()
         for want, futs, start in ((want_old, before, 0), (want_new, after, 32)):
             for j, f in enumerate(futs):
                 a = start + 4 * j
-                assert torch.equal(f.result(WAIT).exit_index, want.exit_index[a:a + 4])
+                assert torch.equal(f.result(WAIT).exit_index, want.exit_index[a : a + 4])
     assert sched.thresholds == pytest.approx(new)
 
 

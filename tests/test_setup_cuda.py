@@ -1,5 +1,6 @@
 """setup.py's choice of building the CUDA ops: the nvcc version it reads and the reasons it gives
 (an nvcc whose major version differs from torch's CUDA must not silently give a CPU-only build)."""
+
 import importlib.util
 import os
 import pathlib
@@ -20,7 +21,9 @@ def setup_py():
 
 
 def test_parse_nvcc_version(setup_py):
-    out = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.4, V12.4.131\nBuild cuda_12.4.r12.4"
+    out = (
+        "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.4, V12.4.131\nBuild cuda_12.4.r12.4"
+    )
     assert setup_py.parse_nvcc_version(out) == (12, 4)
     assert setup_py.parse_nvcc_version("Cuda compilation tools, release 11.8, V11.8.89") == (11, 8)
     assert setup_py.parse_nvcc_version("") is None and setup_py.parse_nvcc_version("garbage") is None
@@ -54,6 +57,8 @@ def test_build_cuda_1_fails_with_the_reason_on_a_cpu_torch():
     if torch.version.cuda is not None:
         pytest.skip("torch has CUDA here: the failure path needs a CPU build of torch")
     env = dict(os.environ, EERUNTIME_BUILD_CUDA="1")
-    r = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode != 0
     assert "EERUNTIME_BUILD_CUDA=1 but the CUDA ops cannot be built: this torch was built without CUDA" in r.stderr

@@ -2,15 +2,16 @@
 stage k on given rows, get back who leaves and the packed survivors. Checked against the model
 run directly with boolean indexing, the per-sample loop and ``rt.infer``; plus the threshold
 snapshots (one per call, so a concurrent ``set_thresholds`` never splits a call)."""
+
 import threading
 
 import pytest
 import torch
+from models import TupleExit, TupleStage, mlp_model
+from reference import per_sample_loop, score64
 
 import eeruntime as ee
 from eeruntime.runtime import cat_rows, take_rows
-from models import TupleExit, TupleStage, mlp_model
-from reference import per_sample_loop, score64
 
 NAMED = ["entropy", "max_prob", "margin", "norm_entropy"]
 NEAR = 1e-4
@@ -102,7 +103,9 @@ def test_one_step_against_the_model_run_directly():
     nxt = rt.run_stage(1, res.state, res.rows)
     fin = rt.run_stage(2, nxt.state, nxt.rows, nxt.carry)
     assert fin.state is None and fin.rows.numel() == 0 and fin.carry == ()
-    assert torch.equal(torch.sort(torch.cat([res.exit_rows, nxt.exit_rows, fin.exit_rows])).values, torch.sort(ids).values)
+    assert torch.equal(
+        torch.sort(torch.cat([res.exit_rows, nxt.exit_rows, fin.exit_rows])).values, torch.sort(ids).values
+    )
 
 
 def test_tuple_state_is_packed_member_wise():
@@ -160,8 +163,9 @@ def test_survivors_of_two_batches_concatenated_then_continued(final):
     model = mlp_model(K=3)
     a, b = torch.randn(20, 6), torch.randn(30, 6)
     thr = quantile_thresholds(model, torch.cat([a, b]), "entropy", q=0.4)
-    rt = ee.EERuntime(model, thresholds=thr, criterion=AgreeWithHistory() if final == "average" else "entropy",
-                      final=final)
+    rt = ee.EERuntime(
+        model, thresholds=thr, criterion=AgreeWithHistory() if final == "average" else "entropy", final=final
+    )
     if final == "average":
         rt.set_thresholds(0.5)
     ra = rt.run_stage(0, a, torch.arange(20))
@@ -180,8 +184,9 @@ def test_survivors_of_two_batches_concatenated_then_continued(final):
         mine = []
         for s in steps:
             sel = ((s.exit_rows >= base) & (s.exit_rows < base + x.shape[0])).nonzero().squeeze(1)
-            mine.append(ee.StageResult(s.k, s.exit_rows[sel] - base, s.logits[sel], s.confidence[sel],
-                                       s.rows, None, ()))
+            mine.append(
+                ee.StageResult(s.k, s.exit_rows[sel] - base, s.logits[sel], s.confidence[sel], s.rows, None, ())
+            )
         assert_same_as_infer(rt, x, assemble(mine, x.shape[0]))
 
 
@@ -190,7 +195,11 @@ def test_cat_rows_and_take_rows():
     assert torch.equal(cat_rows([t1, t2]), torch.cat([t1, t2]))
     m1, m2 = torch.ones(3, 5), torch.zeros(4, 5)
     both = cat_rows([(t1, m1), (t2, m2)])
-    assert isinstance(both, tuple) and torch.equal(both[0], torch.cat([t1, t2])) and torch.equal(both[1], torch.cat([m1, m2]))
+    assert (
+        isinstance(both, tuple)
+        and torch.equal(both[0], torch.cat([t1, t2]))
+        and torch.equal(both[1], torch.cat([m1, m2]))
+    )
     assert cat_rows([(), ()]) == ()
     idx = torch.tensor([4, 0, 2])
     assert torch.equal(take_rows(both, idx)[1], torch.cat([m1, m2])[idx])
@@ -260,8 +269,12 @@ def _race(call, rt, x, sets, refs):
         try:
             for _ in range(25):
                 res = call(x)
-                match = [j for j, r in enumerate(refs) if torch.equal(res.exit_index, r.exit_index)
-                         and torch.allclose(res.logits, r.logits, rtol=1e-6, atol=1e-6)]
+                match = [
+                    j
+                    for j, r in enumerate(refs)
+                    if torch.equal(res.exit_index, r.exit_index)
+                    and torch.allclose(res.logits, r.logits, rtol=1e-6, atol=1e-6)
+                ]
                 if not match:
                     errors.append(res.exit_index.tolist())
                 seen.update(match)

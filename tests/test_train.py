@@ -1,11 +1,13 @@
 """Training methods: their losses against hand computations, what each one trains and freezes,
 argument checks, determinism, the learned criteria in the runtime, and real digits data."""
+
 import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_cuda
 from torch import nn
 
 import eeruntime as ee
@@ -13,15 +15,20 @@ from eeruntime.data import Batches, load_digits_split
 from eeruntime.heads import ConvHead, ExitHead
 from eeruntime.zoo import digits_cnn
 
-from conftest import requires_cuda
-
 
 def small_backbone():
     return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
     )
 
 
@@ -158,7 +165,9 @@ def test_post_train_without_confidence_leaves_confidence_heads_alone():
     model = small_model(confidence=True)
     before = params_by_name(model)
     ee.train.post_train(model, toy_data(), epochs=1, lr=1e-2, progress=False)
-    assert changed(before, model) == {n for n in before if n.startswith(("exits.0.", "exits.1."))} - side_head_names(model, "confidence")
+    assert changed(before, model) == {n for n in before if n.startswith(("exits.0.", "exits.1."))} - side_head_names(
+        model, "confidence"
+    )
 
 
 def test_differentiable_trains_stages_exits_and_gates():
@@ -349,7 +358,9 @@ def test_training_on_cuda():
     hist = ee.train.differentiable(model, toy_data(), epochs=1, lr=1e-2, cost_weight=0.1, progress=False)
     assert model.exits[0].gate_head.weight.is_cuda and len(hist.loss) == 1
     ee.train.post_train(model, toy_data(), epochs=1, lr=1e-2, confidence=True, progress=False)
-    res = ee.EERuntime(model, 0.5, criterion=ee.train.confidence_criterion(model)).infer(torch.randn(8, 1, 6, 6, device="cuda"))
+    res = ee.EERuntime(model, 0.5, criterion=ee.train.confidence_criterion(model)).infer(
+        torch.randn(8, 1, 6, 6, device="cuda")
+    )
     assert res.logits.is_cuda
 
 
@@ -384,8 +395,16 @@ def test_digits_post_train_on_the_frozen_backbone(digits_joint):
     before = copy.deepcopy(backbone.state_dict())
     conv_head = lambda shape, c: ConvHead(shape[0], c, width=32)  # noqa: E731  (PTEE branch, pooled to 2x2)
     model = ee.attach_exits(backbone, at=["0", "1"], head=conv_head, confidence=True, example_input=d.x_train[:2])
-    hist = ee.train.post_train(model, Batches(d.x_train, d.y_train, 64, seed=1), epochs=6, lr=3e-3,
-                               confidence=True, cost_weight=0.05, seed=0, progress=False)
+    hist = ee.train.post_train(
+        model,
+        Batches(d.x_train, d.y_train, 64, seed=1),
+        epochs=6,
+        lr=3e-3,
+        confidence=True,
+        cost_weight=0.05,
+        seed=0,
+        progress=False,
+    )
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     acc = accuracy(model, d.x_test, d.y_test)
     assert acc[0] >= 0.85, acc

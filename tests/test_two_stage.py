@@ -28,7 +28,9 @@ def data(seed=0, n=256):
 
 def split(model):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    early = {k: v for k, v in sd.items() if k.startswith("exits.") and not k.startswith(f"exits.{len(model.exits) - 1}.")}
+    early = {
+        k: v for k, v in sd.items() if k.startswith("exits.") and not k.startswith(f"exits.{len(model.exits) - 1}.")
+    }
     backbone = {k: v for k, v in sd.items() if k not in early}
     return backbone, early
 

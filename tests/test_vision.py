@@ -5,14 +5,14 @@ listings; a num_classes that differs from the backbone's replaces its classifier
 
 torchvision and timm live in the vision venv that ``make test`` sets up beside the main one
 (see the Makefile: it shares the main venv's pinned torch); elsewhere these tests skip."""
+
 import pytest
 import torch
+from reference import per_sample_loop
 from torch import nn
 
 import eeruntime as ee
 from eeruntime.heads import PoolLinearHead, SequenceHead
-
-from reference import per_sample_loop
 
 WHY = "torchvision / timm are installed in the vision venv only (make test runs this file there)"
 torchvision = pytest.importorskip("torchvision", reason=WHY)
@@ -39,12 +39,19 @@ def images(B=16, size=32, seed=0):
     return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("make, at, mode", [
-    (lambda: torchvision.models.resnet18(num_classes=10), ["layer1.1.relu_1", "layer2"], "fx"),  # torchvision node name
-    (lambda: torchvision.models.resnet18(num_classes=10), ["layer1", "layer2.0"], "children"),
-    (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), ["features.2", "features.5"], "children"),
-    (lambda: timm.create_model("resnet18", pretrained=False, num_classes=10), ["layer1", "layer2"], "children"),
-])
+@pytest.mark.parametrize(
+    "make, at, mode",
+    [
+        (
+            lambda: torchvision.models.resnet18(num_classes=10),
+            ["layer1.1.relu_1", "layer2"],
+            "fx",
+        ),  # torchvision node name
+        (lambda: torchvision.models.resnet18(num_classes=10), ["layer1", "layer2.0"], "children"),
+        (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), ["features.2", "features.5"], "children"),
+        (lambda: timm.create_model("resnet18", pretrained=False, num_classes=10), ["layer1", "layer2"], "children"),
+    ],
+)
 def test_cnns_attach_by_their_names_and_match_the_per_sample_loop(make, at, mode):
     backbone = make().eval()
     x = images()
@@ -57,7 +64,9 @@ def test_cnns_attach_by_their_names_and_match_the_per_sample_loop(make, at, mode
 
 
 def test_timm_vit_by_feature_info_names():
-    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10).eval()
+    backbone = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10
+    ).eval()
     names = [f["module"] for f in backbone.feature_info]
     model = ee.attach_exits(backbone, at=[names[3], names[7]])
     assert model.split_mode == "encoder"
@@ -89,13 +98,19 @@ def test_split_points_list_names_with_shapes():
     assert [p.name for p in vp] == [f"blocks.{i}" for i in range(11)]
     assert {p.shape for p in vp} == {(17, 192)}
     for p in points + vp:  # every listed point is accepted
-        assert ee.attach_exits(rn if p in points else vit, at=[p.name], example_input=x if p in points else None).num_exits == 2
+        assert (
+            ee.attach_exits(rn if p in points else vit, at=[p.name], example_input=x if p in points else None).num_exits
+            == 2
+        )
 
 
-@pytest.mark.parametrize("make", [
-    lambda: torchvision.models.mobilenet_v3_small(),
-    lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torchvision.models.mobilenet_v3_small(),
+        lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8),
+    ],
+)
 def test_num_classes_for_fine_tuning_replaces_only_the_classifier(make):
     backbone = make().eval()
     x = images(4)

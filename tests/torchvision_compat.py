@@ -9,6 +9,7 @@ kernels before torchvision is imported: the import succeeds, and calling one of 
 roi_align, ...) fails with torch's "no kernel" error instead of running wrong code. With a
 torchvision whose ops load, this does nothing.
 """
+
 from __future__ import annotations
 
 import glob

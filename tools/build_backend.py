@@ -13,6 +13,7 @@ with a frontend whose build interpreter is not the target's, ``torch`` becomes a
 requirement as before. ``pip install --no-build-isolation`` skips all this (the build then uses
 whatever torch the current environment has).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,14 @@ def installed_torch():
     """(version, folder holding the ``torch`` package) of the target environment, or None."""
     env = {k: v for k, v in os.environ.items() if k not in _ISOLATION_VARS}
     try:
-        out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
-                             timeout=600, cwd=os.path.expanduser("~"))
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=os.path.expanduser("~"),
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = out.stdout.strip().splitlines()

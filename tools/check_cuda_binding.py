@@ -8,6 +8,7 @@ the binding is checked with -fsyntax-only: CUDA binding code that does not compi
 
     python tools/check_cuda_binding.py NVCC
 """
+
 from __future__ import annotations
 
 import glob
@@ -23,8 +24,9 @@ import tempfile
 def cuda_includes(nvcc: str):
     """The toolkit's include flags, as nvcc itself passes them (nvcc may be a wrapper script, so
     its path says nothing about where the toolkit lives)."""
-    out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                         capture_output=True, text=True).stderr
+    out = subprocess.run(
+        [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True
+    ).stderr
     flags = []
     for line in out.splitlines():
         m = re.match(r"#\$ (?:INCLUDES|SYSTEM_INCLUDES)=(.*)", line)
@@ -54,10 +56,17 @@ def main(argv) -> int:
                 f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         # The standard torch's own extension build would pick: its headers need C++20 from 2.10 on.
         std = "-std=c++20" if torch.torch_version.TorchVersion(torch.__version__) >= (2, 10) else "-std=c++17"
-        flags = [std, "-fsyntax-only",
-                 "-DEERUNTIME_WITH_CUDA=1", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
-                 f"-I{stub}", *(f"-I{p}" for p in include_paths()), *cuda_flags,
-                 f"-I{sysconfig.get_paths()['include']}"]
+        flags = [
+            std,
+            "-fsyntax-only",
+            "-DEERUNTIME_WITH_CUDA=1",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            "-DTORCH_EXTENSION_NAME=_C",
+            f"-I{stub}",
+            *(f"-I{p}" for p in include_paths()),
+            *cuda_flags,
+            f"-I{sysconfig.get_paths()['include']}",
+        ]
         for src in sources:
             print(f"{cxx} -fsyntax-only -DEERUNTIME_WITH_CUDA {os.path.relpath(src, root)}")
             if subprocess.call([cxx, *flags, src]) != 0:

@@ -10,6 +10,7 @@
 
 Exit status 0 when all hold; the first failure is printed with what was expected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,9 @@ def sh(cmd, **kw):
     done = subprocess.run(cmd, text=True, capture_output=True, **kw)
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
     if done.returncode != 0:
-        sys.exit(f"check-install: failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        sys.exit(
+            f"check-install: failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        )
     return done.stdout
 
 
@@ -89,8 +92,10 @@ def main(argv=None) -> int:
     would = [line for line in plan.splitlines() if line.startswith("Would install")]
     if would and any(p.startswith("torch-") for p in would[0].split()):
         fail(f"installing the extras [{EXTRAS}] would replace torch {before}: {would[0]}")
-    print(f"check-install: ok: torch {before} kept; extension built against it and loaded; "
-          f"extras [{EXTRAS}] keep it; `eeruntime --version`: {out.strip()}")
+    print(
+        f"check-install: ok: torch {before} kept; extension built against it and loaded; "
+        f"extras [{EXTRAS}] keep it; `eeruntime --version`: {out.strip()}"
+    )
     if not a.keep:
         import shutil
 

@@ -20,6 +20,7 @@ It then writes bench/results/<device>-<date>.json (pytest-benchmark format plus 
 section: device, versions, steps, DESIGN's targets against the figures) and the same as .md.
 Exit status 0 only when every selected step passed (the targets are reported, not asserted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -108,24 +109,56 @@ def plan(python: str = "python", arch: str = "9.0", jobs: Optional[int] = None, 
     bench = pytest + ["--benchmark-only", "-s"]
     jobs = jobs or os.cpu_count() or 8
     return [
-        Step("sanity", 15, "device, driver and versions",
-             [["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-              [py, "-c", SANITY], ["nvcc", "--version"]]),
-        Step("build", 90, f"extension for sm_{arch.replace('.', '')} only, CUDA ops required, no network",
-             [[py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]],
-             env={"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(jobs), "EERUNTIME_BUILD_CUDA": "1"}),
+        Step(
+            "sanity",
+            15,
+            "device, driver and versions",
+            [
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                [py, "-c", SANITY],
+                ["nvcc", "--version"],
+            ],
+        ),
+        Step(
+            "build",
+            90,
+            f"extension for sm_{arch.replace('.', '')} only, CUDA ops required, no network",
+            [[py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]],
+            env={"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(jobs), "EERUNTIME_BUILD_CUDA": "1"},
+        ),
         Step("ext", 15, "CUDA ops and compiled Triton kernel load", [[py, "-c", EXT_CHECK]]),
-        Step("tests", 100, "every GPU test, no GPU skip allowed",
-             [pytest + ["-rs", "-m", "gpu", "--continue-on-collection-errors", *workers, "tests"]]),
-        Step("memcheck", 40, "compute-sanitizer memcheck on the CUDA op tests",
-             [["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", "--print-limit", "10"]
-              + pytest + ["tests/test_compact_ops.py", "-k", "cuda and not 70000 and not graph_capture"]],
-             env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}),
-        Step("bench-exit", 60, "exit kernel B=4096 C=32000 bf16 vs eager and torch.compile", [bench + BENCH_EXIT],
-             bench=True),
+        Step(
+            "tests",
+            100,
+            "every GPU test, no GPU skip allowed",
+            [pytest + ["-rs", "-m", "gpu", "--continue-on-collection-errors", *workers, "tests"]],
+        ),
+        Step(
+            "memcheck",
+            40,
+            "compute-sanitizer memcheck on the CUDA op tests",
+            [
+                ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", "--print-limit", "10"]
+                + pytest
+                + ["tests/test_compact_ops.py", "-k", "cuda and not 70000 and not graph_capture"]
+            ],
+            env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+        ),
+        Step(
+            "bench-exit",
+            60,
+            "exit kernel B=4096 C=32000 bf16 vs eager and torch.compile",
+            [bench + BENCH_EXIT],
+            bench=True,
+        ),
         Step("bench-compact", 30, "compaction B=4096, 4 KB and 64 KB rows", [bench + BENCH_COMPACT], bench=True),
-        Step("bench-graphs", 150, "graph runtime 224x224, batch 1/64/256 with exits, 256 without",
-             [bench + BENCH_GRAPHS], bench=True),
+        Step(
+            "bench-graphs",
+            150,
+            "graph runtime 224x224, batch 1/64/256 with exits, 256 without",
+            [bench + BENCH_GRAPHS],
+            bench=True,
+        ),
     ]
 
 
@@ -159,8 +192,15 @@ def describe(steps: Sequence[Step], bench_json_dir: str = "<tmp>") -> List[str]:
 def run_command(cmd: List[str], env: Dict[str, str], timeout_s: float, log) -> tuple:
     """(returncode or None on timeout, output). The command runs in its own process group, which
     is killed (TERM, then KILL) when the time box runs out."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=max(timeout_s, 0.1))
         rc = proc.returncode
@@ -227,8 +267,10 @@ def summarize(step: Step, rc: Optional[int], output: str, info: dict) -> tuple:
         info["nvidia_smi"] = smi[0].strip() if smi else None
         if not info.get("device"):
             return "FAIL", "torch sees no CUDA device: nothing to check"
-        return status, (f"{info['device']} (sm_{str(info.get('capability', '')).replace('.', '')}), torch "
-                        f"{info.get('torch')}, CUDA {info.get('cuda')}, nvcc {info.get('nvcc')}, triton {info.get('triton')}")
+        return status, (
+            f"{info['device']} (sm_{str(info.get('capability', '')).replace('.', '')}), torch "
+            f"{info.get('torch')}, CUDA {info.get('cuda')}, nvcc {info.get('nvcc')}, triton {info.get('triton')}"
+        )
     if step.name == "tests":
         tally = pytest_tally(output)
         bad = bad_skips(output)
@@ -265,25 +307,70 @@ class Target:
 
 
 TARGETS = [
-    Target("exit_kernel_bandwidth", "exit kernel >= 80 % of copy bandwidth (B=4096, C=32000, bf16, entropy)",
-           {"op": "exit_decision", "B": 4096, "C": 32000, "dtype": "bf16", "criterion": "entropy"},
-           "fraction_of_copy", 0.8, "bench-exit"),
-    Target("exit_kernel_vs_eager", "exit kernel >= 3x eager (same case)",
-           {"op": "exit_decision", "B": 4096, "C": 32000, "dtype": "bf16", "criterion": "entropy"},
-           "speedup_vs_eager", 3.0, "bench-exit"),
-    Target("exit_kernel_vs_compile", "exit kernel not slower than torch.compile (same case)",
-           {"op": "exit_decision", "B": 4096, "C": 32000, "dtype": "bf16", "criterion": "entropy"},
-           "speedup_vs_compile", 1.0, "bench-exit"),
-    Target("compact_4KB", "compaction >= 70 % of copy bandwidth, B=4096, 4 KB rows",
-           {"op": "compact", "B": 4096, "row_bytes": 4096}, "copy_fraction", 0.7, "bench-compact"),
-    Target("compact_64KB", "compaction >= 70 % of copy bandwidth, B=4096, 64 KB rows",
-           {"op": "compact", "B": 4096, "row_bytes": 65536}, "copy_fraction", 0.7, "bench-compact"),
-    Target("runtime_efficiency_256", "runtime efficiency (oracle / graphs) >= 0.9 at batch 256, with exits",
-           {"resolution": 224, "batch": 256, "scenario": "exits"}, "efficiency", 0.9, "bench-graphs"),
-    Target("batch1_vs_plain_eager", "batch 1 faster than plain eager (speed-up > 1)",
-           {"resolution": 224, "batch": 1, "scenario": "exits"}, "speedup_vs_plain_eager", 1.0, "bench-graphs"),
-    Target("no_exit_vs_plain_graph", "no exits: within 5 % of the plain CUDA graph (speed-up >= 1/1.05)",
-           {"resolution": 224, "batch": 256, "scenario": "none"}, "speedup_vs_plain_graph", 1 / 1.05, "bench-graphs"),
+    Target(
+        "exit_kernel_bandwidth",
+        "exit kernel >= 80 % of copy bandwidth (B=4096, C=32000, bf16, entropy)",
+        {"op": "exit_decision", "B": 4096, "C": 32000, "dtype": "bf16", "criterion": "entropy"},
+        "fraction_of_copy",
+        0.8,
+        "bench-exit",
+    ),
+    Target(
+        "exit_kernel_vs_eager",
+        "exit kernel >= 3x eager (same case)",
+        {"op": "exit_decision", "B": 4096, "C": 32000, "dtype": "bf16", "criterion": "entropy"},
+        "speedup_vs_eager",
+        3.0,
+        "bench-exit",
+    ),
+    Target(
+        "exit_kernel_vs_compile",
+        "exit kernel not slower than torch.compile (same case)",
+        {"op": "exit_decision", "B": 4096, "C": 32000, "dtype": "bf16", "criterion": "entropy"},
+        "speedup_vs_compile",
+        1.0,
+        "bench-exit",
+    ),
+    Target(
+        "compact_4KB",
+        "compaction >= 70 % of copy bandwidth, B=4096, 4 KB rows",
+        {"op": "compact", "B": 4096, "row_bytes": 4096},
+        "copy_fraction",
+        0.7,
+        "bench-compact",
+    ),
+    Target(
+        "compact_64KB",
+        "compaction >= 70 % of copy bandwidth, B=4096, 64 KB rows",
+        {"op": "compact", "B": 4096, "row_bytes": 65536},
+        "copy_fraction",
+        0.7,
+        "bench-compact",
+    ),
+    Target(
+        "runtime_efficiency_256",
+        "runtime efficiency (oracle / graphs) >= 0.9 at batch 256, with exits",
+        {"resolution": 224, "batch": 256, "scenario": "exits"},
+        "efficiency",
+        0.9,
+        "bench-graphs",
+    ),
+    Target(
+        "batch1_vs_plain_eager",
+        "batch 1 faster than plain eager (speed-up > 1)",
+        {"resolution": 224, "batch": 1, "scenario": "exits"},
+        "speedup_vs_plain_eager",
+        1.0,
+        "bench-graphs",
+    ),
+    Target(
+        "no_exit_vs_plain_graph",
+        "no exits: within 5 % of the plain CUDA graph (speed-up >= 1/1.05)",
+        {"resolution": 224, "batch": 256, "scenario": "none"},
+        "speedup_vs_plain_graph",
+        1 / 1.05,
+        "bench-graphs",
+    ),
 ]
 
 
@@ -292,9 +379,12 @@ def evaluate_targets(benchmarks: Sequence[dict], steps: Dict[str, StepResult]) -
     benchmark case of a passing step recorded it."""
     rows = []
     for t in TARGETS:
-        found = [b for b in benchmarks
-                 if all(b.get("extra_info", {}).get(k) == v for k, v in t.match.items())
-                 and b.get("extra_info", {}).get(t.key) is not None]
+        found = [
+            b
+            for b in benchmarks
+            if all(b.get("extra_info", {}).get(k) == v for k, v in t.match.items())
+            and b.get("extra_info", {}).get(t.key) is not None
+        ]
         row = {"name": t.name, "target": t.text, "key": t.key, "bound": t.bound, "value": None}
         if found:
             value = float(found[0]["extra_info"][t.key])
@@ -342,23 +432,45 @@ def markdown(info: dict, steps: Sequence[StepResult], targets: Sequence[dict], b
     lines += ["", "## DESIGN's targets", "", "| target | figure | measured | bound | status |", "|---|---|---|---|---|"]
     for t in targets:
         status = t["status"] if t["status"] != "unmeasured" else f"unmeasured ({t.get('why', '')})"
-        lines.append(f"| {t['target']} | {t['key']} | {_fmt(t['value'])} | {_fmt(t['bound'])} | {status.replace('|', '/')} |")
+        lines.append(
+            f"| {t['target']} | {t['key']} | {_fmt(t['value'])} | {_fmt(t['bound'])} | {status.replace('|', '/')} |"
+        )
     if benchmarks:
         lines += ["", "## Benchmark cases", "", "| case | median (ms) | figures |", "|---|---|---|"]
-        keys = ("copy_GBps", "achieved_GBps", "fraction_of_copy", "copy_fraction", "speedup_vs_eager",
-                "speedup_vs_compile", "speedup_vs_boolean", "efficiency", "speedup_vs_plain_eager",
-                "speedup_vs_plain_graph", "speedup_ideal", "exit_fractions")
+        keys = (
+            "copy_GBps",
+            "achieved_GBps",
+            "fraction_of_copy",
+            "copy_fraction",
+            "speedup_vs_eager",
+            "speedup_vs_compile",
+            "speedup_vs_boolean",
+            "efficiency",
+            "speedup_vs_plain_eager",
+            "speedup_vs_plain_graph",
+            "speedup_ideal",
+            "exit_fractions",
+        )
         for b in benchmarks:
             ei = b.get("extra_info", {})
-            figs = ", ".join(f"{k} {_fmt(ei[k]) if not isinstance(ei[k], list) else [round(x, 3) for x in ei[k]]}"
-                             for k in keys if ei.get(k) is not None)
+            figs = ", ".join(
+                f"{k} {_fmt(ei[k]) if not isinstance(ei[k], list) else [round(x, 3) for x in ei[k]]}"
+                for k in keys
+                if ei.get(k) is not None
+            )
             median = b.get("stats", {}).get("median")
             lines.append(f"| {b.get('name')} | {_fmt(median * 1e3) if median is not None else '-'} | {figs} |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: str, info: dict, steps: Sequence[StepResult], benchmarks: Sequence[dict],
-                  machine_info: Optional[dict] = None, today: Optional[datetime.date] = None) -> tuple:
+def write_results(
+    out_dir: str,
+    info: dict,
+    steps: Sequence[StepResult],
+    benchmarks: Sequence[dict],
+    machine_info: Optional[dict] = None,
+    today: Optional[datetime.date] = None,
+) -> tuple:
     """Write ``<device>-<date>.json`` (pytest-benchmark format, so bench/report.py reads it too,
     plus a ``gpu_check`` section) and ``.md``; returns both paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -384,8 +496,14 @@ def write_results(out_dir: str, info: dict, steps: Sequence[StepResult], benchma
     return json_path, md_path
 
 
-def merge_previous(out_dir: str, info: dict, steps: List[StepResult], benchmarks: List[dict], machine_info: dict,
-                   today: Optional[datetime.date] = None) -> tuple:
+def merge_previous(
+    out_dir: str,
+    info: dict,
+    steps: List[StepResult],
+    benchmarks: List[dict],
+    machine_info: dict,
+    today: Optional[datetime.date] = None,
+) -> tuple:
     """This run's results merged into the earlier result file of the same device and date in
     ``out_dir`` (if any): its steps and cases come first, those this run repeats are replaced."""
     path = os.path.join(out_dir, result_stem(info, today) + ".json")
@@ -407,16 +525,25 @@ def merge_previous(out_dir: str, info: dict, steps: List[StepResult], benchmarks
 # ------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="gpu_check", description=__doc__.splitlines()[0])
-    ap.add_argument("--dry-run", action="store_true", help="print the steps, their commands and time boxes; run nothing")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="print the steps, their commands and time boxes; run nothing"
+    )
     ap.add_argument("--steps", default=None, help="comma-separated steps to run (default: all), e.g. ext,tests")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="where the .json and .md go")
     ap.add_argument("--arch", default="9.0", help="TORCH_CUDA_ARCH_LIST for the build (default 9.0: H100/H200)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter that has torch and triton")
-    ap.add_argument("--test-workers", type=int, default=None,
-                    help="pytest-xdist processes for the GPU tests (default 4 when xdist is installed, else 1)")
-    ap.add_argument("--append", action="store_true",
-                    help="merge into the result files of the same device and date already in --out (steps of the "
-                         "same name and benchmark cases are replaced): a check split over several runs")
+    ap.add_argument(
+        "--test-workers",
+        type=int,
+        default=None,
+        help="pytest-xdist processes for the GPU tests (default 4 when xdist is installed, else 1)",
+    )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into the result files of the same device and date already in --out (steps of the "
+        "same name and benchmark cases are replaced): a check split over several runs",
+    )
     args = ap.parse_args(argv)
     if not re.fullmatch(r"\d+\.\d+a?", args.arch):
         ap.error(f"--arch takes one architecture like 9.0 or 9.0a, got {args.arch!r}")
@@ -485,9 +612,11 @@ def main(argv=None) -> int:
         info, results, benchmarks, machine_info = merge_previous(args.out, info, results, benchmarks, machine_info)
     json_path, md_path = write_results(args.out, info, results, benchmarks, machine_info)
     failed = [r.name for r in results if r.status != "ok"]
-    print(f"{PREFIX} {'all steps passed' if not failed else 'failed: ' + ', '.join(failed)} in "
-          f"{time.monotonic() - started:.0f} s; wrote {os.path.relpath(json_path, REPO)}, "
-          f"{os.path.relpath(md_path, REPO)} (log: {os.path.relpath(log_path, REPO)})")
+    print(
+        f"{PREFIX} {'all steps passed' if not failed else 'failed: ' + ', '.join(failed)} in "
+        f"{time.monotonic() - started:.0f} s; wrote {os.path.relpath(json_path, REPO)}, "
+        f"{os.path.relpath(md_path, REPO)} (log: {os.path.relpath(log_path, REPO)})"
+    )
     return 0 if not failed else 1
 
 

@@ -4,6 +4,7 @@
 evaluation, grid and coordinate search), ``costs`` (FLOPs or latency per exit), and one module
 per method: ``greedy``, ``accuracy``, ``budget``, ``sweep``.
 """
+
 from .cache import Outcome, ScoreCache, build_cache
 
 __all__ = ["ScoreCache", "Outcome", "build_cache"]

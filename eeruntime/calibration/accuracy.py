@@ -6,6 +6,7 @@ points), evaluated exactly and all at once (``search.grid_evaluate``); the grid 
 polished by coordinate descent over every distinct cached score of each exit. The result meets
 the constraint on the calibration data and costs no more than any grid point that meets it.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -14,8 +15,15 @@ import numpy as np
 
 from .cache import ScoreCache
 from .search import (
-    Key, accuracy_key, best_index, combo_thresholds, coordinate_refine, full_candidates, grid_candidates,
-    grid_evaluate, per_exit_grid_size,
+    Key,
+    accuracy_key,
+    best_index,
+    combo_thresholds,
+    coordinate_refine,
+    full_candidates,
+    grid_candidates,
+    grid_evaluate,
+    per_exit_grid_size,
 )
 
 
@@ -44,6 +52,8 @@ def sample_points(
 ) -> List[Tuple[List[float], float, float]]:
     """At most ``limit`` grid points (a fixed random sample when there are more)."""
     total = acc.size
-    flat = np.arange(total) if total <= limit else np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
+    flat = (
+        np.arange(total) if total <= limit else np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
+    )
     a, c = acc.ravel(), cost.ravel()
     return [(combo_thresholds(grids, int(i)), float(a[i]), float(c[i])) for i in flat]

@@ -8,6 +8,7 @@
    moves one sample at a time when the grid is too coarse to hit the window.
 The scorers are the runtime's criterion: a sample leaves exit k when its utility u_k >= T_k.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -19,8 +20,16 @@ from .search import budget_key
 
 
 def within_budget(
-    cache: ScoreCache, budget_abs: float, tol: float, grid: int, max_combos: int, *, epochs: int, hidden: int,
-    seed: int, progress: bool,
+    cache: ScoreCache,
+    budget_abs: float,
+    tol: float,
+    grid: int,
+    max_combos: int,
+    *,
+    epochs: int,
+    hidden: int,
+    seed: int,
+    progress: bool,
 ):
     cum = cache.cumulative
     plain = float(cache.cost.plain)
@@ -31,8 +40,17 @@ def within_budget(
         )
     losses = []
     scorer = train_eenet_scorer(
-        cache.features, cache.preds, cache.correct, cum / plain, budget_abs / plain, top_k=cache.top_k,
-        hidden=hidden, epochs=epochs, seed=seed, progress=progress, history=losses,
+        cache.features,
+        cache.preds,
+        cache.correct,
+        cum / plain,
+        budget_abs / plain,
+        top_k=cache.top_k,
+        hidden=hidden,
+        epochs=epochs,
+        seed=seed,
+        progress=progress,
+        history=losses,
     )
     scores = scorer.scores(cache.features, cache.preds)
     key = budget_key(budget_abs, tol, float(cum[-1]))

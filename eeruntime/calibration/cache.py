@@ -4,6 +4,7 @@ Per sample and exit it keeps the criterion's score (computed exactly as the runt
 the prediction, whether it is right, and the EENet features; plus the cost of leaving at each exit.
 Every threshold search then runs on these arrays, never on the model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 
 from ..cost import CostModel
-from ..model import model_device
 from ..criteria import check_criterion, uses_history
+from ..model import model_device
 from ..ops.exit_decision import confidence_ref
 from ..scorers import DEFAULT_TOP_K, exit_features
 from ..state import as_tuple, call, check_state, from_tuple
@@ -77,23 +78,27 @@ class ScoreCache:
         *,
         cost_unit: str = "custom",
         top_k: int = DEFAULT_TOP_K,
-    ) -> "ScoreCache":
+    ) -> ScoreCache:
         """A cache from every exit's logits ([N, C] each) of a named criterion, without a model
         (scores from ``ops.confidence_ref``)."""
         criterion = check_criterion(criterion)
         if not isinstance(criterion, str):
-            raise ValueError("ScoreCache.from_logits takes a named criterion; a callable needs the model pass (build_cache)")
+            raise ValueError(
+                "ScoreCache.from_logits takes a named criterion; a callable needs the model pass (build_cache)"
+            )
         _check_final(final)
         if len(exit_logits) < 2:
             raise ValueError(f"calibration needs at least two exits (one early exit), got {len(exit_logits)}")
         acc = _Accumulator(len(exit_logits), criterion, final, top_k)
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be a 1-D tensor of integer class indices, got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be a 1-D tensor of integer class indices, got {labels.dtype} {tuple(labels.shape)}"
+            )
         acc.add_outputs(_outputs(list(exit_logits), final), labels, lambda out, k: confidence_ref(out, criterion))
         return acc.finish(cost, cost_unit)
 
-    def outcome(self, thresholds: Sequence[float]) -> "Outcome":
+    def outcome(self, thresholds: Sequence[float]) -> Outcome:
         """Exit index, exit fractions, accuracy and expected cost of a threshold setting."""
         from .search import exit_indices
 
@@ -183,7 +188,9 @@ class _Accumulator:
 
 
 def _is_state(x) -> bool:
-    return isinstance(x, torch.Tensor) or (isinstance(x, tuple) and len(x) > 0 and all(isinstance(t, torch.Tensor) for t in x))
+    return isinstance(x, torch.Tensor) or (
+        isinstance(x, tuple) and len(x) > 0 and all(isinstance(t, torch.Tensor) for t in x)
+    )
 
 
 def _check_labels(y, B: int, where: str) -> torch.Tensor:
@@ -283,7 +290,12 @@ def build_cache(
     acc = _Accumulator(K, criterion, final, top_k)
     first_batch = None
     try:
-        if isinstance(data, (tuple, list)) and len(data) == 2 and _is_state(data[0]) and isinstance(data[1], torch.Tensor):
+        if (
+            isinstance(data, (tuple, list))
+            and len(data) == 2
+            and _is_state(data[0])
+            and isinstance(data[1], torch.Tensor)
+        ):
             total = -(-as_tuple(data[0])[0].shape[0] // batch_size)
         else:
             total = len(data) if hasattr(data, "__len__") else None
@@ -302,7 +314,8 @@ def build_cache(
                     states.append(state)
                 outs = _outputs(logits, final)
                 acc.add_outputs(
-                    outs, y,
+                    outs,
+                    y,
                     lambda out, k: rt.score(out, states[k], k, logits[:k] if keep_history else ()),
                 )
     finally:
@@ -314,4 +327,3 @@ def build_cache(
     if isinstance(criterion, str):
         cache.criterion = criterion
     return cache
-

@@ -1,4 +1,5 @@
 """Per-exit costs for calibration: FLOPs (the cost model of DESIGN.md) or measured latency."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -47,9 +48,7 @@ def resolve_costs(cost, model, batch) -> Tuple[CostModel, str]:
     if cost == "flops":
         cm = measure_costs(model, batch)
         if cm.plain <= 0:
-            raise ValueError(
-                "the FLOP counter found no FLOPs in this model; pass cost='latency' or an ee.CostModel"
-            )
+            raise ValueError("the FLOP counter found no FLOPs in this model; pass cost='latency' or an ee.CostModel")
         return cm, "flops"
     if cost == "latency":
         return measure_latency(model, batch), "seconds"

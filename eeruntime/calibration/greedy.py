@@ -10,6 +10,7 @@ frozen, branch k at T and the later branches *off* (their samples go on to the f
 N: all samples. With E = 0 the term O/E is taken as 0, so "nobody exits here" scores I/N.
 Ties go to the candidate letting more samples leave (cheaper), then to the lower threshold.
 """
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -48,7 +49,12 @@ def greedy(cache: ScoreCache) -> Tuple[List[float], List[np.ndarray], List[Tuple
         reach = ~left
         s = np.where(reach, scores[:, k], np.float32(np.nan))
         values = np.stack(
-            [np.ones(N), wrong[:, k], wrong[:, k].astype(np.float64) - wrong[:, K - 1], cum[k] - np.full(N, cum[K - 1])],
+            [
+                np.ones(N),
+                wrong[:, k],
+                wrong[:, k].astype(np.float64) - wrong[:, K - 1],
+                cum[k] - np.full(N, cum[K - 1]),
+            ],
             axis=1,
         )
         sums = exit_set_sums(s, cands, lower, values)

@@ -8,6 +8,7 @@ Candidates at exit k are the midpoints between consecutive distinct cached score
 +inf: every way of splitting that exit's samples by score, each threshold as far as possible from
 the scores on both sides (robust to last-bit differences between backends).
 """
+
 from __future__ import annotations
 
 from math import prod
@@ -79,7 +80,11 @@ def exit_set_sums(scores_k: np.ndarray, cands: np.ndarray, lower: bool, values: 
 
 
 def grid_evaluate(
-    scores: np.ndarray, correct: np.ndarray, cum: np.ndarray, grids: Sequence[np.ndarray], lower: bool,
+    scores: np.ndarray,
+    correct: np.ndarray,
+    cum: np.ndarray,
+    grids: Sequence[np.ndarray],
+    lower: bool,
     max_elements: int = 1 << 24,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Correct-sample count and total cost of every threshold combination of ``grids``.
@@ -124,7 +129,12 @@ def _key_at(keys, i) -> tuple:
 
 
 def one_exit_outcomes(
-    scores: np.ndarray, correct: np.ndarray, cum: np.ndarray, lower: bool, thresholds: np.ndarray, k: int,
+    scores: np.ndarray,
+    correct: np.ndarray,
+    cum: np.ndarray,
+    lower: bool,
+    thresholds: np.ndarray,
+    k: int,
     cands: np.ndarray,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Correct count and total cost for each candidate at exit ``k``, the other exits fixed."""
@@ -141,8 +151,14 @@ def one_exit_outcomes(
 
 
 def coordinate_refine(
-    scores: np.ndarray, correct: np.ndarray, cum: np.ndarray, lower: bool, start: Sequence[float],
-    candidates: Sequence[np.ndarray], key: Key, max_rounds: int = 50,
+    scores: np.ndarray,
+    correct: np.ndarray,
+    cum: np.ndarray,
+    lower: bool,
+    start: Sequence[float],
+    candidates: Sequence[np.ndarray],
+    key: Key,
+    max_rounds: int = 50,
 ) -> Tuple[np.ndarray, List[Tuple[List[float], float, float]]]:
     """Coordinate descent from ``start``: each exit in turn takes its best candidate (lowest
     ``key(accuracy, cost)``) with the others fixed, until a full round changes nothing. A change

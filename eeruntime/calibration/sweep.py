@@ -1,13 +1,21 @@
 """BranchyNet's sweep: accuracy and expected cost of every combination of a per-exit threshold
 grid, and the Pareto-optimal points among them (no other point is at least as accurate and at
 most as costly, one of them strictly)."""
+
 from __future__ import annotations
 
 from typing import List, Tuple
 
-
 from .cache import ScoreCache
-from .search import accuracy_key, best_index, combo_thresholds, grid_candidates, grid_evaluate, pareto, per_exit_grid_size
+from .search import (
+    accuracy_key,
+    best_index,
+    combo_thresholds,
+    grid_candidates,
+    grid_evaluate,
+    pareto,
+    per_exit_grid_size,
+)
 
 
 def sweep(cache: ScoreCache, grid: int, max_combos: int, max_drop: float):

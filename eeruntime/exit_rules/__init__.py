@@ -8,6 +8,7 @@ DeeBERT's rule is the built-in ``"entropy"`` criterion; its two-stage highway tr
 :func:`eeruntime.train.two_stage`. Both criteria here are *per-exit scorers* (see
 :mod:`eeruntime.criteria`): a row leaves early exit k when its score >= the threshold of exit k.
 """
+
 from .learned import LearnedExit, pool_features
 from .patience import Patience, patience_scores_ref, whole_batch_patience
 

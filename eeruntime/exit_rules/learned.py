@@ -13,6 +13,7 @@ backbones whose stages differ in width (CNNs). Train it with :func:`eeruntime.tr
 (``pool="mean"``, mask = the state's second member when it is [B, S]), [B, C, *spatial] maps by
 the spatial mean.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -43,7 +44,9 @@ def pool_features(state, pool: str = "cls") -> torch.Tensor:
         return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
     if h.dim() > 3:
         return h.mean(dim=tuple(range(2, h.dim())))
-    raise ValueError(f"LearnedExit cannot pool a state of shape {tuple(h.shape)}: it needs [B, D], [B, S, H] or [B, C, *spatial]")
+    raise ValueError(
+        f"LearnedExit cannot pool a state of shape {tuple(h.shape)}: it needs [B, D], [B, S, H] or [B, C, *spatial]"
+    )
 
 
 class LearnedExit(nn.Module):
@@ -97,7 +100,7 @@ class LearnedExit(nn.Module):
         return {"in_features": self.widths[0] if self.shared else list(self.widths), "pool": self.pool}
 
     @classmethod
-    def from_config(cls, config: dict) -> "LearnedExit":
+    def from_config(cls, config: dict) -> LearnedExit:
         if not isinstance(config, dict) or set(config) != {"in_features", "pool"}:
             raise ValueError(f"a LearnedExit config holds in_features and pool, got {config!r}")
         return cls(config["in_features"], pool=config["pool"])

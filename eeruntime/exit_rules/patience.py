@@ -18,6 +18,7 @@ exits' logits with the survivors (``uses_history``), so a row's counter survives
 A row whose logits at exit k hold a NaN has no prediction there: its score is NaN (never exits
 early, like a NaN score of any criterion) and it breaks the streak of the later exits.
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Tuple

@@ -3,6 +3,7 @@
 Each registration is guarded: a missing Triton or an unbuilt extension leaves the backend
 registered but able to say why it cannot run, so forcing it gives an error with the fix.
 """
+
 from importlib import import_module
 
 for _name in ("_triton_backend", "_ext_backend"):

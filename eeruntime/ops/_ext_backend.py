@@ -13,6 +13,7 @@ whose dtype differs from its output first (as the reference's ``.to(out.dtype)``
 whose destination is out of range raises IndexError on CPU and is skipped on CUDA (checking it
 there would need a host sync). Outputs must not overlap their inputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,13 @@ def rows_writable(t: torch.Tensor) -> bool:
     return t.is_contiguous() or (_rows_dense(t) and _rows_distinct(t))
 
 
-def _why_not(device_type: str, mask: torch.Tensor, inputs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] = (),
-             index_out: Optional[torch.Tensor] = None) -> Optional[str]:
+def _why_not(
+    device_type: str,
+    mask: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor] = (),
+    index_out: Optional[torch.Tensor] = None,
+) -> Optional[str]:
     if not _ext.available():
         return _ext.why_unavailable()
     if device_type == "cuda" and not _ext.with_cuda():
@@ -149,20 +155,26 @@ _FIX = {
 
 for _device_type, _priority in (("cuda", 0), ("cpp", 1)):
     _dev = "cuda" if _device_type == "cuda" else "cpu"
-    dispatch.register("compact", dispatch.Backend(_device_type, _compact, _compact_why_not(_dev), _FIX[_device_type]),
-                      priority=_priority)
+    dispatch.register(
+        "compact",
+        dispatch.Backend(_device_type, _compact, _compact_why_not(_dev), _FIX[_device_type]),
+        priority=_priority,
+    )
     dispatch.register(
         "compact_into",
         dispatch.Backend(_device_type, _compact_into, _compact_into_why_not(_dev), _FIX[_device_type]),
         priority=_priority,
     )
     dispatch.register(
-        "scatter_rows", dispatch.Backend(_device_type, _scatter_rows, _scatter_why_not(_dev), _FIX[_device_type]),
+        "scatter_rows",
+        dispatch.Backend(_device_type, _scatter_rows, _scatter_why_not(_dev), _FIX[_device_type]),
         priority=_priority,
     )
 # In-place compaction has a CPU kernel only: on CUDA the runtime packs into the static buffers of
 # its captured graphs (compact_into) instead.
-dispatch.register("compact_", dispatch.Backend("cpp", _compact_inplace, _compact_inplace_why_not, _FIX["cpp"]), priority=0)
+dispatch.register(
+    "compact_", dispatch.Backend("cpp", _compact_inplace, _compact_inplace_why_not, _FIX["cpp"]), priority=0
+)
 
 
 if _ext.available():
@@ -242,7 +254,9 @@ def _exit_decision_cpp(logits, threshold, criterion="entropy", return_argmax=Fal
     return (conf, exits, argmax) if return_argmax else (conf, exits)
 
 
-_register_before_torch("exit_decision", dispatch.Backend("cpp", _exit_decision_cpp, _exit_decision_why_not, _FIX["cpp"]))
+_register_before_torch(
+    "exit_decision", dispatch.Backend("cpp", _exit_decision_cpp, _exit_decision_why_not, _FIX["cpp"])
+)
 
 if _exit_decision_op() is not None:
 
@@ -288,8 +302,13 @@ def _exit_scatter_why_not(logits, thresholds, criterion, exit, final, rows, out,
     why = _logits_kernel_why_not("exit_scatter", exit_scatter_op, logits)
     if why is not None:
         return why
-    for name, t in (("thresholds", thresholds), ("rows", rows), ("out", out), ("confidence", confidence),
-                    ("exit_index", exit_index)):
+    for name, t in (
+        ("thresholds", thresholds),
+        ("rows", rows),
+        ("out", out),
+        ("confidence", confidence),
+        ("exit_index", exit_index),
+    ):
         if not t.is_cpu:
             return f"{name} is on {t.device.type}; the cpp backend runs CPU tensors"
     if not rows_writable(out):
@@ -298,8 +317,9 @@ def _exit_scatter_why_not(logits, thresholds, criterion, exit, final, rows, out,
 
 
 def _exit_scatter_cpp(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index):
-    return exit_scatter_op()(logits, thresholds, CRITERION_CODE[criterion], exit, final, rows, out, confidence,
-                             exit_index)
+    return exit_scatter_op()(
+        logits, thresholds, CRITERION_CODE[criterion], exit, final, rows, out, confidence, exit_index
+    )
 
 
 _register_before_torch("exit_scatter", dispatch.Backend("cpp", _exit_scatter_cpp, _exit_scatter_why_not, _FIX["cpp"]))

@@ -4,6 +4,7 @@ The kernel module is imported on first use, not here: ``triton.jit`` decides at 
 whether the kernels are compiled for the GPU or run by the interpreter (``TRITON_INTERPRET=1``),
 so importing eeruntime must not freeze that choice, and must not pay Triton's import time.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,7 +28,7 @@ FIX = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether triton imports (found and loadable; importing it does not fix the interpreter choice,
     which triton.jit makes when the kernel module is imported)."""

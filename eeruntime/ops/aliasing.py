@@ -15,6 +15,7 @@ Overlap is judged on the memory a tensor spans, whatever storage object it came 
 the same bytes. Spans are conservative: two tensors interleaved in one buffer (``buf[:, :4]`` and
 ``buf[:, 4:]``) count as overlapping.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence, Tuple

@@ -8,6 +8,7 @@ of each source tensor to their original rows ``rows[i]`` of the matching output.
 Backends in priority order: ``cuda`` and ``cpp`` (the ``eeruntime._C`` extension, when built),
 ``torch`` (the references below).
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -33,9 +34,7 @@ def _check_rows(tensors: Sequence[torch.Tensor], B: int, device: torch.device, w
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}[{i}] must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() == 0 or t.shape[0] != B:
-            raise ValueError(
-                f"{what}[{i}] has shape {tuple(t.shape)}; every tensor must have batch size {B} in dim 0"
-            )
+            raise ValueError(f"{what}[{i}] has shape {tuple(t.shape)}; every tensor must have batch size {B} in dim 0")
         if t.device != device:
             raise ValueError(f"{what}[{i}] is on {t.device} but the mask is on {device}")
 
@@ -114,10 +113,13 @@ def compact_into(
     if index_out.dtype != torch.int64 or index_out.dim() != 1 or index_out.shape[0] < B:
         raise ValueError(f"index_out must be int64 [>= {B}], got {index_out.dtype} {tuple(index_out.shape)}")
     if count_out.dtype != torch.int64 or count_out.numel() != 1:
-        raise ValueError(f"count_out must be a one-element int64 tensor, got {count_out.dtype} {tuple(count_out.shape)}")
+        raise ValueError(
+            f"count_out must be a one-element int64 tensor, got {count_out.dtype} {tuple(count_out.shape)}"
+        )
     written = [*outs, index_out, count_out]
     refuse_overlapping_outputs(
-        "compact_into", [*((f"outs[{i}]", o) for i, o in enumerate(outs)), ("index_out", index_out), ("count_out", count_out)]
+        "compact_into",
+        [*((f"outs[{i}]", o) for i, o in enumerate(outs)), ("index_out", index_out), ("count_out", count_out)],
     )
     keep, *tensors = inputs_apart([("keep", keep), *(("tensors", t) for t in tensors)], written)
     b = dispatch.select("compact_into", backend, keep, tensors, outs, index_out, count_out)
@@ -151,13 +153,17 @@ def scatter_rows(
     """For every i with ``mask[i]``: ``outs[j][rows[i]] = srcs[j][i]`` for each j (in place)."""
     B = _check_mask(mask, "mask")
     if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.shape != (B,):
-        raise ValueError(f"rows must be int64 [{B}], got {getattr(rows, 'dtype', type(rows))} {tuple(getattr(rows, 'shape', ()))}")
+        raise ValueError(
+            f"rows must be int64 [{B}], got {getattr(rows, 'dtype', type(rows))} {tuple(getattr(rows, 'shape', ()))}"
+        )
     _check_rows(srcs, B, mask.device, "srcs")
     if len(outs) != len(srcs):
         raise ValueError(f"got {len(srcs)} sources but {len(outs)} outputs")
     for i, (s, o) in enumerate(zip(srcs, outs)):
         if o.shape[1:] != s.shape[1:] or o.device != s.device:
-            raise ValueError(f"outs[{i}] {tuple(o.shape)} on {o.device} does not match srcs[{i}] {tuple(s.shape)} on {s.device}")
+            raise ValueError(
+                f"outs[{i}] {tuple(o.shape)} on {o.device} does not match srcs[{i}] {tuple(s.shape)} on {s.device}"
+            )
     refuse_overlapping_outputs("scatter_rows", [(f"outs[{i}]", o) for i, o in enumerate(outs)])
     mask, rows, *srcs = inputs_apart([("mask", mask), ("rows", rows), *(("srcs", s) for s in srcs)], outs)
     b = dispatch.select("scatter_rows", backend, mask, rows, srcs, outs)

@@ -5,6 +5,7 @@ Each op keeps a priority list of backends. A backend says, for concrete inputs, 
 that can run; naming a backend that cannot run raises :class:`BackendUnavailable` with its reason
 and the fix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

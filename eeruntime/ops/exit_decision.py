@@ -4,6 +4,7 @@ Backends, in priority order: ``triton`` (CUDA tensors; CPU tensors only when for
 ``TRITON_INTERPRET=1``), ``cpp`` (the fused C++ CPU kernel of ``eeruntime._C``), ``torch`` (the
 reference below, any device).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,7 @@ def _threshold_tensor(threshold: Threshold, device: torch.device) -> torch.Tenso
     """The threshold as a 0-dim float32 tensor on ``device`` (no copy when already so)."""
     if isinstance(threshold, torch.Tensor):
         if threshold.numel() != 1:
-            raise ValueError(
-                f"threshold must be a float or a one-element tensor, got shape {tuple(threshold.shape)}"
-            )
+            raise ValueError(f"threshold must be a float or a one-element tensor, got shape {tuple(threshold.shape)}")
         return threshold.reshape(()).to(device=device, dtype=torch.float32)
     if isinstance(threshold, (float, int)) and not isinstance(threshold, bool):
         return torch.tensor(float(threshold), dtype=torch.float32, device=device)

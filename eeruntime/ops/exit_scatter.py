@@ -9,6 +9,7 @@ rows that go on, with the number that left.
 Backends in priority order: ``cpp`` (the fused CPU kernel of ``eeruntime._C``: one read of the
 logits, one call instead of the six of eager PyTorch), ``torch`` (the reference below, any device).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -45,25 +46,35 @@ dispatch.register("exit_scatter", dispatch.Backend("torch", exit_scatter_ref, _t
 def _check(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index) -> None:
     _check_logits(logits)
     if criterion not in CRITERIA:
-        raise ValueError(f"exit_scatter takes a named criterion; got {criterion!r}, accepted: {', '.join(map(repr, CRITERIA))}")
+        raise ValueError(
+            f"exit_scatter takes a named criterion; got {criterion!r}, accepted: {', '.join(map(repr, CRITERIA))}"
+        )
     n, C = logits.shape
     if not isinstance(thresholds, torch.Tensor) or thresholds.dim() != 1 or not thresholds.is_floating_point():
         raise ValueError("thresholds must be a 1-D float tensor, one per early exit")
     if not isinstance(exit, int) or isinstance(exit, bool) or exit < 0:
         raise ValueError(f"exit must be a non-negative int, got {exit!r}")
     if not final and exit >= thresholds.shape[0]:
-        raise ValueError(f"exit {exit} has no threshold in thresholds of shape {tuple(thresholds.shape)} (one per early exit)")
+        raise ValueError(
+            f"exit {exit} has no threshold in thresholds of shape {tuple(thresholds.shape)} (one per early exit)"
+        )
     if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.shape != (n,):
-        raise ValueError(f"rows must be int64 [{n}] (one per row of logits), got "
-                         f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+        raise ValueError(
+            f"rows must be int64 [{n}] (one per row of logits), got "
+            f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}"
+        )
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != C or not out.is_floating_point():
-        raise ValueError(f"out must be a floating [B, {C}] tensor (the logits' classes), got "
-                         f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+        raise ValueError(
+            f"out must be a floating [B, {C}] tensor (the logits' classes), got "
+            f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}"
+        )
     B = out.shape[0]
     for name, t, dtype in (("confidence", confidence, torch.float32), ("exit_index", exit_index, torch.int64)):
         if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != (B,):
-            raise ValueError(f"{name} must be {dtype} [{B}] (one entry per row of out), got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{name} must be {dtype} [{B}] (one entry per row of out), got "
+                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+            )
     for name, t in (("rows", rows), ("out", out), ("confidence", confidence), ("exit_index", exit_index)):
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")

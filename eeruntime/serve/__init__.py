@@ -1,7 +1,16 @@
 """Serving: the stage scheduler (``ee.serve.StageScheduler``), the HTTP server
 (``python -m eeruntime serve``) the LitServe adapter; Ray Serve in ``eeruntime.serve.ray``. See docs/serving.md."""
+
 from .scheduler import ROW_BITS, SchedulerClosed, SchedulerError, SchedulerFull, StageFailed, StageScheduler
 from .stats import SchedulerStats, prometheus_text
 
-__all__ = ["StageScheduler", "SchedulerError", "SchedulerFull", "SchedulerClosed", "StageFailed",
-           "SchedulerStats", "prometheus_text", "ROW_BITS"]
+__all__ = [
+    "StageScheduler",
+    "SchedulerError",
+    "SchedulerFull",
+    "SchedulerClosed",
+    "StageFailed",
+    "SchedulerStats",
+    "prometheus_text",
+    "ROW_BITS",
+]

@@ -1,4 +1,5 @@
 """``python -m eeruntime serve BUNDLE --model module:factory [--host 127.0.0.1 --port 8000]``."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,9 @@ TOKEN_ENV = "EERUNTIME_ADMIN_TOKEN"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eeruntime serve",
-                                description="Serve a saved runtime bundle over HTTP with the stage scheduler.")
+    p = argparse.ArgumentParser(
+        prog="python -m eeruntime serve", description="Serve a saved runtime bundle over HTTP with the stage scheduler."
+    )
     add_arguments(p)
     return p
 
@@ -20,18 +22,24 @@ def parser() -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``eeruntime serve`` (registered in eeruntime/cli.py)."""
     p.add_argument("bundle", help="directory written by rt.save(path, weights=True)")
-    p.add_argument("--model", required=True, help="the model's constructor, 'module:factory' (called with no arguments)")
+    p.add_argument(
+        "--model", required=True, help="the model's constructor, 'module:factory' (called with no arguments)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     p.add_argument("--max-batch", type=int, default=32, help="most rows per stage step")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a stage may wait for a fuller batch")
-    p.add_argument("--max-queue-rows", type=int, default=4096, help="rows admitted and not answered, at most (then 503)")
+    p.add_argument(
+        "--max-queue-rows", type=int, default=4096, help="rows admitted and not answered, at most (then 503)"
+    )
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
     p.add_argument("--max-rows", type=int, default=256, help="rows per request, at most")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20)
     p.add_argument("--input-shape", help="each row's shape, e.g. 1,8,8 (default: the first answered request's)")
-    p.add_argument("--admin-token-file", help=f"file holding the admin token (or set ${TOKEN_ENV}); "
-                                              "without one the admin endpoint is disabled")
+    p.add_argument(
+        "--admin-token-file",
+        help=f"file holding the admin token (or set ${TOKEN_ENV}); without one the admin endpoint is disabled",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -66,21 +74,32 @@ def run(args: argparse.Namespace) -> int:
         try:
             shape = tuple(int(d) for d in args.input_shape.split(","))
         except ValueError:
-            print(f"eeruntime serve: --input-shape takes integers separated by commas, got {args.input_shape!r}",
-                  file=sys.stderr)
+            print(
+                f"eeruntime serve: --input-shape takes integers separated by commas, got {args.input_shape!r}",
+                file=sys.stderr,
+            )
             return 2
         spec = InputSpec([shape], dtype=_model_dtype(rt.model))
-    sched = StageScheduler(rt, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                           max_queue_rows=args.max_queue_rows, timeout_s=args.timeout_s)
-    app = create_app(sched, admin_token=token, max_body_bytes=args.max_body_bytes, max_rows=args.max_rows,
-                     input_spec=spec)
+    sched = StageScheduler(
+        rt,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue_rows=args.max_queue_rows,
+        timeout_s=args.timeout_s,
+    )
+    app = create_app(
+        sched, admin_token=token, max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, input_spec=spec
+    )
     # Bind here so --port 0 can say which port it got before uvicorn starts serving.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     port = sock.getsockname()[1]
-    print(f"eeruntime serve: {args.bundle} on http://{args.host}:{port} "
-          f"(max_batch={args.max_batch}, admin {'on' if token else 'off'})", flush=True)
+    print(
+        f"eeruntime serve: {args.bundle} on http://{args.host}:{port} "
+        f"(max_batch={args.max_batch}, admin {'on' if token else 'off'})",
+        flush=True,
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again: both end
     # here as KeyboardInterrupt, after the app's shutdown has drained the scheduler.

@@ -9,6 +9,7 @@ Outputs: JSON ``{"logits": [[...]], "exit_index": [...], "confidence": [...]}`` 
 tensors as safetensors bytes. Every refusal is an :class:`InputError` whose message says what
 was wrong and what is accepted; it never carries a traceback.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,7 +80,7 @@ def decode_json(doc, spec: InputSpec, max_rows: int):
         raise InputError('the JSON body must be an object with an "inputs" field: {"inputs": [[...], ...]}')
     unknown = sorted(set(doc) - {"inputs"})
     if unknown:
-        raise InputError(f"unknown field(s) {unknown}; the body takes only \"inputs\"")
+        raise InputError(f'unknown field(s) {unknown}; the body takes only "inputs"')
     data = doc["inputs"]
     if not isinstance(data, list):
         raise InputError(f'"inputs" must be a list of samples (batch first), got {type(data).__name__}')
@@ -105,7 +106,9 @@ def decode_safetensors(body: bytes, spec: InputSpec, max_rows: int):
     else:
         names = [f"input_{i}" for i in range(len(tensors))]
         if sorted(tensors) != sorted(names) or not names:
-            raise InputError(f"safetensors inputs must be named 'input' or input_0, input_1, ...; got {sorted(tensors)}")
+            raise InputError(
+                f"safetensors inputs must be named 'input' or input_0, input_1, ...; got {sorted(tensors)}"
+            )
         x = tuple(tensors[n] for n in names)
         if len(x) == 1:
             x = x[0]
@@ -117,8 +120,11 @@ def decode_safetensors(body: bytes, spec: InputSpec, max_rows: int):
 def _strict(rows):
     """Nested lists of floats as strict JSON (non-finite values as "nan", "inf", "-inf", as in
     the saved runtimes); the common all-finite case is returned as it is."""
-    return rows if all(map(math.isfinite, _flat(rows))) else [
-        _strict(r) if isinstance(r, list) else enc_float(r) for r in rows]
+    return (
+        rows
+        if all(map(math.isfinite, _flat(rows)))
+        else [_strict(r) if isinstance(r, list) else enc_float(r) for r in rows]
+    )
 
 
 def _flat(rows):
@@ -140,8 +146,10 @@ def encode_json(result) -> dict:
 def encode_safetensors(result) -> bytes:
     from safetensors.torch import save
 
-    return save({
-        "logits": result.logits.contiguous(),
-        "exit_index": result.exit_index.contiguous(),
-        "confidence": result.confidence.contiguous(),
-    })
+    return save(
+        {
+            "logits": result.logits.contiguous(),
+            "exit_index": result.exit_index.contiguous(),
+            "confidence": result.confidence.contiguous(),
+        }
+    )

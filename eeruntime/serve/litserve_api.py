@@ -11,6 +11,7 @@ async mode, so every request in flight reaches the stage scheduler at once and i
 stage by stage, with other requests' rows. The API object holds only the bundle path and the
 factory name until ``setup`` (LitServe may start it in a new process).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,13 +29,23 @@ class EarlyExitLitAPI(ls.LitAPI):
     constructor (``"module:factory"`` or a picklable callable). Scheduler options as in
     :class:`~eeruntime.serve.StageScheduler`."""
 
-    def __init__(self, bundle, model, *, max_batch: int = 32, max_wait_ms: float = 0.0,
-                 max_queue_rows: int = 4096, timeout_s: Optional[float] = 30.0, max_rows: int = 256,
-                 api_path: str = "/predict"):
+    def __init__(
+        self,
+        bundle,
+        model,
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 0.0,
+        max_queue_rows: int = 4096,
+        timeout_s: Optional[float] = 30.0,
+        max_rows: int = 256,
+        api_path: str = "/predict",
+    ):
         super().__init__(max_batch_size=1, api_path=api_path, enable_async=True)
         self.bundle, self.model_spec = str(bundle), model
-        self.options = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows,
-                            timeout_s=timeout_s)
+        self.options = dict(
+            max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, timeout_s=timeout_s
+        )
         self.max_rows = max_rows
         self.sched = None
 

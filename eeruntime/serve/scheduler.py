@@ -24,6 +24,7 @@ Failure isolation: an exception in a stage step fails exactly the requests with 
 batch. Timeouts and cancellation mark a request dead; its rows are dropped from every queue
 before the next batch. ``close`` drains or fails every pending request; none is left pending.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Deque, Dict, List, Optional, Sequence
+from typing import Deque, Dict, List, Optional
 
 import torch
 
@@ -62,8 +63,19 @@ class StageFailed(SchedulerError):
 
 
 class _Request:
-    __slots__ = ("seq", "n", "future", "snap", "t0", "deadline", "remaining", "logits", "exit_index",
-                 "confidence", "layout")
+    __slots__ = (
+        "seq",
+        "n",
+        "future",
+        "snap",
+        "t0",
+        "deadline",
+        "remaining",
+        "logits",
+        "exit_index",
+        "confidence",
+        "layout",
+    )
 
     def __init__(self, seq, n, future, snap, t0, deadline, layout):
         self.seq, self.n, self.future, self.snap, self.t0 = seq, n, future, snap, t0
@@ -84,7 +96,9 @@ class _Chunk:
 
     def split(self, r: int):
         """The first ``r`` rows as a new chunk; this one keeps the rest (views, no copy)."""
-        head = _Chunk(self.ids[:r], _slice(self.state, 0, r), _slice(self.carry, 0, r), self.snap, self.layout, self.since)
+        head = _Chunk(
+            self.ids[:r], _slice(self.state, 0, r), _slice(self.carry, 0, r), self.snap, self.layout, self.since
+        )
         self.ids, self.state, self.carry = self.ids[r:], _slice(self.state, r, None), _slice(self.carry, r, None)
         self.n -= r
         return head
@@ -118,9 +132,18 @@ class StageScheduler:
         latency_window: how many recent request latencies the percentiles are computed over.
     """
 
-    def __init__(self, rt: EERuntime, max_batch: int = 32, max_wait_ms: float = 0.0, *,
-                 max_queue_rows: int = 4096, when_full: str = "error", timeout_s: Optional[float] = None,
-                 latency_window: int = 10000, name: str = "eeruntime-stage-scheduler"):
+    def __init__(
+        self,
+        rt: EERuntime,
+        max_batch: int = 32,
+        max_wait_ms: float = 0.0,
+        *,
+        max_queue_rows: int = 4096,
+        when_full: str = "error",
+        timeout_s: Optional[float] = None,
+        latency_window: int = 10000,
+        name: str = "eeruntime-stage-scheduler",
+    ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -139,15 +162,15 @@ class StageScheduler:
         self.when_full = when_full
         self.timeout_s = timeout_s
         lock = threading.Lock()
-        self._cv = threading.Condition(lock)    # the worker sleeps on it
+        self._cv = threading.Condition(lock)  # the worker sleeps on it
         self._room = threading.Condition(lock)  # submitters waiting for room (when_full="wait")
         self._reaper_cv = threading.Condition(lock)  # the timeout thread sleeps on it
         self._reaper: Optional[threading.Thread] = None
-        self._inbox: Deque[_Chunk] = deque()      # stage-0 chunks from submitters, taken by the worker
+        self._inbox: Deque[_Chunk] = deque()  # stage-0 chunks from submitters, taken by the worker
         self._queues: List[Deque[_Chunk]] = [deque() for _ in range(self.num_stages)]  # worker only
         self._requests: Dict[int, _Request] = {}  # admitted, not answered (worker and submitters, under _cv)
-        self._deadlines: list = []                # heap of (deadline, seq)
-        self._dead: set = set()                   # seqs answered early (timeout, cancel, failure) whose rows may still wait
+        self._deadlines: list = []  # heap of (deadline, seq)
+        self._dead: set = set()  # seqs answered early (timeout, cancel, failure) whose rows may still wait
         self._admitted_rows = 0
         self._seq = itertools.count(1)
         self._sleeping = False
@@ -277,9 +300,14 @@ class StageScheduler:
 
     def stats_dict(self) -> dict:
         d = self.stats.as_dict()
-        d.update(queue_depths=self.queue_depths(), pending_requests=len(self._requests),
-                 pending_rows=self._admitted_rows, max_batch=self.max_batch,
-                 max_wait_ms=self.max_wait_s * 1000, thresholds=self.thresholds)
+        d.update(
+            queue_depths=self.queue_depths(),
+            pending_requests=len(self._requests),
+            pending_rows=self._admitted_rows,
+            max_batch=self.max_batch,
+            max_wait_ms=self.max_wait_s * 1000,
+            thresholds=self.thresholds,
+        )
         return d
 
     # ------------------------------------------------------------------ answering

@@ -16,6 +16,7 @@ Bodies above ``max_body_bytes`` get 413 before they are read whole; malformed on
 ones 422, each with a message saying what was wrong. Errors never carry a traceback: an
 unexpected one is logged on the server and answered "internal error".
 """
+
 # no `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at
 # definition time, and they are imported inside create_app (fastapi is an optional extra)
 import hmac
@@ -23,15 +24,30 @@ import json
 import logging
 from typing import Optional
 
-from .codec import SAFETENSORS_TYPES, InputError, InputSpec, decode_json, decode_safetensors, encode_json, encode_safetensors
+from .codec import (
+    SAFETENSORS_TYPES,
+    InputError,
+    InputSpec,
+    decode_json,
+    decode_safetensors,
+    encode_json,
+    encode_safetensors,
+)
 from .scheduler import SchedulerClosed, SchedulerFull, StageFailed, StageScheduler
 from .stats import prometheus_text
 
 log = logging.getLogger("eeruntime.serve")
 
 
-def create_app(sched: StageScheduler, *, admin_token: Optional[str] = None, max_body_bytes: int = 8 << 20,
-               max_rows: int = 256, input_spec: Optional[InputSpec] = None, close_on_shutdown: bool = True):
+def create_app(
+    sched: StageScheduler,
+    *,
+    admin_token: Optional[str] = None,
+    max_body_bytes: int = 8 << 20,
+    max_rows: int = 256,
+    input_spec: Optional[InputSpec] = None,
+    close_on_shutdown: bool = True,
+):
     """A FastAPI app serving ``sched``. ``input_spec`` fixes each row's shape (else the first
     answered request's shape is enforced from then on); ``close_on_shutdown`` drains the
     scheduler when the app stops."""
@@ -39,8 +55,8 @@ def create_app(sched: StageScheduler, *, admin_token: Optional[str] = None, max_
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     spec = input_spec or InputSpec(dtype=_model_dtype(sched.rt.model))
 
@@ -131,8 +147,11 @@ def create_app(sched: StageScheduler, *, admin_token: Optional[str] = None, max_
 
     def stats_doc():
         d = sched.stats_dict()
-        d["runtime"] = sched.rt.stats.as_dict() if sched.rt.stats.cost_model is not None else {
-            "exit_counts": sched.rt.stats.exit_counts, "samples": sched.rt.stats.samples}
+        d["runtime"] = (
+            sched.rt.stats.as_dict()
+            if sched.rt.stats.cost_model is not None
+            else {"exit_counts": sched.rt.stats.exit_counts, "samples": sched.rt.stats.samples}
+        )
         return d
 
     @app.get("/stats")
@@ -150,8 +169,9 @@ def create_app(sched: StageScheduler, *, admin_token: Optional[str] = None, max_
         auth = request.headers.get("authorization", "")
         given = auth[7:] if auth.lower().startswith("bearer ") else ""
         if not given:
-            return error(401, "missing token: send Authorization: Bearer <admin token>",
-                         headers={"WWW-Authenticate": "Bearer"})
+            return error(
+                401, "missing token: send Authorization: Bearer <admin token>", headers={"WWW-Authenticate": "Bearer"}
+            )
         if not hmac.compare_digest(given.encode(), admin_token.encode()):
             return error(403, "wrong admin token")
         try:

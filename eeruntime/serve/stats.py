@@ -1,6 +1,7 @@
 """What the stage scheduler has done: requests, exits, batch sizes per stage, the worker's own
 overhead, and latency percentiles over a window of recent requests; as a dict and in the
 Prometheus text exposition format."""
+
 from __future__ import annotations
 
 import threading
@@ -55,8 +56,13 @@ class SchedulerStats:
         with self._lock:
             batches = sum(self.batches)
             d = {
-                "requests": {"submitted": self.submitted, "completed": self.completed, "rejected": self.rejected,
-                             "timeouts": self.timeouts, "cancelled": self.cancelled},
+                "requests": {
+                    "submitted": self.submitted,
+                    "completed": self.completed,
+                    "rejected": self.rejected,
+                    "timeouts": self.timeouts,
+                    "cancelled": self.cancelled,
+                },
                 "stage_failures": self.stage_failures,
                 "exits": list(self.exits),
                 "batches": list(self.batches),
@@ -84,12 +90,41 @@ def prometheus_text(d: dict, prefix: str = "eeruntime") -> str:
     req = d["requests"]
     metric("requests_total", "counter", "Requests by outcome.", [({"outcome": k}, v) for k, v in req.items()])
     metric("stage_failures_total", "counter", "Stage steps that raised.", [({}, d["stage_failures"])])
-    metric("exits_total", "counter", "Rows that left at each exit.", [({"exit": str(k)}, v) for k, v in enumerate(d["exits"])])
-    metric("batches_total", "counter", "Stage steps run per stage.", [({"stage": str(k)}, v) for k, v in enumerate(d["batches"])])
-    metric("batch_rows_mean", "gauge", "Mean rows per stage step.", [({"stage": str(k)}, v) for k, v in enumerate(d["mean_batch"])])
-    metric("queue_rows", "gauge", "Rows waiting at each stage.", [({"stage": str(k)}, v) for k, v in enumerate(d["queue_depths"])])
+    metric(
+        "exits_total",
+        "counter",
+        "Rows that left at each exit.",
+        [({"exit": str(k)}, v) for k, v in enumerate(d["exits"])],
+    )
+    metric(
+        "batches_total",
+        "counter",
+        "Stage steps run per stage.",
+        [({"stage": str(k)}, v) for k, v in enumerate(d["batches"])],
+    )
+    metric(
+        "batch_rows_mean",
+        "gauge",
+        "Mean rows per stage step.",
+        [({"stage": str(k)}, v) for k, v in enumerate(d["mean_batch"])],
+    )
+    metric(
+        "queue_rows",
+        "gauge",
+        "Rows waiting at each stage.",
+        [({"stage": str(k)}, v) for k, v in enumerate(d["queue_depths"])],
+    )
     metric("pending_requests", "gauge", "Requests admitted and not answered.", [({}, d["pending_requests"])])
-    metric("overhead_ms_per_batch", "gauge", "Worker time per batch outside the stage step.", [({}, d["overhead_ms_per_batch"])])
-    metric("latency_ms", "gauge", f"Request latency percentiles over the last {d['latency_window']} requests.",
-           [({"quantile": k[1:]}, v) for k, v in d["latency_ms"].items()])
+    metric(
+        "overhead_ms_per_batch",
+        "gauge",
+        "Worker time per batch outside the stage step.",
+        [({}, d["overhead_ms_per_batch"])],
+    )
+    metric(
+        "latency_ms",
+        "gauge",
+        f"Request latency percentiles over the last {d['latency_window']} requests.",
+        [({"quantile": k[1:]}, v) for k, v in d["latency_ms"].items()],
+    )
     return "\n".join(lines) + "\n"

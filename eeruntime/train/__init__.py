@@ -11,6 +11,7 @@
 the model's device, shows tqdm bars (``progress=False`` turns them off), is repeatable with
 ``seed``, restores the model's train/eval modes and returns a :class:`History`.
 """
+
 from ..heads import equip_heads
 from ._costs import normalised_exit_costs, soft_cost
 from ._loop import History
@@ -34,8 +35,21 @@ def add_confidence_heads(model, example=None, num_classes=None):
 
 
 __all__ = [
-    "joint", "post_train", "differentiable", "two_stage", "learned_exit", "History",
-    "confidence_criterion", "gate_criterion", "HeadScorer",
-    "add_gates", "add_confidence_heads",
-    "joint_loss", "post_train_loss", "differentiable_loss", "soft_conditional", "soft_cost", "normalised_exit_costs",
+    "joint",
+    "post_train",
+    "differentiable",
+    "two_stage",
+    "learned_exit",
+    "History",
+    "confidence_criterion",
+    "gate_criterion",
+    "HeadScorer",
+    "add_gates",
+    "add_confidence_heads",
+    "joint_loss",
+    "post_train_loss",
+    "differentiable_loss",
+    "soft_conditional",
+    "soft_cost",
+    "normalised_exit_costs",
 ]

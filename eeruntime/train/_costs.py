@@ -4,6 +4,7 @@ FLOPs follow :mod:`eeruntime.cost`: leaving at k runs stages 0..k and heads 0..k
 backbone alone (every stage and the final head), so gamma of the final exit is >= 1 (the early
 heads it passed through cost extra) and the early exits' gammas are below it.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -16,7 +17,9 @@ def normalised_exit_costs(model, x) -> List[float]:
     example = from_tuple([t[:1] for t in as_tuple(x)], x)
     cm = measure_costs(model, example)
     if cm.plain <= 0:
-        raise ValueError("the model's FLOPs could not be counted (plain cost 0); the cost term needs torch.utils.flop_counter to see its layers")
+        raise ValueError(
+            "the model's FLOPs could not be counted (plain cost 0); the cost term needs torch.utils.flop_counter to see its layers"
+        )
     return [c / cm.plain for c in cm.cumulative]
 
 

@@ -6,6 +6,7 @@ its temporary changes) and ``step(x, y)`` (returns a :class:`StepResult`). The l
 optimiser, iterates ``data`` once per epoch and restores every module's train/eval mode at the end,
 whatever happens.
 """
+
 from __future__ import annotations
 
 import collections.abc
@@ -73,7 +74,9 @@ def check_common(model, epochs, lr, weight_decay, optimizer) -> None:
             "build one with ee.MultiExitModel(stages, exits) or ee.attach_exits(backbone, at=[...])"
         )
     if len(model.exits) < 2:
-        raise ValueError(f"the model has {len(model.exits)} exit(s); early-exit training needs at least one early exit and the final one")
+        raise ValueError(
+            f"the model has {len(model.exits)} exit(s); early-exit training needs at least one early exit and the final one"
+        )
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
@@ -81,7 +84,9 @@ def check_common(model, epochs, lr, weight_decay, optimizer) -> None:
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
     if not (optimizer in OPTIMIZERS or callable(optimizer)):
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a callable (params, lr) -> torch.optim.Optimizer, got {optimizer!r}")
+        raise ValueError(
+            f"optimizer must be one of {OPTIMIZERS} or a callable (params, lr) -> torch.optim.Optimizer, got {optimizer!r}"
+        )
 
 
 def check_nonneg(name: str, value) -> float:
@@ -113,7 +118,9 @@ def _labels(y, device) -> torch.Tensor:
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"a batch's y must be a tensor of class indices, got {type(y).__name__}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
-        raise TypeError(f"a batch's y must be a 1-D integer tensor of class indices [B], got {y.dtype} of shape {tuple(y.shape)}")
+        raise TypeError(
+            f"a batch's y must be a 1-D integer tensor of class indices [B], got {y.dtype} of shape {tuple(y.shape)}"
+        )
     return y.to(device, dtype=torch.int64, non_blocking=True)
 
 
@@ -126,7 +133,9 @@ def _seeded(seed: Optional[int], device: torch.device):
     @contextlib.contextmanager
     def ctx():
         # Own RNG stream for the run; the caller's global RNG state is left as it was.
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             yield
@@ -183,7 +192,9 @@ def run(
                     if opt is None:
                         params, undo = prepare(x)
                         if not params:
-                            raise ValueError(f"{method}: nothing to train (every parameter it trains has requires_grad=False)")
+                            raise ValueError(
+                                f"{method}: nothing to train (every parameter it trains has requires_grad=False)"
+                            )
                         opt = _make_optimizer(optimizer, params, lr, weight_decay)
                     out = step(x, y)
                     opt.zero_grad(set_to_none=True)
@@ -204,7 +215,11 @@ def run(
                 if seen == 0:
                     raise ValueError(
                         f"data yielded no batches in epoch {epoch + 1}"
-                        + ("; it must be iterable once per epoch (a list, a DataLoader, ee.data.Batches)" if epoch else "")
+                        + (
+                            "; it must be iterable once per epoch (a list, a DataLoader, ee.data.Batches)"
+                            if epoch
+                            else ""
+                        )
                     )
                 history.loss.append(sums.pop("loss") / seen)
                 for name, v in sums.items():

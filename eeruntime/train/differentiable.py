@@ -20,6 +20,7 @@ Everything trains: stages, exits and gates (confidence heads are left alone). At
 :func:`eeruntime.train.gate_criterion` makes the gates the runtime's criterion: a sample leaves
 exit k when g_k >= T (0.5 by default, the runtime's default for callables).
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
@@ -85,7 +86,12 @@ def differentiable(
         if cost_weight > 0:
             costs[:] = normalised_exit_costs(model, x)
         model.train()
-        conf = {id(p) for e in model.exits if isinstance(e, ExitHead) and e.confidence_head is not None for p in e.confidence_head.parameters()}
+        conf = {
+            id(p)
+            for e in model.exits
+            if isinstance(e, ExitHead) and e.confidence_head is not None
+            for p in e.confidence_head.parameters()
+        }
         return [p for p in unique_trainable([model.stages, model.exits]) if id(p) not in conf], None
 
     def step(x, y):
@@ -104,5 +110,16 @@ def differentiable(
         loss, terms = differentiable_loss(logits, gates, y, costs or None, cost_weight)
         return StepResult(loss, terms, [lg.detach() for lg in logits])
 
-    return run(model, data, method="differentiable", epochs=epochs, lr=lr, prepare=prepare, step=step,
-               optimizer=optimizer, weight_decay=weight_decay, seed=seed, progress=progress)
+    return run(
+        model,
+        data,
+        method="differentiable",
+        epochs=epochs,
+        lr=lr,
+        prepare=prepare,
+        step=step,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        seed=seed,
+        progress=progress,
+    )

@@ -6,6 +6,7 @@ CE is the batch mean of the cross-entropy of exit n's logits. Weights default to
 (BranchyNet's slides use 1 for the early exits and 0.3 for the last; pass ``weights`` for that).
 Confidence heads and gates are not part of this loss and are left untouched.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence
@@ -29,7 +30,9 @@ def _check_weights(weights, K: int) -> List[float]:
     try:
         w = [float(v) for v in weights]
     except TypeError:
-        raise TypeError(f"weights must be a sequence of {K} floats (one per exit), got {type(weights).__name__}") from None
+        raise TypeError(
+            f"weights must be a sequence of {K} floats (one per exit), got {type(weights).__name__}"
+        ) from None
     if len(w) != K:
         raise ValueError(f"got {len(w)} weights for a model with {K} exits; give one per exit, the final exit last")
     if any(not (v >= 0) or v == float("inf") for v in w):
@@ -90,5 +93,16 @@ def joint(
         loss, ces = joint_loss(outs, y, w)
         return StepResult(loss, {f"ce_{k}": ce for k, ce in enumerate(ces)}, [o.detach() for o in outs])
 
-    return run(model, data, method="joint", epochs=epochs, lr=lr, prepare=prepare, step=step,
-               optimizer=optimizer, weight_decay=weight_decay, seed=seed, progress=progress)
+    return run(
+        model,
+        data,
+        method="joint",
+        epochs=epochs,
+        lr=lr,
+        prepare=prepare,
+        step=step,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        seed=seed,
+        progress=progress,
+    )

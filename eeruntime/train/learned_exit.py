@@ -9,6 +9,7 @@ so u_k learns to tell whether exit k gets the sample right, and ``u_k >= T`` is 
 BERxiT alternates this with the exits' own training; here the exits are trained first (any
 method of :mod:`eeruntime.train`) and the head after, on their fixed predictions.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -72,7 +73,18 @@ def learned_exit(
         return StepResult(sum(terms.values()), terms, outs)
 
     try:
-        return run(model, data, method="learned_exit", epochs=epochs, lr=lr, prepare=prepare, step=step,
-                   optimizer=optimizer, weight_decay=weight_decay, seed=seed, progress=progress)
+        return run(
+            model,
+            data,
+            method="learned_exit",
+            epochs=epochs,
+            lr=lr,
+            prepare=prepare,
+            step=step,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            seed=seed,
+            progress=progress,
+        )
     finally:
         lte.train(was_training)

@@ -23,6 +23,7 @@ cost term pulls confidences up (exiting earlier is cheaper); the BCE term keeps 
 At inference, :func:`eeruntime.train.confidence_criterion` makes the confidence heads the
 runtime's criterion: a sample leaves exit k when h_k >= T (PTEE's single knob T).
 """
+
 from __future__ import annotations
 
 from typing import Iterable, List, Optional
@@ -138,5 +139,16 @@ def post_train(
         loss, terms = post_train_loss(early, pseudo, conf if confidence else None, costs or None, cost_weight)
         return StepResult(loss, terms, [lg.detach() for lg in early] + [final], pseudo_labels=pseudo)
 
-    return run(model, data, method="post_train", epochs=epochs, lr=lr, prepare=prepare, step=step,
-               optimizer=optimizer, weight_decay=weight_decay, seed=seed, progress=progress)
+    return run(
+        model,
+        data,
+        method="post_train",
+        epochs=epochs,
+        lr=lr,
+        prepare=prepare,
+        step=step,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        seed=seed,
+        progress=progress,
+    )

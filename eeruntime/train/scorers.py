@@ -8,6 +8,7 @@ score is 1 (the final exit always takes the sample, h_{B+1} = 1 in the different
 paper). The scorers hold references to the model's modules, not copies, so they run on the
 model's device and see its current weights; the weights themselves are saved with the model.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Sequence, Union
@@ -77,7 +78,9 @@ def gate_criterion(model_or_gates: Union[nn.Module, Sequence[Callable]]) -> Head
     try:
         gates = list(model_or_gates)
     except TypeError:
-        raise TypeError(f"gate_criterion needs a MultiExitModel or a sequence of gate modules, got {type(model_or_gates).__name__}") from None
+        raise TypeError(
+            f"gate_criterion needs a MultiExitModel or a sequence of gate modules, got {type(model_or_gates).__name__}"
+        ) from None
     if not gates or not all(callable(g) for g in gates):
         raise TypeError("gate_criterion needs a non-empty sequence of callables g(*state) -> [B]")
     return HeadScorer(gates, "gate_criterion")

@@ -8,6 +8,7 @@ early exits on the true labels, ``L_2 = sum_{k < K-1} CE(f_k(x), y)``. The final
 exactly what stage 1 made it, bit for bit: adding exits never costs the full model accuracy.
 At inference DeeBERT exits on entropy (``criterion="entropy"``).
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional, Tuple
@@ -94,9 +95,25 @@ def two_stage(
     common = dict(optimizer=optimizer, weight_decay=weight_decay, seed=seed, progress=progress)
     first = second = None
     if only != "exits":
-        first = run(model, data, method="two_stage:backbone", epochs=epochs, lr=lr, prepare=prepare_backbone,
-                    step=step_backbone, **common)
+        first = run(
+            model,
+            data,
+            method="two_stage:backbone",
+            epochs=epochs,
+            lr=lr,
+            prepare=prepare_backbone,
+            step=step_backbone,
+            **common,
+        )
     if only != "backbone":
-        second = run(model, data, method="two_stage:exits", epochs=exit_epochs, lr=exit_lr, prepare=prepare_exits,
-                     step=step_exits, **common)
+        second = run(
+            model,
+            data,
+            method="two_stage:exits",
+            epochs=exit_epochs,
+            lr=exit_lr,
+            prepare=prepare_exits,
+            step=step_exits,
+            **common,
+        )
     return first, second

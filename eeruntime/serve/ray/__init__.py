@@ -8,6 +8,7 @@
 
 The README's "Scale-out with Ray" section shows the design, the commands and the results.
 """
+
 try:
     import ray as _ray  # noqa: F401  (the package itself, not this module: absolute import)
     from ray import serve as _serve  # noqa: F401
@@ -19,9 +20,17 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .deployment import RuntimeReplica, runtime_app
 from .spec import RuntimeSpec, resolve_factory
 from .tiers import TierError, TierReplica, split_stages, tiered_app
-from .wire import Survivors, TRANSFER_DTYPES
+from .wire import TRANSFER_DTYPES, Survivors
 
 __all__ = [
-    "RuntimeSpec", "resolve_factory", "runtime_app", "tiered_app", "split_stages", "RuntimeReplica", "TierReplica",
-    "TierError", "Survivors", "TRANSFER_DTYPES",
+    "RuntimeSpec",
+    "resolve_factory",
+    "runtime_app",
+    "tiered_app",
+    "split_stages",
+    "RuntimeReplica",
+    "TierReplica",
+    "TierError",
+    "Survivors",
+    "TRANSFER_DTYPES",
 ]

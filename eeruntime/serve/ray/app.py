@@ -24,6 +24,7 @@ Changing only a deployment's ``user_config`` in such a config and deploying it a
 running replicas in place (``reconfigure``, no restart): that is how thresholds are hot-swapped.
 (``serve.run`` of a Python application re-versions the code and restarts the replicas.)
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
@@ -34,9 +35,21 @@ from .tiers import tiered_app
 
 FORMS = ("runtime", "plain", "tiers")
 APP_KEYS = {
-    "form", "stages_per_tier", "tier_options", "transfer_dtype", "timeout_s", "retries", "max_batch_size",
-    "batch_wait_timeout_s", "num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests",
-    "max_queued_requests", "num_exits", "spec",
+    "form",
+    "stages_per_tier",
+    "tier_options",
+    "transfer_dtype",
+    "timeout_s",
+    "retries",
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "num_replicas",
+    "autoscaling_config",
+    "ray_actor_options",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "num_exits",
+    "spec",
 }
 
 
@@ -61,8 +74,11 @@ def build_app(args: Dict[str, Any]):
         allowed = {"stages_per_tier", "tier_options", "transfer_dtype", "timeout_s", "retries", "num_exits"}
         _only(args, allowed, form)
         return tiered_app(spec, args.pop("stages_per_tier"), **args, **common)
-    _only(args, {"num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests",
-                 "max_queued_requests"}, form)
+    _only(
+        args,
+        {"num_replicas", "autoscaling_config", "ray_actor_options", "max_ongoing_requests", "max_queued_requests"},
+        form,
+    )
     return runtime_app(spec, plain=form == "plain", **args, **common)
 
 
@@ -72,8 +88,12 @@ def _only(args, allowed, form) -> None:
         raise ValueError(f"form {form!r} does not take {sorted(extra)}; it takes {sorted(allowed)}")
 
 
-def app_config(name: str, args: Dict[str, Any], route_prefix: Optional[str] = "/",
-               user_config: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+def app_config(
+    name: str,
+    args: Dict[str, Any],
+    route_prefix: Optional[str] = "/",
+    user_config: Optional[Dict[str, Dict[str, Any]]] = None,
+) -> Dict[str, Any]:
     """One application's entry of a Serve config: ``user_config`` maps deployment names
     (``EERuntime``, ``PlainModel``, ``Tier0``, ...) to their user_config."""
     app = {"name": name, "import_path": f"{__name__}:build_app", "args": dict(args), "route_prefix": route_prefix}

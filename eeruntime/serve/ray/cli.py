@@ -3,6 +3,7 @@
 application from a Serve config (so a later ``serve deploy`` of the same config with another
 ``user_config`` hot-swaps thresholds in place) and serves HTTP until interrupted;
 ``--print-config`` writes that config as YAML for ``serve run config.yaml`` instead."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="a safetensors state_dict for the model (when the bundle has none)")
     p.add_argument("--thresholds", type=_floats, help="override the bundle's thresholds (comma-separated)")
     p.add_argument("--criterion", default="entropy", help="without a bundle: the exit criterion")
-    p.add_argument("--form", choices=FORMS, default="runtime",
-                   help="runtime: the runtime per replica; plain: the model without exits; tiers: stage tiers")
+    p.add_argument(
+        "--form",
+        choices=FORMS,
+        default="runtime",
+        help="runtime: the runtime per replica; plain: the model without exits; tiers: stage tiers",
+    )
     p.add_argument("--stages-per-tier", type=_ints, help="tiers: stages each tier runs, e.g. 1,3")
-    p.add_argument("--tier-resources", default=None,
-                   help="tiers: one Ray custom resource per tier that places it, e.g. edge,cloud")
-    p.add_argument("--transfer-dtype", default="same", choices=["same", "bf16", "fp16"],
-                   help="tiers: precision of the survivors' state sent between tiers")
+    p.add_argument(
+        "--tier-resources", default=None, help="tiers: one Ray custom resource per tier that places it, e.g. edge,cloud"
+    )
+    p.add_argument(
+        "--transfer-dtype",
+        default="same",
+        choices=["same", "bf16", "fp16"],
+        help="tiers: precision of the survivors' state sent between tiers",
+    )
     p.add_argument("--num-replicas", type=int, default=1, help="replicas per deployment (per tier)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs each replica reserves")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica")
@@ -52,16 +62,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--duration", type=float, default=None, help="serve this many seconds, then stop (default: until Ctrl-C)")
+    p.add_argument(
+        "--duration", type=float, default=None, help="serve this many seconds, then stop (default: until Ctrl-C)"
+    )
     p.add_argument("--print-config", action="store_true", help="print the Serve config (YAML) and exit")
 
 
 def config_from_args(a: argparse.Namespace) -> dict:
     """The Serve config (``applications: [...]``) the arguments describe."""
-    args = {"model": a.model, "model_kwargs": a.model_kwargs, "form": a.form, "criterion": a.criterion,
-            "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_ms / 1e3}
-    for key, value in (("bundle", a.bundle), ("weights", a.weights), ("thresholds", a.thresholds),
-                       ("torch_threads", a.torch_threads)):
+    args = {
+        "model": a.model,
+        "model_kwargs": a.model_kwargs,
+        "form": a.form,
+        "criterion": a.criterion,
+        "max_batch_size": a.max_batch_size,
+        "batch_wait_timeout_s": a.batch_wait_ms / 1e3,
+    }
+    for key, value in (
+        ("bundle", a.bundle),
+        ("weights", a.weights),
+        ("thresholds", a.thresholds),
+        ("torch_threads", a.torch_threads),
+    ):
         if value is not None:
             args[key] = value
     actor = {"num_cpus": a.num_cpus}
@@ -75,8 +97,10 @@ def config_from_args(a: argparse.Namespace) -> dict:
             raise SystemExit(f"--tier-resources names {len(resources)} resources for {n} tiers")
         options = []
         for r in resources:
-            opt = {"ray_actor_options": {**actor, **({"resources": {r: 1}} if r else {})},
-                   "num_replicas": a.num_replicas}
+            opt = {
+                "ray_actor_options": {**actor, **({"resources": {r: 1}} if r else {})},
+                "num_replicas": a.num_replicas,
+            }
             if a.max_queued_requests is not None:
                 opt["max_queued_requests"] = a.max_queued_requests
             options.append(opt)
@@ -86,8 +110,10 @@ def config_from_args(a: argparse.Namespace) -> dict:
         args.update(ray_actor_options=actor, num_replicas=a.num_replicas)
         if a.max_queued_requests is not None:
             args["max_queued_requests"] = a.max_queued_requests
-    return {"http_options": {"host": a.host, "port": a.port},
-            "applications": [app_config(a.name, args, "/", user_config)]}
+    return {
+        "http_options": {"host": a.host, "port": a.port},
+        "applications": [app_config(a.name, args, "/", user_config)],
+    }
 
 
 def run(a: argparse.Namespace) -> int:
@@ -112,8 +138,9 @@ def run(a: argparse.Namespace) -> int:
     try:
         serve.start(http_options=config["http_options"])
         deploy(config["applications"])
-        print(f"serving {a.form} at http://{a.host}:{a.port}/ (POST JSON {{\"inputs\": [[...]]}}); Ctrl-C stops",
-              flush=True)
+        print(
+            f'serving {a.form} at http://{a.host}:{a.port}/ (POST JSON {{"inputs": [[...]]}}); Ctrl-C stops', flush=True
+        )
         deadline = None if a.duration is None else time.monotonic() + a.duration
         while deadline is None or time.monotonic() < deadline:
             time.sleep(0.5)

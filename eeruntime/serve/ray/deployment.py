@@ -8,6 +8,7 @@ early exits (every stage, the final exit), the baseline of the benchmarks.
     handle = serve.run(runtime_app(RuntimeSpec(model="eeruntime.zoo:digits_cnn"), num_replicas=2))
     answer = handle.remote(x).result()      # {"logits", "exit_index", "confidence", "thresholds"}
 """
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,13 @@ DEFAULT_WAIT_S = 0.002
 
 
 class RuntimeReplica(ReplicaBase):
-    def __init__(self, spec, max_batch_size: int = DEFAULT_MAX_BATCH, batch_wait_timeout_s: float = DEFAULT_WAIT_S,
-                 plain: bool = False):
+    def __init__(
+        self,
+        spec,
+        max_batch_size: int = DEFAULT_MAX_BATCH,
+        batch_wait_timeout_s: float = DEFAULT_WAIT_S,
+        plain: bool = False,
+    ):
         self.plain = bool(plain)
         self._setup(spec, max_batch_size, batch_wait_timeout_s)
 
@@ -65,13 +71,15 @@ class RuntimeReplica(ReplicaBase):
         out, start = [], 0
         for n in sizes:
             sl = slice(start, start + n)
-            out.append({
-                "logits": logits[sl].clone(),
-                "exit_index": exit_index[sl].clone(),
-                "confidence": confidence[sl].clone(),
-                "thresholds": list(thresholds),
-                "meta": {"batch_rows": sum(sizes), "tiers": 1},
-            })
+            out.append(
+                {
+                    "logits": logits[sl].clone(),
+                    "exit_index": exit_index[sl].clone(),
+                    "confidence": confidence[sl].clone(),
+                    "thresholds": list(thresholds),
+                    "meta": {"batch_rows": sum(sizes), "tiers": 1},
+                }
+            )
             start += n
         return out
 
@@ -99,15 +107,29 @@ def runtime_app(
 
     spec = RuntimeSpec.from_value(spec)
     options = _deployment_options(
-        name or ("PlainModel" if plain else "EERuntime"), num_replicas, autoscaling_config, ray_actor_options,
-        max_ongoing_requests, max_queued_requests, user_config, max_batch_size,
+        name or ("PlainModel" if plain else "EERuntime"),
+        num_replicas,
+        autoscaling_config,
+        ray_actor_options,
+        max_ongoing_requests,
+        max_queued_requests,
+        user_config,
+        max_batch_size,
     )
     dep = serve.deployment(RuntimeReplica).options(**options)
     return dep.bind(spec.to_dict(), max_batch_size, batch_wait_timeout_s, plain)
 
 
-def _deployment_options(name, num_replicas, autoscaling_config, ray_actor_options, max_ongoing_requests,
-                        max_queued_requests, user_config, max_batch_size) -> Dict[str, Any]:
+def _deployment_options(
+    name,
+    num_replicas,
+    autoscaling_config,
+    ray_actor_options,
+    max_ongoing_requests,
+    max_queued_requests,
+    user_config,
+    max_batch_size,
+) -> Dict[str, Any]:
     if num_replicas is not None and autoscaling_config is not None:
         raise ValueError("give num_replicas or autoscaling_config, not both")
     if max_ongoing_requests is None:

@@ -9,6 +9,7 @@ The answer is JSON ``{"logits": [[...]], "exit_index": [...], "confidence": [...
 serving facts in ``meta``. A bad body gets a 400 saying what was wrong; an overloaded tier a 503;
 a timeout a 504; never a traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,7 @@ async def read_inputs(request, max_bytes: int = MAX_BODY_BYTES):
     if len(body) > max_bytes:
         raise BadRequest(f"body of {len(body)} bytes is over the limit of {max_bytes}")
     if not body:
-        raise BadRequest("empty body: send JSON {\"inputs\": [...]} or safetensors bytes")
+        raise BadRequest('empty body: send JSON {"inputs": [...]} or safetensors bytes')
     ctype = request.headers.get("content-type", "")
     return _from_safetensors(body) if ctype.startswith("application/octet-stream") else _from_json(body)
 

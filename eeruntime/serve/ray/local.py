@@ -1,12 +1,14 @@
 """Starting a local Ray instance for the CLI, the tests and the benchmark."""
+
 from __future__ import annotations
 
 import time
 from typing import Dict, Optional
 
 
-def start_local_ray(resources: Optional[Dict[str, float]] = None, num_cpus: Optional[int] = None,
-                    attempts: int = 3, **kwargs) -> None:
+def start_local_ray(
+    resources: Optional[Dict[str, float]] = None, num_cpus: Optional[int] = None, attempts: int = 3, **kwargs
+) -> None:
     """``ray.init`` of a new local instance on 127.0.0.1 without the dashboard.
 
     On a heavily loaded machine Ray's own start can fail: the raylet waits a fixed 15 s for
@@ -18,8 +20,9 @@ def start_local_ray(resources: Optional[Dict[str, float]] = None, num_cpus: Opti
 
     for attempt in range(attempts):
         try:
-            ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", **kwargs)
+            ray.init(
+                num_cpus=num_cpus, resources=resources, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs
+            )
             return
         except Exception as e:  # noqa: BLE001 - only the startup timeout is retried
             ray.shutdown()

@@ -2,6 +2,7 @@
 through Ray's metrics agent, tagged with the deployment and replica) and kept as a plain dict for
 ``stats()`` calls. Both are updated by the same call, so what a scrape shows is what ``stats()``
 returns."""
+
 from __future__ import annotations
 
 import threading
@@ -38,21 +39,37 @@ class ReplicaMetrics:
         self._m_retries = metrics.Counter(
             "eeruntime_retries", "survivors sent again after the next tier's replica died", tag_keys=("tier",)
         )
-        self._m_batch = metrics.Histogram("eeruntime_batch_rows", "rows per batch", boundaries=_ROWS, tag_keys=("tier",))
+        self._m_batch = metrics.Histogram(
+            "eeruntime_batch_rows", "rows per batch", boundaries=_ROWS, tag_keys=("tier",)
+        )
         self._m_latency = metrics.Histogram(
             "eeruntime_batch_ms", "compute time per batch (ms)", boundaries=_MS, tag_keys=("tier",)
         )
         self._m_sent = metrics.Histogram(
-            "eeruntime_transfer_bytes", "bytes of survivor state sent to the next tier per request",
-            boundaries=_BYTES, tag_keys=("tier",),
-        )
-        self._m_transfer = metrics.Histogram(
-            "eeruntime_transfer_ms", "time from send to the next tier's receipt (ms)", boundaries=_MS,
+            "eeruntime_transfer_bytes",
+            "bytes of survivor state sent to the next tier per request",
+            boundaries=_BYTES,
             tag_keys=("tier",),
         )
-        self._m_thr = metrics.Gauge("eeruntime_threshold", "current threshold per early exit", tag_keys=("tier", "exit"))
-        for m in (self._m_requests, self._m_rows, self._m_errors, self._m_retries, self._m_batch, self._m_latency, self._m_sent,
-                  self._m_transfer):
+        self._m_transfer = metrics.Histogram(
+            "eeruntime_transfer_ms",
+            "time from send to the next tier's receipt (ms)",
+            boundaries=_MS,
+            tag_keys=("tier",),
+        )
+        self._m_thr = metrics.Gauge(
+            "eeruntime_threshold", "current threshold per early exit", tag_keys=("tier", "exit")
+        )
+        for m in (
+            self._m_requests,
+            self._m_rows,
+            self._m_errors,
+            self._m_retries,
+            self._m_batch,
+            self._m_latency,
+            self._m_sent,
+            self._m_transfer,
+        ):
             m.set_default_tags(dict(tags))  # a copy each: Ray adds its own tags to the dict
 
     def batch(self, rows: int, exits_per_exit: Sequence[int], seconds: float) -> None:

@@ -8,6 +8,7 @@ next ``@serve.batch``) while torch computes; torch itself uses the cores through
 threads, so a second compute thread would only contend with the first. Threshold swaps run on the
 same thread, between batches, which is what makes every answer's ``thresholds`` exact.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,7 +42,10 @@ class ReplicaBase:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eeruntime-compute")
         self.metrics = ReplicaMetrics(self.rt.num_exits, tier=self.tier)
         self.metrics.thresholds(self.rt.thresholds)
-        self._batch_settings = {"max_batch_size": int(max_batch_size), "batch_wait_timeout_s": float(batch_wait_timeout_s)}
+        self._batch_settings = {
+            "max_batch_size": int(max_batch_size),
+            "batch_wait_timeout_s": float(batch_wait_timeout_s),
+        }
         self._apply_batch_settings()
 
     # ---------------------------------------------------------------- configuration
@@ -57,7 +61,9 @@ class ReplicaBase:
         if config is None:
             return {}
         if not isinstance(config, dict):
-            raise TypeError(f"user_config must be a dict with keys from {self.config_keys()}, got {type(config).__name__}")
+            raise TypeError(
+                f"user_config must be a dict with keys from {self.config_keys()}, got {type(config).__name__}"
+            )
         unknown = set(config) - set(self.config_keys())
         if unknown:
             raise ValueError(f"unknown user_config key(s) {sorted(unknown)}; accepted: {list(self.config_keys())}")
@@ -172,4 +178,3 @@ def raise_if_error(answer):
 
 def rows_of(state) -> int:
     return check_state(state, "state")
-

@@ -3,6 +3,7 @@ numbers, paths), so it travels to replicas on other machines as a deployment arg
 written in a ``serve run`` config. The model's code comes from the user as ``module:factory``
 (never pickled); its weights from a saved bundle or a safetensors file (README, "Scale-out with
 Ray")."""
+
 from __future__ import annotations
 
 import importlib
@@ -70,7 +71,7 @@ class RuntimeSpec:
         return asdict(self)
 
     @classmethod
-    def from_value(cls, value) -> "RuntimeSpec":
+    def from_value(cls, value) -> RuntimeSpec:
         """A spec from a ``RuntimeSpec`` or a dict of its fields (a ``serve run`` config)."""
         if isinstance(value, cls):
             return value

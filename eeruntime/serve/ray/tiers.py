@@ -20,6 +20,7 @@ functions of their input), at most ``retries`` times; other requests are not tou
 overloaded next tier (``max_queued_requests`` reached) fails the request with ``BackPressureError``
 (HTTP 503) instead of queueing without bound.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -84,9 +85,19 @@ def _is_replica_gone(e: BaseException) -> bool:
 class TierReplica(ReplicaBase):
     """One tier: stages ``first .. last-1`` of the model (``last == num_exits`` for the final tier)."""
 
-    def __init__(self, spec, tier: int, first: int, last: int, next_tier=None,
-                 max_batch_size: int = DEFAULT_MAX_BATCH, batch_wait_timeout_s: float = DEFAULT_WAIT_S,
-                 transfer_dtype: str = "same", timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES):
+    def __init__(
+        self,
+        spec,
+        tier: int,
+        first: int,
+        last: int,
+        next_tier=None,
+        max_batch_size: int = DEFAULT_MAX_BATCH,
+        batch_wait_timeout_s: float = DEFAULT_WAIT_S,
+        transfer_dtype: str = "same",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+    ):
         self.tier = int(tier)
         self.first, self.last = int(first), int(last)
         self._next = next_tier
@@ -137,9 +148,16 @@ class TierReplica(ReplicaBase):
         confidence[rows] = torch.cat([p[3] for p in parts])
         self.metrics.request()
         return {
-            "logits": out, "exit_index": exit_index, "confidence": confidence, "thresholds": list(thresholds),
-            "meta": {"tiers": trace.tiers, "transfer_bytes": trace.transfer_bytes, "transfer_ms": trace.transfer_ms,
-                     "batch_rows": trace.batch_rows},
+            "logits": out,
+            "exit_index": exit_index,
+            "confidence": confidence,
+            "thresholds": list(thresholds),
+            "meta": {
+                "tiers": trace.tiers,
+                "transfer_bytes": trace.transfer_bytes,
+                "transfer_ms": trace.transfer_ms,
+                "batch_rows": trace.batch_rows,
+            },
         }
 
     async def forward(self, survivors: Survivors) -> Dict[str, Any]:
@@ -243,13 +261,24 @@ class TierReplica(ReplicaBase):
                 keep = (surv_owner == i).nonzero().flatten()
                 if keep.numel():
                     survivors = Survivors.encode(
-                        take_rows(state, keep), local[ids[keep]], take_rows(carry, keep), thr.values, self.last,
+                        take_rows(state, keep),
+                        local[ids[keep]],
+                        take_rows(carry, keep),
+                        thr.values,
+                        self.last,
                         lower=self._lower,
                     )
-            out.append(_Outcome(
-                rows=local[exit_rows[mine]], logits=logits[mine], exit_index=exit_k[mine], confidence=conf[mine],
-                survivors=survivors, thresholds=thr.values, batch_rows=N,
-            ))
+            out.append(
+                _Outcome(
+                    rows=local[exit_rows[mine]],
+                    logits=logits[mine],
+                    exit_index=exit_k[mine],
+                    confidence=conf[mine],
+                    survivors=survivors,
+                    thresholds=thr.values,
+                    batch_rows=N,
+                )
+            )
         return out
 
 
@@ -312,13 +341,30 @@ def tiered_app(
         if unknown:
             raise ValueError(f"tier {t}: unknown option(s) {sorted(unknown)}; accepted: {sorted(allowed)}")
         options = _deployment_options(
-            f"{name_prefix}{t}", opts.get("num_replicas"), opts.get("autoscaling_config"),
-            opts.get("ray_actor_options"), opts.get("max_ongoing_requests"), opts.get("max_queued_requests"),
-            user_config if t == 0 else None, max_batch_size,
+            f"{name_prefix}{t}",
+            opts.get("num_replicas"),
+            opts.get("autoscaling_config"),
+            opts.get("ray_actor_options"),
+            opts.get("max_ongoing_requests"),
+            opts.get("max_queued_requests"),
+            user_config if t == 0 else None,
+            max_batch_size,
         )
         first, last = bounds[t]
-        nxt = serve.deployment(TierReplica).options(**options).bind(
-            spec.to_dict(), t, first, last, nxt, max_batch_size, batch_wait_timeout_s, transfer_dtype, timeout_s,
-            retries,
+        nxt = (
+            serve.deployment(TierReplica)
+            .options(**options)
+            .bind(
+                spec.to_dict(),
+                t,
+                first,
+                last,
+                nxt,
+                max_batch_size,
+                batch_wait_timeout_s,
+                transfer_dtype,
+                timeout_s,
+                retries,
+            )
         )
     return nxt

@@ -8,6 +8,7 @@ of the object store for large ones). The state may be sent in a lower precision
 dtype the stage expects. The carry (running logits sums, earlier exits' logits) decides exits, so
 it always travels exactly.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,7 +40,7 @@ class WireTensor:
     wire_dtype: str
 
     @classmethod
-    def encode(cls, t: torch.Tensor, lower: Optional[torch.dtype] = None) -> "WireTensor":
+    def encode(cls, t: torch.Tensor, lower: Optional[torch.dtype] = None) -> WireTensor:
         t = t.detach()
         src = t.dtype
         if lower is not None and t.is_floating_point() and t.element_size() > torch.finfo(lower).bits // 8:
@@ -76,8 +77,9 @@ class Survivors:
     sent_at: float = 0.0  # time.time() when sent, for the transfer time (same clock on one host)
 
     @classmethod
-    def encode(cls, state, rows: torch.Tensor, carry, thresholds, stage: int,
-               lower: Optional[torch.dtype] = None) -> "Survivors":
+    def encode(
+        cls, state, rows: torch.Tensor, carry, thresholds, stage: int, lower: Optional[torch.dtype] = None
+    ) -> Survivors:
         return cls(
             state=tuple(WireTensor.encode(t, lower) for t in as_tuple(state)),
             state_is_tuple=isinstance(state, tuple),
@@ -93,7 +95,7 @@ class Survivors:
         state = from_tuple(parts, tuple(parts) if self.state_is_tuple else parts[0])
         return state, torch.from_numpy(self.rows.copy()), tuple(w.decode() for w in self.carry)
 
-    def stamp(self) -> "Survivors":
+    def stamp(self) -> Survivors:
         self.sent_at = time.time()
         return self
 
