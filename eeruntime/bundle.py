@@ -12,12 +12,13 @@ factory name saved as a hint is only quoted in error messages.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
+
+from eeruntime.names import lookup
 
 MODEL_WEIGHTS_NAME = "model.safetensors"
 
@@ -55,25 +56,20 @@ def save_model_weights(model: nn.Module, directory: Path, factory=None) -> dict:
     }
 
 
+_FACTORY_MESSAGES = {
+    "syntax": "a model factory must be a callable or a 'module:factory' string such as "
+    "'eeruntime.zoo:digits_cnn', got {spec!r}",
+    "import": "cannot import the model factory's module {module!r} (from {spec!r}): {error}",
+    "attribute": "{module!r} has no attribute {attr!r} (model factory {spec!r})",
+}
+
+
 def resolve_factory(spec) -> Callable[[], nn.Module]:
     """A ``"package.module:function"`` name (or ``"package.module:Class.method"``) imported and
     looked up; a callable is returned as it is."""
     if callable(spec) and not isinstance(spec, str):
         return spec
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise ValueError(
-            f"a model factory must be a callable or a 'module:factory' string such as "
-            f"'eeruntime.zoo:digits_cnn', got {spec!r}"
-        )
-    mod_name, attr = spec.split(":")
-    try:
-        obj = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import the model factory's module {mod_name!r} (from {spec!r}): {e}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{mod_name!r} has no attribute {attr!r} (model factory {spec!r})")
-        obj = getattr(obj, part)
+    obj = lookup(spec, _FACTORY_MESSAGES)
     if not callable(obj):
         raise ValueError(f"the model factory {spec!r} is a {type(obj).__name__}, not a callable")
     return obj

@@ -4,7 +4,6 @@ and data from a file or a ``module:function`` name. Nothing is unpickled (``torc
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+
+from eeruntime.names import lookup, split_name
 
 
 class InputError(ValueError):
@@ -21,20 +22,14 @@ class InputError(ValueError):
 def resolve(spec: str, what: str):
     """The object named ``module:attr`` (``attr`` may be dotted). The current directory is
     importable, as with ``python -m``, so ``mymodels:build`` finds ``./mymodels.py``."""
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise InputError(f"{what} must be given as module:name (e.g. mymodels:build_model), got {spec!r}")
-    mod_name, attr = spec.split(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
+    if split_name(spec) is not None and os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        obj = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise InputError(f"cannot import {mod_name!r} for {what} {spec!r}: {e}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise InputError(f"{mod_name!r} has no {attr!r} (named by {what} {spec!r})")
-        obj = getattr(obj, part)
-    return obj
+    messages = {
+        "syntax": f"{what} must be given as module:name (e.g. mymodels:build_model), got {{spec!r}}",
+        "import": f"cannot import {{module!r}} for {what} {{spec!r}}: {{error}}",
+        "attribute": f"{{module!r}} has no {{attr!r}} (named by {what} {{spec!r}})",
+    }
+    return lookup(spec, messages, InputError)
 
 
 def load_model(spec: str, weights: Optional[str] = None, device=None) -> nn.Module:

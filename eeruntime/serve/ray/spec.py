@@ -6,27 +6,22 @@ Ray")."""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from eeruntime.names import lookup
+
+_FACTORY_MESSAGES = {
+    "syntax": "a model factory is named 'module:function' (e.g. 'eeruntime.zoo:digits_cnn'), got {spec!r}",
+    "import": "cannot import {module!r} for the model factory {spec!r}: {error}; it must be importable on every "
+    "Ray node (installed, or on PYTHONPATH when the cluster starts)",
+    "attribute": "{module!r} has no attribute {attr!r} (model factory {spec!r})",
+}
 
 
 def resolve_factory(name: str) -> Callable:
     """``"package.module:function"`` -> the function (a model factory)."""
-    if not isinstance(name, str) or name.count(":") != 1:
-        raise ValueError(f"a model factory is named 'module:function' (e.g. 'eeruntime.zoo:digits_cnn'), got {name!r}")
-    module, attr = name.split(":")
-    try:
-        obj = importlib.import_module(module)
-    except ImportError as e:
-        raise ValueError(
-            f"cannot import {module!r} for the model factory {name!r}: {e}; it must be importable on every "
-            "Ray node (installed, or on PYTHONPATH when the cluster starts)"
-        ) from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{module!r} has no attribute {attr!r} (model factory {name!r})")
-        obj = getattr(obj, part)
+    obj = lookup(name, _FACTORY_MESSAGES)
     if not callable(obj):
         raise ValueError(f"model factory {name!r} is not callable")
     return obj
