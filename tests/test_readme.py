@@ -49,4 +49,5 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     # what the blocks say they wrote is there
     assert (tmp_path / "my_runtime" / "runtime.json").is_file()
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
-    assert sorted(os.listdir(tmp_path)) == ["frontier.png", "my_runtime"]
+    assert (tmp_path / "bundle" / "model.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["bundle", "frontier.png", "my_runtime"]
