@@ -19,7 +19,7 @@ import argparse
 import difflib
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 PROG = "eeruntime"
 
@@ -30,7 +30,7 @@ Runner = Callable[[argparse.Namespace], Optional[int]]
 class Command:
     name: str
     help: str
-    configure: Callable[[argparse.ArgumentParser], Runner]
+    configure: Callable[..., Any]  # (parser) -> Runner, or with raw: () -> main(argv) -> int
     raw: bool = False  # the command parses its own arguments: configure() returns main(argv) -> int
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
@@ -45,8 +45,8 @@ class TokenLayout:
 
 @dataclass
 class EncoderSplit:
-    stages: List[nn.Module]
-    tail: nn.Module
+    stages: Sequence[nn.Module]
+    tail: Optional[nn.Module]  # None: the last stage's output is the logits (a backbone without a classifier)
     layout: TokenLayout
     layer_names: List[str]  # qualified names of the layers, in order (the split points)
     input_adapter: Optional[object] = None
@@ -272,7 +272,7 @@ def _hf_tail(model: nn.Module, base: nn.Module) -> Optional[HFTail]:
     return HFTail("cls", clf, norm=getattr(base, "layernorm", None))
 
 
-def hf_encoder(model: nn.Module) -> Optional[Tuple[nn.Module, nn.ModuleList]]:
+def hf_encoder(model: nn.Module) -> Optional[Tuple[Any, nn.ModuleList]]:
     """(base model, layer list) when ``model`` is an HF encoder this module can cut, else None."""
     base = getattr(model, "base_model", None)
     if not isinstance(base, nn.Module) or not hasattr(getattr(base, "config", None), "to_dict"):
@@ -281,7 +281,7 @@ def hf_encoder(model: nn.Module) -> Optional[Tuple[nn.Module, nn.ModuleList]]:
         return None
     # where the model families keep their layer list, across transformers releases
     for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
-        layers = base
+        layers: Any = base
         for a in path.split("."):
             layers = getattr(layers, a, None)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
@@ -289,14 +289,17 @@ def hf_encoder(model: nn.Module) -> Optional[Tuple[nn.Module, nn.ModuleList]]:
     return None
 
 
-def _qualified(model: nn.Module, modules: Sequence[nn.Module]) -> List[str]:
+def _qualified(model: nn.Module, modules: Iterable[nn.Module]) -> List[str]:
     names = {id(m): n for n, m in model.named_modules()}
     return [names[id(m)] for m in modules]
 
 
 def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     """Cut an HF encoder after layers ``cuts`` (0-based indices, increasing)."""
-    base, layers = hf_encoder(model)
+    found = hf_encoder(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} is not an HF encoder with an embeddings module and a layer list")
+    base, layers = found
     if getattr(base.config, "is_decoder", False):
         raise ValueError(f"{type(model).__name__} is configured as a decoder; early exits here cut encoders only")
     order = [n for n in inspect.signature(model.forward).parameters if n not in ("self", "kwargs")]
@@ -371,7 +374,7 @@ class TimmTail(nn.Module):
 
 
 def split_timm_vit(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
-    blocks = list(model.blocks)
+    blocks = list(cast(Iterable[nn.Module], model.blocks))
     bounds = [0] + [c + 1 for c in cuts] + [len(blocks)]
     stages = []
     for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -396,7 +399,7 @@ def encoder_layers(model: nn.Module) -> Optional[List[str]]:
     if hf is not None:
         return _qualified(model, hf[1])
     if timm_vit(model):
-        return _qualified(model, list(model.blocks))
+        return _qualified(model, cast(Iterable[nn.Module], model.blocks))
     return None
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import List, Tuple
+from typing import List, Sized, Tuple, cast
 
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
@@ -77,10 +77,11 @@ class ModelGuard:
     def check(self) -> None:
         model = self.model
         K = self.num_exits
-        if len(model.stages) != K or len(model.exits) != K:
+        stages, exits = cast(Sized, model.stages), cast(Sized, model.exits)  # ModuleLists of a MultiExitModel
+        if len(stages) != K or len(exits) != K:
             raise RuntimeError(
-                f"this EERuntime was built for {K} exits but the model now has {len(model.stages)} stages and "
-                f"{len(model.exits)} exits (changed after the runtime was built); build a new "
+                f"this EERuntime was built for {K} exits but the model now has {len(stages)} stages and "
+                f"{len(exits)} exits (changed after the runtime was built); build a new "
                 f"ee.EERuntime(model, thresholds=...) with one threshold per early exit"
             )
         if self._generation != _generation:

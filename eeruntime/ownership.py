@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import Sequence
+from typing import Callable, Optional, Sequence, cast
 
 import torch
 
 from .ops.aliasing import overlap
 
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_storage_use_count = cast(Optional[Callable[[int], int]], getattr(torch._C, "_storage_Use_Count", None))
 
 
 def _tuple_refs(parts) -> int:
@@ -45,7 +45,8 @@ def _storage_counts(t: torch.Tensor):
     this call makes: the storage's Python object is cached on the storage, so a kept
     ``y.untyped_storage()`` shows in the second count, not the first."""
     storage = t.untyped_storage()
-    return _storage_use_count(storage._cdata), sys.getrefcount(storage)
+    use_count = cast(Callable[[int], int], _storage_use_count)  # callers return before when it is None
+    return use_count(storage._cdata), sys.getrefcount(storage)
 
 
 def _baseline():
@@ -76,7 +77,8 @@ def sole_owner(parts: Sequence[torch.Tensor], named: int = 0, tuple_names: int =
     for t, refs in zip(parts, _tensor_refs(parts)):
         if refs != _ONLY_IN_TUPLE + named or type(t) is not torch.Tensor or t._base is not None:
             return False
-        if t.layout != torch.strided or t._use_count() != 1 or weakref.getweakrefcount(t):
+        owners = t._use_count()  # type: ignore[attr-defined]  # private: owners of the TensorImpl
+        if t.layout != torch.strided or owners != 1 or weakref.getweakrefcount(t):
             return False
         if _storage_counts(t) != _ALONE_STORAGE:
             return False

@@ -11,7 +11,7 @@ divided by its own time, both from this one run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -61,7 +61,7 @@ class SpeedTable:
 
 @torch.inference_mode()
 def measure(
-    model, runtimes: Dict[str, object], x: torch.Tensor, batch: int, device, rounds: int = 60, oracle: bool = True
+    model, runtimes: Dict[str, Any], x: torch.Tensor, batch: int, device, rounds: int = 60, oracle: bool = True
 ) -> SpeedTable:
     """Time ``model``'s plain forward and each runtime of ``runtimes`` (name -> ``EERuntime``)
     over ``x`` in batches of ``batch``, side by side. With ``oracle``, also each runtime's oracle
@@ -69,7 +69,7 @@ def measure(
     if PLAIN in runtimes:
         raise ValueError(f"{PLAIN!r} names the plain model; give the runtimes other names")
     parts = chunks(x, batch)
-    fns = {PLAIN: lambda: [plain_forward(model, c) for c in parts]}
+    fns: Dict[str, Callable[[], object]] = {PLAIN: lambda: [plain_forward(model, c) for c in parts]}
     for name, rt in runtimes.items():
         fns[name] = (lambda r: lambda: [r(c) for c in parts])(rt)
         if oracle:

@@ -89,6 +89,9 @@ class ThresholdSnapshot:
     device (made once per device and cached; treat it as read-only)."""
 
     __slots__ = ("_values", "_tensors", "_lock")
+    _values: Tuple[float, ...]
+    _tensors: Dict[torch.device, torch.Tensor]
+    _lock: threading.Lock
 
     def __init__(self, values):
         object.__setattr__(self, "_values", tuple(float(v) for v in values))

@@ -16,7 +16,7 @@ the spatial mean.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -69,19 +69,19 @@ class LearnedExit(nn.Module):
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; accepted: {', '.join(map(repr, POOLS))}")
         shared = isinstance(in_features, int) and not isinstance(in_features, bool)
-        widths = [in_features] if shared else list(in_features)
+        widths: List[object] = [in_features] if shared else list(cast(Sequence[int], in_features))
         if not widths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in widths):
             raise ValueError(f"in_features must be a positive int or a non-empty sequence of them, got {in_features!r}")
         self.shared = shared
         self.pool = pool
-        self.widths = [int(d) for d in widths]
+        self.widths = [cast(int, d) for d in widths]
         self.units = nn.ModuleList(nn.Linear(d, 1) for d in self.widths)
 
     def unit_logit(self, state, k: int) -> Optional[torch.Tensor]:
         """The pre-sigmoid output [B] at exit k; None for an exit without a head of its own."""
         if not self.shared and k >= len(self.units):
             return None
-        unit = self.units[0 if self.shared else k]
+        unit = cast(nn.Linear, self.units[0 if self.shared else k])
         f = pool_features(state, self.pool)
         if f.shape[-1] != unit.in_features:
             raise ValueError(

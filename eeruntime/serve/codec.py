@@ -102,19 +102,16 @@ def decode_safetensors(body: bytes, spec: InputSpec, max_rows: int):
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:
         raise InputError(f"the body is not a valid safetensors file: {e}", status=400) from None
     if "input" in tensors and len(tensors) == 1:
-        x = tensors["input"]
+        parts: Tuple[torch.Tensor, ...] = (tensors["input"],)
     else:
         names = [f"input_{i}" for i in range(len(tensors))]
         if sorted(tensors) != sorted(names) or not names:
             raise InputError(
                 f"safetensors inputs must be named 'input' or input_0, input_1, ...; got {sorted(tensors)}"
             )
-        x = tuple(tensors[n] for n in names)
-        if len(x) == 1:
-            x = x[0]
-    parts = x if isinstance(x, tuple) else (x,)
-    x = tuple(t.to(spec.dtype) if t.is_floating_point() else t for t in parts)
-    return spec.check(x if len(x) > 1 else x[0], max_rows)
+        parts = tuple(tensors[n] for n in names)
+    cast_parts = tuple(t.to(spec.dtype) if t.is_floating_point() else t for t in parts)
+    return spec.check(cast_parts if len(cast_parts) > 1 else cast_parts[0], max_rows)
 
 
 def _strict(rows):

@@ -183,7 +183,7 @@ def run(
                 correct = torch.zeros(K, dtype=torch.int64, device=device)
                 agree = torch.zeros(K, dtype=torch.int64, device=device)
                 seen = 0
-                total = len(data) if hasattr(data, "__len__") else None
+                total = len(data) if isinstance(data, collections.abc.Sized) else None
                 bar = _progress(data, total, f"{method} {epoch + 1}/{epochs}", progress)
                 for batch in bar:
                     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -222,8 +222,8 @@ def run(
                         )
                     )
                 history.loss.append(sums.pop("loss") / seen)
-                for name, v in sums.items():
-                    history.terms.setdefault(name, []).append(v / seen)
+                for name, total_v in sums.items():
+                    history.terms.setdefault(name, []).append(total_v / seen)
                 history.exit_accuracy.append((correct.double() / seen).tolist())
                 if out.pseudo_labels is not None:
                     history.exit_agreement = history.exit_agreement or []

@@ -44,7 +44,7 @@ def _check_weights(weights, K: int) -> List[float]:
 
 def exit_classifier_params(model) -> List[torch.nn.Parameter]:
     """Stages and exits, without confidence heads and gates (those have their own objectives)."""
-    side = set()
+    side: set = set()  # ids of the side heads' parameters
     for e in model.exits:
         if isinstance(e, ExitHead):
             for h in (e.confidence_head, e.gate_head):

@@ -96,7 +96,12 @@ def app_config(
 ) -> Dict[str, Any]:
     """One application's entry of a Serve config: ``user_config`` maps deployment names
     (``EERuntime``, ``PlainModel``, ``Tier0``, ...) to their user_config."""
-    app = {"name": name, "import_path": f"{__name__}:build_app", "args": dict(args), "route_prefix": route_prefix}
+    app: Dict[str, Any] = {
+        "name": name,
+        "import_path": f"{__name__}:build_app",
+        "args": dict(args),
+        "route_prefix": route_prefix,
+    }
     if user_config:
         app["deployments"] = [{"name": dep, "user_config": cfg} for dep, cfg in user_config.items()]
     return app
@@ -114,6 +119,8 @@ def deploy(applications: List[Dict[str, Any]], timeout_s: float = 120.0) -> None
 
     schema = ServeDeploySchema.model_validate({"applications": applications})
     client = _get_global_client()
+    if client is None:
+        raise RuntimeError("Ray Serve is not running here: start it first (serve.start() or `serve start`)")
     client.deploy_apps(schema)
     names = {a["name"] for a in applications}
     deadline = time.monotonic() + timeout_s

@@ -116,7 +116,7 @@ def runtime_app(
         user_config,
         max_batch_size,
     )
-    dep = serve.deployment(RuntimeReplica).options(**options)
+    dep = serve.deployment(RuntimeReplica).options(**options)  # type: ignore[attr-defined]  # Ray's overloads pick the decorator-factory form
     return dep.bind(spec.to_dict(), max_batch_size, batch_wait_timeout_s, plain)
 
 

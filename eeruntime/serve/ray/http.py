@@ -13,7 +13,7 @@ a timeout a 504; never a traceback.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
@@ -41,7 +41,7 @@ def _from_safetensors(body: bytes):
         raise BadRequest(f"the body is not valid safetensors bytes ({type(e).__name__})") from None
     if "inputs" in tensors:
         return tensors["inputs"]
-    parts = []
+    parts: List[torch.Tensor] = []
     while f"input_{len(parts)}" in tensors:
         parts.append(tensors[f"input_{len(parts)}"])
     if not parts:

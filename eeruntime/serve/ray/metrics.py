@@ -9,9 +9,9 @@ import threading
 from typing import Dict, List, Sequence
 
 # Histogram bucket edges: rows per batch, milliseconds, bytes.
-_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+_ROWS: List[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 _MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
-_BYTES = [256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216]
+_BYTES: List[float] = [256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216]
 
 
 class ReplicaMetrics:
@@ -34,7 +34,7 @@ class ReplicaMetrics:
         tags = {"tier": str(tier)}
         self._m_requests = metrics.Counter("eeruntime_requests", "requests answered", tag_keys=("tier",))
         self._m_rows = metrics.Counter("eeruntime_rows", "rows that entered this tier", tag_keys=("tier",))
-        self._m_exits = metrics.Counter("eeruntime_exits", "rows that left at each exit", tag_keys=("tier", "exit"))
+        self._m_exits = metrics.Counter("eeruntime_exits", "rows that left at each exit", tag_keys=("tier", "exit"))  # type: ignore[arg-type]  # Ray annotates Tuple[str]
         self._m_errors = metrics.Counter("eeruntime_errors", "requests failed", tag_keys=("tier",))
         self._m_retries = metrics.Counter(
             "eeruntime_retries", "survivors sent again after the next tier's replica died", tag_keys=("tier",)
@@ -58,7 +58,9 @@ class ReplicaMetrics:
             tag_keys=("tier",),
         )
         self._m_thr = metrics.Gauge(
-            "eeruntime_threshold", "current threshold per early exit", tag_keys=("tier", "exit")
+            "eeruntime_threshold",
+            "current threshold per early exit",
+            tag_keys=("tier", "exit"),  # type: ignore[arg-type]  # Ray annotates Tuple[str] though it takes any number
         )
         for m in (
             self._m_requests,

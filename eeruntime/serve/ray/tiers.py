@@ -352,7 +352,7 @@ def tiered_app(
         )
         first, last = bounds[t]
         nxt = (
-            serve.deployment(TierReplica)
+            serve.deployment(TierReplica)  # type: ignore[attr-defined]  # Ray's overloads pick the decorator-factory form
             .options(**options)
             .bind(
                 spec.to_dict(),
