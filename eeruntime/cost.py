@@ -7,18 +7,53 @@ costs every stage plus the final head only. Ideal speed-up = plain / sum_k f_k s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Sequence
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .state import as_tuple, call, from_tuple
 
 
+@contextlib.contextmanager
+def _countable_attention():
+    """Turn off the fused "fast path" of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``
+    while counting: in eval mode without grad they run one fused op (``_transformer_encoder_layer_fwd``)
+    that ``FlopCounterMode`` does not know, so a whole encoder layer counted 0 FLOPs and a ViT's
+    FLOPs-ideal speed-up came out below 1. The unfused path runs the same matmuls, which it counts.
+    The switch is process-wide; other threads' layers take the unfused path for that moment."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """``scaled_dot_product_attention`` on CPU runs ``_scaled_dot_product_flash_attention_for_cpu``,
+    which torch's FLOP registry lacks (it has the CUDA kernels): the same count as theirs,
+    2*B*H*S_q*S_kv*(d_qk + d_v), from the shapes (FlopCounterMode passes shapes, not tensors)."""
+    return sdpa_flop_count(query, key, value)
+
+
+# Ops the FLOP counter misses, with their formulas (only those this torch has).
+_EXTRA_FLOP_FORMULAS = {
+    getattr(torch.ops.aten, name): formula
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_attention_flops),)
+    if hasattr(torch.ops.aten, name)
+}
+
+
 def _flops(fn):
     """(FLOPs counted while running ``fn``, its result)."""
-    with FlopCounterMode(display=False) as counter:
+    with _countable_attention(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         out = fn()
     return int(counter.get_total_flops()), out
 

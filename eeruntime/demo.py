@@ -44,14 +44,20 @@ def threshold_notes(criterion: str, thresholds) -> List[str]:
 
 
 def _table(rows: List[dict]) -> str:
-    head = f"{'Network':<22}{'Acc. (%)':>9}{'Time (ms/sample)':>18}{'Gain':>7}  {'Thrshld. T':<22}{'Exit (%)':<22}"
-    lines = [head, "-" * len(head)]
+    cells = []
     for r in rows:
         thr = ", ".join(f"{t:.3g}" for t in r["thresholds"]) if r["thresholds"] else "-"
         ex = ", ".join(f"{100 * f:.1f}" for f in r["exit_fractions"]) if r["exit_fractions"] else "-"
         gain = f"{r['gain']:.2f}x" if r["gain"] else "-"
+        cells.append((r, thr, ex, gain))
+    # Columns as wide as their longest entry (a six-exit ViT's thresholds, "PABEE whole batch, HF").
+    wn = max([22] + [len(r["name"]) + 2 for r, *_ in cells])
+    wt = max([22] + [len(thr) + 2 for _, thr, _, _ in cells])
+    head = f"{'Network':<{wn}}{'Acc. (%)':>9}{'Time (ms/sample)':>18}{'Gain':>7}  {'Thrshld. T':<{wt}}{'Exit (%)'}"
+    lines = [head, "-" * max(len(head), wn + 36 + wt + max(len(ex) for _, _, ex, _ in cells))]
+    for r, thr, ex, gain in cells:
         lines.append(
-            f"{r['name']:<22}{100 * r['accuracy']:>9.2f}{1e3 * r['time_per_sample']:>18.4f}{gain:>7}  {thr:<22}{ex:<22}"
+            f"{r['name']:<{wn}}{100 * r['accuracy']:>9.2f}{1e3 * r['time_per_sample']:>18.4f}{gain:>7}  {thr:<{wt}}{ex}"
         )
     return "\n".join(lines)
 
