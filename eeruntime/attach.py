@@ -47,7 +47,7 @@ from . import encoders
 from .encoders import TokenLayout, output_logits
 from .heads import TOKEN_POOLS, ConvHead, PoolLinearHead, SequenceHead, wrap_head
 from .model import MultiExitModel
-from .state import as_tuple, call
+from .state import as_tuple, call, stage_forward
 
 MODES = ("auto", "children", "fx")
 HEADS = ("auto", "pool_linear", "conv") + TOKEN_POOLS
@@ -438,9 +438,7 @@ def _split(backbone, at, probe, expected, mode) -> Tuple[_Split, str]:
 def _dry_run(stages, probe):
     states, state = [], probe
     for stage in stages:
-        state = call(stage, state)
-        if isinstance(state, list):
-            state = tuple(state)
+        state = stage_forward(stage, state)
         states.append(state)
     return states
 
@@ -527,9 +525,7 @@ def _run_blocks(blocks, probe, shapes: Optional[list] = None):
         ):
             flatten_before.add(i)
             state = torch.flatten(state, 1)
-        state = call(m, state)
-        if isinstance(state, list):
-            state = tuple(state)
+        state = stage_forward(m, state)
         if shapes is not None:
             shapes.append(tuple(as_tuple(state)[0].shape[1:]))
     return state, flatten_before

@@ -28,8 +28,12 @@ CRITERION_KINDS = ("builtin", "module", "callable")
 MAX_EXITS = 4096
 MAX_JSON_BYTES = 256 << 20
 # Sizes in a learned criterion's config: each bounds an allocation made before weights are read.
-_EENET_SIZES = {"num_exits": (2, MAX_EXITS), "top_k": (1, 1024), "hidden": (1, 1 << 16)}
-CONFIG_FIELDS: Dict[str, Dict[str, tuple]] = {"eenet": _EENET_SIZES, "eeruntime.scorers.EENetScorer": _EENET_SIZES}
+# Keyed by the registered name (eeruntime.criteria.register_criterion); files of format 1 named
+# the class by its module path (``cls``), mapped here to the name it is registered under now.
+CONFIG_FIELDS: Dict[str, Dict[str, tuple]] = {
+    "eenet": {"num_exits": (2, MAX_EXITS), "top_k": (1, 1024), "hidden": (1, 1 << 16)},
+}
+LEGACY_CLASSES = {"eeruntime.scorers.EENetScorer": "eenet"}
 SAFETENSORS_DTYPES = {
     "F64": 8,
     "F32": 4,
@@ -209,15 +213,17 @@ def _check_criterion(path, c, K: int) -> dict:
             _bool(path, f"criterion.{flag}", c[flag])
     if kind == "module":
         # Named by its registered name ("registered", null for a user's module) or, in files of
-        # format 1, by its Python path ("cls").
+        # format 1, by its Python path ("cls", mapped to the name it is registered under now).
         if "registered" not in c and "cls" not in c:
             _fail(
                 path, "criterion.registered", "is missing", "the name a learned criterion is registered under (or null)"
             )
         name = None
-        for key in ("registered", "cls"):
-            if c.get(key) is not None:
-                name = _str(path, f"criterion.{key}", c[key])
+        if c.get("cls") is not None:
+            cls = _str(path, "criterion.cls", c["cls"])
+            name = LEGACY_CLASSES.get(cls, cls)
+        if c.get("registered") is not None:
+            name = _str(path, "criterion.registered", c["registered"])
         if c.get("config") is not None:
             _check_config(path, "criterion.config", c["config"], name, K)
     return c

@@ -20,10 +20,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from ._json import dec_float as _dec
 from ._json import enc_float as _enc
+from .calibration.methods import METHODS, MethodArgs
 from .cost import CostModel
-from .criteria import criterion_name
+from .criteria import CRITERIA, criterion_name
 
-METHODS = ("greedy", "accuracy", "budget", "sweep")
 MAX_SAVED_GRID = 20000
 
 Point = Tuple[List[float], float, float]  # (thresholds, accuracy, expected cost)
@@ -146,7 +146,7 @@ class Calibration:
     def from_dict(cls, d: dict, scorer=None) -> Calibration:
         """Inverse of :meth:`to_dict`; ``scorer`` supplies the module of a learned criterion."""
         criterion = d["criterion"]
-        if d.get("scorer_config") is not None or criterion not in ("entropy", "max_prob", "margin", "norm_entropy"):
+        if d.get("scorer_config") is not None or criterion not in CRITERIA:
             if scorer is None:
                 raise ValueError(f"this calibration's criterion is a learned module ({criterion}); pass it as scorer=")
             criterion = scorer
@@ -253,7 +253,7 @@ def calibrate(
             ``budget_cost``: an absolute average cost per sample in the cost unit (FLOPs, or
             seconds with ``cost="latency"``). ``budget_tol``: the average cost on the calibration
             data lands in [budget (1 - tol), budget] (a warning says when the data is too small).
-        cost: ``"flops"`` (the FLOP cost model of DESIGN.md), ``"latency"`` (each stage and head
+        cost: ``"flops"`` (the FLOP cost model of docs/design.md), ``"latency"`` (each stage and head
             timed on the model's device at ``batch_size``), or an ``ee.CostModel``.
         grid: threshold candidates per exit for the grid searches (sample quantiles of the
             cached scores); fewer when more than ``max_combos`` combinations would result.
@@ -264,11 +264,8 @@ def calibrate(
     and correctness, never on the model. Raises ``ValueError`` for an unknown method, bad
     ``max_drop`` / budget, empty data or missing labels.
     """
-    from .calibration import accuracy as acc_mod
-    from .calibration import budget as budget_mod
+    from .calibration.budget import warn_if_off
     from .calibration.cache import ScoreCache, build_cache
-    from .calibration.greedy import greedy
-    from .calibration.sweep import sweep
 
     _check_args(method, max_drop, budget, budget_cost, budget_tol, grid, max_combos, max_candidates, cost)
     if method == "budget" and criterion is not None:
@@ -295,47 +292,37 @@ def calibrate(
             decision_backend=decision_backend,
         )
 
-    settings = {"grid": grid, "max_combos": max_combos}
-    crit = cache.criterion
-    frontier = None
-    scores = cache.scores
-    if method == "greedy":
-        thresholds, grids, candidates = greedy(cache)
-    elif method == "accuracy":
-        settings["max_drop"] = float(max_drop)
-        thresholds, grids, acc, cst, weighed = acc_mod.cheapest_within(cache, float(max_drop), grid, max_combos)
-        candidates = acc_mod.sample_points(grids, acc, cst, max(1, max_candidates - len(weighed)), seed) + weighed
-    elif method == "sweep":
-        settings["max_drop"] = float(max_drop)
-        frontier, grids, acc, cst, thresholds = sweep(cache, grid, max_combos, float(max_drop))
-        candidates = acc_mod.sample_points(grids, acc, cst, max_candidates, seed)
-    else:
-        plain = float(cache.cost.plain)
-        budget_abs = float(budget) * plain if budget is not None else float(budget_cost)
-        settings.update(budget=budget_abs / plain, budget_cost=budget_abs, budget_tol=float(budget_tol))
-        crit, scores, thresholds, grids, acc, cst, weighed, losses = budget_mod.within_budget(
+    budget_abs = None
+    if method == "budget":
+        budget_abs = float(budget) * float(cache.cost.plain) if budget is not None else float(budget_cost)
+    found = METHODS[method](
+        MethodArgs(
             cache,
-            budget_abs,
-            float(budget_tol),
+            float(max_drop),
             grid,
             max_combos,
-            epochs=scorer_epochs,
-            hidden=scorer_hidden,
-            seed=seed,
-            progress=progress,
+            max_candidates,
+            seed,
+            progress,
+            scorer_epochs,
+            scorer_hidden,
+            budget_abs,
+            float(budget_tol),
         )
-        settings["scorer_losses"] = losses
-        candidates = acc_mod.sample_points(grids, acc, cst, max(1, max_candidates - len(weighed)), seed) + weighed
-
-    out = _outcome(cache, scores, thresholds)
+    )
+    settings = {"grid": grid, "max_combos": max_combos, **found.settings}
+    crit = cache.criterion if found.criterion is None else found.criterion
+    scores = cache.scores if found.scores is None else found.scores
+    out = _outcome(cache, scores, found.thresholds)
     if method == "budget":
-        budget_mod.warn_if_off(
+        warn_if_off(
             out.expected_cost,
             settings["budget_cost"],
             settings["budget_tol"],
             float(cache.cumulative[-1]),
             cache.num_samples,
         )
+    candidates = found.candidates
     if len(candidates) > max_candidates:
         step = len(candidates) / max_candidates
         candidates = [candidates[int(i * step)] for i in range(max_candidates)]
@@ -343,7 +330,7 @@ def calibrate(
         method=method,
         criterion=crit,
         final=cache.final,
-        thresholds=list(thresholds),
+        thresholds=list(found.thresholds),
         exit_fractions=out.exit_fractions,
         accuracy=out.accuracy,
         final_accuracy=cache.final_accuracy,
@@ -353,8 +340,8 @@ def calibrate(
         cost_unit=cache.cost_unit,
         num_samples=cache.num_samples,
         candidates=candidates,
-        frontier=frontier,
-        grid=[[float(t) for t in g] for g in grids],
+        frontier=found.frontier,
+        grid=[[float(t) for t in g] for g in found.grids],
         settings=settings,
     )
 

@@ -1,4 +1,4 @@
-"""Cost model of DESIGN.md: FLOPs per stage and exit head, expected cost and ideal speed-up.
+"""Cost model (docs/design.md, "Cost, speed-up, efficiency"): FLOPs per stage and exit head, expected cost and ideal speed-up.
 
 c_k = FLOPs(stage k) + FLOPs(exit head k), counted once per model with
 ``torch.utils.flop_counter`` on one sample. Exiting at k costs sum_{j<=k} c_j; the plain model
@@ -14,7 +14,7 @@ from typing import List, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .state import as_tuple, call, from_tuple
+from .state import as_tuple, call, from_tuple, stage_forward
 
 
 @contextlib.contextmanager
@@ -109,9 +109,7 @@ def measure_costs(model, example) -> CostModel:
     try:
         stage_flops, head_flops = [], []
         for stage, head in zip(model.stages, model.exits):
-            f, state = _flops(lambda: call(stage, state))
-            if isinstance(state, list):
-                state = tuple(state)
+            f, state = _flops(lambda: stage_forward(stage, state))
             stage_flops.append(f)
             f, _ = _flops(lambda: call(head, state))
             head_flops.append(f)

@@ -6,9 +6,11 @@ threshold; every other criterion (and a user callable) exits when the score is *
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Dict, Optional, Union
 
 CRITERIA = ("entropy", "max_prob", "margin", "norm_entropy")
+# What a sample that reaches the final exit gets: its logits, or the mean of all its exits' logits.
+FINAL_MODES = ("last", "average")
 # Integer codes shared with the Triton kernel (a tl.constexpr) so both agree on the meaning.
 CRITERION_CODE = {name: i for i, name in enumerate(CRITERIA)}
 
@@ -52,3 +54,38 @@ def is_per_exit(criterion: Criterion) -> bool:
 
 def uses_history(criterion: Criterion) -> bool:
     return is_per_exit(criterion) and bool(getattr(criterion, "uses_history", False))
+
+
+# ------------------------------------------------------------------ registered learned criteria
+# Saved runtimes name a learned criterion by the name it is registered under here, never by a
+# Python module path, so moving a class does not break saved files (see docs/design.md, "Saving").
+LEARNED_CRITERIA: Dict[str, type] = {}  # name -> a module class with to_config / from_config
+MODEL_CRITERIA: Dict[str, Callable] = {}  # name -> factory(model): a criterion reading heads of the model
+_LEGACY_PATHS: Dict[str, str] = {}  # the module path a format-1 file wrote (cls=...) -> name
+
+
+def register_criterion(name: str, *, legacy_path: Optional[str] = None):
+    """Class decorator: a learned criterion module saved by ``name`` (it needs ``to_config`` and
+    ``from_config``). ``legacy_path``: the module path files of format 1 named it by."""
+
+    def register(cls):
+        LEARNED_CRITERIA[name] = cls
+        cls.registered_name = name
+        if legacy_path is not None:
+            _LEGACY_PATHS[legacy_path] = name
+        return cls
+
+    return register
+
+
+def register_model_criterion(factory: Callable) -> Callable:
+    """Function decorator: ``factory(model)`` rebuilds a criterion whose weights live in the
+    model; saved by the factory's name, which is also the criterion's ``criterion_name``."""
+    MODEL_CRITERIA[factory.__name__] = factory
+    return factory
+
+
+def learned_criterion_class(entry: dict) -> Optional[type]:
+    """The registered class a saved criterion entry names (``registered``, or a format-1 ``cls``)."""
+    name = entry.get("registered") or _LEGACY_PATHS.get(entry.get("cls") or "")
+    return LEARNED_CRITERIA.get(name) if name else None

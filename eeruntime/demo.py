@@ -165,7 +165,7 @@ def _run(out, device, epochs, batch, max_drop, seed, progress, rounds, n_threads
         # efficiency = oracle time / runtime time: what the runtime's machinery (decisions, packs,
         # host reads) costs against the same stages run on exactly the rows that reach them.
         # efficiency_flops = measured / FLOPs-ideal speed-up also charges the kernels' own
-        # non-proportional cost at small batches (docs: README, Performance).
+        # non-proportional cost at small batches (docs/design.md, "Cost, speed-up, efficiency").
         "efficiency": main["efficiency"],
         "efficiency_flops": main["efficiency_flops"],
         "speedup_oracle": main["speedup_oracle"],

@@ -338,7 +338,7 @@ def equip_heads(
     not :class:`ExitHead` with :func:`wrap_head` (their ``state_dict`` keys move under
     ``exits.<k>.body.``). ``num_classes`` (or ``example``, run through the model once) sizes the
     one-unit heads of wrapped exits. Returns the indices of the exits that changed."""
-    from .state import call
+    from .state import call, stage_forward
 
     if not (confidence or gate):
         return []
@@ -358,9 +358,7 @@ def equip_heads(
             with torch.no_grad():
                 state = example
                 for stage in model.stages:
-                    state = call(stage, state)
-                    if isinstance(state, list):
-                        state = tuple(state)
+                    state = stage_forward(stage, state)
                 num_classes = int(call(model.exits[-1], state).shape[-1])
         finally:
             for m, t in was.items():

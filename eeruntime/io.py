@@ -1,13 +1,5 @@
-"""Saving and loading a runtime's settings: ``rt.save(path)`` and ``ee.load(path, model)``.
-
-A saved runtime is a directory holding
-
-- ``runtime.json``: format name and version, number of exits, thresholds, criterion, final mode
-  and the calibration summary (``Calibration.to_dict``), strict JSON (infinite thresholds as the
-  strings ``"inf"`` / ``"-inf"``);
-- ``weights.safetensors``: the criterion's weights when it is a module (an EENet scorer).
-  Confidence heads and gates (``ee.train.confidence_criterion`` / ``gate_criterion``) live in the
-  model, so their weights come with the model and ``load`` rebuilds the criterion from it.
+"""Loading a saved runtime: ``ee.load(path, model)`` (the files and how ``rt.save`` writes them:
+:mod:`eeruntime.runtime_file`).
 
 Only JSON and safetensors are read back; nothing is unpickled. The model's own weights are added
 by ``rt.save(path, weights=True)`` (``model.safetensors``, see :mod:`eeruntime.bundle`); ``load``
@@ -16,94 +8,18 @@ then takes the model's constructor instead of the model.
 
 from __future__ import annotations
 
-import importlib
-import json
-import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 from torch import nn
 
-from ._json import enc_float as _enc
-from .bundle import ModelSource, build_model, save_model_weights
-from .bundle_schema import (
-    FORMAT as SCHEMA_FORMAT,
-)
-from .bundle_schema import (
-    FORMAT_VERSION as SCHEMA_VERSION,
-)
-from .bundle_schema import (
-    check_runtime_doc,
-    check_safetensors,
-    read_json,
-)
-from .criteria import CRITERIA, criterion_name, is_per_exit, uses_history
-
-FORMAT, FORMAT_VERSION = SCHEMA_FORMAT, SCHEMA_VERSION  # the schema module holds the one definition
-JSON_NAME = "runtime.json"
-WEIGHTS_NAME = "weights.safetensors"
-
-
-def _paths(path) -> Tuple[Path, Path]:
-    p = Path(path)
-    if p.suffix == ".json":
-        return p, p.with_name(WEIGHTS_NAME)
-    return p / JSON_NAME, p / WEIGHTS_NAME
-
-
-def _criterion_entry(criterion) -> dict:
-    if isinstance(criterion, str):
-        return {"kind": "builtin", "name": criterion}
-    entry = {
-        "name": criterion_name(criterion),
-        "per_exit": is_per_exit(criterion),
-        "uses_history": uses_history(criterion),
-    }
-    if isinstance(criterion, nn.Module):
-        cls = type(criterion)
-        entry.update(
-            kind="module",
-            cls=f"{cls.__module__}.{cls.__qualname__}",
-            config=criterion.to_config() if hasattr(criterion, "to_config") else None,
-        )
-    else:
-        entry["kind"] = "callable"
-    return entry
-
-
-def save_runtime(rt, path, weights: bool = False, factory=None) -> Path:
-    """Write ``rt``'s thresholds, criterion, final mode, calibration summary (``rt.calibration``
-    when set, e.g. by ``Calibration.runtime``) and criterion weights under ``path`` (a directory,
-    created if needed; or a ``*.json`` file name with the weights beside it); with ``weights`` the
-    model's weights too (``factory``: the constructor's name, kept as a hint). Returns the JSON path."""
-    json_path, weights_path = _paths(path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    criterion = rt.criterion
-    entry = _criterion_entry(criterion)
-    calibration = getattr(rt, "calibration", None)
-    doc = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "num_exits": int(rt.num_exits),
-        "thresholds": [_enc(t) for t in rt.thresholds],
-        "criterion": entry,
-        "final": rt.final,
-        "calibration": calibration.to_dict() if calibration is not None else None,
-        "weights": None,
-        "model": save_model_weights(rt.model, json_path.parent, factory) if weights else None,
-    }
-    if isinstance(criterion, nn.Module):
-        from safetensors.torch import save_file
-
-        # clones: safetensors refuses tensors that share storage, and it must not see device memory
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in criterion.state_dict().items()}
-        save_file(tensors, str(weights_path), metadata={"format": FORMAT, "criterion": entry["cls"]})
-        doc["weights"] = weights_path.name
-    text = json.dumps(doc, indent=1, allow_nan=False)
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, json_path)
-    return json_path
+from .bundle import ModelSource, build_model
+from .bundle_schema import check_runtime_doc, check_safetensors, read_json
+from .calibrate import Calibration
+from .criteria import CRITERIA, MODEL_CRITERIA, learned_criterion_class
+from .model import model_device
+from .runtime import EERuntime
+from .runtime_file import FORMAT, FORMAT_VERSION, JSON_NAME, WEIGHTS_NAME, _paths, save_runtime  # noqa: F401
 
 
 def _read(json_path: Path) -> dict:
@@ -128,41 +44,19 @@ def _load_weights(module: nn.Module, weights_path: Path) -> None:
 
 
 def _rebuild_module(entry: dict) -> Optional[nn.Module]:
-    """A module criterion of eeruntime's own that can rebuild itself from its config (a class
-    with ``from_config``); None for anything else. Only ``eeruntime.*`` modules are imported."""
-    qual = entry.get("cls") or ""
+    """A registered learned criterion rebuilt from its config; None when the entry names none."""
+    cls = learned_criterion_class(entry)
     config = entry.get("config")
-    mod_name, _, cls_name = qual.rpartition(".")
-    if config is None or not (mod_name == "eeruntime" or mod_name.startswith("eeruntime.")):
-        return None
-    try:
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-    except (ImportError, AttributeError):
-        return None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "from_config")):
+    if cls is None or config is None:
         return None
     return cls.from_config(config)
 
 
-# Criteria that read heads inside the model (PTEE confidence heads, differentiable-branching
-# gates): their weights are the model's, so load rebuilds them from the model by name. PABEE's
-# patience has no weights at all: its factory ignores the model.
-_MODEL_CRITERIA = {
-    "confidence_criterion": "eeruntime.train.scorers",
-    "gate_criterion": "eeruntime.train.scorers",
-    "patience": "eeruntime.exit_rules.patience",
-}
-
-
 def _rebuild_from_model(entry: dict, model):
-    mod_name = _MODEL_CRITERIA.get(entry.get("name"))
-    if mod_name is None:
-        return None
-    try:
-        factory = getattr(importlib.import_module(mod_name), entry["name"])
-    except (ImportError, AttributeError):
-        return None
-    return factory(model)
+    """A criterion that reads heads inside the model (PTEE confidence heads, differentiable-
+    branching gates): their weights are the model's, so it is rebuilt from the model by name."""
+    factory = MODEL_CRITERIA.get(entry.get("name"))
+    return None if factory is None else factory(model)
 
 
 def load(path, model: ModelSource, **runtime_kwargs):
@@ -178,10 +72,6 @@ def load(path, model: ModelSource, **runtime_kwargs):
     for a file made for a different number of exits, an unknown format version, or a criterion it
     cannot rebuild.
     """
-    from .calibrate import Calibration
-    from .model import model_device
-    from .runtime import EERuntime
-
     json_path, _ = _paths(path)
     doc = _read(json_path)
     weights_path = json_path.with_name(doc["weights"]) if doc.get("weights") else None
@@ -204,7 +94,7 @@ def load(path, model: ModelSource, **runtime_kwargs):
             criterion = _rebuild_module(entry)
             if criterion is None:
                 raise ValueError(
-                    f"{json_path} was saved with the criterion module {entry.get('cls')!r}, which load cannot "
+                    f"{json_path} was saved with the criterion module {entry.get('registered') or entry.get('cls')!r}, which load cannot "
                     f"rebuild; construct it and pass it: ee.load(path, model, criterion=module) (its weights are "
                     f"loaded from {WEIGHTS_NAME})"
                 )

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from .state import call
+from .state import call, stage_forward
 
 
 def model_device(model) -> Optional[torch.device]:
@@ -70,7 +70,7 @@ class MultiExitModel(nn.Module):
         outs = []
         state = self.prepare_input(x)
         for stage, head in zip(self.stages, self.exits):
-            state = call(stage, state)
+            state = stage_forward(stage, state)
             outs.append(call(head, state))
         return outs
 
@@ -78,5 +78,5 @@ class MultiExitModel(nn.Module):
         """The state after stage ``k`` (0-based)."""
         state = self.prepare_input(x)
         for stage in self.stages[: k + 1]:
-            state = call(stage, state)
+            state = stage_forward(stage, state)
         return state

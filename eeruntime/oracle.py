@@ -14,7 +14,7 @@ from typing import List
 
 import torch
 
-from .state import as_tuple, call, from_tuple
+from .state import as_tuple, call, from_tuple, stage_forward
 
 
 @dataclass
@@ -39,9 +39,7 @@ def plain_forward(model, x) -> torch.Tensor:
     """The plain backbone, the baseline of every speed-up: every stage, then the final exit only."""
     state = x
     for stage in model.stages:
-        state = call(stage, state)
-        if isinstance(state, list):
-            state = tuple(state)
+        state = stage_forward(stage, state)
     return call(model.exits[-1], state)
 
 
@@ -54,8 +52,6 @@ def oracle_forward(model, plan: OraclePlan) -> List[torch.Tensor]:
         if n == 0:
             break
         state = from_tuple([t[:n] for t in as_tuple(state)], state)
-        state = call(model.stages[k], state)
-        if isinstance(state, list):
-            state = tuple(state)
+        state = stage_forward(model.stages[k], state)
         outs.append(call(model.exits[k], state))
     return outs

@@ -23,6 +23,14 @@ def call(module, state: State):
     return module(*state) if isinstance(state, tuple) else module(state)
 
 
+def stage_forward(stage, state) -> State:
+    """Run one stage on a state; its output as a state (a list becomes a tuple). Every walk over
+    a model's stages goes through here (runtime, graphs, oracle, cost, training, calibration,
+    attach, the model's own forward), so they all agree on what a stage returns."""
+    out = call(stage, state)
+    return tuple(out) if isinstance(out, list) else out
+
+
 ACCEPTED_STATE = (
     "a torch.Tensor with the batch in dim 0, or a tuple (or list) of tensors sharing batch dim 0 "
     "(e.g. hidden states and an attention mask)"

@@ -7,7 +7,7 @@ reads the row once and computes, with m = max_c x_c,
     T = sum_c e^(x_c - m) (x_c - m)       (so that sum_c p_c log p_c = T/S - log S)
     x2 = the second largest logit (equal to m when the maximum is tied; -inf when C = 1)
 
-and from them the score of DESIGN.md's table:
+and from them the score of the criteria table in docs/design.md:
 
     entropy       H = log S - T / S                    exits when H <  threshold
     max_prob      1 / S                                exits when score >= threshold

@@ -1,5 +1,5 @@
 """Independent oracles for the tests: a float64 confidence score and the per-sample loop of
-DESIGN.md (one sample at a time, stop at the first exit whose criterion holds)."""
+docs/design.md (one sample at a time, stop at the first exit whose criterion holds)."""
 
 from __future__ import annotations
 

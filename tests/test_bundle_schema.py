@@ -12,7 +12,7 @@ from test_calibrate import tiny_data, tiny_model
 
 import eeruntime as ee
 from eeruntime.bundle_schema import BadFile, check_runtime_doc, check_safetensors
-from eeruntime.scorers import EENetScorer
+from eeruntime.eenet import EENetScorer
 
 
 @pytest.fixture(scope="module")

@@ -312,7 +312,7 @@ def test_budget_absolute_cost_and_infeasible_budget():
 
 def _feature_reader(K, k, index):
     """An EENet scorer whose exit-k utility is ReLU of input ``index`` of exit k's features."""
-    from eeruntime.scorers import EENetScorer
+    from eeruntime.eenet import EENetScorer
 
     sc = EENetScorer(K, top_k=3, hidden=4)
     with torch.no_grad():

@@ -262,7 +262,7 @@ def test_runtime_with_cpp_decisions_equals_torch_decisions(criterion, monkeypatc
     calls = []
     real = _ext_backend.cpu_loop_ops()  # the runtime's CPU loop decides with the fused exit_scatter op
     counted = _ext_backend.CpuLoopOps(lambda *a: calls.append(1) or real.exit_scatter(*a), real.compact, real.compact_)
-    monkeypatch.setattr("eeruntime.runtime.cpu_loop_ops", lambda: counted)
+    monkeypatch.setattr("eeruntime.runtime.executors.cpu_loop_ops", lambda: counted)
     a = ee.EERuntime(model, thresholds=thr, criterion=criterion, decision_backend="cpp").infer(x)
     assert calls  # the cpp kernel made the decisions
     b = ee.EERuntime(model, thresholds=thr, criterion=criterion, decision_backend="torch").infer(x)

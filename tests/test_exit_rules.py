@@ -257,3 +257,16 @@ def test_calibrate_and_save_load_learned_exit(tmp_path):
     assert loaded.thresholds == rt.thresholds
     r2 = loaded.infer(x)
     assert torch.equal(r2.exit_index, res.exit_index) and torch.equal(r2.confidence, res.confidence)
+    # Saved by its registered name, not a module path; a file of format 1 (cls=the module path,
+    # as main wrote before the criterion registry) still loads to the same runtime.
+    import json
+
+    doc = json.loads((tmp_path / "rt" / "runtime.json").read_text())
+    assert doc["criterion"]["registered"] == "learned_exit" and "cls" not in doc["criterion"]
+    del doc["criterion"]["registered"]
+    doc["criterion"]["cls"] = "eeruntime.exit_rules.learned.LearnedExit"
+    (tmp_path / "rt" / "runtime.json").write_text(json.dumps(doc))
+    old = ee.load(tmp_path / "rt", model)
+    assert isinstance(old.criterion, LearnedExit)
+    r3 = old.infer(x)
+    assert torch.equal(r3.exit_index, res.exit_index) and torch.equal(r3.confidence, res.confidence)

@@ -298,7 +298,7 @@ def counting_loop_ops(monkeypatch):
         return counted
 
     ops = _ext_backend.CpuLoopOps(wrap("exit_scatter"), wrap("compact"), wrap("compact_"))
-    monkeypatch.setattr("eeruntime.runtime.cpu_loop_ops", lambda: ops)
+    monkeypatch.setattr("eeruntime.runtime.executors.cpu_loop_ops", lambda: ops)
     return calls
 
 

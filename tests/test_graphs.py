@@ -1,4 +1,4 @@
-"""eeruntime.graphs: bucket choice, chunking, the sync-free pack/scatter, the static-buffer loop
+"""eeruntime.runtime.graphs: bucket choice, chunking, the sync-free pack/scatter, the static-buffer loop
 (run eagerly on CPU with capture=False) against the eager runtime and the per-sample loop, and on
 a GPU the captured graphs (equality, no re-capture on set_thresholds, host syncs, threads, memory).
 """
@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import eeruntime as ee
-from eeruntime.graphs import (
+from eeruntime.runtime.graphs import (
     CAPTURE_SAFE_BACKENDS,
     GraphRunner,
     _GraphsUnusable,
@@ -123,7 +123,7 @@ def assert_same_result(res, counts, ref, near, atol=1e-5, rtol=1e-5):
 
 
 def check_against_loop(res, model, x, thresholds, criterion, final):
-    """The per-sample loop of DESIGN.md (tests/reference.py) as the independent oracle."""
+    """The per-sample loop of docs/design.md (tests/reference.py) as the independent oracle."""
     ref_logits, ref_exit, near = per_sample_loop(model, x, thresholds, criterion, final)
     clear = near.cpu() > NEAR
     assert torch.equal(res.exit_index.cpu()[clear], ref_exit.cpu()[clear])

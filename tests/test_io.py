@@ -11,7 +11,7 @@ from torch import nn
 
 import eeruntime as ee
 from eeruntime.calibrate import Calibration
-from eeruntime.scorers import EENetScorer
+from eeruntime.eenet import EENetScorer
 
 
 def same_inference(rt_a, rt_b, x):
@@ -176,3 +176,20 @@ def test_a_runtime_saved_by_format_version_1_still_loads():
     assert torch.equal(res.exit_index, want["exit_index"])
     torch.testing.assert_close(res.logits, want["logits"])
     torch.testing.assert_close(res.confidence, want["confidence"])
+
+
+def test_a_learned_criterion_is_saved_by_its_registered_name(tmp_path):
+    """The file names the EENet scorer "eenet" (its registered name), never a module path, and
+    loading goes through the registry."""
+    from eeruntime.criteria import LEARNED_CRITERIA
+
+    model = tiny_model()
+    scorer = EENetScorer(num_exits=3)
+    ee.EERuntime(model, thresholds=[0.5, 0.5], criterion=scorer).save(tmp_path / "rt")
+    entry = json.loads((tmp_path / "rt" / "runtime.json").read_text())["criterion"]
+    assert entry["kind"] == "module" and entry["registered"] == "eenet" and "cls" not in entry
+    assert LEARNED_CRITERIA["eenet"] is EENetScorer
+    back = ee.load(tmp_path / "rt", model)
+    assert isinstance(back.criterion, EENetScorer)
+    for (name, a), (_, b) in zip(scorer.state_dict().items(), back.criterion.state_dict().items()):
+        assert torch.equal(a, b), name

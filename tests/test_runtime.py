@@ -1,4 +1,4 @@
-"""EERuntime against the per-sample loop of DESIGN.md (tests/reference.py)."""
+"""EERuntime against the per-sample loop of docs/design.md (tests/reference.py)."""
 
 import math
 

@@ -314,7 +314,7 @@ def test_set_thresholds_never_splits_an_infer_call():
 
 
 def test_set_thresholds_never_splits_a_graph_executor_call():
-    from eeruntime.graphs import GraphRunner
+    from eeruntime.runtime.graphs import GraphRunner
 
     rt, x, sets, refs = _race_setup()
     runner = GraphRunner(rt, buckets=(32, 96), capture=False)

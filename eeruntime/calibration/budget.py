@@ -1,6 +1,6 @@
 """EENet under an average-cost budget (``003_581877c910efdcfa.txt``).
 
-1. Per-exit scorers (``eeruntime.scorers``) are trained on the cached features with EENet's
+1. Per-exit scorers (``eeruntime.eenet``) are trained on the cached features with EENet's
    correctness, exit-assignment and budget losses, costs relative to the full model.
 2. Their utility scores on the cache are thresholded so the average cost lands in
    [budget (1 - tol), budget]: the most accurate grid combination in that window (same grid
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..scorers import train_eenet_scorer
+from ..eenet import train_eenet_scorer
 from .accuracy import search_grid
 from .cache import ScoreCache
 from .search import budget_key

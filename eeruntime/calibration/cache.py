@@ -14,14 +14,13 @@ import numpy as np
 import torch
 
 from ..cost import CostModel
-from ..criteria import check_criterion, uses_history
+from ..criteria import FINAL_MODES, check_criterion
+from ..eenet import DEFAULT_TOP_K, exit_features
 from ..model import model_device
 from ..ops.exit_decision import confidence_ref
-from ..scorers import DEFAULT_TOP_K, exit_features
-from ..state import as_tuple, call, check_state, from_tuple
-from .costs import resolve_costs
-
-FINAL_MODES = ("last", "average")
+from ..scoring import Scorer
+from ..state import as_tuple, call, check_state, from_tuple, stage_forward
+from .cost_source import resolve_costs
 
 
 @dataclass
@@ -32,7 +31,7 @@ class ScoreCache:
     only reported, never compared). ``preds`` int64 [N, K] and ``correct`` bool [N, K]: the
     argmax of each exit's output and whether it equals the label; the final exit's output is the
     mean of all exits' logits when ``final == "average"``. ``features`` float64 [N, K, top_k+1]:
-    :func:`eeruntime.scorers.exit_features` of each exit's output. ``cost``: the cost model whose
+    :func:`eeruntime.eenet.exit_features` of each exit's output. ``cost``: the cost model whose
     ``cumulative[k]`` is the cost of a sample leaving at exit k.
     """
 
@@ -265,14 +264,13 @@ def build_cache(
 ) -> ScoreCache:
     """Run ``model`` once over ``data`` with every exit on and cache what calibration needs.
 
-    Scores come from the runtime's own scoring (``EERuntime.score``: the same ops dispatch for a
+    Scores come from the runtime's own scoring (:class:`eeruntime.scoring.Scorer`: the same ops dispatch for a
     named criterion, the callable with the same arguments otherwise), so thresholds chosen on the
     cache reproduce on the runtime. The model runs in eval mode under ``torch.inference_mode``;
     its training flag is restored afterwards. ``cost``: ``"flops"``, ``"latency"`` (timed on the
     model's device at this batch size) or a :class:`~eeruntime.CostModel`.
     """
     from ..progress import bar as progress_bar
-    from ..runtime import EERuntime
 
     if not (hasattr(model, "stages") and hasattr(model, "exits")):
         raise TypeError(f"calibration needs a MultiExitModel (stages and exits), got {type(model).__name__}")
@@ -285,8 +283,9 @@ def build_cache(
     _check_final(final)
     was_training = model.training
     device = model_device(model)
-    rt = EERuntime(model, criterion=criterion, final=final, graphs=False, decision_backend=decision_backend)
-    keep_history = uses_history(criterion)
+    model.eval()
+    scorer = Scorer(criterion, decision_backend)
+    keep_history = scorer.uses_history
     acc = _Accumulator(K, criterion, final, top_k)
     first_batch = None
     try:
@@ -307,16 +306,14 @@ def build_cache(
                     first_batch = x
                 state, logits, states = x, [], []
                 for k in range(K):
-                    state = call(model.stages[k], state)
-                    if isinstance(state, list):
-                        state = tuple(state)
+                    state = stage_forward(model.stages[k], state)
                     logits.append(call(model.exits[k], state))
                     states.append(state)
                 outs = _outputs(logits, final)
                 acc.add_outputs(
                     outs,
                     y,
-                    lambda out, k: rt.score(out, states[k], k, logits[:k] if keep_history else ()),
+                    lambda out, k: scorer.score(out, states[k], k, logits[:k] if keep_history else ()),
                 )
     finally:
         model.train(was_training)

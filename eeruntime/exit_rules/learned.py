@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence, Union, cast
 import torch
 from torch import nn
 
+from ..criteria import register_criterion
 from ..state import as_tuple
 
 __all__ = ["LearnedExit", "pool_features"]
@@ -49,6 +50,7 @@ def pool_features(state, pool: str = "cls") -> torch.Tensor:
     )
 
 
+@register_criterion("learned_exit", legacy_path="eeruntime.exit_rules.learned.LearnedExit")
 class LearnedExit(nn.Module):
     """Per-exit scorer ``f(logits, state, k, history) -> [B]``: the LTE head's certainty u_k.
 

@@ -25,6 +25,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from ..criteria import register_model_criterion
+
 __all__ = ["Patience", "patience", "patience_scores_ref", "whole_batch_patience"]
 
 
@@ -62,6 +64,7 @@ class Patience:
         return "Patience()"
 
 
+@register_model_criterion
 def patience(model=None) -> Patience:
     """The criterion ``ee.load`` rebuilds for a runtime saved with ``Patience()`` (by its name,
     ``"patience"``); it reads nothing from the model."""
@@ -93,14 +96,12 @@ def whole_batch_patience(model, x, patience: int) -> Tuple[torch.Tensor, int]:
     when every row keeps its prediction and reset otherwise; the batch stops at the first exit
     where it reaches ``patience`` (or at the last exit) and every row gets that exit's logits.
     Returns ``(logits [B, C], exit index)``."""
-    from ..state import call
+    from ..state import call, stage_forward
 
     state, prev, count = x, None, 0
     K = len(model.stages)
     for k in range(K):
-        state = call(model.stages[k], state)
-        if isinstance(state, list):
-            state = tuple(state)
+        state = stage_forward(model.stages[k], state)
         logits = call(model.exits[k], state)
         pred = logits.argmax(dim=1)
         count = count + 1 if prev is not None and bool((pred == prev).all()) else 0

@@ -1,9 +1,7 @@
-"""The runtime's fast ops, each with a plain-PyTorch ``*_ref`` and a backend dispatch."""
+"""The runtime's fast ops, each with a plain-PyTorch ``*_ref`` and its backend table beside it,
+selected by :func:`dispatch.select` (see docs/design.md, "Ops and backends")."""
 
-from . import (
-    _backends,  # noqa: F401  registers the Triton and extension backends when available
-    dispatch,
-)
+from . import dispatch
 from .compact import (
     compact,
     compact_,

@@ -1,9 +1,12 @@
-"""The compiled ops of ``eeruntime._C`` as backends of ``compact``, ``compact_into`` and
-``scatter_rows``: ``cuda`` (CUB stable select + vectorized row gather/scatter) first, then ``cpp``
-(CPU), ahead of the ``torch`` references; and of ``exit_decision``: ``cpp``, the fused CPU kernel
-of csrc/exit_decision_cpu.cpp (one read of each row; formulas in that file), after ``triton`` and
-before ``torch``. Also registers the ops' fake kernels, so ``torch.compile`` can trace
-``torch.ops.eeruntime.*``.
+"""The compiled ops of ``eeruntime._C`` as rows of the ops' backend tables (the tables
+themselves are declared beside each ``*_ref``): for ``compact``, ``compact_into`` and
+``scatter_rows`` one extension backend whose CUDA kernels (CUB stable select + vectorized row
+gather/scatter) and CPU kernels are the same ``torch.ops.eeruntime`` op, routed by torch's
+dispatcher; it shows in a table as ``cuda`` and ``cpp`` (:func:`extension_rows`), so that
+``explain`` says per device why it cannot run and a device can be forced by name. For
+``exit_decision`` and ``exit_scatter``: ``cpp``, the fused CPU kernels of
+csrc/exit_decision_cpu.cpp (one read of each row; formulas in that file). Also registers the
+ops' fake kernels, so ``torch.compile`` can trace ``torch.ops.eeruntime.*``.
 
 The ops copy whole rows as bytes (any dtype, any trailing shape). They are not differentiable:
 with grad enabled and an input that requires grad, ``auto`` leaves them to the ``torch`` backend.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -39,13 +42,6 @@ def _compiled(name: str):
     if op is None and _ext.available() and hasattr(torch.ops.eeruntime, name):
         op = _compiled_ops[name] = getattr(torch.ops.eeruntime, name).default
     return op
-
-
-def _register_before_torch(op: str, backend: dispatch.Backend) -> None:
-    """Register a CPU backend just ahead of the op's torch reference (after triton, which auto
-    takes only for CUDA tensors)."""
-    names = dispatch.backends(op)
-    dispatch.register(op, backend, priority=names.index("torch") if "torch" in names else None)
 
 
 def _rows_dense(t: torch.Tensor) -> bool:
@@ -153,28 +149,26 @@ _FIX = {
     "cpp": f"To get the C++ ops, {_ext.BUILD_HINT}",
 }
 
-for _device_type, _priority in (("cuda", 0), ("cpp", 1)):
-    _dev = "cuda" if _device_type == "cuda" else "cpu"
-    dispatch.register(
-        "compact",
-        dispatch.Backend(_device_type, _compact, _compact_why_not(_dev), _FIX[_device_type]),
-        priority=_priority,
-    )
-    dispatch.register(
-        "compact_into",
-        dispatch.Backend(_device_type, _compact_into, _compact_into_why_not(_dev), _FIX[_device_type]),
-        priority=_priority,
-    )
-    dispatch.register(
-        "scatter_rows",
-        dispatch.Backend(_device_type, _scatter_rows, _scatter_why_not(_dev), _FIX[_device_type]),
-        priority=_priority,
-    )
+# op -> (the compiled op's caller, its why-not for a device, whether it never syncs with the host)
+_ROW_OPS = {
+    "compact": (_compact, _compact_why_not, False),  # its output size is the kept count: one sync on CUDA
+    "compact_into": (_compact_into, _compact_into_why_not, True),
+    "scatter_rows": (_scatter_rows, _scatter_why_not, True),
+}
+
+
+def extension_rows(op: str) -> List[dispatch.Backend]:
+    """The extension backend of ``op`` as table rows: its CUDA face ``cuda`` then its CPU face ``cpp``."""
+    fn, why_not, sync_free = _ROW_OPS[op]
+    return [
+        dispatch.Backend("cuda", fn, why_not("cuda"), _FIX["cuda"], capturable=sync_free),
+        dispatch.Backend("cpp", fn, why_not("cpu"), _FIX["cpp"]),
+    ]
+
+
 # In-place compaction has a CPU kernel only: on CUDA the runtime packs into the static buffers of
 # its captured graphs (compact_into) instead.
-dispatch.register(
-    "compact_", dispatch.Backend("cpp", _compact_inplace, _compact_inplace_why_not, _FIX["cpp"]), priority=0
-)
+COMPACT_INPLACE_CPP = dispatch.Backend("cpp", _compact_inplace, _compact_inplace_why_not, _FIX["cpp"])
 
 
 if _ext.available():
@@ -254,9 +248,7 @@ def _exit_decision_cpp(logits, threshold, criterion="entropy", return_argmax=Fal
     return (conf, exits, argmax) if return_argmax else (conf, exits)
 
 
-_register_before_torch(
-    "exit_decision", dispatch.Backend("cpp", _exit_decision_cpp, _exit_decision_why_not, _FIX["cpp"])
-)
+EXIT_DECISION_CPP = dispatch.Backend("cpp", _exit_decision_cpp, _exit_decision_why_not, _FIX["cpp"])
 
 if _exit_decision_op() is not None:
 
@@ -322,7 +314,7 @@ def _exit_scatter_cpp(logits, thresholds, criterion, exit, final, rows, out, con
     )
 
 
-_register_before_torch("exit_scatter", dispatch.Backend("cpp", _exit_scatter_cpp, _exit_scatter_why_not, _FIX["cpp"]))
+EXIT_SCATTER_CPP = dispatch.Backend("cpp", _exit_scatter_cpp, _exit_scatter_why_not, _FIX["cpp"])
 
 if exit_scatter_op() is not None:
 

@@ -1,4 +1,4 @@
-"""Registers the Triton exit-decision kernel (``kernels/exit_decision.py``) ahead of the torch reference.
+"""The Triton exit-decision kernel (``kernels/exit_decision.py``) as a row of ``exit_decision``'s backend table.
 
 The kernel module is imported on first use, not here: ``triton.jit`` decides at that import
 whether the kernels are compiled for the GPU or run by the interpreter (``TRITON_INTERPRET=1``),
@@ -94,8 +94,5 @@ def exit_decision_triton(logits, threshold, criterion="entropy", return_argmax=F
     return launch(logits, threshold, criterion, return_argmax)
 
 
-dispatch.register(
-    "exit_decision",
-    dispatch.Backend("triton", exit_decision_triton, triton_why_not, fix=FIX),
-    priority=0,
-)
+# Sync-free: the threshold is read on the device, so it may run inside a captured graph.
+EXIT_DECISION_TRITON = dispatch.Backend("triton", exit_decision_triton, triton_why_not, fix=FIX, capturable=True)

@@ -16,6 +16,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from . import dispatch
+from ._ext_backend import COMPACT_INPLACE_CPP, extension_rows
 from .aliasing import inputs_apart, refuse_overlapping_outputs
 
 
@@ -71,10 +72,12 @@ def _always(*args, forced):
     return None
 
 
-dispatch.register("compact", dispatch.Backend("torch", compact_ref, _always))
-dispatch.register("compact_into", dispatch.Backend("torch", compact_into_ref, _always))
-dispatch.register("compact_", dispatch.Backend("torch", compact_inplace_ref, _always))
-dispatch.register("scatter_rows", dispatch.Backend("torch", scatter_rows_ref, _always))
+# The backend tables, tried in this order by ``auto``: the extension (its CUDA face, then its CPU
+# face), then the reference. The references call ``nonzero`` (a host sync): not capturable.
+dispatch.table("compact", [*extension_rows("compact"), dispatch.Backend("torch", compact_ref, _always)])
+dispatch.table("compact_into", [*extension_rows("compact_into"), dispatch.Backend("torch", compact_into_ref, _always)])
+dispatch.table("compact_", [COMPACT_INPLACE_CPP, dispatch.Backend("torch", compact_inplace_ref, _always)])
+dispatch.table("scatter_rows", [*extension_rows("scatter_rows"), dispatch.Backend("torch", scatter_rows_ref, _always)])
 
 
 def compact(keep: torch.Tensor, tensors: Sequence[torch.Tensor], *, backend: str = "auto"):

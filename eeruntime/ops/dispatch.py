@@ -1,6 +1,6 @@
 """Backend dispatch for the fast ops, in the xformers style.
 
-Each op keeps a priority list of backends. A backend says, for concrete inputs, either ``None``
+Each op has one table of backends, declared in its module beside its ``*_ref``. A backend says, for concrete inputs, either ``None``
 (it can run them) or a sentence saying why it cannot. ``backend="auto"`` takes the first backend
 that can run; naming a backend that cannot run raises :class:`BackendUnavailable` with its reason
 and the fix.
@@ -18,25 +18,27 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass
 class Backend:
+    """One row of an op's backend table."""
+
     name: str
     fn: Callable
     # why_not(*args, forced=bool, **kwargs) -> None when it can run, else the reason.
     why_not: Callable[..., Optional[str]]
     # what the user should do when this backend is forced but cannot run.
     fix: str = ""
+    # it never reads device data on the host, so it may run inside a captured CUDA graph
+    capturable: bool = False
 
 
+# op -> its backend table, in the order ``auto`` tries them. Each op module declares its own
+# table once, beside its ``*_ref`` (:func:`table`); nothing registers by import side effect.
 _REGISTRY: Dict[str, List[Backend]] = {}
 
 
-def register(op: str, backend: Backend, *, priority: Optional[int] = None) -> None:
-    """Register ``backend`` for ``op``; lower ``priority`` index is tried first (default: last)."""
-    backends = _REGISTRY.setdefault(op, [])
-    backends[:] = [b for b in backends if b.name != backend.name]
-    if priority is None:
-        backends.append(backend)
-    else:
-        backends.insert(priority, backend)
+def table(op: str, rows: List[Backend]) -> List[Backend]:
+    """Declare ``op``'s backend table (highest priority first; the torch reference last)."""
+    _REGISTRY[op] = list(rows)
+    return _REGISTRY[op]
 
 
 def backends(op: str) -> List[str]:
@@ -71,3 +73,17 @@ def select(op: str, backend: str, *args, **kwargs) -> Backend:
             return b
     known = ", ".join(repr(n) for n in ["auto", *backends(op)])
     raise ValueError(f"unknown backend {backend!r} for {op}; accepted: {known}")
+
+
+def capturable_backends(op: str) -> List[str]:
+    """Names of ``op``'s backends that may run inside a captured CUDA graph."""
+    return [b.name for b in _REGISTRY.get(op, []) if b.capturable]
+
+
+def capturable(op: str, backend: str, *args, **kwargs) -> bool:
+    """Whether the backend :func:`select` picks for these inputs may run in a captured CUDA graph
+    (False when none can run them)."""
+    try:
+        return select(op, backend, *args, **kwargs).capturable
+    except (BackendUnavailable, ValueError):
+        return False

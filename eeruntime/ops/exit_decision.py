@@ -14,6 +14,8 @@ import torch
 
 from ..criteria import CRITERIA, check_criterion
 from . import dispatch
+from ._ext_backend import EXIT_DECISION_CPP
+from ._triton_backend import EXIT_DECISION_TRITON
 
 Threshold = Union[float, int, torch.Tensor]
 
@@ -90,9 +92,11 @@ def _torch_why_not(logits, threshold, criterion, return_argmax, *, forced):
     return None
 
 
-dispatch.register(
+# The backend table, tried in this order by ``auto``: Triton (CUDA tensors), the fused C++ CPU
+# kernel, the reference.
+dispatch.table(
     "exit_decision",
-    dispatch.Backend("torch", exit_decision_ref, _torch_why_not),
+    [EXIT_DECISION_TRITON, EXIT_DECISION_CPP, dispatch.Backend("torch", exit_decision_ref, _torch_why_not)],
 )
 
 

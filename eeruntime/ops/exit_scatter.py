@@ -18,6 +18,7 @@ import torch
 
 from ..criteria import CRITERIA
 from . import dispatch
+from ._ext_backend import EXIT_SCATTER_CPP
 from .aliasing import inputs_apart, refuse_overlapping_outputs
 from .compact import scatter_rows_ref
 from .exit_decision import _check_logits, confidence_ref, exits_from_scores
@@ -40,7 +41,8 @@ def _torch_why_not(*args, forced):
     return None
 
 
-dispatch.register("exit_scatter", dispatch.Backend("torch", exit_scatter_ref, _torch_why_not))
+# The backend table, tried in this order by ``auto``: the fused C++ CPU kernel, the reference.
+dispatch.table("exit_scatter", [EXIT_SCATTER_CPP, dispatch.Backend("torch", exit_scatter_ref, _torch_why_not)])
 
 
 def _check(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index) -> None:

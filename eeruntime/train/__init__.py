@@ -1,4 +1,4 @@
-"""Training multi-exit models: the three methods of DESIGN.md and their learned criteria.
+"""Training multi-exit models: the three methods of docs/design.md and their learned criteria.
 
     ee.train.joint(model, data, epochs, lr, weights=None)              # BranchyNet
     ee.train.post_train(model, data, epochs, lr, cost_weight, confidence)  # PTEE, frozen backbone
@@ -13,13 +13,13 @@ the model's device, shows tqdm bars (``progress=False`` turns them off), is repe
 """
 
 from ..heads import equip_heads
-from ._costs import normalised_exit_costs, soft_cost
 from ._loop import History
+from .cost_terms import normalised_exit_costs, soft_cost
 from .differentiable import differentiable, differentiable_loss, soft_conditional
+from .head_criteria import HeadScorer, confidence_criterion, gate_criterion
 from .joint import joint, joint_loss
 from .learned_exit import learned_exit
 from .post_train import post_train, post_train_loss
-from .scorers import HeadScorer, confidence_criterion, gate_criterion
 from .two_stage import two_stage
 
 

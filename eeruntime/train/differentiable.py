@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from ..heads import ExitHead, equip_heads
-from ..state import as_tuple, call
-from ._costs import normalised_exit_costs, soft_cost
+from ..state import as_tuple, call, stage_forward
 from ._loop import History, StepResult, check_common, check_nonneg, run, unique_trainable
+from .cost_terms import normalised_exit_costs, soft_cost
 
 
 def soft_conditional(logits: Sequence[torch.Tensor], gate_logits: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -98,9 +98,7 @@ def differentiable(
         state = x
         logits, gates = [], []
         for k in range(K):
-            state = call(model.stages[k], state)
-            if isinstance(state, list):
-                state = tuple(state)
+            state = stage_forward(model.stages[k], state)
             if k < K - 1:
                 lg, _, a = model.exits[k].parts(*as_tuple(state))
                 gates.append(a)

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..state import call
+from ..state import call, stage_forward
 from ._loop import History, StepResult, check_common, freeze, run
 
 
@@ -57,9 +57,7 @@ def learned_exit(
         states, outs, state = [], [], x
         with torch.no_grad():
             for stage, head in zip(model.stages, model.exits):
-                state = call(stage, state)
-                if isinstance(state, list):
-                    state = tuple(state)
+                state = stage_forward(stage, state)
                 states.append(state)
                 outs.append(call(head, state))
         terms = {}

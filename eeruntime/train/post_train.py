@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from ..heads import ExitHead, equip_heads
-from ..state import as_tuple, call
-from ._costs import normalised_exit_costs, soft_cost
+from ..state import as_tuple, call, stage_forward
 from ._loop import History, StepResult, check_common, check_nonneg, freeze, run, unique_trainable
+from .cost_terms import normalised_exit_costs, soft_cost
 
 
 def post_train_loss(early_logits, pseudo, conf_logits=None, costs=None, cost_weight: float = 0.0):
@@ -122,9 +122,7 @@ def post_train(
         early, conf = [], []
         for k in range(K):
             with torch.no_grad():
-                state = call(model.stages[k], state)
-                if isinstance(state, list):
-                    state = tuple(state)
+                state = stage_forward(model.stages[k], state)
             if k < K - 1:
                 head = model.exits[k]
                 if confidence:

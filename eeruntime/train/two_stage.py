@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..state import call
+from ..state import call, stage_forward
 from ._loop import History, StepResult, check_common, freeze, run, unique_trainable
 from .joint import exit_classifier_params
 
@@ -29,9 +29,7 @@ def _stage_outputs(model, x, grad_stages: bool, grad_exits):
     outs, state = [], x
     for k, (stage, head) in enumerate(zip(model.stages, model.exits)):
         with torch.set_grad_enabled(grad_stages):
-            state = call(stage, state)
-            if isinstance(state, list):
-                state = tuple(state)
+            state = stage_forward(stage, state)
         with torch.set_grad_enabled(grad_exits(k)):
             outs.append(call(head, state))
     return outs

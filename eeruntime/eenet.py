@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .criteria import register_criterion
+
 DEFAULT_TOP_K = 3
 
 
@@ -49,6 +51,7 @@ def exit_features(logits: torch.Tensor, top_k: int = DEFAULT_TOP_K) -> torch.Ten
     return torch.cat([top, ne[:, None]], dim=1)
 
 
+@register_criterion("eenet", legacy_path="eeruntime.scorers.EENetScorer")
 class EENetScorer(nn.Module):
     """Per-exit EENet scorers for a model with ``num_exits`` exits (a runtime criterion).
 

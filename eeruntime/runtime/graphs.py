@@ -5,7 +5,7 @@ For every stage k and batch bucket b one graph holds the whole step:
     state  = stage_k(input_k[:b])                    # input_k: static buffer of the largest bucket
     logits = exit_k(state)
     valid  = arange(b) < count_k                     # rows past the count are padding
-    score, exited = exit_decision(logits, thresholds[k])   # thresholds: the runtime's device tensor
+    score, exited = exit_decision(logits, thresholds[k])   # thresholds: the call's snapshot, static
     exited &= valid
     out[rows_k[i]] = logits[i], score[i], k          for every exited row i   (scatter)
     input_{k+1}, rows_{k+1}, count_{k+1} = pack(valid & ~exited, state, rows_k)   (compact_into)
@@ -20,8 +20,9 @@ tensors, so what it returns is never a view of a static buffer.
 
 Graphs are captured per input signature (trailing shapes and dtypes, and the autocast state),
 lazily or by :meth:`GraphRunner.warmup` (largest bucket first, all on one memory pool, with no
-device sync between captures). Thresholds are read through the runtime's device tensor, which
-``set_thresholds`` updates in place: no re-capture.
+device sync between captures). Thresholds are read from a static buffer per signature that each
+call fills once from its snapshot (a device copy), so ``set_thresholds`` needs no re-capture and
+a call never mixes two sets.
 With ``capture=False`` (and on any non-CUDA device) the very same static-buffer loop runs eagerly,
 which is how its buffer, padding and chunking logic is tested on CPU.
 """
@@ -38,16 +39,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import ops
-from .criteria import uses_history
-from .devices import device_guard
-from .runtime import InferenceResult
-from .state import as_tuple, call, check_state
+from .. import ops
+from ..criteria import uses_history
+from ..devices import device_guard
+from ..state import as_tuple, check_state
+from .executors import eager_pass
+from .loop import run_stages
+from .results import InferenceResult
 
-# The ops backends known to run with no host sync, so they may sit inside a captured graph. The
-# torch references call ``nonzero`` (a sync); when the selected backend is not listed here the
-# graph packs and scatters with the sync-free torch formulations below instead.
-CAPTURE_SAFE_BACKENDS = {"compact_into": ("cuda",), "scatter_rows": ("cuda",)}
+# The ops backends that run with no host sync, so they may sit inside a captured graph (the
+# ``capturable`` rows of the ops' backend tables). The torch references call ``nonzero`` (a sync);
+# when the selected backend is not capturable the graph packs and scatters with the sync-free
+# torch formulations below instead.
+CAPTURE_SAFE_BACKENDS = {op: tuple(ops.dispatch.capturable_backends(op)) for op in ("compact_into", "scatter_rows")}
 
 # Eager runs of a (stage, bucket) body before its capture, as the CUDA-graph docs require: they
 # trigger the lazy work (cuDNN autotuning, Triton compiles, cuBLAS handles) outside the capture.
@@ -395,12 +399,37 @@ def _no_alloc_while_capturing(what: str) -> None:
         raise RuntimeError(f"internal error: {what} allocated during CUDA graph capture (it must exist before)")
 
 
+# ------------------------------------------------------------------------------- one loop pass
+class _GraphPass:
+    """``n`` rows of a chunk through the stage loop on static buffers: a step replays stage k's
+    graph at the bucket covering the live rows (which also packs the survivors into stage k+1's
+    input) and reads the survivors' count, the one host sync per early exit."""
+
+    def __init__(self, runner: GraphRunner, sig: _Signature, n: int):
+        self.runner, self.sig, self.alive = runner, sig, n
+        self.last = runner.spec.num_exits - 1
+
+    def step(self, k: int) -> int:
+        runner = self.runner
+        runner._launch(self.sig, k, bucket_for(self.alive, runner.buckets))
+        if k == self.last:
+            return self.alive
+        n_next = runner._read_count(self.sig.stages[k + 1].count)
+        left, self.alive = self.alive - n_next, n_next
+        return left
+
+    def pack(self) -> None:
+        pass  # the step's graph packed the survivors already
+
+
 # ------------------------------------------------------------------------------------- the runner
 class GraphRunner:
     """Runs an :class:`~eeruntime.EERuntime` on static buffers, one CUDA graph per stage and bucket.
 
     Args:
-        rt: the runtime (its model, criterion, thresholds, ``final`` and backends are used).
+        rt: the runtime: its ``spec`` (model, scorer, ``final``, pack backend) is what runs; its
+            snapshot of thresholds is the default of a call; ``graphs=True`` on it makes a
+            reason to fall back an error.
         buckets: batch sizes to capture (any positive ints; sorted and de-duplicated). ``None``:
             :func:`default_buckets` of 256, or of ``max_batch`` at :meth:`warmup`. A batch above the
             largest bucket runs in chunks of it, and the largest bucket sets the buffers' size.
@@ -427,7 +456,10 @@ class GraphRunner:
             raise ValueError(f"capture must be None, True or False, got {capture!r}")
         if pack not in ("auto", "ops", "torch"):
             raise ValueError(f"pack must be 'auto', 'ops' or 'torch', got {pack!r}")
-        self.rt = rt
+        self.spec = rt.spec
+        self._snapshot = rt.thresholds_snapshot
+        self._example = lambda: rt.example
+        self._strict = rt.graphs is True
         self._auto_buckets = buckets is None
         self.buckets = default_buckets() if buckets is None else check_buckets(buckets)
         self.capture = capture
@@ -453,7 +485,7 @@ class GraphRunner:
         if isinstance(x, list):
             x = tuple(x)
         B = check_state(x, "GraphRunner input")
-        snap = self.rt.thresholds_snapshot() if thresholds is None else thresholds
+        snap = self._snapshot() if thresholds is None else thresholds
         if B == 0 or self.disabled_reason is not None:
             return self._eager(x, B, snap)
         device = as_tuple(x)[0].device
@@ -493,7 +525,7 @@ class GraphRunner:
                     self._drop_signatures()
                     self.buckets = new
             if example is None:
-                example = getattr(self.rt, "_example", None)
+                example = self._example()
             if example is None:
                 self._pending_warmup = max_batch
                 return
@@ -532,10 +564,10 @@ class GraphRunner:
     # ------------------------------------------------------------------ call sequence
     def _eager(self, x, B: int, snap):
         with torch.inference_mode():
-            return self.rt._infer_eager(x, B, snap)
+            return eager_pass(self.spec, x, B, snap.tensor(as_tuple(x)[0].device)).run()
 
     def _disable(self, reason: str) -> None:
-        if self.rt.graphs is True:
+        if self._strict:
             raise RuntimeError(f"graphs=True but CUDA graphs cannot be used: {reason}")
         self.disabled_reason = reason
         warnings.warn(f"eeruntime: CUDA graphs disabled, running eagerly: {reason}", RuntimeWarning, stacklevel=3)
@@ -574,8 +606,8 @@ class GraphRunner:
         if sig is None:
             if len(self._sigs) >= self.max_signatures:
                 return None  # beyond the limit: run eagerly rather than hold more buffers
-            sig = self._sigs[key] = _Signature(x, self.buckets[-1], self.rt.num_exits, capture)
-            sig.thresholds.copy_(self.rt.thresholds_snapshot().tensor(sig.device))  # for a warm-up run now
+            sig = self._sigs[key] = _Signature(x, self.buckets[-1], self.spec.num_exits, capture)
+            sig.thresholds.copy_(self._snapshot().tensor(sig.device))  # for a warm-up run now
             if self._pending_warmup is not None:
                 max_batch, self._pending_warmup = self._pending_warmup, None
                 self._warm(sig, max_batch)
@@ -594,7 +626,7 @@ class GraphRunner:
             # cached blocks go back to the driver, so the graph pool can take that memory.
             torch.cuda.synchronize(sig.device)
             torch.cuda.empty_cache()
-        for k in range(self.rt.num_exits):
+        for k in range(self.spec.num_exits):
             for b in sizes:
                 if (k, b) in sig.ready:
                     continue
@@ -607,7 +639,7 @@ class GraphRunner:
         # copy), so every stage of the call decides against the same snapshot.
         sig.thresholds.copy_(snap.tensor(sig.device))
         parts = as_tuple(x)
-        K = self.rt.num_exits
+        K = self.spec.num_exits
         counts = [0] * K
         first = sig.stages[0]
         logits = exit_index = confidence = None
@@ -629,19 +661,7 @@ class GraphRunner:
         return InferenceResult(logits, exit_index, confidence), counts
 
     def _run_stages(self, sig: _Signature, n: int) -> List[int]:
-        K = self.rt.num_exits
-        counts = [0] * K
-        for k in range(K):
-            self._launch(sig, k, bucket_for(n, self.buckets))
-            if k == K - 1:
-                counts[k] = n
-                break
-            n_next = self._read_count(sig.stages[k + 1].count)
-            counts[k] = n - n_next
-            n = n_next
-            if n == 0:
-                break
-        return counts
+        return run_stages(_GraphPass(self, sig, n), self.spec.num_exits)
 
     def _read_count(self, count: torch.Tensor) -> int:
         self.host_syncs += 1  # the one host sync per early exit
@@ -714,26 +734,22 @@ class GraphRunner:
     # ------------------------------------------------------------------ the graph body
     def _body(self, sig: _Signature, k: int, b: int) -> None:
         """Stage k at bucket b on static buffers: no host sync, no allocation that outlives it."""
-        rt = self.rt
-        K = rt.num_exits
+        spec = self.spec
+        K = spec.num_exits
         st = sig.stages[k]
-        state = call(rt.model.stages[k], st.state(b))
-        if isinstance(state, list):
-            state = tuple(state)
-        logits = call(rt.model.exits[k], state)
-        C = rt._check_logits(logits, b, k)
+        state, logits, C = spec.forward(k, st.state(b), b)
         self._ensure_outputs(sig, logits, C)
         valid = sig.arange[:b] < st.count
         rows = st.rows[:b]
         acc = None
-        if rt.final == "average":
+        if spec.average:
             acc = logits.float() if st.acc is None else st.acc[:b] + logits.float()
         if k == K - 1:
             final_logits = (acc / K).to(logits.dtype) if acc is not None else logits
-            conf = self._final_score(sig, final_logits, state, k)
+            conf = spec.scorer.score_at(final_logits, state, k, sig.zero_threshold)
             self._scatter(sig, valid, rows, [final_logits, conf, sig.exit_ids[k, :b]])
             return
-        score, exited = rt.decide(logits, state, k, thresholds=sig.thresholds)
+        score, exited = spec.scorer.decide(logits, state, k, (), sig.thresholds)
         exited = exited & valid
         keep = valid & ~exited
         self._scatter(sig, exited, rows, [logits, score, sig.exit_ids[k, :b]])
@@ -741,14 +757,6 @@ class GraphRunner:
         carried = [*as_tuple(state), rows] + ([acc] if acc is not None else [])
         outs = [*nxt.inputs, nxt.rows] + ([nxt.acc] if acc is not None else [])
         self._pack(sig, keep, carried, outs, nxt.count)
-
-    def _final_score(self, sig: _Signature, logits: torch.Tensor, state, k: int) -> torch.Tensor:
-        rt = self.rt
-        if callable(rt.criterion):
-            return rt.score(logits, state, k, ())
-        # rt.score passes a float threshold, which the torch reference turns into a new device
-        # tensor (a host copy, not capturable); the score does not depend on it.
-        return ops.exit_decision(logits, sig.zero_threshold, rt.criterion, backend=rt.decision_backend)[0]
 
     def _ensure_outputs(self, sig: _Signature, logits: torch.Tensor, C: int) -> None:
         if sig.out_logits is None:
@@ -771,7 +779,7 @@ class GraphRunner:
                 is_tuple,
                 torch.zeros(cap, dtype=torch.int64, device=dev),
                 torch.zeros(1, dtype=torch.int64, device=dev),
-                torch.zeros((cap, C), dtype=torch.float32, device=dev) if self.rt.final == "average" else None,
+                torch.zeros((cap, C), dtype=torch.float32, device=dev) if self.spec.average else None,
             )
         elif not st.matches(parts, is_tuple):
             raise _GraphsUnusable(
@@ -784,25 +792,19 @@ class GraphRunner:
     def _use_ops(self, sig: _Signature, op: str, *args) -> bool:
         if self.pack != "auto":
             return self.pack == "ops"
-        if not sig.capture:
-            return True
-        try:
-            chosen = ops.dispatch.select(op, self.rt.compact_backend, *args)
-        except (ops.BackendUnavailable, ValueError):
-            return False
-        return chosen.name in CAPTURE_SAFE_BACKENDS[op]
+        return not sig.capture or ops.dispatch.capturable(op, self.spec.compact_backend, *args)
 
     def _scatter(self, sig: _Signature, mask, rows, srcs) -> None:
         outs = [sig.out_logits, sig.out_conf, sig.out_exit]
         srcs = [s.to(o.dtype) for s, o in zip(srcs, outs)]
         if self._use_ops(sig, "scatter_rows", mask, rows, srcs, outs):
-            ops.scatter_rows(mask, rows, srcs, outs, backend=self.rt.compact_backend)
+            ops.scatter_rows(mask, rows, srcs, outs, backend=self.spec.compact_backend)
         else:
             scatter_rows_nosync(mask, rows, srcs, outs, spare_row=sig.cap)
 
     def _pack(self, sig: _Signature, keep, carried, outs, count_out) -> None:
         index_out = sig.pack_index
         if self._use_ops(sig, "compact_into", keep, carried, outs, index_out, count_out):
-            ops.compact_into(keep, carried, outs, index_out, count_out, backend=self.rt.compact_backend)
+            ops.compact_into(keep, carried, outs, index_out, count_out, backend=self.spec.compact_backend)
         else:
             compact_into_nosync(keep, carried, outs, count_out)

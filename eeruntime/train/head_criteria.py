@@ -16,6 +16,7 @@ from typing import Callable, List, Sequence, Union
 import torch
 from torch import nn
 
+from ..criteria import register_model_criterion
 from ..heads import ExitHead
 from ..state import as_tuple
 
@@ -64,11 +65,13 @@ def _early_heads(model, what: str) -> List[ExitHead]:
     return heads
 
 
+@register_model_criterion
 def confidence_criterion(model) -> HeadScorer:
     """PTEE: score at early exit k = the sigmoid confidence of exit k's confidence head."""
     return HeadScorer([h.confidence for h in _early_heads(model, "confidence")], "confidence_criterion")
 
 
+@register_model_criterion
 def gate_criterion(model_or_gates: Union[nn.Module, Sequence[Callable]]) -> HeadScorer:
     """Differentiable branching: score at early exit k = g_k(state); exit when g_k >= T (use
     threshold 0.5 for the paper's hard decision). Give the model (gates in its exit heads) or a

@@ -1,4 +1,4 @@
-"""Per-exit costs for calibration: FLOPs (the cost model of DESIGN.md) or measured latency."""
+"""Per-exit costs for calibration: FLOPs (the cost model of docs/design.md) or measured latency."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Tuple
 import torch
 
 from ..cost import CostModel, measure_costs
-from ..state import as_tuple, call
+from ..state import as_tuple, call, stage_forward
 from ..timing import median_seconds
 
 
@@ -26,10 +26,8 @@ def measure_latency(model, batch, warmup: int = 2, iters: int = 7) -> CostModel:
         state = batch
         for stage, head in zip(model.stages, model.exits):
             inp = state
-            stage_s.append(median_seconds(lambda: call(stage, inp), device, warmup, iters) / B)
-            state = call(stage, inp)
-            if isinstance(state, list):
-                state = tuple(state)
+            stage_s.append(median_seconds(lambda: stage_forward(stage, inp), device, warmup, iters) / B)
+            state = stage_forward(stage, inp)
             out = state
             head_s.append(median_seconds(lambda: call(head, out), device, warmup, iters) / B)
     finally:
