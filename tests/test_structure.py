@@ -94,6 +94,10 @@ def walkers():
         "joint training": lambda m: ee.train.joint(m, [(x, y)], epochs=1, lr=1e-3, progress=False),
         "post-training": lambda m: ee.train.post_train(m, [(x, y)], epochs=1, lr=1e-3, progress=False),
         "differentiable training": lambda m: ee.train.differentiable(m, [(x, y)], epochs=1, lr=1e-3, progress=False),
+        "two-stage training": lambda m: ee.train.two_stage(m, [(x, y)], epochs=1, lr=1e-3, progress=False),
+        "learned-exit training": lambda m: ee.train.learned_exit(
+            m, ee.exit_rules.LearnedExit(6), [(x, y)], epochs=1, lr=1e-3, progress=False
+        ),
         "head equipping": lambda m: ee.train.add_gates(
             ee.MultiExitModel(list(m.stages), [nn.Sequential(nn.Linear(6, 4)) for _ in range(3)]), example=x
         ),

@@ -1,4 +1,4 @@
-"""Training multi-exit models: the three methods of docs/design.md and their learned criteria.
+"""Training multi-exit models: the three methods of the README ("Training exits and choosing thresholds") and their learned criteria.
 
     ee.train.joint(model, data, epochs, lr, weights=None)              # BranchyNet
     ee.train.post_train(model, data, epochs, lr, cost_weight, confidence)  # PTEE, frozen backbone
