@@ -238,3 +238,22 @@ def test_every_op_has_one_table_ending_with_its_reference():
     assert dispatch.capturable_backends("compact_into") == ["cuda"] == dispatch.capturable_backends("scatter_rows")
     assert dispatch.capturable_backends("compact") == [] and dispatch.capturable_backends("exit_decision") == ["triton"]
     assert not hasattr(dispatch, "register")  # tables are declared, never patched in by imports
+
+
+# ------------------------------------------------------------------------------- old import paths
+def test_old_import_paths_name_the_moved_objects():
+    """Modules that moved (runtime.py -> runtime/, graphs.py -> runtime/graphs.py, scorers.py ->
+    eenet.py) keep their old import paths for users' code: the same objects, not copies."""
+    import eeruntime.eenet as eenet
+    import eeruntime.graphs as old_graphs
+    import eeruntime.runtime as runtime
+    import eeruntime.runtime.graphs as graphs
+    import eeruntime.scorers as old_scorers
+
+    for name in old_graphs.__all__:
+        assert getattr(old_graphs, name) is getattr(graphs, name), name
+    for name in old_scorers.__all__:
+        assert getattr(old_scorers, name) is getattr(eenet, name), name
+    assert runtime.EERuntime is ee.EERuntime and runtime.StageResult is ee.StageResult
+    assert runtime.cat_rows is state_mod.cat_rows and runtime.take_rows is state_mod.take_rows
+    assert ee.InferenceResult is runtime.InferenceResult
