@@ -47,6 +47,11 @@ from .executors import eager_pass
 from .loop import run_stages
 from .results import InferenceResult
 
+__all__ = [  # the public names, also the old import path eeruntime.graphs
+    "CAPTURE_SAFE_BACKENDS", "GraphRunner", "autocast_state", "bucket_for", "check_buckets", "chunk_bounds",
+    "compact_into_nosync", "default_buckets", "graphs_supported", "scatter_rows_nosync",
+]  # fmt: skip
+
 # The ops backends that run with no host sync, so they may sit inside a captured graph (the
 # ``capturable`` rows of the ops' backend tables). The torch references call ``nonzero`` (a sync);
 # when the selected backend is not capturable the graph packs and scatters with the sync-free
