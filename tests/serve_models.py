@@ -45,6 +45,7 @@ class Hook:
     def __init__(self):
         self.lock = threading.Lock()
         self.batches = []  # (k, ids)
+        self.threads = []  # the thread that ran each of them (its name), aligned with batches
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.hold_if = None  # (k, ids) -> bool
@@ -59,11 +60,17 @@ class Hook:
     def __call__(self, k, ids):
         with self.lock:
             self.batches.append((k, ids))
+            self.threads.append(threading.current_thread().name)
         if self.hold_if is not None and self.hold_if(k, ids) and not self.gate.is_set():
             self.entered.set()
             assert self.gate.wait(30), "test gate never opened"
         if self.fail_if is not None and self.fail_if(k, ids):
             raise RuntimeError(f"injected failure at stage {k}")
+
+    def ran_in(self, ident):
+        """Names of the threads that ran batches holding row ``ident``."""
+        with self.lock:
+            return {t for (_, ids), t in zip(self.batches, self.threads) if ident in ids}
 
     def seen(self, k=None):
         with self.lock:

@@ -3,6 +3,7 @@ timeouts, cancellation, stage failures, shutdown and threshold swaps never leave
 nor deliver a row to another request."""
 
 import asyncio
+import concurrent.futures
 import random
 import threading
 import time
@@ -34,7 +35,8 @@ def near_threshold(model, x, thresholds, criterion, final, tol=1e-4):
 
 def submit_concurrently(sched, x, threads=4, seed=0):
     """Split x into requests of 1-6 rows, submitted in random order from several threads (one of
-    them through asyncio); returns [(start, stop, future)]."""
+    them through asyncio, the others by submit_nowait or the blocking infer); returns
+    [(start, stop, future)]."""
     rng = random.Random(seed)
     spans, i = [], 0
     while i < x.shape[0]:
@@ -48,7 +50,11 @@ def submit_concurrently(sched, x, threads=4, seed=0):
     def blocking(part, seed):
         r = random.Random(seed)
         for a, b in part:
-            f = sched.submit_nowait(x[a:b])
+            if r.random() < 0.3:  # sched.infer: inline when the scheduler happens to be idle
+                f = concurrent.futures.Future()
+                f.set_result(sched.infer(x[a:b]))
+            else:
+                f = sched.submit_nowait(x[a:b])
             with lock:
                 results.append((a, b, f))
             if r.random() < 0.3:
@@ -62,7 +68,7 @@ def submit_concurrently(sched, x, threads=4, seed=0):
             return await asyncio.gather(*(one(a, b) for a, b in part))
 
         for (a, b), res in zip(part, asyncio.run(main())):
-            done = __import__("concurrent.futures").futures.Future()
+            done = concurrent.futures.Future()
             done.set_result(res)
             with lock:
                 results.append((a, b, done))
@@ -298,3 +304,118 @@ def test_bad_inputs_are_refused_at_submit_and_mismatched_layouts_never_share_a_b
         assert good.result(WAIT).logits.shape == (3, 3)
     with pytest.raises(ValueError, match="max_batch"):
         StageScheduler(ee.EERuntime(model), max_batch=0)
+
+
+WORKER = "eeruntime-stage-scheduler"  # the worker thread's default name
+
+
+def in_thread(fn, *args):
+    """Run fn(*args) in a new thread; returns (thread, box) where box[0] is its result or error."""
+    box = []
+
+    def run():
+        try:
+            box.append(fn(*args))
+        except BaseException as e:  # noqa: BLE001  (handed to the test)
+            box.append(e)
+
+    t = threading.Thread(target=run, name="caller")
+    t.start()
+    return t, box
+
+
+def test_blocking_infer_on_an_idle_scheduler_runs_in_the_callers_thread_one_executor_at_a_time():
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    with StageScheduler(rt, max_batch=4) as sched:
+        # idle: the whole request runs in this thread (no hand-off), and equals rt.infer
+        x = scripted_rows([1, 2, 3], [0, 2, 1])
+        got, want = sched.infer(x), rt.infer(x)
+        assert torch.equal(got.exit_index, want.exit_index) and torch.equal(got.logits, want.logits)
+        assert hook.ran_in(1) == hook.ran_in(2) == {threading.current_thread().name}
+        d = sched.stats_dict()
+        assert d["inline_requests"] == 1 and d["exits"] == [1, 1, 1] and d["batches"] == [1, 1, 1]
+        assert d["requests"]["completed"] == 1 and sched.pending() == 0
+        # a request with a timeout takes the worker's path (its timeout must fire mid-run)
+        sched.infer(scripted_rows([4], [1]), timeout_s=WAIT)
+        assert hook.ran_in(4) == {WORKER}
+        # larger than max_batch: the worker splits it
+        sched.infer(scripted_rows(list(range(10, 15)), [0] * 5))
+        assert hook.ran_in(10) == {WORKER} and sched.stats_dict()["inline_requests"] == 1
+
+        # while a caller runs inline, the worker runs nothing: arrivals wait and then share batches
+        hook.hold(0, trigger=20)
+        caller, box = in_thread(sched.infer, scripted_rows([20, 21], [2, 2]))
+        assert hook.entered.wait(WAIT)
+        assert hook.ran_in(20) == {"caller"}
+        b = sched.submit_nowait(scripted_rows([22], [1]))
+        c = sched.submit_nowait(scripted_rows([23], [0]))
+        blocked = sched.infer  # not idle any more: this caller waits for the worker
+        other, obox = in_thread(blocked, scripted_rows([24], [2]))
+        time.sleep(0.1)
+        assert not {22, 23, 24} & set(hook.seen()) and not b.done() and not c.done()
+        hook.gate.set()
+        caller.join(WAIT)
+        other.join(WAIT)
+        assert box[0].exit_index.tolist() == [2, 2] and obox[0].exit_index.tolist() == [2]
+        check_answers([([22], [1]), ([23], [0])], [b, c])
+        # the arrivals ran on the worker, together at stage 0
+        assert hook.ran_in(22) == hook.ran_in(24) == {WORKER}
+        assert any(k == 0 and {22, 23, 24} <= set(ids) for k, ids in hook.batches)
+        assert sched.stats_dict()["inline_requests"] == 2 and drained(sched)
+
+
+def test_inline_failure_and_shutdown_leave_no_request_pending():
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    hook.fail_if = lambda k, ids: k == 1 and 5 in ids
+    sched = StageScheduler(rt, max_batch=4)
+    with pytest.raises(StageFailed, match="injected failure at stage 1") as info:
+        sched.infer(scripted_rows([5, 6], [2, 0]))
+    assert isinstance(info.value.__cause__, RuntimeError) and sched.pending() == 0
+    assert sched.infer(scripted_rows([7], [2])).exit_index.tolist() == [2]  # and it goes on
+    assert sched.stats_dict()["inline_requests"] == 2 and sched.stats.stage_failures == 1
+
+    # close(drain=True) waits for the request running inline
+    hook.hold(1, trigger=8)
+    caller, box = in_thread(sched.infer, scripted_rows([8], [2]))
+    assert hook.entered.wait(WAIT)
+    threading.Timer(0.1, hook.gate.set).start()
+    sched.close(drain=True)
+    caller.join(WAIT)
+    assert box[0].exit_index.tolist() == [2] and sched.pending() == 0
+
+    # close(drain=False) fails it (the caller sees SchedulerClosed once its step returns)
+    sched = StageScheduler(rt, max_batch=4)
+    hook.hold(1, trigger=9)
+    caller, box = in_thread(sched.infer, scripted_rows([9], [2]))
+    assert hook.entered.wait(WAIT)
+    sched.close(drain=False)
+    assert sched.pending() == 0
+    hook.gate.set()
+    caller.join(WAIT)
+    assert isinstance(box[0], SchedulerClosed)
+    with pytest.raises(SchedulerClosed):
+        sched.infer(scripted_rows([0], [0]))
+
+
+def test_an_idle_scheduler_does_not_wait_its_batching_window_a_busy_one_does():
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    hour = 3_600_000.0  # max_wait_ms: a request that waited it would outlive the test
+    with StageScheduler(rt, max_batch=4, max_wait_ms=hour) as sched:
+        # admitted to an idle scheduler: every stage of it runs at once (worker path, submit_nowait)
+        check_answers([([1, 2], [0, 2])], [sched.submit_nowait(scripted_rows([1, 2], [0, 2]))])
+        assert hook.ran_in(2) == {WORKER}
+        # busy: a request admitted while another is pending waits for a full batch (or the window)
+        hook.hold(0, trigger=3)
+        a = sched.submit_nowait(scripted_rows([3], [2]))
+        assert hook.entered.wait(WAIT)
+        b = sched.submit_nowait(scripted_rows([10, 11], [0, 0]))
+        hook.gate.set()
+        check_answers([([3], [2])], [a])  # a's survivors (admitted idle) did not wait either
+        time.sleep(0.1)
+        assert not b.done() and not {10, 11} & set(hook.seen())
+        c = sched.submit_nowait(scripted_rows([12, 13], [0, 0]))  # 4 rows: a full batch
+        check_answers([([10, 11], [0, 0]), ([12, 13], [0, 0])], [b, c])
+        assert (0, [10, 11, 12, 13]) in hook.batches

@@ -86,18 +86,27 @@ class _Request:
 
 class _Chunk:
     """Rows waiting at a stage: ids int64 [n], their state and carry, the snapshot and input
-    layout they share, and when the oldest of them entered this queue."""
+    layout they share, and when they may run without a fuller batch (``ready_at``: entry time
+    plus ``max_wait``, or the entry time itself for rows of a request admitted to an idle
+    scheduler, which no other row could join)."""
 
-    __slots__ = ("ids", "state", "carry", "snap", "layout", "since", "n")
+    __slots__ = ("ids", "state", "carry", "snap", "layout", "ready_at", "urgent", "n")
 
-    def __init__(self, ids, state, carry, snap, layout, since):
-        self.ids, self.state, self.carry, self.snap, self.layout, self.since = ids, state, carry, snap, layout, since
+    def __init__(self, ids, state, carry, snap, layout, ready_at, urgent=False):
+        self.ids, self.state, self.carry, self.snap, self.layout = ids, state, carry, snap, layout
+        self.ready_at, self.urgent = ready_at, urgent
         self.n = int(ids.shape[0])
 
     def split(self, r: int):
         """The first ``r`` rows as a new chunk; this one keeps the rest (views, no copy)."""
         head = _Chunk(
-            self.ids[:r], _slice(self.state, 0, r), _slice(self.carry, 0, r), self.snap, self.layout, self.since
+            self.ids[:r],
+            _slice(self.state, 0, r),
+            _slice(self.carry, 0, r),
+            self.snap,
+            self.layout,
+            self.ready_at,
+            self.urgent,
         )
         self.ids, self.state, self.carry = self.ids[r:], _slice(self.state, r, None), _slice(self.carry, r, None)
         self.n -= r
@@ -174,6 +183,8 @@ class StageScheduler:
         self._admitted_rows = 0
         self._seq = itertools.count(1)
         self._sleeping = False
+        self._inline = False  # a caller runs a request in its own thread (infer() at idle)
+        self._after_inline = False  # the worker sleeps until that caller is done
         self._closing = False
         self._drain = True
         self.stats = SchedulerStats(self.num_stages, latency_window)
@@ -186,15 +197,7 @@ class StageScheduler:
         batch) and return a :class:`concurrent.futures.Future` of its
         :class:`~eeruntime.InferenceResult`. Cancelling the future frees the request's rows at
         every stage. ``x`` must not be modified until the future is done."""
-        if isinstance(x, list):
-            x = tuple(x)
-        n = check_state(x, "StageScheduler input")
-        if n > self.max_queue_rows or n > ROW_MASK:
-            raise ValueError(
-                f"a request of {n} rows can never be admitted: the scheduler holds at most "
-                f"{min(self.max_queue_rows, ROW_MASK)} rows (max_queue_rows); split it"
-            )
-        self.rt._check_device(x)
+        x, n = self._check_input(x)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         t0 = time.perf_counter()
         deadline = None if timeout_s is None else t0 + timeout_s
@@ -217,16 +220,16 @@ class StageScheduler:
                     self.stats.timeouts += 1
                     raise TimeoutError(f"no room in the scheduler within the request's timeout of {timeout_s} s")
                 self._room.wait(left)
-            seq = next(self._seq)
-            # the runtime's current snapshot: the same object until set_thresholds replaces it
-            req = _Request(seq, n, future, self.rt.thresholds_snapshot(), t0, deadline, layout)
-            self._requests[seq] = req
-            self._admitted_rows += n
+            # Admitted to an idle scheduler (nothing pending): no other row can share this
+            # request's batches but later arrivals, so it never waits max_wait for them.
+            urgent = not self._requests
+            req = self._admit(n, future, t0, deadline, layout)
+            seq = req.seq
             if deadline is not None:
                 self._arm(deadline, seq)
             ids = torch.arange(n, dtype=torch.int64).add_(seq << ROW_BITS)
-            self._inbox.append(_Chunk(ids, x, None, req.snap, layout, t0))
-            self.stats.submitted += 1
+            ready_at = t0 if urgent else t0 + self.max_wait_s
+            self._inbox.append(_Chunk(ids, x, None, req.snap, layout, ready_at, urgent))
             if self._sleeping:
                 self._cv.notify()
         future.add_done_callback(lambda f, seq=seq: f.cancelled() and self._forget(seq, "cancelled"))
@@ -243,8 +246,86 @@ class StageScheduler:
         return await asyncio.wrap_future(future)
 
     def infer(self, x, timeout_s: Optional[float] = None) -> InferenceResult:
-        """Blocking form of :meth:`submit`."""
+        """Blocking form of :meth:`submit`.
+
+        When the scheduler is idle (no request pending), the request has at most ``max_batch``
+        rows and no timeout, it runs at once in the calling thread as one ``rt.infer`` call: no
+        thread hand-off, and no other request's rows could have shared its batches anyway.
+        Requests that arrive meanwhile wait for it (one request or batch runs at a time, as with
+        the worker alone). See docs/serving.md ("Light load")."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if timeout_s is None:
+            # a timeout must fire while the request runs: only the worker path can do that
+            x, n = self._check_input(x)
+            future = self._run_inline(x, n)
+            if future is not None:
+                return future.result()
         return self.submit_nowait(x, timeout_s).result()
+
+    def _check_input(self, x):
+        if isinstance(x, list):
+            x = tuple(x)
+        n = check_state(x, "StageScheduler input")
+        if n > self.max_queue_rows or n > ROW_MASK:
+            raise ValueError(
+                f"a request of {n} rows can never be admitted: the scheduler holds at most "
+                f"{min(self.max_queue_rows, ROW_MASK)} rows (max_queue_rows); split it"
+            )
+        self.rt._check_device(x)
+        return x, n
+
+    def _admit(self, n: int, future, t0: float, deadline, layout) -> _Request:
+        """Register a request (under ``_cv``), with the runtime's current thresholds snapshot
+        (the same object until set_thresholds replaces it)."""
+        req = _Request(next(self._seq), n, future, self.rt.thresholds_snapshot(), t0, deadline, layout)
+        self._requests[req.seq] = req
+        self._admitted_rows += n
+        self.stats.submitted += 1
+        return req
+
+    def _run_inline(self, x, n: int) -> Optional[concurrent.futures.Future]:
+        """Run ``x`` in this thread if the scheduler is idle (see :meth:`infer`); its future, done,
+        or None when the request must take the worker's path."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        t0 = time.perf_counter()
+        with self._cv:
+            if self._closing:
+                raise SchedulerClosed("the scheduler is closed; it takes no new requests")
+            # Idle: no request pending (so no live row in any queue: the worker has at most the
+            # bookkeeping of its last batch left) and no other caller running inline.
+            if self._inline or self._requests or n > self.max_batch:
+                return None
+            req = self._admit(n, future, t0, None, None)
+            self._inline = True  # the worker stays asleep until we are done
+            self.stats.inline += 1
+        try:
+            # rt.infer reads the thresholds once, at its start: that is this request's admission
+            res = self.rt.infer(x)
+        except Exception as e:  # noqa: BLE001  (fails this request only, like a stage failure)
+            self.stats.stage_failures += 1
+            err = StageFailed(f"the model failed on a request of {n} rows run inline: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            self._release_inline()
+            self._fail(req.seq, err, "failed")
+            return future
+        except BaseException:
+            self._release_inline()
+            self._forget(req.seq, "interrupted")
+            raise
+        t1 = time.perf_counter()
+        self._release_inline()
+        req.logits, req.exit_index, req.confidence = res.logits, res.exit_index, res.confidence
+        self.stats.record_inline(res.exit_index.tolist(), t1 - t0)
+        self._finish(req, time.perf_counter())
+        return future
+
+    def _release_inline(self) -> None:
+        with self._cv:
+            self._inline = False
+            # only a worker that waited for us: waking an idle one costs a thread switch (and the
+            # GIL) for nothing, at every request
+            if self._after_inline:
+                self._cv.notify()
 
     def set_thresholds(self, thresholds) -> None:
         """New thresholds for requests admitted from now on; requests already admitted finish with
@@ -433,6 +514,15 @@ class StageScheduler:
         if closing and not drain:
             self._fail_all(SchedulerClosed("the scheduler was closed before this request was answered"))
             return False
+        if self._inline:
+            # one executor at a time: the rows that arrive meanwhile gather for the next batch
+            with self._cv:
+                if self._inline and not (self._closing and not self._drain):
+                    # not `_sleeping`: arrivals need not wake us, the caller will when it is done
+                    self._after_inline = True
+                    self._cv.wait()
+                    self._after_inline = False
+            return True
         k, wait = self._pick(now)
         if k is None:
             if closing and not any(self._queues):
@@ -459,11 +549,12 @@ class StageScheduler:
             if self.max_wait_s <= 0:
                 return k, None
             rows = 0
+            ready_at = q[0].ready_at
             for c in q:
                 rows += c.n
                 if rows >= self.max_batch:
                     return k, None
-            ready_at = q[0].since + self.max_wait_s
+                ready_at = min(ready_at, c.ready_at)
             if ready_at <= now or self._closing:
                 return k, None
             soonest = ready_at - now if soonest is None else min(soonest, ready_at - now)
@@ -486,7 +577,9 @@ class StageScheduler:
                 elif bool(alive.any()):
                     idx = alive.nonzero().squeeze(1)
                     carry = None if c.carry is None else take_rows(c.carry, idx) if c.carry else ()
-                    kept.append(_Chunk(c.ids[idx], take_rows(c.state, idx), carry, c.snap, c.layout, c.since))
+                    kept.append(
+                        _Chunk(c.ids[idx], take_rows(c.state, idx), carry, c.snap, c.layout, c.ready_at, c.urgent)
+                    )
             q.clear()
             q.extend(kept)
 
@@ -534,7 +627,10 @@ class StageScheduler:
         survivors = int(res.rows.shape[0])
         if survivors and k + 1 < self.num_stages:
             head = chunks[0]
-            self._queues[k + 1].append(_Chunk(res.rows, res.state, res.carry, head.snap, head.layout, t1))
+            # an idle-admitted request's survivors stay urgent: nothing was there to join them
+            urgent = any(c.urgent for c in chunks)
+            ready_at = t1 if urgent else t1 + self.max_wait_s
+            self._queues[k + 1].append(_Chunk(res.rows, res.state, res.carry, head.snap, head.layout, ready_at, urgent))
         counts = [0] * self.num_stages
         counts[k] = len(exit_ids)
         self.rt.record_exits(counts, calls=0, example=state if k == 0 else None)

@@ -31,6 +31,9 @@ class SchedulerStats:
         self.max_batch_seen = [0] * num_stages
         self.stage_seconds = [0.0] * num_stages
         self.overhead_seconds = 0.0  # worker time per batch outside the stage step (gather, cat, deliver)
+        self.worker_batches = 0
+        self.inline = 0  # requests run whole in the caller's thread (infer() on an idle scheduler)
+        self.inline_seconds = 0.0
         self._latencies: deque = deque(maxlen=latency_window)
 
     def record_batch(self, k: int, n: int, exits: int, stage_s: float, total_s: float) -> None:
@@ -41,6 +44,24 @@ class SchedulerStats:
             self.max_batch_seen[k] = max(self.max_batch_seen[k], n)
             self.stage_seconds[k] += stage_s
             self.overhead_seconds += total_s - stage_s
+            self.worker_batches += 1
+
+    def record_inline(self, exit_index: List[int], seconds: float) -> None:
+        """A request run whole by ``rt.infer`` (one call): stage k ran on the rows that reached
+        it, once, and the rows left where ``exit_index`` says."""
+        counts = [0] * self.num_stages
+        for e in exit_index:
+            counts[e] += 1
+        with self._lock:
+            reached = len(exit_index)
+            for k, c in enumerate(counts):
+                if reached:
+                    self.batches[k] += 1
+                    self.rows[k] += reached
+                    self.max_batch_seen[k] = max(self.max_batch_seen[k], reached)
+                self.exits[k] += c
+                reached -= c
+            self.inline_seconds += seconds
 
     def record_latency(self, seconds: float) -> None:
         with self._lock:
@@ -54,7 +75,7 @@ class SchedulerStats:
 
     def as_dict(self) -> dict:
         with self._lock:
-            batches = sum(self.batches)
+            batches = self.worker_batches
             d = {
                 "requests": {
                     "submitted": self.submitted,
@@ -70,6 +91,7 @@ class SchedulerStats:
                 "max_batch_seen": list(self.max_batch_seen),
                 "stage_seconds": list(self.stage_seconds),
                 "overhead_ms_per_batch": 1000.0 * self.overhead_seconds / batches if batches else 0.0,
+                "inline_requests": self.inline,
             }
         d["latency_ms"] = self.latency_percentiles_ms()
         d["latency_window"] = self._latencies.maxlen
@@ -120,6 +142,12 @@ def prometheus_text(d: dict, prefix: str = "eeruntime") -> str:
         "gauge",
         "Worker time per batch outside the stage step.",
         [({}, d["overhead_ms_per_batch"])],
+    )
+    metric(
+        "inline_requests_total",
+        "counter",
+        "Requests run whole in the caller's thread (blocking infer on an idle scheduler).",
+        [({}, d["inline_requests"])],
     )
     metric(
         "latency_ms",
