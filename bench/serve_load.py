@@ -2,14 +2,18 @@
 
 For each model and arrival rate it runs, back to back at the same rate,
 
-  (a) plain:  the plain model (every stage, final exit) behind request-level dynamic batching,
-  (b) ee-req: EERuntime.infer behind the same request-level dynamic batching,
-  (c) stage:  ee.serve.StageScheduler (rows of all requests re-batched at every stage),
+  direct:       no serving machinery: the generator calls rt.infer on each request itself,
+  (a) plain:    the plain model (every stage, final exit) behind request-level dynamic batching,
+  (b) ee-req:   EERuntime.infer behind the same request-level dynamic batching,
+  (c) stage:    ee.serve.StageScheduler (rows of all requests re-batched at every stage), every
+                request through its worker thread (inline="never": an asyncio server's path),
+  stage-inline: the same with inline="always" (a request finding it idle runs in the caller),
 
 and records throughput and p50/p99 latency, measured from each request's *scheduled* arrival
 (open loop: a late generator does not hide queueing). The SLO is 10x the plain model's batch-1
 latency measured in the same run; a rate is sustained when p99 <= SLO and every request was
-answered. Also measured: rt.infer at batch 1 (the light-load reference for (c)'s p50).
+answered. Also measured, side by side, one request at a time: rt.infer, sched.infer (inline) and
+submit through the worker thread (the serving machinery's own cost at light load).
 
     python bench/serve_load.py                      # both models, the default rate grid
     python bench/serve_load.py --quick              # a smoke run (seconds)
@@ -24,6 +28,7 @@ import concurrent.futures
 import datetime
 import json
 import math
+import os
 import random
 import sys
 import threading
@@ -84,6 +89,23 @@ class RequestBatcher:
                 f.set_result(out[i : i + 1])
 
 
+class Direct:
+    """No serving machinery: the load generator itself calls ``fn`` on each request as it arrives
+    (open loop all the same: a request that arrives while the previous one runs starts late, and
+    its latency counts from its scheduled arrival). The light-load reference of rt.infer."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def submit_nowait(self, x):
+        f = concurrent.futures.Future()
+        f.set_result(self.fn(x))
+        return f
+
+    def close(self):
+        pass
+
+
 def plain_system(model, max_batch):
     return RequestBatcher(lambda x: plain_forward(model, x), max_batch)
 
@@ -142,6 +164,57 @@ def open_loop(system, pool, rate: float, n: int, time_limit_s: float, drain_s: f
     }
 
 
+SYSTEMS = ("direct", "plain", "ee-req", "stage", "stage-inline")
+STAGE_SYSTEMS = ("stage", "stage-inline")
+
+
+def make_system(name, model, rt, max_batch):
+    if name == "direct":
+        return Direct(lambda x: rt.infer(x))
+    if name == "plain":
+        return plain_system(model, max_batch)
+    if name == "ee-req":
+        return ee_request_system(rt, max_batch)
+    # "stage": every request through the worker thread; "stage-inline": a request that finds the
+    # scheduler idle runs in the generator's thread (StageScheduler(inline="always"))
+    inline = "always" if name == "stage-inline" else "never"
+    return StageScheduler(rt, max_batch=max_batch, max_queue_rows=1 << 20, inline=inline)
+
+
+def light_load_side_by_side(rt, pool, max_batch, rounds):
+    """One request at a time (closed loop, the same mix of samples for every variant), timed side
+    by side: rt.infer; sched.infer on an idle scheduler (runs in the caller's thread); and
+    submit_nowait().result() with inline="never" (the worker thread's path: what an asyncio
+    server's requests take)."""
+    mix = pool[:64]
+    it = {"i": 0}
+
+    def nxt():
+        it["i"] = (it["i"] + 1) % len(mix)
+        return mix[it["i"]]
+
+    with (
+        StageScheduler(rt, max_batch=max_batch) as inline,
+        StageScheduler(rt, max_batch=max_batch, inline="never") as worker,
+    ):
+        fns = {
+            "rt.infer": lambda: rt.infer(nxt()),
+            "sched.infer (inline)": lambda: inline.infer(nxt()),
+            "submit (worker thread)": lambda: worker.submit_nowait(nxt()).result(),
+        }
+        sbs = side_by_side(fns, "cpu", rounds=rounds, inner=len(mix))
+        assert inline.stats_dict()["inline_requests"] > 0 and worker.stats_dict()["inline_requests"] == 0
+    base = sbs.median("rt.infer")
+    return {
+        name: {
+            "median_ms": sbs.median(name) * 1e3,
+            "minus_infer_ms": (sbs.median(name) - base) * 1e3,
+            "ratio_to_infer": sbs.ratio(name, "rt.infer"),
+        }
+        for name in fns
+    }
+
+
 def median_call_ms(fn, x, iters=200):
     for _ in range(10):
         fn(x)
@@ -178,17 +251,14 @@ def run_model(name, spec, args) -> dict:
     xb = torch.cat(pool[: args.max_batch])
     plain_b = median_call_ms(lambda x: plain_forward(model, x), xb, iters=30) / args.max_batch
     slo_ms = 10 * plain1
-    # The serving machinery's own cost at light load: one sample at a time through the scheduler
-    # against rt.infer, timed side by side (paired rounds, robust to the shared VM's drift).
-    with StageScheduler(rt, max_batch=args.max_batch) as sched:
-        x1 = pool[1]
-        sbs = side_by_side(
-            {"infer": lambda: rt.infer(x1), "stage": lambda: sched.infer(x1)}, "cpu", rounds=40, inner=10
+    # The serving machinery's own cost at light load, one request at a time, side by side.
+    light = light_load_side_by_side(rt, pool, args.max_batch, args.sbs_rounds)
+    for k, v in light.items():
+        print(
+            f"[{name}] closed loop {k:24s} {v['median_ms']:.3f} ms/request ({v['minus_infer_ms']:+.3f} ms over rt.infer)"
         )
-    machinery_ms = (sbs.median("stage") - sbs.median("infer")) * 1e3
     capacity = 1e3 / plain_b  # plain rows/s at max_batch: the rate grid is relative to it
     rates = [round(capacity * f, 1) for f in args.rate_factors]
-    print(f"[{name}] scheduler one-at-a-time minus rt.infer batch-1 (side by side): {machinery_ms:+.3f} ms")
     print(
         f"[{name}] plain batch-1 {plain1:.3f} ms, rt.infer batch-1 {ee1:.3f} ms, plain per row at batch "
         f"{args.max_batch} {plain_b:.3f} ms; SLO p99 <= {slo_ms:.2f} ms; rates {rates}",
@@ -197,34 +267,32 @@ def run_model(name, spec, args) -> dict:
     rows = []
     for i, rate in enumerate(rates):
         n = max(20, min(args.max_requests, int(rate * args.seconds)))
-        for system_name, make in (
-            ("plain", lambda: plain_system(model, args.max_batch)),
-            ("ee-req", lambda: ee_request_system(rt, args.max_batch)),
-            ("stage", lambda: StageScheduler(rt, max_batch=args.max_batch, max_queue_rows=1 << 20)),
-        ):
-            system = make()
+        for system_name in args.systems:
+            system = make_system(system_name, model, rt, args.max_batch)
             for x in pool[:20]:  # warm the worker
                 system.submit_nowait(x).result()
             r = open_loop(system, pool, rate, n, 1.5 * n / rate, args.drain_s, seed=i)
-            if system_name == "stage":
+            if system_name in STAGE_SYSTEMS:
                 st = system.stats_dict()
                 r["mean_batch_per_stage"] = [round(b, 2) for b in st["mean_batch"]]
                 r["overhead_ms_per_batch"] = round(st["overhead_ms_per_batch"], 4)
+                r["inline_requests"] = st["inline_requests"]
             system.close()
             r["system"] = system_name
             r["sustained"] = r["answered"] == r["sent"] and r["p99_ms"] <= slo_ms
             rows.append(r)
             print(
-                f"  {system_name:6s} rate {rate:8.1f}/s  thr {r['throughput']:8.1f}/s  p50 {r['p50_ms']:8.2f} ms  "
+                f"  {system_name:12s} rate {rate:8.1f}/s  thr {r['throughput']:8.1f}/s  p50 {r['p50_ms']:8.2f} ms  "
                 f"p99 {r['p99_ms']:9.2f} ms {'ok' if r['sustained'] else '--'}"
                 + (f"  batches {r['mean_batch_per_stage']}" if "mean_batch_per_stage" in r else ""),
                 flush=True,
             )
     best = {
         s: max([r["offered_rate"] for r in rows if r["system"] == s and r["sustained"]], default=0.0)
-        for s in ("plain", "ee-req", "stage")
+        for s in args.systems
     }
-    light = [r for r in rows if r["system"] == "stage"][0]
+    lowest = rates[0]
+    p50_at_lowest = {r["system"]: r["p50_ms"] for r in rows if r["offered_rate"] == lowest}
     return {
         "model": name,
         "input_shape": list(spec["shape"]),
@@ -237,9 +305,12 @@ def run_model(name, spec, args) -> dict:
         "max_batch": args.max_batch,
         "rows": rows,
         "max_sustained_rate": best,
-        "light_load_p50_overhead_ms": light["p50_ms"] - ee1,
-        "closed_loop_machinery_ms": machinery_ms,
-        "closed_loop_ratio_stage_over_infer": sbs.ratio("stage", "infer"),
+        # open loop at the lowest rate: each system's p50 minus the generator calling rt.infer itself
+        "light_load_p50_ms": p50_at_lowest,
+        "light_load_p50_over_direct_ms": {
+            k: v - p50_at_lowest["direct"] for k, v in p50_at_lowest.items() if "direct" in p50_at_lowest
+        },
+        "closed_loop_light_load": light,
     }
 
 
@@ -251,8 +322,11 @@ def plot(results, path):
     FigureCanvasAgg(fig)
     for j, res in enumerate(results):
         ax = fig.add_subplot(1, len(results), j + 1)
-        for system, style in (("plain", "s-"), ("ee-req", "o-"), ("stage", "^-")):
+        styles = {"direct": "x:", "plain": "s-", "ee-req": "o-", "stage": "^-", "stage-inline": "v--"}
+        for system, style in styles.items():
             pts = [r for r in res["rows"] if r["system"] == system]
+            if not pts:
+                continue
             ax.plot([r["throughput"] for r in pts], [r["p99_ms"] for r in pts], style, label=f"{system} p99")
         ax.axhline(res["slo_p99_ms"], color="grey", ls="--", lw=1, label="SLO (10x plain batch-1)")
         ax.set_yscale("log")
@@ -277,12 +351,22 @@ def markdown(doc) -> str:
             f"## {res['model']} (exit fractions {res['exit_fractions']}, max_batch {res['max_batch']})",
             "",
             f"plain batch-1 {res['plain_batch1_ms']:.3f} ms; rt.infer batch-1 {res['infer_batch1_ms']:.3f} ms; "
-            f"SLO p99 <= {res['slo_p99_ms']:.2f} ms",
+            f"SLO p99 <= {res['slo_p99_ms']:.2f} ms; load average (1 min) {res['load_average_1_5_15']['before'][0]:.2f} "
+            f"before, {res['load_average_1_5_15']['after'][0]:.2f} after",
             "",
-            f"highest sustained rate: plain {ms['plain']:.0f}/s, ee-req {ms['ee-req']:.0f}/s, stage {ms['stage']:.0f}/s; "
-            f"light-load p50 of stage minus rt.infer batch-1: {res['light_load_p50_overhead_ms']:+.3f} ms; "
-            f"one request at a time through the scheduler minus rt.infer (side by side): "
-            f"{res['closed_loop_machinery_ms']:+.3f} ms",
+            "highest sustained rate: " + ", ".join(f"{k} {v:.0f}/s" for k, v in ms.items()),
+            "",
+            "One request at a time, side by side (closed loop over the same 64 samples):",
+            "",
+            "| path | ms per request | minus rt.infer ms | ratio to rt.infer |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for k, v in res["closed_loop_light_load"].items():
+            lines.append(f"| {k} | {v['median_ms']:.3f} | {v['minus_infer_ms']:+.3f} | {v['ratio_to_infer']:.3f} |")
+        lines += [
+            "",
+            "Open loop at the lowest rate, p50 minus the generator calling rt.infer itself (direct): "
+            + ", ".join(f"{k} {v:+.3f} ms" for k, v in res["light_load_p50_over_direct_ms"].items()),
             "",
             "| offered /s | system | throughput /s | p50 ms | p99 ms | sustained | stage mean batches |",
             "| ---: | --- | ---: | ---: | ---: | --- | --- |",
@@ -319,6 +403,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-requests", type=int, default=6000)
     p.add_argument("--drain-s", type=float, default=10.0)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"which of {', '.join(SYSTEMS)}")
+    p.add_argument("--sbs-rounds", type=int, default=30, help="rounds of the closed-loop side by side")
     p.add_argument(
         "--threads",
         type=int,
@@ -331,9 +417,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.rate_factors, args.seconds, args.drain_s = "digits", "0.1,1.0,2.0", 0.5, 5.0
+        args.sbs_rounds = 3
     args.rate_factors = [float(f) for f in args.rate_factors.split(",")]
+    args.systems = [x for x in args.systems.split(",") if x]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems {sorted(unknown)}; accepted: {', '.join(SYSTEMS)}")
     torch.set_num_threads(args.threads)
-    results = [run_model(m, MODELS[m], args) for m in args.models.split(",")]
+    load_before = os.getloadavg()
+    results = []
+    for m in args.models.split(","):
+        load = os.getloadavg()
+        results.append(run_model(m, MODELS[m], args))
+        results[-1]["load_average_1_5_15"] = {"before": load, "after": os.getloadavg()}
     info = device_info()
     date = datetime.date.today().isoformat()
     doc = {
@@ -341,9 +437,11 @@ def main(argv=None) -> int:
         "date": date,
         "results": results,
         "argv": sys.argv[1:],
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "note": "In-process open loop (Poisson arrivals of single samples; latency from the scheduled arrival). "
-        "Measured on a shared 2-core VM with other jobs running: absolute numbers are noisy; "
-        "the three systems run back to back at each rate.",
+        f"Measured on a shared 2-core VM with other jobs running (load average {load_before[0]:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end; per model below): absolute numbers are noisy; "
+        "the systems run back to back at each rate.",
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

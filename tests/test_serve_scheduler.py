@@ -419,3 +419,42 @@ def test_an_idle_scheduler_does_not_wait_its_batching_window_a_busy_one_does():
         c = sched.submit_nowait(scripted_rows([12, 13], [0, 0]))  # 4 rows: a full batch
         check_answers([([10, 11], [0, 0]), ([12, 13], [0, 0])], [b, c])
         assert (0, [10, 11, 12, 13]) in hook.batches
+
+
+def test_inline_modes_always_and_never():
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    me = threading.current_thread().name
+    with StageScheduler(rt, max_batch=4, inline="always") as sched:
+        sched._clock = lambda: 0.0  # no time passes: only the quiet-period rule below needs it
+        f = sched.submit_nowait(scripted_rows([1, 2], [1, 2]))
+        assert f.done() and hook.ran_in(1) == {me}  # ran here, before submit_nowait returned
+
+        async def one():
+            return await sched.submit(scripted_rows([3], [0]))
+
+        assert asyncio.run(one()).exit_index.tolist() == [0] and hook.ran_in(3) == {me}
+        check_answers([([1, 2], [1, 2])], [f])
+        assert sched.stats_dict()["inline_requests"] == 2
+    # under load a lone submitting thread must not answer every request alone: with "always",
+    # a request that arrives before the scheduler has been idle for as long as the last inline
+    # run took goes to the worker (a fake clock: the stage hook advances it by 1 s)
+    fake = [10.0]
+    hook.hold_if = lambda k, ids: k == 0 and 30 in ids and fake.__setitem__(0, fake[0] + 1.0)
+    with StageScheduler(rt, max_batch=4, inline="always") as sched:
+        sched._clock = lambda: fake[0]
+        first = sched.submit_nowait(scripted_rows([30], [1]))  # idle: inline; "takes" 1 s
+        assert first.done() and hook.ran_in(30) == {me}
+        fake[0] += 0.5  # the next request arrives 0.5 s after that answer: a backlog
+        assert sched.submit_nowait(scripted_rows([31], [2])).result(WAIT).exit_index.tolist() == [2]
+        assert hook.ran_in(31) == {WORKER}
+        fake[0] += 1.0  # idle for 1 s since the last answer: inline again
+        assert sched.submit_nowait(scripted_rows([32], [0])).done() and hook.ran_in(32) == {me}
+        # the blocking infer needs no quiet period: its caller cannot submit anything meanwhile
+        assert sched.infer(scripted_rows([33], [0])).exit_index.tolist() == [0] and hook.ran_in(33) == {me}
+    hook.hold_if = None
+    with StageScheduler(rt, max_batch=4, inline="never") as sched:
+        assert sched.infer(scripted_rows([4], [2])).exit_index.tolist() == [2]
+        assert hook.ran_in(4) == {WORKER} and sched.stats_dict()["inline_requests"] == 0
+    with pytest.raises(ValueError, match="inline must be one of"):
+        StageScheduler(rt, inline="sometimes")

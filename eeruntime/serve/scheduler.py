@@ -44,6 +44,7 @@ from .stats import SchedulerStats
 
 ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
 ROW_MASK = (1 << ROW_BITS) - 1
+INLINE_MODES = ("blocking", "always", "never")
 
 
 class SchedulerError(RuntimeError):
@@ -139,6 +140,13 @@ class StageScheduler:
             timeout (``when_full="wait"``).
         timeout_s: default per-request timeout (None: none); ``submit(x, timeout_s=...)`` overrides.
         latency_window: how many recent request latencies the percentiles are computed over.
+        inline: when a request may run whole in the submitting thread, as one ``rt.infer``,
+            because the scheduler is idle (see :meth:`infer`): ``"blocking"`` (default: only
+            :meth:`infer`, whose caller waits anyway), ``"always"`` (also :meth:`submit_nowait`
+            and :meth:`submit`, which then return or resume only when it is done: on an asyncio
+            loop, the loop is held for that request's time; and only once the scheduler has been
+            idle for as long as an inline run takes, so that a lone submitting thread under
+            load still lets batches form) or ``"never"``.
     """
 
     def __init__(
@@ -152,6 +160,7 @@ class StageScheduler:
         timeout_s: Optional[float] = None,
         latency_window: int = 10000,
         name: str = "eeruntime-stage-scheduler",
+        inline: str = "blocking",
     ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
@@ -163,7 +172,10 @@ class StageScheduler:
             raise ValueError(f"max_queue_rows must be a positive int, got {max_queue_rows!r}")
         if when_full not in ("error", "wait"):
             raise ValueError(f"when_full must be 'error' or 'wait', got {when_full!r}")
+        if inline not in INLINE_MODES:
+            raise ValueError(f"inline must be one of {', '.join(map(repr, INLINE_MODES))}, got {inline!r}")
         self.rt = rt
+        self.inline = inline
         self.num_stages = rt.num_exits
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
@@ -184,6 +196,9 @@ class StageScheduler:
         self._seq = itertools.count(1)
         self._sleeping = False
         self._inline = False  # a caller runs a request in its own thread (infer() at idle)
+        self._clock = time.perf_counter  # of the inline="always" rule (a test may replace it)
+        self._last_answer = -float("inf")  # when the last request was answered
+        self._last_inline_s = 0.0  # how long an inline run takes (moving average)
         self._after_inline = False  # the worker sleeps until that caller is done
         self._closing = False
         self._drain = True
@@ -196,9 +211,14 @@ class StageScheduler:
         """Admit ``x`` (a tensor or a tuple of tensors sharing batch dim 0: one sample or a small
         batch) and return a :class:`concurrent.futures.Future` of its
         :class:`~eeruntime.InferenceResult`. Cancelling the future frees the request's rows at
-        every stage. ``x`` must not be modified until the future is done."""
+        every stage. ``x`` must not be modified until the future is done. With
+        ``inline="always"`` and an idle scheduler, it runs here and the future returned is done."""
         x, n = self._check_input(x)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if self.inline == "always" and timeout_s is None:
+            done = self._run_inline(x, n, quiet=True)
+            if done is not None:
+                return done
         t0 = time.perf_counter()
         deadline = None if timeout_s is None else t0 + timeout_s
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -249,13 +269,14 @@ class StageScheduler:
         """Blocking form of :meth:`submit`.
 
         When the scheduler is idle (no request pending), the request has at most ``max_batch``
-        rows and no timeout, it runs at once in the calling thread as one ``rt.infer`` call: no
+        rows and no timeout, it runs at once in the calling thread as one ``rt.infer`` call (unless
+        ``inline="never"``): no
         thread hand-off, and no other request's rows could have shared its batches anyway.
         Requests that arrive meanwhile wait for it (one request or batch runs at a time, as with
         the worker alone). See docs/serving.md ("Light load")."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        if timeout_s is None:
-            # a timeout must fire while the request runs: only the worker path can do that
+        if self.inline != "never" and timeout_s is None:
+            # (a timeout must fire while the request runs: only the worker path can do that)
             x, n = self._check_input(x)
             future = self._run_inline(x, n)
             if future is not None:
@@ -283,17 +304,23 @@ class StageScheduler:
         self.stats.submitted += 1
         return req
 
-    def _run_inline(self, x, n: int) -> Optional[concurrent.futures.Future]:
+    def _run_inline(self, x, n: int, quiet: bool = False) -> Optional[concurrent.futures.Future]:
         """Run ``x`` in this thread if the scheduler is idle (see :meth:`infer`); its future, done,
-        or None when the request must take the worker's path."""
+        or None when the request must take the worker's path. ``quiet``: also require that the
+        scheduler has been idle since its last answer for at least as long as an inline run takes
+        (a moving average; a non-blocking submitter may be the only thread that submits, e.g. an asyncio loop:
+        while it runs a request inline nothing else can be admitted, so under load it would answer
+        every request alone; a backlog shows as a request that arrives right after an answer)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         with self._cv:
             if self._closing:
                 raise SchedulerClosed("the scheduler is closed; it takes no new requests")
             # Idle: no request pending (so no live row in any queue: the worker has at most the
             # bookkeeping of its last batch left) and no other caller running inline.
             if self._inline or self._requests or n > self.max_batch:
+                return None
+            if quiet and t0 - self._last_answer < self._last_inline_s:
                 return None
             req = self._admit(n, future, t0, None, None)
             self._inline = True  # the worker stays asleep until we are done
@@ -312,7 +339,10 @@ class StageScheduler:
             self._release_inline()
             self._forget(req.seq, "interrupted")
             raise
-        t1 = time.perf_counter()
+        t1 = self._clock()
+        # a moving average: one run stretched by a preemption must not keep requests off this
+        # path for long
+        self._last_inline_s = t1 - t0 if self._last_inline_s == 0 else 0.8 * self._last_inline_s + 0.2 * (t1 - t0)
         self._release_inline()
         req.logits, req.exit_index, req.confidence = res.logits, res.exit_index, res.confidence
         self.stats.record_inline(res.exit_index.tolist(), t1 - t0)
@@ -457,6 +487,7 @@ class StageScheduler:
         with self._cv:
             if self._requests.pop(req.seq, None) is None:
                 return
+            self._last_answer = self._clock()
             self._admitted_rows -= req.n
             self._room.notify_all()
         self.stats.record_latency(now - req.t0)
