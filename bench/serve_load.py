@@ -414,6 +414,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="smoke run: one model, three rates, 0.5 s each")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--tag", default="", help="appended to the output files' names (a second run of the day)")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.rate_factors, args.seconds, args.drain_s = "digits", "0.1,1.0,2.0", 0.5, 5.0
@@ -445,7 +446,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}"
+    stem = out / f"serve-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
     stem.with_suffix(".md").write_text(markdown(doc))
     plot(results, str(stem) + "-latency.png")
