@@ -346,7 +346,7 @@ class StageScheduler:
         self._release_inline()
         req.logits, req.exit_index, req.confidence = res.logits, res.exit_index, res.confidence
         self.stats.record_inline(res.exit_index.tolist(), t1 - t0)
-        self._finish(req, time.perf_counter())
+        self._finish([req], time.perf_counter())
         return future
 
     def _release_inline(self) -> None:
@@ -453,9 +453,16 @@ class StageScheduler:
             self._fail(seq, exc, "closed")
 
     def _deliver(self, k: int, exit_ids: List[int], logits: torch.Tensor, confidence: torch.Tensor) -> None:
-        """Write the leaving rows into their requests and resolve the requests now complete."""
+        """Write the leaving rows into their requests and resolve the requests now complete.
+
+        Under load one batch answers dozens of single-row requests, and every torch call or lock
+        per request is a point where the worker may lose the GIL to the submitting thread (and
+        wait for it back): so a request whose rows all leave here together gets views of the
+        batch's outputs (exit index included), and the batch's answers take one lock."""
         i, E = 0, len(exit_ids)
         now = time.perf_counter()
+        exit_col: Optional[torch.Tensor] = None
+        done: List[_Request] = []
         while i < E:
             seq = exit_ids[i] >> ROW_BITS
             j = i + 1
@@ -467,8 +474,9 @@ class StageScheduler:
                 local0 = exit_ids[i] & ROW_MASK
                 if req.logits is None and m == req.n and exit_ids[j - 1] & ROW_MASK == req.n - 1 and local0 == 0:
                     # every row of the request left here, in order: views of the batch's output
-                    req.logits, req.confidence = logits[i:j], confidence[i:j]
-                    req.exit_index = torch.full((m,), k, dtype=torch.int64)
+                    if exit_col is None:
+                        exit_col = torch.full((E,), k, dtype=torch.int64)
+                    req.logits, req.confidence, req.exit_index = logits[i:j], confidence[i:j], exit_col[i:j]
                 else:
                     if req.logits is None:
                         req.logits = logits.new_empty((req.n, logits.shape[1]))
@@ -480,21 +488,26 @@ class StageScheduler:
                     req.exit_index.index_fill_(0, local, k)
                 req.remaining -= m
                 if req.remaining == 0:
-                    self._finish(req, now)
+                    done.append(req)
             i = j
+        if done:
+            self._finish(done, now)
 
-    def _finish(self, req: _Request, now: float) -> None:
+    def _finish(self, reqs: List[_Request], now: float) -> None:
+        """Resolve complete requests (those not answered otherwise meanwhile), under one lock."""
         with self._cv:
-            if self._requests.pop(req.seq, None) is None:
+            reqs = [r for r in reqs if self._requests.pop(r.seq, None) is not None]
+            if not reqs:
                 return
             self._last_answer = self._clock()
-            self._admitted_rows -= req.n
+            self._admitted_rows -= sum(r.n for r in reqs)
             self._room.notify_all()
-        self.stats.record_latency(now - req.t0)
-        try:
-            req.future.set_result(InferenceResult(req.logits, req.exit_index, req.confidence))
-        except concurrent.futures.InvalidStateError:  # cancelled at the last moment
-            pass
+        self.stats.record_latencies([now - r.t0 for r in reqs])
+        for req in reqs:
+            try:
+                req.future.set_result(InferenceResult(req.logits, req.exit_index, req.confidence))
+            except concurrent.futures.InvalidStateError:  # cancelled at the last moment
+                pass
 
     # ------------------------------------------------------------------ timeouts
     def _arm(self, deadline: float, seq: int) -> None:

@@ -64,9 +64,12 @@ class SchedulerStats:
             self.inline_seconds += seconds
 
     def record_latency(self, seconds: float) -> None:
+        self.record_latencies([seconds])
+
+    def record_latencies(self, seconds: List[float]) -> None:
         with self._lock:
-            self.completed += 1
-            self._latencies.append(seconds)
+            self.completed += len(seconds)
+            self._latencies.extend(seconds)
 
     def latency_percentiles_ms(self) -> Dict[str, float]:
         with self._lock:
