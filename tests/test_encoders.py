@@ -293,7 +293,22 @@ def test_trim_tokens_against_its_reference():
         assert trim_tokens((h, mask))[0].shape[1] == expect
 
 
-def test_trimming_survivors_keeps_every_result():
+@pytest.mark.parametrize(
+    "compact_backend, executor",
+    [("auto", "FusedCpuPass"), ("torch", "EagerPass")],  # both CPU executors of eeruntime/runtime/executors.py
+)
+def test_trimming_survivors_keeps_every_result(compact_backend, executor, monkeypatch):
+    from eeruntime.runtime import api
+
+    made = []
+    real = api.eager_pass
+
+    def spy(*args):
+        run = real(*args)
+        made.append(type(run).__name__)
+        return run
+
+    monkeypatch.setattr(api, "eager_pass", spy)
     backbone = bert()
     x = {
         k: torch.cat([v, torch.zeros(24, 4, dtype=v.dtype)], 1) for k, v in text_batch(24, seed=3).items()
@@ -305,7 +320,9 @@ def test_trimming_survivors_keeps_every_result():
     want = ee.EERuntime(plain, thresholds=thr, criterion="max_prob").infer(x)
     seen = []  # the layers are the backbone's, shared by both models: hook after the plain run
     trimmed.stages[1].layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
-    got = ee.EERuntime(trimmed, thresholds=thr, criterion="max_prob").infer(x)
+    made.clear()
+    got = ee.EERuntime(trimmed, thresholds=thr, criterion="max_prob", compact_backend=compact_backend).infer(x)
+    assert made and set(made) == {executor}
     assert torch.equal(got.exit_index, want.exit_index)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
     check_rows(ee.EERuntime(trimmed, thresholds=thr, criterion="max_prob"), trimmed, x, [thr, thr])
