@@ -38,7 +38,7 @@ import operator
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Set, Tuple, Union, cast, overload
 
 import torch
 from torch import fx, nn
@@ -47,13 +47,17 @@ from . import encoders
 from .encoders import TokenLayout, output_logits
 from .heads import TOKEN_POOLS, ConvHead, PoolLinearHead, SequenceHead, wrap_head
 from .model import MultiExitModel
-from .state import as_tuple, call, stage_forward
+from .state import State, as_tuple, call, stage_forward
 
 MODES = ("auto", "children", "fx")
 HEADS = ("auto", "pool_linear", "conv") + TOKEN_POOLS
 _MAX_LISTED = 60
 
-HeadSpec = Union[str, Callable, Sequence[nn.Module]]
+HeadSpec = Union[str, Callable[..., nn.Module], Sequence[nn.Module], nn.ModuleList]
+# A backbone's input for the dry run: a tensor, a tuple (or list) of tensors, or for HF models what
+# they take (a dict, a BatchEncoding); checked when used.
+ExampleInput = Any
+Points = List[Tuple[str, Tuple[int, ...]]]  # valid split points with their state shapes (points_only)
 
 
 def attach_exits(
@@ -62,7 +66,7 @@ def attach_exits(
     num_classes: Optional[int] = None,
     *,
     head: HeadSpec = "auto",
-    example_input=None,
+    example_input: ExampleInput = None,
     confidence: bool = False,
     gates: bool = False,
     mode: str = "auto",
@@ -116,7 +120,7 @@ def attach_exits(
     """
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
-    at = _check_at(at)
+    names = _check_at(at)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(map(repr, MODES))}")
     custom_factory = callable(head) and not isinstance(head, (str, nn.Module))
@@ -131,10 +135,11 @@ def attach_exits(
     backbone.eval()
     try:
         with torch.no_grad():
-            if encoders.encoder_layers(backbone) is not None:
-                built = _build_encoder(backbone, at, example_input)
+            layers = encoders.encoder_layers(backbone)
+            if layers is not None:
+                built = _build_encoder(backbone, layers, names, example_input)
             else:
-                built = _build_generic(backbone, at, example_input, mode)
+                built = _build_generic(backbone, names, example_input, mode)
     finally:
         for m, t in modes.items():
             m.training = t
@@ -149,12 +154,12 @@ def attach_exits(
     num_classes = int(num_classes)
     if num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes}")
-    if C is None:  # a base encoder: the final exit is a new token head on its last state
+    if C is None or tail is None:  # a base encoder (no classifier, no logits): the final exit is a new token head
         tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:])[0]
     elif num_classes != C:
         tail = replace_classifier(tail, num_classes, backbone, C)
 
-    heads = _make_heads(head, built.states[:-1], num_classes, at, built.layouts[:-1])
+    heads = _make_heads(head, built.states[:-1], num_classes, names, built.layouts[:-1])
     ref = next(iter(backbone.parameters()), None)
     for k, h in enumerate(heads):
         if confidence or gates:
@@ -168,7 +173,7 @@ def attach_exits(
     for m in model.modules():  # new containers and heads follow the backbone; its own modules keep their modes
         if m not in shared:
             m.training = backbone.training
-    model.split_points = list(at)
+    model.split_points = list(names)
     model.split_mode = built.mode
     model.token_layout = built.layouts[0] if built.layouts and built.layouts[0] is not None else None
     layout = model.token_layout
@@ -188,7 +193,7 @@ class SplitPoint:
     shape: Tuple[int, ...]
 
 
-def split_points(backbone: nn.Module, example_input=None, mode: str = "auto") -> List[SplitPoint]:
+def split_points(backbone: nn.Module, example_input: ExampleInput = None, mode: str = "auto") -> List[SplitPoint]:
     """The split points ``attach_exits(backbone, at=...)`` accepts, in forward order, with the
     state's shape at each (like timm's ``feature_info``). Encoders list their layers; other
     backbones list their children (``mode="children"``, the default when they run in order) or
@@ -203,7 +208,7 @@ def split_points(backbone: nn.Module, example_input=None, mode: str = "auto") ->
         with torch.no_grad():
             names = encoders.encoder_layers(backbone)
             if names is not None:
-                built = _build_encoder(backbone, names[:-1], example_input)
+                built = _build_encoder(backbone, names, names[:-1], example_input)
                 return [SplitPoint(n, tuple(as_tuple(s)[0].shape[1:])) for n, s in zip(names[:-1], built.states)]
             probe = _as_input(example_input) if example_input is not None else _probe_input(backbone)
             expected = output_logits(call(backbone, probe))
@@ -213,8 +218,11 @@ def split_points(backbone: nn.Module, example_input=None, mode: str = "auto") ->
                 mode == "auto"
                 and (isinstance(backbone, nn.Sequential) or _children_in_order(backbone, probe, expected))
             )
-            split = _split_children if children else _split_fx
-            return [SplitPoint(n, s) for n, s in split(backbone, [], probe, expected, points_only=True)]
+            if children:
+                points = _split_children(backbone, [], probe, expected, points_only=True)
+            else:
+                points = _split_fx(backbone, [], probe, expected, points_only=True)
+            return [SplitPoint(n, s) for n, s in points]
     finally:
         for m, t in modes.items():
             m.training = t
@@ -223,14 +231,14 @@ def split_points(backbone: nn.Module, example_input=None, mode: str = "auto") ->
 @dataclass
 class _Built:
     split: _Split
-    states: list  # the dry run's state after each stage
-    layouts: list  # per state: a TokenLayout for token states, else None
+    states: List[State]  # the dry run's state after each stage
+    layouts: List[Optional[TokenLayout]]  # per state: a TokenLayout for token states, else None
     classes: Optional[int]  # the backbone's output width (None: it returns no logits)
     mode: str
-    input_adapter: Optional[Callable] = None
+    input_adapter: Optional[Callable[..., State]] = None
 
 
-def _build_generic(backbone, at, example_input, mode) -> _Built:
+def _build_generic(backbone: nn.Module, at: Sequence[str], example_input: ExampleInput, mode: str) -> _Built:
     probe = _as_input(example_input) if example_input is not None else _probe_input(backbone)
     try:
         raw = call(backbone, probe)
@@ -238,7 +246,7 @@ def _build_generic(backbone, at, example_input, mode) -> _Built:
         if example_input is not None:
             raise
         raise ValueError(
-            f"the backbone does not run on a guessed input of shape {tuple(probe.shape)} "
+            f"the backbone does not run on a guessed input of shape {tuple(as_tuple(probe)[0].shape)} "
             f"({type(e).__name__}: {e}); pass example_input=<a batch the backbone accepts>"
         ) from e
     expected = output_logits(raw)
@@ -248,6 +256,7 @@ def _build_generic(backbone, at, example_input, mode) -> _Built:
             f"the backbone must return logits [B, C] (a tensor, or an output with .logits); it returned {what}"
         )
     split, used = _split(backbone, at, probe, expected, mode)
+    assert split.tail is not None  # the children and fx splits always keep the backbone's own tail
     if not isinstance(raw, torch.Tensor):
         split.tail = encoders.LogitsOf(split.tail)
     states = _dry_run(split.stages, probe)
@@ -255,7 +264,7 @@ def _build_generic(backbone, at, example_input, mode) -> _Built:
     return _Built(split, states, layouts, int(expected.shape[1]), used)
 
 
-def _guess_layout(backbone, state) -> Optional[TokenLayout]:
+def _guess_layout(backbone: nn.Module, state: State) -> Optional[TokenLayout]:
     """A 3-D state of a backbone without 1-D convolutions is read as tokens [B, S, H] (mean
     pooled): a conv1d map [B, C, L] would be channels first."""
     x = as_tuple(state)[0]
@@ -264,8 +273,8 @@ def _guess_layout(backbone, state) -> Optional[TokenLayout]:
     return TokenLayout(pool="mean")
 
 
-def _build_encoder(backbone, at, example_input) -> _Built:
-    names = encoders.encoder_layers(backbone)
+def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], example_input: ExampleInput) -> _Built:
+    """The encoder split at ``at``; ``names``: its layers (``encoders.encoder_layers``)."""
     cuts = [_encoder_cut(a, names) for a in at]
     if cuts != sorted(cuts):
         raise ValueError(f"split points must be in forward order; got {list(at)}")
@@ -295,8 +304,8 @@ def _build_encoder(backbone, at, example_input) -> _Built:
                 "DistilBERT/ViT-style sequence and image classifiers, timm VisionTransformer)"
             )
         classes = int(expected.shape[1])
-    layouts = [split.layout] * len(states)
-    return _Built(_Split(split.stages, split.tail), states, layouts, classes, "encoder", adapter)
+    layouts: List[Optional[TokenLayout]] = [split.layout] * len(states)
+    return _Built(_Split(list(split.stages), split.tail), states, layouts, classes, "encoder", adapter)
 
 
 def _encoder_cut(a: str, names: List[str]) -> int:
@@ -312,7 +321,7 @@ def _encoder_cut(a: str, names: List[str]) -> int:
     )
 
 
-def _encoder_probe(backbone):
+def _encoder_probe(backbone: nn.Module) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
     """A random batch of 2 for an encoder: token ids with a padded second row, or images."""
     g = torch.Generator().manual_seed(0)
     p = next(iter(backbone.parameters()))
@@ -336,24 +345,24 @@ def replace_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, c
     """``tail`` with its classifier (the last ``nn.Linear`` with ``classes`` outputs) replaced by a
     new ``Linear(in, num_classes)``. The backbone is not changed: containers of the backbone on
     the way to that layer are shallow copies (their other members stay shared)."""
-    linears = [n for n, m in tail.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes]
+    linears = [(n, m) for n, m in tail.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes]
     if not linears:
         raise ValueError(
             f"num_classes={num_classes} differs from the backbone's {classes}, but its classifier tail has no "
             f"nn.Linear with {classes} outputs to replace"
         )
-    path = linears[-1].split(".")
+    qualname, old = linears[-1]  # the copies below share their children: old is still the module at qualname
+    path = qualname.split(".")
     owned = {id(m) for m in backbone.modules()}
     if id(tail) in owned:
         tail = _shallow_copy(tail)
     parent = tail
     for name in path[:-1]:
-        child = parent._modules[name]
+        child = parent.get_submodule(name)
         if id(child) in owned:
             child = _shallow_copy(child)
             parent._modules[name] = child
         parent = child
-    old = parent._modules[path[-1]]
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     parent._modules[path[-1]] = new.to(device=old.weight.device, dtype=old.weight.dtype)
     return tail
@@ -366,25 +375,23 @@ def _shallow_copy(m: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- arguments
-def _check_at(at) -> List[str]:
-    if isinstance(at, str):
-        at = [at]
+def _check_at(at: Union[str, Sequence[str]]) -> List[str]:
     try:
-        at = list(at)
+        names = [at] if isinstance(at, str) else list(at)
     except TypeError:
         raise TypeError(f"at must be a split-point name or a sequence of names, got {type(at).__name__}") from None
-    if not at:
+    if not names:
         raise ValueError("at is empty: name at least one split point")
-    for a in at:
+    for a in names:
         if not isinstance(a, str) or not a:
             raise TypeError(f"split points are non-empty strings (module or node names), got {a!r}")
-    dup = sorted({a for a in at if at.count(a) > 1})
+    dup = sorted({a for a in names if names.count(a) > 1})
     if dup:
         raise ValueError(f"split point(s) {dup} given more than once")
-    return at
+    return names
 
 
-def _as_input(x):
+def _as_input(x: ExampleInput) -> State:
     if isinstance(x, list):
         x = tuple(x)
     for t in as_tuple(x):
@@ -393,7 +400,7 @@ def _as_input(x):
     return x
 
 
-def _probe_input(backbone: nn.Module):
+def _probe_input(backbone: nn.Module) -> torch.Tensor:
     """A random batch of 2 shaped for the backbone's first parametrised layer (Conv or Linear)."""
     first = next((m for m in backbone.modules() if not list(m.children()) and _has_params(m)), None)
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -405,6 +412,7 @@ def _probe_input(backbone: nn.Module):
         )
     p = next(first.parameters())
     g = torch.Generator().manual_seed(0)
+    shape: Tuple[int, ...]
     if isinstance(first, nn.Linear):
         shape = (2, first.in_features)
     else:
@@ -415,12 +423,14 @@ def _probe_input(backbone: nn.Module):
 # ---------------------------------------------------------------------------- splitting
 @dataclass
 class _Split:
-    stages: List[nn.Module]
-    tail: nn.Module
-    layouts: Optional[list] = None  # per stage: a TokenLayout when its state is tokens
+    stages: Sequence[nn.Module]
+    tail: Optional[nn.Module]  # None: a base encoder without a classifier (the last stage gives no logits)
+    layouts: Optional[List[Optional[TokenLayout]]] = None  # per stage: a TokenLayout when its state is tokens
 
 
-def _split(backbone, at, probe, expected, mode) -> Tuple[_Split, str]:
+def _split(
+    backbone: nn.Module, at: Sequence[str], probe: State, expected: torch.Tensor, mode: str
+) -> Tuple[_Split, str]:
     if mode == "children" or (mode == "auto" and isinstance(backbone, nn.Sequential)):
         return _split_children(backbone, at, probe, expected), "children"
     if mode == "fx" or not _children_in_order(backbone, probe, expected):
@@ -435,20 +445,21 @@ def _split(backbone, at, probe, expected, mode) -> Tuple[_Split, str]:
             raise children_error from None
 
 
-def _dry_run(stages, probe):
-    states, state = [], probe
+def _dry_run(stages: Sequence[nn.Module], probe: State) -> List[State]:
+    states: List[State] = []
+    state = probe
     for stage in stages:
         state = stage_forward(stage, state)
         states.append(state)
     return states
 
 
-def _run_split(split: _Split, probe):
+def _run_split(split: _Split, probe: State) -> Any:
     states = _dry_run(split.stages, probe)
     return call(split.tail, states[-1])
 
 
-def _verify(split, probe, expected, how, exact: bool = True) -> None:
+def _verify(split: _Split, probe: State, expected: torch.Tensor, how: str, exact: bool = True) -> None:
     try:
         out = output_logits(_run_split(split, probe))
     except Exception as e:
@@ -477,18 +488,18 @@ def _mutates_input(m: nn.Module) -> bool:
     return bool(getattr(_first_leaf(m), "inplace", False))
 
 
-def _clone_unless_inference(x):
+def _clone_unless_inference(x: torch.Tensor) -> torch.Tensor:
     """Stage-entry guard: the next stage's first op works in place, and the exit head before it
     may have saved the same tensor for backward. Inference (the runtime) needs no copy."""
     return x if torch.is_inference_mode_enabled() else x.clone()
 
 
 class _InputGuard(nn.Module):
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _clone_unless_inference(x)
 
 
-def _blocks(backbone: nn.Module, at: Sequence[str]):
+def _blocks(backbone: nn.Module, at: Sequence[str]) -> List[Tuple[str, nn.Module]]:
     """The backbone's children as (qualified name, module), opening nested nn.Sequential
     children that a split point reaches into."""
     blocks = list(backbone.named_children())
@@ -509,11 +520,14 @@ def _blocks(backbone: nn.Module, at: Sequence[str]):
     return blocks
 
 
-def _run_blocks(blocks, probe, shapes: Optional[list] = None):
+def _run_blocks(
+    blocks: Sequence[Tuple[str, nn.Module]], probe: State, shapes: Optional[List[Tuple[int, ...]]] = None
+) -> Tuple[State, Set[int]]:
     """Run blocks in order, flattening (torchvision-style) where a Linear-led block gets a
     feature map it can only take flattened. Returns the output and the indices of the blocks
     that get a flatten; appends each block's output shape (no batch dim) to ``shapes``."""
-    flatten_before, state = set(), probe
+    flatten_before: Set[int] = set()
+    state = probe
     for i, (_, m) in enumerate(blocks):
         lin = _first_leaf(m)
         if (
@@ -531,7 +545,7 @@ def _run_blocks(blocks, probe, shapes: Optional[list] = None):
     return state, flatten_before
 
 
-def _children_in_order(backbone, probe, expected) -> bool:
+def _children_in_order(backbone: nn.Module, probe: State, expected: torch.Tensor) -> bool:
     blocks = list(backbone.named_children())
     if not blocks:
         return False
@@ -542,7 +556,17 @@ def _children_in_order(backbone, probe, expected) -> bool:
     return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)
 
 
-def _split_children(backbone: nn.Module, at, probe, expected, points_only: bool = False):
+@overload
+def _split_children(
+    backbone: nn.Module, at: Sequence[str], probe: State, expected: torch.Tensor, points_only: Literal[False] = False
+) -> _Split: ...
+@overload
+def _split_children(
+    backbone: nn.Module, at: Sequence[str], probe: State, expected: torch.Tensor, points_only: Literal[True]
+) -> Points: ...
+def _split_children(
+    backbone: nn.Module, at: Sequence[str], probe: State, expected: torch.Tensor, points_only: bool = False
+) -> Union[_Split, Points]:
     """The children split at ``at``; with ``points_only``, the valid split points instead, as
     ``[(child name, shape)]``."""
     blocks = _blocks(backbone, at)
@@ -555,7 +579,7 @@ def _split_children(backbone: nn.Module, at, probe, expected, points_only: bool 
     last_layer = with_params[-2]  # the last parametrised block before the classifier ends the last stage
     valid = names[:last_layer]
     if points_only:
-        shapes = []
+        shapes: List[Tuple[int, ...]] = []
         _run_blocks(blocks[:last_layer], probe, shapes)
         return list(zip(valid, shapes))
     idx = []
@@ -577,8 +601,8 @@ def _split_children(backbone: nn.Module, at, probe, expected, points_only: bool 
             f"running the children of {type(backbone).__name__} in order fails ({type(e).__name__}: {e}); use mode='fx'"
         ) from e
 
-    def seq(lo, hi, guard):
-        items = []
+    def seq(lo: int, hi: int, guard: bool) -> nn.Sequential:
+        items: List[Tuple[str, nn.Module]] = []
         if guard and _mutates_input(blocks[lo][1]):
             items.append(("_input_guard", _InputGuard()))
         for i in range(lo, hi):
@@ -608,21 +632,23 @@ class _SplitTracer(fx.Tracer):
     ``nn.TransformerEncoder`` as its layers, one node per layer (its own forward builds masks
     with Python control flow that tracing cannot follow)."""
 
-    def __init__(self, leaves):
+    def __init__(self, leaves: Iterable[str]) -> None:
         super().__init__()
         self.leaves = set(leaves)
         self._scopes = [""]
-        self.dotted = {}
-        self._repeats = {}
-        self.padding_masks = set()  # nodes passed to expanded encoder layers as key-padding masks
+        self.dotted: Dict[fx.Node, str] = {}
+        self._repeats: Dict[str, int] = {}
+        self.padding_masks: Set[fx.Node] = set()  # nodes passed to expanded encoder layers as key-padding masks
         self.expanded = False
 
-    def is_leaf_module(self, m, qualname):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.TransformerEncoder):
             return qualname in self.leaves
         return qualname in self.leaves or super().is_leaf_module(m, qualname)
 
-    def call_module(self, m, forward, args, kwargs):
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Any:
         name = self.path_of_module(m)
         if isinstance(m, nn.TransformerEncoder) and name not in self.leaves:
             self.expanded = True
@@ -633,10 +659,18 @@ class _SplitTracer(fx.Tracer):
         finally:
             self._scopes.pop()
 
-    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+    def create_node(
+        self,
+        kind: str,
+        target: fx.node.Target,
+        args: Tuple[fx.node.Argument, ...],
+        kwargs: Dict[str, fx.node.Argument],
+        name: Optional[str] = None,
+        type_expr: Optional[Any] = None,
+    ) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "call_module":
-            base = target
+            base = str(target)  # a module call's target is the module's qualified name
         elif kind in ("call_function", "call_method"):
             stem = re.sub(r"_[0-9]+$", "", node.name)
             base = f"{self._scopes[-1]}.{stem}" if self._scopes[-1] else stem
@@ -649,8 +683,13 @@ class _SplitTracer(fx.Tracer):
 
 
 def _encoder_by_layers(
-    enc: nn.TransformerEncoder, tracer: _SplitTracer, src, mask=None, src_key_padding_mask=None, is_causal=None
-):
+    enc: nn.TransformerEncoder,
+    tracer: _SplitTracer,
+    src: fx.Proxy,
+    mask: Union[None, torch.Tensor, fx.Proxy] = None,
+    src_key_padding_mask: Union[None, torch.Tensor, fx.Proxy] = None,
+    is_causal: Optional[bool] = None,
+) -> fx.Proxy:
     """nn.TransformerEncoder.forward as a plain run of its layers (then its norm). Numerically
     the same on the real tokens; its nested-tensor fast path (eval, with a padding mask) leaves
     zeros at padded positions where this leaves the layers' values."""
@@ -666,7 +705,7 @@ _COMPUTE = ("call_module", "call_function", "call_method")
 
 
 def _node_inputs(n: fx.Node) -> List[fx.Node]:
-    found = []
+    found: List[fx.Node] = []
     fx.node.map_arg((n.args, n.kwargs), lambda a: found.append(a))
     return found
 
@@ -674,11 +713,13 @@ def _node_inputs(n: fx.Node) -> List[fx.Node]:
 class _BatchRecorder(fx.Interpreter):
     """Records which nodes yield a tensor with the input's batch size (those can travel in a state)."""
 
-    def __init__(self, gm, batch: int):
+    def __init__(self, gm: fx.GraphModule, batch: int) -> None:
         super().__init__(gm)
-        self.batch, self.batched, self.shapes = batch, set(), {}
+        self.batch = batch
+        self.batched: Set[fx.Node] = set()
+        self.shapes: Dict[fx.Node, Tuple[int, ...]] = {}
 
-    def run_node(self, n):
+    def run_node(self, n: fx.Node) -> Any:
         v = super().run_node(n)
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.batch:
             self.batched.add(n)
@@ -686,7 +727,17 @@ class _BatchRecorder(fx.Interpreter):
         return v
 
 
-def _split_fx(backbone: nn.Module, at, probe, expected, points_only: bool = False):
+@overload
+def _split_fx(
+    backbone: nn.Module, at: Sequence[str], probe: State, expected: torch.Tensor, points_only: Literal[False] = False
+) -> _Split: ...
+@overload
+def _split_fx(
+    backbone: nn.Module, at: Sequence[str], probe: State, expected: torch.Tensor, points_only: Literal[True]
+) -> Points: ...
+def _split_fx(
+    backbone: nn.Module, at: Sequence[str], probe: State, expected: torch.Tensor, points_only: bool = False
+) -> Union[_Split, Points]:
     """The fx split at ``at``; with ``points_only``, the valid split points instead, as
     ``[(dotted name, shape)]``."""
     modules = dict(backbone.named_modules())
@@ -721,7 +772,7 @@ def _split_fx(backbone: nn.Module, at, probe, expected, points_only: bool = Fals
 
     def has_params(n: fx.Node) -> bool:
         if n.op == "call_module":
-            return _has_params(gm.get_submodule(n.target))
+            return _has_params(gm.get_submodule(_module_name(n)))
         return any(a.op == "get_attr" for a in _node_inputs(n))
 
     param_nodes = [n for n in compute if has_params(n)]
@@ -748,10 +799,10 @@ def _split_fx(backbone: nn.Module, at, probe, expected, points_only: bool = Fals
 
     by_name = {n.name: n for n in compute}
     by_name.update({dotted[n]: n for n in compute if n in dotted})
-    targets = {}
+    targets: Dict[str, List[fx.Node]] = {}
     for n in compute:
         if n.op == "call_module":
-            targets.setdefault(n.target, []).append(n)
+            targets.setdefault(_module_name(n), []).append(n)
     split_nodes = []
     for a in at:
         n = by_name.get(a)
@@ -780,7 +831,9 @@ def _split_fx(backbone: nn.Module, at, probe, expected, points_only: bool = Fals
         raise ValueError(f"split points must be in forward order; got {list(at)}, forward order is {by_pos}")
 
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    stages, layouts, inputs, start = [], [], placeholders, 0
+    stages: List[nn.Module] = []
+    layouts: List[Optional[TokenLayout]] = []
+    inputs, start = placeholders, 0
     for c in order + [boundary]:
         outputs = _outputs_at(nodes[c], live_after(c))
         stages.append(_subgraph(gm, nodes, inputs, range(start, c + 1), outputs, guard=bool(stages)))
@@ -794,7 +847,9 @@ def _split_fx(backbone: nn.Module, at, probe, expected, points_only: bool = Fals
     return split
 
 
-def _fx_layout(outputs, shapes, padding_masks) -> Optional[TokenLayout]:
+def _fx_layout(
+    outputs: List[fx.Node], shapes: Dict[fx.Node, Tuple[int, ...]], padding_masks: Set[fx.Node]
+) -> Optional[TokenLayout]:
     """Token layout of an fx state whose first member is [B, S, H]: its key-padding mask, when
     an expanded TransformerEncoder took one and it travels in the state."""
     if len(shapes.get(outputs[0], ())) != 2:
@@ -803,13 +858,18 @@ def _fx_layout(outputs, shapes, padding_masks) -> Optional[TokenLayout]:
     return TokenLayout(mask_index=idx, padding_mask=idx is not None, pool="mean")
 
 
+def _module_name(n: fx.Node) -> str:
+    """The qualified name of the submodule a ``call_module`` node calls (fx stores it as the target)."""
+    return cast(str, n.target)
+
+
 def _outputs_at(split: fx.Node, live: List[fx.Node]) -> List[fx.Node]:
     return [split] + [n for n in live if n is not split]
 
 
 def _mutating_consumer(node: fx.Node, gm: fx.GraphModule) -> bool:
     for u in node.users:
-        if u.op == "call_module" and _mutates_input(gm.get_submodule(u.target)):
+        if u.op == "call_module" and _mutates_input(gm.get_submodule(_module_name(u))):
             return True
         if u.op == "call_function" and (u.kwargs.get("inplace") or u.target in (operator.iadd, operator.imul)):
             return True
@@ -818,18 +878,27 @@ def _mutating_consumer(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-def _subgraph(gm, nodes, inputs, span, outputs, *, guard: bool, raw_output: bool = False) -> fx.GraphModule:
+def _subgraph(
+    gm: fx.GraphModule,
+    nodes: List[fx.Node],
+    inputs: List[fx.Node],
+    span: range,
+    outputs: Any,  # the nodes the stage returns; with raw_output, the graph output's argument as fx holds it
+    *,
+    guard: bool,
+    raw_output: bool = False,
+) -> fx.GraphModule:
     g = fx.Graph()
-    env = {}
+    env: Dict[fx.Node, fx.Node] = {}
     for n in inputs:
         ph = g.placeholder(n.name)
         if guard and _mutating_consumer(n, gm):
             ph = g.call_function(_clone_unless_inference, (ph,))
         env[n] = ph
 
-    def lookup(a: fx.Node):
+    def lookup(a: fx.Node) -> fx.Node:
         if a not in env and a.op == "get_attr":
-            env[a] = g.get_attr(a.target)
+            env[a] = g.get_attr(cast(str, a.target))  # a get_attr node's target is the attribute's qualified name
         return env[a]
 
     for i in span:
@@ -846,9 +915,17 @@ def _subgraph(gm, nodes, inputs, span, outputs, *, guard: bool, raw_output: bool
 
 
 # ---------------------------------------------------------------------------- heads
-def _make_heads(head: HeadSpec, states, num_classes: int, at, layouts) -> List[nn.Module]:
+def _make_heads(
+    head: HeadSpec,
+    states: Sequence[State],
+    num_classes: int,
+    at: Sequence[str],
+    layouts: Sequence[Optional[TokenLayout]],
+) -> List[nn.Module]:
     n = len(states)
-    if isinstance(head, nn.Module) and not isinstance(head, nn.ModuleList):
+    if isinstance(head, nn.ModuleList):
+        head = list(head)
+    elif isinstance(head, nn.Module):
         raise TypeError(
             "head must be 'auto', 'pool_linear', 'conv', 'cls', 'mean', a factory head(state_shape, num_classes), or a sequence of modules (one per split point); got a single module"
         )
@@ -858,7 +935,7 @@ def _make_heads(head: HeadSpec, states, num_classes: int, at, layouts) -> List[n
                 f"unknown head {head!r}; accepted: {', '.join(map(repr, HEADS))}, a factory head(state_shape, num_classes) or a list of modules"
             )
         return [_default_head(head, s, num_classes, a, lay) for s, a, lay in zip(states, at, layouts)]
-    if callable(head) and not isinstance(head, nn.Module):
+    if callable(head):  # modules were turned into a list or refused above
         out = []
         for k, s in enumerate(states):
             h = head(as_tuple(s)[0].shape[1:], num_classes)
@@ -877,7 +954,7 @@ def _make_heads(head: HeadSpec, states, num_classes: int, at, layouts) -> List[n
     return heads
 
 
-def _default_head(head: str, state, num_classes: int, at: str, layout: Optional[TokenLayout]) -> nn.Module:
+def _default_head(head: str, state: State, num_classes: int, at: str, layout: Optional[TokenLayout]) -> nn.Module:
     x = as_tuple(state)[0]
     if layout is not None:  # tokens [B, S, H]: pool along S, classify the H features
         if head == "conv":

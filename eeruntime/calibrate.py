@@ -16,24 +16,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
 
 from ._json import dec_float as _dec
 from ._json import enc_float as _enc
 from .calibration.methods import METHODS, MethodArgs
 from .cost import CostModel
-from .criteria import CRITERIA, criterion_name
+from .criteria import CRITERIA, Criterion, criterion_name
+
+if TYPE_CHECKING:  # for annotations only: calibrate() imports the cache and Calibration.runtime the runtime when called
+    from .calibration.cache import Outcome, ScoreCache
+    from .runtime import EERuntime
 
 MAX_SAVED_GRID = 20000
 
 Point = Tuple[List[float], float, float]  # (thresholds, accuracy, expected cost)
 
+# What ``calibrate`` reads labelled data from: an (x, y) pair of tensors, an iterable of (x, y)
+# batches (x may be anything the model's input adapter takes), or a ready ScoreCache.
+CalibrationData = Union[Tuple[torch.Tensor, torch.Tensor], Iterable[Any], "ScoreCache"]
 
-def _enc_points(points):
+
+def _enc_points(points: Optional[Sequence[Point]]) -> Optional[List[List[Any]]]:
     return None if points is None else [[[_enc(t) for t in th], float(a), float(c)] for th, a, c in points]
 
 
-def _dec_points(points):
+def _dec_points(points: Optional[Sequence[Sequence[Any]]]) -> Optional[List[Point]]:
     return None if points is None else [([_dec(t) for t in th], float(a), float(c)) for th, a, c in points]
 
 
@@ -67,7 +79,7 @@ class Calibration:
     candidates: List[Point] = field(default_factory=list, repr=False)
     frontier: Optional[List[Point]] = field(default=None, repr=False)
     grid: Optional[List[List[float]]] = field(default=None, repr=False)
-    settings: dict = field(default_factory=dict)
+    settings: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def relative_cost(self) -> float:
@@ -79,7 +91,7 @@ class Calibration:
         return criterion_name(self.criterion)
 
     @property
-    def scorer(self):
+    def scorer(self) -> Optional[Callable[..., Any]]:
         """The criterion when it is not a name: the learned EENet scorer of method ``"budget"``,
         or the callable the calibration was given; None for a named criterion."""
         return None if isinstance(self.criterion, str) else self.criterion
@@ -88,7 +100,7 @@ class Calibration:
     def num_exits(self) -> int:
         return len(self.exit_fractions)
 
-    def runtime(self, model, **kwargs):
+    def runtime(self, model: nn.Module, **kwargs: Any) -> EERuntime:
         """An :class:`~eeruntime.EERuntime` for ``model`` with these thresholds, criterion and
         final mode (``kwargs`` go to the runtime). A scorer criterion is moved to the model's
         device. The runtime keeps this calibration as ``rt.calibration`` for ``rt.save``."""
@@ -114,7 +126,7 @@ class Calibration:
             f"cost {self.relative_cost:.3f} of the full model, exits [{fr}], thresholds {self.thresholds}"
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         """Strict-JSON-able dict (non-finite floats as strings); a scorer is described by its
         config, its weights are saved by ``rt.save``."""
         scorer = self.scorer
@@ -143,7 +155,7 @@ class Calibration:
         }
 
     @classmethod
-    def from_dict(cls, d: dict, scorer=None) -> Calibration:
+    def from_dict(cls, d: Dict[str, Any], scorer: Optional[Callable[..., Any]] = None) -> Calibration:
         """Inverse of :meth:`to_dict`; ``scorer`` supplies the module of a learned criterion."""
         criterion = d["criterion"]
         if d.get("scorer_config") is not None or criterion not in CRITERIA:
@@ -170,13 +182,23 @@ class Calibration:
         )
 
 
-def _number(name: str, value) -> float:
+def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     return float(value)
 
 
-def _check_args(method, max_drop, budget, budget_cost, budget_tol, grid, max_combos, max_candidates, cost) -> None:
+def _check_args(
+    method: str,
+    max_drop: float,
+    budget: Optional[float],
+    budget_cost: Optional[float],
+    budget_tol: float,
+    grid: int,
+    max_combos: int,
+    max_candidates: int,
+    cost: Union[str, CostModel],
+) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; accepted: {', '.join(map(repr, METHODS))}")
     max_drop = _number("max_drop", max_drop)
@@ -214,17 +236,17 @@ def _check_args(method, max_drop, budget, budget_cost, budget_tol, grid, max_com
 
 
 def calibrate(
-    model,
-    data,
+    model: Optional[nn.Module],
+    data: CalibrationData,
     method: str,
-    criterion=None,
+    criterion: Optional[Criterion] = None,
     *,
     final: Optional[str] = None,
     max_drop: float = 0.01,
     budget: Optional[float] = None,
     budget_cost: Optional[float] = None,
     budget_tol: float = 0.02,
-    cost="flops",
+    cost: Union[str, CostModel] = "flops",
     grid: int = 64,
     max_combos: int = 1 << 20,
     batch_size: int = 256,
@@ -293,8 +315,11 @@ def calibrate(
         )
 
     budget_abs = None
-    if method == "budget":
-        budget_abs = float(budget) * float(cache.cost.plain) if budget is not None else float(budget_cost)
+    if method == "budget":  # _check_args made sure exactly one of budget and budget_cost is given
+        if budget is not None:
+            budget_abs = float(budget) * float(cache.cost.plain)
+        elif budget_cost is not None:
+            budget_abs = float(budget_cost)
     found = METHODS[method](
         MethodArgs(
             cache,
@@ -346,7 +371,7 @@ def calibrate(
     )
 
 
-def _outcome(cache, scores, thresholds: Sequence[float]):
+def _outcome(cache: ScoreCache, scores: np.ndarray, thresholds: Sequence[float]) -> Outcome:
     """The cache's outcome of ``thresholds`` applied to ``scores`` (the cache's own or a scorer's)."""
     from dataclasses import replace
 

@@ -49,7 +49,7 @@ class EncoderSplit:
     tail: Optional[nn.Module]  # None: the last stage's output is the logits (a backbone without a classifier)
     layout: TokenLayout
     layer_names: List[str]  # qualified names of the layers, in order (the split points)
-    input_adapter: Optional[object] = None
+    input_adapter: Optional[HFInputs] = None
     extra_names: dict = field(default_factory=dict)  # alias -> layer name (e.g. timm feature_info names)
 
 

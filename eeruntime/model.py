@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, List, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from .state import call, stage_forward
+
+if TYPE_CHECKING:
+    from .encoders import TokenLayout
+
+
+class ModuleSeq(Protocol):
+    """Modules by position: an ``nn.ModuleList``, a list or a tuple of modules."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, idx: int) -> nn.Module: ...
+
+    def __iter__(self) -> Iterator[nn.Module]: ...
+
+
+class StagedModel(Protocol):
+    """What the runtime walks (``EERuntime``, its executors, calibration): a :class:`MultiExitModel`
+    or any object with ``stages`` and ``exits``, one exit after each stage (a protocol, so a
+    duck-typed model type-checks as it runs)."""
+
+    @property
+    def stages(self) -> ModuleSeq: ...
+
+    @property
+    def exits(self) -> ModuleSeq: ...
 
 
 def model_device(model) -> Optional[torch.device]:
@@ -32,6 +57,11 @@ class MultiExitModel(nn.Module):
     (a dict, a ``BatchEncoding``, a tuple in the backbone's forward order) into stage 0's
     input; :meth:`prepare_input` applies it.
     """
+
+    # Set by attach_exits only (a model built by hand has none of them): the split it made.
+    split_points: List[str]
+    split_mode: str
+    token_layout: Optional[TokenLayout]
 
     def __init__(self, stages: Sequence[nn.Module], exits: Sequence[nn.Module], *, input_adapter=None):
         super().__init__()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..cost import CostModel
-from ..criteria import FINAL_MODES, check_criterion
+from ..criteria import FINAL_MODES, Criterion, check_criterion
 from ..eenet import DEFAULT_TOP_K, exit_features
 from ..model import model_device
 from ..ops.exit_decision import confidence_ref
@@ -35,7 +35,7 @@ class ScoreCache:
     ``cumulative[k]`` is the cost of a sample leaving at exit k.
     """
 
-    criterion: object
+    criterion: Criterion
     final: str
     scores: np.ndarray
     preds: np.ndarray

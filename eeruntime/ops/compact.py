@@ -11,7 +11,7 @@ Backends in priority order: ``cuda`` and ``cpp`` (the ``eeruntime._C`` extension
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,7 +45,13 @@ def compact_ref(keep: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Tuple[to
     return index, [t.index_select(0, index) for t in tensors]
 
 
-def compact_into_ref(keep, tensors, outs, index_out, count_out) -> None:
+def compact_into_ref(
+    keep: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor],
+    index_out: torch.Tensor,
+    count_out: torch.Tensor,
+) -> None:
     index = keep.nonzero().squeeze(1)
     n = index.numel()
     for t, o in zip(tensors, outs):
@@ -54,21 +60,23 @@ def compact_into_ref(keep, tensors, outs, index_out, count_out) -> None:
     count_out.fill_(n)
 
 
-def compact_inplace_ref(keep, tensors) -> None:
+def compact_inplace_ref(keep: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     index = keep.nonzero().squeeze(1)
     n = index.numel()
     for t in tensors:
         t[:n] = t.index_select(0, index)  # index_select copies first: no row is read after it is overwritten
 
 
-def scatter_rows_ref(mask, rows, srcs, outs) -> None:
+def scatter_rows_ref(
+    mask: torch.Tensor, rows: torch.Tensor, srcs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]
+) -> None:
     index = mask.nonzero().squeeze(1)
     dst = rows.index_select(0, index)
     for s, o in zip(srcs, outs):
         o.index_copy_(0, dst, s.index_select(0, index).to(o.dtype))
 
 
-def _always(*args, forced):
+def _always(*args: Any, forced: bool) -> Optional[str]:
     return None
 
 
@@ -80,7 +88,9 @@ dispatch.table("compact_", [COMPACT_INPLACE_CPP, dispatch.Backend("torch", compa
 dispatch.table("scatter_rows", [*extension_rows("scatter_rows"), dispatch.Backend("torch", scatter_rows_ref, _always)])
 
 
-def compact(keep: torch.Tensor, tensors: Sequence[torch.Tensor], *, backend: str = "auto"):
+def compact(
+    keep: torch.Tensor, tensors: Sequence[torch.Tensor], *, backend: str = "auto"
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Keep the rows where ``keep`` is True, in order.
 
     Returns ``(index, packed)``: ``index`` int64 [n] the original rows kept, ascending; ``packed``

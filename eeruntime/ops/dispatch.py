@@ -9,7 +9,7 @@ and the fix.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 
 class BackendUnavailable(RuntimeError):
@@ -46,12 +46,12 @@ def backends(op: str) -> List[str]:
     return [b.name for b in _REGISTRY.get(op, [])]
 
 
-def explain(op: str, *args, **kwargs) -> Dict[str, Optional[str]]:
+def explain(op: str, *args: Any, **kwargs: Any) -> Dict[str, Optional[str]]:
     """For each backend of ``op``: ``None`` if it would run these inputs under ``auto``, else why not."""
     return {b.name: b.why_not(*args, forced=False, **kwargs) for b in _REGISTRY.get(op, [])}
 
 
-def select(op: str, backend: str, *args, **kwargs) -> Backend:
+def select(op: str, backend: str, *args: Any, **kwargs: Any) -> Backend:
     """The backend that runs ``op`` on these inputs; raises with the reason when none can."""
     candidates = _REGISTRY.get(op, [])
     if backend == "auto":
@@ -80,7 +80,7 @@ def capturable_backends(op: str) -> List[str]:
     return [b.name for b in _REGISTRY.get(op, []) if b.capturable]
 
 
-def capturable(op: str, backend: str, *args, **kwargs) -> bool:
+def capturable(op: str, backend: str, *args: Any, **kwargs: Any) -> bool:
     """Whether the backend :func:`select` picks for these inputs may run in a captured CUDA graph
     (False when none can run them)."""
     try:

@@ -8,11 +8,11 @@ reference below, any device).
 from __future__ import annotations
 
 import math
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
-from ..criteria import CRITERIA, check_criterion
+from ..criteria import CRITERIA, Criterion, check_criterion
 from . import dispatch
 from ._ext_backend import EXIT_DECISION_CPP
 from ._triton_backend import EXIT_DECISION_TRITON
@@ -72,14 +72,16 @@ def confidence_ref(logits: torch.Tensor, criterion: str = "entropy") -> torch.Te
     raise ValueError(f"unknown criterion {criterion!r}; accepted: {', '.join(map(repr, CRITERIA))}")
 
 
-def exits_from_scores(conf: torch.Tensor, threshold: torch.Tensor, criterion) -> torch.Tensor:
+def exits_from_scores(conf: torch.Tensor, threshold: torch.Tensor, criterion: Criterion) -> torch.Tensor:
     """The exit flag from a score: entropy exits when below, the rest when at or above. NaN never exits."""
     if criterion == "entropy":
         return conf < threshold
     return conf >= threshold
 
 
-def exit_decision_ref(logits, threshold, criterion="entropy", return_argmax=False):
+def exit_decision_ref(
+    logits: torch.Tensor, threshold: Threshold, criterion: str = "entropy", return_argmax: bool = False
+) -> Tuple[torch.Tensor, ...]:
     """Plain-PyTorch exit decision: the CPU fallback and the test oracle of the fast backends."""
     conf = confidence_ref(logits, criterion)
     mask = exits_from_scores(conf, _threshold_tensor(threshold, logits.device), criterion)
@@ -88,7 +90,9 @@ def exit_decision_ref(logits, threshold, criterion="entropy", return_argmax=Fals
     return conf, mask
 
 
-def _torch_why_not(logits, threshold, criterion, return_argmax, *, forced):
+def _torch_why_not(
+    logits: torch.Tensor, threshold: Threshold, criterion: str, return_argmax: bool, *, forced: bool
+) -> Optional[str]:
     return None
 
 

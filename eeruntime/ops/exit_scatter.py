@@ -12,7 +12,7 @@ logits, one call instead of the six of eager PyTorch), ``torch`` (the reference 
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -24,7 +24,17 @@ from .compact import scatter_rows_ref
 from .exit_decision import _check_logits, confidence_ref, exits_from_scores
 
 
-def exit_scatter_ref(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index):
+def exit_scatter_ref(
+    logits: torch.Tensor,
+    thresholds: torch.Tensor,
+    criterion: str,
+    exit: int,
+    final: bool,
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    confidence: torch.Tensor,
+    exit_index: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: ``confidence_ref``, the threshold compare and ``scatter_rows_ref``.
     Returns ``(keep bool [n], n_exit int64 0-d tensor)``."""
     score = confidence_ref(logits, criterion)
@@ -37,7 +47,7 @@ def exit_scatter_ref(logits, thresholds, criterion, exit, final, rows, out, conf
     return ~leaves, leaves.sum()
 
 
-def _torch_why_not(*args, forced):
+def _torch_why_not(*args: Any, forced: bool) -> Optional[str]:
     return None
 
 
@@ -45,7 +55,17 @@ def _torch_why_not(*args, forced):
 dispatch.table("exit_scatter", [EXIT_SCATTER_CPP, dispatch.Backend("torch", exit_scatter_ref, _torch_why_not)])
 
 
-def _check(logits, thresholds, criterion, exit, final, rows, out, confidence, exit_index) -> None:
+def _check(
+    logits: torch.Tensor,
+    thresholds: torch.Tensor,
+    criterion: str,
+    exit: int,
+    final: bool,
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    confidence: torch.Tensor,
+    exit_index: torch.Tensor,
+) -> None:
     _check_logits(logits)
     if criterion not in CRITERIA:
         raise ValueError(

@@ -4,21 +4,23 @@ graph executor for CUDA inputs, else an eager pass (see docs/design.md)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, cast
 
 import torch
+from torch import nn
 
 from ..compiled import compile_options, refuse_if_traced
 from ..cost import CostModel, measure_costs
 from ..criteria import Criterion
 from ..devices import device_guard
-from ..model import model_device
+from ..model import StagedModel, model_device
 from ..model_guard import ModelGuard
 from ..runtime_file import save_runtime
 from ..scoring import Scorer
-from ..state import as_tuple, check_state, from_tuple
+from ..state import State, as_tuple, check_state, from_tuple
 from ..stats import RuntimeStats
 from ..thresholds import ThresholdSnapshot, coerce_thresholds
 from .executors import eager_pass
@@ -28,6 +30,19 @@ from .step import StageResult, check_carry, stage_step
 
 if TYPE_CHECKING:  # the graph executor is imported only when a CUDA model asks for graphs
     from .graphs import GraphRunner
+
+# What ``infer`` / ``run_stage(0, ...)`` take: a state (a tensor, or a tuple or list of tensors
+# sharing batch dim 0) or, for a model with an ``input_adapter`` (an attached HF encoder),
+# whatever the adapter takes (a dict, a ``BatchEncoding``): checked at run time, not by type.
+ModelInput = Any
+
+
+class CalibrationRecord(Protocol):
+    """What a runtime keeps of the calibration that chose its thresholds (an ``ee.Calibration``, set
+    by ``Calibration.runtime`` and ``ee.load``): ``rt.save`` writes its dict. A protocol, so this
+    module need not import eeruntime.calibrate (which imports the runtime)."""
+
+    def to_dict(self) -> Dict[str, Any]: ...
 
 
 class EERuntime:
@@ -58,7 +73,7 @@ class EERuntime:
 
     def __init__(
         self,
-        model,
+        model: nn.Module,
         thresholds: Union[None, float, Sequence[float], torch.Tensor] = None,
         criterion: Criterion = "entropy",
         final: str = "last",
@@ -67,16 +82,18 @@ class EERuntime:
         buckets: Optional[Sequence[int]] = None,
         decision_backend: str = "auto",
         compact_backend: str = "auto",
-        compile: Union[bool, dict] = False,
-    ):
+        compile: Union[bool, Dict[str, Any]] = False,
+    ) -> None:
         if not (hasattr(model, "stages") and hasattr(model, "exits")):
             raise TypeError(
                 f"EERuntime needs a MultiExitModel (stages and exits), got {type(model).__name__}; "
                 "build one with ee.MultiExitModel(stages, exits) or ee.attach_exits(backbone, at=[...])"
             )
-        if len(model.stages) != len(model.exits) or len(model.stages) == 0:
+        # Checked: it has stages and exits (any nn.Module that does is walked as a MultiExitModel).
+        staged = cast(StagedModel, model)
+        if len(staged.stages) != len(staged.exits) or len(staged.stages) == 0:
             raise ValueError(
-                f"stages and exits must have the same, non-zero length; got {len(model.stages)} and {len(model.exits)}"
+                f"stages and exits must have the same, non-zero length; got {len(staged.stages)} and {len(staged.exits)}"
             )
         scorer = Scorer(criterion, decision_backend)
         if graphs not in ("auto", True, False):
@@ -88,14 +105,14 @@ class EERuntime:
                     "compile=True runs the stages as torch.compile graphs; it cannot be combined with graphs=True"
                 )
             graphs = False
-        self.spec = RunSpec(model, scorer, final, compact_backend, self._compile)
+        self.spec = RunSpec(staged, scorer, final, compact_backend, self._compile)
         self.model = model
         self.criterion = scorer.criterion
         self.final = final
         self.graphs = graphs
         self.decision_backend = decision_backend
         self.compact_backend = compact_backend
-        self.num_exits = len(model.stages)
+        self.num_exits = len(staged.stages)
         self._guard = ModelGuard(model, self.num_exits)  # eval mode everywhere, said out loud
         self._device = model_device(model)
         self._lock = threading.Lock()
@@ -105,6 +122,8 @@ class EERuntime:
         self._cost: Optional[CostModel] = None
         self._graph_runner: Optional[GraphRunner] = None
         self.buckets = buckets
+        # The calibration that chose the thresholds (set by Calibration.runtime and ee.load), saved by rt.save.
+        self.calibration: Optional[CalibrationRecord] = None
 
     # ------------------------------------------------------------------ thresholds
     @property
@@ -115,22 +134,22 @@ class EERuntime:
         """The current thresholds as one immutable whole (pass it to :meth:`run_stage`)."""
         return self._snapshot
 
-    def set_thresholds(self, thresholds) -> None:
+    def set_thresholds(self, thresholds: Union[float, Sequence[float], torch.Tensor]) -> None:
         """New thresholds, used from the next call (a call under way keeps the set it started
         with). Captured graphs read them from a buffer each call fills: no re-capture."""
         snap = ThresholdSnapshot(coerce_thresholds(thresholds, self.num_exits - 1, self.criterion))
         with self._lock:
             self._snapshot = snap
 
-    def thresholds_tensor(self, device) -> torch.Tensor:
+    def thresholds_tensor(self, device: Union[str, torch.device]) -> torch.Tensor:
         """The current thresholds as a float32 [K-1] tensor on ``device`` (read-only)."""
         return self._snapshot.tensor(device)
 
     # ------------------------------------------------------------------ public calls
-    def __call__(self, x) -> torch.Tensor:
+    def __call__(self, x: ModelInput) -> torch.Tensor:
         return self.infer(x).logits
 
-    def infer(self, x) -> InferenceResult:
+    def infer(self, x: ModelInput) -> InferenceResult:
         """Run ``x`` (a tensor, or a tuple of tensors sharing batch dim 0; for a model with an
         input adapter, e.g. an attached HF encoder, whatever it takes: a dict / BatchEncoding)
         with early exits.
@@ -160,9 +179,9 @@ class EERuntime:
     def run_stage(
         self,
         k: int,
-        state,
+        state: ModelInput,
         rows: torch.Tensor,
-        carry=None,
+        carry: Optional[Sequence[torch.Tensor]] = None,
         thresholds: Optional[ThresholdSnapshot] = None,
         record: bool = False,
     ) -> StageResult:
@@ -212,7 +231,7 @@ class EERuntime:
         *,
         wall_time_s: float = 0.0,
         calls: int = 1,
-        example=None,
+        example: Optional[State] = None,
     ) -> None:
         """Add exits seen outside :meth:`infer` (e.g. by a scheduler calling :meth:`run_stage`) to
         ``rt.stats``: ``counts_per_exit[k]`` rows left at exit k; ``samples`` defaults to their
@@ -230,7 +249,7 @@ class EERuntime:
             self._stats.calls += calls
             self._stats.wall_time_s += wall_time_s
 
-    def warmup(self, max_batch: int, example=None) -> None:
+    def warmup(self, max_batch: int, example: ModelInput = None) -> None:
         """Capture the CUDA graphs of every bucket up to ``max_batch`` ahead of traffic."""
         from .graphs import GraphRunner, graphs_supported
 
@@ -243,7 +262,12 @@ class EERuntime:
             self._graph_runner = GraphRunner(self, buckets=self.buckets)
         self._graph_runner.warmup(max_batch, example)
 
-    def save(self, path, weights: bool = False, factory=None) -> None:
+    def save(
+        self,
+        path: Union[str, os.PathLike[str]],
+        weights: bool = False,
+        factory: Union[None, str, Callable[..., nn.Module]] = None,
+    ) -> None:
         """Save thresholds, criterion, calibration summary and learned scorer weights (JSON +
         safetensors; see :func:`eeruntime.load`); ``weights=True`` adds the model's weights, so
         ``ee.load(path, factory)`` rebuilds the whole runtime from the model's constructor
@@ -264,7 +288,7 @@ class EERuntime:
         return snap
 
     @property
-    def example(self):
+    def example(self) -> Optional[State]:
         """One row of the first input seen (None before any), kept to measure the cost model and
         to capture graphs at ``warmup`` without an example."""
         return self._example
@@ -273,18 +297,25 @@ class EERuntime:
         with self._lock:
             self._stats = RuntimeStats([0] * self.num_exits)
 
-    def score(self, logits: torch.Tensor, state, k: int, history=()) -> torch.Tensor:
+    def score(self, logits: torch.Tensor, state: State, k: int, history: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """The criterion's float32 score per row at exit ``k`` (see :mod:`eeruntime.scoring`)."""
         return self.spec.scorer.score(logits, state, k, history)
 
-    def decide(self, logits: torch.Tensor, state, k: int, history=(), thresholds: Optional[torch.Tensor] = None):
+    def decide(
+        self,
+        logits: torch.Tensor,
+        state: State,
+        k: int,
+        history: Sequence[torch.Tensor] = (),
+        thresholds: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Score and exit flag at early exit ``k`` against ``thresholds[k]`` (a float32 [K-1]
         tensor on the logits' device; None: the current snapshot's)."""
         thr = self.thresholds_tensor(logits.device) if thresholds is None else thresholds
         return self.spec.scorer.decide(logits, state, k, history, thr)
 
     # ------------------------------------------------------------------ internals
-    def _check_device(self, x) -> None:
+    def _check_device(self, x: State) -> None:
         if self._device is None:
             return
         for t in as_tuple(x):
@@ -296,7 +327,7 @@ class EERuntime:
                     f"move the input with x.to({str(self._device)!r})"
                 )
 
-    def _graph_runner_for(self, x):
+    def _graph_runner_for(self, x: State) -> Optional[GraphRunner]:
         if self.graphs is False or not as_tuple(x)[0].is_cuda:
             return None
         if self._graph_runner is None:
@@ -312,7 +343,9 @@ class EERuntime:
                     self._graph_runner = GraphRunner(self, buckets=self.buckets)
         return self._graph_runner
 
-    def _infer_eager(self, x, B: int, snap: Optional[ThresholdSnapshot] = None):
+    def _infer_eager(
+        self, x: State, B: int, snap: Optional[ThresholdSnapshot] = None
+    ) -> Tuple[InferenceResult, List[int]]:
         """``(InferenceResult, counts)`` of ``x`` without CUDA graphs (the eager executors)."""
         snap = self._snapshot if snap is None else snap
         return eager_pass(self.spec, x, B, snap.tensor(as_tuple(x)[0].device)).run()

@@ -4,14 +4,15 @@ the model, the scorer (criterion and decision backend), the final mode and the p
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from ..compiled import CompiledModel
 from ..criteria import FINAL_MODES
+from ..model import StagedModel
 from ..scoring import Scorer
-from ..state import call, check_stage_output, stage_forward
+from ..state import State, call, check_stage_output, stage_forward
 
 
 class RunSpec:
@@ -19,7 +20,14 @@ class RunSpec:
     ``compact_backend`` (the ops backend that packs and scatters rows; ``"auto"`` by default) and
     ``compile`` (``torch.compile`` options for each stage and head, None: run them as they are)."""
 
-    def __init__(self, model, scorer: Scorer, final: str = "last", compact_backend: str = "auto", compile=None):
+    def __init__(
+        self,
+        model: StagedModel,
+        scorer: Scorer,
+        final: str = "last",
+        compact_backend: str = "auto",
+        compile: Optional[Dict[str, Any]] = None,
+    ) -> None:
         if final not in FINAL_MODES:
             raise ValueError(f"unknown final mode {final!r}; accepted: {', '.join(map(repr, FINAL_MODES))}")
         self.model = model
@@ -29,11 +37,11 @@ class RunSpec:
         self.compact_backend = compact_backend
         self.num_exits = len(model.stages)
         self.compile = compile
-        self._compiled = None
+        self._compiled: Optional[CompiledModel] = None
         self._num_classes: Optional[int] = None
         self._lock = threading.Lock()
 
-    def walked_model(self):
+    def walked_model(self) -> Union[StagedModel, CompiledModel]:
         """The model the loop walks: the user's, or its compiled parts with ``compile``."""
         if self.compile is None:
             return self.model
@@ -42,7 +50,7 @@ class RunSpec:
                 self._compiled = CompiledModel(self.model, self.compile)
             return self._compiled
 
-    def forward(self, k: int, state, n: int):
+    def forward(self, k: int, state: State, n: int) -> Tuple[State, torch.Tensor, int]:
         """Stage ``k`` then exit ``k`` on a state of ``n`` rows: ``(state, logits, C)``."""
         model = self.walked_model()
         state = stage_forward(model.stages[k], state)
@@ -50,7 +58,7 @@ class RunSpec:
         logits = call(model.exits[k], state)
         return state, logits, self.check_logits(logits, n, k)
 
-    def check_logits(self, logits, n: int, k: int) -> int:
+    def check_logits(self, logits: Any, n: int, k: int) -> int:
         """The number of classes of exit ``k``'s logits, after checking they are [n, C] with the
         same C as every other exit."""
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:

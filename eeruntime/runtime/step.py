@@ -10,12 +10,13 @@ like the state (:func:`eeruntime.state.take_rows`, :func:`eeruntime.state.cat_ro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .. import ops
 from ..state import State, as_tuple, from_tuple
+from ..thresholds import ThresholdSnapshot
 from .spec import RunSpec
 
 
@@ -43,7 +44,7 @@ def carry_size(spec: RunSpec, k: int) -> int:
     return int(spec.average and k > 0) + (k if spec.scorer.uses_history else 0)
 
 
-def check_carry(spec: RunSpec, k: int, carry, n: int) -> tuple:
+def check_carry(spec: RunSpec, k: int, carry: Optional[Sequence[torch.Tensor]], n: int) -> Tuple[torch.Tensor, ...]:
     want = carry_size(spec, k)
     carry = () if carry is None else tuple(carry) if isinstance(carry, (tuple, list)) else carry
     if (
@@ -63,7 +64,14 @@ def check_carry(spec: RunSpec, k: int, carry, n: int) -> tuple:
     return carry
 
 
-def stage_step(spec: RunSpec, k: int, state, rows: torch.Tensor, carry: tuple, thresholds) -> StageResult:
+def stage_step(
+    spec: RunSpec,
+    k: int,
+    state: State,
+    rows: torch.Tensor,
+    carry: Tuple[torch.Tensor, ...],
+    thresholds: ThresholdSnapshot,
+) -> StageResult:
     """One step on checked inputs (see ``EERuntime.run_stage``); ``thresholds`` a snapshot."""
     K = spec.num_exits
     n = rows.shape[0]
