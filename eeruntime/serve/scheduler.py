@@ -29,18 +29,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import heapq
 import itertools
 import threading
 import time
 from collections import deque
-from typing import Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
 from ..runtime import EERuntime, InferenceResult, cat_rows, take_rows
 from ..state import as_tuple, check_state
 from .stats import SchedulerStats
+
+State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a request's input, or rows of a stage's state
 
 ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
 ROW_MASK = (1 << ROW_BITS) - 1
@@ -78,11 +81,23 @@ class _Request:
         "layout",
     )
 
-    def __init__(self, seq, n, future, snap, t0, deadline, layout):
+    def __init__(
+        self,
+        seq: int,
+        n: int,
+        future: concurrent.futures.Future,
+        snap: Any,
+        t0: float,
+        deadline: Optional[float],
+        layout: Optional[tuple],
+    ) -> None:
         self.seq, self.n, self.future, self.snap, self.t0 = seq, n, future, snap, t0
         self.deadline, self.layout = deadline, layout
         self.remaining = n
-        self.logits = self.exit_index = self.confidence = None
+        # filled as the request's rows leave (the whole request's rows once it is answered)
+        self.logits: Optional[torch.Tensor] = None
+        self.exit_index: Optional[torch.Tensor] = None
+        self.confidence: Optional[torch.Tensor] = None
 
 
 class _Chunk:
@@ -93,12 +108,21 @@ class _Chunk:
 
     __slots__ = ("ids", "state", "carry", "snap", "layout", "ready_at", "urgent", "n")
 
-    def __init__(self, ids, state, carry, snap, layout, ready_at, urgent=False):
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        state: Optional[State],
+        carry: Optional[State],
+        snap: Any,
+        layout: Optional[tuple],
+        ready_at: float,
+        urgent: bool = False,
+    ) -> None:
         self.ids, self.state, self.carry, self.snap, self.layout = ids, state, carry, snap, layout
         self.ready_at, self.urgent = ready_at, urgent
         self.n = int(ids.shape[0])
 
-    def split(self, r: int):
+    def split(self, r: int) -> _Chunk:
         """The first ``r`` rows as a new chunk; this one keeps the rest (views, no copy)."""
         head = _Chunk(
             self.ids[:r],
@@ -114,7 +138,7 @@ class _Chunk:
         return head
 
 
-def _slice(state, a, b):
+def _slice(state: Optional[State], a: int, b: Optional[int]) -> Optional[State]:
     if state is None:
         return None
     if isinstance(state, tuple):
@@ -122,7 +146,7 @@ def _slice(state, a, b):
     return state[a:b]
 
 
-def _layout(x) -> tuple:
+def _layout(x: State) -> tuple:
     """What rows must share to be concatenated: per member, the shape after dim 0, dtype, device."""
     return tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in as_tuple(x))
 
@@ -207,7 +231,7 @@ class StageScheduler:
         self._worker.start()
 
     # ------------------------------------------------------------------ submitting
-    def submit_nowait(self, x, timeout_s: Optional[float] = None) -> concurrent.futures.Future:
+    def submit_nowait(self, x: State, timeout_s: Optional[float] = None) -> concurrent.futures.Future:
         """Admit ``x`` (a tensor or a tuple of tensors sharing batch dim 0: one sample or a small
         batch) and return a :class:`concurrent.futures.Future` of its
         :class:`~eeruntime.InferenceResult`. Cancelling the future frees the request's rows at
@@ -252,10 +276,14 @@ class StageScheduler:
             self._inbox.append(_Chunk(ids, x, None, req.snap, layout, ready_at, urgent))
             if self._sleeping:
                 self._cv.notify()
-        future.add_done_callback(lambda f, seq=seq: f.cancelled() and self._forget(seq, "cancelled"))
+        future.add_done_callback(functools.partial(self._forget_if_cancelled, seq))
         return future
 
-    async def submit(self, x, timeout_s: Optional[float] = None) -> InferenceResult:
+    def _forget_if_cancelled(self, seq: int, future: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            self._forget(seq, "cancelled")
+
+    async def submit(self, x: State, timeout_s: Optional[float] = None) -> InferenceResult:
         """Await the result of ``x``; cancelling the awaiting task frees its rows."""
         if self.when_full == "wait":
             # admission may block while the scheduler is full: keep it off the event loop
@@ -265,7 +293,7 @@ class StageScheduler:
             future = self.submit_nowait(x, timeout_s)
         return await asyncio.wrap_future(future)
 
-    def infer(self, x, timeout_s: Optional[float] = None) -> InferenceResult:
+    def infer(self, x: State, timeout_s: Optional[float] = None) -> InferenceResult:
         """Blocking form of :meth:`submit`.
 
         When the scheduler is idle (no request pending), the request has at most ``max_batch``
@@ -283,7 +311,7 @@ class StageScheduler:
                 return future.result()
         return self.submit_nowait(x, timeout_s).result()
 
-    def _check_input(self, x):
+    def _check_input(self, x: Union[State, list]) -> Tuple[State, int]:
         if isinstance(x, list):
             x = tuple(x)
         n = check_state(x, "StageScheduler input")
@@ -295,7 +323,14 @@ class StageScheduler:
         self.rt._check_device(x)
         return x, n
 
-    def _admit(self, n: int, future, t0: float, deadline, layout) -> _Request:
+    def _admit(
+        self,
+        n: int,
+        future: concurrent.futures.Future,
+        t0: float,
+        deadline: Optional[float],
+        layout: Optional[tuple],
+    ) -> _Request:
         """Register a request (under ``_cv``), with the runtime's current thresholds snapshot
         (the same object until set_thresholds replaces it)."""
         req = _Request(next(self._seq), n, future, self.rt.thresholds_snapshot(), t0, deadline, layout)
@@ -304,7 +339,7 @@ class StageScheduler:
         self.stats.submitted += 1
         return req
 
-    def _run_inline(self, x, n: int, quiet: bool = False) -> Optional[concurrent.futures.Future]:
+    def _run_inline(self, x: State, n: int, quiet: bool = False) -> Optional[concurrent.futures.Future]:
         """Run ``x`` in this thread if the scheduler is idle (see :meth:`infer`); its future, done,
         or None when the request must take the worker's path. ``quiet``: also require that the
         scheduler has been idle since its last answer for at least as long as an inline run takes
@@ -357,7 +392,7 @@ class StageScheduler:
             if self._after_inline:
                 self._cv.notify()
 
-    def set_thresholds(self, thresholds) -> None:
+    def set_thresholds(self, thresholds: Any) -> None:
         """New thresholds for requests admitted from now on; requests already admitted finish with
         the snapshot they started with (no request mixes two sets)."""
         self.rt.set_thresholds(thresholds)
@@ -388,10 +423,10 @@ class StageScheduler:
         if self._reaper is not None:
             self._reaper.join()
 
-    def __enter__(self):
+    def __enter__(self) -> StageScheduler:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
@@ -482,6 +517,7 @@ class StageScheduler:
                         req.logits = logits.new_empty((req.n, logits.shape[1]))
                         req.confidence = confidence.new_empty(req.n)
                         req.exit_index = torch.empty(req.n, dtype=torch.int64)
+                    assert req.confidence is not None and req.exit_index is not None  # set with logits
                     local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64)
                     req.logits.index_copy_(0, local, logits[i:j])
                     req.confidence.index_copy_(0, local, confidence[i:j])
@@ -504,6 +540,7 @@ class StageScheduler:
             self._room.notify_all()
         self.stats.record_latencies([now - r.t0 for r in reqs])
         for req in reqs:
+            assert req.logits is not None and req.exit_index is not None and req.confidence is not None  # all rows left
             try:
                 req.future.set_result(InferenceResult(req.logits, req.exit_index, req.confidence))
             except concurrent.futures.InvalidStateError:  # cancelled at the last moment
@@ -583,7 +620,7 @@ class StageScheduler:
         self._run_batch(k)
         return True
 
-    def _pick(self, now: float):
+    def _pick(self, now: float) -> Tuple[Optional[int], Optional[float]]:
         """The deepest ready stage, or (None, seconds until one becomes ready by max_wait)."""
         soonest = None
         for k in range(self.num_stages - 1, -1, -1):
@@ -613,7 +650,7 @@ class StageScheduler:
             dead, self._dead = self._dead, set()
         dead_t = torch.tensor(sorted(dead), dtype=torch.int64)
         for q in self._queues:
-            kept = deque()
+            kept: Deque[_Chunk] = deque()
             for c in q:
                 alive = ~torch.isin(c.ids >> ROW_BITS, dead_t)
                 if bool(alive.all()):
@@ -655,7 +692,10 @@ class StageScheduler:
             carry = None if k == 0 else cat_rows([c.carry for c in chunks]) if chunks[0].carry else ()
         n = int(ids.shape[0])
         try:
-            res = self.rt.run_stage(k, state, ids, carry, thresholds=chunks[0].snap)
+            # the carry is run_stage's own tuple of tensors (or None / () before any exit)
+            res = self.rt.run_stage(
+                k, state, ids, cast(Optional[Sequence[torch.Tensor]], carry), thresholds=chunks[0].snap
+            )
         except Exception as e:  # noqa: BLE001  (fail only the requests in this batch)
             self.stats.stage_failures += 1
             err = StageFailed(f"stage {k} failed on a batch of {n} rows: {type(e).__name__}: {e}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 PERCENTILES = (50, 90, 99)
 
@@ -71,10 +71,15 @@ class SchedulerStats:
             self.completed += len(seconds)
             self._latencies.extend(seconds)
 
-    def latency_percentiles_ms(self) -> Dict[str, float]:
+    def latency_percentiles_ms(self) -> Dict[str, Optional[float]]:
+        """p50/p90/p99... of the recent latencies in ms (None for each while there are none)."""
         with self._lock:
             values = sorted(self._latencies)
-        return {f"p{q}": None if not values else percentile(values, q) * 1000.0 for q in PERCENTILES}
+        out: Dict[str, Optional[float]] = {}
+        for q in PERCENTILES:
+            p = percentile(values, q)
+            out[f"p{q}"] = None if p is None else p * 1000.0
+        return out
 
     def as_dict(self) -> dict:
         with self._lock:
@@ -105,7 +110,7 @@ def prometheus_text(d: dict, prefix: str = "eeruntime") -> str:
     """A ``stats_dict()`` in the Prometheus text exposition format (version 0.0.4)."""
     lines: List[str] = []
 
-    def metric(name, kind, help_, samples):
+    def metric(name: str, kind: str, help_: str, samples: Iterable[Tuple[Dict[str, Any], Any]]) -> None:
         lines.append(f"# HELP {prefix}_{name} {help_}")
         lines.append(f"# TYPE {prefix}_{name} {kind}")
         for labels, value in samples:
