@@ -248,6 +248,24 @@ def test_stages_exits_mismatch():
         ee.EERuntime(nn.Linear(2, 2))
 
 
+def test_a_model_that_is_not_a_module_is_refused_with_the_reason():
+    # stages and exits alone do not make a model the runtime can walk: it puts every module in
+    # eval mode and reads the device from the parameters (this once raised an AttributeError).
+    class Duck:
+        def __init__(self):
+            self.stages = [nn.Linear(2, 2), nn.Linear(2, 2)]
+            self.exits = [nn.Linear(2, 3), nn.Linear(2, 3)]
+
+    with pytest.raises(TypeError, match=r"MultiExitModel \(an nn.Module with stages and exits\), got Duck"):
+        ee.EERuntime(Duck(), thresholds=[0.5])
+    model = ee.MultiExitModel(Duck().stages, Duck().exits)  # the same parts as a MultiExitModel run
+    x = torch.randn(4, 2)
+    res = ee.EERuntime(model, thresholds=[0.0]).infer(x)
+    ref = model(x)[-1].detach()  # entropy < 0 never holds: every row reaches the final exit
+    torch.testing.assert_close(res.logits, ref)
+    assert res.exit_index.tolist() == [1, 1, 1, 1]
+
+
 def test_bad_inputs():
     rt = ee.EERuntime(mlp_model(), thresholds=[0.5, 0.5])
     with pytest.raises(TypeError, match="torch.Tensor"):

@@ -49,7 +49,7 @@ class EERuntime:
     """Batched early-exit inference for a :class:`~eeruntime.MultiExitModel`.
 
     Args:
-        model: a ``MultiExitModel`` (anything with ``stages`` and ``exits`` module lists).
+        model: a ``MultiExitModel`` (any ``nn.Module`` with ``stages`` and ``exits`` module lists).
         thresholds: one per early exit (``num_exits - 1`` values) or one float for all; ``None``
             takes a conservative default for the criterion.
         criterion: ``"entropy"`` (exit when H < T), ``"max_prob"``, ``"margin"``,
@@ -84,9 +84,10 @@ class EERuntime:
         compact_backend: str = "auto",
         compile: Union[bool, Dict[str, Any]] = False,
     ) -> None:
-        if not (hasattr(model, "stages") and hasattr(model, "exits")):
+        # An nn.Module: the runtime puts its modules in eval mode and finds its device from its parameters.
+        if not (isinstance(model, nn.Module) and hasattr(model, "stages") and hasattr(model, "exits")):
             raise TypeError(
-                f"EERuntime needs a MultiExitModel (stages and exits), got {type(model).__name__}; "
+                f"EERuntime needs a MultiExitModel (an nn.Module with stages and exits), got {type(model).__name__}; "
                 "build one with ee.MultiExitModel(stages, exits) or ee.attach_exits(backbone, at=[...])"
             )
         # Checked: it has stages and exits (any nn.Module that does is walked as a MultiExitModel).
