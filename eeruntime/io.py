@@ -17,7 +17,7 @@ from .bundle import ModelSource, build_model
 from .bundle_schema import check_runtime_doc, check_safetensors, read_json
 from .calibrate import Calibration
 from .criteria import CRITERIA, MODEL_CRITERIA, learned_criterion_class
-from .model import model_device
+from .model import is_multi_exit, model_device
 from .runtime import EERuntime
 from .runtime_file import FORMAT, FORMAT_VERSION, JSON_NAME, WEIGHTS_NAME, _paths, save_runtime  # noqa: F401
 
@@ -76,8 +76,11 @@ def load(path, model: ModelSource, **runtime_kwargs):
     doc = _read(json_path)
     weights_path = json_path.with_name(doc["weights"]) if doc.get("weights") else None
     model = build_model(model, doc.get("model"), json_path.parent)
-    if not (hasattr(model, "stages") and hasattr(model, "exits")):
-        raise TypeError(f"load needs the MultiExitModel the runtime was saved for, got {type(model).__name__}")
+    if not is_multi_exit(model):
+        raise TypeError(
+            f"load needs the MultiExitModel (an nn.Module with stages and exits) the runtime was saved for, "
+            f"got {type(model).__name__}"
+        )
     K = len(model.stages)
     if int(doc["num_exits"]) != K:
         raise ValueError(f"{json_path} was saved for a model with {doc['num_exits']} exits, but this model has {K}")

@@ -35,6 +35,13 @@ class StagedModel(Protocol):
     def exits(self) -> ModuleSeq: ...
 
 
+def is_multi_exit(model: object) -> bool:
+    """True for what the runtime, calibration, training and ``ee.load`` accept as a model: an
+    ``nn.Module`` (they switch its modes, read its parameters and device) with ``stages`` and
+    ``exits``. Each caller words its own error."""
+    return isinstance(model, nn.Module) and hasattr(model, "stages") and hasattr(model, "exits")
+
+
 def model_device(model) -> Optional[torch.device]:
     """The device of a module's first parameter (or buffer); None for a module with neither."""
     for p in model.parameters():

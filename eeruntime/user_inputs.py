@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from eeruntime.model import is_multi_exit
 from eeruntime.names import lookup, split_name
 
 
@@ -37,7 +38,7 @@ def load_model(spec: str, weights: Optional[str] = None, device=None) -> nn.Modu
     ``weights`` (a safetensors state dict) into it when given; move it to ``device``; eval mode."""
     factory = resolve(spec, "--model")
     model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    if not (isinstance(model, nn.Module) and hasattr(model, "stages") and hasattr(model, "exits")):
+    if not is_multi_exit(model):
         raise InputError(
             f"--model {spec!r} must name a function returning an ee.MultiExitModel (stages and exits), "
             f"got {type(model).__name__}"

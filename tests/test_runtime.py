@@ -266,6 +266,28 @@ def test_a_model_that_is_not_a_module_is_refused_with_the_reason():
     assert res.exit_index.tolist() == [1, 1, 1, 1]
 
 
+def test_calibration_training_and_load_refuse_a_model_that_is_not_a_module(tmp_path):
+    # the same check as EERuntime's (eeruntime.model.is_multi_exit), each with its own words
+    class Duck:
+        def __init__(self):
+            self.stages = [nn.Linear(2, 2), nn.Linear(2, 2)]
+            self.exits = [nn.Linear(2, 3), nn.Linear(2, 3)]
+
+    data = [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))]
+    nn_module = r"MultiExitModel \(an nn.Module with stages and exits\)"
+    with pytest.raises(TypeError, match="calibration needs a " + nn_module + ", got Duck"):
+        ee.calibrate(Duck(), data, "greedy")
+    with pytest.raises(TypeError, match="training needs a " + nn_module + ", got Duck"):
+        ee.train.joint(Duck(), data, epochs=1, lr=1e-3)
+    model = ee.MultiExitModel(Duck().stages, Duck().exits)
+    ee.EERuntime(model, thresholds=[0.5]).save(tmp_path / "rt")
+    with pytest.raises(ValueError, match="a model factory must be a callable"):
+        ee.load(tmp_path / "rt", Duck())  # not a module, so taken for a factory, and not callable
+    with pytest.raises(TypeError, match="load needs the " + nn_module):
+        ee.load(tmp_path / "rt", nn.Linear(2, 2))  # a module without stages and exits
+    assert ee.load(tmp_path / "rt", model).thresholds == [0.5]  # the module itself loads
+
+
 def test_bad_inputs():
     rt = ee.EERuntime(mlp_model(), thresholds=[0.5, 0.5])
     with pytest.raises(TypeError, match="torch.Tensor"):

@@ -16,7 +16,7 @@ import torch
 from ..cost import CostModel
 from ..criteria import FINAL_MODES, Criterion, check_criterion
 from ..eenet import DEFAULT_TOP_K, exit_features
-from ..model import model_device
+from ..model import is_multi_exit, model_device
 from ..ops.exit_decision import confidence_ref
 from ..scoring import Scorer
 from ..state import as_tuple, call, check_state, from_tuple, stage_forward
@@ -272,8 +272,10 @@ def build_cache(
     """
     from ..progress import bar as progress_bar
 
-    if not (hasattr(model, "stages") and hasattr(model, "exits")):
-        raise TypeError(f"calibration needs a MultiExitModel (stages and exits), got {type(model).__name__}")
+    if not is_multi_exit(model):
+        raise TypeError(
+            f"calibration needs a MultiExitModel (an nn.Module with stages and exits), got {type(model).__name__}"
+        )
     K = len(model.stages)
     if K < 2:
         raise ValueError(f"calibration needs a model with at least one early exit; this one has {K} exit(s)")

@@ -16,7 +16,7 @@ from ..compiled import compile_options, refuse_if_traced
 from ..cost import CostModel, measure_costs
 from ..criteria import Criterion
 from ..devices import device_guard
-from ..model import StagedModel, model_device
+from ..model import StagedModel, is_multi_exit, model_device
 from ..model_guard import ModelGuard
 from ..runtime_file import save_runtime
 from ..scoring import Scorer
@@ -85,7 +85,7 @@ class EERuntime:
         compile: Union[bool, Dict[str, Any]] = False,
     ) -> None:
         # An nn.Module: the runtime puts its modules in eval mode and finds its device from its parameters.
-        if not (isinstance(model, nn.Module) and hasattr(model, "stages") and hasattr(model, "exits")):
+        if not is_multi_exit(model):
             raise TypeError(
                 f"EERuntime needs a MultiExitModel (an nn.Module with stages and exits), got {type(model).__name__}; "
                 "build one with ee.MultiExitModel(stages, exits) or ee.attach_exits(backbone, at=[...])"

@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from ..model import is_multi_exit
 from ..model import model_device as _device_of
 
 OPTIMIZERS = ("adam", "sgd")
@@ -68,9 +69,9 @@ def model_device(model) -> torch.device:
 
 
 def check_common(model, epochs, lr, weight_decay, optimizer) -> None:
-    if not (hasattr(model, "stages") and hasattr(model, "exits")):
+    if not is_multi_exit(model):
         raise TypeError(
-            f"training needs a MultiExitModel (stages and exits), got {type(model).__name__}; "
+            f"training needs a MultiExitModel (an nn.Module with stages and exits), got {type(model).__name__}; "
             "build one with ee.MultiExitModel(stages, exits) or ee.attach_exits(backbone, at=[...])"
         )
     if len(model.exits) < 2:
