@@ -7,7 +7,6 @@ costs every stage plus the final head only. Ideal speed-up = plain / sum_k f_k s
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -17,23 +16,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from .state import as_tuple, call, from_tuple, stage_forward
 
 
-@contextlib.contextmanager
-def _countable_attention():
-    """Turn off the fused "fast path" of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``
-    while counting: in eval mode without grad they run one fused op (``_transformer_encoder_layer_fwd``)
-    that ``FlopCounterMode`` does not know, so a whole encoder layer counted 0 FLOPs and a ViT's
-    FLOPs-ideal speed-up came out below 1. The unfused path runs the same matmuls, which it counts.
-    The switch is process-wide; other threads' layers take the unfused path for that moment."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
-        yield
-        return
-    was = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(was)
+def _attention_flops(B: int, heads: int, s_q: int, s_kv: int, dim: int) -> int:
+    """Q K^T and A V of ``heads`` heads over ``dim`` = heads * head width: torch's own sdpa count."""
+    dh = dim // heads
+    return sdpa_flop_count((B, heads, s_q, dh), (B, heads, s_kv, dh), (B, heads, s_kv, dh))
 
 
 def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -43,17 +29,67 @@ def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwarg
     return sdpa_flop_count(query, key, value)
 
 
-# Ops the FLOP counter misses, with their formulas (only those this torch has).
+def _encoder_layer_fwd_flops(
+    src,
+    embed_dim,
+    num_heads,
+    qkv_w,
+    qkv_b,
+    proj_w,
+    proj_b,
+    use_gelu,
+    norm_first,
+    eps,
+    nw1,
+    nb1,
+    nw2,
+    nb2,
+    ffn_w1,
+    ffn_b1,
+    ffn_w2,
+    ffn_b2,
+    *args,
+    out_shape=None,
+    **kwargs,
+) -> int:
+    """``nn.TransformerEncoderLayer``'s fused eval "fast path" (one op for the whole layer), which
+    torch's FLOP registry lacks: the q/k/v, output and two feed-forward projections on every token,
+    and the attention, as the unfused path's ops count them."""
+    B, S = (src[0], src[1]) if len(src) == 3 else (1, src[0])
+    rows = B * S
+    projections = qkv_w[0] * qkv_w[1] + proj_w[0] * proj_w[1] + ffn_w1[0] * ffn_w1[1] + ffn_w2[0] * ffn_w2[1]
+    return 2 * rows * projections + _attention_flops(B, num_heads, S, S, embed_dim)
+
+
+def _native_mha_flops(
+    query, key, value, embed_dim, num_head, qkv_w, qkv_b, proj_w, proj_b, *args, out_shape=None, **kwargs
+) -> int:
+    """``nn.MultiheadAttention``'s fused eval "fast path": the q projection on the queries, k and v
+    on the keys and values, the output projection, and the attention."""
+    B, s_q = (query[0], query[1]) if len(query) == 3 else (1, query[0])
+    s_kv = key[1] if len(key) == 3 else key[0]
+    d_in = qkv_w[1]
+    projections = 2 * B * (s_q + 2 * s_kv) * embed_dim * d_in + 2 * B * s_q * proj_w[0] * proj_w[1]
+    return projections + _attention_flops(B, num_head, s_q, s_kv, embed_dim)
+
+
+# Ops the FLOP counter misses, with their formulas (only those this torch has). Counting the fused
+# transformer ops themselves, rather than switching their fast path off while counting, keeps the
+# count from touching a process-wide setting that other threads' layers read.
 _EXTRA_FLOP_FORMULAS = {
     getattr(torch.ops.aten, name): formula
-    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_attention_flops),)
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_attention_flops),
+        ("_transformer_encoder_layer_fwd", _encoder_layer_fwd_flops),
+        ("_native_multi_head_attention", _native_mha_flops),
+    )
     if hasattr(torch.ops.aten, name)
 }
 
 
 def _flops(fn):
     """(FLOPs counted while running ``fn``, its result)."""
-    with _countable_attention(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         out = fn()
     return int(counter.get_total_flops()), out
 
