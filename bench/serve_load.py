@@ -17,6 +17,11 @@ submit through the worker thread (the serving machinery's own cost at light load
 
     python bench/serve_load.py                      # both models, the default rate grid
     python bench/serve_load.py --quick              # a smoke run (seconds)
+    python bench/serve_load.py --device cuda --models resnet,resnet18 --max-batch 64   # on a GPU
+
+On a GPU the requests' inputs are already on the device and every answer's logits are copied back
+to the host when its request completes (an HTTP server must do both); (b) runs rt.infer, which
+replays CUDA graphs (captured before the first rate), while (c)'s stage steps run eagerly.
 
 Writes bench/results/serve-<device>-<date>.{json,md} and a latency-vs-throughput PNG.
 """
@@ -114,6 +119,18 @@ def ee_request_system(rt, max_batch):
     return RequestBatcher(lambda x: rt.infer(x).logits, max_batch)
 
 
+def _to_host(f) -> None:
+    """Copy a finished request's logits to the host (a no-op on CPU): the answer is only there
+    once a GPU's work for it is done and copied back."""
+    try:
+        res = f.result()
+    except Exception:  # noqa: BLE001  (an unanswered request counts as such; its error is not ours)
+        return
+    logits = getattr(res, "logits", res)
+    if logits.is_cuda:
+        logits.cpu()
+
+
 def open_loop(system, pool, rate: float, n: int, time_limit_s: float, drain_s: float, seed: int) -> dict:
     """Submit ``n`` single samples at Poisson arrivals of ``rate``/s (at most ``time_limit_s`` of
     arrivals); latency = completion - scheduled arrival."""
@@ -126,6 +143,7 @@ def open_loop(system, pool, rate: float, n: int, time_limit_s: float, drain_s: f
 
     def on_done(i):
         def cb(f):
+            _to_host(f)
             done_at[i] = time.perf_counter()
             remaining[0] -= 1  # single writer per request; the worker thread runs callbacks
             if remaining[0] == 0:
@@ -202,7 +220,7 @@ def light_load_side_by_side(rt, pool, max_batch, rounds):
             "sched.infer (inline)": lambda: inline.infer(nxt()),
             "submit (worker thread)": lambda: worker.submit_nowait(nxt()).result(),
         }
-        sbs = side_by_side(fns, "cpu", rounds=rounds, inner=len(mix))
+        sbs = side_by_side(fns, mix[0].device, rounds=rounds, inner=len(mix))
         assert inline.stats_dict()["inline_requests"] > 0 and worker.stats_dict()["inline_requests"] == 0
     base = sbs.median("rt.infer")
     return {
@@ -216,12 +234,15 @@ def light_load_side_by_side(rt, pool, max_batch, rounds):
 
 
 def median_call_ms(fn, x, iters=200):
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(10):
         fn(x)
+    sync()
     ts = []
     for _ in range(iters):
         t = time.perf_counter()
         fn(x)
+        sync()
         ts.append(time.perf_counter() - t)
     ts.sort()
     return ts[len(ts) // 2] * 1e3
@@ -236,15 +257,25 @@ MODELS = {
         shape=(3, 32, 32),
         fractions=[0.5, 0.2, 0.15, 0.15],
     ),
+    # ResNet-18's widths and depth at 32x32 (4 exits): a model with real work per row for a GPU
+    "resnet18": dict(
+        build=lambda: resnet_style(num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
+        shape=(3, 32, 32),
+        fractions=[0.5, 0.2, 0.15, 0.15],
+    ),
 }
 
 
 def run_model(name, spec, args) -> dict:
     torch.manual_seed(0)
-    model = spec["build"]().eval()
-    pool_x = torch.randn(512, *spec["shape"])
-    thr = thresholds_for_fractions(model, pool_x, spec["fractions"], "entropy")
+    device = torch.device(args.device)
+    model = spec["build"]().eval().to(device)
+    pool_x = torch.randn(512, *spec["shape"]).to(device)
+    with torch.no_grad():
+        thr = thresholds_for_fractions(model, pool_x, spec["fractions"], "entropy")
     rt = ee.EERuntime(model, thresholds=thr, criterion="entropy")
+    if device.type == "cuda" and rt.graphs is not False:
+        rt.warmup(args.max_batch)  # every bucket's graph captured before traffic
     pool = [pool_x[i : i + 1].clone() for i in range(pool_x.shape[0])]
     plain1 = median_call_ms(lambda x: plain_forward(model, x), pool[0])
     ee1 = median_call_ms(lambda x: rt.infer(x), pool[0])
@@ -412,6 +443,7 @@ def main(argv=None) -> int:
         help="torch intra-op threads (1: on a shared 2-core VM, OpenMP's spinning threads fight "
         "the serving worker, the load generator and other jobs)",
     )
+    p.add_argument("--device", default="cpu", help="where the models run (cuda: see the module docstring)")
     p.add_argument("--quick", action="store_true", help="smoke run: one model, three rates, 0.5 s each")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default="", help="appended to the output files' names (a second run of the day)")
@@ -440,8 +472,14 @@ def main(argv=None) -> int:
         "argv": sys.argv[1:],
         "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "note": "In-process open loop (Poisson arrivals of single samples; latency from the scheduled arrival). "
-        f"Measured on a shared 2-core VM with other jobs running (load average {load_before[0]:.2f} at the start, "
-        f"{os.getloadavg()[0]:.2f} at the end; per model below): absolute numbers are noisy; "
+        + (
+            f"Models on {info['device']} ({os.cpu_count()} CPU cores): inputs already on the device, each "
+            "answer's logits copied to the host when its request completes; (b) replays CUDA graphs, (c)'s "
+            "stage steps run eagerly. "
+            if args.device.startswith("cuda")
+            else f"Measured on a {os.cpu_count()}-core CPU "
+        )
+        + f"(load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; per model below); "
         "the systems run back to back at each rate.",
     }
     out = Path(args.out)

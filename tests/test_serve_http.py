@@ -201,7 +201,16 @@ def test_admin_threshold_swap_needs_the_token(served):
     assert body["exit_index"] == served.ref_rt.infer(x).exit_index.tolist()
 
 
-def test_cli_serves_a_bundle_from_a_fresh_process(tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device, none here")
+        ),
+    ],
+)
+def test_cli_serves_a_bundle_from_a_fresh_process(tmp_path, device):
     from eeruntime.zoo import digits_cnn
 
     torch.manual_seed(5)
@@ -229,6 +238,8 @@ def test_cli_serves_a_bundle_from_a_fresh_process(tmp_path):
             str(tmp_path / "token"),
             "--log-level",
             "warning",
+            "--device",
+            device,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -270,3 +281,24 @@ def test_cli_serves_a_bundle_from_a_fresh_process(tmp_path):
             if proc.poll() is None:
                 proc.kill()
     assert proc.returncode == 0, proc.stderr.read()
+
+
+@pytest.mark.parametrize(
+    "device,message",
+    [
+        ("gpu0", "is not a device"),
+        pytest.param(
+            "cuda",
+            "torch sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device"),
+        ),
+    ],
+)
+def test_cli_refuses_a_device_it_cannot_use(tmp_path, capsys, device, message):
+    from eeruntime.serve.cli import main
+    from eeruntime.zoo import digits_cnn
+
+    rt = ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy")
+    rt.save(tmp_path / "bundle", weights=True)
+    rc = main([str(tmp_path / "bundle"), "--model", "eeruntime.zoo:digits_cnn", "--port", "0", "--device", device])
+    assert rc == 2 and message in capsys.readouterr().err

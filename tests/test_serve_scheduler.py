@@ -83,10 +83,16 @@ def submit_concurrently(sched, x, threads=4, seed=0):
     return results
 
 
+CUDA_PARAM = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device, none here")
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 @pytest.mark.parametrize("criterion,final", [("entropy", "last"), ("max_prob", "average"), ("margin", "last")])
-def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterion, final):
-    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1)
-    x = torch.randn(600, 6)
+def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterion, final, device):
+    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1).to(device)
+    x = torch.randn(600, 6).to(device)
     thresholds = thresholds_for(model, x, [0.35, 0.3], criterion)
     rt = ee.EERuntime(model, thresholds=thresholds, criterion=criterion, final=final)
     ref = rt.infer(x)
@@ -98,6 +104,8 @@ def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterio
         for a, b, f in results:
             got = f.result(WAIT)
             assert got.logits.shape == (b - a, 5) and got.exit_index.shape == (b - a,)
+            # every part of the answer where the model ran (an index on another device fails below)
+            assert got.logits.device == got.exit_index.device == got.confidence.device == x.device
             same = got.exit_index == ref.exit_index[a:b]
             assert bool((same | near[a:b]).all()), (a, b, got.exit_index, ref.exit_index[a:b])
             torch.testing.assert_close(got.logits[same], ref.logits[a:b][same], rtol=1e-5, atol=1e-5)

@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--admin-token-file",
         help=f"file holding the admin token (or set ${TOKEN_ENV}); without one the admin endpoint is disabled",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs, e.g. cuda or cuda:1 (requests are moved there, answers back to the host)",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -52,9 +57,11 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     import eeruntime as ee
+    from eeruntime.bundle import resolve_factory
 
     from .codec import InputSpec
     from .scheduler import StageScheduler
@@ -65,7 +72,21 @@ def run(args: argparse.Namespace) -> int:
         with open(args.admin_token_file) as f:
             token = f.read().strip()
     try:
-        rt = ee.load(args.bundle, args.model)
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        print(
+            f"eeruntime serve: --device {args.device!r} is not a device ({e}); e.g. cpu, cuda, cuda:1", file=sys.stderr
+        )
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"eeruntime serve: --device {args.device} asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    try:
+        source = args.model
+        if device.type != "cpu":
+            factory = resolve_factory(args.model)
+            source = lambda: factory().to(device)  # noqa: E731  (the bundle's weights are loaded into it there)
+        rt = ee.load(args.bundle, source)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"eeruntime serve: cannot load {args.bundle}: {e}", file=sys.stderr)
         return 2
@@ -97,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     print(
         f"eeruntime serve: {args.bundle} on http://{args.host}:{port} "
-        f"(max_batch={args.max_batch}, admin {'on' if token else 'off'})",
+        f"(device {device}, max_batch={args.max_batch}, admin {'on' if token else 'off'})",
         flush=True,
     )
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))

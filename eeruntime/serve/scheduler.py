@@ -510,15 +510,15 @@ class StageScheduler:
                 if req.logits is None and m == req.n and exit_ids[j - 1] & ROW_MASK == req.n - 1 and local0 == 0:
                     # every row of the request left here, in order: views of the batch's output
                     if exit_col is None:
-                        exit_col = torch.full((E,), k, dtype=torch.int64)
+                        exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device)
                     req.logits, req.confidence, req.exit_index = logits[i:j], confidence[i:j], exit_col[i:j]
                 else:
                     if req.logits is None:
                         req.logits = logits.new_empty((req.n, logits.shape[1]))
                         req.confidence = confidence.new_empty(req.n)
-                        req.exit_index = torch.empty(req.n, dtype=torch.int64)
+                        req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
                     assert req.confidence is not None and req.exit_index is not None  # set with logits
-                    local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64)
+                    local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64).to(logits.device)
                     req.logits.index_copy_(0, local, logits[i:j])
                     req.confidence.index_copy_(0, local, confidence[i:j])
                     req.exit_index.index_fill_(0, local, k)

@@ -24,6 +24,7 @@ import json
 import logging
 from typing import Optional
 
+from ..model import model_device
 from .codec import (
     SAFETENSORS_TYPES,
     InputError,
@@ -59,6 +60,9 @@ def create_app(
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     spec = input_spec or InputSpec(dtype=_model_dtype(sched.rt.model))
+    # Requests arrive on the host; a model on a GPU gets them there and answers come back to the
+    # host to be encoded (one copy each way per request).
+    device = model_device(sched.rt.model)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -123,6 +127,13 @@ def create_app(
                 )
         except InputError as e:
             return error(e.status, str(e))
+        host_x = x
+        if device is not None and device.type != "cpu":
+            x = (
+                tuple(t.to(device, non_blocking=True) for t in x)
+                if isinstance(x, tuple)
+                else x.to(device, non_blocking=True)
+            )
         try:
             result = await sched.submit(x)
         except SchedulerFull as e:
@@ -134,7 +145,9 @@ def create_app(
         except StageFailed as e:
             log.error("%s", e, exc_info=e.__cause__)
             return error(500, "the model failed on the batch holding this request")
-        spec.learn(x)
+        spec.learn(host_x)
+        if result.logits.device.type != "cpu":
+            result = type(result)(result.logits.cpu(), result.exit_index.cpu(), result.confidence.cpu())
         if wants_safetensors(request):
             return Response(encode_safetensors(result), media_type=SAFETENSORS_TYPES[0])
         return JSONResponse(encode_json(result))
