@@ -92,7 +92,7 @@ def thresholds_for(model, x, fractions, criterion):
     """Thresholds under which about ``fractions[k]`` of ``x`` leaves at early exit k: quantiles of
     the scores of the rows still running there."""
     outs = model(x)
-    alive = torch.ones(x.shape[0], dtype=torch.bool)
+    alive = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     thresholds = []
     for k in range(len(outs) - 1):
         s = confidence_ref(outs[k], criterion)

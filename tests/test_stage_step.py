@@ -319,3 +319,119 @@ def test_set_thresholds_never_splits_a_graph_executor_call():
     rt, x, sets, refs = _race_setup()
     runner = GraphRunner(rt, buckets=(32, 96), capture=False)
     _race(lambda v: runner.infer(v)[0], rt, x, sets, refs)
+
+
+def assert_same_step(got, ref):
+    """Two stage steps agree: the same leavers and survivors (ids, in order), their outputs, the
+    survivors' state and carry."""
+    assert got.k == ref.k
+    assert torch.equal(got.exit_rows.cpu(), ref.exit_rows.cpu()) and torch.equal(got.rows.cpu(), ref.rows.cpu())
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.confidence, ref.confidence, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert (got.state is None) == (ref.state is None)
+    if ref.state is not None:
+        for g, r in zip(as_parts(got.state), as_parts(ref.state)):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    assert len(got.carry) == len(ref.carry)
+    for g, r in zip(got.carry, ref.carry):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def as_parts(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+def graph_runner_walk(rt, runner, x, rows, snap):
+    """Each stage run by the runner and by the eager step on the same inputs, compared; the walk
+    goes on with the eager step's survivors. Returns the runner's steps."""
+    from eeruntime.runtime.step import stage_step
+
+    state, carry, steps = x, (), []
+    for k in range(rt.num_exits):
+        got = runner.run_stage(k, state, rows, carry, snap)
+        assert got is not None, f"stage {k} did not run on the graph executor"
+        with torch.inference_mode():
+            ref = stage_step(rt.spec, k, state, rows, carry, snap)
+        assert_same_step(got, ref)
+        steps.append(got)
+        if ref.state is None:
+            break
+        state, rows, carry = ref.state, ref.rows, ref.carry
+    return steps
+
+
+@pytest.mark.parametrize("final", ["last", "average"])
+@pytest.mark.parametrize("criterion", ["entropy", "margin"])
+def test_graph_executor_stage_step_equals_the_eager_step(criterion, final):
+    """The scheduler's step on the graph executor's static buffers (here its eager form, which
+    runs the very body a CUDA graph captures) gives the eager step's answer at every stage, for
+    batches that fill a bucket or leave padding, and for survivors of two batches joined."""
+    from eeruntime.runtime.graphs import GraphRunner
+
+    model = mlp_model(K=4, d_in=6, width=16, C=5, seed=4)
+    x = torch.randn(45, 6)
+    rt = ee.EERuntime(
+        model, thresholds=quantile_thresholds(model, x, criterion, q=0.35), criterion=criterion, final=final
+    )
+    runner = GraphRunner(rt, buckets=(4, 16, 64), capture=False)
+    snap = rt.thresholds_snapshot()
+    steps = graph_runner_walk(rt, runner, x, torch.arange(1000, 1045), snap)
+    assert len(steps) >= 3 and sum(s.exit_rows.shape[0] for s in steps) == 45
+    got = assemble(
+        [ee.StageResult(s.k, s.exit_rows - 1000, s.logits, s.confidence, s.rows, None, ()) for s in steps], 45
+    )
+    assert_same_as_infer(rt, x, got)
+    # stage 1 on the survivors of two stage-0 batches joined (what the scheduler runs)
+    a = runner.run_stage(0, x[:7], torch.arange(7), (), snap)
+    b = runner.run_stage(0, x[7:20], torch.arange(7, 20), (), snap)
+    joined = cat_rows([a.state, b.state]), cat_rows([a.rows, b.rows]), cat_rows([a.carry, b.carry])
+    graph_runner_walk_from = runner.run_stage(1, *joined, snap)
+    from eeruntime.runtime.step import stage_step
+
+    with torch.inference_mode():
+        ref = stage_step(rt.spec, 1, *joined, snap)
+    assert_same_step(graph_runner_walk_from, ref)
+
+
+def test_graph_executor_stage_step_declines_what_it_cannot_run():
+    from eeruntime.runtime.graphs import GraphRunner
+
+    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=4)
+    rt = ee.EERuntime(model, thresholds=0.5, criterion="max_prob")
+    runner = GraphRunner(rt, buckets=(4, 8), capture=False)
+    snap = rt.thresholds_snapshot()
+    x = torch.randn(9, 6)
+    assert runner.run_stage(0, x, torch.arange(9), (), snap) is None  # more rows than the largest bucket
+    with torch.no_grad():
+        h = model.stages[0](x[:3])
+    assert runner.run_stage(1, h, torch.arange(3), (), snap) is None  # no signature has stage 1's buffers yet
+    assert runner.run_stage(0, x[:3], torch.arange(3), (), snap) is not None
+    assert runner.run_stage(1, h, torch.arange(3), (), snap) is not None  # now stage 0's body made them
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device, none here")
+@pytest.mark.parametrize("final", ["last", "average"])
+def test_run_stage_on_cuda_replays_the_graphs_and_equals_the_eager_step(final):
+    model = mlp_model(K=4, d_in=6, width=16, C=5, seed=4).cuda()
+    x = torch.randn(45, 6, device="cuda")
+    rt = ee.EERuntime(model, thresholds=quantile_thresholds(model, x, "entropy", q=0.35), final=final)
+    rt.warmup(64)
+    runner = rt._graph_runner
+    captures = runner.num_captures
+    assert captures > 0
+    snap = rt.thresholds_snapshot()
+    graph_runner_walk(rt, runner, x, torch.arange(45), snap)
+    syncs = runner.host_syncs
+    state, rows, carry, steps = x, torch.arange(45), None, []
+    for k in range(rt.num_exits):  # the public seam takes the graphs too
+        res = rt.run_stage(k, state, rows, carry)
+        steps.append(ee.StageResult(k, res.exit_rows.cpu(), res.logits.cpu(), res.confidence.cpu(), res.rows, None, ()))
+        if res.state is None:
+            break
+        state, rows, carry = res.state, res.rows, res.carry
+    assert runner.num_captures == captures  # every step replayed a graph captured at warm-up
+    assert runner.host_syncs - syncs == len([s for s in steps if s.k < rt.num_exits - 1])  # one read per early exit
+    logits, exit_index, _ = assemble(steps, 45)
+    ref = rt.infer(x)
+    assert torch.equal(exit_index, ref.exit_index.cpu())
+    torch.testing.assert_close(logits, ref.logits.cpu(), rtol=1e-5, atol=1e-5)

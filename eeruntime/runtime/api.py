@@ -217,8 +217,13 @@ class EERuntime:
                 f"thresholds must be a snapshot of {K - 1} thresholds from rt.thresholds_snapshot(), got {snap!r}"
             )
         self._guard.check()
-        with torch.inference_mode():
-            res = stage_step(self.spec, k, state, rows, carry, snap)
+        res = None
+        runner = self._graph_runner_for(state)  # on CUDA: the graphs infer replays (None: eager)
+        if runner is not None:
+            res = runner.run_stage(k, state, rows, carry, snap)
+        if res is None:
+            with torch.inference_mode():
+                res = stage_step(self.spec, k, state, rows, carry, snap)
         if record:
             counts = [0] * K
             counts[k] = res.exit_rows.shape[0]

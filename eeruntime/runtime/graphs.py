@@ -46,6 +46,7 @@ from ..state import as_tuple, check_state
 from .executors import eager_pass
 from .loop import run_stages
 from .results import InferenceResult
+from .step import StageResult
 
 __all__ = [  # the public names, also the old import path eeruntime.graphs
     "CAPTURE_SAFE_BACKENDS", "GraphRunner", "autocast_state", "bucket_for", "check_buckets", "chunk_bounds",
@@ -509,6 +510,36 @@ class GraphRunner:
                 self._disable(str(e))
         return self._eager(x, B, snap)
 
+    def run_stage(self, k: int, state, rows: torch.Tensor, carry: Tuple[torch.Tensor, ...], snap):
+        """The stage step (``EERuntime.run_stage``) on the graphs ``infer`` replays: stage ``k`` on
+        the ``n`` rows of ``state`` (``rows``: their ids, ``carry``: checked by the caller) as the
+        graph of the smallest bucket covering ``n``, the rows placed at positions 0..n-1 of stage
+        k's static input. The survivors' positions and count come back in one host read (the step
+        must say who leaves anyway); the leavers' outputs and the survivors' state and carry are
+        copied out of the static buffers, which the next call overwrites. A :class:`StageResult`
+        equal to the eager step's, or None when this step cannot use the graphs (more rows than
+        the largest bucket, a stage-k input no signature's buffers hold yet, graphs disabled): the
+        caller then runs the eager step."""
+        n = int(rows.shape[0])
+        if n == 0 or n > self.buckets[-1] or self.disabled_reason is not None:
+            return None
+        device = as_tuple(state)[0].device
+        capture = self._capture_for(device)
+        with torch.inference_mode(), device_guard(device):
+            try:
+                with self._lock:
+                    self._after_previous_call(device)
+                    try:
+                        sig = self._signature(state, capture) if k == 0 else self._signature_at(k, state, capture)
+                        if sig is None:
+                            return None
+                        return self._run_stage(sig, k, state, n, rows, carry, snap)
+                    finally:
+                        self._mark_call_done(device)
+            except _GraphsUnusable as e:
+                self._disable(str(e))
+        return None
+
     def warmup(self, max_batch: int, example=None) -> None:
         """Prepare (capture) every bucket up to the one covering ``max_batch``, per stage, largest
         bucket first. ``example``: a batch (any size, e.g. ``x[:1]``) with the per-sample shape and
@@ -617,6 +648,63 @@ class GraphRunner:
                 max_batch, self._pending_warmup = self._pending_warmup, None
                 self._warm(sig, max_batch)
         return sig
+
+    def _signature_at(self, k: int, state, capture: bool) -> Optional[_Signature]:
+        """The signature whose stage-k input buffers fit ``state`` (made by an earlier call or
+        warm-up of the stage before), or None."""
+        parts = as_tuple(state)
+        device = parts[0].device
+        cast = autocast_state(device.type)
+        for key, sig in self._sigs.items():
+            st = sig.stages[k]
+            if (
+                key[1] == capture
+                and key[3] == cast
+                and sig.device == device
+                and st is not None
+                and st.matches(parts, isinstance(state, tuple))
+            ):
+                return sig
+        return None
+
+    def _run_stage(self, sig: _Signature, k: int, state, n: int, rows: torch.Tensor, carry, snap) -> StageResult:
+        sig.thresholds.copy_(snap.tensor(sig.device))
+        st = sig.stages[k]
+        assert st is not None  # stage 0's exists with the signature; _signature_at checked the others
+        for buf, p in zip(st.inputs, as_tuple(state)):
+            buf[:n].copy_(p)
+        if k > 0:  # (stage 0's rows are the static arange itself)
+            st.rows[:n].copy_(sig.arange[:n])  # positions: the leavers' outputs land in rows 0..n-1
+        st.count.fill_(n)
+        if self.spec.average and k > 0:
+            assert st.acc is not None  # made with the stage's buffers when final="average"
+            st.acc[:n].copy_(carry[0])
+        self._launch(sig, k, bucket_for(n, self.buckets))
+        assert sig.out_logits is not None  # made by the first body run
+        if k == self.spec.num_exits - 1:  # every row leaves, at its position
+            return StageResult(k, rows, sig.out_logits[:n].clone(), sig.out_conf[:n].clone(), rows[:0], None, ())
+        nxt = sig.stages[k + 1]
+        assert nxt is not None  # made by stage k's body
+        # The one host read: the survivors' count and their positions (ascending: the pack is stable).
+        head = torch.cat([nxt.count, nxt.rows[:n]]).cpu()
+        self.host_syncs += 1
+        m = int(head[0])
+        survivors = head[1 : 1 + m]
+        leave = torch.ones(n, dtype=torch.bool)
+        leave[survivors] = False
+        left = leave.nonzero().squeeze(1)
+        at = left.to(sig.device)
+        logits = sig.out_logits.index_select(0, at)
+        confidence = sig.out_conf.index_select(0, at)
+        exit_rows = rows.index_select(0, left.to(rows.device))
+        if m == 0:
+            return StageResult(k, exit_rows, logits, confidence, rows[:0], None, ())
+        packed = nxt.state(m)
+        new_state = tuple(t.clone() for t in packed) if isinstance(packed, tuple) else packed.clone()
+        out_carry = (nxt.acc[:m].clone(),) if nxt.acc is not None else ()
+        return StageResult(
+            k, exit_rows, logits, confidence, rows.index_select(0, survivors.to(rows.device)), new_state, out_carry
+        )
 
     def _drop_signatures(self) -> None:
         if any(sig.device.type == "cuda" for sig in self._sigs.values()):
