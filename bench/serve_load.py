@@ -8,6 +8,8 @@ For each model and arrival rate it runs, back to back at the same rate,
   (c) stage:    ee.serve.StageScheduler (rows of all requests re-batched at every stage), every
                 request through its worker thread (inline="never": an asyncio server's path),
   stage-inline: the same with inline="always" (a request finding it idle runs in the caller),
+  stage-wait:   (c) with max_wait_ms = --wait-ms: a stage short of max_batch rows waits that long
+                for more, so deeper stages run fuller batches under load (not in the default set),
 
 and records throughput and p50/p99 latency, measured from each request's *scheduled* arrival
 (open loop: a late generator does not hide queueing). The SLO is 10x the plain model's batch-1
@@ -182,11 +184,11 @@ def open_loop(system, pool, rate: float, n: int, time_limit_s: float, drain_s: f
     }
 
 
-SYSTEMS = ("direct", "plain", "ee-req", "stage", "stage-inline")
-STAGE_SYSTEMS = ("stage", "stage-inline")
+SYSTEMS = ("direct", "plain", "ee-req", "stage", "stage-inline", "stage-wait")
+STAGE_SYSTEMS = ("stage", "stage-inline", "stage-wait")
 
 
-def make_system(name, model, rt, max_batch):
+def make_system(name, model, rt, max_batch, wait_ms=1.0):
     if name == "direct":
         return Direct(lambda x: rt.infer(x))
     if name == "plain":
@@ -195,8 +197,16 @@ def make_system(name, model, rt, max_batch):
         return ee_request_system(rt, max_batch)
     # "stage": every request through the worker thread; "stage-inline": a request that finds the
     # scheduler idle runs in the generator's thread (StageScheduler(inline="always"))
+    # "stage-wait": a stage with fewer than max_batch rows waits up to wait_ms for more (a request
+    # admitted to an idle scheduler never waits), so deeper stages run fuller batches under load
     inline = "always" if name == "stage-inline" else "never"
-    return StageScheduler(rt, max_batch=max_batch, max_queue_rows=1 << 20, inline=inline)
+    return StageScheduler(
+        rt,
+        max_batch=max_batch,
+        max_queue_rows=1 << 20,
+        inline=inline,
+        max_wait_ms=wait_ms if name == "stage-wait" else 0.0,
+    )
 
 
 def light_load_side_by_side(rt, pool, max_batch, rounds):
@@ -299,7 +309,7 @@ def run_model(name, spec, args) -> dict:
     for i, rate in enumerate(rates):
         n = max(20, min(args.max_requests, int(rate * args.seconds)))
         for system_name in args.systems:
-            system = make_system(system_name, model, rt, args.max_batch)
+            system = make_system(system_name, model, rt, args.max_batch, args.wait_ms)
             for x in pool[:20]:  # warm the worker
                 system.submit_nowait(x).result()
             r = open_loop(system, pool, rate, n, 1.5 * n / rate, args.drain_s, seed=i)
@@ -353,7 +363,14 @@ def plot(results, path):
     FigureCanvasAgg(fig)
     for j, res in enumerate(results):
         ax = fig.add_subplot(1, len(results), j + 1)
-        styles = {"direct": "x:", "plain": "s-", "ee-req": "o-", "stage": "^-", "stage-inline": "v--"}
+        styles = {
+            "direct": "x:",
+            "plain": "s-",
+            "ee-req": "o-",
+            "stage": "^-",
+            "stage-inline": "v--",
+            "stage-wait": "d-.",
+        }
         for system, style in styles.items():
             pts = [r for r in res["rows"] if r["system"] == system]
             if not pts:
@@ -434,7 +451,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-requests", type=int, default=6000)
     p.add_argument("--drain-s", type=float, default=10.0)
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"which of {', '.join(SYSTEMS)}")
+    p.add_argument(
+        "--systems",
+        default=",".join(s for s in SYSTEMS if s != "stage-wait"),
+        help=f"which of {', '.join(SYSTEMS)}",
+    )
+    p.add_argument("--wait-ms", type=float, default=1.0, help="max_wait_ms of the stage-wait system")
     p.add_argument("--sbs-rounds", type=int, default=30, help="rounds of the closed-loop side by side")
     p.add_argument(
         "--threads",
