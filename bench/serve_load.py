@@ -10,6 +10,8 @@ For each model and arrival rate it runs, back to back at the same rate,
   stage-inline: the same with inline="always" (a request finding it idle runs in the caller),
   stage-wait:   (c) with max_wait_ms = --wait-ms: a stage short of max_batch rows waits that long
                 for more, so deeper stages run fuller batches under load (not in the default set),
+  stage-fill:   (c) with policy="fill": the fullest stage runs first, a row passed over for
+                --wait-ms goes first (not in the default set),
 
 and records throughput and p50/p99 latency, measured from each request's *scheduled* arrival
 (open loop: a late generator does not hide queueing). The SLO is 10x the plain model's batch-1
@@ -184,8 +186,8 @@ def open_loop(system, pool, rate: float, n: int, time_limit_s: float, drain_s: f
     }
 
 
-SYSTEMS = ("direct", "plain", "ee-req", "stage", "stage-inline", "stage-wait")
-STAGE_SYSTEMS = ("stage", "stage-inline", "stage-wait")
+SYSTEMS = ("direct", "plain", "ee-req", "stage", "stage-inline", "stage-wait", "stage-fill")
+STAGE_SYSTEMS = ("stage", "stage-inline", "stage-wait", "stage-fill")
 
 
 def make_system(name, model, rt, max_batch, wait_ms=1.0):
@@ -198,14 +200,16 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0):
     # "stage": every request through the worker thread; "stage-inline": a request that finds the
     # scheduler idle runs in the generator's thread (StageScheduler(inline="always"))
     # "stage-wait": a stage with fewer than max_batch rows waits up to wait_ms for more (a request
-    # admitted to an idle scheduler never waits), so deeper stages run fuller batches under load
+    # admitted to an idle scheduler never waits), so deeper stages run fuller batches under load;
+    # "stage-fill": policy="fill" (the fullest stage first; a row passed over for wait_ms goes first)
     inline = "always" if name == "stage-inline" else "never"
     return StageScheduler(
         rt,
         max_batch=max_batch,
         max_queue_rows=1 << 20,
         inline=inline,
-        max_wait_ms=wait_ms if name == "stage-wait" else 0.0,
+        max_wait_ms=wait_ms if name in ("stage-wait", "stage-fill") else 0.0,
+        policy="fill" if name == "stage-fill" else "deepest",
     )
 
 
@@ -370,6 +374,7 @@ def plot(results, path):
             "stage": "^-",
             "stage-inline": "v--",
             "stage-wait": "d-.",
+            "stage-fill": "P-",
         }
         for system, style in styles.items():
             pts = [r for r in res["rows"] if r["system"] == system]
@@ -453,10 +458,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument(
         "--systems",
-        default=",".join(s for s in SYSTEMS if s != "stage-wait"),
+        default=",".join(s for s in SYSTEMS if s not in ("stage-wait", "stage-fill")),
         help=f"which of {', '.join(SYSTEMS)}",
     )
-    p.add_argument("--wait-ms", type=float, default=1.0, help="max_wait_ms of the stage-wait system")
+    p.add_argument("--wait-ms", type=float, default=1.0, help="max_wait_ms of stage-wait and stage-fill")
     p.add_argument("--sbs-rounds", type=int, default=30, help="rounds of the closed-loop side by side")
     p.add_argument(
         "--threads",

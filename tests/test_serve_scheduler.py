@@ -466,3 +466,40 @@ def test_inline_modes_always_and_never():
         assert hook.ran_in(4) == {WORKER} and sched.stats_dict()["inline_requests"] == 0
     with pytest.raises(ValueError, match="inline must be one of"):
         StageScheduler(rt, inline="sometimes")
+
+
+@pytest.mark.parametrize("max_wait_ms", [3_600_000.0, 0.0])
+def test_fill_policy_runs_the_fullest_stage_so_deeper_batches_fill(max_wait_ms):
+    """policy="fill": with rows at stage 1 (2) and stage 0 (3), stage 0 runs first and its
+    survivors join stage 1's rows in one full batch; a row that waited max_wait_ms (at 0: at
+    once) makes its stage run first, which is the "deepest" policy."""
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    with StageScheduler(rt, max_batch=4, max_wait_ms=max_wait_ms, policy="fill") as sched:
+        second, entered2 = threading.Event(), threading.Event()
+
+        def hold_if(k, ids):
+            if k == 0 and 3 in ids:  # the second stage-0 batch waits on its own gate
+                entered2.set()
+                assert second.wait(WAIT)
+            return k == 0 and 100 in ids
+
+        hook.hold(0)
+        hook.hold_if = hold_if
+        a = sched.submit_nowait(scripted_rows([100], [0]))  # idle: runs at once, held in stage 0
+        assert hook.entered.wait(WAIT)
+        b = sched.submit_nowait(scripted_rows([1, 2], [2, 2]))
+        c = sched.submit_nowait(scripted_rows([3], [0]))
+        hook.gate.set()
+        assert entered2.wait(WAIT)  # stage 0 runs [1, 2, 3]
+        d = sched.submit_nowait(scripted_rows([5, 6, 7], [1, 1, 1]))  # stage 0: 3 rows; stage 1: [1, 2] next
+        second.set()
+        check_answers([([100], [0]), ([1, 2], [2, 2]), ([3], [0]), ([5, 6, 7], [1, 1, 1])], [a, b, c, d])
+        stage1 = [ids for k, ids in hook.batches if k == 1]
+        if max_wait_ms:
+            assert stage1[0] == [1, 2, 5, 6]  # stage 0's three ran first, then one full stage-1 batch
+        else:
+            assert stage1[0] == [1, 2]  # overdue at once: the deepest stage first
+        assert sched.stats_dict()["policy"] == "fill"
+    with pytest.raises(ValueError, match="policy must be one of"):
+        StageScheduler(rt, policy="fullest")

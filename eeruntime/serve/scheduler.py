@@ -48,6 +48,7 @@ State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a request's input, or r
 ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
 ROW_MASK = (1 << ROW_BITS) - 1
 INLINE_MODES = ("blocking", "always", "never")
+POLICIES = ("deepest", "fill")
 
 
 class SchedulerError(RuntimeError):
@@ -157,6 +158,13 @@ class StageScheduler:
     Args:
         rt: the :class:`~eeruntime.EERuntime` to serve (its ``run_stage`` seam does the work).
         max_batch: most rows in one stage step (16-32 suits a small CPU model; see docs/serving.md).
+        policy: which stage runs next (docs/serving.md, "Policies"). ``"deepest"`` (default): the
+            deepest *ready* stage (``max_batch`` rows, or a row that waited ``max_wait_ms``); the
+            worker sleeps while none is. ``"fill"``: keep every stage's batch full under load
+            (E3's aim): the deepest stage with a row that waited ``max_wait_ms``, else the deepest
+            full stage, else the stage holding the most rows (ties: the deepest); the worker never
+            sleeps while rows wait, so ``max_wait_ms`` bounds how long rows may be passed over,
+            and ``max_wait_ms=0`` makes it ``"deepest"``.
         max_wait_ms: how long a stage with fewer than ``max_batch`` rows may wait for more before
             it runs anyway (0: never wait).
         max_queue_rows: rows admitted and not yet answered, at most; beyond it ``submit`` raises
@@ -185,6 +193,7 @@ class StageScheduler:
         latency_window: int = 10000,
         name: str = "eeruntime-stage-scheduler",
         inline: str = "blocking",
+        policy: str = "deepest",
     ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
@@ -196,10 +205,13 @@ class StageScheduler:
             raise ValueError(f"max_queue_rows must be a positive int, got {max_queue_rows!r}")
         if when_full not in ("error", "wait"):
             raise ValueError(f"when_full must be 'error' or 'wait', got {when_full!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
         if inline not in INLINE_MODES:
             raise ValueError(f"inline must be one of {', '.join(map(repr, INLINE_MODES))}, got {inline!r}")
         self.rt = rt
         self.inline = inline
+        self.policy = policy
         self.num_stages = rt.num_exits
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
@@ -466,6 +478,7 @@ class StageScheduler:
             pending_rows=self._admitted_rows,
             max_batch=self.max_batch,
             max_wait_ms=self.max_wait_s * 1000,
+            policy=self.policy,
             thresholds=self.thresholds,
         )
         return d
@@ -635,7 +648,9 @@ class StageScheduler:
         return True
 
     def _pick(self, now: float) -> Tuple[Optional[int], Optional[float]]:
-        """The deepest ready stage, or (None, seconds until one becomes ready by max_wait)."""
+        """The stage to run next by the policy, or (None, seconds until one becomes ready by max_wait)."""
+        if self.policy == "fill":
+            return self._pick_fill(now), None
         soonest = None
         for k in range(self.num_stages - 1, -1, -1):
             q = self._queues[k]
@@ -654,6 +669,28 @@ class StageScheduler:
                 return k, None
             soonest = ready_at - now if soonest is None else min(soonest, ready_at - now)
         return None, soonest
+
+    def _pick_fill(self, now: float) -> Optional[int]:
+        """``policy="fill"``: the deepest stage with an overdue row (its chunk's ``ready_at`` has
+        passed: waited max_wait, or admitted to an idle scheduler), else the deepest full stage,
+        else the fullest (ties: the deepest); None when no row waits."""
+        fullest, most = None, 0
+        for k in range(self.num_stages - 1, -1, -1):
+            q = self._queues[k]
+            if not q:
+                continue
+            # chunks enter in time order, but a split keeps its ready_at: the head is the oldest
+            if q[0].ready_at <= now:
+                return k
+            rows = 0
+            for c in q:
+                rows += c.n
+                if rows >= self.max_batch:
+                    break
+            if rows > most:  # strict: on ties the deeper stage, met first, stays
+                fullest, most = k, rows
+        # counts are capped at max_batch, so this is also the deepest full stage when one is full
+        return fullest
 
     def _purge(self) -> None:
         """Drop the rows of dead requests from every queue."""
