@@ -415,7 +415,7 @@ def test_run_stage_on_cuda_replays_the_graphs_and_equals_the_eager_step(final):
     model = mlp_model(K=4, d_in=6, width=16, C=5, seed=4).cuda()
     x = torch.randn(45, 6, device="cuda")
     rt = ee.EERuntime(model, thresholds=quantile_thresholds(model, x, "entropy", q=0.35), final=final)
-    rt.warmup(64)
+    rt.warmup(64, x[:1])
     runner = rt._graph_runner
     captures = runner.num_captures
     assert captures > 0
