@@ -1,7 +1,8 @@
 """The compiled ops of ``eeruntime._C`` as rows of the ops' backend tables (the tables
 themselves are declared beside each ``*_ref``): for ``compact``, ``compact_into`` and
-``scatter_rows`` one extension backend whose CUDA kernels (CUB stable select + vectorized row
-gather/scatter) and CPU kernels are the same ``torch.ops.eeruntime`` op, routed by torch's
+``scatter_rows`` one extension backend whose CUDA kernels (stable select: one fused kernel for
+``compact_into`` up to ``_C.FUSED_COMPACT_MAX_ROWS`` rows, CUB above and for ``compact``; vectorized
+row gather/scatter) and CPU kernels are the same ``torch.ops.eeruntime`` op, routed by torch's
 dispatcher; it shows in a table as ``cuda`` and ``cpp`` (:func:`extension_rows`), so that
 ``explain`` says per device why it cannot run and a device can be forced by name. For
 ``exit_decision`` and ``exit_scatter``: ``cpp``, the fused CPU kernels of
