@@ -89,7 +89,8 @@ scatter_rows_kernel(const char* __restrict__ src, int64_t src_stride, char* __re
 
 // ------------------------------------------------------------------------- fused compact_into
 // Fused kernel (see fused_compact in compact_kernels.cuh). Shape of the work:
-//   pass 1: every block counts the nonzero flags of the whole mask -> n (block reduce);
+//   pass 1: every block counts the nonzero flags of the whole mask -> n (block reduce); skipped
+//           when the mask is one tile (<= 16384 rows), where pass 2's scan total is n;
 //   pass 2: block-wide exclusive scan of the flags, tile by tile, stopping once past its share
 //           [lo, hi) = [bx * n / gx, (bx + 1) * n / gx) of the kept rows; it lists the source rows
 //           of its share in shared memory and (y-slice 0 only) writes index_out[lo:hi];
@@ -195,28 +196,34 @@ fused_compact_kernel(const uint8_t* __restrict__ mask, int num_rows, bool mask_a
   __shared__ int kept[kFusedMaxShare];
   __shared__ int total_kept;
 
-  // Pass 1: n, the number of kept rows (every block computes it; the mask sits in L2).
-  int mine = 0;
-  for (int64_t base = 0; base < num_rows; base += kFlagsPerTile) {
+  // Pass 1, for a mask of several tiles only: n, the number of kept rows (every block computes it;
+  // the mask sits in L2). A one-tile mask (B <= 16384, one load round) gets n from pass 2's scan.
+  int n = -1;
+  if (num_rows > kFlagsPerTile) {
+    int mine = 0;
+    for (int64_t base = 0; base < num_rows; base += kFlagsPerTile) {
 #pragma unroll
-    for (int w = 0; w < kFlagWordsPerThread; ++w) {
-      const int64_t first = base + (int64_t(threadIdx.x) * kFlagWordsPerThread + w) * 16;
-      mine += nonzero_bytes(load_flags(mask, first, num_rows, mask_aligned));
+      for (int w = 0; w < kFlagWordsPerThread; ++w) {
+        const int64_t first = base + (int64_t(threadIdx.x) * kFlagWordsPerThread + w) * 16;
+        mine += nonzero_bytes(load_flags(mask, first, num_rows, mask_aligned));
+      }
+    }
+    const int block_sum = Reduce(temp.reduce).Sum(mine);
+    if (threadIdx.x == 0) total_kept = block_sum;
+    __syncthreads();  // also orders the reduce's temp storage before the scan reuses it
+    n = total_kept;
+    if (int64_t(blockIdx.x) * n / gridDim.x == int64_t(blockIdx.x + 1) * n / gridDim.x) {
+      if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) *count_out = n;
+      return;  // block-uniform: no share, nothing to list or copy
     }
   }
-  const int block_sum = Reduce(temp.reduce).Sum(mine);
-  if (threadIdx.x == 0) total_kept = block_sum;
-  __syncthreads();
-  const int n = total_kept;
-  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) *count_out = n;
-  const int lo = int(int64_t(blockIdx.x) * n / gridDim.x);
-  const int hi = int(int64_t(blockIdx.x + 1) * n / gridDim.x);
-  if (lo == hi) return;  // block-uniform: no share, nothing to list or copy
 
-  // Pass 2: ranks of the kept rows; list those of [lo, hi). Each thread holds 4 consecutive
-  // words (64 consecutive flags) of the tile, so ranks follow the scan of per-thread counts.
-  int carry = 0;  // kept rows before this tile (block-uniform)
-  for (int64_t base = 0; base < num_rows && carry < hi; base += kFlagsPerTile) {
+  // Pass 2: ranks of the kept rows; list those of this block's share [lo, hi). Each thread holds
+  // 4 consecutive words (64 consecutive flags) of the tile, so ranks follow the scan of
+  // per-thread counts. Every block-level value below (n, lo, hi, carry) is block-uniform.
+  int lo = 0, hi = 0;
+  int carry = 0;  // kept rows before this tile
+  for (int64_t base = 0; base < num_rows; base += kFlagsPerTile) {
     uint4 words[kFlagWordsPerThread];
     int count = 0;
 #pragma unroll
@@ -227,6 +234,9 @@ fused_compact_kernel(const uint8_t* __restrict__ mask, int num_rows, bool mask_a
     }
     int before = 0, tile_total = 0;
     Scan(temp.scan).ExclusiveSum(count, before, tile_total);
+    if (n < 0) n = tile_total;  // one tile: the scan's total is the count
+    lo = int(int64_t(blockIdx.x) * n / gridDim.x);
+    hi = int(int64_t(blockIdx.x + 1) * n / gridDim.x);
     int r = carry + before;
     if (count > 0 && r < hi && r + count > lo) {
 #pragma unroll
@@ -246,7 +256,10 @@ fused_compact_kernel(const uint8_t* __restrict__ mask, int num_rows, bool mask_a
     }
     carry += tile_total;
     __syncthreads();  // temp.scan is reused by the next tile; kept[] is read after the loop
+    if (carry >= hi) break;
   }
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) *count_out = n;
+  if (lo == hi) return;
 
   const int64_t c0 = int64_t(blockIdx.y) * slice_units;
   const int64_t c_end = c0 + slice_units < units ? c0 + slice_units : units;
