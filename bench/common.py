@@ -79,6 +79,36 @@ def per_call_seconds(fn, target_s: float = 0.05, max_inner: int = 1000) -> tuple
     return times[len(times) // 2], inner
 
 
+def capture_graph(fn, pool=None, warmup: int = 2) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of ``fn`` (warmed up on a side stream first, as the PyTorch docs require)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
+
+
+def graph_per_call_seconds(fn, inner: int = 200, target_s: float = 0.05) -> float:
+    """Seconds per call of a CUDA ``fn`` as a captured CUDA graph runs it: ``inner`` calls captured
+    into one graph (``capture_graph``), the graph replayed back to back and timed with CUDA events
+    (``per_call_seconds``), divided by ``inner``. The host's Python, dispatch and launch costs are
+    out of the loop: this is what the device runs when the runtime's graph executor replays the op."""
+
+    def calls():
+        for _ in range(inner):
+            fn()
+
+    graph = capture_graph(calls, warmup=1)
+    t, _ = per_call_seconds(graph.replay, target_s=target_s, max_inner=100)
+    del graph
+    return t / inner
+
+
 COPY_BYTES = 1 << 30  # 1 GiB: a copy long enough (~0.3 ms on an H100) that launch costs vanish
 
 

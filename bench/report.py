@@ -25,6 +25,7 @@ RATIO_KEYS = (
     "speedup_vs_boolean",
     "gbps",
     "copy_fraction",
+    "copy_fraction_graph",
 )
 PARAM_KEYS = ("scenario", "variant", "batch", "B", "C", "dtype", "row_bytes", "resolution", "impl")
 

@@ -27,7 +27,7 @@ import os
 
 import pytest
 import torch
-from common import CUDA, benchmark_record, cudnn_benchmark_on, thresholds_for_fractions
+from common import CUDA, benchmark_record, capture_graph, cudnn_benchmark_on, thresholds_for_fractions
 
 import eeruntime as ee
 from eeruntime.oracle import oracle_forward, plain_forward, plan_oracle
@@ -44,20 +44,6 @@ POOL = 512
 MAX_BATCH = 256
 DTYPE_NAME = os.environ.get("EERUNTIME_BENCH_DTYPE", "float16")
 STRICT = os.environ.get("EERUNTIME_BENCH_STRICT", "0") == "1"
-
-
-def _capture(fn, pool=None):
-    """One CUDA graph of ``fn`` (warmed up on a side stream first, as the PyTorch docs require)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        fn()
-    return graph
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,10 +104,10 @@ def test_graphs_vs_plain_vs_oracle(benchmark, res, batch, scenario):
         fractions = (torch.bincount(exit_index.cpu(), minlength=4).float() / exit_index.numel()).tolist()
         # Static copies and graphs for the plain model and the oracle of each batch.
         plain_in = batches[0].clone()
-        plain_graph = _capture(lambda: plain_forward(model, plain_in))
+        plain_graph = capture_graph(lambda: plain_forward(model, plain_in))
         plans = [plan_oracle(xb, res_.exit_index, 4) for xb, res_ in zip(batches, results)]
         oracle_pool = torch.cuda.graph_pool_handle()
-        oracle_graphs = [_capture(lambda p=p: oracle_forward(model, p), oracle_pool) for p in plans]
+        oracle_graphs = [capture_graph(lambda p=p: oracle_forward(model, p), oracle_pool) for p in plans]
 
         def run_plain_eager():
             for xb in batches:

@@ -2,7 +2,19 @@
 
 #include <c10/util/Exception.h>
 
+#include <atomic>
+
 namespace eeruntime {
+
+namespace {
+std::atomic<int64_t> fused_max_rows{kFusedCompactMaxRows};
+}  // namespace
+
+int64_t fused_compact_max_rows() { return fused_max_rows.load(std::memory_order_relaxed); }
+
+int64_t set_fused_compact_max_rows(int64_t rows) {
+  return fused_max_rows.exchange(rows < 0 ? kFusedCompactMaxRows : rows, std::memory_order_relaxed);
+}
 
 bool rows_are_dense(const at::Tensor& t) {
   int64_t expected = 1;

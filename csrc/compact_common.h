@@ -9,6 +9,25 @@
 
 namespace eeruntime {
 
+// Largest batch (mask length) that the CUDA compact_into sends to its fused single-kernel path
+// (cuda::fused_compact); larger batches take CUB's select + the row gather. Every block of the
+// fused kernel reads the whole mask from L2 (twice; the second pass from L1 and stopping at its
+// share), so its redundant mask traffic is about blocks x B bytes: at 1 << 16 rows and ~528 blocks
+// (H100/H200, 4 per SM) ~34 MB of L2 reads spread over all SMs, a few microseconds, still cheaper
+// than CUB's extra launches and the index round trip through HBM for the copies this path is for;
+// past it that traffic grows linearly while CUB's single-pass look-back scan does not.
+// bench/test_bench_compact.py times both paths side by side.
+constexpr int64_t kFusedCompactMaxRows = int64_t(1) << 16;
+
+// The limit in force: kFusedCompactMaxRows unless overridden. The override exists for tests and
+// the benchmark only (eeruntime.ops._ext_backend._compact_into_path), so that both paths can run
+// on the same batch; it is process-wide, read on the host at each call (so a captured graph keeps
+// the path it was captured with), and is deliberately not an op argument or environment variable:
+// the op's schema and behaviour stay the same for every caller. rows < 0 restores the default.
+// Returns the previous limit.
+int64_t fused_compact_max_rows();
+int64_t set_fused_compact_max_rows(int64_t rows);
+
 // True when each row (all dims but 0) is one dense block of memory: rows may then sit at any
 // stride in dim 0 (a slice of a larger buffer, a broadcast row) and still be copied with memcpy.
 bool rows_are_dense(const at::Tensor& t);

@@ -3,6 +3,8 @@
 //
 // compact_into and scatter_rows never synchronise with the host (graph-capturable): CUB's scratch
 // comes from torch's caching allocator and the kernels read the kept count from device memory.
+// compact_into takes one fused kernel (select + index + count + first tensor's copy, no scratch)
+// up to fused_compact_max_rows() rows (compact_common.h), CUB's select + gathers above it.
 // compact syncs once, to read the count that sizes its outputs.
 #ifdef EERUNTIME_WITH_CUDA
 
@@ -30,13 +32,16 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "eeruntime: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-// Block budget of the current device (the attribute query is cheap and allowed during capture).
-int max_blocks() {
+// SMs of the current device (the attribute query is cheap and allowed during capture).
+int sm_count() {
   int device = 0, sms = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count query");
-  return sms * kBlocksPerSm;
+  return sms;
 }
+
+// Block budget of the copy kernels' grids.
+int max_blocks() { return sm_count() * kBlocksPerSm; }
 
 const uint8_t* mask_bytes(const at::Tensor& mask) { return static_cast<const uint8_t*>(mask.const_data_ptr()); }
 
@@ -102,10 +107,21 @@ void compact_into_cuda(const at::Tensor& keep, at::TensorList tensors, at::Tenso
   const at::Tensor k = keep.contiguous();
   int64_t* index = index_out.mutable_data_ptr<int64_t>();
   int64_t* count = count_out.mutable_data_ptr<int64_t>();
-  select_kept(k, index, count, stream);
+  size_t first_gathered = 0;
+  if (B <= fused_compact_max_rows() && B <= INT_MAX) {
+    // One kernel selects, writes index_out and the count, and copies the first tensor (none to
+    // copy: a zero-byte span); the other tensors are gathered below by the index it wrote.
+    const at::Tensor src = tensors.empty() ? at::Tensor() : with_dense_rows(tensors[0]);  // alive past the launch
+    const cuda::RowSpan first = tensors.empty() ? cuda::RowSpan{nullptr, 0, nullptr, 0, 0} : span(src, outs[0]);
+    check_cuda(cuda::fused_compact(first, mask_bytes(k), static_cast<int>(B), index, count, sm_count(), stream),
+               "fused compaction");
+    first_gathered = tensors.empty() ? 0 : 1;
+  } else {
+    select_kept(k, index, count, stream);
+  }
   // Launches are sized by the capacity B; each kernel stops at the count it reads on the device.
   const int blocks = max_blocks();
-  for (size_t i = 0; i < tensors.size(); ++i) {
+  for (size_t i = first_gathered; i < tensors.size(); ++i) {
     const at::Tensor src = with_dense_rows(tensors[i]);
     check_cuda(cuda::gather_rows(span(src, outs[i]), index, count, B, blocks, stream), "row gather");
   }

@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "compact_common.h"
+
 TORCH_LIBRARY(eeruntime, m) {
   // (index int64 [n], [t[index] for t in tensors]): the rows where keep is true, in order.
   m.def("compact(Tensor keep, Tensor[] tensors) -> (Tensor, Tensor[])");
@@ -33,6 +35,25 @@ TORCH_LIBRARY(eeruntime, m) {
       "Tensor(a!) out, Tensor(b!) confidence, Tensor(c!) exit_index) -> (Tensor keep, Tensor n_exit)");
 }
 
+namespace {
+
+// _C._set_fused_compact_max_rows(rows) -> previous: tests and the benchmark pick compact_into's
+// CUDA path with it (see set_fused_compact_max_rows in compact_common.h); rows < 0 restores
+// FUSED_COMPACT_MAX_ROWS.
+PyObject* set_fused_max_rows(PyObject* /*self*/, PyObject* arg) {
+  const long long rows = PyLong_AsLongLong(arg);
+  if (rows == -1 && PyErr_Occurred()) return nullptr;
+  return PyLong_FromLongLong(eeruntime::set_fused_compact_max_rows(rows));
+}
+
+PyMethodDef methods[] = {
+    {"_set_fused_compact_max_rows", set_fused_max_rows, METH_O,
+     "Set compact_into's fused-path row limit (tests and benchmarks only); < 0 restores the default. "
+     "Returns the previous limit."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 // Importing eeruntime._C loads this library, which registers the ops above with torch.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -40,7 +61,7 @@ PyMODINIT_FUNC PyInit__C(void) {
                                       "_C",
                                       "eeruntime's compiled ops, registered as torch.ops.eeruntime.*",
                                       -1,
-                                      nullptr,
+                                      methods,
                                       nullptr,
                                       nullptr,
                                       nullptr,
@@ -52,7 +73,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   const long with_cuda = 0;
 #endif
-  if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) != 0) {
+  if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) != 0 ||
+      PyModule_AddIntConstant(m, "FUSED_COMPACT_MAX_ROWS", static_cast<long>(eeruntime::kFusedCompactMaxRows)) != 0) {
     Py_DECREF(m);
     return nullptr;
   }

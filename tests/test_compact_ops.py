@@ -7,6 +7,7 @@ import torch
 import eeruntime as ee
 from eeruntime import _ext
 from eeruntime.ops import BackendUnavailable
+from eeruntime.ops._ext_backend import _compact_into_path
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"{_ext.why_unavailable()}; {_ext.BUILD_HINT}")
 needs_cuda_ext = pytest.mark.skipif(
@@ -471,3 +472,133 @@ def test_cuda_scatter_rows_matches_index_copy_and_skips_out_of_range():
         torch.ones(3, dtype=torch.bool, device="cuda"), bad, [torch.ones(3, device="cuda")], [o], backend="cuda"
     )
     assert int(o.sum()) == 2 and o[0] == 1 and o[2] == 1
+
+
+# ------------------------------------------------------------- compact_into's two CUDA paths
+# "fused" (one kernel: select, index_out, count_out, first tensor's copy) and "cub" (CUB select,
+# then a gather per tensor); _compact_into_path forces one at any batch size (tests only).
+COMPACT_INTO_PATHS = ["fused", "cub"]
+# (row bytes, byte offset of row 0, extra bytes between rows): 4-byte, 16-byte, 8-byte and byte
+# vector paths at odd row strides; 64 KB rows split into column slices. A layout runs only while
+# its buffer stays under ROW_LAYOUT_BYTES, so the memcheck step (every B but 70000) stays short.
+ROW_LAYOUTS = [(4, 0, 0), (12, 4, 4), (7, 3, 2), (4096, 0, 0), (4104, 8, 24), (65536, 0, 16)]
+ROW_LAYOUT_BYTES = 32 << 20
+
+
+def strided_rows(B, row_bytes, offset, pad, device="cuda"):
+    """[B, row_bytes] uint8 rows, row r at byte offset + r * (row_bytes + pad) of one buffer."""
+    stride = row_bytes + pad
+    buf = torch.randint(0, 256, (offset + B * stride,), dtype=torch.uint8, device=device)
+    return buf[offset:].as_strided((B, row_bytes), (stride, 1))
+
+
+def keep_mask(B, fraction, device="cuda"):
+    p = float(torch.rand(())) if fraction == "random" else fraction
+    return torch.rand(B, device=device) < p
+
+
+def check_compact_into_cuda(keep, tensors, path):
+    """compact_into on `path` against boolean indexing and nonzero: the first n rows and indices,
+    the count, and nothing written past n (outputs and index_out start as sentinels)."""
+    cap = keep.shape[0] + 3
+    sentinels = [make_tensor((cap, *t.shape[1:]), t.dtype, "cuda") for t in tensors]
+    outs = [s.clone() for s in sentinels]
+    index_out = torch.full((cap,), -9, dtype=torch.int64, device="cuda")
+    count_out = torch.full((1,), -1, dtype=torch.int64, device="cuda")
+    with _compact_into_path(path):
+        ee.ops.compact_into(keep, tensors, outs, index_out, count_out, backend="cuda")
+    n = int(keep.sum())
+    assert int(count_out) == n
+    assert_same(index_out[:n], keep.nonzero().squeeze(1))
+    assert (index_out[n:] == -9).all()
+    for o, t, s in zip(outs, tensors, sentinels):
+        assert_same(o[:n], t[keep])
+        assert_same(o[n:], s[n:])
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("path", COMPACT_INTO_PATHS)
+@pytest.mark.parametrize("B", [1, 7, 255, 4096, 5000, 70_000])
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0, "random"], ids=str)
+def test_cuda_compact_into_paths_match_boolean_indexing(path, B, fraction):
+    keep = keep_mask(B, fraction)
+    ids = torch.arange(B, device="cuda")  # a second tensor: the fused path gathers it by index_out
+    for row_bytes, offset, pad in ROW_LAYOUTS:
+        if B * (row_bytes + pad) > ROW_LAYOUT_BYTES:
+            continue
+        # Each layout first once: the fused kernel copies the first tensor itself.
+        check_compact_into_cuda(keep, [strided_rows(B, row_bytes, offset, pad), ids], path)
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("path", COMPACT_INTO_PATHS)
+def test_cuda_compact_into_paths_unaligned_mask_and_no_tensors(path):
+    # A mask starting 1 byte into its buffer takes the fused kernel's byte loads; its last word
+    # is partial (5001 is not a multiple of 16).
+    B = 5001
+    big = torch.rand(B + 1, device="cuda") < 0.3
+    keep = big[1:]
+    check_compact_into_cuda(keep, [torch.randn(B, 3, device="cuda"), torch.randn(B, 256, device="cuda")], path)
+    index_out = torch.full((B,), -1, dtype=torch.int64, device="cuda")
+    count_out = torch.zeros(1, dtype=torch.int64, device="cuda")
+    with _compact_into_path(path):
+        ee.ops.compact_into(keep, [], [], index_out, count_out, backend="cuda")
+        empty_rows = torch.empty(B, 0, device="cuda")
+        ee.ops.compact_into(
+            keep, [empty_rows], [torch.empty(B, 0, device="cuda")], index_out, count_out, backend="cuda"
+        )
+    n = int(keep.sum())
+    assert int(count_out) == n
+    assert_same(index_out[:n], keep.nonzero().squeeze(1))
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("path", COMPACT_INTO_PATHS)
+def test_cuda_compact_into_paths_graph_capture_replays_new_masks(path):
+    B, row = 4096, 1024  # 4 KB float32 rows, the bench's case
+    keep = torch.zeros(B, dtype=torch.bool, device="cuda")
+    tensors = [torch.randn(B, row, device="cuda"), torch.arange(B, device="cuda"), strided_rows(B, 7, 3, 2)]
+    outs = [torch.zeros_like(tensors[0]), torch.zeros_like(tensors[1]), torch.zeros(B, 7, dtype=torch.uint8).cuda()]
+    index_out = torch.zeros(B, dtype=torch.int64, device="cuda")
+    count_out = torch.zeros(1, dtype=torch.int64, device="cuda")
+    with _compact_into_path(path):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside capture, as torch's docs ask
+            ee.ops.compact_into(keep, tensors, outs, index_out, count_out, backend="cuda")
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ee.ops.compact_into(keep, tensors, outs, index_out, count_out, backend="cuda")
+    for p in (0.5, 0.0, 1.0, 0.1):  # replayed outside the block: the captured path stays
+        keep.copy_(torch.rand(B, device="cuda") < p)
+        graph.replay()
+        torch.cuda.synchronize()
+        n = int(count_out)
+        assert n == int(keep.sum())
+        assert_same(index_out[:n], keep.nonzero().squeeze(1))
+        for o, t in zip(outs, tensors):
+            assert_same(o[:n], t[keep])
+
+
+def test_compact_into_path_override_is_scoped_and_checked():
+    with pytest.raises(ValueError, match="unknown compact_into path 'fast'.*'cub'"):
+        with _compact_into_path("fast"):
+            pass
+    if not _ext.available():
+        with pytest.raises(RuntimeError, match="cannot choose compact_into's CUDA path"):
+            with _compact_into_path("cub"):
+                pass
+        return
+    setter = _ext._C._set_fused_compact_max_rows
+    default = _ext._C.FUSED_COMPACT_MAX_ROWS
+    assert default == 1 << 16
+    assert setter(-1) == default  # nothing overrides it outside a block
+    with pytest.raises(KeyError):
+        with _compact_into_path("cub"):
+            assert setter(0) == 0
+            with _compact_into_path("fused"):
+                assert setter(2**31 - 1) == 2**31 - 1
+            assert setter(0) == 0  # the inner block restored "cub"
+            raise KeyError("restored on error too")
+    assert setter(-1) == default

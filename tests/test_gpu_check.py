@@ -161,7 +161,8 @@ def test_targets_against_the_figures():
         _bench(
             "exit-other", op="exit_decision", B=4096, C=32000, dtype="bf16", criterion="margin", fraction_of_copy=0.1
         ),
-        _bench("compact4k", op="compact", B=4096, row_bytes=4096, copy_fraction=0.71),
+        _bench("compact4k", op="compact", B=4096, row_bytes=4096, copy_fraction=0.05, copy_fraction_graph=0.71),
+        _bench("compact64k", op="compact", B=4096, row_bytes=65536, copy_fraction=0.9),  # eager only: not the target
         _bench("g256", resolution=224, batch=256, scenario="exits", efficiency=0.93),
         _bench("g256none", resolution=224, batch=256, scenario="none", speedup_vs_plain_graph=0.96),
         _bench("g64none", resolution=64, batch=256, scenario="none", speedup_vs_plain_graph=0.5),
@@ -172,10 +173,14 @@ def test_targets_against_the_figures():
     assert rows["exit_kernel_bandwidth"]["status"] == "pass" and rows["exit_kernel_bandwidth"]["value"] == 0.85
     assert rows["exit_kernel_vs_eager"]["status"] == "FAIL"  # 2.5 < 3
     assert rows["exit_kernel_vs_compile"]["status"] == "pass"
-    assert rows["compact_4KB"]["status"] == "pass"
+    # the graph figure is the target's, the eager one is carried beside it
+    assert rows["compact_4KB"]["status"] == "pass" and rows["compact_4KB"]["key"] == "copy_fraction_graph"
+    assert rows["compact_4KB"]["also"]["copy_fraction"] == 0.05
     assert (
         rows["compact_64KB"]["status"] == "unmeasured" and "bench-compact: step not run" in rows["compact_64KB"]["why"]
     )
+    md = gc.markdown({}, [], gc.evaluate_targets(benchmarks, steps), [])
+    assert "| copy_fraction_graph | 0.71 (copy_fraction 0.05; copy_fraction_graph_fused -;" in md
     assert rows["runtime_efficiency_256"]["status"] == "pass"
     assert rows["no_exit_vs_plain_graph"]["status"] == "pass"  # 0.96 >= 1/1.05, the 64x64 case is not it
     assert rows["batch1_vs_plain_eager"]["status"] == "unmeasured" and "TIMEOUT" in rows["batch1_vs_plain_eager"]["why"]
@@ -268,6 +273,8 @@ def test_gpu_marker_selects_the_gpu_tests_and_memcheck_selection():
     out = _collect("tests/test_compact_ops.py", "-k", k)
     assert "test_cuda_compact_matches_boolean_indexing[some-1000]" in out
     assert "70000" not in out and "graph_capture" not in out
+    assert "test_cuda_compact_into_paths_match_boolean_indexing[0.5-5000-fused]" in out
+    assert "test_cuda_compact_into_paths_match_boolean_indexing[random-255-cub]" in out
 
 
 def test_append_merges_a_check_split_over_two_runs(tmp_path):

@@ -140,7 +140,9 @@ def plan(python: str = "python", arch: str = "9.0", jobs: Optional[int] = None, 
             [
                 ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "9", "--print-limit", "10"]
                 + pytest
-                + ["tests/test_compact_ops.py", "-k", "cuda and not 70000 and not graph_capture"]
+                # Bounds are what memcheck checks: the odd batches (1, 7, 255, 1000, 5000) cover them;
+                # 70000 and 4096 (large, aligned) and the graph captures run in the tests step.
+                + ["tests/test_compact_ops.py", "-k", "cuda and not 70000 and not 4096 and not graph_capture"]
             ],
             env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
         ),
@@ -304,7 +306,13 @@ class Target:
     key: str  # the extra_info figure compared
     bound: float  # the figure must be >= bound
     step: str  # the step that measures it
+    also: Sequence[str] = ()  # other extra_info figures of the same case, printed beside it
 
+
+# The compaction targets are about the device's time (the runtime replays compact_into inside its
+# captured graphs: bench/test_bench_compact.py's docstring); the eager-call figure and each path's
+# graph figure are printed beside them.
+COMPACT_ALSO = ("copy_fraction", "copy_fraction_graph_fused", "copy_fraction_graph_cub")
 
 TARGETS = [
     Target(
@@ -333,19 +341,21 @@ TARGETS = [
     ),
     Target(
         "compact_4KB",
-        "compaction >= 70 % of copy bandwidth, B=4096, 4 KB rows",
+        "compaction >= 70 % of copy bandwidth, B=4096, 4 KB rows (compact_into replayed in a CUDA graph)",
         {"op": "compact", "B": 4096, "row_bytes": 4096},
-        "copy_fraction",
+        "copy_fraction_graph",
         0.7,
         "bench-compact",
+        also=COMPACT_ALSO,
     ),
     Target(
         "compact_64KB",
-        "compaction >= 70 % of copy bandwidth, B=4096, 64 KB rows",
+        "compaction >= 70 % of copy bandwidth, B=4096, 64 KB rows (compact_into replayed in a CUDA graph)",
         {"op": "compact", "B": 4096, "row_bytes": 65536},
-        "copy_fraction",
+        "copy_fraction_graph",
         0.7,
         "bench-compact",
+        also=COMPACT_ALSO,
     ),
     Target(
         "runtime_efficiency_256",
@@ -387,8 +397,11 @@ def evaluate_targets(benchmarks: Sequence[dict], steps: Dict[str, StepResult]) -
         ]
         row = {"name": t.name, "target": t.text, "key": t.key, "bound": t.bound, "value": None}
         if found:
-            value = float(found[0]["extra_info"][t.key])
+            ei = found[0]["extra_info"]
+            value = float(ei[t.key])
             row.update(value=value, status="pass" if value >= t.bound else "FAIL")
+            if t.also:
+                row["also"] = {k: ei.get(k) for k in t.also}
         else:
             st = steps.get(t.step)
             why = "step not run" if st is None else f"step {st.status}: {st.summary}"
@@ -432,9 +445,9 @@ def markdown(info: dict, steps: Sequence[StepResult], targets: Sequence[dict], b
     lines += ["", "## DESIGN's targets", "", "| target | figure | measured | bound | status |", "|---|---|---|---|---|"]
     for t in targets:
         status = t["status"] if t["status"] != "unmeasured" else f"unmeasured ({t.get('why', '')})"
-        lines.append(
-            f"| {t['target']} | {t['key']} | {_fmt(t['value'])} | {_fmt(t['bound'])} | {status.replace('|', '/')} |"
-        )
+        also = "".join(f"; {k} {_fmt(v)}" for k, v in t.get("also", {}).items())
+        measured = f"{_fmt(t['value'])} ({also[2:]})" if also else _fmt(t["value"])
+        lines.append(f"| {t['target']} | {t['key']} | {measured} | {_fmt(t['bound'])} | {status.replace('|', '/')} |")
     if benchmarks:
         lines += ["", "## Benchmark cases", "", "| case | median (ms) | figures |", "|---|---|---|"]
         keys = (
@@ -442,6 +455,7 @@ def markdown(info: dict, steps: Sequence[StepResult], targets: Sequence[dict], b
             "achieved_GBps",
             "fraction_of_copy",
             "copy_fraction",
+            "copy_fraction_graph",
             "speedup_vs_eager",
             "speedup_vs_compile",
             "speedup_vs_boolean",
@@ -625,7 +639,7 @@ def _bench_figures(benchmarks: Sequence[dict]) -> str:
     out = []
     for b in benchmarks:
         ei = b.get("extra_info", {})
-        for key in ("fraction_of_copy", "copy_fraction", "efficiency"):
+        for key in ("fraction_of_copy", "copy_fraction_graph", "copy_fraction", "efficiency"):
             if ei.get(key) is not None:
                 out.append(f"{b.get('name', '?').split('[')[-1].rstrip(']')} {key} {ei[key]:.2f}")
                 break

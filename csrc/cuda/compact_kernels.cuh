@@ -32,6 +32,15 @@ cudaError_t select_flagged_temp_bytes(int num_items, size_t* temp_bytes);
 cudaError_t select_flagged(void* temp, size_t temp_bytes, const uint8_t* flags, int num_items,
                            int64_t* index_out, int64_t* count_out, cudaStream_t stream);
 
+// One kernel for compact_into's selection and its first tensor's copy (the binding uses it up to
+// kFusedCompactMaxRows rows, csrc/compact_common.h): index_out[:n] = kept row
+// numbers (ascending), *count_out = n, and dst row j = src row index_out[j] for j < n. Every block
+// counts the mask itself, takes an equal share of the n kept rows (so copy work is balanced
+// whatever the mask looks like) and copies them with the widest aligned vector width. No scratch,
+// no host sync: graph-capturable. Reads mask[0, num_rows) and the kept source rows only.
+cudaError_t fused_compact(const RowSpan& rows, const uint8_t* mask, int num_rows, int64_t* index_out,
+                          int64_t* count_out, int sm_count, cudaStream_t stream);
+
 // dst row r = src row index[r] for r < min(*count, n_max). The launch is sized by n_max (the
 // capacity) and the kernel reads the count from device memory, so the host never needs it.
 cudaError_t gather_rows(const RowSpan& rows, const int64_t* index, const int64_t* count, int64_t n_max,

@@ -1,7 +1,8 @@
 """The compiled ops of ``eeruntime._C`` as rows of the ops' backend tables (the tables
 themselves are declared beside each ``*_ref``): for ``compact``, ``compact_into`` and
-``scatter_rows`` one extension backend whose CUDA kernels (CUB stable select + vectorized row
-gather/scatter) and CPU kernels are the same ``torch.ops.eeruntime`` op, routed by torch's
+``scatter_rows`` one extension backend whose CUDA kernels (stable select: one fused kernel for
+``compact_into`` up to ``_C.FUSED_COMPACT_MAX_ROWS`` rows, CUB above and for ``compact``; vectorized
+row gather/scatter) and CPU kernels are the same ``torch.ops.eeruntime`` op, routed by torch's
 dispatcher; it shows in a table as ``cuda`` and ``cpp`` (:func:`extension_rows`), so that
 ``explain`` says per device why it cannot run and a device can be forced by name. For
 ``exit_decision`` and ``exit_scatter``: ``cpp``, the fused CPU kernels of
@@ -19,9 +20,10 @@ there would need a host sync). Outputs must not overlap their inputs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -142,6 +144,33 @@ def _compact_inplace(keep, tensors):
 
 def _scatter_rows(mask, rows, srcs, outs):
     torch.ops.eeruntime.scatter_rows(mask, rows, srcs, outs)
+
+
+# compact_into's two CUDA paths: "fused" (one kernel: select, index, count and the first tensor's
+# copy) up to _C.FUSED_COMPACT_MAX_ROWS rows, "cub" (CUB's select, then a gather per tensor) above.
+# The choice is a named constant in C++ (csrc/compact_common.h says why 1 << 16); the override
+# below is for tests and the benchmark only, so both paths run on the same batch (the op's schema
+# has no path argument, and no environment variable changes it).
+_COMPACT_INTO_PATH_LIMITS = {"auto": -1, "fused": _INT32_MAX, "cub": 0}
+
+
+@contextlib.contextmanager
+def _compact_into_path(path: str) -> Iterator[None]:
+    """Inside the block, the CUDA ``compact_into`` takes ``path`` ("fused", "cub" or "auto", the
+    built-in limit) at every batch size the op accepts; the previous choice comes back after it,
+    also on error. Process-wide and read at each call on the host, so a CUDA graph captured inside
+    the block replays the path it was captured with. Tests and benchmarks only."""
+    if path not in _COMPACT_INTO_PATH_LIMITS:
+        raise ValueError(f"unknown compact_into path {path!r}; expected one of {sorted(_COMPACT_INTO_PATH_LIMITS)}")
+    setter = getattr(_ext._C, "_set_fused_compact_max_rows", None) if _ext.available() else None
+    if setter is None:
+        why = _ext.why_unavailable() or "eeruntime._C was built before the fused compact_into path; rebuild it"
+        raise RuntimeError(f"cannot choose compact_into's CUDA path: {why}")
+    previous = setter(_COMPACT_INTO_PATH_LIMITS[path])
+    try:
+        yield
+    finally:
+        setter(previous)
 
 
 _FIX = {
