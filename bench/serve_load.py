@@ -24,8 +24,8 @@ submit through the worker thread (the serving machinery's own cost at light load
     python bench/serve_load.py --device cuda --models resnet,resnet18 --max-batch 64   # on a GPU
 
 On a GPU the requests' inputs are already on the device and every answer's logits are copied back
-to the host when its request completes (an HTTP server must do both); (b) runs rt.infer, which
-replays CUDA graphs (captured before the first rate), while (c)'s stage steps run eagerly.
+to the host when its request completes (an HTTP server must do both); (b) runs rt.infer and (c)
+runs rt.run_stage, both replaying the CUDA graphs captured before the first rate.
 
 Writes bench/results/serve-<device>-<date>.{json,md} and a latency-vs-throughput PNG.
 """
@@ -509,8 +509,8 @@ def main(argv=None) -> int:
         "note": "In-process open loop (Poisson arrivals of single samples; latency from the scheduled arrival). "
         + (
             f"Models on {info['device']} ({os.cpu_count()} CPU cores): inputs already on the device, each "
-            "answer's logits copied to the host when its request completes; (b) replays CUDA graphs, (c)'s "
-            "stage steps run eagerly. "
+            "answer's logits copied to the host when its request completes; (b) replays CUDA graphs, and so "
+            "do (c)'s stage steps (rt.run_stage on CUDA); every batch size run once before traffic. "
             if args.device.startswith("cuda")
             else f"Measured on a {os.cpu_count()}-core CPU "
         )
