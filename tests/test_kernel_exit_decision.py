@@ -118,6 +118,73 @@ def test_special_rows(C, chunk, dtype):
         assert torch.equal(mask_all.cpu(), ~torch.isnan(ref))
 
 
+def running_max_rows(C: int, chunk: int) -> torch.Tensor:
+    """Rows that move the chunked path's running max in every way: once in the first chunk, late
+    (last whole chunk, the masked tail), on every chunk (ascending), never after the first
+    (descending), at a chunk boundary, and past a long prefix of -inf (the floor reference)."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(C, generator=g) * 2
+    rows = []
+    for col in (0, chunk - 1, chunk, (C // chunk) * chunk - 1, C - 1):
+        r = base.clone()
+        r[col] = 12.0
+        rows.append(r)  # the max in the first chunk, at boundaries, in the last whole chunk, the tail
+    rows.append(torch.sort(base).values)  # rising on every chunk: a rescale each time
+    rows.append(torch.sort(base, descending=True).values)
+    rows.append(torch.linspace(-40.0, 40.0, C))  # rises by ~80/C per column: big rescales
+    r = base.clone()
+    r[: C - 5] = NEG_INF
+    rows.append(r)  # only the tail is live
+    r = base.clone()
+    r[:chunk] = NEG_INF
+    r[chunk + 3] = NAN
+    rows.append(r)  # a -inf chunk, then a NaN
+    r = base.clone()
+    r[: 2 * chunk] = NEG_INF
+    r[C - 2] = POS_INF
+    rows.append(r)  # -inf chunks, then +inf in the tail
+    r = base.clone()
+    r[C - 1] = NAN
+    rows.append(r)  # NaN in the last column of the tail
+    r = base.clone()
+    r[0] = POS_INF
+    rows.append(r)  # +inf in the first column
+    r = torch.full((C,), NEG_INF)
+    r[chunk // 2] = -3.0
+    r[C - 1] = -3.0
+    rows.append(r)  # two live classes in different chunks, tied
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("C,chunk", [(1000, 64), (512, 64), (300, 32)])  # a tail, none, a short one
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_chunked_running_max_moves(C, chunk, dtype):
+    x = running_max_rows(C, chunk).to(dtype).to(DEVICE)
+    for criterion in CRITERIA:
+        ref = score64(x.cpu(), criterion)
+        thr = float(ref.nanmedian())
+        conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, one_block_max=16, chunk=chunk)
+        check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
+        conf_only, _ = exit_decision_triton(x, thr, criterion, one_block_max=16, chunk=chunk)
+        assert torch.equal(conf_only.isnan(), conf.isnan())  # without the argmax bookkeeping
+        torch.testing.assert_close(conf_only, conf, atol=1e-6, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("offset", [1e4, -1e4, 3e3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_chunked_large_offsets(offset, dtype):
+    """Logits far from 0 (softmax is shift invariant): the path keeps its sums against a reference
+    near offset * log2 e, whose rounding must not leak into the scores."""
+    base = running_max_rows(700, 64)[:8]  # the finite rows
+    x = (base.double() + offset).to(dtype).to(DEVICE)
+    for criterion in CRITERIA:
+        ref = score64(x.cpu(), criterion)
+        thr = float(ref.nanmedian())
+        for kw in (dict(one_block_max=16, chunk=64), {}):  # chunked, and the one-block path
+            conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, **kw)
+            check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
+
+
 def test_chunked_path_matches_tile_path():
     x = make_logits(6, 300, torch.float32).to(DEVICE)
     for criterion in CRITERIA:
@@ -125,6 +192,10 @@ def test_chunked_path_matches_tile_path():
         b = exit_decision_triton(x, 0.5, criterion, True, one_block_max=8, chunk=32)
         torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
         assert torch.equal(a[2], b[2])
+        # Another warp count (the benchmark's sweep) changes only how lanes map to threads.
+        c = exit_decision_triton(x, 0.5, criterion, True, one_block_max=8, chunk=64, num_warps=2)
+        torch.testing.assert_close(a[0], c[0], atol=1e-5, rtol=0)
+        assert torch.equal(a[2], c[2])
 
 
 # ------------------------------------------------------------------------------ layouts, threshold
@@ -210,6 +281,8 @@ def test_bad_inputs_raise():
         exit_decision_triton(x, 0.5, "entropyy")
     with pytest.raises(ValueError, match="2-D"):
         exit_decision_triton(x[0], 0.5)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        exit_decision_triton(x, 0.5, num_warps=3)
 
 
 # ------------------------------------------------------------------------------------- dispatch
@@ -359,3 +432,18 @@ def test_runtime_with_triton_decisions_matches_torch_and_per_sample_loop(criteri
     assert torch.equal(fast.exit_index[far.to(DEVICE)], ref.exit_index[far.to(DEVICE)])
     torch.testing.assert_close(fast.logits.cpu()[far].double(), loop_logits[far], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.confidence[far.to(DEVICE)], ref.confidence[far.to(DEVICE)], atol=2e-5, rtol=0)
+
+
+def test_previous_chunked_kernel_of_the_benchmark_still_agrees(monkeypatch):
+    """bench/exit_decision_prev.py (the kernel the benchmark times the current one against, through
+    this launcher) computes the same decisions: the side-by-side compares equal work."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from exit_decision_prev import chunked_kernel_prev
+
+    x = special_rows(300).to(torch.bfloat16).to(DEVICE)
+    kw = dict(one_block_max=16, chunk=64, _chunked_kernel=chunked_kernel_prev)
+    for criterion in CRITERIA:
+        ref = score64(x.cpu(), criterion)
+        thr = float(ref.nanmedian())
+        conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, **kw)
+        check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
