@@ -15,9 +15,10 @@ Rows wide enough for the chunked path (C > ``ONE_BLOCK_MAX``) also time the prev
 kernel (bench/exit_decision_prev.py, frozen) through the same launcher, side by side:
 ``seconds_prev``, ``fraction_of_copy_prev`` and ``speedup_vs_prev``. The issue's case (B = 4096,
 C = 32000, bf16, entropy) also records ``sweep_fraction_of_copy``: the current kernel's fraction of
-copy bandwidth for BLOCK_C in {2048, 4096, 8192} x num_warps in {4, 8, 16} (a key "4096x8" per
-config; None where the ``SWEEP_BUDGET_S`` time box ran out or the config failed, see ``notes``),
-so the next retuning of ``CHUNK`` and the warps needs no extra GPU time.
+copy bandwidth for BLOCK_C in {2048, 4096, 8192} x num_warps in {4, 8, 16}, each without and with
+``PREFETCH`` (keys "4096x8" and "4096x8+prefetch"; None where the ``SWEEP_BUDGET_S`` time box ran
+out or the config failed, see ``notes``), so the next retuning of ``CHUNK``, the warps and
+``PREFETCH`` needs no extra GPU time.
 
 Targets are recorded, not asserted (timings vary by device and load); pytest-benchmark's own
 timing row is the Triton kernel's, for a batch of ``inner`` back-to-back launches.
@@ -45,11 +46,13 @@ TARGET_COPY_FRACTION = 0.8
 TARGET_SPEEDUP_EAGER = 3.0
 TARGET_SPEEDUP_COMPILE = 1.0
 THRESHOLD = 0.5
-SWEEP_BLOCKS = (2048, 4096, 8192)
-SWEEP_WARPS = (4, 8, 16)
-# Wall-clock box of the config sweep (its compiles are most of it, ~1 s each): the bench-exit
-# step of tools/gpu_check.py has 60 s for this whole case, eager and torch.compile included.
-SWEEP_BUDGET_S = 15.0
+# The sweep's (BLOCK_C, num_warps) pairs, the likeliest first (the time box cuts the tail): each
+# is timed without and with PREFETCH. 8192 x 4 needs ~200 registers a thread: last.
+SWEEP_CONFIGS = ((4096, 8), (2048, 8), (4096, 16), (2048, 4), (8192, 16), (8192, 8), (2048, 16), (4096, 4), (8192, 4))
+# Wall-clock box of the config sweep (its 18 compiles are most of it, ~1 s each): the bench-exit
+# step of tools/gpu_check.py has 60 s for this whole case, eager and torch.compile included
+# (~20 s before the sweep on an H200).
+SWEEP_BUDGET_S = 22.0
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +105,10 @@ def score_atol(C: int) -> float:
     return 1e-4 * max(1.0, math.log(C))
 
 
-def config_sweep(x, thr, criterion, moved, copy_bw, blocks=SWEEP_BLOCKS, warps=SWEEP_WARPS, budget_s=SWEEP_BUDGET_S):
-    """The chunked kernel's fraction of copy bandwidth on ``x`` per ``"<BLOCK_C>x<num_warps>"``
-    (``one_block_max=0``: the chunked path whatever the row length).
+def config_sweep(x, thr, criterion, moved, copy_bw, configs=SWEEP_CONFIGS, budget_s=SWEEP_BUDGET_S):
+    """The chunked kernel's fraction of copy bandwidth on ``x`` per ``"<BLOCK_C>x<num_warps>"`` and
+    ``"<BLOCK_C>x<num_warps>+prefetch"`` (``one_block_max=0``: the chunked path whatever the row
+    length).
 
     Returns (fractions, notes, wrong): a config is None when the ``budget_s`` wall-clock box was
     spent before it started, or it raised (the error in ``notes``); ``wrong`` names the configs
@@ -116,15 +120,16 @@ def config_sweep(x, thr, criterion, moved, copy_bw, blocks=SWEEP_BLOCKS, warps=S
     want = exit_decision_triton(head, thr, criterion)[0]
     fractions, notes, wrong = {}, [], []
     start = time.perf_counter()
-    for block in blocks:
-        for nw in warps:
-            key = f"{block}x{nw}"
+    for block, nw in configs:
+        for prefetch in (False, True):
+            key = f"{block}x{nw}" + ("+prefetch" if prefetch else "")
             fractions[key] = None
             if time.perf_counter() - start > budget_s:
                 continue
-            run = functools.partial(exit_decision_triton, x, thr, criterion, one_block_max=0, chunk=block, num_warps=nw)
+            kw = dict(one_block_max=0, chunk=block, num_warps=nw, prefetch=prefetch)
+            run = functools.partial(exit_decision_triton, x, thr, criterion, **kw)
             try:
-                got = exit_decision_triton(head, thr, criterion, one_block_max=0, chunk=block, num_warps=nw)[0]
+                got = exit_decision_triton(head, thr, criterion, **kw)[0]
                 seconds, _ = per_call_seconds(run, target_s=0.01, max_inner=200)
             except Exception as e:  # noqa: BLE001  a config that fails to build is a finding
                 notes.append(f"sweep {key}: {type(e).__name__}: {e}"[:200])
@@ -132,7 +137,7 @@ def config_sweep(x, thr, criterion, moved, copy_bw, blocks=SWEEP_BLOCKS, warps=S
             if not torch.allclose(got, want, atol=score_atol(x.shape[1]), rtol=0, equal_nan=True):
                 wrong.append(key)
             fractions[key] = moved / seconds / copy_bw
-    if any(v is None for v in fractions.values()) and time.perf_counter() - start > budget_s:
+    if time.perf_counter() - start > budget_s and any(v is None for v in fractions.values()):
         notes.append(f"sweep stopped at its {budget_s:.0f} s time box")
     return fractions, notes, wrong
 

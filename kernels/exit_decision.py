@@ -53,6 +53,8 @@ Two paths:
   The lanes' top two values and the first index of each lane's maximum, for the margin's x2 and
   the argmax, are tracked only when the criterion or ``return_argmax`` needs them. Whole chunks
   load without a mask; the rest of the row is one masked chunk whose padding (-inf) adds 0.
+  ``PREFETCH`` loads each whole chunk one chunk ahead (more bytes in flight per program, more
+  registers, fewer programs per SM); off by default until a device's sweep says otherwise.
 
 The threshold is read from a device pointer (a one-element tensor, e.g. a view into the
 runtime's [K-1] threshold tensor) so a captured CUDA graph sees new thresholds without
@@ -79,6 +81,9 @@ ONE_BLOCK_MAX = 4096
 # Chunk width of the chunked path, and the number of elements one tile of the one-block path aims for.
 CHUNK = 4096
 TILE_ELEMS = 2048
+# Whether the chunked path loads each chunk one chunk ahead (see the kernel): off, the
+# fewer registers, until the benchmark's sweep (which times both) says otherwise on a device.
+PREFETCH = False
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -285,6 +290,7 @@ def _exit_decision_chunked_kernel(
     WRITE_ARGMAX: tl.constexpr,
     BLOCK_C: tl.constexpr,
     VEC: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Chunked online path: one row per program, a scalar running max, per-lane sums against it."""
     C = (C // VEC) * VEC  # identities that carry VEC's divisibility (see the tile kernel)
@@ -300,19 +306,37 @@ def _exit_decision_chunked_kernel(
     m2 = tl.full([BLOCK_C], float("-inf"), tl.float32)  # runner-up per lane (margin)
     idx = tl.zeros([BLOCK_C], tl.int32)  # first column of the lane's maximum (argmax)
     first_nan = tl.full([BLOCK_C], 2147483647, tl.int32)  # (argmax)
-    # Whole chunks load without a mask (no compare and select per element); the rest of the row
-    # (possibly nothing) is one masked chunk whose padding is -inf, which adds 0.
+    # Whole chunks load without a mask (no compare and select per element). PREFETCH loads each one
+    # chunk ahead of the one being reduced (a register double buffer: its load is in flight during
+    # this chunk's barrier and math), at 80 registers a thread instead of 64 at BLOCK_C 4096 and 8
+    # warps, so 3 programs fit an SM instead of 4: which wins depends on the memory latency under
+    # load, so the benchmark's sweep times both. The rest of the row (possibly nothing) is one
+    # masked chunk whose padding, -inf, adds 0.
     full = (C // BLOCK_C) * BLOCK_C
-    for start in range(0, full, BLOCK_C):
-        cols = start + lanes
-        x = tl.load(base + cols).to(tl.float32)
+    if PREFETCH:
+        x = tl.load(base + lanes, mask=lanes < full, other=float("-inf"))  # all padding if full = 0
+        for start in range(0, full - BLOCK_C, BLOCK_C):
+            x_next = tl.load(base + (start + BLOCK_C + lanes))
+            m, r, s, t, lm, m2, idx, first_nan = _chunk_step(
+                x.to(tl.float32), start + lanes, m, r, s, t, lm, m2, idx, first_nan, CRITERION, WRITE_ARGMAX
+            )
+            x = x_next
+        x_tail = tl.load(base + full + lanes, mask=full + lanes < C, other=float("-inf"))
         m, r, s, t, lm, m2, idx, first_nan = _chunk_step(
-            x, cols, m, r, s, t, lm, m2, idx, first_nan, CRITERION, WRITE_ARGMAX
-        )
-    cols = full + lanes
-    x = tl.load(base + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
+            x.to(tl.float32), tl.maximum(full - BLOCK_C, 0) + lanes, m, r, s, t, lm, m2, idx, first_nan,
+            CRITERION, WRITE_ARGMAX,
+        )  # fmt: skip
+    else:
+        for start in range(0, full, BLOCK_C):
+            cols = start + lanes
+            x = tl.load(base + cols)
+            m, r, s, t, lm, m2, idx, first_nan = _chunk_step(
+                x.to(tl.float32), cols, m, r, s, t, lm, m2, idx, first_nan, CRITERION, WRITE_ARGMAX
+            )
+        cols = full + lanes
+        x_tail = tl.load(base + cols, mask=cols < C, other=float("-inf"))
     M, r, s, t, lm, m2, idx, first_nan = _chunk_step(
-        x, cols, m, r, s, t, lm, m2, idx, first_nan, CRITERION, WRITE_ARGMAX
+        x_tail.to(tl.float32), full + lanes, m, r, s, t, lm, m2, idx, first_nan, CRITERION, WRITE_ARGMAX
     )
 
     # From the reference r back to the max: d - delta = (x - M) log2 e with delta = M log2 e - r,
@@ -366,14 +390,15 @@ def exit_decision_triton(
     one_block_max: Optional[int] = None,
     chunk: Optional[int] = None,
     num_warps: Optional[int] = None,
+    prefetch: Optional[bool] = None,
     _chunked_kernel=None,
 ) -> Tuple[torch.Tensor, ...]:
     """Launch the fused kernel: ``(conf float32 [B], exit bool [B])`` (+ ``argmax int64 [B]``).
 
     ``threshold``: a float (passed by value) or a one-element tensor (read through its pointer on
     the device, no host sync). ``one_block_max`` and ``chunk`` override the path choice (tests use
-    them to run the chunked path on narrow rows); ``num_warps`` overrides the launch's warps (the
-    benchmark's config sweep). ``_chunked_kernel`` is for the benchmark only: it launches another
+    them to run the chunked path on narrow rows); ``num_warps`` overrides the launch's warps, ``prefetch``
+    the chunked kernel's ``PREFETCH`` (default: ``PREFETCH``; both for the benchmark's sweep). ``_chunked_kernel`` is for the benchmark only: it launches another
     kernel of the chunked kernel's signature in its place (the previous version, kept frozen in
     bench/, timed side by side with this one through the same launcher). Logits with a column stride other than 1 are
     copied to a contiguous tensor first; any row stride is read in place.
@@ -439,8 +464,11 @@ def exit_decision_triton(
             grid = (triton.cdiv(B, rows),)
             _run(_exit_decision_tile_kernel, grid, args, dict(flags, ROWS=rows, BLOCK_C=block_c), warps)
         else:
-            kernel = _exit_decision_chunked_kernel if _chunked_kernel is None else _chunked_kernel
-            _run(kernel, (B,), args, dict(flags, BLOCK_C=block_c), warps)
+            if _chunked_kernel is None:
+                chunked = dict(flags, BLOCK_C=block_c, PREFETCH=PREFETCH if prefetch is None else bool(prefetch))
+                _run(_exit_decision_chunked_kernel, (B,), args, chunked, warps)
+            else:
+                _run(_chunked_kernel, (B,), args, dict(flags, BLOCK_C=block_c), warps)
     return out
 
 

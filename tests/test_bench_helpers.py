@@ -105,7 +105,7 @@ def test_config_sweep_records_each_config_within_its_time_box(monkeypatch):
     def recording(*args, **kw):
         launches.append((kw.get("chunk"), kw.get("num_warps")))
         out = real(*args, **kw)
-        if kw.get("num_warps") == 2 and kw.get("chunk") == 32:  # a miscompiled config, simulated
+        if kw.get("num_warps") == 2 and kw.get("chunk") == 64:  # a miscompiled config, simulated
             out[0].add_(1.0)
         if kw.get("num_warps") == 1 and kw.get("chunk") == 64:
             raise RuntimeError("out of resources")
@@ -120,16 +120,28 @@ def test_config_sweep_records_each_config_within_its_time_box(monkeypatch):
 
     monkeypatch.setattr(suite, "per_call_seconds", fake_timer)
     fractions, notes, wrong = suite.config_sweep(
-        x, 0.5, "entropy", moved=1000, copy_bw=1e6, blocks=(32, 64), warps=(1, 2)
+        x, 0.5, "entropy", moved=1000, copy_bw=1e6, configs=((32, 1), (64, 2), (64, 1))
     )
-    assert list(fractions) == ["32x1", "32x2", "64x1", "64x2"]
-    assert fractions == {"32x1": 1.0, "32x2": 0.5, "64x1": None, "64x2": 0.5}
-    assert [(k["chunk"], k["num_warps"]) for k in timed] == [(32, 1), (32, 2), (64, 2)]
-    assert (32, 2) in launches and (64, 1) in launches
-    assert wrong == ["32x2"]
-    assert len(notes) == 1 and "64x1" in notes[0] and "out of resources" in notes[0]
+    assert fractions == {
+        "32x1": 1.0,
+        "32x1+prefetch": 1.0,
+        "64x2": 0.5,
+        "64x2+prefetch": 0.5,
+        "64x1": None,
+        "64x1+prefetch": None,
+    }
+    assert [(k["chunk"], k["num_warps"], k["prefetch"]) for k in timed] == [
+        (32, 1, False),
+        (32, 1, True),
+        (64, 2, False),
+        (64, 2, True),
+    ]
+    assert all(k["one_block_max"] == 0 for k in timed)  # the chunked path, whatever C
+    assert (32, 2) not in launches and (64, 1) in launches
+    assert wrong == ["64x2", "64x2+prefetch"]
+    assert len(notes) == 2 and all("64x1" in n and "out of resources" in n for n in notes)
 
     timed.clear()
-    fractions, notes, wrong = suite.config_sweep(x, 0.5, "entropy", 1000, 1e6, blocks=(32,), warps=(1, 2), budget_s=-1)
-    assert fractions == {"32x1": None, "32x2": None} and not timed and not wrong
+    fractions, notes, wrong = suite.config_sweep(x, 0.5, "entropy", 1000, 1e6, configs=((32, 1),), budget_s=-1)
+    assert fractions == {"32x1": None, "32x1+prefetch": None} and not timed and not wrong
     assert any("time box" in n for n in notes)

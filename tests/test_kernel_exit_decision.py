@@ -170,6 +170,19 @@ def test_chunked_running_max_moves(C, chunk, dtype):
         torch.testing.assert_close(conf_only, conf, atol=1e-6, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("C,chunk", [(700, 64), (512, 64), (37, 64)])  # a tail, none, no whole chunk
+def test_chunked_prefetch_variant_agrees(C, chunk):
+    """The chunked kernel's PREFETCH variant (loads one chunk ahead; the benchmark times both)."""
+    x = torch.cat([running_max_rows(C, min(chunk, C // 2)), special_rows(C)]).to(torch.bfloat16).to(DEVICE)
+    for criterion in CRITERIA:
+        ref = score64(x.cpu(), criterion)
+        thr = float(ref.nanmedian())
+        for prefetch in (True, False):
+            kw = dict(one_block_max=16, chunk=chunk, prefetch=prefetch)
+            conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, **kw)
+            check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
+
+
 @pytest.mark.parametrize("offset", [1e4, -1e4, 3e3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_chunked_large_offsets(offset, dtype):
