@@ -11,6 +11,15 @@ over eager and over compile, and whether the issue's targets hold:
 * B = 4096 and C >= 1000: achieved bandwidth >= 80% of copy bandwidth;
 * >= 3x faster than eager; not slower than torch.compile.
 
+Rows wide enough for the chunked path (C > ``ONE_BLOCK_MAX``) also time the previous chunked
+kernel (bench/exit_decision_prev.py, frozen) through the same launcher, side by side:
+``seconds_prev``, ``fraction_of_copy_prev`` and ``speedup_vs_prev``. The issue's case (B = 4096,
+C = 32000, bf16, entropy) also records ``sweep_fraction_of_copy``: the current kernel's fraction of
+copy bandwidth for BLOCK_C in {2048, 4096, 8192} x num_warps in {4, 8, 16}, each without and with
+``PREFETCH`` (keys "4096x8" and "4096x8+prefetch"; None where the ``SWEEP_BUDGET_S`` time box ran
+out or the config failed, see ``notes``), so the next retuning of ``CHUNK``, the warps and
+``PREFETCH`` needs no extra GPU time.
+
 Targets are recorded, not asserted (timings vary by device and load); pytest-benchmark's own
 timing row is the Triton kernel's, for a batch of ``inner`` back-to-back launches.
 
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import pytest
 import torch
@@ -36,6 +46,13 @@ TARGET_COPY_FRACTION = 0.8
 TARGET_SPEEDUP_EAGER = 3.0
 TARGET_SPEEDUP_COMPILE = 1.0
 THRESHOLD = 0.5
+# The sweep's (BLOCK_C, num_warps) pairs, the likeliest first (the time box cuts the tail): each
+# is timed without and with PREFETCH. 8192 x 4 needs ~200 registers a thread: last.
+SWEEP_CONFIGS = ((4096, 8), (2048, 8), (4096, 16), (2048, 4), (8192, 16), (8192, 8), (2048, 16), (4096, 4), (8192, 4))
+# Wall-clock box of the config sweep (its 18 compiles are most of it, ~1 s each): the bench-exit
+# step of tools/gpu_check.py has 60 s for this whole case, eager and torch.compile included
+# (~20 s before the sweep on an H200).
+SWEEP_BUDGET_S = 22.0
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +100,48 @@ def eager_peak_bytes(B: int, C: int, dtype) -> int:
     return n * torch.finfo(dtype).bits // 8 + 3 * 4 * n
 
 
+def score_atol(C: int) -> float:
+    """How far two launches' scores may differ: other configs sum in another order."""
+    return 1e-4 * max(1.0, math.log(C))
+
+
+def config_sweep(x, thr, criterion, moved, copy_bw, configs=SWEEP_CONFIGS, budget_s=SWEEP_BUDGET_S):
+    """The chunked kernel's fraction of copy bandwidth on ``x`` per ``"<BLOCK_C>x<num_warps>"`` and
+    ``"<BLOCK_C>x<num_warps>+prefetch"`` (``one_block_max=0``: the chunked path whatever the row
+    length).
+
+    Returns (fractions, notes, wrong): a config is None when the ``budget_s`` wall-clock box was
+    spent before it started, or it raised (the error in ``notes``); ``wrong`` names the configs
+    whose scores on the first rows disagree with the default launch's (recorded, then asserted by
+    the caller, so the figures of the others are kept)."""
+    from eeruntime.kernels.exit_decision import exit_decision_triton
+
+    head = x[:64]
+    want = exit_decision_triton(head, thr, criterion)[0]
+    fractions, notes, wrong = {}, [], []
+    start = time.perf_counter()
+    for block, nw in configs:
+        for prefetch in (False, True):
+            key = f"{block}x{nw}" + ("+prefetch" if prefetch else "")
+            fractions[key] = None
+            if time.perf_counter() - start > budget_s:
+                continue
+            kw = dict(one_block_max=0, chunk=block, num_warps=nw, prefetch=prefetch)
+            run = functools.partial(exit_decision_triton, x, thr, criterion, **kw)
+            try:
+                got = exit_decision_triton(head, thr, criterion, **kw)[0]
+                seconds, _ = per_call_seconds(run, target_s=0.01, max_inner=200)
+            except Exception as e:  # noqa: BLE001  a config that fails to build is a finding
+                notes.append(f"sweep {key}: {type(e).__name__}: {e}"[:200])
+                continue
+            if not torch.allclose(got, want, atol=score_atol(x.shape[1]), rtol=0, equal_nan=True):
+                wrong.append(key)
+            fractions[key] = moved / seconds / copy_bw
+    if time.perf_counter() - start > budget_s and any(v is None for v in fractions.values()):
+        notes.append(f"sweep stopped at its {budget_s:.0f} s time box")
+    return fractions, notes, wrong
+
+
 def _cases():
     for B in BATCHES:
         for C in CLASSES:
@@ -95,7 +154,9 @@ def _cases():
 
 @pytest.mark.parametrize("B,C,dtype_name,criterion", list(_cases()))
 def test_exit_decision_bandwidth(benchmark, copy_bw, B, C, dtype_name, criterion):
-    from eeruntime.kernels.exit_decision import exit_decision_triton
+    from exit_decision_prev import chunked_kernel_prev
+
+    from eeruntime.kernels.exit_decision import ONE_BLOCK_MAX, exit_decision_triton
     from eeruntime.ops.exit_decision import exit_decision_ref
 
     dtype = DTYPES[dtype_name]
@@ -114,9 +175,19 @@ def test_exit_decision_bandwidth(benchmark, copy_bw, B, C, dtype_name, criterion
     head = x[:256]
     conf_k, _ = exit_decision_triton(head, thr, criterion)
     conf_r, _ = exit_decision_ref(head, thr, criterion)
-    torch.testing.assert_close(conf_k, conf_r, atol=1e-4 * max(1.0, math.log(C)), rtol=0)
+    torch.testing.assert_close(conf_k, conf_r, atol=score_atol(C), rtol=0)
 
     t_triton, inner = per_call_seconds(triton_fn)
+
+    t_prev = None
+    if C > ONE_BLOCK_MAX:  # the chunked path: the previous kernel, same launcher, same data
+
+        def prev_fn():
+            return exit_decision_triton(x, thr, criterion, _chunked_kernel=chunked_kernel_prev)
+
+        conf_p, _ = exit_decision_triton(head, thr, criterion, _chunked_kernel=chunked_kernel_prev)
+        torch.testing.assert_close(conf_k, conf_p, atol=score_atol(C), rtol=0)
+        t_prev, _ = per_call_seconds(prev_fn)
 
     t_eager = None
     eager_note = None
@@ -147,6 +218,9 @@ def test_exit_decision_bandwidth(benchmark, copy_bw, B, C, dtype_name, criterion
     speedup_eager = t_eager / t_triton if t_eager else None
     speedup_compile = t_compile / t_triton if t_compile else None
     bandwidth_target = B == 4096 and C >= 1000
+    sweep, sweep_notes, sweep_wrong = None, [], []
+    if (B, C, dtype_name, criterion) == (4096, 32000, "bf16", "entropy"):
+        sweep, sweep_notes, sweep_wrong = config_sweep(x, thr, criterion, moved, copy_bw)
     benchmark_record(
         benchmark,
         op="exit_decision",
@@ -162,16 +236,24 @@ def test_exit_decision_bandwidth(benchmark, copy_bw, B, C, dtype_name, criterion
         achieved_GBps=gbps / 1e9,
         copy_GBps=copy_bw / 1e9,
         fraction_of_copy=fraction,
+        seconds_prev=t_prev,
+        fraction_of_copy_prev=moved / t_prev / copy_bw if t_prev else None,
+        speedup_vs_prev=t_prev / t_triton if t_prev else None,
+        sweep_fraction_of_copy=sweep,
         speedup_vs_eager=speedup_eager,
         speedup_vs_compile=speedup_compile,
         target_fraction_of_copy=(fraction >= TARGET_COPY_FRACTION) if bandwidth_target else None,
         target_vs_eager=(speedup_eager >= TARGET_SPEEDUP_EAGER) if speedup_eager else None,
         target_vs_compile=(speedup_compile >= TARGET_SPEEDUP_COMPILE) if speedup_compile else None,
-        notes="; ".join(n for n in (eager_note, compile_note) if n) or None,
+        notes="; ".join(n for n in (eager_note, compile_note, *sweep_notes) if n) or None,
     )
     print(
         f"\nB={B} C={C} {dtype_name} {criterion}: triton {t_triton * 1e6:.1f} us "
         f"({gbps / 1e9:.0f} GB/s, {fraction:.0%} of copy {copy_bw / 1e9:.0f} GB/s)"
         + (f", eager x{speedup_eager:.1f}" if speedup_eager else "")
         + (f", compile x{speedup_compile:.2f}" if speedup_compile else "")
+        + (f", previous kernel {moved / t_prev / copy_bw:.0%} of copy (x{t_prev / t_triton:.2f})" if t_prev else "")
     )
+    if sweep:
+        print("sweep (BLOCK_C x warps: fraction of copy):", {k: v and round(v, 3) for k, v in sweep.items()})
+    assert not sweep_wrong, f"configs whose scores disagree with the default launch's: {sweep_wrong}"

@@ -83,3 +83,65 @@ def test_compiled_baseline_compiles_once_per_row_length():
             compiled(x, thr)  # the timed calls: no compile
     assert len(graphs) == 2
     torch._dynamo.reset()
+
+
+def test_config_sweep_records_each_config_within_its_time_box(monkeypatch):
+    """The BLOCK_C x num_warps sweep (run by the Triton interpreter here): one figure per config,
+    launched with that config, moved / seconds / copy_bw; none past its time box; a config whose
+    scores disagree with the default launch is named, and one that raises is a note."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
+        pytest.skip("the kernel needs TRITON_INTERPRET=1 on CPU")
+    import test_bench_exit_decision as suite
+
+    from eeruntime.kernels import exit_decision as kernel_module
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = (torch.randn(4, 96) * 3).to(device)
+    launches = []
+    real = kernel_module.exit_decision_triton
+
+    def recording(*args, **kw):
+        launches.append((kw.get("chunk"), kw.get("num_warps")))
+        out = real(*args, **kw)
+        if kw.get("num_warps") == 2 and kw.get("chunk") == 64:  # a miscompiled config, simulated
+            out[0].add_(1.0)
+        if kw.get("num_warps") == 1 and kw.get("chunk") == 64:
+            raise RuntimeError("out of resources")
+        return out
+
+    monkeypatch.setattr(kernel_module, "exit_decision_triton", recording)
+    timed = []
+
+    def fake_timer(fn, target_s=0.05, max_inner=1000):
+        timed.append(fn.keywords)
+        return 1e-3 * fn.keywords["num_warps"], 1
+
+    monkeypatch.setattr(suite, "per_call_seconds", fake_timer)
+    fractions, notes, wrong = suite.config_sweep(
+        x, 0.5, "entropy", moved=1000, copy_bw=1e6, configs=((32, 1), (64, 2), (64, 1))
+    )
+    assert fractions == {
+        "32x1": 1.0,
+        "32x1+prefetch": 1.0,
+        "64x2": 0.5,
+        "64x2+prefetch": 0.5,
+        "64x1": None,
+        "64x1+prefetch": None,
+    }
+    assert [(k["chunk"], k["num_warps"], k["prefetch"]) for k in timed] == [
+        (32, 1, False),
+        (32, 1, True),
+        (64, 2, False),
+        (64, 2, True),
+    ]
+    assert all(k["one_block_max"] == 0 for k in timed)  # the chunked path, whatever C
+    assert (32, 2) not in launches and (64, 1) in launches
+    assert wrong == ["64x2", "64x2+prefetch"]
+    assert len(notes) == 2 and all("64x1" in n and "out of resources" in n for n in notes)
+
+    timed.clear()
+    fractions, notes, wrong = suite.config_sweep(x, 0.5, "entropy", 1000, 1e6, configs=((32, 1),), budget_s=-1)
+    assert fractions == {"32x1": None, "32x1+prefetch": None} and not timed and not wrong
+    assert any("time box" in n for n in notes)

@@ -202,6 +202,9 @@ def test_result_files(tmp_path):
             "exit",
             **EXIT_CASE,
             fraction_of_copy=0.9,
+            fraction_of_copy_prev=0.42,
+            speedup_vs_prev=2.1428,
+            sweep_fraction_of_copy={"4096x8": 0.9, "4096x8+prefetch": 0.87654, "8192x4": None},
             speedup_vs_eager=4.0,
             speedup_vs_compile=1.1,
             exit_fractions=[0.5, 0.5],
@@ -226,6 +229,10 @@ def test_result_files(tmp_path):
         in md
     )
     assert "unmeasured (bench-graphs: step not run)" in md
+    # the exit kernel's previous version and config sweep (a dict) in its case's figures
+    assert "fraction_of_copy_prev 0.42, speedup_vs_prev 2.14" in md
+    assert "sweep_fraction_of_copy {4096x8 0.9, 4096x8+prefetch 0.877, 8192x4 -}" in md
+    assert "exit_fractions [0.5, 0.5]" in md
     # bench/report.py renders the same file (pytest-benchmark format)
     import report
 

@@ -118,6 +118,97 @@ def test_special_rows(C, chunk, dtype):
         assert torch.equal(mask_all.cpu(), ~torch.isnan(ref))
 
 
+def running_max_rows(C: int, chunk: int) -> torch.Tensor:
+    """Rows that move the chunked path's running max in every way: once in the first chunk, late
+    (last whole chunk, the masked tail), on every chunk (ascending), never after the first
+    (descending), at a chunk boundary, and past a long prefix of -inf (the floor reference)."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(C, generator=g) * 2
+    rows = []
+    for col in (0, chunk - 1, chunk, (C // chunk) * chunk - 1, C - 1):
+        r = base.clone()
+        r[col] = 12.0
+        rows.append(r)  # the max in the first chunk, at boundaries, in the last whole chunk, the tail
+    rows.append(torch.sort(base).values)  # rising on every chunk: a rescale each time
+    rows.append(torch.sort(base, descending=True).values)
+    rows.append(torch.linspace(-40.0, 40.0, C))  # rises by ~80/C per column: big rescales
+    r = base.clone()
+    r[: C - 5] = NEG_INF
+    rows.append(r)  # only the tail is live
+    r = base.clone()
+    r[:chunk] = NEG_INF
+    r[chunk + 3] = NAN
+    rows.append(r)  # a -inf chunk, then a NaN
+    r = base.clone()
+    r[: 2 * chunk] = NEG_INF
+    r[C - 2] = POS_INF
+    rows.append(r)  # -inf chunks, then +inf in the tail
+    r = base.clone()
+    r[C - 1] = NAN
+    rows.append(r)  # NaN in the last column of the tail
+    r = base.clone()
+    r[0] = POS_INF
+    rows.append(r)  # +inf in the first column
+    r = torch.full((C,), NEG_INF)
+    r[chunk // 2] = -3.0
+    r[C - 1] = -3.0
+    rows.append(r)  # two live classes in different chunks, tied
+    return torch.stack(rows)
+
+
+# The chunked tests below use chunk 64 and row lengths that are multiples of 8 (and, but for the
+# row without a tail, not of 16), so they share one compiled kernel per dtype, criterion and flag
+# set (same BLOCK_C, VEC and Triton's divisibility specialisation): on a GPU each variant compiles
+# once for all of them (the GPU check runs this file within a time box).
+CHUNK = 64
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "C,dtype",
+    [(1000, d) for d in DTYPES] + [(136, d) for d in DTYPES] + [(512, BF16)],  # a tail of 40, of 8, none
+    ids=lambda v: str(v).split(".")[-1],
+)
+def test_chunked_running_max_moves(C, dtype):
+    x = running_max_rows(C, CHUNK).to(dtype).to(DEVICE)
+    for criterion in CRITERIA:
+        ref = score64(x.cpu(), criterion)
+        thr = float(ref.nanmedian())
+        conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, one_block_max=16, chunk=CHUNK)
+        check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
+        if criterion in ("entropy", "margin"):  # without any bookkeeping, and with the runner-up only
+            conf_only, _ = exit_decision_triton(x, thr, criterion, one_block_max=16, chunk=CHUNK)
+            assert torch.equal(conf_only.isnan(), conf.isnan())
+            torch.testing.assert_close(conf_only, conf, atol=1e-6, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("C", [1000, 512, 40])  # a tail, none, no whole chunk
+def test_chunked_prefetch_variant_agrees(C):
+    """The chunked kernel's PREFETCH variant (loads one chunk ahead; the benchmark times both)."""
+    x = torch.cat([running_max_rows(C, min(CHUNK, C // 2)), special_rows(C)]).to(torch.bfloat16).to(DEVICE)
+    for criterion in CRITERIA:
+        ref = score64(x.cpu(), criterion)
+        thr = float(ref.nanmedian())
+        for prefetch in (True, False):
+            kw = dict(one_block_max=16, chunk=CHUNK, prefetch=prefetch)
+            conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, **kw)
+            check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
+
+
+@pytest.mark.parametrize("offset", [1e4, -1e4, 3e3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_chunked_large_offsets(offset, dtype):
+    """Logits far from 0 (softmax is shift invariant): the path keeps its sums against a reference
+    near offset * log2 e, whose rounding must not leak into the scores."""
+    base = running_max_rows(1000, CHUNK)[:8]  # the finite rows
+    x = (base.double() + offset).to(dtype).to(DEVICE)
+    for criterion in CRITERIA:
+        ref = score64(x.cpu(), criterion)
+        thr = float(ref.nanmedian())
+        conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, one_block_max=16, chunk=CHUNK)
+        check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
+
+
 def test_chunked_path_matches_tile_path():
     x = make_logits(6, 300, torch.float32).to(DEVICE)
     for criterion in CRITERIA:
@@ -125,6 +216,10 @@ def test_chunked_path_matches_tile_path():
         b = exit_decision_triton(x, 0.5, criterion, True, one_block_max=8, chunk=32)
         torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
         assert torch.equal(a[2], b[2])
+        # Another warp count (the benchmark's sweep) changes only how lanes map to threads.
+        c = exit_decision_triton(x, 0.5, criterion, True, one_block_max=8, chunk=CHUNK, num_warps=2)
+        torch.testing.assert_close(a[0], c[0], atol=1e-5, rtol=0)
+        assert torch.equal(a[2], c[2])
 
 
 # ------------------------------------------------------------------------------ layouts, threshold
@@ -210,6 +305,8 @@ def test_bad_inputs_raise():
         exit_decision_triton(x, 0.5, "entropyy")
     with pytest.raises(ValueError, match="2-D"):
         exit_decision_triton(x[0], 0.5)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        exit_decision_triton(x, 0.5, num_warps=3)
 
 
 # ------------------------------------------------------------------------------------- dispatch
@@ -359,3 +456,18 @@ def test_runtime_with_triton_decisions_matches_torch_and_per_sample_loop(criteri
     assert torch.equal(fast.exit_index[far.to(DEVICE)], ref.exit_index[far.to(DEVICE)])
     torch.testing.assert_close(fast.logits.cpu()[far].double(), loop_logits[far], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.confidence[far.to(DEVICE)], ref.confidence[far.to(DEVICE)], atol=2e-5, rtol=0)
+
+
+def test_previous_chunked_kernel_of_the_benchmark_still_agrees(monkeypatch):
+    """bench/exit_decision_prev.py (the kernel the benchmark times the current one against, through
+    this launcher) computes the same decisions: the side-by-side compares equal work."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from exit_decision_prev import chunked_kernel_prev
+
+    x = special_rows(300).to(torch.bfloat16).to(DEVICE)
+    kw = dict(one_block_max=16, chunk=CHUNK, _chunked_kernel=chunked_kernel_prev)
+    for criterion in CRITERIA:
+        ref = score64(x.cpu(), criterion)
+        thr = float(ref.nanmedian())
+        conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, **kw)
+        check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)

@@ -428,6 +428,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _figure(v) -> str:
+    """A figure of a benchmark case in the .md: a list or a dict (the exit kernel's config sweep,
+    "4096x8": fraction) rounded to 3 places."""
+    if isinstance(v, list):
+        return str([round(x, 3) for x in v])
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} {_fmt(x)}" for k, x in v.items()) + "}"
+    return _fmt(v)
+
+
 def markdown(info: dict, steps: Sequence[StepResult], targets: Sequence[dict], benchmarks: Sequence[dict]) -> str:
     lines = [
         f"# GPU check: {info.get('device') or 'no device'}",
@@ -454,6 +464,8 @@ def markdown(info: dict, steps: Sequence[StepResult], targets: Sequence[dict], b
             "copy_GBps",
             "achieved_GBps",
             "fraction_of_copy",
+            "fraction_of_copy_prev",
+            "speedup_vs_prev",
             "copy_fraction",
             "copy_fraction_graph",
             "speedup_vs_eager",
@@ -464,14 +476,11 @@ def markdown(info: dict, steps: Sequence[StepResult], targets: Sequence[dict], b
             "speedup_vs_plain_graph",
             "speedup_ideal",
             "exit_fractions",
+            "sweep_fraction_of_copy",
         )
         for b in benchmarks:
             ei = b.get("extra_info", {})
-            figs = ", ".join(
-                f"{k} {_fmt(ei[k]) if not isinstance(ei[k], list) else [round(x, 3) for x in ei[k]]}"
-                for k in keys
-                if ei.get(k) is not None
-            )
+            figs = ", ".join(f"{k} {_figure(ei[k])}" for k in keys if ei.get(k) is not None)
             median = b.get("stats", {}).get("median")
             lines.append(f"| {b.get('name')} | {_fmt(median * 1e3) if median is not None else '-'} | {figs} |")
     return "\n".join(lines) + "\n"
