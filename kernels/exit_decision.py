@@ -79,8 +79,18 @@ from eeruntime.devices import device_guard
 # Rows up to this many classes take the one-block path; wider rows are walked in chunks.
 ONE_BLOCK_MAX = 4096
 # Chunk width of the chunked path, and the number of elements one tile of the one-block path aims for.
-CHUNK = 4096
+# 2048 with 4 warps (16 elements a thread): the best of the 18 configurations the benchmark's sweep
+# timed on an H200 (B=4096, C=32000, bf16, entropy: 75% of copy bandwidth, against 66% for the
+# 4096 x 8 warps this kernel ran with; bench/results/nvidia-h200-2026-11-26-session5-b.md).
+CHUNK = 2048
 TILE_ELEMS = 2048
+# The chunked path keeps its sums against r = fl(m log2 e) and corrects for r's rounding at the
+# end; that is exact only if every product is rounded where the code says. The NVIDIA backend
+# contracts a * b + c into one fma by default (the interpreter never does), e.g. r - m' log2 e in
+# the rescale, which then no longer matches the rounded r' the sums continue against: on an H200
+# float32 rows offset by 3e3-1e4 scored up to 2.3e-4 off (tests/test_kernel_exit_decision.py::
+# test_chunked_large_offsets). The explicit tl.fma calls are kept either way.
+CHUNKED_FP_FUSION = False
 # Whether the chunked path loads each chunk one chunk ahead (see the kernel): off, the
 # fewer registers, until the benchmark's sweep (which times both) says otherwise on a device.
 PREFETCH = False
@@ -360,7 +370,7 @@ INTERPRETED = type(_exit_decision_tile_kernel).__name__ == "InterpretedFunction"
 
 def _launch_config(C: int, one_block_max: int, chunk: int):
     """(path, BLOCK_C, ROWS, num_warps) for rows of C classes."""
-    # The chunked path's 8 warps at BLOCK_C 4096 are the previous kernel's tuning; bench/
+    # The chunked path: 4 warps up to BLOCK_C 2048 (see CHUNK), 8 above; bench/
     # test_bench_exit_decision.py records a BLOCK_C x num_warps sweep of this kernel to retune it.
     if C <= one_block_max:
         block_c = triton.next_power_of_2(C)
@@ -369,7 +379,7 @@ def _launch_config(C: int, one_block_max: int, chunk: int):
         num_warps = 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
         return "tile", block_c, rows, num_warps
     block_c = triton.next_power_of_2(chunk)
-    return "chunked", block_c, 1, 8 if block_c >= 2048 else 4
+    return "chunked", block_c, 1, 8 if block_c >= 4096 else 4
 
 
 def _vector_width(C: int, stride_row: int, elem_bytes: int) -> int:
@@ -466,13 +476,15 @@ def exit_decision_triton(
         else:
             if _chunked_kernel is None:
                 chunked = dict(flags, BLOCK_C=block_c, PREFETCH=PREFETCH if prefetch is None else bool(prefetch))
-                _run(_exit_decision_chunked_kernel, (B,), args, chunked, warps)
+                _run(_exit_decision_chunked_kernel, (B,), args, chunked, warps, fp_fusion=CHUNKED_FP_FUSION)
             else:
                 _run(_chunked_kernel, (B,), args, dict(flags, BLOCK_C=block_c), warps)
     return out
 
 
-def _run(kernel, grid, args, constexprs, num_warps):
+def _run(kernel, grid, args, constexprs, num_warps, fp_fusion: bool = True):
+    """Launch ``kernel``; ``fp_fusion=False`` stops the compiler contracting a * b + c into fma
+    (the interpreter never contracts, so there it changes nothing)."""
     if INTERPRETED:
         import numpy as np
 
@@ -481,4 +493,4 @@ def _run(kernel, grid, args, constexprs, num_warps):
         with np.errstate(invalid="ignore", over="ignore", under="ignore", divide="ignore"):
             kernel[grid](*args, **constexprs, num_warps=num_warps)
     else:
-        kernel[grid](*args, **constexprs, num_warps=num_warps)
+        kernel[grid](*args, **constexprs, num_warps=num_warps, enable_fp_fusion=fp_fusion)

@@ -471,3 +471,28 @@ def test_previous_chunked_kernel_of_the_benchmark_still_agrees(monkeypatch):
         thr = float(ref.nanmedian())
         conf, mask, argmax = exit_decision_triton(x, thr, criterion, True, **kw)
         check_decision(x, criterion, thr, conf, mask, argmax, ref=ref)
+
+
+def test_chunked_launch_turns_fp_contraction_off(monkeypatch):
+    """The chunked path's correction for its reference's rounding holds only without implicit
+    fma contraction, which the interpreter never does and the GPU compiler does by default: the
+    launch must ask for it off (found on an H200: float32 rows offset by 1e4 scored 2.3e-4 off)."""
+    import kernels.exit_decision as k
+
+    launches = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.name, kw))
+
+    monkeypatch.setattr(k, "INTERPRETED", False)
+    monkeypatch.setattr(k, "_exit_decision_chunked_kernel", Spy("chunked"))
+    monkeypatch.setattr(k, "_exit_decision_tile_kernel", Spy("tile"))
+    x = torch.randn(2, 40)
+    k.exit_decision_triton(x, 0.5, "entropy", one_block_max=16, chunk=16)
+    k.exit_decision_triton(x, 0.5, "entropy")
+    assert [(name, kw["enable_fp_fusion"]) for name, kw in launches] == [("chunked", False), ("tile", True)]
+    assert k.CHUNKED_FP_FUSION is False

@@ -25,7 +25,7 @@ def near_threshold(model, x, thresholds, criterion, final, tol=1e-4):
     """Rows whose score at some early exit is within float noise of its threshold (their exit may
     legitimately differ between batch compositions)."""
     outs = model(x)
-    near = torch.zeros(x.shape[0], dtype=torch.bool)
+    near = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     acc = torch.zeros_like(outs[0])
     for k, thr in enumerate(thresholds):
         acc = acc + outs[k]
