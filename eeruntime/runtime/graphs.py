@@ -496,19 +496,13 @@ class GraphRunner:
             return self._eager(x, B, snap)
         device = as_tuple(x)[0].device
         capture = self._capture_for(device)
-        with torch.inference_mode(), device_guard(device):
-            try:
-                with self._lock:
-                    self._after_previous_call(device)
-                    try:
-                        sig = self._signature(x, capture)
-                        if sig is not None:
-                            return self._run(sig, x, B, snap)
-                    finally:
-                        self._mark_call_done(device)
-            except _GraphsUnusable as e:
-                self._disable(str(e))
-        return self._eager(x, B, snap)
+
+        def call():
+            sig = self._signature(x, capture)
+            return None if sig is None else self._run(sig, x, B, snap)
+
+        out = self._on_buffers(device, call)
+        return out if out is not None else self._eager(x, B, snap)
 
     def run_stage(self, k: int, state, rows: torch.Tensor, carry: Tuple[torch.Tensor, ...], snap):
         """The stage step (``EERuntime.run_stage``) on the graphs ``infer`` replays: stage ``k`` on
@@ -525,15 +519,23 @@ class GraphRunner:
             return None
         device = as_tuple(state)[0].device
         capture = self._capture_for(device)
+
+        def step():
+            sig = self._signature(state, capture) if k == 0 else self._signature_at(k, state, capture)
+            return None if sig is None else self._run_stage(sig, k, state, n, rows, carry, snap)
+
+        return self._on_buffers(device, step)
+
+    def _on_buffers(self, device: torch.device, work):
+        """``work()`` with the static buffers to itself: under the lock, after the previous call's
+        work on them (whatever its stream; a device-side wait), and marked done for the next call.
+        None when the graphs turn out unusable (they are disabled, with the reason)."""
         with torch.inference_mode(), device_guard(device):
             try:
                 with self._lock:
                     self._after_previous_call(device)
                     try:
-                        sig = self._signature(state, capture) if k == 0 else self._signature_at(k, state, capture)
-                        if sig is None:
-                            return None
-                        return self._run_stage(sig, k, state, n, rows, carry, snap)
+                        return work()
                     finally:
                         self._mark_call_done(device)
             except _GraphsUnusable as e:

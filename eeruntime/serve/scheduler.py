@@ -259,12 +259,11 @@ class StageScheduler:
         deadline = None if timeout_s is None else t0 + timeout_s
         future: concurrent.futures.Future = concurrent.futures.Future()
         layout = _layout(x)
-        # Everything that calls into torch happens before the lock: a torch call may release the
-        # GIL, and a submitter that lets the GIL go while holding the lock makes the worker wait
-        # for both (measured: the worker spent a quarter of a burst waiting for this lock).
+        # Every torch call happens before the lock: a torch call may release the GIL, and a
+        # submitter that lets the GIL go while holding the lock makes the worker wait for both
+        # (measured: the worker spent a quarter of a burst waiting for this lock).
         seq = next(self._seq)  # (itertools.count: atomic under the GIL)
         ids = torch.arange(n, dtype=torch.int64).add_(seq << ROW_BITS)
-        snap = self.rt.thresholds_snapshot()
         with self._cv:
             while True:
                 if self._closing:
@@ -285,11 +284,11 @@ class StageScheduler:
             # Admitted to an idle scheduler (nothing pending): no other row can share this
             # request's batches but later arrivals, so it never waits max_wait for them.
             urgent = not self._requests
-            self._admit(n, future, t0, deadline, layout, seq, snap)
+            req = self._admit(n, future, t0, deadline, layout, seq)  # the thresholds snapshot: now
             if deadline is not None:
                 self._arm(deadline, seq)
             ready_at = t0 if urgent else t0 + self.max_wait_s
-            self._inbox.append(_Chunk(ids, x, None, snap, layout, ready_at, urgent))
+            self._inbox.append(_Chunk(ids, x, None, req.snap, layout, ready_at, urgent))
             if self._sleeping:
                 self._cv.notify()
         future.add_done_callback(functools.partial(self._forget_if_cancelled, seq))
@@ -347,18 +346,11 @@ class StageScheduler:
         deadline: Optional[float],
         layout: Optional[tuple],
         seq: Optional[int] = None,
-        snap: Any = None,
     ) -> _Request:
         """Register a request (under ``_cv``), with the runtime's current thresholds snapshot
-        (the same object until set_thresholds replaces it) unless ``snap`` is given."""
+        (the same object until set_thresholds replaces it; reading it is an attribute read)."""
         req = _Request(
-            next(self._seq) if seq is None else seq,
-            n,
-            future,
-            self.rt.thresholds_snapshot() if snap is None else snap,
-            t0,
-            deadline,
-            layout,
+            next(self._seq) if seq is None else seq, n, future, self.rt.thresholds_snapshot(), t0, deadline, layout
         )
         self._requests[req.seq] = req
         self._admitted_rows += n
