@@ -25,6 +25,7 @@ import logging
 from typing import Optional
 
 from ..model import model_device
+from ..state import as_tuple, from_tuple
 from .codec import (
     SAFETENSORS_TYPES,
     InputError,
@@ -129,11 +130,7 @@ def create_app(
             return error(e.status, str(e))
         host_x = x
         if device is not None and device.type != "cpu":
-            x = (
-                tuple(t.to(device, non_blocking=True) for t in x)
-                if isinstance(x, tuple)
-                else x.to(device, non_blocking=True)
-            )
+            x = from_tuple([t.to(device, non_blocking=True) for t in as_tuple(x)], x)
         try:
             result = await sched.submit(x)
         except SchedulerFull as e:
