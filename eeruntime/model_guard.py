@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import List, Sized, Tuple, cast
+from typing import Dict, List, Optional, Sequence, Sized, Tuple, cast
 
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
@@ -73,8 +73,20 @@ class ModelGuard:
     def _refresh(self) -> None:
         self._generation = _generation
         self._modules = list(self.model.named_modules())
+        self._stage_modules: Dict[int, List[nn.Module]] = {}
 
-    def check(self) -> None:
+    def _modules_of(self, k: int) -> List[nn.Module]:
+        """The modules stage ``k`` and exit ``k`` run (cached like the model's list)."""
+        mods = self._stage_modules.get(k)
+        if mods is None:
+            stages, exits = cast(Sequence[nn.Module], self.model.stages), cast(Sequence[nn.Module], self.model.exits)
+            mods = self._stage_modules[k] = [*stages[k].modules(), *exits[k].modules()]
+        return mods
+
+    def check(self, stage: Optional[int] = None) -> None:
+        """Refuse a changed structure, and switch modules found training to eval (warning): all
+        of them, or with ``stage``, only if one of stage ``stage``'s or exit ``stage``'s modules
+        is (a stage step runs nothing else; a serving worker checks before every step)."""
         model = self.model
         K = self.num_exits
         stages, exits = cast(Sized, model.stages), cast(Sized, model.exits)  # ModuleLists of a MultiExitModel
@@ -86,6 +98,10 @@ class ModelGuard:
             )
         if self._generation != _generation:
             self._refresh()
+        if stage is not None:
+            if any(m.training for m in self._modules_of(stage)):
+                eval_everywhere(model, self._modules, "EERuntime call")
+            return
         for _, m in self._modules:
             if m.training:
                 eval_everywhere(model, self._modules, "EERuntime call")

@@ -175,8 +175,11 @@ def test_health_stats_and_prometheus_metrics(served):
         'eeruntime_queue_rows{stage="2"} ',
         'eeruntime_latency_ms{quantile="99"} ',
         'eeruntime_batch_rows_mean{stage="1"} ',
+        'eeruntime_gc_collections_total{generation="2"} ',
+        "eeruntime_gc_frozen_objects ",
     ):
         assert line in text, line
+    assert set(stats["gc"]) == {"frozen_objects", "collections", "collected"}
 
 
 def test_admin_threshold_swap_needs_the_token(served):
@@ -260,6 +263,8 @@ def test_cli_serves_a_bundle_from_a_fresh_process(tmp_path, device):
                         break
                 except httpx.TransportError:
                     threading.Event().wait(0.05)
+            # the server froze its startup objects (torch, the model) out of the cyclic GC
+            assert c.get("/stats").json()["gc"]["frozen_objects"] > 10_000
             r = c.post("/v1/infer", json={"inputs": x.tolist()})
             assert r.status_code == 200, r.text
             want = rt.infer(x)

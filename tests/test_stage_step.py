@@ -190,6 +190,43 @@ def test_survivors_of_two_batches_concatenated_then_continued(final):
         assert_same_as_infer(rt, x, assemble(mine, x.shape[0]))
 
 
+@pytest.mark.parametrize("final", ["last", "average"])
+def test_unchecked_step_equals_the_checked_step(final):
+    # check=False (the scheduler's path past stage 0) skips validating what earlier steps
+    # returned; the step itself is the same, row for row, bit for bit
+    torch.manual_seed(11)
+    model = mlp_model(K=4)
+    x = torch.randn(40, 6)
+    rt = ee.EERuntime(model, thresholds=quantile_thresholds(model, x, "entropy"), criterion="entropy", final=final)
+    want, _ = walk(rt, x)
+    rows, state, carry, steps = torch.arange(40), x, None, []
+    for k in range(rt.num_exits):
+        res = rt.run_stage(k, state, rows, carry, check=k == 0)
+        steps.append(res)
+        if res.state is None:
+            break
+        state, rows, carry = res.state, res.rows, res.carry
+    for a, b in zip(assemble(steps, 40), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_step_checks_the_eval_mode_of_the_modules_it_runs():
+    # a stage step checks the modules it runs (stage k and exit k), not the whole model's; a
+    # module found training is switched to eval, with a warning naming it, before it runs
+    torch.manual_seed(12)
+    model = mlp_model(K=3)
+    x = torch.randn(16, 6)
+    rt = ee.EERuntime(model, thresholds=[-1.0, -1.0], criterion="entropy")  # nobody leaves early
+    model.stages[2].train()
+    s0 = rt.run_stage(0, x, torch.arange(16))
+    assert model.stages[2].training  # stage 0's step did not look at stage 2
+    s1 = rt.run_stage(1, s0.state, s0.rows, s0.carry, check=False)
+    with pytest.warns(UserWarning, match=r"stages\.2"):
+        s2 = rt.run_stage(2, s1.state, s1.rows, s1.carry, check=False)
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(s2.logits, rt.infer(x).logits, rtol=0, atol=0)
+
+
 def test_cat_rows_and_take_rows():
     t1, t2 = torch.randn(3, 2), torch.randn(4, 2)
     assert torch.equal(cat_rows([t1, t2]), torch.cat([t1, t2]))

@@ -185,6 +185,8 @@ class EERuntime:
         carry: Optional[Sequence[torch.Tensor]] = None,
         thresholds: Optional[ThresholdSnapshot] = None,
         record: bool = False,
+        *,
+        check: bool = True,
     ) -> StageResult:
         """Run stage ``k`` and exit ``k`` on the rows of ``state`` and say who leaves.
 
@@ -196,8 +198,18 @@ class EERuntime:
         :class:`StageResult`. Inputs are never written; ``rt.stats`` is updated only with
         ``record=True`` (the leavers count as samples, see :meth:`record_exits`). The same step
         as :meth:`infer`'s, row for row.
+
+        ``check=False`` skips validating ``state``, ``rows``, ``carry`` and ``thresholds``: for a
+        caller that passes what earlier steps returned, joined with ``cat_rows`` (the stage
+        scheduler, whose per-step Python time is its throughput on a CPU); the state must then
+        be what stage ``k`` takes (no input adapter is applied). The model's structure and eval
+        mode are still checked.
         """
         K = self.num_exits
+        if not check:
+            self._guard.check(stage=k)
+            snap = self._snapshot if thresholds is None else thresholds
+            return self._run_stage(k, state, rows, () if carry is None else tuple(carry), snap, record)
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < K:
             raise ValueError(f"stage index k must be an int in [0, {K}), got {k!r}")
         adapter = getattr(self.model, "input_adapter", None)
@@ -216,7 +228,19 @@ class EERuntime:
             raise TypeError(
                 f"thresholds must be a snapshot of {K - 1} thresholds from rt.thresholds_snapshot(), got {snap!r}"
             )
-        self._guard.check()
+        self._guard.check(stage=k)
+        return self._run_stage(k, state, rows, carry, snap, record)
+
+    def _run_stage(
+        self,
+        k: int,
+        state: State,
+        rows: torch.Tensor,
+        carry: Tuple[torch.Tensor, ...],
+        snap: ThresholdSnapshot,
+        record: bool,
+    ) -> StageResult:
+        K = self.num_exits
         res = None
         runner = self._graph_runner_for(state)  # on CUDA: the graphs infer replays (None: eager)
         if runner is not None:

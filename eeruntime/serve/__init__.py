@@ -1,6 +1,7 @@
 """Serving: the stage scheduler (``ee.serve.StageScheduler``), the HTTP server
 (``python -m eeruntime serve``) the LitServe adapter; Ray Serve in ``eeruntime.serve.ray``. See docs/serving.md."""
 
+from .process import freeze_startup_objects, gc_stats
 from .scheduler import ROW_BITS, SchedulerClosed, SchedulerError, SchedulerFull, StageFailed, StageScheduler
 from .stats import SchedulerStats, prometheus_text
 
@@ -13,4 +14,6 @@ __all__ = [
     "SchedulerStats",
     "prometheus_text",
     "ROW_BITS",
+    "freeze_startup_objects",
+    "gc_stats",
 ]

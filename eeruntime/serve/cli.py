@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from eeruntime.bundle import resolve_factory
 
     from .codec import InputSpec
+    from .process import freeze_startup_objects
     from .scheduler import StageScheduler
     from .server import _model_dtype, create_app
 
@@ -122,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False))
+    # the model, torch and the server are loaded: keep full GC collections from walking them
+    # under load (eeruntime/serve/process.py says why; /stats shows the frozen count)
+    freeze_startup_objects()
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again: both end
     # here as KeyboardInterrupt, after the app's shutdown has drained the scheduler.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

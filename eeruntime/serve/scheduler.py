@@ -40,7 +40,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union, cas
 import torch
 
 from ..runtime import EERuntime, InferenceResult, cat_rows, take_rows
-from ..state import as_tuple, check_state
+from ..state import check_state
 from .stats import SchedulerStats
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a request's input, or rows of a stage's state
@@ -102,16 +102,21 @@ class _Request:
 
 
 class _Chunk:
-    """Rows waiting at a stage: ids int64 [n], their state and carry, the snapshot and input
-    layout they share, and when they may run without a fuller batch (``ready_at``: entry time
-    plus ``max_wait``, or the entry time itself for rows of a request admitted to an idle
-    scheduler, which no other row could join)."""
+    """Rows waiting at a stage: their ids, state and carry, the snapshot and input layout they
+    share, and when they may run without a fuller batch (``ready_at``: entry time plus
+    ``max_wait``, or the entry time itself for rows of a request admitted to an idle scheduler,
+    which no other row could join).
+
+    ``ids``: an int64 tensor [n] for survivors (from a stage step), or a ``range`` for a request's
+    own rows at stage 0: a submitter makes no tensor (every torch call may hand the GIL to the
+    worker, and the submitter then waits to get it back); the worker turns a batch's ranges into
+    one tensor."""
 
     __slots__ = ("ids", "state", "carry", "snap", "layout", "ready_at", "urgent", "n")
 
     def __init__(
         self,
-        ids: torch.Tensor,
+        ids: Union[torch.Tensor, range],
         state: Optional[State],
         carry: Optional[State],
         snap: Any,
@@ -121,7 +126,7 @@ class _Chunk:
     ) -> None:
         self.ids, self.state, self.carry, self.snap, self.layout = ids, state, carry, snap, layout
         self.ready_at, self.urgent = ready_at, urgent
-        self.n = int(ids.shape[0])
+        self.n = len(ids)
 
     def split(self, r: int) -> _Chunk:
         """The first ``r`` rows as a new chunk; this one keeps the rest (views, no copy)."""
@@ -149,7 +154,16 @@ def _slice(state: Optional[State], a: int, b: Optional[int]) -> Optional[State]:
 
 def _layout(x: State) -> tuple:
     """What rows must share to be concatenated: per member, the shape after dim 0, dtype, device."""
-    return tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in as_tuple(x))
+    if isinstance(x, torch.Tensor):  # (the common case, at every submit: no generator, no tuple())
+        return ((x.shape[1:], x.dtype, x.device),)
+    return tuple((t.shape[1:], t.dtype, t.device) for t in x)
+
+
+def _batch_ids(chunks: List[_Chunk]) -> torch.Tensor:
+    """The ids of a batch's chunks as one int64 tensor (stage 0's are ranges, see _Chunk)."""
+    if not isinstance(chunks[0].ids, range):
+        return chunks[0].ids if len(chunks) == 1 else torch.cat([cast(torch.Tensor, c.ids) for c in chunks])
+    return torch.tensor([i for c in chunks for i in c.ids], dtype=torch.int64)
 
 
 class StageScheduler:
@@ -263,7 +277,7 @@ class StageScheduler:
         # submitter that lets the GIL go while holding the lock makes the worker wait for both
         # (measured: the worker spent a quarter of a burst waiting for this lock).
         seq = next(self._seq)  # (itertools.count: atomic under the GIL)
-        ids = torch.arange(n, dtype=torch.int64).add_(seq << ROW_BITS)
+        ids = range(seq << ROW_BITS, (seq << ROW_BITS) + n)
         with self._cv:
             while True:
                 if self._closing:
@@ -695,6 +709,10 @@ class StageScheduler:
         for q in self._queues:
             kept: Deque[_Chunk] = deque()
             for c in q:
+                if isinstance(c.ids, range):  # one request's own rows, not yet run
+                    if c.ids.start >> ROW_BITS not in dead:
+                        kept.append(c)
+                    continue
                 alive = ~torch.isin(c.ids >> ROW_BITS, dead_t)
                 if bool(alive.all()):
                     kept.append(c)
@@ -726,18 +744,18 @@ class StageScheduler:
     def _run_batch(self, k: int) -> None:
         chunks = self._gather(k)
         t0 = time.perf_counter()
+        ids = _batch_ids(chunks)
         if len(chunks) == 1:
-            c = chunks[0]
-            ids, state, carry = c.ids, c.state, c.carry
+            state, carry = chunks[0].state, chunks[0].carry
         else:
-            ids = torch.cat([c.ids for c in chunks])
             state = cat_rows([c.state for c in chunks])
             carry = None if k == 0 else cat_rows([c.carry for c in chunks]) if chunks[0].carry else ()
         n = int(ids.shape[0])
         try:
             # the carry is run_stage's own tuple of tensors (or None / () before any exit)
+            # past stage 0 the rows are what earlier steps returned: no need to validate them again
             res = self.rt.run_stage(
-                k, state, ids, cast(Optional[Sequence[torch.Tensor]], carry), thresholds=chunks[0].snap
+                k, state, ids, cast(Optional[Sequence[torch.Tensor]], carry), thresholds=chunks[0].snap, check=k == 0
             )
         except Exception as e:  # noqa: BLE001  (fail only the requests in this batch)
             self.stats.stage_failures += 1

@@ -35,6 +35,7 @@ from .codec import (
     encode_json,
     encode_safetensors,
 )
+from .process import gc_stats
 from .scheduler import SchedulerClosed, SchedulerFull, StageFailed, StageScheduler
 from .stats import prometheus_text
 
@@ -162,6 +163,7 @@ def create_app(
             if sched.rt.stats.cost_model is not None
             else {"exit_counts": sched.rt.stats.exit_counts, "samples": sched.rt.stats.samples}
         )
+        d["gc"] = gc_stats()
         return d
 
     @app.get("/stats")
@@ -170,7 +172,8 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus_text(sched.stats_dict()), media_type="text/plain; version=0.0.4")
+        d = {**sched.stats_dict(), "gc": gc_stats()}
+        return PlainTextResponse(prometheus_text(d), media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/thresholds")
     async def set_thresholds(request: Request):

@@ -163,4 +163,15 @@ def prometheus_text(d: dict, prefix: str = "eeruntime") -> str:
         f"Request latency percentiles over the last {d['latency_window']} requests.",
         [({"quantile": k[1:]}, v) for k, v in d["latency_ms"].items()],
     )
+    if "gc" in d:  # the server's process (eeruntime/serve/process.py)
+        gcs = d["gc"]
+        metric(
+            "gc_frozen_objects", "gauge", "Objects frozen out of the cyclic GC at start.", [({}, gcs["frozen_objects"])]
+        )
+        metric(
+            "gc_collections_total",
+            "counter",
+            "Cyclic GC collections per generation.",
+            [({"generation": str(g)}, v) for g, v in enumerate(gcs["collections"])],
+        )
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from typing import Any, Dict
 import torch
 
 from ...state import check_state
+from ..process import freeze_startup_objects
 from . import http
 from .metrics import ReplicaMetrics
 from .spec import RuntimeSpec
@@ -47,6 +48,7 @@ class ReplicaBase:
             "batch_wait_timeout_s": float(batch_wait_timeout_s),
         }
         self._apply_batch_settings()
+        freeze_startup_objects()  # the replica's process is loaded (eeruntime/serve/process.py)
 
     # ---------------------------------------------------------------- configuration
     def _batched_method(self):
