@@ -186,6 +186,9 @@ def dependencies(torch_version):
         "transformers": ["transformers>=5,<6"],
         # the HTTP server, its test client and the LitServe adapter (eeruntime.serve)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "litserve>=0.2.10"],
+        # the TorchServe handler (eeruntime.serve.torchserve_handler; TorchServe also needs java 17+);
+        # torchserve does not depend on torch (checked with pip --dry-run), PyYAML reads model-config.yaml
+        "torchserve": ["torchserve>=0.12", "pyyaml"],
         # Ray Serve deployments and stage tiers (eeruntime.serve.ray)
         "ray": ["ray[serve]>=2.60"],
         "triton": ["triton>=3.2"],

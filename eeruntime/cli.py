@@ -70,7 +70,8 @@ def usage() -> str:
         "",
         "commands:",
     ]
-    lines += [f"  {c.name:<11}{c.help}" for c in COMMANDS.values()]
+    width = max(len(c.name) for c in COMMANDS.values()) + 2
+    lines += [f"  {c.name:<{width}}{c.help}" for c in COMMANDS.values()]
     return "\n".join(lines)
 
 
@@ -319,6 +320,21 @@ def _serve():
     from .serve.cli import main  # argparse only; uvicorn / ray are imported when it runs
 
     return main
+
+
+@command("torchserve-archive", "write a TorchServe model directory for a saved bundle (docs/serving.md)")
+def _torchserve_archive(p):
+    from .serve.torchserve_archive import add_arguments, run  # argparse and eeruntime only
+
+    add_arguments(p)
+
+    def go(a):
+        try:
+            return run(a)
+        except (TypeError, FileExistsError) as e:
+            raise CommandError(str(e)) from None
+
+    return go
 
 
 @command("demo-vit", "the demo for a tiny 6-exit ViT, with PABEE per row vs whole batch", raw=True)

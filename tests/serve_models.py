@@ -6,6 +6,7 @@ exit k gives row i confident one-hot logits (class ``id % C``) when ``exit_at ==
 otherwise. Which row leaves where, and which rows share a batch, are thus known exactly.
 """
 
+import socket
 import threading
 
 import torch
@@ -15,6 +16,13 @@ import eeruntime as ee
 from eeruntime.ops import confidence_ref
 
 C = 7
+
+
+def free_port():
+    """A port the OS says is free on 127.0.0.1 (servers in tests bind 127.0.0.1 only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class HookStage(nn.Module):

@@ -3,7 +3,6 @@ the stage scheduler; concurrent HTTP requests get rt.infer's answers, bad bodies
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from serve_models import free_port
 
 import eeruntime as ee
 from eeruntime.zoo import digits_cnn
@@ -21,12 +21,6 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("litserve")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_litserve_adapter_serves_a_bundle(tmp_path):

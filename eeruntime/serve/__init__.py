@@ -1,5 +1,6 @@
 """Serving: the stage scheduler (``ee.serve.StageScheduler``), the HTTP server
-(``python -m eeruntime serve``) the LitServe adapter; Ray Serve in ``eeruntime.serve.ray``. See docs/serving.md."""
+(``python -m eeruntime serve``), the LitServe adapter and the TorchServe handler
+(``eeruntime.serve.litserve_api``, ``eeruntime.serve.torchserve_handler``); Ray Serve in ``eeruntime.serve.ray``. See docs/serving.md."""
 
 from .process import freeze_startup_objects, gc_stats
 from .scheduler import ROW_BITS, SchedulerClosed, SchedulerError, SchedulerFull, StageFailed, StageScheduler

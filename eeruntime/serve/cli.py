@@ -27,15 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
-    p.add_argument("--max-batch", type=int, default=32, help="most rows per stage step")
-    p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a stage may wait for a fuller batch")
-    p.add_argument(
-        "--max-queue-rows", type=int, default=4096, help="rows admitted and not answered, at most (then 503)"
-    )
-    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
-    p.add_argument("--max-rows", type=int, default=256, help="rows per request, at most")
+    add_scheduler_arguments(p)
     p.add_argument("--max-body-bytes", type=int, default=8 << 20)
-    p.add_argument("--input-shape", help="each row's shape, e.g. 1,8,8 (default: the first answered request's)")
     p.add_argument(
         "--admin-token-file",
         help=f"file holding the admin token (or set ${TOKEN_ENV}); without one the admin endpoint is disabled",
@@ -46,6 +39,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where the model runs, e.g. cuda or cuda:1 (requests are moved there, answers back to the host)",
     )
     p.add_argument("--log-level", default="info")
+
+
+def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
+    """The scheduler's and the request checks' options (also ``eeruntime torchserve-archive``'s)."""
+    p.add_argument("--max-batch", type=int, default=32, help="most rows per stage step")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a stage may wait for a fuller batch")
+    p.add_argument(
+        "--max-queue-rows", type=int, default=4096, help="rows admitted and not answered, at most (then 503)"
+    )
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
+    p.add_argument("--max-rows", type=int, default=256, help="rows per request, at most")
+    p.add_argument("--input-shape", help="each row's shape, e.g. 1,8,8 (default: the first answered request's)")
+
+
+def parse_shape(text: str) -> tuple:
+    """``"1,8,8"`` -> ``(1, 8, 8)``; a ValueError that says what is accepted otherwise."""
+    try:
+        return tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape takes integers separated by commas, got {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -94,12 +107,9 @@ def run(args: argparse.Namespace) -> int:
     spec = None
     if args.input_shape:
         try:
-            shape = tuple(int(d) for d in args.input_shape.split(","))
-        except ValueError:
-            print(
-                f"eeruntime serve: --input-shape takes integers separated by commas, got {args.input_shape!r}",
-                file=sys.stderr,
-            )
+            shape = parse_shape(args.input_shape)
+        except ValueError as e:
+            print(f"eeruntime serve: {e}", file=sys.stderr)
             return 2
         spec = InputSpec([shape], dtype=_model_dtype(rt.model))
     sched = StageScheduler(

@@ -12,12 +12,15 @@ was wrong and what is accepted; it never carries a traceback.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .._json import enc_float
+from .scheduler import SchedulerClosed, SchedulerFull, StageFailed
 
 SAFETENSORS_TYPES = ("application/vnd.safetensors", "application/octet-stream")
 
@@ -112,6 +115,36 @@ def decode_safetensors(body: bytes, spec: InputSpec, max_rows: int):
         parts = tuple(tensors[n] for n in names)
     cast_parts = tuple(t.to(spec.dtype) if t.is_floating_point() else t for t in parts)
     return spec.check(cast_parts if len(cast_parts) > 1 else cast_parts[0], max_rows)
+
+
+def decode_body(body: bytes, content_type: str, spec: InputSpec, max_rows: int):
+    """A request body as its ``Content-Type`` says (JSON, or safetensors bytes; an empty type is
+    read as JSON); shared by the HTTP server and the TorchServe handler."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype in SAFETENSORS_TYPES:
+        return decode_safetensors(body, spec, max_rows)
+    if ctype not in ("application/json", ""):
+        raise InputError(
+            f"unsupported Content-Type {ctype!r}; send application/json or application/vnd.safetensors", status=415
+        )
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"the body is not valid JSON: {e}", status=400) from None
+    return decode_json(doc, spec, max_rows)
+
+
+def refusal(e: BaseException) -> Optional[Tuple[int, str]]:
+    """The HTTP status and message for a request the scheduler did not answer (``submit``'s
+    errors), or None for any other exception; a stage failure is logged here with its cause."""
+    if isinstance(e, (SchedulerFull, SchedulerClosed)):
+        return 503, str(e)
+    if isinstance(e, TimeoutError):
+        return 504, str(e)
+    if isinstance(e, StageFailed):
+        logging.getLogger("eeruntime.serve").error("%s", e, exc_info=e.__cause__)
+        return 500, "the model failed on the batch holding this request"
+    return None
 
 
 def _strict(rows):

@@ -21,7 +21,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the [serve] extra
     raise ImportError("the LitServe adapter needs litserve: pip install 'eeruntime[serve]'") from e
 
-from .codec import InputError, InputSpec, decode_json, encode_json
+from .codec import InputError, InputSpec, decode_json, encode_json, refusal
 
 
 class EarlyExitLitAPI(ls.LitAPI):
@@ -77,16 +77,12 @@ class EarlyExitLitAPI(ls.LitAPI):
     async def predict(self, x, **kwargs):
         from fastapi import HTTPException
 
-        from .scheduler import SchedulerFull, StageFailed
+        from .scheduler import SchedulerClosed, SchedulerFull, StageFailed
 
         try:
             result = await self.sched.submit(x)
-        except SchedulerFull as e:
-            raise HTTPException(503, str(e)) from None
-        except TimeoutError as e:
-            raise HTTPException(504, str(e)) from None
-        except StageFailed:
-            raise HTTPException(500, "the model failed on the batch holding this request") from None
+        except (SchedulerFull, SchedulerClosed, TimeoutError, StageFailed) as e:
+            raise HTTPException(*(refusal(e) or (500, "internal error"))) from None
         self.spec.learn(x)
         return result
 

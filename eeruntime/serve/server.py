@@ -30,10 +30,10 @@ from .codec import (
     SAFETENSORS_TYPES,
     InputError,
     InputSpec,
-    decode_json,
-    decode_safetensors,
+    decode_body,
     encode_json,
     encode_safetensors,
+    refusal,
 )
 from .process import gc_stats
 from .scheduler import SchedulerClosed, SchedulerFull, StageFailed, StageScheduler
@@ -113,20 +113,7 @@ def create_app(
     async def infer(request: Request):
         try:
             body = await read_body(request)
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype in SAFETENSORS_TYPES:
-                x = decode_safetensors(body, spec, max_rows)
-            elif ctype in ("application/json", ""):
-                try:
-                    doc = json.loads(body)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise InputError(f"the body is not valid JSON: {e}", status=400) from None
-                x = decode_json(doc, spec, max_rows)
-            else:
-                raise InputError(
-                    f"unsupported Content-Type {ctype!r}; send application/json or application/vnd.safetensors",
-                    status=415,
-                )
+            x = decode_body(body, request.headers.get("content-type", ""), spec, max_rows)
         except InputError as e:
             return error(e.status, str(e))
         host_x = x
@@ -134,15 +121,9 @@ def create_app(
             x = from_tuple([t.to(device, non_blocking=True) for t in as_tuple(x)], x)
         try:
             result = await sched.submit(x)
-        except SchedulerFull as e:
-            return error(503, str(e), headers={"Retry-After": "1"})
-        except SchedulerClosed as e:
-            return error(503, str(e))
-        except TimeoutError as e:
-            return error(504, str(e))
-        except StageFailed as e:
-            log.error("%s", e, exc_info=e.__cause__)
-            return error(500, "the model failed on the batch holding this request")
+        except (SchedulerFull, SchedulerClosed, TimeoutError, StageFailed) as e:
+            status, message = refusal(e) or (500, "internal error")
+            return error(status, message, headers={"Retry-After": "1"} if isinstance(e, SchedulerFull) else None)
         spec.learn(host_x)
         if result.logits.device.type != "cpu":
             result = type(result)(result.logits.cpu(), result.exit_index.cpu(), result.confidence.cpu())

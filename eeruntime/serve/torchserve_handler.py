@@ -1,0 +1,214 @@
+"""A TorchServe custom handler that serves a saved runtime bundle (docs/serving.md, "TorchServe").
+
+``python -m eeruntime torchserve-archive BUNDLE --model module:factory --out STORE`` writes a model
+directory TorchServe loads as it is (no .mar needed): the bundle, ``MAR-INF/MANIFEST.json`` naming
+this module as the handler, and ``model-config.yaml`` with TorchServe's settings and an
+``eeruntime:`` section (the factory and the scheduler's options) read here in ``initialize``.
+
+How it fits TorchServe's Python backend (ts/model_service_worker.py, ts/async_service.py of
+TorchServe 0.12): one worker process calls ``handle(batch, context)``, where ``batch`` holds up to
+the model's ``batchSize`` requests the Java frontend gathered within ``maxBatchDelay``.
+
+- ``asyncCommunication: true`` (the archive tool's default, with ``batchSize: 1``): the frontend
+  sends each request as soon as it arrives and the worker awaits every ``handle`` call
+  concurrently on one event loop. Each request goes to the :class:`StageScheduler` with ``await
+  sched.submit(x)``, so rows of every request in flight share each stage's batch, and survivors
+  of different requests are batched together, as behind the HTTP server and LitServe.
+- ``asyncCommunication: false`` (``--batch-mode``): TorchServe runs one batch at a time per
+  worker, so a scheduler would only ever see that one batch; the handler runs ``rt.infer`` on
+  the batch's rows (requests with the same row shape in one call) and splits the answers.
+
+Every request gets its own status (``context.set_response_status``): a bad body gets a 4xx with
+a message, a failing model call a 500 for the requests in that call, never a traceback. ``handle``
+never raises: in async mode TorchServe answers a raised error on *every* request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from http import HTTPStatus
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..state import as_tuple, cat_rows, from_tuple
+from .codec import (
+    SAFETENSORS_TYPES,
+    InputError,
+    InputSpec,
+    decode_body,
+    decode_json,
+    encode_json,
+    encode_safetensors,
+    refusal,
+)
+
+log = logging.getLogger("eeruntime.serve.torchserve")
+
+CONFIG_SECTION = "eeruntime"  # the section of model-config.yaml this handler reads
+SCHEDULER_OPTIONS = ("max_batch", "max_wait_ms", "max_queue_rows", "timeout_s")
+
+Reply = Tuple[int, str, Any]  # (status, content type, body)
+
+
+def _header(context: Any, idx: int, name: str) -> str:
+    """A request header (case-insensitive), or the body parameter's own, or ""."""
+    props = context.request_processor[idx].get_request_properties() or {}
+    for key, value in props.items():
+        if key.lower() == name:
+            return str(value)
+    body = props.get("body")
+    return str(body.get(name, "")) if isinstance(body, dict) else ""
+
+
+def _error(status: int, message: str) -> Reply:
+    return status, "application/json", {"error": message}
+
+
+def _refused(x: Any) -> bool:
+    """A Reply, not an input (an input tuple holds tensors); no class of its own: TorchServe
+    wants exactly one class in a handler module."""
+    return isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], int)
+
+
+class EarlyExitHandler:
+    """TorchServe instantiates this class (the module's only one) per worker and calls
+    ``initialize(context)`` once, then ``handle(batch, context)`` per batch."""
+
+    def __init__(self) -> None:
+        self.rt: Any = None
+        self.sched: Any = None
+        self.spec = InputSpec()
+        self.max_rows = 256
+        self.device = torch.device("cpu")
+        self.initialized = False
+
+    def initialize(self, context: Any) -> None:
+        import eeruntime as ee
+        from eeruntime.bundle import resolve_factory
+
+        from .scheduler import StageScheduler
+        from .server import _model_dtype
+
+        config = context.model_yaml_config or {}
+        opts: Dict[str, Any] = dict(config.get(CONFIG_SECTION) or {})
+        if not opts.get("model"):
+            raise ValueError(
+                f"model-config.yaml needs an {CONFIG_SECTION}: section with model: 'module:factory' "
+                "(python -m eeruntime torchserve-archive writes it)"
+            )
+        gpu = context.system_properties.get("gpu_id")
+        if gpu is not None and torch.cuda.is_available():  # TorchServe assigns each worker a GPU
+            self.device = torch.device("cuda", int(gpu))
+        source = opts["model"]
+        if self.device.type != "cpu":
+            factory = resolve_factory(source)
+            source = lambda: factory().to(self.device)  # noqa: E731  (weights are loaded into it there)
+        bundle = os.path.join(context.system_properties["model_dir"], opts.get("bundle", "bundle"))
+        self.rt = ee.load(bundle, source)
+        shape = opts.get("input_shape")
+        self.spec = InputSpec([tuple(shape)] if shape else None, dtype=_model_dtype(self.rt.model))
+        self.max_rows = int(opts.get("max_rows", 256))
+        if config.get("asyncCommunication"):
+            self.sched = StageScheduler(self.rt, **{k: opts[k] for k in SCHEDULER_OPTIONS if k in opts})
+        how = "the stage scheduler (async worker)" if self.sched is not None else "rt.infer per TorchServe batch"
+        log.info("eeruntime: serving %s on %s through %s", bundle, self.device, how)
+        self.initialized = True
+
+    def handle(self, data: Optional[List[Any]], context: Any) -> Any:
+        """A list of bodies (one per request), or in async mode a coroutine that returns it."""
+        if self.sched is not None:
+            return self._handle_async(data or [], context)
+        return self._reply(context, self._run_batch(self._decode_all(data or [], context)))
+
+    async def _handle_async(self, data: List[Any], context: Any) -> List[Any]:
+        import asyncio
+
+        try:
+            decoded = self._decode_all(data, context)
+            replies = list(await asyncio.gather(*(self._submit(x) for x in decoded)))
+        except Exception:  # a bug here must not fail every request in flight (module docstring)
+            log.exception("unexpected error serving %d request(s)", len(data))
+            replies = [_error(500, "internal error")] * len(data)
+        return self._reply(context, replies)
+
+    # -- requests in, answers out -------------------------------------------------------------
+
+    def _decode_all(self, data: List[Any], context: Any) -> List[Any]:
+        """Per request: its input on the model's device, or a Reply refusing it."""
+        out: List[Any] = []
+        for idx, req in enumerate(data):
+            try:
+                x = self._decode(req, _header(context, idx, "content-type"))
+            except InputError as e:
+                out.append(_error(e.status, str(e)))
+                continue
+            out.append(x if self.device.type == "cpu" else from_tuple([t.to(self.device) for t in as_tuple(x)], x))
+        return out
+
+    def _decode(self, req: Any, content_type: str) -> Any:
+        value = req.get("body", req.get("data")) if isinstance(req, dict) else None
+        if value is None:
+            raise InputError(
+                'send the inputs as the request body: JSON {"inputs": [...]} or safetensors bytes', status=400
+            )
+        if isinstance(value, (dict, list)):  # TorchServe already parsed an application/json body
+            return decode_json(value, self.spec, self.max_rows)
+        body = value.encode() if isinstance(value, str) else bytes(value)
+        return decode_body(body, content_type, self.spec, self.max_rows)
+
+    async def _submit(self, x: Any) -> Any:
+        if _refused(x):
+            return x
+        try:
+            result = await self.sched.submit(x)
+        except Exception as e:  # never raised into TorchServe (see the module's docstring)
+            why = refusal(e)
+            if why is None:
+                log.exception("unexpected error serving a request")
+            return _error(*(why or (500, "internal error")))
+        self.spec.learn(x)
+        return result
+
+    def _run_batch(self, decoded: List[Any]) -> List[Any]:
+        """Batch mode: one ``rt.infer`` per group of requests whose rows have the same shapes."""
+        replies: List[Any] = list(decoded)
+        groups: Dict[Any, List[int]] = {}
+        for i, x in enumerate(decoded):
+            if not _refused(x):
+                groups.setdefault(tuple((t.shape[1:], t.dtype) for t in as_tuple(x)), []).append(i)
+        for idxs in groups.values():
+            try:
+                result = self.rt.infer(cat_rows([decoded[i] for i in idxs]))
+            except Exception:  # a failing model answers 500 to the requests in this call, logged here
+                log.exception("the model failed on a batch of %d requests", len(idxs))
+                for i in idxs:
+                    replies[i] = _error(500, "the model failed on the batch holding this request")
+                continue
+            start = 0
+            for i in idxs:
+                n = as_tuple(decoded[i])[0].shape[0]
+                replies[i] = type(result)(
+                    *(t[start : start + n] for t in (result.logits, result.exit_index, result.confidence))
+                )
+                start += n
+                self.spec.learn(decoded[i])
+        return replies
+
+    def _reply(self, context: Any, replies: List[Any]) -> List[Any]:
+        bodies: List[Any] = []
+        for idx, r in enumerate(replies):
+            if _refused(r):
+                status, ctype, body = r
+            else:
+                if r.logits.device.type != "cpu":
+                    r = type(r)(r.logits.cpu(), r.exit_index.cpu(), r.confidence.cpu())
+                safetensors = any(t in _header(context, idx, "accept") for t in SAFETENSORS_TYPES)
+                status = 200
+                ctype = SAFETENSORS_TYPES[0] if safetensors else "application/json"
+                body = encode_safetensors(r) if safetensors else encode_json(r)
+            context.set_response_status(status, HTTPStatus(status).phrase, idx)
+            context.set_response_content_type(idx, ctype)
+            bodies.append(body)
+        return bodies

@@ -1,0 +1,302 @@
+"""The TorchServe adapter: ``eeruntime torchserve-archive`` writes a model directory, a real
+TorchServe (Java frontend + Python worker, its own processes) serves it on 127.0.0.1, and
+concurrent HTTP requests get rt.infer's answers row for row, in both worker modes (async: the
+stage scheduler; batch: TorchServe's batches through rt.infer); bad bodies get a 4xx with a
+message. Skipped where java or torchserve is missing (make test installs torchserve)."""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from serve_models import free_port
+
+import eeruntime as ee
+from eeruntime.cli import main as cli_main
+from eeruntime.zoo import digits_cnn
+
+httpx = pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parents[1]
+FACTORY = "eeruntime.zoo:digits_cnn"
+NAME = "digits"
+
+needs_torchserve = pytest.mark.skipif(
+    shutil.which("java") is None or importlib.util.find_spec("ts") is None,
+    reason="TorchServe needs java (17+) and the torchserve package (pip install 'eeruntime[torchserve]')",
+)
+
+
+def make_runtime(tmp_path):
+    torch.manual_seed(7)
+    # random weights give near-uniform logits; inputs x30 (below) spread the entropies so that these
+    # thresholds send rows to every exit, each row far (>1e-2) from a threshold
+    rt = ee.EERuntime(digits_cnn(), thresholds=[0.45, 1.95], criterion="entropy")
+    rt.save(tmp_path / "bundle", weights=True)
+    return rt
+
+
+def start_torchserve(tmp_path, store):
+    """The ``torchserve`` launcher in the foreground, everything it writes under tmp_path (logs,
+    pid file, worker socket, config), all three endpoints on 127.0.0.1 with OS-chosen ports."""
+    ports = {k: free_port() for k in ("inference", "management", "metrics")}
+    config = tmp_path / "config.properties"
+    config.write_text(
+        "".join(f"{k}_address=http://127.0.0.1:{p}\n" for k, p in ports.items())
+        + "disable_token_authorization=true\ndisable_system_metrics=true\ninstall_py_dep_per_model=false\n"
+        + "vmargs=-Xmx512m -XX:+UseSerialGC -XX:-UsePerfData\n"
+    )
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "tmp").mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+        "LOG_LOCATION": str(tmp_path / "logs"),
+        "METRICS_LOCATION": str(tmp_path / "logs"),
+        "TEMP": str(tmp_path / "tmp"),  # the JVM's java.io.tmpdir: the worker's socket, model links
+        "TMPDIR": str(tmp_path / "tmp"),  # the launcher's pid file
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-c", "from ts.model_server import start; start()", "--start", "--foreground"]
+    cmd += ["--ts-config", str(config), "--model-store", str(store), "--models", f"{NAME}={NAME}", "--ncs"]
+    out = open(tmp_path / "torchserve.out", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    out.close()
+    return proc, ports
+
+
+def stop(proc):
+    """The launcher, the JVM and the worker share a process group: SIGTERM it, bounded waits."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    deadline = time.monotonic() + 20  # the JVM and the worker outlive the launcher by a moment
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_ready(client, ports, proc, tmp_path, limit_s=180):
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / "torchserve.out").read_text()[-4000:]
+        try:
+            r = client.get(f"http://127.0.0.1:{ports['management']}/models/{NAME}")
+            if r.status_code == 200 and r.json()[0]["workers"][0]["status"] == "READY":
+                return
+        except (httpx.TransportError, KeyError, IndexError, ValueError):
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"TorchServe not ready in {limit_s} s: " + (tmp_path / "torchserve.out").read_text()[-4000:])
+
+
+@needs_torchserve
+@pytest.mark.parametrize("mode", ["async", "batch"])
+def test_torchserve_serves_a_bundle_row_for_row(tmp_path, mode):
+    rt = make_runtime(tmp_path)
+    args = ["torchserve-archive", str(tmp_path / "bundle"), "--model", FACTORY, "--out", str(tmp_path / "store")]
+    args += ["--name", NAME, "--max-batch", "8"] + (
+        ["--batch-mode", "--max-batch-delay-ms", "20"] if mode == "batch" else []
+    )
+    assert cli_main(args) == 0
+    cfg = json.loads((tmp_path / "store" / NAME / "model-config.yaml").read_text())
+    assert cfg["asyncCommunication"] is (mode == "async")
+    x = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 30
+    want = rt.infer(x)
+    assert set(want.exit_index.tolist()) == {0, 1, 2}, "the inputs should leave at every exit"
+
+    t0 = time.monotonic()
+    proc, ports = start_torchserve(tmp_path, tmp_path / "store")
+    try:
+        with httpx.Client(timeout=60) as c:
+            wait_ready(c, ports, proc, tmp_path)
+            print(f"TorchServe ({mode}) ready in {time.monotonic() - t0:.1f} s")
+            url = f"http://127.0.0.1:{ports['inference']}/predictions/{NAME}"
+            bad = {
+                0: ({"inputs": [[1.0, 2.0], [3.0]]}, 422, "rectangular"),
+                1: ({"inputs": [[[1.0, 2.0]]]}, 422, "each row must have shape [1, 8, 8]"),
+                2: ({"input": []}, 422, '"inputs" field'),
+            }
+
+            def send(i):  # eight 3-row requests, with three bad ones in flight among them
+                if i >= 8:
+                    return c.post(url, json=bad[i - 8][0])
+                return c.post(url, json={"inputs": x[3 * i : 3 * i + 3].tolist()})
+
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(send, range(11)))
+            for i, r in enumerate(answers[:8]):
+                assert r.status_code == 200, r.text
+                rows = slice(3 * i, 3 * i + 3)
+                assert r.json()["exit_index"] == want.exit_index[rows].tolist()
+                torch.testing.assert_close(torch.tensor(r.json()["logits"]), want.logits[rows], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(
+                    torch.tensor(r.json()["confidence"]), want.confidence[rows], rtol=1e-4, atol=1e-5
+                )
+            for (_, status, words), r in zip(bad.values(), answers[8:]):
+                assert r.status_code == status and words in r.json()["error"], r.text
+                assert "Traceback" not in r.text
+
+            from safetensors.torch import load, save
+
+            body = save({"input": x[:5].contiguous()})
+            r = c.post(
+                url,
+                content=body,
+                headers={"content-type": "application/vnd.safetensors", "accept": "application/vnd.safetensors"},
+            )
+            assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.safetensors", r.text
+            got = load(r.content)
+            assert torch.equal(got["exit_index"], want.exit_index[:5])
+            torch.testing.assert_close(got["logits"], want.logits[:5], rtol=1e-4, atol=1e-5)
+            for body, ctype, status in [(b"{nope", "application/json", 400), (b"hello", "text/plain", 415)]:
+                r = c.post(url, content=body, headers={"content-type": ctype})
+                assert r.status_code == status and r.json()["error"] and "Traceback" not in r.text, r.text
+    finally:
+        stop(proc)
+    how = "the stage scheduler" if mode == "async" else "rt.infer per TorchServe batch"
+    assert f"through {how}" in (tmp_path / "logs" / "model_log.log").read_text()  # the worker took that path
+    assert not (ROOT / "logs").exists() and not Path("logs").exists()
+
+
+def test_torchserve_archive_writes_a_model_dir(tmp_path):
+    make_runtime(tmp_path)
+    out = tmp_path / "store"
+    args = [
+        "torchserve-archive",
+        str(tmp_path / "bundle"),
+        "--model",
+        FACTORY,
+        "--out",
+        str(out),
+        "--input-shape",
+        "1,8,8",
+    ]
+    assert cli_main(args) == 0
+    manifest = json.loads((out / "eeruntime" / "MAR-INF" / "MANIFEST.json").read_text())
+    assert manifest["model"]["handler"] == "eeruntime.serve.torchserve_handler"
+    cfg = json.loads((out / "eeruntime" / "model-config.yaml").read_text())
+    assert cfg["eeruntime"]["model"] == FACTORY and cfg["eeruntime"]["input_shape"] == [1, 8, 8]
+    assert cfg["asyncCommunication"] is True and cfg["batchSize"] == 1
+    # the copied bundle loads like the original
+    x = torch.randn(4, 1, 8, 8)
+    a, b = ee.load(tmp_path / "bundle", FACTORY).infer(x), ee.load(out / "eeruntime" / "bundle", FACTORY).infer(x)
+    assert torch.equal(a.logits, b.logits)
+    assert cli_main(args) == 1  # the target exists: refused, nothing overwritten
+    assert cli_main(["torchserve-archive", str(tmp_path / "missing"), "--model", FACTORY, "--out", str(out)]) == 1
+
+
+# -- the handler alone, called as TorchServe's worker calls it (no java, no torchserve needed) -----
+
+
+class FakeContext:
+    """What the handler uses of TorchServe's ts.context.Context: the model config and directory,
+    each request's headers (RequestProcessor.get_request_properties) and per-request replies."""
+
+    def __init__(self, model_dir, config, headers=()):
+        self.model_yaml_config = config
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.request_processor = [SimpleNamespace(get_request_properties=lambda h=h: h) for h in headers]
+        self.status, self.ctype = {}, {}
+
+    def for_batch(self, headers):
+        return FakeContext(self.system_properties["model_dir"], self.model_yaml_config, headers)
+
+    def set_response_status(self, code, phrase, idx):
+        self.status[idx] = (code, phrase)
+
+    def set_response_content_type(self, idx, value):
+        self.ctype[idx] = value
+
+
+def scripted_handler(tmp_path, asynchronous, hook_box):
+    from serve_models import scripted_model
+
+    from eeruntime.serve.torchserve_handler import EarlyExitHandler
+
+    model, hook = scripted_model(3)
+    hook_box.append(hook)
+    ee.EERuntime(model, thresholds=0.9, criterion="max_prob").save(tmp_path / "bundle", weights=True)
+    config = {"asyncCommunication": asynchronous, "eeruntime": {"model": lambda: model, "max_batch": 32}}
+    ctx = FakeContext(tmp_path, config)
+    handler = EarlyExitHandler()
+    handler.initialize(ctx)
+    return handler, ctx, hook
+
+
+def test_handler_batch_mode_one_infer_per_row_shape_and_a_status_per_request(tmp_path):
+    from safetensors.torch import save
+    from serve_models import scripted_rows
+
+    handler, ctx, hook = scripted_handler(tmp_path, False, [])
+    assert handler.sched is None
+    a, b = scripted_rows([0, 1, 2], [0, 2, 1]), scripted_rows([10, 11, 12, 13], [1, 1, 0, 2])
+    wide = torch.cat([scripted_rows([99], [1]), torch.zeros(1, 1)], 1)  # 4 columns: a call of its own
+    hook.fail_if = lambda k, ids: 99 in ids
+    data = [
+        {"body": {"inputs": a.tolist()}},
+        {"body": {"inputs": [[1.0], [2.0, 3.0]]}},
+        {"body": save({"input": b})},
+        {"body": {"inputs": wide.tolist()}},
+        {"data": b"{broken"},
+    ]
+    jsonh, sth = {"content-type": "application/json"}, {"Content-Type": "application/vnd.safetensors"}
+    call = ctx.for_batch([jsonh, jsonh, sth, jsonh, jsonh])
+    out = handler.handle(data, call)
+    assert [call.status[i][0] for i in range(5)] == [200, 422, 200, 500, 400]
+    want = handler.rt.infer(torch.cat([a, b]))
+    assert out[0]["exit_index"] == [0, 2, 1] == want.exit_index[:3].tolist()
+    assert out[2]["exit_index"] == [1, 1, 0, 2] == want.exit_index[3:].tolist()
+    torch.testing.assert_close(torch.tensor(out[2]["logits"]), want.logits[3:])
+    assert "the model failed" in out[3]["error"] and "rectangular" in out[1]["error"] and "JSON" in out[4]["error"]
+    assert all("Traceback" not in str(o) for o in out)
+    # a and b (same row shape) ran as one batch at stage 0; the wide request on its own
+    assert (0, [0, 1, 2, 10, 11, 12, 13]) in hook.batches and (0, [99]) in hook.batches
+
+
+def test_handler_async_mode_batches_rows_of_concurrent_requests(tmp_path):
+    import asyncio
+
+    from serve_models import scripted_rows
+
+    handler, ctx, hook = scripted_handler(tmp_path, True, [])
+    xs = [scripted_rows([10 * r + i for i in range(3)], [(r + i) % 3 for i in range(3)]) for r in range(6)]
+    hook.hold(0, trigger=0)  # the first request waits at stage 0 while the others queue behind it
+
+    async def serve():
+        calls = [ctx.for_batch([{"content-type": "application/json"}]) for _ in xs]
+        pending = [handler.handle([{"body": {"inputs": x.tolist()}}], c) for x, c in zip(xs, calls)]
+        asyncio.get_running_loop().call_later(0.3, hook.gate.set)
+        return await asyncio.wait_for(asyncio.gather(*pending), 60), calls
+
+    try:
+        outs, calls = asyncio.run(serve())
+    finally:
+        hook.gate.set()
+        handler.sched.close()
+    for x, out, call in zip(xs, outs, calls):
+        assert call.status[0][0] == 200
+        want = handler.rt.infer(x)
+        assert out[0]["exit_index"] == want.exit_index.tolist()
+        torch.testing.assert_close(torch.tensor(out[0]["logits"]), want.logits)
+    # rows of different requests shared a stage's batch (ids 10r+i belong to request r)
+    assert any(len({i // 10 for i in ids}) > 1 for _, ids in hook.batches)
