@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -239,7 +240,10 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     config = {"asyncCommunication": asynchronous, "eeruntime": {"model": lambda: model, "max_batch": 32}}
     ctx = FakeContext(tmp_path, config)
     handler = EarlyExitHandler()
-    handler.initialize(ctx)
+    # initialize freezes the worker process's objects out of the GC; not this test process's
+    with mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects") as freeze:
+        handler.initialize(ctx)
+    assert freeze.called
     return handler, ctx, hook
 
 

@@ -43,6 +43,7 @@ from .codec import (
     encode_safetensors,
     refusal,
 )
+from .process import freeze_startup_objects
 
 log = logging.getLogger("eeruntime.serve.torchserve")
 
@@ -112,6 +113,7 @@ class EarlyExitHandler:
         self.max_rows = int(opts.get("max_rows", 256))
         if config.get("asyncCommunication"):
             self.sched = StageScheduler(self.rt, **{k: opts[k] for k in SCHEDULER_OPTIONS if k in opts})
+        freeze_startup_objects()  # this worker process is ours to set up (eeruntime/serve/process.py)
         how = "the stage scheduler (async worker)" if self.sched is not None else "rt.infer per TorchServe batch"
         log.info("eeruntime: serving %s on %s through %s", bundle, self.device, how)
         self.initialized = True
