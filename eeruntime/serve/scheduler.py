@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import heapq
 import itertools
 import threading
@@ -65,6 +64,21 @@ class SchedulerClosed(SchedulerError):
 
 class StageFailed(SchedulerError):
     """A stage step raised while this request's rows were in its batch (``__cause__`` holds it)."""
+
+
+class _RequestFuture(concurrent.futures.Future):
+    """A request's future: cancelling it frees the request's rows at every stage (an override,
+    not a done-callback per request: a callback costs a lock and a call at every answer)."""
+
+    def __init__(self, sched: StageScheduler, seq: int) -> None:
+        super().__init__()
+        self._ee_sched, self._ee_seq = sched, seq
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._ee_sched._forget(self._ee_seq, "cancelled")
+        return True
 
 
 class _Request:
@@ -227,6 +241,7 @@ class StageScheduler:
         self.inline = inline
         self.policy = policy
         self.num_stages = rt.num_exits
+        self._adapter = getattr(rt.model, "input_adapter", None) is not None
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_rows = max_queue_rows
@@ -271,12 +286,12 @@ class StageScheduler:
                 return done
         t0 = time.perf_counter()
         deadline = None if timeout_s is None else t0 + timeout_s
-        future: concurrent.futures.Future = concurrent.futures.Future()
         layout = _layout(x)
-        # Every torch call happens before the lock: a torch call may release the GIL, and a
-        # submitter that lets the GIL go while holding the lock makes the worker wait for both
-        # (measured: the worker spent a quarter of a burst waiting for this lock).
+        # No torch call under the lock (none at all here, see _Chunk): a torch call may release
+        # the GIL, and a submitter that lets the GIL go while holding the lock makes the worker
+        # wait for both (measured: the worker spent a quarter of a burst waiting for this lock).
         seq = next(self._seq)  # (itertools.count: atomic under the GIL)
+        future = _RequestFuture(self, seq)
         ids = range(seq << ROW_BITS, (seq << ROW_BITS) + n)
         with self._cv:
             while True:
@@ -305,12 +320,7 @@ class StageScheduler:
             self._inbox.append(_Chunk(ids, x, None, req.snap, layout, ready_at, urgent))
             if self._sleeping:
                 self._cv.notify()
-        future.add_done_callback(functools.partial(self._forget_if_cancelled, seq))
         return future
-
-    def _forget_if_cancelled(self, seq: int, future: concurrent.futures.Future) -> None:
-        if future.cancelled():
-            self._forget(seq, "cancelled")
 
     async def submit(self, x: State, timeout_s: Optional[float] = None) -> InferenceResult:
         """Await the result of ``x``; cancelling the awaiting task frees its rows."""
@@ -753,9 +763,15 @@ class StageScheduler:
         n = int(ids.shape[0])
         try:
             # the carry is run_stage's own tuple of tensors (or None / () before any exit)
-            # past stage 0 the rows are what earlier steps returned: no need to validate them again
+            # past stage 0 the rows are what earlier steps returned, at stage 0 inputs checked at
+            # submit: no need to validate them again (unless an input adapter must run first)
             res = self.rt.run_stage(
-                k, state, ids, cast(Optional[Sequence[torch.Tensor]], carry), thresholds=chunks[0].snap, check=k == 0
+                k,
+                state,
+                ids,
+                cast(Optional[Sequence[torch.Tensor]], carry),
+                thresholds=chunks[0].snap,
+                check=k == 0 and self._adapter,
             )
         except Exception as e:  # noqa: BLE001  (fail only the requests in this batch)
             self.stats.stage_failures += 1
@@ -767,8 +783,10 @@ class StageScheduler:
         t1 = time.perf_counter()
         exit_ids = res.exit_rows.tolist()
         if exit_ids:
-            # a copy of the leavers' outputs: a graph executor may reuse its output buffers
-            self._deliver(k, exit_ids, res.logits.clone(), res.confidence.clone())
+            logits, confidence = res.logits, res.confidence
+            if logits.is_cuda:  # a copy: the graph executor reuses its output buffers
+                logits, confidence = logits.clone(), confidence.clone()
+            self._deliver(k, exit_ids, logits, confidence)
         survivors = int(res.rows.shape[0])
         if survivors and k + 1 < self.num_stages:
             head = chunks[0]
