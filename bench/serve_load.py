@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import threading
 import time
@@ -258,6 +259,65 @@ def light_load_side_by_side(rt, pool, max_batch, rounds):
     }
 
 
+def saturated_capacity(systems, make, pool, n, repeats):
+    """Each system's throughput with ``n`` single-sample requests submitted at once (a backlog:
+    every batch as full as the system makes it), ``repeats`` times in a rotated order; the median
+    req/s per system and, per repeat, its ratio to ee-req's run next to it. Completion is seen by
+    a done-callback, as the open loop sees it (no thread waits on a future)."""
+    out = {name: [] for name in systems}
+    for rep in range(repeats):
+        for name in systems[rep % len(systems) :] + systems[: rep % len(systems)]:
+            system = make(name)
+            for x in pool[:20]:  # warm the worker
+                system.submit_nowait(x).result()
+            left, done = [n], threading.Event()
+
+            def cb(f, left=left, done=done):
+                left[0] -= 1  # the worker thread runs callbacks: one writer
+                if left[0] == 0:
+                    done.set()
+
+            t0 = time.perf_counter()
+            for i in range(n):
+                system.submit_nowait(pool[i % len(pool)]).add_done_callback(cb)
+            done.wait()
+            out[name].append(n / (time.perf_counter() - t0))
+            system.close()
+    res = {}
+    for name, v in out.items():
+        row = {"req_per_s": statistics.median(v), "runs": [round(x) for x in v]}
+        if "ee-req" in out:
+            row["ratio_to_ee_req"] = statistics.median(a / b for a, b in zip(v, out["ee-req"]))
+        res[name] = row
+    return res
+
+
+def stage_costs_ms(rt, model, x, reps=15):
+    """The cheapest of ``reps`` runs (ms) of each stage step with every row going on, and of the
+    plain model, at x's batch size: what bounds any early-exit server's throughput (stage 0 runs
+    on every row)."""
+    from eeruntime.criteria import lower_is_confident
+    from eeruntime.thresholds import ThresholdSnapshot
+
+    # nobody leaves (full batches at every stage): a threshold no score passes
+    nobody = -math.inf if lower_is_confident(rt.criterion) else math.inf
+    never = ThresholdSnapshot([nobody] * (rt.num_exits - 1))
+    best = [math.inf] * rt.num_exits
+    plain = math.inf
+    for _ in range(reps):
+        state, rows, carry = x, torch.arange(x.shape[0]), None
+        for k in range(rt.num_exits):
+            t = time.perf_counter()
+            res = rt.run_stage(k, state, rows, carry, thresholds=never)
+            best[k] = min(best[k], time.perf_counter() - t)
+            state, rows, carry = res.state, res.rows, res.carry
+        t = time.perf_counter()
+        with torch.no_grad():
+            plain_forward(model, x)
+        plain = min(plain, time.perf_counter() - t)
+    return {"stages_ms": [b * 1e3 for b in best], "plain_ms": plain * 1e3}
+
+
 def median_call_ms(fn, x, iters=200):
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(10):
@@ -325,6 +385,31 @@ def run_model(name, spec, args) -> dict:
         print(
             f"[{name}] closed loop {k:24s} {v['median_ms']:.3f} ms/request ({v['minus_infer_ms']:+.3f} ms over rt.infer)"
         )
+    costs = {b: stage_costs_ms(rt, model, xb[:b]) for b in (1, args.max_batch)}
+    full = costs[args.max_batch]
+    # Any early-exit server runs stage 0 on every row: at most plain(B) / stage0(B) times the
+    # plain model's throughput, B = max_batch (with no other cost at all).
+    bound = full["plain_ms"] / full["stages_ms"][0]
+    print(
+        f"[{name}] cheapest stage steps at batch 1 {[round(v, 3) for v in costs[1]['stages_ms']]} ms, at batch "
+        f"{args.max_batch} {[round(v, 3) for v in full['stages_ms']]} ms; plain {costs[1]['plain_ms']:.3f} / "
+        f"{full['plain_ms']:.3f} ms: stage 0 bounds any early-exit server at {bound:.2f}x plain's throughput",
+        flush=True,
+    )
+    systems = [s for s in args.systems if s != "direct"]
+    sat = saturated_capacity(
+        systems,
+        lambda s: make_system(s, model, rt, args.max_batch, args.wait_ms),
+        pool,
+        args.capacity_requests,
+        args.capacity_repeats,
+    )
+    for s_, v in sat.items():
+        print(
+            f"[{name}] saturated {s_:14s} {v['req_per_s']:8.0f} req/s"
+            + (f"  x{v['ratio_to_ee_req']:.3f} of ee-req" if "ratio_to_ee_req" in v else ""),
+            flush=True,
+        )
     capacity = 1e3 / plain_b  # plain rows/s at max_batch: the rate grid is relative to it
     rates = [round(capacity * f, 1) for f in args.rate_factors]
     print(
@@ -388,6 +473,9 @@ def run_model(name, spec, args) -> dict:
             k: v - p50_at_lowest["direct"] for k, v in p50_at_lowest.items() if "direct" in p50_at_lowest
         },
         "closed_loop_light_load": light,
+        "stage_costs_ms": {str(b): c for b, c in costs.items()},
+        "stage0_bound_x_plain": bound,
+        "saturated": sat,
     }
 
 
@@ -439,6 +527,22 @@ def markdown(doc) -> str:
             f"before, {res['load_average_1_5_15']['after'][0]:.2f} after",
             "",
             "highest sustained rate: " + ", ".join(f"{k} {v:.0f}/s" for k, v in ms.items()),
+            "",
+            f"Cheapest stage steps (every row going on), ms: batch 1 {[round(v, 3) for v in res['stage_costs_ms']['1']['stages_ms']]}, "
+            f"batch {res['max_batch']} {[round(v, 3) for v in res['stage_costs_ms'][str(res['max_batch'])]['stages_ms']]}; "
+            f"plain {res['stage_costs_ms']['1']['plain_ms']:.3f} / {res['stage_costs_ms'][str(res['max_batch'])]['plain_ms']:.3f}. "
+            f"Stage 0 runs on every row, so no early-exit server can exceed {res['stage0_bound_x_plain']:.2f}x the plain "
+            "model's throughput at this batch size.",
+            "",
+            "Saturated throughput (requests submitted at once, median of the rotated repeats; ratio to ee-req "
+            "run next to it):",
+            "",
+            "| system | req/s | x ee-req | runs |",
+            "| --- | ---: | ---: | --- |",
+            *[
+                f"| {k} | {v['req_per_s']:.0f} | {v.get('ratio_to_ee_req', float('nan')):.3f} | {v['runs']} |"
+                for k, v in res["saturated"].items()
+            ],
             "",
             "One request at a time, side by side (closed loop over the same 64 samples):",
             "",
@@ -512,6 +616,8 @@ def main(argv=None) -> int:
         help="torch intra-op threads (1: on a shared 2-core VM, OpenMP's spinning threads fight "
         "the serving worker, the load generator and other jobs)",
     )
+    p.add_argument("--capacity-requests", type=int, default=2000, help="requests per saturated-throughput run")
+    p.add_argument("--capacity-repeats", type=int, default=3, help="saturated-throughput runs per system")
     p.add_argument("--device", default="cpu", help="where the models run (cuda: see the module docstring)")
     p.add_argument("--quick", action="store_true", help="smoke run: one model, three rates, 0.5 s each")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -520,6 +626,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.models, args.rate_factors, args.seconds, args.drain_s = "digits", "0.1,1.0,2.0", 0.5, 5.0
         args.sbs_rounds = 3
+        args.capacity_requests, args.capacity_repeats = 200, 1
     args.rate_factors = [float(f) for f in args.rate_factors.split(",")]
     args.systems = [x for x in args.systems.split(",") if x]
     unknown = {x.split("@")[0] for x in args.systems} - set(SYSTEMS)
