@@ -55,7 +55,7 @@ from common import device_info, thresholds_for_fractions  # noqa: E402
 
 import eeruntime as ee  # noqa: E402
 from eeruntime.oracle import plain_forward  # noqa: E402
-from eeruntime.serve import StageScheduler, freeze_startup_objects  # noqa: E402
+from eeruntime.serve import StageScheduler, freeze_startup_objects, set_switch_interval  # noqa: E402
 from eeruntime.serve.stats import percentile  # noqa: E402
 from eeruntime.timing import side_by_side  # noqa: E402
 from eeruntime.zoo import digits_cnn, resnet_style  # noqa: E402
@@ -616,6 +616,12 @@ def main(argv=None) -> int:
         help="torch intra-op threads (1: on a shared 2-core VM, OpenMP's spinning threads fight "
         "the serving worker, the load generator and other jobs)",
     )
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=0.1,
+        help="the GIL switch interval of this process, for every system (eeruntime serve's default; Python's is 5)",
+    )
     p.add_argument("--capacity-requests", type=int, default=2000, help="requests per saturated-throughput run")
     p.add_argument("--capacity-repeats", type=int, default=3, help="saturated-throughput runs per system")
     p.add_argument("--device", default="cpu", help="where the models run (cuda: see the module docstring)")
@@ -633,6 +639,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; accepted: {', '.join(SYSTEMS)}")
     torch.set_num_threads(args.threads)
+    set_switch_interval(args.switch_interval_ms / 1e3)
     load_before = os.getloadavg()
     results = []
     for m in args.models.split(","):
@@ -655,7 +662,8 @@ def main(argv=None) -> int:
             if args.device.startswith("cuda")
             else f"Measured on a {os.cpu_count()}-core CPU "
         )
-        + f"(load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; per model below); "
+        + f"(GIL switch interval {args.switch_interval_ms} ms for every system; "
+        + f"load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; per model below); "
         "the systems run back to back at each rate.",
     }
     out = Path(args.out)

@@ -2,7 +2,7 @@
 (``python -m eeruntime serve``), the LitServe adapter and the TorchServe handler
 (``eeruntime.serve.litserve_api``, ``eeruntime.serve.torchserve_handler``); Ray Serve in ``eeruntime.serve.ray``. See docs/serving.md."""
 
-from .process import freeze_startup_objects, gc_stats
+from .process import freeze_startup_objects, gc_stats, set_switch_interval
 from .scheduler import ROW_BITS, SchedulerClosed, SchedulerError, SchedulerFull, StageFailed, StageScheduler
 from .stats import SchedulerStats, prometheus_text
 
@@ -17,4 +17,5 @@ __all__ = [
     "ROW_BITS",
     "freeze_startup_objects",
     "gc_stats",
+    "set_switch_interval",
 ]

@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="where the model runs, e.g. cuda or cuda:1 (requests are moved there, answers back to the host)",
     )
+    p.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=0.1,
+        help="the interpreter's GIL switch interval in this process (docs/serving.md; Python's default is 5)",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from eeruntime.bundle import resolve_factory
 
     from .codec import InputSpec
-    from .process import freeze_startup_objects
+    from .process import freeze_startup_objects, set_switch_interval
     from .scheduler import StageScheduler
     from .server import _model_dtype, create_app
 
@@ -85,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if args.admin_token_file:
         with open(args.admin_token_file) as f:
             token = f.read().strip()
+    if not args.switch_interval_ms > 0:
+        print(f"eeruntime serve: --switch-interval-ms must be > 0, got {args.switch_interval_ms}", file=sys.stderr)
+        return 2
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -136,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     # the model, torch and the server are loaded: keep full GC collections from walking them
     # under load (eeruntime/serve/process.py says why; /stats shows the frozen count)
     freeze_startup_objects()
+    set_switch_interval(args.switch_interval_ms / 1e3)
     # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again: both end
     # here as KeyboardInterrupt, after the app's shutdown has drained the scheduler.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -1,4 +1,5 @@
-"""Process-wide settings a server applies once its model is loaded (see docs/serving.md, "GC").
+"""Process-wide settings a server applies once its model is loaded (see docs/serving.md,
+"Garbage collection" and "The GIL's switch interval").
 
 Python's cyclic garbage collector runs a full collection once enough objects have survived the
 younger generations, and a full collection walks every tracked object in the process while it
@@ -13,6 +14,14 @@ allocated since, not with the libraries imported at start.
 from __future__ import annotations
 
 import gc
+import sys
+
+# The interval after which a thread waiting for the GIL makes the holder drop it (CPython's
+# default: 5 ms). The scheduler's worker lets the GIL go at every torch op; when a submitting
+# thread (the load generator, an HTTP event loop) then runs Python, the worker waits for it up to
+# this long before each of its next ops, and a burst of arrivals can stall it for milliseconds
+# per op. 0.1 ms bounds that wait (bench/results/serve-amd-2026-11-26-session6*.md).
+SERVING_SWITCH_INTERVAL_S = 1e-4
 
 
 def freeze_startup_objects() -> int:
@@ -31,7 +40,19 @@ def gc_stats() -> dict:
     """The collector's counters, for a server's stats: frozen objects, and collections and
     collected objects per generation since the process started."""
     return {
+        "switch_interval_ms": sys.getswitchinterval() * 1e3,
         "frozen_objects": gc.get_freeze_count(),
         "collections": [g["collections"] for g in gc.get_stats()],
         "collected": [g["collected"] for g in gc.get_stats()],
     }
+
+
+def set_switch_interval(seconds: float = SERVING_SWITCH_INTERVAL_S) -> float:
+    """Set the interpreter's thread switch interval (``sys.setswitchinterval``) for a serving
+    process; returns the previous one. Process-wide: call it in a process that serves, not in a
+    library user's process unasked."""
+    if not seconds > 0:
+        raise ValueError(f"the switch interval must be > 0 seconds, got {seconds!r}")
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    return before
