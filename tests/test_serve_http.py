@@ -179,7 +179,7 @@ def test_health_stats_and_prometheus_metrics(served):
         "eeruntime_gc_frozen_objects ",
     ):
         assert line in text, line
-    assert set(stats["gc"]) == {"frozen_objects", "collections", "collected"}
+    assert set(stats["gc"]) == {"switch_interval_ms", "frozen_objects", "collections", "collected"}
 
 
 def test_admin_threshold_swap_needs_the_token(served):
@@ -263,8 +263,10 @@ def test_cli_serves_a_bundle_from_a_fresh_process(tmp_path, device):
                         break
                 except httpx.TransportError:
                     threading.Event().wait(0.05)
-            # the server froze its startup objects (torch, the model) out of the cyclic GC
-            assert c.get("/stats").json()["gc"]["frozen_objects"] > 10_000
+            # the server froze its startup objects (torch, the model) out of the cyclic GC, and
+            # set its GIL switch interval (eeruntime/serve/process.py)
+            gc_doc = c.get("/stats").json()["gc"]
+            assert gc_doc["frozen_objects"] > 10_000 and gc_doc["switch_interval_ms"] == pytest.approx(0.1)
             r = c.post("/v1/infer", json={"inputs": x.tolist()})
             assert r.status_code == 200, r.text
             want = rt.infer(x)
@@ -307,3 +309,13 @@ def test_cli_refuses_a_device_it_cannot_use(tmp_path, capsys, device, message):
     rt.save(tmp_path / "bundle", weights=True)
     rc = main([str(tmp_path / "bundle"), "--model", "eeruntime.zoo:digits_cnn", "--port", "0", "--device", device])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, value):
+    from eeruntime.serve.cli import main
+
+    before = sys.getswitchinterval()
+    rc = main([str(tmp_path / "missing"), "--model", "eeruntime.zoo:digits_cnn", "--switch-interval-ms", value])
+    assert rc == 2 and "--switch-interval-ms must be > 0" in capsys.readouterr().err
+    assert sys.getswitchinterval() == before  # refused before anything was set

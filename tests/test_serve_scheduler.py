@@ -532,3 +532,18 @@ print(before, frozen, after, got, s.gc_stats()["frozen_objects"])
     before, frozen, after, collected, reported = map(int, out.stdout.split()[-5:])
     assert before > 10_000 and frozen > 0.9 * before and after < 100, (before, frozen, after)
     assert collected >= 1 and reported == frozen  # a cycle made later is still collected
+
+
+def test_set_switch_interval_sets_and_returns_the_previous_one():
+    from eeruntime.serve import set_switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        assert set_switch_interval(2e-4) == before and sys.getswitchinterval() == pytest.approx(2e-4)
+        assert set_switch_interval(before) == pytest.approx(2e-4)
+        for bad in (0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="must be > 0"):
+                set_switch_interval(bad)
+    finally:
+        sys.setswitchinterval(before)
+    assert sys.getswitchinterval() == before
