@@ -240,10 +240,13 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     config = {"asyncCommunication": asynchronous, "eeruntime": {"model": lambda: model, "max_batch": 32}}
     ctx = FakeContext(tmp_path, config)
     handler = EarlyExitHandler()
-    # initialize freezes the worker process's objects out of the GC; not this test process's
-    with mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects") as freeze:
+    # initialize sets up the worker process (GC freeze, GIL switch interval); not this test process
+    with (
+        mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects") as freeze,
+        mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval") as switch,
+    ):
         handler.initialize(ctx)
-    assert freeze.called
+    assert freeze.called and switch.called == asynchronous
     return handler, ctx, hook
 
 

@@ -52,7 +52,7 @@ class EarlyExitLitAPI(ls.LitAPI):
     def setup(self, device):
         import eeruntime as ee
 
-        from .process import freeze_startup_objects
+        from .process import freeze_startup_objects, set_switch_interval
         from .scheduler import StageScheduler
         from .server import _model_dtype
 
@@ -63,7 +63,10 @@ class EarlyExitLitAPI(ls.LitAPI):
         self.sched = StageScheduler(rt, **self.options)
         self.spec = InputSpec(dtype=_model_dtype(rt.model))
         self.device_name = device
-        freeze_startup_objects()  # this worker process is ours to set up (eeruntime/serve/process.py)
+        # this worker process is ours to set up (eeruntime/serve/process.py): LitServe's event loop
+        # submits, the scheduler's worker steps, both under one GIL
+        freeze_startup_objects()
+        set_switch_interval()
 
     async def decode_request(self, request, **kwargs):
         from fastapi import HTTPException

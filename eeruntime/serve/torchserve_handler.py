@@ -43,7 +43,7 @@ from .codec import (
     encode_safetensors,
     refusal,
 )
-from .process import freeze_startup_objects
+from .process import freeze_startup_objects, set_switch_interval
 
 log = logging.getLogger("eeruntime.serve.torchserve")
 
@@ -114,6 +114,8 @@ class EarlyExitHandler:
         if config.get("asyncCommunication"):
             self.sched = StageScheduler(self.rt, **{k: opts[k] for k in SCHEDULER_OPTIONS if k in opts})
         freeze_startup_objects()  # this worker process is ours to set up (eeruntime/serve/process.py)
+        if self.sched is not None:  # an event loop submits, the scheduler's worker steps: one GIL
+            set_switch_interval()
         how = "the stage scheduler (async worker)" if self.sched is not None else "rt.infer per TorchServe batch"
         log.info("eeruntime: serving %s on %s through %s", bundle, self.device, how)
         self.initialized = True
