@@ -22,7 +22,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXTRAS = "vision,transformers,serve,ray,triton,dev"
+EXTRAS = "vision,transformers,serve,ray,triton,torchserve,dev"
 
 CHECK = r"""
 import json, torch, eeruntime as ee
