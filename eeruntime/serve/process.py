@@ -39,11 +39,12 @@ def freeze_startup_objects() -> int:
 def gc_stats() -> dict:
     """The collector's counters, for a server's stats: frozen objects, and collections and
     collected objects per generation since the process started."""
+    generations = gc.get_stats()
     return {
         "switch_interval_ms": sys.getswitchinterval() * 1e3,
         "frozen_objects": gc.get_freeze_count(),
-        "collections": [g["collections"] for g in gc.get_stats()],
-        "collected": [g["collected"] for g in gc.get_stats()],
+        "collections": [g["collections"] for g in generations],
+        "collected": [g["collected"] for g in generations],
     }
 
 

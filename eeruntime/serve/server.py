@@ -137,14 +137,17 @@ def create_app(
             return error(503, "closing")
         return {"status": "ok", "pending_requests": sched.pending()}
 
+    def scheduler_doc():
+        """The scheduler's statistics and the process's GC counters (/stats and /metrics)."""
+        return {**sched.stats_dict(), "gc": gc_stats()}
+
     def stats_doc():
-        d = sched.stats_dict()
+        d = scheduler_doc()
         d["runtime"] = (
             sched.rt.stats.as_dict()
             if sched.rt.stats.cost_model is not None
             else {"exit_counts": sched.rt.stats.exit_counts, "samples": sched.rt.stats.samples}
         )
-        d["gc"] = gc_stats()
         return d
 
     @app.get("/stats")
@@ -153,8 +156,7 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics():
-        d = {**sched.stats_dict(), "gc": gc_stats()}
-        return PlainTextResponse(prometheus_text(d), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus_text(scheduler_doc()), media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/thresholds")
     async def set_thresholds(request: Request):
