@@ -34,12 +34,13 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
 from ..runtime import EERuntime, InferenceResult, cat_rows, take_rows
 from ..state import check_state
+from .costs import StepCosts
 from .stats import SchedulerStats
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a request's input, or rows of a stage's state
@@ -47,7 +48,10 @@ State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a request's input, or r
 ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
 ROW_MASK = (1 << ROW_BITS) - 1
 INLINE_MODES = ("blocking", "always", "never")
-POLICIES = ("deepest", "fill")
+POLICIES = ("deepest", "fill", "slo")
+# _deliver makes the answers' views with one split per output from this many leaving rows on
+# (measured: a split costs about half a Python slice per view, plus a fixed ~2 us)
+SPLIT_MIN_ROWS = 4
 
 
 class SchedulerError(RuntimeError):
@@ -126,7 +130,7 @@ class _Chunk:
     worker, and the submitter then waits to get it back); the worker turns a batch's ranges into
     one tensor."""
 
-    __slots__ = ("ids", "state", "carry", "snap", "layout", "ready_at", "urgent", "n")
+    __slots__ = ("ids", "state", "carry", "snap", "layout", "ready_at", "urgent", "t0", "n")
 
     def __init__(
         self,
@@ -137,9 +141,11 @@ class _Chunk:
         layout: Optional[tuple],
         ready_at: float,
         urgent: bool = False,
+        t0: float = 0.0,
     ) -> None:
         self.ids, self.state, self.carry, self.snap, self.layout = ids, state, carry, snap, layout
         self.ready_at, self.urgent = ready_at, urgent
+        self.t0 = t0  # when the oldest request with rows here was admitted (policy="slo")
         self.n = len(ids)
 
     def split(self, r: int) -> _Chunk:
@@ -152,6 +158,7 @@ class _Chunk:
             self.layout,
             self.ready_at,
             self.urgent,
+            self.t0,
         )
         self.ids, self.state, self.carry = self.ids[r:], _slice(self.state, r, None), _slice(self.carry, r, None)
         self.n -= r
@@ -222,6 +229,7 @@ class StageScheduler:
         name: str = "eeruntime-stage-scheduler",
         inline: str = "blocking",
         policy: str = "deepest",
+        latency_target_ms: Optional[float] = None,
     ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
@@ -235,6 +243,16 @@ class StageScheduler:
             raise ValueError(f"when_full must be 'error' or 'wait', got {when_full!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
+        if (policy == "slo") != (latency_target_ms is not None):
+            raise ValueError(
+                "policy='slo' needs latency_target_ms (the latency each row should be answered within, "
+                f"e.g. half the p99 SLO), and only it takes one; got policy={policy!r}, "
+                f"latency_target_ms={latency_target_ms!r}"
+            )
+        if latency_target_ms is not None and not latency_target_ms > 0:
+            raise ValueError(f"latency_target_ms must be > 0, got {latency_target_ms!r}")
+        if policy == "slo" and max_wait_ms:
+            raise ValueError("policy='slo' sizes every wait from latency_target_ms; leave max_wait_ms at 0")
         if inline not in INLINE_MODES:
             raise ValueError(f"inline must be one of {', '.join(map(repr, INLINE_MODES))}, got {inline!r}")
         self.rt = rt
@@ -244,6 +262,14 @@ class StageScheduler:
         self._adapter = getattr(rt.model, "input_adapter", None) is not None
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
+        self.latency_target_s = None if latency_target_ms is None else latency_target_ms / 1000.0
+        self.costs = StepCosts(self.num_stages, max_batch)  # what each stage step costs, learned online
+        # _check_input's fast path: a lone tensor on this device needs no other check
+        # (a device with an index, or the CPU: a tensor's own device always names its index)
+        dev = getattr(rt, "_device", None)
+        exact = isinstance(dev, torch.device) and (dev.type == "cpu" or dev.index is not None)
+        self._fast_device = dev if exact else None
+        self._max_rows = min(max_queue_rows, ROW_MASK)
         self.max_queue_rows = max_queue_rows
         self.when_full = when_full
         self.timeout_s = timeout_s
@@ -316,8 +342,8 @@ class StageScheduler:
             req = self._admit(n, future, t0, deadline, layout, seq)  # the thresholds snapshot: now
             if deadline is not None:
                 self._arm(deadline, seq)
-            ready_at = t0 if urgent else t0 + self.max_wait_s
-            self._inbox.append(_Chunk(ids, x, None, req.snap, layout, ready_at, urgent))
+            ready_at = t0 if urgent else self._ready_at(0, t0, t0)
+            self._inbox.append(_Chunk(ids, x, None, req.snap, layout, ready_at, urgent, t0))
             if self._sleeping:
                 self._cv.notify()
         return future
@@ -351,6 +377,12 @@ class StageScheduler:
         return self.submit_nowait(x, timeout_s).result()
 
     def _check_input(self, x: Union[State, list]) -> Tuple[State, int]:
+        if type(x) is torch.Tensor and self._fast_device is not None:
+            # the common request, one tensor on the model's device: the checks below in a few
+            # attribute reads (every submit pays them, in the submitting thread, holding the GIL)
+            n = x.shape[0] if x.dim() else 0
+            if 0 < n <= self._max_rows and x.device == self._fast_device:
+                return x, n
         if isinstance(x, list):
             x = tuple(x)
         n = check_state(x, "StageScheduler input")
@@ -495,6 +527,8 @@ class StageScheduler:
             max_batch=self.max_batch,
             max_wait_ms=self.max_wait_s * 1000,
             policy=self.policy,
+            latency_target_ms=None if self.latency_target_s is None else self.latency_target_s * 1000,
+            step_costs=self.costs.as_dict(),
             thresholds=self.thresholds,
         )
         return d
@@ -536,39 +570,50 @@ class StageScheduler:
         Under load one batch answers dozens of single-row requests, and every torch call or lock
         per request is a point where the worker may lose the GIL to the submitting thread (and
         wait for it back): so a request whose rows all leave here together gets views of the
-        batch's outputs (exit index included), and the batch's answers take one lock."""
-        i, E = 0, len(exit_ids)
+        batch's outputs (exit index included), made by one ``split`` per output for the whole
+        batch, and the batch's answers take one lock."""
+        E = len(exit_ids)
         now = time.perf_counter()
-        exit_col: Optional[torch.Tensor] = None
-        done: List[_Request] = []
+        # the batch's runs of rows of one request (a request's rows in one batch are adjacent unless it
+        # was split across batches at an earlier stage: then it has several runs)
+        runs: List[Tuple[int, int, int]] = []  # (seq, first, end)
+        i = 0
         while i < E:
             seq = exit_ids[i] >> ROW_BITS
             j = i + 1
             while j < E and exit_ids[j] >> ROW_BITS == seq:
                 j += 1
-            req = self._requests.get(seq)
-            if req is not None:
-                m = j - i
-                local0 = exit_ids[i] & ROW_MASK
-                if req.logits is None and m == req.n and exit_ids[j - 1] & ROW_MASK == req.n - 1 and local0 == 0:
-                    # every row of the request left here, in order: views of the batch's output
-                    if exit_col is None:
-                        exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device)
-                    req.logits, req.confidence, req.exit_index = logits[i:j], confidence[i:j], exit_col[i:j]
-                else:
-                    if req.logits is None:
-                        req.logits = logits.new_empty((req.n, logits.shape[1]))
-                        req.confidence = confidence.new_empty(req.n)
-                        req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
-                    assert req.confidence is not None and req.exit_index is not None  # set with logits
-                    local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64).to(logits.device)
-                    req.logits.index_copy_(0, local, logits[i:j])
-                    req.confidence.index_copy_(0, local, confidence[i:j])
-                    req.exit_index.index_fill_(0, local, k)
-                req.remaining -= m
-                if req.remaining == 0:
-                    done.append(req)
+            runs.append((seq, i, j))
             i = j
+        exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device)
+        views: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+        if E >= SPLIT_MIN_ROWS:  # one call per output for all the views
+            sizes = [j - i for _, i, j in runs]
+            views = zip(logits.split(sizes), confidence.split(sizes), exit_col.split(sizes))
+        else:
+            views = ((logits[i:j], confidence[i:j], exit_col[i:j]) for _, i, j in runs)
+        done: List[_Request] = []
+        for (seq, i, j), (lg, cf, ex) in zip(runs, views):
+            req = self._requests.get(seq)
+            if req is None:  # answered meanwhile (timeout, cancel)
+                continue
+            m = j - i
+            if req.logits is None and m == req.n and exit_ids[i] & ROW_MASK == 0 and exit_ids[j - 1] & ROW_MASK == m - 1:
+                # every row of the request left here, in order: views of the batch's output
+                req.logits, req.confidence, req.exit_index = lg, cf, ex
+            else:
+                if req.logits is None:
+                    req.logits = logits.new_empty((req.n, logits.shape[1]))
+                    req.confidence = confidence.new_empty(req.n)
+                    req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
+                assert req.confidence is not None and req.exit_index is not None  # set with logits
+                local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64).to(logits.device)
+                req.logits.index_copy_(0, local, lg)
+                req.confidence.index_copy_(0, local, cf)
+                req.exit_index.index_fill_(0, local, k)
+            req.remaining -= m
+            if req.remaining == 0:
+                done.append(req)
         if done:
             self._finish(done, now)
 
@@ -665,7 +710,7 @@ class StageScheduler:
 
     def _pick(self, now: float) -> Tuple[Optional[int], Optional[float]]:
         """The stage to run next by the policy, or (None, seconds until one becomes ready by max_wait)."""
-        if self.policy == "fill":
+        if self.policy != "deepest":  # "fill" and "slo" pick alike; they size the waits differently
             return self._pick_fill(now), None
         soonest = None
         for k in range(self.num_stages - 1, -1, -1):
@@ -730,7 +775,7 @@ class StageScheduler:
                     idx = alive.nonzero().squeeze(1)
                     carry = None if c.carry is None else take_rows(c.carry, idx) if c.carry else ()
                     kept.append(
-                        _Chunk(c.ids[idx], take_rows(c.state, idx), carry, c.snap, c.layout, c.ready_at, c.urgent)
+                        _Chunk(c.ids[idx], take_rows(c.state, idx), carry, c.snap, c.layout, c.ready_at, c.urgent, c.t0)
                     )
             q.clear()
             q.extend(kept)
@@ -792,12 +837,25 @@ class StageScheduler:
             head = chunks[0]
             # an idle-admitted request's survivors stay urgent: nothing was there to join them
             urgent = any(c.urgent for c in chunks)
-            ready_at = t1 if urgent else t1 + self.max_wait_s
-            self._queues[k + 1].append(_Chunk(res.rows, res.state, res.carry, head.snap, head.layout, ready_at, urgent))
+            oldest = min(c.t0 for c in chunks)
+            ready_at = t1 if urgent else self._ready_at(k + 1, t1, oldest)
+            self._queues[k + 1].append(
+                _Chunk(res.rows, res.state, res.carry, head.snap, head.layout, ready_at, urgent, oldest)
+            )
         counts = [0] * self.num_stages
         counts[k] = len(exit_ids)
         self.rt.record_exits(counts, calls=0, example=state if k == 0 else None)
+        self.costs.add(k, n, t1 - t0)
         self.stats.record_batch(k, n, len(exit_ids), t1 - t0, time.perf_counter() - t0)
+
+    def _ready_at(self, k: int, now: float, oldest: float) -> float:
+        """When rows entering stage ``k`` now must run, fuller batch or not: after ``max_wait``;
+        or, with ``policy="slo"``, when the oldest of them (admitted at ``oldest``) has just enough
+        of its latency target left for the rest of its path at full batches (``StepCosts.path_s``:
+        unknown at first, which makes them due at once)."""
+        if self.latency_target_s is None:
+            return now + self.max_wait_s
+        return oldest + self.latency_target_s - self.costs.path_s[k]
 
 
 __all__ = ["StageScheduler", "SchedulerError", "SchedulerFull", "SchedulerClosed", "StageFailed", "ROW_BITS"]
