@@ -19,6 +19,18 @@ latency measured in the same run; a rate is sustained when p99 <= SLO and every 
 answered. Also measured, side by side, one request at a time: rt.infer, sched.infer (inline) and
 submit through the worker thread (the serving machinery's own cost at light load).
 
+SEARCH: the rate grid is coarse (multiples of the plain model's capacity), so after it each system's
+highest sustained rate is found by search (find_max_sustained; --no-search skips it): a bracket
+[lo, hi] per system, lo = the grid's highest sustained rate (checked first; if it fails, the
+search starts again from the grid's lowest rate; a system failing even there reports 0), hi = 1.1x
+its saturated throughput, bisected geometrically until hi/lo <= 1 + --search-tol (5%). Each probe
+is --search-repeats open-loop runs (3; at least --search-min-requests requests each), judged by
+the median-p99 run. The systems' bisections run in lockstep, each round every system still
+searching probed at its own midpoint in a rotated order, so a slow spell of a shared machine hits
+them alike. Reported per system: the found rate (its highest sustained probe), the bracket, and
+the found rate over ee-req's and over plain's (the issue's targets: stage >= 1.05x ee-req and
+>= 2x plain at the SLO); every probe is in the JSON ("search"). "direct" is not searched.
+
     python bench/serve_load.py                      # both models, the default rate grid
     python bench/serve_load.py --quick              # a smoke run (seconds)
     python bench/serve_load.py --device cuda --models resnet,resnet18 --max-batch 64   # on a GPU
@@ -197,6 +209,133 @@ def median_run(runs: list) -> dict:
     return row
 
 
+def sustained(row: dict, slo_ms: float) -> bool:
+    """A rate is sustained when every request was answered and p99 <= the SLO."""
+    return row["answered"] == row["sent"] and row["p99_ms"] <= slo_ms
+
+
+def rotated(items: list, k: int) -> list:
+    """``items`` started at index ``k`` (mod its length): the order of systems in pass ``k``, so a
+    slow spell of the shared VM lands on a different system each pass."""
+    k %= max(len(items), 1)
+    return items[k:] + items[:k]
+
+
+class Bracket:
+    """One system's search: ``lo`` a rate it sustains once ``lo_ok`` (until then, a guess to
+    check), ``hi`` a rate taken as failing, ``floor`` the lowest rate worth a probe."""
+
+    def __init__(self, lo: float, hi: float, floor: float):
+        self.lo, self.hi, self.floor = lo, hi, floor
+        self.lo_ok = False  # lo seen sustained
+        self.failed = False  # some probe failed (else hi was only assumed failing)
+        self.probes = 0
+        self.note = ""  # set when the system fails even at the floor: its rate is 0
+
+    def next_rate(self) -> float:
+        # check lo first; then the geometric midpoint: the rates span decades, and a relative
+        # tolerance halves in log space with every probe
+        return math.sqrt(self.lo * self.hi) if self.lo_ok else self.lo
+
+    def record(self, rate: float, ok: bool) -> None:
+        self.probes += 1
+        if ok:
+            self.lo, self.lo_ok = rate, True
+            return
+        self.failed = True
+        if self.lo_ok:
+            self.hi = rate
+        elif rate > self.floor:  # the first guess failed: search [floor, that guess] instead
+            self.lo, self.hi = self.floor, rate
+        else:
+            self.hi, self.note = rate, f"fails even at the lowest rate {self.floor:.1f}/s: reported as 0"
+
+    def done(self, tol: float) -> bool:
+        return bool(self.note) or (self.lo_ok and self.hi <= self.lo * (1 + tol))
+
+
+def find_max_sustained(systems, probe, judge, lo, hi, floor, tol=0.05, repeats=3, log=None) -> dict:
+    """Each system's highest sustained rate, by a geometric bisection of its bracket [lo, hi].
+
+    ``probe(system, rate, seed)`` runs one open-loop run and returns its row (open_loop's dict);
+    ``judge(row)`` says whether the row is sustained. ``lo``, ``hi`` and ``floor`` map each system
+    to its first guess of a sustained rate, a rate taken as failing (never probed: e.g. 1.1x the
+    saturated throughput) and the lowest rate worth a probe. A system's lo is probed first: if it
+    fails, the search starts again from [floor, lo]; if the floor fails too the system's rate is 0.
+    Then each probe at sqrt(lo * hi) replaces lo (sustained) or hi (not), until hi / lo <= 1 + tol.
+
+    The bisections run in lockstep: each round probes every system still searching once (each
+    at its own rate), ``repeats`` runs in a rotated order, and judges the run with the median p99
+    (``median_run``), so a slow spell of a noisy machine hits every system alike, as in the grid.
+    Returns {"systems": {name: found rate, bracket, ...}, "probes": [every probe, in order]}."""
+    brackets = {s: Bracket(lo[s], hi[s], floor[s]) for s in systems}
+    probes: list = []
+    searching = list(systems)
+    rnd = passes = 0
+    while searching:
+        rates = {s: brackets[s].next_rate() for s in searching}
+        runs: dict = {s: [] for s in searching}
+        for rep in range(repeats):
+            # a different system first in every pass (each first equally often); every system of
+            # a pass gets the same seed: the same arrival pattern, scaled to its rate
+            for s in rotated(searching, passes):
+                runs[s].append(probe(s, rates[s], seed=10**6 + rnd * 1000 + rep))
+            passes += 1
+        for s in searching:
+            row = median_run(runs[s])
+            probes.append(
+                {
+                    "round": rnd,
+                    "system": s,
+                    "rate": rates[s],
+                    "checks_lo": not brackets[s].lo_ok,
+                    "p99_ms": row["p99_ms"],
+                    "p99s_ms": row["repeats"],
+                    "answered": row["answered"],
+                    "sent": row["sent"],
+                    "sustained": judge(row),
+                }
+            )
+            brackets[s].record(rates[s], probes[-1]["sustained"])
+            if log:
+                log(probes[-1])
+        searching = [s for s in searching if not brackets[s].done(tol)]
+        rnd += 1
+    return {
+        "systems": {
+            s: {
+                # the highest sustained probe: lo, once seen sustained (lo only ever rises)
+                "found_rate": b.lo if b.lo_ok else 0.0,
+                "bracket": [b.lo if b.lo_ok else 0.0, b.hi],
+                "start_bracket": [lo[s], hi[s]],
+                "probes": b.probes,
+                # no probe failed: hi was taken as failing, never seen to; the rate may lie above it
+                "capped": b.lo_ok and not b.failed,
+                "note": b.note,
+            }
+            for s, b in brackets.items()
+        },
+        "probes": probes,
+    }
+
+
+def search_ratios(found: dict) -> dict:
+    """Per system, its found rate over ee-req's and over plain's (None where either is absent or
+    0), and for every stage-like system whether it meets the issue's targets: >= 1.05x (b) ee-req
+    and >= 2x (a) plain at the SLO."""
+    out = {}
+    for s, rate in found.items():
+        row = {
+            f"x_{base.replace('-', '_')}": rate / found[base] if found.get(base) else None
+            for base in ("ee-req", "plain")
+        }
+        if s.startswith("stage"):
+            row["meets_1_05x_ee_req"] = row["x_ee_req"] is not None and row["x_ee_req"] >= 1.05
+            row["meets_2x_plain"] = row["x_plain"] is not None and row["x_plain"] >= 2.0
+        out[s] = row
+    return out
+
+
 SYSTEMS = ("direct", "plain", "ee-req", "stage", "stage-inline", "stage-wait", "stage-fill")
 
 
@@ -266,7 +405,7 @@ def saturated_capacity(systems, make, pool, n, repeats):
     a done-callback, as the open loop sees it (no thread waits on a future)."""
     out = {name: [] for name in systems}
     for rep in range(repeats):
-        for name in systems[rep % len(systems) :] + systems[: rep % len(systems)]:
+        for name in rotated(systems, rep):
             system = make(name)
             for x in pool[:20]:  # warm the worker
                 system.submit_nowait(x).result()
@@ -417,6 +556,21 @@ def run_model(name, spec, args) -> dict:
         f"{args.max_batch} {plain_b:.3f} ms; SLO p99 <= {slo_ms:.2f} ms; rates {rates}",
         flush=True,
     )
+
+    def run_once(system_name, rate, n, seed):
+        """One open-loop run of a fresh ``system_name`` at ``rate`` (the grid's and the search's)."""
+        system = make_system(system_name, model, rt, args.max_batch, args.wait_ms)
+        for x in pool[:20]:  # warm the worker
+            system.submit_nowait(x).result()
+        r = open_loop(system, pool, rate, n, 1.5 * n / rate, args.drain_s, seed=seed)
+        if system_name.startswith("stage"):
+            st = system.stats_dict()
+            r["mean_batch_per_stage"] = [round(b, 2) for b in st["mean_batch"]]
+            r["overhead_ms_per_batch"] = round(st["overhead_ms_per_batch"], 4)
+            r["inline_requests"] = st["inline_requests"]
+        system.close()
+        return r
+
     rows = []
     for i, rate in enumerate(rates):
         n = max(20, min(args.max_requests, int(rate * args.seconds)))
@@ -424,23 +578,12 @@ def run_model(name, spec, args) -> dict:
         for rep in range(args.repeats):
             # the systems in a rotated order each repeat: a slow spell of this shared VM lands on a
             # different system each time, and the medians below keep it out of the comparison
-            order = args.systems[rep % len(args.systems) :] + args.systems[: rep % len(args.systems)]
-            for system_name in order:
-                system = make_system(system_name, model, rt, args.max_batch, args.wait_ms)
-                for x in pool[:20]:  # warm the worker
-                    system.submit_nowait(x).result()
-                r = open_loop(system, pool, rate, n, 1.5 * n / rate, args.drain_s, seed=i * 1000 + rep)
-                if system_name.startswith("stage"):
-                    st = system.stats_dict()
-                    r["mean_batch_per_stage"] = [round(b, 2) for b in st["mean_batch"]]
-                    r["overhead_ms_per_batch"] = round(st["overhead_ms_per_batch"], 4)
-                    r["inline_requests"] = st["inline_requests"]
-                system.close()
-                runs[system_name].append(r)
+            for system_name in rotated(args.systems, rep):
+                runs[system_name].append(run_once(system_name, rate, n, seed=i * 1000 + rep))
         for system_name in args.systems:
             r = median_run(runs[system_name])
             r["system"] = system_name
-            r["sustained"] = r["answered"] == r["sent"] and r["p99_ms"] <= slo_ms
+            r["sustained"] = sustained(r, slo_ms)
             rows.append(r)
             print(
                 f"  {system_name:14s} rate {rate:8.1f}/s  thr {r['throughput']:8.1f}/s  p50 {r['p50_ms']:8.2f} ms  "
@@ -453,6 +596,7 @@ def run_model(name, spec, args) -> dict:
         s: max([r["offered_rate"] for r in rows if r["system"] == s and r["sustained"]], default=0.0)
         for s in args.systems
     }
+    search = None if args.no_search else search_model(name, args, run_once, sat, best, rates[0], slo_ms)
     lowest = rates[0]
     p50_at_lowest = {r["system"]: r["p50_ms"] for r in rows if r["offered_rate"] == lowest}
     return {
@@ -476,7 +620,83 @@ def run_model(name, spec, args) -> dict:
         "stage_costs_ms": {str(b): c for b, c in costs.items()},
         "stage0_bound_x_plain": bound,
         "saturated": sat,
+        **({"search": search} if search else {}),
     }
+
+
+def search_model(name, args, run_once, sat, grid_best, lowest_rate, slo_ms) -> dict:
+    """The search of each system's highest sustained rate (find_max_sustained), after the grid:
+    lo = the grid's highest sustained rate (else its lowest), hi = 1.1x the saturated throughput
+    (no open loop keeps up above what a backlog gets through), floor = the grid's lowest rate.
+    "direct" has no batching and no saturated run: it is the light-load reference, not searched."""
+    systems = [s for s in args.systems if s != "direct"]
+
+    def probe(system, rate, seed):
+        # the grid's n rule, but at least --search-min-requests so that p99 means something
+        n = max(args.search_min_requests, min(args.max_requests, int(rate * args.seconds)))
+        return run_once(system, rate, n, seed)
+
+    def log(p):
+        print(
+            f"  search round {p['round']} {p['system']:14s} rate {p['rate']:8.1f}/s  p99 {p['p99_ms']:9.2f} ms "
+            f"{'ok' if p['sustained'] else '--'}" + ("  (checks lo)" if p["checks_lo"] else ""),
+            flush=True,
+        )
+
+    print(
+        f"[{name}] search: each system's highest rate with p99 <= {slo_ms:.2f} ms, to within "
+        f"{args.search_tol:.0%}, {args.search_repeats} run(s) per probe, systems in lockstep",
+        flush=True,
+    )
+    res = find_max_sustained(
+        systems,
+        probe,
+        judge=lambda row: sustained(row, slo_ms),
+        lo={s: grid_best[s] or lowest_rate for s in systems},
+        hi={s: 1.1 * sat[s]["req_per_s"] for s in systems},
+        floor={s: lowest_rate for s in systems},
+        tol=args.search_tol,
+        repeats=args.search_repeats,
+        log=log,
+    )
+    ratios = search_ratios({s: v["found_rate"] for s, v in res["systems"].items()})
+    for s, v in res["systems"].items():
+        v.update(ratios[s])
+    res.update(tol=args.search_tol, repeats=args.search_repeats, min_requests=args.search_min_requests)
+    print(f"[{name}] " + "\n".join(search_table(res)), flush=True)
+    return res
+
+
+def search_table(search: dict) -> list:
+    """The search's markdown table (also printed) and a line on the issue's targets."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [
+        f"Highest sustained rate, by search (p99 <= SLO, every request answered; bracket to within "
+        f"{search['tol']:.0%}, median-p99 of {search['repeats']} run(s) per probe; each rate is up to "
+        f"{search['tol']:.0%} below its system's true bound, so a ratio is good to about that much either way):",
+        "",
+        "| system | rate /s | bracket /s | x ee-req | x plain | probes |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for s, v in search["systems"].items():
+        lo, hi = v["bracket"]
+        lines.append(
+            f"| {s} | {v['found_rate']:.0f} | [{lo:.0f}, {hi:.0f}]{' (never failed)' if v['capped'] else ''} | "
+            f"{fmt(v['x_ee_req'])} | {fmt(v['x_plain'])} | {v['probes']} |"
+        )
+    notes = [f"{s}: {v['note']}" for s, v in search["systems"].items() if v["note"]]
+    targets = [
+        f"{s} {'meets' if v['meets_1_05x_ee_req'] else 'misses'} >= 1.05x ee-req, "
+        f"{'meets' if v['meets_2x_plain'] else 'misses'} >= 2x plain"
+        for s, v in search["systems"].items()
+        if s.startswith("stage")
+    ]
+    return (
+        lines
+        + [""]
+        + (["; ".join(notes) + ".", ""] if notes else [])
+        + (["Targets: " + "; ".join(targets) + "."] if targets else [])
+    )
 
 
 def plot(results, path):
@@ -499,8 +719,17 @@ def plot(results, path):
         for system in dict.fromkeys(r["system"] for r in res["rows"]):
             pts = [r for r in res["rows"] if r["system"] == system]
             style = styles.get(system.split("@")[0], "*-")
-            ax.plot([r["throughput"] for r in pts], [r["p99_ms"] for r in pts], style, label=f"{system} p99")
-        ax.axhline(res["slo_p99_ms"], color="grey", ls="--", lw=1, label="SLO (10x plain batch-1)")
+            (line,) = ax.plot([r["throughput"] for r in pts], [r["p99_ms"] for r in pts], style, label=f"{system} p99")
+            found = res.get("search", {}).get("systems", {}).get(system, {}).get("found_rate")
+            if found:  # the search's highest sustained rate: a tick on the SLO line, in the system's colour
+                ax.plot([found], [res["slo_p99_ms"]], "|", ms=16, mew=2, color=line.get_color())
+        ax.axhline(
+            res["slo_p99_ms"],
+            color="grey",
+            ls="--",
+            lw=1,
+            label="SLO (10x plain batch-1)" + ("; |: found by search" if res.get("search") else ""),
+        )
         ax.set_yscale("log")
         ax.set_xlabel("throughput (requests/s)")
         ax.set_ylabel("p99 latency (ms)")
@@ -544,6 +773,10 @@ def markdown(doc) -> str:
                 for k, v in res["saturated"].items()
             ],
             "",
+        ]
+        if res.get("search"):
+            lines += search_table(res["search"]) + [""]
+        lines += [
             "One request at a time, side by side (closed loop over the same 64 samples):",
             "",
             "| path | ms per request | minus rt.infer ms | ratio to rt.infer |",
@@ -580,7 +813,11 @@ def _finite(v):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=next(par for par in __doc__.split("\n\n") if par.startswith("SEARCH:")),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--models", default="digits,resnet")
     p.add_argument(
         "--rate-factors",
@@ -624,8 +861,30 @@ def main(argv=None) -> int:
     )
     p.add_argument("--capacity-requests", type=int, default=2000, help="requests per saturated-throughput run")
     p.add_argument("--capacity-repeats", type=int, default=3, help="saturated-throughput runs per system")
+    p.add_argument(
+        "--no-search",
+        action="store_true",
+        help="skip the search of each system's highest sustained rate (after the grid; see the module docstring)",
+    )
+    p.add_argument(
+        "--search-tol",
+        type=float,
+        default=0.05,
+        help="the search stops when a system's bracket hi/lo <= 1 + this",
+    )
+    p.add_argument(
+        "--search-repeats",
+        type=int,
+        default=3,
+        help="runs per search probe, the systems in a rotated order; the probe is judged by its median-p99 run",
+    )
+    p.add_argument(
+        "--search-min-requests", type=int, default=500, help="requests per search run at least (so p99 means something)"
+    )
     p.add_argument("--device", default="cpu", help="where the models run (cuda: see the module docstring)")
-    p.add_argument("--quick", action="store_true", help="smoke run: one model, three rates, 0.5 s each")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: one model, three rates, 0.5 s each, a coarse search"
+    )
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default="", help="appended to the output files' names (a second run of the day)")
     args = p.parse_args(argv)
@@ -633,6 +892,10 @@ def main(argv=None) -> int:
         args.models, args.rate_factors, args.seconds, args.drain_s = "digits", "0.1,1.0,2.0", 0.5, 5.0
         args.sbs_rounds = 3
         args.capacity_requests, args.capacity_repeats = 200, 1
+        # a tiny search, so that the smoke test runs it: a coarse tolerance, one run per probe
+        args.search_tol, args.search_repeats, args.search_min_requests = 0.3, 1, 100
+    if not args.search_tol > 0 or args.search_repeats < 1 or args.search_min_requests < 1:
+        p.error("--search-tol must be > 0, --search-repeats and --search-min-requests >= 1")
     args.rate_factors = [float(f) for f in args.rate_factors.split(",")]
     args.systems = [x for x in args.systems.split(",") if x]
     unknown = {x.split("@")[0] for x in args.systems} - set(SYSTEMS)

@@ -1,0 +1,206 @@
+"""bench/serve_load.py's search of each system's highest sustained rate (find_max_sustained): the
+bisection checked with a fake prober (fast, deterministic: a system sustains exactly up to a known
+rate), and the smoke run (--quick) writing the search into its JSON and markdown."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import serve_load  # noqa: E402  (bench/ on sys.path)
+
+SLO_MS = 10.0
+
+
+class FakeProber:
+    """Stands in for an open-loop run: system s sustains every rate up to ``limits[s]`` (p99 1 ms,
+    within the SLO) and no rate above it (p99 100 ms). Every call is recorded, in order."""
+
+    def __init__(self, limits, slow_runs=None):
+        self.limits = limits
+        self.calls = []  # (system, rate, seed)
+        # slow_runs[s] = k: the first k runs of every probe of s are slow (a noisy machine's spell)
+        self.slow_runs = slow_runs or {}
+
+    def __call__(self, system, rate, seed):
+        self.calls.append((system, rate, seed))
+        runs_of_this_probe = sum(
+            1 for c in self.calls if c[0] == system and c[1] == rate and c[2] // 1000 == seed // 1000
+        )
+        slow = runs_of_this_probe <= self.slow_runs.get(system, 0)
+        p99 = 1.0 if rate <= self.limits[system] and not slow else 100.0
+        return {"p99_ms": p99, "p50_ms": p99 / 2, "throughput": rate, "answered": 500, "sent": 500}
+
+
+def judge(row):
+    return serve_load.sustained(row, SLO_MS)
+
+
+def search(limits, lo, hi, floor, tol=0.05, repeats=1, **kw):
+    prober = FakeProber(limits, **kw)
+    systems = list(limits)
+    res = serve_load.find_max_sustained(
+        systems,
+        prober,
+        judge,
+        lo={s: lo for s in systems},
+        hi={s: hi for s in systems},
+        floor={s: floor for s in systems},
+        tol=tol,
+        repeats=repeats,
+    )
+    return res, prober
+
+
+@pytest.mark.parametrize("tol", [0.05, 0.2])
+def test_search_finds_each_systems_limit_within_the_tolerance(tol):
+    # limits spread over the bracket, one of them (ee-req) below the first guess lo=400
+    limits = {"plain": 583.0, "ee-req": 350.0, "stage": 1748.0, "stage-fill": 4990.0}
+    res, prober = search(limits, lo=400.0, hi=5500.0, floor=100.0, tol=tol)
+    for s, limit in limits.items():
+        got = res["systems"][s]
+        lo, hi = got["bracket"]
+        # the true limit lies in the final bracket, which is within the tolerance
+        assert lo <= limit < hi and hi / lo <= 1 + tol + 1e-12, (s, got)
+        assert limit / (1 + tol) <= got["found_rate"] <= limit
+        # the found rate is the highest probe of that system judged sustained, and the record says so
+        mine = [p for p in res["probes"] if p["system"] == s]
+        assert got["found_rate"] == max(p["rate"] for p in mine if p["sustained"])
+        assert all(p["sustained"] == (p["rate"] <= limit) for p in mine)
+        assert got["probes"] == len(mine) == sum(1 for c in prober.calls if c[0] == s)
+        # capped: no probe failed (stage-fill's limit is within 20% of hi: with tol 0.2 it may never fail)
+        assert got["capped"] == all(p["sustained"] for p in mine) and got["note"] == ""
+    assert not res["systems"]["stage"]["capped"]
+    # bisection, not a scan: a handful of probes per system for a bracket spanning 14x
+    assert max(v["probes"] for v in res["systems"].values()) <= 3 + math.ceil(
+        math.log2(math.log(55) / math.log(1 + tol))
+    )
+
+
+def test_a_system_failing_even_at_the_lowest_rate_reports_zero():
+    res, prober = search({"plain": 50.0, "stage": 2000.0}, lo=400.0, hi=5000.0, floor=100.0)
+    plain = res["systems"]["plain"]
+    assert plain["found_rate"] == 0.0 and "fails even at the lowest rate" in plain["note"]
+    # probed at its first guess, then at the floor, then dropped from the lockstep
+    assert [c[1] for c in prober.calls if c[0] == "plain"] == [400.0, 100.0]
+    assert plain["probes"] == 2 and plain["bracket"] == [0.0, 100.0]
+    assert res["systems"]["stage"]["found_rate"] > 1900.0
+
+
+def test_a_system_sustaining_hi_is_marked_capped():
+    # hi is taken as failing without a probe: a system that never fails is reported as such
+    res, _ = search({"stage": 1e9}, lo=400.0, hi=5000.0, floor=100.0)
+    got = res["systems"]["stage"]
+    assert got["capped"] and 5000.0 / 1.05 <= got["found_rate"] < 5000.0
+
+
+def test_each_probe_is_judged_by_its_median_p99_run():
+    # one slow run of three at a sustained rate: the median run is fast, the search is not fooled
+    res, _ = search({"ee-req": 1000.0}, lo=400.0, hi=5000.0, floor=100.0, repeats=3, slow_runs={"ee-req": 1})
+    assert 1000.0 / 1.05 <= res["systems"]["ee-req"]["found_rate"] <= 1000.0
+    assert all(len(p["p99s_ms"]) == 3 for p in res["probes"])
+    # two slow runs of three: the median is slow, every probe fails, the system reports 0
+    res, _ = search({"ee-req": 1000.0}, lo=400.0, hi=5000.0, floor=100.0, repeats=3, slow_runs={"ee-req": 2})
+    assert res["systems"]["ee-req"]["found_rate"] == 0.0
+
+
+def test_unanswered_requests_fail_a_probe_whatever_the_p99():
+    assert serve_load.sustained({"p99_ms": 1.0, "answered": 500, "sent": 500}, SLO_MS)
+    assert not serve_load.sustained({"p99_ms": 1.0, "answered": 499, "sent": 500}, SLO_MS)
+    assert not serve_load.sustained({"p99_ms": 10.5, "answered": 500, "sent": 500}, SLO_MS)
+
+
+def passes_of(calls):
+    """The probe calls grouped by pass: one (round, repeat) each, told apart by the seed."""
+    out = {}
+    for c in calls:
+        out.setdefault(c[2], []).append(c)
+    return list(out.values())
+
+
+def test_the_systems_run_in_lockstep_in_a_rotated_order():
+    systems = ["plain", "ee-req", "stage", "stage-inline"]
+    # same limit and bracket: every system searches for the same number of rounds
+    res, prober = search({s: 1000.0 for s in systems}, lo=400.0, hi=5000.0, floor=100.0, repeats=3)
+    rounds = max(p["round"] for p in res["probes"]) + 1
+    assert rounds >= 3
+    passes = passes_of(prober.calls)
+    assert len(passes) == 3 * rounds
+    for calls in passes:
+        # lockstep: each pass probes every system once, before the next pass starts
+        assert len(calls) == len(systems) and sorted(c[0] for c in calls) == sorted(systems)
+    assert [c for calls in passes for c in calls] == prober.calls
+    # a probe's repeats run at one rate per system
+    for s in systems:
+        mine = [c[1] for c in prober.calls if c[0] == s]
+        assert mine[0::3] == mine[1::3] == mine[2::3]
+    # the first system changes from each pass to the next, and in any len(systems) passes in a row
+    # each system is first once: a slow spell at the start of a pass lands on each system alike
+    firsts = [calls[0][0] for calls in passes]
+    assert all(a != b for a, b in zip(firsts, firsts[1:]))
+    for i in range(len(firsts) - len(systems) + 1):
+        assert sorted(firsts[i : i + len(systems)]) == sorted(systems)
+
+
+def test_lockstep_drops_finished_systems_and_keeps_rotating_the_rest():
+    # plain fails at its guess and at the floor (rounds 0 and 1); the others go on, still rotated
+    res, prober = search({"plain": 10.0, "ee-req": 900.0, "stage": 1500.0}, lo=400.0, hi=5000.0, floor=100.0)
+    passes = passes_of(prober.calls)
+    assert all(len(calls) == 3 for calls in passes[:2])
+    later = [calls for calls in passes[2:] if len(calls) == 2]
+    assert len(later) >= 2 and all("plain" not in {c[0] for c in calls} for calls in passes[2:])
+    firsts = [calls[0][0] for calls in later]
+    assert all(a != b for a, b in zip(firsts, firsts[1:])), firsts
+
+
+def test_search_ratios_name_the_issue_targets():
+    r = serve_load.search_ratios({"plain": 1000.0, "ee-req": 1900.0, "stage": 2100.0, "stage-fill": 1800.0})
+    assert r["stage"]["x_ee_req"] == pytest.approx(2100 / 1900) and r["stage"]["x_plain"] == pytest.approx(2.1)
+    assert r["stage"]["meets_1_05x_ee_req"] and r["stage"]["meets_2x_plain"]
+    assert not r["stage-fill"]["meets_1_05x_ee_req"] and not r["stage-fill"]["meets_2x_plain"]
+    assert "meets_2x_plain" not in r["ee-req"] and r["ee-req"]["x_plain"] == pytest.approx(1.9)
+    # a baseline that sustains nothing: no ratio, and no target met
+    r = serve_load.search_ratios({"plain": 0.0, "ee-req": 1900.0, "stage": 2100.0})
+    assert r["stage"]["x_plain"] is None and not r["stage"]["meets_2x_plain"]
+
+
+def test_quick_run_writes_the_search(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    systems = "plain,ee-req,stage"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "serve_load.py"),
+        "--quick",
+        "--systems",
+        systems,
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (js,) = tmp_path.glob("serve-quick-*.json")
+    res = json.loads(js.read_text())["results"][0]
+    assert set(res["max_sustained_rate"]) == set(systems.split(","))  # the grid's, kept
+    search = res["search"]
+    assert set(search["systems"]) == set(systems.split(",")) and search["tol"] == 0.3
+    for s, v in search["systems"].items():
+        mine = [p for p in search["probes"] if p["system"] == s]
+        assert len(mine) == v["probes"] >= 1
+        # the found rate is the highest sustained probe (0 when none), and inside its bracket
+        assert v["found_rate"] == max([p["rate"] for p in mine if p["sustained"]], default=0.0)
+        assert v["bracket"][0] == v["found_rate"] <= v["bracket"][1]
+        # each probe judged against the run's SLO, as the grid is
+        for p in mine:
+            ok = p["answered"] == p["sent"] and isinstance(p["p99_ms"], float) and p["p99_ms"] <= res["slo_p99_ms"]
+            assert p["sustained"] == ok
+    assert "x_ee_req" in search["systems"]["stage"] and "meets_2x_plain" in search["systems"]["stage"]
+    md = js.with_suffix(".md").read_text()
+    assert "Highest sustained rate, by search" in md and "| stage |" in md
+    assert "Highest sustained rate, by search" in proc.stdout
