@@ -307,9 +307,21 @@ def test_threshold_swap_is_atomic_per_request():
 
 def test_bad_inputs_are_refused_at_submit_and_mismatched_layouts_never_share_a_batch():
     model = mlp_model(K=2, d_in=6, width=8, C=3)
-    with StageScheduler(ee.EERuntime(model, thresholds=0.5), max_batch=8) as sched:
+    with StageScheduler(ee.EERuntime(model, thresholds=0.5), max_batch=8, max_queue_rows=8) as sched:
         with pytest.raises(TypeError, match="StageScheduler input"):
             sched.submit_nowait("not a tensor")
+        # refused in the caller with what was wrong, never admitted (a 0-row request used to be
+        # admitted and left pending forever: no row of it could ever leave)
+        for x, err, what in [
+            (torch.randn(0, 6), ValueError, "0 rows"),
+            (torch.tensor(1.0), ValueError, "0-dim"),
+            (torch.randn(2, 6, device="meta"), ValueError, "meta tensor"),
+            (torch.randn(9, 6), ValueError, "can never be admitted"),
+        ]:
+            for submit in (sched.submit_nowait, sched.infer, lambda x: asyncio.run(sched.submit(x))):
+                with pytest.raises(err, match=what):
+                    submit(x)
+        assert sched.pending() == 0 and sched.stats.submitted == 0
         good = sched.submit_nowait(torch.randn(3, 6))
         bad = sched.submit_nowait(torch.randn(2, 5))  # wrong width: fails alone, at stage 0
         assert isinstance(bad.exception(WAIT), StageFailed)

@@ -40,7 +40,6 @@ import torch
 
 from ..runtime import EERuntime, InferenceResult, cat_rows, take_rows
 from ..state import check_state
-from .costs import StepCosts
 from .stats import SchedulerStats
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a request's input, or rows of a stage's state
@@ -48,7 +47,7 @@ State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a request's input, or r
 ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
 ROW_MASK = (1 << ROW_BITS) - 1
 INLINE_MODES = ("blocking", "always", "never")
-POLICIES = ("deepest", "fill", "slo")
+POLICIES = ("deepest", "fill")
 # _deliver makes the answers' views with one split per output from this many leaving rows on
 # (measured: a split costs about half a Python slice per view, plus a fixed ~2 us)
 SPLIT_MIN_ROWS = 4
@@ -130,7 +129,7 @@ class _Chunk:
     worker, and the submitter then waits to get it back); the worker turns a batch's ranges into
     one tensor."""
 
-    __slots__ = ("ids", "state", "carry", "snap", "layout", "ready_at", "urgent", "t0", "n")
+    __slots__ = ("ids", "state", "carry", "snap", "layout", "ready_at", "urgent", "n")
 
     def __init__(
         self,
@@ -141,11 +140,9 @@ class _Chunk:
         layout: Optional[tuple],
         ready_at: float,
         urgent: bool = False,
-        t0: float = 0.0,
     ) -> None:
         self.ids, self.state, self.carry, self.snap, self.layout = ids, state, carry, snap, layout
         self.ready_at, self.urgent = ready_at, urgent
-        self.t0 = t0  # when the oldest request with rows here was admitted (policy="slo")
         self.n = len(ids)
 
     def split(self, r: int) -> _Chunk:
@@ -158,7 +155,6 @@ class _Chunk:
             self.layout,
             self.ready_at,
             self.urgent,
-            self.t0,
         )
         self.ids, self.state, self.carry = self.ids[r:], _slice(self.state, r, None), _slice(self.carry, r, None)
         self.n -= r
@@ -229,7 +225,6 @@ class StageScheduler:
         name: str = "eeruntime-stage-scheduler",
         inline: str = "blocking",
         policy: str = "deepest",
-        latency_target_ms: Optional[float] = None,
     ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
@@ -243,16 +238,6 @@ class StageScheduler:
             raise ValueError(f"when_full must be 'error' or 'wait', got {when_full!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
-        if (policy == "slo") != (latency_target_ms is not None):
-            raise ValueError(
-                "policy='slo' needs latency_target_ms (the latency each row should be answered within, "
-                f"e.g. half the p99 SLO), and only it takes one; got policy={policy!r}, "
-                f"latency_target_ms={latency_target_ms!r}"
-            )
-        if latency_target_ms is not None and not latency_target_ms > 0:
-            raise ValueError(f"latency_target_ms must be > 0, got {latency_target_ms!r}")
-        if policy == "slo" and max_wait_ms:
-            raise ValueError("policy='slo' sizes every wait from latency_target_ms; leave max_wait_ms at 0")
         if inline not in INLINE_MODES:
             raise ValueError(f"inline must be one of {', '.join(map(repr, INLINE_MODES))}, got {inline!r}")
         self.rt = rt
@@ -262,8 +247,6 @@ class StageScheduler:
         self._adapter = getattr(rt.model, "input_adapter", None) is not None
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
-        self.latency_target_s = None if latency_target_ms is None else latency_target_ms / 1000.0
-        self.costs = StepCosts(self.num_stages, max_batch)  # what each stage step costs, learned online
         # _check_input's fast path: a lone tensor on this device needs no other check
         # (a device with an index, or the CPU: a tensor's own device always names its index)
         dev = getattr(rt, "_device", None)
@@ -342,8 +325,8 @@ class StageScheduler:
             req = self._admit(n, future, t0, deadline, layout, seq)  # the thresholds snapshot: now
             if deadline is not None:
                 self._arm(deadline, seq)
-            ready_at = t0 if urgent else self._ready_at(0, t0, t0)
-            self._inbox.append(_Chunk(ids, x, None, req.snap, layout, ready_at, urgent, t0))
+            ready_at = t0 if urgent else t0 + self.max_wait_s
+            self._inbox.append(_Chunk(ids, x, None, req.snap, layout, ready_at, urgent))
             if self._sleeping:
                 self._cv.notify()
         return future
@@ -386,6 +369,8 @@ class StageScheduler:
         if isinstance(x, list):
             x = tuple(x)
         n = check_state(x, "StageScheduler input")
+        if n == 0:  # (no row would ever leave to answer it: refused, not left pending)
+            raise ValueError("StageScheduler input has 0 rows; a request needs at least one row")
         if n > self.max_queue_rows or n > ROW_MASK:
             raise ValueError(
                 f"a request of {n} rows can never be admitted: the scheduler holds at most "
@@ -527,8 +512,6 @@ class StageScheduler:
             max_batch=self.max_batch,
             max_wait_ms=self.max_wait_s * 1000,
             policy=self.policy,
-            latency_target_ms=None if self.latency_target_s is None else self.latency_target_s * 1000,
-            step_costs=self.costs.as_dict(),
             thresholds=self.thresholds,
         )
         return d
@@ -598,7 +581,12 @@ class StageScheduler:
             if req is None:  # answered meanwhile (timeout, cancel)
                 continue
             m = j - i
-            if req.logits is None and m == req.n and exit_ids[i] & ROW_MASK == 0 and exit_ids[j - 1] & ROW_MASK == m - 1:
+            if (
+                req.logits is None
+                and m == req.n
+                and exit_ids[i] & ROW_MASK == 0
+                and exit_ids[j - 1] & ROW_MASK == m - 1
+            ):
                 # every row of the request left here, in order: views of the batch's output
                 req.logits, req.confidence, req.exit_index = lg, cf, ex
             else:
@@ -710,7 +698,7 @@ class StageScheduler:
 
     def _pick(self, now: float) -> Tuple[Optional[int], Optional[float]]:
         """The stage to run next by the policy, or (None, seconds until one becomes ready by max_wait)."""
-        if self.policy != "deepest":  # "fill" and "slo" pick alike; they size the waits differently
+        if self.policy == "fill":
             return self._pick_fill(now), None
         soonest = None
         for k in range(self.num_stages - 1, -1, -1):
@@ -775,7 +763,7 @@ class StageScheduler:
                     idx = alive.nonzero().squeeze(1)
                     carry = None if c.carry is None else take_rows(c.carry, idx) if c.carry else ()
                     kept.append(
-                        _Chunk(c.ids[idx], take_rows(c.state, idx), carry, c.snap, c.layout, c.ready_at, c.urgent, c.t0)
+                        _Chunk(c.ids[idx], take_rows(c.state, idx), carry, c.snap, c.layout, c.ready_at, c.urgent)
                     )
             q.clear()
             q.extend(kept)
@@ -837,25 +825,12 @@ class StageScheduler:
             head = chunks[0]
             # an idle-admitted request's survivors stay urgent: nothing was there to join them
             urgent = any(c.urgent for c in chunks)
-            oldest = min(c.t0 for c in chunks)
-            ready_at = t1 if urgent else self._ready_at(k + 1, t1, oldest)
-            self._queues[k + 1].append(
-                _Chunk(res.rows, res.state, res.carry, head.snap, head.layout, ready_at, urgent, oldest)
-            )
+            ready_at = t1 if urgent else t1 + self.max_wait_s
+            self._queues[k + 1].append(_Chunk(res.rows, res.state, res.carry, head.snap, head.layout, ready_at, urgent))
         counts = [0] * self.num_stages
         counts[k] = len(exit_ids)
         self.rt.record_exits(counts, calls=0, example=state if k == 0 else None)
-        self.costs.add(k, n, t1 - t0)
         self.stats.record_batch(k, n, len(exit_ids), t1 - t0, time.perf_counter() - t0)
-
-    def _ready_at(self, k: int, now: float, oldest: float) -> float:
-        """When rows entering stage ``k`` now must run, fuller batch or not: after ``max_wait``;
-        or, with ``policy="slo"``, when the oldest of them (admitted at ``oldest``) has just enough
-        of its latency target left for the rest of its path at full batches (``StepCosts.path_s``:
-        unknown at first, which makes them due at once)."""
-        if self.latency_target_s is None:
-            return now + self.max_wait_s
-        return oldest + self.latency_target_s - self.costs.path_s[k]
 
 
 __all__ = ["StageScheduler", "SchedulerError", "SchedulerFull", "SchedulerClosed", "StageFailed", "ROW_BITS"]
