@@ -311,6 +311,47 @@ def test_cli_refuses_a_device_it_cannot_use(tmp_path, capsys, device, message):
     assert rc == 2 and message in capsys.readouterr().err
 
 
+def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, monkeypatch):
+    from eeruntime.serve import cli, scheduler
+
+    assert cli.POLICIES == scheduler.POLICIES  # cli.py spells them out to import no torch
+    with pytest.raises(SystemExit) as e:
+        cli.parser().parse_args(["b", "--model", "m:f", "--policy", "fullest"])
+    assert e.value.code == 2 and "invalid choice: 'fullest'" in capsys.readouterr().err
+    # the chosen policy reaches the scheduler the server builds (stopped before it serves)
+    from eeruntime.zoo import digits_cnn
+
+    ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy").save(tmp_path / "bundle", weights=True)
+    made = []
+
+    def fake_app(sched, **kw):
+        made.append(sched)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("eeruntime.serve.server.create_app", fake_app)
+    before = sys.getswitchinterval()  # (the server sets it after building the app: restored anyway)
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            cli.main(
+                [
+                    str(tmp_path / "bundle"),
+                    "--model",
+                    "eeruntime.zoo:digits_cnn",
+                    "--policy",
+                    "fill",
+                    "--max-wait-ms",
+                    "3",
+                    "--port",
+                    "0",
+                ]
+            )
+    finally:
+        sys.setswitchinterval(before)
+        for s in made:
+            s.close()
+    assert [(s.policy, s.max_wait_s) for s in made] == [("fill", 0.003)]
+
+
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, value):
     from eeruntime.serve.cli import main

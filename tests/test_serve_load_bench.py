@@ -171,6 +171,34 @@ def test_search_ratios_name_the_issue_targets():
     assert r["stage"]["x_plain"] is None and not r["stage"]["meets_2x_plain"]
 
 
+def test_on_round_brackets_each_rounds_runs_and_its_record_reaches_the_probes():
+    prober = FakeProber({"ee-req": 1000.0, "stage": 700.0})
+    events, slos = [], iter(range(1, 100))
+
+    def on_round(phase):
+        events.append((phase, len(prober.calls)))
+        return {"slo_ms": float(next(slos))} if phase == "end" else None
+
+    res = serve_load.find_max_sustained(
+        ["ee-req", "stage"],
+        prober,
+        judge,
+        lo={"ee-req": 400.0, "stage": 400.0},
+        hi={"ee-req": 5000.0, "stage": 5000.0},
+        floor={"ee-req": 100.0, "stage": 100.0},
+        repeats=2,
+        on_round=on_round,
+    )
+    rounds = 1 + max(p["round"] for p in res["probes"])
+    assert [e[0] for e in events] == ["start", "end"] * rounds
+    # "start" before a round's runs, "end" after all of them
+    for (_, at_start), (_, at_end) in zip(events[::2], events[1::2]):
+        searching = (at_end - at_start) // 2
+        assert searching in (1, 2) and at_end - at_start == 2 * searching
+    # each probe carries its round's record
+    assert all(p["slo_ms"] == p["round"] + 1 for p in res["probes"])
+
+
 def test_quick_run_writes_the_search(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     systems = "plain,ee-req,stage"
@@ -196,10 +224,16 @@ def test_quick_run_writes_the_search(tmp_path):
         # the found rate is the highest sustained probe (0 when none), and inside its bracket
         assert v["found_rate"] == max([p["rate"] for p in mine if p["sustained"]], default=0.0)
         assert v["bracket"][0] == v["found_rate"] <= v["bracket"][1]
-        # each probe judged against the run's SLO, as the grid is
+        # each probe judged against its round's SLO (10x plain batch-1 measured around the round)
         for p in mine:
-            ok = p["answered"] == p["sent"] and isinstance(p["p99_ms"], float) and p["p99_ms"] <= res["slo_p99_ms"]
+            assert 0 < p["slo_ms"] < 20 * res["plain_batch1_ms"] * 10
+            ok = p["answered"] == p["sent"] and isinstance(p["p99_ms"], float) and p["p99_ms"] <= p["slo_ms"]
             assert p["sustained"] == ok
+    # and every grid cell against its own, measured next to it
+    for r in res["rows"]:
+        assert r["sustained"] == (r["answered"] == r["sent"] and r["p99_ms"] <= r["slo_ms"])
+    lo, hi = res["slo_p99_ms_range"]
+    assert lo == min(r["slo_ms"] for r in res["rows"]) and hi == max(r["slo_ms"] for r in res["rows"])
     assert "x_ee_req" in search["systems"]["stage"] and "meets_2x_plain" in search["systems"]["stage"]
     md = js.with_suffix(".md").read_text()
     assert "Highest sustained rate, by search" in md and "| stage |" in md

@@ -191,6 +191,10 @@ def test_torchserve_archive_writes_a_model_dir(tmp_path):
         str(out),
         "--input-shape",
         "1,8,8",
+        "--policy",
+        "fill",
+        "--max-wait-ms",
+        "2",
     ]
     assert cli_main(args) == 0
     manifest = json.loads((out / "eeruntime" / "MAR-INF" / "MANIFEST.json").read_text())
@@ -198,6 +202,7 @@ def test_torchserve_archive_writes_a_model_dir(tmp_path):
     cfg = json.loads((out / "eeruntime" / "model-config.yaml").read_text())
     assert cfg["eeruntime"]["model"] == FACTORY and cfg["eeruntime"]["input_shape"] == [1, 8, 8]
     assert cfg["asyncCommunication"] is True and cfg["batchSize"] == 1
+    assert cfg["eeruntime"]["policy"] == "fill" and cfg["eeruntime"]["max_wait_ms"] == 2
     # the copied bundle loads like the original
     x = torch.randn(4, 1, 8, 8)
     a, b = ee.load(tmp_path / "bundle", FACTORY).infer(x), ee.load(out / "eeruntime" / "bundle", FACTORY).infer(x)
@@ -237,7 +242,9 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     model, hook = scripted_model(3)
     hook_box.append(hook)
     ee.EERuntime(model, thresholds=0.9, criterion="max_prob").save(tmp_path / "bundle", weights=True)
-    config = {"asyncCommunication": asynchronous, "eeruntime": {"model": lambda: model, "max_batch": 32}}
+    # the scheduler's options come from the model config (the archive tool writes them)
+    options = {"max_batch": 32, "policy": "fill", "max_wait_ms": 1.0}
+    config = {"asyncCommunication": asynchronous, "eeruntime": {"model": lambda: model, **options}}
     ctx = FakeContext(tmp_path, config)
     handler = EarlyExitHandler()
     # initialize sets up the worker process (GC freeze, GIL switch interval); not this test process
@@ -247,6 +254,8 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     ):
         handler.initialize(ctx)
     assert freeze.called and switch.called == asynchronous
+    if asynchronous:
+        assert (handler.sched.policy, handler.sched.max_wait_s, handler.sched.max_batch) == ("fill", 1e-3, 32)
     return handler, ctx, hook
 
 

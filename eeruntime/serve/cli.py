@@ -9,6 +9,9 @@ import socket
 import sys
 
 TOKEN_ENV = "EERUNTIME_ADMIN_TOKEN"
+# StageScheduler's policies (scheduler.POLICIES, spelled out here: this module imports no torch
+# until a server starts, so --help stays fast; tests/test_serve_http.py checks they agree)
+POLICIES = ("deepest", "fill")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,6 +54,13 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
     """The scheduler's and the request checks' options (also ``eeruntime torchserve-archive``'s)."""
     p.add_argument("--max-batch", type=int, default=32, help="most rows per stage step")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="how long a stage may wait for a fuller batch")
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="deepest",
+        help="which stage runs next (docs/serving.md, 'Policy'): the deepest ready stage, or 'fill' to keep "
+        "every stage's batch full under load (rows passed over at most --max-wait-ms)",
+    )
     p.add_argument(
         "--max-queue-rows", type=int, default=4096, help="rows admitted and not answered, at most (then 503)"
     )
@@ -125,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         rt,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        policy=args.policy,
         max_queue_rows=args.max_queue_rows,
         timeout_s=args.timeout_s,
     )

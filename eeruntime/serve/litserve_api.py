@@ -36,6 +36,7 @@ class EarlyExitLitAPI(ls.LitAPI):
         *,
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
+        policy: str = "deepest",
         max_queue_rows: int = 4096,
         timeout_s: Optional[float] = 30.0,
         max_rows: int = 256,
@@ -44,7 +45,11 @@ class EarlyExitLitAPI(ls.LitAPI):
         super().__init__(max_batch_size=1, api_path=api_path, enable_async=True)
         self.bundle, self.model_spec = str(bundle), model
         self.options = dict(
-            max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, timeout_s=timeout_s
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            policy=policy,
+            max_queue_rows=max_queue_rows,
+            timeout_s=timeout_s,
         )
         self.max_rows = max_rows
         self.sched = None
