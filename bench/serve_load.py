@@ -8,6 +8,8 @@ For each model and arrival rate it runs, back to back at the same rate,
   (c) stage:    ee.serve.StageScheduler (rows of all requests re-batched at every stage), every
                 request through its worker thread (inline="never": an asyncio server's path),
   stage-inline: the same with inline="always" (a request finding it idle runs in the caller),
+  stage-steps:  (c) with fused=False: every batch step by step (rt.run_stage per stage), never in
+                one pass (not in the default set),
   stage-wait:   (c) with max_wait_ms = --wait-ms: a stage short of max_batch rows waits that long
                 for more, so deeper stages run fuller batches under load (not in the default set),
   stage-fill:   (c) with policy="fill": the fullest stage runs first, a row passed over for
@@ -343,7 +345,7 @@ def search_ratios(found: dict) -> dict:
     return out
 
 
-SYSTEMS = ("direct", "plain", "ee-req", "stage", "stage-inline", "stage-wait", "stage-fill")
+SYSTEMS = ("direct", "plain", "ee-req", "stage", "stage-steps", "stage-inline", "stage-wait", "stage-fill")
 
 
 def make_system(name, model, rt, max_batch, wait_ms=1.0):
@@ -366,6 +368,7 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0):
         max_batch=max_batch,
         max_queue_rows=1 << 20,
         inline=inline,
+        fused=name != "stage-steps",
         max_wait_ms=wait_ms if name in ("stage-wait", "stage-fill") else 0.0,
         policy="fill" if name == "stage-fill" else "deepest",
     )
@@ -866,7 +869,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument(
         "--systems",
-        default=",".join(s for s in SYSTEMS if s not in ("stage-wait", "stage-fill")),
+        default=",".join(s for s in SYSTEMS if s not in ("stage-wait", "stage-fill", "stage-steps")),
         help=f"which of {', '.join(SYSTEMS)}",
     )
     p.add_argument(

@@ -92,9 +92,10 @@ CUDA_PARAM = pytest.param(
 )
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["step-by-step", "fused"])
 @pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 @pytest.mark.parametrize("criterion,final", [("entropy", "last"), ("max_prob", "average"), ("margin", "last")])
-def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterion, final, device):
+def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterion, final, device, fused):
     model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1).to(device)
     x = torch.randn(600, 6).to(device)
     thresholds = thresholds_for(model, x, [0.35, 0.3], criterion)
@@ -103,7 +104,9 @@ def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterio
     assert all(int((ref.exit_index == k).sum()) > 60 for k in range(3))  # every stage really serves
     near = near_threshold(model, x, thresholds, criterion, final)
     rt.reset_stats()
-    with ee.serve.StageScheduler(rt, max_batch=16) as sched:  # the public name
+    # fused=False: every batch step by step (rt.run_stage); fused: a stage-0 batch that nothing
+    # could join later runs through every stage in one pass (rt.infer's path)
+    with ee.serve.StageScheduler(rt, max_batch=16, fused=fused) as sched:  # the public name
         results = submit_concurrently(sched, x, seed=hash(criterion) % 1000)
         for a, b, f in results:
             got = f.result(WAIT)
@@ -118,6 +121,7 @@ def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterio
     assert stats["requests"]["completed"] == len(results) and stats["pending_requests"] == 0
     assert sum(stats["exits"]) == x.shape[0] and max(stats["max_batch_seen"]) <= 16
     assert stats["batches"][1] < stats["exits"][1] + stats["exits"][2]  # survivors of requests shared batches
+    assert (stats["fused_batches"] > 0) == fused and stats["fused_fallbacks"] == 0
     assert rt.stats.samples == x.shape[0] and rt.stats.exit_counts == stats["exits"]
 
 
@@ -178,11 +182,15 @@ def test_backpressure_error_and_wait():
         waiting.close()
 
 
-def test_timeout_fires_while_the_rows_run_and_frees_them_at_every_stage():
+FUSED = pytest.mark.parametrize("fused", [False, True], ids=["step-by-step", "fused"])
+
+
+@FUSED
+def test_timeout_fires_while_the_rows_run_and_frees_them_at_every_stage(fused):
     model, hook = scripted_model(3)
     rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
     hook.hold(1, trigger=2)
-    with StageScheduler(rt, max_batch=4) as sched:
+    with StageScheduler(rt, max_batch=4, fused=fused) as sched:
         slow = sched.submit_nowait(scripted_rows([1, 2, 3], [0, 2, 2]), timeout_s=0.2)
         assert hook.entered.wait(WAIT)  # row 1 left at exit 0; rows 2, 3 are inside stage 1
         waiting = sched.submit_nowait(scripted_rows([4, 5], [1, 2]), timeout_s=0.2)  # stuck in stage 0's queue
@@ -193,22 +201,27 @@ def test_timeout_fires_while_the_rows_run_and_frees_them_at_every_stage():
             waiting.result(WAIT)
         hook.gate.set()
         check_answers([([6, 7], [1, 2])], [other])
-        assert not {2, 3} & set(hook.seen(2)) and not {4, 5} & set(hook.seen())
+        # step by step, the dead rows are dropped before the next step; one pass (fused) runs its
+        # batch to the end, but rows of a dead request still waiting never run
+        assert fused or not {2, 3} & set(hook.seen(2))
+        assert not {4, 5} & set(hook.seen())
         assert drained(sched) and sched.stats.timeouts == 2
+        assert (sched.stats.fused_batches > 0) == fused
 
 
-def test_cancellation_frees_rows_blocking_and_async():
+@FUSED
+def test_cancellation_frees_rows_blocking_and_async(fused):
     model, hook = scripted_model(3)
     rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
     hook.hold(1, trigger=2)
-    with StageScheduler(rt, max_batch=2) as sched:
+    with StageScheduler(rt, max_batch=2, fused=fused) as sched:
         victim = sched.submit_nowait(scripted_rows([1, 2, 3], [0, 2, 2]))
         assert hook.entered.wait(WAIT)  # rows 2, 3 are inside stage 1
         keep = sched.submit_nowait(scripted_rows([4, 5], [2, 2]))
         assert victim.cancel()
         hook.gate.set()
         check_answers([([4, 5], [2, 2])], [keep])
-        assert not {2, 3} & set(hook.seen(2)) and sched.stats.cancelled == 1
+        assert (fused or not {2, 3} & set(hook.seen(2))) and sched.stats.cancelled == 1
 
         async def cancel_one():
             hook.hold(1, trigger=60)
@@ -256,6 +269,31 @@ def test_stage_failure_fails_only_the_requests_in_that_batch():
             assert exc is None, (ids, exc)
     assert 2 <= len(failed) < len(futures)
     check_answers(reqs, futures, failed)
+    # a batch run in one pass whose stage 1 raised ran again step by step: that is what failed
+    # only the requests with rows in stage 1's batch, not every request of the pass
+    assert sched.stats.fused_fallbacks >= 1
+
+
+def test_one_pass_only_when_the_steps_would_form_the_same_batches():
+    # max_wait 500 ms: a request admitted to an idle scheduler runs in one pass (nothing could join
+    # it); requests admitted while it runs wait for fuller batches step by step, and the
+    # survivors of separate stage-0 batches share a deeper batch
+    sched, hook = gated(max_batch=4, max_wait_ms=500)
+    try:
+        first = sched.submit_nowait(scripted_rows([0, 1], [0, 2]))
+        assert hook.entered.wait(WAIT)  # inside its one pass, at stage 0
+        # each later request: one row leaves at exit 0, one goes on to exit 2
+        later = [sched.submit_nowait(scripted_rows([10 + 2 * i, 11 + 2 * i], [0, 2])) for i in range(4)]
+        hook.gate.set()
+        check_answers([([0, 1], [0, 2])] + [([10 + 2 * i, 11 + 2 * i], [0, 2]) for i in range(4)], [first] + later)
+        assert sched.stats.fused_batches == 1 and drained(sched)
+        stage0 = [ids for k, ids in hook.batches if k == 0 and ids != [0, 1]]
+        stage1 = [ids for k, ids in hook.batches if k == 1 and ids != [1]]
+        # two stage-0 batches of 4 rows, whose survivors (2 each) waited and shared stage 1's batch
+        assert stage0 == [[10, 11, 12, 13], [14, 15, 16, 17]] and stage1 == [[11, 13, 15, 17]], hook.batches
+    finally:
+        hook.gate.set()
+        sched.close()
 
 
 @pytest.mark.parametrize("drain", [True, False])

@@ -158,15 +158,22 @@ class EERuntime:
         The thresholds are read once per call (one snapshot), so a concurrent ``set_thresholds``
         applies to a call as a whole or not at all."""
         refuse_if_traced()
+        return self._infer(x, self._snapshot)[0]
+
+    def _infer(self, x: ModelInput, snap: ThresholdSnapshot, check: bool = True) -> Tuple[InferenceResult, List[int]]:
+        """:meth:`infer` with the thresholds snapshot ``snap`` (the stage scheduler runs a batch of
+        requests admitted under one snapshot through every stage in one call this way);
+        ``check=False`` skips validating a state the caller has checked (the input adapter, if
+        any, still runs). Returns the result and how many rows left at each exit."""
         adapter = getattr(self.model, "input_adapter", None)
         if adapter is not None:
             x = adapter(x)
         if isinstance(x, list):
             x = tuple(x)
-        B = check_state(x, "EERuntime input")
-        self._check_device(x)
+        B = check_state(x, "EERuntime input") if check else as_tuple(x)[0].shape[0]
+        if check:
+            self._check_device(x)
         self._guard.check()
-        snap = self._snapshot
         t0 = time.perf_counter()
         with torch.inference_mode(), device_guard(as_tuple(x)[0].device):
             runner = self._graph_runner_for(x)
@@ -175,7 +182,7 @@ class EERuntime:
             else:
                 result, counts = self._infer_eager(x, B, snap)
         self.record_exits(counts, B, wall_time_s=time.perf_counter() - t0, example=x)
-        return result
+        return result, counts
 
     def run_stage(
         self,

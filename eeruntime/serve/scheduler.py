@@ -210,6 +210,15 @@ class StageScheduler:
             loop, the loop is held for that request's time; and only once the scheduler has been
             idle for as long as an inline run takes, so that a lone submitting thread under
             load still lets batches form) or ``"never"``.
+        fused: run a stage-0 batch through every stage in one pass (the runtime's ``infer`` path:
+            its fused CPU ops or its whole-model CUDA graph, one call instead of one step per
+            stage) when the step-by-step run would form exactly the same batches: no row waits at
+            a deeper stage, and none of the batch's rows would wait for a fuller batch
+            (``max_wait_ms=0``, or rows admitted to an idle scheduler). The answers are the
+            same; a stage that raises runs the batch again step by step, so it fails exactly the
+            requests whose rows reached it. ``False``: always step by step (``rt.run_stage``),
+            which also drops a request's rows between stages when it times out or is cancelled.
+            See docs/serving.md, "One pass when nothing could join".
     """
 
     def __init__(
@@ -225,6 +234,7 @@ class StageScheduler:
         name: str = "eeruntime-stage-scheduler",
         inline: str = "blocking",
         policy: str = "deepest",
+        fused: bool = True,
     ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
@@ -242,6 +252,7 @@ class StageScheduler:
             raise ValueError(f"inline must be one of {', '.join(map(repr, INLINE_MODES))}, got {inline!r}")
         self.rt = rt
         self.inline = inline
+        self.fused = bool(fused)
         self.policy = policy
         self.num_stages = rt.num_exits
         self._adapter = getattr(rt.model, "input_adapter", None) is not None
@@ -547,8 +558,16 @@ class StageScheduler:
         for seq in seqs:
             self._fail(seq, exc, "closed")
 
-    def _deliver(self, k: int, exit_ids: List[int], logits: torch.Tensor, confidence: torch.Tensor) -> None:
-        """Write the leaving rows into their requests and resolve the requests now complete.
+    def _deliver(
+        self,
+        k: int,
+        exit_ids: List[int],
+        logits: torch.Tensor,
+        confidence: torch.Tensor,
+        exit_index: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Write the leaving rows into their requests and resolve the requests now complete
+        (they left at exit ``k``, or each at its ``exit_index``: a batch run in one pass).
 
         Under load one batch answers dozens of single-row requests, and every torch call or lock
         per request is a point where the worker may lose the GIL to the submitting thread (and
@@ -568,7 +587,7 @@ class StageScheduler:
                 j += 1
             runs.append((seq, i, j))
             i = j
-        exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device)
+        exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device) if exit_index is None else exit_index
         views: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
         if E >= SPLIT_MIN_ROWS:  # one call per output for all the views
             sizes = [j - i for _, i, j in runs]
@@ -598,7 +617,7 @@ class StageScheduler:
                 local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64).to(logits.device)
                 req.logits.index_copy_(0, local, lg)
                 req.confidence.index_copy_(0, local, cf)
-                req.exit_index.index_fill_(0, local, k)
+                req.exit_index.index_copy_(0, local, ex)
             req.remaining -= m
             if req.remaining == 0:
                 done.append(req)
@@ -794,6 +813,8 @@ class StageScheduler:
             state = cat_rows([c.state for c in chunks])
             carry = None if k == 0 else cat_rows([c.carry for c in chunks]) if chunks[0].carry else ()
         n = int(ids.shape[0])
+        if k == 0 and state is not None and self._fusable(chunks) and self._run_fused(state, ids, chunks[0].snap, t0):
+            return
         try:
             # the carry is run_stage's own tuple of tensors (or None / () before any exit)
             # past stage 0 the rows are what earlier steps returned, at stage 0 inputs checked at
@@ -831,6 +852,30 @@ class StageScheduler:
         counts[k] = len(exit_ids)
         self.rt.record_exits(counts, calls=0, example=state if k == 0 else None)
         self.stats.record_batch(k, n, len(exit_ids), t1 - t0, time.perf_counter() - t0)
+
+    def _fusable(self, chunks: List[_Chunk]) -> bool:
+        """Would a step-by-step run of this stage-0 batch form exactly the batches one pass does?
+        Yes when no row waits at a deeper stage (nothing could join its survivors there) and none
+        of its rows would wait for later arrivals (``max_wait`` 0, or rows admitted to an idle
+        scheduler, which are due at once at every stage): then every later step runs at once on
+        just its survivors, as ``rt.infer`` does."""
+        if not self.fused or any(self._queues[1:]):
+            return False
+        return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
+
+    def _run_fused(self, state: State, ids: torch.Tensor, snap: Any, t0: float) -> bool:
+        """Run a stage-0 batch through every stage in one pass and answer all its rows; False
+        when a stage raised (the caller then runs the batch step by step: failure isolation)."""
+        try:
+            # the inputs were checked at submit (an input adapter, if any, runs in there)
+            res, counts = self.rt._infer(state, snap, check=self._adapter)
+        except Exception:  # noqa: BLE001  (re-run step by step, which fails only who reached it)
+            self.stats.fused_fallbacks += 1
+            return False
+        t1 = time.perf_counter()
+        self._deliver(0, ids.tolist(), res.logits, res.confidence, res.exit_index)
+        self.stats.record_fused(counts, t1 - t0, time.perf_counter() - t0)
+        return True
 
 
 __all__ = ["StageScheduler", "SchedulerError", "SchedulerFull", "SchedulerClosed", "StageFailed", "ROW_BITS"]

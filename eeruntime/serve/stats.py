@@ -33,6 +33,8 @@ class SchedulerStats:
         self.overhead_seconds = 0.0  # worker time per batch outside the stage step (gather, cat, deliver)
         self.worker_batches = 0
         self.inline = 0  # requests run whole in the caller's thread (infer() on an idle scheduler)
+        self.fused_batches = 0  # stage-0 batches the worker ran through every stage in one pass
+        self.fused_fallbacks = 0  # of which a stage raised: run again step by step
         self.inline_seconds = 0.0
         self._latencies: deque = deque(maxlen=latency_window)
 
@@ -53,15 +55,28 @@ class SchedulerStats:
         for e in exit_index:
             counts[e] += 1
         with self._lock:
-            reached = len(exit_index)
-            for k, c in enumerate(counts):
-                if reached:
-                    self.batches[k] += 1
-                    self.rows[k] += reached
-                    self.max_batch_seen[k] = max(self.max_batch_seen[k], reached)
-                self.exits[k] += c
-                reached -= c
+            self._record_pass(counts)
             self.inline_seconds += seconds
+
+    def record_fused(self, counts: List[int], stage_s: float, total_s: float) -> None:
+        """A stage-0 batch the worker ran through every stage in one pass (``counts[k]`` rows
+        left at exit k): stage k ran once on the rows that reached it."""
+        with self._lock:
+            self._record_pass(counts)
+            self.stage_seconds[0] += stage_s  # (one call: its time is not split by stage)
+            self.overhead_seconds += total_s - stage_s
+            self.worker_batches += 1
+            self.fused_batches += 1
+
+    def _record_pass(self, counts: List[int]) -> None:
+        reached = sum(counts)
+        for k, c in enumerate(counts):
+            if reached:
+                self.batches[k] += 1
+                self.rows[k] += reached
+                self.max_batch_seen[k] = max(self.max_batch_seen[k], reached)
+            self.exits[k] += c
+            reached -= c
 
     def record_latency(self, seconds: float) -> None:
         self.record_latencies([seconds])
@@ -100,6 +115,8 @@ class SchedulerStats:
                 "stage_seconds": list(self.stage_seconds),
                 "overhead_ms_per_batch": 1000.0 * self.overhead_seconds / batches if batches else 0.0,
                 "inline_requests": self.inline,
+                "fused_batches": self.fused_batches,
+                "fused_fallbacks": self.fused_fallbacks,
             }
         d["latency_ms"] = self.latency_percentiles_ms()
         d["latency_window"] = self._latencies.maxlen
