@@ -15,14 +15,21 @@ How a request travels (see docs/serving.md for the measurements behind the polic
   share one thresholds snapshot and one input layout, concatenates them, and calls
   ``rt.run_stage``. Leavers' logits go to their requests; a request whose rows have all left
   resolves. Survivors go, as one chunk, to the next stage's queue.
+- **One pass when nothing could join** (``fused=True``, the default): a stage-0 batch whose
+  survivors would meet no other row at any deeper stage (no row waits deeper, and none of its
+  rows would wait for a fuller batch) would run every later step at once on just its own
+  survivors, which is what ``rt.infer`` does in one call with its fused ops (or whole-model CUDA
+  graph): so the worker makes that one call. With ``max_wait_ms=0`` and ``policy="deepest"``
+  this is every batch; the steps differ from it only when rows wait for fuller batches.
 
 Thresholds: **one snapshot per request**, taken when it is admitted; a batch never mixes
 snapshots, so every request is answered with one set of thresholds, exactly as ``rt.infer``
 would be. ``set_thresholds`` swaps the snapshot atomically for requests admitted after it.
 
 Failure isolation: an exception in a stage step fails exactly the requests with rows in that
-batch. Timeouts and cancellation mark a request dead; its rows are dropped from every queue
-before the next batch. ``close`` drains or fails every pending request; none is left pending.
+batch (a pass that raises is run again step by step, so the same holds). Timeouts and
+cancellation mark a request dead; its rows are dropped from every queue before the next batch
+(a pass under way finishes its batch; the request is answered at its deadline all the same). ``close`` drains or fails every pending request; none is left pending.
 """
 
 from __future__ import annotations
