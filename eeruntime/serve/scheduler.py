@@ -29,7 +29,8 @@ would be. ``set_thresholds`` swaps the snapshot atomically for requests admitted
 Failure isolation: an exception in a stage step fails exactly the requests with rows in that
 batch (a pass that raises is run again step by step, so the same holds). Timeouts and
 cancellation mark a request dead; its rows are dropped from every queue before the next batch
-(a pass under way finishes its batch; the request is answered at its deadline all the same). ``close`` drains or fails every pending request; none is left pending.
+(a pass under way finishes its batch; the request is answered at its deadline all the same).
+``close`` drains or fails every pending request; none is left pending.
 """
 
 from __future__ import annotations
