@@ -170,9 +170,11 @@ class EERuntime:
             x = adapter(x)
         if isinstance(x, list):
             x = tuple(x)
-        B = check_state(x, "EERuntime input") if check else as_tuple(x)[0].shape[0]
         if check:
+            B = check_state(x, "EERuntime input")
             self._check_device(x)
+        else:
+            B = as_tuple(x)[0].shape[0]
         self._guard.check()
         t0 = time.perf_counter()
         with torch.inference_mode(), device_guard(as_tuple(x)[0].device):
