@@ -14,6 +14,9 @@ For each model and arrival rate it runs, back to back at the same rate,
                 for more, so deeper stages run fuller batches under load (not in the default set),
   stage-fill:   (c) with policy="fill": the fullest stage runs first, a row passed over for
                 --wait-ms goes first (not in the default set),
+  stage-defer:  (c) with max_defer_ms = --defer-ms: full batches run first, so under a backlog
+                survivors wait (up to that long) at deeper stages for the next stage-0 batches'
+                survivors and deeper batches fill (E3's aim),
 
 and records throughput and p50/p99 latency, measured from each request's *scheduled* arrival
 (open loop: a late generator does not hide queueing). The SLO is 10x the plain model's batch-1
@@ -24,7 +27,7 @@ submit through the worker thread (the serving machinery's own cost at light load
 SEARCH: the rate grid is coarse (multiples of the plain model's capacity), so after it each system's
 highest sustained rate is found by search (find_max_sustained; --no-search skips it): a bracket
 [lo, hi] per system, lo = the grid's highest sustained rate (checked first; if it fails, the
-search starts again from the grid's lowest rate; a system failing even there reports 0), hi = 1.1x
+search starts again from the grid's lowest rate; a system failing there in two probes reports 0), hi = 1.1x
 its saturated throughput, bisected geometrically until hi/lo <= 1 + --search-tol (5%). Each probe
 is --search-repeats open-loop runs (3; at least --search-min-requests requests each), judged by
 the median-p99 run. The systems' bisections run in lockstep, each round every system still
@@ -71,6 +74,7 @@ import eeruntime as ee  # noqa: E402
 from eeruntime.oracle import plain_forward  # noqa: E402
 from eeruntime.serve import StageScheduler, freeze_startup_objects, set_switch_interval  # noqa: E402
 from eeruntime.serve.stats import percentile  # noqa: E402
+from eeruntime.state import cat_rows  # noqa: E402
 from eeruntime.timing import side_by_side  # noqa: E402
 from eeruntime.zoo import digits_cnn, resnet_style  # noqa: E402
 
@@ -223,6 +227,9 @@ def rotated(items: list, k: int) -> list:
     return items[k:] + items[:k]
 
 
+FLOOR_FAILS = 2  # failed probes at the floor before a system is reported as sustaining no rate
+
+
 class Bracket:
     """One system's search: ``lo`` a rate it sustains once ``lo_ok`` (until then, a guess to
     check), ``hi`` a rate taken as failing, ``floor`` the lowest rate worth a probe."""
@@ -231,6 +238,7 @@ class Bracket:
         self.lo, self.hi, self.floor = lo, hi, floor
         self.lo_ok = False  # lo seen sustained
         self.failed = False  # some probe failed (else hi was only assumed failing)
+        self.floor_fails = 0  # probes failed at the floor
         self.probes = 0
         self.note = ""  # set when the system fails even at the floor: its rate is 0
 
@@ -250,7 +258,14 @@ class Bracket:
         elif rate > self.floor:  # the first guess failed: search [floor, that guess] instead
             self.lo, self.hi = self.floor, rate
         else:
-            self.hi, self.note = rate, f"fails even at the lowest rate {self.floor:.1f}/s: reported as 0"
+            # one failure at the floor may be a slow spell of the machine (seen: a whole system
+            # reported 0 from one probe whose p99 was 3% over the SLO): probed again next round
+            self.floor_fails += 1
+            if self.floor_fails >= FLOOR_FAILS:
+                self.hi = rate
+                self.note = (
+                    f"fails even at the lowest rate {self.floor:.1f}/s ({self.floor_fails} probes): reported as 0"
+                )
 
     def done(self, tol: float) -> bool:
         return bool(self.note) or (self.lo_ok and self.hi <= self.lo * (1 + tol))
@@ -263,7 +278,7 @@ def find_max_sustained(systems, probe, judge, lo, hi, floor, tol=0.05, repeats=3
     ``judge(row)`` says whether the row is sustained. ``lo``, ``hi`` and ``floor`` map each system
     to its first guess of a sustained rate, a rate taken as failing (never probed: e.g. 1.1x the
     saturated throughput) and the lowest rate worth a probe. A system's lo is probed first: if it
-    fails, the search starts again from [floor, lo]; if the floor fails too the system's rate is 0.
+    fails, the search starts again from [floor, lo]; if the floor fails twice (one failure is probed again next round) the system's rate is 0.
     Then each probe at sqrt(lo * hi) replaces lo (sustained) or hi (not), until hi / lo <= 1 + tol.
 
     The bisections run in lockstep: each round probes every system still searching once (each
@@ -345,12 +360,23 @@ def search_ratios(found: dict) -> dict:
     return out
 
 
-SYSTEMS = ("direct", "plain", "ee-req", "stage", "stage-steps", "stage-inline", "stage-wait", "stage-fill")
+SYSTEMS = (
+    "direct",
+    "plain",
+    "ee-req",
+    "stage",
+    "stage-steps",
+    "stage-inline",
+    "stage-wait",
+    "stage-fill",
+    "stage-defer",
+)
 
 
-def make_system(name, model, rt, max_batch, wait_ms=1.0):
-    if "@" in name:  # e.g. stage-fill@4: that system with max_wait_ms 4
-        name, wait_ms = name.split("@")[0], float(name.split("@")[1])
+def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0):
+    if "@" in name:  # e.g. stage-fill@4: that system with max_wait_ms 4 (stage-defer@4: max_defer_ms 4)
+        name, ms = name.split("@")[0], float(name.split("@")[1])
+        wait_ms, defer_ms = (wait_ms, ms) if name == "stage-defer" else (ms, defer_ms)
     if name == "direct":
         return Direct(lambda x: rt.infer(x))
     if name == "plain":
@@ -362,6 +388,8 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0):
     # "stage-wait": a stage with fewer than max_batch rows waits up to wait_ms for more (a request
     # admitted to an idle scheduler never waits), so deeper stages run fuller batches under load;
     # "stage-fill": policy="fill" (the fullest stage first; a row passed over for wait_ms goes first)
+    # "stage-defer": max_defer_ms=defer_ms (full batches first: under a backlog, survivors wait up
+    # to defer_ms at deeper stages for the next stage-0 batches' survivors)
     inline = "always" if name == "stage-inline" else "never"
     return StageScheduler(
         rt,
@@ -371,6 +399,7 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0):
         fused=name != "stage-steps",
         max_wait_ms=wait_ms if name in ("stage-wait", "stage-fill") else 0.0,
         policy="fill" if name == "stage-fill" else "deepest",
+        max_defer_ms=defer_ms if name == "stage-defer" else 0.0,
     )
 
 
@@ -467,6 +496,99 @@ def stage_costs_ms(rt, model, x, reps=15):
     return {"stages_ms": [b * 1e3 for b in best], "plain_ms": plain * 1e3}
 
 
+def full_batch_steps(rt, xs, snap, max_batch):
+    """Run the batches ``xs`` through ``rt.run_stage`` keeping every stage's batch full: the
+    survivors of successive stage-0 batches wait at each deeper stage until ``max_batch`` of them
+    can run together (the rest run at the end). What a stage scheduler that kept every batch full
+    would compute at saturation, without any of its per-request work. Returns the rows per step,
+    per stage."""
+    K = rt.num_exits
+    queues = [[] for _ in range(K)]  # (state, rows, carry) chunks waiting at each stage
+    batches = [[] for _ in range(K)]
+
+    def run(k, chunks):
+        state = cat_rows([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
+        rows = torch.cat([c[1] for c in chunks]) if len(chunks) > 1 else chunks[0][1]
+        carry = None if k == 0 else cat_rows([c[2] for c in chunks]) if chunks[0][2] else chunks[0][2]
+        res = rt.run_stage(k, state, rows, carry, thresholds=snap)
+        batches[k].append(int(rows.shape[0]))
+        if k + 1 < K and res.rows.shape[0]:
+            queues[k + 1].append((res.state, res.rows, res.carry))
+
+    def take(q, n):  # the first n rows of a queue, splitting a chunk if need be
+        out = []
+        while n:
+            state, rows, carry = q[0]
+            m = int(rows.shape[0])
+            if m <= n:
+                out.append(q.pop(0))
+                n -= m
+            else:
+                cut = lambda t: (t[:n], t[n:])  # noqa: E731
+                (s0, s1), (r0, r1) = cut(state), cut(rows)
+                c0, c1 = (tuple(c[:n] for c in carry), tuple(c[n:] for c in carry)) if carry else (carry, carry)
+                out.append((s0, r0, c0))
+                q[0] = (s1, r1, c1)
+                n = 0
+        return out
+
+    start = 0
+    for x in xs:
+        run(0, [(x, torch.arange(start, start + x.shape[0]), None)])
+        start += x.shape[0]
+        for k in range(K - 1, 0, -1):  # the deepest full batch first, as the scheduler does
+            while sum(int(c[1].shape[0]) for c in queues[k]) >= max_batch:
+                run(k, take(queues[k], max_batch))
+    for k in range(1, K):  # the remainder, shallowest first (its survivors join the next stage's)
+        while queues[k]:
+            run(k, take(queues[k], min(max_batch, sum(int(c[1].shape[0]) for c in queues[k]))))
+    return batches
+
+
+def rebatch_bound(rt, model, x, max_batch, reps=5):
+    """How much keeping every stage's batch full can gain on this machine, at most: per row (us),
+    side by side on the same rows in rotated order (the cheapest of ``reps`` runs each),
+    ``rt.infer`` on batches of ``max_batch`` (request-level batching at its fullest: each deeper
+    stage runs on the survivors of one batch), :func:`full_batch_steps` on the same batches, and
+    the plain model. infer / full is the most a stage scheduler can gain from re-batching
+    survivors at saturation; below saturation batches are smaller and it gains less."""
+    xs = [x[i : i + max_batch] for i in range(0, x.shape[0] - max_batch + 1, max_batch)]
+    snap = rt.thresholds_snapshot()
+    n = sum(int(b.shape[0]) for b in xs)
+
+    def infer():
+        for b in xs:
+            rt.infer(b)
+
+    def plain():
+        with torch.no_grad():
+            for b in xs:
+                plain_forward(model, b)
+
+    fns = {"infer": infer, "full": lambda: full_batch_steps(rt, xs, snap, max_batch), "plain": plain}
+    best = {k: math.inf for k in fns}
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for fn in fns.values():  # warm
+        fn()
+    for rep in range(reps):
+        for k in rotated(list(fns), rep):
+            sync()
+            t = time.perf_counter()
+            fns[k]()
+            sync()
+            best[k] = min(best[k], time.perf_counter() - t)
+    exits = torch.cat([rt.infer(b).exit_index for b in xs])
+    per_batch = exits.view(len(xs), -1)
+    infer_batches = [float((per_batch >= k).sum(1).float().mean()) for k in range(rt.num_exits)]
+    full = full_batch_steps(rt, xs, snap, max_batch)
+    return {
+        "us_per_row": {k: v / n * 1e6 for k, v in best.items()},
+        "infer_over_full": best["infer"] / best["full"],
+        "mean_batch_infer": infer_batches,
+        "mean_batch_full": [sum(b) / len(b) if b else 0.0 for b in full],
+    }
+
+
 def median_call_ms(fn, x, iters=200):
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(10):
@@ -545,10 +667,18 @@ def run_model(name, spec, args) -> dict:
         f"{full['plain_ms']:.3f} ms: stage 0 bounds any early-exit server at {bound:.2f}x plain's throughput",
         flush=True,
     )
+    rb = rebatch_bound(rt, model, torch.cat([pool_x, pool_x]), args.max_batch)
+    print(
+        f"[{name}] per row (us): rt.infer at batch {args.max_batch} {rb['us_per_row']['infer']:.1f} (stage batches "
+        f"{[round(v, 1) for v in rb['mean_batch_infer']]}), every stage's batch full {rb['us_per_row']['full']:.1f} "
+        f"({[round(v, 1) for v in rb['mean_batch_full']]}), plain {rb['us_per_row']['plain']:.1f}: re-batching survivors "
+        f"can gain at most {rb['infer_over_full']:.2f}x here",
+        flush=True,
+    )
     systems = [s for s in args.systems if s != "direct"]
     sat = saturated_capacity(
         systems,
-        lambda s: make_system(s, model, rt, args.max_batch, args.wait_ms),
+        lambda s: make_system(s, model, rt, args.max_batch, args.wait_ms, args.defer_ms),
         pool,
         args.capacity_requests,
         args.capacity_repeats,
@@ -569,7 +699,7 @@ def run_model(name, spec, args) -> dict:
 
     def run_once(system_name, rate, n, seed):
         """One open-loop run of a fresh ``system_name`` at ``rate`` (the grid's and the search's)."""
-        system = make_system(system_name, model, rt, args.max_batch, args.wait_ms)
+        system = make_system(system_name, model, rt, args.max_batch, args.wait_ms, args.defer_ms)
         for x in pool[:20]:  # warm the worker
             system.submit_nowait(x).result()
         r = open_loop(system, pool, rate, n, 1.5 * n / rate, args.drain_s, seed=seed)
@@ -639,6 +769,7 @@ def run_model(name, spec, args) -> dict:
         "closed_loop_light_load": light,
         "stage_costs_ms": {str(b): c for b, c in costs.items()},
         "stage0_bound_x_plain": bound,
+        "rebatch_bound": rb,
         "saturated": sat,
         **({"search": search} if search else {}),
     }
@@ -771,6 +902,22 @@ def plot(results, path):
     fig.savefig(path)
 
 
+def _rebatch_lines(res) -> list:
+    rb = res.get("rebatch_bound")
+    if not rb:
+        return []
+    us = rb["us_per_row"]
+    return [
+        f"What re-batching survivors can gain here, at most (offline, same rows, cheapest of 5 side by side): "
+        f"rt.infer on batches of {res['max_batch']} {us['infer']:.1f} us/row (rows per stage step "
+        f"{[round(v, 1) for v in rb['mean_batch_infer']]}); the same batches' stage steps with every deeper "
+        f"batch kept full {us['full']:.1f} us/row ({[round(v, 1) for v in rb['mean_batch_full']]}); plain "
+        f"{us['plain']:.1f} us/row: **{rb['infer_over_full']:.2f}x** rt.infer's throughput at saturation, with "
+        "none of a scheduler's per-request work.",
+        "",
+    ]
+
+
 def markdown(doc) -> str:
     lines = [
         f"# Serving load benchmark ({doc['device']['device']}, torch {doc['device']['torch']}, {doc['date']})",
@@ -801,6 +948,7 @@ def markdown(doc) -> str:
             f"Stage 0 runs on every row, so no early-exit server can exceed {res['stage0_bound_x_plain']:.2f}x the plain "
             "model's throughput at this batch size.",
             "",
+            *_rebatch_lines(res),
             "Saturated throughput (requests submitted at once, median of the rotated repeats; ratio to ee-req "
             "run next to it):",
             "",
@@ -877,6 +1025,12 @@ def main(argv=None) -> int:
         type=float,
         default=1.0,
         help="max_wait_ms of stage-wait and stage-fill (a system named stage-fill@4 or stage-wait@4 takes 4 ms)",
+    )
+    p.add_argument(
+        "--defer-ms",
+        type=float,
+        default=20.0,
+        help="max_defer_ms of stage-defer (a system named stage-defer@5 takes 5 ms)",
     )
     p.add_argument(
         "--repeats",

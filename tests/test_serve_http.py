@@ -341,6 +341,8 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
                     "fill",
                     "--max-wait-ms",
                     "3",
+                    "--max-defer-ms",
+                    "4",
                     "--port",
                     "0",
                 ]
@@ -349,7 +351,7 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
         sys.setswitchinterval(before)
         for s in made:
             s.close()
-    assert [(s.policy, s.max_wait_s) for s in made] == [("fill", 0.003)]
+    assert [(s.policy, s.max_wait_s, s.max_defer_s) for s in made] == [("fill", 0.003, 0.004)]
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])

@@ -31,7 +31,7 @@ def test_litserve_adapter_serves_a_bundle(tmp_path):
     script = textwrap.dedent(f"""
         import litserve as ls
         from eeruntime.serve.litserve_api import EarlyExitLitAPI
-        api = EarlyExitLitAPI({str(tmp_path / "bundle")!r}, "eeruntime.zoo:digits_cnn", max_batch=8)
+        api = EarlyExitLitAPI({str(tmp_path / "bundle")!r}, "eeruntime.zoo:digits_cnn", max_batch=8, max_defer_ms=2.0)
         ls.LitServer(api, accelerator="cpu", devices=1, timeout=60).run(
             host="127.0.0.1", port={port}, generate_client_file=False, log_level="warning")
     """)

@@ -92,10 +92,12 @@ CUDA_PARAM = pytest.param(
 )
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["step-by-step", "fused"])
+@pytest.mark.parametrize(
+    "fused,defer", [(False, 0.0), (True, 0.0), (True, 5.0)], ids=["step-by-step", "fused", "defer"]
+)
 @pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 @pytest.mark.parametrize("criterion,final", [("entropy", "last"), ("max_prob", "average"), ("margin", "last")])
-def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterion, final, device, fused):
+def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterion, final, device, fused, defer):
     model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1).to(device)
     x = torch.randn(600, 6).to(device)
     thresholds = thresholds_for(model, x, [0.35, 0.3], criterion)
@@ -105,8 +107,9 @@ def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterio
     near = near_threshold(model, x, thresholds, criterion, final)
     rt.reset_stats()
     # fused=False: every batch step by step (rt.run_stage); fused: a stage-0 batch that nothing
-    # could join later runs through every stage in one pass (rt.infer's path)
-    with ee.serve.StageScheduler(rt, max_batch=16, fused=fused) as sched:  # the public name
+    # could join later runs through every stage in one pass (rt.infer's path); defer: under a
+    # backlog partial batches wait for full ones (up to 5 ms)
+    with ee.serve.StageScheduler(rt, max_batch=16, fused=fused, max_defer_ms=defer) as sched:  # the public name
         results = submit_concurrently(sched, x, seed=hash(criterion) % 1000)
         for a, b, f in results:
             got = f.result(WAIT)
@@ -294,6 +297,57 @@ def test_one_pass_only_when_the_steps_would_form_the_same_batches():
     finally:
         hook.gate.set()
         sched.close()
+
+
+@pytest.mark.parametrize("max_defer_ms", [3_600_000.0, 0.0])
+def test_under_a_backlog_full_batches_go_first_so_survivors_share_deeper_batches(max_defer_ms):
+    """max_defer_ms > 0: while full stage-0 batches wait, a partial stage-1 batch is passed over,
+    so the survivors of two stage-0 batches share one stage-1 batch (each stage-0 batch step by
+    step, the backlog's last in one pass); 0 (the default): the deepest stage first, every
+    stage-0 batch in one pass with its survivors alone, as rt.infer would run them."""
+    sched, hook = gated(max_batch=4, max_defer_ms=max_defer_ms)
+    try:
+        first = sched.submit_nowait(scripted_rows([100], [0]))  # idle: taken at once, held at stage 0
+        assert hook.entered.wait(WAIT)
+        # a backlog of three full stage-0 batches; two rows of each go on to exit 2
+        reqs = [([4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3], [0, 2, 0, 2]) for i in range(3)]
+        later = [sched.submit_nowait(scripted_rows(ids, ex)) for ids, ex in reqs]
+        hook.gate.set()
+        check_answers([([100], [0])] + reqs, [first] + later)
+        assert drained(sched)
+        stage1 = [ids for k, ids in hook.batches if k == 1]
+        if max_defer_ms:
+            assert stage1 == [[1, 3, 5, 7], [9, 11]], hook.batches
+            assert sched.stats.fused_batches == 2  # the idle request's and the backlog's last
+        else:
+            assert stage1 == [[1, 3], [5, 7], [9, 11]], hook.batches
+            assert sched.stats.fused_batches == 4
+    finally:
+        hook.gate.set()
+        sched.close()
+
+
+def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
+    """Stage 0 stays full for eight batches of 30 ms or more; the two survivors of the first wait
+    at stage 1 while full batches run, but only for max_defer_ms (50): they run after the second
+    or third stage-0 batch, not after the eighth."""
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    slow = lambda k, ids: k == 0 and (time.sleep(0.03) or False)  # noqa: E731
+    with StageScheduler(rt, max_batch=4, max_defer_ms=50.0) as sched:
+        hook.hold(0, trigger=100)
+        first = sched.submit_nowait(scripted_rows([100], [0]))
+        assert hook.entered.wait(WAIT)
+        reqs = [([0, 1, 2, 3], [0, 2, 0, 2])] + [([4 * i + j for j in range(4)], [0] * 4) for i in range(1, 9)]
+        later = [sched.submit_nowait(scripted_rows(ids, ex)) for ids, ex in reqs]
+        hook.hold_if = slow
+        hook.gate.set()
+        check_answers([([100], [0])] + reqs, [first] + later)
+        order = [(k, ids) for k, ids in hook.batches if ids != [100]]
+        at = order.index((1, [1, 3]))
+        assert 2 <= sum(1 for k, _ in order[:at] if k == 0) <= 3, order
+    with pytest.raises(ValueError, match="max_defer_ms must be >= 0"):
+        StageScheduler(rt, max_defer_ms=-1)
 
 
 @pytest.mark.parametrize("drain", [True, False])

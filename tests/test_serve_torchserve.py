@@ -195,6 +195,8 @@ def test_torchserve_archive_writes_a_model_dir(tmp_path):
         "fill",
         "--max-wait-ms",
         "2",
+        "--max-defer-ms",
+        "6",
     ]
     assert cli_main(args) == 0
     manifest = json.loads((out / "eeruntime" / "MAR-INF" / "MANIFEST.json").read_text())
@@ -203,6 +205,7 @@ def test_torchserve_archive_writes_a_model_dir(tmp_path):
     assert cfg["eeruntime"]["model"] == FACTORY and cfg["eeruntime"]["input_shape"] == [1, 8, 8]
     assert cfg["asyncCommunication"] is True and cfg["batchSize"] == 1
     assert cfg["eeruntime"]["policy"] == "fill" and cfg["eeruntime"]["max_wait_ms"] == 2
+    assert cfg["eeruntime"]["max_defer_ms"] == 6
     # the copied bundle loads like the original
     x = torch.randn(4, 1, 8, 8)
     a, b = ee.load(tmp_path / "bundle", FACTORY).infer(x), ee.load(out / "eeruntime" / "bundle", FACTORY).infer(x)
@@ -243,7 +246,7 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     hook_box.append(hook)
     ee.EERuntime(model, thresholds=0.9, criterion="max_prob").save(tmp_path / "bundle", weights=True)
     # the scheduler's options come from the model config (the archive tool writes them)
-    options = {"max_batch": 32, "policy": "fill", "max_wait_ms": 1.0}
+    options = {"max_batch": 32, "policy": "fill", "max_wait_ms": 1.0, "max_defer_ms": 3.0}
     config = {"asyncCommunication": asynchronous, "eeruntime": {"model": lambda: model, **options}}
     ctx = FakeContext(tmp_path, config)
     handler = EarlyExitHandler()
@@ -255,7 +258,8 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
         handler.initialize(ctx)
     assert freeze.called and switch.called == asynchronous
     if asynchronous:
-        assert (handler.sched.policy, handler.sched.max_wait_s, handler.sched.max_batch) == ("fill", 1e-3, 32)
+        sched = handler.sched
+        assert (sched.policy, sched.max_wait_s, sched.max_defer_s, sched.max_batch) == ("fill", 1e-3, 3e-3, 32)
     return handler, ctx, hook
 
 

@@ -62,6 +62,13 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
         "every stage's batch full under load (rows passed over at most --max-wait-ms)",
     )
     p.add_argument(
+        "--max-defer-ms",
+        type=float,
+        default=0.0,
+        help="policy 'deepest': how long a partial batch may be passed over for full ones (under a backlog, "
+        "survivors then wait for the next stage-0 batches' and deeper batches fill); 0: never",
+    )
+    p.add_argument(
         "--max-queue-rows", type=int, default=4096, help="rows admitted and not answered, at most (then 503)"
     )
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         policy=args.policy,
+        max_defer_ms=args.max_defer_ms,
         max_queue_rows=args.max_queue_rows,
         timeout_s=args.timeout_s,
     )

@@ -37,6 +37,7 @@ class EarlyExitLitAPI(ls.LitAPI):
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         policy: str = "deepest",
+        max_defer_ms: float = 0.0,
         max_queue_rows: int = 4096,
         timeout_s: Optional[float] = 30.0,
         max_rows: int = 256,
@@ -48,6 +49,7 @@ class EarlyExitLitAPI(ls.LitAPI):
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             policy=policy,
+            max_defer_ms=max_defer_ms,
             max_queue_rows=max_queue_rows,
             timeout_s=timeout_s,
         )

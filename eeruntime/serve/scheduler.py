@@ -206,6 +206,12 @@ class StageScheduler:
             and ``max_wait_ms=0`` makes it ``"deepest"``.
         max_wait_ms: how long a stage with fewer than ``max_batch`` rows may wait for more before
             it runs anyway (0: never wait).
+        max_defer_ms: ``"deepest"`` policy: how long a ready stage with fewer than ``max_batch``
+            rows may be passed over while some stage holds a full batch (0, the default: never;
+            the deepest ready stage runs first). Under a backlog, full stage-0 batches then run
+            first and their survivors fill the deeper stages' batches (E3's aim: more requests per
+            second near saturation), at the price of up to ``max_defer_ms`` more latency for rows
+            past stage 0. See docs/serving.md, "Deferring partial batches under a backlog".
         max_queue_rows: rows admitted and not yet answered, at most; beyond it ``submit`` raises
             :class:`SchedulerFull` (``when_full="error"``) or waits for room up to the request's
             timeout (``when_full="wait"``).
@@ -221,8 +227,9 @@ class StageScheduler:
         fused: run a stage-0 batch through every stage in one pass (the runtime's ``infer`` path:
             its fused CPU ops or its whole-model CUDA graph, one call instead of one step per
             stage) when the step-by-step run would form exactly the same batches: no row waits at
-            a deeper stage, and none of the batch's rows would wait for a fuller batch
-            (``max_wait_ms=0``, or rows admitted to an idle scheduler). The answers are the
+            a deeper stage, none of the batch's rows would wait for a fuller batch
+            (``max_wait_ms=0``, or rows admitted to an idle scheduler), and, with ``max_defer_ms``,
+            no full stage-0 batch waits behind it. The answers are the
             same; a stage that raises runs the batch again step by step, so it fails exactly the
             requests whose rows reached it. ``False``: always step by step (``rt.run_stage``),
             which also drops a request's rows between stages when it times out or is cancelled.
@@ -243,6 +250,7 @@ class StageScheduler:
         inline: str = "blocking",
         policy: str = "deepest",
         fused: bool = True,
+        max_defer_ms: float = 0.0,
     ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
@@ -250,6 +258,8 @@ class StageScheduler:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+        if not max_defer_ms >= 0:
+            raise ValueError(f"max_defer_ms must be >= 0, got {max_defer_ms!r}")
         if not isinstance(max_queue_rows, int) or max_queue_rows < 1:
             raise ValueError(f"max_queue_rows must be a positive int, got {max_queue_rows!r}")
         if when_full not in ("error", "wait"):
@@ -266,6 +276,7 @@ class StageScheduler:
         self._adapter = getattr(rt.model, "input_adapter", None) is not None
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
+        self.max_defer_s = max_defer_ms / 1000.0
         # _check_input's fast path: a lone tensor on this device needs no other check
         # (a device with an index, or the CPU: a tensor's own device always names its index)
         dev = getattr(rt, "_device", None)
@@ -724,27 +735,39 @@ class StageScheduler:
         return True
 
     def _pick(self, now: float) -> Tuple[Optional[int], Optional[float]]:
-        """The stage to run next by the policy, or (None, seconds until one becomes ready by max_wait)."""
+        """The stage to run next by the policy, or (None, seconds until one becomes ready by max_wait).
+
+        ``"deepest"``: scanning from the deepest stage, the first that holds ``max_batch`` rows or
+        is ready (its oldest row waited ``max_wait_ms``) and has been passed over for
+        ``max_defer_ms``; else the deepest ready stage."""
         if self.policy == "fill":
             return self._pick_fill(now), None
-        soonest = None
+        if self.max_wait_s <= 0 and self.max_defer_s <= 0:
+            # every stage holding a row is ready and none is passed over: the deepest (no counting)
+            for k in range(self.num_stages - 1, -1, -1):
+                if self._queues[k]:
+                    return k, None
+            return None, None
+        soonest = partial = None
         for k in range(self.num_stages - 1, -1, -1):
             q = self._queues[k]
             if not q:
                 continue
-            if self.max_wait_s <= 0:
-                return k, None
             rows = 0
             ready_at = q[0].ready_at
             for c in q:
                 rows += c.n
                 if rows >= self.max_batch:
-                    return k, None
+                    return k, None  # full batches first, the deepest of them
                 ready_at = min(ready_at, c.ready_at)
             if ready_at <= now or self._closing:
-                return k, None
-            soonest = ready_at - now if soonest is None else min(soonest, ready_at - now)
-        return None, soonest
+                if now - ready_at >= self.max_defer_s or self._closing:
+                    return k, None  # passed over for full batches long enough (at once: max_defer_ms=0)
+                if partial is None:
+                    partial = k
+            else:
+                soonest = ready_at - now if soonest is None else min(soonest, ready_at - now)
+        return (partial, None) if partial is not None else (None, soonest)
 
     def _pick_fill(self, now: float) -> Optional[int]:
         """``policy="fill"``: the deepest stage with an overdue row (its chunk's ``ready_at`` has
@@ -869,6 +892,14 @@ class StageScheduler:
         just its survivors, as ``rt.infer`` does."""
         if not self.fused or any(self._queues[1:]):
             return False
+        if self.max_defer_s > 0:
+            # a full stage-0 batch waits behind this one (a backlog): its survivors would join
+            # this batch's at every deeper stage, which a pass cannot wait for
+            rows = 0
+            for c in self._queues[0]:
+                rows += c.n
+                if rows >= self.max_batch:
+                    return False
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
     def _run_fused(self, state: State, ids: torch.Tensor, snap: Any, t0: float) -> bool:

@@ -55,6 +55,7 @@ def model_config(args: argparse.Namespace) -> Dict[str, Any]:
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "policy": args.policy,
+        "max_defer_ms": args.max_defer_ms,
         "max_queue_rows": args.max_queue_rows,
         "timeout_s": args.timeout_s,
         "max_rows": args.max_rows,

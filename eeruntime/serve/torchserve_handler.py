@@ -48,7 +48,7 @@ from .process import freeze_startup_objects, set_switch_interval
 log = logging.getLogger("eeruntime.serve.torchserve")
 
 CONFIG_SECTION = "eeruntime"  # the section of model-config.yaml this handler reads
-SCHEDULER_OPTIONS = ("max_batch", "max_wait_ms", "policy", "max_queue_rows", "timeout_s")
+SCHEDULER_OPTIONS = ("max_batch", "max_wait_ms", "policy", "max_defer_ms", "max_queue_rows", "timeout_s")
 
 Reply = Tuple[int, str, Any]  # (status, content type, body)
 
