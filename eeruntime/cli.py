@@ -331,7 +331,7 @@ def _torchserve_archive(p):
     def go(a):
         try:
             return run(a)
-        except (TypeError, FileExistsError) as e:
+        except (TypeError, ValueError, FileExistsError) as e:
             raise CommandError(str(e)) from None
 
     return go

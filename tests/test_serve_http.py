@@ -330,28 +330,16 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
 
     monkeypatch.setattr("eeruntime.serve.server.create_app", fake_app)
     before = sys.getswitchinterval()  # (the server sets it after building the app: restored anyway)
+    base = [str(tmp_path / "bundle"), "--model", "eeruntime.zoo:digits_cnn", "--port", "0"]
     try:
-        with pytest.raises(RuntimeError, match="stop here"):
-            cli.main(
-                [
-                    str(tmp_path / "bundle"),
-                    "--model",
-                    "eeruntime.zoo:digits_cnn",
-                    "--policy",
-                    "fill",
-                    "--max-wait-ms",
-                    "3",
-                    "--max-defer-ms",
-                    "4",
-                    "--port",
-                    "0",
-                ]
-            )
+        for extra in (["--policy", "fill", "--max-wait-ms", "3"], ["--max-wait-ms", "2", "--max-defer-ms", "4"]):
+            with pytest.raises(RuntimeError, match="stop here"):
+                cli.main(base + extra)
     finally:
         sys.setswitchinterval(before)
         for s in made:
             s.close()
-    assert [(s.policy, s.max_wait_s, s.max_defer_s) for s in made] == [("fill", 0.003, 0.004)]
+    assert [(s.policy, s.max_wait_s, s.max_defer_s) for s in made] == [("fill", 0.003, 0.0), ("deepest", 0.002, 0.004)]
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
@@ -362,3 +350,19 @@ def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, va
     rc = main([str(tmp_path / "missing"), "--model", "eeruntime.zoo:digits_cnn", "--switch-interval-ms", value])
     assert rc == 2 and "--switch-interval-ms must be > 0" in capsys.readouterr().err
     assert sys.getswitchinterval() == before  # refused before anything was set
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--policy", "fill", "--max-defer-ms", "5"], "--max-defer-ms applies to --policy deepest"),
+        (["--max-defer-ms", "-1"], "--max-defer-ms must be >= 0, got -1.0"),
+        (["--max-wait-ms", "-2"], "--max-wait-ms must be >= 0, got -2.0"),
+    ],
+)
+def test_cli_refuses_scheduler_options_the_scheduler_would_refuse(tmp_path, capsys, options, message):
+    from eeruntime.serve.cli import main
+
+    rc = main([str(tmp_path / "missing"), "--model", "eeruntime.zoo:digits_cnn"] + options)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err

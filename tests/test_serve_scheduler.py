@@ -348,6 +348,8 @@ def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
         assert 2 <= sum(1 for k, _ in order[:at] if k == 0) <= 3, order
     with pytest.raises(ValueError, match="max_defer_ms must be >= 0"):
         StageScheduler(rt, max_defer_ms=-1)
+    with pytest.raises(ValueError, match="max_defer_ms applies to policy='deepest'"):
+        StageScheduler(rt, policy="fill", max_defer_ms=5)
 
 
 @pytest.mark.parametrize("drain", [True, False])

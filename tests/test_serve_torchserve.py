@@ -191,8 +191,6 @@ def test_torchserve_archive_writes_a_model_dir(tmp_path):
         str(out),
         "--input-shape",
         "1,8,8",
-        "--policy",
-        "fill",
         "--max-wait-ms",
         "2",
         "--max-defer-ms",
@@ -204,7 +202,7 @@ def test_torchserve_archive_writes_a_model_dir(tmp_path):
     cfg = json.loads((out / "eeruntime" / "model-config.yaml").read_text())
     assert cfg["eeruntime"]["model"] == FACTORY and cfg["eeruntime"]["input_shape"] == [1, 8, 8]
     assert cfg["asyncCommunication"] is True and cfg["batchSize"] == 1
-    assert cfg["eeruntime"]["policy"] == "fill" and cfg["eeruntime"]["max_wait_ms"] == 2
+    assert cfg["eeruntime"]["policy"] == "deepest" and cfg["eeruntime"]["max_wait_ms"] == 2
     assert cfg["eeruntime"]["max_defer_ms"] == 6
     # the copied bundle loads like the original
     x = torch.randn(4, 1, 8, 8)
@@ -212,6 +210,12 @@ def test_torchserve_archive_writes_a_model_dir(tmp_path):
     assert torch.equal(a.logits, b.logits)
     assert cli_main(args) == 1  # the target exists: refused, nothing overwritten
     assert cli_main(["torchserve-archive", str(tmp_path / "missing"), "--model", FACTORY, "--out", str(out)]) == 1
+    # options the scheduler would refuse are refused before anything is written
+    other = tmp_path / "other"
+    bad = ["torchserve-archive", str(tmp_path / "bundle"), "--model", FACTORY, "--out", str(other)]
+    assert cli_main(bad + ["--policy", "fill", "--max-defer-ms", "5"]) == 1 and not other.exists()
+    assert cli_main(bad + ["--policy", "fill", "--max-wait-ms", "3"]) == 0
+    assert json.loads((other / "eeruntime" / "model-config.yaml").read_text())["eeruntime"]["policy"] == "fill"
 
 
 # -- the handler alone, called as TorchServe's worker calls it (no java, no torchserve needed) -----
@@ -246,7 +250,7 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     hook_box.append(hook)
     ee.EERuntime(model, thresholds=0.9, criterion="max_prob").save(tmp_path / "bundle", weights=True)
     # the scheduler's options come from the model config (the archive tool writes them)
-    options = {"max_batch": 32, "policy": "fill", "max_wait_ms": 1.0, "max_defer_ms": 3.0}
+    options = {"max_batch": 32, "policy": "deepest", "max_wait_ms": 1.0, "max_defer_ms": 3.0}
     config = {"asyncCommunication": asynchronous, "eeruntime": {"model": lambda: model, **options}}
     ctx = FakeContext(tmp_path, config)
     handler = EarlyExitHandler()
@@ -259,7 +263,7 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     assert freeze.called and switch.called == asynchronous
     if asynchronous:
         sched = handler.sched
-        assert (sched.policy, sched.max_wait_s, sched.max_defer_s, sched.max_batch) == ("fill", 1e-3, 3e-3, 32)
+        assert (sched.policy, sched.max_wait_s, sched.max_defer_s, sched.max_batch) == ("deepest", 1e-3, 3e-3, 32)
     return handler, ctx, hook
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Optional
 
 TOKEN_ENV = "EERUNTIME_ADMIN_TOKEN"
 # StageScheduler's policies (scheduler.POLICIES, spelled out here: this module imports no torch
@@ -48,6 +49,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the interpreter's GIL switch interval in this process (docs/serving.md; Python's default is 5)",
     )
     p.add_argument("--log-level", default="info")
+
+
+def scheduler_options_error(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the scheduler's options (argparse checks each one's type alone), or None:
+    said before a model is loaded or a file is written."""
+    for name in ("max_wait_ms", "max_defer_ms"):
+        value = getattr(args, name)
+        if not value >= 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {value}"
+    if args.policy == "fill" and args.max_defer_ms > 0:
+        return (
+            "--max-defer-ms applies to --policy deepest; --policy fill already runs full batches first and "
+            "bounds how long rows are passed over by --max-wait-ms"
+        )
+    return None
 
 
 def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
             token = f.read().strip()
     if not args.switch_interval_ms > 0:
         print(f"eeruntime serve: --switch-interval-ms must be > 0, got {args.switch_interval_ms}", file=sys.stderr)
+        return 2
+    bad = scheduler_options_error(args)
+    if bad:
+        print(f"eeruntime serve: {bad}", file=sys.stderr)
         return 2
     try:
         device = torch.device(args.device)

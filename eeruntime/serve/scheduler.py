@@ -211,7 +211,9 @@ class StageScheduler:
             the deepest ready stage runs first). Under a backlog, full stage-0 batches then run
             first and their survivors fill the deeper stages' batches (E3's aim: more requests per
             second near saturation), at the price of up to ``max_defer_ms`` more latency for rows
-            past stage 0. See docs/serving.md, "Deferring partial batches under a backlog".
+            past stage 0. ``policy="fill"`` bounds passed-over rows by ``max_wait_ms`` instead and
+            takes no ``max_defer_ms``. See docs/serving.md, "Policy" (and "Session 8" for what it
+            measured).
         max_queue_rows: rows admitted and not yet answered, at most; beyond it ``submit`` raises
             :class:`SchedulerFull` (``when_full="error"``) or waits for room up to the request's
             timeout (``when_full="wait"``).
@@ -266,6 +268,11 @@ class StageScheduler:
             raise ValueError(f"when_full must be 'error' or 'wait', got {when_full!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
+        if policy == "fill" and max_defer_ms > 0:
+            raise ValueError(
+                "max_defer_ms applies to policy='deepest'; policy='fill' already runs full batches first and "
+                "bounds how long rows are passed over by max_wait_ms"
+            )
         if inline not in INLINE_MODES:
             raise ValueError(f"inline must be one of {', '.join(map(repr, INLINE_MODES))}, got {inline!r}")
         self.rt = rt

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-from .cli import add_scheduler_arguments, parse_shape
+from .cli import add_scheduler_arguments, parse_shape, scheduler_options_error
 
 HANDLER = "eeruntime.serve.torchserve_handler"
 
@@ -78,6 +78,9 @@ def write(args: argparse.Namespace) -> Path:
     """Check that the bundle loads with its factory, then write STORE/NAME; returns that path."""
     import eeruntime as ee
 
+    bad = scheduler_options_error(args)
+    if bad:
+        raise ValueError(bad)
     bundle = Path(args.bundle)
     ee.load(bundle, args.model)  # fails here, with the loader's message, rather than in a worker's log
     if args.input_shape:
