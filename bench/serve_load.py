@@ -27,10 +27,10 @@ submit through the worker thread (the serving machinery's own cost at light load
 SEARCH: the rate grid is coarse (multiples of the plain model's capacity), so after it each system's
 highest sustained rate is found by search (find_max_sustained; --no-search skips it): a bracket
 [lo, hi] per system, lo = the grid's highest sustained rate (checked first; if it fails, the
-search starts again from the grid's lowest rate; a system failing there in two probes reports 0), hi = 1.1x
-its saturated throughput, bisected geometrically until hi/lo <= 1 + --search-tol (5%). Each probe
-is --search-repeats open-loop runs (3; at least --search-min-requests requests each), judged by
-the median-p99 run. The systems' bisections run in lockstep, each round every system still
+search starts again from the grid's lowest rate; a system failing there in two probes reports 0),
+hi = 1.1x its saturated throughput, bisected geometrically until hi/lo <= 1 + --search-tol (5%).
+Each probe is --search-repeats open-loop runs (3; at least --search-min-requests requests each),
+judged by the median-p99 run. The systems' bisections run in lockstep, each round every system still
 searching probed at its own midpoint in a rotated order, so a slow spell of a shared machine hits
 them alike. Reported per system: the found rate (its highest sustained probe), the bracket, and
 the found rate over ee-req's and over plain's (the issue's targets: stage >= 1.05x ee-req and
@@ -278,7 +278,8 @@ def find_max_sustained(systems, probe, judge, lo, hi, floor, tol=0.05, repeats=3
     ``judge(row)`` says whether the row is sustained. ``lo``, ``hi`` and ``floor`` map each system
     to its first guess of a sustained rate, a rate taken as failing (never probed: e.g. 1.1x the
     saturated throughput) and the lowest rate worth a probe. A system's lo is probed first: if it
-    fails, the search starts again from [floor, lo]; if the floor fails twice (one failure is probed again next round) the system's rate is 0.
+    fails, the search starts again from [floor, lo]; if the floor fails twice (one failure is
+    probed again next round) the system's rate is 0.
     Then each probe at sqrt(lo * hi) replaces lo (sustained) or hi (not), until hi / lo <= 1 + tol.
 
     The bisections run in lockstep: each round probes every system still searching once (each
