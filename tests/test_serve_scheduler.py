@@ -615,6 +615,26 @@ def test_fill_policy_runs_the_fullest_stage_so_deeper_batches_fill(max_wait_ms):
         StageScheduler(rt, policy="fullest")
 
 
+def test_fill_policy_takes_the_deepest_of_full_stages_however_far_past_max_batch_they_reach():
+    """Two full stages, the shallower holding more rows past max_batch (chunks of several rows
+    overshoot it by different amounts): "the deepest full stage" is the deeper one. The pick is
+    read on the queues of a closed scheduler (no worker to take them meanwhile)."""
+    from eeruntime.serve.scheduler import _Chunk
+
+    model, _ = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    sched = StageScheduler(rt, max_batch=4, max_wait_ms=3_600_000.0, policy="fill")
+    sched.close()
+    later = time.perf_counter() + 3600  # no row overdue
+    chunk = lambda n: _Chunk(range(n), None, None, None, None, later)  # noqa: E731
+    sched._queues[1].extend([chunk(3), chunk(2)])  # 5 rows
+    sched._queues[0].extend([chunk(3), chunk(4)])  # 7 rows
+    assert sched._pick_fill(time.perf_counter()) == 1
+    sched._queues[1].clear()
+    sched._queues[1].append(chunk(2))  # not full: the fullest, stage 0, runs
+    assert sched._pick_fill(time.perf_counter()) == 0
+
+
 def test_freeze_startup_objects_takes_them_out_of_full_collections():
     # In a fresh process (freezing is process-wide): before, a full collection walks every object
     # torch and eeruntime created at import (gc.get_objects(2), the oldest generation); after

@@ -788,15 +788,21 @@ class StageScheduler:
             # chunks enter in time order, but a split keeps its ready_at: the head is the oldest
             if q[0].ready_at <= now:
                 return k
-            rows = 0
-            for c in q:
-                rows += c.n
-                if rows >= self.max_batch:
-                    break
+            rows = self._rows_up_to_batch(q)
             if rows > most:  # strict: on ties the deeper stage, met first, stays
                 fullest, most = k, rows
         # counts are capped at max_batch, so this is also the deepest full stage when one is full
         return fullest
+
+    def _rows_up_to_batch(self, q: Deque[_Chunk]) -> int:
+        """Rows waiting in ``q``, counted up to ``max_batch`` (capped: every full queue counts the
+        same, and no more chunks are walked than a batch takes)."""
+        rows = 0
+        for c in q:
+            rows += c.n
+            if rows >= self.max_batch:
+                return self.max_batch
+        return rows
 
     def _purge(self) -> None:
         """Drop the rows of dead requests from every queue."""
@@ -899,14 +905,10 @@ class StageScheduler:
         just its survivors, as ``rt.infer`` does."""
         if not self.fused or any(self._queues[1:]):
             return False
-        if self.max_defer_s > 0:
+        if self.max_defer_s > 0 and self._rows_up_to_batch(self._queues[0]) >= self.max_batch:
             # a full stage-0 batch waits behind this one (a backlog): its survivors would join
             # this batch's at every deeper stage, which a pass cannot wait for
-            rows = 0
-            for c in self._queues[0]:
-                rows += c.n
-                if rows >= self.max_batch:
-                    return False
+            return False
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
     def _run_fused(self, state: State, ids: torch.Tensor, snap: Any, t0: float) -> bool:
