@@ -569,8 +569,10 @@ def rebatch_bound(rt, model, x, max_batch, reps=5):
     fns = {"infer": infer, "full": lambda: full_batch_steps(rt, xs, snap, max_batch), "plain": plain}
     best = {k: math.inf for k in fns}
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for fn in fns.values():  # warm
-        fn()
+    # one untimed run of each (warm-up), whose results also give the rows per step
+    exits = torch.cat([rt.infer(b).exit_index for b in xs])
+    full = full_batch_steps(rt, xs, snap, max_batch)
+    plain()
     for rep in range(reps):
         for k in rotated(list(fns), rep):
             sync()
@@ -578,10 +580,8 @@ def rebatch_bound(rt, model, x, max_batch, reps=5):
             fns[k]()
             sync()
             best[k] = min(best[k], time.perf_counter() - t)
-    exits = torch.cat([rt.infer(b).exit_index for b in xs])
     per_batch = exits.view(len(xs), -1)
     infer_batches = [float((per_batch >= k).sum(1).float().mean()) for k in range(rt.num_exits)]
-    full = full_batch_steps(rt, xs, snap, max_batch)
     return {
         "us_per_row": {k: v / n * 1e6 for k, v in best.items()},
         "infer_over_full": best["infer"] / best["full"],
