@@ -5,8 +5,12 @@ For each model and arrival rate it runs, back to back at the same rate,
   direct:       no serving machinery: the generator calls rt.infer on each request itself,
   (a) plain:    the plain model (every stage, final exit) behind request-level dynamic batching,
   (b) ee-req:   EERuntime.infer behind the same request-level dynamic batching,
-  (c) stage:    ee.serve.StageScheduler (rows of all requests re-batched at every stage), every
-                request through its worker thread (inline="never": an asyncio server's path),
+  (c) stage:    ee.serve.StageScheduler with its defaults (rows of all requests re-batched at every
+                stage; max_defer_ms None: 20 ms on a CPU, full batches first once stage 0 is that
+                far behind), every request through its worker thread (inline="never": an asyncio
+                server's path),
+  stage-nodefer: (c) with max_defer_ms=0: the deepest ready stage first, always (the default
+                before session 9),
   stage-inline: the same with inline="always" (a request finding it idle runs in the caller),
   stage-steps:  (c) with fused=False: every batch step by step (rt.run_stage per stage), never in
                 one pass (not in the default set),
@@ -14,9 +18,10 @@ For each model and arrival rate it runs, back to back at the same rate,
                 for more, so deeper stages run fuller batches under load (not in the default set),
   stage-fill:   (c) with policy="fill": the fullest stage runs first, a row passed over for
                 --wait-ms goes first (not in the default set),
-  stage-defer:  (c) with max_defer_ms = --defer-ms: full batches run first, so under a backlog
-                survivors wait (up to that long) at deeper stages for the next stage-0 batches'
-                survivors and deeper batches fill (E3's aim),
+  stage-defer:  (c) with max_defer_ms = --defer-ms: once stage 0 is that far behind, full batches
+                run first, so survivors wait (up to that long) at deeper stages for the next
+                stage-0 batches' survivors and deeper batches fill (E3's aim; not in the default
+                set: on a CPU, stage is stage-defer@20),
 
 and records throughput and p50/p99 latency, measured from each request's *scheduled* arrival
 (open loop: a late generator does not hide queueing). The SLO is 10x the plain model's batch-1
@@ -366,6 +371,7 @@ SYSTEMS = (
     "plain",
     "ee-req",
     "stage",
+    "stage-nodefer",
     "stage-steps",
     "stage-inline",
     "stage-wait",
@@ -389,8 +395,9 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0):
     # "stage-wait": a stage with fewer than max_batch rows waits up to wait_ms for more (a request
     # admitted to an idle scheduler never waits), so deeper stages run fuller batches under load;
     # "stage-fill": policy="fill" (the fullest stage first; a row passed over for wait_ms goes first)
-    # "stage-defer": max_defer_ms=defer_ms (full batches first: under a backlog, survivors wait up
-    # to defer_ms at deeper stages for the next stage-0 batches' survivors)
+    # "stage-defer": max_defer_ms=defer_ms (full batches first once stage 0 is defer_ms behind:
+    # survivors wait up to defer_ms at deeper stages for the next stage-0 batches' survivors);
+    # "stage-nodefer": max_defer_ms=0; the others keep the scheduler's default (None)
     inline = "always" if name == "stage-inline" else "never"
     return StageScheduler(
         rt,
@@ -400,7 +407,7 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0):
         fused=name != "stage-steps",
         max_wait_ms=wait_ms if name in ("stage-wait", "stage-fill") else 0.0,
         policy="fill" if name == "stage-fill" else "deepest",
-        max_defer_ms=defer_ms if name == "stage-defer" else 0.0,
+        max_defer_ms=defer_ms if name == "stage-defer" else 0.0 if name == "stage-nodefer" else None,
     )
 
 
@@ -876,6 +883,7 @@ def plot(results, path):
             "plain": "s-",
             "ee-req": "o-",
             "stage": "^-",
+            "stage-nodefer": "<-",
             "stage-inline": "v--",
             "stage-wait": "d-.",
             "stage-fill": "P-",
@@ -1018,7 +1026,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument(
         "--systems",
-        default=",".join(s for s in SYSTEMS if s not in ("stage-wait", "stage-fill", "stage-steps")),
+        default=",".join(s for s in SYSTEMS if s not in ("stage-wait", "stage-fill", "stage-steps", "stage-defer")),
         help=f"which of {', '.join(SYSTEMS)}",
     )
     p.add_argument(

@@ -262,7 +262,8 @@ def test_quick_run_writes_the_search(tmp_path):
 
 def test_system_names_set_the_scheduler_knobs():
     """make_system: "stage-defer" takes --defer-ms (or its @ms), "stage-fill@4" its max_wait_ms;
-    the other stage systems defer nothing."""
+    "stage" keeps the scheduler's default (20 ms on a CPU), "stage-nodefer" and policy fill defer
+    nothing."""
     import torch
 
     import eeruntime as ee
@@ -274,7 +275,9 @@ def test_system_names_set_the_scheduler_knobs():
         ("stage-defer", 20.0): (0.0, 20.0, "deepest"),
         ("stage-defer@7", 20.0): (0.0, 7.0, "deepest"),
         ("stage-fill@4", 9.0): (4.0, 0.0, "fill"),
-        ("stage", 9.0): (0.0, 0.0, "deepest"),
+        ("stage", 9.0): (0.0, 20.0, "deepest"),  # the scheduler's default on a CPU
+        ("stage-nodefer", 9.0): (0.0, 0.0, "deepest"),
+        ("stage-fill", 9.0): (1.0, 0.0, "fill"),
     }
     for (name, defer), (wait, max_defer, policy) in want.items():
         sched = serve_load.make_system(name, model, rt, 8, wait_ms=1.0, defer_ms=defer)

@@ -56,9 +56,9 @@ def scheduler_options_error(args: argparse.Namespace) -> Optional[str]:
     said before a model is loaded or a file is written."""
     for name in ("max_wait_ms", "max_defer_ms"):
         value = getattr(args, name)
-        if not value >= 0:
+        if value is not None and not value >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {value}"
-    if args.policy == "fill" and args.max_defer_ms > 0:
+    if args.policy == "fill" and args.max_defer_ms:
         return (
             "--max-defer-ms applies to --policy deepest; --policy fill already runs full batches first and "
             "bounds how long rows are passed over by --max-wait-ms"
@@ -80,9 +80,10 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-defer-ms",
         type=float,
-        default=0.0,
-        help="policy 'deepest': how long a partial batch may be passed over for full ones (under a backlog, "
-        "survivors then wait for the next stage-0 batches' and deeper batches fill); 0: never",
+        default=None,
+        help="policy 'deepest': once stage 0 is this far behind, how long a partial batch may be passed over "
+        "for full ones (survivors then wait for the next stage-0 batches' and deeper batches fill); 0: never; "
+        "default: 20 on a CPU, 0 on a GPU (docs/serving.md, 'Policy')",
     )
     p.add_argument(
         "--max-queue-rows", type=int, default=4096, help="rows admitted and not answered, at most (then 503)"

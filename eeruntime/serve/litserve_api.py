@@ -37,7 +37,7 @@ class EarlyExitLitAPI(ls.LitAPI):
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         policy: str = "deepest",
-        max_defer_ms: float = 0.0,
+        max_defer_ms: Optional[float] = None,
         max_queue_rows: int = 4096,
         timeout_s: Optional[float] = 30.0,
         max_rows: int = 256,

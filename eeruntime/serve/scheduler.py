@@ -11,6 +11,8 @@ How a request travels (see docs/serving.md for the measurements behind the polic
   and finish requests first). A stage is ready when it holds ``max_batch`` rows or its oldest row
   has waited ``max_wait_ms`` (default 0: any waiting row is ready; waiting for fuller batches
   costs latency under tight SLOs on a CPU, whose cost per row barely falls with batch size).
+  Once stage 0 falls behind by ``max_defer_ms`` (a backlog), full batches go first instead, so
+  survivors of successive stage-0 batches share the deeper batches (E3's gain at saturation).
 - It gathers chunks from that queue's head up to ``max_batch`` rows (splitting the last one) that
   share one thresholds snapshot and one input layout, concatenates them, and calls
   ``rt.run_stage``. Leavers' logits go to their requests; a request whose rows have all left
@@ -20,7 +22,8 @@ How a request travels (see docs/serving.md for the measurements behind the polic
   rows would wait for a fuller batch) would run every later step at once on just its own
   survivors, which is what ``rt.infer`` does in one call with its fused ops (or whole-model CUDA
   graph): so the worker makes that one call. With ``max_wait_ms=0`` and ``policy="deepest"``
-  this is every batch; the steps differ from it only when rows wait for fuller batches.
+  this is every batch while stage 0 keeps up; the steps differ from it only when rows wait for
+  fuller batches (``max_wait_ms``, or ``max_defer_ms`` once stage 0 is behind).
 
 Thresholds: **one snapshot per request**, taken when it is admitted; a batch never mixes
 snapshots, so every request is answered with one set of thresholds, exactly as ``rt.infer``
@@ -42,6 +45,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from math import ceil
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
@@ -59,6 +63,16 @@ POLICIES = ("deepest", "fill")
 # _deliver makes the answers' views with one split per output from this many leaving rows on
 # (measured: a split costs about half a Python slice per view, plus a fixed ~2 us)
 SPLIT_MIN_ROWS = 4
+# max_defer_ms passes a partial stage over only while the rows upstream are expected to fill it;
+# "expected" uses each stage's measured share of rows that go on, from counts that decay by this
+# factor per batch at that stage (about the last ten batches weigh: thresholds or traffic change)
+SURVIVAL_DECAY = 0.9
+# max_defer_ms=None: on a CPU, 20 ms (measured on the 2-core VM's ResNet-style model: 5 and 10 ms
+# bought nothing, as a stage-3 batch needs about seven stage-0 batches of 3-4 ms to fill; 20 ms
+# gave 1.08-1.27x (b)'s saturated throughput; docs/serving.md, "Session 8" and "Session 9"). Off
+# elsewhere: on a GPU the one pass is a whole-model CUDA graph, and whether re-batched steps beat
+# it under a backlog is not measured yet.
+DEFAULT_MAX_DEFER_MS_CPU = 20.0
 
 
 class SchedulerError(RuntimeError):
@@ -206,14 +220,18 @@ class StageScheduler:
             and ``max_wait_ms=0`` makes it ``"deepest"``.
         max_wait_ms: how long a stage with fewer than ``max_batch`` rows may wait for more before
             it runs anyway (0: never wait).
-        max_defer_ms: ``"deepest"`` policy: how long a ready stage with fewer than ``max_batch``
-            rows may be passed over while some stage holds a full batch (0, the default: never;
-            the deepest ready stage runs first). Under a backlog, full stage-0 batches then run
-            first and their survivors fill the deeper stages' batches (E3's aim: more requests per
-            second near saturation), at the price of up to ``max_defer_ms`` more latency for rows
-            past stage 0. ``policy="fill"`` bounds passed-over rows by ``max_wait_ms`` instead and
-            takes no ``max_defer_ms``. See docs/serving.md, "Policy" (and "Session 8" for what it
-            measured).
+        max_defer_ms: ``"deepest"`` policy, under a backlog: how long a ready stage with fewer
+            than ``max_batch`` rows may be passed over while some stage holds a full batch. It is
+            passed over only while stage 0 is behind (its oldest row has waited ``max_defer_ms``
+            already) and the rows upstream are expected to fill its batch (by the measured shares
+            of rows that go on); then full stage-0 batches run first and their survivors fill the
+            deeper stages' batches (E3's aim: more requests per second once arrivals outpace the
+            worker), and no row waits longer for it than stage 0's rows already do. When stage 0
+            keeps up, nothing changes: the deepest ready stage runs first. 0: never; None (the
+            default): ``DEFAULT_MAX_DEFER_MS_CPU`` (20) for a model on the CPU, 0 elsewhere (not
+            measured on a GPU yet). ``policy="fill"`` bounds passed-over rows by ``max_wait_ms``
+            instead and takes no ``max_defer_ms``. See docs/serving.md, "Policy" (and "Session 8",
+            "Session 9" for what it measured).
         max_queue_rows: rows admitted and not yet answered, at most; beyond it ``submit`` raises
             :class:`SchedulerFull` (``when_full="error"``) or waits for room up to the request's
             timeout (``when_full="wait"``).
@@ -231,7 +249,8 @@ class StageScheduler:
             stage) when the step-by-step run would form exactly the same batches: no row waits at
             a deeper stage, none of the batch's rows would wait for a fuller batch
             (``max_wait_ms=0``, or rows admitted to an idle scheduler), and, with ``max_defer_ms``,
-            no full stage-0 batch waits behind it. The answers are the
+            no full stage-0 batch waits behind it while stage 0 is behind (whose survivors, with
+            this batch's, are expected to fill stage 1's batch). The answers are the
             same; a stage that raises runs the batch again step by step, so it fails exactly the
             requests whose rows reached it. ``False``: always step by step (``rt.run_stage``),
             which also drops a request's rows between stages when it times out or is cancelled.
@@ -252,7 +271,7 @@ class StageScheduler:
         inline: str = "blocking",
         policy: str = "deepest",
         fused: bool = True,
-        max_defer_ms: float = 0.0,
+        max_defer_ms: Optional[float] = None,
     ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
@@ -260,15 +279,15 @@ class StageScheduler:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-        if not max_defer_ms >= 0:
-            raise ValueError(f"max_defer_ms must be >= 0, got {max_defer_ms!r}")
+        if max_defer_ms is not None and not max_defer_ms >= 0:
+            raise ValueError(f"max_defer_ms must be >= 0 (or None: the default), got {max_defer_ms!r}")
         if not isinstance(max_queue_rows, int) or max_queue_rows < 1:
             raise ValueError(f"max_queue_rows must be a positive int, got {max_queue_rows!r}")
         if when_full not in ("error", "wait"):
             raise ValueError(f"when_full must be 'error' or 'wait', got {when_full!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
-        if policy == "fill" and max_defer_ms > 0:
+        if policy == "fill" and max_defer_ms is not None and max_defer_ms > 0:
             raise ValueError(
                 "max_defer_ms applies to policy='deepest'; policy='fill' already runs full batches first and "
                 "bounds how long rows are passed over by max_wait_ms"
@@ -283,10 +302,13 @@ class StageScheduler:
         self._adapter = getattr(rt.model, "input_adapter", None) is not None
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
-        self.max_defer_s = max_defer_ms / 1000.0
         # _check_input's fast path: a lone tensor on this device needs no other check
         # (a device with an index, or the CPU: a tensor's own device always names its index)
         dev = getattr(rt, "_device", None)
+        if max_defer_ms is None:
+            on_cpu = isinstance(dev, torch.device) and dev.type == "cpu"
+            max_defer_ms = DEFAULT_MAX_DEFER_MS_CPU if on_cpu and policy == "deepest" else 0.0
+        self.max_defer_s = max_defer_ms / 1000.0
         exact = isinstance(dev, torch.device) and (dev.type == "cpu" or dev.index is not None)
         self._fast_device = dev if exact else None
         self._max_rows = min(max_queue_rows, ROW_MASK)
@@ -314,6 +336,11 @@ class StageScheduler:
         self._closing = False
         self._drain = True
         self.stats = SchedulerStats(self.num_stages, latency_window)
+        # rows that reached each stage and went on from it, decayed (see SURVIVAL_DECAY; worker
+        # only); the prior is one full batch that went on whole, so until measured a partial stage
+        # may be passed over (for at most max_defer_ms) as if its batch would fill
+        self._reached = [float(max_batch)] * self.num_stages
+        self._went_on = [float(max_batch)] * self.num_stages
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
@@ -548,6 +575,7 @@ class StageScheduler:
             pending_rows=self._admitted_rows,
             max_batch=self.max_batch,
             max_wait_ms=self.max_wait_s * 1000,
+            max_defer_ms=self.max_defer_s * 1000,
             policy=self.policy,
             thresholds=self.thresholds,
         )
@@ -745,8 +773,9 @@ class StageScheduler:
         """The stage to run next by the policy, or (None, seconds until one becomes ready by max_wait).
 
         ``"deepest"``: scanning from the deepest stage, the first that holds ``max_batch`` rows or
-        is ready (its oldest row waited ``max_wait_ms``) and has been passed over for
-        ``max_defer_ms``; else the deepest ready stage."""
+        is ready (its oldest row waited ``max_wait_ms``) and may not be passed over any longer: it
+        has been for ``max_defer_ms``, or the rows upstream are not expected to fill its batch
+        (:meth:`_fillable`); else the deepest ready stage."""
         if self.policy == "fill":
             return self._pick_fill(now), None
         if self.max_wait_s <= 0 and self.max_defer_s <= 0:
@@ -768,8 +797,13 @@ class StageScheduler:
                     return k, None  # full batches first, the deepest of them
                 ready_at = min(ready_at, c.ready_at)
             if ready_at <= now or self._closing:
-                if now - ready_at >= self.max_defer_s or self._closing:
-                    return k, None  # passed over for full batches long enough (at once: max_defer_ms=0)
+                if (
+                    now - ready_at >= self.max_defer_s  # passed over long enough (at once: max_defer_ms=0)
+                    or self._closing
+                    or not self._backlogged(now)  # stage 0 keeps up: no reason to wait
+                    or not self._fillable(k, self.max_batch - rows)  # waiting would not fill its batch
+                ):
+                    return k, None
                 if partial is None:
                     partial = k
             else:
@@ -794,15 +828,50 @@ class StageScheduler:
         # counts are capped at max_batch, so this is also the deepest full stage when one is full
         return fullest
 
-    def _rows_up_to_batch(self, q: Deque[_Chunk]) -> int:
-        """Rows waiting in ``q``, counted up to ``max_batch`` (capped: every full queue counts the
-        same, and no more chunks are walked than a batch takes)."""
+    def _rows_up_to_batch(self, q: Deque[_Chunk], cap: Optional[int] = None) -> int:
+        """Rows waiting in ``q``, counted up to ``cap`` (default ``max_batch``; capped: every full
+        queue counts the same, and no more chunks are walked than a batch takes)."""
+        cap = self.max_batch if cap is None else cap
         rows = 0
         for c in q:
             rows += c.n
-            if rows >= self.max_batch:
-                return self.max_batch
+            if rows >= cap:
+                return cap
         return rows
+
+    def _survival(self, k: int) -> float:
+        """The share of rows reaching stage ``k`` that went on from it, lately (SURVIVAL_DECAY)."""
+        return self._went_on[k] / self._reached[k] if self._reached[k] > 0 else 1.0
+
+    def _learn(self, k: int, reached: int, went_on: int) -> None:
+        self._reached[k] = self._reached[k] * SURVIVAL_DECAY + reached
+        self._went_on[k] = self._went_on[k] * SURVIVAL_DECAY + went_on
+
+    def _backlogged(self, now: float) -> bool:
+        """Is stage 0 behind: has its oldest row been ready for ``max_defer_ms`` already? Only then
+        are partial stages passed over: arrivals outpace the worker, re-batching survivors raises
+        how many rows it answers per second, and the rows upstream wait longer than the deferred
+        ones would. When stage 0 keeps up, passing a stage over only adds latency (measured:
+        docs/serving.md, "Policy")."""
+        q0 = self._queues[0]
+        return bool(q0) and now - q0[0].ready_at >= self.max_defer_s
+
+    def _fillable(self, k: int, need: int) -> bool:
+        """Are the rows waiting upstream of stage ``k`` expected to bring it ``need`` more rows
+        (each queue's rows times the measured share that reaches ``k`` from there)? Passing a
+        partial stage over only pays when they are: otherwise its rows would wait for a batch
+        that does not fill (measured below saturation, when a burst fills stage 0: see
+        docs/serving.md, "Policy")."""
+        expected, share = 0.0, 1.0
+        for j in range(k - 1, -1, -1):
+            share *= self._survival(j)
+            if share <= 0.0:
+                return False
+            for c in self._queues[j]:
+                expected += c.n * share
+                if expected >= need:
+                    return True
+        return False
 
     def _purge(self) -> None:
         """Drop the rows of dead requests from every queue."""
@@ -886,6 +955,7 @@ class StageScheduler:
                 logits, confidence = logits.clone(), confidence.clone()
             self._deliver(k, exit_ids, logits, confidence)
         survivors = int(res.rows.shape[0])
+        self._learn(k, n, survivors)
         if survivors and k + 1 < self.num_stages:
             head = chunks[0]
             # an idle-admitted request's survivors stay urgent: nothing was there to join them
@@ -901,14 +971,20 @@ class StageScheduler:
         """Would a step-by-step run of this stage-0 batch form exactly the batches one pass does?
         Yes when no row waits at a deeper stage (nothing could join its survivors there) and none
         of its rows would wait for later arrivals (``max_wait`` 0, or rows admitted to an idle
-        scheduler, which are due at once at every stage): then every later step runs at once on
-        just its survivors, as ``rt.infer`` does."""
+        scheduler, which are due at once at every stage; and, with ``max_defer_ms``, no deferral
+        ahead, see below): then every later step runs at once on just its survivors, as
+        ``rt.infer`` does."""
         if not self.fused or any(self._queues[1:]):
             return False
-        if self.max_defer_s > 0 and self._rows_up_to_batch(self._queues[0]) >= self.max_batch:
-            # a full stage-0 batch waits behind this one (a backlog): its survivors would join
-            # this batch's at every deeper stage, which a pass cannot wait for
-            return False
+        if self.max_defer_s > 0 and self._backlogged(time.perf_counter()):
+            # stage 0 is behind, a full batch waits behind this one, and with it this batch's
+            # survivors are expected to fill stage 1's batch: they would be passed over there until
+            # its survivors join them (for at most max_defer_ms), which a pass cannot wait for
+            n, share = sum(c.n for c in chunks), self._survival(0)
+            need = self.max_batch if share <= 0.0 else max(self.max_batch, ceil(self.max_batch / share) - n)
+            behind = self._rows_up_to_batch(self._queues[0], need)
+            if behind >= self.max_batch and (n + behind) * share >= self.max_batch:
+                return False
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
     def _run_fused(self, state: State, ids: torch.Tensor, snap: Any, t0: float) -> bool:
@@ -921,6 +997,11 @@ class StageScheduler:
             self.stats.fused_fallbacks += 1
             return False
         t1 = time.perf_counter()
+        reached = int(ids.shape[0])
+        for k, left in enumerate(counts):
+            if reached:
+                self._learn(k, reached, reached - left)
+            reached -= left
         self._deliver(0, ids.tolist(), res.logits, res.confidence, res.exit_index)
         self.stats.record_fused(counts, t1 - t0, time.perf_counter() - t0)
         return True

@@ -55,11 +55,12 @@ def model_config(args: argparse.Namespace) -> Dict[str, Any]:
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "policy": args.policy,
-        "max_defer_ms": args.max_defer_ms,
         "max_queue_rows": args.max_queue_rows,
         "timeout_s": args.timeout_s,
         "max_rows": args.max_rows,
     }
+    if args.max_defer_ms is not None:  # (absent: the scheduler's default for the model's device)
+        section["max_defer_ms"] = args.max_defer_ms
     if args.input_shape:
         section["input_shape"] = list(parse_shape(args.input_shape))
     return {
