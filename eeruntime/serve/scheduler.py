@@ -643,7 +643,9 @@ class StageScheduler:
             i = j
         exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device) if exit_index is None else exit_index
         views: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-        if E >= SPLIT_MIN_ROWS:  # one call per output for all the views
+        if len(runs) == 1:  # one request's rows, the whole batch (a lone request at light load)
+            views = ((logits, confidence, exit_col),)
+        elif E >= SPLIT_MIN_ROWS:  # one call per output for all the views
             sizes = [j - i for _, i, j in runs]
             views = zip(logits.split(sizes), confidence.split(sizes), exit_col.split(sizes))
         else:
@@ -919,15 +921,18 @@ class StageScheduler:
     def _run_batch(self, k: int) -> None:
         chunks = self._gather(k)
         t0 = time.perf_counter()
-        ids = _batch_ids(chunks)
         if len(chunks) == 1:
             state, carry = chunks[0].state, chunks[0].carry
         else:
             state = cat_rows([c.state for c in chunks])
             carry = None if k == 0 else cat_rows([c.carry for c in chunks]) if chunks[0].carry else ()
+        if k == 0 and state is not None and self._fusable(chunks):
+            # a pass answers its rows from Python ints (stage 0's ids are ranges): no id tensor,
+            # whose making costs more than the rest of a lone request's bookkeeping (measured)
+            if self._run_fused(state, [i for c in chunks for i in cast(range, c.ids)], chunks[0].snap, t0):
+                return
+        ids = _batch_ids(chunks)
         n = int(ids.shape[0])
-        if k == 0 and state is not None and self._fusable(chunks) and self._run_fused(state, ids, chunks[0].snap, t0):
-            return
         try:
             # the carry is run_stage's own tuple of tensors (or None / () before any exit)
             # past stage 0 the rows are what earlier steps returned, at stage 0 inputs checked at
@@ -987,7 +992,7 @@ class StageScheduler:
                 return False
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
-    def _run_fused(self, state: State, ids: torch.Tensor, snap: Any, t0: float) -> bool:
+    def _run_fused(self, state: State, ids: List[int], snap: Any, t0: float) -> bool:
         """Run a stage-0 batch through every stage in one pass and answer all its rows; False
         when a stage raised (the caller then runs the batch step by step: failure isolation)."""
         try:
@@ -997,12 +1002,12 @@ class StageScheduler:
             self.stats.fused_fallbacks += 1
             return False
         t1 = time.perf_counter()
-        reached = int(ids.shape[0])
+        reached = len(ids)
         for k, left in enumerate(counts):
             if reached:
                 self._learn(k, reached, reached - left)
             reached -= left
-        self._deliver(0, ids.tolist(), res.logits, res.confidence, res.exit_index)
+        self._deliver(0, ids, res.logits, res.confidence, res.exit_index)
         self.stats.record_fused(counts, t1 - t0, time.perf_counter() - t0)
         return True
 
