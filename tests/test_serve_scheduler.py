@@ -300,11 +300,12 @@ def test_one_pass_only_when_the_steps_would_form_the_same_batches():
 
 
 @pytest.mark.parametrize(
-    "max_defer_ms,held_s", [(200.0, 0.3), (60_000.0, 0.0), (0.0, 0.3)], ids=["backlogged", "keeping-up", "off"]
+    "max_defer_ms,held_s", [(50.0, 0.3), (60_000.0, 0.0), (0.0, 0.3)], ids=["backlogged", "keeping-up", "off"]
 )
 def test_under_a_backlog_full_batches_go_first_so_survivors_share_deeper_batches(max_defer_ms, held_s):
-    """max_defer_ms > 0 and stage 0 behind (its oldest row waited max_defer_ms: here the backlog
-    is admitted while a request is held 300 ms): while full stage-0 batches wait, a partial
+    """max_defer_ms > 0 and stage 0 behind (its oldest row waited BEHIND_FACTOR x max_defer_ms,
+    200 ms: here the backlog is admitted while a request is held 300 ms): while full stage-0
+    batches wait, a partial
     stage-1 batch is passed over, so the survivors of two stage-0 batches share one stage-1 batch
     (each stage-0 batch step by step, the backlog's last in one pass). Stage 0 keeping up (the
     same backlog let go at once, with a bound of a minute), or 0 (the default): the deepest stage
@@ -321,7 +322,7 @@ def test_under_a_backlog_full_batches_go_first_so_survivors_share_deeper_batches
         check_answers([([100], [0])] + reqs, [first] + later)
         assert drained(sched)
         stage1 = [ids for k, ids in hook.batches if k == 1]
-        if max_defer_ms == 200.0:
+        if max_defer_ms == 50.0:
             assert stage1 == [[1, 3, 5, 7], [9, 11]], hook.batches
             assert sched.stats.fused_batches == 2  # the idle request's and the backlog's last
         else:
@@ -333,8 +334,8 @@ def test_under_a_backlog_full_batches_go_first_so_survivors_share_deeper_batches
 
 
 def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
-    """Stage 0 stays full and behind for eight batches of 30 ms or more (the backlog waited 80 ms
-    before the first ran); the two survivors of the first wait at stage 1 while full batches run,
+    """Stage 0 stays full and behind for eight batches of 30 ms or more (the backlog waited 250 ms,
+    more than BEHIND_FACTOR x 50, before the first ran); the two survivors of the first wait at stage 1 while full batches run,
     but only for max_defer_ms (50): they run after the second or third stage-0 batch, not after
     the eighth."""
     model, hook = scripted_model(3)
@@ -346,7 +347,7 @@ def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
         assert hook.entered.wait(WAIT)
         reqs = [([0, 1, 2, 3], [0, 2, 0, 2])] + [([4 * i + j for j in range(4)], [0] * 4) for i in range(1, 9)]
         later = [sched.submit_nowait(scripted_rows(ids, ex)) for ids, ex in reqs]
-        time.sleep(0.08)
+        time.sleep(0.25)
         hook.hold_if = slow
         hook.gate.set()
         check_answers([([100], [0])] + reqs, [first] + later)
@@ -376,8 +377,8 @@ def test_a_partial_batch_the_rows_upstream_cannot_fill_is_not_passed_over():
         assert hook.entered.wait(WAIT)
         reqs = [([0, 1, 2, 3], [0, 2, 0, 2])] + [([4 * i + j for j in range(4)], [0] * 4) for i in (1, 2)]
         later = [sched.submit_nowait(scripted_rows(ids, ex)) for ids, ex in reqs]
-        time.sleep(0.1)
-        sched.max_defer_s = 0.05  # (stage 0 is now behind by more than the bound)
+        time.sleep(0.25)
+        sched.max_defer_s = 0.05  # (stage 0 is now behind by more than BEHIND_FACTOR x the bound)
         hook.gate.set()
         check_answers([([100], [0])] + reqs, [first] + later)
         order = [(k, ids) for k, ids in hook.batches if k > 0 or ids[0] < 100]
@@ -399,8 +400,8 @@ def test_max_defer_ms_default_is_20_ms_for_a_model_on_the_cpu_and_off_for_policy
 
 def test_the_deferral_pick_reads_the_backlog_and_the_measured_share_that_goes_on():
     """``_pick`` with max_defer_ms, read on set queues (no worker running): a partial stage-2
-    batch is passed over for a full stage-0 batch only while stage 0 is behind by max_defer_ms
-    and the rows upstream times the shares that go on (measured, decayed) would fill it."""
+    batch is passed over for a full stage-0 batch only while stage 0 is behind by BEHIND_FACTOR
+    (4) x max_defer_ms and the rows upstream times the shares that go on (measured, decayed) would fill it."""
     from eeruntime.serve.scheduler import _Chunk
 
     model, _ = scripted_model(3)
@@ -418,7 +419,7 @@ def test_the_deferral_pick_reads_the_backlog_and_the_measured_share_that_goes_on
     assert sched._pick(now) == (2, None)
     sched._queues[0].extend(chunk(1, 0.01) for _ in range(4))  # 16 x 0.25 + 2 = 6: fills, stage 0 goes first
     assert sched._pick(now) == (0, None)
-    sched._queues[0][0] = chunk(1, 0.05)  # stage 0 behind by 50 ms only: keeping up, no reason to wait
+    sched._queues[0][0] = chunk(1, 0.3)  # stage 0 behind by 300 ms only (< 4 x 100): keeping up
     assert sched._pick(now) == (2, None)
     sched._queues[0][0] = chunk(1, 0.5)
     sched._queues[2][0] = chunk(2, 0.15)  # passed over for more than max_defer_ms already

@@ -11,7 +11,7 @@ How a request travels (see docs/serving.md for the measurements behind the polic
   and finish requests first). A stage is ready when it holds ``max_batch`` rows or its oldest row
   has waited ``max_wait_ms`` (default 0: any waiting row is ready; waiting for fuller batches
   costs latency under tight SLOs on a CPU, whose cost per row barely falls with batch size).
-  Once stage 0 falls behind by ``max_defer_ms`` (a backlog), full batches go first instead, so
+  Once stage 0 falls behind (``BEHIND_FACTOR`` x ``max_defer_ms``), full batches go first, so
   survivors of successive stage-0 batches share the deeper batches (E3's gain at saturation).
 - It gathers chunks from that queue's head up to ``max_batch`` rows (splitting the last one) that
   share one thresholds snapshot and one input layout, concatenates them, and calls
@@ -73,6 +73,12 @@ SURVIVAL_DECAY = 0.9
 # elsewhere: on a GPU the one pass is a whole-model CUDA graph, and whether re-batched steps beat
 # it under a backlog is not measured yet.
 DEFAULT_MAX_DEFER_MS_CPU = 20.0
+# ... and only once stage 0's oldest row has been ready for this many times max_defer_ms: deferral
+# is for overload, where its throughput shortens every wait; in a passing burst near capacity the
+# rows it passes over show in p99 (measured on ResNet-style at 2,810/s, about 90% of capacity,
+# 6 runs each: p99 medians 34.6 ms with a factor of 1, 20.5 ms with 4, 28.3 ms with no deferral;
+# saturated, 6 runs: 1.18x and 1.11x the throughput without deferral; docs/serving.md, "Session 9")
+BEHIND_FACTOR = 4
 
 
 class SchedulerError(RuntimeError):
@@ -222,9 +228,10 @@ class StageScheduler:
             it runs anyway (0: never wait).
         max_defer_ms: ``"deepest"`` policy, under a backlog: how long a ready stage with fewer
             than ``max_batch`` rows may be passed over while some stage holds a full batch. It is
-            passed over only while stage 0 is behind (its oldest row has waited ``max_defer_ms``
-            already) and the rows upstream are expected to fill its batch (by the measured shares
-            of rows that go on); then full stage-0 batches run first and their survivors fill the
+            passed over only while stage 0 is behind (its oldest row has been ready for
+            ``BEHIND_FACTOR`` (4) x ``max_defer_ms`` already) and the rows upstream are expected
+            to fill its batch (by the measured shares of rows that go on); then full stage-0
+            batches run first and their survivors fill the
             deeper stages' batches (E3's aim: more requests per second once arrivals outpace the
             worker), and no row waits longer for it than stage 0's rows already do. When stage 0
             keeps up, nothing changes: the deepest ready stage runs first. 0: never; None (the
@@ -850,13 +857,13 @@ class StageScheduler:
         self._went_on[k] = self._went_on[k] * SURVIVAL_DECAY + went_on
 
     def _backlogged(self, now: float) -> bool:
-        """Is stage 0 behind: has its oldest row been ready for ``max_defer_ms`` already? Only then
-        are partial stages passed over: arrivals outpace the worker, re-batching survivors raises
-        how many rows it answers per second, and the rows upstream wait longer than the deferred
-        ones would. When stage 0 keeps up, passing a stage over only adds latency (measured:
-        docs/serving.md, "Policy")."""
+        """Is stage 0 behind: has its oldest row been ready for ``BEHIND_FACTOR`` x ``max_defer_ms``
+        already? Only then are partial stages passed over: arrivals outpace the worker,
+        re-batching survivors raises how many rows it answers per second, and the rows upstream
+        wait longer than the deferred ones would. When stage 0 keeps up, passing a stage over only
+        adds latency (measured: docs/serving.md, "Policy")."""
         q0 = self._queues[0]
-        return bool(q0) and now - q0[0].ready_at >= self.max_defer_s
+        return bool(q0) and now - q0[0].ready_at >= BEHIND_FACTOR * self.max_defer_s
 
     def _fillable(self, k: int, need: int) -> bool:
         """Are the rows waiting upstream of stage ``k`` expected to bring it ``need`` more rows
