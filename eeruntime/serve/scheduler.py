@@ -231,10 +231,10 @@ class StageScheduler:
             passed over only while stage 0 is behind (its oldest row has been ready for
             ``BEHIND_FACTOR`` (4) x ``max_defer_ms`` already) and the rows upstream are expected
             to fill its batch (by the measured shares of rows that go on); then full stage-0
-            batches run first and their survivors fill the
-            deeper stages' batches (E3's aim: more requests per second once arrivals outpace the
-            worker), and no row waits longer for it than stage 0's rows already do. When stage 0
-            keeps up, nothing changes: the deepest ready stage runs first. 0: never; None (the
+            batches run first and their survivors fill the deeper stages' batches (E3's aim: more
+            requests per second once arrivals outpace the worker), and no row waits longer for it
+            than stage 0's rows already do. When stage 0 keeps up, nothing changes: the deepest
+            ready stage runs first. 0: never; None (the
             default): ``DEFAULT_MAX_DEFER_MS_CPU`` (20) for a model on the CPU, 0 elsewhere (not
             measured on a GPU yet). ``policy="fill"`` bounds passed-over rows by ``max_wait_ms``
             instead and takes no ``max_defer_ms``. See docs/serving.md, "Policy" (and "Session 8",
@@ -783,8 +783,8 @@ class StageScheduler:
 
         ``"deepest"``: scanning from the deepest stage, the first that holds ``max_batch`` rows or
         is ready (its oldest row waited ``max_wait_ms``) and may not be passed over any longer: it
-        has been for ``max_defer_ms``, or the rows upstream are not expected to fill its batch
-        (:meth:`_fillable`); else the deepest ready stage."""
+        has been for ``max_defer_ms``, stage 0 keeps up (:meth:`_backlogged`), or the rows upstream
+        are not expected to fill its batch (:meth:`_fillable`); else the deepest ready stage."""
         if self.policy == "fill":
             return self._pick_fill(now), None
         if self.max_wait_s <= 0 and self.max_defer_s <= 0:
