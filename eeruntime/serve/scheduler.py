@@ -45,7 +45,6 @@ import itertools
 import threading
 import time
 from collections import deque
-from math import ceil
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
@@ -837,15 +836,14 @@ class StageScheduler:
         # counts are capped at max_batch, so this is also the deepest full stage when one is full
         return fullest
 
-    def _rows_up_to_batch(self, q: Deque[_Chunk], cap: Optional[int] = None) -> int:
-        """Rows waiting in ``q``, counted up to ``cap`` (default ``max_batch``; capped: every full
-        queue counts the same, and no more chunks are walked than a batch takes)."""
-        cap = self.max_batch if cap is None else cap
+    def _rows_up_to_batch(self, q: Deque[_Chunk]) -> int:
+        """Rows waiting in ``q``, counted up to ``max_batch`` (capped: every full queue counts the
+        same, and no more chunks are walked than a batch takes)."""
         rows = 0
         for c in q:
             rows += c.n
-            if rows >= cap:
-                return cap
+            if rows >= self.max_batch:
+                return self.max_batch
         return rows
 
     def _survival(self, k: int) -> float:
@@ -865,7 +863,7 @@ class StageScheduler:
         q0 = self._queues[0]
         return bool(q0) and now - q0[0].ready_at >= BEHIND_FACTOR * self.max_defer_s
 
-    def _fillable(self, k: int, need: int) -> bool:
+    def _fillable(self, k: int, need: float) -> bool:
         """Are the rows waiting upstream of stage ``k`` expected to bring it ``need`` more rows
         (each queue's rows times the measured share that reaches ``k`` from there)? Passing a
         partial stage over only pays when they are: otherwise its rows would wait for a batch
@@ -989,13 +987,14 @@ class StageScheduler:
         if not self.fused or any(self._queues[1:]):
             return False
         if self.max_defer_s > 0 and self._backlogged(time.perf_counter()):
-            # stage 0 is behind, a full batch waits behind this one, and with it this batch's
-            # survivors are expected to fill stage 1's batch: they would be passed over there until
-            # its survivors join them (for at most max_defer_ms), which a pass cannot wait for
-            n, share = sum(c.n for c in chunks), self._survival(0)
-            need = self.max_batch if share <= 0.0 else max(self.max_batch, ceil(self.max_batch / share) - n)
-            behind = self._rows_up_to_batch(self._queues[0], need)
-            if behind >= self.max_batch and (n + behind) * share >= self.max_batch:
+            # stage 0 is behind, a full batch waits behind this one, and this batch's expected
+            # survivors plus those of the rows behind it would fill stage 1's batch (the pick's own
+            # test, _fillable): they would be passed over there until the others join them (for
+            # at most max_defer_ms), which a pass cannot wait for
+            n = sum(c.n for c in chunks)
+            if self._rows_up_to_batch(self._queues[0]) >= self.max_batch and self._fillable(
+                1, self.max_batch - n * self._survival(0)
+            ):
                 return False
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
