@@ -1008,7 +1008,8 @@ def _finite(v):
     return v
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked and converted (rate factors and systems as lists)."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=next(par for par in __doc__.split("\n\n") if par.startswith("SEARCH:")),
@@ -1103,16 +1104,34 @@ def main(argv=None) -> int:
     unknown = {x.split("@")[0] for x in args.systems} - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; accepted: {', '.join(SYSTEMS)}")
+    unknown = {m for m in args.models.split(",")} - set(MODELS)
+    if unknown:
+        p.error(f"unknown models {sorted(unknown)}; accepted: {', '.join(MODELS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     set_switch_interval(args.switch_interval_ms / 1e3)
     load_before = os.getloadavg()
-    results = []
+    info = device_info()
+    date = datetime.date.today().isoformat()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"serve-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}{args.tag}"
+    results: list = []
     for m in args.models.split(","):
         load = os.getloadavg()
         results.append(run_model(m, MODELS[m], args))
         results[-1]["load_average_1_5_15"] = {"before": load, "after": os.getloadavg()}
-    info = device_info()
-    date = datetime.date.today().isoformat()
+        # after every model, so a run stopped by a time box (make gpu-check) keeps the finished ones
+        write_results(stem, args, info, date, results, load_before)
+    return 0
+
+
+def write_results(stem: Path, args, info: dict, date: str, results: list, load_before) -> None:
+    """The JSON, markdown and plot of the models run so far (rewritten after each model)."""
     doc = {
         "device": info,
         "date": date,
@@ -1131,14 +1150,10 @@ def main(argv=None) -> int:
         + f"load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; per model below); "
         "the systems run back to back at each rate.",
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
     stem.with_suffix(".md").write_text(markdown(doc))
     plot(results, str(stem) + "-latency.png")
-    print(f"wrote {stem}.json, .md, -latency.png")
-    return 0
+    print(f"wrote {stem}.json, .md, -latency.png", flush=True)
 
 
 if __name__ == "__main__":

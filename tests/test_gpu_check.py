@@ -4,6 +4,7 @@ output parsing, targets and result files; the GPU run itself is the script's job
 import datetime
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import gpu_check as gc  # noqa: E402
 def test_dry_run_lists_every_step_within_the_budget(capsys):
     assert gc.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    names = ["sanity", "build", "ext", "tests", "memcheck", "bench-exit", "bench-compact", "bench-graphs"]
+    names = ["sanity", "build", "ext", "tests", "memcheck", "bench-exit", "bench-compact", "bench-graphs", "serve"]
     heads = [line.split()[1] for line in out.splitlines() if line.startswith(gc.PREFIX) and " box " in line]
     assert heads == names
     total = sum(s.box_s for s in gc.plan())
@@ -38,6 +39,10 @@ def test_dry_run_lists_every_step_within_the_budget(capsys):
         assert flag in build
     assert "compute-sanitizer --tool memcheck" in out and "-m gpu --continue-on-collection-errors tests" in out
     assert "--benchmark-json=<tmp>/bench-graphs.json" in out
+    # the serving bench writes into --out itself
+    serve = next(line for line in out.splitlines() if "bench/serve_load.py" in line)
+    assert "--device cuda" in serve and f"--out {gc.DEFAULT_OUT}" in serve and "--benchmark-json" not in serve
+    assert any(f"--out {shlex.quote('/x y')}" in line for line in gc.describe(gc.plan(out="/x y")))
 
 
 def test_steps_option_selects_in_plan_order_and_rejects_unknown(capsys):
@@ -144,6 +149,51 @@ def test_sanity_and_memcheck_summaries():
     status, summary = gc.summarize(memcheck, 0, "10 passed in 50.0s\n========= ERROR SUMMARY: 0 errors\n", {})
     assert status == "ok" and "memcheck: 0 errors" in summary and "10 passed" in summary
     assert gc.summarize(memcheck, 9, "========= ERROR SUMMARY: 3 errors\n", {})[0] == "FAIL"
+
+
+def _serve_doc():
+    """What bench/serve_load.py writes, cut to the figures the step's summary reads (their names
+    are checked against a real run in tests/test_serve_load_bench.py)."""
+    sat = {"ee-req": {"ratio_to_ee_req": 1.0}, "stage": {"ratio_to_ee_req": 1.234}, "stage-defer": {}}
+    search = {"ee-req": {"x_ee_req": 1.0, "x_plain": 1.5}, "stage": {"x_ee_req": 0.9, "x_plain": 1.35}}
+    light = {"submit (worker thread)": {"minus_infer_ms": 0.5}}
+    return {
+        "results": [
+            {"model": "resnet", "saturated": sat, "search": {"systems": search}, "closed_loop_light_load": light},
+            {"model": "resnet18", "saturated": {"stage": {"ratio_to_ee_req": 2.0}}},
+        ]
+    }
+
+
+def test_serve_step_summary_reads_the_bench_json(tmp_path):
+    serve = next(s for s in gc.plan() if s.name == "serve")
+    stem = tmp_path / "serve-nvidia-2026-11-26-gpu-check"
+    stem.with_suffix(".json").write_text(json.dumps(_serve_doc()))
+    out = f"[resnet] ...\nwrote {stem}.json, .md, -latency.png\n"
+    status, summary = gc.summarize(serve, 0, out, {})
+    assert status == "ok"
+    resnet, resnet18 = summary.split(" | ")
+    assert resnet.startswith("resnet: stage saturated 1.23x ee-req, at the SLO 0.90x ee-req, 1.35x plain")
+    assert "stage-defer saturated - ee-req" in resnet and resnet.endswith("worker +0.50 ms over rt.infer")
+    assert resnet18 == "resnet18: stage saturated 2.00x ee-req"
+    # stopped by its box after the first model: a timeout, with what it finished
+    status, summary = gc.summarize(serve, None, out, {})
+    assert status == "TIMEOUT" and "165 s time box; finished: resnet: stage saturated 1.23x" in summary
+    assert gc.summarize(serve, None, "[resnet] warming up\n", {}) == ("TIMEOUT", "stopped after its 165 s time box")
+    status, summary = gc.summarize(serve, 1, "Traceback (most recent call last):\nAssertionError: no CUDA\n", {})
+    assert status == "FAIL" and summary == "exit 1: AssertionError: no CUDA"
+    status, summary = gc.summarize(serve, 0, f"wrote {tmp_path}/gone.json, .md\n", {})
+    assert status == "ok" and summary.startswith(f"could not read {tmp_path}/gone.json")
+
+
+def test_serve_step_arguments_parse_in_the_bench():
+    import serve_load
+
+    args = serve_load.parse_args(gc.SERVE_ARGS + ["--out", "/tmp/x"])
+    assert args.device == "cuda" and args.systems == ["plain", "ee-req", "stage", "stage-defer"]
+    assert args.models == "resnet,resnet18" and args.max_batch == 64 and args.tag == "-gpu-check"
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--models", "resnet,bogus"])
 
 
 def _bench(name, **extra):

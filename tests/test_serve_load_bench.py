@@ -13,6 +13,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import serve_load  # noqa: E402  (bench/ on sys.path)
 
@@ -258,6 +259,15 @@ def test_quick_run_writes_the_search(tmp_path):
     md = js.with_suffix(".md").read_text()
     assert "Highest sustained rate, by search" in md and "| stage |" in md
     assert "Highest sustained rate, by search" in proc.stdout
+    # make gpu-check's serve step reads its summary from this JSON (the names it looks up exist)
+    import gpu_check
+
+    figures = gpu_check.serve_figures(json.loads(js.read_text()))
+    x_sat = res["saturated"]["stage"]["ratio_to_ee_req"]
+    x_slo = search["systems"]["stage"]["x_ee_req"]
+    assert figures.startswith(f"digits: stage saturated {x_sat:.2f}x ee-req, at the SLO {x_slo:.2f}x ee-req")
+    worker = res["closed_loop_light_load"]["submit (worker thread)"]["minus_infer_ms"]
+    assert figures.endswith(f"worker {worker:+.2f} ms over rt.infer")
 
 
 def test_system_names_set_the_scheduler_knobs():

@@ -15,6 +15,9 @@ summary line):
     bench-exit     exit kernel, B=4096 C=32000 bf16 entropy: Triton vs eager vs torch.compile
     bench-compact  compaction, B=4096, 4 KB and 64 KB rows
     bench-graphs   CUDA-graph runtime, 224x224, batch 1 / 64 / 256 with exits, 256 without
+    serve          the serving load bench (bench/serve_load.py) on CUDA, short: plain, rt.infer and
+                   the stage scheduler behind request batching, ResNet-style and ResNet-18-style;
+                   writes bench/results/serve-<device>-<date>-gpu-check.{json,md} itself
 
 It then writes bench/results/<device>-<date>.json (pytest-benchmark format plus a ``gpu_check``
 section: device, versions, steps, DESIGN's targets against the figures) and the same as .md.
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "bench", "results")
 TOTAL_BUDGET_S = 600  # the whole run must fit in 10 minutes on an H100
 PREFIX = "[gpu-check]"
 
@@ -54,6 +58,18 @@ BENCH_GRAPHS = [
     f"bench/test_bench_graphs.py::test_graphs_vs_plain_vs_oracle[224-{case}]"
     for case in ("1-exits", "64-exits", "256-exits", "256-none")
 ]
+# The serving bench, cut to fit its box (about 45 s a model on a 2-core CPU, whose rates are lower):
+# (b) ee-req against (c) stage (the scheduler's defaults: no deferral on a GPU) and stage-defer
+# (max_defer_ms 20, off on a GPU until this measures it); saturated throughput, the light-load
+# side by side, three rates and a coarse search of the highest rate within the SLO per system.
+SERVE_ARGS = [
+    "--device", "cuda", "--models", "resnet,resnet18", "--max-batch", "64",
+    "--systems", "plain,ee-req,stage,stage-defer", "--rate-factors", "0.3,1.0,2.0",
+    "--seconds", "0.5", "--max-requests", "4000", "--drain-s", "5",
+    "--capacity-requests", "3000", "--capacity-repeats", "2", "--sbs-rounds", "5",
+    "--search-tol", "0.15", "--search-repeats", "1", "--search-min-requests", "500",
+    "--tag=-gpu-check",
+]  # fmt: skip
 
 EXT_CHECK = (
     "import torch; from eeruntime import _ext; "
@@ -99,10 +115,17 @@ class StepResult:
 
 
 # ------------------------------------------------------------------------------------------- plan
-def plan(python: str = "python", arch: str = "9.0", jobs: Optional[int] = None, test_workers: int = 1) -> List[Step]:
+def plan(
+    python: str = "python",
+    arch: str = "9.0",
+    jobs: Optional[int] = None,
+    test_workers: int = 1,
+    out: str = DEFAULT_OUT,
+) -> List[Step]:
     """Every step in the order it runs; the time boxes add up to at most TOTAL_BUDGET_S.
     ``test_workers`` > 1 runs the GPU tests in that many pytest-xdist processes (their first run
-    compiles every Triton kernel variant, which one process does one after the other)."""
+    compiles every Triton kernel variant, which one process does one after the other). ``out``:
+    where the serving bench writes its files."""
     py = python
     workers = ["-n", str(test_workers)] if test_workers > 1 else []
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
@@ -121,7 +144,7 @@ def plan(python: str = "python", arch: str = "9.0", jobs: Optional[int] = None, 
         ),
         Step(
             "build",
-            90,
+            60,
             f"extension for sm_{arch.replace('.', '')} only, CUDA ops required, no network",
             [[py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]],
             env={"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(jobs), "EERUNTIME_BUILD_CUDA": "1"},
@@ -148,7 +171,7 @@ def plan(python: str = "python", arch: str = "9.0", jobs: Optional[int] = None, 
         ),
         Step(
             "bench-exit",
-            60,
+            45,
             "exit kernel B=4096 C=32000 bf16 vs eager and torch.compile",
             [bench + BENCH_EXIT],
             bench=True,
@@ -156,10 +179,16 @@ def plan(python: str = "python", arch: str = "9.0", jobs: Optional[int] = None, 
         Step("bench-compact", 30, "compaction B=4096, 4 KB and 64 KB rows", [bench + BENCH_COMPACT], bench=True),
         Step(
             "bench-graphs",
-            150,
+            125,
             "graph runtime 224x224, batch 1/64/256 with exits, 256 without",
             [bench + BENCH_GRAPHS],
             bench=True,
+        ),
+        Step(
+            "serve",
+            165,
+            "serving load bench on CUDA: plain, ee-req, stage, stage-defer (ResNet-style, ResNet-18-style)",
+            [[py, "bench/serve_load.py", *SERVE_ARGS, "--out", out]],
         ),
     ]
 
@@ -256,6 +285,8 @@ def pytest_tally(output: str) -> str:
 
 def summarize(step: Step, rc: Optional[int], output: str, info: dict) -> tuple:
     """(status, summary line) of a finished step from its exit code and output."""
+    if step.name == "serve":
+        return summarize_serve(step, rc, output)
     if rc is None:
         return "TIMEOUT", f"stopped after its {step.box_s} s time box; see the log"
     status = "ok" if rc == 0 else "FAIL"
@@ -295,6 +326,57 @@ def summarize(step: Step, rc: Optional[int], output: str, info: dict) -> tuple:
         return status, "built" if rc == 0 else "build failed: " + " | ".join(output.strip().splitlines()[-3:])
     last = [ln.strip() for ln in output.splitlines() if ln.strip()][-1:]
     return status, pytest_tally(output) or (f"exit {rc}: {last[0]}" if last else f"exit {rc}")
+
+
+SERVE_WROTE = re.compile(r"^wrote (\S+)\.json, ", re.MULTILINE)
+
+
+def summarize_serve(step: Step, rc: Optional[int], output: str) -> tuple:
+    """The serving bench's figures per model, read from the JSON it wrote (after each model: a
+    run stopped by its time box still reports the models it finished)."""
+    wrote = SERVE_WROTE.findall(output)
+    figures = ""
+    if wrote:
+        path = wrote[-1] + ".json"
+        try:
+            with open(path if os.path.isabs(path) else os.path.join(REPO, path)) as f:
+                figures = serve_figures(json.load(f))
+        except (OSError, ValueError) as e:
+            figures = f"could not read {path}: {e}"
+    if rc is None:
+        return "TIMEOUT", f"stopped after its {step.box_s} s time box" + (f"; finished: {figures}" if figures else "")
+    if rc != 0:
+        last = [ln.strip() for ln in output.splitlines() if ln.strip()][-1:]
+        return "FAIL", f"exit {rc}: {last[0]}" if last else f"exit {rc}"
+    return "ok", figures or "no results written"
+
+
+def serve_figures(doc: dict) -> str:
+    """One clause per model: saturated throughput and the highest rate within the SLO of the stage
+    scheduler's variants over (b) ee-req, and the worker's cost over rt.infer at light load."""
+    parts = []
+    for r in doc.get("results", []):
+        sat = r.get("saturated") or {}
+        search = (r.get("search") or {}).get("systems", {})
+        stages = [k for k in sat if k.startswith("stage")] or [k for k in search if k.startswith("stage")]
+        bits = []
+        for k in stages:
+            x_sat = (sat.get(k) or {}).get("ratio_to_ee_req")
+            x_slo = (search.get(k) or {}).get("x_ee_req")
+            x_plain = (search.get(k) or {}).get("x_plain")
+            bit = f"{k} saturated {_ratio(x_sat)} ee-req"
+            if x_slo is not None:
+                bit += f", at the SLO {_ratio(x_slo)} ee-req, {_ratio(x_plain)} plain"
+            bits.append(bit)
+        worker = (r.get("closed_loop_light_load") or {}).get("submit (worker thread)", {}).get("minus_infer_ms")
+        if worker is not None:
+            bits.append(f"worker {worker:+.2f} ms over rt.infer")
+        parts.append(f"{r.get('model', '?')}: " + "; ".join(bits))
+    return " | ".join(parts)
+
+
+def _ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 # --------------------------------------------------------------------------------------- targets
@@ -552,7 +634,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="print the steps, their commands and time boxes; run nothing"
     )
     ap.add_argument("--steps", default=None, help="comma-separated steps to run (default: all), e.g. ext,tests")
-    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="where the .json and .md go")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="where the .json and .md go")
     ap.add_argument("--arch", default="9.0", help="TORCH_CUDA_ARCH_LIST for the build (default 9.0: H100/H200)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter that has torch and triton")
     ap.add_argument(
@@ -580,7 +662,7 @@ def main(argv=None) -> int:
         import importlib.util
 
         workers = 4 if importlib.util.find_spec("xdist") is not None else 1
-    all_steps = plan(args.python, args.arch, test_workers=workers)
+    all_steps = plan(args.python, args.arch, test_workers=workers, out=args.out)
     try:
         steps = select_steps(all_steps, args.steps)
     except ValueError as e:
