@@ -76,6 +76,7 @@ sys.path.insert(0, str(HERE))
 from common import device_info, thresholds_for_fractions  # noqa: E402
 
 import eeruntime as ee  # noqa: E402
+from eeruntime.cost import measure_costs  # noqa: E402
 from eeruntime.oracle import plain_forward  # noqa: E402
 from eeruntime.serve import StageScheduler, freeze_startup_objects, set_switch_interval  # noqa: E402
 from eeruntime.serve.stats import percentile  # noqa: E402
@@ -669,10 +670,14 @@ def run_model(name, spec, args) -> dict:
     # Any early-exit server runs stage 0 on every row: at most plain(B) / stage0(B) times the
     # plain model's throughput, B = max_batch (with no other cost at all).
     bound = full["plain_ms"] / full["stages_ms"][0]
+    # And by FLOPs (eeruntime.cost: every stage and exit head counted on one sample): with these
+    # exit fractions no early-exit model does less than 1/ideal of the plain model's work
+    ideal = measure_costs(model, pool_x[:1]).ideal_speedup(spec["fractions"])
     print(
         f"[{name}] cheapest stage steps at batch 1 {[round(v, 3) for v in costs[1]['stages_ms']]} ms, at batch "
         f"{args.max_batch} {[round(v, 3) for v in full['stages_ms']]} ms; plain {costs[1]['plain_ms']:.3f} / "
-        f"{full['plain_ms']:.3f} ms: stage 0 bounds any early-exit server at {bound:.2f}x plain's throughput",
+        f"{full['plain_ms']:.3f} ms: stage 0 bounds any early-exit server at {bound:.2f}x plain's throughput; "
+        f"by FLOPs, these exit fractions at {ideal:.2f}x",
         flush=True,
     )
     rb = rebatch_bound(rt, model, torch.cat([pool_x, pool_x]), args.max_batch)
@@ -753,7 +758,7 @@ def run_model(name, spec, args) -> dict:
         s: max([r["offered_rate"] for r in rows if r["system"] == s and r["sustained"]], default=0.0)
         for s in args.systems
     }
-    search = None if args.no_search else search_model(name, args, run_once, sat, best, rates[0], reference_ms)
+    search = None if args.no_search else search_model(name, args, run_once, sat, best, rates[0], reference_ms, ideal)
     lowest = rates[0]
     p50_at_lowest = {r["system"]: r["p50_ms"] for r in rows if r["offered_rate"] == lowest}
     return {
@@ -777,13 +782,14 @@ def run_model(name, spec, args) -> dict:
         "closed_loop_light_load": light,
         "stage_costs_ms": {str(b): c for b, c in costs.items()},
         "stage0_bound_x_plain": bound,
+        "flops_ideal_x_plain": ideal,
         "rebatch_bound": rb,
         "saturated": sat,
         **({"search": search} if search else {}),
     }
 
 
-def search_model(name, args, run_once, sat, grid_best, lowest_rate, reference_ms) -> dict:
+def search_model(name, args, run_once, sat, grid_best, lowest_rate, reference_ms, ideal=None) -> dict:
     """The search of each system's highest sustained rate (find_max_sustained), after the grid:
     lo = the grid's highest sustained rate (else its lowest), hi = 1.1x the saturated throughput
     (no open loop keeps up above what a backlog gets through), floor = the grid's lowest rate.
@@ -833,6 +839,7 @@ def search_model(name, args, run_once, sat, grid_best, lowest_rate, reference_ms
     for s, v in res["systems"].items():
         v.update(ratios[s])
     res.update(tol=args.search_tol, repeats=args.search_repeats, min_requests=args.search_min_requests)
+    res["flops_ideal_x_plain"] = ideal  # (the 2x-plain target's ceiling, said beside it)
     print(f"[{name}] " + "\n".join(search_table(res)), flush=True)
     return res
 
@@ -862,11 +869,18 @@ def search_table(search: dict) -> list:
         for s, v in search["systems"].items()
         if s.startswith("stage")
     ]
+    ideal = search.get("flops_ideal_x_plain")
+    reach = (
+        f" The 2x-plain target is out of any early-exit server's reach here: by FLOPs, these exit fractions make "
+        f"the model at most {ideal:.2f}x cheaper than plain."
+        if ideal is not None and ideal < 2.0
+        else ""
+    )
     return (
         lines
         + [""]
         + (["; ".join(notes) + ".", ""] if notes else [])
-        + (["Targets: " + "; ".join(targets) + "."] if targets else [])
+        + (["Targets: " + "; ".join(targets) + "." + reach] if targets else [])
     )
 
 
@@ -955,7 +969,13 @@ def markdown(doc) -> str:
             f"batch {res['max_batch']} {[round(v, 3) for v in res['stage_costs_ms'][str(res['max_batch'])]['stages_ms']]}; "
             f"plain {res['stage_costs_ms']['1']['plain_ms']:.3f} / {res['stage_costs_ms'][str(res['max_batch'])]['plain_ms']:.3f}. "
             f"Stage 0 runs on every row, so no early-exit server can exceed {res['stage0_bound_x_plain']:.2f}x the plain "
-            "model's throughput at this batch size.",
+            "model's throughput at this batch size."
+            + (
+                " By FLOPs (eeruntime.cost, every stage and exit head on one sample), these exit fractions make the "
+                f"model at most {res['flops_ideal_x_plain']:.2f}x cheaper than plain."
+                if "flops_ideal_x_plain" in res
+                else ""
+            ),
             "",
             *_rebatch_lines(res),
             "Saturated throughput (requests submitted at once, median of the rotated repeats; ratio to ee-req "
