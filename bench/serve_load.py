@@ -41,6 +41,12 @@ them alike. Reported per system: the found rate (its highest sustained probe), t
 the found rate over ee-req's and over plain's (the issue's targets: stage >= 1.05x ee-req and
 >= 2x plain at the SLO); every probe is in the JSON ("search"). "direct" is not searched.
 
+NEAR SATURATION: after the grid, the issue's "near (b)'s saturation rate, (c)'s p99 is at most
+half of (b)'s" is measured directly: open loop at --near-fractions (0.85, 0.95) of ee-req's saturated
+throughput measured in the same run, ee-req and every stage system --near-repeats (3) times in a
+rotated order, judged by the median p99. The report also gives each stage system's p99 over
+ee-req's at every grid rate ("(c) is never worse than (b) at any rate").
+
     python bench/serve_load.py                      # both models, the default rate grid
     python bench/serve_load.py --quick              # a smoke run (seconds)
     python bench/serve_load.py --device cuda --models resnet,resnet18 --max-batch 64   # on a GPU
@@ -479,6 +485,45 @@ def saturated_capacity(systems, make, pool, n, repeats):
     return res
 
 
+def near_saturation(systems, run_once, ee_req_rate, fractions, repeats, requests_at) -> list:
+    """The issue's "near (b)'s saturation rate, (c)'s p99 is at most half of (b)'s": open loop at
+    each of ``fractions`` of ee-req's saturated throughput (``ee_req_rate``, measured in the same
+    run), every system ``repeats`` times in a rotated order. Per rate and system: the median p99
+    and p50 over the runs, every run's p99, and the median p99 over ee-req's (for a stage system,
+    whether it is <= 0.5)."""
+    cells = []
+    for i, f in enumerate(fractions):
+        rate = round(f * ee_req_rate, 1)
+        n = requests_at(rate)
+        runs: dict = {s: [] for s in systems}
+        for rep in range(repeats):
+            for s in rotated(systems, rep):
+                runs[s].append(run_once(s, rate, n, seed=50_000 + 1000 * i + rep))
+        base = statistics.median(r["p99_ms"] for r in runs["ee-req"]) if "ee-req" in runs else math.nan
+        cell: dict = {"fraction": f, "rate": rate, "requests": n, "systems": {}}
+        for s in systems:
+            p99 = statistics.median(r["p99_ms"] for r in runs[s])
+            ratio = p99 / base if math.isfinite(p99) and math.isfinite(base) and base > 0 else None
+            row = {
+                "p99_ms": p99,
+                "p50_ms": statistics.median(r["p50_ms"] for r in runs[s]),
+                "p99_runs": [round(r["p99_ms"], 2) for r in runs[s]],
+                "answered": sum(r["answered"] for r in runs[s]),
+                "sent": sum(r["sent"] for r in runs[s]),
+                "p99_x_ee_req": ratio,
+            }
+            if s.startswith("stage"):
+                row["meets_half_ee_req_p99"] = ratio is not None and ratio <= 0.5
+            cell["systems"][s] = row
+            print(
+                f"  near saturation {f:.2f}x ee-req's: {s:14s} rate {rate:8.1f}/s  p50 {row['p50_ms']:8.2f} ms  "
+                f"p99 {p99:9.2f} ms (runs {row['p99_runs']})" + (f"  x{ratio:.2f} of ee-req" if ratio else ""),
+                flush=True,
+            )
+        cells.append(cell)
+    return cells
+
+
 def stage_costs_ms(rt, model, x, reps=15):
     """The cheapest of ``reps`` runs (ms) of each stage step with every row going on, and of the
     plain model, at x's batch size: what bounds any early-exit server's throughput (stage 0 runs
@@ -758,6 +803,19 @@ def run_model(name, spec, args) -> dict:
         s: max([r["offered_rate"] for r in rows if r["system"] == s and r["sustained"]], default=0.0)
         for s in args.systems
     }
+    near_systems = ["ee-req"] + [s for s in systems if s.startswith("stage")]
+    near = (
+        near_saturation(
+            near_systems,
+            run_once,
+            sat["ee-req"]["req_per_s"],
+            args.near_fractions,
+            args.near_repeats,
+            lambda rate: max(20, min(args.max_requests, int(rate * args.seconds))),
+        )
+        if args.near_repeats > 0 and "ee-req" in sat and len(near_systems) > 1
+        else None
+    )
     search = None if args.no_search else search_model(name, args, run_once, sat, best, rates[0], reference_ms, ideal)
     lowest = rates[0]
     p50_at_lowest = {r["system"]: r["p50_ms"] for r in rows if r["offered_rate"] == lowest}
@@ -785,6 +843,7 @@ def run_model(name, spec, args) -> dict:
         "flops_ideal_x_plain": ideal,
         "rebatch_bound": rb,
         "saturated": sat,
+        **({"near_saturation": near} if near else {}),
         **({"search": search} if search else {}),
     }
 
@@ -989,6 +1048,9 @@ def markdown(doc) -> str:
             ],
             "",
         ]
+        if res.get("near_saturation"):
+            lines += near_saturation_table(res["near_saturation"]) + [""]
+        lines += grid_p99_lines(res)
         if res.get("search"):
             lines += search_table(res["search"]) + [""]
         lines += [
@@ -1015,6 +1077,51 @@ def markdown(doc) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def near_saturation_table(cells: list) -> list:
+    """The near-saturation runs as a markdown table and a line on the issue's target."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [
+        "Near (b)'s saturation (open loop at fractions of ee-req's saturated throughput above; median of the "
+        "rotated runs; the issue's target: (c)'s p99 at most half of (b)'s):",
+        "",
+        "| x ee-req's saturated | rate /s | system | p50 ms | p99 ms | p99 x ee-req | p99 of each run |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for c in cells:
+        for s, v in c["systems"].items():
+            lines.append(
+                f"| {c['fraction']:.2f} | {c['rate']:.0f} | {s} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
+                f"{fmt(v['p99_x_ee_req'])} | {v['p99_runs']} |"
+            )
+    verdicts = [
+        f"{s} {'meets' if v['meets_half_ee_req_p99'] else 'misses'} it at {c['fraction']:.2f}x"
+        for c in cells
+        for s, v in c["systems"].items()
+        if "meets_half_ee_req_p99" in v
+    ]
+    return lines + ([""] + ["Target: " + "; ".join(verdicts) + "."] if verdicts else [])
+
+
+def grid_p99_lines(res: dict) -> list:
+    """Each stage system's p99 over ee-req's at every grid rate (the issue's "(c) is never worse
+    than (b) at any rate"), from the rows of the table below."""
+    cells = {(r["offered_rate"], r["system"]): r for r in res["rows"]}
+    rates = sorted({r["offered_rate"] for r in res["rows"]})
+    stages = sorted({r["system"] for r in res["rows"] if r["system"].startswith("stage")})
+    out = []
+    for s in stages:
+        parts = []
+        for rate in rates:
+            a, b = cells.get((rate, s)), cells.get((rate, "ee-req"))
+            if a is None or b is None:
+                continue
+            ok = math.isfinite(a["p99_ms"]) and math.isfinite(b["p99_ms"]) and b["p99_ms"] > 0
+            parts.append(f"{rate:.0f}/s {a['p99_ms'] / b['p99_ms']:.2f}" if ok else f"{rate:.0f}/s -")
+        if parts:
+            out.append(f"{s}'s p99 over ee-req's at each rate of the grid: " + ", ".join(parts) + ".")
+    return out + [""] if out else []
 
 
 def _finite(v):
@@ -1104,6 +1211,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--search-min-requests", type=int, default=500, help="requests per search run at least (so p99 means something)"
     )
+    p.add_argument(
+        "--near-fractions",
+        default="0.85,0.95",
+        help="rates of the near-saturation runs, as fractions of ee-req's saturated throughput in the same run",
+    )
+    p.add_argument(
+        "--near-repeats",
+        type=int,
+        default=3,
+        help="runs of each system at each near-saturation rate, rotated (0: none)",
+    )
     p.add_argument("--device", default="cpu", help="where the models run (cuda: see the module docstring)")
     p.add_argument(
         "--quick", action="store_true", help="smoke run: one model, three rates, 0.5 s each, a coarse search"
@@ -1117,9 +1235,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.capacity_requests, args.capacity_repeats = 200, 1
         # a tiny search, so that the smoke test runs it: a coarse tolerance, one run per probe
         args.search_tol, args.search_repeats, args.search_min_requests = 0.3, 1, 100
+        args.near_fractions, args.near_repeats = "0.9", 1
     if not args.search_tol > 0 or args.search_repeats < 1 or args.search_min_requests < 1:
         p.error("--search-tol must be > 0, --search-repeats and --search-min-requests >= 1")
     args.rate_factors = [float(f) for f in args.rate_factors.split(",")]
+    args.near_fractions = [float(f) for f in args.near_fractions.split(",") if f]
+    if args.near_repeats < 0 or not all(f > 0 for f in args.near_fractions):
+        p.error("--near-repeats must be >= 0 and --near-fractions positive")
     args.systems = [x for x in args.systems.split(",") if x]
     unknown = {x.split("@")[0] for x in args.systems} - set(SYSTEMS)
     if unknown:

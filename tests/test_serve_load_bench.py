@@ -232,6 +232,66 @@ def test_targets_line_says_when_2x_plain_is_above_the_flops_ideal():
     assert serve_load.measure_costs(model, x).ideal_speedup(spec["fractions"]) == pytest.approx(plain / expected)
 
 
+def test_near_saturation_judges_the_median_p99_against_ee_reqs():
+    """Runs at fractions of ee-req's saturated rate, every system per repeat in a rotated order;
+    a stage system meets the issue's target when its median p99 is at most half of ee-req's."""
+    p99s = {"ee-req": [40.0, 400.0, 44.0], "stage": [19.0, 25.0, 21.0], "stage-x": [30.0, 30.0, 10.0]}
+    calls = []
+
+    def run_once(system, rate, n, seed):
+        calls.append((system, rate, n, seed))
+        rep = (sum(1 for c in calls if c[0] == system) - 1) % 3  # the same runs at each rate
+        return {"p99_ms": p99s[system][rep], "p50_ms": 1.0 + rep, "answered": n, "sent": n}
+
+    cells = serve_load.near_saturation(
+        ["ee-req", "stage", "stage-x"], run_once, 1000.0, [0.5, 0.95], 3, lambda rate: int(rate)
+    )
+    assert [c["rate"] for c in cells] == [500.0, 950.0] and [c["requests"] for c in cells] == [500, 950]
+    # rotated: each repeat starts with the next system
+    assert [c[0] for c in calls[:9]] == ["ee-req", "stage", "stage-x", "stage", "stage-x", "ee-req"] + [
+        "stage-x",
+        "ee-req",
+        "stage",
+    ]
+    assert len({c[3] for c in calls}) == 6  # a seed per (rate, repeat), shared by the systems
+    v = cells[0]["systems"]
+    assert v["ee-req"]["p99_ms"] == 44.0 and v["ee-req"]["p99_runs"] == [40.0, 400.0, 44.0]
+    assert v["stage"]["p99_x_ee_req"] == pytest.approx(21 / 44) and v["stage"]["meets_half_ee_req_p99"]
+    assert v["stage-x"]["p99_x_ee_req"] == pytest.approx(30 / 44) and not v["stage-x"]["meets_half_ee_req_p99"]
+    assert "meets_half_ee_req_p99" not in v["ee-req"] and v["stage"]["p50_ms"] == 2.0
+    table = serve_load.near_saturation_table(cells)
+    assert "| 0.50 | 500 | stage | 2.00 | 21.00 | 0.48 | [19.0, 25.0, 21.0] |" in table
+    assert table[-1] == (
+        "Target: stage meets it at 0.50x; stage-x misses it at 0.50x; stage meets it at 0.95x; stage-x misses it at 0.95x."
+    )
+    # unanswered requests (infinite p99) give no ratio and miss the target
+    cells = serve_load.near_saturation(
+        ["ee-req", "stage"],
+        lambda s, rate, n, seed: {"p99_ms": math.inf if s == "stage" else 5.0, "p50_ms": 1.0, "answered": 1, "sent": 2},
+        100.0,
+        [0.9],
+        1,
+        lambda rate: 10,
+    )
+    assert cells[0]["systems"]["stage"]["p99_x_ee_req"] is None
+    assert not cells[0]["systems"]["stage"]["meets_half_ee_req_p99"]
+
+
+def test_grid_p99_lines_compare_each_stage_system_with_ee_req_rate_by_rate():
+    rows = [
+        {"offered_rate": 100.0, "system": "ee-req", "p99_ms": 10.0},
+        {"offered_rate": 100.0, "system": "stage", "p99_ms": 12.0},
+        {"offered_rate": 100.0, "system": "plain", "p99_ms": 1.0},
+        {"offered_rate": 200.0, "system": "ee-req", "p99_ms": math.inf},
+        {"offered_rate": 200.0, "system": "stage", "p99_ms": 30.0},
+    ]
+    assert serve_load.grid_p99_lines({"rows": rows}) == [
+        "stage's p99 over ee-req's at each rate of the grid: 100/s 1.20, 200/s -.",
+        "",
+    ]
+    assert serve_load.grid_p99_lines({"rows": rows[:1]}) == []
+
+
 def test_on_round_brackets_each_rounds_runs_and_its_record_reaches_the_probes():
     prober = FakeProber({"ee-req": 1000.0, "stage": 700.0})
     events, slos = [], iter(range(1, 100))
@@ -299,6 +359,13 @@ def test_quick_run_writes_the_search(tmp_path):
     md = js.with_suffix(".md").read_text()
     assert "Highest sustained rate, by search" in md and "| stage |" in md
     assert "Highest sustained rate, by search" in proc.stdout
+    # near (b)'s saturation: ee-req and the stage systems at 0.9x ee-req's saturated rate, once
+    (near,) = res["near_saturation"]
+    assert near["fraction"] == 0.9 and near["rate"] == pytest.approx(
+        0.9 * res["saturated"]["ee-req"]["req_per_s"], abs=0.1
+    )
+    assert set(near["systems"]) == {"ee-req", "stage"} and len(near["systems"]["stage"]["p99_runs"]) == 1
+    assert "Near (b)'s saturation" in md and "stage's p99 over ee-req's at each rate of the grid" in md
     # make gpu-check's serve step reads its summary from this JSON (the names it looks up exist)
     import gpu_check
 
