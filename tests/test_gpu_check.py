@@ -157,9 +157,16 @@ def _serve_doc():
     sat = {"ee-req": {"ratio_to_ee_req": 1.0}, "stage": {"ratio_to_ee_req": 1.234}, "stage-defer": {}}
     search = {"ee-req": {"x_ee_req": 1.0, "x_plain": 1.5}, "stage": {"x_ee_req": 0.9, "x_plain": 1.35}}
     light = {"submit (worker thread)": {"minus_infer_ms": 0.5}}
+    near = [{"fraction": 0.9, "systems": {"ee-req": {"p99_x_ee_req": 1.0}, "stage": {"p99_x_ee_req": 0.456}}}]
     return {
         "results": [
-            {"model": "resnet", "saturated": sat, "search": {"systems": search}, "closed_loop_light_load": light},
+            {
+                "model": "resnet",
+                "saturated": sat,
+                "search": {"systems": search},
+                "closed_loop_light_load": light,
+                "near_saturation": near,
+            },
             {"model": "resnet18", "saturated": {"stage": {"ratio_to_ee_req": 2.0}}},
         ]
     }
@@ -173,7 +180,10 @@ def test_serve_step_summary_reads_the_bench_json(tmp_path):
     status, summary = gc.summarize(serve, 0, out, {})
     assert status == "ok"
     resnet, resnet18 = summary.split(" | ")
-    assert resnet.startswith("resnet: stage saturated 1.23x ee-req, at the SLO 0.90x ee-req, 1.35x plain")
+    assert resnet.startswith(
+        "resnet: stage saturated 1.23x ee-req, at the SLO 0.90x ee-req, 1.35x plain, "
+        "p99 at 0.90x ee-req's saturation 0.46x ee-req's; stage-defer"
+    )
     assert "stage-defer saturated - ee-req" in resnet and resnet.endswith("worker +0.50 ms over rt.infer")
     assert resnet18 == "resnet18: stage saturated 2.00x ee-req"
     # stopped by its box after the first model: a timeout, with what it finished

@@ -353,8 +353,9 @@ def summarize_serve(step: Step, rc: Optional[int], output: str) -> tuple:
 
 
 def serve_figures(doc: dict) -> str:
-    """One clause per model: saturated throughput and the highest rate within the SLO of the stage
-    scheduler's variants over (b) ee-req, and the worker's cost over rt.infer at light load."""
+    """One clause per model: saturated throughput, the highest rate within the SLO and the p99 near
+    (b)'s saturation of the stage scheduler's variants over (b) ee-req's, and the worker's cost
+    over rt.infer at light load."""
     parts = []
     for r in doc.get("results", []):
         sat = r.get("saturated") or {}
@@ -368,6 +369,12 @@ def serve_figures(doc: dict) -> str:
             bit = f"{k} saturated {_ratio(x_sat)} ee-req"
             if x_slo is not None:
                 bit += f", at the SLO {_ratio(x_slo)} ee-req, {_ratio(x_plain)} plain"
+            for cell in r.get("near_saturation") or []:
+                p99 = cell.get("systems", {}).get(k, {})
+                if "p99_x_ee_req" in p99:
+                    bit += (
+                        f", p99 at {cell['fraction']:.2f}x ee-req's saturation {_ratio(p99['p99_x_ee_req'])} ee-req's"
+                    )
             bits.append(bit)
         worker = (r.get("closed_loop_light_load") or {}).get("submit (worker thread)", {}).get("minus_infer_ms")
         if worker is not None:
