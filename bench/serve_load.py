@@ -72,6 +72,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -230,6 +231,13 @@ def median_run(runs: list) -> dict:
 def sustained(row: dict, slo_ms: float) -> bool:
     """A rate is sustained when every request was answered and p99 <= the SLO."""
     return row["answered"] == row["sent"] and row["p99_ms"] <= slo_ms
+
+
+def requests_at(rate: float, args, floor: int = 20) -> int:
+    """Requests in one open-loop run at ``rate``: --seconds of arrivals, at most --max-requests,
+    at least ``floor`` (the grid's and near-saturation runs' 20; a search probe's
+    --search-min-requests)."""
+    return max(floor, min(args.max_requests, int(rate * args.seconds)))
 
 
 def rotated(items: list, k: int) -> list:
@@ -777,7 +785,7 @@ def run_model(name, spec, args) -> dict:
 
     rows = []
     for i, rate in enumerate(rates):
-        n = max(20, min(args.max_requests, int(rate * args.seconds)))
+        n = requests_at(rate, args)
         runs = {name: [] for name in args.systems}
         ref_before = reference_ms()
         for rep in range(args.repeats):
@@ -811,7 +819,7 @@ def run_model(name, spec, args) -> dict:
             sat["ee-req"]["req_per_s"],
             args.near_fractions,
             args.near_repeats,
-            lambda rate: max(20, min(args.max_requests, int(rate * args.seconds))),
+            lambda rate: requests_at(rate, args),
         )
         if args.near_repeats > 0 and "ee-req" in sat and len(near_systems) > 1
         else None
@@ -867,7 +875,7 @@ def search_model(name, args, run_once, sat, grid_best, lowest_rate, reference_ms
 
     def probe(system, rate, seed):
         # the grid's n rule, but at least --search-min-requests so that p99 means something
-        n = max(args.search_min_requests, min(args.max_requests, int(rate * args.seconds)))
+        n = requests_at(rate, args, floor=args.search_min_requests)
         return run_once(system, rate, n, seed)
 
     def log(p):
@@ -898,13 +906,13 @@ def search_model(name, args, run_once, sat, grid_best, lowest_rate, reference_ms
     for s, v in res["systems"].items():
         v.update(ratios[s])
     res.update(tol=args.search_tol, repeats=args.search_repeats, min_requests=args.search_min_requests)
-    res["flops_ideal_x_plain"] = ideal  # (the 2x-plain target's ceiling, said beside it)
-    print(f"[{name}] " + "\n".join(search_table(res)), flush=True)
+    print(f"[{name}] " + "\n".join(search_table(res, ideal)), flush=True)
     return res
 
 
-def search_table(search: dict) -> list:
-    """The search's markdown table (also printed) and a line on the issue's targets."""
+def search_table(search: dict, ideal: Optional[float] = None) -> list:
+    """The search's markdown table (also printed) and a line on the issue's targets (``ideal``: the
+    FLOPs-ideal speed-up over plain of the model's exit fractions, the 2x-plain target's ceiling)."""
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [
         f"Highest sustained rate, by search (p99 <= SLO, 10x the plain model's batch-1 latency measured around each "
@@ -928,7 +936,6 @@ def search_table(search: dict) -> list:
         for s, v in search["systems"].items()
         if s.startswith("stage")
     ]
-    ideal = search.get("flops_ideal_x_plain")
     reach = (
         f" The 2x-plain target is out of any early-exit server's reach here: by FLOPs, these exit fractions make "
         f"the model at most {ideal:.2f}x cheaper than plain."
@@ -1052,7 +1059,7 @@ def markdown(doc) -> str:
             lines += near_saturation_table(res["near_saturation"]) + [""]
         lines += grid_p99_lines(res)
         if res.get("search"):
-            lines += search_table(res["search"]) + [""]
+            lines += search_table(res["search"], res.get("flops_ideal_x_plain")) + [""]
         lines += [
             "One request at a time, side by side (closed loop over the same 64 samples):",
             "",

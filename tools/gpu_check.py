@@ -325,8 +325,13 @@ def summarize(step: Step, rc: Optional[int], output: str, info: dict) -> tuple:
         return status, lines[-1] if lines else f"exit {rc}"
     if step.name == "build":
         return status, "built" if rc == 0 else "build failed: " + " | ".join(output.strip().splitlines()[-3:])
+    return status, pytest_tally(output) or exit_line(rc, output)
+
+
+def exit_line(rc: int, output: str) -> str:
+    """A failed command in one line: its exit code and its last line of output."""
     last = [ln.strip() for ln in output.splitlines() if ln.strip()][-1:]
-    return status, pytest_tally(output) or (f"exit {rc}: {last[0]}" if last else f"exit {rc}")
+    return f"exit {rc}: {last[0]}" if last else f"exit {rc}"
 
 
 SERVE_WROTE = re.compile(r"^wrote (\S+)\.json, ", re.MULTILINE)
@@ -347,8 +352,7 @@ def summarize_serve(step: Step, rc: Optional[int], output: str) -> tuple:
     if rc is None:
         return "TIMEOUT", f"stopped after its {step.box_s} s time box" + (f"; finished: {figures}" if figures else "")
     if rc != 0:
-        last = [ln.strip() for ln in output.splitlines() if ln.strip()][-1:]
-        return "FAIL", f"exit {rc}: {last[0]}" if last else f"exit {rc}"
+        return "FAIL", exit_line(rc, output)
     return "ok", figures or "no results written"
 
 
