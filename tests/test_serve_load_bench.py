@@ -259,8 +259,13 @@ def test_near_saturation_judges_the_median_p99_against_ee_reqs():
     assert v["stage"]["p99_x_ee_req"] == pytest.approx(21 / 44) and v["stage"]["meets_half_ee_req_p99"]
     assert v["stage-x"]["p99_x_ee_req"] == pytest.approx(30 / 44) and not v["stage-x"]["meets_half_ee_req_p99"]
     assert "meets_half_ee_req_p99" not in v["ee-req"] and v["stage"]["p50_ms"] == 2.0
+    # run by run, each with ee-req's of the same repeat: 19/40, 25/400, 21/44; 30/40, 30/400, 10/44
+    assert v["stage"]["paired_p99_x_ee_req"] == pytest.approx(19 / 40) and v["stage"]["runs_below_ee_req"] == 3
+    assert v["stage-x"]["paired_p99_x_ee_req"] == pytest.approx(10 / 44) and v["stage-x"]["runs_below_ee_req"] == 3
+    assert "paired_p99_x_ee_req" not in v["ee-req"]
     table = serve_load.near_saturation_table(cells)
-    assert "| 0.50 | 500 | stage | 2.00 | 21.00 | 0.48 | [19.0, 25.0, 21.0] |" in table
+    assert "| 0.50 | 500 | stage | 2.00 | 21.00 | 0.48 | 0.47, 3 of 3 | [19.0, 25.0, 21.0] |" in table
+    assert "| 0.50 | 500 | ee-req | 2.00 | 44.00 | 1.00 | - | [40.0, 400.0, 44.0] |" in table
     assert table[-1] == (
         "Target: stage meets it at 0.50x; stage-x misses it at 0.50x; stage meets it at 0.95x; stage-x misses it at 0.95x."
     )
@@ -275,6 +280,8 @@ def test_near_saturation_judges_the_median_p99_against_ee_reqs():
     )
     assert cells[0]["systems"]["stage"]["p99_x_ee_req"] is None
     assert not cells[0]["systems"]["stage"]["meets_half_ee_req_p99"]
+    assert cells[0]["systems"]["stage"]["paired_p99_x_ee_req"] is None
+    assert cells[0]["systems"]["stage"]["runs_below_ee_req"] == 0
 
 
 def test_grid_p99_lines_compare_each_stage_system_with_ee_req_rate_by_rate():

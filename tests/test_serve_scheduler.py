@@ -299,17 +299,14 @@ def test_one_pass_only_when_the_steps_would_form_the_same_batches():
         sched.close()
 
 
-@pytest.mark.parametrize(
-    "max_defer_ms,held_s", [(50.0, 0.3), (60_000.0, 0.0), (0.0, 0.3)], ids=["backlogged", "keeping-up", "off"]
-)
-def test_under_a_backlog_full_batches_go_first_so_survivors_share_deeper_batches(max_defer_ms, held_s):
-    """max_defer_ms > 0 and stage 0 behind (its oldest row waited BEHIND_FACTOR x max_defer_ms,
-    200 ms: here the backlog is admitted while a request is held 300 ms): while full stage-0
-    batches wait, a partial
-    stage-1 batch is passed over, so the survivors of two stage-0 batches share one stage-1 batch
-    (each stage-0 batch step by step, the backlog's last in one pass). Stage 0 keeping up (the
-    same backlog let go at once, with a bound of a minute), or 0 (the default): the deepest stage
-    first, every stage-0 batch in one pass with its survivors alone, as rt.infer would run them."""
+@pytest.mark.parametrize("max_defer_ms", [60_000.0, 0.0], ids=["backlogged", "off"])
+def test_under_a_backlog_full_batches_go_first_so_survivors_share_deeper_batches(max_defer_ms):
+    """max_defer_ms > 0 and stage 0 behind (it holds a full batch: here three, admitted while a
+    request is held): a full stage-0 batch runs step by step, and while full stage-0 batches
+    wait, a partial stage-1 batch is passed over, so the survivors of two stage-0 batches share
+    one stage-1 batch; the backlog's last batch, stage 0 no longer behind, has its survivors run
+    at once. max_defer_ms 0: the deepest stage first, every stage-0 batch in one pass with its
+    survivors alone, as rt.infer would run them."""
     sched, hook = gated(max_batch=4, max_defer_ms=max_defer_ms)
     try:
         first = sched.submit_nowait(scripted_rows([100], [0]))  # idle: taken at once, held at stage 0
@@ -317,14 +314,13 @@ def test_under_a_backlog_full_batches_go_first_so_survivors_share_deeper_batches
         # a backlog of three full stage-0 batches; two rows of each go on to exit 2
         reqs = [([4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3], [0, 2, 0, 2]) for i in range(3)]
         later = [sched.submit_nowait(scripted_rows(ids, ex)) for ids, ex in reqs]
-        time.sleep(held_s)
         hook.gate.set()
         check_answers([([100], [0])] + reqs, [first] + later)
         assert drained(sched)
         stage1 = [ids for k, ids in hook.batches if k == 1]
-        if max_defer_ms == 50.0:
+        if max_defer_ms:
             assert stage1 == [[1, 3, 5, 7], [9, 11]], hook.batches
-            assert sched.stats.fused_batches == 2  # the idle request's and the backlog's last
+            assert sched.stats.fused_batches == 1  # the idle request's; the full batches step by step
         else:
             assert stage1 == [[1, 3], [5, 7], [9, 11]], hook.batches
             assert sched.stats.fused_batches == 4
@@ -334,8 +330,8 @@ def test_under_a_backlog_full_batches_go_first_so_survivors_share_deeper_batches
 
 
 def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
-    """Stage 0 stays full and behind for eight batches of 30 ms or more (the backlog waited 250 ms,
-    more than BEHIND_FACTOR x 50, before the first ran); the two survivors of the first wait at stage 1 while full batches run,
+    """Stage 0 stays full and behind for eight batches of 30 ms or more; the two survivors of the
+    first wait at stage 1 while full batches run,
     but only for max_defer_ms (50): they run after the second or third stage-0 batch, not after
     the eighth."""
     model, hook = scripted_model(3)
@@ -347,7 +343,6 @@ def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
         assert hook.entered.wait(WAIT)
         reqs = [([0, 1, 2, 3], [0, 2, 0, 2])] + [([4 * i + j for j in range(4)], [0] * 4) for i in range(1, 9)]
         later = [sched.submit_nowait(scripted_rows(ids, ex)) for ids, ex in reqs]
-        time.sleep(0.25)
         hook.hold_if = slow
         hook.gate.set()
         check_answers([([100], [0])] + reqs, [first] + later)
@@ -363,8 +358,8 @@ def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
 def test_a_partial_batch_the_rows_upstream_cannot_fill_is_not_passed_over():
     """Stage 0 behind, but its rows have mostly left at exit 0 lately (ten batches where every row
     did): the two survivors of the next batch are not expected to meet enough rows at stage 1
-    (8 waiting x a share of about 0.1 < 2 needed), so that batch runs in one pass and its
-    survivors go on alone, at once, instead of waiting max_defer_ms for a batch that does not fill."""
+    (8 waiting x a share of about 0.1 < 2 needed), so they go on alone, at once, instead of
+    waiting max_defer_ms for a batch that does not fill."""
     sched, hook = gated(max_batch=4, max_defer_ms=60_000.0)
     try:
         warm = [sched.submit_nowait(scripted_rows([200 + 4 * i + j for j in range(4)], [0] * 4)) for i in range(10)]
@@ -377,8 +372,7 @@ def test_a_partial_batch_the_rows_upstream_cannot_fill_is_not_passed_over():
         assert hook.entered.wait(WAIT)
         reqs = [([0, 1, 2, 3], [0, 2, 0, 2])] + [([4 * i + j for j in range(4)], [0] * 4) for i in (1, 2)]
         later = [sched.submit_nowait(scripted_rows(ids, ex)) for ids, ex in reqs]
-        time.sleep(0.25)
-        sched.max_defer_s = 0.05  # (stage 0 is now behind by more than BEHIND_FACTOR x the bound)
+        sched.max_defer_s = 0.05
         hook.gate.set()
         check_answers([([100], [0])] + reqs, [first] + later)
         order = [(k, ids) for k, ids in hook.batches if k > 0 or ids[0] < 100]
@@ -400,8 +394,9 @@ def test_max_defer_ms_default_is_20_ms_for_a_model_on_the_cpu_and_off_for_policy
 
 def test_the_deferral_pick_reads_the_backlog_and_the_measured_share_that_goes_on():
     """``_pick`` with max_defer_ms, read on set queues (no worker running): a partial stage-2
-    batch is passed over for a full stage-0 batch only while stage 0 is behind by BEHIND_FACTOR
-    (4) x max_defer_ms and the rows upstream times the shares that go on (measured, decayed) would fill it."""
+    batch is passed over for a full stage-0 batch only while stage 0 is behind (it holds
+    max_batch rows, however long they waited) and the rows upstream times the shares that go on
+    (measured, decayed) would fill it, and for at most max_defer_ms."""
     from eeruntime.serve.scheduler import _Chunk
 
     model, _ = scripted_model(3)
@@ -413,15 +408,20 @@ def test_the_deferral_pick_reads_the_backlog_and_the_measured_share_that_goes_on
     chunk = lambda n, age: _Chunk(range(n), None, None, None, None, now - age)  # noqa: E731
     sched._queues[2].append(chunk(2, 0.01))  # partial (2 of 8), passed over 10 ms so far
     sched._queues[1].append(chunk(4, 0.01))
-    sched._queues[0].extend([chunk(1, 0.5)] + [chunk(1, 0.01) for _ in range(11)])  # 12 rows, oldest 500 ms
+    sched._queues[0].extend(chunk(1, 0.001) for _ in range(12))  # 12 rows (behind: 8 make a batch), 1 ms old
     sched._reached, sched._went_on = [10.0, 10.0, 10.0], [5.0, 5.0, 0.0]  # half go on from 0 and from 1
     # need 6 at stage 2: 4 x 0.5 + 12 x 0.25 = 5 < 6: not worth waiting for, the deepest runs
     assert sched._pick(now) == (2, None)
-    sched._queues[0].extend(chunk(1, 0.01) for _ in range(4))  # 16 x 0.25 + 2 = 6: fills, stage 0 goes first
+    sched._queues[0].extend(chunk(1, 0.001) for _ in range(4))  # 16 x 0.25 + 2 = 6: fills, stage 0 goes first
     assert sched._pick(now) == (0, None)
-    sched._queues[0][0] = chunk(1, 0.3)  # stage 0 behind by 300 ms only (< 4 x 100): keeping up
+    # every row goes on (stage 2 would fill from 4 + 7 rows), but stage 0 holds 7 rows, less than
+    # a batch, however old: it keeps up, the deepest runs; with an 8th row it is behind again
+    sched._went_on = [10.0, 10.0, 0.0]
+    sched._queues[0].clear()
+    sched._queues[0].extend(chunk(1, 10.0) for _ in range(7))
     assert sched._pick(now) == (2, None)
-    sched._queues[0][0] = chunk(1, 0.5)
+    sched._queues[0].append(chunk(1, 0.001))
+    assert sched._pick(now) == (0, None)
     sched._queues[2][0] = chunk(2, 0.15)  # passed over for more than max_defer_ms already
     assert sched._pick(now) == (2, None)
     sched._closing = True

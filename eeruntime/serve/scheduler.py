@@ -11,8 +11,9 @@ How a request travels (see docs/serving.md for the measurements behind the polic
   and finish requests first). A stage is ready when it holds ``max_batch`` rows or its oldest row
   has waited ``max_wait_ms`` (default 0: any waiting row is ready; waiting for fuller batches
   costs latency under tight SLOs on a CPU, whose cost per row barely falls with batch size).
-  Once stage 0 falls behind (``BEHIND_FACTOR`` x ``max_defer_ms``), full batches go first, so
-  survivors of successive stage-0 batches share the deeper batches (E3's gain at saturation).
+  Once stage 0 falls behind (it holds a full batch: arrivals outpace the worker), full batches
+  go first, so survivors of successive stage-0 batches share the deeper batches (E3's gain at
+  saturation), each row passed over for at most ``max_defer_ms``.
 - It gathers chunks from that queue's head up to ``max_batch`` rows (splitting the last one) that
   share one thresholds snapshot and one input layout, concatenates them, and calls
   ``rt.run_stage``. Leavers' logits go to their requests; a request whose rows have all left
@@ -23,7 +24,8 @@ How a request travels (see docs/serving.md for the measurements behind the polic
   survivors, which is what ``rt.infer`` does in one call with its fused ops (or whole-model CUDA
   graph): so the worker makes that one call. With ``max_wait_ms=0`` and ``policy="deepest"``
   this is every batch while stage 0 keeps up; the steps differ from it only when rows wait for
-  fuller batches (``max_wait_ms``, or ``max_defer_ms`` once stage 0 is behind).
+  fuller batches (``max_wait_ms``, or ``max_defer_ms`` once stage 0 is behind: then a full
+  stage-0 batch runs step by step, so that its survivors can meet the next batch's).
 
 Thresholds: **one snapshot per request**, taken when it is admitted; a batch never mixes
 snapshots, so every request is answered with one set of thresholds, exactly as ``rt.infer``
@@ -72,12 +74,6 @@ SURVIVAL_DECAY = 0.9
 # elsewhere: on a GPU the one pass is a whole-model CUDA graph, and whether re-batched steps beat
 # it under a backlog is not measured yet.
 DEFAULT_MAX_DEFER_MS_CPU = 20.0
-# ... and only once stage 0's oldest row has been ready for this many times max_defer_ms: deferral
-# is for overload, where its throughput shortens every wait; in a passing burst near capacity the
-# rows it passes over show in p99 (measured on ResNet-style at 2,810/s, about 90% of capacity,
-# 6 runs each: p99 medians 34.6 ms with a factor of 1, 20.5 ms with 4, 28.3 ms with no deferral;
-# saturated, 6 runs: 1.18x and 1.11x the throughput without deferral; docs/serving.md, "Session 9")
-BEHIND_FACTOR = 4
 
 
 class SchedulerError(RuntimeError):
@@ -227,13 +223,13 @@ class StageScheduler:
             it runs anyway (0: never wait).
         max_defer_ms: ``"deepest"`` policy, under a backlog: how long a ready stage with fewer
             than ``max_batch`` rows may be passed over while some stage holds a full batch. It is
-            passed over only while stage 0 is behind (its oldest row has been ready for
-            ``BEHIND_FACTOR`` (4) x ``max_defer_ms`` already) and the rows upstream are expected
-            to fill its batch (by the measured shares of rows that go on); then full stage-0
-            batches run first and their survivors fill the deeper stages' batches (E3's aim: more
-            requests per second once arrivals outpace the worker), and no row waits longer for it
-            than stage 0's rows already do. When stage 0 keeps up, nothing changes: the deepest
-            ready stage runs first. 0: never; None (the
+            passed over only while stage 0 is behind (it holds ``max_batch`` rows: arrivals
+            outpace the worker) and the rows upstream are expected to fill its batch (by the
+            measured shares of rows that go on); then full stage-0 batches run first, step by
+            step, and their survivors fill the deeper stages' batches (E3's aim: fewer stage
+            calls per request, so more requests per second once arrivals outpace the worker).
+            When stage 0 keeps up, nothing changes: the deepest ready stage runs first, and a
+            stage-0 batch in one pass. 0: never; None (the
             default): ``DEFAULT_MAX_DEFER_MS_CPU`` (20) for a model on the CPU, 0 elsewhere (not
             measured on a GPU yet). ``policy="fill"`` bounds passed-over rows by ``max_wait_ms``
             instead and takes no ``max_defer_ms``. See docs/serving.md, "Policy" (and "Session 8",
@@ -255,8 +251,8 @@ class StageScheduler:
             stage) when the step-by-step run would form exactly the same batches: no row waits at
             a deeper stage, none of the batch's rows would wait for a fuller batch
             (``max_wait_ms=0``, or rows admitted to an idle scheduler), and, with ``max_defer_ms``,
-            no full stage-0 batch waits behind it while stage 0 is behind (whose survivors, with
-            this batch's, are expected to fill stage 1's batch). The answers are the
+            the batch is not a full one taken from a backlog (whose survivors would be passed over
+            at stage 1 while the next full batches run, to share its batch). The answers are the
             same; a stage that raises runs the batch again step by step, so it fails exactly the
             requests whose rows reached it. ``False``: always step by step (``rt.run_stage``),
             which also drops a request's rows between stages when it times out or is cancelled.
@@ -793,6 +789,7 @@ class StageScheduler:
                     return k, None
             return None, None
         soonest = partial = None
+        behind = self._backlogged()
         for k in range(self.num_stages - 1, -1, -1):
             q = self._queues[k]
             if not q:
@@ -808,7 +805,7 @@ class StageScheduler:
                 if (
                     now - ready_at >= self.max_defer_s  # passed over long enough (at once: max_defer_ms=0)
                     or self._closing
-                    or not self._backlogged(now)  # stage 0 keeps up: no reason to wait
+                    or not behind  # stage 0 keeps up: no reason to wait
                     or not self._fillable(k, self.max_batch - rows)  # waiting would not fill its batch
                 ):
                     return k, None
@@ -854,14 +851,17 @@ class StageScheduler:
         self._reached[k] = self._reached[k] * SURVIVAL_DECAY + reached
         self._went_on[k] = self._went_on[k] * SURVIVAL_DECAY + went_on
 
-    def _backlogged(self, now: float) -> bool:
-        """Is stage 0 behind: has its oldest row been ready for ``BEHIND_FACTOR`` x ``max_defer_ms``
-        already? Only then are partial stages passed over: arrivals outpace the worker,
-        re-batching survivors raises how many rows it answers per second, and the rows upstream
-        wait longer than the deferred ones would. When stage 0 keeps up, passing a stage over only
-        adds latency (measured: docs/serving.md, "Policy")."""
-        q0 = self._queues[0]
-        return bool(q0) and now - q0[0].ready_at >= BEHIND_FACTOR * self.max_defer_s
+    def _backlogged(self) -> bool:
+        """Is stage 0 behind: does it hold a full batch (``max_batch`` rows)? Only then are partial
+        stages passed over: arrivals outpace the worker, and running fewer, fuller deeper batches
+        (fewer stage calls per request) raises how many requests it answers per second. A full
+        batch, not a time: deferral then starts as a queue forms, while its throughput can still
+        keep the queue short (bench/serve_sim.py replays this policy on measured stage costs:
+        started once stage 0's oldest row had waited 4 x max_defer_ms instead, as before session
+        11, p99 at (b)'s saturation rate was 3.9x (ResNet-style) and 4.9x (digits) higher;
+        docs/serving.md, "Session 11"). When stage 0 keeps up, passing a stage over only adds
+        latency (measured: docs/serving.md, "Policy")."""
+        return self._rows_up_to_batch(self._queues[0]) >= self.max_batch
 
     def _fillable(self, k: int, need: float) -> bool:
         """Are the rows waiting upstream of stage ``k`` expected to bring it ``need`` more rows
@@ -986,17 +986,14 @@ class StageScheduler:
         ``rt.infer`` does."""
         if not self.fused or any(self._queues[1:]):
             return False
-        if self.max_defer_s > 0 and self._backlogged(time.perf_counter()):
-            # stage 0 is behind, a full batch waits behind this one, and this batch's expected
-            # survivors plus those of the rows behind it would fill stage 1's batch (the pick's own
-            # test, _fillable): they would be passed over there until the others join them (for
-            # at most max_defer_ms), which a pass cannot wait for
-            n = sum(c.n for c in chunks)
-            if self._rows_up_to_batch(self._queues[0]) >= self.max_batch and self._fillable(
-                1, self.max_batch - n * self._survival(0)
-            ):
-                return False
-        return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
+        urgent = all(c.urgent for c in chunks)
+        if self.max_defer_s > 0 and not urgent and sum(c.n for c in chunks) >= self.max_batch:
+            # a full batch: stage 0 was behind when it was picked (_backlogged), so its survivors
+            # may be passed over at stage 1 while the next full batches run, to share one batch
+            # there (which a pass cannot wait for); if stage 0 has caught up by then, they run at
+            # once, and the steps cost only their calls over the pass's
+            return False
+        return self.max_wait_s <= 0 or urgent
 
     def _run_fused(self, state: State, ids: List[int], snap: Any, t0: float) -> bool:
         """Run a stage-0 batch through every stage in one pass and answer all its rows; False
