@@ -81,8 +81,8 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
         "--max-defer-ms",
         type=float,
         default=None,
-        help="policy 'deepest': how long a partial batch may be passed over for full ones once stage 0 is 4x this "
-        "far behind (survivors then wait for the next stage-0 batches' and deeper batches fill); 0: never; "
+        help="policy 'deepest': how long a partial batch may be passed over for full ones once stage 0 holds a "
+        "full batch (survivors then wait for the next stage-0 batches' and deeper batches fill); 0: never; "
         "default: 20 on a CPU, 0 on a GPU (docs/serving.md, 'Policy')",
     )
     p.add_argument(
