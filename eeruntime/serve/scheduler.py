@@ -789,7 +789,7 @@ class StageScheduler:
                     return k, None
             return None, None
         soonest = partial = None
-        behind = self._backlogged()
+        behind = self.max_defer_s > 0 and self._backlogged()  # (never read without deferral)
         for k in range(self.num_stages - 1, -1, -1):
             q = self._queues[k]
             if not q:
