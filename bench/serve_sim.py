@@ -125,12 +125,16 @@ def _summary(arr: List[float], done: List[float], stage_rows: List[List[int]], f
     }
 
 
-def _pass_cost(costs: StepCosts, rows: List[int], exits: List[int], K: int, learn=None) -> float:
-    """One pass of a stage-0 batch: every step on its survivors (``learn(k, reached, went_on)``)."""
+def _pass_cost(
+    costs: StepCosts, rows: List[int], exits: List[int], K: int, stage_rows: List[List[int]], learn=None
+) -> float:
+    """One pass of a stage-0 batch: every step on its survivors (their count appended to
+    ``stage_rows[k]``; ``learn(k, reached, went_on)``)."""
     dur, alive = 0.0, rows
     for k in range(K):
         if not alive:
             break
+        stage_rows[k].append(len(alive))
         dur += costs(k, len(alive))
         went_on = [r for r in alive if exits[r] > k]
         if learn is not None:
@@ -148,12 +152,7 @@ def replay_batcher(costs: StepCosts, exits: List[int], arr: List[float], max_bat
         t = max(t, arr[i])
         batch = list(range(i, bisect.bisect_right(arr, t, lo=i)))[:max_batch]
         i += len(batch)
-        alive = batch
-        for k in range(K):  # (the rows per step, for the report)
-            if alive:
-                stage_rows[k].append(len(alive))
-            alive = [r for r in alive if exits[r] > k]
-        t += _pass_cost(costs, batch, exits, K) + overhead_s * len(batch)
+        t += _pass_cost(costs, batch, exits, K, stage_rows) + overhead_s * len(batch)
         passes += 1
         for r in batch:
             done[r] = t
@@ -222,12 +221,7 @@ def replay_scheduler(
         chunks = sched._gather(k)
         rows = [r for c in chunks for r in c.ids]
         if k == 0 and sched._fusable(chunks):
-            alive = rows
-            for j in range(K):
-                if alive:
-                    stage_rows[j].append(len(alive))
-                alive = [r for r in alive if exits[r] > j]
-            t += _pass_cost(costs, rows, exits, K, sched._learn) + overhead_s * len(rows)
+            t += _pass_cost(costs, rows, exits, K, stage_rows, sched._learn) + overhead_s * len(rows)
             fused += 1
             leave, stay = rows, []
         else:
@@ -305,8 +299,7 @@ def run_model(name: str, args) -> dict:
     if args.sweep_us:
         rate, base = sat["ee-req"], median_p99("ee-req", sat["ee-req"])
         for us in args.sweep_us:
-            arr = arrivals(args.overload, n, 0)
-            thr = replay_scheduler(makers["stage"](), costs, exits, arr, us / 1e6)["throughput"]
+            thr = run("stage", args.overload, 0, us / 1e6)["throughput"]
             p99 = median_p99("stage", rate, us / 1e6)
             sweep.append({"stage_us": us, "p99_over_ee_req": p99 / base, "saturated_over_ee_req": thr / sat["ee-req"]})
         print(
