@@ -986,14 +986,14 @@ class StageScheduler:
         ``rt.infer`` does."""
         if not self.fused or any(self._queues[1:]):
             return False
-        urgent = all(c.urgent for c in chunks)
-        if self.max_defer_s > 0 and not urgent and sum(c.n for c in chunks) >= self.max_batch:
+        if self.max_defer_s > 0 and sum(c.n for c in chunks) >= self.max_batch and not all(c.urgent for c in chunks):
             # a full batch: stage 0 was behind when it was picked (_backlogged), so its survivors
             # may be passed over at stage 1 while the next full batches run, to share one batch
             # there (which a pass cannot wait for); if stage 0 has caught up by then, they run at
             # once, and the steps cost only their calls over the pass's
             return False
-        return self.max_wait_s <= 0 or urgent
+        # (the urgency scan only when it decides: max_wait 0, the common case, needs none)
+        return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
     def _run_fused(self, state: State, ids: List[int], snap: Any, t0: float) -> bool:
         """Run a stage-0 batch through every stage in one pass and answer all its rows; False
