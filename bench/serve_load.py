@@ -460,12 +460,29 @@ def light_load_side_by_side(rt, pool, max_batch, rounds):
     }
 
 
+def _worker_clock(system):
+    """A clock of the system's worker thread's CPU time (Linux), or None."""
+    worker = getattr(system, "_worker", None)
+    if worker is None or worker.ident is None or not hasattr(time, "pthread_getcpuclockid"):
+        return None
+    try:
+        return time.pthread_getcpuclockid(worker.ident)
+    except OSError:
+        return None
+
+
 def saturated_capacity(systems, make, pool, n, repeats):
     """Each system's throughput with ``n`` single-sample requests submitted at once (a backlog:
     every batch as full as the system makes it), ``repeats`` times in a rotated order; the median
     req/s per system and, per repeat, its ratio to ee-req's run next to it. Completion is seen by
-    a done-callback, as the open loop sees it (no thread waits on a future)."""
+    a done-callback, as the open loop sees it (no thread waits on a future).
+
+    Also the host CPU time per request of the two threads that share the GIL: the submitting
+    thread's (``submit_us``) and the system's worker thread's (``worker_us``, which on a GPU
+    includes a CUDA synchronize's spin-wait), medians over the repeats: what the serving
+    machinery costs the host per request, beside the model's own work."""
     out = {name: [] for name in systems}
+    cpu = {name: [] for name in systems}
     for rep in range(repeats):
         for name in rotated(systems, rep):
             system = make(name)
@@ -478,17 +495,24 @@ def saturated_capacity(systems, make, pool, n, repeats):
                 if left[0] == 0:
                     done.set()
 
-            t0 = time.perf_counter()
+            clock = _worker_clock(system)
+            w0 = time.clock_gettime(clock) if clock is not None else math.nan
+            t0, c0 = time.perf_counter(), time.thread_time()
             for i in range(n):
                 system.submit_nowait(pool[i % len(pool)]).add_done_callback(cb)
+            c1 = time.thread_time()
             done.wait()
             out[name].append(n / (time.perf_counter() - t0))
+            w1 = time.clock_gettime(clock) if clock is not None else math.nan
+            cpu[name].append(((c1 - c0) / n * 1e6, (w1 - w0) / n * 1e6))
             system.close()
     res = {}
     for name, v in out.items():
         row = {"req_per_s": statistics.median(v), "runs": [round(x) for x in v]}
         if "ee-req" in out:
             row["ratio_to_ee_req"] = statistics.median(a / b for a, b in zip(v, out["ee-req"]))
+        row["submit_us"] = statistics.median(c[0] for c in cpu[name])
+        row["worker_us"] = statistics.median(c[1] for c in cpu[name])
         res[name] = row
     return res
 
@@ -686,6 +710,13 @@ MODELS = {
     "resnet18": dict(
         build=lambda: resnet_style(num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
         shape=(3, 32, 32),
+        fractions=[0.5, 0.2, 0.15, 0.15],
+    ),
+    # the same net at ImageNet's 224x224 (GPU only: seconds per request on a CPU): a GPU's work
+    # per batch outweighs the host's per request, the regime where E3 measured its gains
+    "resnet18-224": dict(
+        build=lambda: resnet_style(num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
+        shape=(3, 224, 224),
         fractions=[0.5, 0.2, 0.15, 0.15],
     ),
 }
@@ -1052,12 +1083,14 @@ def markdown(doc) -> str:
             "",
             *_rebatch_lines(res),
             "Saturated throughput (requests submitted at once, median of the rotated repeats; ratio to ee-req "
-            "run next to it):",
+            "run next to it; host CPU time per request of the thread submitting and of the system's worker "
+            "thread, which share the GIL, medians):",
             "",
-            "| system | req/s | x ee-req | runs |",
-            "| --- | ---: | ---: | --- |",
+            "| system | req/s | x ee-req | runs | host CPU us/request: submitting thread | worker thread |",
+            "| --- | ---: | ---: | --- | ---: | ---: |",
             *[
-                f"| {k} | {v['req_per_s']:.0f} | {v.get('ratio_to_ee_req', float('nan')):.3f} | {v['runs']} |"
+                f"| {k} | {v['req_per_s']:.0f} | {v.get('ratio_to_ee_req', float('nan')):.3f} | {v['runs']} "
+                f"| {v.get('submit_us', float('nan')):.1f} | {v.get('worker_us', float('nan')):.1f} |"
                 for k, v in res["saturated"].items()
             ],
             "",
@@ -1162,7 +1195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=next(par for par in __doc__.split("\n\n") if par.startswith("SEARCH:")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--models", default="digits,resnet")
+    p.add_argument("--models", default="digits,resnet", help=f"comma-separated, of: {', '.join(MODELS)}")
     p.add_argument(
         "--rate-factors",
         default="0.1,0.3,0.6,0.9,1.2,1.6,2.0,2.5",

@@ -440,3 +440,61 @@ def test_full_batch_steps_run_every_row_through_the_stages_rt_infer_does_in_full
     assert rb["mean_batch_full"][0] == 12 and rb["mean_batch_infer"][0] == 12
     # rows per step at each deeper stage: full batches hold at least as many as one batch's survivors
     assert all(f >= i for f, i in zip(rb["mean_batch_full"][1:], rb["mean_batch_infer"][1:]))
+
+
+def _burn(us: float) -> None:
+    """Spend ``us`` microseconds of this thread's CPU time."""
+    import time
+
+    end = time.thread_time() + us * 1e-6
+    while time.thread_time() < end:
+        pass
+
+
+class _BurningSystem:
+    """A serving system whose submit costs ``submit_us`` of the caller's CPU and whose worker
+    thread spends ``worker_us`` of its own on each request."""
+
+    def __init__(self, submit_us: float, worker_us: float):
+        import queue
+        import threading
+
+        self.submit_us, self.worker_us = submit_us, worker_us
+        self._q: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._run, daemon=True)
+        self._worker.start()
+
+    def _run(self):
+        while True:
+            f = self._q.get()
+            if f is None:
+                return
+            _burn(self.worker_us)
+            f.set_result(torch.zeros(1, 3))
+
+    def submit_nowait(self, x):
+        import concurrent.futures
+
+        _burn(self.submit_us)
+        f: concurrent.futures.Future = concurrent.futures.Future()
+        self._q.put(f)
+        return f
+
+    def close(self):
+        self._q.put(None)
+        self._worker.join()
+
+
+@pytest.mark.skipif(not hasattr(__import__("time"), "pthread_getcpuclockid"), reason="needs per-thread CPU clocks")
+def test_saturated_capacity_reports_each_threads_host_cpu_per_request():
+    """The saturated run's host CPU per request, per thread, against systems that spend known CPU
+    time in the submitting thread and in their worker (a few us of queue and future overhead on
+    top, never less)."""
+    costs = {"ee-req": (50.0, 300.0), "stage": (250.0, 100.0)}
+    res = serve_load.saturated_capacity(
+        list(costs), lambda name: _BurningSystem(*costs[name]), [torch.zeros(1, 3)] * 4, n=60, repeats=2
+    )
+    for name, (sub, work) in costs.items():
+        assert sub <= res[name]["submit_us"] < sub + 100, (name, res[name])
+        assert work <= res[name]["worker_us"] < work + 100, (name, res[name])
+    assert res["ee-req"]["ratio_to_ee_req"] == 1.0

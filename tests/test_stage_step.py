@@ -430,6 +430,45 @@ def test_graph_executor_stage_step_equals_the_eager_step(criterion, final):
     assert_same_step(graph_runner_walk_from, ref)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device, none here")
+        ),
+    ],
+)
+def test_graph_executor_stage_step_after_infer_and_a_threshold_swap(device):
+    """The graph executor's step keeps state between calls (the thresholds last copied into its
+    buffer, a stage's row buffer holding positions): a step after a different snapshot, after an
+    ``infer`` call that packed other rows into the same buffers, and a step repeated with the
+    positions kept each equal the eager step (on CUDA: the captured graphs replayed)."""
+    from eeruntime.runtime.graphs import GraphRunner
+    from eeruntime.runtime.step import stage_step
+
+    model = mlp_model(K=4, d_in=6, width=16, C=5, seed=4).to(device)
+    x = torch.randn(60, 6, device=device)
+    rt = ee.EERuntime(model, thresholds=quantile_thresholds(model, x, "entropy", q=0.35), criterion="entropy")
+    runner = GraphRunner(rt, buckets=(4, 16, 64), capture=None if device == "cuda" else False)
+    lo = rt.thresholds_snapshot()
+    rt.set_thresholds(quantile_thresholds(model, x, "entropy", q=0.8))
+    hi = rt.thresholds_snapshot()
+    first = runner.run_stage(0, x[:30], torch.arange(30), (), lo)
+    assert first is not None and first.state is not None
+    left = []
+    for i, snap in enumerate([lo, hi, hi, lo, lo]):
+        if i == 3:  # packs rows of another batch into stage 1's row buffer, under the other snapshot
+            runner.infer(x[30:], thresholds=hi)
+        got = runner.run_stage(1, first.state, first.rows, first.carry, snap)
+        with torch.inference_mode():
+            ref = stage_step(rt.spec, 1, first.state, first.rows, first.carry, snap)
+        assert_same_step(got, ref)
+        left.append(int(got.exit_rows.shape[0]))
+    assert device == "cpu" or runner.num_captures > 0
+    assert left[0] != left[1]  # the two snapshots decide differently here, so a stale one would show
+
+
 def test_graph_executor_stage_step_declines_what_it_cannot_run():
     from eeruntime.runtime.graphs import GraphRunner
 

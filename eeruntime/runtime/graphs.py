@@ -342,12 +342,17 @@ def _capture_into(graph, pool, stream, current, body) -> None:
 class _StageBuffers:
     """Static inputs of one stage: shared by all its buckets, which read their first b rows."""
 
-    def __init__(self, parts, is_tuple: bool, rows, count, acc):
+    def __init__(self, parts, is_tuple: bool, rows, count, acc, head=None):
         self.inputs: Tuple[torch.Tensor, ...] = tuple(parts)  # [cap, *per-sample shape] each
         self.is_tuple = is_tuple
         self.rows = rows  # int64 [cap]: each packed row's index in the caller's batch
         self.count = count  # int64 [1]: valid rows; written by the previous stage's pack
         self.acc = acc  # float32 [cap, C]: running logit sum (final="average", stages >= 1)
+        # stages >= 1: int64 [cap + 1], rows then count, so a stage step reads both in one copy
+        self.head = head
+        # rows holds 0..cap-1 (positions, what GraphRunner.run_stage needs) until the previous
+        # stage packs into it again
+        self.positions = False
 
     def state(self, b: int):
         parts = [t[:b] for t in self.inputs]
@@ -374,6 +379,10 @@ class _Signature:
         self.exit_ids = torch.arange(K, device=dev).unsqueeze(1).repeat(1, cap)  # [K, cap]
         self.zero_threshold = torch.zeros((), dtype=torch.float32, device=dev)
         self.thresholds = torch.zeros(K - 1, dtype=torch.float32, device=dev)  # the call's snapshot
+        self.thresholds_of = None  # the snapshot last copied into it (calls with the same skip the copy)
+        # GraphRunner.run_stage's leavers' positions, host (pinned on CUDA) to device
+        self.leave_host: Optional[torch.Tensor] = None
+        self.leave_index = torch.zeros(cap, dtype=torch.int64, device=dev)
         self.stages: List[Optional[_StageBuffers]] = [None] * K
         self.stages[0] = _StageBuffers(
             [torch.zeros((cap, *p.shape[1:]), dtype=p.dtype, device=dev) for p in parts],
@@ -398,6 +407,14 @@ class _Signature:
             if st is not None:
                 out += [*st.inputs, st.rows, st.count] + ([st.acc] if st.acc is not None else [])
         return out
+
+
+def _use_thresholds(sig: _Signature, snap) -> None:
+    """Put the call's thresholds snapshot in the graphs' buffer (a device copy), unless it is there
+    already: snapshots never change, and the buffer is written nowhere else."""
+    if sig.thresholds_of is not snap:
+        sig.thresholds.copy_(snap.tensor(sig.device))
+        sig.thresholds_of = snap
 
 
 def _no_alloc_while_capturing(what: str) -> None:
@@ -585,8 +602,11 @@ class GraphRunner:
                     raise RuntimeError(f"CUDA graph warmup failed, the runtime will run eagerly: {e}") from e
 
     def static_buffers(self) -> List[torch.Tensor]:
-        """Every static buffer of every signature (for diagnostics and tests)."""
+        """Every static buffer of every signature (for diagnostics and tests). The caller may
+        write them, so the next call copies its thresholds into theirs again."""
         with self._lock:
+            for sig in self._sigs.values():
+                sig.thresholds_of = None
             return [t for sig in self._sigs.values() for t in sig.tensors()]
 
     @property
@@ -645,7 +665,7 @@ class GraphRunner:
             if len(self._sigs) >= self.max_signatures:
                 return None  # beyond the limit: run eagerly rather than hold more buffers
             sig = self._sigs[key] = _Signature(x, self.buckets[-1], self.spec.num_exits, capture)
-            sig.thresholds.copy_(self._snapshot().tensor(sig.device))  # for a warm-up run now
+            _use_thresholds(sig, self._snapshot())  # for a warm-up run now
             if self._pending_warmup is not None:
                 max_batch, self._pending_warmup = self._pending_warmup, None
                 self._warm(sig, max_batch)
@@ -670,13 +690,14 @@ class GraphRunner:
         return None
 
     def _run_stage(self, sig: _Signature, k: int, state, n: int, rows: torch.Tensor, carry, snap) -> StageResult:
-        sig.thresholds.copy_(snap.tensor(sig.device))
+        _use_thresholds(sig, snap)
         st = sig.stages[k]
         assert st is not None  # stage 0's exists with the signature; _signature_at checked the others
         for buf, p in zip(st.inputs, as_tuple(state)):
             buf[:n].copy_(p)
-        if k > 0:  # (stage 0's rows are the static arange itself)
-            st.rows[:n].copy_(sig.arange[:n])  # positions: the leavers' outputs land in rows 0..n-1
+        if k > 0 and not st.positions:  # (stage 0's rows are the static arange itself)
+            st.rows.copy_(sig.arange)  # positions: the leavers' outputs land in rows 0..n-1
+            st.positions = True
         st.count.fill_(n)
         if self.spec.average and k > 0:
             assert st.acc is not None  # made with the stage's buffers when final="average"
@@ -687,18 +708,19 @@ class GraphRunner:
             return StageResult(k, rows, sig.out_logits[:n].clone(), sig.out_conf[:n].clone(), rows[:0], None, ())
         nxt = sig.stages[k + 1]
         assert nxt is not None  # made by stage k's body
-        # The one host read: the survivors' count and their positions (ascending: the pack is stable).
-        head = torch.cat([nxt.count, nxt.rows[:n]]).cpu()
+        # The one host read: the survivors' positions (ascending: the pack is stable) and their
+        # count, adjacent in one buffer (one copy, no kernel to join them).
+        head = nxt.head.to("cpu", copy=True)
         self.host_syncs += 1
-        m = int(head[0])
-        survivors = head[1 : 1 + m]
+        m = int(head[sig.cap])
+        survivors = head[:m]
         leave = torch.ones(n, dtype=torch.bool)
         leave[survivors] = False
         left = leave.nonzero().squeeze(1)
-        at = left.to(sig.device)
+        at = self._to_device_index(sig, left)
         logits = sig.out_logits.index_select(0, at)
         confidence = sig.out_conf.index_select(0, at)
-        exit_rows = rows.index_select(0, left.to(rows.device))
+        exit_rows = rows.index_select(0, at if rows.device == at.device else left.to(rows.device))
         if m == 0:
             return StageResult(k, exit_rows, logits, confidence, rows[:0], None, ())
         packed = nxt.state(m)
@@ -707,6 +729,22 @@ class GraphRunner:
         return StageResult(
             k, exit_rows, logits, confidence, rows.index_select(0, survivors.to(rows.device)), new_state, out_carry
         )
+
+    @staticmethod
+    def _to_device_index(sig: _Signature, left: torch.Tensor) -> torch.Tensor:
+        """``left`` (int64, host) on the signature's device: on CUDA through a pinned buffer, an
+        asynchronous copy rather than a pageable one that blocks the host. The pinned buffer is
+        rewritten only by a later step after its own host read, which waits for this copy (the
+        later call's stream waits for this call's work, see _on_buffers)."""
+        if sig.device.type != "cuda":
+            return left.to(sig.device)
+        if sig.leave_host is None:
+            sig.leave_host = torch.zeros(sig.cap, dtype=torch.int64).pin_memory()
+        L = int(left.shape[0])
+        sig.leave_host[:L].copy_(left)
+        at = sig.leave_index[:L]
+        at.copy_(sig.leave_host[:L], non_blocking=True)
+        return at
 
     def _drop_signatures(self) -> None:
         if any(sig.device.type == "cuda" for sig in self._sigs.values()):
@@ -731,8 +769,9 @@ class GraphRunner:
 
     def _run(self, sig: _Signature, x, B: int, snap):
         # The graphs read the thresholds from this buffer: filled once per call (a device-side
-        # copy), so every stage of the call decides against the same snapshot.
-        sig.thresholds.copy_(snap.tensor(sig.device))
+        # copy, skipped when the call's snapshot is the one already there), so every stage of the
+        # call decides against the same snapshot.
+        _use_thresholds(sig, snap)
         parts = as_tuple(x)
         K = self.spec.num_exits
         counts = [0] * K
@@ -772,6 +811,8 @@ class GraphRunner:
         graph = sig.graphs.get((k, b))
         if graph is None:
             graph = self._capture(sig, k, b)
+        if k + 1 < len(sig.stages) and sig.stages[k + 1] is not None:
+            sig.stages[k + 1].positions = False  # the replay packs stage k's survivors there
         graph.replay()
 
     def _prepare(self, sig: _Signature, k: int, b: int) -> None:
@@ -849,6 +890,7 @@ class GraphRunner:
         keep = valid & ~exited
         self._scatter(sig, exited, rows, [logits, score, sig.exit_ids[k, :b]])
         nxt = self._ensure_stage(sig, k + 1, state, b, C)
+        nxt.positions = False  # this body packs into its rows
         carried = [*as_tuple(state), rows] + ([acc] if acc is not None else [])
         outs = [*nxt.inputs, nxt.rows] + ([nxt.acc] if acc is not None else [])
         self._pack(sig, keep, carried, outs, nxt.count)
@@ -869,12 +911,14 @@ class GraphRunner:
         if st is None:
             _no_alloc_while_capturing(f"stage {k}'s input buffer")
             dev, cap = sig.device, sig.cap
+            head = torch.zeros(cap + 1, dtype=torch.int64, device=dev)  # rows, then the count
             st = sig.stages[k] = _StageBuffers(
                 [torch.zeros((cap, *p.shape[1:]), dtype=p.dtype, device=dev) for p in parts],
                 is_tuple,
-                torch.zeros(cap, dtype=torch.int64, device=dev),
-                torch.zeros(1, dtype=torch.int64, device=dev),
+                head[:cap],
+                head[cap:],
                 torch.zeros((cap, C), dtype=torch.float32, device=dev) if self.spec.average else None,
+                head,
             )
         elif not st.matches(parts, is_tuple):
             raise _GraphsUnusable(

@@ -960,10 +960,8 @@ class StageScheduler:
         t1 = time.perf_counter()
         exit_ids = res.exit_rows.tolist()
         if exit_ids:
-            logits, confidence = res.logits, res.confidence
-            if logits.is_cuda:  # a copy: the graph executor reuses its output buffers
-                logits, confidence = logits.clone(), confidence.clone()
-            self._deliver(k, exit_ids, logits, confidence)
+            # (tensors of their own: the graph executor's step copies them out of its buffers)
+            self._deliver(k, exit_ids, res.logits, res.confidence)
         survivors = int(res.rows.shape[0])
         self._learn(k, n, survivors)
         if survivors and k + 1 < self.num_stages:
