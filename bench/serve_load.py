@@ -739,6 +739,14 @@ def run_model(name, spec, args) -> dict:
             for b in range(1, args.max_batch + 1):
                 plain_forward(model, pool_x[:b])
                 rt.infer(pool_x[:b])
+                # and the scheduler's stage steps (rt.run_stage) on the same graphs: their first
+                # call at each stage sets up buffers of its own
+                state, rows, carry = pool_x[:b], torch.arange(b), None
+                for k in range(rt.num_exits):
+                    step = rt.run_stage(k, state, rows, carry)
+                    if step.state is None:
+                        break
+                    state, rows, carry = step.state, step.rows, step.carry
         torch.cuda.synchronize()
     pool = [pool_x[i : i + 1].clone() for i in range(pool_x.shape[0])]
     # What a server does once it has loaded its model (eeruntime serve does): move every object

@@ -380,8 +380,9 @@ class _Signature:
         self.zero_threshold = torch.zeros((), dtype=torch.float32, device=dev)
         self.thresholds = torch.zeros(K - 1, dtype=torch.float32, device=dev)  # the call's snapshot
         self.thresholds_of = None  # the snapshot last copied into it (calls with the same skip the copy)
-        # GraphRunner.run_stage's leavers' positions, host (pinned on CUDA) to device
-        self.leave_host: Optional[torch.Tensor] = None
+        # GraphRunner.run_stage's leavers' positions, host (pinned on CUDA: made here, since
+        # pinning host memory takes milliseconds) to device
+        self.leave_host = torch.zeros(cap, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.leave_index = torch.zeros(cap, dtype=torch.int64, device=dev)
         self.stages: List[Optional[_StageBuffers]] = [None] * K
         self.stages[0] = _StageBuffers(
@@ -738,8 +739,6 @@ class GraphRunner:
         later call's stream waits for this call's work, see _on_buffers)."""
         if sig.device.type != "cuda":
             return left.to(sig.device)
-        if sig.leave_host is None:
-            sig.leave_host = torch.zeros(sig.cap, dtype=torch.int64).pin_memory()
         L = int(left.shape[0])
         sig.leave_host[:L].copy_(left)
         at = sig.leave_index[:L]
