@@ -442,13 +442,19 @@ def test_full_batch_steps_run_every_row_through_the_stages_rt_infer_does_in_full
     assert all(f >= i for f, i in zip(rb["mean_batch_full"][1:], rb["mean_batch_infer"][1:]))
 
 
+_BLOB = bytes(16 << 10)
+
+
 def _burn(us: float) -> None:
-    """Spend ``us`` microseconds of this thread's CPU time."""
+    """Spend ``us`` microseconds of this thread's CPU time, mostly hashing, which releases the GIL:
+    a thread spinning in Python would cost the other thread CPU through the GIL (bench/gil_cost.py)
+    and blur what each thread spends."""
+    import hashlib
     import time
 
     end = time.thread_time() + us * 1e-6
     while time.thread_time() < end:
-        pass
+        hashlib.sha256(_BLOB).digest()
 
 
 class _BurningSystem:
