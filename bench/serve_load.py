@@ -713,7 +713,8 @@ MODELS = {
         fractions=[0.5, 0.2, 0.15, 0.15],
     ),
     # the same net at ImageNet's 224x224 (GPU only: seconds per request on a CPU): a GPU's work
-    # per batch outweighs the host's per request, the regime where E3 measured its gains
+    # per batch outweighs the host's per request (though its cost grows nearly in proportion to
+    # the batch here, so fuller deep batches save little: docs/serving.md, "Session 12")
     "resnet18-224": dict(
         build=lambda: resnet_style(num_classes=10, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
         shape=(3, 224, 224),
@@ -739,8 +740,8 @@ def run_model(name, spec, args) -> dict:
             for b in range(1, args.max_batch + 1):
                 plain_forward(model, pool_x[:b])
                 rt.infer(pool_x[:b])
-                # and the scheduler's stage steps (rt.run_stage) on the same graphs: their first
-                # call at each stage sets up buffers of its own
+                # and the scheduler's stage steps (rt.run_stage) on the same graphs, so that no
+                # system meets a first call of some size under traffic
                 state, rows, carry = pool_x[:b], torch.arange(b), None
                 for k in range(rt.num_exits):
                     step = rt.run_stage(k, state, rows, carry)

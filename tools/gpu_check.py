@@ -59,10 +59,11 @@ BENCH_GRAPHS = [
     for case in ("1-exits", "64-exits", "256-exits", "256-none")
 ]
 # The serving bench, cut to fit its box (about 45 s a model on a 2-core CPU, whose rates are lower;
-# 59 s for both models on an H100 in session 12): a small model whose GPU work per batch is less than
-# the host's per request, and ResNet-18 at 224x224, where the GPU's work dominates;
+# on an H100, 49 s for the two 32x32 models with one run per probe, about 60 s for ResNet-18 at
+# 224x224 alone with three): a small model whose GPU work per batch is less than the host's per
+# request, and ResNet-18 at 224x224, where the GPU's work dominates;
 # (b) ee-req against (c) stage (the scheduler's defaults: no deferral on a GPU) and stage-defer
-# (max_defer_ms 20, off on a GPU until this measures it); saturated throughput, the light-load
+# (max_defer_ms 20, which lost on the H100 in session 12); saturated throughput, the light-load
 # side by side, three rates, 0.9x ee-req's saturated rate twice (the p99 target near (b)'s
 # saturation) and a coarse search of the highest rate within the SLO per system, judged by the
 # median of three runs per probe (one run per probe put ResNet-18 at 224x224 at 1.51x ee-req's

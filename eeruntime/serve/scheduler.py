@@ -71,8 +71,10 @@ SURVIVAL_DECAY = 0.9
 # max_defer_ms=None: on a CPU, 20 ms (measured on the 2-core VM's ResNet-style model: 5 and 10 ms
 # bought nothing, as a stage-3 batch needs about seven stage-0 batches of 3-4 ms to fill; 20 ms
 # gave 1.08-1.27x (b)'s saturated throughput; docs/serving.md, "Session 8" and "Session 9"). Off
-# elsewhere: on a GPU the one pass is a whole-model CUDA graph, and whether re-batched steps beat
-# it under a backlog is not measured yet.
+# elsewhere: on a GPU the one pass replays the runtime's CUDA graphs, and re-batched steps lost to it
+# (an H100, session 12: max_defer_ms=20 at 0.42x and 0.85x request batching's saturated throughput,
+# the worker spending more host time per request on the steps than fuller batches saved; docs/serving.md,
+# "Session 12: on an NVIDIA H100").
 DEFAULT_MAX_DEFER_MS_CPU = 20.0
 
 
@@ -230,8 +232,8 @@ class StageScheduler:
             calls per request, so more requests per second once arrivals outpace the worker).
             When stage 0 keeps up, nothing changes: the deepest ready stage runs first, and a
             stage-0 batch in one pass. 0: never; None (the
-            default): ``DEFAULT_MAX_DEFER_MS_CPU`` (20) for a model on the CPU, 0 elsewhere (not
-            measured on a GPU yet). ``policy="fill"`` bounds passed-over rows by ``max_wait_ms``
+            default): ``DEFAULT_MAX_DEFER_MS_CPU`` (20) for a model on the CPU, 0 elsewhere (on an
+            H100 it lost to the one pass: docs/serving.md, "Session 12"). ``policy="fill"`` bounds passed-over rows by ``max_wait_ms``
             instead and takes no ``max_defer_ms``. See docs/serving.md, "Policy" (and "Session 8",
             "Session 9" for what it measured).
         max_queue_rows: rows admitted and not yet answered, at most; beyond it ``submit`` raises
