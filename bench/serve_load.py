@@ -67,6 +67,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import threading
@@ -93,16 +94,20 @@ from eeruntime.zoo import digits_cnn, resnet_style  # noqa: E402
 
 
 class RequestBatcher:
-    """Request-level dynamic batching, the usual serving baseline: one worker takes every request
-    waiting (up to ``max_batch``), stacks them, runs ``fn`` on the batch, splits the answers."""
+    """Request-level dynamic batching, the usual serving baseline: a worker takes every request
+    waiting (up to ``max_batch``), stacks them, runs ``fn`` on the batch, splits the answers.
+    With ``workers`` > 1, as many threads do so at once from the one queue (a server's worker
+    pool: TorchServe's workers, several ``@serve.batch`` replicas)."""
 
-    def __init__(self, fn, max_batch: int):
+    def __init__(self, fn, max_batch: int, workers: int = 1):
         self.fn, self.max_batch = fn, max_batch
         self._cv = threading.Condition()
         self._queue = []
         self._stop = False
-        self._worker = threading.Thread(target=self._run, daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+        self._worker = self._workers[0]
+        for w in self._workers:
+            w.start()
 
     def submit_nowait(self, x):
         f = concurrent.futures.Future()
@@ -114,8 +119,9 @@ class RequestBatcher:
     def close(self):
         with self._cv:
             self._stop = True
-            self._cv.notify()
-        self._worker.join()
+            self._cv.notify_all()
+        for w in self._workers:
+            w.join()
 
     def _run(self):
         while True:
@@ -147,12 +153,12 @@ class Direct:
         pass
 
 
-def plain_system(model, max_batch):
-    return RequestBatcher(lambda x: plain_forward(model, x), max_batch)
+def plain_system(model, max_batch, workers=1):
+    return RequestBatcher(lambda x: plain_forward(model, x), max_batch, workers)
 
 
-def ee_request_system(rt, max_batch):
-    return RequestBatcher(lambda x: rt.infer(x).logits, max_batch)
+def ee_request_system(rt, max_batch, workers=1):
+    return RequestBatcher(lambda x: rt.infer(x).logits, max_batch, workers)
 
 
 def _to_host(f) -> None:
@@ -395,16 +401,27 @@ SYSTEMS = (
 )
 
 
-def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0):
+def system_workers(name: str, workers: int = 1):
+    """``name`` without its ``-xN`` suffix, and its worker threads: N, else ``workers``."""
+    base, _, rest = name.partition("@")
+    m = re.fullmatch(r"(.+)-x([1-9][0-9]*)", base)
+    if m is None:
+        return name, workers
+    return m.group(1) + (f"@{rest}" if rest else ""), int(m.group(2))
+
+
+def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=1):
+    # e.g. ee-req-x2: that system with 2 worker threads (else ``workers``: --workers)
+    name, workers = system_workers(name, workers)
     if "@" in name:  # e.g. stage-fill@4: that system with max_wait_ms 4 (stage-defer@4: max_defer_ms 4)
         name, ms = name.split("@")[0], float(name.split("@")[1])
         wait_ms, defer_ms = (wait_ms, ms) if name == "stage-defer" else (ms, defer_ms)
     if name == "direct":
         return Direct(lambda x: rt.infer(x))
     if name == "plain":
-        return plain_system(model, max_batch)
+        return plain_system(model, max_batch, workers)
     if name == "ee-req":
-        return ee_request_system(rt, max_batch)
+        return ee_request_system(rt, max_batch, workers)
     # "stage": every request through the worker thread; "stage-inline": a request that finds the
     # scheduler idle runs in the generator's thread (StageScheduler(inline="always"))
     # "stage-wait": a stage with fewer than max_batch rows waits up to wait_ms for more (a request
@@ -423,6 +440,7 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0):
         max_wait_ms=wait_ms if name in ("stage-wait", "stage-fill") else 0.0,
         policy="fill" if name == "stage-fill" else "deepest",
         max_defer_ms=defer_ms if name == "stage-defer" else 0.0 if name == "stage-nodefer" else None,
+        workers=workers,
     )
 
 
@@ -461,14 +479,20 @@ def light_load_side_by_side(rt, pool, max_batch, rounds):
 
 
 def _worker_clock(system):
-    """A clock of the system's worker thread's CPU time (Linux), or None."""
-    worker = getattr(system, "_worker", None)
-    if worker is None or worker.ident is None or not hasattr(time, "pthread_getcpuclockid"):
+    """A clock of the CPU time of the system's worker threads (Linux; their sum where there are
+    several), or None. Read it with :func:`_read_clock`."""
+    workers = getattr(system, "_workers", None) or [getattr(system, "_worker", None)]
+    if any(w is None or w.ident is None for w in workers) or not hasattr(time, "pthread_getcpuclockid"):
         return None
     try:
-        return time.pthread_getcpuclockid(worker.ident)
+        return [time.pthread_getcpuclockid(w.ident) for w in workers]
     except OSError:
         return None
+
+
+def _read_clock(clock) -> float:
+    """Seconds on a :func:`_worker_clock` (NaN without one)."""
+    return math.nan if clock is None else sum(time.clock_gettime(c) for c in clock)
 
 
 def saturated_capacity(systems, make, pool, n, repeats):
@@ -496,14 +520,14 @@ def saturated_capacity(systems, make, pool, n, repeats):
                     done.set()
 
             clock = _worker_clock(system)
-            w0 = time.clock_gettime(clock) if clock is not None else math.nan
+            w0 = _read_clock(clock)
             t0, c0 = time.perf_counter(), time.thread_time()
             for i in range(n):
                 system.submit_nowait(pool[i % len(pool)]).add_done_callback(cb)
             c1 = time.thread_time()
             done.wait()
             out[name].append(n / (time.perf_counter() - t0))
-            w1 = time.clock_gettime(clock) if clock is not None else math.nan
+            w1 = _read_clock(clock)
             cpu[name].append(((c1 - c0) / n * 1e6, (w1 - w0) / n * 1e6))
             system.close()
     res = {}
@@ -791,7 +815,7 @@ def run_model(name, spec, args) -> dict:
     systems = [s for s in args.systems if s != "direct"]
     sat = saturated_capacity(
         systems,
-        lambda s: make_system(s, model, rt, args.max_batch, args.wait_ms, args.defer_ms),
+        lambda s: make_system(s, model, rt, args.max_batch, args.wait_ms, args.defer_ms, args.workers),
         pool,
         args.capacity_requests,
         args.capacity_repeats,
@@ -812,7 +836,7 @@ def run_model(name, spec, args) -> dict:
 
     def run_once(system_name, rate, n, seed):
         """One open-loop run of a fresh ``system_name`` at ``rate`` (the grid's and the search's)."""
-        system = make_system(system_name, model, rt, args.max_batch, args.wait_ms, args.defer_ms)
+        system = make_system(system_name, model, rt, args.max_batch, args.wait_ms, args.defer_ms, args.workers)
         for x in pool[:20]:  # warm the worker
             system.submit_nowait(x).result()
         r = open_loop(system, pool, rate, n, 1.5 * n / rate, args.drain_s, seed=seed)
@@ -1246,6 +1270,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the serving worker, the load generator and other jobs)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker threads of every system but direct (a name's -xN suffix overrides: ee-req-x1)",
+    )
+    p.add_argument(
         "--switch-interval-ms",
         type=float,
         default=0.1,
@@ -1304,8 +1334,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.near_fractions = [float(f) for f in args.near_fractions.split(",") if f]
     if args.near_repeats < 0 or not all(f > 0 for f in args.near_fractions):
         p.error("--near-repeats must be >= 0 and --near-fractions positive")
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     args.systems = [x for x in args.systems.split(",") if x]
-    unknown = {x.split("@")[0] for x in args.systems} - set(SYSTEMS)
+    unknown = {system_workers(x)[0].split("@")[0] for x in args.systems} - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; accepted: {', '.join(SYSTEMS)}")
     unknown = {m for m in args.models.split(",")} - set(MODELS)
@@ -1351,6 +1383,7 @@ def write_results(stem: Path, args, info: dict, date: str, results: list, load_b
             else f"Measured on a {os.cpu_count()}-core CPU "
         )
         + f"(GIL switch interval {args.switch_interval_ms} ms for every system; "
+        + f"{args.workers} worker thread{'s' if args.workers > 1 else ''} per system unless its name says -xN; "
         + f"load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; per model below); "
         "the systems run back to back at each rate.",
     }

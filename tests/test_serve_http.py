@@ -332,14 +332,20 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
     before = sys.getswitchinterval()  # (the server sets it after building the app: restored anyway)
     base = [str(tmp_path / "bundle"), "--model", "eeruntime.zoo:digits_cnn", "--port", "0"]
     try:
-        for extra in (["--policy", "fill", "--max-wait-ms", "3"], ["--max-wait-ms", "2", "--max-defer-ms", "4"]):
+        for extra in (
+            ["--policy", "fill", "--max-wait-ms", "3"],
+            ["--max-wait-ms", "2", "--max-defer-ms", "4", "--scheduler-workers", "2"],
+        ):
             with pytest.raises(RuntimeError, match="stop here"):
                 cli.main(base + extra)
     finally:
         sys.setswitchinterval(before)
         for s in made:
             s.close()
-    assert [(s.policy, s.max_wait_s, s.max_defer_s) for s in made] == [("fill", 0.003, 0.0), ("deepest", 0.002, 0.004)]
+    assert [(s.policy, s.max_wait_s, s.max_defer_s, s.workers) for s in made] == [
+        ("fill", 0.003, 0.0, 1),
+        ("deepest", 0.002, 0.004, 2),
+    ]
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
@@ -358,6 +364,7 @@ def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, va
         (["--policy", "fill", "--max-defer-ms", "5"], "--max-defer-ms applies to --policy deepest"),
         (["--max-defer-ms", "-1"], "--max-defer-ms must be >= 0, got -1.0"),
         (["--max-wait-ms", "-2"], "--max-wait-ms must be >= 0, got -2.0"),
+        (["--scheduler-workers", "0"], "--scheduler-workers must be >= 1 (the scheduler's worker threads), got 0"),
     ],
 )
 def test_cli_refuses_scheduler_options_the_scheduler_would_refuse(tmp_path, capsys, options, message):

@@ -414,6 +414,38 @@ def test_system_names_set_the_scheduler_knobs():
             sched.close()
 
 
+def test_a_names_xn_suffix_sets_its_worker_threads_and_answers_stay_those_of_rt_infer():
+    """ "ee-req-x2": request batching with two worker threads on one queue; "stage-x2": the
+    scheduler with workers=2; no suffix: --workers. Every answer is still rt.infer's for its row."""
+    import concurrent.futures
+
+    import eeruntime as ee
+    from eeruntime.zoo import digits_cnn
+
+    assert serve_load.system_workers("ee-req-x2") == ("ee-req", 2)
+    assert serve_load.system_workers("stage-defer-x3@7") == ("stage-defer@7", 3)
+    assert serve_load.system_workers("stage-nodefer", 4) == ("stage-nodefer", 4)
+    assert serve_load.system_workers("stage-x1", 2) == ("stage", 1)
+    model = digits_cnn().eval()
+    rt = ee.EERuntime(model, thresholds=[2.2, 2.25], criterion="entropy")
+    x = torch.randn(96, 1, 8, 8)
+    want = rt.infer(x).logits
+    for name, workers in (("ee-req-x2", 2), ("stage-x2", 2), ("plain", 3), ("stage", 3)):
+        system = serve_load.make_system(name, model, rt, 8, workers=3)
+        try:
+            assert len(system._workers) == workers and len({w.ident for w in system._workers}) == workers
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:  # submitters racing the workers
+                futures = list(pool.map(lambda i: system.submit_nowait(x[i : i + 1]), range(x.shape[0])))
+            got = torch.cat(
+                [f.result(30) if name == "plain" or name.startswith("ee-req") else f.result(30).logits for f in futures]
+            )
+            if name != "plain":
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        finally:
+            system.close()
+        assert not any(w.is_alive() for w in system._workers)
+
+
 def test_full_batch_steps_run_every_row_through_the_stages_rt_infer_does_in_full_batches():
     """The re-batching bound's step walk: every stage sees exactly the rows rt.infer runs there
     (counted from its exit indices), in batches of max_batch but for the remainder at the end."""
@@ -461,14 +493,16 @@ class _BurningSystem:
     """A serving system whose submit costs ``submit_us`` of the caller's CPU and whose worker
     thread spends ``worker_us`` of its own on each request."""
 
-    def __init__(self, submit_us: float, worker_us: float):
+    def __init__(self, submit_us: float, worker_us: float, workers: int = 1):
         import queue
         import threading
 
         self.submit_us, self.worker_us = submit_us, worker_us
         self._q: queue.Queue = queue.Queue()
-        self._worker = threading.Thread(target=self._run, daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+        self._worker = self._workers[0]
+        for w in self._workers:
+            w.start()
 
     def _run(self):
         while True:
@@ -487,8 +521,10 @@ class _BurningSystem:
         return f
 
     def close(self):
-        self._q.put(None)
-        self._worker.join()
+        for _ in self._workers:
+            self._q.put(None)
+        for w in self._workers:
+            w.join()
 
 
 @pytest.mark.skipif(not hasattr(__import__("time"), "pthread_getcpuclockid"), reason="needs per-thread CPU clocks")
@@ -496,11 +532,11 @@ def test_saturated_capacity_reports_each_threads_host_cpu_per_request():
     """The saturated run's host CPU per request, per thread, against systems that spend known CPU
     time in the submitting thread and in their worker (a few us of queue and future overhead on
     top, never less)."""
-    costs = {"ee-req": (50.0, 300.0), "stage": (250.0, 100.0)}
+    costs = {"ee-req": (50.0, 300.0, 1), "stage": (250.0, 100.0, 1), "stage-x2": (50.0, 200.0, 2)}
     res = serve_load.saturated_capacity(
         list(costs), lambda name: _BurningSystem(*costs[name]), [torch.zeros(1, 3)] * 4, n=60, repeats=2
     )
-    for name, (sub, work) in costs.items():
+    for name, (sub, work, _) in costs.items():  # (the worker CPU of every worker thread, summed)
         assert sub <= res[name]["submit_us"] < sub + 100, (name, res[name])
         assert work <= res[name]["worker_us"] < work + 100, (name, res[name])
     assert res["ee-req"]["ratio_to_ee_req"] == 1.0

@@ -97,7 +97,10 @@ CUDA_PARAM = pytest.param(
 )
 @pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 @pytest.mark.parametrize("criterion,final", [("entropy", "last"), ("max_prob", "average"), ("margin", "last")])
-def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterion, final, device, fused, defer):
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
+def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(
+    criterion, final, device, fused, defer, workers
+):
     model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1).to(device)
     x = torch.randn(600, 6).to(device)
     thresholds = thresholds_for(model, x, [0.35, 0.3], criterion)
@@ -108,8 +111,11 @@ def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(criterio
     rt.reset_stats()
     # fused=False: every batch step by step (rt.run_stage); fused: a stage-0 batch that nothing
     # could join later runs through every stage in one pass (rt.infer's path); defer: under a
-    # backlog partial batches wait for full ones (up to 5 ms)
-    with ee.serve.StageScheduler(rt, max_batch=16, fused=fused, max_defer_ms=defer) as sched:  # the public name
+    # backlog partial batches wait for full ones (up to 5 ms); 2 workers run batches at once,
+    # from the same queues (a request of several rows may then leave in both)
+    with ee.serve.StageScheduler(
+        rt, max_batch=16, fused=fused, max_defer_ms=defer, workers=workers
+    ) as sched:  # the public name
         results = submit_concurrently(sched, x, seed=hash(criterion) % 1000)
         for a, b, f in results:
             got = f.result(WAIT)
@@ -244,14 +250,18 @@ def test_cancellation_frees_rows_blocking_and_async(fused):
         assert drained(sched)
 
 
-def test_stage_failure_fails_only_the_requests_in_that_batch():
+WORKERS = pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
+
+
+@WORKERS
+def test_stage_failure_fails_only_the_requests_in_that_batch(workers):
     model, hook = scripted_model(3)
     rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
     poison = {13, 27}
     hook.fail_if = lambda k, ids: k == 1 and bool(poison & set(ids))
     rng = random.Random(0)
     reqs, futures, i = [], [], 0
-    with StageScheduler(rt, max_batch=4) as sched:
+    with StageScheduler(rt, max_batch=4, workers=workers) as sched:
         for _ in range(40):
             n = rng.randint(1, 3)
             ids = list(range(i, i + n))
@@ -395,7 +405,7 @@ def test_max_defer_ms_default_is_20_ms_for_a_model_on_the_cpu_and_off_for_policy
 def test_the_deferral_pick_reads_the_backlog_and_the_measured_share_that_goes_on():
     """``_pick`` with max_defer_ms, read on set queues (no worker running): a partial stage-2
     batch is passed over for a full stage-0 batch only while stage 0 is behind (it holds
-    max_batch rows, however long they waited) and the rows upstream times the shares that go on
+    max_batch rows for each worker, however long they waited) and the rows upstream times the shares that go on
     (measured, decayed) would fill it, and for at most max_defer_ms."""
     from eeruntime.serve.scheduler import _Chunk
 
@@ -425,11 +435,24 @@ def test_the_deferral_pick_reads_the_backlog_and_the_measured_share_that_goes_on
     sched._queues[2][0] = chunk(2, 0.15)  # passed over for more than max_defer_ms already
     assert sched._pick(now) == (2, None)
     sched._closing = True
+    # with two workers stage 0 is behind once it holds a full batch for each: 15 rows keep up
+    two = StageScheduler(rt, max_batch=8, max_defer_ms=100.0, workers=2)
+    two.close()
+    two._closing = False
+    two._queues[2].append(chunk(2, 0.01))
+    two._queues[1].append(chunk(4, 0.01))
+    two._reached, two._went_on = [10.0, 10.0, 10.0], [10.0, 10.0, 0.0]
+    two._queues[0].extend(chunk(1, 10.0) for _ in range(15))
+    assert two._pick(now) == (2, None)
+    two._queues[0].append(chunk(1, 0.001))
+    assert two._pick(now) == (0, None)
+    two._closing = True
 
 
 @pytest.mark.parametrize("drain", [True, False])
-def test_shutdown_drains_or_fails_every_pending_request(drain):
-    sched, hook = gated(max_batch=2)
+@WORKERS
+def test_shutdown_drains_or_fails_every_pending_request(drain, workers):
+    sched, hook = gated(max_batch=2, workers=workers)
     futures = [sched.submit_nowait(scripted_rows([i], [i % 3])) for i in range(10)]
     assert hook.entered.wait(WAIT)
     threading.Timer(0.1, hook.gate.set).start()
@@ -445,7 +468,72 @@ def test_shutdown_drains_or_fails_every_pending_request(drain):
         sched.submit_nowait(scripted_rows([0], [0]))
 
 
-def test_threshold_swap_is_atomic_per_request():
+def test_two_workers_run_two_batches_at_once_one_worker_runs_them_in_turn():
+    for workers in (1, 2):
+        sched, hook = gated(max_batch=4, workers=workers)
+        hook.hold(0, trigger=0)  # only the batch holding row 0 waits at stage 0
+        try:
+            held = sched.submit_nowait(scripted_rows([0], [2]))
+            assert hook.entered.wait(WAIT)  # a worker is inside stage 0 with it
+            other = sched.submit_nowait(scripted_rows([1, 2], [0, 1]))
+            if workers == 2:
+                # the other worker answers it while the first is still held
+                check_answers([([1, 2], [0, 1])], [other])
+                assert not held.done()
+                assert hook.ran_in(1) != hook.ran_in(0)  # two threads ran them
+            else:
+                time.sleep(0.2)  # (the one worker is held: nothing can answer it)
+                assert not other.done()
+            hook.gate.set()
+            check_answers([([0], [2]), ([1, 2], [0, 1])], [held, other])
+            assert drained(sched)
+        finally:
+            hook.gate.set()
+            sched.close()
+
+
+def test_survivors_of_batches_run_by_different_workers_share_a_deeper_batch():
+    # 3 workers; one is held at stage 0 with a request (so the scheduler is busy: later requests
+    # wait up to max_wait, 500 ms, for full batches of 4 rows at every stage). Two 4-row requests
+    # then run at stage 0 in the other two workers at once (each waits inside until the other is
+    # in), and their survivors, 2 each, meet in one stage-1 batch.
+    sched, hook = gated(max_batch=4, max_wait_ms=500, workers=3)
+    hook.hold(0, trigger=1)
+    both_inside = threading.Barrier(2, timeout=WAIT)
+    stage0 = sched.rt.model.stages[0]
+    plain_hook = stage0.hook
+
+    def hook_with_barrier(k, ids):
+        if ids[0] >= 10:
+            both_inside.wait()
+        plain_hook(k, ids)
+
+    stage0.hook = hook_with_barrier
+    try:
+        blocker = sched.submit_nowait(scripted_rows([1], [2]))
+        assert hook.entered.wait(WAIT)
+        later = [sched.submit_nowait(scripted_rows([10 + 4 * i + j for j in range(4)], [0, 2, 0, 2])) for i in range(2)]
+        check_answers([([10 + 4 * i + j for j in range(4)], [0, 2, 0, 2]) for i in range(2)], later)
+        hook.gate.set()
+        check_answers([([1], [2])], [blocker])
+        assert drained(sched)
+        batches = [(k, sorted(ids), t) for (k, ids), t in zip(hook.batches, hook.threads) if ids[0] >= 10]
+        assert len({t for k, _, t in batches if k == 0}) == 2, batches  # two workers ran stage 0
+        assert [ids for k, ids, _ in batches if k == 1] == [[11, 13, 15, 17]], batches
+    finally:
+        hook.gate.set()
+        sched.close()
+
+
+def test_workers_must_be_a_positive_int():
+    model = mlp_model(K=2, d_in=6, width=8, C=3)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="workers must be a positive int"):
+            StageScheduler(ee.EERuntime(model), workers=bad)
+
+
+@WORKERS
+def test_threshold_swap_is_atomic_per_request(workers):
     model = mlp_model(K=3, d_in=6, width=16, C=5, seed=2)
     x = torch.randn(64, 6)
     old, new = thresholds_for(model, x, [0.2, 0.2], "entropy"), thresholds_for(model, x, [0.6, 0.3], "entropy")
@@ -461,7 +549,7 @@ def test_threshold_swap_is_atomic_per_request():
 
     model.stages[1].register_forward_pre_hook(hold)
     rt = ee.EERuntime(model, thresholds=old)
-    with StageScheduler(rt, max_batch=8) as sched:
+    with StageScheduler(rt, max_batch=8, workers=workers) as sched:
         before = [sched.submit_nowait(x[i : i + 4]) for i in range(0, 32, 4)]
         assert entered.wait(WAIT)  # some of them are past stage 0 with the old snapshot
         sched.set_thresholds(new)

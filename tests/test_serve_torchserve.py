@@ -195,6 +195,8 @@ def test_torchserve_archive_writes_a_model_dir(tmp_path):
         "2",
         "--max-defer-ms",
         "6",
+        "--scheduler-workers",
+        "2",
     ]
     assert cli_main(args) == 0
     manifest = json.loads((out / "eeruntime" / "MAR-INF" / "MANIFEST.json").read_text())
@@ -203,7 +205,7 @@ def test_torchserve_archive_writes_a_model_dir(tmp_path):
     assert cfg["eeruntime"]["model"] == FACTORY and cfg["eeruntime"]["input_shape"] == [1, 8, 8]
     assert cfg["asyncCommunication"] is True and cfg["batchSize"] == 1
     assert cfg["eeruntime"]["policy"] == "deepest" and cfg["eeruntime"]["max_wait_ms"] == 2
-    assert cfg["eeruntime"]["max_defer_ms"] == 6
+    assert cfg["eeruntime"]["max_defer_ms"] == 6 and cfg["eeruntime"]["scheduler_workers"] == 2
     # the copied bundle loads like the original
     x = torch.randn(4, 1, 8, 8)
     a, b = ee.load(tmp_path / "bundle", FACTORY).infer(x), ee.load(out / "eeruntime" / "bundle", FACTORY).infer(x)
@@ -250,7 +252,7 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     hook_box.append(hook)
     ee.EERuntime(model, thresholds=0.9, criterion="max_prob").save(tmp_path / "bundle", weights=True)
     # the scheduler's options come from the model config (the archive tool writes them)
-    options = {"max_batch": 32, "policy": "deepest", "max_wait_ms": 1.0, "max_defer_ms": 3.0}
+    options = {"max_batch": 32, "policy": "deepest", "max_wait_ms": 1.0, "max_defer_ms": 3.0, "scheduler_workers": 2}
     config = {"asyncCommunication": asynchronous, "eeruntime": {"model": lambda: model, **options}}
     ctx = FakeContext(tmp_path, config)
     handler = EarlyExitHandler()
@@ -263,7 +265,13 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     assert freeze.called and switch.called == asynchronous
     if asynchronous:
         sched = handler.sched
-        assert (sched.policy, sched.max_wait_s, sched.max_defer_s, sched.max_batch) == ("deepest", 1e-3, 3e-3, 32)
+        assert (sched.policy, sched.max_wait_s, sched.max_defer_s, sched.max_batch, sched.workers) == (
+            "deepest",
+            1e-3,
+            3e-3,
+            32,
+            2,
+        )
     return handler, ctx, hook
 
 

@@ -58,6 +58,8 @@ def scheduler_options_error(args: argparse.Namespace) -> Optional[str]:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {value}"
+    if args.scheduler_workers < 1:
+        return f"--scheduler-workers must be >= 1 (the scheduler's worker threads), got {args.scheduler_workers}"
     if args.policy == "fill" and args.max_defer_ms:
         return (
             "--max-defer-ms applies to --policy deepest; --policy fill already runs full batches first and "
@@ -84,6 +86,13 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
         help="policy 'deepest': how long a partial batch may be passed over for full ones once stage 0 holds a "
         "full batch (survivors then wait for the next stage-0 batches' and deeper batches fill); 0: never; "
         "default: 20 on a CPU, 0 on a GPU (docs/serving.md, 'Policy')",
+    )
+    p.add_argument(
+        "--scheduler-workers",
+        type=int,
+        default=1,
+        help="the scheduler's worker threads, which run batches at once from the same stage queues "
+        "(docs/serving.md, 'Several workers'); on a CPU, leave them cores (torch's intra-op threads)",
     )
     p.add_argument(
         "--max-queue-rows", type=int, default=4096, help="rows admitted and not answered, at most (then 503)"
@@ -167,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         max_defer_ms=args.max_defer_ms,
         max_queue_rows=args.max_queue_rows,
         timeout_s=args.timeout_s,
+        workers=args.scheduler_workers,
     )
     app = create_app(
         sched, admin_token=token, max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, input_spec=spec

@@ -1,6 +1,6 @@
-"""``StageScheduler``: one worker thread runs the runtime's stage step on rows gathered from every
-request waiting at a stage, so the survivors of many small requests share one batch (E3's "keep
-every block's batch full", done inside one process).
+"""``StageScheduler``: a worker thread (or several, ``workers``) runs the runtime's stage step on
+rows gathered from every request waiting at a stage, so the survivors of many small requests
+share one batch (E3's "keep every block's batch full", done inside one process).
 
 How a request travels (see docs/serving.md for the measurements behind the policy):
 
@@ -11,9 +11,10 @@ How a request travels (see docs/serving.md for the measurements behind the polic
   and finish requests first). A stage is ready when it holds ``max_batch`` rows or its oldest row
   has waited ``max_wait_ms`` (default 0: any waiting row is ready; waiting for fuller batches
   costs latency under tight SLOs on a CPU, whose cost per row barely falls with batch size).
-  Once stage 0 falls behind (it holds a full batch: arrivals outpace the worker), full batches
+  Once stage 0 falls behind (it holds a full batch per worker: arrivals outpace the workers), full batches
   go first, so survivors of successive stage-0 batches share the deeper batches (E3's gain at
-  saturation), each row passed over for at most ``max_defer_ms``.
+  saturation), each row passed over for at most ``max_defer_ms``. Several workers share the
+  queues: each takes its batch under ``_qlock`` and runs it while the others take theirs.
 - It gathers chunks from that queue's head up to ``max_batch`` rows (splitting the last one) that
   share one thresholds snapshot and one input layout, concatenates them, and calls
   ``rt.run_stage``. Leavers' logits go to their requests; a request whose rows have all left
@@ -225,8 +226,8 @@ class StageScheduler:
             it runs anyway (0: never wait).
         max_defer_ms: ``"deepest"`` policy, under a backlog: how long a ready stage with fewer
             than ``max_batch`` rows may be passed over while some stage holds a full batch. It is
-            passed over only while stage 0 is behind (it holds ``max_batch`` rows: arrivals
-            outpace the worker) and the rows upstream are expected to fill its batch (by the
+            passed over only while stage 0 is behind (it holds ``max_batch`` rows for every
+            worker: arrivals outpace the workers) and the rows upstream are expected to fill its batch (by the
             measured shares of rows that go on); then full stage-0 batches run first, step by
             step, and their survivors fill the deeper stages' batches (E3's aim: fewer stage
             calls per request, so more requests per second once arrivals outpace the worker).
@@ -259,6 +260,12 @@ class StageScheduler:
             requests whose rows reached it. ``False``: always step by step (``rt.run_stage``),
             which also drops a request's rows between stages when it times out or is cancelled.
             See docs/serving.md, "One pass when nothing could join".
+        workers: worker threads that run batches (default 1). More than one runs batches of
+            different stages, or several stage-0 batches, at once: the model's work releases the
+            GIL, so on a CPU with free cores (``torch.set_num_threads`` small enough to leave
+            them free) the workers' compute overlaps while their Python bookkeeping takes turns.
+            Every worker follows the same policy on the same queues, so the survivors of every
+            worker's batches share the deeper batches. See docs/serving.md, "Several workers".
     """
 
     def __init__(
@@ -276,11 +283,14 @@ class StageScheduler:
         policy: str = "deepest",
         fused: bool = True,
         max_defer_ms: Optional[float] = None,
+        workers: int = 1,
     ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int (worker threads), got {workers!r}")
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
         if max_defer_ms is not None and not max_defer_ms >= 0:
@@ -325,18 +335,23 @@ class StageScheduler:
         self._reaper_cv = threading.Condition(lock)  # the timeout thread sleeps on it
         self._reaper: Optional[threading.Thread] = None
         self._inbox: Deque[_Chunk] = deque()  # stage-0 chunks from submitters, taken by the worker
-        self._queues: List[Deque[_Chunk]] = [deque() for _ in range(self.num_stages)]  # worker only
+        # the stage queues and the survival counts are the workers', under _qlock (which
+        # submitters never take; where both locks are held, _cv is taken first)
+        self._qlock = threading.Lock()
+        self._queues: List[Deque[_Chunk]] = [deque() for _ in range(self.num_stages)]
+        # a request's partial answers (its rows, split across batches, may leave in two workers at once)
+        self._dlock = threading.Lock()
         self._requests: Dict[int, _Request] = {}  # admitted, not answered (worker and submitters, under _cv)
         self._deadlines: list = []  # heap of (deadline, seq)
         self._dead: set = set()  # seqs answered early (timeout, cancel, failure) whose rows may still wait
         self._admitted_rows = 0
         self._seq = itertools.count(1)
-        self._sleeping = False
+        self._sleeping = 0  # workers asleep on _cv (no stage ready)
         self._inline = False  # a caller runs a request in its own thread (infer() at idle)
         self._clock = time.perf_counter  # of the inline="always" rule (a test may replace it)
         self._last_answer = -float("inf")  # when the last request was answered
         self._last_inline_s = 0.0  # how long an inline run takes (moving average)
-        self._after_inline = False  # the worker sleeps until that caller is done
+        self._after_inline = 0  # workers asleep until that caller is done
         self._closing = False
         self._drain = True
         self.stats = SchedulerStats(self.num_stages, latency_window)
@@ -345,8 +360,14 @@ class StageScheduler:
         # may be passed over (for at most max_defer_ms) as if its batch would fill
         self._reached = [float(max_batch)] * self.num_stages
         self._went_on = [float(max_batch)] * self.num_stages
-        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
-        self._worker.start()
+        self.workers = workers
+        self._workers = [
+            threading.Thread(target=self._run, name=name if i == 0 else f"{name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        self._worker = self._workers[0]  # (the timeout thread is named after it)
+        for w in self._workers:
+            w.start()
 
     # ------------------------------------------------------------------ submitting
     def submit_nowait(self, x: State, timeout_s: Optional[float] = None) -> concurrent.futures.Future:
@@ -517,7 +538,7 @@ class StageScheduler:
             # only a worker that waited for us: waking an idle one costs a thread switch (and the
             # GIL) for nothing, at every request
             if self._after_inline:
-                self._cv.notify()
+                self._cv.notify_all()
 
     def set_thresholds(self, thresholds: Any) -> None:
         """New thresholds for requests admitted from now on; requests already admitted finish with
@@ -539,11 +560,14 @@ class StageScheduler:
             self._cv.notify_all()
             self._room.notify_all()
             self._reaper_cv.notify_all()
-        self._worker.join(timeout_s)
+        end = None if timeout_s is None else time.perf_counter() + timeout_s
+        for w in self._workers:
+            w.join(None if end is None else max(0.0, end - time.perf_counter()))
         with self._cv:
             self._drain = False
             self._cv.notify_all()
-        self._worker.join()
+        for w in self._workers:
+            w.join()
         self._fail_all(SchedulerClosed("the scheduler was closed before this request was answered"))
         with self._cv:
             self._reaper_cv.notify_all()
@@ -581,6 +605,7 @@ class StageScheduler:
             max_wait_ms=self.max_wait_s * 1000,
             max_defer_ms=self.max_defer_s * 1000,
             policy=self.policy,
+            workers=self.workers,
             thresholds=self.thresholds,
         )
         return d
@@ -655,32 +680,33 @@ class StageScheduler:
         else:
             views = ((logits[i:j], confidence[i:j], exit_col[i:j]) for _, i, j in runs)
         done: List[_Request] = []
-        for (seq, i, j), (lg, cf, ex) in zip(runs, views):
-            req = self._requests.get(seq)
-            if req is None:  # answered meanwhile (timeout, cancel)
-                continue
-            m = j - i
-            if (
-                req.logits is None
-                and m == req.n
-                and exit_ids[i] & ROW_MASK == 0
-                and exit_ids[j - 1] & ROW_MASK == m - 1
-            ):
-                # every row of the request left here, in order: views of the batch's output
-                req.logits, req.confidence, req.exit_index = lg, cf, ex
-            else:
-                if req.logits is None:
-                    req.logits = logits.new_empty((req.n, logits.shape[1]))
-                    req.confidence = confidence.new_empty(req.n)
-                    req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
-                assert req.confidence is not None and req.exit_index is not None  # set with logits
-                local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64).to(logits.device)
-                req.logits.index_copy_(0, local, lg)
-                req.confidence.index_copy_(0, local, cf)
-                req.exit_index.index_copy_(0, local, ex)
-            req.remaining -= m
-            if req.remaining == 0:
-                done.append(req)
+        with self._dlock:  # (uncontended with one worker)
+            for (seq, i, j), (lg, cf, ex) in zip(runs, views):
+                req = self._requests.get(seq)
+                if req is None:  # answered meanwhile (timeout, cancel)
+                    continue
+                m = j - i
+                if (
+                    req.logits is None
+                    and m == req.n
+                    and exit_ids[i] & ROW_MASK == 0
+                    and exit_ids[j - 1] & ROW_MASK == m - 1
+                ):
+                    # every row of the request left here, in order: views of the batch's output
+                    req.logits, req.confidence, req.exit_index = lg, cf, ex
+                else:
+                    if req.logits is None:
+                        req.logits = logits.new_empty((req.n, logits.shape[1]))
+                        req.confidence = confidence.new_empty(req.n)
+                        req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
+                    assert req.confidence is not None and req.exit_index is not None  # set with logits
+                    local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64).to(logits.device)
+                    req.logits.index_copy_(0, local, lg)
+                    req.confidence.index_copy_(0, local, cf)
+                    req.exit_index.index_copy_(0, local, ex)
+                req.remaining -= m
+                if req.remaining == 0:
+                    done.append(req)
         if done:
             self._finish(done, now)
 
@@ -738,12 +764,15 @@ class StageScheduler:
             self._fail_all(SchedulerError(f"the scheduler's worker stopped: {type(e).__name__}: {e}"))
 
     def _step(self) -> bool:
-        """One turn of the worker: take new requests, expire, purge, run one batch or sleep.
+        """One turn of a worker: take new requests, expire, purge, run one batch or sleep.
         Returns False when the worker should stop."""
         now = time.perf_counter()
         with self._cv:
-            while self._inbox:
-                self._queues[0].append(self._inbox.popleft())
+            if self._inbox:
+                with self._qlock:
+                    q0 = self._queues[0]
+                    while self._inbox:
+                        q0.append(self._inbox.popleft())
             closing, drain = self._closing, self._drain
         if self._dead:
             self._purge()
@@ -755,24 +784,34 @@ class StageScheduler:
             with self._cv:
                 if self._inline and not (self._closing and not self._drain):
                     # not `_sleeping`: arrivals need not wake us, the caller will when it is done
-                    self._after_inline = True
+                    self._after_inline += 1
                     self._cv.wait()
-                    self._after_inline = False
+                    self._after_inline -= 1
             return True
-        k, wait = self._pick(now)
+        with self._qlock:
+            k, wait = self._pick(now)
+            if k is not None:
+                chunks = self._gather(k)
+                fuse = k == 0 and self.fused and self._fusable(chunks)
+                more = self.workers > 1 and any(self._queues)
+            elif closing and not any(self._queues):
+                return False  # (rows another worker still runs: that worker answers them)
         if k is None:
-            if closing and not any(self._queues):
-                return False
             with self._cv:
                 # re-checked under the lock: a submit, cancel or close since this turn began
-                # notified no one (the worker was not asleep yet)
+                # notified no one (this worker was not asleep yet)
                 if self._inbox or self._dead or self._closing:
                     return True
-                self._sleeping = True
+                self._sleeping += 1
                 self._cv.wait(wait)
-                self._sleeping = False
+                self._sleeping -= 1
             return True
-        self._run_batch(k)
+        if more and self._sleeping:
+            # rows are left for another worker: wake one (a worker that runs its batch
+            # otherwise finds them only after it)
+            with self._cv:
+                self._cv.notify()
+        self._run_batch(k, chunks, fuse)
         return True
 
     def _pick(self, now: float) -> Tuple[Optional[int], Optional[float]]:
@@ -850,11 +889,13 @@ class StageScheduler:
         return self._went_on[k] / self._reached[k] if self._reached[k] > 0 else 1.0
 
     def _learn(self, k: int, reached: int, went_on: int) -> None:
+        """Count a batch at stage ``k`` (under ``_qlock``: workers share the counts)."""
         self._reached[k] = self._reached[k] * SURVIVAL_DECAY + reached
         self._went_on[k] = self._went_on[k] * SURVIVAL_DECAY + went_on
 
     def _backlogged(self) -> bool:
-        """Is stage 0 behind: does it hold a full batch (``max_batch`` rows)? Only then are partial
+        """Is stage 0 behind: does it hold a full batch (``max_batch`` rows) for every worker (with
+        fewer, a worker that comes free takes them at once: no queue is forming)? Only then are partial
         stages passed over: arrivals outpace the worker, and running fewer, fuller deeper batches
         (fewer stage calls per request) raises how many requests it answers per second. A full
         batch, not a time: deferral then starts as a queue forms, while its throughput can still
@@ -863,7 +904,13 @@ class StageScheduler:
         11, p99 at (b)'s saturation rate was 3.9x (ResNet-style) and 4.9x (digits) higher;
         docs/serving.md, "Session 11"). When stage 0 keeps up, passing a stage over only adds
         latency (measured: docs/serving.md, "Policy")."""
-        return self._rows_up_to_batch(self._queues[0]) >= self.max_batch
+        need = self.max_batch * self.workers  # (a full batch for every worker)
+        rows = 0
+        for c in self._queues[0]:
+            rows += c.n
+            if rows >= need:
+                return True
+        return False
 
     def _fillable(self, k: int, need: float) -> bool:
         """Are the rows waiting upstream of stage ``k`` expected to bring it ``need`` more rows
@@ -884,11 +931,15 @@ class StageScheduler:
 
     def _purge(self) -> None:
         """Drop the rows of dead requests from every queue."""
-        with self._cv:
+        with self._cv, self._qlock:
             # the inbox too: a request may die between its admission and the worker's next turn
             while self._inbox:
                 self._queues[0].append(self._inbox.popleft())
             dead, self._dead = self._dead, set()
+            self._purge_queues(dead)
+
+    def _purge_queues(self, dead: set) -> None:
+        """Drop the rows of the requests ``dead`` from every queue (under ``_qlock``)."""
         dead_t = torch.tensor(sorted(dead), dtype=torch.int64)
         for q in self._queues:
             kept: Deque[_Chunk] = deque()
@@ -925,15 +976,15 @@ class StageScheduler:
             rows += c.n
         return taken
 
-    def _run_batch(self, k: int) -> None:
-        chunks = self._gather(k)
+    def _run_batch(self, k: int, chunks: List[_Chunk], fuse: bool) -> None:
+        """Run the gathered ``chunks`` at stage ``k`` (in one pass when ``fuse``: see _fusable)."""
         t0 = time.perf_counter()
         if len(chunks) == 1:
             state, carry = chunks[0].state, chunks[0].carry
         else:
             state = cat_rows([c.state for c in chunks])
             carry = None if k == 0 else cat_rows([c.carry for c in chunks]) if chunks[0].carry else ()
-        if k == 0 and state is not None and self._fusable(chunks):
+        if fuse and state is not None:
             # a pass answers its rows from Python ints (stage 0's ids are ranges): no id tensor,
             # whose making costs more than the rest of a lone request's bookkeeping (measured)
             if self._run_fused(state, [i for c in chunks for i in cast(range, c.ids)], chunks[0].snap, t0):
@@ -965,13 +1016,18 @@ class StageScheduler:
             # (tensors of their own: the graph executor's step copies them out of its buffers)
             self._deliver(k, exit_ids, res.logits, res.confidence)
         survivors = int(res.rows.shape[0])
-        self._learn(k, n, survivors)
         if survivors and k + 1 < self.num_stages:
             head = chunks[0]
             # an idle-admitted request's survivors stay urgent: nothing was there to join them
             urgent = any(c.urgent for c in chunks)
             ready_at = t1 if urgent else t1 + self.max_wait_s
-            self._queues[k + 1].append(_Chunk(res.rows, res.state, res.carry, head.snap, head.layout, ready_at, urgent))
+            chunk = _Chunk(res.rows, res.state, res.carry, head.snap, head.layout, ready_at, urgent)
+            with self._qlock:
+                self._learn(k, n, survivors)
+                self._queues[k + 1].append(chunk)
+        else:
+            with self._qlock:
+                self._learn(k, n, survivors)
         counts = [0] * self.num_stages
         counts[k] = len(exit_ids)
         self.rt.record_exits(counts, calls=0, example=state if k == 0 else None)
@@ -1006,10 +1062,11 @@ class StageScheduler:
             return False
         t1 = time.perf_counter()
         reached = len(ids)
-        for k, left in enumerate(counts):
-            if reached:
-                self._learn(k, reached, reached - left)
-            reached -= left
+        with self._qlock:
+            for k, left in enumerate(counts):
+                if reached:
+                    self._learn(k, reached, reached - left)
+                reached -= left
         self._deliver(0, ids, res.logits, res.confidence, res.exit_index)
         self.stats.record_fused(counts, t1 - t0, time.perf_counter() - t0)
         return True

@@ -57,6 +57,7 @@ def model_config(args: argparse.Namespace) -> Dict[str, Any]:
         "policy": args.policy,
         "max_queue_rows": args.max_queue_rows,
         "timeout_s": args.timeout_s,
+        "scheduler_workers": args.scheduler_workers,
         "max_rows": args.max_rows,
     }
     if args.max_defer_ms is not None:  # (absent: the scheduler's default for the model's device)

@@ -48,7 +48,17 @@ from .process import freeze_startup_objects, set_switch_interval
 log = logging.getLogger("eeruntime.serve.torchserve")
 
 CONFIG_SECTION = "eeruntime"  # the section of model-config.yaml this handler reads
-SCHEDULER_OPTIONS = ("max_batch", "max_wait_ms", "policy", "max_defer_ms", "max_queue_rows", "timeout_s")
+# model-config.yaml's keys for the scheduler's options (its `workers`, threads, is scheduler_workers:
+# TorchServe's own workers are processes)
+SCHEDULER_OPTIONS = {
+    "max_batch": "max_batch",
+    "max_wait_ms": "max_wait_ms",
+    "policy": "policy",
+    "max_defer_ms": "max_defer_ms",
+    "max_queue_rows": "max_queue_rows",
+    "timeout_s": "timeout_s",
+    "scheduler_workers": "workers",
+}
 
 Reply = Tuple[int, str, Any]  # (status, content type, body)
 
@@ -112,7 +122,7 @@ class EarlyExitHandler:
         self.spec = InputSpec([tuple(shape)] if shape else None, dtype=_model_dtype(self.rt.model))
         self.max_rows = int(opts.get("max_rows", 256))
         if config.get("asyncCommunication"):
-            self.sched = StageScheduler(self.rt, **{k: opts[k] for k in SCHEDULER_OPTIONS if k in opts})
+            self.sched = StageScheduler(self.rt, **{arg: opts[k] for k, arg in SCHEDULER_OPTIONS.items() if k in opts})
         freeze_startup_objects()  # this worker process is ours to set up (eeruntime/serve/process.py)
         if self.sched is not None:  # an event loop submits, the scheduler's worker steps: one GIL
             set_switch_interval()
