@@ -62,15 +62,16 @@ BENCH_GRAPHS = [
 # on an H100, 49 s for the two 32x32 models with one run per probe, about 60 s for ResNet-18 at
 # 224x224 alone with three): a small model whose GPU work per batch is less than the host's per
 # request, and ResNet-18 at 224x224, where the GPU's work dominates;
-# (b) ee-req against (c) stage (the scheduler's defaults: no deferral on a GPU) and stage-defer
-# (max_defer_ms 20, which lost on the H100 in session 12); saturated throughput, the light-load
+# (b) ee-req against (c) stage (the scheduler's defaults: no deferral on a GPU; max_defer_ms 20 lost
+# on the H100 in session 12), and both again with two worker threads (ee-req-x2, stage-x2: a second
+# worker's Python beside the first's GPU step, not yet measured on a GPU); saturated throughput, the light-load
 # side by side, three rates, 0.9x ee-req's saturated rate twice (the p99 target near (b)'s
 # saturation) and a coarse search of the highest rate within the SLO per system, judged by the
 # median of three runs per probe (one run per probe put ResNet-18 at 224x224 at 1.51x ee-req's
 # rate on the H100, three runs at 0.79x: docs/serving.md, "Session 12").
 SERVE_ARGS = [
     "--device", "cuda", "--models", "resnet,resnet18-224", "--max-batch", "64",
-    "--systems", "plain,ee-req,stage,stage-defer", "--rate-factors", "0.3,1.0,2.0",
+    "--systems", "plain,ee-req,stage,ee-req-x2,stage-x2", "--rate-factors", "0.3,1.0,2.0",
     "--seconds", "0.5", "--max-requests", "4000", "--drain-s", "5",
     "--capacity-requests", "3000", "--capacity-repeats", "2", "--sbs-rounds", "5",
     "--search-tol", "0.15", "--search-repeats", "3", "--search-min-requests", "500",
@@ -193,7 +194,8 @@ def plan(
         Step(
             "serve",
             165,
-            "serving load bench on CUDA: plain, ee-req, stage, stage-defer (ResNet-style, ResNet-18-style)",
+            "serving load bench on CUDA: plain, ee-req, stage, and the last two with two workers "
+            "(ResNet-style, ResNet-18-style)",
             [[py, "bench/serve_load.py", *SERVE_ARGS, "--out", out]],
         ),
     ]
