@@ -42,13 +42,20 @@ def _install() -> None:
             _hook = register_module_module_registration_hook(_bump)
 
 
+def _training(m: nn.Module) -> bool:
+    """A module's training flag; a frozen TorchScript module (``torch.jit.freeze``) has none, and
+    runs inference only."""
+    return getattr(m, "training", False)
+
+
 def eval_everywhere(model: nn.Module, modules: List[Tuple[str, nn.Module]], when: str) -> List[str]:
     """Switch every training module of ``modules`` to eval mode; warn naming them. Returns their names."""
-    training = [name or type(model).__name__ for name, m in modules if m.training]
+    training = [name or type(model).__name__ for name, m in modules if _training(m)]
     if not training:
         return []
     for _, m in modules:
-        m.training = False  # not m.eval(): that would recurse into each child again
+        if _training(m):
+            m.training = False  # not m.eval(): that would recurse into each child again
     shown = ", ".join(training[:8]) + (f" and {len(training) - 8} more" if len(training) > 8 else "")
     warnings.warn(
         f"{when}: put {len(training)} module(s) in eval mode ({shown}); the runtime runs inference only "
@@ -99,10 +106,10 @@ class ModelGuard:
         if self._generation != _generation:
             self._refresh()
         if stage is not None:
-            if any(m.training for m in self._modules_of(stage)):
+            if any(_training(m) for m in self._modules_of(stage)):
                 eval_everywhere(model, self._modules, "EERuntime call")
             return
         for _, m in self._modules:
-            if m.training:
+            if _training(m):
                 eval_everywhere(model, self._modules, "EERuntime call")
                 return

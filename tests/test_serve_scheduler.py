@@ -836,3 +836,40 @@ def test_set_switch_interval_sets_and_returns_the_previous_one():
     finally:
         sys.setswitchinterval(before)
     assert sys.getswitchinterval() == before
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # (torch 2.13 deprecates tracing; it works)
+@pytest.mark.parametrize("freeze", [False, True], ids=["traced", "traced-and-frozen"])
+def test_torchscript_stages_serve_like_their_eager_modules(freeze):
+    """Stages and exits traced by torch.jit (frozen or not: a frozen module has no training flag,
+    which the runtime's eval-mode check must not need) give rt.infer's and the scheduler's answers
+    of the eager model; docs/serving.md, "Several workers", says why one would."""
+    import copy
+
+    from eeruntime.zoo import resnet_style
+
+    torch.manual_seed(0)
+    model = resnet_style(num_classes=10, widths=(8, 16, 16, 32), blocks=(1, 1, 1, 1)).eval()
+    x = torch.randn(96, 3, 32, 32)
+    thresholds = thresholds_for(model, x, [0.3, 0.3, 0.2], "entropy")
+    traced = copy.deepcopy(model)
+    with torch.no_grad():
+        h = x[:8]
+        for k in range(len(traced.stages)):
+            out = traced.stages[k](h)
+            stage, head = torch.jit.trace(traced.stages[k], h), torch.jit.trace(traced.exits[k], out)
+            traced.stages[k], traced.exits[k] = (
+                (torch.jit.freeze(stage), torch.jit.freeze(head)) if freeze else (stage, head)
+            )
+            h = out
+    want = ee.EERuntime(model, thresholds=thresholds, criterion="entropy").infer(x)
+    assert len(set(want.exit_index.tolist())) == 4  # every exit serves some rows
+    rt = ee.EERuntime(traced, thresholds=thresholds, criterion="entropy")
+    got = rt.infer(x)
+    assert torch.equal(got.exit_index, want.exit_index)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    with StageScheduler(rt, max_batch=8, workers=2) as sched:
+        futures = [sched.submit_nowait(x[i : i + 3]) for i in range(0, x.shape[0], 3)]
+        answers = [f.result(WAIT) for f in futures]
+    assert torch.equal(torch.cat([a.exit_index for a in answers]), want.exit_index)
+    torch.testing.assert_close(torch.cat([a.logits for a in answers]), want.logits, rtol=1e-5, atol=1e-5)
