@@ -446,7 +446,18 @@ def test_the_deferral_pick_reads_the_backlog_and_the_measured_share_that_goes_on
     assert two._pick(now) == (2, None)
     two._queues[0].append(chunk(1, 0.001))
     assert two._pick(now) == (0, None)
-    two._closing = True
+    # and a full stage-0 batch runs step by step (its survivors may wait at stage 1 for the next
+    # batches') only if stage 0 was behind when it was taken: another full batch is left
+    two._queues[1].clear()
+    two._queues[2].clear()
+    assert not two._fusable(two._gather(0))  # 16 rows: 8 taken, a full batch left
+    assert two._fusable(two._gather(0))  # 8 rows: 8 taken, none left: one pass
+    one = StageScheduler(rt, max_batch=8, max_defer_ms=100.0)
+    one.close()
+    one._closing = False
+    one._queues[0].extend(chunk(1, 10.0) for _ in range(8))
+    assert not one._fusable(one._gather(0))  # one worker: a full batch means stage 0 was behind
+    one._closing = two._closing = True
 
 
 @pytest.mark.parametrize("drain", [True, False])
