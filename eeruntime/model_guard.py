@@ -42,20 +42,20 @@ def _install() -> None:
             _hook = register_module_module_registration_hook(_bump)
 
 
-def _training(m: nn.Module) -> bool:
-    """A module's training flag; a frozen TorchScript module (``torch.jit.freeze``) has none, and
-    runs inference only."""
-    return getattr(m, "training", False)
+def _has_mode(m: nn.Module) -> bool:
+    """Does ``m`` have a training flag? A frozen TorchScript module (``torch.jit.freeze``) has
+    none: it runs inference only. Asked once, when the guard lists the modules, so the check at
+    every call reads each listed flag directly."""
+    return hasattr(m, "training")
 
 
 def eval_everywhere(model: nn.Module, modules: List[Tuple[str, nn.Module]], when: str) -> List[str]:
     """Switch every training module of ``modules`` to eval mode; warn naming them. Returns their names."""
-    training = [name or type(model).__name__ for name, m in modules if _training(m)]
+    training = [name or type(model).__name__ for name, m in modules if m.training]
     if not training:
         return []
     for _, m in modules:
-        if _training(m):
-            m.training = False  # not m.eval(): that would recurse into each child again
+        m.training = False  # not m.eval(): that would recurse into each child again
     shown = ", ".join(training[:8]) + (f" and {len(training) - 8} more" if len(training) > 8 else "")
     warnings.warn(
         f"{when}: put {len(training)} module(s) in eval mode ({shown}); the runtime runs inference only "
@@ -79,7 +79,7 @@ class ModelGuard:
 
     def _refresh(self) -> None:
         self._generation = _generation
-        self._modules = list(self.model.named_modules())
+        self._modules = [(name, m) for name, m in self.model.named_modules() if _has_mode(m)]
         self._stage_modules: Dict[int, List[nn.Module]] = {}
 
     def _modules_of(self, k: int) -> List[nn.Module]:
@@ -87,7 +87,7 @@ class ModelGuard:
         mods = self._stage_modules.get(k)
         if mods is None:
             stages, exits = cast(Sequence[nn.Module], self.model.stages), cast(Sequence[nn.Module], self.model.exits)
-            mods = self._stage_modules[k] = [*stages[k].modules(), *exits[k].modules()]
+            mods = self._stage_modules[k] = [m for m in (*stages[k].modules(), *exits[k].modules()) if _has_mode(m)]
         return mods
 
     def check(self, stage: Optional[int] = None) -> None:
@@ -106,10 +106,10 @@ class ModelGuard:
         if self._generation != _generation:
             self._refresh()
         if stage is not None:
-            if any(_training(m) for m in self._modules_of(stage)):
+            if any(m.training for m in self._modules_of(stage)):
                 eval_everywhere(model, self._modules, "EERuntime call")
             return
         for _, m in self._modules:
-            if _training(m):
+            if m.training:
                 eval_everywhere(model, self._modules, "EERuntime call")
                 return
