@@ -941,7 +941,8 @@ class StageScheduler:
             while self._inbox:
                 self._queues[0].append(self._inbox.popleft())
             dead, self._dead = self._dead, set()
-            self._purge_queues(dead)
+            if dead:  # (another worker may have purged them since this one looked)
+                self._purge_queues(dead)
 
     def _purge_queues(self, dead: set) -> None:
         """Drop the rows of the requests ``dead`` from every queue (under ``_qlock``)."""
