@@ -770,9 +770,7 @@ class StageScheduler:
         with self._cv:
             if self._inbox:
                 with self._qlock:
-                    q0 = self._queues[0]
-                    while self._inbox:
-                        q0.append(self._inbox.popleft())
+                    self._take_inbox()
             closing, drain = self._closing, self._drain
         if self._dead:
             self._purge()
@@ -792,7 +790,7 @@ class StageScheduler:
             k, wait = self._pick(now)
             if k is not None:
                 chunks = self._gather(k)
-                fuse = k == 0 and self.fused and self._fusable(chunks)
+                fuse = k == 0 and self._fusable(chunks)
                 more = self.workers > 1 and any(self._queues)
             elif closing and not any(self._queues):
                 return False  # (rows another worker still runs: that worker answers them)
@@ -874,14 +872,14 @@ class StageScheduler:
         # counts are capped at max_batch, so this is also the deepest full stage when one is full
         return fullest
 
-    def _rows_up_to_batch(self, q: Deque[_Chunk]) -> int:
-        """Rows waiting in ``q``, counted up to ``max_batch`` (capped: every full queue counts the
-        same, and no more chunks are walked than a batch takes)."""
-        rows = 0
+    def _rows_up_to_batch(self, q: Deque[_Chunk], batches: int = 1) -> int:
+        """Rows waiting in ``q``, counted up to ``batches`` x ``max_batch`` (capped: every full
+        queue counts the same, and no more chunks are walked than those batches take)."""
+        cap, rows = self.max_batch * batches, 0
         for c in q:
             rows += c.n
-            if rows >= self.max_batch:
-                return self.max_batch
+            if rows >= cap:
+                return cap
         return rows
 
     def _survival(self, k: int) -> float:
@@ -904,18 +902,7 @@ class StageScheduler:
         11, p99 at (b)'s saturation rate was 3.9x (ResNet-style) and 4.9x (digits) higher;
         docs/serving.md, "Session 11"). When stage 0 keeps up, passing a stage over only adds
         latency (measured: docs/serving.md, "Policy")."""
-        return self._holds_full_batches(self._queues[0], self.workers)
-
-    def _holds_full_batches(self, q: Deque[_Chunk], batches: int) -> bool:
-        """Does ``q`` hold ``batches`` full batches (``batches`` x ``max_batch`` rows)?"""
-        need, rows = self.max_batch * batches, 0
-        if need <= 0:
-            return True
-        for c in q:
-            rows += c.n
-            if rows >= need:
-                return True
-        return False
+        return self._rows_up_to_batch(self._queues[0], self.workers) >= self.max_batch * self.workers
 
     def _fillable(self, k: int, need: float) -> bool:
         """Are the rows waiting upstream of stage ``k`` expected to bring it ``need`` more rows
@@ -934,12 +921,16 @@ class StageScheduler:
                     return True
         return False
 
+    def _take_inbox(self) -> None:
+        """Move the submitters' chunks to stage 0's queue (under ``_cv`` and ``_qlock``)."""
+        q0, inbox = self._queues[0], self._inbox
+        while inbox:
+            q0.append(inbox.popleft())
+
     def _purge(self) -> None:
         """Drop the rows of dead requests from every queue."""
         with self._cv, self._qlock:
-            # the inbox too: a request may die between its admission and the worker's next turn
-            while self._inbox:
-                self._queues[0].append(self._inbox.popleft())
+            self._take_inbox()  # a request may die between its admission and a worker's next turn
             dead, self._dead = self._dead, set()
             if dead:  # (another worker may have purged them since this one looked)
                 self._purge_queues(dead)
@@ -1022,18 +1013,17 @@ class StageScheduler:
             # (tensors of their own: the graph executor's step copies them out of its buffers)
             self._deliver(k, exit_ids, res.logits, res.confidence)
         survivors = int(res.rows.shape[0])
+        chunk = None
         if survivors and k + 1 < self.num_stages:
             head = chunks[0]
             # an idle-admitted request's survivors stay urgent: nothing was there to join them
             urgent = any(c.urgent for c in chunks)
             ready_at = t1 if urgent else t1 + self.max_wait_s
             chunk = _Chunk(res.rows, res.state, res.carry, head.snap, head.layout, ready_at, urgent)
-            with self._qlock:
-                self._learn(k, n, survivors)
+        with self._qlock:
+            self._learn(k, n, survivors)
+            if chunk is not None:
                 self._queues[k + 1].append(chunk)
-        else:
-            with self._qlock:
-                self._learn(k, n, survivors)
         counts = [0] * self.num_stages
         counts[k] = len(exit_ids)
         self.rt.record_exits(counts, calls=0, example=state if k == 0 else None)
@@ -1051,7 +1041,7 @@ class StageScheduler:
         if (
             self.max_defer_s > 0
             and sum(c.n for c in chunks) >= self.max_batch
-            and self._holds_full_batches(self._queues[0], self.workers - 1)
+            and self._rows_up_to_batch(self._queues[0], self.workers - 1) >= self.max_batch * (self.workers - 1)
             and not all(c.urgent for c in chunks)
         ):
             # a full batch, and stage 0 was behind when it was picked (_backlogged: a full batch
