@@ -335,6 +335,7 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
         for extra in (
             ["--policy", "fill", "--max-wait-ms", "3"],
             ["--max-wait-ms", "2", "--max-defer-ms", "4", "--scheduler-workers", "2"],
+            ["--policy", "request", "--max-wait-ms", "1"],
         ):
             with pytest.raises(RuntimeError, match="stop here"):
                 cli.main(base + extra)
@@ -345,6 +346,7 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
     assert [(s.policy, s.max_wait_s, s.max_defer_s, s.workers) for s in made] == [
         ("fill", 0.003, 0.0, 1),
         ("deepest", 0.002, 0.004, 2),
+        ("request", 0.001, 0.0, 1),
     ]
 
 
@@ -362,6 +364,7 @@ def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, va
     "options,message",
     [
         (["--policy", "fill", "--max-defer-ms", "5"], "--max-defer-ms applies to --policy deepest"),
+        (["--policy", "request", "--max-defer-ms", "5"], "--policy request never re-batches survivors"),
         (["--max-defer-ms", "-1"], "--max-defer-ms must be >= 0, got -1.0"),
         (["--max-wait-ms", "-2"], "--max-wait-ms must be >= 0, got -2.0"),
         (["--scheduler-workers", "0"], "--scheduler-workers must be >= 1 (the scheduler's worker threads), got 0"),

@@ -93,13 +93,20 @@ CUDA_PARAM = pytest.param(
 
 
 @pytest.mark.parametrize(
-    "fused,defer", [(False, 0.0), (True, 0.0), (True, 5.0)], ids=["step-by-step", "fused", "defer"]
+    "fused,defer,policy,wait",
+    [
+        (False, 0.0, "deepest", 0.0),
+        (True, 0.0, "deepest", 0.0),
+        (True, 5.0, "deepest", 0.0),
+        (True, 0.0, "request", 1.0),
+    ],
+    ids=["step-by-step", "fused", "defer", "request"],
 )
 @pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 @pytest.mark.parametrize("criterion,final", [("entropy", "last"), ("max_prob", "average"), ("margin", "last")])
 @pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(
-    criterion, final, device, fused, defer, workers
+    criterion, final, device, fused, defer, policy, wait, workers
 ):
     model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1).to(device)
     x = torch.randn(600, 6).to(device)
@@ -111,10 +118,12 @@ def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(
     rt.reset_stats()
     # fused=False: every batch step by step (rt.run_stage); fused: a stage-0 batch that nothing
     # could join later runs through every stage in one pass (rt.infer's path); defer: under a
-    # backlog partial batches wait for full ones (up to 5 ms); 2 workers run batches at once,
-    # from the same queues (a request of several rows may then leave in both)
+    # backlog partial batches wait for full ones (up to 5 ms); request: every stage-0 batch in
+    # one pass, survivors never re-batched (a 1 ms batching window at stage 0, under which
+    # "deepest" would run batches step by step); 2 workers run batches at once, from the same queues
+    # (a request of several rows may then leave in both)
     with ee.serve.StageScheduler(
-        rt, max_batch=16, fused=fused, max_defer_ms=defer, workers=workers
+        rt, max_batch=16, fused=fused, max_defer_ms=defer, workers=workers, policy=policy, max_wait_ms=wait
     ) as sched:  # the public name
         results = submit_concurrently(sched, x, seed=hash(criterion) % 1000)
         for a, b, f in results:
@@ -129,7 +138,10 @@ def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(
         stats = sched.stats_dict()
     assert stats["requests"]["completed"] == len(results) and stats["pending_requests"] == 0
     assert sum(stats["exits"]) == x.shape[0] and max(stats["max_batch_seen"]) <= 16
-    assert stats["batches"][1] < stats["exits"][1] + stats["exits"][2]  # survivors of requests shared batches
+    if policy == "request":  # every stage-0 batch ran whole (in one pass, or inline)
+        assert stats["batches"][0] == stats["fused_batches"] + stats["inline_requests"]
+    else:
+        assert stats["batches"][1] < stats["exits"][1] + stats["exits"][2]  # survivors of requests shared batches
     assert (stats["fused_batches"] > 0) == fused and stats["fused_fallbacks"] == 0
     assert rt.stats.samples == x.shape[0] and rt.stats.exit_counts == stats["exits"]
 
@@ -307,6 +319,53 @@ def test_one_pass_only_when_the_steps_would_form_the_same_batches():
     finally:
         hook.gate.set()
         sched.close()
+
+
+def test_request_policy_never_re_batches_survivors_as_request_batching_would():
+    """policy="request" forms request-level batching's batches: a stage-0 batch (here two of 4
+    rows, admitted while an idle request is held) runs whole, its survivors alone at every deeper
+    stage, whatever its batching window (max_wait_ms); "deepest" with the same window lets the
+    two batches' survivors share stage 1 (test_one_pass_only_when_the_steps_would_form_the_same_batches).
+    With max_wait_ms=0 and max_defer_ms=0 the two policies form the same batches."""
+    sched, hook = gated(max_batch=4, max_wait_ms=500.0, policy="request")
+    try:
+        first = sched.submit_nowait(scripted_rows([0, 1], [0, 2]))
+        assert hook.entered.wait(WAIT)  # inside its one pass, at stage 0
+        reqs = [([10 + 2 * i, 11 + 2 * i], [0, 2]) for i in range(4)]
+        later = [sched.submit_nowait(scripted_rows(ids, ex)) for ids, ex in reqs]
+        hook.gate.set()
+        check_answers([([0, 1], [0, 2])] + reqs, [first] + later)
+        assert drained(sched)
+        stage0 = [ids for k, ids in hook.batches if k == 0 and ids != [0, 1]]
+        stage1 = [ids for k, ids in hook.batches if k == 1 and ids != [1]]
+        assert stage0 == [[10, 11, 12, 13], [14, 15, 16, 17]] and stage1 == [[11, 13], [15, 17]], hook.batches
+        assert sched.stats.fused_batches == 3 and sched.stats_dict()["policy"] == "request"
+    finally:
+        hook.gate.set()
+        sched.close()
+
+
+def test_request_policy_refuses_what_would_re_batch_and_a_failing_pass_fails_only_its_requests():
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    with pytest.raises(ValueError, match="max_defer_ms applies to policy='deepest'"):
+        StageScheduler(rt, policy="request", max_defer_ms=5)
+    with pytest.raises(ValueError, match="fused=False"):
+        StageScheduler(rt, policy="request", fused=False)
+    assert StageScheduler(rt, policy="request").max_defer_s == 0.0  # (the CPU default is deepest's alone)
+    # a pass that raises at stage 2 runs again step by step: only the request whose row got there fails
+    hook.fail_if = lambda k, ids: k == 2
+    with StageScheduler(rt, max_batch=8, policy="request", inline="never") as sched:
+        hook.hold(0)
+        held = sched.submit_nowait(scripted_rows([50], [0]))
+        assert hook.entered.wait(WAIT)
+        ok = sched.submit_nowait(scripted_rows([1, 2], [0, 1]))
+        bad = sched.submit_nowait(scripted_rows([3], [2]))
+        hook.gate.set()
+        check_answers([([50], [0]), ([1, 2], [0, 1])], [held, ok])
+        with pytest.raises(StageFailed, match="stage 2"):
+            bad.result(WAIT)
+        assert sched.stats.fused_fallbacks == 1 and drained(sched)
 
 
 @pytest.mark.parametrize("max_defer_ms", [60_000.0, 0.0], ids=["backlogged", "off"])

@@ -12,7 +12,7 @@ from typing import Optional
 TOKEN_ENV = "EERUNTIME_ADMIN_TOKEN"
 # StageScheduler's policies (scheduler.POLICIES, spelled out here: this module imports no torch
 # until a server starts, so --help stays fast; tests/test_serve_http.py checks they agree)
-POLICIES = ("deepest", "fill")
+POLICIES = ("deepest", "fill", "request")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,6 +65,11 @@ def scheduler_options_error(args: argparse.Namespace) -> Optional[str]:
             "--max-defer-ms applies to --policy deepest; --policy fill already runs full batches first and "
             "bounds how long rows are passed over by --max-wait-ms"
         )
+    if args.policy == "request" and args.max_defer_ms:
+        return (
+            "--max-defer-ms applies to --policy deepest; --policy request never re-batches survivors, so there "
+            "is no deeper batch to fill"
+        )
     return None
 
 
@@ -76,8 +81,9 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
         "--policy",
         choices=POLICIES,
         default="deepest",
-        help="which stage runs next (docs/serving.md, 'Policy'): the deepest ready stage, or 'fill' to keep "
-        "every stage's batch full under load (rows passed over at most --max-wait-ms)",
+        help="which stage runs next (docs/serving.md, 'Policy'): the deepest ready stage, 'fill' to keep "
+        "every stage's batch full under load (rows passed over at most --max-wait-ms), or 'request': "
+        "request-level batching (a batch gathered at stage 0 runs whole, survivors never re-batched)",
     )
     p.add_argument(
         "--max-defer-ms",

@@ -61,7 +61,7 @@ State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a request's input, or r
 ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
 ROW_MASK = (1 << ROW_BITS) - 1
 INLINE_MODES = ("blocking", "always", "never")
-POLICIES = ("deepest", "fill")
+POLICIES = ("deepest", "fill", "request")
 # _deliver makes the answers' views with one split per output from this many leaving rows on
 # (measured: a split costs about half a Python slice per view, plus a fixed ~2 us)
 SPLIT_MIN_ROWS = 4
@@ -215,13 +215,19 @@ class StageScheduler:
     Args:
         rt: the :class:`~eeruntime.EERuntime` to serve (its ``run_stage`` seam does the work).
         max_batch: most rows in one stage step (16-32 suits a small CPU model; see docs/serving.md).
-        policy: which stage runs next (docs/serving.md, "Policies"). ``"deepest"`` (default): the
+        policy: which stage runs next (docs/serving.md, "Policy"). ``"deepest"`` (default): the
             deepest *ready* stage (``max_batch`` rows, or a row that waited ``max_wait_ms``); the
             worker sleeps while none is. ``"fill"``: keep every stage's batch full under load
             (E3's aim): the deepest stage with a row that waited ``max_wait_ms``, else the deepest
             full stage, else the stage holding the most rows (ties: the deepest); the worker never
             sleeps while rows wait, so ``max_wait_ms`` bounds how long rows may be passed over,
-            and ``max_wait_ms=0`` makes it ``"deepest"``.
+            and ``max_wait_ms=0`` makes it ``"deepest"``. ``"request"``: request-level dynamic
+            batching inside this scheduler, the serving baseline: a batch gathered at stage 0
+            (``max_batch`` rows, or a row that waited ``max_wait_ms``) runs whole, in one pass
+            (``rt.infer``'s path), and its survivors are never re-batched with other requests'.
+            The same machinery (timeouts, backpressure, failure isolation, statistics) around
+            the batching servers use without this scheduler: where re-batching does not pay
+            (docs/serving.md, "Session 12"), or to measure what it buys.
         max_wait_ms: how long a stage with fewer than ``max_batch`` rows may wait for more before
             it runs anyway (0: never wait).
         max_defer_ms: ``"deepest"`` policy, under a backlog: how long a ready stage with fewer
@@ -305,6 +311,16 @@ class StageScheduler:
             raise ValueError(
                 "max_defer_ms applies to policy='deepest'; policy='fill' already runs full batches first and "
                 "bounds how long rows are passed over by max_wait_ms"
+            )
+        if policy == "request" and max_defer_ms is not None and max_defer_ms > 0:
+            raise ValueError(
+                "max_defer_ms applies to policy='deepest'; policy='request' never re-batches survivors, so "
+                "there is no deeper batch to fill"
+            )
+        if policy == "request" and not fused:
+            raise ValueError(
+                "policy='request' runs every batch in one pass (rt.infer's path); fused=False asks for steps, "
+                "whose survivors another request's rows could join: use policy='deepest' for that"
             )
         if inline not in INLINE_MODES:
             raise ValueError(f"inline must be one of {', '.join(map(repr, INLINE_MODES))}, got {inline!r}")
@@ -1036,6 +1052,8 @@ class StageScheduler:
         scheduler, which are due at once at every stage; and, with ``max_defer_ms``, no deferral
         ahead, see below): then every later step runs at once on just its survivors, as
         ``rt.infer`` does."""
+        if self.policy == "request":
+            return True  # (by definition: the batch runs whole, survivors never re-batched)
         if not self.fused or any(self._queues[1:]):
             return False
         if (
