@@ -540,3 +540,27 @@ def test_saturated_capacity_reports_each_threads_host_cpu_per_request():
         assert sub <= res[name]["submit_us"] < sub + 100, (name, res[name])
         assert work <= res[name]["worker_us"] < work + 100, (name, res[name])
     assert res["ee-req"]["ratio_to_ee_req"] == 1.0
+
+
+def test_async_answers_bench_runs_both_paths_and_answers_every_request(tmp_path):
+    """bench/serve_async_answers.py: both asyncio answer paths run on the same arrivals, every
+    request is answered, and the report names each path per rate."""
+    import serve_async_answers
+
+    rc = serve_async_answers.main(
+        ["--models", "digits", "--rates", "800,burst", "--requests", "60", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    assert rc == 0
+    (js,) = tmp_path.glob("serve-async-answers-*.json")
+    doc = json.loads(js.read_text())
+    (res,) = doc["results"]
+    assert [c["rate"] for c in res["cells"]] == ["800", "burst"]
+    for cell in res["cells"]:
+        for path in serve_async_answers.PATHS:
+            (run,) = cell["runs"][path]
+            assert run["answered"] == 60 and run["throughput"] > 0 and run["p99_ms"] >= run["p50_ms"] > 0
+            assert run["worker_us_per_request"] > 0 and run["loop_us_per_request"] > 0
+    md = js.with_suffix(".md").read_text()
+    assert md.count("| digits |") == 4 and "per-batch" in md and "per-request" in md
+    with pytest.raises(SystemExit):
+        serve_async_answers.main(["--rates", "fast"])

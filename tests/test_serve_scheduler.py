@@ -262,6 +262,66 @@ def test_cancellation_frees_rows_blocking_and_async(fused):
         assert drained(sched)
 
 
+def test_async_answers_of_one_batch_reach_their_loop_in_one_call_and_a_timeout_too():
+    """A batch's answers to asyncio callers take one call_soon_threadsafe per loop (counted on
+    the loop), each caller gets its own rows; a timeout reaches its caller as TimeoutError."""
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    hook.hold(0, trigger=90)
+    with StageScheduler(rt, max_batch=8, inline="never") as sched:
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            calls = []
+            real = loop.call_soon_threadsafe
+
+            def counting(cb, *args):
+                calls.append(threading.current_thread().name)
+                return real(cb, *args)
+
+            loop.call_soon_threadsafe = counting  # (an instance attribute shadows the method)
+            blocker = asyncio.ensure_future(sched.submit(scripted_rows([90], [0])))
+            while not hook.entered.is_set():
+                await asyncio.sleep(0.005)
+            reqs = [([i, i + 1], [0, 1]) for i in range(0, 12, 2)]  # 6 requests, 12 rows: 2 batches
+            tasks = [asyncio.ensure_future(sched.submit(scripted_rows(ids, ex))) for ids, ex in reqs]
+            await asyncio.sleep(0.05)  # all admitted while stage 0 is held
+            before = len(calls)
+            hook.gate.set()
+            got = await asyncio.gather(blocker, *tasks)
+            hook.hold(1, trigger=95)
+            late = asyncio.ensure_future(sched.submit(scripted_rows([95], [2]), timeout_s=0.05))
+            with pytest.raises(TimeoutError):
+                await late
+            hook.gate.set()
+            return reqs, got, calls, before
+
+        reqs, got, calls, before = asyncio.run(main())
+    assert got[0].exit_index.tolist() == [0]
+    for (ids, exit_at), r in zip(reqs, got[1:]):
+        assert r.logits.argmax(1).tolist() == [i % 7 for i in ids] and r.exit_index.tolist() == exit_at
+    # the blocker's batch, then 12 rows in batches of 8 and 4 (one pass each: 6 answers in two
+    # calls, where one call per request would make 6), then the timeout's: all from other threads
+    assert before == 0 and len(calls) == 4 and "MainThread" not in calls, calls
+
+
+def test_a_closed_event_loop_does_not_stop_the_worker():
+    """An asyncio caller whose loop closed before its answer (its task destroyed, not cancelled)
+    loses that answer; the worker goes on serving."""
+    model, hook = scripted_model(3)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    hook.hold(0)
+    with StageScheduler(rt, max_batch=8, inline="never") as sched:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(sched.submit(scripted_rows([1], [0])))
+        loop.run_until_complete(asyncio.sleep(0.05))  # admitted, held at stage 0
+        assert hook.entered.wait(WAIT) and not task.done()
+        loop.close()
+        hook.gate.set()
+        assert drained(sched)  # answered into the closed loop: dropped there
+        check_answers([([2, 3], [1, 2])], [sched.submit_nowait(scripted_rows([2, 3], [1, 2]))])
+
+
 WORKERS = pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 
 

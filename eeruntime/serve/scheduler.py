@@ -110,6 +110,45 @@ class _RequestFuture(concurrent.futures.Future):
         return True
 
 
+class _LoopAnswer:
+    """An asyncio caller's answer (:meth:`StageScheduler.submit`): an asyncio future on its event
+    loop, which the worker sets from its own thread. A ``concurrent.futures.Future`` wrapped by
+    ``asyncio.wrap_future`` would make one ``call_soon_threadsafe`` per request, each a write to
+    the loop's self-pipe (a syscall that lets the GIL go, so the loop's thread takes it and the
+    worker waits to get it back, once per request); a batch's answers for one loop take one call
+    instead (:func:`_post`, from :meth:`StageScheduler._finish`)."""
+
+    __slots__ = ("loop", "afut", "seq", "posted")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.afut, self.seq, self.posted = loop, loop.create_future(), 0, False
+
+    def done(self) -> bool:
+        return self.posted
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.posted = True
+        _post(self.loop, [(self.afut, None, exc)])
+
+
+def _post(loop: asyncio.AbstractEventLoop, answers: list) -> None:
+    """Hand ``answers`` [(asyncio future, result, exception)] to their loop in one call."""
+    try:
+        loop.call_soon_threadsafe(_settle, answers)
+    except RuntimeError:  # the loop is closed: nothing awaits these answers any more
+        pass
+
+
+def _settle(answers: list) -> None:
+    """On the loop: set each future not cancelled meanwhile (its awaiting task may have been)."""
+    for afut, result, exc in answers:
+        if not afut.done():
+            if exc is None:
+                afut.set_result(result)
+            else:
+                afut.set_exception(exc)
+
+
 class _Request:
     __slots__ = (
         "seq",
@@ -129,7 +168,7 @@ class _Request:
         self,
         seq: int,
         n: int,
-        future: concurrent.futures.Future,
+        future: Union[concurrent.futures.Future, _LoopAnswer],
         snap: Any,
         t0: float,
         deadline: Optional[float],
@@ -392,6 +431,13 @@ class StageScheduler:
         :class:`~eeruntime.InferenceResult`. Cancelling the future frees the request's rows at
         every stage. ``x`` must not be modified until the future is done. With
         ``inline="always"`` and an idle scheduler, it runs here and the future returned is done."""
+        return cast(concurrent.futures.Future, self._submit(x, timeout_s, None))
+
+    def _submit(
+        self, x: State, timeout_s: Optional[float], answer: Optional[_LoopAnswer]
+    ) -> Union[concurrent.futures.Future, _LoopAnswer]:
+        """Admit ``x``; its answer goes to ``answer`` (an asyncio caller's) or, when None, to a
+        new future returned (or a done future: run inline)."""
         x, n = self._check_input(x)
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if self.inline == "always" and timeout_s is None:
@@ -405,7 +451,11 @@ class StageScheduler:
         # the GIL, and a submitter that lets the GIL go while holding the lock makes the worker
         # wait for both (measured: the worker spent a quarter of a burst waiting for this lock).
         seq = next(self._seq)  # (itertools.count: atomic under the GIL)
-        future = _RequestFuture(self, seq)
+        future: Union[concurrent.futures.Future, _LoopAnswer]
+        if answer is None:
+            future = _RequestFuture(self, seq)
+        else:
+            future, answer.seq = answer, seq
         ids = range(seq << ROW_BITS, (seq << ROW_BITS) + n)
         with self._cv:
             while True:
@@ -437,14 +487,22 @@ class StageScheduler:
         return future
 
     async def submit(self, x: State, timeout_s: Optional[float] = None) -> InferenceResult:
-        """Await the result of ``x``; cancelling the awaiting task frees its rows."""
+        """Await the result of ``x``; cancelling the awaiting task frees its rows. The answers of
+        one batch reach the event loop in one call (see :class:`_LoopAnswer`)."""
+        loop = asyncio.get_running_loop()
+        answer = _LoopAnswer(loop)
         if self.when_full == "wait":
             # admission may block while the scheduler is full: keep it off the event loop
-            loop = asyncio.get_running_loop()
-            future = await loop.run_in_executor(None, self.submit_nowait, x, timeout_s)
+            got = await loop.run_in_executor(None, self._submit, x, timeout_s, answer)
         else:
-            future = self.submit_nowait(x, timeout_s)
-        return await asyncio.wrap_future(future)
+            got = self._submit(x, timeout_s, answer)
+        if got is not answer:  # run inline (inline="always"): done
+            return cast(concurrent.futures.Future, got).result()
+        try:
+            return await answer.afut
+        except asyncio.CancelledError:
+            self._forget(answer.seq, "cancelled")
+            raise
 
     def infer(self, x: State, timeout_s: Optional[float] = None) -> InferenceResult:
         """Blocking form of :meth:`submit`.
@@ -487,7 +545,7 @@ class StageScheduler:
     def _admit(
         self,
         n: int,
-        future: concurrent.futures.Future,
+        future: Union[concurrent.futures.Future, _LoopAnswer],
         t0: float,
         deadline: Optional[float],
         layout: Optional[tuple],
@@ -736,12 +794,21 @@ class StageScheduler:
             self._admitted_rows -= sum(r.n for r in reqs)
             self._room.notify_all()
         self.stats.record_latencies([now - r.t0 for r in reqs])
+        posts: Dict[asyncio.AbstractEventLoop, list] = {}
         for req in reqs:
             assert req.logits is not None and req.exit_index is not None and req.confidence is not None  # all rows left
+            result = InferenceResult(req.logits, req.exit_index, req.confidence)
+            f = req.future
+            if isinstance(f, _LoopAnswer):
+                f.posted = True
+                posts.setdefault(f.loop, []).append((f.afut, result, None))
+                continue
             try:
-                req.future.set_result(InferenceResult(req.logits, req.exit_index, req.confidence))
+                f.set_result(result)
             except concurrent.futures.InvalidStateError:  # cancelled at the last moment
                 pass
+        for loop, answers in posts.items():  # (one call per event loop for the whole batch)
+            _post(loop, answers)
 
     # ------------------------------------------------------------------ timeouts
     def _arm(self, deadline: float, seq: int) -> None:
