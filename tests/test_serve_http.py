@@ -73,6 +73,29 @@ def no_traceback(r):
     assert "Traceback" not in r.text and 'File "' not in r.text
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_safetensors_answers_read_back_with_safetensors_itself(dtype, rows):
+    """The server writes the safetensors answer itself (codec.encode_safetensors); the library's
+    own reader must get back exactly the tensors given, views of a larger batch and a transposed
+    (non-contiguous) block included, and the same as the library's own writer's bytes hold."""
+    from eeruntime.runtime import InferenceResult
+    from eeruntime.serve.codec import encode_safetensors
+
+    batch = torch.randn(rows + 3, 7).to(dtype)
+    cases = [
+        InferenceResult(batch[1 : 1 + rows], torch.arange(rows + 3)[2 : 2 + rows], batch[:rows, 3].clone()),
+        InferenceResult(torch.randn(7, rows).to(dtype).t(), torch.zeros(rows, dtype=torch.int64), batch[:rows, 0]),
+    ]
+    for res in cases:
+        got = st_load(encode_safetensors(res))
+        ref = st_load(st_save({k: getattr(res, k).contiguous() for k in ("logits", "exit_index", "confidence")}))
+        assert sorted(got) == ["confidence", "exit_index", "logits"]
+        for k in got:
+            assert got[k].dtype == ref[k].dtype == getattr(res, k).dtype and torch.equal(got[k], ref[k]), k
+            assert torch.equal(got[k], getattr(res, k)), k
+
+
 def test_json_and_safetensors_answers_equal_infer(served):
     x, ref = served.x[:20], served.ref_rt.infer(served.x[:20])
     r = served.client.post("/v1/infer", json={"inputs": x[:7].tolist()})
@@ -133,6 +156,12 @@ def test_bad_bodies_get_4xx_saying_what_was_wrong(served, kwargs, status, messag
     r = served.client.post("/v1/infer", **kwargs)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
+    no_traceback(r)
+
+
+def test_a_wrong_method_gets_405_saying_which_are_allowed(served):
+    r = served.client.get("/v1/infer")
+    assert r.status_code == 405 and r.json()["error"] == "Method Not Allowed" and r.headers["allow"] == "POST"
     no_traceback(r)
 
 

@@ -564,3 +564,21 @@ def test_async_answers_bench_runs_both_paths_and_answers_every_request(tmp_path)
     assert md.count("| digits |") == 4 and "per-batch" in md and "per-request" in md
     with pytest.raises(SystemExit):
         serve_async_answers.main(["--rates", "fast"])
+
+
+def test_http_front_bench_times_every_variant_and_restores_the_servers_encoder(tmp_path):
+    """bench/serve_http_front.py: each variant of the app answers 200 for both body kinds (else it
+    raises), every cell is timed, and the server module's encoder is today's again afterwards."""
+    import serve_http_front
+
+    from eeruntime.serve import codec, server
+
+    assert serve_http_front.main(["--requests", "20", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    (js,) = tmp_path.glob("serve-http-front-*.json")
+    doc = json.loads(js.read_text())
+    assert sorted(doc["us_per_request"]) == sorted(
+        f"{v}/{b}" for v in serve_http_front.VARIANTS for b in serve_http_front.BODIES
+    )
+    assert all(v > 0 for v in doc["us_per_request"].values())
+    assert server.encode_safetensors is codec.encode_safetensors
+    assert "| safetensors |" in js.with_suffix(".md").read_text()

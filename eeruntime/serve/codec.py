@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -173,13 +174,47 @@ def encode_json(result) -> dict:
     }
 
 
-def encode_safetensors(result) -> bytes:
-    from safetensors.torch import save
+# safetensors' names of the dtypes an answer may hold (its format:
+# https://github.com/huggingface/safetensors#format)
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
-    return save(
-        {
-            "logits": result.logits.contiguous(),
-            "exit_index": result.exit_index.contiguous(),
-            "confidence": result.confidence.contiguous(),
-        }
-    )
+
+def encode_safetensors(result) -> bytes:
+    """The answer's three tensors (on the host) as safetensors bytes, written here rather than by
+    ``safetensors.torch.save``, which spends most of a small answer's time in numpy reductions
+    and ctypes (docs/serving.md, "The HTTP front end's own cost"). The format: the header's length
+    as 8 little-endian bytes, the JSON header ``{name: {"dtype", "shape", "data_offsets"}}``
+    padded with spaces to a multiple of 8 bytes, then each tensor's bytes in the header's order.
+    Tests read it back with ``safetensors.torch.load``."""
+    tensors = {"logits": result.logits, "exit_index": result.exit_index, "confidence": result.confidence}
+    if sys.byteorder != "little" or any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):
+        from safetensors.torch import save  # (the format's bytes are little-endian)
+
+        return save({k: t.contiguous() for k, t in tensors.items()})
+    entries, blobs, offset = [], [], 0
+    for name, t in tensors.items():
+        t = t.detach()
+        # numpy's bytes of the tensor itself, in C order (not its storage's: a view's storage may
+        # be a whole batch's); bf16, which numpy lacks, as the int16 of the same bits
+        data = (t.contiguous().view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+        shape = ",".join(map(str, t.shape))
+        entries.append(
+            f'"{name}":{{"dtype":"{_SAFETENSORS_DTYPES[t.dtype]}","shape":[{shape}],'
+            f'"data_offsets":[{offset},{offset + len(data)}]}}'
+        )
+        blobs.append(data)
+        offset += len(data)
+    head = ("{" + ",".join(entries) + "}").encode()
+    head += b" " * (-len(head) % 8)
+    return b"".join([len(head).to_bytes(8, "little"), head, *blobs])

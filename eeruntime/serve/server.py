@@ -84,7 +84,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
-        return error(exc.status_code, str(exc.detail))
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))  # (405's Allow)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
@@ -109,7 +109,9 @@ def create_app(
         accept = request.headers.get("accept", "")
         return any(t in accept for t in SAFETENSORS_TYPES)
 
-    @app.post("/v1/infer")
+    # A plain Starlette route, not a FastAPI one: the endpoint takes the Request and returns a
+    # Response itself, so FastAPI's per-request dependency solving buys nothing here and costs
+    # about a fifth of the route's own time (docs/serving.md, "The HTTP front end's own cost").
     async def infer(request: Request):
         try:
             body = await read_body(request)
@@ -130,6 +132,8 @@ def create_app(
         if wants_safetensors(request):
             return Response(encode_safetensors(result), media_type=SAFETENSORS_TYPES[0])
         return JSONResponse(encode_json(result))
+
+    app.add_route("/v1/infer", infer, methods=["POST"])
 
     @app.get("/health")
     async def health():
