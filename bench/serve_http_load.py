@@ -45,10 +45,15 @@ Measured, per model and system:
               answered 200 (unanswered, a lost connection, 503 from a full scheduler) counts as an
               error, its latency as infinite. Each rate runs --repeats times per system, the
               systems in a rotated order each repeat (a slow spell of the shared VM hits them
-              alike); the row shown is the median-p99 run. Per run: throughput (answered /
-              (last completion - first scheduled arrival)), p50, p99, server and generator CPU
-              per answered request, the mean batch per stage (the server's /stats before and
-              after the run); after the grid, each server's /stats.
+              alike); the row shown is the median-p99 run. --preopen connections are opened
+              before a run's first arrival. Per run: throughput (answered / (last completion -
+              first scheduled arrival)), p50, p99, server and generator CPU per answered
+              request, the mean batch per stage (the server's /stats before and after the run);
+              after the grid, each server's /stats.
+
+Every run also records the cores that other processes took meanwhile (/proc/stat's busy time
+less the server's and the generator's) and the hypervisor's steal: on a shared VM a run that met
+another job says so.
 
 The SLO is serve_load's: p99 <= 10x the plain model's batch-1 latency, measured in this process
 (serve_load.median_call_ms) before and after each rate's runs; a rate is sustained when p99 <= the
@@ -536,16 +541,16 @@ def open_loop(
         await run.preopen(preopen)
         t0 = time.perf_counter() + 0.002  # the schedule starts once the pool is open
         run.times = [t0 + o for o in offsets]
-        cpu = (process_cpu_s(cpu_pid) if cpu_pid else math.nan, time.process_time())
+        cpu = cpu_mark(cpu_pid)
         await run.arrivals()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(run.all_done.wait(), drain_s)
-        cpu_end = (process_cpu_s(cpu_pid) if cpu_pid else math.nan, time.process_time())
+        cpu_end = cpu_mark(cpu_pid)
         run.close()
         await asyncio.sleep(0.001)  # the closed connections' callbacks
         return run, t0, cpu, cpu_end
 
-    run, t0, (s0, g0), (s1, g1) = _run(go, loop_kind)
+    run, t0, cpu0, cpu1 = _run(go, loop_kind)
     n = len(offsets)
     ok = [i for i in range(n) if run.status[i] == 200]
     lat = [(run.done_at[i] - run.times[i]) if run.status[i] == 200 else math.inf for i in range(n)]
@@ -571,8 +576,7 @@ def open_loop(
         "max_connections": run.max_open,
         "client_queued": run.client_queued,
         "max_client_queue": run.max_backlog,
-        "server_cpu_us_per_request": (s1 - s0) / max(answered, 1) * 1e6,
-        "client_cpu_us_per_request": (g1 - g0) / max(n, 1) * 1e6,
+        **cpu_figures(cpu0, cpu1, answered, n),
     }
     if run.protocol_error:
         out["protocol_error"] = run.protocol_error
@@ -603,10 +607,10 @@ def closed_loop(
         start = time.perf_counter()
         stop = None if seconds is None else start + warm_s + seconds
         run = _ClosedLoop(loop, port, requests, conns, stop_at=stop, max_requests=max_requests, keep_body=keep_body)
-        marks: Dict[str, Tuple[float, float, float]] = {}
+        marks: Dict[str, tuple] = {}
 
         def mark(name):
-            marks[name] = (time.perf_counter(), process_cpu_s(cpu_pid) if cpu_pid else math.nan, time.process_time())
+            marks[name] = cpu_mark(cpu_pid)
 
         if warm_s > 0:
             loop.call_later(warm_s, mark, "start")
@@ -621,7 +625,7 @@ def closed_loop(
         return run, marks
 
     run, marks = _run(go, loop_kind)
-    (t0, s0, g0), (t1, s1, g1) = marks["start"], marks["end"]
+    t0, t1 = marks["start"][0], marks["end"][0]
     window = [i for i in range(warm_requests, len(run.sent_at)) if run.sent_at[i] >= t0]
     done_in = [i for i in range(len(run.done_at)) if run.status[i] == 200 and t0 <= run.done_at[i] <= t1]
     lat = sorted(run.done_at[i] - run.sent_at[i] for i in window if run.status[i] == 200)
@@ -633,8 +637,7 @@ def closed_loop(
         "errors": errors,
         "p50_ms": _pct(lat, 50) * 1e3,
         "p99_ms": _pct(lat, 99) * 1e3,
-        "server_cpu_us_per_request": (s1 - s0) / max(len(done_in), 1) * 1e6,
-        "client_cpu_us_per_request": (g1 - g0) / max(len(done_in), 1) * 1e6,
+        **cpu_figures(marks["start"], marks["end"], len(done_in), len(done_in)),
         "statuses": run.status,
         "bodies": run.bodies if keep_body else None,
         "protocol_error": run.protocol_error,
@@ -661,6 +664,43 @@ def process_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_s() -> Tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, every core (/proc/stat; NaN where
+    there is none): busy less the server's and the generator's is what other processes took."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan, math.nan
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def cpu_mark(pid: Optional[int]) -> Tuple[float, float, float, float, float]:
+    """(wall, server process CPU, this process's CPU, machine busy, machine steal) seconds now."""
+    return (
+        time.perf_counter(),
+        process_cpu_s(pid) if pid else math.nan,
+        time.process_time(),
+        *machine_cpu_s(),
+    )
+
+
+def cpu_figures(a: tuple, b: tuple, per_server: int, per_client: int) -> dict:
+    """CPU between two cpu_marks: server and generator us per request (``per_*`` requests), and
+    the cores other processes and the hypervisor (steal) took meanwhile, on average."""
+    wall = max(b[0] - a[0], 1e-9)
+    server, client = b[1] - a[1], b[2] - a[2]
+    return {
+        "server_cpu_us_per_request": server / max(per_server, 1) * 1e6,
+        "client_cpu_us_per_request": client / max(per_client, 1) * 1e6,
+        "server_cores": server / wall,
+        "other_cores": max((b[3] - a[3]) - server - client, 0.0) / wall,
+        "steal_cores": (b[4] - a[4]) / wall,
+    }
 
 
 def http_get_json(port: int, path: str, timeout_s: float = 10.0) -> Tuple[int, Any]:
@@ -883,6 +923,9 @@ def light_infer_ms(rt, pool, n: int) -> dict:
     return {"p50_ms": _pct(ts, 50) * 1e3, "p99_ms": _pct(ts, 99) * 1e3, "requests": n}
 
 
+CPU_KEYS = ("server_cpu_us_per_request", "client_cpu_us_per_request", "server_cores", "other_cores", "steal_cores")
+
+
 def median_of(runs: List[dict]) -> dict:
     """serve_load.median_run (the median-p99 run; answered/sent summed) plus errors summed and the
     CPU per request as medians over the runs."""
@@ -890,7 +933,7 @@ def median_of(runs: List[dict]) -> dict:
 
     row = median_run(runs)
     row["errors"] = sum(r["errors"] for r in runs)
-    for k in ("server_cpu_us_per_request", "client_cpu_us_per_request"):
+    for k in CPU_KEYS:
         row[k] = statistics.median(r[k] for r in runs)
     row["client_queued"] = sum(r["client_queued"] for r in runs)
     return row
@@ -1021,14 +1064,14 @@ def measure(name, args, model, rt, pool, requests, servers: Dict[str, Server], r
             "p50_ms": statistics.median(r["p50_ms"] for r in runs),
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "errors": sum(r["errors"] for r in runs),
-            "server_cpu_us_per_request": statistics.median(r["server_cpu_us_per_request"] for r in runs),
-            "client_cpu_us_per_request": statistics.median(r["client_cpu_us_per_request"] for r in runs),
+            **{k: statistics.median(r[k] for r in runs) for k in CPU_KEYS},
             "connections": args.sat_conns,
         }
         print(
             f"[{name}] saturated over HTTP {s:10s} {sat[s]['req_per_s']:8.0f} req/s (runs {sat[s]['runs']}); CPU per "
             f"request: server {sat[s]['server_cpu_us_per_request']:.0f} us, generator "
-            f"{sat[s]['client_cpu_us_per_request']:.0f} us",
+            f"{sat[s]['client_cpu_us_per_request']:.0f} us; server {sat[s]['server_cores']:.2f} cores, other "
+            f"processes {sat[s]['other_cores']:.2f}, steal {sat[s]['steal_cores']:.2f}",
             flush=True,
         )
     out["saturated"] = sat
@@ -1103,6 +1146,7 @@ def measure(name, args, model, rt, pool, requests, servers: Dict[str, Server], r
                 f"  {s:10s} rate {rate:8.1f}/s thr {row['throughput']:8.1f}/s p50 {row['p50_ms']:8.2f} ms p99 "
                 f"{row['p99_ms']:9.2f} ms (SLO {slo:.2f}) {'ok' if row['sustained'] else '--'}"
                 f" errors {row['errors']} server {row['server_cpu_us_per_request']:.0f} us/req"
+                f" others {row['other_cores']:.2f} cores"
                 + (f" batches {row.get('mean_batch_per_stage')}" if "mean_batch_per_stage" in row else "")
                 + (f" (p99 of {len(row['repeats'])} runs: {row['repeats']})" if len(row["repeats"]) > 1 else ""),
                 flush=True,
@@ -1172,19 +1216,22 @@ def markdown(doc: dict) -> str:
         lines += [
             "",
             f"Saturated (closed loop, {doc['args']['sat_conns']} connections back to back, median of the rotated runs; "
-            "CPU time per answered request of the whole server process and of the generator; in-process: "
-            "serve_load's saturated run of the same scheduler, its worker thread's CPU per request):",
+            "CPU time per answered request of the whole server process and of the generator, the cores the server "
+            "and every other process (not the server, not the generator) used on average; in-process: serve_load's "
+            "saturated run of the same scheduler, its worker thread's CPU per request):",
             "",
-            "| system | HTTP req/s | runs | p50 ms | p99 ms | server CPU us/req | generator CPU us/req | "
-            "in-process req/s | in-process worker us/req |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| system | HTTP req/s | runs | p50 ms | p99 ms | server CPU us/req | server cores | generator CPU us/req | "
+            "other processes' cores | in-process req/s | in-process worker us/req |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for s, v in res["saturated"].items():
             ip = inproc.get(s, {})
             lines.append(
                 f"| {s} | {v['req_per_s']:.0f} | {v['runs']} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
-                f"{v['server_cpu_us_per_request']:.0f} | {v['client_cpu_us_per_request']:.0f} | "
-                f"{ip.get('req_per_s', nan):.0f} | {ip.get('worker_us', nan):.0f} |".replace("nan", "-")
+                f"{v['server_cpu_us_per_request']:.0f} | {v['server_cores']:.2f} | {v['client_cpu_us_per_request']:.0f} | "
+                f"{v['other_cores']:.2f} | {ip.get('req_per_s', nan):.0f} | {ip.get('worker_us', nan):.0f} |".replace(
+                    "nan", "-"
+                )
             )
         if res.get("base_system"):
             lines += [
@@ -1198,8 +1245,9 @@ def markdown(doc: dict) -> str:
                 "",
                 "| offered /s | system | throughput /s | p50 ms | p99 ms | SLO ms | sustained | answered/sent | errors | "
                 "send lag p99 ms | conns | client queued | server CPU us/req | generator CPU us/req | "
-                "mean batch per stage | p99 of each run |",
-                "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+                "other processes' cores | mean batch per stage | p99 of each run |",
+                "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                "| --- | --- |",
             ]
             for r in res["rows"]:
                 lines.append(
@@ -1207,7 +1255,8 @@ def markdown(doc: dict) -> str:
                     f"{r['p99_ms']:.2f} | {r['slo_ms']:.2f} | {'yes' if r['sustained'] else 'no'} | "
                     f"{r['answered']}/{r['sent']} | {r['errors']} | {r['send_lag_p99_ms']:.2f} | "
                     f"{r['max_connections']} | {r['client_queued']} | {r['server_cpu_us_per_request']:.0f} | "
-                    f"{r['client_cpu_us_per_request']:.0f} | {r.get('mean_batch_per_stage', '')} | {r['repeats']} |"
+                    f"{r['client_cpu_us_per_request']:.0f} | {r['other_cores']:.2f} | {r.get('mean_batch_per_stage', '')} "
+                    f"| {r['repeats']} |"
                 )
         stats = res.get("stats_after_grid", {})
         if stats:
@@ -1309,7 +1358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--body", choices=("safetensors", "json"), default="safetensors")
     p.add_argument("--max-conns", type=int, default=512, help="connections at most; beyond, requests queue here")
-    p.add_argument("--preopen", type=int, default=16, help="connections opened before each open-loop run")
+    p.add_argument("--preopen", type=int, default=64, help="connections opened before each open-loop run")
     p.add_argument("--sat-conns", type=int, default=64, help="connections of the saturated closed loop")
     p.add_argument("--sat-seconds", type=float, default=3.0)
     p.add_argument("--sat-repeats", type=int, default=None, help="saturated runs per system (default: --repeats)")

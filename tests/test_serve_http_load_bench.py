@@ -263,6 +263,8 @@ def test_quick_run_end_to_end(tmp_path):
         assert r["sent"] > 0 and r["answered"] == r["sent"] and r["errors"] == 0 and r["statuses"] == {}
         assert r["sustained"] == (r["p99_ms"] <= r["slo_ms"])
         assert 0 < r["p50_ms"] <= r["p99_ms"] and r["server_cpu_us_per_request"] > 0
+        # the server's cores and the other processes' (the machine's busy time less ours)
+        assert 0 < r["server_cores"] <= os.cpu_count() and 0 <= r["other_cores"] <= os.cpu_count()
         assert len(r["mean_batch_per_stage"]) == 3 and r["mean_batch_per_stage"][0] >= 1
         sent += r["sent"]
     assert res["max_sustained_rate"]["stage"] == max(
