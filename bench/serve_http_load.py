@@ -17,7 +17,7 @@ measured. The default systems:
 ``--systems`` takes names of these (or of stage-fill, stage-nodefer) and ``name=OPTIONS`` pairs,
 e.g. ``--systems "stage,wait1=--max-wait-ms 1"``.
 
-The load generator is this process's asyncio event loop (uvloop where installed) on raw
+The load generator is this process's asyncio event loop (--client-loop) on raw
 ``asyncio.Protocol`` connections: HTTP/1.1 keep-alive, every request's bytes encoded once before
 a run (one sample ``[1, *shape]`` as safetensors, the answer asked for as safetensors; ``--body
 json`` sends and asks for JSON), responses parsed by their status line and Content-Length. Its own
@@ -52,8 +52,9 @@ Measured, per model and system:
               after the grid, each server's /stats.
 
 Every run also records the cores that other processes took meanwhile (/proc/stat's busy time
-less the server's and the generator's) and the hypervisor's steal: on a shared VM a run that met
-another job says so.
+less the server's and the generator's) and the hypervisor's steal, so that on a shared VM a run
+that met another job says so, and the machine's TCP retransmissions (a segment dropped on
+loopback costs a retransmission timeout, 200 ms at least).
 
 The SLO is serve_load's: p99 <= 10x the plain model's batch-1 latency, measured in this process
 (serve_load.median_call_ms) before and after each rate's runs; a rate is sustained when p99 <= the
@@ -316,8 +317,11 @@ class _OpenLoop:
 
     async def arrivals(self) -> None:
         for i, t in enumerate(self.times):
-            delay = t - time.perf_counter()
-            if delay > 0:
+            # never before its time: uvloop's timers (whole milliseconds from a clock read at the
+            # start of the loop's iteration) may fire up to a millisecond early, and this loop then
+            # spins (--client-loop uvloop costs CPU here); asyncio's epoll timeouts round up, never
+            # early, so each request goes 0-1 ms late (its send lag, reported)
+            while (delay := t - time.perf_counter()) > 0:
                 await asyncio.sleep(delay)
             self.outstanding += 1
             self.dispatch(i)
@@ -457,7 +461,7 @@ class _ClosedLoop:
                 self.all_done.set()
 
 
-def new_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
+def new_loop(kind: str = "asyncio") -> asyncio.AbstractEventLoop:
     """An event loop for the generator: uvloop's where installed ("auto"), else asyncio's."""
     if kind in ("auto", "uvloop"):
         try:
@@ -470,7 +474,7 @@ def new_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def loop_name(kind: str = "auto") -> str:
+def loop_name(kind: str = "asyncio") -> str:
     """Which event loop ``new_loop(kind)`` makes: "uvloop" or "asyncio"."""
     if kind in ("auto", "uvloop"):
         try:
@@ -528,7 +532,7 @@ def open_loop(
     seed: int = 0,
     max_conns: int = 512,
     preopen: int = 16,
-    loop_kind: str = "auto",
+    loop_kind: str = "asyncio",
     cpu_pid: Optional[int] = None,
     keep_latencies: bool = False,
 ) -> dict:
@@ -594,7 +598,7 @@ def closed_loop(
     warm_s: float = 0.0,
     warm_requests: int = 0,
     keep_body: bool = False,
-    loop_kind: str = "auto",
+    loop_kind: str = "asyncio",
     cpu_pid: Optional[int] = None,
 ) -> dict:
     """``conns`` connections sending back to back, for ``warm_s`` + ``seconds`` or ``max_requests``
@@ -644,7 +648,7 @@ def closed_loop(
     }
 
 
-def fetch(port: int, requests: Sequence[bytes], loop_kind: str = "auto") -> List[Tuple[int, Optional[bytes]]]:
+def fetch(port: int, requests: Sequence[bytes], loop_kind: str = "asyncio") -> List[Tuple[int, Optional[bytes]]]:
     """Send ``requests`` one at a time on one connection: (status, body) of each, in order."""
     r = closed_loop(port, requests, 1, max_requests=len(requests), keep_body=True, loop_kind=loop_kind)
     return list(zip(r["statuses"], r["bodies"]))
@@ -679,13 +683,27 @@ def machine_cpu_s() -> Tuple[float, float]:
     return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
-def cpu_mark(pid: Optional[int]) -> Tuple[float, float, float, float, float]:
-    """(wall, server process CPU, this process's CPU, machine busy, machine steal) seconds now."""
+def tcp_retransmits() -> float:
+    """The machine's TCP segments retransmitted so far (/proc/net/snmp's Tcp RetransSegs; NaN
+    where there is none): on loopback a retransmission means a segment was dropped, and costs at
+    least the 200 ms minimum retransmission timeout unless a fast retransmit recovers it."""
+    try:
+        with open("/proc/net/snmp") as f:
+            rows = [line.split() for line in f if line.startswith("Tcp:")]
+        return float(rows[1][rows[0].index("RetransSegs")])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+def cpu_mark(pid: Optional[int]) -> Tuple[float, ...]:
+    """(wall, server process CPU, this process's CPU, machine busy, machine steal) seconds now,
+    and the machine's TCP retransmissions so far."""
     return (
         time.perf_counter(),
         process_cpu_s(pid) if pid else math.nan,
         time.process_time(),
         *machine_cpu_s(),
+        tcp_retransmits(),
     )
 
 
@@ -700,6 +718,7 @@ def cpu_figures(a: tuple, b: tuple, per_server: int, per_client: int) -> dict:
         "server_cores": server / wall,
         "other_cores": max((b[3] - a[3]) - server - client, 0.0) / wall,
         "steal_cores": (b[4] - a[4]) / wall,
+        "tcp_retransmits": b[5] - a[5],
     }
 
 
@@ -924,18 +943,20 @@ def light_infer_ms(rt, pool, n: int) -> dict:
 
 
 CPU_KEYS = ("server_cpu_us_per_request", "client_cpu_us_per_request", "server_cores", "other_cores", "steal_cores")
+# the median run's own count is kept; the sum over a cell's runs is reported beside it
+RUN_SUMS = ("errors", "client_queued", "tcp_retransmits")
 
 
 def median_of(runs: List[dict]) -> dict:
-    """serve_load.median_run (the median-p99 run; answered/sent summed) plus errors summed and the
-    CPU per request as medians over the runs."""
+    """serve_load.median_run (the median-p99 run; answered/sent summed), the CPU figures as medians
+    over the runs, and errors, client-queued requests and TCP retransmissions summed."""
     from serve_load import median_run
 
     row = median_run(runs)
-    row["errors"] = sum(r["errors"] for r in runs)
     for k in CPU_KEYS:
         row[k] = statistics.median(r[k] for r in runs)
-    row["client_queued"] = sum(r["client_queued"] for r in runs)
+    for k in RUN_SUMS:
+        row[k] = sum(r[k] for r in runs)
     return row
 
 
@@ -1065,6 +1086,7 @@ def measure(name, args, model, rt, pool, requests, servers: Dict[str, Server], r
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "errors": sum(r["errors"] for r in runs),
             **{k: statistics.median(r[k] for r in runs) for k in CPU_KEYS},
+            "tcp_retransmits": sum(r["tcp_retransmits"] for r in runs),
             "connections": args.sat_conns,
         }
         print(
@@ -1146,7 +1168,7 @@ def measure(name, args, model, rt, pool, requests, servers: Dict[str, Server], r
                 f"  {s:10s} rate {rate:8.1f}/s thr {row['throughput']:8.1f}/s p50 {row['p50_ms']:8.2f} ms p99 "
                 f"{row['p99_ms']:9.2f} ms (SLO {slo:.2f}) {'ok' if row['sustained'] else '--'}"
                 f" errors {row['errors']} server {row['server_cpu_us_per_request']:.0f} us/req"
-                f" others {row['other_cores']:.2f} cores"
+                f" others {row['other_cores']:.2f} cores, {row['tcp_retransmits']:.0f} TCP retransmits"
                 + (f" batches {row.get('mean_batch_per_stage')}" if "mean_batch_per_stage" in row else "")
                 + (f" (p99 of {len(row['repeats'])} runs: {row['repeats']})" if len(row["repeats"]) > 1 else ""),
                 flush=True,
@@ -1238,24 +1260,25 @@ def markdown(doc: dict) -> str:
                 "",
                 f"Open loop at {doc['args']['fractions']} x {res['base_system']}'s saturated "
                 f"{res['base_req_per_s']:.0f} req/s; the median-p99 run of {doc['args']['repeats']} per cell "
-                "(systems rotated); latency from the scheduled arrival; errors: not answered 200.",
+                "(systems rotated); latency from the scheduled arrival; errors: not answered 200; errors, client queued and TCP retransmits (the machine's, /proc/net/snmp) summed over the runs, the CPU figures their medians.",
                 "",
                 "Highest sustained rate (p99 <= SLO, every request answered): "
                 + ", ".join(f"{s} {v:.0f}/s" for s, v in res["max_sustained_rate"].items()),
                 "",
                 "| offered /s | system | throughput /s | p50 ms | p99 ms | SLO ms | sustained | answered/sent | errors | "
-                "send lag p99 ms | conns | client queued | server CPU us/req | generator CPU us/req | "
-                "other processes' cores | mean batch per stage | p99 of each run |",
+                "send lag p50 / p99 ms | conns | client queued | server CPU us/req | generator CPU us/req | "
+                "other processes' cores | TCP retransmits | mean batch per stage | p99 of each run |",
                 "| ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-                "| --- | --- |",
+                "| ---: | --- | --- |",
             ]
             for r in res["rows"]:
                 lines.append(
                     f"| {r['offered_rate']:.0f} | {r['system']} | {r['throughput']:.0f} | {r['p50_ms']:.2f} | "
                     f"{r['p99_ms']:.2f} | {r['slo_ms']:.2f} | {'yes' if r['sustained'] else 'no'} | "
-                    f"{r['answered']}/{r['sent']} | {r['errors']} | {r['send_lag_p99_ms']:.2f} | "
+                    f"{r['answered']}/{r['sent']} | {r['errors']} | {r['send_lag_p50_ms']:.2f} / {r['send_lag_p99_ms']:.2f} | "
                     f"{r['max_connections']} | {r['client_queued']} | {r['server_cpu_us_per_request']:.0f} | "
-                    f"{r['client_cpu_us_per_request']:.0f} | {r['other_cores']:.2f} | {r.get('mean_batch_per_stage', '')} "
+                    f"{r['client_cpu_us_per_request']:.0f} | {r['other_cores']:.2f} | {r['tcp_retransmits']:.0f} | "
+                    f"{r.get('mean_batch_per_stage', '')} "
                     f"| {r['repeats']} |"
                 )
         stats = res.get("stats_after_grid", {})
@@ -1368,7 +1391,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--pool", type=int, default=64, help="distinct samples the requests cycle through")
     p.add_argument("--check-samples", type=int, default=8, help="samples whose HTTP answers are checked")
-    p.add_argument("--client-loop", choices=("auto", "uvloop", "asyncio"), default="auto")
+    p.add_argument(
+        "--client-loop",
+        choices=("asyncio", "uvloop", "auto"),
+        default="asyncio",
+        help="the generator's event loop (auto: uvloop where installed); see open_loop's arrivals",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: digits, two rates, 0.5 s each, one repeat")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default="", help="appended to the output files' names")
