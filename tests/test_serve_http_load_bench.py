@@ -1,0 +1,276 @@
+"""bench/serve_http_load.py: its load generator measured against reference HTTP servers written
+here (a fixed delay, a slow serial server, 503 answers, dropped connections), its response parser
+on split and coalesced bytes, the answers of a real `python -m eeruntime serve` against rt.infer,
+and a --quick run end to end. Every server binds 127.0.0.1 on a port the OS picks."""
+
+import asyncio
+import json
+import math
+import os
+import pathlib
+import random
+import statistics
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import serve_http_load as shl  # noqa: E402  (bench/ on sys.path)
+import serve_load  # noqa: E402
+
+REQUEST = b"POST /v1/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc"
+BODY = b'{"ok": true}'
+
+
+class RefServer:
+    """A tiny HTTP/1.1 keep-alive server (asyncio, a thread of its own, 127.0.0.1): reads each
+    request (head and Content-Length body), waits ``delay_s`` (``serial``: one request at a time
+    over all connections, in arrival order), then answers ``status`` with a fixed body; ``drop``
+    closes the connection instead of answering."""
+
+    def __init__(self, delay_s, status=200, serial=False, drop=False):
+        self.delay_s, self.status, self.serial, self.drop = delay_s, status, serial, drop
+        self.received = 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10), "the reference server did not start"
+
+    def _serve(self):
+        asyncio.set_event_loop(self.loop)
+        self.lock = asyncio.Lock()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.ready.set()
+        self.loop.run_forever()
+        tasks = asyncio.all_tasks(self.loop)
+        for t in tasks:
+            t.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.close()
+
+    async def _handle(self, reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.decode("latin-1").split("\r\n")[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                self.received += 1
+                if self.drop:
+                    break
+                if self.serial:
+                    async with self.lock:
+                        await asyncio.sleep(self.delay_s)
+                else:
+                    await asyncio.sleep(self.delay_s)
+                writer.write(b"HTTP/1.1 %d X\r\ncontent-length: %d\r\n\r\n%s" % (self.status, len(BODY), BODY))
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    def stop(self):
+        def shut():
+            self.server.close()
+            self.loop.stop()
+
+        self.loop.call_soon_threadsafe(shut)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def ref_server():
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(RefServer(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def parse(chunks):
+    p = shl.ResponseParser(keep_body=True)
+    out = []
+    for c in chunks:
+        out += [(r.status, r.body, r.close) for r in p.feed(c)]
+    return out
+
+
+def test_parser_reads_responses_split_over_reads_and_several_in_one():
+    raw = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+        b'HTTP/1.1 503 Service Unavailable\r\ncontent-length: 13\r\nretry-after: 1\r\n\r\n{"error":"x"}'
+        b"HTTP/1.1 204 No Content\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 4\r\nConnection: close\r\n\r\n\r\n\r\n"
+    )
+    want = [(200, b"hello", False), (503, b'{"error":"x"}', False), (204, b"", False), (200, b"\r\n\r\n", True)]
+    assert parse([raw]) == want
+    assert parse([raw[i : i + 1] for i in range(len(raw))]) == want  # byte by byte
+    for cut in range(1, len(raw)):  # every two-segment split
+        assert parse([raw[:cut], raw[cut:]]) == want, cut
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = [0, *sorted(rng.sample(range(1, len(raw)), 4)), len(raw)]
+        assert parse([raw[a:b] for a, b in zip(cuts, cuts[1:])]) == want
+    # a response comes out with its last byte, not before
+    first = raw.index(b"hello") + 5
+    p = shl.ResponseParser(keep_body=True)
+    assert p.feed(raw[: first - 1]) == []
+    (r,) = p.feed(raw[first - 1 : first])
+    assert (r.status, r.body) == (200, b"hello")
+    # without keep_body the bodies are skipped, the framing kept
+    assert [(r.status, r.body) for r in shl.ResponseParser().feed(raw)] == [(s, None) for s, _, _ in want]
+    for bad in (
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\n",
+    ):
+        with pytest.raises(shl.ProtocolError):
+            shl.ResponseParser().feed(bad)
+
+
+def test_open_loop_measures_a_fixed_delay(ref_server):
+    D = 0.020
+    srv = ref_server(D)
+    rate, seconds = 50.0, 1.5
+    r = shl.open_loop(srv.port, [REQUEST], rate, seconds, 1000, drain_s=5, seed=1, keep_latencies=True)
+    n = len(shl.poisson_times(rate, seconds, 1000, seed=1))
+    assert r["sent"] == n == srv.received == r["answered"] and n > 40
+    assert r["errors"] == 0 and r["statuses"] == {} and r["client_queued"] == 0
+    # every latency is at least the server's delay; the median within a few ms of it
+    assert min(r["latencies_ms"]) >= D * 1e3 - 0.5
+    assert D * 1e3 <= r["p50_ms"] <= D * 1e3 + 6, r["p50_ms"]
+    # throughput: the arrivals' rate (answered / (last completion - first scheduled arrival))
+    assert r["throughput"] == pytest.approx(r["arrival_rate"], rel=0.1)
+    assert r["arrival_rate"] == pytest.approx(rate, rel=0.35)
+    # bounded by the request count too
+    assert shl.open_loop(srv.port, [REQUEST], rate, seconds, 7, drain_s=5)["sent"] == 7
+    # closed loop: C connections each waiting D per request make C / D requests a second
+    c = shl.closed_loop(srv.port, [REQUEST], 4, seconds=0.6, warm_s=0.1)
+    assert c["errors"] == 0 and c["req_per_s"] == pytest.approx(4 / D, rel=0.2)
+    one = shl.closed_loop(srv.port, [REQUEST], 1, max_requests=25, warm_requests=5)
+    assert D * 1e3 <= one["p50_ms"] <= D * 1e3 + 6 and len(one["statuses"]) == 25
+
+
+def test_open_loop_counts_queueing_behind_a_slow_serial_server(ref_server):
+    """Arrivals at 200/s on a server answering one request at a time, 10 ms each (100/s): each
+    request waits for all before it, and its latency counts from its scheduled arrival."""
+    srv = ref_server(0.010, serial=True)
+    r = shl.open_loop(srv.port, [REQUEST], 200.0, 0.5, 1000, drain_s=10, seed=2, keep_latencies=True)
+    n = r["sent"]
+    assert n > 60 and r["answered"] == n and r["errors"] == 0
+    assert r["throughput"] < 110  # the server's 100/s, not the offered 200/s
+    lat = r["latencies_ms"]
+    # request k completes near (k + 1) * 10 ms while arriving near k * 5 ms: latency grows with k
+    assert statistics.mean(lat[-n // 4 :]) > 3 * statistics.mean(lat[: n // 4])
+    assert lat[-1] > 0.8 * (n * 10 - 500) and r["p50_ms"] > 120 and r["p99_ms"] > 250
+    assert r["max_connections"] > 20  # each waiting request holds a connection: none was idle
+    # with at most 2 connections the rest wait in the generator; still counted from their arrival
+    q = shl.open_loop(srv.port, [REQUEST], 200.0, 0.5, 1000, drain_s=10, seed=2, max_conns=2, preopen=1)
+    assert q["max_connections"] <= 2 and q["client_queued"] > 20 and q["max_client_queue"] > 10
+    assert q["answered"] == q["sent"] == n and q["p50_ms"] > 120
+
+
+def test_open_loop_counts_refusals_and_lost_connections_as_errors(ref_server):
+    for server, status in ((ref_server(0.001, status=503), "503"), (ref_server(0.0, drop=True), "lost")):
+        r = shl.open_loop(server.port, [REQUEST], 100.0, 0.4, 1000, drain_s=5, seed=3)
+        assert r["sent"] > 10 and r["answered"] == 0 and r["errors"] == r["sent"]
+        assert r["statuses"] == {status: r["sent"]}
+        assert r["throughput"] == 0 and math.isinf(r["p50_ms"]) and math.isinf(r["p99_ms"])
+        assert not serve_load.sustained(r, slo_ms=1e9)
+    # a mix: 200s sustained, the same run with one refusal is not
+    ok = {"answered": 10, "sent": 10, "p99_ms": 1.0}
+    assert serve_load.sustained(ok, 5.0) and not serve_load.sustained({**ok, "answered": 9}, 5.0)
+
+
+def test_served_answers_over_http_equal_rt_infer(tmp_path):
+    """The bench's server (a subprocess on 127.0.0.1) and client: answers to pre-encoded
+    safetensors and JSON bodies equal rt.infer's here; the server stops on SIGTERM."""
+    _, rt, pool, spec = shl.build_runtime("digits")
+    rt.save(tmp_path / "digits", weights=True)
+    xs = pool[:6]
+    want = [rt.infer(x) for x in xs]
+    with shl.running_servers(
+        {"stage": []}, tmp_path / "digits", "serve_http_load:digits_factory", spec["shape"], 32
+    ) as (ready, unavailable):
+        assert unavailable == {} and set(ready) == {"stage"}
+        srv = ready["stage"]
+        for body in ("safetensors", "json"):
+            got = shl.fetch(srv.port, [shl.encode_request(x, body) for x in xs])
+            assert [s for s, _ in got] == [200] * len(xs)
+            for (_, data), w in zip(got, want):
+                logits, exit_index = shl.decode_answer(data, body)
+                assert exit_index.tolist() == w.exit_index.tolist()
+                torch.testing.assert_close(logits.float(), w.logits, rtol=0, atol=1e-4)
+        assert any(w.exit_index.item() != want[0].exit_index.item() for w in want)  # not one exit for all
+        status, stats = shl.http_get_json(srv.port, "/stats")
+        assert status == 200 and stats["requests"]["completed"] >= 2 * len(xs)
+        assert shl.process_cpu_s(srv.pid) > 0
+    assert srv.proc.returncode == 0  # SIGTERM: drained and exited
+
+
+def test_quick_run_end_to_end(tmp_path):
+    """--quick on digits against the stage server; a system whose server refuses its options
+    (argparse: exit code 2) is reported as unavailable, the run goes on without it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "serve_http_load.py"),
+        "--quick",
+        "--systems",
+        "stage,bogus=--policy no-such-policy",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (js,) = tmp_path.glob("serve-http-quick-*.json")
+    doc = json.loads(js.read_text())
+    assert doc["device"]["device"] and doc["args"]["repeats"] == 1
+    (res,) = doc["results"]
+    assert res["model"] == "digits" and res["input_shape"] == [1, 8, 8]
+    assert res["systems"]["stage"]["available"] is True
+    bogus = res["systems"]["bogus"]
+    assert bogus["available"] is False and "code 2" in bogus["reason"] and "no-such-policy" in bogus["reason"]
+    a = res["answers"]["stage"]
+    assert a["exit_index_equal"] is True and a["max_abs_logit_diff"] <= 1e-4 and a["statuses"] == [200] * 8
+    assert set(res["light_load"]) == {"rt.infer", "stage"}
+    light = res["light_load"]["stage"]
+    assert light["errors"] == 0 and light["p50_ms"] > res["light_load"]["rt.infer"]["p50_ms"] > 0
+    sat = res["saturated"]["stage"]
+    assert sat["req_per_s"] > 0 and sat["errors"] == 0 and sat["server_cpu_us_per_request"] > 0
+    assert res["saturated_in_process"]["stage"]["req_per_s"] > 0
+    assert res["base_system"] == "stage" and len(res["rates"]) == 2
+    assert res["rates"] == [round(f * sat["req_per_s"], 1) for f in (0.5, 1.0)]
+    assert [(r["system"], r["offered_rate"]) for r in res["rows"]] == [("stage", rate) for rate in res["rates"]]
+    sent = 0
+    for r in res["rows"]:
+        # every request answered with 200
+        assert r["sent"] > 0 and r["answered"] == r["sent"] and r["errors"] == 0 and r["statuses"] == {}
+        assert r["sustained"] == (r["p99_ms"] <= r["slo_ms"])
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["server_cpu_us_per_request"] > 0
+        # the server's cores and the other processes' (the machine's busy time less ours)
+        assert 0 < r["server_cores"] <= os.cpu_count() and 0 <= r["other_cores"] <= os.cpu_count()
+        assert len(r["mean_batch_per_stage"]) == 3 and r["mean_batch_per_stage"][0] >= 1
+        sent += r["sent"]
+    assert res["max_sustained_rate"]["stage"] == max(
+        [r["offered_rate"] for r in res["rows"] if r["sustained"]], default=0.0
+    )
+    assert res["stats_after_grid"]["stage"]["requests"]["completed"] >= sent
+    md = js.with_suffix(".md").read_text()
+    assert "| stage |" in md and "**unavailable**" in md
+    assert (tmp_path / (js.stem + "-latency.png")).stat().st_size > 0
