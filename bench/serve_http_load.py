@@ -744,8 +744,9 @@ class Server:
     """``python -m eeruntime serve`` in a subprocess on 127.0.0.1 (--port 0: the port it prints),
     OMP_NUM_THREADS=1, bench/ and the repository on its PYTHONPATH (for ``--model``'s factory)."""
 
-    def __init__(self, name: str, bundle, model: str, shape, max_batch: int, extra: Sequence[str], workdir):
+    def __init__(self, name: str, bundle, model: str, shape, max_batch: int, extra: Sequence[str], workdir, tree=None):
         self.name, self.extra = name, list(extra)
+        self.tree = Path(tree) if tree is not None else ROOT  # where its eeruntime is imported from
         self.workdir = Path(workdir)
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
         self.out_path, self.err_path = self.workdir / f"{safe}.out", self.workdir / f"{safe}.err"
@@ -775,7 +776,9 @@ class Server:
 
     def start(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(self.tree), str(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        )
         self._t0 = time.perf_counter()
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
@@ -849,11 +852,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_servers(specs: Dict[str, List[str]], bundle, model: str, shape, max_batch: int, startup_timeout_s=120.0):
-    """Every system's server started at once; yields ({name: Server} of those ready, {name: why
+def running_servers(
+    specs: Dict[str, List[str]], bundle, model: str, shape, max_batch: int, startup_timeout_s=120.0, trees=None
+):
+    """Every system's server started at once (``trees``: {name: the source tree its eeruntime
+    comes from}, this checkout's by default); yields ({name: Server} of those ready, {name: why
     not} of the others); every server stopped (SIGTERM, then SIGKILL) on the way out."""
     workdir = tempfile.mkdtemp(prefix="serve-http-")
-    servers = {name: Server(name, bundle, model, shape, max_batch, extra, workdir) for name, extra in specs.items()}
+    trees = trees or {}
+    servers = {
+        name: Server(name, bundle, model, shape, max_batch, extra, workdir, trees.get(name))
+        for name, extra in specs.items()
+    }
     ready: Dict[str, Server] = {}
     unavailable: Dict[str, str] = {}
     try:
@@ -870,6 +880,18 @@ def running_servers(specs: Dict[str, List[str]], bundle, model: str, shape, max_
     finally:
         for s in servers.values():
             s.stop()
+
+
+def tree_at(rev: str, dest: Path) -> Path:
+    """The package ``eeruntime`` of git revision ``rev`` of this checkout under ``dest`` (with
+    this checkout's compiled extension beside it, so that only the Python differs), for
+    ``--before``: its servers run that revision's server and scheduler beside today's."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "eeruntime"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    for built in list((ROOT / "eeruntime").glob("_C*.so")) + list((ROOT / "eeruntime").glob("_C_build.json")):
+        (dest / "eeruntime" / built.name).write_bytes(built.read_bytes())
+    return dest
 
 
 # --------------------------------------------------------------------------- the bench
@@ -999,7 +1021,10 @@ def run_model(name: str, args) -> dict:
         bundle = Path(tmp) / name
         rt.save(bundle, weights=True)
         factory = f"serve_http_load:{FACTORIES[name]}"
-        with running_servers(args.systems, bundle, factory, spec["shape"], args.max_batch) as (servers, unavailable):
+        with running_servers(args.systems, bundle, factory, spec["shape"], args.max_batch, trees=args.trees) as (
+            servers,
+            unavailable,
+        ):
             res["systems"] = {
                 s: {
                     "options": opts,
@@ -1397,6 +1422,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="asyncio",
         help="the generator's event loop (auto: uvloop where installed); see open_loop's arrivals",
     )
+    p.add_argument(
+        "--before",
+        metavar="REV",
+        help="also run every system with the eeruntime of git revision REV (named NAME@REV), side by side with "
+        "today's: the before/after of a change to the server or the scheduler",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: digits, two rates, 0.5 s each, one repeat")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default="", help="appended to the output files' names")
@@ -1410,6 +1441,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.systems = parse_systems(args.systems)
     except ValueError as e:
         p.error(str(e))
+    args.trees = {}
+    if args.before:
+        try:
+            tree = tree_at(args.before, Path(tempfile.mkdtemp(prefix="serve-http-before-")))
+        except subprocess.CalledProcessError as e:
+            p.error(f"--before {args.before}: git archive failed: {e.stderr.decode(errors='replace').strip()}")
+        for name, opts in list(args.systems.items()):
+            args.systems[f"{name}@{args.before}"] = opts
+            args.trees[f"{name}@{args.before}"] = tree
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     unknown = {m for m in args.models.split(",")} - set(FACTORIES)
     if unknown:

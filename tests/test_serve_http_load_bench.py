@@ -274,3 +274,27 @@ def test_quick_run_end_to_end(tmp_path):
     md = js.with_suffix(".md").read_text()
     assert "| stage |" in md and "**unavailable**" in md
     assert (tmp_path / (js.stem + "-latency.png")).stat().st_size > 0
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout (git archive of a revision)")
+def test_before_runs_every_system_again_from_that_revisions_tree():
+    """--before REV: each system also as NAME@REV, its server importing eeruntime from REV's
+    tree (extracted by git archive, with this checkout's compiled extension beside it)."""
+    args = shl.parse_args(["--before", "HEAD", "--systems", "stage,x=--max-wait-ms 1"])
+    assert args.systems == {
+        "stage": [],
+        "x": ["--max-wait-ms", "1"],
+        "stage@HEAD": [],
+        "x@HEAD": ["--max-wait-ms", "1"],
+    }
+    tree = args.trees["stage@HEAD"]
+    assert args.trees == {"stage@HEAD": tree, "x@HEAD": tree} and set(args.trees) <= set(args.systems)
+    pkg = tree / "eeruntime"
+    assert (pkg / "serve" / "server.py").read_bytes() == subprocess.run(
+        ["git", "-C", str(ROOT), "show", "HEAD:eeruntime/serve/server.py"], capture_output=True, check=True
+    ).stdout
+    assert sorted(p.name for p in pkg.glob("_C*.so")) == sorted(p.name for p in (ROOT / "eeruntime").glob("_C*.so"))
+    server = shl.Server("stage@HEAD", tree / "b", "m:f", (1, 8, 8), 32, [], tree, tree=tree)
+    assert server.tree == tree and shl.Server("stage", tree / "b", "m:f", (1,), 32, [], tree).tree == ROOT
+    with pytest.raises(SystemExit):
+        shl.parse_args(["--before", "no-such-revision-xyz"])
