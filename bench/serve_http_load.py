@@ -774,14 +774,20 @@ class Server:
         self.port = 0
         self.startup_s = math.nan
 
-    def start(self) -> None:
+    def launch(self) -> Tuple[Dict[str, str], str]:
+        """The server process's environment and working directory: ``python -m`` puts the working
+        directory first on sys.path, ahead of PYTHONPATH, so it is the tree whose eeruntime runs."""
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env["PYTHONPATH"] = os.pathsep.join(
             [str(self.tree), str(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
         )
+        return env, str(self.tree)
+
+    def start(self) -> None:
+        env, cwd = self.launch()
         self._t0 = time.perf_counter()
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
 
     @property
     def pid(self) -> int:

@@ -294,7 +294,20 @@ def test_before_runs_every_system_again_from_that_revisions_tree():
         ["git", "-C", str(ROOT), "show", "HEAD:eeruntime/serve/server.py"], capture_output=True, check=True
     ).stdout
     assert sorted(p.name for p in pkg.glob("_C*.so")) == sorted(p.name for p in (ROOT / "eeruntime").glob("_C*.so"))
-    server = shl.Server("stage@HEAD", tree / "b", "m:f", (1, 8, 8), 32, [], tree, tree=tree)
-    assert server.tree == tree and shl.Server("stage", tree / "b", "m:f", (1,), 32, [], tree).tree == ROOT
+    # the eeruntime a server process imports (python -m: its working directory comes first)
+    for server, want in [
+        (shl.Server("stage@HEAD", tree / "b", "m:f", (1, 8, 8), 32, [], tree, tree=tree), pkg),
+        (shl.Server("stage", tree / "b", "m:f", (1,), 32, [], tree), ROOT / "eeruntime"),
+    ]:
+        env, cwd = server.launch()
+        where = subprocess.run(
+            [sys.executable, "-c", "import eeruntime; print(eeruntime.__file__)"],
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert pathlib.Path(where).resolve() == (want / "__init__.py").resolve(), (server.name, where)
     with pytest.raises(SystemExit):
         shl.parse_args(["--before", "no-such-revision-xyz"])
