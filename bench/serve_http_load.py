@@ -8,13 +8,14 @@ system (a name and the extra command-line options of its server), a server is st
 OMP_NUM_THREADS=1; every system's server of a model is alive at once, idle while another is
 measured. The default systems:
 
-  stage:     the stage scheduler with its defaults (no extra options),
+  stage:     the server's defaults (no extra options; no deferral since session 14),
   ee-req:    ``--policy request``: request-level dynamic batching in the same scheduler, every
              stage-0 batch run whole through rt.infer (the "(b)" baseline); a server that refuses
              the option (an older eeruntime) is reported as unavailable, with its reason,
   stage-x2:  ``--scheduler-workers 2``.
 
-``--systems`` takes names of these (or of stage-fill, stage-nodefer) and ``name=OPTIONS`` pairs,
+``--systems`` takes names of these (or of stage-fill, stage-nodefer, stage-defer: ``--max-defer-ms
+20``, the scheduler's CPU default, the server's before session 14) and ``name=OPTIONS`` pairs,
 e.g. ``--systems "stage,wait1=--max-wait-ms 1"``.
 
 The load generator is this process's asyncio event loop (--client-loop) on raw
@@ -101,15 +102,24 @@ HOST = "127.0.0.1"  # the only address this bench binds or connects to
 # name -> the server's extra options (``--systems`` may add others as name=OPTIONS)
 KNOWN_SYSTEMS: Dict[str, List[str]] = {
     "stage": [],
+    "stage-defer": ["--max-defer-ms", "20"],
     "ee-req": ["--policy", "request"],
     "stage-x2": ["--scheduler-workers", "2"],
     "stage-fill": ["--policy", "fill"],
     "stage-nodefer": ["--max-defer-ms", "0"],
 }
 DEFAULT_SYSTEMS = "stage,ee-req,stage-x2"
-# the known systems that serve_load runs in-process with the same scheduler settings (its ee-req:
-# request-level batching of rt.infer in a thread of its own), for the in-process reference
-INPROC_SYSTEMS = ("stage", "ee-req", "stage-x2", "stage-nodefer")
+# the known systems' in-process twins in serve_load (the same scheduler settings; its ee-req:
+# request-level batching of rt.infer in a thread of its own), for the in-process reference. The
+# server's default is no deferral (eeruntime/serve/cli.py, SERVE_MAX_DEFER_MS); serve_load's
+# "stage" keeps the scheduler's CPU default (20 ms), which is the server's stage-defer.
+INPROC_SYSTEMS = {
+    "stage": "stage-nodefer",
+    "stage-nodefer": "stage-nodefer",
+    "stage-defer": "stage",
+    "ee-req": "ee-req",
+    "stage-x2": "stage-nodefer-x2",
+}
 
 
 # --------------------------------------------------------------------------- the servers' models
@@ -1135,7 +1145,7 @@ def measure(name, args, model, rt, pool, requests, servers: Dict[str, Server], r
         torch.set_num_threads(1)
         inproc = saturated_capacity(
             known,
-            lambda s: inproc_system(s, model, rt, args.max_batch),
+            lambda s: inproc_system(INPROC_SYSTEMS[s], model, rt, args.max_batch),
             pool,
             args.inproc_requests,
             args.sat_repeats,

@@ -365,6 +365,7 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
             ["--policy", "fill", "--max-wait-ms", "3"],
             ["--max-wait-ms", "2", "--max-defer-ms", "4", "--scheduler-workers", "2"],
             ["--policy", "request", "--max-wait-ms", "1"],
+            [],
         ):
             with pytest.raises(RuntimeError, match="stop here"):
                 cli.main(base + extra)
@@ -376,6 +377,7 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
         ("fill", 0.003, 0.0, 1),
         ("deepest", 0.002, 0.004, 2),
         ("request", 0.001, 0.0, 1),
+        ("deepest", 0.0, 0.0, 1),  # the server's default: no deferral (cli.SERVE_MAX_DEFER_MS), on a CPU too
     ]
 
 

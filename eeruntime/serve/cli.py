@@ -13,6 +13,13 @@ TOKEN_ENV = "EERUNTIME_ADMIN_TOKEN"
 # StageScheduler's policies (scheduler.POLICIES, spelled out here: this module imports no torch
 # until a server starts, so --help stays fast; tests/test_serve_http.py checks they agree)
 POLICIES = ("deepest", "fill", "request")
+# --max-defer-ms when not given, in the HTTP server: off. Its event loop hands requests to the
+# scheduler in bursts (every request parsed in one pass of the loop at once), which fill stage 0
+# below saturation and set deferral off; measured on the 2-core VM over HTTP (docs/serving.md, "Over
+# HTTP"), the scheduler's CPU default (20 ms) lost to none: 0.80x and 0.79x the saturated req/s of
+# request batching on the ResNet-style model (0.89x and 0.91x on digits), and at half that rate a p99
+# of 79 ms against 22-33 ms. (torchserve-archive leaves it to the scheduler's default.)
+SERVE_MAX_DEFER_MS = 0.0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,7 +98,8 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="policy 'deepest': how long a partial batch may be passed over for full ones once stage 0 holds a "
         "full batch (survivors then wait for the next stage-0 batches' and deeper batches fill); 0: never; "
-        "default: 20 on a CPU, 0 on a GPU (docs/serving.md, 'Policy')",
+        "default: 0 in `eeruntime serve` (over HTTP it lost: docs/serving.md, 'Over HTTP'), else the "
+        "scheduler's (20 on a CPU, 0 on a GPU; docs/serving.md, 'Policy')",
     )
     p.add_argument(
         "--scheduler-workers",
@@ -179,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         policy=args.policy,
-        max_defer_ms=args.max_defer_ms,
+        max_defer_ms=SERVE_MAX_DEFER_MS
+        if args.max_defer_ms is None and args.policy == "deepest"
+        else args.max_defer_ms,
         max_queue_rows=args.max_queue_rows,
         timeout_s=args.timeout_s,
         workers=args.scheduler_workers,
