@@ -39,10 +39,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, thresholds_for_fractions  # noqa: E402
-from serve_load import MODELS, rotated  # noqa: E402
+from common import device_info  # noqa: E402
+from serve_load import MODELS, build_runtime, rotated  # noqa: E402
 
-import eeruntime as ee  # noqa: E402
 from eeruntime.serve import StageScheduler, freeze_startup_objects, set_switch_interval  # noqa: E402
 from eeruntime.serve.stats import percentile  # noqa: E402
 
@@ -118,13 +117,7 @@ def run(rt, xs, path: str, rate, args, seed: int) -> dict:
 
 
 def run_model(name: str, args) -> dict:
-    spec = MODELS[name]
-    torch.manual_seed(0)
-    model = spec["build"]().eval()
-    pool = torch.randn(512, *spec["shape"])
-    with torch.no_grad():
-        thr = thresholds_for_fractions(model, pool, spec["fractions"], "entropy")
-    rt = ee.EERuntime(model, thresholds=thr, criterion="entropy")
+    _, rt, pool = build_runtime(MODELS[name])
     xs = [pool[i : i + 1].clone() for i in range(pool.shape[0])]
     freeze_startup_objects()  # as `eeruntime serve` does once its model is loaded
     cells = []

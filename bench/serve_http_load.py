@@ -999,22 +999,13 @@ def median_of(runs: List[dict]) -> dict:
 
 
 def build_runtime(name: str):
-    """serve_load.run_model's model, runtime and samples for MODELS[name] (on the CPU): the model
-    built under torch.manual_seed(0), thresholds for its exit fractions on 512 random samples,
-    which are returned as single-sample batches. Returns (model, rt, pool, spec)."""
-    import torch
-    from common import thresholds_for_fractions
+    """serve_load.build_runtime for MODELS[name] on the CPU, its samples as single-sample
+    batches: (model, rt, pool, spec)."""
     from serve_load import MODELS
-
-    import eeruntime as ee
+    from serve_load import build_runtime as build
 
     spec: Dict[str, Any] = MODELS[name]
-    torch.manual_seed(0)
-    model = spec["build"]().eval()
-    pool_x = torch.randn(512, *spec["shape"])
-    with torch.no_grad():
-        thr = thresholds_for_fractions(model, pool_x, spec["fractions"], "entropy")
-    rt = ee.EERuntime(model, thresholds=thr, criterion="entropy")
+    model, rt, pool_x = build(spec)
     return model, rt, [pool_x[i : i + 1].clone() for i in range(pool_x.shape[0])], spec
 
 

@@ -747,14 +747,21 @@ MODELS = {
 }
 
 
-def run_model(name, spec, args) -> dict:
+def build_runtime(spec: dict, device="cpu"):
+    """The bench's model for a MODELS entry, built under torch.manual_seed(0), and its runtime
+    with thresholds for the entry's exit fractions on 512 random samples (returned too):
+    (model, rt, samples). Every serving bench builds its model here, so they serve the same one."""
     torch.manual_seed(0)
-    device = torch.device(args.device)
     model = spec["build"]().eval().to(device)
     pool_x = torch.randn(512, *spec["shape"]).to(device)
     with torch.no_grad():
         thr = thresholds_for_fractions(model, pool_x, spec["fractions"], "entropy")
-    rt = ee.EERuntime(model, thresholds=thr, criterion="entropy")
+    return model, ee.EERuntime(model, thresholds=thr, criterion="entropy"), pool_x
+
+
+def run_model(name, spec, args) -> dict:
+    device = torch.device(args.device)
+    model, rt, pool_x = build_runtime(spec, device)
     if device.type == "cuda":
         if rt.graphs is not False:
             rt.warmup(args.max_batch, pool_x[:1])  # every bucket's graph captured before traffic
@@ -902,7 +909,7 @@ def run_model(name, spec, args) -> dict:
         "model": name,
         "input_shape": list(spec["shape"]),
         "exit_fractions": spec["fractions"],
-        "thresholds": thr,
+        "thresholds": rt.thresholds,
         "plain_batch1_ms": plain1,
         "infer_batch1_ms": ee1,
         "plain_per_row_ms_at_max_batch": plain_b,

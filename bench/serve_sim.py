@@ -51,10 +51,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, thresholds_for_fractions  # noqa: E402
-from serve_load import MODELS  # noqa: E402
+from common import device_info  # noqa: E402
+from serve_load import MODELS, build_runtime  # noqa: E402
 
-import eeruntime as ee  # noqa: E402
 from eeruntime.criteria import lower_is_confident  # noqa: E402
 from eeruntime.serve import StageScheduler  # noqa: E402
 from eeruntime.serve.scheduler import _Chunk  # noqa: E402
@@ -252,12 +251,7 @@ def systems(rt, max_batch: int, defer_ms: float) -> Dict[str, Callable[[], Stage
 
 def run_model(name: str, args) -> dict:
     spec = MODELS[name]
-    torch.manual_seed(0)
-    model = spec["build"]().eval()
-    pool_x = torch.randn(512, *spec["shape"])
-    with torch.no_grad():
-        thr = thresholds_for_fractions(model, pool_x, spec["fractions"], "entropy")
-    rt = ee.EERuntime(model, thresholds=thr, criterion="entropy")
+    _, rt, pool_x = build_runtime(spec)
     pool_exits = rt.infer(pool_x).exit_index.tolist()
     costs = measure_step_costs(rt, pool_x[: max(args.max_batch, 1)], SIZES, args.cost_reps)
     print(f"[{name}] step ms at {costs.sizes}: {[[round(v * 1e3, 3) for v in r] for r in costs.step_s]}", flush=True)
