@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import platform
 
@@ -189,3 +190,17 @@ def thresholds_for_fractions(model, x, fractions, criterion: str = "entropy"):
         exits = (s < thr) if criterion == "entropy" else (s >= thr)
         alive &= ~exits
     return thresholds
+
+
+def write_report(out_dir, name: str, doc: dict, markdown: str, tag: str = ""):
+    """Write ``doc`` as JSON and ``markdown`` beside it, as ``<out_dir>/<name>-<device>-<date><tag>``
+    (the device's first word, lowercased; the date from ``doc["date"]``); returns the stem."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{doc['device']['device'].split()[0].lower()}-{doc['date']}{tag}"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    stem.with_suffix(".md").write_text(markdown)
+    print(f"wrote {stem}.json, .md")
+    return stem

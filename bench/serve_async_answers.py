@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import random
 import statistics
 import sys
@@ -39,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info  # noqa: E402
+from common import device_info, write_report  # noqa: E402
 from serve_load import MODELS, build_runtime, rotated  # noqa: E402
 
 from eeruntime.serve import StageScheduler, freeze_startup_objects, set_switch_interval  # noqa: E402
@@ -199,12 +198,7 @@ def main(argv=None) -> int:
         f"path alternating, medians; {args.frontend_us:g} us of front-end Python per request; max_batch "
         f"{args.max_batch}; torch on 1 thread, GIL switch interval 0.1 ms (as `eeruntime serve`).",
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve-async-answers-{info['device'].split()[0].lower()}-{date}{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    stem.with_suffix(".md").write_text(markdown(doc))
-    print(f"wrote {stem}.json, .md")
+    write_report(args.out, "serve-async-answers", doc, markdown(doc), args.tag)
     return 0
 
 

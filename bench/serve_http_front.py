@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info  # noqa: E402
+from common import device_info, write_report  # noqa: E402
 from serve_load import rotated  # noqa: E402
 
 import eeruntime as ee  # noqa: E402
@@ -185,12 +185,7 @@ def main(argv=None) -> int:
     for b in BODIES:
         row = [f"{medians[f'{v}/{b}']:.1f} us" for v in VARIANTS]
         lines.append(f"| {b} | " + " | ".join(row) + f" | {medians[f'now/{b}'] / medians[f'before/{b}']:.2f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve-http-front-{info['device'].split()[0].lower()}-{date}{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json, .md")
+    write_report(args.out, "serve-http-front", doc, "\n".join(lines) + "\n", args.tag)
     return 0
 
 

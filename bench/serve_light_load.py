@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import datetime
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, thresholds_for_fractions  # noqa: E402
+from common import device_info, thresholds_for_fractions, write_report  # noqa: E402
 from serve_load import MODELS  # noqa: E402
 
 import eeruntime as ee  # noqa: E402
@@ -149,12 +148,7 @@ def main(argv=None) -> int:
         f"{args.rounds} rounds of 64 requests, medians; torch on 1 thread. Shared 2-core VM with other jobs "
         "running: the load average per model is in the table; a thread hand-off there costs a wait for a core.",
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve-light-load-{info['device'].split()[0].lower()}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    stem.with_suffix(".md").write_text(markdown(doc))
-    print(f"wrote {stem}.json, .md")
+    write_report(args.out, "serve-light-load", doc, markdown(doc))
     return 0
 
 
