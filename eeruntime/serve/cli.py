@@ -16,9 +16,9 @@ POLICIES = ("deepest", "fill", "request")
 # --max-defer-ms when not given, in the HTTP server: off. Its event loop hands requests to the
 # scheduler in bursts (every request parsed in one pass of the loop at once), which fill stage 0
 # below saturation and set deferral off; measured on the 2-core VM over HTTP (docs/serving.md, "Over
-# HTTP"), the scheduler's CPU default (20 ms) lost to none: 0.80x and 0.79x the saturated req/s of
-# request batching on the ResNet-style model (0.89x and 0.91x on digits), and at half that rate a p99
-# of 79 ms against 22-33 ms. (torchserve-archive leaves it to the scheduler's default.)
+# HTTP"), the scheduler's CPU default (20 ms) lost to none: 0.79x and 0.74x the saturated req/s of
+# request batching on the ResNet-style model in two runs (0.91x and 0.89x on digits), and at half
+# that rate a p99 of 79 ms against 22-33 ms. (torchserve-archive leaves it to the scheduler's default.)
 SERVE_MAX_DEFER_MS = 0.0
 
 
