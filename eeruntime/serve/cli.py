@@ -17,8 +17,10 @@ POLICIES = ("deepest", "fill", "request")
 # scheduler in bursts (every request parsed in one pass of the loop at once), which fill stage 0
 # below saturation and set deferral off; measured on the 2-core VM over HTTP (docs/serving.md, "Over
 # HTTP"), the scheduler's CPU default (20 ms) lost to none: 0.79x and 0.74x the saturated req/s of
-# request batching on the ResNet-style model in two runs (0.91x and 0.89x on digits), and at half
-# that rate a p99 of 79 ms against 22-33 ms. (torchserve-archive leaves it to the scheduler's default.)
+# request batching on the ResNet-style model in two runs (0.75x in a third; 0.91x, 0.89x and 0.95x
+# on digits), and at half that rate p99s of 79 and 152 ms against 22-36 ms in two of them (the
+# first went the other way: 116 against 176 ms). (torchserve-archive leaves it to the scheduler's
+# default.)
 SERVE_MAX_DEFER_MS = 0.0
 
 
