@@ -311,3 +311,35 @@ def test_before_runs_every_system_again_from_that_revisions_tree():
         assert pathlib.Path(where).resolve() == (want / "__init__.py").resolve(), (server.name, where)
     with pytest.raises(SystemExit):
         shl.parse_args(["--before", "no-such-revision-xyz"])
+
+
+def test_litserve_probe_serves_the_same_answers_rate_from_both_servers_and_leaves_no_process(tmp_path):
+    """bench/serve_litserve_probe.py: eeruntime serve and LitServe (the package's adapter) both
+    start on 127.0.0.1, answer every request of a short saturated run with 200, and no process of
+    theirs outlives the run."""
+    pytest.importorskip("litserve")
+    import serve_litserve_probe as probe
+
+    before = set(os.listdir("/proc"))
+    rc = probe.main(
+        ["--models", "digits", "--repeats", "1", "--seconds", "0.3", "--conns", "8", "--out", str(tmp_path)]
+    )
+    assert rc == 0
+    (js,) = tmp_path.glob("serve-litserve-probe-*.json")
+    (res,) = json.loads(js.read_text())["results"]
+    assert set(res["systems"]) == {"eeruntime", *probe.LITSERVE}
+    for s, v in res["systems"].items():
+        assert v["available"], (s, v)
+        (run,) = v["runs"]
+        assert run["errors"] == 0 and run["req_per_s"] > 0 and run["server_tree_cpu_us_per_request"] > 0, (s, run)
+    left = []
+    for pid in set(os.listdir("/proc")) - before:
+        try:
+            cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            orphan = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == "1"
+        except OSError:  # (not a process, or gone)
+            continue
+        # the servers themselves, or LitServe's spawned workers left behind (re-parented to init)
+        if b"serve_litserve_probe" in cmd or b"eeruntime serve" in cmd or (orphan and b"spawn_main" in cmd):
+            left.append(cmd)
+    assert not left, left
