@@ -17,8 +17,10 @@ bound or connected to.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -106,7 +108,6 @@ def wait_health(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> 
 def start(system: str, bundle: Path, factory: str, shape, workdir: Path):
     """(process, port, path) of a started server: eeruntime serve (--port 0) or LitServe."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
-    log = open(workdir / f"{system}.log", "wb")
     if system == "eeruntime":
         port = free_port()
         cmd = [sys.executable, "-m", "eeruntime", "serve", str(bundle), "--model", factory, "--host", shl.HOST]
@@ -117,26 +118,52 @@ def start(system: str, bundle: Path, factory: str, shape, workdir: Path):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--litserve", str(bundle), factory, str(port)]
         cmd += ["--fast-queue"] if system == "litserve-fast-queue" else []
         path = "/predict"
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT))
-    wait_health(port, proc)
+    with open(workdir / f"{system}.log", "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT), start_new_session=True
+        )
+    try:
+        wait_health(port, proc)
+    except BaseException:
+        stop(proc)  # (a server that did not come up leaves nothing behind either)
+        raise
     return proc, port, path
 
 
+def group_members(pgid: int) -> list:
+    """The live processes of process group ``pgid`` (zombies excluded: they are only waiting to
+    be reaped)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server, SIGKILL it after 20 s, and any of its processes left after it."""
-    family = tree(proc.pid)[1:]
+    """SIGTERM the server's whole process group (it was started in a session of its own, so
+    LitServe's processes, forked or spawned, are in it), SIGKILL what is left after 20 s, and wait
+    until none of them is alive."""
+    pgid = proc.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.perf_counter() + 10
+    while group_members(pgid) and time.perf_counter() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        time.sleep(0.1)
     if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    for p in family:
-        try:
-            os.kill(p, 9)
-        except OSError:  # (gone with its parent)
-            pass
+        proc.wait(10)
 
 
 def run_model(name: str, args) -> dict:
