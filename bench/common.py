@@ -192,6 +192,20 @@ def thresholds_for_fractions(model, x, fractions, criterion: str = "entropy"):
     return thresholds
 
 
+def report_doc(argv=None, **fields) -> dict:
+    """A bench report's header (the machine, today's date, the command line: ``argv``, else
+    sys.argv's) followed by ``fields``; :func:`write_report` writes it."""
+    import datetime
+    import sys
+
+    return {
+        "device": device_info(),
+        "date": datetime.date.today().isoformat(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        **fields,
+    }
+
+
 def write_report(out_dir, name: str, doc: dict, markdown: str, tag: str = ""):
     """Write ``doc`` as JSON and ``markdown`` beside it, as ``<out_dir>/<name>-<device>-<date><tag>``
     (the device's first word, lowercased; the date from ``doc["date"]``); returns the stem."""

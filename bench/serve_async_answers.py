@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import random
 import statistics
 import sys
@@ -38,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, write_report  # noqa: E402
+from common import report_doc, write_report  # noqa: E402
 from serve_load import MODELS, build_runtime, rotated  # noqa: E402
 
 from eeruntime.serve import StageScheduler, freeze_startup_objects, set_switch_interval  # noqa: E402
@@ -187,17 +186,13 @@ def main(argv=None) -> int:
         results = [run_model(m, args) for m in args.models.split(",")]
     finally:
         sys.setswitchinterval(before)
-    info = device_info()
-    date = datetime.date.today().isoformat()
-    doc = {
-        "device": info,
-        "date": date,
-        "argv": sys.argv[1:] if argv is None else argv,
-        "results": results,
-        "note": f"{args.requests} single-sample requests per run from an asyncio loop, {args.repeats} runs per "
+    doc = report_doc(
+        argv,
+        results=results,
+        note=f"{args.requests} single-sample requests per run from an asyncio loop, {args.repeats} runs per "
         f"path alternating, medians; {args.frontend_us:g} us of front-end Python per request; max_batch "
         f"{args.max_batch}; torch on 1 thread, GIL switch interval 0.1 ms (as `eeruntime serve`).",
-    }
+    )
     write_report(args.out, "serve-async-answers", doc, markdown(doc), args.tag)
     return 0
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import statistics
 import sys
@@ -35,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, write_report  # noqa: E402
+from common import report_doc, write_report  # noqa: E402
 from serve_load import rotated  # noqa: E402
 
 import eeruntime as ee  # noqa: E402
@@ -162,20 +161,17 @@ def main(argv=None) -> int:
     medians = {k: statistics.median(v) for k, v in samples.items()}
     for k, v in medians.items():
         print(f"{k:22s} {v:7.1f} us per request  (runs {[round(s, 1) for s in samples[k]]})")
-    info = device_info()
-    date = datetime.date.today().isoformat()
-    doc = {
-        "device": info,
-        "date": date,
-        "argv": sys.argv[1:] if argv is None else argv,
-        "us_per_request": medians,
-        "runs": samples,
-        "note": f"The ASGI app called directly in front of a stub scheduler, {args.requests} requests of one "
+    doc = report_doc(
+        argv,
+        us_per_request=medians,
+        runs=samples,
+        note=f"The ASGI app called directly in front of a stub scheduler, {args.requests} requests of one "
         f"digits sample per run, {args.concurrency} in flight, {args.repeats} runs per cell in a rotated order, "
         "median CPU time per request; torch on 1 thread.",
-    }
+    )
+    info = doc["device"]
     lines = [
-        f"# The HTTP app's own cost per request ({info['device']}, torch {info['torch']}, {date})",
+        f"# The HTTP app's own cost per request ({info['device']}, torch {info['torch']}, {doc['date']})",
         "",
         doc["note"],
         "",

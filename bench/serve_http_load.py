@@ -75,7 +75,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import datetime
 import gc
 import http.client
 import json
@@ -1471,24 +1470,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from common import device_info
+    from serve_load import run_models
 
     from eeruntime.serve import set_switch_interval
 
     torch.set_num_threads(1)
     set_switch_interval(1e-4)  # as serve_load and eeruntime serve: for the in-process reference
-    load_before = os.getloadavg()
-    info = device_info()
-    date = datetime.date.today().isoformat()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve-http-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}{args.tag}"
-    results: list = []
-    for m in args.models.split(","):
-        load = os.getloadavg()
-        results.append(run_model(m, args))
-        results[-1]["load_average_1_5_15"] = {"before": load, "after": os.getloadavg()}
-        write_results(stem, args, info, date, results, load_before)
+    run_models("serve-http", args, lambda m: run_model(m, args), write_results)
     gc.unfreeze()  # run_model froze what was loaded; extension types complain of frozen objects at exit
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib.util
 import os
 import subprocess
@@ -33,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, thresholds_for_fractions, write_report  # noqa: E402
+from common import report_doc, thresholds_for_fractions, write_report  # noqa: E402
 from serve_load import MODELS  # noqa: E402
 
 import eeruntime as ee  # noqa: E402
@@ -136,18 +135,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # see serve_load.py --threads
     before_cls = scheduler_at(args.before) if args.before else None
     results = [run_model(m, MODELS[m], args, before_cls) for m in args.models.split(",")]
-    info = device_info()
-    date = datetime.date.today().isoformat()
-    doc = {
-        "device": info,
-        "date": date,
-        "argv": sys.argv[1:],
-        "before_revision": args.before,
-        "results": results,
-        "note": "One request at a time (closed loop over the same 64 samples), every path once per round, "
+    doc = report_doc(
+        argv,
+        before_revision=args.before,
+        results=results,
+        note="One request at a time (closed loop over the same 64 samples), every path once per round, "
         f"{args.rounds} rounds of 64 requests, medians; torch on 1 thread. Shared 2-core VM with other jobs "
         "running: the load average per model is in the table; a thread hand-off there costs a wait for a core.",
-    }
+    )
     write_report(args.out, "serve-light-load", doc, markdown(doc))
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import signal
 import socket
@@ -254,18 +253,16 @@ def main(argv=None) -> int:
         p.error(f"unknown models {sorted(unknown)}; accepted: {', '.join(shl.FACTORIES)}")
     if args.repeats < 1 or args.conns < 1 or not args.seconds > 0:
         p.error("--repeats and --conns must be >= 1, --seconds > 0")
-    from common import device_info, write_report
+    from common import report_doc, write_report
 
     results = [run_model(m, args) for m in args.models.split(",")]
-    doc = {
-        "device": device_info(),
-        "date": datetime.date.today().isoformat(),
-        "argv": sys.argv[1:] if argv is None else argv,
-        "results": results,
-        "note": f"Closed loop, {args.conns} connections, {args.seconds:g} s per run, {args.repeats} rotated runs per "
+    doc = report_doc(
+        argv,
+        results=results,
+        note=f"Closed loop, {args.conns} connections, {args.seconds:g} s per run, {args.repeats} rotated runs per "
         "server, medians; JSON bodies; OMP_NUM_THREADS=1 in every server process; the same scheduler in both "
         "(max_batch 32, no deferral).",
-    }
+    )
     write_report(args.out, "serve-litserve-probe", doc, markdown(doc), args.tag)
     return 0
 

@@ -1357,20 +1357,27 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     set_switch_interval(args.switch_interval_ms / 1e3)
+    run_models("serve", args, lambda m: run_model(m, MODELS[m], args), write_results)
+    return 0
+
+
+def run_models(name: str, args, run, write) -> None:
+    """``run(model)`` for each of ``--models``, with the load average before and after each, and
+    ``write(stem, args, info, date, results, load_before)`` after every model, so a run stopped by
+    a time box (make gpu-check) keeps the finished ones; ``stem``: bench/results'
+    ``<name>-[quick-]<device>-<date><tag>`` (serve_http_load.py runs its models here too)."""
     load_before = os.getloadavg()
     info = device_info()
     date = datetime.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}{args.tag}"
+    stem = out / f"{name}-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}{args.tag}"
     results: list = []
     for m in args.models.split(","):
         load = os.getloadavg()
-        results.append(run_model(m, MODELS[m], args))
+        results.append(run(m))
         results[-1]["load_average_1_5_15"] = {"before": load, "after": os.getloadavg()}
-        # after every model, so a run stopped by a time box (make gpu-check) keeps the finished ones
-        write_results(stem, args, info, date, results, load_before)
-    return 0
+        write(stem, args, info, date, results, load_before)
 
 
 def write_results(stem: Path, args, info: dict, date: str, results: list, load_before) -> None:
