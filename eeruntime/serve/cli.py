@@ -189,9 +189,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         policy=args.policy,
-        max_defer_ms=SERVE_MAX_DEFER_MS
-        if args.max_defer_ms is None and args.policy == "deepest"
-        else args.max_defer_ms,
+        max_defer_ms=SERVE_MAX_DEFER_MS if args.max_defer_ms is None else args.max_defer_ms,
         max_queue_rows=args.max_queue_rows,
         timeout_s=args.timeout_s,
         workers=args.scheduler_workers,
