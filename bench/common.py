@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import platform
+import re
 
 import torch
 
@@ -206,14 +207,23 @@ def report_doc(argv=None, **fields) -> dict:
     }
 
 
+def device_slug(name: str) -> str:
+    """A device's word in result file names: a GPU's whole name (``nvidia-h200``,
+    ``nvidia-h100-80gb-hbm3``: the vendor's word alone gave an H100's and an H200's runs of one day
+    the same files), a CPU's first word (``amd``), as the CPU results have always been named."""
+    if name.lower().startswith("nvidia"):
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return name.split()[0].lower()
+
+
 def write_report(out_dir, name: str, doc: dict, markdown: str, tag: str = ""):
     """Write ``doc`` as JSON and ``markdown`` beside it, as ``<out_dir>/<name>-<device>-<date><tag>``
-    (the device's first word, lowercased; the date from ``doc["date"]``); returns the stem."""
+    (:func:`device_slug`; the date from ``doc["date"]``); returns the stem."""
     from pathlib import Path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{name}-{doc['device']['device'].split()[0].lower()}-{doc['date']}{tag}"
+    stem = out / f"{name}-{device_slug(doc['device']['device'])}-{doc['date']}{tag}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     stem.with_suffix(".md").write_text(markdown)
     print(f"wrote {stem}.json, .md")

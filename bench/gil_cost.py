@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import _cpu_name, device_info, thresholds_for_fractions  # noqa: E402
+from common import _cpu_name, device_info, device_slug, thresholds_for_fractions  # noqa: E402
 
 import eeruntime as ee  # noqa: E402
 from eeruntime.serve import set_switch_interval  # noqa: E402
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     # the model runs on the CPU, whatever else the machine has
     doc = {"device": _cpu_name(), "date": date, "info": info, "args": vars(args), "results": run(args)}
-    slug = str(doc["device"]).split()[0].lower()
+    slug = device_slug(str(doc["device"]))
     stem = Path(args.out) / f"gil-cost-{slug}-{date}{args.tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))

@@ -81,7 +81,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info, thresholds_for_fractions  # noqa: E402
+from common import device_info, device_slug, thresholds_for_fractions  # noqa: E402
 
 import eeruntime as ee  # noqa: E402
 from eeruntime.cost import measure_costs  # noqa: E402
@@ -599,16 +599,25 @@ def stage_costs_ms(rt, model, x, reps=15):
     never = ThresholdSnapshot([nobody] * (rt.num_exits - 1))
     best = [math.inf] * rt.num_exits
     plain = math.inf
+    # On CUDA every timing starts and ends with the device idle: a step's host read would
+    # otherwise wait for work queued before it (the plain model's, launched asynchronously), and
+    # the plain model's time would be its launches only (until session 15 it was: stage 0 at 64
+    # rows then "cost" more than the whole plain model on the H100 and H200).
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(reps):
         state, rows, carry = x, torch.arange(x.shape[0]), None
         for k in range(rt.num_exits):
+            sync()
             t = time.perf_counter()
             res = rt.run_stage(k, state, rows, carry, thresholds=never)
+            sync()
             best[k] = min(best[k], time.perf_counter() - t)
             state, rows, carry = res.state, res.rows, res.carry
+        sync()
         t = time.perf_counter()
         with torch.no_grad():
             plain_forward(model, x)
+        sync()
         plain = min(plain, time.perf_counter() - t)
     return {"stages_ms": [b * 1e3 for b in best], "plain_ms": plain * 1e3}
 
@@ -1371,7 +1380,7 @@ def run_models(name: str, args, run, write) -> None:
     date = datetime.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{name}-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}{args.tag}"
+    stem = out / f"{name}-{'quick-' if args.quick else ''}{device_slug(info['device'])}-{date}{args.tag}"
     results: list = []
     for m in args.models.split(","):
         load = os.getloadavg()

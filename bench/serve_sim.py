@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import device_info  # noqa: E402
+from common import device_info, device_slug  # noqa: E402
 from serve_load import MODELS, build_runtime  # noqa: E402
 
 from eeruntime.criteria import lower_is_confident  # noqa: E402
@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"serve-sim-{'quick-' if args.quick else ''}{info['device'].split()[0].lower()}-{date}{args.tag}"
+    stem = out / f"serve-sim-{'quick-' if args.quick else ''}{device_slug(info['device'])}-{date}{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     stem.with_suffix(".md").write_text(markdown(doc))
     print(f"wrote {stem}.json, .md", flush=True)

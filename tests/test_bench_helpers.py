@@ -145,3 +145,12 @@ def test_config_sweep_records_each_config_within_its_time_box(monkeypatch):
     fractions, notes, wrong = suite.config_sweep(x, 0.5, "entropy", 1000, 1e6, configs=((32, 1),), budget_s=-1)
     assert fractions == {"32x1": None, "32x1+prefetch": None} and not timed and not wrong
     assert any("time box" in n for n in notes)
+
+
+def test_device_slug_tells_gpus_apart_and_keeps_the_cpu_names(tmp_path):
+    # two cards of one vendor measured on one day must not write the same result files
+    assert common.device_slug("NVIDIA H200") == "nvidia-h200"
+    assert common.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.device_slug("AMD EPYC 7B13 (2 cores)") == "amd"  # as every CPU result so far
+    doc = {"device": {"device": "NVIDIA H200"}, "date": "2026-11-27"}
+    assert common.write_report(tmp_path, "x", doc, "md").name == "x-nvidia-h200-2026-11-27"

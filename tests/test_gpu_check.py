@@ -188,8 +188,8 @@ def test_serve_step_summary_reads_the_bench_json(tmp_path):
     assert resnet18 == "resnet18: stage saturated 2.00x ee-req"
     # stopped by its box after the first model: a timeout, with what it finished
     status, summary = gc.summarize(serve, None, out, {})
-    assert status == "TIMEOUT" and "165 s time box; finished: resnet: stage saturated 1.23x" in summary
-    assert gc.summarize(serve, None, "[resnet] warming up\n", {}) == ("TIMEOUT", "stopped after its 165 s time box")
+    assert status == "TIMEOUT" and "125 s time box; finished: resnet: stage saturated 1.23x" in summary
+    assert gc.summarize(serve, None, "[resnet] warming up\n", {}) == ("TIMEOUT", "stopped after its 125 s time box")
     status, summary = gc.summarize(serve, 1, "Traceback (most recent call last):\nAssertionError: no CUDA\n", {})
     assert status == "FAIL" and summary == "exit 1: AssertionError: no CUDA"
     status, summary = gc.summarize(serve, 0, f"wrote {tmp_path}/gone.json, .md\n", {})

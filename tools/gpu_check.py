@@ -159,7 +159,7 @@ def plan(
         Step("ext", 15, "CUDA ops and compiled Triton kernel load", [[py, "-c", EXT_CHECK]]),
         Step(
             "tests",
-            100,
+            140,
             "every GPU test, no GPU skip allowed",
             [pytest + ["-rs", "-m", "gpu", "--continue-on-collection-errors", *workers, "tests"]],
         ),
@@ -193,7 +193,7 @@ def plan(
         ),
         Step(
             "serve",
-            165,
+            125,
             "serving load bench on CUDA: plain, ee-req, stage, and the last two with two workers "
             "(ResNet-style, ResNet-18-style)",
             [[py, "bench/serve_load.py", *SERVE_ARGS, "--out", out]],
