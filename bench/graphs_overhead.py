@@ -17,7 +17,10 @@ entropy thresholds of 0, so no row exits):
                      them (its device work: heads, decisions, scatters, packs)
     runtime_synced   the same with a host read of the survivors' count between stages, the least
                      Python a sync costs (the bubbles' floor)
-    runtime_graphs   ``rt(x)``: the runtime as users call it
+    runtime_read_all ``rt(x)`` reading every stage's count as it comes (``launch_ahead`` off: the
+                     runtime before session 15)
+    runtime_graphs   ``rt(x)``: the runtime as users call it (launch-ahead on: a count that could not
+                     shrink the next stage's bucket last time is read at the end, in one wait)
 
 Differences of medians of the per-round ratios to ``plain_graph`` give each part's share. A CUDA
 device is what this is for; on a CPU (no capture: "graphs" are plain calls) it runs as a smoke
@@ -46,7 +49,10 @@ from eeruntime.runtime.graphs import GraphRunner  # noqa: E402
 from eeruntime.timing import side_by_side  # noqa: E402
 from eeruntime.zoo import resnet_style  # noqa: E402
 
-VARIANTS = ("plain_graph", "plain_split", "heads_graph", "runtime_replay", "runtime_synced", "runtime_graphs")
+VARIANTS = (
+    "plain_graph", "plain_split", "heads_graph", "runtime_replay", "runtime_synced", "runtime_read_all",
+    "runtime_graphs",
+)  # fmt: skip
 
 
 def _replayable(fn, cuda: bool):
@@ -110,6 +116,13 @@ def measure(model, x, rounds: int, inner: int) -> dict:
             for k in range(K):
                 runner._launch(sig, k, B)
 
+        def read_all(fn):
+            runner.launch_ahead = False
+            try:
+                return fn()
+            finally:
+                runner.launch_ahead = True
+
         def runtime_synced():
             start_runtime()
             for k in range(K):
@@ -123,11 +136,15 @@ def measure(model, x, rounds: int, inner: int) -> dict:
             "heads_graph": lambda: (static_in.copy_(x), heads_graph()),
             "runtime_replay": runtime_replay,
             "runtime_synced": runtime_synced,
+            "runtime_read_all": lambda: read_all(call),
             "runtime_graphs": call,
         }
         syncs_before = runner.host_syncs
         call()
         syncs = runner.host_syncs - syncs_before
+        syncs_before = runner.host_syncs
+        read_all(call)
+        syncs_read_all = runner.host_syncs - syncs_before
         t = side_by_side(variants, x.device, rounds=rounds, warmup=2, inner=inner)
     ms = {name: 1e3 * t.median(name) for name in variants}
     ratio = {name: t.ratio(name, "plain_graph") for name in variants}
@@ -136,7 +153,7 @@ def measure(model, x, rounds: int, inner: int) -> dict:
         "heads": ratio["heads_graph"] - 1,
         "decide_scatter_pack": ratio["runtime_replay"] - ratio["heads_graph"],
         "sync_floor": ratio["runtime_synced"] - ratio["runtime_replay"],
-        "host_python": ratio["runtime_graphs"] - ratio["runtime_synced"],
+        "host_python": ratio["runtime_read_all"] - ratio["runtime_synced"],
     }
     return {
         "batch": B,
@@ -145,6 +162,8 @@ def measure(model, x, rounds: int, inner: int) -> dict:
         "speedup_vs_plain_graph": 1 / ratio["runtime_graphs"],
         "parts_of_plain_graph": parts,
         "host_syncs_per_call": syncs,
+        "host_syncs_per_call_read_all": syncs_read_all,
+        "launch_ahead_gain": ratio["runtime_read_all"] / ratio["runtime_graphs"],
         "captured": bool(sig.graphs),
     }
 
@@ -213,12 +232,21 @@ def main(argv=None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     md = [f"# CUDA-graph runtime with no exits vs the plain graph: {info['device']}", ""]
     md.append(f"{doc['date']} | torch {info['torch']} | {args.res}x{args.res} | {doc['dtype']} | rounds {args.rounds}")
-    md += ["", "| batch | " + " | ".join(f"{v} ms (x plain)" for v in VARIANTS) + " | syncs/call |"]
+    md += ["", "| batch | " + " | ".join(f"{v} ms (x plain)" for v in VARIANTS) + " | syncs/call (read_all / graphs) |"]
     md.append("|---" * (len(VARIANTS) + 2) + "|")
     for r in rows:
         cells = [f"{r['ms'][v]:.3f} ({r['ratio_to_plain_graph'][v]:.3f})" for v in VARIANTS]
-        md.append(f"| {r['batch']} | " + " | ".join(cells) + f" | {r['host_syncs_per_call']} |")
-    md += ["", "Shares of the plain graph's time (differences of the ratios above):", ""]
+        md.append(
+            f"| {r['batch']} | "
+            + " | ".join(cells)
+            + f" | {r['host_syncs_per_call_read_all']} / {r['host_syncs_per_call']} |"
+        )
+    md += [
+        "",
+        "Launch-ahead (runtime_read_all over runtime_graphs, median of per-round ratios): "
+        + ", ".join(f"batch {r['batch']} {r['launch_ahead_gain']:.3f}x" for r in rows),
+    ]
+    md += ["", "Shares of the plain graph's time in runtime_read_all (differences of the ratios above):", ""]
     md.append("| batch | " + " | ".join(rows[0]["parts_of_plain_graph"]) + " |")
     md.append("|---" * (len(rows[0]["parts_of_plain_graph"]) + 1) + "|")
     for r in rows:

@@ -573,6 +573,53 @@ def test_one_count_read_per_early_exit_reached():
     assert runner.host_syncs == 4 and counts == [8, 0, 0, 0] and (res.exit_index == 0).all()
 
 
+def test_launch_ahead_reads_a_count_that_kept_its_bucket_once_at_the_end():
+    model = mlp_model()
+    x = torch.randn(8, 6)
+    rt = ee.EERuntime(model, thresholds=2.0, criterion="max_prob", graphs=False)  # nobody exits early
+    runner = cpu_runner(rt)
+    ref, ref_counts = rt._infer_eager(x, 8)
+    runner.infer(x)  # every count read: all 8 rows went on, in bucket 8, at every stage
+    assert runner.host_syncs == 3
+    for _ in range(2):  # now the counts go to the host on the way, and are read once at the end
+        res, counts = runner.infer(x)
+        assert counts == ref_counts == [0, 0, 0, 8]
+        assert torch.equal(res.logits, ref.logits) and torch.equal(res.exit_index, ref.exit_index)
+    assert runner.host_syncs == 3 + 2
+    runner.launch_ahead = False  # every count read as it comes, as before
+    assert runner.infer(x)[1] == [0, 0, 0, 8] and runner.host_syncs == 3 + 2 + 3
+
+
+@pytest.mark.parametrize("criterion", ["max_prob", "entropy"])
+def test_launch_ahead_guesses_wrong_yet_every_call_is_exact(criterion):
+    """Calls whose exits change from call to call (thresholds, batch sizes), so that some stages
+    launch ahead at a bucket their survivors would have shrunk: each call still equals the eager
+    runtime, row for row and count for count, and a guess that failed is not made again."""
+    model = mlp_model(K=4)
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(64, 6, generator=gen)
+    hi = quantile_thresholds(model, pool, criterion, q=0.02)  # almost nobody leaves early
+    lo = quantile_thresholds(model, pool, criterion, q=0.6)  # most leave
+    rt = ee.EERuntime(model, thresholds=hi, criterion=criterion, graphs=False)
+    runner = cpu_runner(rt, buckets=(4, 8, 16, 32))
+    wrong = 0
+    for call, (thr, B) in enumerate([(hi, 32), (hi, 32), (lo, 32), (lo, 32), (hi, 13), (lo, 13), (hi, 32), (lo, 5)]):
+        rt.set_thresholds(thr)
+        x = pool[call : call + B]
+        ahead_before = dict(next(iter(runner._sigs.values())).ahead) if runner._sigs else {}
+        res, counts = runner.infer(x)
+        ref, ref_counts = rt._infer_eager(x, B)
+        near = tie_margin(model, x, thr, criterion, ref.exit_index)
+        assert_same_result(res, counts, ref, near)
+        assert counts == ref_counts
+        sig = next(iter(runner._sigs.values()))
+        # a guess that did not hold (the bucket would have shrunk) is unlearned by the call
+        for key, guessed in ahead_before.items():
+            if guessed and not sig.ahead[key]:
+                wrong += 1
+    assert wrong > 0  # the sequence did make launch-ahead guess wrong
+
+
 @pytest.mark.parametrize("B", [3, 37])
 def test_conv_model_default_buckets_and_chunks(B):
     model = conv_net(num_exits=4, in_channels=3, width=4, num_classes=7).eval()
@@ -1048,14 +1095,42 @@ def test_gpu_at_most_one_host_sync_per_early_exit(exact_cuda):
         x = pool[:B]
         rt.infer(x)  # nothing left to capture after this
         before = runner.host_syncs
+        runner.launch_ahead = False  # every count read as it comes
         res, n_sync = _sync_warnings(lambda: rt.infer(x))
+        runner.launch_ahead = True
         reached = int(res.exit_index.max()) + 1  # stages run; a count is read after each early one
         assert n_sync == runner.host_syncs - before == min(reached, K - 1), (B, n_sync, reached)
         assert n_sync <= K - 1
+        # launch-ahead reads some counts at the end instead, in one wait (which the sync debug
+        # mode may or may not report): never more syncs
+        before = runner.host_syncs
+        _, n_sync = _sync_warnings(lambda: rt.infer(x))
+        assert n_sync <= runner.host_syncs - before <= min(reached, K - 1), (B, n_sync, reached)
     rt.set_thresholds(-1.0)  # everybody leaves at exit 0: exactly one sync
     rt.infer(pool[:32])
     _, n_sync = _sync_warnings(lambda: rt.infer(pool[:32]))
     assert n_sync == 1
+
+
+@requires_cuda
+def test_gpu_launch_ahead_waits_once_and_every_call_equals_eager(exact_cuda):
+    model, pool, rt = cuda_setup(graphs=True)  # max_prob: a threshold above 1 keeps every row
+    exits_thr = list(rt.thresholds)
+    K = rt.num_exits
+    rt.set_thresholds(2.0)
+    rt.infer(pool[:64])  # every count read: all 64 rows kept bucket 64 at every stage
+    runner = rt._graph_runner
+    before = runner.host_syncs
+    res, counts = runner.infer(pool[:64])
+    assert runner.host_syncs - before == 1 and counts == [0] * (K - 1) + [64]  # one wait, at the end
+    # exits again: the guesses made under "nobody leaves" fail once, and every call stays exact
+    rt.set_thresholds(exits_thr)
+    for B in (64, 64, 256, 37):
+        x = pool[:B]
+        res, counts = runner.infer(x)
+        ref, _ = eager_reference(rt, x)
+        near = tie_margin(model, x, exits_thr, "max_prob", ref.exit_index)
+        assert_same_result(res, counts, ref, near)
 
 
 @requires_cuda

@@ -12,7 +12,9 @@ For every stage k and batch bucket b one graph holds the whole step:
 
 ``rows_k`` holds each packed row's index in the caller's batch (it travels with the rows) and
 ``count_{k+1}`` stays on the device. The host reads it once after each early exit, the only host
-sync, stops when it is zero and otherwise replays stage k+1 at the smallest bucket >= the count.
+sync, stops when it is zero and otherwise replays stage k+1 at the smallest bucket >= the count;
+or, where the last call's read there kept the bucket, launches stage k+1 at the same bucket without
+waiting and reads that count at the end of the call (launch-ahead, :class:`_GraphPass`).
 The final stage writes every valid row (``final="average"``: the running float32 sum of all exits'
 logits, packed like the state, divided by K). Each output row is written exactly once per call, by
 the exit that row took, so the static outputs need no reset; a call copies them into fresh
@@ -397,6 +399,12 @@ class _Signature:
         self.out_conf = torch.zeros(2 * cap, dtype=torch.float32, device=dev)
         self.out_exit = torch.zeros(2 * cap, dtype=torch.int64, device=dev)
         self.pack_index = torch.zeros(cap, dtype=torch.int64, device=dev)  # compact_into's index_out
+        # Launch-ahead (_GraphPass): whether the last read of stage k's survivors at bucket b kept
+        # bucket b, and the counts copied to the host without a wait (pinned on CUDA), with the
+        # event recorded after the last such copy.
+        self.ahead: Dict[Tuple[int, int], bool] = {}
+        self.count_host = torch.zeros(K, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self.count_event = torch.cuda.Event() if dev.type == "cuda" else None
         self.graphs: Dict[Tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.ready = set()  # (k, b) already prepared (captured, or run once without capture)
 
@@ -427,23 +435,62 @@ def _no_alloc_while_capturing(what: str) -> None:
 class _GraphPass:
     """``n`` rows of a chunk through the stage loop on static buffers: a step replays stage k's
     graph at the bucket covering the live rows (which also packs the survivors into stage k+1's
-    input) and reads the survivors' count, the one host sync per early exit."""
+    input) and reads the survivors' count, the one host sync per early exit.
+
+    Launch-ahead: when the previous call's survivors of stage k at this bucket still needed the
+    same bucket (``sig.ahead``), reading the count could not shrink stage k+1's batch and would
+    only idle the GPU until the host launches it; the step then copies the count to the host
+    asynchronously and returns 0 (no one known to leave), stage k+1 runs at the same bucket (its
+    graph masks rows past the device-side count, so its results are the same), and
+    :meth:`counts` reads every such count at the end, in one wait that the last stage's work
+    does not hold up. Whatever the guess, the outputs and counts are exact; a wrong guess costs
+    stage k+1 at a larger bucket than needed, once (docs/design.md, "Hot path on GPU")."""
 
     def __init__(self, runner: GraphRunner, sig: _Signature, n: int):
         self.runner, self.sig, self.alive = runner, sig, n
         self.last = runner.spec.num_exits - 1
+        self.reach = [n]  # rows that reached stage k, for each stage run (None: count not read yet)
+        self.buckets: List[int] = []  # the bucket each stage ran at
+        self.ahead = False  # some count is still on its way to the host
 
     def step(self, k: int) -> int:
-        runner = self.runner
-        runner._launch(self.sig, k, bucket_for(self.alive, runner.buckets))
+        runner, sig = self.runner, self.sig
+        b = runner._bucket(self.alive)
+        runner._launch(sig, k, b)
+        self.buckets.append(b)
         if k == self.last:
             return self.alive
-        n_next = runner._read_count(self.sig.stages[k + 1].count)
+        if runner.launch_ahead and sig.ahead.get((k, b), False):
+            runner._count_to_host(sig, k + 1)
+            self.reach.append(None)
+            self.ahead = True
+            return 0
+        n_next = runner._read_count(sig.stages[k + 1].count)
+        sig.ahead[(k, b)] = n_next > 0 and runner._bucket(n_next) == b
+        self.reach.append(n_next)
         left, self.alive = self.alive - n_next, n_next
         return left
 
     def pack(self) -> None:
         pass  # the step's graph packed the survivors already
+
+    def counts(self, loop_counts: List[int]) -> List[int]:
+        """The rows that left at each exit: the loop's own when every count was read as it came,
+        else from the counts launch-ahead left on their way (read now, after one wait), which
+        also teach ``sig.ahead`` whether each guess held."""
+        if not self.ahead:
+            return loop_counts
+        runner, sig = self.runner, self.sig
+        host = runner._counts_on_host(sig)
+        reach = [host[k] if r is None else r for k, r in enumerate(self.reach)]
+        ran = len(self.buckets)  # stages run; the loop stops only after a count read as zero
+        counts = [0] * (self.last + 1)
+        for k in range(ran):
+            nxt = reach[k + 1] if k + 1 < ran else 0
+            counts[k] = reach[k] - nxt
+            if k + 1 < ran and self.reach[k + 1] is None:
+                sig.ahead[(k, self.buckets[k])] = nxt > 0 and runner._bucket(nxt) == self.buckets[k]
+        return counts
 
 
 # ------------------------------------------------------------------------------------- the runner
@@ -466,7 +513,10 @@ class GraphRunner:
 
     ``infer`` is thread-safe: one lock covers a call's use of the static buffers, and work on
     different CUDA streams is ordered through an event, so callers on any stream get their own
-    result. Diagnostics: ``num_captures``, ``host_syncs`` (count reads), ``prepared`` (the
+    result. ``launch_ahead`` (default True): a count read that could not shrink the next stage's
+    bucket last time is made at the end of the call instead (:class:`_GraphPass`); False reads
+    every count as it comes. Diagnostics: ``num_captures``, ``host_syncs`` (count reads, and the
+    one wait for counts launch-ahead sent on), ``prepared`` (the
     ``(stage, bucket)`` pairs in the order they were captured or first run), ``disabled_reason``.
     """
 
@@ -498,6 +548,8 @@ class GraphRunner:
         self._done: Dict[torch.device, torch.cuda.Event] = {}
         self.num_captures = 0
         self.host_syncs = 0
+        self.launch_ahead = True
+        self._bucket_table: Tuple[Tuple[int, ...], List[int]] = ((), [])
         self.prepared: List[Tuple[int, int]] = []
         self.disabled_reason: Optional[str] = None
 
@@ -794,11 +846,35 @@ class GraphRunner:
         return InferenceResult(logits, exit_index, confidence), counts
 
     def _run_stages(self, sig: _Signature, n: int) -> List[int]:
-        return run_stages(_GraphPass(self, sig, n), self.spec.num_exits)
+        batch = _GraphPass(self, sig, n)
+        return batch.counts(run_stages(batch, self.spec.num_exits))
+
+    def _bucket(self, n: int) -> int:
+        """bucket_for(n, self.buckets) from a table (the host's time between two stages' graphs
+        is time the GPU waits)."""
+        buckets, table = self._bucket_table
+        if buckets is not self.buckets:
+            table = [0] + [bucket_for(i, self.buckets) for i in range(1, self.buckets[-1] + 1)]
+            self._bucket_table = (self.buckets, table)
+        return table[n]
 
     def _read_count(self, count: torch.Tensor) -> int:
         self.host_syncs += 1  # the one host sync per early exit
         return int(count.item())
+
+    def _count_to_host(self, sig: _Signature, k: int) -> None:
+        """Start copying stage k's count to ``sig.count_host[k]`` without waiting for it."""
+        sig.count_host[k : k + 1].copy_(sig.stages[k].count, non_blocking=True)
+        if sig.count_event is not None:
+            sig.count_event.record()
+
+    def _counts_on_host(self, sig: _Signature) -> List[int]:
+        """The counts :meth:`_count_to_host` sent, once they have arrived (one host sync: it waits
+        for the stages before the last copy, not for the ones launched after it)."""
+        self.host_syncs += 1
+        if sig.count_event is not None:
+            sig.count_event.synchronize()
+        return sig.count_host.tolist()
 
     def _launch(self, sig: _Signature, k: int, b: int) -> None:
         if not sig.capture:
