@@ -40,9 +40,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(device=None) -> str:
+    """What ``device`` is: a CUDA device's GPU name, else the CPU's (model and cores); by default
+    the GPU where CUDA is available."""
+    if device is None:
+        device = "cuda" if CUDA else "cpu"
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+
+
 def device_info() -> dict:
     info = {
-        "device": torch.cuda.get_device_name() if CUDA else _cpu_name(),
+        "device": device_name(),
         "torch": torch.__version__,
         "triton": getattr(triton, "__version__", None),
         "cuda": torch.version.cuda,

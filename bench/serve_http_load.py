@@ -26,8 +26,10 @@ CPU per request stays small (it shares the machine with the server) and is measu
 
 Measured, per model and system:
 
-  answers:    a few samples over HTTP against rt.infer in this process (exit index equal, logits
-              within 1e-4), before any load;
+  answers:    a few samples over HTTP against rt.infer in this process on the same device (on the
+              CPU exit index equal, logits within 1e-4; on a GPU logits within 1e-3, an exit
+              different only where the row's score is within 1e-3 of a threshold: ANSWER_TOLERANCE),
+              before any load;
   light load: one request at a time over one connection (closed loop, --light-requests) against
               rt.infer at batch 1 in this process on the same samples: what the HTTP front end
               adds to p50;
@@ -61,9 +63,18 @@ The SLO is serve_load's: p99 <= 10x the plain model's batch-1 latency, measured 
 (serve_load.median_call_ms) before and after each rate's runs; a rate is sustained when p99 <= the
 SLO and every request was answered 200.
 
+``--device cuda`` runs the models on the GPU: every server gets ``--device cuda`` (requests and
+answers still cross HTTP as host bytes), and this process's rt.infer (answers, light load, the SLO's
+plain model) and in-process twins run there too, warmed first as serve_load warms its own (graphs
+captured, every batch size once); each server is sent one request of every batch size up to
+--max-batch after the answers' check, since it captures its graphs at first use. Without CUDA it is
+refused at once; with --before, a revision whose server has no --device (before 1c92e64) runs on
+the CPU only.
+
     python bench/serve_http_load.py                          # digits and resnet, every system
     python bench/serve_http_load.py --quick                  # a smoke run (seconds)
     python bench/serve_http_load.py --seconds 2 --repeats 3 --systems stage,stage-x2
+    python bench/serve_http_load.py --device cuda --models resnet,resnet18 --max-batch 64   # on a GPU
 
 Writes bench/results/serve-http-<device>-<date><tag>.{json,md} and a latency-vs-throughput PNG.
 Only 127.0.0.1 is ever bound or connected to.
@@ -111,11 +122,12 @@ DEFAULT_SYSTEMS = "stage,ee-req,stage-x2"
 # the known systems' in-process twins in serve_load (the same scheduler settings; its ee-req:
 # request-level batching of rt.infer in a thread of its own), for the in-process reference. The
 # server's default is no deferral (eeruntime/serve/cli.py, SERVE_MAX_DEFER_MS); serve_load's
-# "stage" keeps the scheduler's CPU default (20 ms), which is the server's stage-defer.
+# "stage" keeps the scheduler's default (20 ms on a CPU, but 0 on a GPU), so the server's
+# stage-defer (20 ms) is serve_load's stage-defer (20 ms on either).
 INPROC_SYSTEMS = {
     "stage": "stage-nodefer",
     "stage-nodefer": "stage-nodefer",
-    "stage-defer": "stage",
+    "stage-defer": "stage-defer",
     "ee-req": "ee-req",
     "stage-x2": "stage-nodefer-x2",
 }
@@ -225,7 +237,8 @@ class ResponseParser:
 
 
 def encode_request(x, body: str = "safetensors", path: str = "/v1/infer") -> bytes:
-    """The whole HTTP/1.1 request (head and body) for the batch ``x``, encoded once."""
+    """The whole HTTP/1.1 request (head and body) for the batch ``x`` (on any device), encoded once."""
+    x = x.cpu()
     if body == "safetensors":
         from safetensors.torch import save
 
@@ -749,13 +762,41 @@ class ServerUnavailable(Exception):
     pass
 
 
+def server_device(device: str, tree=None) -> Optional[str]:
+    """The ``--device`` given to a server whose eeruntime comes from ``tree`` (a --before
+    revision's; None: this checkout's): ``device``, or None (no option) where that revision's
+    server has no --device (it came in 1c92e64) and ``device`` is the CPU, where such a server runs
+    its model anyway; a ValueError saying so where ``device`` is not the CPU."""
+    cli = Path(tree) / "eeruntime" / "serve" / "cli.py" if tree is not None else None
+    if cli is None or (cli.is_file() and '"--device"' in cli.read_text()):
+        return device
+    if device == "cpu":
+        return None
+    raise ValueError(
+        f"the `eeruntime serve` of {tree} has no --device option (it came in 1c92e64): its servers run on the CPU only"
+    )
+
+
 class Server:
     """``python -m eeruntime serve`` in a subprocess on 127.0.0.1 (--port 0: the port it prints),
-    OMP_NUM_THREADS=1, bench/ and the repository on its PYTHONPATH (for ``--model``'s factory)."""
+    OMP_NUM_THREADS=1, bench/ and the repository on its PYTHONPATH (for ``--model``'s factory),
+    its model on ``device`` (see server_device; ``extra`` may name another)."""
 
-    def __init__(self, name: str, bundle, model: str, shape, max_batch: int, extra: Sequence[str], workdir, tree=None):
+    def __init__(
+        self,
+        name: str,
+        bundle,
+        model: str,
+        shape,
+        max_batch: int,
+        extra: Sequence[str],
+        workdir,
+        tree=None,
+        device: str = "cpu",
+    ):
         self.name, self.extra = name, list(extra)
         self.tree = Path(tree) if tree is not None else ROOT  # where its eeruntime is imported from
+        self.device = server_device(device, tree)
         self.workdir = Path(workdir)
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
         self.out_path, self.err_path = self.workdir / f"{safe}.out", self.workdir / f"{safe}.err"
@@ -777,6 +818,7 @@ class Server:
             "warning",
             "--max-batch",
             str(max_batch),
+            *(["--device", self.device] if self.device else []),
             *self.extra,
         ]
         self.proc: Optional[subprocess.Popen] = None
@@ -868,15 +910,23 @@ class Server:
 
 @contextlib.contextmanager
 def running_servers(
-    specs: Dict[str, List[str]], bundle, model: str, shape, max_batch: int, startup_timeout_s=120.0, trees=None
+    specs: Dict[str, List[str]],
+    bundle,
+    model: str,
+    shape,
+    max_batch: int,
+    startup_timeout_s=120.0,
+    trees=None,
+    device: str = "cpu",
 ):
-    """Every system's server started at once (``trees``: {name: the source tree its eeruntime
-    comes from}, this checkout's by default); yields ({name: Server} of those ready, {name: why
-    not} of the others); every server stopped (SIGTERM, then SIGKILL) on the way out."""
+    """Every system's server started at once, its model on ``device`` (``trees``: {name: the
+    source tree its eeruntime comes from}, this checkout's by default); yields ({name: Server} of
+    those ready, {name: why not} of the others); every server stopped (SIGTERM, then SIGKILL) on
+    the way out."""
     workdir = tempfile.mkdtemp(prefix="serve-http-")
     trees = trees or {}
     servers = {
-        name: Server(name, bundle, model, shape, max_batch, extra, workdir, trees.get(name))
+        name: Server(name, bundle, model, shape, max_batch, extra, workdir, trees.get(name), device)
         for name, extra in specs.items()
     }
     ready: Dict[str, Server] = {}
@@ -947,33 +997,94 @@ def _stats(server: Server) -> dict:
     return doc if status == 200 and isinstance(doc, dict) else {"error": f"status {status}"}
 
 
-def check_answers(server: Server, rt, pool, requests, body: str, loop_kind: str) -> dict:
-    """The first requests' answers over HTTP against rt.infer on the same samples here."""
+# How close an answer over HTTP must be to rt.infer's here. On the CPU both run the same kernels
+# on the same row: the exit equal, the logits within 1e-4. On a GPU the server's process may pick
+# other cuDNN algorithms (TF32 convolutions by default), so the logits within 1e-3 (absolute and
+# relative), and an exit may differ where the row's score is within 1e-3 of the threshold at which
+# the two answers parted (an entropy moves about as far as the logits do).
+ANSWER_TOLERANCE = {
+    "cpu": {"atol": 1e-4, "rtol": 0.0, "near_threshold": 0.0},
+    "cuda": {"atol": 1e-3, "rtol": 1e-3, "near_threshold": 1e-3},
+}
+
+
+def threshold_margin(rt, x, exit_index: int) -> float:
+    """|score - threshold| of ``x``'s row at early exit ``exit_index``: how near a tie the decision
+    there was. Two answers that left at exits a < b took the same decisions before a and parted at
+    a, so noise can have flipped only that one."""
     import torch
 
+    from eeruntime.ops import confidence_ref
+
+    with torch.no_grad():
+        logits = rt.model(x)[exit_index]
+    return abs(float(confidence_ref(logits, rt.criterion)[0]) - rt.thresholds[exit_index])
+
+
+def check_answers(server: Server, rt, pool, requests, body: str, loop_kind: str, device: str = "cpu") -> dict:
+    """The first requests' answers over HTTP against rt.infer on the same samples here, its model
+    on the server's ``device``, within ANSWER_TOLERANCE[device]: ``agree``. The logits are compared
+    where the exits are equal; an exit that differs within the tolerance of a threshold is counted
+    as ``near_threshold_exits``."""
+    import torch
+
+    tol = ANSWER_TOLERANCE[torch.device(device).type]
     got = fetch(server.port, requests, loop_kind)
     statuses = [s for s, _ in got]
-    exit_equal, diff = True, 0.0
+    exit_equal, agree, diff, near = True, True, 0.0, 0
     for i, (status, data) in enumerate(got):
         if status != 200 or data is None:
-            exit_equal = False
+            exit_equal = agree = False
             continue
         logits, exit_index = decode_answer(data, body)
         want = rt.infer(pool[i])
-        exit_equal &= bool(torch.equal(exit_index.long(), want.exit_index.long()))
-        diff = max(diff, float((logits.float() - want.logits.float()).abs().max()))
-    return {"samples": len(got), "statuses": statuses, "exit_index_equal": exit_equal, "max_abs_logit_diff": diff}
+        want_logits, want_exit = want.logits.float().cpu(), want.exit_index.long().cpu()
+        if not torch.equal(exit_index.long(), want_exit):
+            exit_equal = False
+            parted = min(int(exit_index[0]), int(want_exit[0]))
+            if tol["near_threshold"] > 0 and threshold_margin(rt, pool[i], parted) <= tol["near_threshold"]:
+                near += 1
+            else:
+                agree = False
+            continue
+        diff = max(diff, float((logits.float() - want_logits).abs().max()))
+        agree &= torch.allclose(logits.float(), want_logits, rtol=tol["rtol"], atol=tol["atol"])
+    return {
+        "samples": len(got),
+        "statuses": statuses,
+        "exit_index_equal": exit_equal,
+        "max_abs_logit_diff": diff,
+        "near_threshold_exits": near,
+        "tolerance": tol,
+        "agree": agree,
+    }
+
+
+def warm_server(server: Server, pool, max_batch: int, body: str, loop_kind: str) -> List[int]:
+    """Every batch size up to ``max_batch`` once over HTTP, a request of that many rows (the
+    server runs it whole when idle): a CUDA server captures its graphs and cuDNN sets up its
+    kernels at the first batch of each size, which would otherwise land in a measured run. The
+    statuses."""
+    import torch
+
+    requests = [encode_request(torch.cat(pool[:b]), body) for b in range(1, max_batch + 1)]
+    return [s for s, _ in fetch(server.port, requests, loop_kind)]
 
 
 def light_infer_ms(rt, pool, n: int) -> dict:
     """rt.infer at batch 1 here, one sample after another over ``pool`` (the HTTP light load's
-    samples): p50 and p99 ms."""
+    samples; on a GPU each call until its work is done): p50 and p99 ms."""
+    import torch
+
+    sync = torch.cuda.synchronize if pool[0].is_cuda else (lambda: None)
     for x in pool[:20]:
         rt.infer(x)
+    sync()
     ts = []
     for i in range(n):
         t = time.perf_counter()
         rt.infer(pool[i % len(pool)])
+        sync()
         ts.append(time.perf_counter() - t)
     ts.sort()
     return {"p50_ms": _pct(ts, 50) * 1e3, "p99_ms": _pct(ts, 99) * 1e3, "requests": n}
@@ -997,21 +1108,25 @@ def median_of(runs: List[dict]) -> dict:
     return row
 
 
-def build_runtime(name: str):
-    """serve_load.build_runtime for MODELS[name] on the CPU, its samples as single-sample
-    batches: (model, rt, pool, spec)."""
-    from serve_load import MODELS
+def build_runtime(name: str, device: str = "cpu", max_batch: int = 32):
+    """serve_load.build_runtime for MODELS[name] on ``device`` (on CUDA warmed as serve_load warms
+    its own: serve_load.warm_cuda, batches up to ``max_batch``), its samples as single-sample
+    batches there: (model, rt, pool, spec)."""
+    import torch
+    from serve_load import MODELS, warm_cuda
     from serve_load import build_runtime as build
 
     spec: Dict[str, Any] = MODELS[name]
-    model, rt, pool_x = build(spec)
+    model, rt, pool_x = build(spec, torch.device(device))
+    if pool_x.is_cuda:
+        warm_cuda(model, rt, pool_x, max_batch)
     return model, rt, [pool_x[i : i + 1].clone() for i in range(pool_x.shape[0])], spec
 
 
 def run_model(name: str, args) -> dict:
     from eeruntime.serve import freeze_startup_objects
 
-    model, rt, pool, spec = build_runtime(name)
+    model, rt, pool, spec = build_runtime(name, args.device, args.max_batch)
     thr = rt.thresholds
     requests = [encode_request(x, args.body) for x in pool[: args.pool]]
     res: Dict[str, Any] = {
@@ -1020,6 +1135,7 @@ def run_model(name: str, args) -> dict:
         "exit_fractions": spec["fractions"],
         "thresholds": thr,
         "max_batch": args.max_batch,
+        "device": args.device,
         "body": args.body,
         "request_bytes": len(requests[0]),
     }
@@ -1027,13 +1143,14 @@ def run_model(name: str, args) -> dict:
         bundle = Path(tmp) / name
         rt.save(bundle, weights=True)
         factory = f"serve_http_load:{FACTORIES[name]}"
-        with running_servers(args.systems, bundle, factory, spec["shape"], args.max_batch, trees=args.trees) as (
-            servers,
-            unavailable,
-        ):
+        with running_servers(
+            args.systems, bundle, factory, spec["shape"], args.max_batch, trees=args.trees, device=args.device
+        ) as (servers, unavailable):
             res["systems"] = {
                 s: {
                     "options": opts,
+                    # None: an older server without --device (on the CPU)
+                    "device": server_device(args.device, args.trees.get(s)),
                     "available": s in servers,
                     **({"startup_s": round(servers[s].startup_s, 2)} if s in servers else {}),
                     **({"reason": unavailable[s]} if s in unavailable else {}),
@@ -1061,17 +1178,27 @@ def measure(name, args, model, rt, pool, requests, servers: Dict[str, Server], r
     out.update(plain_batch1_ms=plain1, infer_batch1_ms=ee1, slo_p99_ms=10 * plain1)
     print(f"[{name}] plain batch-1 {plain1:.3f} ms, rt.infer batch-1 {ee1:.3f} ms; SLO p99 <= {10 * plain1:.2f} ms")
 
-    # answers over HTTP = rt.infer here, before any load
+    # answers over HTTP = rt.infer here (on the same device), before any load
     k = min(args.check_samples, len(requests))
     out["answers"] = {
-        s: check_answers(srv, rt, pool, requests[:k], args.body, args.client_loop) for s, srv in servers.items()
+        s: check_answers(srv, rt, pool, requests[:k], args.body, args.client_loop, args.device)
+        for s, srv in servers.items()
     }
     for s, a in out["answers"].items():
         print(
-            f"[{name}] {s}: answers of {a['samples']} samples over HTTP vs rt.infer: exit index equal "
-            f"{a['exit_index_equal']}, max |logit diff| {a['max_abs_logit_diff']:.2e}",
+            f"[{name}] {s}: answers of {a['samples']} samples over HTTP vs rt.infer: agree {a['agree']} (exit index "
+            f"equal {a['exit_index_equal']}, {a['near_threshold_exits']} near a threshold; max |logit diff| "
+            f"{a['max_abs_logit_diff']:.2e})",
             flush=True,
         )
+    if args.device == "cuda":
+        # this process's runtime was warmed when built; a server captures its graphs at first use
+        out["warmup_statuses"] = {
+            s: warm_server(srv, pool, args.max_batch, args.body, args.client_loop) for s, srv in servers.items()
+        }
+        for s, statuses in out["warmup_statuses"].items():
+            bad = [b + 1 for b, st in enumerate(statuses) if st != 200]
+            print(f"[{name}] {s}: warmed with batches 1-{args.max_batch}" + (f", not 200 at {bad}" if bad else ""))
 
     # light load: one request at a time over HTTP, and rt.infer at batch 1 here
     light: Dict[str, Any] = {"rt.infer": light_infer_ms(rt, pool[: args.pool], args.light_requests)}
@@ -1220,8 +1347,10 @@ def measure(name, args, model, rt, pool, requests, servers: Dict[str, Server], r
 # --------------------------------------------------------------------------- output
 def markdown(doc: dict) -> str:
     nan = float("nan")
+    model_device = doc.get("model_device", {"device": "cpu", "name": doc["device"]["device"]})
     lines = [
-        f"# Serving over HTTP, open loop ({doc['device']['device']}, torch {doc['device']['torch']}, {doc['date']})",
+        f"# Serving over HTTP, open loop (models on {model_device['device']}: {model_device['name']}; torch "
+        f"{doc['device']['torch']}, {doc['date']})",
         "",
         doc["note"],
         "",
@@ -1241,15 +1370,24 @@ def markdown(doc: dict) -> str:
         ]
         if "plain_batch1_ms" not in res:
             continue
+        tol = ANSWER_TOLERANCE[res.get("device", "cpu")]
         lines += [
             f"plain batch-1 {res['plain_batch1_ms']:.3f} ms, rt.infer batch-1 {res['infer_batch1_ms']:.3f} ms (this "
             "process); SLO p99 <= 10x plain batch-1, measured around each rate: "
             + ("{:.2f}-{:.2f} ms".format(*res["slo_p99_ms_range"]) if res.get("slo_p99_ms_range") else "-"),
             "",
-            "Answers over HTTP vs rt.infer: "
+            f"Answers over HTTP vs rt.infer on the same device (logits within {tol['atol']:.0e}"
+            + (f", relative {tol['rtol']:.0e}" if tol["rtol"] else "")
+            + "): "
             + "; ".join(
-                f"{s}: exit index {'equal' if a['exit_index_equal'] else 'DIFFERENT'} on {a['samples']} samples, "
-                f"max |logit diff| {a['max_abs_logit_diff']:.1e}"
+                f"{s}: {'agree' if a.get('agree', True) else '**DISAGREE**'}, exit index "
+                f"{'equal' if a['exit_index_equal'] else 'DIFFERENT'} on {a['samples']} samples"
+                + (
+                    f" ({a['near_threshold_exits']} within float noise of a threshold)"
+                    if a.get("near_threshold_exits")
+                    else ""
+                )
+                + f", max |logit diff| {a['max_abs_logit_diff']:.1e}"
                 for s, a in res["answers"].items()
             ),
             "",
@@ -1352,6 +1490,7 @@ def plot(results: list, path: str) -> None:
 
 
 def write_results(stem: Path, args, info: dict, date: str, results: list, load_before) -> None:
+    from common import device_name
     from serve_load import _finite
 
     doc = {
@@ -1375,14 +1514,23 @@ def write_results(stem: Path, args, info: dict, date: str, results: list, load_b
                 "sat_repeats",
                 "light_requests",
                 "client_loop",
+                "device",
             )
         },
+        "model_device": {"device": args.device, "name": device_name(args.device)},
         "client_loop": loop_name(args.client_loop),
         "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "results": results,
-        "note": f"Over HTTP on 127.0.0.1: each server a `python -m eeruntime serve` process (OMP_NUM_THREADS=1), "
-        f"the load generator this process's event loop; both on {info['device']} ({os.cpu_count()} CPU cores), "
-        f"torch {info['torch']}. Load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.",
+        "note": f"Over HTTP on 127.0.0.1: each server a `python -m eeruntime serve` process (OMP_NUM_THREADS=1, "
+        f"--device {args.device}), the load generator this process's event loop; both on {device_name('cpu')}"
+        + (
+            f", the models (the servers', rt.infer's and the in-process references') on {device_name('cuda')}: "
+            "this process's graphs captured and every batch size run before traffic, each server sent one "
+            "request of every batch size after the answers' check"
+            if args.device == "cuda"
+            else ""
+        )
+        + f"; torch {info['torch']}. Load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.",
     }
     stem.with_suffix(".json").write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
     stem.with_suffix(".md").write_text(markdown(doc))
@@ -1434,10 +1582,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also run every system with the eeruntime of git revision REV (named NAME@REV), side by side with "
         "today's: the before/after of a change to the server or the scheduler",
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the models run: every server's --device, and this process's rt.infer and in-process "
+        "references (the load generator stays on the CPU)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: digits, two rates, 0.5 s each, one repeat")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default="", help="appended to the output files' names")
     args = p.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():  # said here, before a tree is extracted or a server started
+            p.error(f"--device cuda: CUDA is not available (torch {torch.__version__} sees no CUDA device)")
     if args.quick:
         args.models, args.fractions, args.seconds, args.repeats = "digits", "0.5,1.0", 0.5, 1
         args.sat_seconds, args.light_requests, args.inproc_requests, args.drain_s = 0.5, 50, 200, 5.0
@@ -1453,6 +1613,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             tree = tree_at(args.before, Path(tempfile.mkdtemp(prefix="serve-http-before-")))
         except subprocess.CalledProcessError as e:
             p.error(f"--before {args.before}: git archive failed: {e.stderr.decode(errors='replace').strip()}")
+        try:
+            server_device(args.device, tree)
+        except ValueError as e:
+            p.error(f"--before {args.before} with --device {args.device}: {e}; name a later revision or --device cpu")
         for name, opts in list(args.systems.items()):
             args.systems[f"{name}@{args.before}"] = opts
             args.trees[f"{name}@{args.before}"] = tree

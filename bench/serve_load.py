@@ -768,27 +768,34 @@ def build_runtime(spec: dict, device="cpu"):
     return model, ee.EERuntime(model, thresholds=thr, criterion="entropy"), pool_x
 
 
+def warm_cuda(model, rt, pool_x, max_batch: int) -> None:
+    """Before traffic on a CUDA model (``pool_x``: samples on its device): every bucket's graph
+    captured, then every batch size up to ``max_batch`` once through the plain model, rt.infer and
+    the scheduler's stage steps (serve_http_load.py warms its in-process runtime here too)."""
+    if rt.graphs is not False:
+        rt.warmup(max_batch, pool_x[:1])  # every bucket's graph captured before traffic
+    # Every batch size once, for every system: cuDNN picks and sets up its kernels at the
+    # first call of each shape, and those first calls otherwise land in some system's p99.
+    with torch.no_grad():
+        for b in range(1, max_batch + 1):
+            plain_forward(model, pool_x[:b])
+            rt.infer(pool_x[:b])
+            # and the scheduler's stage steps (rt.run_stage) on the same graphs, so that no
+            # system meets a first call of some size under traffic
+            state, rows, carry = pool_x[:b], torch.arange(b), None
+            for k in range(rt.num_exits):
+                step = rt.run_stage(k, state, rows, carry)
+                if step.state is None:
+                    break
+                state, rows, carry = step.state, step.rows, step.carry
+    torch.cuda.synchronize()
+
+
 def run_model(name, spec, args) -> dict:
     device = torch.device(args.device)
     model, rt, pool_x = build_runtime(spec, device)
     if device.type == "cuda":
-        if rt.graphs is not False:
-            rt.warmup(args.max_batch, pool_x[:1])  # every bucket's graph captured before traffic
-        # Every batch size once, for every system: cuDNN picks and sets up its kernels at the
-        # first call of each shape, and those first calls otherwise land in some system's p99.
-        with torch.no_grad():
-            for b in range(1, args.max_batch + 1):
-                plain_forward(model, pool_x[:b])
-                rt.infer(pool_x[:b])
-                # and the scheduler's stage steps (rt.run_stage) on the same graphs, so that no
-                # system meets a first call of some size under traffic
-                state, rows, carry = pool_x[:b], torch.arange(b), None
-                for k in range(rt.num_exits):
-                    step = rt.run_stage(k, state, rows, carry)
-                    if step.state is None:
-                        break
-                    state, rows, carry = step.state, step.rows, step.carry
-        torch.cuda.synchronize()
+        warm_cuda(model, rt, pool_x, args.max_batch)
     pool = [pool_x[i : i + 1].clone() for i in range(pool_x.shape[0])]
     # What a server does once it has loaded its model (eeruntime serve does): move every object
     # alive now (torch's and triton's modules, the model) out of the cyclic collector's reach, so a

@@ -1,7 +1,9 @@
 """bench/serve_http_load.py: its load generator measured against reference HTTP servers written
 here (a fixed delay, a slow serial server, 503 answers, dropped connections), its response parser
-on split and coalesced bytes, the answers of a real `python -m eeruntime serve` against rt.infer,
-and a --quick run end to end. Every server binds 127.0.0.1 on a port the OS picks."""
+on split and coalesced bytes, the answers of a real `python -m eeruntime serve` against rt.infer
+(and the answers' check with a GPU's tolerance), --device on every server's command line, and a
+--quick run end to end (on CUDA too where there is one). Every server binds 127.0.0.1 on a port
+the OS picks."""
 
 import asyncio
 import json
@@ -209,6 +211,7 @@ def test_served_answers_over_http_equal_rt_infer(tmp_path):
     ) as (ready, unavailable):
         assert unavailable == {} and set(ready) == {"stage"}
         srv = ready["stage"]
+        assert srv.device == "cpu" and srv.cmd[srv.cmd.index("--device") + 1] == "cpu"
         for body in ("safetensors", "json"):
             got = shl.fetch(srv.port, [shl.encode_request(x, body) for x in xs])
             assert [s for s, _ in got] == [200] * len(xs)
@@ -223,31 +226,68 @@ def test_served_answers_over_http_equal_rt_infer(tmp_path):
     assert srv.proc.returncode == 0  # SIGTERM: drained and exited
 
 
+def test_answers_check_is_strict_on_the_cpu_and_allows_float_noise_on_a_gpu(monkeypatch):
+    """check_answers on canned answers (no server): on the CPU an exit must be equal and the logits
+    within 1e-4; with a GPU's tolerance the logits may be 1e-3 apart, and an exit may differ only
+    for a row whose score is within 1e-3 of a threshold."""
+    from safetensors.torch import save
+
+    from eeruntime.ops import confidence_ref
+
+    _, rt, pool, _ = shl.build_runtime("digits")
+    x = next(x for x in pool if rt.infer(x).exit_index.item() == 0)
+    with torch.no_grad():
+        score = float(confidence_ref(rt.model(x)[0], rt.criterion)[0])
+    want = rt.infer(x)
+    answers = []
+    monkeypatch.setattr(shl, "fetch", lambda port, requests, loop_kind: [(200, a) for a in answers])
+
+    def check(logits, exit_index, device):
+        answers[:] = [save({"logits": logits.contiguous(), "exit_index": exit_index})]
+        return shl.check_answers(type("S", (), {"port": 0})(), rt, [x], [b""], "safetensors", "asyncio", device)
+
+    exact = check(want.logits, want.exit_index, "cpu")
+    assert exact["agree"] and exact["exit_index_equal"] and exact["max_abs_logit_diff"] == 0
+    off = want.logits + 5e-4
+    assert not check(off, want.exit_index, "cpu")["agree"]
+    assert (
+        check(off, want.exit_index, "cuda")["agree"] and not check(want.logits + 5e-3, want.exit_index, "cuda")["agree"]
+    )
+    flipped = want.exit_index + 1
+    for margin, on_gpu in ((5e-4, True), (0.05, False)):
+        rt.set_thresholds([score + margin, *rt.thresholds[1:]])  # the row leaves at exit 0 by ``margin``
+        assert rt.infer(x).exit_index.item() == 0
+        gpu = check(want.logits, flipped, "cuda")
+        assert not gpu["exit_index_equal"] and gpu["agree"] is on_gpu and gpu["near_threshold_exits"] == int(on_gpu)
+        cpu = check(want.logits, flipped, "cpu")
+        assert not cpu["agree"] and cpu["near_threshold_exits"] == 0
+
+
+def run_bench(*argv, timeout=240):
+    """bench/serve_http_load.py in a subprocess (OMP_NUM_THREADS=1, this checkout first on
+    PYTHONPATH)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "bench" / "serve_http_load.py"), *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_quick_run_end_to_end(tmp_path):
     """--quick on digits against the stage server; a system whose server refuses its options
     (argparse: exit code 2) is reported as unavailable, the run goes on without it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        str(ROOT / "bench" / "serve_http_load.py"),
-        "--quick",
-        "--systems",
-        "stage,bogus=--policy no-such-policy",
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_bench("--quick", "--systems", "stage,bogus=--policy no-such-policy", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (js,) = tmp_path.glob("serve-http-quick-*.json")
     doc = json.loads(js.read_text())
     assert doc["device"]["device"] and doc["args"]["repeats"] == 1
+    assert doc["args"]["device"] == doc["model_device"]["device"] == "cpu" and doc["model_device"]["name"]
     (res,) = doc["results"]
-    assert res["model"] == "digits" and res["input_shape"] == [1, 8, 8]
-    assert res["systems"]["stage"]["available"] is True
+    assert res["model"] == "digits" and res["input_shape"] == [1, 8, 8] and res["device"] == "cpu"
+    assert res["systems"]["stage"]["available"] is True and res["systems"]["stage"]["device"] == "cpu"
     bogus = res["systems"]["bogus"]
     assert bogus["available"] is False and "code 2" in bogus["reason"] and "no-such-policy" in bogus["reason"]
     a = res["answers"]["stage"]
     assert a["exit_index_equal"] is True and a["max_abs_logit_diff"] <= 1e-4 and a["statuses"] == [200] * 8
+    assert a["agree"] is True and a["near_threshold_exits"] == 0 and "warmup_statuses" not in res
     assert set(res["light_load"]) == {"rt.infer", "stage"}
     light = res["light_load"]["stage"]
     assert light["errors"] == 0 and light["p50_ms"] > res["light_load"]["rt.infer"]["p50_ms"] > 0
@@ -273,7 +313,88 @@ def test_quick_run_end_to_end(tmp_path):
     assert res["stats_after_grid"]["stage"]["requests"]["completed"] >= sent
     md = js.with_suffix(".md").read_text()
     assert "| stage |" in md and "**unavailable**" in md
+    assert md.startswith(f"# Serving over HTTP, open loop (models on cpu: {doc['model_device']['name']};")
     assert (tmp_path / (js.stem + "-latency.png")).stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device (the refusal is for none)")
+def test_device_cuda_is_refused_without_cuda(tmp_path):
+    """--device cuda where torch sees no CUDA device: argparse's error (exit code 2) at once, no
+    server started, nothing written."""
+    proc = run_bench("--quick", "--device", "cuda", "--out", str(tmp_path), timeout=60)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "--device cuda: CUDA is not available" in proc.stderr and proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as e:
+        shl.parse_args(["--device", "cuda"])
+    assert e.value.code == 2
+    assert shl.parse_args([]).device == "cpu"
+
+
+def test_servers_are_started_with_the_device_flag(tmp_path):
+    """Every server's command line names the bench's device (before the system's own options,
+    which may name another); a --before tree whose server has no --device gets no option on the
+    CPU, and a ValueError saying so for CUDA (no CUDA needed: nothing starts)."""
+    for device in ("cpu", "cuda"):
+        server = shl.Server("x", tmp_path / "b", "m:f", (1, 8, 8), 32, ["--max-wait-ms", "1"], tmp_path, device=device)
+        assert server.device == device
+        assert server.cmd[-4:] == ["--device", device, "--max-wait-ms", "1"]
+    assert shl.Server("x", tmp_path / "b", "m:f", (1,), 32, [], tmp_path).cmd[-2:] == ["--device", "cpu"]
+    old = tmp_path / "old"
+    (old / "eeruntime" / "serve").mkdir(parents=True)
+    (old / "eeruntime" / "serve" / "cli.py").write_text('p.add_argument("--port", type=int, default=8000)\n')
+    assert shl.server_device("cuda") == "cuda" and shl.server_device("cpu", ROOT) == "cpu"
+    assert shl.server_device("cpu", old) is None
+    server = shl.Server("x@old", tmp_path / "b", "m:f", (1,), 32, [], tmp_path, tree=old, device="cpu")
+    assert "--device" not in server.cmd and server.cmd[-2:] == ["--max-batch", "32"]
+    with pytest.raises(ValueError, match="has no --device option"):
+        shl.Server("x@old", tmp_path / "b", "m:f", (1,), 32, [], tmp_path, tree=old, device="cuda")
+
+
+OLD_REV = "1c92e64~1"  # the last revision whose `eeruntime serve` had no --device
+
+
+def has_revision(rev: str) -> bool:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", rev], capture_output=True).returncode == 0
+    except OSError:  # no git
+        return False
+
+
+@pytest.mark.skipif(not has_revision(OLD_REV), reason=f"needs a git checkout holding {OLD_REV}")
+def test_before_a_revision_without_device_runs_its_servers_on_the_cpu_only(monkeypatch, capsys):
+    args = shl.parse_args(["--before", OLD_REV, "--systems", "stage"])
+    tree = args.trees[f"stage@{OLD_REV}"]
+    assert shl.server_device(args.device, tree) is None and shl.server_device(args.device) == "cpu"
+    # with CUDA (pretended: parse_args only asks whether there is one) the old tree is refused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        shl.parse_args(["--before", OLD_REV, "--device", "cuda"])
+    assert e.value.code == 2
+    assert "has no --device option" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
+def test_quick_run_end_to_end_on_cuda(tmp_path):
+    """--quick --device cuda: the server's model and this process's rt.infer on the GPU, the
+    answers within the GPU's tolerance, every request answered, the GPU named in the report."""
+    proc = run_bench("--quick", "--device", "cuda", "--systems", "stage", "--out", str(tmp_path), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (js,) = tmp_path.glob("serve-http-quick-*.json")
+    doc = json.loads(js.read_text())
+    gpu = torch.cuda.get_device_name()
+    assert doc["model_device"] == {"device": "cuda", "name": gpu} and doc["args"]["device"] == "cuda"
+    (res,) = doc["results"]
+    assert res["device"] == "cuda" and res["systems"]["stage"]["device"] == "cuda"
+    assert res["systems"]["stage"]["available"] is True
+    a = res["answers"]["stage"]
+    assert a["agree"] is True and a["statuses"] == [200] * 8 and a["tolerance"] == shl.ANSWER_TOLERANCE["cuda"]
+    assert res["warmup_statuses"]["stage"] == [200] * doc["args"]["max_batch"]
+    assert res["light_load"]["stage"]["errors"] == 0 and res["saturated"]["stage"]["errors"] == 0
+    assert res["saturated_in_process"]["stage"]["req_per_s"] > 0
+    for r in res["rows"]:
+        assert r["sent"] > 0 and r["answered"] == r["sent"] and r["errors"] == 0
+    assert js.with_suffix(".md").read_text().startswith(f"# Serving over HTTP, open loop (models on cuda: {gpu};")
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout (git archive of a revision)")
