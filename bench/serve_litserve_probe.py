@@ -37,6 +37,10 @@ import serve_http_load as shl  # noqa: E402
 from serve_load import rotated  # noqa: E402
 
 LITSERVE = ("litserve", "litserve-fast-queue")
+# LitServe with the scheduler's own deferral default (max_defer_ms=None: 20 ms on a CPU), which the
+# adapter keeps when not told otherwise; the others run it as `eeruntime serve` does (no deferral)
+LITSERVE_DEFER = "litserve-defer"
+SYSTEMS = ("eeruntime", *LITSERVE, LITSERVE_DEFER)
 
 
 def launch_litserve() -> None:
@@ -49,7 +53,7 @@ def launch_litserve() -> None:
     bundle, model, port = sys.argv[2], sys.argv[3], int(sys.argv[4])
     # the scheduler as `eeruntime serve` runs it (no deferral: cli.SERVE_MAX_DEFER_MS), so that only
     # the front end's architecture differs
-    api = EarlyExitLitAPI(bundle, model, max_batch=32, max_defer_ms=0.0)
+    api = EarlyExitLitAPI(bundle, model, max_batch=32, max_defer_ms=None if "--defer" in sys.argv else 0.0)
     server = ls.LitServer(api, accelerator="cpu", fast_queue="--fast-queue" in sys.argv)
     server.run(host=shl.HOST, port=port, log_level="warning", generate_client_file=False)
 
@@ -116,6 +120,7 @@ def start(system: str, bundle: Path, factory: str, shape, workdir: Path):
         port = free_port()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--litserve", str(bundle), factory, str(port)]
         cmd += ["--fast-queue"] if system == "litserve-fast-queue" else []
+        cmd += ["--defer"] if system == LITSERVE_DEFER else []
         path = "/predict"
     with open(workdir / f"{system}.log", "wb") as log:
         proc = subprocess.Popen(
@@ -167,7 +172,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def run_model(name: str, args) -> dict:
     _, rt, pool, spec = shl.build_runtime(name)
-    systems = ["eeruntime", *LITSERVE]
+    systems = args.systems.split(",")
     out: dict = {"model": name, "systems": {}}
     with tempfile.TemporaryDirectory(prefix="serve-litserve-") as tmp:
         bundle = Path(tmp) / name
@@ -245,12 +250,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--conns", type=int, default=64)
+    p.add_argument(
+        "--systems",
+        default="eeruntime," + ",".join(LITSERVE),
+        help=f"comma-separated, of: {', '.join(SYSTEMS)} ({LITSERVE_DEFER}: the adapter's default deferral)",
+    )
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     unknown = set(args.models.split(",")) - set(shl.FACTORIES)
     if unknown:
         p.error(f"unknown models {sorted(unknown)}; accepted: {', '.join(shl.FACTORIES)}")
+    bad = set(args.systems.split(",")) - set(SYSTEMS)
+    if bad:
+        p.error(f"unknown systems {sorted(bad)}; accepted: {', '.join(SYSTEMS)}")
     if args.repeats < 1 or args.conns < 1 or not args.seconds > 0:
         p.error("--repeats and --conns must be >= 1, --seconds > 0")
     from common import report_doc, write_report
@@ -260,8 +273,8 @@ def main(argv=None) -> int:
         argv,
         results=results,
         note=f"Closed loop, {args.conns} connections, {args.seconds:g} s per run, {args.repeats} rotated runs per "
-        "server, medians; JSON bodies; OMP_NUM_THREADS=1 in every server process; the same scheduler in both "
-        "(max_batch 32, no deferral).",
+        "server, medians; JSON bodies; OMP_NUM_THREADS=1 in every server process; the same scheduler in every "
+        f"server (max_batch 32, no deferral{'; ' + LITSERVE_DEFER + ': max_defer_ms 20' if LITSERVE_DEFER in args.systems.split(',') else ''}).",
     )
     write_report(args.out, "serve-litserve-probe", doc, markdown(doc), args.tag)
     return 0

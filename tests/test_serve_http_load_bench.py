@@ -464,3 +464,13 @@ def test_litserve_probe_serves_the_same_answers_rate_from_both_servers_and_leave
         if b"serve_litserve_probe" in cmd or b"eeruntime serve" in cmd or (orphan and b"spawn_main" in cmd):
             left.append(cmd)
     assert not left, left
+
+
+def test_litserve_probe_refuses_an_unknown_system(capsys):
+    import serve_litserve_probe as probe
+
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--systems", "eeruntime,litserve-deferred"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown systems ['litserve-deferred']" in err and "litserve-defer" in err

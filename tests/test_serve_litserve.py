@@ -1,6 +1,7 @@
 """The LitServe adapter: a real LitServer (its own processes) on 127.0.0.1 serving a bundle through
 the stage scheduler; concurrent HTTP requests get rt.infer's answers, bad bodies a 4xx."""
 
+import gc
 import os
 import signal
 import subprocess
@@ -80,3 +81,24 @@ def test_litserve_adapter_serves_a_bundle(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@pytest.mark.parametrize("given,defer_s", [((), 0.0), ((None,), 0.02), ((5.0,), 0.005)])
+def test_litserve_adapter_defers_as_eeruntime_serve_does_unless_told(tmp_path, given, defer_s):
+    """No deferral by default (as `eeruntime serve`: its event loop bursts requests, docs/serving.md
+    "Bundles, the HTTP server and LitServe"); None gives the scheduler's own default (20 ms on a
+    CPU); a number is passed on."""
+    from eeruntime.serve.litserve_api import EarlyExitLitAPI
+
+    rt = ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy")
+    rt.save(tmp_path / "bundle", weights=True)
+    kw = {"max_defer_ms": given[0]} if given else {}
+    api = EarlyExitLitAPI(tmp_path / "bundle", "eeruntime.zoo:digits_cnn", max_batch=8, **kw)
+    switch = sys.getswitchinterval()
+    api.setup("cpu")  # (also sets up the process as a server's: undone below for the other tests)
+    try:
+        assert api.sched.max_defer_s == pytest.approx(defer_s)
+    finally:
+        api.sched.close()
+        sys.setswitchinterval(switch)
+        gc.unfreeze()

@@ -21,13 +21,18 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the [serve] extra
     raise ImportError("the LitServe adapter needs litserve: pip install 'eeruntime[serve]'") from e
 
+from .cli import SERVE_MAX_DEFER_MS
 from .codec import InputError, InputSpec, decode_json, encode_json, refusal
 
 
 class EarlyExitLitAPI(ls.LitAPI):
     """``bundle``: a directory written by ``rt.save(path, weights=True)``; ``model``: the model's
     constructor (``"module:factory"`` or a picklable callable). Scheduler options as in
-    :class:`~eeruntime.serve.StageScheduler`."""
+    :class:`~eeruntime.serve.StageScheduler`, except ``max_defer_ms``, off by default as in
+    ``eeruntime serve`` (``cli.SERVE_MAX_DEFER_MS``): LitServe's event loop submits requests in
+    bursts too, and with the scheduler's CPU default (20 ms) LitServe served 0.97x and 1.01x the
+    saturated req/s (digits, ResNet-style; docs/serving.md, "Bundles, the HTTP server and
+    LitServe"); ``None`` gives the scheduler's own default."""
 
     def __init__(
         self,
@@ -37,7 +42,7 @@ class EarlyExitLitAPI(ls.LitAPI):
         max_batch: int = 32,
         max_wait_ms: float = 0.0,
         policy: str = "deepest",
-        max_defer_ms: Optional[float] = None,
+        max_defer_ms: Optional[float] = SERVE_MAX_DEFER_MS,
         max_queue_rows: int = 4096,
         timeout_s: Optional[float] = 30.0,
         max_rows: int = 256,
