@@ -12,7 +12,7 @@ DEMO_OUT ?= demo_out
 VISION_VENV ?= .venv-vision
 VISION_PY := $(VISION_VENV)/bin/python
 
-.PHONY: setup lint setup-vision test demo demo-vit bench bench-report check-cuda check-ext check-install gpu-check clean
+.PHONY: setup lint setup-vision test demo demo-vit bench bench-report check-cuda check-ext check-install gpu-check gpu-wheels clean
 
 $(VENV)/.stamp: setup.py pyproject.toml tools/build_backend.py requirements-dev.txt $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,6 +89,17 @@ bench: setup
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) tools/gpu_check.py --python $(GPU_PYTHON) $(GPU_CHECK_ARGS)
+
+# The wheels a lent GPU machine lacks (no package index there; its python3 is 3.12): the HTTP
+# server's stack, for its CUDA tests. Downloaded here into .gpu-wheels/, carried there and installed
+# by tools/gpu_session.sh (docs/gpu-check.md, "Running it on a lent device").
+GPU_WHEEL_PYTHON ?= 3.12
+GPU_WHEELS ?= fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 httptools==0.9.0 opentelemetry-api==1.45.2
+gpu-wheels: $(VENV)/.stamp
+	$(PY) -m pip download -q --no-deps --only-binary :all: --python-version $(GPU_WHEEL_PYTHON) \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d .gpu-wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf build dist *.egg-info eeruntime/_C*.so eeruntime/_C_build.json $(DEMO_OUT)

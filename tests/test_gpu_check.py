@@ -3,6 +3,7 @@ output parsing, targets and result files; the GPU run itself is the script's job
 
 import datetime
 import json
+import os
 import pathlib
 import shlex
 import subprocess
@@ -371,3 +372,22 @@ def test_test_workers_option(capsys):
     assert " -n 4 " in capsys.readouterr().out
     assert gc.main(["--dry-run", "--steps", "tests", "--test-workers", "1"]) == 0
     assert " -n " not in capsys.readouterr().out
+
+
+def test_gpu_session_script_dry_run_prints_the_plan_and_runs_the_overhead_smoke(tmp_path):
+    """tools/gpu_session.sh, the one command a device session runs, on a CPU with --dry-run:
+    gpu-check's plan, then bench/graphs_overhead.py's smoke run into OUT (no wheels installed)."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, GPU_PYTHON=sys.executable, GPU_WHEELS_DIR=str(tmp_path / "no-wheels"), OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+    r = subprocess.run(
+        ["bash", str(root / "tools" / "gpu_session.sh"), str(out), "--dry-run"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "[gpu-check] 9 steps, time boxes total 595 s" in r.stdout
+    assert len(list(out.glob("graphs-overhead-*.json"))) == 1 and len(list(out.glob("graphs-overhead-*.md"))) == 1
