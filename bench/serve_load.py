@@ -90,7 +90,7 @@ from eeruntime.serve import StageScheduler, freeze_startup_objects, set_switch_i
 from eeruntime.serve.stats import percentile  # noqa: E402
 from eeruntime.state import cat_rows  # noqa: E402
 from eeruntime.timing import side_by_side  # noqa: E402
-from eeruntime.zoo import digits_cnn, resnet_style  # noqa: E402
+from eeruntime.zoo import digits_cnn, resnet_style, vit_style  # noqa: E402
 
 
 class RequestBatcher:
@@ -753,6 +753,10 @@ MODELS = {
         shape=(3, 224, 224),
         fractions=[0.5, 0.2, 0.15, 0.15],
     ),
+    # a ViT-S/16 at 224x224 (GPU only), 4 stages of 3 blocks: a transformer whose small batches
+    # leave a GPU underused, so that a fuller batch costs little more than a small one (E3's
+    # regime, where re-batching survivors should pay: docs/serving.md, "Session 15")
+    "vit-224": dict(build=lambda: vit_style(num_classes=10), shape=(3, 224, 224), fractions=[0.5, 0.2, 0.15, 0.15]),
 }
 
 

@@ -138,3 +138,35 @@ def digits_vit(num_classes: int = 10, dim: int = 32, depth: int = 6, heads: int 
     ]
     stages = [nn.Sequential(PatchTokens(patch, dim), blocks[0]), *blocks[1:]]
     return MultiExitModel(stages, [SequenceHead(dim, num_classes, pool="cls") for _ in range(depth)])
+
+
+def vit_style(
+    num_classes: int = 1000,
+    image: int = 224,
+    patch: int = 16,
+    dim: int = 384,
+    depth: int = 12,
+    heads: int = 6,
+    num_stages: int = 4,
+    channels: int = 3,
+) -> MultiExitModel:
+    """A ViT (ViT-S/16 by default: 224x224 RGB, 16x16 patches, 384 wide, 12 pre-norm blocks of 6
+    heads), plain torch, cut into ``num_stages`` stages of ``depth / num_stages`` blocks (the patch
+    embedding rides with the first) with a CLS exit after each: the transformer model of the
+    serving bench on a GPU, where a small batch leaves the GPU underused, so that re-batching
+    survivors into fuller batches costs little more (E3's regime; docs/serving.md)."""
+    if depth % num_stages:
+        raise ValueError(f"num_stages ({num_stages}) must divide depth ({depth})")
+    per = depth // num_stages
+    blocks = [
+        nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        for _ in range(depth)
+    ]
+    stages = [
+        nn.Sequential(PatchTokens(patch, dim, image, channels), *blocks[:per]) if s == 0 else
+        nn.Sequential(*blocks[s * per : (s + 1) * per])
+        for s in range(num_stages)
+    ]  # fmt: skip
+    return MultiExitModel(stages, [SequenceHead(dim, num_classes, pool="cls") for _ in range(num_stages)])

@@ -80,3 +80,23 @@ def test_short_demo_vit_report(tmp_path):
 def test_cli_lists_demo_vit(capsys):
     assert cli_main(["--help"]) == 0
     assert "demo-vit" in capsys.readouterr().out
+
+
+def test_vit_style_stages_and_exits_run_as_the_per_sample_loop():
+    from reference import per_sample_loop
+
+    from eeruntime.zoo import vit_style
+
+    torch.manual_seed(0)
+    model = vit_style(num_classes=5, image=16, patch=8, dim=16, depth=4, heads=2, num_stages=2).eval()
+    assert model.num_exits == 2 and len(model.stages[0]) == 3 and len(model.stages[1]) == 2
+    x = torch.randn(9, 3, 16, 16)
+    rt = ee.EERuntime(model, thresholds=[1.57], criterion="entropy")
+    res = rt.infer(x)
+    assert 0 < int((res.exit_index == 0).sum()) < 9  # both exits serve rows
+    ref_logits, ref_exit, near = per_sample_loop(model, x, [1.57], "entropy", "last")
+    clear = near > 1e-6
+    assert torch.equal(res.exit_index[clear], ref_exit[clear])
+    torch.testing.assert_close(res.logits.double()[clear], ref_logits[clear], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="must divide depth"):
+        vit_style(depth=12, num_stages=5)

@@ -60,8 +60,11 @@ BENCH_GRAPHS = [
 ]
 # The serving bench, cut to fit its box (about 45 s a model on a 2-core CPU, whose rates are lower;
 # on an H100, 49 s for the two 32x32 models with one run per probe, about 60 s for ResNet-18 at
-# 224x224 alone with three): a small model whose GPU work per batch is less than the host's per
-# request, and ResNet-18 at 224x224, where the GPU's work dominates;
+# 224x224 alone with three; on the H200, 102 s for the small ResNet-style model and ResNet-18 at
+# 224x224): a ViT-S/16 at 224x224, a transformer whose small batches leave the GPU underused (E3's
+# regime; since session 15, in place of the small ResNet-style model, whose GPU work per batch is
+# less than the host's per request: measured on the H100 and the H200, (c) lost on both), and
+# ResNet-18 at 224x224, where the GPU's work dominates and grows with the batch;
 # (b) ee-req against (c) stage (the scheduler's defaults: no deferral on a GPU; max_defer_ms 20 lost
 # on the H100 in session 12), and both again with two worker threads (ee-req-x2, stage-x2: a second
 # worker's Python beside the first's GPU step, not yet measured on a GPU); saturated throughput, the light-load
@@ -70,7 +73,7 @@ BENCH_GRAPHS = [
 # median of three runs per probe (one run per probe put ResNet-18 at 224x224 at 1.51x ee-req's
 # rate on the H100, three runs at 0.79x: docs/serving.md, "Session 12").
 SERVE_ARGS = [
-    "--device", "cuda", "--models", "resnet,resnet18-224", "--max-batch", "64",
+    "--device", "cuda", "--models", "vit-224,resnet18-224", "--max-batch", "64",
     "--systems", "plain,ee-req,stage,ee-req-x2,stage-x2", "--rate-factors", "0.3,1.0,2.0",
     "--seconds", "0.5", "--max-requests", "4000", "--drain-s", "5",
     "--capacity-requests", "3000", "--capacity-repeats", "2", "--sbs-rounds", "5",
@@ -195,7 +198,7 @@ def plan(
             "serve",
             125,
             "serving load bench on CUDA: plain, ee-req, stage, and the last two with two workers "
-            "(ResNet-style, ResNet-18-style)",
+            "(ViT-S/16 and ResNet-18 at 224x224)",
             [[py, "bench/serve_load.py", *SERVE_ARGS, "--out", out]],
         ),
     ]
