@@ -7,6 +7,8 @@ from typing import Tuple, Union
 
 import torch
 
+from .rows_layout import from_rows, row_order, to_rows
+
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 
@@ -102,7 +104,13 @@ def cat_rows(states):
 
 
 def take_rows(state, index: torch.Tensor):
-    """Rows ``index`` (int64 [m]) of a state (or carry), member-wise (``index_select`` on dim 0)."""
+    """Rows ``index`` (int64 [m]) of a state (or carry), member-wise (``index_select`` on dim 0),
+    each in its member's memory layout (eeruntime/rows_layout.py)."""
     if isinstance(state, torch.Tensor):
-        return state.index_select(0, index.to(state.device))
-    return tuple(t.index_select(0, index.to(t.device)) for t in state)
+        return _take(state, index)
+    return tuple(_take(t, index) for t in state)
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    order = row_order(t)
+    return from_rows(to_rows(t, order).index_select(0, index.to(t.device)), order)

@@ -8,6 +8,7 @@ import eeruntime as ee
 from eeruntime import _ext
 from eeruntime.ops import BackendUnavailable
 from eeruntime.ops._ext_backend import _compact_into_path
+from eeruntime.rows_layout import row_order, to_rows
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"{_ext.why_unavailable()}; {_ext.BUILD_HINT}")
 needs_cuda_ext = pytest.mark.skipif(
@@ -61,11 +62,15 @@ def test_compact_matches_boolean_indexing(B, pattern, trailing, dtype):
     assert_same(packed_other, other[keep])
 
 
+def TRANSPOSED():
+    return torch.randn(9, 4, 6).transpose(1, 2)
+
+
 @needs_ext
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: torch.randn(9, 4, 6).transpose(1, 2),  # rows not dense: copied to contiguous first
+        TRANSPOSED,  # rows dense in another dim order: kept in it
         lambda: torch.randn(18, 5)[::2],  # dense rows at a stride in dim 0
         lambda: torch.randn(9, 3, 5)[:, 1],  # dense rows inside a larger buffer
         lambda: torch.randn(1, 5).expand(9, 5),  # stride 0 in dim 0: every row the same memory
@@ -79,7 +84,11 @@ def test_compact_non_contiguous_inputs(make):
     keep = torch.tensor([True, False, True, True, False, False, True, False, True])
     index, (packed,) = ee.ops.compact(keep, [t], backend="cpp")
     assert_same(packed, t[keep])
-    assert packed.is_contiguous()
+    # a result whose rows are dense: in the input's dim order when its rows were dense in another
+    # (channels_last and the like: eeruntime/rows_layout.py), else row-major
+    order = row_order(t)
+    assert to_rows(packed, order).is_contiguous() and row_order(packed) == order
+    assert (order is not None) == (make is TRANSPOSED)
     assert_same(index, keep.nonzero().squeeze(1))
     assert torch.equal(t, before)  # inputs are never written
 

@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..rows_layout import from_rows, row_order, to_rows
 from . import dispatch
 from ._ext_backend import COMPACT_INPLACE_CPP, extension_rows
 from .aliasing import inputs_apart, refuse_overlapping_outputs
@@ -94,11 +95,15 @@ def compact(
     """Keep the rows where ``keep`` is True, in order.
 
     Returns ``(index, packed)``: ``index`` int64 [n] the original rows kept, ascending; ``packed``
-    the list of ``t[index]`` for each tensor (any trailing shape and dtype; batch in dim 0).
+    the list of ``t[index]`` for each tensor (any trailing shape and dtype; batch in dim 0), each in
+    its tensor's memory layout (``channels_last`` stays so: eeruntime/rows_layout.py).
     """
     B = _check_mask(keep, "keep")
     _check_rows(tensors, B, keep.device, "tensors")
-    return dispatch.select("compact", backend, keep, tensors).fn(keep, list(tensors))
+    orders = [row_order(t) for t in tensors]
+    views = [to_rows(t, o) for t, o in zip(tensors, orders)]
+    index, packed = dispatch.select("compact", backend, keep, views).fn(keep, views)
+    return index, [from_rows(t, o) for t, o in zip(packed, orders)]
 
 
 def compact_into(
@@ -135,6 +140,11 @@ def compact_into(
         [*((f"outs[{i}]", o) for i, o in enumerate(outs)), ("index_out", index_out), ("count_out", count_out)],
     )
     keep, *tensors = inputs_apart([("keep", keep), *(("tensors", t) for t in tensors)], written)
+    # a source and its buffer in the same non-contiguous layout (channels_last) are both passed as
+    # their contiguous views (eeruntime/rows_layout.py); mixed layouts as they are
+    orders = [row_order(t) if row_order(t) == row_order(o) else None for t, o in zip(tensors, outs)]
+    tensors = [to_rows(t, o) for t, o in zip(tensors, orders)]
+    outs = [to_rows(t, o) for t, o in zip(outs, orders)]
     b = dispatch.select("compact_into", backend, keep, tensors, outs, index_out, count_out)
     b.fn(keep, list(tensors), list(outs), index_out, count_out)
 
@@ -151,7 +161,8 @@ def compact_(keep: torch.Tensor, tensors: Sequence[torch.Tensor], *, backend: st
     # their memory is copied first (eeruntime/ops/aliasing.py).
     refuse_overlapping_outputs("compact_", [(f"tensors[{i}]", t) for i, t in enumerate(tensors)])
     (keep,) = inputs_apart([("keep", keep)], tensors)
-    dispatch.select("compact_", backend, keep, tensors).fn(keep, list(tensors))
+    views = [to_rows(t, row_order(t)) for t in tensors]  # (the same memory, row-major: rows_layout.py)
+    dispatch.select("compact_", backend, keep, views).fn(keep, views)
     return int(keep.sum())
 
 

@@ -20,6 +20,7 @@ import torch
 from .. import ops
 from ..ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
 from ..ownership import sole_owner
+from ..rows_layout import keep_layouts, row_order, to_rows
 from ..state import as_tuple, from_tuple
 from .loop import run_stages
 from .results import InferenceResult
@@ -137,7 +138,7 @@ class FusedCpuPass(EagerPass):
 
     def compact(self, tensors):
         if all(t.layout == torch.strided for t in tensors):
-            return self.fused.compact(self.keep, tensors)
+            return keep_layouts(lambda ts: self.fused.compact(self.keep, ts), tensors)
         return super().compact(tensors)
 
     def pack(self) -> None:
@@ -145,11 +146,11 @@ class FusedCpuPass(EagerPass):
         # Local names the ownership proof must count: `parts` (and `self.state` when it is the
         # tuple itself); `self.state` also holds the lone tensor of a tensor state.
         own = sole_owner(parts, named=int(parts is not self.state), tuple_names=1 + int(parts is self.state))
-        if own and all(t.is_cpu and rows_writable(t) for t in parts):
+        if own and all(t.is_cpu and rows_writable(to_rows(t, row_order(t))) for t in parts):
             # Nothing else can see this stage's output: pack it where it lies (no new memory; the
             # next stage reads the first n rows, as the oracle does). The ids are the pass's own;
             # acc and history may alias exit logits, so they are copied.
-            self.fused.compact_(self.keep, [*parts, self.rows])
+            self.fused.compact_(self.keep, [to_rows(t, row_order(t)) for t in (*parts, self.rows)])
             n, extra = self.alive, self.extra()
             packed = [t[:n] for t in (*parts, self.rows)] + (self.compact(extra) if extra else [])
         else:

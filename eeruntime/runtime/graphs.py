@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .. import ops
 from ..criteria import uses_history
 from ..devices import device_guard
+from ..rows_layout import new_rows
 from ..state import as_tuple, check_state
 from .executors import eager_pass
 from .loop import run_stages
@@ -388,7 +389,7 @@ class _Signature:
         self.leave_index = torch.zeros(cap, dtype=torch.int64, device=dev)
         self.stages: List[Optional[_StageBuffers]] = [None] * K
         self.stages[0] = _StageBuffers(
-            [torch.zeros((cap, *p.shape[1:]), dtype=p.dtype, device=dev) for p in parts],
+            [new_rows(p, cap) for p in parts],  # in the input's memory layout (rows_layout.py)
             isinstance(x, tuple),
             self.arange,  # stage 0's rows are the chunk's own rows, 0..n-1
             torch.zeros(1, dtype=torch.int64, device=dev),
@@ -988,7 +989,7 @@ class GraphRunner:
             dev, cap = sig.device, sig.cap
             head = torch.zeros(cap + 1, dtype=torch.int64, device=dev)  # rows, then the count
             st = sig.stages[k] = _StageBuffers(
-                [torch.zeros((cap, *p.shape[1:]), dtype=p.dtype, device=dev) for p in parts],
+                [new_rows(p, cap) for p in parts],  # in the state's memory layout (rows_layout.py)
                 is_tuple,
                 head[:cap],
                 head[cap:],
