@@ -22,7 +22,10 @@ entropy thresholds of 0, so no row exits):
     runtime_graphs   ``rt(x)``: the runtime as users call it (launch-ahead on: a count that could not
                      shrink the next stage's bucket last time is read at the end, in one wait)
 
-Differences of medians of the per-round ratios to ``plain_graph`` give each part's share. A CUDA
+Differences of medians of the per-round ratios to ``plain_graph`` give each part's share. Each
+layout of ``--layouts`` runs the same model and batches again: ``contiguous`` (NCHW) and
+``channels_last`` (the layout cuDNN's fast convolutions want; the runtime keeps it through its packs
+since session 15, eeruntime/rows_layout.py). A CUDA
 device is what this is for; on a CPU (no capture: "graphs" are plain calls) it runs as a smoke
 test (``--quick``). Writes ``graphs-overhead-<device>-<date>{.json,.md}`` under ``--out``.
 
@@ -32,6 +35,7 @@ test (``--quick``). Writes ``graphs-overhead-<device>-<date>{.json,.md}`` under 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -49,6 +53,7 @@ from eeruntime.runtime.graphs import GraphRunner  # noqa: E402
 from eeruntime.timing import side_by_side  # noqa: E402
 from eeruntime.zoo import resnet_style  # noqa: E402
 
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 VARIANTS = (
     "plain_graph", "plain_split", "heads_graph", "runtime_replay", "runtime_synced", "runtime_read_all",
     "runtime_graphs",
@@ -196,30 +201,43 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--inner", type=int, default=3)
+    p.add_argument(
+        "--layouts",
+        default="contiguous,channels_last",
+        help="memory layouts of the model and its input, each measured (channels_last: the layout convolutions "
+        "want on a GPU; the runtime keeps it through its packs, eeruntime/rows_layout.py)",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run: 32x32, batch 8, 3 rounds")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
+    layouts = args.layouts.split(",")
+    if set(layouts) - set(LAYOUTS) or not layouts:
+        p.error(f"unknown layouts in {args.layouts!r}; accepted: {', '.join(LAYOUTS)}")
     if args.quick:
         args.res, args.batches, args.rounds, args.inner = 32, "8", 3, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
     torch.manual_seed(0)
-    model = resnet_style(num_classes=100).to(device).to(dtype).eval()
+    base = resnet_style(num_classes=100).to(device).to(dtype).eval()
     rows = []
     with cudnn_benchmark_on():
-        for B in batches:
-            x = torch.randn(B, 3, args.res, args.res, device=device).to(dtype)
-            rows.append(measure(model, x, args.rounds, args.inner))
-            print(json.dumps({"batch": B, **rows[-1]["ratio_to_plain_graph"]}), flush=True)
-        table = kernel_table(model, torch.randn(batches[0], 3, args.res, args.res, device=device).to(dtype))
+        for layout in layouts:
+            fmt = LAYOUTS[layout]
+            model = copy.deepcopy(base).to(memory_format=fmt)
+            for B in batches:
+                x = torch.randn(B, 3, args.res, args.res, device=device).to(dtype).to(memory_format=fmt)
+                rows.append({"layout": layout, **measure(model, x, args.rounds, args.inner)})
+                print(json.dumps({"layout": layout, "batch": B, **rows[-1]["ratio_to_plain_graph"]}), flush=True)
+        table = kernel_table(base, torch.randn(batches[0], 3, args.res, args.res, device=device).to(dtype))
     info = device_info()
     doc = {
         "argv": sys.argv[1:] if argv is None else list(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": info,
         "model": "resnet_style (ResNet-18 widths, 4 exits), nothing exits",
+        "layouts": layouts,
         "resolution": args.res,
         "dtype": str(dtype).replace("torch.", ""),
         "rows": rows,
@@ -232,25 +250,31 @@ def main(argv=None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     md = [f"# CUDA-graph runtime with no exits vs the plain graph: {info['device']}", ""]
     md.append(f"{doc['date']} | torch {info['torch']} | {args.res}x{args.res} | {doc['dtype']} | rounds {args.rounds}")
-    md += ["", "| batch | " + " | ".join(f"{v} ms (x plain)" for v in VARIANTS) + " | syncs/call (read_all / graphs) |"]
-    md.append("|---" * (len(VARIANTS) + 2) + "|")
+    md += [
+        "",
+        "| layout | batch | "
+        + " | ".join(f"{v} ms (x plain)" for v in VARIANTS)
+        + " | syncs/call (read_all / graphs) |",
+    ]
+    md.append("|---" * (len(VARIANTS) + 3) + "|")
     for r in rows:
         cells = [f"{r['ms'][v]:.3f} ({r['ratio_to_plain_graph'][v]:.3f})" for v in VARIANTS]
         md.append(
-            f"| {r['batch']} | "
+            f"| {r['layout']} | {r['batch']} | "
             + " | ".join(cells)
             + f" | {r['host_syncs_per_call_read_all']} / {r['host_syncs_per_call']} |"
         )
     md += [
         "",
         "Launch-ahead (runtime_read_all over runtime_graphs, median of per-round ratios): "
-        + ", ".join(f"batch {r['batch']} {r['launch_ahead_gain']:.3f}x" for r in rows),
+        + ", ".join(f"{r['layout']} batch {r['batch']} {r['launch_ahead_gain']:.3f}x" for r in rows),
     ]
     md += ["", "Shares of the plain graph's time in runtime_read_all (differences of the ratios above):", ""]
-    md.append("| batch | " + " | ".join(rows[0]["parts_of_plain_graph"]) + " |")
-    md.append("|---" * (len(rows[0]["parts_of_plain_graph"]) + 1) + "|")
+    md.append("| layout | batch | " + " | ".join(rows[0]["parts_of_plain_graph"]) + " |")
+    md.append("|---" * (len(rows[0]["parts_of_plain_graph"]) + 2) + "|")
     for r in rows:
-        md.append(f"| {r['batch']} | " + " | ".join(f"{v:+.3f}" for v in r["parts_of_plain_graph"].values()) + " |")
+        parts = " | ".join(f"{v:+.3f}" for v in r["parts_of_plain_graph"].values())
+        md.append(f"| {r['layout']} | {r['batch']} | {parts} |")
     md += ["", "Kernels of the eager runtime (device time, 5 calls at the first batch):", "", "```", table, "```", ""]
     stem.with_suffix(".md").write_text("\n".join(md))
     print(f"wrote {stem}.json and .md")

@@ -23,7 +23,8 @@ def test_quick_run_writes_every_variant_and_the_parts(graphs_overhead, tmp_path)
     assert graphs_overhead.main(["--quick", "--out", str(tmp_path), "--tag=-t"]) == 0
     (js,) = tmp_path.glob("graphs-overhead-*-t.json")
     doc = json.loads(js.read_text())
-    (row,) = doc["rows"]
+    nchw, row = doc["rows"]  # one per layout: contiguous, then channels_last
+    assert (nchw["layout"], row["layout"]) == ("contiguous", "channels_last")
     assert row["batch"] == 8 and set(row["ms"]) == set(graphs_overhead.VARIANTS)
     assert all(v > 0 for v in row["ms"].values()) and row["ratio_to_plain_graph"]["plain_graph"] == 1.0
     # nothing exits: reading every count, the runner waits after every stage but the last; with
@@ -35,4 +36,4 @@ def test_quick_run_writes_every_variant_and_the_parts(graphs_overhead, tmp_path)
     assert sum(v for k, v in parts.items() if k != "graph_boundaries") == pytest.approx(r["runtime_read_all"] - 1)
     assert row["launch_ahead_gain"] > 0
     md = js.with_suffix(".md").read_text()
-    assert "| 8 |" in md and "no CUDA device: no kernel table" in md
+    assert "| channels_last | 8 |" in md and "no CUDA device: no kernel table" in md

@@ -5,7 +5,8 @@
 #      server's CUDA tests are not collected);
 #   2. `make gpu-check` (every step time-boxed; at most 595 s);
 #   3. copy the files it wrote into OUT (the device tool brings back what lies there);
-#   4. bench/graphs_overhead.py into OUT (the no-exits gap, launch-ahead against reading every count).
+#   4. bench/graphs_overhead.py into OUT (the no-exits gap, launch-ahead against reading every count,
+#      NCHW and channels_last).
 # The exit status is gpu-check's. `--dry-run` prints gpu-check's plan and runs the overhead bench's
 # CPU smoke run instead (tests/test_gpu_check.py runs it so).
 #
@@ -32,7 +33,7 @@ rm -f "$stamp"
 if [ "$mode" = --dry-run ]; then
     timeout 300 "$py" bench/graphs_overhead.py --quick --out "$out" | tail -2
 else
-    timeout 100 "$py" bench/graphs_overhead.py --res 224 --batches 256,64 --out "$out" | tail -2
+    timeout 120 "$py" bench/graphs_overhead.py --res 224 --batches 256,64 --out "$out" | tail -2
 fi
 ls -la "$out"
 exit $rc
