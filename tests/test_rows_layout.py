@@ -4,6 +4,8 @@ per-sample loop."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import per_sample_loop
 
 import eeruntime as ee
@@ -130,3 +132,41 @@ def test_take_rows_keeps_each_members_layout():
     assert torch.equal(got[0], a[idx]) and torch.equal(got[1], b[idx])
     assert got[0].is_contiguous(memory_format=CL) and got[1].is_contiguous()
     assert take_rows(a, idx).is_contiguous(memory_format=CL)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dims=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+    data=st.data(),
+    B=st.integers(1, 9),
+)
+def test_packs_of_any_dense_row_order_keep_it_and_equal_boolean_indexing(dims, data, B):
+    """A tensor whose rows are dense in any order of its trailing dims (built contiguous in that
+    order, then permuted back): compact with every backend, compact_into into a buffer of the same
+    layout and compact_ give boolean indexing's values, in that layout."""
+    perm = data.draw(st.permutations(range(1, len(dims) + 1)))
+    g = torch.Generator().manual_seed(B)
+    stored = torch.randn(B, *[dims[d - 1] for d in perm], generator=g)  # row-major in `perm` order
+    inv = [0] * (len(dims) + 1)
+    for i, d in enumerate((0, *perm)):
+        inv[d] = i
+    t = stored.permute(*inv)  # shape (B, *dims), rows dense in `perm` order
+    keep = torch.rand(B, generator=g) < 0.5
+    want = t[keep]
+    order = row_order(t)
+    assert order is None or to_rows(t, order).is_contiguous()
+    backends = ["torch"] + (["cpp"] if ee._ext.available() else [])
+    for backend in backends:
+        index, (got,) = ee.ops.compact(keep, [t], backend=backend)
+        assert torch.equal(got, want)
+        # the layout of t's rows: the strides new rows of t's layout have (any order, when one row
+        # or fewer, or every dim of size 1, leaves nothing to tell)
+        assert got.stride() == new_rows(t, got.shape[0]).stride() or got.shape[0] <= 1
+        out = new_rows(t, B)
+        index_out, count = torch.zeros(B, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        ee.ops.compact_into(keep, [t], [out], index_out, count, backend=backend)
+        n = int(count)
+        assert n == want.shape[0] and torch.equal(out[:n], want)
+    inplace = t.clone()  # (clone keeps the layout)
+    n = ee.ops.compact_(keep, [inplace])
+    assert torch.equal(inplace[:n], want) and inplace.stride() == t.clone().stride()

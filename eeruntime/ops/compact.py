@@ -41,6 +41,13 @@ def _check_rows(tensors: Sequence[torch.Tensor], B: int, device: torch.device, w
             raise ValueError(f"{what}[{i}] is on {t.device} but the mask is on {device}")
 
 
+def _shared_order(t: torch.Tensor, out: torch.Tensor):
+    """``row_order(t)`` when ``out``'s rows are dense in that order too (the same layout; a size-1
+    dim's stride, which says nothing, may differ), else None."""
+    order = row_order(t)
+    return order if order is not None and to_rows(out, order).is_contiguous() else None
+
+
 def compact_ref(keep: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     index = keep.nonzero().squeeze(1)
     return index, [t.index_select(0, index) for t in tensors]
@@ -142,7 +149,7 @@ def compact_into(
     keep, *tensors = inputs_apart([("keep", keep), *(("tensors", t) for t in tensors)], written)
     # a source and its buffer in the same non-contiguous layout (channels_last) are both passed as
     # their contiguous views (eeruntime/rows_layout.py); mixed layouts as they are
-    orders = [row_order(t) if row_order(t) == row_order(o) else None for t, o in zip(tensors, outs)]
+    orders = [_shared_order(t, o) for t, o in zip(tensors, outs)]
     tensors = [to_rows(t, o) for t, o in zip(tensors, orders)]
     outs = [to_rows(t, o) for t, o in zip(outs, orders)]
     b = dispatch.select("compact_into", backend, keep, tensors, outs, index_out, count_out)
