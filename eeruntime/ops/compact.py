@@ -41,7 +41,7 @@ def _check_rows(tensors: Sequence[torch.Tensor], B: int, device: torch.device, w
             raise ValueError(f"{what}[{i}] is on {t.device} but the mask is on {device}")
 
 
-def _shared_order(t: torch.Tensor, out: torch.Tensor):
+def _shared_order(t: torch.Tensor, out: torch.Tensor) -> Optional[Tuple[int, ...]]:
     """``row_order(t)`` when ``out``'s rows are dense in that order too (the same layout; a size-1
     dim's stride, which says nothing, may differ), else None."""
     order = row_order(t)
