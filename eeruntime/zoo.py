@@ -155,8 +155,8 @@ def vit_style(
     embedding rides with the first) with a CLS exit after each: the transformer model of the
     serving bench on a GPU, where a small batch leaves the GPU underused, so that re-batching
     survivors into fuller batches costs little more (E3's regime; docs/serving.md)."""
-    if depth % num_stages:
-        raise ValueError(f"num_stages ({num_stages}) must divide depth ({depth})")
+    if num_stages < 1 or depth % num_stages:
+        raise ValueError(f"num_stages ({num_stages}) must be >= 1 and divide depth ({depth})")
     per = depth // num_stages
     blocks = [
         nn.TransformerEncoderLayer(

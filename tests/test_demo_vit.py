@@ -98,5 +98,6 @@ def test_vit_style_stages_and_exits_run_as_the_per_sample_loop():
     clear = near > 1e-6
     assert torch.equal(res.exit_index[clear], ref_exit[clear])
     torch.testing.assert_close(res.logits.double()[clear], ref_logits[clear], atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="must divide depth"):
-        vit_style(depth=12, num_stages=5)
+    for bad in (5, 0):
+        with pytest.raises(ValueError, match="must be >= 1 and divide depth"):
+            vit_style(depth=12, num_stages=bad)
