@@ -108,6 +108,8 @@ def compact(
     B = _check_mask(keep, "keep")
     _check_rows(tensors, B, keep.device, "tensors")
     orders = [row_order(t) for t in tensors]
+    if not any(orders):  # (all row-major: the common case, with no more Python than it needs)
+        return dispatch.select("compact", backend, keep, tensors).fn(keep, list(tensors))
     views = [to_rows(t, o) for t, o in zip(tensors, orders)]
     index, packed = dispatch.select("compact", backend, keep, views).fn(keep, views)
     return index, [from_rows(t, o) for t, o in zip(packed, orders)]

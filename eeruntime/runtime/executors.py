@@ -146,11 +146,14 @@ class FusedCpuPass(EagerPass):
         # Local names the ownership proof must count: `parts` (and `self.state` when it is the
         # tuple itself); `self.state` also holds the lone tensor of a tensor state.
         own = sole_owner(parts, named=int(parts is not self.state), tuple_names=1 + int(parts is self.state))
-        if own and all(t.is_cpu and rows_writable(to_rows(t, row_order(t))) for t in parts):
+        # each part as its row-major view when its rows are dense in another order (channels_last:
+        # eeruntime/rows_layout.py), so that it is packed in its own layout
+        views = [to_rows(t, row_order(t)) for t in parts] if own else []
+        if own and all(t.is_cpu and rows_writable(t) for t in views):
             # Nothing else can see this stage's output: pack it where it lies (no new memory; the
             # next stage reads the first n rows, as the oracle does). The ids are the pass's own;
             # acc and history may alias exit logits, so they are copied.
-            self.fused.compact_(self.keep, [to_rows(t, row_order(t)) for t in (*parts, self.rows)])
+            self.fused.compact_(self.keep, [*views, self.rows])
             n, extra = self.alive, self.extra()
             packed = [t[:n] for t in (*parts, self.rows)] + (self.compact(extra) if extra else [])
         else:
