@@ -57,11 +57,16 @@ def _hooked(model):
     return seen
 
 
-def _thresholds(model, x):
+def _channels_last_batch(B):
+    """The channels_last model, a channels_last batch of ``B`` rows, entropy thresholds under which
+    rows leave at every exit, and the list the stages' hooks fill."""
     from eeruntime.ops import confidence_ref
 
-    outs = model(x)
-    return [float(confidence_ref(o, "entropy").quantile(0.4)) for o in outs[:-1]]
+    model = _model()
+    x = torch.randn(B, 3, 32, 32).to(memory_format=CL)
+    with torch.no_grad():
+        thr = [float(confidence_ref(o, "entropy").quantile(0.4)) for o in model(x)[:-1]]
+    return model, x, thr, _hooked(model)
 
 
 def _check(res, model, x, thr):
@@ -76,23 +81,15 @@ def _check(res, model, x, thr):
 def test_channels_last_stays_through_the_eager_runtime(backend):
     if backend == "cpp" and not ee._ext.available():
         pytest.skip(f"the extension is not built: {ee._ext.why_unavailable()}")
-    model = _model()
-    x = torch.randn(48, 3, 32, 32).to(memory_format=CL)
-    with torch.no_grad():
-        thr = _thresholds(model, x)
-    seen = _hooked(model)
+    model, x, thr, seen = _channels_last_batch(48)
     res = ee.EERuntime(model, thresholds=thr, criterion="entropy", compact_backend=backend).infer(x)
     assert len(seen) == 4 and all(cl for _, _, cl in seen), seen  # every stage, after every pack
     _check(res, model, x, thr)
 
 
 def test_channels_last_stays_in_the_graph_loop_and_the_stage_step():
-    model = _model()
-    x = torch.randn(48, 3, 32, 32).to(memory_format=CL)
-    with torch.no_grad():
-        thr = _thresholds(model, x)
+    model, x, thr, seen = _channels_last_batch(48)
     rt = ee.EERuntime(model, thresholds=thr, criterion="entropy")
-    seen = _hooked(model)
     runner = GraphRunner(rt, buckets=(8, 16, 32, 48), capture=False)  # the static buffers' loop, uncaptured
     res, _ = runner.infer(x)
     assert all(cl for _, _, cl in seen), seen
@@ -104,12 +101,8 @@ def test_channels_last_stays_in_the_graph_loop_and_the_stage_step():
 
 
 def test_channels_last_stays_through_the_stage_scheduler():
-    model = _model()
-    x = torch.randn(40, 3, 32, 32).to(memory_format=CL)
-    with torch.no_grad():
-        thr = _thresholds(model, x)
+    model, x, thr, seen = _channels_last_batch(40)
     rt = ee.EERuntime(model, thresholds=thr, criterion="entropy")
-    seen = _hooked(model)
     with StageScheduler(rt, max_batch=16, fused=False, max_defer_ms=0) as sched:
         futures = [sched.submit_nowait(x[i : i + 4]) for i in range(0, 40, 4)]
         parts = [f.result(60) for f in futures]

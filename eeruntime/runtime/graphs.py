@@ -452,7 +452,7 @@ class _GraphPass:
         self.last = runner.spec.num_exits - 1
         self.reach = [n]  # rows that reached stage k, for each stage run (None: count not read yet)
         self.buckets: List[int] = []  # the bucket each stage ran at
-        self.ahead = False  # some count is still on its way to the host
+        self.sent = False  # some count is still on its way to the host (launch-ahead)
 
     def step(self, k: int) -> int:
         runner, sig = self.runner, self.sig
@@ -464,7 +464,7 @@ class _GraphPass:
         if runner.launch_ahead and sig.ahead.get((k, b), False):
             runner._count_to_host(sig, k + 1)
             self.reach.append(None)
-            self.ahead = True
+            self.sent = True
             return 0
         n_next = runner._read_count(sig.stages[k + 1].count)
         sig.ahead[(k, b)] = n_next > 0 and runner._bucket(n_next) == b
@@ -479,7 +479,7 @@ class _GraphPass:
         """The rows that left at each exit: the loop's own when every count was read as it came,
         else from the counts launch-ahead left on their way (read now, after one wait), which
         also teach ``sig.ahead`` whether each guess held."""
-        if not self.ahead:
+        if not self.sent:
             return loop_counts
         runner, sig = self.runner, self.sig
         host = runner._counts_on_host(sig)
