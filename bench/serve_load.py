@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -86,6 +87,7 @@ from common import device_info, device_slug, thresholds_for_fractions  # noqa: E
 import eeruntime as ee  # noqa: E402
 from eeruntime.cost import measure_costs  # noqa: E402
 from eeruntime.oracle import plain_forward  # noqa: E402
+from eeruntime.runtime import InferenceResult  # noqa: E402
 from eeruntime.serve import StageScheduler, freeze_startup_objects, set_switch_interval  # noqa: E402
 from eeruntime.serve.stats import percentile  # noqa: E402
 from eeruntime.state import cat_rows  # noqa: E402
@@ -99,8 +101,10 @@ class RequestBatcher:
     With ``workers`` > 1, as many threads do so at once from the one queue (a server's worker
     pool: TorchServe's workers, several ``@serve.batch`` replicas)."""
 
-    def __init__(self, fn, max_batch: int, workers: int = 1):
+    def __init__(self, fn, max_batch: int, workers: int = 1, answers=None):
         self.fn, self.max_batch = fn, max_batch
+        # answers(out, n): the n requests' answers from fn's output (default: rows of a tensor)
+        self.answers = answers or (lambda out, n: [out[i : i + 1] for i in range(n)])
         self._cv = threading.Condition()
         self._queue = []
         self._stop = False
@@ -132,8 +136,8 @@ class RequestBatcher:
                     return
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             out = self.fn(torch.cat([x for x, _ in batch]))
-            for i, (_, f) in enumerate(batch):
-                f.set_result(out[i : i + 1])
+            for (_, f), answer in zip(batch, self.answers(out, len(batch))):
+                f.set_result(answer)
 
 
 class Direct:
@@ -159,6 +163,17 @@ def plain_system(model, max_batch, workers=1):
 
 def ee_request_system(rt, max_batch, workers=1):
     return RequestBatcher(lambda x: rt.infer(x).logits, max_batch, workers)
+
+
+def _result_rows(res: InferenceResult, n: int):
+    # one split per output for the whole batch, as the scheduler's answers are made
+    return map(InferenceResult, res.logits.split(1), res.exit_index.split(1), res.confidence.split(1))
+
+
+def ee_request_full_system(rt, max_batch, workers=1):
+    """(b) answering what the scheduler answers: each request's InferenceResult (logits, exit
+    index and confidence, views of the batch's), where ee-req answers its logits alone."""
+    return RequestBatcher(rt.infer, max_batch, workers, answers=_result_rows)
 
 
 def _to_host(f) -> None:
@@ -391,6 +406,7 @@ SYSTEMS = (
     "direct",
     "plain",
     "ee-req",
+    "ee-req-full",
     "stage",
     "stage-nodefer",
     "stage-steps",
@@ -410,8 +426,9 @@ def system_workers(name: str, workers: int = 1):
     return m.group(1) + (f"@{rest}" if rest else ""), int(m.group(2))
 
 
-def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=1):
-    # e.g. ee-req-x2: that system with 2 worker threads (else ``workers``: --workers)
+def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=1, scheduler_cls=StageScheduler):
+    # e.g. ee-req-x2: that system with 2 worker threads (else ``workers``: --workers);
+    # scheduler_cls: the stage systems' class (serve_machinery.py passes an earlier revision's)
     name, workers = system_workers(name, workers)
     if "@" in name:  # e.g. stage-fill@4: that system with max_wait_ms 4 (stage-defer@4: max_defer_ms 4)
         name, ms = name.split("@")[0], float(name.split("@")[1])
@@ -422,6 +439,8 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=
         return plain_system(model, max_batch, workers)
     if name == "ee-req":
         return ee_request_system(rt, max_batch, workers)
+    if name == "ee-req-full":
+        return ee_request_full_system(rt, max_batch, workers)
     # "stage": every request through the worker thread; "stage-inline": a request that finds the
     # scheduler idle runs in the generator's thread (StageScheduler(inline="always"))
     # "stage-wait": a stage with fewer than max_batch rows waits up to wait_ms for more (a request
@@ -431,7 +450,7 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=
     # survivors wait up to defer_ms at deeper stages for the next stage-0 batches' survivors);
     # "stage-nodefer": max_defer_ms=0; the others keep the scheduler's default (None)
     inline = "always" if name == "stage-inline" else "never"
-    return StageScheduler(
+    return scheduler_cls(
         rt,
         max_batch=max_batch,
         max_queue_rows=1 << 20,
@@ -730,7 +749,19 @@ def median_call_ms(fn, x, iters=200):
     return ts[len(ts) // 2] * 1e3
 
 
+def tiny_mlp(width: int = 16, num_classes: int = 10, num_stages: int = 3) -> ee.MultiExitModel:
+    """An MLP of ``num_stages`` stages (Linear + ReLU, ``width`` wide), a Linear exit after each."""
+    return ee.MultiExitModel(
+        [nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(num_stages)],
+        [nn.Linear(width, num_classes) for _ in range(num_stages)],
+    )
+
+
 MODELS = {
+    # a model whose compute per request is negligible (3 stages of a 16-wide Linear), so the serving
+    # machinery's host Python is the bound: the regime of the small model on a GPU (docs/serving.md,
+    # "Session 15"), on a CPU (bench/serve_machinery.py)
+    "tiny": dict(build=lambda: tiny_mlp(), shape=(16,), fractions=[0.5, 0.3, 0.2]),
     # the demo's digits CNN (3 exits, 1x8x8 inputs), random weights
     "digits": dict(build=lambda: digits_cnn(), shape=(1, 8, 8), fractions=[0.5, 0.3, 0.2]),
     # a small ResNet-style net (basic blocks, 4 exits, 32x32 RGB), random weights
@@ -1267,7 +1298,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument(
         "--systems",
-        default=",".join(s for s in SYSTEMS if s not in ("stage-wait", "stage-fill", "stage-steps", "stage-defer")),
+        default=",".join(
+            s for s in SYSTEMS if s not in ("ee-req-full", "stage-wait", "stage-fill", "stage-steps", "stage-defer")
+        ),
         help=f"which of {', '.join(SYSTEMS)}",
     )
     p.add_argument(

@@ -582,3 +582,109 @@ def test_http_front_bench_times_every_variant_and_restores_the_servers_encoder(t
     assert all(v > 0 for v in doc["us_per_request"].values())
     assert server.encode_safetensors is codec.encode_safetensors
     assert "| safetensors |" in js.with_suffix(".md").read_text()
+
+
+# --------------------------------------------------------------------------- bench/serve_machinery.py
+
+
+def test_the_tiny_model_runs_on_the_cpu_and_leaves_at_every_exit():
+    model, rt, pool = serve_load.build_runtime(serve_load.MODELS["tiny"])
+    assert len(model.stages) == 3 and pool.shape[1:] == (16,)
+    exits = rt.infer(pool[:128]).exit_index
+    assert set(exits.tolist()) == {0, 1, 2}
+
+
+def test_ee_req_full_answers_each_request_its_rows_of_rt_infer():
+    """ee-req-full (request-level batching answering what the scheduler answers): each request
+    gets its own row of rt.infer's logits, exit index and confidence, whatever batch it rode in."""
+    model, rt, pool = serve_load.build_runtime(serve_load.MODELS["tiny"])
+    want = rt.infer(pool[:50])
+    system = serve_load.make_system("ee-req-full", model, rt, 8)
+    try:
+        got = [f.result(timeout=30) for f in [system.submit_nowait(pool[i : i + 1]) for i in range(50)]]
+    finally:
+        system.close()
+    for i, res in enumerate(got):
+        assert res.logits.shape == (1, want.logits.shape[1]) and res.exit_index.shape == res.confidence.shape == (1,)
+        torch.testing.assert_close(res.logits, want.logits[i : i + 1], rtol=1e-5, atol=1e-6)
+        assert res.exit_index.item() == want.exit_index[i].item()
+        torch.testing.assert_close(res.confidence, want.confidence[i : i + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_parked_systems_admit_submits_without_answering_until_released():
+    """serve_machinery's parking: with the worker parked, submits are admitted and none is
+    answered (the worker spends no CPU); on leaving the block every one is answered, as rt.infer
+    answers it, and the system is closed."""
+    import time
+
+    import serve_machinery
+
+    model, rt, pool = serve_load.build_runtime(serve_load.MODELS["tiny"])
+    xs = [pool[i : i + 1] for i in range(40)]
+    want = rt.infer(pool[:40]).logits
+    parks = {
+        "stage": lambda: serve_machinery.parked_scheduler(serve_load.make_system("stage", model, rt, 8), xs[0]),
+        "ee-req": lambda: serve_machinery.parked_batcher(rt, 8, xs[0]),
+    }
+    for name, park in parks.items():
+        with park() as system:
+            if name == "stage":
+                assert system._after_inline == len(system._workers) == 1 and system._sleeping == 0
+            clock = serve_load._worker_clock(system)
+            w0 = serve_load._read_clock(clock)
+            futures = [system.submit_nowait(x) for x in xs]
+            time.sleep(0.05)
+            assert not any(f.done() for f in futures), name
+            assert serve_load._read_clock(clock) - w0 < 1e-3, name
+        got = torch.cat([f.result(0) if name == "ee-req" else f.result(0).logits for f in futures])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not any(w.is_alive() for w in system._workers), name
+
+
+def _run_machinery(tmp_path, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "bench" / "serve_machinery.py"), "--quick", "--out", str(tmp_path), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (js,) = tmp_path.glob("serve-machinery-*-quick.json")
+    return json.loads(js.read_text()), js.with_suffix(".md").read_text()
+
+
+def _check_machinery(doc, md, submit_systems, capacity_systems, models):
+    assert doc["args"]["quick"] and doc["device"]["device"] in md
+    sub = doc["submit"]
+    assert sub["model"] == "tiny" and list(sub["systems"]) == submit_systems
+    for s, v in sub["systems"].items():
+        assert 0 < v["wall_us_min"] <= v["wall_us_median"] < 1000, s
+        assert 0 < v["cpu_us_min"] <= v["cpu_us_median"] < 1000, s
+        assert v["worker_cpu_us_median"] < 1.0, s  # parked: the worker ran nothing meanwhile
+        assert len(v["runs_wall_us"]) == sub["repeats"] == 3
+        assert f"| {s} | {v['wall_us_median']:.2f} |" in md
+    assert sub["systems"]["ee-req"]["wall_us_x_ee_req"] == 1.0
+    assert [r["model"] for r in doc["saturated"]] == models
+    for res in doc["saturated"]:
+        assert list(res["systems"]) == capacity_systems
+        for s, v in res["systems"].items():
+            assert v["req_per_s"] > 0 and v["ratio_to_ee_req"] > 0 and len(v["runs"]) == 1, (res["model"], s)
+            assert v["submit_us"] > 0 and v["worker_us"] > 0, (res["model"], s)
+            assert f"| {res['model']} | {s} | {v['req_per_s']:.0f} |" in md
+    assert "Isolated submit cost" in md and "Saturated bursts" in md and "Arguments:" in md
+
+
+def test_machinery_quick_run_writes_every_system(tmp_path):
+    doc, md = _run_machinery(tmp_path)
+    assert doc["before_revision"] is None
+    _check_machinery(doc, md, ["ee-req", "stage"], ["ee-req", "ee-req-full", "stage", "stage-nodefer"], ["tiny", "digits"])
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout (git show of a revision)")
+def test_machinery_before_head_runs_the_earlier_class_beside_todays(tmp_path):
+    doc, md = _run_machinery(tmp_path, "--before", "HEAD", "--models", "tiny")
+    assert doc["before_revision"] == "HEAD" and "StageScheduler of HEAD" in md
+    _check_machinery(
+        doc,
+        md,
+        ["ee-req", "stage", "stage@before"],
+        ["ee-req", "ee-req-full", "stage", "stage-nodefer", "stage@before", "stage-nodefer@before"],
+        ["tiny"],
+    )

@@ -387,6 +387,7 @@ class StageScheduler:
         lock = threading.Lock()
         self._cv = threading.Condition(lock)  # the worker sleeps on it
         self._room = threading.Condition(lock)  # submitters waiting for room (when_full="wait")
+        self._room_waiting = 0  # how many (under _cv)
         self._reaper_cv = threading.Condition(lock)  # the timeout thread sleeps on it
         self._reaper: Optional[threading.Thread] = None
         self._inbox: Deque[_Chunk] = deque()  # stage-0 chunks from submitters, taken by the worker
@@ -431,22 +432,32 @@ class StageScheduler:
         :class:`~eeruntime.InferenceResult`. Cancelling the future frees the request's rows at
         every stage. ``x`` must not be modified until the future is done. With
         ``inline="always"`` and an idle scheduler, it runs here and the future returned is done."""
-        return cast(concurrent.futures.Future, self._submit(x, timeout_s, None))
+        return self._submit(x, timeout_s, None)  # type: ignore[return-value]  # (answer None: a Future)
 
     def _submit(
         self, x: State, timeout_s: Optional[float], answer: Optional[_LoopAnswer]
     ) -> Union[concurrent.futures.Future, _LoopAnswer]:
         """Admit ``x``; its answer goes to ``answer`` (an asyncio caller's) or, when None, to a
-        new future returned (or a done future: run inline)."""
-        x, n = self._check_input(x)
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        if self.inline == "always" and timeout_s is None:
-            done = self._run_inline(x, n, quiet=True)
-            if done is not None:
-                return done
-        t0 = time.perf_counter()
-        deadline = None if timeout_s is None else t0 + timeout_s
-        layout = _layout(x)
+        new future returned (or a done future: run inline).
+
+        Every request pays this in the submitting thread, holding the GIL, and the worker waits
+        for the GIL meanwhile: where the host's Python is the bound (a small model on a GPU),
+        the submit's cost is the server's throughput. So the common request (one tensor on the
+        model's device) is checked in a few attribute reads, and the rest is inline (measured:
+        bench/serve_machinery.py; docs/serving.md, "The serving machinery's own cost")."""
+        x, n, layout = self._check_input(x)
+        if timeout_s is None:
+            timeout_s = self.timeout_s
+        if timeout_s is None:
+            if self.inline == "always":
+                done = self._run_inline(x, n, quiet=True)
+                if done is not None:
+                    return done
+            deadline = None
+            t0 = time.perf_counter()
+        else:
+            t0 = time.perf_counter()
+            deadline = t0 + timeout_s
         # No torch call under the lock (none at all here, see _Chunk): a torch call may release
         # the GIL, and a submitter that lets the GIL go while holding the lock makes the worker
         # wait for both (measured: the worker spent a quarter of a burst waiting for this lock).
@@ -456,35 +467,46 @@ class StageScheduler:
             future = _RequestFuture(self, seq)
         else:
             future, answer.seq = answer, seq
-        ids = range(seq << ROW_BITS, (seq << ROW_BITS) + n)
+        first = seq << ROW_BITS
         with self._cv:
-            while True:
-                if self._closing:
-                    raise SchedulerClosed("the scheduler is closed; it takes no new requests")
-                if self._admitted_rows + n <= self.max_queue_rows:
-                    break
-                if self.when_full == "error":
-                    self.stats.rejected += 1
-                    raise SchedulerFull(
-                        f"the scheduler is full ({self._admitted_rows} of {self.max_queue_rows} rows pending); "
-                        "retry later or raise max_queue_rows"
-                    )
-                left = None if deadline is None else deadline - time.perf_counter()
-                if left is not None and left <= 0:
-                    self.stats.timeouts += 1
-                    raise TimeoutError(f"no room in the scheduler within the request's timeout of {timeout_s} s")
-                self._room.wait(left)
+            if self._closing or self._admitted_rows + n > self.max_queue_rows:
+                self._wait_for_room(n, deadline, timeout_s)
             # Admitted to an idle scheduler (nothing pending): no other row can share this
             # request's batches but later arrivals, so it never waits max_wait for them.
-            urgent = not self._requests
-            req = self._admit(n, future, t0, deadline, layout, seq)  # the thresholds snapshot: now
+            urgent = not self._admitted_rows
+            snap = self._admit(n, future, t0, deadline, layout, seq).snap  # the thresholds snapshot: now
             if deadline is not None:
                 self._arm(deadline, seq)
-            ready_at = t0 if urgent else t0 + self.max_wait_s
-            self._inbox.append(_Chunk(ids, x, None, req.snap, layout, ready_at, urgent))
+            self._inbox.append(
+                _Chunk(range(first, first + n), x, None, snap, layout, t0 if urgent else t0 + self.max_wait_s, urgent)
+            )
             if self._sleeping:
                 self._cv.notify()
         return future
+
+    def _wait_for_room(self, n: int, deadline: Optional[float], timeout_s: Optional[float]) -> None:
+        """Under ``_cv``: return once ``n`` more rows fit (``when_full="wait"``), else raise
+        (closed, ``SchedulerFull``, or no room within the request's timeout)."""
+        while True:
+            if self._closing:
+                raise SchedulerClosed("the scheduler is closed; it takes no new requests")
+            if self._admitted_rows + n <= self.max_queue_rows:
+                return
+            if self.when_full == "error":
+                self.stats.rejected += 1
+                raise SchedulerFull(
+                    f"the scheduler is full ({self._admitted_rows} of {self.max_queue_rows} rows pending); "
+                    "retry later or raise max_queue_rows"
+                )
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None and left <= 0:
+                self.stats.timeouts += 1
+                raise TimeoutError(f"no room in the scheduler within the request's timeout of {timeout_s} s")
+            self._room_waiting += 1
+            try:
+                self._room.wait(left)
+            finally:
+                self._room_waiting -= 1
 
     async def submit(self, x: State, timeout_s: Optional[float] = None) -> InferenceResult:
         """Await the result of ``x``; cancelling the awaiting task frees its rows. The answers of
@@ -516,19 +538,20 @@ class StageScheduler:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if self.inline != "never" and timeout_s is None:
             # (a timeout must fire while the request runs: only the worker path can do that)
-            x, n = self._check_input(x)
+            x, n, _ = self._check_input(x)
             future = self._run_inline(x, n)
             if future is not None:
                 return future.result()
         return self.submit_nowait(x, timeout_s).result()
 
-    def _check_input(self, x: Union[State, list]) -> Tuple[State, int]:
+    def _check_input(self, x: Union[State, list]) -> Tuple[State, int, tuple]:
+        """``x`` checked (a list becomes a tuple), its rows, and its layout (see :func:`_layout`)."""
         if type(x) is torch.Tensor and self._fast_device is not None:
             # the common request, one tensor on the model's device: the checks below in a few
             # attribute reads (every submit pays them, in the submitting thread, holding the GIL)
             n = x.shape[0] if x.dim() else 0
             if 0 < n <= self._max_rows and x.device == self._fast_device:
-                return x, n
+                return x, n, ((x.shape[1:], x.dtype, self._fast_device),)
         if isinstance(x, list):
             x = tuple(x)
         n = check_state(x, "StageScheduler input")
@@ -540,7 +563,7 @@ class StageScheduler:
                 f"{min(self.max_queue_rows, ROW_MASK)} rows (max_queue_rows); split it"
             )
         self.rt._check_device(x)
-        return x, n
+        return x, n, _layout(x)
 
     def _admit(
         self,
@@ -721,51 +744,63 @@ class StageScheduler:
         exit_ids: List[int],
         logits: torch.Tensor,
         confidence: torch.Tensor,
-        exit_index: Optional[torch.Tensor] = None,
     ) -> None:
-        """Write the leaving rows into their requests and resolve the requests now complete
-        (they left at exit ``k``, or each at its ``exit_index``: a batch run in one pass).
+        """Answer the rows that left at exit ``k`` of a stage step (``exit_ids``: their row ids,
+        in the batch's order): group them into runs of one request's rows, then :meth:`_answer`."""
+        E = len(exit_ids)
+        now = time.perf_counter()
+        # the batch's runs of rows of one request (a request's rows in one batch are adjacent unless it
+        # was split across batches at an earlier stage: then it has several runs)
+        runs: List[Tuple[int, int, int, Sequence[int]]] = []  # (seq, first, end, local rows)
+        i = 0
+        while i < E:
+            r = exit_ids[i]
+            seq = r >> ROW_BITS
+            j = i + 1
+            while j < E and exit_ids[j] >> ROW_BITS == seq:
+                j += 1
+            lo, hi = r & ROW_MASK, exit_ids[j - 1] & ROW_MASK
+            # (a request's rows keep their order through every step: first to last with no gap is a range)
+            local = range(lo, hi + 1) if hi - lo == j - i - 1 else [x & ROW_MASK for x in exit_ids[i:j]]
+            runs.append((seq, i, j, local))
+            i = j
+        exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device)
+        self._answer(runs, logits, confidence, exit_col, now)
+
+    def _answer(
+        self,
+        runs: List[Tuple[int, int, int, Sequence[int]]],
+        logits: torch.Tensor,
+        confidence: torch.Tensor,
+        exit_index: torch.Tensor,
+        now: float,
+    ) -> None:
+        """Write leaving rows into their requests and resolve the requests now complete. ``runs``:
+        (seq, first, end, local rows) per run of one request's rows in the outputs, ``first:end``,
+        which are its rows ``local`` (a ``range`` when they follow each other).
 
         Under load one batch answers dozens of single-row requests, and every torch call or lock
         per request is a point where the worker may lose the GIL to the submitting thread (and
         wait for it back): so a request whose rows all leave here together gets views of the
         batch's outputs (exit index included), made by one ``split`` per output for the whole
         batch, and the batch's answers take one lock."""
-        E = len(exit_ids)
-        now = time.perf_counter()
-        # the batch's runs of rows of one request (a request's rows in one batch are adjacent unless it
-        # was split across batches at an earlier stage: then it has several runs)
-        runs: List[Tuple[int, int, int]] = []  # (seq, first, end)
-        i = 0
-        while i < E:
-            seq = exit_ids[i] >> ROW_BITS
-            j = i + 1
-            while j < E and exit_ids[j] >> ROW_BITS == seq:
-                j += 1
-            runs.append((seq, i, j))
-            i = j
-        exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device) if exit_index is None else exit_index
         views: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
         if len(runs) == 1:  # one request's rows, the whole batch (a lone request at light load)
-            views = ((logits, confidence, exit_col),)
-        elif E >= SPLIT_MIN_ROWS:  # one call per output for all the views
-            sizes = [j - i for _, i, j in runs]
-            views = zip(logits.split(sizes), confidence.split(sizes), exit_col.split(sizes))
+            views = ((logits, confidence, exit_index),)
+        elif runs[-1][2] >= SPLIT_MIN_ROWS:  # one call per output for all the views
+            sizes = [j - i for _, i, j, _ in runs]
+            views = zip(logits.split(sizes), confidence.split(sizes), exit_index.split(sizes))
         else:
-            views = ((logits[i:j], confidence[i:j], exit_col[i:j]) for _, i, j in runs)
+            views = ((logits[i:j], confidence[i:j], exit_index[i:j]) for _, i, j, _ in runs)
         done: List[_Request] = []
+        requests = self._requests
         with self._dlock:  # (uncontended with one worker)
-            for (seq, i, j), (lg, cf, ex) in zip(runs, views):
-                req = self._requests.get(seq)
+            for (seq, i, j, local), (lg, cf, ex) in zip(runs, views):
+                req = requests.get(seq)
                 if req is None:  # answered meanwhile (timeout, cancel)
                     continue
                 m = j - i
-                if (
-                    req.logits is None
-                    and m == req.n
-                    and exit_ids[i] & ROW_MASK == 0
-                    and exit_ids[j - 1] & ROW_MASK == m - 1
-                ):
+                if req.logits is None and m == req.n and type(local) is range and local.start == 0:
                     # every row of the request left here, in order: views of the batch's output
                     req.logits, req.confidence, req.exit_index = lg, cf, ex
                 else:
@@ -774,10 +809,10 @@ class StageScheduler:
                         req.confidence = confidence.new_empty(req.n)
                         req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
                     assert req.confidence is not None and req.exit_index is not None  # set with logits
-                    local = torch.tensor([r & ROW_MASK for r in exit_ids[i:j]], dtype=torch.int64).to(logits.device)
-                    req.logits.index_copy_(0, local, lg)
-                    req.confidence.index_copy_(0, local, cf)
-                    req.exit_index.index_copy_(0, local, ex)
+                    rows = torch.tensor(list(local), dtype=torch.int64).to(logits.device)
+                    req.logits.index_copy_(0, rows, lg)
+                    req.confidence.index_copy_(0, rows, cf)
+                    req.exit_index.index_copy_(0, rows, ex)
                 req.remaining -= m
                 if req.remaining == 0:
                     done.append(req)
@@ -792,7 +827,8 @@ class StageScheduler:
                 return
             self._last_answer = self._clock()
             self._admitted_rows -= sum(r.n for r in reqs)
-            self._room.notify_all()
+            if self._room_waiting:  # (notify_all is Python code: not at every batch for no one)
+                self._room.notify_all()
         self.stats.record_latencies([now - r.t0 for r in reqs])
         posts: Dict[asyncio.AbstractEventLoop, list] = {}
         for req in reqs:
@@ -1006,9 +1042,8 @@ class StageScheduler:
 
     def _take_inbox(self) -> None:
         """Move the submitters' chunks to stage 0's queue (under ``_cv`` and ``_qlock``)."""
-        q0, inbox = self._queues[0], self._inbox
-        while inbox:
-            q0.append(inbox.popleft())
+        self._queues[0].extend(self._inbox)
+        self._inbox.clear()
 
     def _purge(self) -> None:
         """Drop the rows of dead requests from every queue."""
@@ -1065,9 +1100,10 @@ class StageScheduler:
             state = cat_rows([c.state for c in chunks])
             carry = None if k == 0 else cat_rows([c.carry for c in chunks]) if chunks[0].carry else ()
         if fuse and state is not None:
-            # a pass answers its rows from Python ints (stage 0's ids are ranges): no id tensor,
-            # whose making costs more than the rest of a lone request's bookkeeping (measured)
-            if self._run_fused(state, [i for c in chunks for i in cast(range, c.ids)], chunks[0].snap, t0):
+            # a pass answers its rows by chunk (stage 0's ids are ranges): no id tensor, whose
+            # making costs more than the rest of a lone request's bookkeeping (measured), and no
+            # Python per row
+            if self._run_fused(state, chunks, t0):
                 return
         ids = _batch_ids(chunks)
         n = int(ids.shape[0])
@@ -1140,23 +1176,32 @@ class StageScheduler:
         # (the urgency scan only when it decides: max_wait 0, the common case, needs none)
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
-    def _run_fused(self, state: State, ids: List[int], snap: Any, t0: float) -> bool:
+    def _run_fused(self, state: State, chunks: List[_Chunk], t0: float) -> bool:
         """Run a stage-0 batch through every stage in one pass and answer all its rows; False
         when a stage raised (the caller then runs the batch step by step: failure isolation)."""
         try:
             # the inputs were checked at submit (an input adapter, if any, runs in there)
-            res, counts = self.rt._infer(state, snap, check=self._adapter)
+            res, counts = self.rt._infer(state, chunks[0].snap, check=self._adapter)
         except Exception:  # noqa: BLE001  (re-run step by step, which fails only who reached it)
             self.stats.fused_fallbacks += 1
             return False
         t1 = time.perf_counter()
-        reached = len(ids)
+        # every row leaves, in the batch's order: one run per chunk (a request's own rows, or
+        # the part of them a split left in this batch)
+        runs: List[Tuple[int, int, int, Sequence[int]]] = []
+        i = 0
+        for c in chunks:
+            ids = cast(range, c.ids)
+            j = i + c.n
+            runs.append((ids.start >> ROW_BITS, i, j, range(ids.start & ROW_MASK, (ids.start & ROW_MASK) + c.n)))
+            i = j
+        reached = i
         with self._qlock:
             for k, left in enumerate(counts):
                 if reached:
                     self._learn(k, reached, reached - left)
                 reached -= left
-        self._deliver(0, ids, res.logits, res.confidence, res.exit_index)
+        self._answer(runs, res.logits, res.confidence, res.exit_index, t1)
         self.stats.record_fused(counts, t1 - t0, time.perf_counter() - t0)
         return True
 
