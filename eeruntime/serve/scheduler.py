@@ -62,7 +62,7 @@ ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits ab
 ROW_MASK = (1 << ROW_BITS) - 1
 INLINE_MODES = ("blocking", "always", "never")
 POLICIES = ("deepest", "fill", "request")
-# _deliver makes the answers' views with one split per output from this many leaving rows on
+# _views makes the answers' views with one split per output from this many parts on
 # (measured: a split costs about half a Python slice per view, plus a fixed ~2 us)
 SPLIT_MIN_ROWS = 4
 # max_defer_ms passes a partial stage over only while the rows upstream are expected to fill it;
@@ -149,40 +149,6 @@ def _settle(answers: list) -> None:
                 afut.set_exception(exc)
 
 
-class _Request:
-    __slots__ = (
-        "seq",
-        "n",
-        "future",
-        "snap",
-        "t0",
-        "deadline",
-        "remaining",
-        "logits",
-        "exit_index",
-        "confidence",
-        "layout",
-    )
-
-    def __init__(
-        self,
-        seq: int,
-        n: int,
-        future: Union[concurrent.futures.Future, _LoopAnswer],
-        snap: Any,
-        t0: float,
-        deadline: Optional[float],
-        layout: Optional[tuple],
-    ) -> None:
-        self.seq, self.n, self.future, self.snap, self.t0 = seq, n, future, snap, t0
-        self.deadline, self.layout = deadline, layout
-        self.remaining = n
-        # filled as the request's rows leave (the whole request's rows once it is answered)
-        self.logits: Optional[torch.Tensor] = None
-        self.exit_index: Optional[torch.Tensor] = None
-        self.confidence: Optional[torch.Tensor] = None
-
-
 class _Chunk:
     """Rows waiting at a stage: their ids, state and carry, the snapshot and input layout they
     share, and when they may run without a fuller batch (``ready_at``: entry time plus
@@ -224,6 +190,43 @@ class _Chunk:
         self.ids, self.state, self.carry = self.ids[r:], _slice(self.state, r, None), _slice(self.carry, r, None)
         self.n -= r
         return head
+
+
+class _Request(_Chunk):
+    """An admitted request, and (until its rows run) its rows' entry in stage 0's queue: one
+    object per request where the submitter would otherwise make two (every submit makes it, in
+    the submitting thread, holding the GIL: docs/serving.md, "The serving machinery's own cost").
+    A request whose rows are split across batches is queued as a plain :class:`_Chunk` from then
+    on (:meth:`as_chunk`), so a ``_Request`` in a batch always brings all its rows."""
+
+    __slots__ = ("seq", "future", "t0", "deadline", "remaining", "logits", "exit_index", "confidence")
+
+    def __init__(
+        self,
+        seq: int,
+        n: int,
+        future: Union[concurrent.futures.Future, _LoopAnswer],
+        snap: Any,
+        t0: float,
+        deadline: Optional[float],
+        layout: Optional[tuple],
+        state: Optional[State] = None,
+        ready_at: float = 0.0,
+        urgent: bool = False,
+    ) -> None:
+        self.seq, self.n, self.future, self.snap, self.t0 = seq, n, future, snap, t0
+        self.deadline, self.layout, self.state, self.carry = deadline, layout, state, None
+        self.ids = range(seq << ROW_BITS, (seq << ROW_BITS) + n)
+        self.ready_at, self.urgent = ready_at, urgent
+        self.remaining = n
+        # filled as the request's rows leave (the whole request's rows once it is answered)
+        self.logits: Optional[torch.Tensor] = None
+        self.exit_index: Optional[torch.Tensor] = None
+        self.confidence: Optional[torch.Tensor] = None
+
+    def as_chunk(self) -> _Chunk:
+        """The request's rows as a chunk of their own (to be split: the request keeps its ``n``)."""
+        return _Chunk(self.ids, self.state, None, self.snap, self.layout, self.ready_at, self.urgent)
 
 
 def _slice(state: Optional[State], a: int, b: Optional[int]) -> Optional[State]:
@@ -467,19 +470,17 @@ class StageScheduler:
             future = _RequestFuture(self, seq)
         else:
             future, answer.seq = answer, seq
-        first = seq << ROW_BITS
         with self._cv:
             if self._closing or self._admitted_rows + n > self.max_queue_rows:
                 self._wait_for_room(n, deadline, timeout_s)
             # Admitted to an idle scheduler (nothing pending): no other row can share this
             # request's batches but later arrivals, so it never waits max_wait for them.
             urgent = not self._admitted_rows
-            snap = self._admit(n, future, t0, deadline, layout, seq).snap  # the thresholds snapshot: now
+            # (the request is its rows' entry in stage 0's queue: see _Request)
+            req = self._admit(n, future, t0, deadline, layout, seq, x, t0 if urgent else t0 + self.max_wait_s, urgent)
             if deadline is not None:
                 self._arm(deadline, seq)
-            self._inbox.append(
-                _Chunk(range(first, first + n), x, None, snap, layout, t0 if urgent else t0 + self.max_wait_s, urgent)
-            )
+            self._inbox.append(req)
             if self._sleeping:
                 self._cv.notify()
         return future
@@ -573,11 +574,23 @@ class StageScheduler:
         deadline: Optional[float],
         layout: Optional[tuple],
         seq: Optional[int] = None,
+        state: Optional[State] = None,
+        ready_at: float = 0.0,
+        urgent: bool = False,
     ) -> _Request:
         """Register a request (under ``_cv``), with the runtime's current thresholds snapshot
         (the same object until set_thresholds replaces it; reading it is an attribute read)."""
         req = _Request(
-            next(self._seq) if seq is None else seq, n, future, self.rt.thresholds_snapshot(), t0, deadline, layout
+            next(self._seq) if seq is None else seq,
+            n,
+            future,
+            self.rt.thresholds_snapshot(),
+            t0,
+            deadline,
+            layout,
+            state,
+            ready_at,
+            urgent,
         )
         self._requests[req.seq] = req
         self._admitted_rows += n
@@ -784,40 +797,45 @@ class StageScheduler:
         wait for it back): so a request whose rows all leave here together gets views of the
         batch's outputs (exit index included), made by one ``split`` per output for the whole
         batch, and the batch's answers take one lock."""
-        views: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-        if len(runs) == 1:  # one request's rows, the whole batch (a lone request at light load)
-            views = ((logits, confidence, exit_index),)
-        elif runs[-1][2] >= SPLIT_MIN_ROWS:  # one call per output for all the views
-            sizes = [j - i for _, i, j, _ in runs]
-            views = zip(logits.split(sizes), confidence.split(sizes), exit_index.split(sizes))
-        else:
-            views = ((logits[i:j], confidence[i:j], exit_index[i:j]) for _, i, j, _ in runs)
+        views = _views([j - i for _, i, j, _ in runs], logits, confidence, exit_index)
         done: List[_Request] = []
-        requests = self._requests
         with self._dlock:  # (uncontended with one worker)
-            for (seq, i, j, local), (lg, cf, ex) in zip(runs, views):
-                req = requests.get(seq)
-                if req is None:  # answered meanwhile (timeout, cancel)
-                    continue
-                m = j - i
-                if req.logits is None and m == req.n and type(local) is range and local.start == 0:
-                    # every row of the request left here, in order: views of the batch's output
-                    req.logits, req.confidence, req.exit_index = lg, cf, ex
-                else:
-                    if req.logits is None:
-                        req.logits = logits.new_empty((req.n, logits.shape[1]))
-                        req.confidence = confidence.new_empty(req.n)
-                        req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
-                    assert req.confidence is not None and req.exit_index is not None  # set with logits
-                    rows = torch.tensor(list(local), dtype=torch.int64).to(logits.device)
-                    req.logits.index_copy_(0, rows, lg)
-                    req.confidence.index_copy_(0, rows, cf)
-                    req.exit_index.index_copy_(0, rows, ex)
-                req.remaining -= m
-                if req.remaining == 0:
-                    done.append(req)
+            for (seq, _, _, local), view in zip(runs, views):
+                self._write(seq, local, view, logits, done)
         if done:
             self._finish(done, now)
+
+    def _write(
+        self,
+        seq: int,
+        local: Sequence[int],
+        view: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        logits: torch.Tensor,
+        done: List[_Request],
+    ) -> None:
+        """Write rows ``local`` of request ``seq`` (their outputs: ``view``, of the batch's
+        ``logits`` and the rest) into it, under ``_dlock``; append it to ``done`` once complete."""
+        req = self._requests.get(seq)
+        if req is None:  # answered meanwhile (timeout, cancel)
+            return
+        m = len(local)
+        lg, cf, ex = view
+        if req.logits is None and m == req.n and type(local) is range and local.start == 0:
+            # every row of the request left here, in order: views of the batch's output
+            req.logits, req.confidence, req.exit_index = lg, cf, ex
+        else:
+            if req.logits is None:
+                req.logits = logits.new_empty((req.n, logits.shape[1]))
+                req.confidence = cf.new_empty(req.n)
+                req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
+            assert req.confidence is not None and req.exit_index is not None  # set with logits
+            rows = torch.tensor(list(local), dtype=torch.int64).to(logits.device)
+            req.logits.index_copy_(0, rows, lg)
+            req.confidence.index_copy_(0, rows, cf)
+            req.exit_index.index_copy_(0, rows, ex)
+        req.remaining -= m
+        if req.remaining == 0:
+            done.append(req)
 
     def _finish(self, reqs: List[_Request], now: float) -> None:
         """Resolve complete requests (those not answered otherwise meanwhile), under one lock."""
@@ -1084,6 +1102,8 @@ class StageScheduler:
             if c.snap is not head.snap or c.layout != head.layout:
                 break  # a batch shares one thresholds snapshot and one input layout
             if rows + c.n > self.max_batch:
+                if type(c) is _Request:  # (its rows split across batches: queued as a chunk from now on)
+                    c = q[0] = c.as_chunk()
                 c = c.split(self.max_batch - rows)
             else:
                 q.popleft()
@@ -1186,24 +1206,43 @@ class StageScheduler:
             self.stats.fused_fallbacks += 1
             return False
         t1 = time.perf_counter()
-        # every row leaves, in the batch's order: one run per chunk (a request's own rows, or
-        # the part of them a split left in this batch)
-        runs: List[Tuple[int, int, int, Sequence[int]]] = []
-        i = 0
-        for c in chunks:
-            ids = cast(range, c.ids)
-            j = i + c.n
-            runs.append((ids.start >> ROW_BITS, i, j, range(ids.start & ROW_MASK, (ids.start & ROW_MASK) + c.n)))
-            i = j
-        reached = i
+        reached = sum(c.n for c in chunks)
         with self._qlock:
             for k, left in enumerate(counts):
                 if reached:
                     self._learn(k, reached, reached - left)
                 reached -= left
-        self._answer(runs, res.logits, res.confidence, res.exit_index, t1)
+        # Every row leaves, in the batch's order, one chunk after another. A _Request brings all
+        # its rows (see _Request): it takes views of the outputs, with no lookup and no Python
+        # per row (the common case under load: a batch of single-row requests).
+        views = _views([c.n for c in chunks], res.logits, res.confidence, res.exit_index)
+        done: List[_Request] = []
+        with self._dlock:
+            for c, view in zip(chunks, views):
+                if type(c) is _Request:
+                    c.logits, c.confidence, c.exit_index = view
+                    c.remaining = 0
+                    done.append(c)  # (_finish skips it if it was answered meanwhile)
+                else:  # part of a request split across batches
+                    start = cast(range, c.ids).start
+                    local = range(start & ROW_MASK, (start & ROW_MASK) + c.n)
+                    self._write(start >> ROW_BITS, local, view, res.logits, done)
+        if done:
+            self._finish(done, t1)
         self.stats.record_fused(counts, t1 - t0, time.perf_counter() - t0)
         return True
+
+
+def _views(
+    sizes: List[int], logits: torch.Tensor, confidence: torch.Tensor, exit_index: torch.Tensor
+) -> Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each part's rows (``sizes``, in order) of the three outputs, as views."""
+    if len(sizes) == 1:  # one part, the whole batch (a lone request at light load)
+        return ((logits, confidence, exit_index),)
+    if len(sizes) >= SPLIT_MIN_ROWS:  # one call per output for all the views
+        return zip(logits.split(sizes), confidence.split(sizes), exit_index.split(sizes))
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    return ((logits[i:j], confidence[i:j], exit_index[i:j]) for i, j in zip(offsets, offsets[1:]))
 
 
 __all__ = ["StageScheduler", "SchedulerError", "SchedulerFull", "SchedulerClosed", "StageFailed", "ROW_BITS"]
