@@ -1117,7 +1117,10 @@ class StageScheduler:
         if len(chunks) == 1:
             state, carry = chunks[0].state, chunks[0].carry
         else:
-            state = cat_rows([c.state for c in chunks])
+            states = [c.state for c in chunks]
+            # (a batch shares one layout, so one tensor per chunk or tuples alike: cat_rows's
+            # checks are for the tuples)
+            state = torch.cat(cast(List[torch.Tensor], states)) if type(states[0]) is torch.Tensor else cat_rows(states)
             carry = None if k == 0 else cat_rows([c.carry for c in chunks]) if chunks[0].carry else ()
         if fuse and state is not None:
             # a pass answers its rows by chunk (stage 0's ids are ranges): no id tensor, whose
@@ -1206,7 +1209,7 @@ class StageScheduler:
             self.stats.fused_fallbacks += 1
             return False
         t1 = time.perf_counter()
-        reached = sum(c.n for c in chunks)
+        reached = state.shape[0] if type(state) is torch.Tensor else sum(c.n for c in chunks)
         with self._qlock:
             for k, left in enumerate(counts):
                 if reached:
