@@ -470,14 +470,21 @@ class StageScheduler:
             future = _RequestFuture(self, seq)
         else:
             future, answer.seq = answer, seq
+        # The request (its rows' entry in stage 0's queue: see _Request) is made before the lock:
+        # the worker takes this lock at every batch, and a submitter that loses the GIL while
+        # holding it (at a forced switch, or a GC pass its allocations start) makes the worker
+        # wait for both; so only the admission itself is under it.
+        req = _Request(seq, n, future, self.rt.thresholds_snapshot(), t0, deadline, layout, x)
         with self._cv:
             if self._closing or self._admitted_rows + n > self.max_queue_rows:
                 self._wait_for_room(n, deadline, timeout_s)
             # Admitted to an idle scheduler (nothing pending): no other row can share this
             # request's batches but later arrivals, so it never waits max_wait for them.
-            urgent = not self._admitted_rows
-            # (the request is its rows' entry in stage 0's queue: see _Request)
-            req = self._admit(n, future, t0, deadline, layout, seq, x, t0 if urgent else t0 + self.max_wait_s, urgent)
+            if self._admitted_rows:
+                req.ready_at = t0 + self.max_wait_s
+            else:
+                req.ready_at, req.urgent = t0, True
+            self._register(req)
             if deadline is not None:
                 self._arm(deadline, seq)
             self._inbox.append(req)
@@ -566,36 +573,11 @@ class StageScheduler:
         self.rt._check_device(x)
         return x, n, _layout(x)
 
-    def _admit(
-        self,
-        n: int,
-        future: Union[concurrent.futures.Future, _LoopAnswer],
-        t0: float,
-        deadline: Optional[float],
-        layout: Optional[tuple],
-        seq: Optional[int] = None,
-        state: Optional[State] = None,
-        ready_at: float = 0.0,
-        urgent: bool = False,
-    ) -> _Request:
-        """Register a request (under ``_cv``), with the runtime's current thresholds snapshot
-        (the same object until set_thresholds replaces it; reading it is an attribute read)."""
-        req = _Request(
-            next(self._seq) if seq is None else seq,
-            n,
-            future,
-            self.rt.thresholds_snapshot(),
-            t0,
-            deadline,
-            layout,
-            state,
-            ready_at,
-            urgent,
-        )
+    def _register(self, req: _Request) -> None:
+        """Count ``req`` as admitted and pending (under ``_cv``)."""
         self._requests[req.seq] = req
-        self._admitted_rows += n
+        self._admitted_rows += req.n
         self.stats.submitted += 1
-        return req
 
     def _run_inline(self, x: State, n: int, quiet: bool = False) -> Optional[concurrent.futures.Future]:
         """Run ``x`` in this thread if the scheduler is idle (see :meth:`infer`); its future, done,
@@ -615,7 +597,8 @@ class StageScheduler:
                 return None
             if quiet and t0 - self._last_answer < self._last_inline_s:
                 return None
-            req = self._admit(n, future, t0, None, None)
+            req = _Request(next(self._seq), n, future, self.rt.thresholds_snapshot(), t0, None, None)
+            self._register(req)
             self._inline = True  # the worker stays asleep until we are done
             self.stats.inline += 1
         try:
