@@ -674,7 +674,9 @@ def _check_machinery(doc, md, submit_systems, capacity_systems, models):
 def test_machinery_quick_run_writes_every_system(tmp_path):
     doc, md = _run_machinery(tmp_path)
     assert doc["before_revision"] is None
-    _check_machinery(doc, md, ["ee-req", "stage"], ["ee-req", "ee-req-full", "stage", "stage-nodefer"], ["tiny", "digits"])
+    _check_machinery(
+        doc, md, ["ee-req", "stage"], ["ee-req", "ee-req-full", "stage", "stage-nodefer"], ["tiny", "digits"]
+    )
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout (git show of a revision)")

@@ -275,6 +275,29 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
     return handler, ctx, hook
 
 
+@pytest.mark.parametrize("given,defer_s", [((), 0.0), ((None,), 0.02), ((5.0,), 0.005)])
+def test_handler_async_mode_defers_as_eeruntime_serve_does_unless_its_config_says(tmp_path, given, defer_s):
+    """No deferral by default in async mode (its event loop submits as `eeruntime serve`'s does);
+    max_defer_ms: null gives the scheduler's own default (20 ms on a CPU); a number is passed on."""
+    from serve_models import scripted_model
+
+    from eeruntime.serve.torchserve_handler import EarlyExitHandler
+
+    model, _ = scripted_model(3)
+    ee.EERuntime(model, thresholds=0.9, criterion="max_prob").save(tmp_path / "bundle", weights=True)
+    section = {"model": lambda: model, **({"max_defer_ms": given[0]} if given else {})}
+    handler = EarlyExitHandler()
+    with (
+        mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
+        mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval"),
+    ):
+        handler.initialize(FakeContext(tmp_path, {"asyncCommunication": True, "eeruntime": section}))
+    try:
+        assert handler.sched.max_defer_s == pytest.approx(defer_s)
+    finally:
+        handler.sched.close()
+
+
 def test_handler_batch_mode_one_infer_per_row_shape_and_a_status_per_request(tmp_path):
     from safetensors.torch import save
     from serve_models import scripted_rows

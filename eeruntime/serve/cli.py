@@ -19,8 +19,9 @@ POLICIES = ("deepest", "fill", "request")
 # HTTP"), the scheduler's CPU default (20 ms) lost to none: 0.79x and 0.74x the saturated req/s of
 # request batching on the ResNet-style model in two runs (0.75x in a third; 0.91x, 0.89x and 0.95x
 # on digits), and at half that rate p99s of 79 and 152 ms against 22-36 ms in two of them (the
-# first went the other way: 116 against 176 ms). (torchserve-archive leaves it to the scheduler's
-# default.)
+# first went the other way: 116 against 176 ms). The same default in EarlyExitLitAPI (measured:
+# docs/serving.md, "Session 15") and the TorchServe handler's async mode (not measured there: its
+# event loop submits like this server's).
 SERVE_MAX_DEFER_MS = 0.0
 
 
@@ -100,8 +101,8 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="policy 'deepest': how long a partial batch may be passed over for full ones once stage 0 holds a "
         "full batch (survivors then wait for the next stage-0 batches' and deeper batches fill); 0: never; "
-        "default: 0 in `eeruntime serve` (over HTTP it lost: docs/serving.md, 'Over HTTP'), else the "
-        "scheduler's (20 on a CPU, 0 on a GPU; docs/serving.md, 'Policy')",
+        "default: 0, in `eeruntime serve` and a TorchServe archive (over HTTP it lost: docs/serving.md, "
+        "'Over HTTP'); the scheduler's own default is 20 on a CPU and 0 on a GPU (docs/serving.md, 'Policy')",
     )
     p.add_argument(
         "--scheduler-workers",

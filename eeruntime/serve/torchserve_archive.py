@@ -60,7 +60,7 @@ def model_config(args: argparse.Namespace) -> Dict[str, Any]:
         "scheduler_workers": args.scheduler_workers,
         "max_rows": args.max_rows,
     }
-    if args.max_defer_ms is not None:  # (absent: the scheduler's default for the model's device)
+    if args.max_defer_ms is not None:  # (absent: none, as in `eeruntime serve`; see the handler)
         section["max_defer_ms"] = args.max_defer_ms
     if args.input_shape:
         section["input_shape"] = list(parse_shape(args.input_shape))

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..state import as_tuple, cat_rows, from_tuple
+from .cli import SERVE_MAX_DEFER_MS
 from .codec import (
     SAFETENSORS_TYPES,
     InputError,
@@ -122,7 +123,12 @@ class EarlyExitHandler:
         self.spec = InputSpec([tuple(shape)] if shape else None, dtype=_model_dtype(self.rt.model))
         self.max_rows = int(opts.get("max_rows", 256))
         if config.get("asyncCommunication"):
-            self.sched = StageScheduler(self.rt, **{arg: opts[k] for k, arg in SCHEDULER_OPTIONS.items() if k in opts})
+            kwargs = {arg: opts[k] for k, arg in SCHEDULER_OPTIONS.items() if k in opts}
+            # no deferral unless the config says (null: the scheduler's own default), as in
+            # `eeruntime serve` and EarlyExitLitAPI: an event loop in this process submits the
+            # requests, in bursts (docs/serving.md, "Bundles, the HTTP server and LitServe")
+            kwargs.setdefault("max_defer_ms", SERVE_MAX_DEFER_MS)
+            self.sched = StageScheduler(self.rt, **kwargs)
         freeze_startup_objects()  # this worker process is ours to set up (eeruntime/serve/process.py)
         if self.sched is not None:  # an event loop submits, the scheduler's worker steps: one GIL
             set_switch_interval()
