@@ -279,13 +279,12 @@ def scripted_handler(tmp_path, asynchronous, hook_box):
 def test_handler_async_mode_defers_as_eeruntime_serve_does_unless_its_config_says(tmp_path, given, defer_s):
     """No deferral by default in async mode (its event loop submits as `eeruntime serve`'s does);
     max_defer_ms: null gives the scheduler's own default (20 ms on a CPU); a number is passed on."""
-    from serve_models import scripted_model
-
     from eeruntime.serve.torchserve_handler import EarlyExitHandler
+    from eeruntime.zoo import digits_cnn
 
-    model, _ = scripted_model(3)
-    ee.EERuntime(model, thresholds=0.9, criterion="max_prob").save(tmp_path / "bundle", weights=True)
-    section = {"model": lambda: model, **({"max_defer_ms": given[0]} if given else {})}
+    # (a model with parameters: the scheduler's own default depends on the device they are on)
+    ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy").save(tmp_path / "bundle", weights=True)
+    section = {"model": digits_cnn, **({"max_defer_ms": given[0]} if given else {})}
     handler = EarlyExitHandler()
     with (
         mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
