@@ -8,6 +8,7 @@ import pathlib
 import shlex
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -390,4 +391,10 @@ def test_gpu_session_script_dry_run_prints_the_plan_and_runs_the_overhead_smoke(
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "[gpu-check] 9 steps, time boxes total 595 s" in r.stdout
-    assert len(list(out.glob("graphs-overhead-*.json"))) == 1 and len(list(out.glob("graphs-overhead-*.md"))) == 1
+    # every file in one archive, the reports beside it: at most 8 files come back from a device
+    with tarfile.open(out / "gpu-extras.tar.gz") as tar:
+        names = [pathlib.Path(n).name for n in tar.getnames()]
+    for stem in ("graphs-overhead-", "serve-machinery-"):
+        assert sum(n.startswith(stem) and n.endswith(".json") for n in names) == 1, names
+        assert len(list(out.glob(f"{stem}*.md"))) == 1
+    assert (out / "gpu-check.tar.gz").exists() and len(list(out.iterdir())) <= 8
