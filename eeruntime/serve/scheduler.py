@@ -57,6 +57,7 @@ from ..state import check_state
 from .stats import SchedulerStats
 
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a request's input, or rows of a stage's state
+Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a request's rows of logits, confidence, exit index
 
 ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
 ROW_MASK = (1 << ROW_BITS) - 1
@@ -448,7 +449,19 @@ class StageScheduler:
         the submit's cost is the server's throughput. So the common request (one tensor on the
         model's device) is checked in a few attribute reads, and the rest is inline (measured:
         bench/serve_machinery.py; docs/serving.md, "The serving machinery's own cost")."""
-        x, n, layout = self._check_input(x)
+        dev = self._fast_device
+        if (
+            type(x) is torch.Tensor
+            and dev is not None
+            and x.dim()
+            and x.device == dev
+            and 0 < x.shape[0] <= self._max_rows
+        ):
+            # (_check_input's common case, here: a call less per request; a 0-dim tensor has
+            # no shape[0] and goes to the checks, which refuse it)
+            n, layout = x.shape[0], ((x.shape[1:], x.dtype, dev),)
+        else:
+            x, n, layout = self._check_input(x)
         if timeout_s is None:
             timeout_s = self.timeout_s
         if timeout_s is None:
@@ -484,7 +497,9 @@ class StageScheduler:
                 req.ready_at = t0 + self.max_wait_s
             else:
                 req.ready_at, req.urgent = t0, True
-            self._register(req)
+            self._requests[seq] = req  # (_register, inline: every submit pays a call)
+            self._admitted_rows += n
+            self.stats.submitted += 1
             if deadline is not None:
                 self._arm(deadline, seq)
             self._inbox.append(req)
@@ -620,9 +635,8 @@ class StageScheduler:
         # path for long
         self._last_inline_s = t1 - t0 if self._last_inline_s == 0 else 0.8 * self._last_inline_s + 0.2 * (t1 - t0)
         self._release_inline()
-        req.logits, req.exit_index, req.confidence = res.logits, res.exit_index, res.confidence
         self.stats.record_inline(res.exit_index.tolist(), t1 - t0)
-        self._finish([req], time.perf_counter())
+        self._finish([(req, (res.logits, res.confidence, res.exit_index))], time.perf_counter())
         return future
 
     def _release_inline(self) -> None:
@@ -781,7 +795,7 @@ class StageScheduler:
         batch's outputs (exit index included), made by one ``split`` per output for the whole
         batch, and the batch's answers take one lock."""
         views = _views([j - i for _, i, j, _ in runs], logits, confidence, exit_index)
-        done: List[_Request] = []
+        done: List[Tuple[_Request, Outputs]] = []
         with self._dlock:  # (uncontended with one worker)
             for (seq, _, _, local), view in zip(runs, views):
                 self._write(seq, local, view, logits, done)
@@ -792,12 +806,13 @@ class StageScheduler:
         self,
         seq: int,
         local: Sequence[int],
-        view: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        view: Outputs,
         logits: torch.Tensor,
-        done: List[_Request],
+        done: List[Tuple[_Request, Outputs]],
     ) -> None:
         """Write rows ``local`` of request ``seq`` (their outputs: ``view``, of the batch's
-        ``logits`` and the rest) into it, under ``_dlock``; append it to ``done`` once complete."""
+        ``logits`` and the rest) into it, under ``_dlock``; append it and its outputs to ``done``
+        once complete."""
         req = self._requests.get(seq)
         if req is None:  # answered meanwhile (timeout, cancel)
             return
@@ -818,23 +833,25 @@ class StageScheduler:
             req.exit_index.index_copy_(0, rows, ex)
         req.remaining -= m
         if req.remaining == 0:
-            done.append(req)
+            assert req.confidence is not None and req.exit_index is not None  # set with logits
+            done.append((req, (req.logits, req.confidence, req.exit_index)))
 
-    def _finish(self, reqs: List[_Request], now: float) -> None:
-        """Resolve complete requests (those not answered otherwise meanwhile), under one lock."""
+    def _finish(self, answers: List[Tuple[_Request, Outputs]], now: float) -> None:
+        """Resolve complete requests, each with its outputs (those not answered otherwise
+        meanwhile), under one lock."""
         with self._cv:
-            reqs = [r for r in reqs if self._requests.pop(r.seq, None) is not None]
-            if not reqs:
+            pop = self._requests.pop
+            answers = [a for a in answers if pop(a[0].seq, None) is not None]
+            if not answers:
                 return
             self._last_answer = self._clock()
-            self._admitted_rows -= sum(r.n for r in reqs)
+            self._admitted_rows -= sum(r.n for r, _ in answers)
             if self._room_waiting:  # (notify_all is Python code: not at every batch for no one)
                 self._room.notify_all()
-        self.stats.record_latencies([now - r.t0 for r in reqs])
+        self.stats.record_latencies([now - r.t0 for r, _ in answers])
         posts: Dict[asyncio.AbstractEventLoop, list] = {}
-        for req in reqs:
-            assert req.logits is not None and req.exit_index is not None and req.confidence is not None  # all rows left
-            result = InferenceResult(req.logits, req.exit_index, req.confidence)
+        for req, (logits, confidence, exit_index) in answers:
+            result = InferenceResult(logits, exit_index, confidence)
             f = req.future
             if isinstance(f, _LoopAnswer):
                 f.posted = True
@@ -844,8 +861,8 @@ class StageScheduler:
                 f.set_result(result)
             except concurrent.futures.InvalidStateError:  # cancelled at the last moment
                 pass
-        for loop, answers in posts.items():  # (one call per event loop for the whole batch)
-            _post(loop, answers)
+        for loop, answers_ in posts.items():  # (one call per event loop for the whole batch)
+            _post(loop, answers_)
 
     # ------------------------------------------------------------------ timeouts
     def _arm(self, deadline: float, seq: int) -> None:
@@ -1202,26 +1219,24 @@ class StageScheduler:
         # its rows (see _Request): it takes views of the outputs, with no lookup and no Python
         # per row (the common case under load: a batch of single-row requests).
         views = _views([c.n for c in chunks], res.logits, res.confidence, res.exit_index)
-        done: List[_Request] = []
-        with self._dlock:
-            for c, view in zip(chunks, views):
-                if type(c) is _Request:
-                    c.logits, c.confidence, c.exit_index = view
-                    c.remaining = 0
-                    done.append(c)  # (_finish skips it if it was answered meanwhile)
-                else:  # part of a request split across batches
-                    start = cast(range, c.ids).start
-                    local = range(start & ROW_MASK, (start & ROW_MASK) + c.n)
-                    self._write(start >> ROW_BITS, local, view, res.logits, done)
-        if done:
-            self._finish(done, t1)
+        done: List[Tuple[_Request, Outputs]] = []
+        for c, view in zip(chunks, views):
+            if type(c) is _Request:
+                done.append((c, view))  # (_finish skips it if it was answered meanwhile)
+            else:  # part of a request split across batches
+                start = cast(range, c.ids).start
+                with self._dlock:
+                    self._write(
+                        start >> ROW_BITS, range(start & ROW_MASK, (start & ROW_MASK) + c.n), view, res.logits, done
+                    )
+        self._finish(done, t1)
         self.stats.record_fused(counts, t1 - t0, time.perf_counter() - t0)
         return True
 
 
 def _views(
     sizes: List[int], logits: torch.Tensor, confidence: torch.Tensor, exit_index: torch.Tensor
-) -> Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> Iterable[Outputs]:
     """Each part's rows (``sizes``, in order) of the three outputs, as views."""
     if len(sizes) == 1:  # one part, the whole batch (a lone request at light load)
         return ((logits, confidence, exit_index),)
