@@ -206,17 +206,15 @@ def run_submit_part(args, built, before_cls) -> dict:
             return parked_batcher(rt, args.max_batch, xs[0])
         return parked_scheduler(make(name), xs[0])
 
-    load = os.getloadavg()
-    res = submit_cost(systems, park, xs, args.submits, args.repeats)
-    after = os.getloadavg()
-    print(f"[submit, {args.submit_model}] load average {load[0]:.2f} -> {after[0]:.2f}", flush=True)
-    for s, v in res.items():
-        print(
-            f"  {s:22s} wall {v['wall_us_median']:6.2f} us (min {v['wall_us_min']:6.2f}, x{v['wall_us_x_ee_req']:.2f} "
-            f"ee-req)  cpu {v['cpu_us_median']:6.2f} us (x{v['cpu_us_x_ee_req']:.2f})  worker "
-            f"{v['worker_cpu_us_median']:.3f} us",
-            flush=True,
-        )
+    res, load, after = timed_part(
+        f"submit, {args.submit_model}",
+        lambda: submit_cost(systems, park, xs, args.submits, args.repeats),
+        lambda s, v: (
+            f"  {s:22s} wall {v['wall_us_median']:6.2f} us (min {v['wall_us_min']:6.2f}, "
+            f"x{v['wall_us_x_ee_req']:.2f} ee-req)  cpu {v['cpu_us_median']:6.2f} us (x{v['cpu_us_x_ee_req']:.2f})  "
+            f"worker {v['worker_cpu_us_median']:.3f} us"
+        ),
+    )
     return {
         "model": args.submit_model,
         "submits": args.submits,
@@ -226,23 +224,33 @@ def run_submit_part(args, built, before_cls) -> dict:
     }
 
 
+def timed_part(label, run, line):
+    """``run()``'s per-system results, with the load average before and after it; each system's
+    ``line(system, row)`` printed as it ends: (results, load before, load after)."""
+    load = os.getloadavg()
+    res = run()
+    after = os.getloadavg()
+    print(f"[{label}] load average {load[0]:.2f} -> {after[0]:.2f}", flush=True)
+    for s, v in res.items():
+        print(line(s, v), flush=True)
+    return res, load, after
+
+
 def run_capacity_part(name, args, built, before_cls) -> dict:
     model, rt, pool = built[name]
     systems = list(CAPACITY_SYSTEMS)
     if before_cls is not None:
         systems += [f"{s}{BEFORE}" for s in CAPACITY_SYSTEMS if s.startswith("stage")]
     make = stage_maker(model, rt, args, before_cls)
-    load = os.getloadavg()
     gc.collect()
-    res = saturated_capacity(systems, make, pool, args.capacity_requests, args.capacity_repeats)
-    after = os.getloadavg()
-    print(f"[saturated, {name}] load average {load[0]:.2f} -> {after[0]:.2f}", flush=True)
-    for s, v in res.items():
-        print(
+    res, load, after = timed_part(
+        f"saturated, {name}",
+        lambda: saturated_capacity(systems, make, pool, args.capacity_requests, args.capacity_repeats),
+        lambda s, v: (
             f"  {s:22s} {v['req_per_s']:8.0f} req/s  x{v['ratio_to_ee_req']:.3f} ee-req  submit "
-            f"{v['submit_us']:6.1f} us  worker {v['worker_us']:6.1f} us  runs {v['runs']}",
-            flush=True,
-        )
+            f"{v['submit_us']:6.1f} us  worker {v['worker_us']:6.1f} us  runs {v['runs']}"
+        ),
+    )
     return {"model": name, "load_average_1min": {"before": load[0], "after": after[0]}, "systems": res}
 
 
