@@ -1003,3 +1003,71 @@ def test_torchscript_stages_serve_like_their_eager_modules(freeze):
         answers = [f.result(WAIT) for f in futures]
     assert torch.equal(torch.cat([a.exit_index for a in answers]), want.exit_index)
     torch.testing.assert_close(torch.cat([a.logits for a in answers]), want.logits, rtol=1e-5, atol=1e-5)
+
+
+def _serve_calls(n, rt, x):
+    """Calls of functions defined in eeruntime/serve/ (counted by a profile hook, not timed): per
+    submit in the submitting thread, and in the worker while it answers ``n`` single-row requests
+    gathered into one batch run in one pass (from its wake-up to its next sleep)."""
+    serve_dir = str(Path(ee.serve.__file__).parent)
+    counting, calls = [False], {}
+
+    def hook(frame, event, arg):
+        if counting[0] and event == "call" and frame.f_code.co_filename.startswith(serve_dir):
+            ident = threading.get_ident()
+            calls[ident] = calls.get(ident, 0) + 1
+
+    threading.setprofile(hook)  # (threads started from now on: the scheduler's worker)
+    try:
+        sched = StageScheduler(rt, max_batch=n, inline="never", max_defer_ms=0)
+    finally:
+        threading.setprofile(None)
+    try:
+        sched.infer(x[:1])
+        with sched._cv:  # park the worker, as an inline caller does (see _step): wake it to see that
+            sched._inline = True
+            sched._cv.notify_all()
+        end = time.monotonic() + WAIT
+        while sched._after_inline != 1:
+            assert time.monotonic() < end, "the worker did not park"
+            time.sleep(0.001)
+        main = threading.get_ident()
+        sys.setprofile(hook)
+        counting[0] = True
+        futures = [sched.submit_nowait(x[i : i + 1]) for i in range(n)]
+        counting[0] = False
+        sys.setprofile(None)
+        per_submit = calls.pop(main, 0) / n
+        counting[0] = True
+        with sched._cv:
+            sched._inline = False
+            sched._cv.notify_all()
+        results = [f.result(WAIT) for f in futures]
+        while sched._sleeping != 1:  # (its next turn found nothing to run)
+            assert time.monotonic() < end, "the worker did not go back to sleep"
+            time.sleep(0.001)
+        counting[0] = False
+        stats = sched.stats_dict()
+    finally:
+        sched.close()
+    assert stats["fused_batches"] == 2 and stats["batches"][0] == 2  # the warm-up's and the n rows'
+    ref = rt.infer(x[:n])
+    for i, r in enumerate(results):
+        torch.testing.assert_close(r.logits, ref.logits[i : i + 1], rtol=1e-5, atol=1e-6)
+    (worker_calls,) = calls.values()
+    return per_submit, worker_calls
+
+
+def test_the_machinery_calls_no_function_per_request_in_a_pass_and_four_per_submit():
+    """The serving machinery's Python per request, where the host is the bound (docs/serving.md,
+    "The serving machinery's own cost"), counted rather than timed: a submit calls four functions
+    of eeruntime.serve (submit_nowait, _submit, the future's and the request's constructors), and
+    the worker calls as many of them to answer a pass of 32 single-row requests as of 8 (no call
+    per request: its per-request work is inline)."""
+    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1)
+    x = torch.randn(64, 6)
+    rt = ee.EERuntime(model, thresholds=thresholds_for(model, x, [0.35, 0.3], "max_prob"), criterion="max_prob")
+    submit8, worker8 = _serve_calls(8, rt, x)
+    submit32, worker32 = _serve_calls(32, rt, x)
+    assert submit8 == submit32 == 4
+    assert worker8 == worker32, (worker8, worker32)

@@ -845,7 +845,7 @@ class StageScheduler:
             if not answers:
                 return
             self._last_answer = self._clock()
-            self._admitted_rows -= sum(r.n for r, _ in answers)
+            self._admitted_rows -= sum([r.n for r, _ in answers])  # (a list: a generator is a call per item)
             if self._room_waiting:  # (notify_all is Python code: not at every batch for no one)
                 self._room.notify_all()
         self.stats.record_latencies([now - r.t0 for r, _ in answers])
