@@ -1071,3 +1071,42 @@ def test_the_machinery_calls_no_function_per_request_in_a_pass_and_four_per_subm
     submit32, worker32 = _serve_calls(32, rt, x)
     assert submit8 == submit32 == 4
     assert worker8 == worker32, (worker8, worker32)
+
+
+def test_rows_of_a_request_leaving_out_of_order_reach_their_own_places():
+    """With two workers, the parts of a request split across batches can come back to one batch in
+    another order (here rows 1, 3, 2, 4 of six, then 5 and 0; and all four rows of another as 0, 2,
+    1, 3): every row's answer must land in its own place, the places read from the row ids (not
+    from the first and the last alone, which 16ad115's whole-request check did)."""
+    from eeruntime.serve.scheduler import ROW_BITS, _Request
+
+    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    sched = StageScheduler(rt, max_batch=8, inline="never")
+    try:
+        future = concurrent.futures.Future()
+        seq = 10**6  # (no request of the scheduler's own numbering)
+        with sched._cv:
+            sched._register(_Request(seq, 6, future, rt.thresholds_snapshot(), time.perf_counter(), None, None))
+        want_logits, want_conf, want_exit = torch.zeros(6, 5), torch.zeros(6), torch.zeros(6, dtype=torch.int64)
+        for k, order in ((1, [1, 3, 2, 4]), (2, [5, 0])):
+            logits = torch.randn(len(order), 5)
+            conf = torch.rand(len(order))
+            for t, row in enumerate(order):
+                want_logits[row], want_conf[row], want_exit[row] = logits[t], conf[t], k
+            assert not future.done()
+            sched._deliver(k, [(seq << ROW_BITS) + row for row in order], logits, conf)
+        got = future.result(WAIT)
+        assert torch.equal(got.logits, want_logits) and torch.equal(got.confidence, want_conf)
+        assert got.exit_index.tolist() == want_exit.tolist() == [2, 1, 1, 1, 1, 2]
+        # all four rows of a request leaving together, out of order: not views taken in order
+        future = concurrent.futures.Future()
+        with sched._cv:
+            sched._register(_Request(seq + 1, 4, future, rt.thresholds_snapshot(), time.perf_counter(), None, None))
+        order, logits, conf = [0, 2, 1, 3], torch.randn(4, 5), torch.rand(4)
+        sched._deliver(0, [((seq + 1) << ROW_BITS) + row for row in order], logits, conf)
+        got = future.result(WAIT)
+        assert torch.equal(got.logits[order], logits) and torch.equal(got.confidence[order], conf)
+        assert sched.pending() == 0
+    finally:
+        sched.close()

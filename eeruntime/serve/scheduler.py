@@ -769,9 +769,13 @@ class StageScheduler:
             j = i + 1
             while j < E and exit_ids[j] >> ROW_BITS == seq:
                 j += 1
-            lo, hi = r & ROW_MASK, exit_ids[j - 1] & ROW_MASK
-            # (a request's rows keep their order through every step: first to last with no gap is a range)
-            local = range(lo, hi + 1) if hi - lo == j - i - 1 else [x & ROW_MASK for x in exit_ids[i:j]]
+            lo, m = r & ROW_MASK, j - i
+            # its local rows: a range when they follow each other in order (one row always does;
+            # with two workers a request's rows split across batches may come back in another order)
+            if m == 1 or exit_ids[i:j] == list(range(r, r + m)):
+                local: Sequence[int] = range(lo, lo + m)
+            else:
+                local = [x & ROW_MASK for x in exit_ids[i:j]]
             runs.append((seq, i, j, local))
             i = j
         exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device)
