@@ -375,7 +375,7 @@ class StageScheduler:
         self._adapter = getattr(rt.model, "input_adapter", None) is not None
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
-        # _check_input's fast path: a lone tensor on this device needs no other check
+        # _submit's shortcut: a lone tensor on this device needs no other check
         # (a device with an index, or the CPU: a tensor's own device always names its index)
         dev = getattr(rt, "_device", None)
         if max_defer_ms is None:
@@ -457,8 +457,9 @@ class StageScheduler:
             and x.device == dev
             and 0 < x.shape[0] <= self._max_rows
         ):
-            # (_check_input's common case, here: a call less per request; a 0-dim tensor has
-            # no shape[0] and goes to the checks, which refuse it)
+            # the common request, one tensor on the model's device: _check_input's checks in a
+            # few attribute reads, here (every submit pays them, in the submitting thread, holding
+            # the GIL); a 0-dim tensor has no shape[0] and goes to the checks, which refuse it
             n, layout = x.shape[0], ((x.shape[1:], x.dtype, dev),)
         else:
             x, n, layout = self._check_input(x)
@@ -568,13 +569,9 @@ class StageScheduler:
         return self.submit_nowait(x, timeout_s).result()
 
     def _check_input(self, x: Union[State, list]) -> Tuple[State, int, tuple]:
-        """``x`` checked (a list becomes a tuple), its rows, and its layout (see :func:`_layout`)."""
-        if type(x) is torch.Tensor and self._fast_device is not None:
-            # the common request, one tensor on the model's device: the checks below in a few
-            # attribute reads (every submit pays them, in the submitting thread, holding the GIL)
-            n = x.shape[0] if x.dim() else 0
-            if 0 < n <= self._max_rows and x.device == self._fast_device:
-                return x, n, ((x.shape[1:], x.dtype, self._fast_device),)
+        """``x`` checked (a list becomes a tuple), its rows, and its layout (see :func:`_layout`).
+        The common request (one tensor on the model's device) takes :meth:`_submit`'s shortcut
+        instead; ``infer`` on an idle scheduler comes here, once per request at light load."""
         if isinstance(x, list):
             x = tuple(x)
         n = check_state(x, "StageScheduler input")
@@ -823,21 +820,21 @@ class StageScheduler:
         m = len(local)
         lg, cf, ex = view
         if req.logits is None and m == req.n and type(local) is range and local.start == 0:
-            # every row of the request left here, in order: views of the batch's output
-            req.logits, req.confidence, req.exit_index = lg, cf, ex
-        else:
-            if req.logits is None:
-                req.logits = logits.new_empty((req.n, logits.shape[1]))
-                req.confidence = cf.new_empty(req.n)
-                req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
-            assert req.confidence is not None and req.exit_index is not None  # set with logits
-            rows = torch.tensor(list(local), dtype=torch.int64).to(logits.device)
-            req.logits.index_copy_(0, rows, lg)
-            req.confidence.index_copy_(0, rows, cf)
-            req.exit_index.index_copy_(0, rows, ex)
+            # every row of the request left here, in order: its answer is views of the batch's
+            req.remaining = 0
+            done.append((req, view))
+            return
+        if req.logits is None:
+            req.logits = logits.new_empty((req.n, logits.shape[1]))
+            req.confidence = cf.new_empty(req.n)
+            req.exit_index = torch.empty(req.n, dtype=torch.int64, device=logits.device)
+        assert req.confidence is not None and req.exit_index is not None  # set with logits
+        rows = torch.tensor(list(local), dtype=torch.int64).to(logits.device)
+        req.logits.index_copy_(0, rows, lg)
+        req.confidence.index_copy_(0, rows, cf)
+        req.exit_index.index_copy_(0, rows, ex)
         req.remaining -= m
         if req.remaining == 0:
-            assert req.confidence is not None and req.exit_index is not None  # set with logits
             done.append((req, (req.logits, req.confidence, req.exit_index)))
 
     def _finish(self, answers: List[Tuple[_Request, Outputs]], now: float) -> None:
