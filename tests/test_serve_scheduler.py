@@ -37,14 +37,14 @@ def near_threshold(model, x, thresholds, criterion, final, tol=1e-4):
     return near
 
 
-def submit_concurrently(sched, x, threads=4, seed=0):
-    """Split x into requests of 1-6 rows, submitted in random order from several threads (one of
+def submit_concurrently(sched, x, threads=4, seed=0, most_rows=6):
+    """Split x into requests of 1-``most_rows`` rows, submitted in random order from several threads (one of
     them through asyncio, the others by submit_nowait or the blocking infer); returns
     [(start, stop, future)]."""
     rng = random.Random(seed)
     spans, i = [], 0
     while i < x.shape[0]:
-        n = rng.randint(1, 6)
+        n = rng.randint(1, most_rows)
         spans.append((i, min(i + n, x.shape[0])))
         i += n
     rng.shuffle(spans)
@@ -93,20 +93,21 @@ CUDA_PARAM = pytest.param(
 
 
 @pytest.mark.parametrize(
-    "fused,defer,policy,wait",
+    "fused,defer,policy,wait,most_rows",
     [
-        (False, 0.0, "deepest", 0.0),
-        (True, 0.0, "deepest", 0.0),
-        (True, 5.0, "deepest", 0.0),
-        (True, 0.0, "request", 1.0),
+        (False, 0.0, "deepest", 0.0, 6),
+        (False, 0.0, "deepest", 0.0, 1),
+        (True, 0.0, "deepest", 0.0, 6),
+        (True, 5.0, "deepest", 0.0, 6),
+        (True, 0.0, "request", 1.0, 6),
     ],
-    ids=["step-by-step", "fused", "defer", "request"],
+    ids=["step-by-step", "step-by-step-one-row-requests", "fused", "defer", "request"],
 )
 @pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 @pytest.mark.parametrize("criterion,final", [("entropy", "last"), ("max_prob", "average"), ("margin", "last")])
 @pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(
-    criterion, final, device, fused, defer, policy, wait, workers
+    criterion, final, device, fused, defer, policy, wait, most_rows, workers
 ):
     model = mlp_model(K=3, d_in=6, width=16, C=5, seed=1).to(device)
     x = torch.randn(600, 6).to(device)
@@ -121,11 +122,12 @@ def test_scheduler_equals_infer_row_for_row_under_concurrent_submitters(
     # backlog partial batches wait for full ones (up to 5 ms); request: every stage-0 batch in
     # one pass, survivors never re-batched (a 1 ms batching window at stage 0, under which
     # "deepest" would run batches step by step); 2 workers run batches at once, from the same queues
-    # (a request of several rows may then leave in both)
+    # (a request of several rows may then leave in both); most_rows 1: every request one sample,
+    # the common request under load, whose rows leaving a step are answered without grouping
     with ee.serve.StageScheduler(
         rt, max_batch=16, fused=fused, max_defer_ms=defer, workers=workers, policy=policy, max_wait_ms=wait
     ) as sched:  # the public name
-        results = submit_concurrently(sched, x, seed=hash(criterion) % 1000)
+        results = submit_concurrently(sched, x, seed=hash(criterion) % 1000, most_rows=most_rows)
         for a, b, f in results:
             got = f.result(WAIT)
             assert got.logits.shape == (b - a, 5) and got.exit_index.shape == (b - a,)

@@ -753,9 +753,21 @@ class StageScheduler:
         confidence: torch.Tensor,
     ) -> None:
         """Answer the rows that left at exit ``k`` of a stage step (``exit_ids``: their row ids,
-        in the batch's order): group them into runs of one request's rows, then :meth:`_answer`."""
+        in the batch's order): when each is a one-row request's, straight to :meth:`_finish`;
+        else grouped into runs of one request's rows, then :meth:`_answer`."""
         E = len(exit_ids)
         now = time.perf_counter()
+        exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device)
+        # Under load nearly every request is one sample: its one row leaving is its whole answer,
+        # so the batch's leavers are answered from one view each, with no grouping and no write
+        # (a loop step, a call and a lookup per row less: docs/serving.md, "The serving
+        # machinery's own cost"). A request not found was answered meanwhile (_finish skips it).
+        get = self._requests.get
+        reqs = [get(r >> ROW_BITS) for r in exit_ids]
+        if {1 if q is None else q.n for q in reqs} == {1}:
+            views = _views([1] * E, logits, confidence, exit_col)
+            self._finish([(q, v) for q, v in zip(reqs, views) if q is not None], now)
+            return
         # the batch's runs of rows of one request (a request's rows in one batch are adjacent unless it
         # was split across batches at an earlier stage: then it has several runs)
         runs: List[Tuple[int, int, int, Sequence[int]]] = []  # (seq, first, end, local rows)
@@ -775,7 +787,6 @@ class StageScheduler:
                 local = [x & ROW_MASK for x in exit_ids[i:j]]
             runs.append((seq, i, j, local))
             i = j
-        exit_col = torch.full((E,), k, dtype=torch.int64, device=logits.device)
         self._answer(runs, logits, confidence, exit_col, now)
 
     def _answer(
