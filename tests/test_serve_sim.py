@@ -47,7 +47,7 @@ def test_step_costs_interpolate_between_measured_sizes_and_scale_past_the_larges
     assert c(0, 16) == pytest.approx(12.0)  # past the largest size: proportional
 
 
-@pytest.mark.parametrize("system", ["ee-req", "stage", "stage-nodefer", "stage-age"])
+@pytest.mark.parametrize("system", ["ee-req", "stage", "stage-nodefer", "stage-age", "stage-interleave"])
 def test_a_lone_request_takes_its_own_steps_cost(system):
     """Arrivals a second apart (nothing ever shares a batch): every request's latency is the cost
     of the steps to its exit on one row plus the per-request cost, from the table directly."""
@@ -122,6 +122,38 @@ def test_the_full_batch_trigger_defers_sooner_than_the_age_trigger():
     assert rows["p99_ms"] < 0.5 * age["p99_ms"] and rows["p99_ms"] < 0.5 * b["p99_ms"], (rows, age, b)
 
 
+def test_the_slo_search_brackets_the_highest_rate_within_the_slo():
+    """On a p99 that is a known step function of the rate, the bisection returns a rate within the
+    SLO and a bracket within 2 % around the true threshold; 0 when nothing is within it."""
+    for true in (123.0, 9_876.0, 40_000.0):
+        rate, (lo, hi) = serve_sim.highest_rate_within(lambda r: 1.0 if r <= true else 9.0, 5.0, 50_000.0)
+        assert rate == lo <= true < hi <= lo * 1.02 + 1e-9
+    assert serve_sim.highest_rate_within(lambda r: 1.0, 5.0, 50_000.0) == (50_000.0, [50_000.0, 50_000.0])
+    assert serve_sim.highest_rate_within(lambda r: 9.0, 5.0, 50_000.0)[0] == 0.0
+
+
+def test_interleaving_shares_deeper_steps_at_moderate_load_which_lowers_p50_and_raises_p99():
+    """Below saturation (stage 0 keeps up, so the default policy never defers), stage-interleave
+    runs stage-0 batches step by step and passes a partial deeper stage over while stage 0 holds
+    arrivals: the survivors of successive stage-0 batches share fuller deeper steps than (b)'s, so
+    most rows leave sooner (p50), while the rows held back make the tail (p99) longer, each held at
+    most the bound per deeper stage plus the steps run meanwhile (docs/serving.md, "Session 17")."""
+    n = 4000
+    exits = exits_for(n, seed=8)
+    costs = affine_costs([1.0, 1.0, 1.0, 1.0], [0.1, 0.02, 0.02, 0.02])
+    sat = serve_sim.replay_batcher(costs, exits, serve_sim.arrivals(1e6, n, 0), 32, 0.0)["throughput"]
+    arr = serve_sim.arrivals(0.5 * sat, n, seed=9)
+    make = serve_sim.systems(runtime(), 32, 20.0, interleave_ms=2.0)
+    b = serve_sim.replay_batcher(costs, exits, arr, 32, 0.0)
+    nodefer = serve_sim.replay_scheduler(make["stage-nodefer"](), costs, exits, arr, 0.0)
+    inter = serve_sim.replay_scheduler(make["stage-interleave"](), costs, exits, arr, 0.0)
+    assert nodefer["mean_batch"] == pytest.approx(b["mean_batch"])  # (no deferral: (b)'s batches)
+    assert all(i > bb * 1.05 for i, bb in zip(inter["mean_batch"][1:], b["mean_batch"][1:])), (inter, b)
+    assert inter["rows_per_stage"] == b["rows_per_stage"]
+    assert inter["p50_ms"] < 0.9 * b["p50_ms"]
+    assert b["p99_ms"] * 1.2 < inter["p99_ms"] <= b["p99_ms"] + 3 * (2.0 + 2 * 4.2)
+
+
 def test_quick_run_writes_json_and_markdown(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "serve_sim.py"), "--quick", "--out", str(tmp_path)],
@@ -136,8 +168,13 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     (res,) = doc["results"]
     assert res["model"] == "digits" and [r["fraction"] for r in res["rows"]] == [0.5, 1.05]
     for row in res["rows"]:
-        for s in ("ee-req", "stage", "stage-nodefer", "stage-age"):
+        for s in ("ee-req", "stage", "stage-nodefer", "stage-age", "stage-interleave"):
             assert row[s]["p99_ms"] >= row[s]["p50_ms"] > 0
+    # the SLO search's rate is sustained and its bracket's top is not, per the replay itself
+    assert res["slo_ms"] == pytest.approx(10 * res["plain_batch1_ms"])
+    for s, v in res["within_slo"].items():
+        lo, hi = v["bracket"]
+        assert lo == v["rate"] and hi <= lo * 1.02 + 1e-9 and (lo > 0), (s, v)
     # the per-request sweep: more work per request, fewer requests per second saturated
     sweep = res["overhead_sweep"]
     assert [r["stage_us"] for r in sweep] == [10.0, 40.0]
