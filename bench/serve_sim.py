@@ -271,9 +271,7 @@ def replay_scheduler(
     return _summary(arr, done, stage_rows, fused)
 
 
-def systems(
-    rt, max_batch: int, defer_ms: float, interleave_ms: float = 1.0
-) -> Dict[str, Callable[[], StageScheduler]]:
+def systems(rt, max_batch: int, defer_ms: float, interleave_ms: float = 1.0) -> Dict[str, Callable[[], StageScheduler]]:
     return {
         "stage": lambda: policy_only(rt, max_batch=max_batch, max_defer_ms=defer_ms),
         "stage-nodefer": lambda: policy_only(rt, max_batch=max_batch, max_defer_ms=0),
