@@ -16,6 +16,10 @@ What is replayed, exactly:
   stage-nodefer  (c) with max_defer_ms=0.
   stage-age    (c) with stage 0 counted as behind once its oldest row has waited 4 x max_defer_ms
                (the rule before session 11) instead of once it holds a full batch.
+  stage-steps  (c) with fused=False (serve_load.py's stage-steps): below a backlog (b)'s batches, but
+               step by step, so the rows that leave at an exit are answered then, not when the
+               batch's deepest step is done (what a pass cannot do), at --step-overhead-us more per
+               step past stage 0 (below); under a backlog, stage's deferral.
   stage-interleave  (c) passing a partial deeper stage over for up to --interleave-ms whenever a
                shallower stage holds rows, and every stage-0 batch step by step (not only under a
                backlog): survivors of successive small batches share a deeper
@@ -26,7 +30,9 @@ For each system, the highest rate whose median p99 stays within --slo-ms (defaul
 model's batch-1 latency measured here, the SLO of serve_load.py) is found by bisection: the
 replay's answer to "(c) sustains >= 1.05x (b)'s rate within the SLO", free of the noise.
 
-Each request leaves at the exit its pool sample takes under rt.infer (request i is sample
+A batch run step by step (never (b)'s) pays --step-overhead-us for each step past stage 0 on top of
+the step's cost (rt.run_stage's bookkeeping over a pass's compiled loop, and the scheduler's Python
+per step; measured, see STEP_OVERHEAD_US). Each request leaves at the exit its pool sample takes under rt.infer (request i is sample
 i mod 512, as in serve_load.py). Each system's own per-request work (submit and answer, which
 serve_load cannot separate from its model passes) is added to the worker's time as a constant,
 --overhead-us (default: saturated bursts on a model whose compute is negligible, session 17's
@@ -73,6 +79,16 @@ from eeruntime.thresholds import ThresholdSnapshot  # noqa: E402
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # batch sizes whose step cost is measured
 OLD_BEHIND_FACTOR = 4  # stage-age: the trigger before session 11 (oldest stage-0 row waited 4 x max_defer_ms)
+# What a stage step costs the scheduler beyond the same stage inside a pass (rt.run_stage's own
+# bookkeeping over the pass's compiled loop, and the worker's per-step Python: the batch's id
+# tensor, the leavers' answers, the survivors' chunk), per step past stage 0 (a pass makes one call
+# where a batch step by step makes one per stage). Measured in session 17 on the 2-core VM: the
+# same 2,400 queued single-row requests through StageScheduler with fused=True and fused=False
+# (max_defer_ms 0), 5 rotated runs, (wall difference) / (steps past stage 0): ResNet-style 76 and
+# 80 us at max_batch 4 and 8, digits 66 and 87 us (at max_batch 32, 39 and 130 us: noisy).
+# Without it a replay takes a batch step by step to cost what its pass costs, and answering
+# leavers early looks free (docs/serving.md, "Session 17").
+STEP_OVERHEAD_US = 75.0
 SLO_X_PLAIN = 10.0  # the SLO: 10x the plain model's batch-1 latency (issue #19; serve_load.py's)
 SLO_BRACKET = 0.02  # the SLO search stops once its bracket is within 2 % of the rate
 
@@ -221,10 +237,17 @@ def policy_only(rt, cls=StageScheduler, **kw) -> StageScheduler:
 
 
 def replay_scheduler(
-    sched: StageScheduler, costs: StepCosts, exits: List[int], arr: List[float], overhead_s: float
+    sched: StageScheduler,
+    costs: StepCosts,
+    exits: List[int],
+    arr: List[float],
+    overhead_s: float,
+    step_overhead_s: float = 0.0,
 ) -> dict:
     """(c): ``sched``'s own ``_pick`` / ``_gather`` / ``_fusable`` / ``_learn`` on a virtual clock;
-    each step costs ``costs``, each answered request ``overhead_s`` more."""
+    each step costs ``costs``, each answered request ``overhead_s`` more, and each step past stage
+    0 of a batch not run in one pass ``step_overhead_s`` more (what a step costs beyond the same
+    stage inside a pass: see STEP_OVERHEAD_US)."""
     K, n = sched.num_stages, len(arr)
     queues = sched._queues
     for q in queues:
@@ -257,7 +280,7 @@ def replay_scheduler(
             stage_rows[k].append(len(rows))
             leave = [r for r in rows if exits[r] <= k]
             stay = [r for r in rows if exits[r] > k]
-            t += costs(k, len(rows)) + overhead_s * len(leave)
+            t += costs(k, len(rows)) + overhead_s * len(leave) + (step_overhead_s if k else 0.0)
             sched._learn(k, len(rows), len(stay))
             if stay:
                 urgent = any(c.urgent for c in chunks)
@@ -277,6 +300,7 @@ def systems(rt, max_batch: int, defer_ms: float, interleave_ms: float = 1.0) -> 
         "stage-nodefer": lambda: policy_only(rt, max_batch=max_batch, max_defer_ms=0),
         "stage-age": lambda: policy_only(rt, _AgeTriggered, max_batch=max_batch, max_defer_ms=defer_ms),
         "stage-interleave": lambda: policy_only(rt, _Interleaved, max_batch=max_batch, max_defer_ms=interleave_ms),
+        "stage-steps": lambda: policy_only(rt, max_batch=max_batch, max_defer_ms=defer_ms, fused=False),
     }
 
 
@@ -313,7 +337,14 @@ def run_model(name: str, args) -> dict:
         arr = arrivals(rate, n, seed)
         if system == "ee-req":
             return replay_batcher(costs, exits, arr, args.max_batch, ovh["ee-req"])
-        return replay_scheduler(makers[system](), costs, exits, arr, ovh["stage"] if stage_ovh is None else stage_ovh)
+        return replay_scheduler(
+            makers[system](),
+            costs,
+            exits,
+            arr,
+            ovh["stage"] if stage_ovh is None else stage_ovh,
+            args.step_overhead_us / 1e6,
+        )
 
     def median_p99(system: str, rate: float, stage_ovh: Optional[float] = None) -> float:
         return statistics.median(run(system, rate, seed, stage_ovh)["p99_ms"] for seed in range(args.seeds))
@@ -368,6 +399,7 @@ def run_model(name: str, args) -> dict:
         "slo_ms": slo_ms,
         "within_slo": within,
         "interleave_ms": args.interleave_ms,
+        "step_overhead_us": args.step_overhead_us,
         "overhead_sweep": sweep,
         "max_batch": args.max_batch,
         "defer_ms": args.defer_ms,
@@ -390,9 +422,8 @@ def markdown(doc: dict) -> str:
         sat = res["saturated"]
         out += [
             f"## {res['model']} (max_batch {res['max_batch']}, max_defer_ms {res['defer_ms']}, stage-interleave's "
-            f"{res['interleave_ms']:g} ms, per-request work "
-            + ", ".join(f"{k} {v:.1f} us" for k, v in res["overhead_us"].items())
-            + ")",
+            f"{res['interleave_ms']:g} ms, each step past stage 0 {res['step_overhead_us']:g} us over a pass's, "
+            "per-request work " + ", ".join(f"{k} {v:.1f} us" for k, v in res["overhead_us"].items()) + ")",
             "",
             "Saturated (replayed far past it): "
             + ", ".join(f"{s} {sat[s]:.0f}/s ({sat[s] / sat['ee-req']:.2f}x ee-req)" for s in names)
@@ -442,6 +473,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--models", default="resnet,digits")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--defer-ms", type=float, default=20.0, help="stage's max_defer_ms (the CPU default)")
+    ap.add_argument(
+        "--step-overhead-us",
+        type=float,
+        default=STEP_OVERHEAD_US,
+        help="what each step past stage 0 of a batch run step by step costs beyond the same stage in a pass",
+    )
     ap.add_argument("--interleave-ms", type=float, default=1.0, help="stage-interleave's max_defer_ms")
     ap.add_argument(
         "--slo-ms", type=float, default=0.0, help=f"the p99 SLO (0: {SLO_X_PLAIN:g}x the plain model's batch-1 latency)"

@@ -47,7 +47,7 @@ def test_step_costs_interpolate_between_measured_sizes_and_scale_past_the_larges
     assert c(0, 16) == pytest.approx(12.0)  # past the largest size: proportional
 
 
-@pytest.mark.parametrize("system", ["ee-req", "stage", "stage-nodefer", "stage-age", "stage-interleave"])
+@pytest.mark.parametrize("system", ["ee-req", "stage", "stage-nodefer", "stage-age", "stage-interleave", "stage-steps"])
 def test_a_lone_request_takes_its_own_steps_cost(system):
     """Arrivals a second apart (nothing ever shares a batch): every request's latency is the cost
     of the steps to its exit on one row plus the per-request cost, from the table directly."""
@@ -122,6 +122,38 @@ def test_the_full_batch_trigger_defers_sooner_than_the_age_trigger():
     assert rows["p99_ms"] < 0.5 * age["p99_ms"] and rows["p99_ms"] < 0.5 * b["p99_ms"], (rows, age, b)
 
 
+def test_steps_form_the_batches_of_passes_and_answer_the_rows_leaving_early_sooner():
+    """stage-steps (fused=False, no deferral) forms exactly (b)'s batches; its rows leave when
+    their exit's step is done, not when the batch's deepest step is: so the same rows per stage,
+    and, given the same per-request cost, every request answered no later than under (b) (sooner
+    when it leaves before the deepest stage its batch reaches)."""
+    n = 3000
+    exits = exits_for(n, seed=10)
+    costs = affine_costs([1.0, 0.8, 0.8, 0.8], [0.1, 0.02, 0.02, 0.02])
+    arr = serve_sim.arrivals(2000.0, n, seed=11)
+    b = serve_sim.replay_batcher(costs, exits, arr, 16, 0.0)
+    steps = serve_sim.replay_scheduler(serve_sim.systems(runtime(), 16, 20.0)["stage-steps"](), costs, exits, arr, 0.0)
+    assert steps["mean_batch"] == pytest.approx(b["mean_batch"])
+    assert steps["rows_per_stage"] == b["rows_per_stage"] and steps["fused_batches"] == 0
+    assert steps["p50_ms"] < b["p50_ms"] and steps["p99_ms"] <= b["p99_ms"] + 1e-9
+
+
+@pytest.mark.parametrize("system", ["stage-steps", "stage-nodefer"])
+def test_each_step_past_stage_0_of_a_batch_run_step_by_step_pays_the_step_overhead(system):
+    """Lone requests (nothing shares a batch): run step by step, a request that leaves at exit e
+    pays e step overheads over the cost of its steps; in one pass (stage-nodefer), none."""
+    costs = affine_costs([1.0, 0.5, 0.5, 0.5], [0.1, 0.05, 0.05, 0.05])
+    n = 40
+    exits = exits_for(n, seed=12)
+    arr = [float(i) for i in range(n)]
+    step = 0.25e-3
+    res = serve_sim.replay_scheduler(serve_sim.systems(runtime(), 32, 20.0)[system](), costs, exits, arr, 0.0, step)
+    per = step if system == "stage-steps" else 0.0
+    want = sorted(sum(costs(k, 1) for k in range(e + 1)) + e * per for e in exits)
+    assert res["p99_ms"] == pytest.approx(max(want) * 1e3, rel=0.02)
+    assert res["fused_batches"] == (0 if system == "stage-steps" else n)
+
+
 def test_the_slo_search_brackets_the_highest_rate_within_the_slo():
     """On a p99 that is a known step function of the rate, the bisection returns a rate within the
     SLO and a bracket within 2 % around the true threshold; 0 when nothing is within it."""
@@ -168,7 +200,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     (res,) = doc["results"]
     assert res["model"] == "digits" and [r["fraction"] for r in res["rows"]] == [0.5, 1.05]
     for row in res["rows"]:
-        for s in ("ee-req", "stage", "stage-nodefer", "stage-age", "stage-interleave"):
+        for s in ("ee-req", "stage", "stage-nodefer", "stage-age", "stage-interleave", "stage-steps"):
             assert row[s]["p99_ms"] >= row[s]["p50_ms"] > 0
     # the SLO search's rate is sustained and its bracket's top is not, per the replay itself
     assert res["slo_ms"] == pytest.approx(10 * res["plain_batch1_ms"])
