@@ -11,8 +11,9 @@ What is replayed, exactly:
   (c) stage    a StageScheduler whose worker is stopped: its ``_pick``, ``_gather``, ``_fusable``
                and ``_learn`` decide every batch, as in serving (same chunks, same ready times,
                same "admitted to an idle scheduler" rule); a stage-0 batch in one pass costs its
-               steps on its survivors (rt.infer costs the same within noise at max_batch rows;
-               bench/serve_load.py's rebatch line measures both).
+               steps on its survivors. (A pass costs a little less: with no exits, 2.29 against
+               2.41 ms for the ResNet-style model's four steps at 32 rows, in session 17. (b)'s
+               passes and (c)'s are charged alike.)
   stage-nodefer  (c) with max_defer_ms=0.
   stage-age    (c) with stage 0 counted as behind once its oldest row has waited 4 x max_defer_ms
                (the rule before session 11) instead of once it holds a full batch.
@@ -22,23 +23,24 @@ What is replayed, exactly:
                step past stage 0 (below); under a backlog, stage's deferral.
   stage-interleave  (c) passing a partial deeper stage over for up to --interleave-ms whenever a
                shallower stage holds rows, and every stage-0 batch step by step (not only under a
-               backlog): survivors of successive small batches share a deeper
-               step at moderate load, where (b) pays each deeper stage's fixed cost per batch. A
-               policy tried in replay only (session 17), not the scheduler's.
+               backlog): survivors of successive small batches share a deeper step at moderate
+               load, where (b) pays each deeper stage's fixed cost per batch. A policy tried in
+               replay only (session 17), not the scheduler's.
 
 For each system, the highest rate whose median p99 stays within --slo-ms (default: 10x the plain
 model's batch-1 latency measured here, the SLO of serve_load.py) is found by bisection: the
 replay's answer to "(c) sustains >= 1.05x (b)'s rate within the SLO", free of the noise.
 
-A batch run step by step (never (b)'s) pays --step-overhead-us for each step past stage 0 on top of
-the step's cost (rt.run_stage's bookkeeping over a pass's compiled loop, and the scheduler's Python
-per step; measured, see STEP_OVERHEAD_US). Each request leaves at the exit its pool sample takes under rt.infer (request i is sample
-i mod 512, as in serve_load.py). Each system's own per-request work (submit and answer, which
-serve_load cannot separate from its model passes) is added to the worker's time as a constant,
---overhead-us (default: saturated bursts on a model whose compute is negligible, session 17's
-bench/serve_machinery.py run: ee-req 8 us, the stage scheduler 12.5 us; session 11's isolated
-figures were 7.3 + 2.7 and 15.2 + 4.3 us). What a replay leaves out: the GIL hand-offs between the submitting
-thread and the worker, and the machine's own hiccups.
+A batch run step by step (never (b)'s) pays --step-overhead-us for each step past stage 0 on top
+of the step's cost: rt.run_stage's bookkeeping over a pass's compiled loop, and the scheduler's
+Python per step (measured, see STEP_OVERHEAD_US). Each request leaves at the exit its pool sample
+takes under rt.infer (request i is sample i mod 512, as in serve_load.py). Each system's own
+per-request work (submit and answer, which serve_load cannot separate from its model passes) is
+added to the worker's time as a constant, --overhead-us. Its defaults come from saturated bursts
+on a model whose compute is negligible (session 17's bench/serve_machinery.py run): ee-req 8 us,
+the stage scheduler 12.5 us. Session 11's isolated figures were 7.3 + 2.7 and 15.2 + 4.3 us. What
+a replay leaves out: the GIL hand-offs between the submitting thread and the worker, and the
+machine's own hiccups.
 
     python bench/serve_sim.py                    # resnet and digits, costs measured here
     python bench/serve_sim.py --quick            # a smoke run (seconds)
