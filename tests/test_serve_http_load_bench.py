@@ -177,8 +177,12 @@ def test_open_loop_counts_queueing_behind_a_slow_serial_server(ref_server):
     assert n > 60 and r["answered"] == n and r["errors"] == 0
     assert r["throughput"] < 110  # the server's 100/s, not the offered 200/s
     lat = r["latencies_ms"]
-    # request k completes near (k + 1) * 10 ms while arriving near k * 5 ms: latency grows with k
-    assert statistics.mean(lat[-n // 4 :]) > 3 * statistics.mean(lat[: n // 4])
+    # request k completes near (k + 1) * 10 ms while arriving near k * 5 ms: latency grows by about
+    # 5 ms per request, 0.75 n x 5 ms from the first quarter's mean to the last's. Compared as a
+    # difference, not a ratio: a stall of the machine at the start (seen once in CI: 0.6 s, under
+    # load) adds to every latency alike and must not fail the test
+    growth = statistics.mean(lat[-n // 4 :]) - statistics.mean(lat[: n // 4])
+    assert growth > 0.4 * 0.75 * n * 5.0, (growth, n)
     assert lat[-1] > 0.8 * (n * 10 - 500) and r["p50_ms"] > 120 and r["p99_ms"] > 250
     assert r["max_connections"] > 20  # each waiting request holds a connection: none was idle
     # with at most 2 connections the rest wait in the generator; still counted from their arrival
