@@ -219,10 +219,13 @@ def report_doc(argv=None, **fields) -> dict:
 def device_slug(name: str) -> str:
     """A device's word in result file names: a GPU's whole name (``nvidia-h200``,
     ``nvidia-h100-80gb-hbm3``: the vendor's word alone gave an H100's and an H200's runs of one day
-    the same files), a CPU's first word (``amd``), as the CPU results have always been named."""
+    the same files), a CPU's first word (``amd``), as the CPU results have always been named: its
+    leading letters and digits (``Intel(R) Xeon(R)`` gave ``intel(r)``, a file name the device tool
+    does not bring back from a GPU machine's host, session 18; now ``intel``)."""
     if name.lower().startswith("nvidia"):
         return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return name.split()[0].lower()
+    first = re.match(r"[a-z0-9]+", name.strip().lower())  # the first word's leading letters and digits
+    return first.group(0) if first else "cpu"
 
 
 def write_report(out_dir, name: str, doc: dict, markdown: str, tag: str = ""):

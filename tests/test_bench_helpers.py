@@ -152,5 +152,7 @@ def test_device_slug_tells_gpus_apart_and_keeps_the_cpu_names(tmp_path):
     assert common.device_slug("NVIDIA H200") == "nvidia-h200"
     assert common.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert common.device_slug("AMD EPYC 7B13 (2 cores)") == "amd"  # as every CPU result so far
+    assert common.device_slug("Intel(R) Xeon(R) Processor (16 cores)") == "intel"  # no parentheses in file names
+    assert common.device_slug("") == "cpu" and common.device_slug("(?)") == "cpu"
     doc = {"device": {"device": "NVIDIA H200"}, "date": "2026-11-27"}
     assert common.write_report(tmp_path, "x", doc, "md").name == "x-nvidia-h200-2026-11-27"

@@ -203,7 +203,7 @@ def test_serve_step_arguments_parse_in_the_bench():
 
     args = serve_load.parse_args(gc.SERVE_ARGS + ["--out", "/tmp/x"])
     assert args.device == "cuda" and args.systems == ["plain", "ee-req", "stage", "ee-req-x2", "stage-x2"]
-    assert args.models == "vit-224,resnet18-224" and args.max_batch == 64 and args.tag == "-gpu-check"
+    assert args.models == "vit-224" and args.max_batch == 64 and args.tag == "-gpu-check"
     with pytest.raises(SystemExit):
         serve_load.parse_args(["--models", "resnet,bogus"])
 

@@ -37,6 +37,29 @@ def test_build_system_uses_the_in_tree_backend_without_a_static_torch():
     assert "torch" not in names, build["requires"]
 
 
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_no_build_output_is_tracked_by_git():
+    """A file the build writes must not be tracked: ``eeruntime/_C_build.json`` was (ignored, but
+    committed), so every checkout carried a CPU build's record, ``make setup`` dirtied the tree, and
+    a working tree copied onto a GPU machine after the extension was built there overwrote the
+    machine's record, so ``eeruntime._C`` was refused as built against another torch (session 18:
+    bench/results/serve-nvidia-h200-2026-11-27-session18-defer.md). A tracked file that matches
+    .gitignore is such a file."""
+    try:
+        inside = _git("rev-parse", "--is-inside-work-tree")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"git is not usable here: {e}")
+    if inside.returncode != 0 or inside.stdout.strip() != "true":
+        pytest.skip("not a git checkout (an sdist or an installed copy): nothing is tracked")
+    tracked_but_ignored = _git("ls-files", "--cached", "--ignored", "--exclude-standard").stdout.split()
+    assert tracked_but_ignored == [], (
+        f"tracked files that .gitignore ignores (git rm --cached them): {tracked_but_ignored}"
+    )
+
+
 def test_sdist_manifest_carries_the_backend():
     with open(os.path.join(ROOT, "MANIFEST.in")) as f:
         lines = [line.strip() for line in f if not line.startswith("#")]
