@@ -17,6 +17,9 @@ What is replayed, exactly:
   stage-nodefer  (c) with max_defer_ms=0.
   stage-age    (c) with stage 0 counted as behind once its oldest row has waited 4 x max_defer_ms
                (the rule before session 11) instead of once it holds a full batch.
+  stage-behindN  (c) with stage 0 counted as behind once it holds N full batches (--behind, e.g.
+               2,3; session 18) instead of one: below saturation a burst fills one batch often and
+               N rarely, so deferral, and the latency it adds, starts nearer saturation.
   stage-steps  (c) with fused=False (serve_load.py's stage-steps): below a backlog (b)'s batches, but
                step by step, so the rows that leave at an exit are answered then, not when the
                batch's deepest step is done (what a pass cannot do), at --step-overhead-us more per
@@ -62,7 +65,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -212,6 +215,36 @@ class _AgeTriggered(StageScheduler):
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
 
+class _BehindBatches(StageScheduler):
+    """stage-behindN: stage 0 behind once it holds ``batches`` full batches per worker (the
+    scheduler's rule is one), and a full stage-0 batch run step by step only when it was taken
+    from such a backlog (as the scheduler's ``_fusable``, with ``batches`` for its one)."""
+
+    batches = 2
+
+    def _backlogged(self) -> bool:
+        full = self.workers * self.batches
+        return self._rows_up_to_batch(self._queues[0], full) >= self.max_batch * full
+
+    def _fusable(self, chunks) -> bool:
+        if not self.fused or any(self._queues[1:]):
+            return False
+        behind = self.workers * self.batches - 1  # full batches still queued behind this one
+        if (
+            self.max_defer_s > 0
+            and sum(c.n for c in chunks) >= self.max_batch
+            and self._rows_up_to_batch(self._queues[0], behind) >= self.max_batch * behind
+            and not all(c.urgent for c in chunks)
+        ):
+            return False
+        return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
+
+
+def behind_batches(n: int) -> type:
+    """The stage-behindN policy class for ``n`` full batches."""
+    return type(f"_Behind{n}", (_BehindBatches,), {"batches": n})
+
+
 class _Interleaved(StageScheduler):
     """stage-interleave: stage 0 counts as behind whenever it holds a row (not only a full batch),
     a partial stage is passed over (for at most max_defer_ms) whenever any shallower stage holds
@@ -296,13 +329,18 @@ def replay_scheduler(
     return _summary(arr, done, stage_rows, fused)
 
 
-def systems(rt, max_batch: int, defer_ms: float, interleave_ms: float = 1.0) -> Dict[str, Callable[[], StageScheduler]]:
+def systems(
+    rt, max_batch: int, defer_ms: float, interleave_ms: float = 1.0, behind: Sequence[int] = ()
+) -> Dict[str, Callable[[], StageScheduler]]:
     return {
         "stage": lambda: policy_only(rt, max_batch=max_batch, max_defer_ms=defer_ms),
         "stage-nodefer": lambda: policy_only(rt, max_batch=max_batch, max_defer_ms=0),
         "stage-age": lambda: policy_only(rt, _AgeTriggered, max_batch=max_batch, max_defer_ms=defer_ms),
         "stage-interleave": lambda: policy_only(rt, _Interleaved, max_batch=max_batch, max_defer_ms=interleave_ms),
         "stage-steps": lambda: policy_only(rt, max_batch=max_batch, max_defer_ms=defer_ms, fused=False),
+    } | {
+        f"stage-behind{n}": (lambda n=n: policy_only(rt, behind_batches(n), max_batch=max_batch, max_defer_ms=defer_ms))
+        for n in behind
     }
 
 
@@ -333,7 +371,7 @@ def run_model(name: str, args) -> dict:
     n = args.requests
     exits = [pool_exits[i % len(pool_exits)] for i in range(n)]
     ovh = {"ee-req": args.overhead_us_ee_req / 1e6, "stage": args.overhead_us_stage / 1e6}
-    makers = systems(rt, args.max_batch, args.defer_ms, args.interleave_ms)
+    makers = systems(rt, args.max_batch, args.defer_ms, args.interleave_ms, args.behind)
 
     def run(system: str, rate: float, seed: int, stage_ovh: Optional[float] = None) -> dict:
         arr = arrivals(rate, n, seed)
@@ -483,6 +521,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--interleave-ms", type=float, default=1.0, help="stage-interleave's max_defer_ms")
     ap.add_argument(
+        "--behind", default="", help="full batches in stage 0 that count as behind, one stage-behindN each (e.g. 2,3)"
+    )
+    ap.add_argument(
         "--slo-ms", type=float, default=0.0, help=f"the p99 SLO (0: {SLO_X_PLAIN:g}x the plain model's batch-1 latency)"
     )
     ap.add_argument("--fractions", default="0.5,0.8,0.9,0.95,1.0,1.05,1.2", help="rates, x ee-req's saturated")
@@ -509,6 +550,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"unknown --models {','.join(unknown)}; accepted: {', '.join(MODELS)}")
     args.fractions = [float(f) for f in args.fractions.split(",")]
     args.sweep_us = [float(v) for v in args.sweep_us.split(",") if v]
+    try:
+        args.behind = [int(v) for v in args.behind.split(",") if v]
+    except ValueError:
+        ap.error(f"--behind takes whole numbers of batches (e.g. 2,3), got {args.behind!r}")
+    if any(n < 2 for n in args.behind):
+        ap.error(f"--behind: each count must be >= 2 (1 is stage's own rule), got {args.behind}")
     if args.quick:
         args.models, args.requests, args.seeds, args.cost_reps = "digits", 1500, 1, 3
         args.fractions, args.sweep_us = [0.5, 1.05], [10.0, 40.0]

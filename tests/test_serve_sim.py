@@ -215,3 +215,44 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
     assert "stage p99 / ee-req's" in md and "| 1.05 (" in md and "10 us" in md
     with pytest.raises(SystemExit):
         serve_sim.parse_args(["--models", "nosuch"])
+
+
+def test_a_deeper_backlog_trigger_waits_for_more_full_batches_in_stage_0():
+    """stage-behind2 counts stage 0 as behind only with two full batches queued (stage's rule: one),
+    and runs a full batch step by step only when another full one waits behind it."""
+    from eeruntime.serve.scheduler import _Chunk
+
+    make = serve_sim.systems(runtime(), 4, 20.0, behind=[2])
+    one, two = make["stage"](), make["stage-behind2"]()
+
+    def fill(sched, rows):
+        q = sched._queues[0]
+        q.clear()
+        q.extend(_Chunk(range(i, i + 1), None, None, None, None, 0.0, False) for i in range(rows))
+
+    for rows, want_one, want_two in [(3, False, False), (4, True, False), (7, True, False), (8, True, True)]:
+        fill(one, rows)
+        fill(two, rows)
+        assert (one._backlogged(), two._backlogged()) == (want_one, want_two), rows
+    batch = [_Chunk(range(i, i + 1), None, None, None, None, 0.0, False) for i in range(4)]
+    fill(two, 3)  # a full batch taken, less than one more behind it: one pass
+    assert two._fusable(batch)
+    fill(two, 4)  # another full batch behind it: step by step, its survivors may be passed over
+    assert not two._fusable(batch)
+    with pytest.raises(SystemExit):
+        serve_sim.parse_args(["--behind", "1"])
+
+
+def test_a_deeper_backlog_trigger_still_fills_deeper_batches_under_overload():
+    """Far past saturation stage 0 holds any number of full batches, so stage-behind3 re-batches
+    survivors as stage does: the same rates, both above (b)'s on costs with a fixed part."""
+    n = 4000
+    exits = exits_for(n, seed=4)
+    arr = serve_sim.arrivals(1e6, n, seed=5)
+    make = serve_sim.systems(runtime(), 32, 20.0, behind=[3])
+    fixed = affine_costs([1.0, 1.0, 1.0, 1.0], [0.1, 0.02, 0.02, 0.02])
+    b = serve_sim.replay_batcher(fixed, exits, arr, 32, 0.0)
+    one = serve_sim.replay_scheduler(make["stage"](), fixed, exits, arr, 0.0)
+    three = serve_sim.replay_scheduler(make["stage-behind3"](), fixed, exits, arr, 0.0)
+    assert three["throughput"] > 1.15 * b["throughput"]
+    assert three["throughput"] == pytest.approx(one["throughput"], rel=0.02)
