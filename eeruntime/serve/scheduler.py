@@ -76,7 +76,8 @@ SURVIVAL_DECAY = 0.9
 # elsewhere: on a GPU the one pass replays the runtime's CUDA graphs, and re-batched steps lost to it
 # (an H100, session 12: max_defer_ms=20 at 0.42x and 0.85x request batching's saturated throughput,
 # the worker spending more host time per request on the steps than fuller batches saved; docs/serving.md,
-# "Session 12: on an NVIDIA H100").
+# "Session 12: on an NVIDIA H100"; and on an H200 with a ViT-S/16, whose small batches leave the GPU
+# underused: max_defer_ms 5 and 20 at 0.91x and 0.86x, "Session 18").
 DEFAULT_MAX_DEFER_MS_CPU = 20.0
 
 
