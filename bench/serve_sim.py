@@ -215,34 +215,10 @@ class _AgeTriggered(StageScheduler):
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
 
-class _BehindBatches(StageScheduler):
-    """stage-behindN: stage 0 behind once it holds ``batches`` full batches per worker (the
-    scheduler's rule is one), and a full stage-0 batch run step by step only when it was taken
-    from such a backlog (as the scheduler's ``_fusable``, with ``batches`` for its one)."""
-
-    batches = 2
-
-    def _backlogged(self) -> bool:
-        full = self.workers * self.batches
-        return self._rows_up_to_batch(self._queues[0], full) >= self.max_batch * full
-
-    def _fusable(self, chunks) -> bool:
-        if not self.fused or any(self._queues[1:]):
-            return False
-        behind = self.workers * self.batches - 1  # full batches still queued behind this one
-        if (
-            self.max_defer_s > 0
-            and sum(c.n for c in chunks) >= self.max_batch
-            and self._rows_up_to_batch(self._queues[0], behind) >= self.max_batch * behind
-            and not all(c.urgent for c in chunks)
-        ):
-            return False
-        return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
-
-
 def behind_batches(n: int) -> type:
-    """The stage-behindN policy class for ``n`` full batches."""
-    return type(f"_Behind{n}", (_BehindBatches,), {"batches": n})
+    """stage-behindN: the scheduler with stage 0 behind once it holds ``n`` full batches per worker
+    (its ``_behind_batches``; its own rule is one), in ``_backlogged`` and ``_fusable`` alike."""
+    return type(f"_Behind{n}", (StageScheduler,), {"_behind_batches": n})
 
 
 class _Interleaved(StageScheduler):

@@ -1039,6 +1039,12 @@ class StageScheduler:
         self._reached[k] = self._reached[k] * SURVIVAL_DECAY + reached
         self._went_on[k] = self._went_on[k] * SURVIVAL_DECAY + went_on
 
+    # Full stage-0 batches per worker at which stage 0 counts as behind (_backlogged). One: a
+    # replay of deeper triggers (bench/serve_sim.py --behind) found 3-4 never worse than request
+    # batching below saturation only with per-request Python as cheap as its, and worse than one
+    # at this scheduler's (docs/serving.md, "Session 18: a deeper backlog trigger, replayed").
+    _behind_batches = 1
+
     def _backlogged(self) -> bool:
         """Is stage 0 behind: does it hold a full batch (``max_batch`` rows) for every worker (with
         fewer, a worker that comes free takes them at once: no queue is forming)? Only then are partial
@@ -1050,7 +1056,8 @@ class StageScheduler:
         11, p99 at (b)'s saturation rate was 3.9x (ResNet-style) and 4.9x (digits) higher;
         docs/serving.md, "Session 11"). When stage 0 keeps up, passing a stage over only adds
         latency (measured: docs/serving.md, "Policy")."""
-        return self._rows_up_to_batch(self._queues[0], self.workers) >= self.max_batch * self.workers
+        full = self.workers * self._behind_batches
+        return self._rows_up_to_batch(self._queues[0], full) >= self.max_batch * full
 
     def _fillable(self, k: int, need: float) -> bool:
         """Are the rows waiting upstream of stage ``k`` expected to bring it ``need`` more rows
@@ -1193,14 +1200,15 @@ class StageScheduler:
             return True  # (by definition: the batch runs whole, survivors never re-batched)
         if not self.fused or any(self._queues[1:]):
             return False
+        behind = self.workers * self._behind_batches - 1  # full batches still queued behind this one
         if (
             self.max_defer_s > 0
             and sum(c.n for c in chunks) >= self.max_batch
-            and self._rows_up_to_batch(self._queues[0], self.workers - 1) >= self.max_batch * (self.workers - 1)
+            and self._rows_up_to_batch(self._queues[0], behind) >= self.max_batch * behind
             and not all(c.urgent for c in chunks)
         ):
-            # a full batch, and stage 0 was behind when it was picked (_backlogged: a full batch
-            # for every worker, this one's included), so its survivors may be passed over at
+            # a full batch, and stage 0 was behind when it was picked (_backlogged: that many full
+            # batches for every worker, this one's included), so its survivors may be passed over at
             # stage 1 while the next full batches run, to share one batch there (which a pass
             # cannot wait for); if stage 0 has caught up by then, they run at once, and the steps
             # cost only their calls over the pass's. (With several workers a full batch alone
