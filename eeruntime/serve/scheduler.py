@@ -1200,21 +1200,19 @@ class StageScheduler:
             return True  # (by definition: the batch runs whole, survivors never re-batched)
         if not self.fused or any(self._queues[1:]):
             return False
-        behind = self.workers * self._behind_batches - 1  # full batches still queued behind this one
-        if (
-            self.max_defer_s > 0
-            and sum(c.n for c in chunks) >= self.max_batch
-            and self._rows_up_to_batch(self._queues[0], behind) >= self.max_batch * behind
-            and not all(c.urgent for c in chunks)
-        ):
-            # a full batch, and stage 0 was behind when it was picked (_backlogged: that many full
-            # batches for every worker, this one's included), so its survivors may be passed over at
-            # stage 1 while the next full batches run, to share one batch there (which a pass
-            # cannot wait for); if stage 0 has caught up by then, they run at once, and the steps
-            # cost only their calls over the pass's. (With several workers a full batch alone
-            # says no such thing: measured, two workers at 12,000 requests/s then ran nearly
-            # every batch step by step, docs/serving.md, "Several workers".)
-            return False
+        if self.max_defer_s > 0 and sum(c.n for c in chunks) >= self.max_batch:
+            behind = self.workers * self._behind_batches - 1  # full batches still queued behind this one
+            if self._rows_up_to_batch(self._queues[0], behind) >= self.max_batch * behind and not all(
+                c.urgent for c in chunks
+            ):
+                # a full batch, and stage 0 was behind when it was picked (_backlogged: that many full
+                # batches for every worker, this one's included), so its survivors may be passed over at
+                # stage 1 while the next full batches run, to share one batch there (which a pass
+                # cannot wait for); if stage 0 has caught up by then, they run at once, and the steps
+                # cost only their calls over the pass's. (With several workers a full batch alone
+                # says no such thing: measured, two workers at 12,000 requests/s then ran nearly
+                # every batch step by step, docs/serving.md, "Several workers".)
+                return False
         # (the urgency scan only when it decides: max_wait 0, the common case, needs none)
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
 
