@@ -261,7 +261,9 @@ def test_runtime_with_cpp_decisions_equals_torch_decisions(criterion, monkeypatc
     thr = float(srt[i] + srt[i + 1]) / 2
     calls = []
     real = _ext_backend.cpu_loop_ops()  # the runtime's CPU loop decides with the fused exit_scatter op
-    counted = _ext_backend.CpuLoopOps(lambda *a: calls.append(1) or real.exit_scatter(*a), real.compact, real.compact_)
+    counted = _ext_backend.CpuLoopOps(
+        lambda *a: calls.append(1) or real.exit_scatter(*a), real.compact, real.compact_, real.decide
+    )
     monkeypatch.setattr("eeruntime.runtime.executors.cpu_loop_ops", lambda: counted)
     a = ee.EERuntime(model, thresholds=thr, criterion=criterion, decision_backend="cpp").infer(x)
     assert calls  # the cpp kernel made the decisions

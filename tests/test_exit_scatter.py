@@ -286,7 +286,7 @@ def mlp(dim):
 def counting_loop_ops(monkeypatch):
     """Wrap the runtime's compiled CPU-loop ops to count calls (and what compact_ was given)."""
     real = _ext_backend.cpu_loop_ops()
-    calls = {"exit_scatter": 0, "compact": 0, "compact_": 0}
+    calls = {"exit_scatter": 0, "compact": 0, "compact_": 0, "decide": 0}
 
     def wrap(name):
         fn = getattr(real, name)
@@ -297,7 +297,7 @@ def counting_loop_ops(monkeypatch):
 
         return counted
 
-    ops = _ext_backend.CpuLoopOps(wrap("exit_scatter"), wrap("compact"), wrap("compact_"))
+    ops = _ext_backend.CpuLoopOps(wrap("exit_scatter"), wrap("compact"), wrap("compact_"), wrap("decide"))
     monkeypatch.setattr("eeruntime.runtime.executors.cpu_loop_ops", lambda: ops)
     return calls
 

@@ -12,6 +12,7 @@ from reference import per_sample_loop, score64
 
 import eeruntime as ee
 from eeruntime.runtime import cat_rows, take_rows
+from eeruntime.thresholds import ThresholdSnapshot
 
 NAMED = ["entropy", "max_prob", "margin", "norm_entropy"]
 NEAR = 1e-4
@@ -511,3 +512,133 @@ def test_run_stage_on_cuda_replays_the_graphs_and_equals_the_eager_step(final):
     ref = rt.infer(x)
     assert torch.equal(exit_index, ref.exit_index.cpu())
     torch.testing.assert_close(logits, ref.logits.cpu(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the CPU step's compiled ops
+def _cpu_loop_ops():
+    from eeruntime.ops._ext_backend import cpu_loop_ops
+
+    loop_ops = cpu_loop_ops()
+    if loop_ops is None:
+        pytest.skip("the extension eeruntime._C is not built here (make ext)")
+    return loop_ops
+
+
+def direct_and_dispatched_walk(rt, x, ids, snap):
+    """Each stage run by the step with the compiled ops called directly and by the dispatched
+    step, on the same inputs; the two must agree bit for bit (the same kernels decide and pack).
+    The walk goes on with the dispatched step's survivors. Returns the direct steps."""
+    from eeruntime.runtime.step import stage_step
+
+    loop_ops = _cpu_loop_ops()
+    state, rows, carry, steps = x, ids, (), []
+    with torch.inference_mode():
+        for k in range(rt.num_exits):
+            got = stage_step(rt.spec, k, state, rows, carry, snap, loop_ops)
+            ref = stage_step(rt.spec, k, state, rows, carry, snap)
+            assert got.k == ref.k
+            for name in ("exit_rows", "logits", "confidence", "rows"):
+                g, r = getattr(got, name), getattr(ref, name)
+                assert g.dtype == r.dtype and torch.equal(g, r), f"stage {k}: {name} differs"
+            assert (got.state is None) == (ref.state is None)
+            if ref.state is not None:
+                assert all(torch.equal(g, r) for g, r in zip(as_parts(got.state), as_parts(ref.state)))
+            assert len(got.carry) == len(ref.carry) and all(torch.equal(g, r) for g, r in zip(got.carry, ref.carry))
+            steps.append(got)
+            if ref.state is None:
+                break
+            state, rows, carry = ref.state, ref.rows, ref.carry
+    return steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("final", ["last", "average"])
+@pytest.mark.parametrize("criterion", NAMED)
+def test_cpu_step_with_the_compiled_ops_equals_the_dispatched_step(criterion, final, dtype):
+    """rt.run_stage on the CPU calls the compiled ops directly (as the fused pass does); each of
+    its steps equals the dispatched step's, for every named criterion, both final modes and every
+    logits dtype the kernels take, with ids that are not 0..n-1, through stages where some rows
+    leave, none leave and all leave."""
+    model = mlp_model(K=4, d_in=6, width=16, C=7, seed=3).to(dtype)
+    x = torch.randn(37, 6).to(dtype)
+    thr = quantile_thresholds(model.float(), x.float(), criterion, q=0.35)
+    model.to(dtype)
+    rt = ee.EERuntime(model, thresholds=thr, criterion=criterion, final=final)
+    ids = torch.randperm(5000, generator=torch.Generator().manual_seed(1))[:37]
+    steps = direct_and_dispatched_walk(rt, x, ids, rt.thresholds_snapshot())
+    assert sum(s.exit_rows.shape[0] for s in steps) == 37
+    assert len([s for s in steps if s.exit_rows.numel()]) > 1  # rows left at several exits
+    # nobody leaves early (every step packs nothing), then everybody leaves at exit 0
+    lower = criterion == "entropy"
+    never = ThresholdSnapshot([-1.0 if lower else 2.0] * 3)
+    assert [s.exit_rows.numel() for s in direct_and_dispatched_walk(rt, x, ids, never)] == [0, 0, 0, 37]
+    always = ThresholdSnapshot([1e9 if lower else -1.0] * 3)
+    assert [s.exit_rows.numel() for s in direct_and_dispatched_walk(rt, x, ids, always)] == [37]
+    # one row, and the survivors of two batches joined (what the scheduler runs)
+    direct_and_dispatched_walk(rt, x[5:6], ids[5:6], rt.thresholds_snapshot())
+    a = rt.run_stage(0, x[:20], ids[:20])
+    b = rt.run_stage(0, x[20:], ids[20:])
+    joined = cat_rows([a.state, b.state]), cat_rows([a.rows, b.rows])
+    with torch.inference_mode():
+        from eeruntime.runtime.step import stage_step
+
+        got = stage_step(rt.spec, 1, *joined, cat_rows([a.carry, b.carry]), rt.thresholds_snapshot(), _cpu_loop_ops())
+        ref = stage_step(rt.spec, 1, *joined, cat_rows([a.carry, b.carry]), rt.thresholds_snapshot())
+    assert_same_step(got, ref)
+
+
+def test_cpu_step_packs_tuple_states_and_their_layouts_with_the_compiled_ops():
+    """A (hidden, mask) state and a channels_last state through the direct step: member-wise,
+    each in its own layout, equal to the dispatched step."""
+    d, C = 8, 4
+    model = ee.MultiExitModel([TupleStage(d) for _ in range(3)], [TupleExit(d, C) for _ in range(3)]).eval()
+    x = (torch.randn(33, 5, d), (torch.rand(33, 5) > 0.3).float())
+    with torch.no_grad():
+        outs = model(x)
+    rt = ee.EERuntime(model, thresholds=[float(score64(outs[k], "entropy").median()) for k in range(2)])
+    steps = direct_and_dispatched_walk(rt, x, torch.arange(33), rt.thresholds_snapshot())
+    assert isinstance(steps[0].state, tuple) and len(steps[0].state) == 2
+
+    from eeruntime.zoo import resnet_style
+
+    torch.manual_seed(0)
+    net = resnet_style(num_classes=5, widths=(4, 8), blocks=(1, 1)).eval().to(memory_format=torch.channels_last)
+    xc = torch.randn(12, 3, 16, 16).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        thr = [float(score64(net(xc)[0], "entropy").median())]
+    rt = ee.EERuntime(net, thresholds=thr, criterion="entropy")
+    steps = direct_and_dispatched_walk(rt, xc, torch.arange(12), rt.thresholds_snapshot())
+    assert steps[0].state.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_run_stage_on_the_cpu_takes_the_compiled_ops_without_the_dispatch(monkeypatch):
+    """On the CPU with the extension built and a named criterion, a step makes no dispatched op
+    call (the dispatch's checks are what cost); with compact_backend="torch" (or a criterion the
+    kernels do not know) it takes the dispatched ops, and the answers are the same."""
+    _cpu_loop_ops()
+    from eeruntime import ops
+    from eeruntime.runtime import step as step_module
+
+    model = mlp_model(K=3, d_in=6, width=12, C=5, seed=2)
+    x = torch.randn(29, 6)
+    thr = quantile_thresholds(model, x, "margin", q=0.4)
+    calls = []
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(step_module.ops, "compact", counting(ops.compact))
+    monkeypatch.setattr(ops, "exit_decision", counting(ops.exit_decision))
+    direct = ee.EERuntime(model, thresholds=thr, criterion="margin")
+    got, _ = walk(direct, x)
+    assert calls == []
+    assert_same_as_infer(direct, x, got)
+    dispatched = ee.EERuntime(model, thresholds=thr, criterion="margin", compact_backend="torch")
+    ref, _ = walk(dispatched, x)
+    assert "compact" in calls and "exit_decision" in calls
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r)

@@ -300,11 +300,15 @@ def exit_scatter_op():
 class CpuLoopOps:
     """The compiled ops of EERuntime's CPU loop, called directly (no dispatch) once per exit:
     ``exit_scatter(logits, thresholds, code, exit, final, rows, out, confidence, exit_index)``,
-    ``compact(keep, tensors) -> packed`` and ``compact_(keep, tensors)`` (in place)."""
+    ``compact(keep, tensors) -> packed`` and ``compact_(keep, tensors)`` (in place), and for the
+    stage step (``rt.run_stage``) ``decide(logits, threshold, code) -> (score, exited)``, the
+    ``exit_decision`` op with the threshold by value (a Python float, rounded to float32 in the op
+    as the thresholds tensor's entries are)."""
 
     exit_scatter: Callable
     compact: Callable
     compact_: Callable
+    decide: Callable
 
 
 _loop_ops: Optional[CpuLoopOps] = None
@@ -313,9 +317,19 @@ _loop_ops: Optional[CpuLoopOps] = None
 def cpu_loop_ops() -> Optional[CpuLoopOps]:
     """The ops of the runtime's CPU loop, or None when the extension is missing or predates them."""
     global _loop_ops
-    if _loop_ops is None and exit_scatter_op() is not None and _compiled("compact_") is not None:
-        compact_op = _compiled("compact")
-        _loop_ops = CpuLoopOps(exit_scatter_op(), lambda keep, ts: compact_op(keep, ts)[1], _compiled("compact_"))
+    if (
+        _loop_ops is None
+        and exit_scatter_op() is not None
+        and _compiled("compact_") is not None
+        and _exit_decision_op() is not None
+    ):
+        compact_op, decide_op = _compiled("compact"), _exit_decision_op()
+        _loop_ops = CpuLoopOps(
+            exit_scatter_op(),
+            lambda keep, ts: compact_op(keep, ts)[1],
+            _compiled("compact_"),
+            lambda logits, thr, code: decide_op(logits, None, thr, code, False)[:2],
+        )
     return _loop_ops
 
 

@@ -23,7 +23,7 @@ from ..scoring import Scorer
 from ..state import State, as_tuple, check_state, from_tuple
 from ..stats import RuntimeStats
 from ..thresholds import ThresholdSnapshot, coerce_thresholds
-from .executors import eager_pass
+from .executors import cpu_loop_ops_for, eager_pass
 from .results import InferenceResult
 from .spec import RunSpec
 from .step import StageResult, check_carry, stage_step
@@ -255,8 +255,9 @@ class EERuntime:
         if runner is not None:
             res = runner.run_stage(k, state, rows, carry, snap)
         if res is None:
+            loop_ops = cpu_loop_ops_for(self.spec, as_tuple(state)[0].device)
             with torch.inference_mode():
-                res = stage_step(self.spec, k, state, rows, carry, snap)
+                res = stage_step(self.spec, k, state, rows, carry, snap, loop_ops)
         if record:
             counts = [0] * K
             counts[k] = res.exit_rows.shape[0]

@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from .. import ops
-from ..ops._ext_backend import FUSED_LOGITS_DTYPES, cpu_loop_ops, rows_writable
+from ..ops._ext_backend import FUSED_LOGITS_DTYPES, CpuLoopOps, cpu_loop_ops, rows_writable
 from ..ownership import sole_owner
 from ..rows_layout import keep_layouts, row_order, to_rows
 from ..state import as_tuple, from_tuple
@@ -161,17 +161,24 @@ class FusedCpuPass(EagerPass):
         self.unpack(packed, len(parts))
 
 
-def eager_pass(spec: RunSpec, x, B: int, thr: torch.Tensor) -> EagerPass:
-    """The fused CPU pass when this batch can use it (CPU tensors, a named criterion, no
-    backend forced away from ``cpp``, the extension built), else the dispatched-ops pass."""
-    device = as_tuple(x)[0].device
+def cpu_loop_ops_for(spec: RunSpec, device: torch.device) -> Optional[CpuLoopOps]:
+    """The compiled CPU loop ops when a batch on ``device`` can use them (the CPU, a named
+    criterion, no backend forced away from ``cpp``, the extension built), else None. The pass
+    (:func:`eager_pass`) and the stage step (``rt.run_stage``) choose by the same rule."""
     if (
         device.type == "cpu"
         and spec.scorer.code is not None
         and spec.scorer.backend in ("auto", "cpp")
         and spec.compact_backend in ("auto", "cpp")
     ):
-        fused = cpu_loop_ops()
-        if fused is not None:
-            return FusedCpuPass(spec, x, B, thr, fused)
+        return cpu_loop_ops()
+    return None
+
+
+def eager_pass(spec: RunSpec, x, B: int, thr: torch.Tensor) -> EagerPass:
+    """The fused CPU pass when this batch can use it (:func:`cpu_loop_ops_for`), else the
+    dispatched-ops pass."""
+    fused = cpu_loop_ops_for(spec, as_tuple(x)[0].device)
+    if fused is not None:
+        return FusedCpuPass(spec, x, B, thr, fused)
     return EagerPass(spec, x, B, thr)

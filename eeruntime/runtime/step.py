@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .. import ops
+from ..ops._ext_backend import FUSED_LOGITS_DTYPES, CpuLoopOps
+from ..rows_layout import keep_layouts
 from ..state import State, as_tuple, from_tuple
 from ..thresholds import ThresholdSnapshot
 from .spec import RunSpec
@@ -71,8 +73,16 @@ def stage_step(
     rows: torch.Tensor,
     carry: Tuple[torch.Tensor, ...],
     thresholds: ThresholdSnapshot,
+    loop_ops: Optional[CpuLoopOps] = None,
 ) -> StageResult:
-    """One step on checked inputs (see ``EERuntime.run_stage``); ``thresholds`` a snapshot."""
+    """One step on checked inputs (see ``EERuntime.run_stage``); ``thresholds`` a snapshot.
+
+    ``loop_ops`` (on the CPU, from :func:`~eeruntime.runtime.executors.cpu_loop_ops_for`): decide
+    and pack with the compiled ops called directly, as the fused CPU pass does, instead of through
+    the ops' dispatch (``ops.exit_decision`` and two ``ops.compact``, each choosing its backend
+    and checking its inputs in Python, and two ``index_select`` for the ids). The same kernels
+    decide, so the answer is the same; on the 2-core VM this cut a step's cost beyond its stage's
+    forward by about half (docs/serving.md, "Session 19"). None: the dispatched ops, any device."""
     K = spec.num_exits
     n = rows.shape[0]
     state, logits, _ = spec.forward(k, state, n)
@@ -83,11 +93,23 @@ def stage_step(
         acc = logits.float() if acc is None else acc + logits.float()
         if final:
             logits = (acc / K).to(logits.dtype)
+    # the compiled ops, called directly, when they take these logits (else the dispatched ops)
+    fast = loop_ops if loop_ops is not None and logits.dtype in FUSED_LOGITS_DTYPES and rows.is_cpu and n else None
     if final:
-        return StageResult(k, rows, logits, spec.scorer.score(logits, state, k, history), rows[:0], None, ())
-    score, exited = spec.scorer.decide(logits, state, k, history, thresholds.tensor(logits.device))
-    index, (exit_logits, exit_score) = ops.compact(exited, [logits, score], backend=spec.compact_backend)
-    exit_rows = rows.index_select(0, index.to(rows.device))
+        # every row leaves, scored (the threshold is not read)
+        if fast is not None:
+            score = fast.decide(logits, 0.0, spec.scorer.code)[0]
+        else:
+            score = spec.scorer.score(logits, state, k, history)
+        return StageResult(k, rows, logits, score, rows[:0], None, ())
+    if fast is not None:
+        score, exited = fast.decide(logits, thresholds[k], spec.scorer.code)
+        # the leavers' ids travel with their outputs: one call, no index_select
+        exit_logits, exit_score, exit_rows = fast.compact(exited, [logits, score, rows])
+    else:
+        score, exited = spec.scorer.decide(logits, state, k, history, thresholds.tensor(logits.device))
+        index, (exit_logits, exit_score) = ops.compact(exited, [logits, score], backend=spec.compact_backend)
+        exit_rows = rows.index_select(0, index.to(rows.device))
     n_exit = exit_rows.shape[0]
     if n_exit == n:
         return StageResult(k, exit_rows, exit_logits, exit_score, rows[:0], None, ())
@@ -96,8 +118,14 @@ def stage_step(
     if spec.scorer.uses_history:
         carried.append(logits)
     if n_exit:
-        index, carried = ops.compact(~exited, carried, backend=spec.compact_backend)
-        rows = rows.index_select(0, index.to(rows.device))
+        if fast is not None and all(t.layout == torch.strided for t in carried):
+            keep, pack = ~exited, fast.compact
+            # each part packed in its own memory layout (channels_last stays so), ids alongside
+            carried = keep_layouts(lambda ts: pack(keep, ts), [*carried, rows])
+            rows = carried.pop()
+        else:
+            index, carried = ops.compact(~exited, carried, backend=spec.compact_backend)
+            rows = rows.index_select(0, index.to(rows.device))
     return StageResult(
         k,
         exit_rows,
