@@ -16,7 +16,10 @@ in session 17), and its replays put that cost between the scheduler and (b)'s ra
      worker never starts, then drained in this thread (no GIL hand-offs, no other thread: its own
      Python alone) with ``fused=True`` (one pass per stage-0 batch) and with ``fused=False`` (the
      same batches step by step: ``max_defer_ms=0``, ``max_wait_ms=0``), for each step: the wall
-     difference per step past stage 0, the figure the replay's ``--step-overhead-us`` stands for.
+     difference per step past stage 0, the figure the replay's ``--step-overhead-us`` stands for,
+     and the same with the time spent in the model's forwards taken out (timed around
+     ``spec.forward``: the same forwards either way, whose run-to-run noise is larger than a
+     step's own cost).
      The dispatched step runs here with ``eeruntime.runtime.api.cpu_loop_ops_for`` patched to
      None for its drains (this bench only).
 
@@ -144,18 +147,41 @@ def step_part(name: str, batches: List[int], reps: int, repeats: int) -> list:
     return rows_out
 
 
+@contextlib.contextmanager
+def timed_forward(spec) -> Iterator[List[float]]:
+    """Inside the block, every ``spec.forward`` (a stage and its exit head, in a pass or a step)
+    adds its seconds to the list yielded: the model's own time, which the drains subtract."""
+    spent = [0.0]
+    forward = spec.forward
+
+    def timed(k, state, n):
+        t0 = time.perf_counter()
+        try:
+            return forward(k, state, n)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    spec.forward = timed  # (an instance attribute: shadows the method for this spec only)
+    try:
+        yield spent
+    finally:
+        del spec.forward
+
+
 def drain_once(rt, xs: list, n: int, max_batch: int, fused: bool) -> tuple:
-    """Queue ``n`` single-row requests, drain them in this thread: (seconds, batches run past stage
-    0, inside a pass or as steps: with ``fused=False`` the steps past stage 0)."""
+    """Queue ``n`` single-row requests, drain them in this thread: (seconds, seconds of it in the
+    model's forwards, batches run past stage 0, inside a pass or as steps: with ``fused=False``
+    the steps past stage 0)."""
     sched = _Drained(rt, max_batch=max_batch, max_defer_ms=0, fused=fused, max_queue_rows=n)
     futures = [sched.submit_nowait(xs[i % len(xs)]) for i in range(n)]
     gc.collect()
-    t0 = time.perf_counter()
-    sched.drain()
-    seconds = time.perf_counter() - t0
+    with timed_forward(rt.spec) as spent:
+        t0 = time.perf_counter()
+        sched.drain()
+        seconds = time.perf_counter() - t0
     if not all(f.done() for f in futures):
         raise RuntimeError("a drained request was left pending")
-    return seconds, sum(sched.stats_dict()["batches"][1:])
+    return seconds, spent[0], sum(sched.stats_dict()["batches"][1:])
 
 
 def scheduler_part(name: str, batches: List[int], n: int, repeats: int) -> list:
@@ -176,13 +202,18 @@ def scheduler_part(name: str, batches: List[int], n: int, repeats: int) -> list:
         row = {"model": name, "max_batch": mb, "requests": n}
         for kind in STEPS:
             fused, steps = runs[f"{kind}-fused"], runs[f"{kind}-steps"]
-            per_step = [(ts - tf) / max(k, 1) * 1e6 for (tf, _), (ts, k) in zip(fused, steps)]
+            per_step = [(ts - tf) / max(k, 1) * 1e6 for (tf, _, _), (ts, _, k) in zip(fused, steps)]
+            # the same without the forwards' time (the same forwards either way: what differs
+            # between their runs is the machine's noise, which dwarfs a step's own cost)
+            machinery = [((ts - fs) - (tf - ff)) / max(k, 1) * 1e6 for (tf, ff, _), (ts, fs, k) in zip(fused, steps)]
             row[kind] = {
-                "fused_us_per_request": statistics.median(t for t, _ in fused) / n * 1e6,
-                "steps_us_per_request": statistics.median(t for t, _ in steps) / n * 1e6,
-                "steps_past_stage0": steps[0][1],
+                "fused_us_per_request": statistics.median(t for t, _, _ in fused) / n * 1e6,
+                "steps_us_per_request": statistics.median(t for t, _, _ in steps) / n * 1e6,
+                "steps_past_stage0": steps[0][2],
                 "overhead_us_per_step": statistics.median(per_step),
                 "overhead_runs": [round(v, 1) for v in per_step],
+                "machinery_us_per_step": statistics.median(machinery),
+                "machinery_runs": [round(v, 1) for v in machinery],
             }
         rows_out.append(row)
     return rows_out
@@ -222,17 +253,20 @@ def markdown(doc) -> str:
         "## 2. Through the scheduler: per step past stage 0, steps over one pass (us, medians)",
         "",
         "Single-row requests queued, drained in one thread with `fused=True` and `fused=False` (`max_defer_ms=0`): "
-        "(steps' wall - fused wall) / steps past stage 0. The replay's `--step-overhead-us`.",
+        "per step past stage 0, (steps' wall - fused wall) / steps past stage 0, and the same with each run's "
+        "time in the model's forwards taken out (`machinery`: the forwards are the same either way, and their "
+        "run-to-run noise is larger than a step's own cost). The replay's `--step-overhead-us`.",
         "",
-        "| model | max_batch | steps past stage 0 | direct: us per step | dispatched: us per step | "
-        "direct: us per request, fused / steps | dispatched: fused / steps |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "| model | max_batch | steps past stage 0 | direct: wall / machinery, us per step | "
+        "dispatched: wall / machinery | direct: us per request, fused / steps | dispatched: fused / steps |",
+        "| --- | ---: | ---: | --- | --- | --- | --- |",
     ]
     for r in doc["scheduler"]:
         d, p = r["direct"], r["dispatched"]
         lines.append(
-            f"| {r['model']} | {r['max_batch']} | {d['steps_past_stage0']} | {d['overhead_us_per_step']:.1f} | "
-            f"{p['overhead_us_per_step']:.1f} | {d['fused_us_per_request']:.1f} / {d['steps_us_per_request']:.1f} | "
+            f"| {r['model']} | {r['max_batch']} | {d['steps_past_stage0']} | {d['overhead_us_per_step']:.1f} / "
+            f"{d['machinery_us_per_step']:.1f} | {p['overhead_us_per_step']:.1f} / {p['machinery_us_per_step']:.1f} | "
+            f"{d['fused_us_per_request']:.1f} / {d['steps_us_per_request']:.1f} | "
             f"{p['fused_us_per_request']:.1f} / {p['steps_us_per_request']:.1f} |"
         )
     return "\n".join(lines) + "\n"

@@ -63,8 +63,9 @@ def test_drained_scheduler_answers_every_request_as_rt_infer(fused):
     got = [f.result(0) for f in futures]
     assert torch.equal(torch.cat([g.exit_index for g in got]), want.exit_index)
     torch.testing.assert_close(torch.cat([g.logits for g in got]), want.logits, rtol=1e-5, atol=1e-6)
-    seconds, steps = stage_step_cost.drain_once(rt, xs, 60, 8, fused)
-    assert seconds > 0
+    seconds, forwards, steps = stage_step_cost.drain_once(rt, xs, 60, 8, fused)
+    assert 0 < forwards < seconds
+    assert "forward" not in vars(rt.spec)  # the timer is taken off again
     deep = int((want.exit_index > 0).sum())
     assert steps >= -(-deep // 8)  # at least the stage-1 batches those rows need
 
@@ -85,6 +86,7 @@ def test_quick_run_writes_both_parts(tmp_path):
     assert row["model"] == "tiny" and row["max_batch"] == 4
     for kind in ("direct", "dispatched"):
         assert row[kind]["steps_past_stage0"] > 0 and len(row[kind]["overhead_runs"]) == 1
+        assert len(row[kind]["machinery_runs"]) == 1
         assert row[kind]["fused_us_per_request"] > 0 and row[kind]["steps_us_per_request"] > 0
     assert "The step alone" in md and "Through the scheduler" in md and "Arguments:" in md
 
