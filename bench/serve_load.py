@@ -22,6 +22,10 @@ For each model and arrival rate it runs, back to back at the same rate,
                 run first, so survivors wait (up to that long) at deeper stages for the next
                 stage-0 batches' survivors and deeper batches fill (E3's aim; not in the default
                 set: on a CPU, stage is stage-defer@20),
+  stage-request: (b) inside the scheduler: StageScheduler(policy="request"), request-level
+                batching with the scheduler's own machinery (its submit, snapshots, statistics,
+                answers), so that (c) against it measures what re-batching buys with the
+                per-request Python held equal (not in the default set; session 19),
 
 and records throughput and p50/p99 latency, measured from each request's *scheduled* arrival
 (open loop: a late generator does not hide queueing). The SLO is 10x the plain model's batch-1
@@ -414,6 +418,7 @@ SYSTEMS = (
     "stage-wait",
     "stage-fill",
     "stage-defer",
+    "stage-request",
 )
 
 
@@ -450,6 +455,10 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=
     # survivors wait up to defer_ms at deeper stages for the next stage-0 batches' survivors);
     # "stage-nodefer": max_defer_ms=0; the others keep the scheduler's default (None)
     inline = "always" if name == "stage-inline" else "never"
+    if name == "stage-request":  # (b) in the scheduler's machinery: never re-batched, no deferral
+        return scheduler_cls(
+            rt, max_batch=max_batch, max_queue_rows=1 << 20, inline=inline, policy="request", workers=workers
+        )
     return scheduler_cls(
         rt,
         max_batch=max_batch,
@@ -1299,7 +1308,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--systems",
         default=",".join(
-            s for s in SYSTEMS if s not in ("ee-req-full", "stage-wait", "stage-fill", "stage-steps", "stage-defer")
+            s
+            for s in SYSTEMS
+            if s not in ("ee-req-full", "stage-wait", "stage-fill", "stage-steps", "stage-defer", "stage-request")
         ),
         help=f"which of {', '.join(SYSTEMS)}",
     )

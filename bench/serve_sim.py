@@ -87,13 +87,15 @@ OLD_BEHIND_FACTOR = 4  # stage-age: the trigger before session 11 (oldest stage-
 # What a stage step costs the scheduler beyond the same stage inside a pass (rt.run_stage's own
 # bookkeeping over the pass's compiled loop, and the worker's per-step Python: the batch's id
 # tensor, the leavers' answers, the survivors' chunk), per step past stage 0 (a pass makes one call
-# where a batch step by step makes one per stage). Measured in session 17 on the 2-core VM: the
-# same 2,400 queued single-row requests through StageScheduler with fused=True and fused=False
-# (max_defer_ms 0), 5 rotated runs, (wall difference) / (steps past stage 0): ResNet-style 76 and
-# 80 us at max_batch 4 and 8, digits 66 and 87 us (at max_batch 32, 39 and 130 us: noisy).
-# Without it a replay takes a batch step by step to cost what its pass costs, and answering
-# leavers early looks free (docs/serving.md, "Session 17").
-STEP_OVERHEAD_US = 75.0
+# where a batch step by step makes one per stage). bench/stage_step_cost.py measures it: the same
+# 2,400 queued single-row requests drained with fused=True and fused=False (max_defer_ms 0), 7
+# rotated runs, (wall difference) / (steps past stage 0). Session 19, the 2-core VM, after the CPU
+# step began calling the compiled ops directly: ResNet-style 48, 57 and 70 us at max_batch 4, 8 and
+# 32 (the dispatched step before it: 77, 86 and 110), digits 39, 50 and 66 (79, 86 and 105); this
+# default is ResNet-style's at the replay's max_batch, 32. (Session 17 had measured 76-80 us at
+# max_batch 4 and 8 and used 75.) Without it a replay takes a batch step by step to cost what its
+# pass costs, and answering leavers early looks free (docs/serving.md, "Session 17", "Session 19").
+STEP_OVERHEAD_US = 70.0
 SLO_X_PLAIN = 10.0  # the SLO: 10x the plain model's batch-1 latency (issue #19; serve_load.py's)
 SLO_BRACKET = 0.02  # the SLO search stops once its bracket is within 2 % of the rate
 

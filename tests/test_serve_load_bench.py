@@ -404,6 +404,7 @@ def test_system_names_set_the_scheduler_knobs():
         ("stage", 9.0): (0.0, 20.0, "deepest"),  # the scheduler's default on a CPU
         ("stage-nodefer", 9.0): (0.0, 0.0, "deepest"),
         ("stage-fill", 9.0): (1.0, 0.0, "fill"),
+        ("stage-request", 9.0): (0.0, 0.0, "request"),  # (b) in the scheduler's machinery
     }
     for (name, defer), (wait, max_defer, policy) in want.items():
         sched = serve_load.make_system(name, model, rt, 8, wait_ms=1.0, defer_ms=defer)
@@ -430,7 +431,7 @@ def test_a_names_xn_suffix_sets_its_worker_threads_and_answers_stay_those_of_rt_
     rt = ee.EERuntime(model, thresholds=[2.2, 2.25], criterion="entropy")
     x = torch.randn(96, 1, 8, 8)
     want = rt.infer(x).logits
-    for name, workers in (("ee-req-x2", 2), ("stage-x2", 2), ("plain", 3), ("stage", 3)):
+    for name, workers in (("ee-req-x2", 2), ("stage-x2", 2), ("plain", 3), ("stage", 3), ("stage-request-x2", 2)):
         system = serve_load.make_system(name, model, rt, 8, workers=3)
         try:
             assert len(system._workers) == workers and len({w.ident for w in system._workers}) == workers
