@@ -26,6 +26,9 @@ For each model and arrival rate it runs, back to back at the same rate,
                 batching with the scheduler's own machinery (its submit, snapshots, statistics,
                 answers), so that (c) against it measures what re-batching buys with the
                 per-request Python held equal (not in the default set; session 19),
+  stage-behindN: (c) with stage 0 counted as behind (deferral's trigger) only once it holds N
+                full batches, not one (e.g. stage-behind3; the scheduler's _behind_batches; not in
+                the default set; replayed in session 18, run for real in session 19),
 
 and records throughput and p50/p99 latency, measured from each request's *scheduled* arrival
 (open loop: a late generator does not hide queueing). The SLO is 10x the plain model's batch-1
@@ -431,6 +434,15 @@ def system_workers(name: str, workers: int = 1):
     return m.group(1) + (f"@{rest}" if rest else ""), int(m.group(2))
 
 
+def behind_batches(n: int, base: type = StageScheduler) -> type:
+    """stage-behindN: the scheduler with stage 0 behind once it holds ``n`` full batches per worker
+    (its ``_behind_batches``; its own rule is one), in ``_backlogged`` and ``_fusable`` alike."""
+    return type(f"_Behind{n}", (base,), {"_behind_batches": n})
+
+
+BEHIND = re.compile(r"stage-behind([1-9][0-9]*)")  # stage-behindN's name
+
+
 def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=1, scheduler_cls=StageScheduler):
     # e.g. ee-req-x2: that system with 2 worker threads (else ``workers``: --workers);
     # scheduler_cls: the stage systems' class (serve_machinery.py passes an earlier revision's)
@@ -455,6 +467,9 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=
     # survivors wait up to defer_ms at deeper stages for the next stage-0 batches' survivors);
     # "stage-nodefer": max_defer_ms=0; the others keep the scheduler's default (None)
     inline = "always" if name == "stage-inline" else "never"
+    behind = BEHIND.fullmatch(name)
+    if behind:  # the default stage system with a deeper backlog trigger
+        name, scheduler_cls = "stage", behind_batches(int(behind.group(1)), scheduler_cls)
     if name == "stage-request":  # (b) in the scheduler's machinery: never re-batched, no deferral
         return scheduler_cls(
             rt, max_batch=max_batch, max_queue_rows=1 << 20, inline=inline, policy="request", workers=workers
@@ -1409,8 +1424,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--workers must be >= 1, got {args.workers}")
     args.systems = [x for x in args.systems.split(",") if x]
     unknown = {system_workers(x)[0].split("@")[0] for x in args.systems} - set(SYSTEMS)
+    unknown = {x for x in unknown if not BEHIND.fullmatch(x)}
     if unknown:
-        p.error(f"unknown systems {sorted(unknown)}; accepted: {', '.join(SYSTEMS)}")
+        p.error(f"unknown systems {sorted(unknown)}; accepted: {', '.join(SYSTEMS)}, stage-behindN")
     unknown = {m for m in args.models.split(",")} - set(MODELS)
     if unknown:
         p.error(f"unknown models {sorted(unknown)}; accepted: {', '.join(MODELS)}")

@@ -74,7 +74,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from common import device_info, device_slug  # noqa: E402
-from serve_load import MODELS, build_runtime, median_call_ms, plain_forward  # noqa: E402
+from serve_load import MODELS, behind_batches, build_runtime, median_call_ms, plain_forward  # noqa: E402
 
 from eeruntime.criteria import lower_is_confident  # noqa: E402
 from eeruntime.serve import StageScheduler  # noqa: E402
@@ -215,12 +215,6 @@ class _AgeTriggered(StageScheduler):
             ):
                 return False
         return self.max_wait_s <= 0 or all(c.urgent for c in chunks)
-
-
-def behind_batches(n: int) -> type:
-    """stage-behindN: the scheduler with stage 0 behind once it holds ``n`` full batches per worker
-    (its ``_behind_batches``; its own rule is one), in ``_backlogged`` and ``_fusable`` alike."""
-    return type(f"_Behind{n}", (StageScheduler,), {"_behind_batches": n})
 
 
 class _Interleaved(StageScheduler):

@@ -405,11 +405,13 @@ def test_system_names_set_the_scheduler_knobs():
         ("stage-nodefer", 9.0): (0.0, 0.0, "deepest"),
         ("stage-fill", 9.0): (1.0, 0.0, "fill"),
         ("stage-request", 9.0): (0.0, 0.0, "request"),  # (b) in the scheduler's machinery
+        ("stage-behind3", 9.0): (0.0, 20.0, "deepest"),  # stage with a deeper backlog trigger
     }
     for (name, defer), (wait, max_defer, policy) in want.items():
         sched = serve_load.make_system(name, model, rt, 8, wait_ms=1.0, defer_ms=defer)
         try:
             assert (sched.max_wait_s * 1e3, sched.max_defer_s * 1e3, sched.policy) == (wait, max_defer, policy), name
+            assert sched._behind_batches == (3 if name == "stage-behind3" else 1), name
             assert sched.infer(torch.randn(2, 1, 8, 8)).logits.shape == (2, 10)
         finally:
             sched.close()
@@ -691,3 +693,14 @@ def test_machinery_before_head_runs_the_earlier_class_beside_todays(tmp_path):
         ["ee-req", "ee-req-full", "stage", "stage-nodefer", "stage@before", "stage-nodefer@before"],
         ["tiny"],
     )
+
+
+def test_stage_behind_n_is_accepted_by_name_and_other_names_are_refused(capsys):
+    """--systems takes stage-behindN for any N >= 1 (the scheduler with a deeper backlog trigger),
+    and refuses a name that is neither a system nor of that form, saying what is accepted."""
+    args = serve_load.parse_args(["--systems", "ee-req,stage-behind3,stage-behind12-x2"])
+    assert args.systems == ["ee-req", "stage-behind3", "stage-behind12-x2"]
+    for bad in ("stage-behind0", "stage-behindx", "stage-ahead3"):
+        with pytest.raises(SystemExit):
+            serve_load.parse_args(["--systems", f"ee-req,{bad}"])
+        assert "unknown systems" in capsys.readouterr().err
