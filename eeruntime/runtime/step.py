@@ -93,8 +93,13 @@ def stage_step(
         acc = logits.float() if acc is None else acc + logits.float()
         if final:
             logits = (acc / K).to(logits.dtype)
-    # the compiled ops, called directly, when they take these logits (else the dispatched ops)
-    fast = loop_ops if loop_ops is not None and logits.dtype in FUSED_LOGITS_DTYPES and rows.is_cpu and n else None
+    # the compiled ops, called directly, when they take these logits and ids (else the dispatched
+    # ops); the same kernels the fused pass decides with, so a step answers as rt.infer does
+    fast = (
+        loop_ops
+        if loop_ops is not None and logits.dtype in FUSED_LOGITS_DTYPES and logits.is_cpu and rows.is_cpu and n
+        else None
+    )
     if final:
         # every row leaves, scored (the threshold is not read)
         if fast is not None:
