@@ -93,11 +93,13 @@ from common import device_info, device_slug, thresholds_for_fractions  # noqa: E
 
 import eeruntime as ee  # noqa: E402
 from eeruntime.cost import measure_costs  # noqa: E402
+from eeruntime.criteria import lower_is_confident  # noqa: E402
 from eeruntime.oracle import plain_forward  # noqa: E402
 from eeruntime.runtime import InferenceResult  # noqa: E402
 from eeruntime.serve import StageScheduler, freeze_startup_objects, set_switch_interval  # noqa: E402
 from eeruntime.serve.stats import percentile  # noqa: E402
 from eeruntime.state import cat_rows  # noqa: E402
+from eeruntime.thresholds import ThresholdSnapshot  # noqa: E402
 from eeruntime.timing import side_by_side  # noqa: E402
 from eeruntime.zoo import digits_cnn, resnet_style, vit_style  # noqa: E402
 
@@ -470,10 +472,8 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=
     behind = BEHIND.fullmatch(name)
     if behind:  # the default stage system with a deeper backlog trigger
         name, scheduler_cls = "stage", behind_batches(int(behind.group(1)), scheduler_cls)
-    if name == "stage-request":  # (b) in the scheduler's machinery: never re-batched, no deferral
-        return scheduler_cls(
-            rt, max_batch=max_batch, max_queue_rows=1 << 20, inline=inline, policy="request", workers=workers
-        )
+    # "stage-request": (b) in the scheduler's machinery (never re-batched; no deferral, its default)
+    policy = {"stage-fill": "fill", "stage-request": "request"}.get(name, "deepest")
     return scheduler_cls(
         rt,
         max_batch=max_batch,
@@ -481,7 +481,7 @@ def make_system(name, model, rt, max_batch, wait_ms=1.0, defer_ms=20.0, workers=
         inline=inline,
         fused=name != "stage-steps",
         max_wait_ms=wait_ms if name in ("stage-wait", "stage-fill") else 0.0,
-        policy="fill" if name == "stage-fill" else "deepest",
+        policy=policy,
         max_defer_ms=defer_ms if name == "stage-defer" else 0.0 if name == "stage-nodefer" else None,
         workers=workers,
     )
@@ -630,16 +630,18 @@ def near_saturation(systems, run_once, ee_req_rate, fractions, repeats, requests
     return cells
 
 
+def never_exits(rt) -> ThresholdSnapshot:
+    """Thresholds no score passes, so nobody leaves early and every stage runs on all the rows
+    (the benches' full batches at every stage)."""
+    nobody = -math.inf if lower_is_confident(rt.criterion) else math.inf
+    return ThresholdSnapshot([nobody] * (rt.num_exits - 1))
+
+
 def stage_costs_ms(rt, model, x, reps=15):
     """The cheapest of ``reps`` runs (ms) of each stage step with every row going on, and of the
     plain model, at x's batch size: what bounds any early-exit server's throughput (stage 0 runs
     on every row)."""
-    from eeruntime.criteria import lower_is_confident
-    from eeruntime.thresholds import ThresholdSnapshot
-
-    # nobody leaves (full batches at every stage): a threshold no score passes
-    nobody = -math.inf if lower_is_confident(rt.criterion) else math.inf
-    never = ThresholdSnapshot([nobody] * (rt.num_exits - 1))
+    never = never_exits(rt)
     best = [math.inf] * rt.num_exits
     plain = math.inf
     # On CUDA every timing starts and ends with the device idle: a step's host read would

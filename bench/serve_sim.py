@@ -74,13 +74,11 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from common import device_info, device_slug  # noqa: E402
-from serve_load import MODELS, behind_batches, build_runtime, median_call_ms, plain_forward  # noqa: E402
+from serve_load import MODELS, behind_batches, build_runtime, median_call_ms, never_exits, plain_forward  # noqa: E402
 
-from eeruntime.criteria import lower_is_confident  # noqa: E402
 from eeruntime.serve import StageScheduler  # noqa: E402
 from eeruntime.serve.scheduler import _Chunk  # noqa: E402
 from eeruntime.serve.stats import percentile  # noqa: E402
-from eeruntime.thresholds import ThresholdSnapshot  # noqa: E402
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # batch sizes whose step cost is measured
 OLD_BEHIND_FACTOR = 4  # stage-age: the trigger before session 11 (oldest stage-0 row waited 4 x max_defer_ms)
@@ -123,8 +121,7 @@ class StepCosts:
 def measure_step_costs(rt, x: torch.Tensor, sizes, reps: int, seed: int = 0) -> StepCosts:
     """The median of ``reps`` runs of every stage step at each batch size (nobody leaves, so every
     stage runs on all ``b`` rows), the sizes in a shuffled order each round."""
-    nobody = -math.inf if lower_is_confident(rt.criterion) else math.inf
-    never = ThresholdSnapshot([nobody] * (rt.num_exits - 1))
+    never = never_exits(rt)
     sizes = [b for b in sizes if b <= x.shape[0]]
     runs: Dict[int, List[List[float]]] = {b: [[] for _ in range(rt.num_exits)] for b in sizes}
     rng = random.Random(seed)

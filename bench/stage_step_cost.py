@@ -50,13 +50,12 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from common import device_name, report_doc, write_report  # noqa: E402
-from serve_load import MODELS, build_runtime, rotated  # noqa: E402
+from serve_load import MODELS, build_runtime, never_exits, rotated  # noqa: E402
 
 import eeruntime.runtime.api as runtime_api  # noqa: E402
 from eeruntime.runtime.executors import cpu_loop_ops_for  # noqa: E402
 from eeruntime.runtime.step import stage_step  # noqa: E402
 from eeruntime.serve import StageScheduler  # noqa: E402
-from eeruntime.thresholds import ThresholdSnapshot  # noqa: E402
 
 STEPS = ("direct", "dispatched")  # the step with the compiled ops called directly; through the dispatch
 
@@ -96,12 +95,6 @@ def median_us(fn: Callable[[], object], reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
-
-
-def never_exits(rt) -> ThresholdSnapshot:
-    """Thresholds no row passes (entropy: leave below; the other criteria: at or above)."""
-    low = rt.spec.scorer.criterion == "entropy"
-    return ThresholdSnapshot([-1.0 if low else 2.0] * (rt.num_exits - 1))
 
 
 def step_part(name: str, batches: List[int], reps: int, repeats: int) -> list:
