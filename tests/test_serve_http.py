@@ -22,7 +22,7 @@ from serve_models import thresholds_for
 
 import eeruntime as ee
 from eeruntime.serve import StageScheduler
-from eeruntime.serve.codec import InputSpec
+from eeruntime.serve.codec import InputSpec, decode_json
 from eeruntime.serve.server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +138,13 @@ def test_json_and_safetensors_answers_equal_infer(served):
         (dict(json={"inputs": [[0.0] * 6] * 33}), 413, "at most 32 rows"),
         (dict(content=b"x" * 5000, headers={"content-type": "application/json"}), 413, "at most 4096 are accepted"),
         (dict(content=b"abc", headers={"content-type": "text/plain"}), 415, "unsupported Content-Type"),
+        (  # deeper than the JSON parser's recursion limit, within the size limit
+            dict(
+                content=b'{"inputs":' + b"[" * 2000 + b"]" * 2000 + b"}", headers={"content-type": "application/json"}
+            ),
+            400,
+            "nested too deeply",
+        ),
         (
             dict(
                 content=b"\x10\x00\x00\x00\x00\x00\x00\x00garbage", headers={"content-type": "application/octet-stream"}
@@ -157,6 +164,51 @@ def test_bad_bodies_get_4xx_saying_what_was_wrong(served, kwargs, status, messag
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
     no_traceback(r)
+
+
+def test_integer_inputs_are_cast_to_the_dtype_the_model_has_taken(served):
+    """Once the model has answered float rows, integer (or boolean, or uint8 image) rows sent as
+    safetensors are cast to its dtype, as JSON's numbers are, and answered as rt.infer answers
+    the cast rows (they used to reach the model as integers: a 500 for a client's choice)."""
+    r = served.client.post("/v1/infer", json={"inputs": served.x[:2].tolist()})
+    assert r.status_code == 200  # (the model's dtype is learned from an answered request)
+    ints = (served.x[:9] * 3).round()
+    for dtype in (torch.int64, torch.int32, torch.uint8, torch.bool):
+        sent = ints.abs().to(dtype)
+        r = served.client.post(
+            "/v1/infer",
+            content=st_save({"input": sent}),
+            headers={"content-type": "application/vnd.safetensors", "accept": "application/vnd.safetensors"},
+        )
+        assert r.status_code == 200, (dtype, r.text)
+        got, ref = st_load(r.content), served.ref_rt.infer(sent.float())
+        assert torch.equal(got["exit_index"], ref.exit_index), dtype
+        torch.testing.assert_close(got["logits"], ref.logits)
+
+
+def test_the_learned_dtypes_refuse_floats_where_integer_ids_were_taken():
+    """A model that takes token ids (learned from its answered requests): integers of another
+    width are cast to it, floats are refused with 422 saying which dtype it takes; before any
+    answer nothing is assumed."""
+    spec = InputSpec()
+    ids = torch.tensor([[3, 1, 4]], dtype=torch.int32)
+    assert spec.check(ids, 8).dtype == torch.int32  # nothing learned yet: as sent
+    spec.learn((torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.bool)))
+    got = spec.check((ids, torch.tensor([[True, True, False]])), 8)
+    assert [t.dtype for t in got] == [torch.int64, torch.bool] and got[0].tolist() == [[3, 1, 4]]
+    assert got[1].tolist() == [[True, True, False]]
+    with pytest.raises(ValueError, match="input_0 has dtype float32; this model takes int64") as e:
+        spec.check((ids.float(), got[1]), 8)
+    assert e.value.status == 422
+    with pytest.raises(ValueError, match="input_1 has dtype int64; this model takes bool"):  # (2 is not a bool)
+        spec.check((ids, got[1].long()), 8)
+    # JSON to a model of one integer input: ints as sent, a float among them refused
+    spec = InputSpec([(3,)])
+    spec.learn(torch.zeros(1, 3, dtype=torch.int64))
+    x = decode_json({"inputs": [[3, 1, 4]]}, spec, 8)
+    assert x.dtype == torch.int64 and x.tolist() == [[3, 1, 4]]
+    with pytest.raises(ValueError, match="inputs has dtype float32; this model takes int64"):
+        decode_json({"inputs": [[3, 1.5, 4]]}, spec, 8)
 
 
 def test_a_wrong_method_gets_405_saying_which_are_allowed(served):
@@ -221,6 +273,9 @@ def test_admin_threshold_swap_needs_the_token(served):
     auth = {"authorization": f"Bearer {TOKEN}"}
     r = served.client.post(url, json={"thresholds": [0.1, 0.2, 0.3]}, headers=auth)
     assert r.status_code == 422 and "got 3 thresholds" in r.json()["error"]
+    r = served.client.post(url, content=b'{"thresholds":' + b"[" * 2000 + b"]" * 2000 + b"}", headers=auth)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    no_traceback(r)
     old = served.sched.thresholds
     try:
         r = served.client.post(url, json={"thresholds": [0.0, 0.0]}, headers=auth)  # max_prob >= 0: all leave at 0

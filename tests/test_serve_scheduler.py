@@ -4,6 +4,7 @@ nor deliver a row to another request."""
 
 import asyncio
 import concurrent.futures
+import gc
 import os
 import random
 import subprocess
@@ -262,6 +263,67 @@ def test_cancellation_frees_rows_blocking_and_async(fused):
         assert asyncio.run(cancel_one()).exit_index.tolist() == [1]
         assert not {7, 8} & set(hook.seen()) and sched.stats.cancelled == 2
         assert drained(sched)
+
+
+def test_an_async_caller_cancelled_while_waiting_for_room_is_never_admitted():
+    """when_full="wait": an asyncio caller's admission waits for room in another thread;
+    cancelling the caller then must free its request too (found by a randomized run of
+    submits, cancels and timeouts: the row ran anyway, and with a timeout its error was logged
+    as never retrieved)."""
+    model, hook = scripted_model(2)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    hook.hold(0)
+    with StageScheduler(rt, max_batch=4, max_queue_rows=4, when_full="wait", inline="never") as sched:
+        first = sched.submit_nowait(scripted_rows([0, 1, 2, 3], [0, 0, 0, 0]))
+        assert hook.entered.wait(WAIT)  # the scheduler is full, its rows held in stage 0
+
+        async def cancel_while_full():
+            task = asyncio.ensure_future(sched.submit(scripted_rows([100], [1]), timeout_s=WAIT))
+            await asyncio.sleep(0.05)  # waiting for room
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert sched.pending() == 1
+            hook.gate.set()  # room: the waiting admission wakes, sees its caller gone
+            check_answers([([0, 1, 2, 3], [0, 0, 0, 0])], [first])
+            # a later caller is served as usual, in the room the cancelled one never took
+            return await sched.submit(scripted_rows([5], [1]))
+
+        assert asyncio.run(cancel_while_full()).exit_index.tolist() == [1]
+        assert drained(sched)
+        assert 100 not in hook.seen() and sched.stats.cancelled == 0  # (never admitted: nothing to cancel)
+        assert sched.stats_dict()["requests"]["completed"] == 2
+
+
+def test_an_async_caller_cancelled_once_admitted_leaves_no_error_logged_as_lost():
+    """when_full="wait": the caller is cancelled after its admission (in another thread) but
+    before it awaited its answer, and the request then times out: its error must not be logged
+    by asyncio as "never retrieved" (a server's clients disconnecting would fill its log; found
+    by the randomized run)."""
+    model, hook = scripted_model(2)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    hook.hold(0)
+    with StageScheduler(rt, max_batch=4, when_full="wait", inline="never") as sched:
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            logged = []
+            loop.set_exception_handler(lambda _loop, context: logged.append(context))
+            task = asyncio.ensure_future(sched.submit(scripted_rows([1], [1]), timeout_s=0.05))
+            await asyncio.sleep(0)  # its admission runs in the executor
+            time.sleep(0.3)  # (the loop blocked) admitted, then timed out: both posted to the loop
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            hook.gate.set()
+            assert drained(sched) and sched.stats.timeouts == 1
+            await asyncio.sleep(0.05)  # every answer posted has reached the loop
+            del task
+            time.sleep(0.05)  # (the worker's last frame lets go of the request)
+            gc.collect()  # an error never retrieved is logged when its future goes
+            return logged
+
+        assert asyncio.run(main()) == []
 
 
 def test_async_answers_of_one_batch_reach_their_loop_in_one_call_and_a_timeout_too():
@@ -590,6 +652,8 @@ def test_shutdown_drains_or_fails_every_pending_request(drain, workers):
     threading.Timer(0.1, hook.gate.set).start()
     sched.close(drain=drain)
     assert all(f.done() for f in futures) and sched.pending() == 0
+    # no row of a failed request is left queued (nor shown in the statistics served over HTTP)
+    assert sched.queue_depths() == [0] * 3 and sched.stats_dict()["queue_depths"] == [0] * 3
     if drain:
         check_answers([([i], [i % 3]) for i in range(10)], futures)
     else:

@@ -34,18 +34,53 @@ class InputError(ValueError):
         self.status = status
 
 
+def parse_json(body: bytes):
+    """``body`` as JSON, or an :class:`InputError` (400) saying why not. Nesting deeper than the
+    parser's recursion limit is refused as such (a client's error, not the server's)."""
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"the body is not valid JSON: {e}", status=400) from None
+    except RecursionError:
+        raise InputError("the body's JSON is nested too deeply to be read", status=400) from None
+
+
 class InputSpec:
     """What one row of a request must look like: per member, its shape after the batch dim. Given
-    at start (``--input-shape``) or learned from the first request the model answered."""
+    at start (``--input-shape``) or learned from the first request the model answered, as is each
+    member's dtype (``dtypes``; a float member's is ``dtype``, the model's: float inputs are cast
+    to it as they are decoded)."""
 
     def __init__(self, shapes: Optional[Sequence[Tuple[int, ...]]] = None, dtype: torch.dtype = torch.float32):
         self.shapes = None if shapes is None else [tuple(int(d) for d in s) for s in shapes]
         self.dtype = dtype
+        self.dtypes: Optional[list] = None
 
     def learn(self, x) -> None:
+        parts = x if isinstance(x, tuple) else (x,)
         if self.shapes is None:
-            parts = x if isinstance(x, tuple) else (x,)
             self.shapes = [tuple(t.shape[1:]) for t in parts]
+        if self.dtypes is None:
+            self.dtypes = [t.dtype for t in parts]
+
+    def _conform(self, parts: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+        """``parts`` in the dtypes the model has taken (``dtypes``): integers (or booleans) for a
+        float member are cast to it, as JSON's numbers are; integers of another width to the
+        integer dtype learned. Floats where integers (token ids) were taken are refused: rounding
+        them would answer a question nobody asked."""
+        assert self.dtypes is not None
+        out = []
+        for i, (t, want) in enumerate(zip(parts, self.dtypes)):
+            if t.dtype != want:
+                if not want.is_floating_point and (t.is_floating_point() or t.is_complex() or want == torch.bool):
+                    name = "inputs" if len(parts) == 1 else f"input_{i}"
+                    raise InputError(
+                        f"{name} has dtype {str(t.dtype).replace('torch.', '')}; this model takes "
+                        f"{str(want).replace('torch.', '')} (the dtype of the requests it has answered)"
+                    )
+                t = t.to(want)
+            out.append(t)
+        return tuple(out)
 
     def check(self, x, max_rows: int):
         parts = x if isinstance(x, tuple) else (x,)
@@ -69,6 +104,9 @@ class InputSpec:
                         f"{name}: each row must have shape {list(want)}, got {list(t.shape[1:])} "
                         f"(the request's shape is {list(t.shape)}, batch first)"
                     )
+        if self.dtypes is not None and len(self.dtypes) == len(parts):
+            conformed = self._conform(parts)
+            return conformed if isinstance(x, tuple) else conformed[0]
         for i, t in enumerate(parts):
             if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool)):
                 raise InputError(f"input_{i} has dtype {t.dtype}; send floating-point (or integer) tensors")
@@ -90,8 +128,11 @@ def decode_json(doc, spec: InputSpec, max_rows: int):
         raise InputError(f'"inputs" must be a list of samples (batch first), got {type(data).__name__}')
     if spec.shapes is not None and len(spec.shapes) != 1:
         raise InputError("this model takes several input tensors; send them as safetensors (input_0, input_1, ...)")
+    # numbers become the model's float dtype; for a model that has taken integers (token ids),
+    # what was sent (ints stay ints, a float among them is refused by the check)
+    ids = spec.dtypes is not None and len(spec.dtypes) == 1 and not spec.dtypes[0].is_floating_point
     try:
-        x = torch.tensor(data, dtype=spec.dtype)
+        x = torch.tensor(data, dtype=None if ids else spec.dtype)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise InputError(_ragged_message(e)) from None
     return spec.check(x, max_rows)
@@ -128,11 +169,7 @@ def decode_body(body: bytes, content_type: str, spec: InputSpec, max_rows: int):
         raise InputError(
             f"unsupported Content-Type {ctype!r}; send application/json or application/vnd.safetensors", status=415
         )
-    try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"the body is not valid JSON: {e}", status=400) from None
-    return decode_json(doc, spec, max_rows)
+    return decode_json(parse_json(body), spec, max_rows)
 
 
 def refusal(e: BaseException) -> Optional[Tuple[int, str]]:

@@ -121,10 +121,13 @@ class _LoopAnswer:
     worker waits to get it back, once per request); a batch's answers for one loop take one call
     instead (:func:`_post`, from :meth:`StageScheduler._finish`)."""
 
-    __slots__ = ("loop", "afut", "seq", "posted")
+    __slots__ = ("loop", "afut", "seq", "posted", "abandoned")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.afut, self.seq, self.posted = loop, loop.create_future(), 0, False
+        # its caller was cancelled while the admission waited for room in another thread
+        # (when_full="wait"): set under _cv, and an admission that sees it admits nothing
+        self.abandoned = False
 
     def done(self) -> bool:
         return self.posted
@@ -140,6 +143,15 @@ def _post(loop: asyncio.AbstractEventLoop, answers: list) -> None:
         loop.call_soon_threadsafe(_settle, answers)
     except RuntimeError:  # the loop is closed: nothing awaits these answers any more
         pass
+
+
+def _drop(afut: asyncio.Future) -> None:
+    """On the loop, its caller cancelled before it awaited ``afut``: no answer is to be set on it
+    any more, and one already set (a timeout or a failure) is read, as nobody else will (asyncio
+    would log its error as never retrieved). (A caller cancelled while awaiting ``afut`` needs
+    none of this: its task cancels ``afut``, or reads the answer set just before.)"""
+    if not afut.cancel() and not afut.cancelled():
+        afut.exception()
 
 
 def _settle(answers: list) -> None:
@@ -491,6 +503,8 @@ class StageScheduler:
         with self._cv:
             if self._closing or self._admitted_rows + n > self.max_queue_rows:
                 self._wait_for_room(n, deadline, timeout_s)
+            if answer is not None and answer.abandoned:
+                return answer  # (its caller is gone: see submit)
             # Admitted to an idle scheduler (nothing pending): no other row can share this
             # request's batches but later arrivals, so it never waits max_wait for them.
             if self._admitted_rows:
@@ -538,7 +552,18 @@ class StageScheduler:
         answer = _LoopAnswer(loop)
         if self.when_full == "wait":
             # admission may block while the scheduler is full: keep it off the event loop
-            got = await loop.run_in_executor(None, self._submit, x, timeout_s, answer)
+            try:
+                got = await loop.run_in_executor(None, self._submit, x, timeout_s, answer)
+            except asyncio.CancelledError:
+                # the admission goes on in its thread (a running call cannot be cancelled): it
+                # admits nothing once it sees this flag, and what it admitted before is freed
+                with self._cv:
+                    answer.abandoned = True
+                    admitted = answer.seq in self._requests
+                if admitted:
+                    self._forget(answer.seq, "cancelled")
+                _drop(answer.afut)
+                raise
         else:
             got = self._submit(x, timeout_s, answer)
         if got is not answer:  # run inline (inline="always"): done
@@ -672,7 +697,13 @@ class StageScheduler:
         for w in self._workers:
             w.join()
         self._fail_all(SchedulerClosed("the scheduler was closed before this request was answered"))
-        with self._cv:
+        with self._cv, self._qlock:
+            # the rows of requests failed at shutdown: no worker is left to purge them (else
+            # queue_depths, and the statistics served over HTTP, would show them for good)
+            self._inbox.clear()
+            for q in self._queues:
+                q.clear()
+            self._dead.clear()
             self._reaper_cv.notify_all()
         if self._reaper is not None:
             self._reaper.join()

@@ -20,7 +20,6 @@ unexpected one is logged on the server and answered "internal error".
 # no `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at
 # definition time, and they are imported inside create_app (fastapi is an optional extra)
 import hmac
-import json
 import logging
 from typing import Optional
 
@@ -33,6 +32,7 @@ from .codec import (
     decode_body,
     encode_json,
     encode_safetensors,
+    parse_json,
     refusal,
 )
 from .process import gc_stats
@@ -175,11 +175,9 @@ def create_app(
         if not hmac.compare_digest(given.encode(), admin_token.encode()):
             return error(403, "wrong admin token")
         try:
-            doc = json.loads(await read_body(request))
+            doc = parse_json(await read_body(request))
         except InputError as e:
             return error(e.status, str(e))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(400, f"the body is not valid JSON: {e}")
         if not isinstance(doc, dict) or "thresholds" not in doc:
             return error(422, 'send {"thresholds": [t1, ...]} (one per early exit) or {"thresholds": t}')
         try:
