@@ -402,6 +402,50 @@ def test_wire_round_trip_and_lower_precision():
         assert torch.equal(t, k)  # the sender's tensors are untouched
 
 
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        (b'{"inputs":' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),  # was a 500
+        (b'{"inputs": [[1e999999999999999999, 1]]}', None),  # inf: served (the model's answer)
+        (b'{"inputs": [[' + str(10**400).encode() + b", 1]]}", "rectangular nested list"),  # was a 500
+        (b'{"inputs": [[null, 1]]}', "rectangular nested list"),
+        (b'{"inputs": [[1, 2], [3]]}', "rectangular nested list"),
+    ],
+)
+def test_ray_http_bodies_the_client_got_wrong_are_400s(body, why):
+    """The replicas' HTTP body reader (no cluster needed): what the client got wrong is a
+    BadRequest (HTTP 400) saying what, never an exception Ray would answer with a 500."""
+    from eeruntime.serve.ray.http import BadRequest, _from_json
+
+    if why is None:
+        assert torch.isinf(_from_json(body)).any()
+        return
+    with pytest.raises(BadRequest, match=why):
+        _from_json(body)
+
+
+def test_ray_http_answers_are_strict_json_even_for_a_nan_row():
+    """A NaN input row's logits are NaN: the answer spells them "nan" (as the HTTP server does),
+    where a bare NaN made the response fail to encode (a 500)."""
+    from eeruntime.serve.ray.http import answer_json
+
+    answer = {
+        "logits": torch.tensor([[float("nan"), float("inf")], [0.5, -1.0]]),
+        "exit_index": torch.tensor([2, 0]),
+        "confidence": torch.tensor([float("nan"), 0.75]),
+        "meta": {"tiers": 1},
+    }
+    doc = answer_json(answer)
+    assert json.loads(json.dumps(doc, allow_nan=False)) == {
+        "logits": [["nan", "inf"], [0.5, -1.0]],
+        "exit_index": [2, 0],
+        "confidence": ["nan", 0.75],
+        "meta": {"tiers": 1},
+    }
+    finite = answer_json({"logits": torch.tensor([[0.25, 1.0]])})
+    assert finite == {"logits": [[0.25, 1.0]]}  # (all finite: numbers, as before)
+
+
 def test_split_and_spec_errors():
     from eeruntime.serve.ray import RuntimeSpec, split_stages
     from eeruntime.serve.ray.app import build_app

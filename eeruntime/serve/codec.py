@@ -185,13 +185,13 @@ def refusal(e: BaseException) -> Optional[Tuple[int, str]]:
     return None
 
 
-def _strict(rows):
+def strict_rows(rows):
     """Nested lists of floats as strict JSON (non-finite values as "nan", "inf", "-inf", as in
     the saved runtimes); the common all-finite case is returned as it is."""
     return (
         rows
         if all(map(math.isfinite, _flat(rows)))
-        else [_strict(r) if isinstance(r, list) else enc_float(r) for r in rows]
+        else [strict_rows(r) if isinstance(r, list) else enc_float(r) for r in rows]
     )
 
 
@@ -205,9 +205,9 @@ def _flat(rows):
 
 def encode_json(result) -> dict:
     return {
-        "logits": _strict(result.logits.float().tolist()),
+        "logits": strict_rows(result.logits.float().tolist()),
         "exit_index": result.exit_index.tolist(),
-        "confidence": _strict(result.confidence.float().tolist()),
+        "confidence": strict_rows(result.confidence.float().tolist()),
     }
 
 

@@ -54,11 +54,13 @@ def _from_json(body: bytes):
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body is not valid JSON") from None
+    except RecursionError:  # (nested past the parser's limit: the client's error, not a 500)
+        raise BadRequest("the body's JSON is nested too deeply to be read") from None
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise BadRequest('a JSON body is an object with "inputs": a nested list of numbers, batch dim first')
     try:
         x = torch.tensor(doc["inputs"], dtype=torch.float32)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise BadRequest(f'"inputs" must be a rectangular nested list of numbers ({e})') from None
     if x.dim() < 2:
         raise BadRequest(f'"inputs" needs a batch dimension: shape [batch, ...], got {list(x.shape)}')
@@ -79,9 +81,18 @@ async def read_inputs(request, max_bytes: int = MAX_BODY_BYTES):
 
 
 def answer_json(answer: Dict[str, Any]) -> Dict[str, Any]:
+    """The answer as strict JSON: a float tensor's non-finite values (a NaN input row's logits)
+    as "nan", "inf", "-inf", as the HTTP server spells them (JSON has no such numbers, and the
+    response would fail to encode)."""
+    from ..codec import strict_rows
+
     out = {}
     for key, value in answer.items():
-        out[key] = value.tolist() if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+            if isinstance(value, list) and answer[key].is_floating_point():
+                value = strict_rows(value)
+        out[key] = value
     return out
 
 
