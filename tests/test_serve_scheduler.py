@@ -295,6 +295,41 @@ def test_an_async_caller_cancelled_while_waiting_for_room_is_never_admitted():
         assert sched.stats_dict()["requests"]["completed"] == 2
 
 
+def test_an_async_caller_takes_a_thread_only_to_wait_for_room():
+    """when_full="wait": an asyncio caller is admitted on its event loop while there is room
+    (a thread hop per request would cost each tens of microseconds); only when the scheduler
+    is full does its admission wait for room in another thread, and it is answered then."""
+    model, hook = scripted_model(2)
+    rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
+    with StageScheduler(rt, max_batch=4, max_queue_rows=4, when_full="wait", inline="never") as sched:
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            hops = []
+            run_in_executor = loop.run_in_executor
+
+            def counted(*args):
+                hops.append(args[1])
+                return run_in_executor(*args)
+
+            loop.run_in_executor = counted  # (this loop only)
+            answers = [await sched.submit(scripted_rows([i], [i % 2])) for i in range(6)]
+            assert hops == []  # room every time: admitted on the loop
+            hook.hold(0)
+            first = sched.submit_nowait(scripted_rows([10, 11, 12, 13], [0, 0, 0, 0]))  # fills it
+            assert hook.entered.wait(WAIT)  # (blocking the loop: nothing on it needs to run)
+            waiting = asyncio.ensure_future(sched.submit(scripted_rows([20], [1])))
+            await asyncio.sleep(0.05)
+            assert len(hops) == 1 and not waiting.done()  # full: waiting for room in a thread
+            hook.gate.set()
+            return answers, first, await waiting
+
+        answers, first, late = asyncio.run(main())
+        assert [a.exit_index.tolist() for a in answers] == [[i % 2] for i in range(6)]
+        check_answers([([10, 11, 12, 13], [0, 0, 0, 0])], [first])
+        assert late.exit_index.tolist() == [1] and late.logits.argmax(1).tolist() == [20 % 7]
+
+
 def test_an_async_caller_cancelled_once_admitted_leaves_no_error_logged_as_lost():
     """when_full="wait": the caller is cancelled after its admission (in another thread) but
     before it awaited its answer, and the request then times out: its error must not be logged

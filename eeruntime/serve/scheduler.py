@@ -453,10 +453,11 @@ class StageScheduler:
         return self._submit(x, timeout_s, None)  # type: ignore[return-value]  # (answer None: a Future)
 
     def _submit(
-        self, x: State, timeout_s: Optional[float], answer: Optional[_LoopAnswer]
-    ) -> Union[concurrent.futures.Future, _LoopAnswer]:
+        self, x: State, timeout_s: Optional[float], answer: Optional[_LoopAnswer], wait: bool = True
+    ) -> Union[concurrent.futures.Future, _LoopAnswer, None]:
         """Admit ``x``; its answer goes to ``answer`` (an asyncio caller's) or, when None, to a
-        new future returned (or a done future: run inline).
+        new future returned (or a done future: run inline). ``wait=False``: None, admitting
+        nothing, where ``when_full="wait"`` would wait for room (an event loop must not).
 
         Every request pays this in the submitting thread, holding the GIL, and the worker waits
         for the GIL meanwhile: where the host's Python is the bound (a small model on a GPU),
@@ -502,6 +503,8 @@ class StageScheduler:
         req = _Request(seq, n, future, self.rt.thresholds_snapshot(), t0, deadline, layout, x)
         with self._cv:
             if self._closing or self._admitted_rows + n > self.max_queue_rows:
+                if not wait and not self._closing and self.when_full == "wait":
+                    return None
                 self._wait_for_room(n, deadline, timeout_s)
             if answer is not None and answer.abandoned:
                 return answer  # (its caller is gone: see submit)
@@ -550,8 +553,10 @@ class StageScheduler:
         one batch reach the event loop in one call (see :class:`_LoopAnswer`)."""
         loop = asyncio.get_running_loop()
         answer = _LoopAnswer(loop)
-        if self.when_full == "wait":
-            # admission may block while the scheduler is full: keep it off the event loop
+        got = self._submit(x, timeout_s, answer, wait=False)
+        if got is None:
+            # when_full="wait" and the scheduler is full: wait for room off the event loop (only
+            # then: a thread hop per request would cost every request tens of microseconds)
             try:
                 got = await loop.run_in_executor(None, self._submit, x, timeout_s, answer)
             except asyncio.CancelledError:
@@ -564,8 +569,6 @@ class StageScheduler:
                     self._forget(answer.seq, "cancelled")
                 _drop(answer.afut)
                 raise
-        else:
-            got = self._submit(x, timeout_s, answer)
         if got is not answer:  # run inline (inline="always"): done
             return cast(concurrent.futures.Future, got).result()
         try:
