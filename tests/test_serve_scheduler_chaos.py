@@ -1,10 +1,11 @@
 """Everything at once: random scheduler settings, requests of 1-6 rows from three blocking
 submitters and one asyncio caller, random timeouts, cancellations, injected stage failures, slow
-stages, threshold swaps and a shutdown (draining or failing) that may come while requests still
-arrive. The scripted model says exactly what each request's answer must be (its rows' classes and
-exits), so every answer is checked, and every request must end: answered right, or failed with the
-error its case allows. (This run found two faults in the asyncio path, each now a test of its own
-in test_serve_scheduler.py.)"""
+stages, threshold swaps, requests of three input layouts (which must never share a batch) and a
+shutdown (draining or failing) that may come while requests still arrive. The scripted model says
+exactly what each request's answer must be (its rows' classes and exits), so every answer is
+checked, and every request must end: answered right, or failed with the error its case allows.
+(These runs found three faults, each now a test of its own in test_serve_scheduler.py: two in the
+asyncio path, and rows left queued after a shutdown that failed their requests.)"""
 
 import asyncio
 import concurrent.futures
@@ -15,6 +16,7 @@ import threading
 import time
 
 import pytest
+import torch
 from serve_models import C, scripted_model, scripted_rows
 
 import eeruntime as ee
@@ -51,6 +53,7 @@ def chaos_run(seed):
     rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")
     failing = set(rng.sample(range(1500), rng.choice([0, 0, 5])))  # rows whose batch raises
     slow = rng.choice([0.0, 0.0, 0.0003, 0.002])  # seconds per stage call: queues build up
+    mixed = rng.random() < 0.3  # requests of three layouts (a wider row, float64)
 
     def fail_if(k, ids):
         if slow:
@@ -67,7 +70,10 @@ def chaos_run(seed):
             ids = list(range(next_id[0], next_id[0] + n))
             next_id[0] += n
         exits = [r.randrange(K) for _ in ids]
-        return ids, exits, scripted_rows(ids, exits)
+        x = scripted_rows(ids, exits)
+        if mixed and r.random() < 0.5:  # another layout: such rows must never share a batch
+            x = torch.cat([x, x[:, 2:]], 1) if r.random() < 0.5 else x.double()
+        return ids, exits, x
 
     def blocking(s):
         r = random.Random(s)
@@ -132,8 +138,16 @@ def chaos_run(seed):
                 records.append((ids, exits, f, timeout))
 
     logged = []
-    threads = [threading.Thread(target=blocking, args=(seed * 10 + t,)) for t in range(3)]
-    threads.append(threading.Thread(target=via_asyncio, args=(seed * 10 + 7,)))
+    crashed = []  # a submitter that raised (its requests would go unchecked otherwise)
+
+    def guarded(fn, s):
+        try:
+            fn(s)
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            crashed.append(repr(e))
+
+    threads = [threading.Thread(target=guarded, args=(blocking, seed * 10 + t)) for t in range(3)]
+    threads.append(threading.Thread(target=guarded, args=(via_asyncio, seed * 10 + 7)))
     drain = rng.random() < 0.7
     early = rng.random() < 0.4  # shut down while requests still arrive
     for t in threads:
@@ -172,6 +186,7 @@ def chaos_run(seed):
     if sched.pending() or sched.queue_depths() != [0] * K:
         wrong.append(("pending after close", sched.pending(), sched.queue_depths()))
     wrong += [("logged by asyncio", c.get("message")) for c in logged]
+    wrong += [("a submitter crashed", e) for e in crashed]
     return kw, counts, wrong
 
 
