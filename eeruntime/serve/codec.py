@@ -34,6 +34,12 @@ class InputError(ValueError):
         self.status = status
 
 
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    return "float" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
+
+
 def parse_json(body: bytes):
     """``body`` as JSON, or an :class:`InputError` (400) saying why not. Nesting deeper than the
     parser's recursion limit is refused as such (a client's error, not the server's)."""
@@ -49,7 +55,7 @@ class InputSpec:
     """What one row of a request must look like: per member, its shape after the batch dim. Given
     at start (``--input-shape``) or learned from the first request the model answered, as is each
     member's dtype (``dtypes``; a float member's is ``dtype``, the model's: float inputs are cast
-    to it as they are decoded)."""
+    to it as they are decoded). Until a request is answered, nothing of the dtypes is assumed."""
 
     def __init__(self, shapes: Optional[Sequence[Tuple[int, ...]]] = None, dtype: torch.dtype = torch.float32):
         self.shapes = None if shapes is None else [tuple(int(d) for d in s) for s in shapes]
@@ -64,19 +70,21 @@ class InputSpec:
             self.dtypes = [t.dtype for t in parts]
 
     def _conform(self, parts: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
-        """``parts`` in the dtypes the model has taken (``dtypes``): integers (or booleans) for a
-        float member are cast to it, as JSON's numbers are; integers of another width to the
-        integer dtype learned. Floats where integers (token ids) were taken are refused: rounding
-        them would answer a question nobody asked."""
+        """``parts`` in the dtypes the model has taken (``dtypes``). Another width of the same kind
+        (an int32 where int64 was taken) is cast; another kind (integers or booleans where floats
+        were taken, floats where token ids were) is refused, saying what the model takes: casting
+        would be a guess at what the client meant (a model may read uint8 pixels as 0-255 and
+        floats as 0-1), and the model itself would answer a 500 where the client erred."""
         assert self.dtypes is not None
         out = []
         for i, (t, want) in enumerate(zip(parts, self.dtypes)):
             if t.dtype != want:
-                if not want.is_floating_point and (t.is_floating_point() or t.is_complex() or want == torch.bool):
+                if _kind(t.dtype) != _kind(want):
                     name = "inputs" if len(parts) == 1 else f"input_{i}"
                     raise InputError(
                         f"{name} has dtype {str(t.dtype).replace('torch.', '')}; this model takes "
-                        f"{str(want).replace('torch.', '')} (the dtype of the requests it has answered)"
+                        f"{str(want).replace('torch.', '')} (the dtype of the requests it has answered"
+                        + ("; JSON numbers are converted to it)" if want.is_floating_point else ")")
                     )
                 t = t.to(want)
             out.append(t)
