@@ -297,7 +297,7 @@ def test_an_async_caller_cancelled_while_waiting_for_room_is_never_admitted():
 
 def test_an_async_caller_takes_a_thread_only_to_wait_for_room():
     """when_full="wait": an asyncio caller is admitted on its event loop while there is room
-    (a thread hop per request would cost each tens of microseconds); only when the scheduler
+    (a thread hop per request cost each about 100 us in bursts); only when the scheduler
     is full does its admission wait for room in another thread, and it is answered then."""
     model, hook = scripted_model(2)
     rt = ee.EERuntime(model, thresholds=0.9, criterion="max_prob")

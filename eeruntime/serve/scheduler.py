@@ -556,7 +556,8 @@ class StageScheduler:
         got = self._submit(x, timeout_s, answer, wait=False)
         if got is None:
             # when_full="wait" and the scheduler is full: wait for room off the event loop (only
-            # then: a thread hop per request would cost every request tens of microseconds)
+            # then: a thread hop per request cost about 100 us each in bursts, docs/serving.md,
+            # "Asyncio callers")
             try:
                 got = await loop.run_in_executor(None, self._submit, x, timeout_s, answer)
             except asyncio.CancelledError:
