@@ -89,9 +89,8 @@ def answer_json(answer: Dict[str, Any]) -> Dict[str, Any]:
     out = {}
     for key, value in answer.items():
         if isinstance(value, torch.Tensor):
-            value = value.tolist()
-            if isinstance(value, list) and answer[key].is_floating_point():
-                value = strict_rows(value)
+            rows = value.tolist()
+            value = strict_rows(rows) if value.is_floating_point() and isinstance(rows, list) else rows
         out[key] = value
     return out
 
