@@ -83,11 +83,32 @@ class LogitsOf(nn.Module):
 
 # ---------------------------------------------------------------------------- HF inputs
 class HFInputs:
-    """Map an HF model's inputs, as users pass them, to the tuple stage 0 takes (``names``)."""
+    """Map an HF model's inputs, as users pass them, to the tuple stage 0 takes (``names``).
+    ``pad_token_id``: the model's, for :meth:`pad`."""
 
-    def __init__(self, names: Sequence[str], forward_order: Sequence[str]):
+    def __init__(self, names: Sequence[str], forward_order: Sequence[str], pad_token_id: int = 0):
         self.names = tuple(names)
         self.forward_order = tuple(forward_order)
+        self.pad_token_id = int(pad_token_id)
+
+    @property
+    def can_pad(self) -> bool:
+        """Can :meth:`pad` lengthen this model's inputs: token ids with an attention mask (text)."""
+        return self.names[:2] == ("input_ids", "attention_mask")
+
+    def pad(self, state: Tuple[torch.Tensor, ...], length: int) -> Tuple[torch.Tensor, ...]:
+        """``state`` (a tuple this adapter made, [B, S] per member) right-padded to ``length``
+        tokens, as a tokenizer pads: the model's pad token, attention mask 0, segment 0. The real
+        tokens' outputs do not change, up to float rounding: every layer masks the padded keys
+        out of attention, the rest of a layer works token by token, and the exit heads and the
+        model's tail pool the real tokens (or the first)."""
+        extra = length - state[0].shape[1]
+        if extra <= 0:
+            return state
+        fills = {"input_ids": self.pad_token_id}  # attention_mask, token_type_ids: 0
+        return tuple(
+            torch.nn.functional.pad(t, (0, extra), value=fills.get(name, 0)) for name, t in zip(self.names, state)
+        )
 
     def __call__(self, x):
         if isinstance(x, torch.Tensor):
@@ -325,7 +346,9 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     tail = _hf_tail(model, base)
     text = primary == "input_ids"
     layout = TokenLayout(mask_index=1 if text else None, padding_mask=False, pool="cls")
-    return EncoderSplit(stages, tail, layout, _qualified(model, layers), HFInputs(names, order))
+    pad_id = getattr(base.config, "pad_token_id", None)
+    inputs = HFInputs(names, order, pad_token_id=pad_id if isinstance(pad_id, int) else 0)
+    return EncoderSplit(stages, tail, layout, _qualified(model, layers), inputs)
 
 
 # ---------------------------------------------------------------------------- timm ViT

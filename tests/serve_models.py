@@ -6,8 +6,10 @@ exit k gives row i confident one-hot logits (class ``id % C``) when ``exit_at ==
 otherwise. Which row leaves where, and which rows share a batch, are thus known exactly.
 """
 
+import contextlib
 import socket
 import threading
+import time
 
 import torch
 from torch import nn
@@ -16,6 +18,25 @@ import eeruntime as ee
 from eeruntime.ops import confidence_ref
 
 C = 7
+
+
+@contextlib.contextmanager
+def parked(sched, wait=30.0):
+    """Hold a StageScheduler's workers (as an inline caller does, see StageScheduler._step), so
+    every request submitted meanwhile is queued before the first batch is gathered."""
+    with sched._cv:
+        sched._inline = True
+        sched._cv.notify_all()
+    end = time.monotonic() + wait
+    while sched._after_inline != sched.workers:
+        assert time.monotonic() < end, "the worker did not park"
+        time.sleep(0.001)
+    try:
+        yield
+    finally:
+        with sched._cv:
+            sched._inline = False
+            sched._cv.notify_all()
 
 
 def free_port():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import mlp_model
-from serve_models import scripted_model, scripted_rows, thresholds_for
+from serve_models import parked, scripted_model, scripted_rows, thresholds_for
 
 import eeruntime as ee
 from eeruntime.ops import confidence_ref
@@ -816,6 +816,48 @@ def test_bad_inputs_are_refused_at_submit_and_mismatched_layouts_never_share_a_b
         assert good.result(WAIT).logits.shape == (3, 3)
     with pytest.raises(ValueError, match="max_batch"):
         StageScheduler(ee.EERuntime(model), max_batch=0)
+
+
+def test_a_batch_gathers_rows_like_the_oldest_past_requests_of_other_layouts_and_snapshots():
+    # Requests of two input layouts (rows of 3 and 5 columns) interleaved, and a threshold swap
+    # between them: a batch takes every queued row sharing the oldest row's layout and snapshot,
+    # in their order, passing over the others (which stay queued, in theirs). It used to stop at
+    # the first unlike request, so interleaved layouts ran in batches of one request each.
+    model, hook = scripted_model(2)
+    rt = ee.EERuntime(model.eval(), thresholds=0.5, criterion="max_prob")
+
+    def req(ident, width):
+        rows = scripted_rows([ident, ident + 1], [0, 0])
+        return torch.cat([rows, torch.zeros(2, width - 3)], 1)
+
+    with StageScheduler(rt, max_batch=8, inline="never", max_defer_ms=0) as sched:
+        with parked(sched):
+            old = [(i, sched.submit_nowait(req(i, 3 if i % 20 == 0 else 5))) for i in (0, 10, 20, 30)]
+            sched.set_thresholds(0.6)
+            new = [(i, sched.submit_nowait(req(i, 3 if i % 20 == 0 else 5))) for i in (40, 50, 60)]
+        for ident, f in old + new:
+            got = f.result(WAIT)
+            assert got.exit_index.tolist() == [0, 0] and got.logits.argmax(1).tolist() == [ident % 7, (ident + 1) % 7]
+    assert [sorted(ids) for k, ids in hook.batches if k == 0] == [
+        [0, 1, 20, 21],  # layout A, first snapshot
+        [10, 11, 30, 31],  # layout B, first snapshot
+        [40, 41, 60, 61],  # layout A, second snapshot
+        [50, 51],
+    ]
+
+
+def test_gathering_past_other_layouts_splits_a_request_at_max_batch_and_keeps_queue_order():
+    model, hook = scripted_model(2)
+    rt = ee.EERuntime(model.eval(), thresholds=0.5, criterion="max_prob")
+    a = [scripted_rows(list(range(i, i + 3)), [0] * 3) for i in (0, 100, 200)]  # 3 rows each
+    b = torch.cat([scripted_rows([50, 51], [0, 0]), torch.zeros(2, 2)], 1)
+    with StageScheduler(rt, max_batch=5, inline="never", max_defer_ms=0) as sched:
+        with parked(sched):
+            futures = [sched.submit_nowait(x) for x in (a[0], b, a[1], a[2])]
+        for f, x in zip(futures, (a[0], b, a[1], a[2])):
+            assert f.result(WAIT).logits.argmax(1).tolist() == [int(v) % 7 for v in x[:, 0]]
+    # a[1] split at max_batch: its rest runs before a[2], and b (older) before either
+    assert [ids for k, ids in hook.batches if k == 0] == [[0, 1, 2, 100, 101], [50, 51], [102, 200, 201, 202]]
 
 
 WORKER = "eeruntime-stage-scheduler"  # the worker thread's default name

@@ -160,13 +160,17 @@ class EERuntime:
         refuse_if_traced()
         return self._infer(x, self._snapshot)[0]
 
-    def _infer(self, x: ModelInput, snap: ThresholdSnapshot, check: bool = True) -> Tuple[InferenceResult, List[int]]:
+    def _infer(
+        self, x: ModelInput, snap: ThresholdSnapshot, check: bool = True, adapt: bool = True
+    ) -> Tuple[InferenceResult, List[int]]:
         """:meth:`infer` with the thresholds snapshot ``snap`` (the stage scheduler runs a batch of
         requests admitted under one snapshot through every stage in one call this way);
-        ``check=False`` skips validating a state the caller has checked (the input adapter, if
-        any, still runs). Returns the result and how many rows left at each exit."""
+        ``check=False`` skips validating a state the caller has checked; ``adapt=False`` skips the
+        input adapter (an attached HF encoder's) for a state it already made: its tuple is in the
+        stage's input order, which the adapter would read as the model's forward order. Returns the
+        result and how many rows left at each exit."""
         adapter = getattr(self.model, "input_adapter", None)
-        if adapter is not None:
+        if adapter is not None and adapt:
             x = adapter(x)
         if isinstance(x, list):
             x = tuple(x)

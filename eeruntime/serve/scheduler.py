@@ -79,6 +79,11 @@ SURVIVAL_DECAY = 0.9
 # "Session 12: on an NVIDIA H100"; and on an H200 with a ViT-S/16, whose small batches leave the GPU
 # underused: max_defer_ms 5 and 20 at 0.91x and 0.86x, "Session 18").
 DEFAULT_MAX_DEFER_MS_CPU = 20.0
+# How many queued chunks a batch's gathering looks through, past chunks of another input layout
+# or thresholds snapshot, for more rows like the oldest chunk's (requests of several shapes, e.g.
+# text of several padded lengths, would otherwise run in small batches whenever they interleave);
+# bounded so a long mixed queue costs each batch a bounded scan.
+GATHER_LOOKAHEAD = 256
 
 
 class SchedulerError(RuntimeError):
@@ -252,6 +257,23 @@ def _slice(state: Optional[State], a: int, b: Optional[int]) -> Optional[State]:
     return state[a:b]
 
 
+def _pad_lengths(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ...]:
+    """``pad_to`` checked, as increasing lengths (() for None)."""
+    if pad_to is None:
+        return ()
+    if isinstance(pad_to, int) or not isinstance(pad_to, (list, tuple)):
+        pad_to = [pad_to]  # type: ignore[list-item]  # (one length; anything else is refused below)
+    if not pad_to or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pad_to):
+        raise ValueError(f"pad_to must be positive sequence lengths (ints), e.g. (32, 64, 128); got {pad_to!r}")
+    if not getattr(adapter, "can_pad", False):
+        raise ValueError(
+            "pad_to pads token ids and their attention mask: it needs a text encoder attached with "
+            "ee.attach_exits (an HF model that takes input_ids and attention_mask); this model "
+            + ("has no input adapter" if adapter is None else f"takes {list(getattr(adapter, 'names', ()))}")
+        )
+    return tuple(sorted(set(pad_to)))
+
+
 def _layout(x: State) -> tuple:
     """What rows must share to be concatenated: per member, the shape after dim 0, dtype, device."""
     if isinstance(x, torch.Tensor):  # (the common case, at every submit: no generator, no tuple())
@@ -329,6 +351,18 @@ class StageScheduler:
             them free) the workers' compute overlaps while their Python bookkeeping takes turns.
             Every worker follows the same policy on the same queues, so the survivors of every
             worker's batches share the deeper batches. See docs/serving.md, "Several workers".
+        pad_to: for a text encoder attached with :func:`~eeruntime.attach_exits` (HF token ids and
+            an attention mask): sequence lengths, e.g. ``(32, 64, 128)``; each request is padded
+            at submit to the shortest that holds it, as a tokenizer pads, so requests of different
+            lengths share batches (rows batch only with rows of the same shape). A request longer
+            than the longest keeps its length. None (default): no padding. Answers equal
+            ``rt.infer`` of the unpadded request within float rounding (the padded tokens are
+            masked out). See docs/serving.md, "Text models".
+
+    A model with an input adapter (an attached HF encoder) takes at submit whatever ``rt.infer``
+    takes (a dict or a tokenizer's ``BatchEncoding``, a tuple in the forward's order, the token
+    ids alone): it is mapped to the stages' input there, so requests given in different forms
+    share batches, and a request the adapter refuses is refused at submit.
     """
 
     def __init__(
@@ -347,6 +381,7 @@ class StageScheduler:
         fused: bool = True,
         max_defer_ms: Optional[float] = None,
         workers: int = 1,
+        pad_to: Optional[Sequence[int]] = None,
     ):
         if not hasattr(rt, "run_stage"):
             raise TypeError(f"StageScheduler needs an EERuntime (with run_stage), got {type(rt).__name__}")
@@ -386,7 +421,9 @@ class StageScheduler:
         self.fused = bool(fused)
         self.policy = policy
         self.num_stages = rt.num_exits
-        self._adapter = getattr(rt.model, "input_adapter", None) is not None
+        # an attached HF encoder's: requests are mapped (and padded) at submit, in _check_input
+        self._input_adapter = getattr(rt.model, "input_adapter", None)
+        self.pad_to = _pad_lengths(pad_to, self._input_adapter)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         # _submit's shortcut: a lone tensor on this device needs no other check
@@ -397,7 +434,8 @@ class StageScheduler:
             max_defer_ms = DEFAULT_MAX_DEFER_MS_CPU if on_cpu and policy == "deepest" else 0.0
         self.max_defer_s = max_defer_ms / 1000.0
         exact = isinstance(dev, torch.device) and (dev.type == "cpu" or dev.index is not None)
-        self._fast_device = dev if exact else None
+        # (not with an input adapter: every request of such a model is mapped in _check_input)
+        self._fast_device = dev if exact and self._input_adapter is None else None
         self._max_rows = min(max_queue_rows, ROW_MASK)
         self.max_queue_rows = max_queue_rows
         self.when_full = when_full
@@ -600,6 +638,13 @@ class StageScheduler:
         """``x`` checked (a list becomes a tuple), its rows, and its layout (see :func:`_layout`).
         The common request (one tensor on the model's device) takes :meth:`_submit`'s shortcut
         instead; ``infer`` on an idle scheduler comes here, once per request at light load."""
+        if self._input_adapter is not None:
+            # in the submitting thread: a request the adapter refuses fails its caller here (a
+            # bad request, not a stage failure), and requests given as a dict, a tuple or the
+            # ids alone become one form, so they share batches
+            x = self._input_adapter(x)
+            if self.pad_to and isinstance(x, tuple):
+                x = self._pad(x)
         if isinstance(x, list):
             x = tuple(x)
         n = check_state(x, "StageScheduler input")
@@ -612,6 +657,19 @@ class StageScheduler:
             )
         self.rt._check_device(x)
         return x, n, _layout(x)
+
+    def _pad(self, x: Tuple[torch.Tensor, ...]) -> State:
+        """``x`` (the adapter's tuple) padded to the shortest of ``pad_to`` that holds it."""
+        assert self._input_adapter is not None
+        if (
+            not isinstance(x[0], torch.Tensor) or x[0].dim() != 2
+        ):  # (not [B, S] token ids: check_state and the model judge it)
+            return x
+        length = x[0].shape[1]
+        for target in self.pad_to:
+            if target >= length:
+                return cast(State, self._input_adapter.pad(x, target))
+        return x  # longer than every length: its own (it batches with requests of its length)
 
     def _register(self, req: _Request) -> None:
         """Count ``req`` as admitted and pending (under ``_cv``)."""
@@ -642,8 +700,9 @@ class StageScheduler:
             self._inline = True  # the worker stays asleep until we are done
             self.stats.inline += 1
         try:
-            # rt.infer reads the thresholds once, at its start: that is this request's admission
-            res = self.rt.infer(x)
+            # rt.infer's pass on the snapshot read at this admission (x was checked, and mapped
+            # by the input adapter if any, in _check_input)
+            res = self.rt._infer(x, req.snap, check=False, adapt=False)[0]
         except Exception as e:  # noqa: BLE001  (fails this request only, like a stage failure)
             self.stats.stage_failures += 1
             err = StageFailed(f"the model failed on a request of {n} rows run inline: {type(e).__name__}: {e}")
@@ -1147,13 +1206,15 @@ class StageScheduler:
             q.extend(kept)
 
     def _gather(self, k: int) -> List[_Chunk]:
+        """Up to ``max_batch`` rows from the head of stage ``k``'s queue that share the oldest
+        chunk's thresholds snapshot and input layout (a batch must), oldest first."""
         q = self._queues[k]
         head = q[0]
         taken, rows = [], 0
         while q and rows < self.max_batch:
             c = q[0]
             if c.snap is not head.snap or c.layout != head.layout:
-                break  # a batch shares one thresholds snapshot and one input layout
+                return self._gather_past(q, head, taken, rows)
             if rows + c.n > self.max_batch:
                 if type(c) is _Request:  # (its rows split across batches: queued as a chunk from now on)
                     c = q[0] = c.as_chunk()
@@ -1162,6 +1223,25 @@ class StageScheduler:
                 q.popleft()
             taken.append(c)
             rows += c.n
+        return taken
+
+    def _gather_past(self, q: Deque[_Chunk], head: _Chunk, taken: List[_Chunk], rows: int) -> List[_Chunk]:
+        """:meth:`_gather` on from the first chunk unlike ``head``: it and the others unlike it stay
+        queued in their order, and chunks like it behind them join the batch (GATHER_LOOKAHEAD)."""
+        skipped: List[_Chunk] = []
+        while q and rows < self.max_batch and len(skipped) + len(taken) < GATHER_LOOKAHEAD:
+            c = q.popleft()
+            if c.snap is not head.snap or c.layout != head.layout:
+                skipped.append(c)
+                continue
+            if rows + c.n > self.max_batch:
+                if type(c) is _Request:
+                    c = c.as_chunk()
+                q.appendleft(c)  # its rest stays, behind the skipped chunks (restored below)
+                c = c.split(self.max_batch - rows)
+            taken.append(c)
+            rows += c.n
+        q.extendleft(reversed(skipped))
         return taken
 
     def _run_batch(self, k: int, chunks: List[_Chunk], fuse: bool) -> None:
@@ -1185,15 +1265,15 @@ class StageScheduler:
         n = int(ids.shape[0])
         try:
             # the carry is run_stage's own tuple of tensors (or None / () before any exit)
-            # past stage 0 the rows are what earlier steps returned, at stage 0 inputs checked at
-            # submit: no need to validate them again (unless an input adapter must run first)
+            # past stage 0 the rows are what earlier steps returned, at stage 0 inputs checked
+            # (and mapped by the input adapter, if any) at submit: no need to validate them again
             res = self.rt.run_stage(
                 k,
                 state,
                 ids,
                 cast(Optional[Sequence[torch.Tensor]], carry),
                 thresholds=chunks[0].snap,
-                check=k == 0 and self._adapter,
+                check=False,
             )
         except Exception as e:  # noqa: BLE001  (fail only the requests in this batch)
             self.stats.stage_failures += 1
@@ -1255,8 +1335,8 @@ class StageScheduler:
         """Run a stage-0 batch through every stage in one pass and answer all its rows; False
         when a stage raised (the caller then runs the batch step by step: failure isolation)."""
         try:
-            # the inputs were checked at submit (an input adapter, if any, runs in there)
-            res, counts = self.rt._infer(state, chunks[0].snap, check=self._adapter)
+            # the inputs were checked, and mapped by the input adapter if any, at submit
+            res, counts = self.rt._infer(state, chunks[0].snap, check=False, adapt=False)
         except Exception:  # noqa: BLE001  (re-run step by step, which fails only who reached it)
             self.stats.fused_fallbacks += 1
             return False

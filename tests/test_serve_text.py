@@ -1,0 +1,187 @@
+"""The stage scheduler serving a text encoder attached with ``ee.attach_exits`` (HF BERT / RoBERTa
+from small configs, random weights): requests in every form ``rt.infer`` takes (a dict, a tuple in
+the forward's order, the ids alone) answered as ``rt.infer`` answers each of them, sharing batches;
+a request the input adapter refuses refused at submit; ``pad_to`` batching requests of different
+lengths, answered as ``rt.infer`` on each request unpadded (checked against the per-sample loop's
+margins, so an exit may differ only within float noise of its threshold)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from reference import per_sample_loop
+from serve_models import parked
+
+import eeruntime as ee
+from eeruntime.serve import StageScheduler
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is an optional dependency (make test installs it)"
+)
+
+V = 60
+WAIT = 30.0
+NEAR = 1e-4  # a row whose deciding score is this close to its threshold may exit either way
+
+
+def text_runtime(kind: str = "bert", trim: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        num_labels=3,
+    )
+    if kind == "bert":
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(**common)).eval()
+        at = ["bert.encoder.layer.0", "bert.encoder.layer.2"]
+    else:  # RoBERTa: pad token 1, positions counted from the ids
+        model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**common)).eval()
+        at = ["roberta.encoder.layer.0", "roberta.encoder.layer.2"]
+    text = ee.attach_exits(model, at=at, trim=trim)
+    # thresholds under which about a third of the rows leave at each early exit
+    ids, mask = requests_of([12], seed=seed + 100, rows=64)[0]
+    with torch.no_grad():
+        outs = text((ids, mask))
+    p0, p1 = (o.softmax(-1).amax(-1) for o in outs[:2])
+    t0 = float(p0.quantile(2 / 3))
+    t1 = float(p1[p0 < t0].quantile(1 / 2))
+    return ee.EERuntime(text, thresholds=[t0, t1], criterion="max_prob")
+
+
+def requests_of(lengths, seed=1, rows=1):
+    """One request per length: (ids [rows, L], mask of ones [rows, L]), ids never the pad ids."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(2, V, (rows, n), generator=g), torch.ones(rows, n, dtype=torch.int64)) for n in lengths]
+
+
+def assert_as_infer(rt, request, got, padded_loop_input=None):
+    """``got`` (an InferenceResult) is ``rt.infer(request)``'s answer: logits within float
+    rounding, and each exit the same unless the per-sample loop puts the row within NEAR of a
+    threshold."""
+    ref = rt.infer(request)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    ids, mask = request if isinstance(request, tuple) else (request["input_ids"], request["attention_mask"])
+    _, loop_exit, margins = per_sample_loop(rt.model, (ids, mask, torch.zeros_like(ids)), rt.thresholds, "max_prob")
+    assert torch.equal(loop_exit, ref.exit_index)
+    differs = got.exit_index != ref.exit_index
+    assert bool((margins[differs] < NEAR).all()), (got.exit_index, ref.exit_index, margins)
+
+
+def test_requests_in_every_form_rt_infer_takes_are_answered_alike_and_share_batches():
+    rt = text_runtime()
+    ((ids, mask),) = requests_of([9], rows=8)
+    mask[5:, 6:] = 0  # rows 5-7 padded after 6 tokens
+    forms = [
+        {"input_ids": ids[0:2], "attention_mask": mask[0:2]},
+        transformers.BatchEncoding({"input_ids": ids[2:3], "attention_mask": mask[2:3]}),
+        (ids[3:4], mask[3:4]),  # the forward's order
+        ids[4:5],  # the ids alone: every token real
+        {"input_ids": ids[5:8], "attention_mask": mask[5:8], "token_type_ids": torch.zeros_like(ids[5:8])},
+    ]
+    with StageScheduler(rt, max_batch=16, inline="never", max_defer_ms=0) as sched:
+        with parked(sched):
+            futures = [sched.submit_nowait(x) for x in forms]
+        answers = [f.result(WAIT) for f in futures]
+        stats = sched.stats_dict()
+    for x, got in zip(forms, answers):
+        request = (x["input_ids"], x["attention_mask"]) if isinstance(x, dict) or hasattr(x, "keys") else x
+        if isinstance(request, torch.Tensor):
+            request = (request, torch.ones_like(request))
+        assert_as_infer(rt, request, got)
+    # mapped to one form at submit, the five requests ran as one stage-0 batch
+    assert stats["batches"][0] == 1, stats
+
+
+def test_requests_as_dicts_from_an_event_loop():
+    rt = text_runtime()
+    reqs = requests_of([7, 7, 7, 7])
+
+    async def main(sched):
+        return await asyncio.gather(*(sched.submit({"input_ids": i, "attention_mask": m}) for i, m in reqs))
+
+    with StageScheduler(rt, max_batch=8) as sched:
+        answers = asyncio.run(main(sched))
+    for r, got in zip(reqs, answers):
+        assert_as_infer(rt, r, got)
+
+
+def test_a_request_the_input_adapter_refuses_fails_at_submit_not_in_a_batch():
+    rt = text_runtime()
+    ((ids, mask),) = requests_of([6])
+    with StageScheduler(rt, max_batch=8, inline="never") as sched:
+        # a 4th member is position_ids in BERT's forward order, which the stages do not take:
+        # refused at submit, naming the input (it used to be admitted and fail at stage 0 as
+        # StageFailed, the model's fault, a 500 over HTTP)
+        with pytest.raises(ValueError, match="position_ids"):
+            sched.submit_nowait((ids, mask, torch.zeros_like(ids), torch.arange(6)[None]))
+        with pytest.raises(ValueError, match="'labels'"):
+            sched.infer({"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(1)})
+        with pytest.raises(TypeError, match="dict"):
+            sched.submit_nowait("a sentence")
+        assert sched.stats_dict()["stage_failures"] == 0
+        assert_as_infer(rt, (ids, mask), sched.submit_nowait((ids, mask)).result(WAIT))  # serving on
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("trim", [False, True])
+def test_pad_to_batches_requests_of_different_lengths_answered_as_each_alone(kind, trim):
+    rt = text_runtime(kind, trim=trim, seed=3)
+    lengths = [3, 8, 5, 12, 16, 7, 1, 10, 16, 4, 9, 14]
+    reqs = requests_of(lengths, seed=4)
+    with StageScheduler(rt, max_batch=32, inline="never", max_defer_ms=0, pad_to=(8, 16)) as sched:
+        with parked(sched):
+            futures = [sched.submit_nowait(r) for r in reqs]
+        answers = [f.result(WAIT) for f in futures]
+        stats = sched.stats_dict()
+    for r, got in zip(reqs, answers):
+        assert got.logits.shape == (1, 3)
+        assert_as_infer(rt, r, got)
+    # two lengths (8 and 16): two stage-0 batches where twelve lengths made nine before
+    assert stats["batches"][0] == 2, stats
+    # the padded rows exit as often as unpadded: some leave early, so padding did not
+    # hide a difference behind all-final answers
+    assert 0 < sum(int(a.exit_index[0] < 2) for a in answers) < len(answers)
+
+
+def test_pad_to_keeps_a_request_longer_than_every_length_and_never_changes_the_callers_tensors():
+    rt = text_runtime()
+    reqs = requests_of([20, 5], seed=7)
+    before = [(i.clone(), m.clone()) for i, m in reqs]
+    with StageScheduler(rt, max_batch=8, pad_to=[8]) as sched:
+        answers = [sched.infer(r) for r in reqs]
+    for r, b, got in zip(reqs, before, answers):
+        assert torch.equal(r[0], b[0]) and torch.equal(r[1], b[1])
+        assert_as_infer(rt, r, got)
+
+
+def test_hf_inputs_pad_fills_as_a_tokenizer_does():
+    rt = text_runtime("roberta")
+    adapter = rt.model.input_adapter
+    assert adapter.pad_token_id == 1  # RoBERTa's
+    ids = torch.tensor([[5, 6, 7]])
+    state = adapter({"input_ids": ids, "attention_mask": torch.tensor([[True, True, False]])})
+    padded = adapter.pad(state, 5)
+    assert padded[0].tolist() == [[5, 6, 7, 1, 1]]
+    assert padded[1].tolist() == [[True, True, False, False, False]] and padded[1].dtype == torch.bool
+    assert padded[2].tolist() == [[0] * 5]
+    assert adapter.pad(state, 3) is state
+
+
+@pytest.mark.parametrize("bad", [0, -4, [], [8, 0], ["16"], 2.5, [True]])
+def test_pad_to_refuses_what_is_not_lengths(bad):
+    rt = text_runtime()
+    with pytest.raises(ValueError, match="pad_to must be positive sequence lengths"):
+        StageScheduler(rt, pad_to=bad)
+
+
+def test_pad_to_is_refused_for_a_model_without_token_masks():
+    from models import mlp_model
+
+    with pytest.raises(ValueError, match="has no input adapter"):
+        StageScheduler(ee.EERuntime(mlp_model(), thresholds=0.5), pad_to=(8,))
