@@ -1210,7 +1210,8 @@ class StageScheduler:
         chunk's thresholds snapshot and input layout (a batch must), oldest first."""
         q = self._queues[k]
         head = q[0]
-        taken, rows = [], 0
+        taken: List[_Chunk] = []
+        rows = 0
         while q and rows < self.max_batch:
             c = q[0]
             if c.snap is not head.snap or c.layout != head.layout:
