@@ -86,10 +86,20 @@ class HFInputs:
     """Map an HF model's inputs, as users pass them, to the tuple stage 0 takes (``names``).
     ``pad_token_id``: the model's, for :meth:`pad`."""
 
-    def __init__(self, names: Sequence[str], forward_order: Sequence[str], pad_token_id: int = 0):
+    def __init__(
+        self,
+        names: Sequence[str],
+        forward_order: Sequence[str],
+        pad_token_id: int = 0,
+        vocab_size: Optional[int] = None,
+        max_length: Optional[int] = None,
+    ):
         self.names = tuple(names)
         self.forward_order = tuple(forward_order)
         self.pad_token_id = int(pad_token_id)
+        # the model's config's, when it has them: token ids are checked against them (text only)
+        self.vocab_size = vocab_size
+        self.max_length = max_length  # max_position_embeddings: no longer sequence fits
 
     @property
     def can_pad(self) -> bool:
@@ -140,7 +150,34 @@ class HFInputs:
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"input {n!r} must be a tensor, got {type(v).__name__}")
             out.append(v)
+        if self.names[0] == "input_ids":
+            self._check_tokens(out)
         return out[0] if len(out) == 1 else tuple(out)
+
+    def _check_tokens(self, members: List[torch.Tensor]) -> None:
+        """Text inputs the model could only fail on, refused with what was wrong (the model's
+        own errors name none of it: an embedding's "index out of range in self", a size mismatch
+        in the position embeddings). The ids' values are checked on the CPU only (elsewhere it
+        would wait for the device)."""
+        ids = members[0]
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got {str(ids.dtype).replace('torch.', '')}")
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {list(ids.shape)}")
+        for name, t in zip(self.names[1:], members[1:]):
+            if t.shape != ids.shape:
+                raise ValueError(f"{name} has shape {list(t.shape)}; it must match input_ids' {list(ids.shape)}")
+        if self.max_length is not None and ids.shape[1] > self.max_length:
+            raise ValueError(
+                f"a sequence of {ids.shape[1]} tokens; this model takes at most {self.max_length} "
+                "(its max_position_embeddings)"
+            )
+        if self.vocab_size is not None and ids.device.type == "cpu" and ids.numel():
+            lo, hi = (int(v) for v in ids.aminmax())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, {self.vocab_size}) (the model's vocab_size); got ids from {lo} to {hi}"
+                )
 
 
 # ---------------------------------------------------------------------------- HF stages
@@ -346,8 +383,18 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     tail = _hf_tail(model, base)
     text = primary == "input_ids"
     layout = TokenLayout(mask_index=1 if text else None, padding_mask=False, pool="cls")
-    pad_id = getattr(base.config, "pad_token_id", None)
-    inputs = HFInputs(names, order, pad_token_id=pad_id if isinstance(pad_id, int) else 0)
+
+    def config_int(name: str) -> Optional[int]:
+        v = getattr(base.config, name, None)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    inputs = HFInputs(
+        names,
+        order,
+        pad_token_id=config_int("pad_token_id") or 0,
+        vocab_size=config_int("vocab_size"),
+        max_length=config_int("max_position_embeddings"),
+    )
     return EncoderSplit(stages, tail, layout, _qualified(model, layers), inputs)
 
 

@@ -142,7 +142,7 @@ def test_pad_to_batches_requests_of_different_lengths_answered_as_each_alone(kin
     for r, got in zip(reqs, answers):
         assert got.logits.shape == (1, 3)
         assert_as_infer(rt, r, got)
-    # two lengths (8 and 16): two stage-0 batches where twelve lengths made nine before
+    # two lengths (8 and 16): two stage-0 batches (without pad_to: eleven, one per length)
     assert stats["batches"][0] == 2, stats
     # the padded rows exit as often as unpadded: some leave early, so padding did not
     # hide a difference behind all-final answers
@@ -185,3 +185,78 @@ def test_pad_to_is_refused_for_a_model_without_token_masks():
 
     with pytest.raises(ValueError, match="has no input adapter"):
         StageScheduler(ee.EERuntime(mlp_model(), thresholds=0.5), pad_to=(8,))
+
+
+def test_over_http_a_text_request_the_adapter_refuses_is_a_422_and_good_ones_equal_rt_infer():
+    pytest.importorskip("httpx", reason="the [serve] extra (make test installs it)")
+    pytest.importorskip("uvicorn", reason="the [serve] extra (make test installs it)")
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+    from test_serve_http import Served, no_traceback
+
+    from eeruntime.serve.server import create_app
+
+    rt = text_runtime()
+    ((ids, mask),) = requests_of([10], rows=3)
+    st = {"content-type": "application/vnd.safetensors", "accept": "application/vnd.safetensors"}
+    with StageScheduler(rt, max_batch=8) as sched:
+        s = Served(create_app(sched))
+        try:
+            r = s.client.post("/v1/infer", json={"inputs": ids.tolist()})  # the ids alone, as JSON
+            assert r.status_code == 200, r.text
+            assert_as_infer(rt, (ids, torch.ones_like(ids)), _result(r.json()))
+            body = st_save({"input_0": ids, "input_1": mask})
+            r = s.client.post("/v1/infer", content=body, headers=st)
+            assert r.status_code == 200, r.text
+            assert_as_infer(rt, (ids, mask), _result(st_load(r.content)))
+            # a 4th input is position_ids in BERT's forward: not taken by the stages. Said as a
+            # 422 (it was a 500 "the model failed", with the adapter's error in the log)
+            four = st_save({f"input_{i}": t for i, t in enumerate((ids, mask, mask * 0, mask.clone()))})
+            r = s.client.post("/v1/infer", content=four, headers=st)
+            assert r.status_code == 422 and "position_ids" in r.json()["error"], r.text
+            no_traceback(r)
+            # texts of another length: no row shape is learned for token ids
+            short = ids[:2, :4]
+            r = s.client.post("/v1/infer", json={"inputs": short.tolist()})
+            assert r.status_code == 200, r.text
+            assert_as_infer(rt, (short, torch.ones_like(short)), _result(r.json()))
+            # what the model could only fail on (a 500, "the model failed", before): said as a 422
+            for inputs, what in [
+                ([[1.5, 2.0, 3.0]], "integer token ids"),  # floats are not rounded into ids
+                ([[1, 2, V]], f"token ids must be in [0, {V})"),
+                ([[-1, 2]], "token ids must be in"),
+                ([[1] * 41], "at most 40"),  # max_position_embeddings
+                ([[[1, 2]]], "must be [batch, tokens]"),
+            ]:
+                r = s.client.post("/v1/infer", json={"inputs": inputs})
+                assert r.status_code == 422 and what in r.json()["error"], (inputs, r.text)
+                no_traceback(r)
+            odd = st_save({"input_0": ids, "input_1": mask[:, :5].contiguous()})
+            r = s.client.post("/v1/infer", content=odd, headers=st)
+            assert r.status_code == 422 and "must match input_ids" in r.json()["error"], r.text
+            assert sched.stats_dict()["stage_failures"] == 0
+        finally:
+            s.stop()
+
+
+def _result(d):
+    """An answer (JSON fields or safetensors tensors) as an InferenceResult."""
+    t = {k: torch.as_tensor(v) for k, v in d.items()}
+    return ee.InferenceResult(t["logits"], t["exit_index"], t["confidence"])
+
+
+def test_rt_infer_refuses_token_ids_the_model_could_only_fail_on_saying_what_was_wrong():
+    rt = text_runtime()
+    ok = torch.randint(0, V, (2, 6))
+    for x, err, what in [
+        (ok.float(), TypeError, "integer token ids"),  # an embedding's "Expected ... Long, Int"
+        (torch.full((2, 6), V), ValueError, f"in \\[0, {V}\\)"),  # "index out of range in self"
+        (torch.randint(0, V, (2, 41)), ValueError, "at most 40"),  # a size mismatch in the positions
+        ((ok, torch.ones(2, 5, dtype=torch.int64)), ValueError, "must match input_ids"),
+        (ok[0], ValueError, r"\[batch, tokens\]"),
+    ]:
+        with pytest.raises(err, match=what):
+            rt.infer(x)
+    assert rt.infer(ok).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="longer than this model takes"):
+        StageScheduler(rt, pad_to=(16, 64))

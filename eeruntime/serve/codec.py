@@ -121,6 +121,50 @@ class InputSpec:
         return x
 
 
+class TokenInputSpec(InputSpec):
+    """The requests of a text encoder attached with ``ee.attach_exits`` (its input adapter takes
+    token ids, ``input_ids`` first): texts come in every length, so no row shape is learned
+    (the adapter checks the form at submit, and the scheduler's ``pad_to`` lets lengths share
+    batches); JSON numbers are token ids (int64), not the model's float dtype; ids sent as
+    floats are refused rather than rounded."""
+
+    def __init__(self, names: Sequence[str] = ("input_ids",)):
+        super().__init__(None)
+        self.names = tuple(names)
+
+    def learn(self, x) -> None:
+        pass
+
+    def check(self, x, max_rows: int):
+        x = super().check(x, max_rows)
+        ids = x[0] if isinstance(x, tuple) else x
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            first = "inputs" if not isinstance(x, tuple) else "input_0"
+            raise InputError(
+                f"{first} holds {str(ids.dtype).replace('torch.', '')}; this model takes integer token ids "
+                f"(its inputs, in order: {', '.join(self.names)})"
+            )
+        return x
+
+
+def input_spec_for(model) -> InputSpec:
+    """What the server checks requests against by default: token ids for a text encoder
+    attached with ``ee.attach_exits``, else learned shapes and dtypes (floats in the model's)."""
+    adapter = getattr(model, "input_adapter", None)
+    names = tuple(getattr(adapter, "names", ()))
+    if names[:1] == ("input_ids",):
+        return TokenInputSpec(names)
+    return InputSpec(dtype=model_float_dtype(model))
+
+
+def model_float_dtype(model) -> torch.dtype:
+    """The model's floating-point dtype (its first float parameter's; float32 without one)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def _ragged_message(e: Exception) -> str:
     return f"inputs must be a rectangular nested list of numbers (batch first): {e}"
 
@@ -138,7 +182,9 @@ def decode_json(doc, spec: InputSpec, max_rows: int):
         raise InputError("this model takes several input tensors; send them as safetensors (input_0, input_1, ...)")
     # numbers become the model's float dtype; for a model that has taken integers (token ids),
     # what was sent (ints stay ints, a float among them is refused by the check)
-    ids = spec.dtypes is not None and len(spec.dtypes) == 1 and not spec.dtypes[0].is_floating_point
+    ids = isinstance(spec, TokenInputSpec) or (
+        spec.dtypes is not None and len(spec.dtypes) == 1 and not spec.dtypes[0].is_floating_point
+    )
     try:
         x = torch.tensor(data, dtype=None if ids else spec.dtype)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:

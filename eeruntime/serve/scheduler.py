@@ -271,6 +271,11 @@ def _pad_lengths(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ..
             "ee.attach_exits (an HF model that takes input_ids and attention_mask); this model "
             + ("has no input adapter" if adapter is None else f"takes {list(getattr(adapter, 'names', ()))}")
         )
+    longest = getattr(adapter, "max_length", None)
+    if longest is not None and max(pad_to) > longest:
+        raise ValueError(
+            f"pad_to {max(pad_to)} is longer than this model takes ({longest}, its max_position_embeddings)"
+        )
     return tuple(sorted(set(pad_to)))
 
 

@@ -32,6 +32,8 @@ from .codec import (
     decode_body,
     encode_json,
     encode_safetensors,
+    input_spec_for,
+    model_float_dtype,
     parse_json,
     refusal,
 )
@@ -52,8 +54,9 @@ def create_app(
     close_on_shutdown: bool = True,
 ):
     """A FastAPI app serving ``sched``. ``input_spec`` fixes each row's shape (else the first
-    answered request's shape is enforced from then on); ``close_on_shutdown`` drains the
-    scheduler when the app stops."""
+    answered request's shape is enforced from then on; for a text encoder attached with
+    ``ee.attach_exits``, token ids of any length: ``codec.TokenInputSpec``); ``close_on_shutdown``
+    drains the scheduler when the app stops."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -61,7 +64,7 @@ def create_app(
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    spec = input_spec or InputSpec(dtype=_model_dtype(sched.rt.model))
+    spec = input_spec or input_spec_for(sched.rt.model)
     # Requests arrive on the host; a model on a GPU gets them there and answers come back to the
     # host to be encoded (one copy each way per request).
     device = model_device(sched.rt.model)
@@ -126,6 +129,10 @@ def create_app(
         except (SchedulerFull, SchedulerClosed, TimeoutError, StageFailed) as e:
             status, message = refusal(e) or (500, "internal error")
             return error(status, message, headers={"Retry-After": "1"} if isinstance(e, SchedulerFull) else None)
+        except (ValueError, TypeError) as e:
+            # submit's own checks refused the input (e.g. a text model's input adapter: an input
+            # its stages do not take): the client's error, said as submit says it
+            return error(422, str(e))
         spec.learn(host_x)
         if result.logits.device.type != "cpu":
             result = type(result)(result.logits.cpu(), result.exit_index.cpu(), result.confidence.cpu())
@@ -189,10 +196,4 @@ def create_app(
     return app
 
 
-def _model_dtype(model):
-    import torch
-
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+_model_dtype = model_float_dtype  # (its name where the adapters import it)
