@@ -354,3 +354,35 @@ def test_handler_async_mode_batches_rows_of_concurrent_requests(tmp_path):
         torch.testing.assert_close(torch.tensor(out[0]["logits"]), want.logits)
     # rows of different requests shared a stage's batch (ids 10r+i belong to request r)
     assert any(len({i // 10 for i in ids}) > 1 for _, ids in hook.batches)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_handler_answers_every_json_document_torchserve_parsed_with_its_own_status(tmp_path, asynchronous):
+    """TorchServe's worker parses an application/json body itself (ts/protocol/otf_message_handler.py)
+    into any JSON value, not only an object: a number, a string, a bool or null reach the handler
+    as such. Each is refused with its own 422, the batch's good request still answered (a float
+    once raised out of handle, failing the whole batch; an int n became bytes(n), an allocation of
+    n bytes; a string holding JSON was parsed a second time)."""
+    import asyncio
+
+    from serve_models import scripted_rows
+
+    handler, ctx, _ = scripted_handler(tmp_path, asynchronous, [])
+    good = scripted_rows([0, 1, 2], [0, 2, 1])
+    jsonh, text = {"content-type": "application/json"}, {"content-type": "text/plain"}
+    bodies = [5.5, 10**15, "hello", json.dumps({"inputs": good.tolist()}), True, None, {"inputs": good.tolist()}]
+    data = [{"body": b} for b in bodies] + [{"body": "hello"}]
+    call = ctx.for_batch([jsonh] * len(bodies) + [text])
+    try:
+        out = handler.handle(data, call)
+        if asynchronous:
+            out = asyncio.run(asyncio.wait_for(out, 60))
+    finally:
+        if asynchronous:
+            handler.sched.close()
+    assert [call.status[i][0] for i in range(len(data))] == [422] * 6 + [200, 415]
+    assert all('"inputs" field' in o["error"] for o in out[:6]), out[:6]
+    want = handler.rt.infer(good)
+    assert out[6]["exit_index"] == want.exit_index.tolist()
+    torch.testing.assert_close(torch.tensor(out[6]["logits"]), want.logits)
+    assert "Content-Type" in out[7]["error"] and all("Traceback" not in str(o) for o in out)

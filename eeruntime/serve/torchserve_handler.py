@@ -164,19 +164,29 @@ class EarlyExitHandler:
             except InputError as e:
                 out.append(_error(e.status, str(e)))
                 continue
+            except Exception:  # a bug here fails this request alone, not its batch (module docstring)
+                log.exception("unexpected error decoding a request")
+                out.append(_error(500, "internal error"))
+                continue
             out.append(x if self.device.type == "cpu" else from_tuple([t.to(self.device) for t in as_tuple(x)], x))
         return out
 
     def _decode(self, req: Any, content_type: str) -> Any:
-        value = req.get("body", req.get("data")) if isinstance(req, dict) else None
-        if value is None:
+        key = next((k for k in ("body", "data") if isinstance(req, dict) and k in req), None)
+        if key is None:
             raise InputError(
                 'send the inputs as the request body: JSON {"inputs": [...]} or safetensors bytes', status=400
             )
-        if isinstance(value, (dict, list)):  # TorchServe already parsed an application/json body
-            return decode_json(value, self.spec, self.max_rows)
-        body = value.encode() if isinstance(value, str) else bytes(value)
-        return decode_body(body, content_type, self.spec, self.max_rows)
+        value = req[key]
+        if isinstance(value, (bytes, bytearray)):
+            return decode_body(bytes(value), content_type, self.spec, self.max_rows)
+        if isinstance(value, str) and content_type.split(";")[0].strip().lower() != "application/json":
+            # a text/* body TorchServe decoded as UTF-8 (refused by its Content-Type)
+            return decode_body(value.encode(), content_type, self.spec, self.max_rows)
+        # Anything else is the JSON document TorchServe parsed from an application/json body:
+        # an object, or a list, a string, a number, a bool or null, which decode_json refuses
+        # (a 422 saying what the body must be; never bytes(number), which would allocate that many)
+        return decode_json(value, self.spec, self.max_rows)
 
     async def _submit(self, x: Any) -> Any:
         if _refused(x):
