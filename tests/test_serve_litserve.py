@@ -74,6 +74,24 @@ def test_litserve_adapter_serves_a_bundle(tmp_path):
                 )
             bad = c.post("/predict", json={"inputs": [[1.0, 2.0], [3.0]]})
             assert bad.status_code == 422 and "rectangular" in bad.text and "Traceback" not in bad.text
+            # bodies that are not JSON: a 4xx saying so (LitServe's own `await request.json()` gave 500)
+            json_h = {"content-type": "application/json"}
+            for body, headers, status, words in [
+                (b"{nope", json_h, 400, "not valid JSON"),
+                (b"[" * 100_000, json_h, 400, "nested too deeply"),
+                (b"\xff\xfe\x00{", json_h, 400, "not valid JSON"),
+                (b"", json_h, 400, "not valid JSON"),
+                (b"null", json_h, 422, '"inputs" field'),
+                (b"hello", {"content-type": "text/plain"}, 415, "application/json"),
+                (b"a=1", {"content-type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+                (b"\0" * 16, {"content-type": "application/vnd.safetensors"}, 415, "application/json"),
+            ]:
+                r = c.post("/predict", content=body, headers=headers)
+                assert r.status_code == status and words in r.json()["detail"], (body[:20], r.text)
+                assert "Traceback" not in r.text
+            # and the server still answers, the same rows as before
+            r = c.post("/predict", json={"inputs": x[:3].tolist()})
+            assert r.status_code == 200 and r.json()["exit_index"] == want.exit_index[:3].tolist()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -10,19 +10,38 @@ LitServe's own request batching is left off (``max_batch_size=1``): the API runs
 async mode, so every request in flight reaches the stage scheduler at once and is batched there,
 stage by stage, with other requests' rows. The API object holds only the bundle path and the
 factory name until ``setup`` (LitServe may start it in a new process).
+
+The body is read in LitServe's HTTP process by :func:`read_json_body` (``decode_request``'s
+annotation makes it a FastAPI dependency there), so that a body that is not JSON gets a 4xx
+saying so; LitServe's own reading (``await request.json()``) answered it 500.
 """
 
-from __future__ import annotations
-
-from typing import Optional
+# no `from __future__ import annotations`: LitServe copies decode_request's annotation onto its
+# FastAPI route, and FastAPI would resolve a string annotation in LitServe's module, not this one
+from typing import Annotated, Any, Optional
 
 try:
     import litserve as ls
+    from fastapi import Depends, HTTPException, Request  # (litserve's own dependency)
 except ImportError as e:  # pragma: no cover - depends on the [serve] extra
     raise ImportError("the LitServe adapter needs litserve: pip install 'eeruntime[serve]'") from e
 
 from .cli import SERVE_MAX_DEFER_MS
-from .codec import InputError, InputSpec, decode_json, encode_json, refusal
+from .codec import InputError, InputSpec, decode_json, encode_json, parse_json, refusal
+
+
+async def read_json_body(request: Request) -> Any:
+    """The request's body as a JSON document, or an HTTPException saying what was wrong with it:
+    415 for another Content-Type than JSON (an empty one is read as JSON), 400 for bytes that are
+    not JSON (not UTF-8, malformed, nested too deeply). Runs in LitServe's HTTP process; what it
+    returns is what LitServe sends to the worker (``decode_request``'s ``request``)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", ""):
+        raise HTTPException(415, f"unsupported Content-Type {ctype!r}; this LitServe API takes application/json")
+    try:
+        return parse_json(await request.body())
+    except InputError as e:
+        raise HTTPException(e.status, str(e)) from None
 
 
 class EarlyExitLitAPI(ls.LitAPI):
@@ -80,9 +99,7 @@ class EarlyExitLitAPI(ls.LitAPI):
         freeze_startup_objects()
         set_switch_interval()
 
-    async def decode_request(self, request, **kwargs):
-        from fastapi import HTTPException
-
+    async def decode_request(self, request: Annotated[Any, Depends(read_json_body)], **kwargs):
         try:
             x = decode_json(request, self.spec, self.max_rows)
         except InputError as e:
@@ -90,8 +107,6 @@ class EarlyExitLitAPI(ls.LitAPI):
         return x if self.device_name in (None, "cpu") else x.to(self.device_name)
 
     async def predict(self, x, **kwargs):
-        from fastapi import HTTPException
-
         from .scheduler import SchedulerClosed, SchedulerFull, StageFailed
 
         try:
