@@ -386,3 +386,67 @@ def test_handler_answers_every_json_document_torchserve_parsed_with_its_own_stat
     assert out[6]["exit_index"] == want.exit_index.tolist()
     torch.testing.assert_close(torch.tensor(out[6]["logits"]), want.logits)
     assert "Content-Type" in out[7]["error"] and all("Traceback" not in str(o) for o in out)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--max-batch", "0"], "--max-batch must be an integer >= 1"),
+        (["--max-rows", "0"], "--max-rows must be an integer >= 1"),
+        (["--max-queue-rows", "0"], "--max-queue-rows must be an integer >= 1"),
+        (["--timeout-s", "0"], "--timeout-s must be > 0"),
+        (["--timeout-s", "nan"], "--timeout-s must be > 0"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--batch-mode", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--batch-mode", "--max-batch-delay-ms", "-1"], "--max-batch-delay-ms must be >= 0"),
+        (["--response-timeout-s", "0"], "--response-timeout-s must be >= 1"),
+        (["--input-shape=0,8,8"], "--input-shape takes sizes >= 1"),
+        (["--name", "../escaped"], "--name must be letters"),
+        (["--name", ""], "--name must be letters"),
+        (["--name", "a=b"], "--name must be letters"),
+    ],
+)
+def test_torchserve_archive_refuses_options_no_archive_could_serve_and_writes_nothing(
+    tmp_path, capsys, options, message
+):
+    """Each of these once wrote a model directory (exit 0) that TorchServe could not load (a worker
+    failing at initialize, or none at all), that refused every request (413, 504), or that lay
+    outside the store (--name ../x) or was the store itself (--name '')."""
+    make_runtime(tmp_path)
+    store = tmp_path / "store"
+    args = ["torchserve-archive", str(tmp_path / "bundle"), "--model", FACTORY, "--out", str(store)] + options
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not store.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_torchserve_archive_writes_the_model_dir_whole_or_not_at_all(tmp_path, capsys):
+    """A write that fails part way (here the disk filling up as the config is written) leaves no
+    half-written model directory (before: the bundle's copy and the manifest, which TorchServe then
+    tried to load) and keeps what the store already held; --out naming a file is refused (before:
+    a NotADirectoryError traceback)."""
+    import errno
+
+    make_runtime(tmp_path)
+    store = tmp_path / "store"
+    base = ["torchserve-archive", str(tmp_path / "bundle"), "--model", FACTORY, "--out", str(store)]
+    assert cli_main(base + ["--name", "first"]) == 0
+    before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with mock.patch("eeruntime.serve.torchserve_archive.model_config", full):
+        assert cli_main(base + ["--name", "second"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in store.iterdir()) == ["first"]
+    with mock.patch("eeruntime.serve.torchserve_archive.model_config", full):
+        assert cli_main(base[:-1] + [str(tmp_path / "new_store")]) == 1
+    assert not (tmp_path / "new_store").exists()  # (made for the archive, removed with it)
+
+    (tmp_path / "a_file").write_text("keep")
+    assert cli_main(base[:-1] + [str(tmp_path / "a_file")]) == 1
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err and (tmp_path / "a_file").read_text() == "keep"
