@@ -120,3 +120,46 @@ def test_litserve_adapter_defers_as_eeruntime_serve_does_unless_told(tmp_path, g
         api.sched.close()
         sys.setswitchinterval(switch)
         gc.unfreeze()
+
+
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        ({"max_batch": 0}, "max_batch must be an integer >= 1"),
+        ({"max_rows": 0}, "max_rows must be an integer >= 1"),
+        ({"max_queue_rows": 0}, "max_queue_rows must be an integer >= 1"),
+        ({"timeout_s": 0}, "timeout_s must be > 0"),
+        ({"timeout_s": float("nan")}, "timeout_s must be > 0"),
+        ({"max_wait_ms": -1}, "max_wait_ms must be >= 0"),
+        ({"max_defer_ms": "5"}, "max_defer_ms must be >= 0"),
+        ({"policy": "fastest"}, "policy must be one of deepest, fill, request"),
+        ({"policy": "fill", "max_defer_ms": 5.0}, "max_defer_ms applies to policy deepest"),
+        ({"workers": 0}, "workers must be >= 1"),
+    ],
+)
+def test_litserve_adapter_refuses_bad_options_when_constructed(tmp_path, options, words):
+    """In the caller's process, naming the keyword: before, max_batch, policy and the like failed
+    only in LitServe's worker once the model was loaded, and max_rows=0 or timeout_s=0 not at all
+    (every request then got 413 or 504)."""
+    from eeruntime.serve.litserve_api import EarlyExitLitAPI
+
+    with pytest.raises(ValueError, match=words):
+        EarlyExitLitAPI(tmp_path / "bundle", "eeruntime.zoo:digits_cnn", **options)
+
+
+def test_litserve_adapter_takes_workers_as_docs_serving_says(tmp_path):
+    """docs/serving.md ("Several workers"): workers=N is "a LitServe option like the others"; the
+    adapter refused it (TypeError) and its scheduler always had one worker thread."""
+    from eeruntime.serve.litserve_api import EarlyExitLitAPI
+
+    rt = ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy")
+    rt.save(tmp_path / "bundle", weights=True)
+    api = EarlyExitLitAPI(tmp_path / "bundle", "eeruntime.zoo:digits_cnn", workers=2)
+    switch = sys.getswitchinterval()
+    api.setup("cpu")
+    try:
+        assert api.sched.workers == 2
+    finally:
+        api.sched.close()
+        sys.setswitchinterval(switch)
+        gc.unfreeze()

@@ -18,6 +18,7 @@ saying so; LitServe's own reading (``await request.json()``) answered it 500.
 
 # no `from __future__ import annotations`: LitServe copies decode_request's annotation onto its
 # FastAPI route, and FastAPI would resolve a string annotation in LitServe's module, not this one
+import argparse
 from typing import Annotated, Any, Optional
 
 try:
@@ -26,7 +27,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the [serve] extra
     raise ImportError("the LitServe adapter needs litserve: pip install 'eeruntime[serve]'") from e
 
-from .cli import SERVE_MAX_DEFER_MS
+from .cli import SERVE_MAX_DEFER_MS, scheduler_options_error
 from .codec import InputError, InputSpec, decode_json, encode_json, parse_json, refusal
 
 
@@ -47,7 +48,8 @@ async def read_json_body(request: Request) -> Any:
 class EarlyExitLitAPI(ls.LitAPI):
     """``bundle``: a directory written by ``rt.save(path, weights=True)``; ``model``: the model's
     constructor (``"module:factory"`` or a picklable callable). Scheduler options as in
-    :class:`~eeruntime.serve.StageScheduler`, except ``max_defer_ms``, off by default as in
+    :class:`~eeruntime.serve.StageScheduler` (``workers``: its worker threads), refused here when
+    out of range, except ``max_defer_ms``, off by default as in
     ``eeruntime serve`` (``cli.SERVE_MAX_DEFER_MS``): LitServe's event loop submits requests in
     bursts too, and with the scheduler's CPU default (20 ms) LitServe served 0.97x and 1.01x the
     saturated req/s (digits, ResNet-style; docs/serving.md, "Bundles, the HTTP server and
@@ -65,8 +67,26 @@ class EarlyExitLitAPI(ls.LitAPI):
         max_queue_rows: int = 4096,
         timeout_s: Optional[float] = 30.0,
         max_rows: int = 256,
+        workers: int = 1,
         api_path: str = "/predict",
     ):
+        # refused here, in the caller's process, rather than in LitServe's worker once the model
+        # is loaded (or, for max_rows and timeout_s, not at all: every request refused)
+        bad = scheduler_options_error(
+            argparse.Namespace(
+                max_batch=max_batch,
+                max_wait_ms=max_wait_ms,
+                policy=policy,
+                max_defer_ms=max_defer_ms,
+                max_queue_rows=max_queue_rows,
+                timeout_s=timeout_s,
+                max_rows=max_rows,
+                scheduler_workers=workers,
+            ),
+            flags=False,
+        )
+        if bad:
+            raise ValueError(f"EarlyExitLitAPI: {bad}")
         super().__init__(max_batch_size=1, api_path=api_path, enable_async=True)
         self.bundle, self.model_spec = str(bundle), model
         self.options = dict(
@@ -76,6 +96,7 @@ class EarlyExitLitAPI(ls.LitAPI):
             max_defer_ms=max_defer_ms,
             max_queue_rows=max_queue_rows,
             timeout_s=timeout_s,
+            workers=workers,
         )
         self.max_rows = max_rows
         self.sched = None
