@@ -450,3 +450,18 @@ def test_torchserve_archive_writes_the_model_dir_whole_or_not_at_all(tmp_path, c
     assert cli_main(base[:-1] + [str(tmp_path / "a_file")]) == 1
     err = capsys.readouterr().err
     assert "is a file" in err and "Traceback" not in err and (tmp_path / "a_file").read_text() == "keep"
+
+
+def test_torchserve_archive_with_its_store_inside_the_bundle_copies_the_bundle_alone(tmp_path):
+    """--out inside the bundle's directory: the store is no part of the bundle (before, a second
+    archive there copied the store, with its own directory, into itself until the path was too long)."""
+    make_runtime(tmp_path)
+    bundle = tmp_path / "bundle"
+    store = bundle / "store"
+    for name in ("one", "two"):
+        assert (
+            cli_main(["torchserve-archive", str(bundle), "--model", FACTORY, "--out", str(store), "--name", name]) == 0
+        )
+        copied = sorted(p.relative_to(store / name / "bundle") for p in (store / name / "bundle").rglob("*"))
+        assert copied == sorted(p.relative_to(bundle) for p in bundle.iterdir() if p.name != "store")
+    assert sorted(p.name for p in store.iterdir()) == ["one", "two"]

@@ -132,7 +132,12 @@ def write(args: argparse.Namespace) -> Path:
             store.rmdir()
         raise ValueError(f"cannot write in {store}: {e}") from None
     try:
-        shutil.copytree(bundle, work / "bundle")
+        # (a store inside the bundle's directory is not part of the bundle: copying it would copy
+        # this model's own directory into itself)
+        inside = store.resolve()
+        shutil.copytree(
+            bundle, work / "bundle", ignore=lambda d, names: [n for n in names if Path(d, n).resolve() == inside]
+        )
         (work / "MAR-INF").mkdir()
         manifest = {
             "createdOn": time.strftime("%d/%m/%Y %H:%M:%S"),
