@@ -465,3 +465,33 @@ def test_torchserve_archive_with_its_store_inside_the_bundle_copies_the_bundle_a
         copied = sorted(p.relative_to(store / name / "bundle") for p in (store / name / "bundle").rglob("*"))
         assert copied == sorted(p.relative_to(bundle) for p in bundle.iterdir() if p.name != "store")
     assert sorted(p.name for p in store.iterdir()) == ["one", "two"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("max_rows", 0, "max_rows must be an integer >= 1"),
+        ("max_rows", 2.5, "max_rows must be an integer >= 1"),
+        ("timeout_s", 0, "timeout_s must be > 0"),
+        ("max_batch", 0, "max_batch must be an integer >= 1"),
+        ("scheduler_workers", 0, "scheduler_workers must be >= 1"),
+        ("policy", "fastest", "policy must be one of"),
+    ],
+)
+def test_handler_refuses_a_hand_written_config_value_out_of_range(tmp_path, asynchronous, key, value, words):
+    """model-config.yaml written by hand (or edited): the model's load fails naming the key (before,
+    max_rows: 0 or timeout_s: 0 loaded a worker that refused every request with 413 or 504, and
+    max_rows: 2.5 was read as 2)."""
+    from eeruntime.serve.torchserve_handler import EarlyExitHandler
+
+    ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy").save(tmp_path / "bundle", weights=True)
+    config = {"asyncCommunication": asynchronous, "eeruntime": {"model": FACTORY, key: value}}
+    handler = EarlyExitHandler()
+    with (
+        mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
+        mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval"),
+        pytest.raises(ValueError, match=f"model-config.yaml, eeruntime: section: {words}"),
+    ):
+        handler.initialize(FakeContext(tmp_path, config))
+    assert handler.sched is None and not handler.initialized

@@ -61,14 +61,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
-def scheduler_options_error(args: argparse.Namespace, flags: bool = True) -> Optional[str]:
+def scheduler_options_error(args: argparse.Namespace, style: str = "flag") -> Optional[str]:
     """What is wrong with the scheduler's and the request checks' options (argparse checks each
-    one's type alone), or None: said before a model is loaded or a file is written. ``flags``:
-    name them as options (``--max-batch``), else as keyword arguments (``max_batch``, as
-    :class:`~eeruntime.serve.litserve_api.EarlyExitLitAPI` takes them)."""
+    one's type alone), or None: said before a model is loaded or a file is written. ``style``:
+    how to name them, as options (``"flag"``: ``--max-batch``), as keyword arguments
+    (``"keyword"``: ``max_batch``, ``workers``, as :class:`~eeruntime.serve.litserve_api.EarlyExitLitAPI`
+    takes them) or as model-config.yaml's keys (``"config"``: ``max_batch``, ``scheduler_workers``)."""
 
     def name(attr: str) -> str:
-        return f"--{attr.replace('_', '-')}" if flags else attr
+        if style == "flag":
+            return f"--{attr.replace('_', '-')}"
+        return "workers" if style == "keyword" and attr == "scheduler_workers" else attr
 
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -91,9 +94,8 @@ def scheduler_options_error(args: argparse.Namespace, flags: bool = True) -> Opt
         return f"{name('timeout_s')} must be > 0 (seconds a request may take), got {args.timeout_s}"
     sw = args.scheduler_workers
     if isinstance(sw, bool) or not isinstance(sw, int) or sw < 1:
-        what = "--scheduler-workers" if flags else "workers"
-        return f"{what} must be >= 1 (the scheduler's worker threads), got {sw!r}"
-    policy = "--policy" if flags else "policy"
+        return f"{name('scheduler_workers')} must be >= 1 (the scheduler's worker threads), got {sw!r}"
+    policy = name("policy")
     if args.policy not in POLICIES:
         return f"{policy} must be one of {', '.join(POLICIES)}, got {args.policy!r}"
     if args.policy == "fill" and args.max_defer_ms:

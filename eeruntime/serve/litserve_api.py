@@ -83,7 +83,7 @@ class EarlyExitLitAPI(ls.LitAPI):
                 max_rows=max_rows,
                 scheduler_workers=workers,
             ),
-            flags=False,
+            style="keyword",
         )
         if bad:
             raise ValueError(f"EarlyExitLitAPI: {bad}")

@@ -25,6 +25,7 @@ never raises: in async mode TorchServe answers a raised error on *every* request
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from http import HTTPStatus
@@ -33,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..state import as_tuple, cat_rows, from_tuple
-from .cli import SERVE_MAX_DEFER_MS
+from .cli import SERVE_MAX_DEFER_MS, scheduler_options_error
 from .codec import (
     SAFETENSORS_TYPES,
     InputError,
@@ -110,6 +111,14 @@ class EarlyExitHandler:
                 f"model-config.yaml needs an {CONFIG_SECTION}: section with model: 'module:factory' "
                 "(python -m eeruntime torchserve-archive writes it)"
             )
+        # a hand-written config's out-of-range value fails the model's load, saying which, rather
+        # than a worker that refuses every request (max_rows: 0, timeout_s: 0)
+        checked = {"max_batch": 32, "max_wait_ms": 0.0, "policy": "deepest", "max_defer_ms": None}
+        checked.update(max_queue_rows=4096, timeout_s=None, scheduler_workers=1, max_rows=256)
+        checked.update((k, opts[k]) for k in checked if k in opts)
+        bad = scheduler_options_error(argparse.Namespace(**checked), style="config")
+        if bad:
+            raise ValueError(f"model-config.yaml, {CONFIG_SECTION}: section: {bad}")
         gpu = context.system_properties.get("gpu_id")
         if gpu is not None and torch.cuda.is_available():  # TorchServe assigns each worker a GPU
             self.device = torch.device("cuda", int(gpu))
@@ -121,7 +130,7 @@ class EarlyExitHandler:
         self.rt = ee.load(bundle, source)
         shape = opts.get("input_shape")
         self.spec = InputSpec([tuple(shape)] if shape else None, dtype=_model_dtype(self.rt.model))
-        self.max_rows = int(opts.get("max_rows", 256))
+        self.max_rows = opts.get("max_rows", 256)
         if config.get("asyncCommunication"):
             kwargs = {arg: opts[k] for k, arg in SCHEDULER_OPTIONS.items() if k in opts}
             # no deferral unless the config says (null: the scheduler's own default), as in
