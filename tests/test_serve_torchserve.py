@@ -169,9 +169,19 @@ def test_torchserve_serves_a_bundle_row_for_row(tmp_path, mode):
             got = load(r.content)
             assert torch.equal(got["exit_index"], want.exit_index[:5])
             torch.testing.assert_close(got["logits"], want.logits[:5], rtol=1e-4, atol=1e-5)
-            for body, ctype, status in [(b"{nope", "application/json", 400), (b"hello", "text/plain", 415)]:
+            for body, ctype, status in [
+                (b"{nope", "application/json", 400),
+                (b"hello", "text/plain", 415),
+                # JSON documents TorchServe's worker parses into a number, a string, null
+                (b"5.5", "application/json", 422),
+                (b"1000000000000000", "application/json", 422),
+                (b'"hello"', "application/json", 422),
+                (b"null", "application/json", 422),
+            ]:
                 r = c.post(url, content=body, headers={"content-type": ctype})
-                assert r.status_code == status and r.json()["error"] and "Traceback" not in r.text, r.text
+                assert r.status_code == status and r.json()["error"] and "Traceback" not in r.text, (body, r.text)
+            r = c.post(url, json={"inputs": x[:3].tolist()})  # and it still answers
+            assert r.status_code == 200 and r.json()["exit_index"] == want.exit_index[:3].tolist(), r.text
     finally:
         stop(proc)
     how = "the stage scheduler" if mode == "async" else "rt.infer per TorchServe batch"
