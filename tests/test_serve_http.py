@@ -507,6 +507,9 @@ def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, va
         (["--max-defer-ms", "-1"], "--max-defer-ms must be >= 0, got -1.0"),
         (["--max-wait-ms", "-2"], "--max-wait-ms must be >= 0, got -2.0"),
         (["--scheduler-workers", "0"], "--scheduler-workers must be >= 1 (the scheduler's worker threads), got 0"),
+        # (these the scheduler took, and the server then refused every request: 413, 504)
+        (["--max-rows", "0"], "--max-rows must be an integer >= 1 (the most rows per request), got 0"),
+        (["--timeout-s", "0"], "--timeout-s must be > 0 (seconds a request may take), got 0.0"),
     ],
 )
 def test_cli_refuses_scheduler_options_the_scheduler_would_refuse(tmp_path, capsys, options, message):

@@ -74,6 +74,24 @@ def test_litserve_adapter_serves_a_bundle(tmp_path):
                 )
             bad = c.post("/predict", json={"inputs": [[1.0, 2.0], [3.0]]})
             assert bad.status_code == 422 and "rectangular" in bad.text and "Traceback" not in bad.text
+            # bodies that are not JSON: a 4xx saying so (LitServe's own `await request.json()` gave 500)
+            json_h = {"content-type": "application/json"}
+            for body, headers, status, words in [
+                (b"{nope", json_h, 400, "not valid JSON"),
+                (b"[" * 100_000, json_h, 400, "nested too deeply"),
+                (b"\xff\xfe\x00{", json_h, 400, "not valid JSON"),
+                (b"", json_h, 400, "not valid JSON"),
+                (b"null", json_h, 422, '"inputs" field'),
+                (b"hello", {"content-type": "text/plain"}, 415, "application/json"),
+                (b"a=1", {"content-type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+                (b"\0" * 16, {"content-type": "application/vnd.safetensors"}, 415, "application/json"),
+            ]:
+                r = c.post("/predict", content=body, headers=headers)
+                assert r.status_code == status and words in r.json()["detail"], (body[:20], r.text)
+                assert "Traceback" not in r.text
+            # and the server still answers, the same rows as before
+            r = c.post("/predict", json={"inputs": x[:3].tolist()})
+            assert r.status_code == 200 and r.json()["exit_index"] == want.exit_index[:3].tolist()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -98,6 +116,49 @@ def test_litserve_adapter_defers_as_eeruntime_serve_does_unless_told(tmp_path, g
     api.setup("cpu")  # (also sets up the process as a server's: undone below for the other tests)
     try:
         assert api.sched.max_defer_s == pytest.approx(defer_s)
+    finally:
+        api.sched.close()
+        sys.setswitchinterval(switch)
+        gc.unfreeze()
+
+
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        ({"max_batch": 0}, "max_batch must be an integer >= 1"),
+        ({"max_rows": 0}, "max_rows must be an integer >= 1"),
+        ({"max_queue_rows": 0}, "max_queue_rows must be an integer >= 1"),
+        ({"timeout_s": 0}, "timeout_s must be > 0"),
+        ({"timeout_s": float("nan")}, "timeout_s must be > 0"),
+        ({"max_wait_ms": -1}, "max_wait_ms must be >= 0"),
+        ({"max_defer_ms": "5"}, "max_defer_ms must be >= 0"),
+        ({"policy": "fastest"}, "policy must be one of deepest, fill, request"),
+        ({"policy": "fill", "max_defer_ms": 5.0}, "max_defer_ms applies to policy deepest"),
+        ({"workers": 0}, "workers must be >= 1"),
+    ],
+)
+def test_litserve_adapter_refuses_bad_options_when_constructed(tmp_path, options, words):
+    """In the caller's process, naming the keyword: before, max_batch, policy and the like failed
+    only in LitServe's worker once the model was loaded, and max_rows=0 or timeout_s=0 not at all
+    (every request then got 413 or 504)."""
+    from eeruntime.serve.litserve_api import EarlyExitLitAPI
+
+    with pytest.raises(ValueError, match=words):
+        EarlyExitLitAPI(tmp_path / "bundle", "eeruntime.zoo:digits_cnn", **options)
+
+
+def test_litserve_adapter_takes_workers_as_docs_serving_says(tmp_path):
+    """docs/serving.md ("Several workers"): workers=N is "a LitServe option like the others"; the
+    adapter refused it (TypeError) and its scheduler always had one worker thread."""
+    from eeruntime.serve.litserve_api import EarlyExitLitAPI
+
+    rt = ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy")
+    rt.save(tmp_path / "bundle", weights=True)
+    api = EarlyExitLitAPI(tmp_path / "bundle", "eeruntime.zoo:digits_cnn", workers=2)
+    switch = sys.getswitchinterval()
+    api.setup("cpu")
+    try:
+        assert api.sched.workers == 2
     finally:
         api.sched.close()
         sys.setswitchinterval(switch)

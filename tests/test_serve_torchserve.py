@@ -169,9 +169,19 @@ def test_torchserve_serves_a_bundle_row_for_row(tmp_path, mode):
             got = load(r.content)
             assert torch.equal(got["exit_index"], want.exit_index[:5])
             torch.testing.assert_close(got["logits"], want.logits[:5], rtol=1e-4, atol=1e-5)
-            for body, ctype, status in [(b"{nope", "application/json", 400), (b"hello", "text/plain", 415)]:
+            for body, ctype, status in [
+                (b"{nope", "application/json", 400),
+                (b"hello", "text/plain", 415),
+                # JSON documents TorchServe's worker parses into a number, a string, null
+                (b"5.5", "application/json", 422),
+                (b"1000000000000000", "application/json", 422),
+                (b'"hello"', "application/json", 422),
+                (b"null", "application/json", 422),
+            ]:
                 r = c.post(url, content=body, headers={"content-type": ctype})
-                assert r.status_code == status and r.json()["error"] and "Traceback" not in r.text, r.text
+                assert r.status_code == status and r.json()["error"] and "Traceback" not in r.text, (body, r.text)
+            r = c.post(url, json={"inputs": x[:3].tolist()})  # and it still answers
+            assert r.status_code == 200 and r.json()["exit_index"] == want.exit_index[:3].tolist(), r.text
     finally:
         stop(proc)
     how = "the stage scheduler" if mode == "async" else "rt.infer per TorchServe batch"
@@ -354,3 +364,144 @@ def test_handler_async_mode_batches_rows_of_concurrent_requests(tmp_path):
         torch.testing.assert_close(torch.tensor(out[0]["logits"]), want.logits)
     # rows of different requests shared a stage's batch (ids 10r+i belong to request r)
     assert any(len({i // 10 for i in ids}) > 1 for _, ids in hook.batches)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_handler_answers_every_json_document_torchserve_parsed_with_its_own_status(tmp_path, asynchronous):
+    """TorchServe's worker parses an application/json body itself (ts/protocol/otf_message_handler.py)
+    into any JSON value, not only an object: a number, a string, a bool or null reach the handler
+    as such. Each is refused with its own 422, the batch's good request still answered (a float
+    once raised out of handle, failing the whole batch; an int n became bytes(n), an allocation of
+    n bytes; a string holding JSON was parsed a second time)."""
+    import asyncio
+
+    from serve_models import scripted_rows
+
+    handler, ctx, _ = scripted_handler(tmp_path, asynchronous, [])
+    good = scripted_rows([0, 1, 2], [0, 2, 1])
+    jsonh, text = {"content-type": "application/json"}, {"content-type": "text/plain"}
+    bodies = [5.5, 10**15, "hello", json.dumps({"inputs": good.tolist()}), True, None, {"inputs": good.tolist()}]
+    data = [{"body": b} for b in bodies] + [{"body": "hello"}]
+    call = ctx.for_batch([jsonh] * len(bodies) + [text])
+    try:
+        out = handler.handle(data, call)
+        if asynchronous:
+            out = asyncio.run(asyncio.wait_for(out, 60))
+    finally:
+        if asynchronous:
+            handler.sched.close()
+    assert [call.status[i][0] for i in range(len(data))] == [422] * 6 + [200, 415]
+    assert all('"inputs" field' in o["error"] for o in out[:6]), out[:6]
+    want = handler.rt.infer(good)
+    assert out[6]["exit_index"] == want.exit_index.tolist()
+    torch.testing.assert_close(torch.tensor(out[6]["logits"]), want.logits)
+    assert "Content-Type" in out[7]["error"] and all("Traceback" not in str(o) for o in out)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--max-batch", "0"], "--max-batch must be an integer >= 1"),
+        (["--max-rows", "0"], "--max-rows must be an integer >= 1"),
+        (["--max-queue-rows", "0"], "--max-queue-rows must be an integer >= 1"),
+        (["--timeout-s", "0"], "--timeout-s must be > 0"),
+        (["--timeout-s", "nan"], "--timeout-s must be > 0"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--batch-mode", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--batch-mode", "--max-batch-delay-ms", "-1"], "--max-batch-delay-ms must be >= 0"),
+        (["--response-timeout-s", "0"], "--response-timeout-s must be >= 1"),
+        (["--input-shape=0,8,8"], "--input-shape takes sizes >= 1"),
+        (["--name", "../escaped"], "--name must be letters"),
+        (["--name", ""], "--name must be letters"),
+        (["--name", "a=b"], "--name must be letters"),
+    ],
+)
+def test_torchserve_archive_refuses_options_no_archive_could_serve_and_writes_nothing(
+    tmp_path, capsys, options, message
+):
+    """Each of these once wrote a model directory (exit 0) that TorchServe could not load (a worker
+    failing at initialize, or none at all), that refused every request (413, 504), or that lay
+    outside the store (--name ../x) or was the store itself (--name '')."""
+    make_runtime(tmp_path)
+    store = tmp_path / "store"
+    args = ["torchserve-archive", str(tmp_path / "bundle"), "--model", FACTORY, "--out", str(store)] + options
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not store.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_torchserve_archive_writes_the_model_dir_whole_or_not_at_all(tmp_path, capsys):
+    """A write that fails part way (here the disk filling up as the config is written) leaves no
+    half-written model directory (before: the bundle's copy and the manifest, which TorchServe then
+    tried to load) and keeps what the store already held; --out naming a file is refused (before:
+    a NotADirectoryError traceback)."""
+    import errno
+
+    make_runtime(tmp_path)
+    store = tmp_path / "store"
+    base = ["torchserve-archive", str(tmp_path / "bundle"), "--model", FACTORY, "--out", str(store)]
+    assert cli_main(base + ["--name", "first"]) == 0
+    before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with mock.patch("eeruntime.serve.torchserve_archive.model_config", full):
+        assert cli_main(base + ["--name", "second"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in store.iterdir()) == ["first"]
+    with mock.patch("eeruntime.serve.torchserve_archive.model_config", full):
+        assert cli_main(base[:-1] + [str(tmp_path / "new_store")]) == 1
+    assert not (tmp_path / "new_store").exists()  # (made for the archive, removed with it)
+
+    (tmp_path / "a_file").write_text("keep")
+    assert cli_main(base[:-1] + [str(tmp_path / "a_file")]) == 1
+    err = capsys.readouterr().err
+    assert "is a file" in err and "Traceback" not in err and (tmp_path / "a_file").read_text() == "keep"
+
+
+def test_torchserve_archive_with_its_store_inside_the_bundle_copies_the_bundle_alone(tmp_path):
+    """--out inside the bundle's directory: the store is no part of the bundle (before, a second
+    archive there copied the store, with its own directory, into itself until the path was too long)."""
+    make_runtime(tmp_path)
+    bundle = tmp_path / "bundle"
+    store = bundle / "store"
+    for name in ("one", "two"):
+        assert (
+            cli_main(["torchserve-archive", str(bundle), "--model", FACTORY, "--out", str(store), "--name", name]) == 0
+        )
+        copied = sorted(p.relative_to(store / name / "bundle") for p in (store / name / "bundle").rglob("*"))
+        assert copied == sorted(p.relative_to(bundle) for p in bundle.iterdir() if p.name != "store")
+    assert sorted(p.name for p in store.iterdir()) == ["one", "two"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("max_rows", 0, "max_rows must be an integer >= 1"),
+        ("max_rows", 2.5, "max_rows must be an integer >= 1"),
+        ("timeout_s", 0, "timeout_s must be > 0"),
+        ("max_batch", 0, "max_batch must be an integer >= 1"),
+        ("scheduler_workers", 0, "scheduler_workers must be >= 1"),
+        ("policy", "fastest", "policy must be one of"),
+    ],
+)
+def test_handler_refuses_a_hand_written_config_value_out_of_range(tmp_path, asynchronous, key, value, words):
+    """model-config.yaml written by hand (or edited): the model's load fails naming the key (before,
+    max_rows: 0 or timeout_s: 0 loaded a worker that refused every request with 413 or 504, and
+    max_rows: 2.5 was read as 2)."""
+    from eeruntime.serve.torchserve_handler import EarlyExitHandler
+
+    ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25], criterion="entropy").save(tmp_path / "bundle", weights=True)
+    config = {"asyncCommunication": asynchronous, "eeruntime": {"model": FACTORY, key: value}}
+    handler = EarlyExitHandler()
+    with (
+        mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
+        mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval"),
+        pytest.raises(ValueError, match=f"model-config.yaml, eeruntime: section: {words}"),
+    ):
+        handler.initialize(FakeContext(tmp_path, config))
+    assert handler.sched is None and not handler.initialized

@@ -61,24 +61,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
-def scheduler_options_error(args: argparse.Namespace) -> Optional[str]:
-    """What is wrong with the scheduler's options (argparse checks each one's type alone), or None:
-    said before a model is loaded or a file is written."""
-    for name in ("max_wait_ms", "max_defer_ms"):
-        value = getattr(args, name)
-        if value is not None and not value >= 0:
-            return f"--{name.replace('_', '-')} must be >= 0, got {value}"
-    if args.scheduler_workers < 1:
-        return f"--scheduler-workers must be >= 1 (the scheduler's worker threads), got {args.scheduler_workers}"
+def scheduler_options_error(args: argparse.Namespace, style: str = "flag") -> Optional[str]:
+    """What is wrong with the scheduler's and the request checks' options (argparse checks each
+    one's type alone), or None: said before a model is loaded or a file is written. ``style``:
+    how to name them, as options (``"flag"``: ``--max-batch``), as keyword arguments
+    (``"keyword"``: ``max_batch``, ``workers``, as :class:`~eeruntime.serve.litserve_api.EarlyExitLitAPI`
+    takes them) or as model-config.yaml's keys (``"config"``: ``max_batch``, ``scheduler_workers``)."""
+
+    def name(attr: str) -> str:
+        if style == "flag":
+            return f"--{attr.replace('_', '-')}"
+        return "workers" if style == "keyword" and attr == "scheduler_workers" else attr
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for attr in ("max_wait_ms", "max_defer_ms"):
+        value = getattr(args, attr)
+        if value is not None and not (number(value) and value >= 0):
+            return f"{name(attr)} must be >= 0, got {value}"
+    # a bound that refuses every request (0 rows, no time) is a mistake, not a setting: refused
+    # here rather than answering every request 413, 503 or 504
+    for attr, what in (
+        ("max_batch", "rows per stage step"),
+        ("max_queue_rows", "rows admitted and not answered"),
+        ("max_rows", "rows per request"),
+    ):
+        value = getattr(args, attr)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{name(attr)} must be an integer >= 1 (the most {what}), got {value!r}"
+    if args.timeout_s is not None and not (number(args.timeout_s) and args.timeout_s > 0):
+        return f"{name('timeout_s')} must be > 0 (seconds a request may take), got {args.timeout_s}"
+    sw = args.scheduler_workers
+    if isinstance(sw, bool) or not isinstance(sw, int) or sw < 1:
+        return f"{name('scheduler_workers')} must be >= 1 (the scheduler's worker threads), got {sw!r}"
+    policy = name("policy")
+    if args.policy not in POLICIES:
+        return f"{policy} must be one of {', '.join(POLICIES)}, got {args.policy!r}"
     if args.policy == "fill" and args.max_defer_ms:
         return (
-            "--max-defer-ms applies to --policy deepest; --policy fill already runs full batches first and "
-            "bounds how long rows are passed over by --max-wait-ms"
+            f"{name('max_defer_ms')} applies to {policy} deepest; {policy} fill already runs full batches first "
+            f"and bounds how long rows are passed over by {name('max_wait_ms')}"
         )
     if args.policy == "request" and args.max_defer_ms:
         return (
-            "--max-defer-ms applies to --policy deepest; --policy request never re-batches survivors, so there "
-            "is no deeper batch to fill"
+            f"{name('max_defer_ms')} applies to {policy} deepest; {policy} request never re-batches survivors, "
+            "so there is no deeper batch to fill"
         )
     return None
 
@@ -122,9 +150,12 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
 def parse_shape(text: str) -> tuple:
     """``"1,8,8"`` -> ``(1, 8, 8)``; a ValueError that says what is accepted otherwise."""
     try:
-        return tuple(int(d) for d in text.split(","))
+        shape = tuple(int(d) for d in text.split(","))
     except ValueError:
         raise ValueError(f"--input-shape takes integers separated by commas, got {text!r}") from None
+    if any(d < 1 for d in shape):  # (no row has such a shape: every request would be refused)
+        raise ValueError(f"--input-shape takes sizes >= 1 separated by commas, got {text!r}")
+    return shape
 
 
 def main(argv=None) -> int:

@@ -10,25 +10,46 @@ LitServe's own request batching is left off (``max_batch_size=1``): the API runs
 async mode, so every request in flight reaches the stage scheduler at once and is batched there,
 stage by stage, with other requests' rows. The API object holds only the bundle path and the
 factory name until ``setup`` (LitServe may start it in a new process).
+
+The body is read in LitServe's HTTP process by :func:`read_json_body` (``decode_request``'s
+annotation makes it a FastAPI dependency there), so that a body that is not JSON gets a 4xx
+saying so; LitServe's own reading (``await request.json()``) answered it 500.
 """
 
-from __future__ import annotations
-
-from typing import Optional
+# no `from __future__ import annotations`: LitServe copies decode_request's annotation onto its
+# FastAPI route, and FastAPI would resolve a string annotation in LitServe's module, not this one
+import argparse
+from typing import Annotated, Any, Optional
 
 try:
     import litserve as ls
+    from fastapi import Depends, HTTPException, Request  # (litserve's own dependency)
 except ImportError as e:  # pragma: no cover - depends on the [serve] extra
     raise ImportError("the LitServe adapter needs litserve: pip install 'eeruntime[serve]'") from e
 
-from .cli import SERVE_MAX_DEFER_MS
-from .codec import InputError, InputSpec, decode_json, encode_json, refusal
+from .cli import SERVE_MAX_DEFER_MS, scheduler_options_error
+from .codec import InputError, InputSpec, decode_json, encode_json, parse_json, refusal
+
+
+async def read_json_body(request: Request) -> Any:
+    """The request's body as a JSON document, or an HTTPException saying what was wrong with it:
+    415 for another Content-Type than JSON (an empty one is read as JSON), 400 for bytes that are
+    not JSON (not UTF-8, malformed, nested too deeply). Runs in LitServe's HTTP process; what it
+    returns is what LitServe sends to the worker (``decode_request``'s ``request``)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", ""):
+        raise HTTPException(415, f"unsupported Content-Type {ctype!r}; this LitServe API takes application/json")
+    try:
+        return parse_json(await request.body())
+    except InputError as e:
+        raise HTTPException(e.status, str(e)) from None
 
 
 class EarlyExitLitAPI(ls.LitAPI):
     """``bundle``: a directory written by ``rt.save(path, weights=True)``; ``model``: the model's
     constructor (``"module:factory"`` or a picklable callable). Scheduler options as in
-    :class:`~eeruntime.serve.StageScheduler`, except ``max_defer_ms``, off by default as in
+    :class:`~eeruntime.serve.StageScheduler` (``workers``: its worker threads), refused here when
+    out of range, except ``max_defer_ms``, off by default as in
     ``eeruntime serve`` (``cli.SERVE_MAX_DEFER_MS``): LitServe's event loop submits requests in
     bursts too, and with the scheduler's CPU default (20 ms) LitServe served 0.97x and 1.01x the
     saturated req/s (digits, ResNet-style; docs/serving.md, "Bundles, the HTTP server and
@@ -46,8 +67,26 @@ class EarlyExitLitAPI(ls.LitAPI):
         max_queue_rows: int = 4096,
         timeout_s: Optional[float] = 30.0,
         max_rows: int = 256,
+        workers: int = 1,
         api_path: str = "/predict",
     ):
+        # refused here, in the caller's process, rather than in LitServe's worker once the model
+        # is loaded (or, for max_rows and timeout_s, not at all: every request refused)
+        bad = scheduler_options_error(
+            argparse.Namespace(
+                max_batch=max_batch,
+                max_wait_ms=max_wait_ms,
+                policy=policy,
+                max_defer_ms=max_defer_ms,
+                max_queue_rows=max_queue_rows,
+                timeout_s=timeout_s,
+                max_rows=max_rows,
+                scheduler_workers=workers,
+            ),
+            style="keyword",
+        )
+        if bad:
+            raise ValueError(f"EarlyExitLitAPI: {bad}")
         super().__init__(max_batch_size=1, api_path=api_path, enable_async=True)
         self.bundle, self.model_spec = str(bundle), model
         self.options = dict(
@@ -57,6 +96,7 @@ class EarlyExitLitAPI(ls.LitAPI):
             max_defer_ms=max_defer_ms,
             max_queue_rows=max_queue_rows,
             timeout_s=timeout_s,
+            workers=workers,
         )
         self.max_rows = max_rows
         self.sched = None
@@ -80,9 +120,7 @@ class EarlyExitLitAPI(ls.LitAPI):
         freeze_startup_objects()
         set_switch_interval()
 
-    async def decode_request(self, request, **kwargs):
-        from fastapi import HTTPException
-
+    async def decode_request(self, request: Annotated[Any, Depends(read_json_body)], **kwargs):
         try:
             x = decode_json(request, self.spec, self.max_rows)
         except InputError as e:
@@ -90,8 +128,6 @@ class EarlyExitLitAPI(ls.LitAPI):
         return x if self.device_name in (None, "cpu") else x.to(self.device_name)
 
     async def predict(self, x, **kwargs):
-        from fastapi import HTTPException
-
         from .scheduler import SchedulerClosed, SchedulerFull, StageFailed
 
         try:

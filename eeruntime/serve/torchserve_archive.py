@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from .cli import add_scheduler_arguments, parse_shape, scheduler_options_error
 
@@ -76,31 +79,93 @@ def model_config(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
+# a model name that is one path component (the directory is STORE/NAME, never outside STORE) and
+# reads as itself in TorchServe's `--models NAME=NAME,...` list and its /predictions/NAME URL
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def options_error(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the archive's options, or None; said before anything is loaded or written
+    (a model directory TorchServe cannot load, or whose every request is refused, is no archive)."""
+    bad = scheduler_options_error(args)
+    if bad:
+        return bad
+    if not NAME_PATTERN.fullmatch(args.name):
+        return f"--name must be letters, digits, '_', '-' or '.', starting with a letter or digit, got {args.name!r}"
+    for attr, least, what in (
+        ("workers", 1, "worker processes"),
+        ("batch_size", 1, "requests per TorchServe batch"),
+        ("max_batch_delay_ms", 0, "ms TorchServe waits for a fuller batch"),
+        ("response_timeout_s", 1, "s TorchServe waits for an answer"),
+    ):
+        if getattr(args, attr) < least:
+            return f"--{attr.replace('_', '-')} must be >= {least} ({what}), got {getattr(args, attr)}"
+    if args.input_shape:
+        parse_shape(args.input_shape)  # (a ValueError saying what is accepted)
+    return None
+
+
 def write(args: argparse.Namespace) -> Path:
-    """Check that the bundle loads with its factory, then write STORE/NAME; returns that path."""
+    """Check the options and that the bundle loads with its factory, then write STORE/NAME whole or
+    not at all (built in a temporary directory beside it, then renamed); returns that path."""
     import eeruntime as ee
 
-    bad = scheduler_options_error(args)
+    bad = options_error(args)
     if bad:
         raise ValueError(bad)
     bundle = Path(args.bundle)
     ee.load(bundle, args.model)  # fails here, with the loader's message, rather than in a worker's log
-    if args.input_shape:
-        parse_shape(args.input_shape)
-    target = Path(args.out) / args.name
+    store = Path(args.out)
+    target = store / args.name
+    if store.exists() and not store.is_dir():
+        raise ValueError(f"--out {store} is a file; give the model store's directory (created if missing)")
     if target.exists():
         raise FileExistsError(f"{target} exists; remove it or give another --name / --out")
-    shutil.copytree(bundle, target / "bundle")
-    (target / "MAR-INF").mkdir()
-    manifest = {
-        "createdOn": time.strftime("%d/%m/%Y %H:%M:%S"),
-        "runtime": "python",
-        "model": {"modelName": args.name, "handler": HANDLER, "modelVersion": "1.0", "configFile": "model-config.yaml"},
-        "archiverVersion": "eeruntime",
-    }
-    (target / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    # JSON is YAML: TorchServe's frontend (snakeyaml) and worker (PyYAML) both read it.
-    (target / "model-config.yaml").write_text(json.dumps(model_config(args), indent=2) + "\n")
+    made_store = not store.exists()
+    # (a name of its own, made with mkdir: the directory gets the user's umask, as copytree's do)
+    work = store / f".{args.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        work.mkdir()
+    except OSError as e:
+        if made_store and store.is_dir() and not any(store.iterdir()):
+            store.rmdir()
+        raise ValueError(f"cannot write in {store}: {e}") from None
+    try:
+        # (a store inside the bundle's directory is not part of the bundle: copying it would copy
+        # this model's own directory into itself)
+        inside = store.resolve()
+        shutil.copytree(
+            bundle, work / "bundle", ignore=lambda d, names: [n for n in names if Path(d, n).resolve() == inside]
+        )
+        (work / "MAR-INF").mkdir()
+        manifest = {
+            "createdOn": time.strftime("%d/%m/%Y %H:%M:%S"),
+            "runtime": "python",
+            "model": {
+                "modelName": args.name,
+                "handler": HANDLER,
+                "modelVersion": "1.0",
+                "configFile": "model-config.yaml",
+            },
+            "archiverVersion": "eeruntime",
+        }
+        (work / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        # JSON is YAML: TorchServe's frontend (snakeyaml) and worker (PyYAML) both read it.
+        (work / "model-config.yaml").write_text(json.dumps(model_config(args), indent=2) + "\n")
+        if target.exists():  # made meanwhile by someone else: theirs is kept
+            raise FileExistsError(f"{target} exists; remove it or give another --name / --out")
+        work.rename(target)
+    except BaseException as e:  # (KeyboardInterrupt too: nothing is left half-written)
+        shutil.rmtree(work, ignore_errors=True)
+        if made_store:
+            try:
+                store.rmdir()  # (only if still empty)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError):
+            raise ValueError(f"cannot write {target}: {e}") from None
+        raise
     return target
 
 

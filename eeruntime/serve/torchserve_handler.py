@@ -25,6 +25,7 @@ never raises: in async mode TorchServe answers a raised error on *every* request
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from http import HTTPStatus
@@ -33,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..state import as_tuple, cat_rows, from_tuple
-from .cli import SERVE_MAX_DEFER_MS
+from .cli import SERVE_MAX_DEFER_MS, scheduler_options_error
 from .codec import (
     SAFETENSORS_TYPES,
     InputError,
@@ -110,6 +111,14 @@ class EarlyExitHandler:
                 f"model-config.yaml needs an {CONFIG_SECTION}: section with model: 'module:factory' "
                 "(python -m eeruntime torchserve-archive writes it)"
             )
+        # a hand-written config's out-of-range value fails the model's load, saying which, rather
+        # than a worker that refuses every request (max_rows: 0, timeout_s: 0)
+        checked = {"max_batch": 32, "max_wait_ms": 0.0, "policy": "deepest", "max_defer_ms": None}
+        checked.update(max_queue_rows=4096, timeout_s=None, scheduler_workers=1, max_rows=256)
+        checked.update((k, opts[k]) for k in checked if k in opts)
+        bad = scheduler_options_error(argparse.Namespace(**checked), style="config")
+        if bad:
+            raise ValueError(f"model-config.yaml, {CONFIG_SECTION}: section: {bad}")
         gpu = context.system_properties.get("gpu_id")
         if gpu is not None and torch.cuda.is_available():  # TorchServe assigns each worker a GPU
             self.device = torch.device("cuda", int(gpu))
@@ -121,7 +130,7 @@ class EarlyExitHandler:
         self.rt = ee.load(bundle, source)
         shape = opts.get("input_shape")
         self.spec = InputSpec([tuple(shape)] if shape else None, dtype=_model_dtype(self.rt.model))
-        self.max_rows = int(opts.get("max_rows", 256))
+        self.max_rows = opts.get("max_rows", 256)
         if config.get("asyncCommunication"):
             kwargs = {arg: opts[k] for k, arg in SCHEDULER_OPTIONS.items() if k in opts}
             # no deferral unless the config says (null: the scheduler's own default), as in
@@ -164,19 +173,29 @@ class EarlyExitHandler:
             except InputError as e:
                 out.append(_error(e.status, str(e)))
                 continue
+            except Exception:  # a bug here fails this request alone, not its batch (module docstring)
+                log.exception("unexpected error decoding a request")
+                out.append(_error(500, "internal error"))
+                continue
             out.append(x if self.device.type == "cpu" else from_tuple([t.to(self.device) for t in as_tuple(x)], x))
         return out
 
     def _decode(self, req: Any, content_type: str) -> Any:
-        value = req.get("body", req.get("data")) if isinstance(req, dict) else None
-        if value is None:
+        key = next((k for k in ("body", "data") if isinstance(req, dict) and k in req), None)
+        if key is None:
             raise InputError(
                 'send the inputs as the request body: JSON {"inputs": [...]} or safetensors bytes', status=400
             )
-        if isinstance(value, (dict, list)):  # TorchServe already parsed an application/json body
-            return decode_json(value, self.spec, self.max_rows)
-        body = value.encode() if isinstance(value, str) else bytes(value)
-        return decode_body(body, content_type, self.spec, self.max_rows)
+        value = req[key]
+        if isinstance(value, (bytes, bytearray)):
+            return decode_body(bytes(value), content_type, self.spec, self.max_rows)
+        if isinstance(value, str) and content_type.split(";")[0].strip().lower() != "application/json":
+            # a text/* body TorchServe decoded as UTF-8 (refused by its Content-Type)
+            return decode_body(value.encode(), content_type, self.spec, self.max_rows)
+        # Anything else is the JSON document TorchServe parsed from an application/json body:
+        # an object, or a list, a string, a number, a bool or null, which decode_json refuses
+        # (a 422 saying what the body must be; never bytes(number), which would allocate that many)
+        return decode_json(value, self.spec, self.max_rows)
 
     async def _submit(self, x: Any) -> Any:
         if _refused(x):
