@@ -42,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     add_scheduler_arguments(p)
+    p.add_argument(
+        "--pad-to",
+        help="a text encoder's (attached with ee.attach_exits): sequence lengths, e.g. 32,64,128; each "
+        "request is padded to the shortest that holds it so texts of different lengths share batches "
+        "(docs/serving.md, 'Text models')",
+    )
     p.add_argument("--max-body-bytes", type=int, default=8 << 20)
     p.add_argument(
         "--admin-token-file",
@@ -158,6 +164,14 @@ def parse_shape(text: str) -> tuple:
     return shape
 
 
+def parse_lengths(text: str) -> list:
+    """``"32,64"`` -> ``[32, 64]`` (the scheduler checks them); a ValueError saying what is accepted."""
+    try:
+        return [int(d) for d in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--pad-to takes sequence lengths separated by commas, e.g. 32,64,128; got {text!r}") from None
+
+
 def main(argv=None) -> int:
     if argv is not None and "--ray" in argv:  # the Ray Serve forms: eeruntime/serve/ray/cli.py
         from .ray.cli import main as ray_main
@@ -216,16 +230,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"eeruntime serve: {e}", file=sys.stderr)
             return 2
         spec = InputSpec([shape], dtype=_model_dtype(rt.model))
-    sched = StageScheduler(
-        rt,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        policy=args.policy,
-        max_defer_ms=SERVE_MAX_DEFER_MS if args.max_defer_ms is None else args.max_defer_ms,
-        max_queue_rows=args.max_queue_rows,
-        timeout_s=args.timeout_s,
-        workers=args.scheduler_workers,
-    )
+    try:
+        pad_to = None if args.pad_to is None else parse_lengths(args.pad_to)
+        sched = StageScheduler(
+            rt,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            policy=args.policy,
+            max_defer_ms=SERVE_MAX_DEFER_MS if args.max_defer_ms is None else args.max_defer_ms,
+            max_queue_rows=args.max_queue_rows,
+            timeout_s=args.timeout_s,
+            workers=args.scheduler_workers,
+            pad_to=pad_to,
+        )
+    except ValueError as e:  # (--pad-to: not lengths, or not a text model; the rest is checked above)
+        print(f"eeruntime serve: {e}", file=sys.stderr)
+        return 2
     app = create_app(
         sched, admin_token=token, max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, input_spec=spec
     )
