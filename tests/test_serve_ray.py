@@ -527,3 +527,87 @@ def test_spec_rebuilds_a_saved_runtime(tmp_path):
     assert torch.equal(a.exit_index, b.exit_index)
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     assert RuntimeSpec.from_value(spec.to_dict()) == spec  # travels as plain values
+
+
+# ------------------------------------------------------------------ replicas in this process
+# The replica classes run here without a cluster: Ray Serve's @serve.batch queue works in any
+# event loop. Two Ray-only details are bridged: the queue asks the Serve replica context for
+# max_ongoing_requests (only to warn), and it is made once per decorated method, bound to the
+# event loop that first used it, so each test starts it afresh.
+
+
+@pytest.fixture
+def local_replicas(monkeypatch):
+    from ray.serve import batching
+
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda q: None)
+    methods = (RuntimeReplica._batched, TierReplica._batched)
+
+    def fresh_queues():
+        for m in methods:
+            m._get_max_batch_size.__self__._queue = None
+
+    made = []
+
+    def make(cls, *args, **kwargs):
+        rep = cls(*args, **kwargs)
+        made.append(rep)
+        return rep
+
+    fresh_queues()
+    try:
+        yield make
+    finally:
+        fresh_queues()
+        for rep in made:
+            rep._executor.shutdown(wait=True)
+
+
+def run_async(coro, timeout_s=WAIT_S):
+    import asyncio
+
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout_s)
+
+    return asyncio.run(bounded())
+
+
+@pytest.mark.parametrize(
+    "config,why",
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1"),
+        ({"max_batch_size": -3}, "max_batch_size must be an integer >= 1"),
+        ({"max_batch_size": 2.5}, "max_batch_size must be an integer >= 1"),
+        ({"max_batch_size": True}, "max_batch_size must be an integer >= 1"),
+        ({"batch_wait_timeout_s": float("nan")}, "batch_wait_timeout_s must be a finite number"),
+        ({"batch_wait_timeout_s": -1.0}, "batch_wait_timeout_s must be a finite number"),
+        ({"thresholds": [0.1, 0.1, 0.1], "max_batch_size": 0}, "max_batch_size"),  # nothing applied
+        ({"thresholds": [0.1, 0.1, 0.1], "transfer_dtype": "int8"}, "unknown transfer_dtype"),
+    ],
+)
+def test_reconfigure_refuses_batch_settings_that_would_hang_every_request(local_replicas, config, why):
+    """A user_config with max_batch_size 0 or a NaN / negative wait was taken as it was: Ray's
+    batch queue then never formed a batch and every later request hung. Now it is refused, and a
+    config refused in part changes nothing (the thresholds stay); requests are still answered."""
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    rep = local_replicas(TierReplica, {**SPEC, "final": "average"}, 0, 0, K)
+    before = (rep.rt.thresholds, dict(rep._batch_settings), rep.transfer_dtype)
+    with pytest.raises(ValueError, match=why):
+        rep.reconfigure(config)
+    assert (rep.rt.thresholds, rep._batch_settings, rep.transfer_dtype) == before
+    x = torch.randn(3, 6)
+    answers = run_async(asyncio_gather(rep.infer(x), rep.infer(x)), timeout_s=30)
+    for a in answers:
+        check_rows(mlp_model(K=K), x, a, THR, final="average")
+    rep.reconfigure({"max_batch_size": 8.0, "batch_wait_timeout_s": 0})  # integral floats and 0 are fine
+    assert rep._batch_settings == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
+
+
+async def asyncio_gather(*coros):
+    import asyncio
+
+    return await asyncio.gather(*coros)

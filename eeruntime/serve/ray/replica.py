@@ -12,6 +12,7 @@ same thread, between batches, which is what makes every answer's ``thresholds`` 
 from __future__ import annotations
 
 import asyncio
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict
 
@@ -43,10 +44,9 @@ class ReplicaBase:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eeruntime-compute")
         self.metrics = ReplicaMetrics(self.rt.num_exits, tier=self.tier)
         self.metrics.thresholds(self.rt.thresholds)
-        self._batch_settings = {
-            "max_batch_size": int(max_batch_size),
-            "batch_wait_timeout_s": float(batch_wait_timeout_s),
-        }
+        self._batch_settings = batch_settings(
+            {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
+        )
         self._apply_batch_settings()
         freeze_startup_objects()  # the replica's process is loaded (eeruntime/serve/process.py)
 
@@ -79,14 +79,15 @@ class ReplicaBase:
         changes (no restart): new thresholds take effect from the next batch; the batch under way
         finishes with the set it started with."""
         config = self._check_config(config)
+        # Every value is checked before any is applied: a config refused in part changes nothing
+        # (Ray Serve reports the reconfigure as failed; the replica must not run half of it).
+        settings = batch_settings({**self._batch_settings, **{k: v for k, v in config.items() if v is not None}})
         if config.get("thresholds") is not None:
             values = config["thresholds"]
             # On the compute thread, between two batches.
             self._executor.submit(self.rt.set_thresholds, values).result()
             self.metrics.thresholds(self.rt.thresholds)
-        for key in ("max_batch_size", "batch_wait_timeout_s"):
-            if config.get(key) is not None:
-                self._batch_settings[key] = type(self._batch_settings[key])(config[key])
+        self._batch_settings = settings
         self._apply_batch_settings()
 
     # ---------------------------------------------------------------- entry points
@@ -131,6 +132,20 @@ class ReplicaBase:
 
     def thresholds(self):
         return self.rt.thresholds
+
+
+def batch_settings(config: Dict[str, Any]) -> Dict[str, Any]:
+    """``max_batch_size`` (an int >= 1) and ``batch_wait_timeout_s`` (a finite float >= 0) of
+    ``config``, checked: Ray's batch queue takes any value from its setters, and with a size
+    below 1 or a NaN / negative wait it never forms a batch, so every request would hang."""
+    size, wait = config["max_batch_size"], config["batch_wait_timeout_s"]
+    if isinstance(size, float) and size.is_integer():  # (8.0 from a JSON config)
+        size = int(size)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_batch_size must be an integer >= 1, got {size!r}")
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not (math.isfinite(wait) and wait >= 0):
+        raise ValueError(f"batch_wait_timeout_s must be a finite number of seconds >= 0, got {wait!r}")
+    return {"max_batch_size": size, "batch_wait_timeout_s": float(wait)}
 
 
 def _as_input(x):

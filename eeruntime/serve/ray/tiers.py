@@ -117,10 +117,12 @@ class TierReplica(ReplicaBase):
 
     def reconfigure(self, config) -> None:
         config = self._check_config(config)
-        if config.get("transfer_dtype") is not None:
-            self._lower = check_transfer_dtype(config["transfer_dtype"])
-            self.transfer_dtype = config["transfer_dtype"]
+        name = config.get("transfer_dtype")
+        lower = check_transfer_dtype(name) if name is not None else self._lower
+        # (checked first, applied last: a config refused in part changes nothing)
         super().reconfigure({k: v for k, v in config.items() if k != "transfer_dtype"})
+        if name is not None:
+            self._lower, self.transfer_dtype = lower, name
 
     def _batched_method(self):
         return self._batched
