@@ -611,3 +611,37 @@ async def asyncio_gather(*coros):
     import asyncio
 
     return await asyncio.gather(*coros)
+
+
+def test_tier_settings_that_cannot_work_are_refused_when_the_app_is_built():
+    """A negative retries made the tier send nothing and fail every request that had survivors
+    with AssertionError("unreachable"); a NaN / non-positive timeout failed every call; a string
+    or float stages_per_tier was read digit by digit ("13" -> [1, 3]) or truncated (1.5 -> 1).
+    Each is now refused where the app is built, saying what is accepted."""
+    from eeruntime.serve.ray import split_stages, tiered_app
+    from eeruntime.serve.ray.app import build_app
+    from eeruntime.serve.ray.deployment import runtime_app
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    assert split_stages(K, (1, 3)) == [(0, 1), (1, 4)]
+    for counts in ("13", "1,3", [1.5, 3], [True, 3], None, 4):
+        with pytest.raises(ValueError, match="stages_per_tier must be a list of integers"):
+            split_stages(K, counts)
+    base = {**SPEC, "form": "tiers", "stages_per_tier": [1, 3], "num_exits": K}
+    for extra, why in (
+        ({"retries": -1}, "retries must be an integer >= 0"),
+        ({"retries": 1.5}, "retries must be an integer >= 0"),
+        ({"timeout_s": float("nan")}, "timeout_s must be a finite number"),
+        ({"timeout_s": 0}, "timeout_s must be a finite number"),
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1"),
+        ({"batch_wait_timeout_s": -0.5}, "batch_wait_timeout_s must be a finite number"),
+        ({"stages_per_tier": "13"}, "stages_per_tier must be a list of integers"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            build_app({**base, **extra})
+    with pytest.raises(ValueError, match="retries must be an integer >= 0"):
+        tiered_app(SPEC, [1, 3], num_exits=K, retries=-1)
+    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
+        runtime_app(SPEC, max_batch_size=0)
+    with pytest.raises(ValueError, match="retries must be an integer >= 0"):
+        TierReplica(SPEC, 0, 0, 1, next_tier=object(), retries=-1)
