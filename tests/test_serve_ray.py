@@ -540,16 +540,7 @@ def test_spec_rebuilds_a_saved_runtime(tmp_path):
 def local_replicas(monkeypatch):
     from ray.serve import batching
 
-    from eeruntime.serve.ray.deployment import RuntimeReplica
-    from eeruntime.serve.ray.tiers import TierReplica
-
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda q: None)
-    methods = (RuntimeReplica._batched, TierReplica._batched)
-
-    def fresh_queues():
-        for m in methods:
-            m._get_max_batch_size.__self__._queue = None
-
     made = []
 
     def make(cls, *args, **kwargs):
@@ -566,12 +557,22 @@ def local_replicas(monkeypatch):
             rep._executor.shutdown(wait=True)
 
 
+def fresh_queues():
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    for m in (RuntimeReplica._batched, TierReplica._batched):
+        m._get_max_batch_size.__self__._queue = None
+
+
 def run_async(coro, timeout_s=WAIT_S):
+    """``coro`` on a new event loop (with new batch queues: the old ones are bound to the last)."""
     import asyncio
 
     async def bounded():
         return await asyncio.wait_for(coro, timeout_s)
 
+    fresh_queues()
     return asyncio.run(bounded())
 
 
@@ -645,3 +646,21 @@ def test_tier_settings_that_cannot_work_are_refused_when_the_app_is_built():
         runtime_app(SPEC, max_batch_size=0)
     with pytest.raises(ValueError, match="retries must be an integer >= 0"):
         TierReplica(SPEC, 0, 0, 1, next_tier=object(), retries=-1)
+
+
+@pytest.mark.parametrize("form", ["runtime", "tiers"])
+def test_a_request_of_zero_rows_is_answered_like_infer(local_replicas, form):
+    """A 0-row request ran the model fine, then failed on its metrics (Ray's Counter.inc refuses
+    0): "ValueError: value must be >0, got 0", over HTTP a 400 blaming the input with that
+    message. Now it is answered as rt.infer answers it (no rows), alone or batched with others."""
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    rep = local_replicas(RuntimeReplica, SPEC) if form == "runtime" else local_replicas(TierReplica, SPEC, 0, 0, K)
+    empty, x = torch.empty(0, 6), torch.randn(3, 6)
+    alone = run_async(rep.infer(empty), timeout_s=30)
+    together = run_async(asyncio_gather(rep.infer(empty), rep.infer(x)), timeout_s=30)
+    ref = ee.EERuntime(mlp_model(K=K), thresholds=THR).infer(empty)
+    for a in (alone, together[0]):
+        assert a["logits"].shape == ref.logits.shape and a["exit_index"].shape == ref.exit_index.shape
+    check_rows(mlp_model(K=K), x, together[1], THR)
