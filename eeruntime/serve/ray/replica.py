@@ -43,6 +43,10 @@ class ReplicaBase:
         self.rt = self.spec.build()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eeruntime-compute")
         self.metrics = ReplicaMetrics(self.rt.num_exits, tier=self.tier)
+        # What a row of an HTTP request must look like: learned from the first answered request
+        # (as ``eeruntime serve`` does), so a later one of another row shape or kind of dtype gets
+        # a 422 saying so rather than reaching the model (a 500 "Internal Server Error").
+        self._inputs = http.InputSpec(dtype=_float_dtype(self.rt.model))
         self.metrics.thresholds(self.rt.thresholds)
         self._batch_settings = batch_settings(
             {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
@@ -101,19 +105,27 @@ class ReplicaBase:
         """A handle call with a tensor (or a tuple of tensors, or a numpy array) gets a dict of
         tensors; an HTTP request gets JSON (see :mod:`.http`)."""
         if not http.is_http_request(request):
-            return await self.infer(_as_input(request))
-        try:
-            x = await http.read_inputs(request)
+            x = _as_input(request)
             answer = await self.infer(x)
-        except http.BadRequest as e:
-            return http.error_response(400, str(e))
+            self._inputs.learn(x)
+            return answer
+        from .tiers import TierError
+
+        try:
+            x = await http.read_inputs(request, self._inputs)
+            answer = await self.infer(x)
+        except http.InputError as e:
+            return http.error_response(e.status, str(e))
         except ValueError as e:
             # the input does not fit the model (shape, dtype): the runtime's own message.
-            return http.error_response(400, f"the input does not fit the model: {e}")
+            return http.error_response(400, f"the input does not fit the model: {_message(e)}")
         except overloaded_errors() as e:
-            return http.error_response(503, f"overloaded, retry later: {type(e).__name__}")
+            return http.error_response(503, f"overloaded, retry later: {type(_cause(e)).__name__}")
+        except TierError as e:
+            return http.error_response(503, f"a tier could not answer, retry later: {_message(e)}")
         except (TimeoutError, asyncio.TimeoutError) as e:
-            return http.error_response(504, f"timed out: {e}")
+            return http.error_response(504, f"timed out: {_message(e)}")
+        self._inputs.learn(x)
         return http.answer_json(answer)
 
     def stats(self) -> Dict[str, Any]:
@@ -132,6 +144,28 @@ class ReplicaBase:
 
     def thresholds(self):
         return self.rt.thresholds
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception a later tier raised, out of Ray's wrapper: a ``RayTaskError`` is also an
+    instance of its cause's class, but its text is the remote traceback, never for a client."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(e, RayTaskError) and isinstance(e.cause, BaseException) and e.cause is not e:
+        e = e.cause
+    return e
+
+
+def _message(e: BaseException) -> str:
+    return str(_cause(e))
+
+
+def _float_dtype(model) -> torch.dtype:
+    """The dtype float inputs are given to the model in: its parameters' (float32 without any)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def batch_settings(config: Dict[str, Any]) -> Dict[str, Any]:

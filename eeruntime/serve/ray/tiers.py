@@ -191,18 +191,22 @@ class TierReplica(ReplicaBase):
         return parts, outcome.thresholds
 
     async def _send(self, survivors: Survivors) -> Dict[str, Any]:
+        from ray.exceptions import RayTaskError
+
         self.metrics.sent(survivors.num_rows, survivors.nbytes)
         for attempt in range(self.retries + 1):
             response = self._next.forward.remote(survivors.stamp())
             try:
                 return await asyncio.wait_for(_awaited(response), timeout=self.timeout_s)
-            except asyncio.TimeoutError:
-                response.cancel()
-                self.metrics.request(ok=False)
-                raise TimeoutError(
-                    f"tier {self.tier + 1} did not answer {survivors.num_rows} rows within {self.timeout_s} s"
-                ) from None
             except Exception as e:  # noqa: BLE001 - only a dead replica is retried
+                if isinstance(e, asyncio.TimeoutError) and not isinstance(e, RayTaskError):
+                    # this call's own timeout (a later tier's, handed back as a RayTaskError that
+                    # is also a TimeoutError, goes up as it is: it says which tier timed out)
+                    response.cancel()
+                    self.metrics.request(ok=False)
+                    raise TimeoutError(
+                        f"tier {self.tier + 1} did not answer {survivors.num_rows} rows within {self.timeout_s} s"
+                    ) from None
                 if not _is_replica_gone(e):
                     raise
                 if attempt == self.retries:
