@@ -621,10 +621,10 @@ def test_reconfigure_refuses_batch_settings_that_would_hang_every_request(local_
     assert rep._batch_settings == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
 
 
-async def asyncio_gather(*coros):
+async def asyncio_gather(*coros, return_exceptions=False):
     import asyncio
 
-    return await asyncio.gather(*coros)
+    return await asyncio.gather(*coros, return_exceptions=return_exceptions)
 
 
 def test_tier_settings_that_cannot_work_are_refused_when_the_app_is_built():
@@ -866,3 +866,46 @@ def test_ray_http_a_later_tier_failing_is_503_504_without_its_traceback(local_re
         got, doc = http_answer(run_async(rep(http_request(body)[0]), timeout_s=30))
         assert got == status and says in doc["error"], (got, doc)
         assert "Traceback" not in doc["error"] and "secret" not in doc["error"]
+
+
+class _Picky(torch.nn.Module):
+    """Stage 0 of picky_model: fails on a batch holding a row whose first value is over 1000."""
+
+    def __init__(self, stage):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x):
+        if bool((x[:, 0] > 1000).any()):
+            raise RuntimeError("picky stage: a row is out of range")
+        return self.stage(x)
+
+
+def picky_model(K=K):
+    m = mlp_model(K=K)
+    return ee.MultiExitModel([_Picky(m.stages[0]), *m.stages[1:]], list(m.exits)).eval()
+
+
+@pytest.mark.parametrize("form", ["runtime", "tiers"])
+def test_a_request_the_model_fails_on_does_not_fail_the_others_in_its_batch(local_replicas, form):
+    """Requests of one shape share a batch: when the model raised on one request's rows, every
+    request of that batch got the exception. Now the batch is run again one request at a time:
+    only the request the model fails on gets the error; the others are rt.infer's answers."""
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    spec = {**SPEC, "model": "test_serve_ray:picky_model"}
+    rep = local_replicas(RuntimeReplica, spec) if form == "runtime" else local_replicas(TierReplica, spec, 0, 0, K)
+    xs = requests(5, seed=11)
+    bad = torch.randn(2, 6)
+    bad[1, 0] = 5000.0
+    answers = run_async(
+        asyncio_gather(
+            *(rep.infer(x) for x in xs[:2]), rep.infer(bad), *(rep.infer(x) for x in xs[2:]), return_exceptions=True
+        )
+    )
+    assert isinstance(answers[2], RuntimeError) and "out of range" in str(answers[2])
+    good = answers[:2] + answers[3:]
+    assert all(isinstance(a, dict) for a in good), good  # (all five shared the batch of the bad one)
+    for x, a in zip(xs, good):
+        check_rows(mlp_model(K=K), x, a, THR)

@@ -208,17 +208,27 @@ def group_by(items, key) -> Dict[Any, list]:
 
 
 def run_groups(items, key, run_group):
-    """``run_group(list_of_items) -> list_of_answers`` on each group of compatible items; a group
-    that raises answers its own items with the exception (the others are unaffected)."""
+    """``run_group(list_of_items) -> list_of_answers`` on each group of compatible items. A group
+    of several that raises is run again one item at a time, so that only the requests the model
+    fails on get the exception (one request's bad rows failed every request batched with it);
+    the others are answered as if they had come alone (the stages are pure functions of their
+    rows). Groups of other signatures are unaffected."""
     answers: list = [None] * len(items)
     for idxs in group_by(items, key).values():
         try:
             outs = run_group([items[i] for i in idxs])
-        except Exception as e:  # noqa: BLE001 - delivered to the requests of this group only
-            outs = [e] * len(idxs)
+        except Exception as e:  # noqa: BLE001 - delivered to the requests that cause it only
+            outs = [_alone(run_group, items[i]) for i in idxs] if len(idxs) > 1 else [e]
         for i, out in zip(idxs, outs):
             answers[i] = out
     return answers
+
+
+def _alone(run_group, item):
+    try:
+        return run_group([item])[0]
+    except Exception as e:  # noqa: BLE001 - this request's own failure
+        return e
 
 
 def raise_if_error(answer):
