@@ -909,3 +909,37 @@ def test_a_request_the_model_fails_on_does_not_fail_the_others_in_its_batch(loca
     assert all(isinstance(a, dict) for a in good), good  # (all five shared the batch of the bad one)
     for x, a in zip(xs, good):
         check_rows(mlp_model(K=K), x, a, THR)
+
+
+def test_wire_carries_every_dtype_a_state_may_hold_bit_for_bit():
+    """State members of dtypes numpy lacks (float8) or with a lazy conjugate bit failed to
+    encode (TypeError "unsupported ScalarType", RuntimeError "conjugate bit set"); the others
+    already went through. Each now round-trips bit for bit, the sender's tensor untouched."""
+    from eeruntime.serve.ray.wire import WireTensor
+
+    base = torch.randn(3, 4) * 3
+    tensors = [
+        base.to(dt)
+        for dt in (
+            torch.float32,
+            torch.float64,
+            torch.float16,
+            torch.bfloat16,
+            torch.int64,
+            torch.int8,
+            torch.uint8,
+            torch.bool,
+        )
+    ]
+    tensors += [base.to(getattr(torch, n)) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+    tensors += [torch.randn(3, 4, dtype=torch.complex64).conj(), base[:, ::2].t()]  # a lazy view, a strided one
+
+    def bits(u):  # the tensor's bytes, whatever its dtype (bool compared as it is)
+        return u if u.dtype == torch.bool else u.resolve_conj().contiguous().view(torch.uint8)
+
+    for t in tensors:
+        keep = bits(t).clone()
+        back = WireTensor.encode(t).decode()
+        assert back.dtype == t.dtype and back.shape == t.shape
+        assert torch.equal(bits(back), bits(t)), t.dtype
+        assert torch.equal(bits(t), keep)
