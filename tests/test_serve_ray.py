@@ -9,6 +9,7 @@ of its threshold)."""
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -446,6 +447,18 @@ def test_ray_http_answers_are_strict_json_even_for_a_nan_row():
     assert finite == {"logits": [[0.25, 1.0]]}  # (all finite: numbers, as before)
 
 
+def test_ray_http_answers_are_strict_json_with_an_inf_threshold():
+    """inf is a valid threshold; the answer's "thresholds" list was left as floats, which Ray
+    wrote as the bare Infinity that strict JSON parsers refuse. Now spelled "inf"."""
+    from eeruntime.serve.ray.http import answer_json
+
+    thresholds = [float("inf"), 0.5, float("-inf")]
+    doc = answer_json({"exit_index": torch.tensor([1]), "thresholds": list(thresholds), "meta": {"tiers": 1}})
+    text = json.dumps(doc, allow_nan=False)
+    assert json.loads(text)["thresholds"] == ["inf", 0.5, "-inf"]
+    assert answer_json({"thresholds": [0.25, 0.5]})["thresholds"] == [0.25, 0.5]
+
+
 def test_split_and_spec_errors():
     from eeruntime.serve.ray import RuntimeSpec, split_stages
     from eeruntime.serve.ray.app import build_app
@@ -527,3 +540,406 @@ def test_spec_rebuilds_a_saved_runtime(tmp_path):
     assert torch.equal(a.exit_index, b.exit_index)
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     assert RuntimeSpec.from_value(spec.to_dict()) == spec  # travels as plain values
+
+
+# ------------------------------------------------------------------ replicas in this process
+# The replica classes run here without a cluster: Ray Serve's @serve.batch queue works in any
+# event loop. Two Ray-only details are bridged: the queue asks the Serve replica context for
+# max_ongoing_requests (only to warn), and it is made once per decorated method, bound to the
+# event loop that first used it, so each test starts it afresh.
+
+
+@pytest.fixture
+def local_replicas(monkeypatch):
+    from ray.serve import batching
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda q: None)
+    made = []
+
+    def make(cls, *args, **kwargs):
+        rep = cls(*args, **kwargs)
+        made.append(rep)
+        return rep
+
+    fresh_queues()
+    try:
+        yield make
+    finally:
+        fresh_queues()
+        for rep in made:
+            rep._executor.shutdown(wait=True)
+
+
+def fresh_queues():
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    for m in (RuntimeReplica._batched, TierReplica._batched):
+        m._get_max_batch_size.__self__._queue = None
+
+
+def run_async(coro, timeout_s=WAIT_S):
+    """``coro`` on a new event loop (with new batch queues: the old ones are bound to the last)."""
+    import asyncio
+
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout_s)
+
+    fresh_queues()
+    return asyncio.run(bounded())
+
+
+@pytest.mark.parametrize(
+    "config,why",
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1"),
+        ({"max_batch_size": -3}, "max_batch_size must be an integer >= 1"),
+        ({"max_batch_size": 2.5}, "max_batch_size must be an integer >= 1"),
+        ({"max_batch_size": True}, "max_batch_size must be an integer >= 1"),
+        ({"batch_wait_timeout_s": float("nan")}, "batch_wait_timeout_s must be a finite number"),
+        ({"batch_wait_timeout_s": -1.0}, "batch_wait_timeout_s must be a finite number"),
+        ({"thresholds": [0.1, 0.1, 0.1], "max_batch_size": 0}, "max_batch_size"),  # nothing applied
+        ({"thresholds": [0.1, 0.1, 0.1], "transfer_dtype": "int8"}, "unknown transfer_dtype"),
+    ],
+)
+def test_reconfigure_refuses_batch_settings_that_would_hang_every_request(local_replicas, config, why):
+    """A user_config with max_batch_size 0 or a NaN / negative wait was taken as it was: Ray's
+    batch queue then never formed a batch and every later request hung. Now it is refused, and a
+    config refused in part changes nothing (the thresholds stay); requests are still answered."""
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    rep = local_replicas(TierReplica, {**SPEC, "final": "average"}, 0, 0, K)
+    before = (rep.rt.thresholds, dict(rep._batch_settings), rep.transfer_dtype)
+    with pytest.raises(ValueError, match=why):
+        rep.reconfigure(config)
+    assert (rep.rt.thresholds, rep._batch_settings, rep.transfer_dtype) == before
+    x = torch.randn(3, 6)
+    answers = run_async(asyncio_gather(rep.infer(x), rep.infer(x)), timeout_s=30)
+    for a in answers:
+        check_rows(mlp_model(K=K), x, a, THR, final="average")
+    rep.reconfigure({"max_batch_size": 8.0, "batch_wait_timeout_s": 0})  # integral floats and 0 are fine
+    assert rep._batch_settings == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
+
+
+async def asyncio_gather(*coros, return_exceptions=False):
+    import asyncio
+
+    return await asyncio.gather(*coros, return_exceptions=return_exceptions)
+
+
+def test_tier_settings_that_cannot_work_are_refused_when_the_app_is_built():
+    """A negative retries made the tier send nothing and fail every request that had survivors
+    with AssertionError("unreachable"); a NaN / non-positive timeout failed every call; a string
+    or float stages_per_tier was read digit by digit ("13" -> [1, 3]) or truncated (1.5 -> 1).
+    Each is now refused where the app is built, saying what is accepted."""
+    from eeruntime.serve.ray import split_stages, tiered_app
+    from eeruntime.serve.ray.app import build_app
+    from eeruntime.serve.ray.deployment import runtime_app
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    assert split_stages(K, (1, 3)) == [(0, 1), (1, 4)]
+    for counts in ("13", "1,3", [1.5, 3], [True, 3], None, 4):
+        with pytest.raises(ValueError, match="stages_per_tier must be a list of integers"):
+            split_stages(K, counts)
+    base = {**SPEC, "form": "tiers", "stages_per_tier": [1, 3], "num_exits": K}
+    for extra, why in (
+        ({"retries": -1}, "retries must be an integer >= 0"),
+        ({"retries": 1.5}, "retries must be an integer >= 0"),
+        ({"timeout_s": float("nan")}, "timeout_s must be a finite number"),
+        ({"timeout_s": 0}, "timeout_s must be a finite number"),
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1"),
+        ({"batch_wait_timeout_s": -0.5}, "batch_wait_timeout_s must be a finite number"),
+        ({"stages_per_tier": "13"}, "stages_per_tier must be a list of integers"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            build_app({**base, **extra})
+    with pytest.raises(ValueError, match="retries must be an integer >= 0"):
+        tiered_app(SPEC, [1, 3], num_exits=K, retries=-1)
+    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
+        runtime_app(SPEC, max_batch_size=0)
+    with pytest.raises(ValueError, match="retries must be an integer >= 0"):
+        TierReplica(SPEC, 0, 0, 1, next_tier=object(), retries=-1)
+
+
+@pytest.mark.parametrize("form", ["runtime", "tiers"])
+def test_a_request_of_zero_rows_is_answered_like_infer(local_replicas, form):
+    """A 0-row request ran the model fine, then failed on its metrics (Ray's Counter.inc refuses
+    0): "ValueError: value must be >0, got 0", over HTTP a 400 blaming the input with that
+    message. Now it is answered as rt.infer answers it (no rows), alone or batched with others."""
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    rep = local_replicas(RuntimeReplica, SPEC) if form == "runtime" else local_replicas(TierReplica, SPEC, 0, 0, K)
+    empty, x = torch.empty(0, 6), torch.randn(3, 6)
+    alone = run_async(rep.infer(empty), timeout_s=30)
+    together = run_async(asyncio_gather(rep.infer(empty), rep.infer(x)), timeout_s=30)
+    ref = ee.EERuntime(mlp_model(K=K), thresholds=THR).infer(empty)
+    for a in (alone, together[0]):
+        assert a["logits"].shape == ref.logits.shape and a["exit_index"].shape == ref.exit_index.shape
+    check_rows(mlp_model(K=K), x, together[1], THR)
+
+
+def http_request(body: bytes, content_type="application/json", headers=(), chunks=1):
+    """A Starlette request as Ray's proxy hands it to a replica; ``reads`` counts the body
+    messages the replica asked for."""
+    from starlette.requests import Request
+
+    size = max(1, -(-len(body) // chunks))
+    parts = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+    reads = [0]
+
+    async def receive():
+        i = reads[0]
+        reads[0] += 1
+        return {"type": "http.request", "body": parts[i], "more_body": i < len(parts) - 1}
+
+    raw = [(b"content-type", content_type.encode())] + [(k.encode(), v.encode()) for k, v in headers]
+    req = Request({"type": "http", "method": "POST", "path": "/", "headers": raw, "query_string": b""}, receive)
+    return req, reads
+
+
+def http_answer(response):
+    """(status, JSON document) of what a replica's __call__ returned for an HTTP request."""
+    if isinstance(response, dict):
+        return 200, json.loads(json.dumps(response, allow_nan=False))
+    return response.status_code, json.loads(response.body)
+
+
+def test_ray_http_checks_inputs_as_eeruntime_serve_does(local_replicas):
+    """Once the model has answered a request, an HTTP input of another row shape or another kind
+    of dtype (ints for a float model), or two tensors for a one-input model, reached the model:
+    a torch error, answered by Ray as a 500 "Internal Server Error". Now each is a 422 saying
+    what the model takes. Float bytes of another width are cast to the model's dtype (float64
+    failed in the model too), and safetensors sent as application/vnd.safetensors (or any case of
+    the media type) are read as such, not as JSON (a 400 "not valid JSON")."""
+    from safetensors.torch import save
+
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+
+    rep = local_replicas(RuntimeReplica, SPEC)
+    model, x = mlp_model(K=K), torch.randn(3, 6)
+
+    def call(body, ctype="application/json"):
+        return http_answer(run_async(rep(http_request(body, ctype)[0]), timeout_s=30))
+
+    status, doc = call(json.dumps({"inputs": x.tolist()}).encode())
+    assert status == 200
+    check_rows(model, x, {k: torch.tensor(doc[k]) for k in ("logits", "exit_index", "confidence")}, THR)
+    for body, ctype, why in (
+        (
+            json.dumps({"inputs": [[1.0] * 5]}).encode(),
+            "application/json",
+            r"each row must have shape \[6\], got \[5\]",
+        ),
+        (b'{"inputs": [[]]}', "application/json", r"each row must have shape \[6\], got \[0\]"),
+        (json.dumps({"inputs": [[[1.0] * 6]]}).encode(), "application/json", r"shape \[6\], got \[1, 6\]"),
+        (save({"inputs": torch.ones(2, 6, dtype=torch.int64)}), "application/octet-stream", "dtype int64.*float32"),
+        (save({"inputs": torch.ones(2, 6, dtype=torch.uint8)}), "application/octet-stream", "dtype uint8.*float32"),
+        (save({"input_0": x, "input_1": x.clone()}), "application/octet-stream", "takes 1 input tensor"),
+    ):
+        status, doc = call(body, ctype)
+        assert status == 422, (status, doc)
+        assert re.search(why, doc["error"]) and "Traceback" not in doc["error"]
+    for t, ctype in (
+        (x.double(), "application/octet-stream"),
+        (x, "application/vnd.safetensors"),
+        (x, "Application/Octet-Stream; charset=binary"),
+    ):
+        status, doc = call(save({"inputs": t}), ctype)
+        assert status == 200, (ctype, doc)
+        check_rows(model, x, {k: torch.tensor(doc[k]) for k in ("logits", "exit_index", "confidence")}, THR)
+
+
+def test_ray_http_body_over_the_limit_is_413_before_it_is_read_whole(local_replicas, monkeypatch):
+    """A body over the limit was read whole into the replica's memory, then refused (400). Now
+    its Content-Length refuses it before a byte is read, and without one reading stops as soon
+    as the limit is passed."""
+    from eeruntime.serve.ray import http
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+
+    rep = local_replicas(RuntimeReplica, SPEC)
+    limit = 1000
+    monkeypatch.setattr(http, "MAX_BODY_BYTES", limit)
+    body = json.dumps({"inputs": torch.randn(200, 6).tolist()}).encode()
+    assert len(body) > 4 * limit
+    for headers in ([("content-length", str(len(body)))], []):
+        req, reads = http_request(body, headers=headers, chunks=40)
+        status, doc = http_answer(run_async(rep(req), timeout_s=30))
+        assert status == 413 and str(limit) in doc["error"]
+        assert reads[0] <= (0 if headers else 10)  # (40 chunks of ~len/40 bytes: the 10th passes it)
+
+
+class _MeanEmbed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 6)
+
+    def forward(self, ids):
+        return self.embed(ids).mean(1)
+
+
+def token_model():
+    """A two-stage model of token ids [B, L] (int64): what JSON integers are for."""
+    torch.manual_seed(0)
+    stages = [torch.nn.Sequential(_MeanEmbed(), torch.nn.Tanh()), torch.nn.Sequential(torch.nn.Linear(6, 6))]
+    return ee.MultiExitModel(stages, [torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)]).eval()
+
+
+def test_ray_http_json_integers_reach_a_model_of_token_ids(local_replicas):
+    """JSON numbers were always made float32: a model that takes token ids failed on every JSON
+    request (a 500). Once it has answered ids, JSON integers stay integers, as in `eeruntime serve`;
+    floats are then refused with a 422 naming the dtype it takes."""
+    from safetensors.torch import save
+
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+
+    spec = {"model": "test_serve_ray:token_model", "thresholds": [0.5], "torch_threads": 1}
+    rep = local_replicas(RuntimeReplica, spec)
+    ids = torch.randint(0, 10, (4, 3))
+    ref = ee.EERuntime(token_model(), thresholds=[0.5]).infer(ids)
+
+    def call(body, ctype="application/json"):
+        return http_answer(run_async(rep(http_request(body, ctype)[0]), timeout_s=30))
+
+    for body, ctype in (
+        (save({"inputs": ids}), "application/octet-stream"),
+        (json.dumps({"inputs": ids.tolist()}).encode(), "application/json"),
+    ):
+        status, doc = call(body, ctype)
+        assert status == 200, doc
+        assert doc["exit_index"] == ref.exit_index.tolist()
+        torch.testing.assert_close(torch.tensor(doc["logits"]), ref.logits)
+    status, doc = call(b'{"inputs": [[1.5, 2, 3]]}')
+    assert status == 422 and "int64" in doc["error"]
+
+
+class _FailingTier:
+    """A next tier whose calls raise ``error`` (as Ray hands a remote tier's exception back)."""
+
+    def __init__(self, error):
+        self.error = error
+        self.forward = self
+
+    def remote(self, survivors):
+        error = self.error
+
+        class Response:
+            def __await__(self):
+                raise error
+                yield  # (a generator: awaitable)
+
+            def cancel(self):
+                pass
+
+        return Response()
+
+
+def _remote(cause):
+    """``cause`` as raised by a later tier and received here: a RayTaskError that is also an
+    instance of the cause's class, whose text is the remote traceback."""
+    from ray.exceptions import RayTaskError
+
+    tb = f'Traceback (most recent call last):\n  File "/srv/secret/tiers.py", line 1\n{type(cause).__name__}: {cause}'
+    return RayTaskError(
+        "forward", tb, cause, proctitle="ray::Tier1", pid=1, ip="127.0.0.1"
+    ).make_dual_exception_instance()
+
+
+def test_ray_http_a_later_tier_failing_is_503_504_without_its_traceback(local_replicas):
+    """A later tier's failure over HTTP: TierError (its replica kept dying) was a 500 "Internal
+    Server Error"; a timeout or a ValueError raised in tier 2 and handed back through tier 1
+    arrived as a RayTaskError whose text - the remote traceback - went into the 504 / 400
+    message. Now: 503 / 504 / 400 with the cause's own message, no traceback."""
+    from eeruntime.serve.ray import TierError
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    x = torch.randn(6, 6)
+    body = json.dumps({"inputs": x.tolist()}).encode()
+    thr = [0.0] * (K - 1)  # nobody leaves at tier 0: every request calls the next tier
+    for error, status, says in (
+        (_remote(TierError("tier 2 lost its replica 3 times for this request: ActorDiedError")), 503, "tier 2 lost"),
+        (TierError("tier 1 lost its replica 3 times for this request: ActorDiedError"), 503, "tier 1 lost"),
+        (_remote(TimeoutError("tier 2 did not answer 6 rows within 30.0 s")), 504, "tier 2 did not answer"),
+        (_remote(ValueError("tier 1 runs stages from 1, got rows for stage 2")), 400, "got rows for stage 2"),
+    ):
+        rep = local_replicas(TierReplica, {**SPEC, "thresholds": thr}, 0, 0, 1, next_tier=_FailingTier(error))
+        got, doc = http_answer(run_async(rep(http_request(body)[0]), timeout_s=30))
+        assert got == status and says in doc["error"], (got, doc)
+        assert "Traceback" not in doc["error"] and "secret" not in doc["error"]
+
+
+class _Picky(torch.nn.Module):
+    """Stage 0 of picky_model: fails on a batch holding a row whose first value is over 1000."""
+
+    def __init__(self, stage):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x):
+        if bool((x[:, 0] > 1000).any()):
+            raise RuntimeError("picky stage: a row is out of range")
+        return self.stage(x)
+
+
+def picky_model(K=K):
+    m = mlp_model(K=K)
+    return ee.MultiExitModel([_Picky(m.stages[0]), *m.stages[1:]], list(m.exits)).eval()
+
+
+@pytest.mark.parametrize("form", ["runtime", "tiers"])
+def test_a_request_the_model_fails_on_does_not_fail_the_others_in_its_batch(local_replicas, form):
+    """Requests of one shape share a batch: when the model raised on one request's rows, every
+    request of that batch got the exception. Now the batch is run again one request at a time:
+    only the request the model fails on gets the error; the others are rt.infer's answers."""
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    spec = {**SPEC, "model": "test_serve_ray:picky_model"}
+    rep = local_replicas(RuntimeReplica, spec) if form == "runtime" else local_replicas(TierReplica, spec, 0, 0, K)
+    xs = requests(5, seed=11)
+    bad = torch.randn(2, 6)
+    bad[1, 0] = 5000.0
+    answers = run_async(
+        asyncio_gather(
+            *(rep.infer(x) for x in xs[:2]), rep.infer(bad), *(rep.infer(x) for x in xs[2:]), return_exceptions=True
+        )
+    )
+    assert isinstance(answers[2], RuntimeError) and "out of range" in str(answers[2])
+    good = answers[:2] + answers[3:]
+    assert all(isinstance(a, dict) for a in good), good  # (all five shared the batch of the bad one)
+    for x, a in zip(xs, good):
+        check_rows(mlp_model(K=K), x, a, THR)
+
+
+def test_wire_carries_every_dtype_a_state_may_hold_bit_for_bit():
+    """State members of dtypes numpy lacks (float8) or with a lazy conjugate bit failed to
+    encode (TypeError "unsupported ScalarType", RuntimeError "conjugate bit set"); the others
+    already went through. Each now round-trips bit for bit, the sender's tensor untouched."""
+    from eeruntime.serve.ray.wire import WireTensor
+
+    base = torch.randn(3, 4) * 3
+    tensors = [
+        base.to(dt)
+        for dt in (
+            torch.float32,
+            torch.float64,
+            torch.float16,
+            torch.bfloat16,
+            torch.int64,
+            torch.int8,
+            torch.uint8,
+            torch.bool,
+        )
+    ]
+    tensors += [base.to(getattr(torch, n)) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+    tensors += [torch.randn(3, 4, dtype=torch.complex64).conj(), base[:, ::2].t()]  # a lazy view, a strided one
+
+    def bits(u):  # the tensor's bytes, whatever its dtype (bool compared as it is)
+        return u if u.dtype == torch.bool else u.resolve_conj().contiguous().view(torch.uint8)
+
+    for t in tensors:
+        keep = bits(t).clone()
+        back = WireTensor.encode(t).decode()
+        assert back.dtype == t.dtype and back.shape == t.shape
+        assert torch.equal(bits(back), bits(t)), t.dtype
+        assert torch.equal(bits(t), keep)

@@ -19,7 +19,7 @@ from ray import serve
 
 from ...oracle import plain_forward
 from ...runtime import cat_rows
-from .replica import ReplicaBase, raise_if_error, rows_of, run_groups, signature
+from .replica import ReplicaBase, batch_settings, raise_if_error, rows_of, run_groups, signature
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_WAIT_S = 0.002
@@ -106,6 +106,7 @@ def runtime_app(
     from .spec import RuntimeSpec
 
     spec = RuntimeSpec.from_value(spec)
+    batch_settings({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
     options = _deployment_options(
         name or ("PlainModel" if plain else "EERuntime"),
         num_replicas,

@@ -1,27 +1,36 @@
 """HTTP bodies of the Ray Serve deployments (Ray's HTTP proxy hands the replica a Starlette
 ``Request``). A request is
 
-- JSON: ``{"inputs": [[...], ...]}`` (one float32 tensor, batch dim first), or
-- ``application/octet-stream``: safetensors bytes with a tensor ``inputs`` (any dtype), or
-  ``input_0``, ``input_1``, ... for a tuple input.
+- JSON: ``{"inputs": [[...], ...]}`` (one tensor, batch dim first; numbers become the model's
+  float dtype, or stay integers for a model that has taken integers), or
+- safetensors bytes (``application/octet-stream`` or ``application/vnd.safetensors``) with a
+  tensor ``inputs`` (or ``input``), or ``input_0``, ``input_1``, ... for a tuple input.
 
 The answer is JSON ``{"logits": [[...]], "exit_index": [...], "confidence": [...]}`` plus the
-serving facts in ``meta``. A bad body gets a 400 saying what was wrong; an overloaded tier a 503;
-a timeout a 504; never a traceback.
+serving facts in ``meta``. A malformed body gets a 400 saying what was wrong; one over the size
+limit a 413 (before it is read whole); an input unlike the ones the model has answered (row
+shape, kind of dtype; the checks of ``eeruntime serve``, :class:`~eeruntime.serve.codec.InputSpec`)
+a 422; an overloaded tier a 503; a timeout a 504; never a traceback.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+import sys
+from typing import Any, Dict, List, Optional
 
 import torch
+
+from ..codec import SAFETENSORS_TYPES, InputError, InputSpec
 
 MAX_BODY_BYTES = 64 << 20
 
 
-class BadRequest(ValueError):
-    """The client's body cannot be served (HTTP 400)."""
+class BadRequest(InputError):
+    """The client's body cannot be served (HTTP 400, or ``status``)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message, status=status)
 
 
 def is_http_request(obj) -> bool:
@@ -32,24 +41,32 @@ def is_http_request(obj) -> bool:
     return isinstance(obj, Request)
 
 
-def _from_safetensors(body: bytes):
+def _from_safetensors(body: bytes, spec: Optional[InputSpec] = None):
     from safetensors.torch import load as st_load
 
+    spec = spec or InputSpec()
     try:
         tensors = st_load(body)
     except Exception as e:  # noqa: BLE001 - any parse failure is the client's
         raise BadRequest(f"the body is not valid safetensors bytes ({type(e).__name__})") from None
-    if "inputs" in tensors:
-        return tensors["inputs"]
+    for name in ("inputs", "input"):  # (``input``: the name ``eeruntime serve`` reads)
+        if name in tensors:
+            return _floats_as_model(tensors[name], spec)
     parts: List[torch.Tensor] = []
     while f"input_{len(parts)}" in tensors:
-        parts.append(tensors[f"input_{len(parts)}"])
+        parts.append(_floats_as_model(tensors[f"input_{len(parts)}"], spec))
     if not parts:
         raise BadRequest(f"safetensors body needs a tensor 'inputs' (or input_0, input_1, ...); got {sorted(tensors)}")
     return tuple(parts)
 
 
-def _from_json(body: bytes):
+def _floats_as_model(t: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    # Float inputs in the model's float dtype, as JSON numbers are (float64 bytes for a float32
+    # model reached the model and failed there, a 500); integers are checked, never cast here.
+    return t.to(spec.dtype) if t.is_floating_point() else t
+
+
+def _from_json(body: bytes, spec: Optional[InputSpec] = None):
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -58,8 +75,11 @@ def _from_json(body: bytes):
         raise BadRequest("the body's JSON is nested too deeply to be read") from None
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise BadRequest('a JSON body is an object with "inputs": a nested list of numbers, batch dim first')
+    spec = spec or InputSpec()
+    # numbers in the model's float dtype; for a model that has taken integers (token ids), as sent
+    ids = spec.dtypes is not None and len(spec.dtypes) == 1 and not spec.dtypes[0].is_floating_point
     try:
-        x = torch.tensor(doc["inputs"], dtype=torch.float32)
+        x = torch.tensor(doc["inputs"], dtype=None if ids else spec.dtype)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise BadRequest(f'"inputs" must be a rectangular nested list of numbers ({e})') from None
     if x.dim() < 2:
@@ -67,17 +87,35 @@ def _from_json(body: bytes):
     return x
 
 
-async def read_inputs(request, max_bytes: int = MAX_BODY_BYTES):
-    """The input tensor (or tuple) of an HTTP request; :class:`BadRequest` when it is not one."""
+async def read_body(request, max_bytes: int) -> bytes:
+    """The request's body, refused (413) as soon as it is known to exceed ``max_bytes``: from
+    its Content-Length before any of it is read, else while it streams in (it was read whole
+    first, so a client could make the replica hold any number of bytes)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise BadRequest(f"the body has {declared} bytes; at most {max_bytes} are accepted", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BadRequest(f"the body exceeds {max_bytes} bytes, the most accepted", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_inputs(request, spec: InputSpec, max_bytes: Optional[int] = None):
+    """The input tensor (or tuple) of an HTTP request, checked against what the model has taken
+    (``spec``); an :class:`~eeruntime.serve.codec.InputError` (:class:`BadRequest`) when it is
+    not one, with the HTTP status it maps to."""
     if request.method != "POST":
         raise BadRequest(f"send inputs with POST, got {request.method}")
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise BadRequest(f"body of {len(body)} bytes is over the limit of {max_bytes}")
+    body = await read_body(request, MAX_BODY_BYTES if max_bytes is None else max_bytes)
     if not body:
         raise BadRequest('empty body: send JSON {"inputs": [...]} or safetensors bytes')
-    ctype = request.headers.get("content-type", "")
-    return _from_safetensors(body) if ctype.startswith("application/octet-stream") else _from_json(body)
+    # media types are case-insensitive; parameters (; charset=...) do not change the format
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    x = _from_safetensors(body, spec) if ctype in SAFETENSORS_TYPES else _from_json(body, spec)
+    return spec.check(x, max_rows=sys.maxsize)
 
 
 def answer_json(answer: Dict[str, Any]) -> Dict[str, Any]:
@@ -91,6 +129,10 @@ def answer_json(answer: Dict[str, Any]) -> Dict[str, Any]:
         if isinstance(value, torch.Tensor):
             rows = value.tolist()
             value = strict_rows(rows) if value.is_floating_point() and isinstance(rows, list) else rows
+        elif isinstance(value, list) and all(isinstance(v, float) for v in value):
+            # the thresholds: inf is a valid one ("never exit there"), and Ray wrote it as the
+            # bare Infinity no strict JSON parser reads
+            value = strict_rows(value)
         out[key] = value
     return out
 

@@ -82,7 +82,8 @@ class ReplicaMetrics:
             del self._batch_rows[:-1000]
             for k, c in enumerate(exits_per_exit):
                 self._exit_counts[k] += int(c)
-        self._m_rows.inc(rows)
+        if rows:  # (Ray's Counter.inc refuses 0: a request of 0 rows would fail on its metrics)
+            self._m_rows.inc(rows)
         self._m_batch.observe(rows)
         self._m_latency.observe(seconds * 1e3)
         for k, c in enumerate(exits_per_exit):

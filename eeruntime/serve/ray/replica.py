@@ -12,6 +12,7 @@ same thread, between batches, which is what makes every answer's ``thresholds`` 
 from __future__ import annotations
 
 import asyncio
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict
 
@@ -42,11 +43,14 @@ class ReplicaBase:
         self.rt = self.spec.build()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eeruntime-compute")
         self.metrics = ReplicaMetrics(self.rt.num_exits, tier=self.tier)
+        # What a row of an HTTP request must look like: learned from the first answered request
+        # (as ``eeruntime serve`` does), so a later one of another row shape or kind of dtype gets
+        # a 422 saying so rather than reaching the model (a 500 "Internal Server Error").
+        self._inputs = http.InputSpec(dtype=_float_dtype(self.rt.model))
         self.metrics.thresholds(self.rt.thresholds)
-        self._batch_settings = {
-            "max_batch_size": int(max_batch_size),
-            "batch_wait_timeout_s": float(batch_wait_timeout_s),
-        }
+        self._batch_settings = batch_settings(
+            {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
+        )
         self._apply_batch_settings()
         freeze_startup_objects()  # the replica's process is loaded (eeruntime/serve/process.py)
 
@@ -79,14 +83,15 @@ class ReplicaBase:
         changes (no restart): new thresholds take effect from the next batch; the batch under way
         finishes with the set it started with."""
         config = self._check_config(config)
+        # Every value is checked before any is applied: a config refused in part changes nothing
+        # (Ray Serve reports the reconfigure as failed; the replica must not run half of it).
+        settings = batch_settings({**self._batch_settings, **{k: v for k, v in config.items() if v is not None}})
         if config.get("thresholds") is not None:
             values = config["thresholds"]
             # On the compute thread, between two batches.
             self._executor.submit(self.rt.set_thresholds, values).result()
             self.metrics.thresholds(self.rt.thresholds)
-        for key in ("max_batch_size", "batch_wait_timeout_s"):
-            if config.get(key) is not None:
-                self._batch_settings[key] = type(self._batch_settings[key])(config[key])
+        self._batch_settings = settings
         self._apply_batch_settings()
 
     # ---------------------------------------------------------------- entry points
@@ -100,19 +105,27 @@ class ReplicaBase:
         """A handle call with a tensor (or a tuple of tensors, or a numpy array) gets a dict of
         tensors; an HTTP request gets JSON (see :mod:`.http`)."""
         if not http.is_http_request(request):
-            return await self.infer(_as_input(request))
-        try:
-            x = await http.read_inputs(request)
+            x = _as_input(request)
             answer = await self.infer(x)
-        except http.BadRequest as e:
-            return http.error_response(400, str(e))
+            self._inputs.learn(x)
+            return answer
+        from .tiers import TierError
+
+        try:
+            x = await http.read_inputs(request, self._inputs)
+            answer = await self.infer(x)
+        except http.InputError as e:
+            return http.error_response(e.status, str(e))
         except ValueError as e:
             # the input does not fit the model (shape, dtype): the runtime's own message.
-            return http.error_response(400, f"the input does not fit the model: {e}")
+            return http.error_response(400, f"the input does not fit the model: {_message(e)}")
         except overloaded_errors() as e:
-            return http.error_response(503, f"overloaded, retry later: {type(e).__name__}")
+            return http.error_response(503, f"overloaded, retry later: {type(_cause(e)).__name__}")
+        except TierError as e:
+            return http.error_response(503, f"a tier could not answer, retry later: {_message(e)}")
         except (TimeoutError, asyncio.TimeoutError) as e:
-            return http.error_response(504, f"timed out: {e}")
+            return http.error_response(504, f"timed out: {_message(e)}")
+        self._inputs.learn(x)
         return http.answer_json(answer)
 
     def stats(self) -> Dict[str, Any]:
@@ -131,6 +144,42 @@ class ReplicaBase:
 
     def thresholds(self):
         return self.rt.thresholds
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception a later tier raised, out of Ray's wrapper: a ``RayTaskError`` is also an
+    instance of its cause's class, but its text is the remote traceback, never for a client."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(e, RayTaskError) and isinstance(e.cause, BaseException) and e.cause is not e:
+        e = e.cause
+    return e
+
+
+def _message(e: BaseException) -> str:
+    return str(_cause(e))
+
+
+def _float_dtype(model) -> torch.dtype:
+    """The dtype float inputs are given to the model in: its parameters' (float32 without any)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def batch_settings(config: Dict[str, Any]) -> Dict[str, Any]:
+    """``max_batch_size`` (an int >= 1) and ``batch_wait_timeout_s`` (a finite float >= 0) of
+    ``config``, checked: Ray's batch queue takes any value from its setters, and with a size
+    below 1 or a NaN / negative wait it never forms a batch, so every request would hang."""
+    size, wait = config["max_batch_size"], config["batch_wait_timeout_s"]
+    if isinstance(size, float) and size.is_integer():  # (8.0 from a JSON config)
+        size = int(size)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_batch_size must be an integer >= 1, got {size!r}")
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not (math.isfinite(wait) and wait >= 0):
+        raise ValueError(f"batch_wait_timeout_s must be a finite number of seconds >= 0, got {wait!r}")
+    return {"max_batch_size": size, "batch_wait_timeout_s": float(wait)}
 
 
 def _as_input(x):
@@ -159,17 +208,27 @@ def group_by(items, key) -> Dict[Any, list]:
 
 
 def run_groups(items, key, run_group):
-    """``run_group(list_of_items) -> list_of_answers`` on each group of compatible items; a group
-    that raises answers its own items with the exception (the others are unaffected)."""
+    """``run_group(list_of_items) -> list_of_answers`` on each group of compatible items. A group
+    of several that raises is run again one item at a time, so that only the requests the model
+    fails on get the exception (one request's bad rows failed every request batched with it);
+    the others are answered as if they had come alone (the stages are pure functions of their
+    rows). Groups of other signatures are unaffected."""
     answers: list = [None] * len(items)
     for idxs in group_by(items, key).values():
         try:
             outs = run_group([items[i] for i in idxs])
-        except Exception as e:  # noqa: BLE001 - delivered to the requests of this group only
-            outs = [e] * len(idxs)
+        except Exception as e:  # noqa: BLE001 - delivered to the requests that cause it only
+            outs = [_alone(run_group, items[i]) for i in idxs] if len(idxs) > 1 else [e]
         for i, out in zip(idxs, outs):
             answers[i] = out
     return answers
+
+
+def _alone(run_group, item):
+    try:
+        return run_group([item])[0]
+    except Exception as e:  # noqa: BLE001 - this request's own failure
+        return e
 
 
 def raise_if_error(answer):

@@ -24,6 +24,7 @@ overloaded next tier (``max_queued_requests`` reached) fails the request with ``
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -34,7 +35,7 @@ from ray import serve
 from ...runtime import cat_rows, take_rows
 from ...thresholds import ThresholdSnapshot
 from .deployment import DEFAULT_MAX_BATCH, DEFAULT_WAIT_S, _deployment_options
-from .replica import CONFIG_KEYS, ReplicaBase, raise_if_error, rows_of, run_groups, signature
+from .replica import CONFIG_KEYS, ReplicaBase, batch_settings, raise_if_error, rows_of, run_groups, signature
 from .wire import Survivors, check_transfer_dtype
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -103,8 +104,7 @@ class TierReplica(ReplicaBase):
         self._next = next_tier
         self._lower = check_transfer_dtype(transfer_dtype)
         self.transfer_dtype = transfer_dtype
-        self.timeout_s = float(timeout_s)
-        self.retries = int(retries)
+        self.timeout_s, self.retries = check_call_limits(timeout_s, retries)
         self._setup(spec, max_batch_size, batch_wait_timeout_s)
         K = self.rt.num_exits
         if not 0 <= self.first < self.last <= K:
@@ -117,10 +117,12 @@ class TierReplica(ReplicaBase):
 
     def reconfigure(self, config) -> None:
         config = self._check_config(config)
-        if config.get("transfer_dtype") is not None:
-            self._lower = check_transfer_dtype(config["transfer_dtype"])
-            self.transfer_dtype = config["transfer_dtype"]
+        name = config.get("transfer_dtype")
+        lower = check_transfer_dtype(name) if name is not None else self._lower
+        # (checked first, applied last: a config refused in part changes nothing)
         super().reconfigure({k: v for k, v in config.items() if k != "transfer_dtype"})
+        if name is not None:
+            self._lower, self.transfer_dtype = lower, name
 
     def _batched_method(self):
         return self._batched
@@ -189,18 +191,22 @@ class TierReplica(ReplicaBase):
         return parts, outcome.thresholds
 
     async def _send(self, survivors: Survivors) -> Dict[str, Any]:
+        from ray.exceptions import RayTaskError
+
         self.metrics.sent(survivors.num_rows, survivors.nbytes)
         for attempt in range(self.retries + 1):
             response = self._next.forward.remote(survivors.stamp())
             try:
                 return await asyncio.wait_for(_awaited(response), timeout=self.timeout_s)
-            except asyncio.TimeoutError:
-                response.cancel()
-                self.metrics.request(ok=False)
-                raise TimeoutError(
-                    f"tier {self.tier + 1} did not answer {survivors.num_rows} rows within {self.timeout_s} s"
-                ) from None
             except Exception as e:  # noqa: BLE001 - only a dead replica is retried
+                if isinstance(e, asyncio.TimeoutError) and not isinstance(e, RayTaskError):
+                    # this call's own timeout (a later tier's, handed back as a RayTaskError that
+                    # is also a TimeoutError, goes up as it is: it says which tier timed out)
+                    response.cancel()
+                    self.metrics.request(ok=False)
+                    raise TimeoutError(
+                        f"tier {self.tier + 1} did not answer {survivors.num_rows} rows within {self.timeout_s} s"
+                    ) from None
                 if not _is_replica_gone(e):
                     raise
                 if attempt == self.retries:
@@ -286,9 +292,30 @@ async def _awaited(response):
     return await response
 
 
+def check_call_limits(timeout_s, retries) -> tuple:
+    """``(timeout_s, retries)`` of the calls to the next tier, checked: a negative ``retries``
+    made no call at all (the request failed with an AssertionError), a NaN or non-positive
+    timeout failed every call at once."""
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(
+            f"retries must be an integer >= 0 (times a request's survivors are sent again), got {retries!r}"
+        )
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+    return float(timeout_s), retries
+
+
 def split_stages(num_exits: int, stages_per_tier: Sequence[int]) -> List[tuple]:
     """``[2, 2]`` for a 4-stage model -> ``[(0, 2), (2, 4)]``: each tier's first and end stage."""
-    counts = [int(c) for c in stages_per_tier]
+    # A list of ints only: a string ("13", "1,3") or floats (1.5) were read digit by digit or
+    # truncated, splitting the model otherwise than the config said, or failing on int(",").
+    if not isinstance(stages_per_tier, (list, tuple)) or any(
+        isinstance(c, bool) or not isinstance(c, int) for c in stages_per_tier
+    ):
+        raise ValueError(
+            f"stages_per_tier must be a list of integers, one stage count per tier (e.g. [1, 3]), got {stages_per_tier!r}"
+        )
+    counts = list(stages_per_tier)
     if not counts or any(c <= 0 for c in counts) or sum(counts) != num_exits:
         raise ValueError(
             f"stages per tier must be positive counts summing to the model's {num_exits} stages, got {counts}"
@@ -327,6 +354,8 @@ def tiered_app(
 
     spec = RuntimeSpec.from_value(spec)
     check_transfer_dtype(transfer_dtype)
+    check_call_limits(timeout_s, retries)
+    batch_settings({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
     if num_exits is None:
         num_exits = len(spec.build().model.stages)
     bounds = split_stages(num_exits, stages_per_tier)

@@ -21,8 +21,12 @@ import torch
 from ...state import as_tuple, from_tuple
 
 TRANSFER_DTYPES = {"same": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# numpy has no bfloat16: those bytes travel as int16 and are viewed back.
+# numpy has no bfloat16 nor float8: those bytes travel as integers of their width and are viewed
+# back (a float8 state failed to encode: "Got unsupported ScalarType Float8_e4m3fn").
 _NUMPY_VIEW = {torch.bfloat16: torch.int16}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+    if hasattr(torch, _name):
+        _NUMPY_VIEW[getattr(torch, _name)] = torch.uint8
 
 
 def check_transfer_dtype(name: str) -> Optional[torch.dtype]:
@@ -46,7 +50,8 @@ class WireTensor:
         if lower is not None and t.is_floating_point() and t.element_size() > torch.finfo(lower).bits // 8:
             t = t.to(lower)
         wire = t.dtype
-        t = t.contiguous().cpu()
+        # (a conjugate or negative view is a lazy flag numpy cannot take: materialize it)
+        t = t.resolve_conj().resolve_neg().contiguous().cpu()
         if wire in _NUMPY_VIEW:
             t = t.view(_NUMPY_VIEW[wire])
         return cls(t.numpy(), str(src).replace("torch.", ""), str(wire).replace("torch.", ""))
