@@ -131,3 +131,21 @@ def thresholds_for(model, x, fractions, criterion):
         thresholds.append(thr)
         alive &= ~((s < thr) if criterion == "entropy" else (s >= thr))
     return thresholds
+
+
+def tiny_bert_text():
+    """A small BERT (random weights, from a config: nothing downloaded) with exits after layers
+    0 and 2, attached by ``ee.attach_exits``: a factory for the text-serving tests' bundles."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        num_labels=3,
+    )
+    bert = transformers.BertForSequenceClassification(config).eval()
+    return ee.attach_exits(bert, at=["bert.encoder.layer.0", "bert.encoder.layer.2"])

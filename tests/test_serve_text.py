@@ -8,6 +8,7 @@ margins, so an exit may differ only within float noise of its threshold)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 import torch
@@ -260,3 +261,39 @@ def test_rt_infer_refuses_token_ids_the_model_could_only_fail_on_saying_what_was
     assert rt.infer(ok).logits.shape == (2, 3)
     with pytest.raises(ValueError, match="longer than this model takes"):
         StageScheduler(rt, pad_to=(16, 64))
+
+
+def test_cli_pad_to_reaches_the_scheduler_and_what_cannot_pad_exits_2(tmp_path, capsys, monkeypatch):
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve import cli
+    from eeruntime.zoo import digits_cnn
+
+    torch.manual_seed(0)
+    ee.EERuntime(tiny_bert_text(), thresholds=0.5, criterion="max_prob").save(tmp_path / "text", weights=True)
+    ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25]).save(tmp_path / "digits", weights=True)
+    made = []
+
+    def fake_app(sched, **kw):  # (stops the server before it serves)
+        made.append(sched)
+        sched.close()
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("eeruntime.serve.server.create_app", fake_app)
+    before = sys.getswitchinterval()
+    text = [str(tmp_path / "text"), "--model", "serve_models:tiny_bert_text", "--port", "0"]
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            cli.main([*text, "--pad-to", "16,8"])
+    finally:
+        sys.setswitchinterval(before)
+    assert made[0].pad_to == (8, 16)
+    for args, message in [
+        ([*text, "--pad-to", "8,x"], "sequence lengths separated by commas"),
+        ([*text, "--pad-to", "0"], "pad_to must be positive sequence lengths"),
+        ([*text, "--pad-to", "64"], "longer than this model takes (40"),
+        ([str(tmp_path / "digits"), "--model", "eeruntime.zoo:digits_cnn", "--pad-to", "8"], "has no input adapter"),
+    ]:
+        assert cli.main([*args, "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
