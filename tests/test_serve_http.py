@@ -287,7 +287,7 @@ def test_chunked_body_over_the_limit_is_refused():
         assert r.status_code == 403 and "disabled" in r.json()["error"]
         # a stage that raises: 500, no traceback, the server goes on serving
         r = s.client.post("/v1/infer", json={"inputs": [[0.0] * 5]})  # no spec given: the model itself refuses
-        assert r.status_code == 500 and r.json()["error"] == "the model failed on the batch holding this request"
+        assert r.status_code == 500 and r.json()["error"] == "the model failed on this request"
         no_traceback(r)
         assert s.client.post("/v1/infer", json={"inputs": [[0.0] * 6]}).status_code == 200
         assert s.client.post("/v1/infer", json={"inputs": [[0.0] * 7]}).status_code == 422  # shape learned

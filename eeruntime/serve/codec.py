@@ -235,7 +235,7 @@ def refusal(e: BaseException) -> Optional[Tuple[int, str]]:
         return 504, str(e)
     if isinstance(e, StageFailed):
         logging.getLogger("eeruntime.serve").error("%s", e, exc_info=e.__cause__)
-        return 500, "the model failed on the batch holding this request"
+        return 500, "the model failed on this request"
     return None
 
 

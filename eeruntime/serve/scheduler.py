@@ -45,6 +45,7 @@ import asyncio
 import concurrent.futures
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -257,6 +258,20 @@ def _slice(state: Optional[State], a: int, b: Optional[int]) -> Optional[State]:
     return state[a:b]
 
 
+def _timeout(timeout_s: Any) -> Optional[float]:
+    """A request's timeout checked: seconds > 0, or None for none (inf). A NaN, zero or negative
+    timeout is refused: it would fail every request, or (NaN, inf) break the order of the
+    deadlines the timeout thread waits on (an inf one stopped that thread, so no request timed
+    out any more)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f"timeout_s must be seconds (a number > 0) or None, got {type(timeout_s).__name__}")
+    if timeout_s == math.inf:
+        return None
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds (or None: no timeout), got {timeout_s}")
+    return float(timeout_s)
+
+
 def _pad_lengths(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ...]:
     """``pad_to`` checked, as increasing lengths (() for None)."""
     if pad_to is None:
@@ -444,7 +459,7 @@ class StageScheduler:
         self._max_rows = min(max_queue_rows, ROW_MASK)
         self.max_queue_rows = max_queue_rows
         self.when_full = when_full
-        self.timeout_s = timeout_s
+        self.timeout_s = None if timeout_s is None else _timeout(timeout_s)
         lock = threading.Lock()
         self._cv = threading.Condition(lock)  # the worker sleeps on it
         self._room = threading.Condition(lock)  # submitters waiting for room (when_full="wait")
@@ -519,6 +534,8 @@ class StageScheduler:
             x, n, layout = self._check_input(x)
         if timeout_s is None:
             timeout_s = self.timeout_s
+        elif type(timeout_s) not in (float, int) or not 0 < timeout_s < math.inf:  # (NaN fails it too)
+            timeout_s = _timeout(timeout_s)
         if timeout_s is None:
             if self.inline == "always":
                 done = self._run_inline(x, n, quiet=True)
@@ -1267,7 +1284,21 @@ class StageScheduler:
             # Python per row
             if self._run_fused(state, chunks, t0):
                 return
-        ids = _batch_ids(chunks)
+        self._run_step(k, state, _batch_ids(chunks), carry, chunks, t0)
+
+    def _run_step(
+        self,
+        k: int,
+        state: Optional[State],
+        ids: torch.Tensor,
+        carry: Any,
+        chunks: List[_Chunk],
+        t0: float,
+        alone: bool = False,
+    ) -> None:
+        """One stage step on rows ``ids`` of the batch gathered as ``chunks``: answer the leavers,
+        queue the survivors. ``alone``: the rows of one request, run again on their own after
+        their batch failed (:meth:`_run_alone`)."""
         n = int(ids.shape[0])
         try:
             # the carry is run_stage's own tuple of tensors (or None / () before any exit)
@@ -1283,9 +1314,16 @@ class StageScheduler:
             )
         except Exception as e:  # noqa: BLE001  (fail only the requests in this batch)
             self.stats.stage_failures += 1
-            err = StageFailed(f"stage {k} failed on a batch of {n} rows: {type(e).__name__}: {e}")
+            seqs = sorted(set((ids >> ROW_BITS).tolist()))
+            if len(seqs) > 1 and not alone:
+                # one request's rows may be what the model fails on (a poison input): each
+                # request runs again alone, so only those the stage fails on alone fail
+                self._run_alone(k, state, ids, carry, chunks, seqs)
+                return
+            what = f"a request's {n} rows, run alone after their batch failed" if alone else f"a batch of {n} rows"
+            err = StageFailed(f"stage {k} failed on {what}: {type(e).__name__}: {e}")
             err.__cause__ = e
-            for seq in sorted(set((ids >> ROW_BITS).tolist())):
+            for seq in seqs:
                 self._fail(seq, err, "failed")
             return
         t1 = time.perf_counter()
@@ -1309,6 +1347,22 @@ class StageScheduler:
         counts[k] = len(exit_ids)
         self.rt.record_exits(counts, calls=0, example=state if k == 0 else None)
         self.stats.record_batch(k, n, len(exit_ids), t1 - t0, time.perf_counter() - t0)
+
+    def _run_alone(
+        self, k: int, state: Optional[State], ids: torch.Tensor, carry: Any, chunks: List[_Chunk], seqs: List[int]
+    ) -> None:
+        """Stage ``k`` failed on a batch holding the rows of requests ``seqs``: run each request's
+        rows again on their own (those still pending), so a stage that fails on one request's
+        input fails that request alone. Costs a step per request, only when a step fails."""
+        self.stats.failure_reruns += 1
+        owner = ids >> ROW_BITS
+        for seq in seqs:
+            if seq not in self._requests:  # answered meanwhile (a timeout, a cancel)
+                continue
+            idx = (owner == seq).nonzero().squeeze(1)
+            part = None if carry is None else take_rows(carry, idx) if carry else ()
+            rows = None if state is None else take_rows(state, idx)
+            self._run_step(k, rows, ids[idx], part, chunks, time.perf_counter(), alone=True)
 
     def _fusable(self, chunks: List[_Chunk]) -> bool:
         """Would a step-by-step run of this stage-0 batch form exactly the batches one pass does?

@@ -35,6 +35,7 @@ class SchedulerStats:
         self.inline = 0  # requests run whole in the caller's thread (infer() on an idle scheduler)
         self.fused_batches = 0  # stage-0 batches the worker ran through every stage in one pass
         self.fused_fallbacks = 0  # of which a stage raised: run again step by step
+        self.failure_reruns = 0  # failed steps of several requests' rows, run again one request at a time
         self.inline_seconds = 0.0
         self._latencies: deque = deque(maxlen=latency_window)
 
@@ -117,6 +118,7 @@ class SchedulerStats:
                 "inline_requests": self.inline,
                 "fused_batches": self.fused_batches,
                 "fused_fallbacks": self.fused_fallbacks,
+                "failure_reruns": self.failure_reruns,
             }
         d["latency_ms"] = self.latency_percentiles_ms()
         d["latency_window"] = self._latencies.maxlen
@@ -137,6 +139,12 @@ def prometheus_text(d: dict, prefix: str = "eeruntime") -> str:
     req = d["requests"]
     metric("requests_total", "counter", "Requests by outcome.", [({"outcome": k}, v) for k, v in req.items()])
     metric("stage_failures_total", "counter", "Stage steps that raised.", [({}, d["stage_failures"])])
+    metric(
+        "failure_reruns_total",
+        "counter",
+        "Failed steps of several requests' rows, run again one request at a time.",
+        [({}, d["failure_reruns"])],
+    )
     metric(
         "exits_total",
         "counter",
