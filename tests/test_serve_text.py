@@ -297,3 +297,39 @@ def test_cli_pad_to_reaches_the_scheduler_and_what_cannot_pad_exits_2(tmp_path, 
         assert cli.main([*args, "--port", "0"]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_litserve_adapter_takes_token_ids_as_json_from_the_first_request(tmp_path):
+    # The adapter checked a text model's requests as any model's: JSON numbers became floats
+    # until an answered request had taught it ints, and the model then failed (a 500)
+    pytest.importorskip("litserve", reason="the [serve] extra (make test installs it)")
+    import gc
+
+    from fastapi import HTTPException
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.litserve_api import EarlyExitLitAPI
+
+    torch.manual_seed(0)
+    rt = ee.EERuntime(tiny_bert_text(), thresholds=[0.4, 0.45], criterion="max_prob")
+    rt.save(tmp_path / "text", weights=True)
+    api = EarlyExitLitAPI(tmp_path / "text", "serve_models:tiny_bert_text", max_batch=8)
+    switch = sys.getswitchinterval()
+    api.setup("cpu")  # (also sets up the process as a server's: undone below for the other tests)
+    try:
+        ((ids, _),) = requests_of([7], rows=2)
+
+        async def ask(doc):
+            return await api.predict(await api.decode_request(doc))
+
+        got = asyncio.run(ask({"inputs": ids.tolist()}))
+        torch.testing.assert_close(got.logits, rt.infer(ids).logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(got.exit_index, rt.infer(ids).exit_index)
+        for doc, what in [({"inputs": [[1.5, 2.0]]}, "integer token ids"), ({"inputs": [[[1, 2]]]}, "[batch, tokens]")]:
+            with pytest.raises(HTTPException) as e:
+                asyncio.run(ask(doc))
+            assert e.value.status_code == 422 and what in e.value.detail, e.value.detail
+    finally:
+        api.sched.close()
+        sys.setswitchinterval(switch)
+        gc.unfreeze()

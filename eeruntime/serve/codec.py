@@ -236,6 +236,12 @@ def refusal(e: BaseException) -> Optional[Tuple[int, str]]:
     if isinstance(e, StageFailed):
         logging.getLogger("eeruntime.serve").error("%s", e, exc_info=e.__cause__)
         return 500, "the model failed on this request"
+    if isinstance(e, InputError):
+        return e.status, str(e)
+    if isinstance(e, (ValueError, TypeError)):
+        # submit's own checks refused the input (e.g. a text model's input adapter: an input its
+        # stages do not take): the client's error, said as submit says it
+        return 422, str(e)
     return None
 
 

@@ -28,7 +28,7 @@ except ImportError as e:  # pragma: no cover - depends on the [serve] extra
     raise ImportError("the LitServe adapter needs litserve: pip install 'eeruntime[serve]'") from e
 
 from .cli import SERVE_MAX_DEFER_MS, scheduler_options_error
-from .codec import InputError, InputSpec, decode_json, encode_json, parse_json, refusal
+from .codec import InputError, decode_json, encode_json, input_spec_for, parse_json, refusal
 
 
 async def read_json_body(request: Request) -> Any:
@@ -106,14 +106,13 @@ class EarlyExitLitAPI(ls.LitAPI):
 
         from .process import freeze_startup_objects, set_switch_interval
         from .scheduler import StageScheduler
-        from .server import _model_dtype
 
         rt = ee.load(self.bundle, self.model_spec)
         if device and device != "cpu":
             rt.model.to(device)
             rt = ee.load(self.bundle, rt.model)
         self.sched = StageScheduler(rt, **self.options)
-        self.spec = InputSpec(dtype=_model_dtype(rt.model))
+        self.spec = input_spec_for(rt.model)  # (token ids for a text encoder: codec.TokenInputSpec)
         self.device_name = device
         # this worker process is ours to set up (eeruntime/serve/process.py): LitServe's event loop
         # submits, the scheduler's worker steps, both under one GIL
@@ -132,7 +131,7 @@ class EarlyExitLitAPI(ls.LitAPI):
 
         try:
             result = await self.sched.submit(x)
-        except (SchedulerFull, SchedulerClosed, TimeoutError, StageFailed) as e:
+        except (SchedulerFull, SchedulerClosed, TimeoutError, StageFailed, ValueError, TypeError) as e:
             raise HTTPException(*(refusal(e) or (500, "internal error"))) from None
         self.spec.learn(x)
         return result

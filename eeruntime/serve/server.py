@@ -126,13 +126,10 @@ def create_app(
             x = from_tuple([t.to(device, non_blocking=True) for t in as_tuple(x)], x)
         try:
             result = await sched.submit(x)
-        except (SchedulerFull, SchedulerClosed, TimeoutError, StageFailed) as e:
+        except (SchedulerFull, SchedulerClosed, TimeoutError, StageFailed, ValueError, TypeError) as e:
+            # (ValueError, TypeError: submit's own checks refused the input, a 422)
             status, message = refusal(e) or (500, "internal error")
             return error(status, message, headers={"Retry-After": "1"} if isinstance(e, SchedulerFull) else None)
-        except (ValueError, TypeError) as e:
-            # submit's own checks refused the input (e.g. a text model's input adapter: an input
-            # its stages do not take): the client's error, said as submit says it
-            return error(422, str(e))
         spec.learn(host_x)
         if result.logits.device.type != "cpu":
             result = type(result)(result.logits.cpu(), result.exit_index.cpu(), result.confidence.cpu())

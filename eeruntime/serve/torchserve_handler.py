@@ -43,6 +43,7 @@ from .codec import (
     decode_json,
     encode_json,
     encode_safetensors,
+    input_spec_for,
     refusal,
 )
 from .process import freeze_startup_objects, set_switch_interval
@@ -129,7 +130,10 @@ class EarlyExitHandler:
         bundle = os.path.join(context.system_properties["model_dir"], opts.get("bundle", "bundle"))
         self.rt = ee.load(bundle, source)
         shape = opts.get("input_shape")
-        self.spec = InputSpec([tuple(shape)] if shape else None, dtype=_model_dtype(self.rt.model))
+        # (without a shape given, token ids for a text encoder: codec.TokenInputSpec)
+        self.spec = (
+            InputSpec([tuple(shape)], dtype=_model_dtype(self.rt.model)) if shape else input_spec_for(self.rt.model)
+        )
         self.max_rows = opts.get("max_rows", 256)
         if config.get("asyncCommunication"):
             kwargs = {arg: opts[k] for k, arg in SCHEDULER_OPTIONS.items() if k in opts}
