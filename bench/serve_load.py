@@ -110,10 +110,12 @@ class RequestBatcher:
     With ``workers`` > 1, as many threads do so at once from the one queue (a server's worker
     pool: TorchServe's workers, several ``@serve.batch`` replicas)."""
 
-    def __init__(self, fn, max_batch: int, workers: int = 1, answers=None):
+    def __init__(self, fn, max_batch: int, workers: int = 1, answers=None, collate=None):
         self.fn, self.max_batch = fn, max_batch
         # answers(out, n): the n requests' answers from fn's output (default: rows of a tensor)
         self.answers = answers or (lambda out, n: [out[i : i + 1] for i in range(n)])
+        # collate(inputs): the batch fn runs on (default: stacked; bench/serve_text_load.py pads)
+        self.collate = collate or torch.cat
         self._cv = threading.Condition()
         self._queue = []
         self._stop = False
@@ -144,7 +146,7 @@ class RequestBatcher:
                 if self._stop and not self._queue:
                     return
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            out = self.fn(torch.cat([x for x, _ in batch]))
+            out = self.fn(self.collate([x for x, _ in batch]))
             for (_, f), answer in zip(batch, self.answers(out, len(batch))):
                 f.set_result(answer)
 
