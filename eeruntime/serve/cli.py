@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -23,6 +24,9 @@ POLICIES = ("deepest", "fill", "request")
 # docs/serving.md, "Session 15") and the TorchServe handler's async mode (not measured there: its
 # event loop submits like this server's).
 SERVE_MAX_DEFER_MS = 0.0
+# uvicorn's log levels (uvicorn.config.LOG_LEVELS; spelled out to import no uvicorn for --help):
+# another name failed with a KeyError only once the port was bound and announced
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,9 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model", required=True, help="the model's constructor, 'module:factory' (called with no arguments)"
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start); at most 65535")
     add_scheduler_arguments(p)
-    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (then 413)")
     p.add_argument(
         "--admin-token-file",
         help=f"file holding the admin token (or set ${TOKEN_ENV}); without one the admin endpoint is disabled",
@@ -58,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.1,
         help="the interpreter's GIL switch interval in this process (docs/serving.md; Python's default is 5)",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
 
 
 def scheduler_options_error(args: argparse.Namespace) -> Optional[str]:
@@ -70,6 +74,19 @@ def scheduler_options_error(args: argparse.Namespace) -> Optional[str]:
             return f"--{name.replace('_', '-')} must be >= 0, got {value}"
     if args.scheduler_workers < 1:
         return f"--scheduler-workers must be >= 1 (the scheduler's worker threads), got {args.scheduler_workers}"
+    # Each of these was taken as given: 0 or less made every request fail (--timeout-s 0: all time
+    # out; nan: none ever does; --max-rows 0: all refused) or the scheduler raise with a traceback.
+    for name in ("max_batch", "max_queue_rows", "max_rows"):
+        value = getattr(args, name)
+        if value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if not 0 < args.timeout_s < math.inf:
+        return f"--timeout-s must be a number of seconds > 0, got {args.timeout_s}"
+    if args.input_shape is not None:
+        try:
+            parse_shape(args.input_shape)
+        except ValueError as e:
+            return str(e)
     if args.policy == "fill" and args.max_defer_ms:
         return (
             "--max-defer-ms applies to --policy deepest; --policy fill already runs full batches first and "
@@ -121,10 +138,14 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_shape(text: str) -> tuple:
     """``"1,8,8"`` -> ``(1, 8, 8)``; a ValueError that says what is accepted otherwise."""
+    accepted = f"--input-shape takes sizes >= 1 separated by commas (e.g. 1,8,8), got {text!r}"
     try:
-        return tuple(int(d) for d in text.split(","))
+        shape = tuple(int(d) for d in text.split(","))
     except ValueError:
-        raise ValueError(f"--input-shape takes integers separated by commas, got {text!r}") from None
+        raise ValueError(accepted) from None
+    if not all(d >= 1 for d in shape):  # no request could match a shape with a size of 0 or less
+        raise ValueError(accepted)
+    return shape
 
 
 def main(argv=None) -> int:
@@ -149,8 +170,25 @@ def run(args: argparse.Namespace) -> int:
 
     token = os.environ.get(TOKEN_ENV)
     if args.admin_token_file:
-        with open(args.admin_token_file) as f:
-            token = f.read().strip()
+        try:
+            with open(args.admin_token_file) as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"eeruntime serve: --admin-token-file {args.admin_token_file}: cannot read it ({e})", file=sys.stderr)
+            return 2
+        if not token:  # an empty token would have turned the admin endpoint off without a word
+            print(
+                f"eeruntime serve: --admin-token-file {args.admin_token_file} is empty; put the token in it "
+                f"(or leave the option out to run without the admin endpoint)",
+                file=sys.stderr,
+            )
+            return 2
+    if not 0 <= args.port <= 65535:
+        print(f"eeruntime serve: --port must be in [0, 65535] (0: a free one), got {args.port}", file=sys.stderr)
+        return 2
+    if args.max_body_bytes < 1:
+        print(f"eeruntime serve: --max-body-bytes must be >= 1, got {args.max_body_bytes}", file=sys.stderr)
+        return 2
     if not args.switch_interval_ms > 0:
         print(f"eeruntime serve: --switch-interval-ms must be > 0, got {args.switch_interval_ms}", file=sys.stderr)
         return 2
@@ -174,37 +212,51 @@ def run(args: argparse.Namespace) -> int:
             factory = resolve_factory(args.model)
             source = lambda: factory().to(device)  # noqa: E731  (the bundle's weights are loaded into it there)
         rt = ee.load(args.bundle, source)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a file of the bundle unreadable (permissions)
         print(f"eeruntime serve: cannot load {args.bundle}: {e}", file=sys.stderr)
         return 2
     spec = None
-    if args.input_shape:
-        try:
-            shape = parse_shape(args.input_shape)
-        except ValueError as e:
-            print(f"eeruntime serve: {e}", file=sys.stderr)
-            return 2
-        spec = InputSpec([shape], dtype=_model_dtype(rt.model))
-    sched = StageScheduler(
-        rt,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        policy=args.policy,
-        max_defer_ms=SERVE_MAX_DEFER_MS if args.max_defer_ms is None else args.max_defer_ms,
-        max_queue_rows=args.max_queue_rows,
-        timeout_s=args.timeout_s,
-        workers=args.scheduler_workers,
-    )
-    app = create_app(
-        sched, admin_token=token, max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, input_spec=spec
-    )
-    # Bind here so --port 0 can say which port it got before uvicorn starts serving.
+    if args.input_shape is not None:  # checked above (scheduler_options_error)
+        spec = InputSpec([parse_shape(args.input_shape)], dtype=_model_dtype(rt.model))
+    # Bind before the scheduler starts its threads, so --port 0 can say which port it got and a
+    # port in use or a host that is not this machine's is said in a line, with nothing to stop.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as e:  # in use, no such host (socket.gaierror), not an address of this machine
+        sock.close()
+        print(
+            f"eeruntime serve: cannot listen on --host {args.host} --port {args.port}: {e.strerror or e}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        sched = StageScheduler(
+            rt,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            policy=args.policy,
+            max_defer_ms=SERVE_MAX_DEFER_MS if args.max_defer_ms is None else args.max_defer_ms,
+            max_queue_rows=args.max_queue_rows,
+            timeout_s=args.timeout_s,
+            workers=args.scheduler_workers,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        app = create_app(
+            sched, admin_token=token, max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, input_spec=spec
+        )
+    except BaseException:
+        sock.close()
+        sched.close()
+        raise
     port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL is bracketed
     print(
-        f"eeruntime serve: {args.bundle} on http://{args.host}:{port} "
+        f"eeruntime serve: {args.bundle} on http://{host}:{port} "
         f"(device {device}, max_batch={args.max_batch}, admin {'on' if token else 'off'})",
         flush=True,
     )
