@@ -18,9 +18,28 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
+from eeruntime.bundle_schema import check_safetensors
 from eeruntime.names import lookup
 
 MODEL_WEIGHTS_NAME = "model.safetensors"
+# torch's dtype names (as the JSON records them) to safetensors' (as a file's header has them)
+_SAFETENSORS_DTYPE = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
 
 ModelSource = Union[nn.Module, Callable[[], nn.Module], str]
 
@@ -39,17 +58,18 @@ def _factory_name(factory) -> Optional[str]:
     return None
 
 
-def save_model_weights(model: nn.Module, directory: Path, factory=None) -> dict:
-    """Write ``model``'s state dict as ``directory/model.safetensors``; return the JSON entry
-    that describes it (file name, factory hint, each tensor's shape and dtype)."""
+def save_model_weights(model: nn.Module, path: Path, name: str, factory=None) -> dict:
+    """Write ``model``'s state dict to ``path``; return the JSON entry that describes it as the
+    file ``name`` (the caller renames ``path`` to it), with the factory hint and each tensor's
+    shape and dtype."""
     from safetensors.torch import save_file
 
     # Copies on the host: safetensors refuses tensors that share storage (tied weights) and
     # device memory; the caller's model is never written.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(directory / MODEL_WEIGHTS_NAME), metadata={"format": "eeruntime.model"})
+    save_file(tensors, str(path), metadata={"format": "eeruntime.model"})
     return {
-        "weights": MODEL_WEIGHTS_NAME,
+        "weights": name,
         "factory": _factory_name(factory),
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
@@ -88,12 +108,43 @@ def _check_fits(model: nn.Module, entry: dict, where: Path) -> None:
     if not (missing or extra or shapes):
         return
     hint = f" (it was saved from {entry.get('factory')!r})" if entry.get("factory") else ""
+    listed = _listed([("not in the bundle", missing), ("not in the model", extra), ("shape differs", shapes)])
+    raise ValueError(f"the model built by the factory does not match the weights in {where}{hint}: {listed}")
+
+
+def _listed(groups) -> str:
+    """``what: a, b, c and 4 more; ...`` for each non-empty group (the first five of each)."""
     parts = []
-    for what, items in (("not in the bundle", missing), ("not in the model", extra), ("shape differs", shapes)):
+    for what, items in groups:
         if items:
             more = f" and {len(items) - 5} more" if len(items) > 5 else ""
             parts.append(f"{what}: {', '.join(items[:5])}{more}")
-    raise ValueError(f"the model built by the factory does not match the weights in {where}{hint}: " + "; ".join(parts))
+    return "; ".join(parts)
+
+
+def _check_file(entry: dict, weights: Path) -> None:
+    """The weights file must hold the tensors the JSON describes (names, shapes, dtypes): a file
+    saved over by another save, copied from another bundle or edited is refused by name here,
+    not loaded silently or failed on in ``load_state_dict``."""
+    header = check_safetensors(weights)
+    saved: Dict[str, dict] = entry["tensors"]
+    missing = [k for k in saved if k not in header]
+    extra = [k for k in header if k not in saved]
+    differ = [
+        f"{k}: described {saved[k]['dtype']} {saved[k]['shape']}, file {header[k]['dtype']} {header[k]['shape']}"
+        for k in saved
+        if k in header
+        and (
+            header[k]["shape"] != saved[k]["shape"]
+            or _SAFETENSORS_DTYPE.get(saved[k]["dtype"], header[k]["dtype"]) != header[k]["dtype"]
+        )
+    ]
+    if missing or extra or differ:
+        raise ValueError(
+            f"{weights} does not hold the tensors the bundle's JSON describes (written by another save, or "
+            f"edited?): {_listed([('missing from the file', missing), ('not described', extra), ('differ', differ)])}"
+            "; save the bundle again with rt.save(path, weights=True)"
+        )
 
 
 def build_model(source: ModelSource, entry: Optional[dict], directory: Path) -> nn.Module:
@@ -110,11 +161,16 @@ def build_model(source: ModelSource, entry: Optional[dict], directory: Path) -> 
     weights = directory / entry["weights"]
     if not weights.is_file():
         raise FileNotFoundError(f"the bundle's model weights {weights} are missing")
+    _check_file(entry, weights)  # before the factory runs: a broken bundle costs no model build
     model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"the model factory returned a {type(model).__name__}, not a torch.nn.Module")
     _check_fits(model, entry, weights)
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as e:  # the reader's own errors name neither the file nor what is wrong in it
+        raise ValueError(f"{weights}: cannot be read as safetensors ({e})") from None
+    model.load_state_dict(state, strict=True)
     return model

@@ -182,11 +182,7 @@ def check_runtime_doc(doc: dict, path) -> dict:
     crit = _check_criterion(path, doc["criterion"], K)
     weights = doc.get("weights")
     if weights is not None:
-        name = _str(path, "weights", weights)
-        if name in ("", ".", "..") or "/" in name or "\\" in name or not name.endswith(".safetensors"):
-            _fail(
-                path, "weights", f"is {_show(name)}", "the name of a .safetensors file beside the JSON (no directories)"
-            )
+        _file_name(path, "weights", weights)
     elif crit["kind"] == "module":
         _fail(
             path,
@@ -196,7 +192,35 @@ def check_runtime_doc(doc: dict, path) -> dict:
         )
     if doc.get("calibration") is not None:
         _check_calibration(path, doc["calibration"], K)
+    if doc.get("model") is not None:
+        _check_model(path, doc["model"])
     return doc
+
+
+def _file_name(path, field: str, v) -> str:
+    """The name of a file beside the JSON: never a path, so a hand-edited file cannot make load
+    read ``/etc/...`` or a file of another directory."""
+    name = _str(path, field, v)
+    if name in ("", ".", "..") or "/" in name or "\\" in name or not name.endswith(".safetensors"):
+        _fail(path, field, f"is {_show(name)}", "the name of a .safetensors file beside the JSON (no directories)")
+    return name
+
+
+def _check_model(path, m) -> None:
+    """The model weights of a bundle (``rt.save(path, weights=True)``, eeruntime/bundle.py): the
+    file's name and each tensor's shape and dtype, which load compares with the factory's model
+    and with the file's own header before a tensor is read."""
+    _obj(path, "model", m, ("weights", "tensors"))
+    _file_name(path, "model.weights", m["weights"])
+    for key in ("factory", "class"):
+        if m.get(key) is not None:
+            _str(path, f"model.{key}", m[key])
+    _obj(path, "model.tensors", m["tensors"])
+    for name, entry in m["tensors"].items():
+        field = f"model.tensors[{json.dumps(name)}]"
+        _obj(path, field, entry, ("shape", "dtype"))
+        _list(path, f"{field}.shape", entry["shape"], None, lambda f, d: _int(path, f, d, 0, 1 << 62))
+        _str(path, f"{field}.dtype", entry["dtype"])
 
 
 def _check_criterion(path, c, K: int) -> dict:
@@ -304,9 +328,10 @@ def _point(path, field: str, v, K: int):
     return v
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> Dict[str, dict]:
     """Check a safetensors file's header against its length before it is loaded: a truncated or
-    foreign file fails here, by name, instead of in the reader (or in an allocation)."""
+    foreign file fails here, by name, instead of in the reader (or in an allocation). Returns the
+    header's tensors by name (each with ``dtype``, ``shape``, ``data_offsets``)."""
     if not path.is_file():
         raise FileNotFoundError(f"the saved weights {path} are missing")
     size = path.stat().st_size
@@ -351,3 +376,4 @@ def check_safetensors(path: Path) -> None:
                 f"{path}: tensor {name!r} ({entry['dtype']} {shape}) lies at bytes [{begin}, {end}) of "
                 f"{data} data bytes (truncated or corrupt); accepted: {accepted}"
             )
+    return {k: v for k, v in header.items() if k != "__metadata__"}

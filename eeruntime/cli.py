@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 PROG = "eeruntime"
@@ -111,10 +113,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(e.code or 0)
     try:
         return int(runner(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError) as e:
-        # What the user gave is wrong or missing (the messages say what); anything else is a bug
-        # and keeps its traceback.
+    except (CommandError, ValueError, OSError) as e:
+        # What the user gave is wrong or missing (the messages say what), or a path it named cannot
+        # be written or read (a file where a folder is wanted, no permission); anything else is a
+        # bug and keeps its traceback.
         return _fail(f"{cmd.name}: error: {e}", 1)
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a float that is a number (nan and inf reached ee.calibrate, which raised
+    a TypeError with a traceback)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------- commands
@@ -155,7 +167,10 @@ def _model_options(p, data_help: str) -> None:
 def _device(name):
     import torch
 
-    dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:  # torch's "Invalid device string", with a traceback before
+        raise CommandError(f"--device {name!r} is not a device ({e}); e.g. cpu, cuda, cuda:1") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {name}: no CUDA device is available here")
     return dev
@@ -194,12 +209,12 @@ def _calibrate(p):
     )
     p.add_argument(
         "--max-drop",
-        type=float,
+        type=_finite,
         default=0.01,
         help="accuracy/sweep: accuracy the thresholds may give up, as a fraction (0.01 = 1 point)",
     )
     p.add_argument(
-        "--budget", type=float, default=None, help="budget: average cost as a fraction of the full model's, in (0, 1]"
+        "--budget", type=_finite, default=None, help="budget: average cost as a fraction of the full model's, in (0, 1]"
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also write the accuracy / cost frontier")
@@ -209,6 +224,9 @@ def _calibrate(p):
         from . import calibrate, plot
         from .threads import using_threads
 
+        out = Path(a.out)
+        if out.suffix != ".json" and out.exists() and not out.is_dir():  # said before calibrating, not after
+            raise CommandError(f"--out {a.out}: is a file; give a directory (created if needed) or a *.json file name")
         with using_threads(a.threads):
             dev, model, x, y = _load(a, need_labels=True)
             budget = a.budget if a.method == "budget" else None
@@ -238,7 +256,12 @@ def _calibrate(p):
 
 @command("time", "time a saved runtime against the plain model on your data, side by side")
 def _time(p):
-    p.add_argument("runtime", metavar="RUNTIME", help="a runtime saved by rt.save or `eeruntime calibrate`")
+    p.add_argument(
+        "runtime",
+        metavar="RUNTIME",
+        help="a runtime saved by rt.save or `eeruntime calibrate`; one saved with weights=True runs its own "
+        "weights in the --model factory's model (unless --weights is given)",
+    )
     _model_options(
         p,
         "inputs: a .safetensors/.pt file with tensor x (and y for accuracy), or a function "
@@ -259,7 +282,12 @@ def _time(p):
             raise CommandError(f"--batch and --rounds must be at least 1, got {a.batch} and {a.rounds}")
         with using_threads(a.threads) as threads:
             dev, model, x, y = _load(a, need_labels=False)
-            rt = load(a.runtime, model)
+            # A bundle saved with weights=True (and no --weights): time the model it holds, loaded
+            # into the one the factory built here (names and shapes checked). Passing the model as
+            # it was timed and scored its freshly built weights (random, for most factories) with
+            # the bundle's thresholds, and said nothing.
+            own = a.weights is None and _has_model_weights(a.runtime)
+            rt = load(a.runtime, (lambda: model) if own else model)
             res = rt.infer(x)
             speed = measure(model, {"runtime": rt}, x, a.batch, dev, rounds=a.rounds, oracle=False)
         fractions = torch.bincount(res.exit_index.cpu(), minlength=rt.num_exits).double() / x.shape[0]
@@ -280,6 +308,14 @@ def _time(p):
         return 0
 
     return run
+
+
+def _has_model_weights(runtime) -> bool:
+    """Whether the saved runtime at ``runtime`` holds its model's weights (``rt.save(path, weights=True)``)."""
+    from .io import _paths, _read
+
+    json_path, _ = _paths(runtime)
+    return json_path.is_file() and _read(json_path).get("model") is not None
 
 
 @command("bench", "run the benchmark suites of a source checkout (bench/) and write their report")

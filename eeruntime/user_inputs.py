@@ -98,7 +98,11 @@ def load_data(spec: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return _pair(load_file(str(path)), f"--data {spec!r}")
+            try:
+                tensors = load_file(str(path))
+            except Exception as e:  # noqa: BLE001  (safetensors' own error, a traceback before)
+                raise InputError(f"--data {spec!r} cannot be read as safetensors: {e}") from None
+            return _pair(tensors, f"--data {spec!r}")
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001

@@ -2,6 +2,7 @@
 the saved weights, in a fresh process, with clear refusals for a constructor that does not fit."""
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import eeruntime as ee
+from eeruntime.bundle_schema import BadFile
 from eeruntime.zoo import digits_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,3 +136,131 @@ def test_tied_weights_save_and_load(tmp_path):
     assert back.model.exits[0].weight is back.model.exits[1].weight
     x = torch.randn(10, 4)
     assert torch.equal(back.infer(x).logits, rt.infer(x).logits)
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    """A digits bundle saved with its weights: (dir, runtime, inputs)."""
+    rt = ee.EERuntime(perturbed_digits(7), thresholds=[0.6, 0.3])
+    rt.save(tmp_path / "b", weights=True, factory="eeruntime.zoo:digits_cnn")
+    return tmp_path / "b", rt, torch.randn(12, 1, 8, 8)
+
+
+def counting_factory():
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return digits_cnn()
+
+    return factory, calls
+
+
+def test_a_broken_model_weights_file_is_refused_by_name_before_the_factory_runs(bundle):
+    """model.safetensors truncated, foreign, or holding other tensors than runtime.json describes
+    (another save's, edited): a ValueError naming the file, not the reader's SafetensorError or
+    load_state_dict's RuntimeError, and the factory never called."""
+    d, rt, x = bundle
+    path = d / "model.safetensors"
+    good = path.read_bytes()
+    tensors = load_file(str(path))
+    other = dict(tensors, **{"stages.0.0.weight": torch.zeros(16, 1, 3, 3)})
+    fewer = {k: v for k, v in tensors.items() if k != "stages.0.0.weight"}
+    more = dict(tensors, bogus=torch.zeros(3))
+    wider = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+    cases = [good[:0], good[:4], good[:100], good[: len(good) // 2], good[:-1], b"not safetensors" * 50]
+    for t in (other, fewer, more, wider):
+        save_file(t, str(path))
+        cases.append(path.read_bytes())
+    for i, content in enumerate(cases):
+        path.write_bytes(content)
+        factory, calls = counting_factory()
+        with pytest.raises(ValueError) as info:
+            ee.load(d, factory)
+        assert str(path) in str(info.value) and not calls, (i, str(info.value))
+    path.write_bytes(good)
+    assert torch.equal(ee.load(d, "eeruntime.zoo:digits_cnn").infer(x).logits, rt.infer(x).logits)
+
+
+MODEL_SECTION = [
+    ("model", "x", "'model'"),
+    ("model", {}, "'model.weights' is missing"),
+    ("weights", None, "'model.weights'"),
+    ("weights", "../b/model.safetensors", "'model.weights'"),
+    ("weights", "/etc/passwd", "'model.weights'"),
+    ("tensors", [1, 2], "'model.tensors'"),
+    ("tensors", {"stages.0.0.weight": {}}, "'model.tensors[\"stages.0.0.weight\"].shape' is missing"),
+    ("tensors", {"stages.0.0.weight": {"shape": "32,1,3,3", "dtype": "float32"}}, ".shape'"),
+    ("tensors", {"stages.0.0.weight": {"shape": [32, -1], "dtype": "float32"}}, ".shape[1]'"),
+    ("factory", 3, "'model.factory'"),
+]
+
+
+@pytest.mark.parametrize("key, value, words", MODEL_SECTION, ids=[f"{k}={v}"[:30] for k, v, _ in MODEL_SECTION])
+def test_each_broken_field_of_the_model_section_is_named(bundle, key, value, words):
+    """The model section of runtime.json is checked like the rest of the file: a BadFile naming
+    the field, not a KeyError/TypeError, and a weights name is never a path (no reading outside
+    the bundle)."""
+    d, _, _ = bundle
+    doc = json.loads((d / "runtime.json").read_text())
+    if key == "model":
+        doc["model"] = value
+    else:
+        doc["model"][key] = value
+    (d / "runtime.json").write_text(json.dumps(doc))
+    factory, calls = counting_factory()
+    with pytest.raises(BadFile) as info:
+        ee.load(d, factory)
+    msg = str(info.value)
+    assert str(d / "runtime.json") in msg and words in msg and "accepted" in msg, msg
+    assert not calls
+
+
+def test_two_runtimes_saved_as_json_files_in_one_folder_keep_their_own_weights(tmp_path):
+    """rt.save("a.json", weights=True) then rt.save("b.json", weights=True) in one folder: each
+    loads its own model (both used to write model.safetensors, so a.json loaded b's weights)."""
+    x = torch.randn(12, 1, 8, 8)
+    rts = {name: ee.EERuntime(perturbed_digits(seed), thresholds=[0.6, 0.3]) for seed, name in enumerate("ab")}
+    for name, rt in rts.items():
+        rt.save(tmp_path / f"{name}.json", weights=True)
+    for name, rt in rts.items():
+        back = ee.load(tmp_path / f"{name}.json", digits_cnn)
+        assert torch.equal(back.infer(x).logits, rt.infer(x).logits), name
+
+
+class UnsavableCriterion(torch.nn.Module):
+    """A learned criterion whose config is not JSON: its save fails after the weights are written."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(10, 1)
+
+    def forward(self, logits, state):
+        return torch.sigmoid(self.lin(logits))[:, 0]
+
+    def to_config(self):
+        return {"scale": torch.tensor(1.0)}
+
+
+def test_a_failed_save_leaves_the_previous_bundle_as_it_was(bundle):
+    """A save that fails midway over a good bundle: every file keeps its bytes (the model weights
+    used to be overwritten before the JSON failed, so the old JSON then loaded the new weights),
+    the bundle loads as before, and no temporary file is left."""
+    d, rt, x = bundle
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    other = ee.EERuntime(perturbed_digits(8), thresholds=[0.6, 0.3], criterion=UnsavableCriterion())
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        other.save(d, weights=True)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert torch.equal(ee.load(d, digits_cnn).infer(x).logits, rt.infer(x).logits)
+    # a save into a new folder that fails leaves no folder behind
+    with pytest.raises(TypeError):
+        other.save(d.parent / "new" / "b", weights=True)
+    assert not (d.parent / "new" / "b").exists()
+
+
+def test_save_returns_the_json_path_and_the_weights_are_as_readable_as_it(bundle, tmp_path):
+    d, rt, _ = bundle
+    assert rt.save(tmp_path / "again", weights=True) == tmp_path / "again" / "runtime.json"
+    json_mode = os.stat(d / "runtime.json").st_mode & 0o777
+    assert os.stat(d / "model.safetensors").st_mode & 0o777 == json_mode  # safetensors alone writes 0600

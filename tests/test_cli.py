@@ -110,6 +110,7 @@ def user_project(tmp_path, monkeypatch):
     x, y = torch.rand(120, 1, 8, 8), torch.randint(0, 10, (120,))
     save_file({"x": x, "y": y}, str(tmp_path / "cal.safetensors"))
     save_file({"x": x}, str(tmp_path / "nolabels.safetensors"))
+    (tmp_path / "truncated.safetensors").write_bytes((tmp_path / "cal.safetensors").read_bytes()[:200])
     monkeypatch.setenv("EERUNTIME_PROGRESS", "0")
     return mod, x, y
 
@@ -207,14 +208,66 @@ def test_time_prints_one_consistent_measurement(capsys, tmp_path, user_project):
         (["--model", "{mod}:build", "--data", "missing.safetensors"], "no such file"),
         (["--model", "{mod}:build", "--data", "nolabels.safetensors"], "has no labels"),
         (["--model", "{mod}:build", "--data", "cal.safetensors", "--method", "budget"], "needs --budget"),
+        # these three were tracebacks (safetensors' SafetensorError, torch's RuntimeError, and a
+        # FileExistsError from rt.save after the calibration had run)
+        (["--model", "{mod}:build", "--data", "truncated.safetensors"], "cannot be read as safetensors"),
+        (
+            ["--model", "{mod}:build", "--data", "cal.safetensors", "--device", "gpu0"],
+            "--device 'gpu0' is not a device",
+        ),
+        (
+            ["--model", "{mod}:build", "--data", "cal.safetensors", "--out", "cal.safetensors"],
+            "--out cal.safetensors: is a file",
+        ),
     ],
 )
 def test_calibrate_errors_say_what_is_wrong(capsys, user_project, args, message):
     mod = user_project[0]
+    before = Path("cal.safetensors").read_bytes()
     code, out, err = run_cli(capsys, "calibrate", "--out", "rt", *[a.format(mod=mod) for a in args])
     assert code == 1
     assert err.startswith("eeruntime: calibrate: error:") and message in err, err
-    assert not Path("rt").exists()
+    assert not Path("rt").exists() and Path("cal.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("option", ["--max-drop", "--budget"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_calibrate_refuses_numbers_that_are_not_finite(capsys, user_project, option, value):
+    """nan reached ee.calibrate, whose TypeError ended in a traceback; now a usage error."""
+    mod = user_project[0]
+    code, _, err = run_cli(
+        capsys, "calibrate", "--model", f"{mod}:build", "--data", "cal.safetensors", "--out", "rt", option, value
+    )
+    assert code == 2 and f"argument {option}: must be a finite number, got '{value}'" in err, err
+    assert "Traceback" not in err and not Path("rt").exists()
+
+
+def test_time_runs_the_model_a_bundle_holds(capsys, tmp_path, user_project):
+    """A bundle saved with weights=True, timed with its factory and no --weights: the runtime's
+    exits and accuracy are the bundle model's (the factory's fresh model was timed and scored
+    before, with the bundle's thresholds, silently)."""
+    mod, x, y = user_project
+    build = __import__(mod).build
+    saved = build()
+    with torch.no_grad():
+        for t in saved.parameters():
+            t.add_(torch.randn_like(t) * 2)
+    rt = ee.EERuntime(saved, thresholds=[1.8, 1.2])
+    rt.save(tmp_path / "bundle", weights=True)
+    want, fresh = rt.infer(x), ee.EERuntime(build(), thresholds=[1.8, 1.2]).infer(x)
+
+    def fractions(res):
+        f = torch.bincount(res.exit_index, minlength=3).double() / len(y)
+        return f"exits (%): {', '.join(f'{100 * v:.1f}' for v in f.tolist())}"
+
+    assert fractions(want) != fractions(fresh)  # the test can tell the two models apart
+    code, out, err = run_cli(
+        capsys, "time", "bundle", "--model", f"{mod}:build", "--data", "cal.safetensors", "--rounds", "1"
+    )
+    assert code == 0, err
+    assert fractions(want) in out, out
+    acc = re.search(r"^runtime\s+[\d.]+\s+\S+\s+([\d.]+)%$", out, re.M).group(1)
+    assert float(acc) == pytest.approx(100 * float((want.logits.argmax(1) == y).double().mean()), abs=0.006)
 
 
 def test_time_on_a_runtime_for_another_model(capsys, tmp_path, user_project):

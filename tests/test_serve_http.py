@@ -518,3 +518,73 @@ def test_cli_refuses_scheduler_options_the_scheduler_would_refuse(tmp_path, caps
     rc = main([str(tmp_path / "missing"), "--model", "eeruntime.zoo:digits_cnn"] + options)
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--port", "-1"], "--port must be in [0, 65535] (0: a free one), got -1"),
+        (["--port", "70000"], "--port must be in [0, 65535]"),
+        (["--max-batch", "0"], "--max-batch must be an integer >= 1 (the most rows per stage step), got 0"),
+        (["--max-queue-rows", "-3"], "--max-queue-rows must be an integer >= 1"),
+        (["--max-rows", "0"], "--max-rows must be an integer >= 1"),
+        (["--max-body-bytes", "0"], "--max-body-bytes must be >= 1, got 0"),
+        (["--timeout-s", "0"], "--timeout-s must be > 0 (seconds a request may take), got 0.0"),
+        (["--timeout-s", "nan"], "--timeout-s must be > 0 (seconds a request may take), got nan"),
+        (["--input-shape", "1,0,8"], "--input-shape takes sizes >= 1 separated by commas"),
+        (["--input-shape", ""], "--input-shape takes sizes >= 1 separated by commas"),
+        (["--admin-token-file", "{tmp}/no-token"], "--admin-token-file {tmp}/no-token: cannot read it"),
+        (["--admin-token-file", "{tmp}/empty-token"], "--admin-token-file {tmp}/empty-token is empty"),
+        (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+    ],
+)
+def test_cli_refuses_bad_options_in_a_line_before_loading(tmp_path, capsys, options, message):
+    """Each of these used to start a server that failed every request (a timeout of 0 or nan, 0
+    rows, an impossible shape, an empty token silently turning the admin endpoint off), or end
+    in a traceback (a missing token file, --max-batch 0, a port out of range, a log level uvicorn
+    does not know, found only after the port was announced)."""
+    from eeruntime import cli
+
+    (tmp_path / "empty-token").write_text("\n")
+    options = [o.format(tmp=tmp_path) for o in options]
+    rc = cli.main(["serve", str(tmp_path / "missing"), "--model", "eeruntime.zoo:digits_cnn"] + options)
+    err = capsys.readouterr().err
+    assert rc == 2 and message.format(tmp=tmp_path) in err and "Traceback" not in err, err
+    assert "cannot load" not in err  # refused before the bundle was looked at
+
+
+def test_cli_says_when_it_cannot_listen_and_leaves_no_scheduler_running(tmp_path, capsys):
+    """A port in use or a host that is not this machine's: one line and exit 1 (it was a traceback
+    from socket.bind, after the scheduler's threads had started)."""
+    from eeruntime.serve.cli import main
+    from eeruntime.zoo import digits_cnn
+
+    ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25]).save(tmp_path / "bundle", weights=True)
+    base = [str(tmp_path / "bundle"), "--model", "eeruntime.zoo:digits_cnn"]
+    threads = set(threading.enumerate())
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for extra, words in (
+            (["--port", str(port)], f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use"),
+            (["--host", "999.1.1.1", "--port", "0"], "cannot listen on --host 999.1.1.1 --port 0"),
+        ):
+            rc = main(base + extra)
+            err = capsys.readouterr().err
+            assert rc == 1 and words in err and "Traceback" not in err, err
+    assert set(threading.enumerate()) <= threads  # no scheduler worker left behind
+
+
+def test_cli_names_the_file_of_a_broken_bundle(tmp_path, capsys):
+    """A truncated model.safetensors: the loader's message and exit 2 (was safetensors' own
+    SafetensorError with a traceback)."""
+    from eeruntime.serve.cli import main
+    from eeruntime.zoo import digits_cnn
+
+    ee.EERuntime(digits_cnn(), thresholds=[2.2, 2.25]).save(tmp_path / "bundle", weights=True)
+    weights = tmp_path / "bundle" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    rc = main([str(tmp_path / "bundle"), "--model", "eeruntime.zoo:digits_cnn", "--port", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot load {tmp_path / 'bundle'}: {weights}" in err and "Traceback" not in err, err

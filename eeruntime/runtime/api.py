@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, cast
 
 import torch
@@ -311,12 +312,13 @@ class EERuntime:
         path: Union[str, os.PathLike[str]],
         weights: bool = False,
         factory: Union[None, str, Callable[..., nn.Module]] = None,
-    ) -> None:
+    ) -> Path:
         """Save thresholds, criterion, calibration summary and learned scorer weights (JSON +
         safetensors; see :func:`eeruntime.load`); ``weights=True`` adds the model's weights, so
         ``ee.load(path, factory)`` rebuilds the whole runtime from the model's constructor
-        (``factory``, a callable or ``"module:factory"`` name, is recorded as a hint)."""
-        save_runtime(self, path, weights=weights, factory=factory)
+        (``factory``, a callable or ``"module:factory"`` name, is recorded as a hint). Returns the
+        path of the JSON file written."""
+        return save_runtime(self, path, weights=weights, factory=factory)
 
     @property
     def stats(self) -> RuntimeStats:

@@ -23,6 +23,9 @@ POLICIES = ("deepest", "fill", "request")
 # docs/serving.md, "Session 15") and the TorchServe handler's async mode (not measured there: its
 # event loop submits like this server's).
 SERVE_MAX_DEFER_MS = 0.0
+# uvicorn's log levels (uvicorn.config.LOG_LEVELS; spelled out to import no uvicorn for --help):
+# another name failed with a KeyError only once the port was bound and announced
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model", required=True, help="the model's constructor, 'module:factory' (called with no arguments)"
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start); at most 65535")
     add_scheduler_arguments(p)
     p.add_argument(
         "--pad-to",
@@ -48,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "request is padded to the shortest that holds it so texts of different lengths share batches "
         "(docs/serving.md, 'Text models')",
     )
-    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (then 413)")
     p.add_argument(
         "--admin-token-file",
         help=f"file holding the admin token (or set ${TOKEN_ENV}); without one the admin endpoint is disabled",
@@ -64,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.1,
         help="the interpreter's GIL switch interval in this process (docs/serving.md; Python's default is 5)",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
 
 
 def scheduler_options_error(args: argparse.Namespace, style: str = "flag") -> Optional[str]:
@@ -101,6 +104,12 @@ def scheduler_options_error(args: argparse.Namespace, style: str = "flag") -> Op
     sw = args.scheduler_workers
     if isinstance(sw, bool) or not isinstance(sw, int) or sw < 1:
         return f"{name('scheduler_workers')} must be >= 1 (the scheduler's worker threads), got {sw!r}"
+    shape = getattr(args, "input_shape", None)  # (eeruntime serve's and torchserve-archive's)
+    if shape is not None:
+        try:
+            parse_shape(shape)
+        except ValueError as e:
+            return str(e)
     policy = name("policy")
     if args.policy not in POLICIES:
         return f"{policy} must be one of {', '.join(POLICIES)}, got {args.policy!r}"
@@ -155,12 +164,13 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_shape(text: str) -> tuple:
     """``"1,8,8"`` -> ``(1, 8, 8)``; a ValueError that says what is accepted otherwise."""
+    accepted = f"--input-shape takes sizes >= 1 separated by commas (e.g. 1,8,8), got {text!r}"
     try:
         shape = tuple(int(d) for d in text.split(","))
     except ValueError:
-        raise ValueError(f"--input-shape takes integers separated by commas, got {text!r}") from None
-    if any(d < 1 for d in shape):  # (no row has such a shape: every request would be refused)
-        raise ValueError(f"--input-shape takes sizes >= 1 separated by commas, got {text!r}")
+        raise ValueError(accepted) from None
+    if not all(d >= 1 for d in shape):  # no request could match a shape with a size of 0 or less
+        raise ValueError(accepted)
     return shape
 
 
@@ -194,8 +204,25 @@ def run(args: argparse.Namespace) -> int:
 
     token = os.environ.get(TOKEN_ENV)
     if args.admin_token_file:
-        with open(args.admin_token_file) as f:
-            token = f.read().strip()
+        try:
+            with open(args.admin_token_file) as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"eeruntime serve: --admin-token-file {args.admin_token_file}: cannot read it ({e})", file=sys.stderr)
+            return 2
+        if not token:  # an empty token would have turned the admin endpoint off without a word
+            print(
+                f"eeruntime serve: --admin-token-file {args.admin_token_file} is empty; put the token in it "
+                f"(or leave the option out to run without the admin endpoint)",
+                file=sys.stderr,
+            )
+            return 2
+    if not 0 <= args.port <= 65535:
+        print(f"eeruntime serve: --port must be in [0, 65535] (0: a free one), got {args.port}", file=sys.stderr)
+        return 2
+    if args.max_body_bytes < 1:
+        print(f"eeruntime serve: --max-body-bytes must be >= 1, got {args.max_body_bytes}", file=sys.stderr)
+        return 2
     if not args.switch_interval_ms > 0:
         print(f"eeruntime serve: --switch-interval-ms must be > 0, got {args.switch_interval_ms}", file=sys.stderr)
         return 2
@@ -219,17 +246,25 @@ def run(args: argparse.Namespace) -> int:
             factory = resolve_factory(args.model)
             source = lambda: factory().to(device)  # noqa: E731  (the bundle's weights are loaded into it there)
         rt = ee.load(args.bundle, source)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a file of the bundle unreadable (permissions)
         print(f"eeruntime serve: cannot load {args.bundle}: {e}", file=sys.stderr)
         return 2
     spec = None
-    if args.input_shape:
-        try:
-            shape = parse_shape(args.input_shape)
-        except ValueError as e:
-            print(f"eeruntime serve: {e}", file=sys.stderr)
-            return 2
-        spec = InputSpec([shape], dtype=_model_dtype(rt.model))
+    if args.input_shape is not None:  # checked above (scheduler_options_error)
+        spec = InputSpec([parse_shape(args.input_shape)], dtype=_model_dtype(rt.model))
+    # Bind before the scheduler starts its threads, so --port 0 can say which port it got and a
+    # port in use or a host that is not this machine's is said in a line, with nothing to stop.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as e:  # in use, no such host (socket.gaierror), not an address of this machine
+        sock.close()
+        print(
+            f"eeruntime serve: cannot listen on --host {args.host} --port {args.port}: {e.strerror or e}",
+            file=sys.stderr,
+        )
+        return 1
     try:
         pad_to = None if args.pad_to is None else parse_lengths(args.pad_to)
         sched = StageScheduler(
@@ -244,18 +279,24 @@ def run(args: argparse.Namespace) -> int:
             pad_to=pad_to,
         )
     except ValueError as e:  # (--pad-to: not lengths, or not a text model; the rest is checked above)
+        sock.close()
         print(f"eeruntime serve: {e}", file=sys.stderr)
         return 2
-    app = create_app(
-        sched, admin_token=token, max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, input_spec=spec
-    )
-    # Bind here so --port 0 can say which port it got before uvicorn starts serving.
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        app = create_app(
+            sched, admin_token=token, max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, input_spec=spec
+        )
+    except BaseException:
+        sock.close()
+        sched.close()
+        raise
     port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL is bracketed
     print(
-        f"eeruntime serve: {args.bundle} on http://{args.host}:{port} "
+        f"eeruntime serve: {args.bundle} on http://{host}:{port} "
         f"(device {device}, max_batch={args.max_batch}, admin {'on' if token else 'off'})",
         flush=True,
     )
