@@ -46,7 +46,8 @@ def settings(rng):
 
 @functools.cache  # (each seed runs once: both tests below read it)
 def chaos_run(seed):
-    """One run; returns (settings, the outcomes counted, what went wrong)."""
+    """One run; returns (settings, the outcomes counted, what went wrong, whether it was shut down
+    while requests still arrived)."""
     rng = random.Random(seed)
     K, kw = settings(rng)
     model, hook = scripted_model(K)
@@ -187,14 +188,16 @@ def chaos_run(seed):
         wrong.append(("pending after close", sched.pending(), sched.queue_depths()))
     wrong += [("logged by asyncio", c.get("message")) for c in logged]
     wrong += [("a submitter crashed", e) for e in crashed]
-    return kw, counts, wrong
+    return kw, counts, wrong, early
 
 
 @pytest.mark.parametrize("seed", range(16))
 def test_every_request_ends_with_its_own_rows_or_the_error_its_case_allows(seed):
-    kw, counts, wrong = chaos_run(seed)
+    kw, counts, wrong, early = chaos_run(seed)
     assert not wrong, (kw, wrong[:5])
-    assert counts.get("answered", 0) > 0, (kw, counts)
+    # (a run shut down early may end before any request is answered: on a loaded machine the
+    # submitters may barely have started, seen in CI once: 22 timeouts, 69 closed, 1 cancelled)
+    assert counts.get("answered", 0) > 0 or early, (kw, counts)
 
 
 def test_the_runs_reach_every_outcome():

@@ -48,11 +48,15 @@ def make_runtime(tmp_path):
 
 def start_torchserve(tmp_path, store):
     """The ``torchserve`` launcher in the foreground, everything it writes under tmp_path (logs,
-    pid file, worker socket, config), all three endpoints on 127.0.0.1 with OS-chosen ports."""
+    pid file, worker socket, config), all three endpoints on 127.0.0.1 with OS-chosen ports, and
+    its two gRPC servers too (on fixed ports 7070 and 7071 by default: a second TorchServe running
+    at once, another test's or a user's, failed to start)."""
     ports = {k: free_port() for k in ("inference", "management", "metrics")}
+    grpc = {k: free_port() for k in ("inference", "management")}
     config = tmp_path / "config.properties"
     config.write_text(
         "".join(f"{k}_address=http://127.0.0.1:{p}\n" for k, p in ports.items())
+        + "".join(f"grpc_{k}_address=127.0.0.1\ngrpc_{k}_port={p}\n" for k, p in grpc.items())
         + "disable_token_authorization=true\ndisable_system_metrics=true\ninstall_py_dep_per_model=false\n"
         + "vmargs=-Xmx512m -XX:+UseSerialGC -XX:-UsePerfData\n"
     )

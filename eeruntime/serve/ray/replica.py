@@ -24,6 +24,12 @@ from . import http
 from .metrics import ReplicaMetrics
 from .spec import RuntimeSpec
 
+
+class TierError(RuntimeError):
+    """The next tier could not answer a request (its replicas kept dying, or it timed out).
+    (Defined here, beside the replicas' base that answers it over HTTP as a 503; tiers.py raises it.)"""
+
+
 # reconfigure(user_config) keys every replica understands.
 CONFIG_KEYS = ("thresholds", "max_batch_size", "batch_wait_timeout_s")
 
@@ -109,8 +115,6 @@ class ReplicaBase:
             answer = await self.infer(x)
             self._inputs.learn(x)
             return answer
-        from .tiers import TierError
-
         try:
             x = await http.read_inputs(request, self._inputs)
             answer = await self.infer(x)

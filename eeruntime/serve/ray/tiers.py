@@ -35,15 +35,20 @@ from ray import serve
 from ...runtime import cat_rows, take_rows
 from ...thresholds import ThresholdSnapshot
 from .deployment import DEFAULT_MAX_BATCH, DEFAULT_WAIT_S, _deployment_options
-from .replica import CONFIG_KEYS, ReplicaBase, batch_settings, raise_if_error, rows_of, run_groups, signature
+from .replica import (
+    CONFIG_KEYS,
+    ReplicaBase,
+    TierError,
+    batch_settings,
+    raise_if_error,
+    rows_of,
+    run_groups,
+    signature,
+)
 from .wire import Survivors, check_transfer_dtype
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRIES = 2
-
-
-class TierError(RuntimeError):
-    """The next tier could not answer a request (its replicas kept dying, or it timed out)."""
 
 
 @dataclass
