@@ -494,6 +494,36 @@ def test_stage_failure_fails_only_the_requests_the_stage_fails_on(workers):
     assert sched.stats.fused_fallbacks >= 1
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_poison_request_fails_alone_with_a_carry_at_a_deeper_stage(fused):
+    # Patience carries each row's history between stages: the rows run again alone at stage 2
+    # take their carry with them, and the others' answers equal rt.infer's on their own rows
+    from eeruntime.exit_rules import Patience
+
+    torch.manual_seed(4)
+    model = mlp_model(K=4, d_in=6, width=12, C=5, seed=4)
+    rt = ee.EERuntime(model, thresholds=2, criterion=Patience())
+
+    def refuse_nan(module, args):
+        if bool(torch.isnan(args[0]).any()):
+            raise ValueError("NaN reached stage 2")
+
+    model.stages[2].register_forward_pre_hook(refuse_nan)
+    x = torch.randn(40, 6)
+    poison = torch.full((2, 6), float("nan"))
+    with StageScheduler(rt, max_batch=16, inline="never", max_defer_ms=0, fused=fused) as sched:
+        with parked(sched):
+            futures = [sched.submit_nowait(x[i : i + 4]) for i in range(0, 20, 4)]
+            bad = sched.submit_nowait(poison)
+            futures += [sched.submit_nowait(x[i : i + 4]) for i in range(20, 40, 4)]
+        assert isinstance(bad.exception(WAIT), StageFailed) and "NaN reached stage 2" in str(bad.exception())
+        for i, f in zip(range(0, 40, 4), futures):
+            got, want = f.result(WAIT), rt.infer(x[i : i + 4])
+            assert torch.equal(got.exit_index, want.exit_index)
+            torch.testing.assert_close(got.logits, want.logits)
+        assert sched.stats.failure_reruns >= 1 and drained(sched)
+
+
 def test_one_pass_only_when_the_steps_would_form_the_same_batches():
     # max_wait 500 ms: a request admitted to an idle scheduler runs in one pass (nothing could join
     # it); requests admitted while it runs wait for fuller batches step by step, and the
