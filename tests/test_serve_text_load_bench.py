@@ -51,7 +51,13 @@ def test_quick_run_reports_every_system_checked_against_rt_infer(tmp_path):
     doc = json.loads(next(tmp_path.glob("serve-text-*-quick.json")).read_text())
     assert set(doc["saturated"]) == set(serve_text_load.SYSTEMS) == set(doc["correctness"])
     assert all(c["max_abs_logit_diff"] < 1e-4 for c in doc["correctness"].values())
-    assert all(r["req_per_s"] > 0 for r in doc["saturated"].values())
+    assert all(r["req_per_s"] > 0 and r["ratio_to_ee_req_pad"] > 0 for r in doc["saturated"].values())
     assert [c["fraction"] for c in doc["open_loop"]] == [0.5]
     assert "| stage-pad |" in next(tmp_path.glob("serve-text-*-quick.md")).read_text()
     assert time.perf_counter() - t0 < 300
+
+
+def test_saturated_ratios_pair_each_run_with_ee_req_pads_run_next_to_it():
+    sat = {"ee-req-pad": {"runs": [100, 200, 50]}, "stage-pad": {"runs": [150, 200, 100]}}
+    serve_text_load.with_ratios(sat)
+    assert sat["stage-pad"]["ratio_to_ee_req_pad"] == 1.5 and sat["ee-req-pad"]["ratio_to_ee_req_pad"] == 1.0
