@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 import pytest
 import torch
@@ -333,3 +334,32 @@ def test_litserve_adapter_takes_token_ids_as_json_from_the_first_request(tmp_pat
         api.sched.close()
         sys.setswitchinterval(switch)
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_input_adapter_maps_each_request_exactly_once_on_every_path(fused):
+    # An adapter whose output, read as an input again, gives another state (here: doubled), so a
+    # request mapped twice answers wrong. infer() on a busy scheduler used to hand the adapter's
+    # output on to submit, which mapped it again.
+    import threading
+
+    from models import mlp_model
+
+    base = mlp_model(K=3)
+    model = ee.MultiExitModel(list(base.stages), list(base.exits), input_adapter=lambda x: x * 2.0).eval()
+    rt = ee.EERuntime(model, thresholds=0.5, criterion="max_prob")
+    x = torch.randn(12, 6)
+    want = [rt.infer(x[i : i + 3]) for i in range(0, 12, 3)]
+    with StageScheduler(rt, max_batch=8, fused=fused, max_defer_ms=0) as sched:
+        got = [sched.infer(x[0:3])]  # idle: inline, in this thread
+        box = []
+        with parked(sched):  # busy: infer takes the worker's path
+            t = threading.Thread(target=lambda: box.append(sched.infer(x[3:6])))
+            t.start()
+            later = [sched.submit_nowait(x[i : i + 3]) for i in (6, 9)]
+            time.sleep(0.05)
+        t.join(WAIT)
+        got += box + [f.result(WAIT) for f in later]
+    for g, w in zip(got, want):
+        assert torch.equal(g.exit_index, w.exit_index)
+        torch.testing.assert_close(g.logits, w.logits)

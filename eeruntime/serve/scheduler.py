@@ -650,8 +650,10 @@ class StageScheduler:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if self.inline != "never" and timeout_s is None:
             # (a timeout must fire while the request runs: only the worker path can do that)
-            x, n, _ = self._check_input(x)
-            future = self._run_inline(x, n)
+            # (the caller's x goes on to submit_nowait below, not the checked one: an input
+            # adapter maps a request once, and its output read as an input again could differ)
+            checked, n, _ = self._check_input(x)
+            future = self._run_inline(checked, n)
             if future is not None:
                 return future.result()
         return self.submit_nowait(x, timeout_s).result()
