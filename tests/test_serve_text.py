@@ -314,10 +314,11 @@ def test_litserve_adapter_takes_token_ids_as_json_from_the_first_request(tmp_pat
     torch.manual_seed(0)
     rt = ee.EERuntime(tiny_bert_text(), thresholds=[0.4, 0.45], criterion="max_prob")
     rt.save(tmp_path / "text", weights=True)
-    api = EarlyExitLitAPI(tmp_path / "text", "serve_models:tiny_bert_text", max_batch=8)
+    api = EarlyExitLitAPI(tmp_path / "text", "serve_models:tiny_bert_text", max_batch=8, pad_to=[16, 8])
     switch = sys.getswitchinterval()
     api.setup("cpu")  # (also sets up the process as a server's: undone below for the other tests)
     try:
+        assert api.sched.pad_to == (8, 16)
         ((ids, _),) = requests_of([7], rows=2)
 
         async def ask(doc):

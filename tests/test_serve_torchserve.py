@@ -4,6 +4,7 @@ concurrent HTTP requests get rt.infer's answers row for row, in both worker mode
 stage scheduler; batch: TorchServe's batches through rt.infer); bad bodies get a 4xx with a
 message. Skipped where java or torchserve is missing (make test installs torchserve)."""
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -418,6 +419,8 @@ def test_handler_answers_every_json_document_torchserve_parsed_with_its_own_stat
         (["--name", "../escaped"], "--name must be letters"),
         (["--name", ""], "--name must be letters"),
         (["--name", "a=b"], "--name must be letters"),
+        (["--pad-to", "8,x"], "--pad-to takes sequence lengths"),
+        (["--pad-to", "16"], "has no input adapter"),  # (digits: no token ids to pad)
     ],
 )
 def test_torchserve_archive_refuses_options_no_archive_could_serve_and_writes_nothing(
@@ -509,3 +512,44 @@ def test_handler_refuses_a_hand_written_config_value_out_of_range(tmp_path, asyn
     ):
         handler.initialize(FakeContext(tmp_path, config))
     assert handler.sched is None and not handler.initialized
+
+
+@pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "batch-mode"])
+def test_a_text_archive_pads_as_written_and_takes_json_token_ids(tmp_path, capsys, asynchronous):
+    """torchserve-archive --pad-to writes pad_to into model-config.yaml; the handler's scheduler
+    pads with it, and JSON numbers are token ids from the first request (docs/serving.md, "Text
+    models")."""
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.torchserve_handler import EarlyExitHandler
+
+    torch.manual_seed(0)
+    rt = ee.EERuntime(tiny_bert_text(), thresholds=[0.4, 0.45], criterion="max_prob")
+    rt.save(tmp_path / "bundle", weights=True)
+    args = ["torchserve-archive", str(tmp_path / "bundle"), "--model", "serve_models:tiny_bert_text"]
+    args += ["--out", str(tmp_path / "store"), "--name", "text", "--pad-to", "16,8"]
+    assert cli_main(args + (["--batch-mode"] if not asynchronous else [])) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "store" / "text" / "model-config.yaml").read_text())
+    assert config["eeruntime"]["pad_to"] == [16, 8]
+    handler = EarlyExitHandler()
+    with (
+        mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
+        mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval"),
+    ):
+        handler.initialize(FakeContext(tmp_path / "store" / "text", config))
+    try:
+        if asynchronous:
+            assert handler.sched.pad_to == (8, 16)
+        ids = torch.randint(1, 60, (2, 5))
+        ctx = FakeContext(tmp_path / "store" / "text", config, [{"content-type": "application/json"}])
+        outs = handler.handle([{"body": {"inputs": ids.tolist()}}], ctx)
+        if asynchronous:
+            outs = asyncio.run(asyncio.wait_for(outs, 60))
+        (out,) = outs
+        assert ctx.status[0][0] == 200, out
+        want = rt.infer(ids)
+        assert out["exit_index"] == want.exit_index.tolist(), out
+        torch.testing.assert_close(torch.tensor(out["logits"]), want.logits, rtol=1e-4, atol=1e-5)
+    finally:
+        if handler.sched is not None:
+            handler.sched.close()

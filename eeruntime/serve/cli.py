@@ -45,12 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start); at most 65535")
     add_scheduler_arguments(p)
-    p.add_argument(
-        "--pad-to",
-        help="a text encoder's (attached with ee.attach_exits): sequence lengths, e.g. 32,64,128; each "
-        "request is padded to the shortest that holds it so texts of different lengths share batches "
-        "(docs/serving.md, 'Text models')",
-    )
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (then 413)")
     p.add_argument(
         "--admin-token-file",
@@ -110,6 +104,12 @@ def scheduler_options_error(args: argparse.Namespace, style: str = "flag") -> Op
             parse_shape(shape)
         except ValueError as e:
             return str(e)
+    lengths = getattr(args, "pad_to", None)  # (a model's own check is the scheduler's, once loaded)
+    if isinstance(lengths, str):
+        try:
+            parse_lengths(lengths)
+        except ValueError as e:
+            return str(e)
     policy = name("policy")
     if args.policy not in POLICIES:
         return f"{policy} must be one of {', '.join(POLICIES)}, got {args.policy!r}"
@@ -160,6 +160,12 @@ def add_scheduler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request timeout")
     p.add_argument("--max-rows", type=int, default=256, help="rows per request, at most")
     p.add_argument("--input-shape", help="each row's shape, e.g. 1,8,8 (default: the first answered request's)")
+    p.add_argument(
+        "--pad-to",
+        help="a text encoder's (attached with ee.attach_exits): sequence lengths, e.g. 32,64,128; each "
+        "request is padded to the shortest that holds it so texts of different lengths share batches "
+        "(docs/serving.md, 'Text models')",
+    )
 
 
 def parse_shape(text: str) -> tuple:

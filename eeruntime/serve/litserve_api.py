@@ -19,7 +19,7 @@ saying so; LitServe's own reading (``await request.json()``) answered it 500.
 # no `from __future__ import annotations`: LitServe copies decode_request's annotation onto its
 # FastAPI route, and FastAPI would resolve a string annotation in LitServe's module, not this one
 import argparse
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Sequence
 
 try:
     import litserve as ls
@@ -68,6 +68,7 @@ class EarlyExitLitAPI(ls.LitAPI):
         timeout_s: Optional[float] = 30.0,
         max_rows: int = 256,
         workers: int = 1,
+        pad_to: Optional[Sequence[int]] = None,
         api_path: str = "/predict",
     ):
         # refused here, in the caller's process, rather than in LitServe's worker once the model
@@ -97,6 +98,7 @@ class EarlyExitLitAPI(ls.LitAPI):
             max_queue_rows=max_queue_rows,
             timeout_s=timeout_s,
             workers=workers,
+            pad_to=pad_to,
         )
         self.max_rows = max_rows
         self.sched = None

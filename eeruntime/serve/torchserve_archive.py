@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .cli import add_scheduler_arguments, parse_shape, scheduler_options_error
+from .cli import add_scheduler_arguments, parse_lengths, parse_shape, scheduler_options_error
 
 HANDLER = "eeruntime.serve.torchserve_handler"
 
@@ -67,6 +67,8 @@ def model_config(args: argparse.Namespace) -> Dict[str, Any]:
         section["max_defer_ms"] = args.max_defer_ms
     if args.input_shape:
         section["input_shape"] = list(parse_shape(args.input_shape))
+    if args.pad_to:
+        section["pad_to"] = parse_lengths(args.pad_to)
     return {
         "minWorkers": args.workers,
         "maxWorkers": args.workers,
@@ -114,7 +116,11 @@ def write(args: argparse.Namespace) -> Path:
     if bad:
         raise ValueError(bad)
     bundle = Path(args.bundle)
-    ee.load(bundle, args.model)  # fails here, with the loader's message, rather than in a worker's log
+    rt = ee.load(bundle, args.model)  # fails here, with the loader's message, rather than in a worker's log
+    if args.pad_to:  # (lengths the model cannot pad to, likewise: the scheduler's own check)
+        from .scheduler import _pad_lengths
+
+        _pad_lengths(parse_lengths(args.pad_to), getattr(rt.model, "input_adapter", None))
     store = Path(args.out)
     target = store / args.name
     if store.exists() and not store.is_dir():

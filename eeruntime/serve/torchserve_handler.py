@@ -61,6 +61,7 @@ SCHEDULER_OPTIONS = {
     "max_queue_rows": "max_queue_rows",
     "timeout_s": "timeout_s",
     "scheduler_workers": "workers",
+    "pad_to": "pad_to",
 }
 
 Reply = Tuple[int, str, Any]  # (status, content type, body)
