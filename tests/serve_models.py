@@ -135,7 +135,9 @@ def thresholds_for(model, x, fractions, criterion):
 
 def tiny_bert_text():
     """A small BERT (random weights, from a config: nothing downloaded) with exits after layers
-    0 and 2, attached by ``ee.attach_exits``: a factory for the text-serving tests' bundles."""
+    0 and 2, attached by ``ee.attach_exits``: a factory for the text-serving tests' bundles. The
+    same weights at every call (seeded, the caller's random state left as it was), so a replica
+    built from it alone answers as the test's own copy."""
     import transformers
 
     config = transformers.BertConfig(
@@ -147,5 +149,7 @@ def tiny_bert_text():
         max_position_embeddings=40,
         num_labels=3,
     )
-    bert = transformers.BertForSequenceClassification(config).eval()
-    return ee.attach_exits(bert, at=["bert.encoder.layer.0", "bert.encoder.layer.2"])
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        bert = transformers.BertForSequenceClassification(config).eval()
+        return ee.attach_exits(bert, at=["bert.encoder.layer.0", "bert.encoder.layer.2"])

@@ -813,6 +813,34 @@ def test_ray_http_json_integers_reach_a_model_of_token_ids(local_replicas):
     assert status == 422 and "int64" in doc["error"]
 
 
+def test_ray_http_a_text_model_takes_json_token_ids_from_the_first_request(local_replicas):
+    """A text encoder attached with ee.attach_exits: JSON numbers are token ids from the first
+    request on (they were float32 until the replica had answered ints: the first JSON text
+    request failed), texts of any length, and what its input adapter refuses is a 400 naming it."""
+    pytest.importorskip("transformers", reason="transformers is an optional dependency (make test installs it)")
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+
+    spec = {"model": "serve_models:tiny_bert_text", "thresholds": [0.4, 0.45], "torch_threads": 1}
+    rep = local_replicas(RuntimeReplica, spec)
+
+    def call(body):
+        return http_answer(run_async(rep(http_request(body, "application/json")[0]), timeout_s=30))
+
+    for length in (6, 9):
+        ids = torch.randint(1, 60, (2, length))
+        ref = ee.EERuntime(tiny_bert_text(), thresholds=[0.4, 0.45]).infer(ids)
+        status, doc = call(json.dumps({"inputs": ids.tolist()}).encode())
+        assert status == 200, doc
+        assert doc["exit_index"] == ref.exit_index.tolist()
+        torch.testing.assert_close(torch.tensor(doc["logits"]), ref.logits, rtol=1e-4, atol=1e-5)
+    status, doc = call(b'{"inputs": [[1.5, 2, 3]]}')
+    assert status in (400, 422) and "integer token ids" in doc["error"], doc
+    status, doc = call(json.dumps({"inputs": [[1] * 41]}).encode())
+    assert status in (400, 422) and "at most 40" in doc["error"], doc
+
+
 class _FailingTier:
     """A next tier whose calls raise ``error`` (as Ray hands a remote tier's exception back)."""
 

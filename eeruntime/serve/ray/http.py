@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..codec import SAFETENSORS_TYPES, InputError, InputSpec
+from ..codec import SAFETENSORS_TYPES, InputError, InputSpec, TokenInputSpec
 
 MAX_BODY_BYTES = 64 << 20
 
@@ -77,7 +77,9 @@ def _from_json(body: bytes, spec: Optional[InputSpec] = None):
         raise BadRequest('a JSON body is an object with "inputs": a nested list of numbers, batch dim first')
     spec = spec or InputSpec()
     # numbers in the model's float dtype; for a model that has taken integers (token ids), as sent
-    ids = spec.dtypes is not None and len(spec.dtypes) == 1 and not spec.dtypes[0].is_floating_point
+    ids = isinstance(spec, TokenInputSpec) or (
+        spec.dtypes is not None and len(spec.dtypes) == 1 and not spec.dtypes[0].is_floating_point
+    )
     try:
         x = torch.tensor(doc["inputs"], dtype=None if ids else spec.dtype)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:

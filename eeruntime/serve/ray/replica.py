@@ -19,6 +19,7 @@ from typing import Any, Dict
 import torch
 
 from ...state import check_state
+from ..codec import input_spec_for
 from ..process import freeze_startup_objects
 from . import http
 from .metrics import ReplicaMetrics
@@ -52,7 +53,8 @@ class ReplicaBase:
         # What a row of an HTTP request must look like: learned from the first answered request
         # (as ``eeruntime serve`` does), so a later one of another row shape or kind of dtype gets
         # a 422 saying so rather than reaching the model (a 500 "Internal Server Error").
-        self._inputs = http.InputSpec(dtype=_float_dtype(self.rt.model))
+        # (token ids for a text encoder attached with ee.attach_exits: codec.TokenInputSpec)
+        self._inputs = input_spec_for(self.rt.model)
         self.metrics.thresholds(self.rt.thresholds)
         self._batch_settings = batch_settings(
             {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
@@ -120,8 +122,9 @@ class ReplicaBase:
             answer = await self.infer(x)
         except http.InputError as e:
             return http.error_response(e.status, str(e))
-        except ValueError as e:
-            # the input does not fit the model (shape, dtype): the runtime's own message.
+        except (ValueError, TypeError) as e:
+            # the input does not fit the model (shape, dtype; a text model's input adapter): the
+            # runtime's own message.
             return http.error_response(400, f"the input does not fit the model: {_message(e)}")
         except overloaded_errors() as e:
             return http.error_response(503, f"overloaded, retry later: {type(_cause(e)).__name__}")
@@ -162,14 +165,6 @@ def _cause(e: BaseException) -> BaseException:
 
 def _message(e: BaseException) -> str:
     return str(_cause(e))
-
-
-def _float_dtype(model) -> torch.dtype:
-    """The dtype float inputs are given to the model in: its parameters' (float32 without any)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def batch_settings(config: Dict[str, Any]) -> Dict[str, Any]:
