@@ -133,14 +133,13 @@ def thresholds_for(model, x, fractions, criterion):
     return thresholds
 
 
-def tiny_bert_text():
-    """A small BERT (random weights, from a config: nothing downloaded) with exits after layers
-    0 and 2, attached by ``ee.attach_exits``: a factory for the text-serving tests' bundles. The
-    same weights at every call (seeded, the caller's random state left as it was), so a replica
-    built from it alone answers as the test's own copy."""
+def tiny_text_model(kind: str = "bert", trim: bool = False, seed: int = 1234):
+    """A small BERT or RoBERTa (random weights, from a config: nothing downloaded; vocabulary 60,
+    at most 40 tokens, 3 classes) with exits after layers 0 and 2, attached by ``ee.attach_exits``.
+    The same weights for the same seed (the caller's random state left as it was)."""
     import transformers
 
-    config = transformers.BertConfig(
+    common = dict(
         vocab_size=60,
         hidden_size=32,
         num_hidden_layers=4,
@@ -150,6 +149,16 @@ def tiny_bert_text():
         num_labels=3,
     )
     with torch.random.fork_rng():
-        torch.manual_seed(1234)
-        bert = transformers.BertForSequenceClassification(config).eval()
-        return ee.attach_exits(bert, at=["bert.encoder.layer.0", "bert.encoder.layer.2"])
+        torch.manual_seed(seed)
+        if kind == "bert":
+            model = transformers.BertForSequenceClassification(transformers.BertConfig(**common))
+        else:  # RoBERTa: pad token 1, positions counted from the ids
+            model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**common))
+        prefix = "bert" if kind == "bert" else "roberta"
+        return ee.attach_exits(model.eval(), at=[f"{prefix}.encoder.layer.0", f"{prefix}.encoder.layer.2"], trim=trim)
+
+
+def tiny_bert_text():
+    """:func:`tiny_text_model`'s BERT: a factory (no arguments) for the text-serving tests'
+    bundles and replicas, the same weights at every call."""
+    return tiny_text_model("bert")

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from reference import per_sample_loop
-from serve_models import parked
+from serve_models import parked, tiny_text_model
 
 import eeruntime as ee
 from eeruntime.serve import StageScheduler
@@ -29,23 +29,7 @@ NEAR = 1e-4  # a row whose deciding score is this close to its threshold may exi
 
 
 def text_runtime(kind: str = "bert", trim: bool = False, seed: int = 0):
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=V,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        num_labels=3,
-    )
-    if kind == "bert":
-        model = transformers.BertForSequenceClassification(transformers.BertConfig(**common)).eval()
-        at = ["bert.encoder.layer.0", "bert.encoder.layer.2"]
-    else:  # RoBERTa: pad token 1, positions counted from the ids
-        model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**common)).eval()
-        at = ["roberta.encoder.layer.0", "roberta.encoder.layer.2"]
-    text = ee.attach_exits(model, at=at, trim=trim)
+    text = tiny_text_model(kind, trim=trim, seed=seed)
     # thresholds under which about a third of the rows leave at each early exit
     ids, mask = requests_of([12], seed=seed + 100, rows=64)[0]
     with torch.no_grad():

@@ -71,26 +71,8 @@ class EarlyExitLitAPI(ls.LitAPI):
         pad_to: Optional[Sequence[int]] = None,
         api_path: str = "/predict",
     ):
-        # refused here, in the caller's process, rather than in LitServe's worker once the model
-        # is loaded (or, for max_rows and timeout_s, not at all: every request refused)
-        bad = scheduler_options_error(
-            argparse.Namespace(
-                max_batch=max_batch,
-                max_wait_ms=max_wait_ms,
-                policy=policy,
-                max_defer_ms=max_defer_ms,
-                max_queue_rows=max_queue_rows,
-                timeout_s=timeout_s,
-                max_rows=max_rows,
-                scheduler_workers=workers,
-            ),
-            style="keyword",
-        )
-        if bad:
-            raise ValueError(f"EarlyExitLitAPI: {bad}")
-        super().__init__(max_batch_size=1, api_path=api_path, enable_async=True)
-        self.bundle, self.model_spec = str(bundle), model
-        self.options = dict(
+        # the scheduler's keyword arguments (pad_to is checked against the model when it loads)
+        options = dict(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             policy=policy,
@@ -100,6 +82,17 @@ class EarlyExitLitAPI(ls.LitAPI):
             workers=workers,
             pad_to=pad_to,
         )
+        # refused here, in the caller's process, rather than in LitServe's worker once the model
+        # is loaded (or, for max_rows and timeout_s, not at all: every request refused)
+        checked = {k: v for k, v in options.items() if k not in ("workers", "pad_to")}
+        bad = scheduler_options_error(
+            argparse.Namespace(**checked, max_rows=max_rows, scheduler_workers=workers), style="keyword"
+        )
+        if bad:
+            raise ValueError(f"EarlyExitLitAPI: {bad}")
+        super().__init__(max_batch_size=1, api_path=api_path, enable_async=True)
+        self.bundle, self.model_spec = str(bundle), model
+        self.options = options
         self.max_rows = max_rows
         self.sched = None
 
