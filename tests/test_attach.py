@@ -1,6 +1,7 @@
 """attach_exits: the final exit reproduces the backbone bit for bit, split points are checked,
 heads get the right shapes, and the backbone is shared, never changed."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -371,6 +372,22 @@ def test_num_classes_and_example_input_checks():
         example_input=tokens,
     )
     assert [o.shape for o in m(tokens)] == [torch.Size([4, 3])] * 2
+
+
+def test_num_classes_must_be_an_int_not_something_that_converts():
+    """int(2.5) built 2-class heads, True one class, "3" three: silently, from a value no caller meant."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    for bad in (2.5, 4.0, True, "3", torch.tensor(True)):
+        with pytest.raises(TypeError, match="num_classes must be a positive int"):
+            ee.attach_exits(backbone, at=["1"], num_classes=bad)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            ee.attach_exits(backbone, at=["1"], num_classes=bad)
+    x = torch.randn(5, 6)
+    for good in (4, np.int64(4), torch.tensor(4)):
+        m = ee.attach_exits(backbone, at=["1"], num_classes=good)
+        assert [o.shape[1] for o in m.eval()(x)] == [4, 4] and type(m.exits[0].classifier.out_features) is int
 
 
 def test_shared_by_default_copied_on_request():
