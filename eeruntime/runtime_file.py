@@ -75,7 +75,7 @@ def _criterion_entry(criterion, model) -> dict:
         )
     else:
         entry["kind"] = "callable"
-        _refuse_a_name_load_rebuilds_otherwise(criterion, entry["name"], model)
+        _refuse_a_name_load_rebuilds_otherwise(criterion, criterion_name(criterion), model)
     return entry
 
 
