@@ -146,6 +146,10 @@ def test_hf_inputs_as_users_pass_them():
         rt({**x, "labels": torch.zeros(12, dtype=torch.long)})
     with pytest.raises(ValueError, match="needs 'input_ids'"):
         rt({"attention_mask": x["attention_mask"]})
+    # rows of no tokens at all: the model failed in a reshape inside attention ("cannot reshape
+    # tensor of 0 elements into shape [12, 0, -1, 8]")
+    with pytest.raises(ValueError, match=r"input_ids has 0 tokens per row \(shape \[12, 0\]\)"):
+        rt({k: v[:, :0] for k, v in x.items()})
 
 
 def test_padded_tokens_never_change_a_rows_result():
