@@ -844,6 +844,8 @@ def _split_fx(
                 "fx's underscored names (layer1_1_relu_1) and a submodule's qualified name (e.g. 'layer1', when "
                 "forward calls it once) also work"
             )
+        if n in split_nodes:  # two spellings of one node ("blk_0", "blk.0"): an empty stage
+            raise ValueError(f"split points {at[split_nodes.index(n)]!r} and {a!r} name the same node; give each once")
         split_nodes.append(n)
     order = [pos[n] for n in split_nodes]
     if order != sorted(order):

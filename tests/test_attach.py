@@ -246,6 +246,21 @@ def test_fx_errors_list_node_names():
     with pytest.raises(ValueError, match="classifier tail"):
         ee.attach_exits(OutOfOrder(), at=["mean"], example_input=x)
 
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.blk, self.c = nn.Linear(6, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.c(self.blk(h) + h)
+
+    # fx's underscored name and the dotted name of one node made an empty stage (an exit repeating the one before)
+    assert [p.name for p in ee.split_points(Skip(), mode="fx")][:3] == ["a", "blk.0", "blk.1"]
+    with pytest.raises(ValueError, match="'blk_0' and 'blk.0' name the same node"):
+        ee.attach_exits(Skip(), at=["blk_0", "blk.0"], mode="fx")
+    assert ee.attach_exits(Skip(), at=["blk_0", "blk.1"], mode="fx").num_exits == 3
+
 
 def test_children_mode_on_a_module_that_does_not_run_them_in_order():
     with pytest.raises(ValueError, match="mode='fx'"):
