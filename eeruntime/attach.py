@@ -823,7 +823,7 @@ def _split_fx(
     for n in compute:
         if n.op == "call_module":
             targets.setdefault(_module_name(n), []).append(n)
-    split_nodes = []
+    split_nodes: List[fx.Node] = []
     for a in at:
         n = by_name.get(a)
         if n is None and a in targets:
