@@ -37,10 +37,14 @@ def coerce_thresholds(thresholds, num_early: int, criterion=None) -> Tuple[float
             raise ValueError(f"thresholds are a meta tensor (no values); give {accepted}")
         if thresholds.dtype == torch.bool or thresholds.is_complex():
             raise TypeError(f"thresholds must be real numbers, got a {thresholds.dtype} tensor; give {accepted}")
+        if thresholds.dim() > 1:  # flattened, a [2, 2] would pass as 4 per-exit values (a numpy array is refused too)
+            raise ValueError(
+                f"thresholds must be a 0-dim or 1-D tensor, got shape {list(thresholds.shape)}; give {accepted}"
+            )
         if thresholds.dim() == 0:
             thresholds = float(thresholds)
         else:
-            thresholds = thresholds.detach().cpu().reshape(-1).tolist()
+            thresholds = thresholds.detach().cpu().tolist()
     if (
         isinstance(thresholds, (set, frozenset, dict))
         or not hasattr(thresholds, "__iter__")
