@@ -123,6 +123,8 @@ def attach_exits(
     names = _check_at(at)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(map(repr, MODES))}")
+    if num_classes is not None:
+        num_classes = _check_num_classes(num_classes)
     custom_factory = callable(head) and not isinstance(head, (str, nn.Module))
     if custom_factory and example_input is None:
         raise ValueError(
@@ -151,9 +153,6 @@ def attach_exits(
                 f"{type(backbone).__name__} has no classifier (it returns no logits): pass num_classes=<number of classes>"
             )
         num_classes = C
-    num_classes = int(num_classes)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes}")
     if C is None or tail is None:  # a base encoder (no classifier, no logits): the final exit is a new token head
         tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:])[0]
     elif num_classes != C:
@@ -276,6 +275,11 @@ def _guess_layout(backbone: nn.Module, state: State) -> Optional[TokenLayout]:
 def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], example_input: ExampleInput) -> _Built:
     """The encoder split at ``at``; ``names``: its layers (``encoders.encoder_layers``)."""
     cuts = [_encoder_cut(a, names) for a in at]
+    for i in range(1, len(cuts)):
+        if cuts[i] == cuts[i - 1]:  # two spellings of one layer ("layer.1", "bert.encoder.layer.1"): an empty stage
+            raise ValueError(
+                f"split points {at[i - 1]!r} and {at[i]!r} name the same layer {names[cuts[i]]!r}; give each layer once"
+            )
     if cuts != sorted(cuts):
         raise ValueError(f"split points must be in forward order; got {list(at)}")
     if cuts[-1] >= len(names) - 1:
@@ -389,6 +393,22 @@ def _check_at(at: Union[str, Sequence[str]]) -> List[str]:
     if dup:
         raise ValueError(f"split point(s) {dup} given more than once")
     return names
+
+
+def _check_num_classes(n: Any) -> int:
+    """``num_classes`` as an int >= 1. Only integers: ``int(2.5)`` would silently build 2-class
+    heads, ``True`` one class, ``"3"`` is a form field or a file passing strings."""
+    try:
+        value = (
+            None if isinstance(n, (bool, str, bytes)) or getattr(n, "dtype", None) == torch.bool else operator.index(n)
+        )
+    except TypeError:
+        value = None
+    if value is None:
+        raise TypeError(f"num_classes must be a positive int (the classes of every exit), got {n!r}")
+    if value < 1:
+        raise ValueError(f"num_classes must be a positive int, got {value}")
+    return value
 
 
 def _as_input(x: ExampleInput) -> State:
@@ -803,7 +823,7 @@ def _split_fx(
     for n in compute:
         if n.op == "call_module":
             targets.setdefault(_module_name(n), []).append(n)
-    split_nodes = []
+    split_nodes: List[fx.Node] = []
     for a in at:
         n = by_name.get(a)
         if n is None and a in targets:
@@ -824,6 +844,8 @@ def _split_fx(
                 "fx's underscored names (layer1_1_relu_1) and a submodule's qualified name (e.g. 'layer1', when "
                 "forward calls it once) also work"
             )
+        if n in split_nodes:  # two spellings of one node ("blk_0", "blk.0"): an empty stage
+            raise ValueError(f"split points {at[split_nodes.index(n)]!r} and {a!r} name the same node; give each once")
         split_nodes.append(n)
     order = [pos[n] for n in split_nodes]
     if order != sorted(order):

@@ -69,6 +69,7 @@ def register_criterion(name: str, *, legacy_path: Optional[str] = None):
     ``from_config``). ``legacy_path``: the module path files of format 1 named it by."""
 
     def register(cls):
+        _refuse_taken(LEARNED_CRITERIA, name, cls, "register_criterion")
         LEARNED_CRITERIA[name] = cls
         cls.registered_name = name
         if legacy_path is not None:
@@ -81,8 +82,22 @@ def register_criterion(name: str, *, legacy_path: Optional[str] = None):
 def register_model_criterion(factory: Callable) -> Callable:
     """Function decorator: ``factory(model)`` rebuilds a criterion whose weights live in the
     model; saved by the factory's name, which is also the criterion's ``criterion_name``."""
+    _refuse_taken(MODEL_CRITERIA, factory.__name__, factory, "register_model_criterion")
     MODEL_CRITERIA[factory.__name__] = factory
     return factory
+
+
+def _refuse_taken(table: Dict, name: str, obj, how: str) -> None:
+    """A name names one criterion: a second registration under it would make ``ee.load`` rebuild
+    files saved with the first as the second. The same definition registered again (its module
+    re-imported or reloaded) replaces itself."""
+    old = table.get(name)
+    if old is None or (old.__module__, old.__qualname__) == (obj.__module__, obj.__qualname__):
+        return
+    raise ValueError(
+        f"{how}: the name {name!r} is taken by {old.__module__}.{old.__qualname__}; saved runtimes name a "
+        f"criterion by it, so {obj.__module__}.{obj.__qualname__} needs another name"
+    )
 
 
 def learned_criterion_class(entry: dict) -> Optional[type]:

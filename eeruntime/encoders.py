@@ -164,6 +164,11 @@ class HFInputs:
             raise TypeError(f"input_ids must hold integer token ids, got {str(ids.dtype).replace('torch.', '')}")
         if ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(ids.shape)}")
+        if ids.shape[1] == 0:  # the model's own error is a reshape deep inside attention
+            raise ValueError(
+                f"input_ids has 0 tokens per row (shape {list(ids.shape)}); a row needs at least one token "
+                "(a tokenizer gives [CLS] [SEP] for an empty text)"
+            )
         for name, t in zip(self.names[1:], members[1:]):
             if t.shape != ids.shape:
                 raise ValueError(f"{name} has shape {list(t.shape)}; it must match input_ids' {list(ids.shape)}")

@@ -30,7 +30,7 @@ from ._json import enc_float as _enc
 from .bundle import MODEL_WEIGHTS_NAME, save_model_weights
 from .bundle_schema import FORMAT as SCHEMA_FORMAT
 from .bundle_schema import FORMAT_VERSION as SCHEMA_VERSION
-from .criteria import criterion_name, is_per_exit, uses_history
+from .criteria import MODEL_CRITERIA, criterion_name, is_per_exit, uses_history
 
 FORMAT, FORMAT_VERSION = SCHEMA_FORMAT, SCHEMA_VERSION  # the schema module holds the one definition
 JSON_NAME = "runtime.json"
@@ -56,7 +56,7 @@ def _model_path(json_path: Path) -> Path:
     return json_path.with_name(f"{json_path.stem}.{MODEL_WEIGHTS_NAME}")
 
 
-def _criterion_entry(criterion) -> dict:
+def _criterion_entry(criterion, model) -> dict:
     if isinstance(criterion, str):
         return {"kind": "builtin", "name": criterion}
     entry = {
@@ -68,12 +68,36 @@ def _criterion_entry(criterion) -> dict:
         to_config = getattr(criterion, "to_config", None)
         entry.update(
             kind="module",
-            registered=getattr(type(criterion), "registered_name", None),
+            # the class's own registration: a subclass inherits the attribute, and ee.load would
+            # rebuild the registered parent in its place
+            registered=vars(type(criterion)).get("registered_name"),
             config=to_config() if callable(to_config) else None,
         )
     else:
         entry["kind"] = "callable"
+        _refuse_a_name_load_rebuilds_otherwise(criterion, criterion_name(criterion), model)
     return entry
+
+
+def _refuse_a_name_load_rebuilds_otherwise(criterion, name: str, model) -> None:
+    """``ee.load`` rebuilds a callable criterion by its name from ``MODEL_CRITERIA``; a user's own
+    function that happens to carry a registered name (``def patience(logits, state)``) would come
+    back as the registered criterion, deciding other exits without a word. Refused here, where the
+    name can still be changed."""
+    factory = MODEL_CRITERIA.get(name)
+    if factory is None:
+        return
+    try:
+        rebuilt = factory(model)
+    except Exception:  # noqa: BLE001  (a factory that cannot rebuild from this model: not the same criterion)
+        rebuilt = None
+    if rebuilt is None or type(rebuilt) is not type(criterion):
+        raise ValueError(
+            f"the callable criterion {criterion!r} is named {name!r}, the name of a registered criterion that "
+            f"ee.load rebuilds by that name ({factory.__module__}.{factory.__qualname__}); the file would load as "
+            "that one. Rename the function (a saved file names a callable by its name) and pass it to ee.load "
+            "with criterion=..."
+        )
 
 
 def save_runtime(rt, path, weights: bool = False, factory=None) -> Path:
@@ -106,7 +130,7 @@ def save_runtime(rt, path, weights: bool = False, factory=None) -> Path:
 
     try:
         criterion = rt.criterion
-        entry = _criterion_entry(criterion)
+        entry = _criterion_entry(criterion, rt.model)
         calibration = getattr(rt, "calibration", None)
         model_entry = None
         if weights:

@@ -37,10 +37,14 @@ def coerce_thresholds(thresholds, num_early: int, criterion=None) -> Tuple[float
             raise ValueError(f"thresholds are a meta tensor (no values); give {accepted}")
         if thresholds.dtype == torch.bool or thresholds.is_complex():
             raise TypeError(f"thresholds must be real numbers, got a {thresholds.dtype} tensor; give {accepted}")
+        if thresholds.dim() > 1:  # flattened, a [2, 2] would pass as 4 per-exit values (a numpy array is refused too)
+            raise ValueError(
+                f"thresholds must be a 0-dim or 1-D tensor, got shape {list(thresholds.shape)}; give {accepted}"
+            )
         if thresholds.dim() == 0:
             thresholds = float(thresholds)
         else:
-            thresholds = thresholds.detach().cpu().reshape(-1).tolist()
+            thresholds = thresholds.detach().cpu().tolist()
     if (
         isinstance(thresholds, (set, frozenset, dict))
         or not hasattr(thresholds, "__iter__")
@@ -124,14 +128,18 @@ class ThresholdSnapshot:
         return f"ThresholdSnapshot({list(self._values)})"
 
     def tensor(self, device) -> torch.Tensor:
-        """The thresholds as a float32 [K-1] tensor on ``device`` (cached: do not write it)."""
+        """The thresholds as a float32 [K-1] tensor on ``device`` (cached; one written in place is
+        remade from the floats on the next call)."""
         device = torch.device(device)
         tensors: Dict[torch.device, torch.Tensor] = self._tensors
         t = tensors.get(device)
-        if t is None:
+        # _version counts in-place writes: a caller who wrote the tensor it was given (rt.thresholds_tensor,
+        # documented read-only) would otherwise move every later call's thresholds away from rt.thresholds
+        # and from what rt.save writes. The snapshot's floats are the truth; the tensor is remade from them.
+        if t is None or t._version:
             with self._lock:
                 t = tensors.get(device)
-                if t is None:
+                if t is None or t._version:
                     # Not an inference tensor, so callers may copy it into buffers made outside
                     # inference mode (the graph executor's static thresholds).
                     with torch.inference_mode(False):

@@ -1,6 +1,7 @@
 """attach_exits: the final exit reproduces the backbone bit for bit, split points are checked,
 heads get the right shapes, and the backbone is shared, never changed."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,6 +246,21 @@ def test_fx_errors_list_node_names():
     with pytest.raises(ValueError, match="classifier tail"):
         ee.attach_exits(OutOfOrder(), at=["mean"], example_input=x)
 
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.blk, self.c = nn.Linear(6, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.c(self.blk(h) + h)
+
+    # fx's underscored name and the dotted name of one node made an empty stage (an exit repeating the one before)
+    assert [p.name for p in ee.split_points(Skip(), mode="fx")][:3] == ["a", "blk.0", "blk.1"]
+    with pytest.raises(ValueError, match="'blk_0' and 'blk.0' name the same node"):
+        ee.attach_exits(Skip(), at=["blk_0", "blk.0"], mode="fx")
+    assert ee.attach_exits(Skip(), at=["blk_0", "blk.1"], mode="fx").num_exits == 3
+
 
 def test_children_mode_on_a_module_that_does_not_run_them_in_order():
     with pytest.raises(ValueError, match="mode='fx'"):
@@ -371,6 +387,22 @@ def test_num_classes_and_example_input_checks():
         example_input=tokens,
     )
     assert [o.shape for o in m(tokens)] == [torch.Size([4, 3])] * 2
+
+
+def test_num_classes_must_be_an_int_not_something_that_converts():
+    """int(2.5) built 2-class heads, True one class, "3" three: silently, from a value no caller meant."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    for bad in (2.5, 4.0, True, "3", torch.tensor(True)):
+        with pytest.raises(TypeError, match="num_classes must be a positive int"):
+            ee.attach_exits(backbone, at=["1"], num_classes=bad)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            ee.attach_exits(backbone, at=["1"], num_classes=bad)
+    x = torch.randn(5, 6)
+    for good in (4, np.int64(4), torch.tensor(4)):
+        m = ee.attach_exits(backbone, at=["1"], num_classes=good)
+        assert [o.shape[1] for o in m.eval()(x)] == [4, 4] and type(m.exits[0].classifier.out_features) is int
 
 
 def test_shared_by_default_copied_on_request():

@@ -28,6 +28,10 @@ BAD_THRESHOLDS = [
     (torch.empty(2, device="meta"), ValueError, "meta tensor"),
     (torch.empty((), device="meta"), ValueError, "meta tensor"),
     ([0.1, 0.2, 0.3], ValueError, "got 3 thresholds for a model with 3 exits"),
+    # flattened: a [2, 1] or [1, 2] tensor passed as the 2 thresholds (a 2-D numpy array was refused)
+    (torch.tensor([[0.1], [0.2]]), ValueError, r"0-dim or 1-D tensor, got shape \[2, 1\]"),
+    (torch.tensor([[0.1, 0.2]]), ValueError, r"got shape \[1, 2\]"),
+    (np.array([[0.1, 0.2]]), TypeError, "threshold 0 is a ndarray"),
     (object(), TypeError, "got a object"),
 ]
 

@@ -146,6 +146,10 @@ def test_hf_inputs_as_users_pass_them():
         rt({**x, "labels": torch.zeros(12, dtype=torch.long)})
     with pytest.raises(ValueError, match="needs 'input_ids'"):
         rt({"attention_mask": x["attention_mask"]})
+    # rows of no tokens at all: the model failed in a reshape inside attention ("cannot reshape
+    # tensor of 0 elements into shape [12, 0, -1, 8]")
+    with pytest.raises(ValueError, match=r"input_ids has 0 tokens per row \(shape \[12, 0\]\)"):
+        rt({k: v[:, :0] for k, v in x.items()})
 
 
 def test_padded_tokens_never_change_a_rows_result():
@@ -198,6 +202,9 @@ def test_encoder_split_errors_name_the_layers():
         ee.attach_exits(bert(), at=["layer.3"])
     with pytest.raises(ValueError, match="forward order"):
         ee.attach_exits(bert(), at=["layer.2", "layer.1"])
+    # two spellings of one layer made an empty stage and an exit that repeats the one before it
+    with pytest.raises(ValueError, match="'layer.1' and 'bert.encoder.layer.1' name the same layer"):
+        ee.attach_exits(bert(), at=["layer.1", "bert.encoder.layer.1"])
     with pytest.raises(ValueError, match=r"needs a \[B, C, \*spatial\] map.*yields tokens.*'cls' or 'mean'"):
         ee.attach_exits(bert(), at=["layer.1"], head="conv")
 

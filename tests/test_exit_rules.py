@@ -152,6 +152,57 @@ def test_patience_runtime_saves_and_loads_by_name(tmp_path):
     assert torch.equal(a.exit_index, b.exit_index) and torch.equal(a.logits, b.logits)
 
 
+def max_prob_named_patience(logits, state):
+    return logits.softmax(1).max(1).values
+
+
+max_prob_named_patience.__name__ = max_prob_named_patience.__qualname__ = "patience"  # as a user's module-level def
+
+
+def test_a_criterion_name_names_one_criterion_in_saved_files(tmp_path):
+    """A saved file names a criterion; ee.load rebuilds the registered one of that name. A user's
+    own function called ``patience`` came back as PABEE's Patience, a subclass of a registered
+    module as its parent, and a second registration replaced the first: all without a word."""
+    from eeruntime import criteria
+
+    model = mlp_model(K=3, C=3, seed=9)
+    x = torch.randn(60, 6, generator=torch.Generator().manual_seed(9))
+
+    patience = max_prob_named_patience
+    with pytest.raises(ValueError, match="named 'patience', the name of a registered criterion"):
+        ee.EERuntime(model, thresholds=0.6, criterion=patience).save(tmp_path / "a")
+    assert not (tmp_path / "a" / "runtime.json").exists()
+
+    def my_score(logits, state):
+        return patience(logits, state)
+
+    rt = ee.EERuntime(model, thresholds=0.6, criterion=my_score)
+    rt.save(tmp_path / "b")
+    loaded = ee.load(tmp_path / "b", model, criterion=my_score)
+    assert torch.equal(loaded.infer(x).exit_index, rt.infer(x).exit_index)
+    ee.EERuntime(model, thresholds=1, criterion=Patience()).save(tmp_path / "c")  # the registered one still saves
+
+    class Stricter(LearnedExit):  # not registered: its parent's name must not stand for it
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs) * 0.5
+
+    rt = ee.EERuntime(model, thresholds=0.4, criterion=Stricter(12).eval())
+    rt.save(tmp_path / "d")
+    with pytest.raises(ValueError, match="which load cannot rebuild"):
+        ee.load(tmp_path / "d", model)
+    crit = Stricter(12)
+    loaded = ee.load(tmp_path / "d", model, criterion=crit)
+    assert torch.equal(loaded.infer(x).confidence, rt.infer(x).confidence)
+
+    with pytest.raises(ValueError, match="'learned_exit' is taken by eeruntime.exit_rules.learned.LearnedExit"):
+        criteria.register_criterion("learned_exit")(Stricter)
+    assert criteria.LEARNED_CRITERIA["learned_exit"] is LearnedExit
+    with pytest.raises(ValueError, match="'patience' is taken"):
+        criteria.register_model_criterion(patience)
+    assert criteria.MODEL_CRITERIA["patience"](model).__class__ is Patience
+    criteria.register_criterion("learned_exit")(LearnedExit)  # the same definition again: allowed
+
+
 # ------------------------------------------------------------------------------- BERxiT learned exit
 def lte_of_row(lte, pool="cls"):
     """float64 certainty of a one-row state from the LTE's weights (independent of its forward)."""

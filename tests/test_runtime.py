@@ -177,6 +177,26 @@ def test_set_thresholds_takes_effect_next_call():
     assert rt.thresholds == [0.3, 0.3]
 
 
+def test_a_written_thresholds_tensor_never_moves_the_runtimes_thresholds():
+    """rt.thresholds_tensor gave the snapshot's cached tensor; a caller who wrote it (clamp_, fill_)
+    silently moved every later call's decisions while rt.thresholds (and rt.save) kept the old ones."""
+    model = mlp_model()
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(3)) * 2
+    rt = ee.EERuntime(model, thresholds=[0.7, 0.8], criterion="max_prob")
+    t = rt.thresholds_tensor("cpu")
+    assert t.tolist() == pytest.approx([0.7, 0.8])
+    t.fill_(-1.0)  # every row would leave at exit 0
+    rt.thresholds_snapshot().tensor("cpu").fill_(2.0)  # none would
+    res = rt.infer(x)
+    ref_logits, ref_exit, near = per_sample_loop(model, x, [0.7, 0.8], "max_prob")
+    clear = near > 1e-5
+    assert torch.equal(res.exit_index[clear], ref_exit[clear]) and len(set(ref_exit.tolist())) > 1
+    assert rt.thresholds_tensor("cpu").tolist() == pytest.approx([0.7, 0.8])
+    snap = rt.thresholds_snapshot()
+    step = rt.run_stage(0, x, torch.arange(40), thresholds=snap)
+    assert torch.equal(step.exit_rows, (ref_exit == 0).nonzero().flatten())
+
+
 def test_drop_in_call_and_eval_mode():
     model = mlp_model().train()
     x = torch.randn(9, 6)

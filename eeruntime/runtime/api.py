@@ -144,7 +144,8 @@ class EERuntime:
             self._snapshot = snap
 
     def thresholds_tensor(self, device: Union[str, torch.device]) -> torch.Tensor:
-        """The current thresholds as a float32 [K-1] tensor on ``device`` (read-only)."""
+        """The current thresholds as a float32 [K-1] tensor on ``device`` (read-only: a write to it is
+        never used, the runtime remakes it from ``rt.thresholds``)."""
         return self._snapshot.tensor(device)
 
     # ------------------------------------------------------------------ public calls
