@@ -139,7 +139,9 @@ class CostModel:
 @torch.no_grad()
 def measure_costs(model, example) -> CostModel:
     """Count the FLOPs of every stage and head of ``model`` on one sample of ``example``."""
-    state = from_tuple([t[:1] for t in as_tuple(example)], example)
+    # Detached: an input that requires grad (a calibration or training batch straight from a
+    # preprocessing graph) makes the FLOP counter's module tracker hook autograd and fail.
+    state = from_tuple([t[:1].detach() for t in as_tuple(example)], example)
     was_training = model.training
     model.eval()
     try:

@@ -396,6 +396,17 @@ def test_data_forms_agree_and_cache_can_be_reused():
         ee.calibrate(None, cache, "accuracy", criterion="max_prob")
 
 
+def test_inputs_that_require_grad_calibrate_like_plain_ones():
+    # The FLOP count ran the model's first row under the FLOP counter, whose module tracker hooks
+    # autograd on inputs that require grad: an AssertionError from torch, no calibration.
+    model = tiny_model()
+    x, y = tiny_data(model, N=120)
+    want = ee.calibrate(model, (x, y), "accuracy", progress=False)
+    got = ee.calibrate(model, (x.clone().requires_grad_(), y), "accuracy", progress=False)
+    assert got.thresholds == want.thresholds and got.exit_costs == want.exit_costs
+    assert got.accuracy == want.accuracy
+
+
 def test_latency_and_custom_costs():
     model = tiny_model()
     x, y = tiny_data(model, N=128)

@@ -183,6 +183,21 @@ def test_differentiable_trains_stages_exits_and_gates():
         assert model.eval()(x)[0].shape == (16, 4)
 
 
+@pytest.mark.parametrize("method", ["post_train", "differentiable"])
+def test_cost_term_with_inputs_that_require_grad(method):
+    # The cost term counts FLOPs on the first batch's first row; an input that required grad made
+    # torch's FLOP counter fail with an AssertionError before any training.
+    kw = dict(confidence=True) if method == "post_train" else {}
+    runs = []
+    for needs_grad in (False, True):
+        model = small_model()
+        data = [(x.clone().requires_grad_(needs_grad), y) for x, y in toy_data()]
+        hist = getattr(ee.train, method)(model, data, 1, 1e-2, cost_weight=0.5, seed=0, progress=False, **kw)
+        runs.append((hist.loss, params_by_name(model)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+
+
 def test_methods_wrap_plain_exit_modules():
     model = digits_cnn(width=4)  # its exits are plain nn.Sequential heads
     x = torch.rand(8, 1, 8, 8)
