@@ -170,6 +170,12 @@ class _Accumulator:
             raise ValueError("calibration data is empty: it yielded no samples")
         if cost.num_exits != self.K:
             raise ValueError(f"the cost model has {cost.num_exits} exits but the model has {self.K}")
+        if not cost.plain > 0:
+            # every threshold would cost the same (relative costs NaN, a budget a division by zero)
+            raise ValueError(
+                f"the cost model gives the full model a cost of {cost.plain}; calibration weighs exits by "
+                "their cost and needs a full-model cost > 0"
+            )
         labels = np.concatenate(self.labels)
         preds = np.concatenate(self.preds)
         return ScoreCache(
