@@ -243,6 +243,65 @@ def test_bad_data():
         ee.train.joint(small_backbone(), toy_data(), 1, 1e-3)
 
 
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+TRAIN_KW = {
+    "joint": {},
+    "post_train": {"confidence": True, "cost_weight": 0.3},
+    "differentiable": {"cost_weight": 0.3},
+    "two_stage": {"only": "backbone"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(TRAIN_KW))
+def test_a_nan_loss_stops_training_before_the_step(method):
+    # Before: the NaN loss was stepped on and every trained weight (and BatchNorm's running
+    # statistics) became NaN, without a word; the history said "nan".
+    good = list(toy_data())
+    x, y = good[1]
+    poisoned = x.clone()
+    poisoned[3] = float("nan")
+    base = small_model().eval()
+    base.stages[1].requires_grad_(False)  # a stage the caller froze
+    want = copy.deepcopy(base)  # trained on the batch before the poisoned one only
+    getattr(ee.train, method)(want, good[:1], 1, 1e-2, seed=0, progress=False, **TRAIN_KW[method])
+    model = copy.deepcopy(base)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match=f"{method}.*loss is nan on batch 1 of epoch 1"):
+        getattr(ee.train, method)(
+            model, [good[0], (poisoned, y), good[2]], 1, 1e-2, seed=0, progress=False, **TRAIN_KW[method]
+        )
+    got = _state(model)
+    assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
+    assert _same_state(got, _state(want))
+    assert {n: p.requires_grad for n, p in model.named_parameters() if n in flags} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m.training for m in model.modules())  # the failed run put the modes back
+
+
+@pytest.mark.parametrize("method", sorted(TRAIN_KW))
+def test_empty_batches_are_skipped(method):
+    # Before: an empty batch's mean loss was NaN (the epoch's history NaN) and Adam stepped on it
+    # anyway (its momentum moved the weights on a batch with no samples).
+    good = list(toy_data())
+    x, y = good[0]
+    base = small_model()
+    runs = []
+    for data in (good, [good[0], (x[:0], y[:0]), good[1], (x[:0], y[:0]), good[2]]):
+        m = copy.deepcopy(base)
+        h = getattr(ee.train, method)(m, data, 2, 1e-2, seed=0, progress=False, **TRAIN_KW[method])
+        h = h[0] if isinstance(h, tuple) else h
+        runs.append((_state(m), h.to_dict()))
+    assert _same_state(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and all(math.isfinite(v) for v in runs[1][1]["loss"])
+
+
 def test_same_seed_same_result_and_global_rng_untouched():
     base = small_model()
     runs = []
