@@ -407,6 +407,22 @@ def test_inputs_that_require_grad_calibrate_like_plain_ones():
     assert got.accuracy == want.accuracy
 
 
+@pytest.mark.parametrize("final", ["last", "average"])
+def test_exits_predicting_different_classes_are_refused_like_the_runtime_does(final):
+    # Before: calibrated without a word (labels checked against the final exit's classes only),
+    # for a model EERuntime then refuses; "average" failed inside torch's broadcasting.
+    torch.manual_seed(0)
+    model = ee.MultiExitModel([nn.Linear(6, 8), nn.Linear(8, 8)], [nn.Linear(8, 3), nn.Linear(8, 5)]).eval()
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    with pytest.raises(ValueError, match="every exit must predict the same classes") as runtime_error:
+        ee.EERuntime(model, thresholds=[0.5])(x)
+    with pytest.raises(ValueError, match="exit 1 returns 5 classes but exit 0 returns 3") as calib_error:
+        ee.calibrate(model, (x, y), "accuracy", final=final, progress=False)
+    assert str(calib_error.value) == str(runtime_error.value)
+    with pytest.raises(ValueError, match="exit 1 returns 5 classes but exit 0 returns 3"):
+        ScoreCache.from_logits([torch.randn(30, 3), torch.randn(30, 5)], y, cost_model(2), final=final)
+
+
 def test_latency_and_custom_costs():
     model = tiny_model()
     x, y = tiny_data(model, N=128)

@@ -132,6 +132,14 @@ def _check_final(final: str) -> None:
 def _outputs(logits: List[torch.Tensor], final: str) -> List[torch.Tensor]:
     """Each exit's output as the runtime forms it: the final one averaged over exits in
     ``"average"`` mode (the same float32 running sum as the runtime)."""
+    widths = [o.shape[1] if isinstance(o, torch.Tensor) and o.dim() == 2 else None for o in logits]
+    for k, c in enumerate(widths):
+        if c is not None and widths[0] is not None and c != widths[0]:
+            # The runtime refuses such a model; a calibration of it compared exit 0's argmax with
+            # labels checked against the final exit's classes only.
+            raise ValueError(
+                f"exit {k} returns {c} classes but exit 0 returns {widths[0]}; every exit must predict the same classes"
+            )
     if final != "average":
         return logits
     acc = None
