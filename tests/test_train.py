@@ -223,11 +223,21 @@ def test_methods_wrap_plain_exit_modules():
         (lambda m, d: ee.train.differentiable(m, d, 1, 1e-3, cost_weight=-0.1), "cost_weight must be"),
         (lambda m, d: ee.train.joint(m, [], 1, 1e-3), "no batches"),
         (lambda m, d: ee.train.joint(m, d, 1, 1e-3, optimizer="lbfgs"), "optimizer must be"),
+        (lambda m, d: ee.train.joint(m, d, 1, 1e-3, weight_decay=True), "weight_decay must be"),
     ],
 )
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call(small_model(), toy_data())
+
+
+def test_weights_as_a_string_and_weight_decay_as_a_bool_are_refused():
+    # Before: weights="113" trained with weights [1, 1, 3]; weight_decay=True failed inside Adam
+    # with "Boolean alpha only supported for Boolean results".
+    with pytest.raises(TypeError, match="weights must be a sequence of 3 floats"):
+        ee.train.joint(small_model(), toy_data(), 1, 1e-3, weights="113", progress=False)
+    with pytest.raises(ValueError, match="weight_decay must be a finite float >= 0, got True"):
+        ee.train.joint(small_model(), toy_data(), 1, 1e-3, weight_decay=True, progress=False)
 
 
 def test_bad_data():

@@ -82,7 +82,12 @@ def check_common(model, epochs, lr, weight_decay, optimizer) -> None:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite float > 0, got {lr!r}")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not math.isfinite(weight_decay)
+        or weight_decay < 0
+    ):
         raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
     if not (optimizer in OPTIMIZERS or callable(optimizer)):
         raise ValueError(
