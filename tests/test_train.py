@@ -240,6 +240,24 @@ def test_weights_as_a_string_and_weight_decay_as_a_bool_are_refused():
         ee.train.joint(small_model(), toy_data(), 1, 1e-3, weight_decay=True, progress=False)
 
 
+@pytest.mark.parametrize(
+    "make,err,match",
+    [
+        (lambda x, y: Batches(x, y, batch_size=0), ValueError, "batch_size must be an int >= 1, got 0"),
+        (lambda x, y: Batches(x, y, batch_size=-4), ValueError, "batch_size must be an int >= 1, got -4"),
+        (lambda x, y: Batches(x, y, batch_size=2.5), ValueError, "batch_size must be an int >= 1, got 2.5"),
+        (lambda x, y: Batches(x.tolist(), y), TypeError, "x as a tensor with one row per sample, got list"),
+        (lambda x, y: Batches(x, y.tolist()), TypeError, "y as a tensor with one row per sample, got list"),
+    ],
+)
+def test_batches_refuse_what_they_cannot_batch(make, err, match):
+    # Before: batch_size=0 raised ZeroDivisionError from len(), -4 "__len__() should return >= 0",
+    # a list x an AttributeError on .shape.
+    x, y = torch.randn(10, 3), torch.arange(10)
+    with pytest.raises(err, match=match):
+        make(x, y)
+
+
 def test_bad_data():
     m = small_model()
     with pytest.raises(TypeError, match=r"\(x, y\) pairs"):
