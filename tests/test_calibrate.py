@@ -463,6 +463,25 @@ def test_to_dict_is_strict_json_and_round_trips():
 
 
 # ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(scorer_epochs=0), "scorer_epochs must be an int >= 1, got 0"),
+        (dict(scorer_epochs=-1), "scorer_epochs must be an int >= 1, got -1"),
+        (dict(scorer_hidden=0), "scorer_hidden must be an int >= 1, got 0"),
+        (dict(seed=None), "seed must be an int >= 0, got None"),
+        (dict(seed="a"), "seed must be an int >= 0, got 'a'"),
+    ],
+)
+def test_budget_scorer_settings_are_checked(kw, msg):
+    # Before: scorer_epochs=0 failed with "'NoneType' object has no attribute 'detach'",
+    # scorer_hidden=0 trained an empty scorer (a calibration, with zero-element warnings),
+    # seed=None / "a" failed inside int().
+    cache, _, _ = synthetic_cache(40, 3)
+    with pytest.raises(ValueError, match=msg):
+        ee.calibrate(None, cache, "budget", budget=0.5, progress=False, **kw)
+
+
 def test_bad_arguments_raise_clear_errors():
     model = tiny_model()
     x, y = tiny_data(model, N=32)
