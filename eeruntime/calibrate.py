@@ -325,6 +325,13 @@ def calibrate(
             )
         if final is not None and final != cache.final:
             raise ValueError(f"the cache was built with final={cache.final!r}, not {final!r}")
+        # The cache's costs were fixed when it was built; a cost asked for here was ignored
+        # without a word (cost="flops", the default, cannot be told from no cost at all).
+        if (isinstance(cost, CostModel) and cost != cache.cost) or (cost == "latency" and cache.cost_unit != "seconds"):
+            raise ValueError(
+                f"the cache holds costs in {cache.cost_unit!r} ({cache.cost}), not the cost={cost!r} asked for; "
+                "a ScoreCache's costs are fixed when it is built: build_cache(model, data, cost=...)"
+            )
     else:
         if model is None:
             raise TypeError("calibrate needs the model (or a ScoreCache as data)")

@@ -423,6 +423,21 @@ def test_exits_predicting_different_classes_are_refused_like_the_runtime_does(fi
         ScoreCache.from_logits([torch.randn(30, 3), torch.randn(30, 5)], y, cost_model(2), final=final)
 
 
+def test_a_cost_that_the_cache_does_not_hold_is_refused():
+    # Before: ee.calibrate(None, cache, ..., cost=...) calibrated on the cache's own costs and
+    # ignored the one asked for, without a word.
+    cache, _, _ = synthetic_cache(40, 3)
+    other = CostModel([1, 1, 1], [0, 0, 1])
+    with pytest.raises(ValueError, match="the cache holds costs in 'custom'.*a ScoreCache's costs are fixed"):
+        ee.calibrate(None, cache, "accuracy", cost=other)
+    with pytest.raises(ValueError, match="not the cost='latency'"):
+        ee.calibrate(None, cache, "accuracy", cost="latency")
+    same = CostModel(list(cache.cost.stage_flops), list(cache.cost.head_flops))
+    assert (
+        ee.calibrate(None, cache, "accuracy", cost=same).thresholds == ee.calibrate(None, cache, "accuracy").thresholds
+    )
+
+
 def test_latency_and_custom_costs():
     model = tiny_model()
     x, y = tiny_data(model, N=128)
