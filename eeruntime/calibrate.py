@@ -198,6 +198,9 @@ def _check_args(
     max_combos: int,
     max_candidates: int,
     cost: Union[str, CostModel],
+    scorer_epochs: int,
+    scorer_hidden: int,
+    seed: int,
 ) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; accepted: {', '.join(map(repr, METHODS))}")
@@ -228,7 +231,16 @@ def _check_args(
             raise ValueError(f"budget_tol must be in (0, 1), got {tol}")
     elif budget is not None or budget_cost is not None:
         raise ValueError(f"budget / budget_cost only apply to method='budget', not {method!r}")
-    for name, v, lo in (("grid", grid, 2), ("max_combos", max_combos, 4), ("max_candidates", max_candidates, 1)):
+    for name, v, lo in (
+        ("grid", grid, 2),
+        ("max_combos", max_combos, 4),
+        ("max_candidates", max_candidates, 1),
+        # 0 epochs failed with "'NoneType' object has no attribute 'detach'", 0 hidden units
+        # trained an empty scorer; a seed that is not an int failed inside int()
+        ("scorer_epochs", scorer_epochs, 1),
+        ("scorer_hidden", scorer_hidden, 1),
+        ("seed", seed, 0),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     if not (isinstance(cost, CostModel) or cost in ("flops", "latency")):
@@ -289,7 +301,20 @@ def calibrate(
     from .calibration.budget import warn_if_off
     from .calibration.cache import ScoreCache, build_cache
 
-    _check_args(method, max_drop, budget, budget_cost, budget_tol, grid, max_combos, max_candidates, cost)
+    _check_args(
+        method,
+        max_drop,
+        budget,
+        budget_cost,
+        budget_tol,
+        grid,
+        max_combos,
+        max_candidates,
+        cost,
+        scorer_epochs,
+        scorer_hidden,
+        seed,
+    )
     if method == "budget" and criterion is not None:
         raise ValueError("method='budget' learns its own criterion (EENet scorers); leave criterion unset")
     if isinstance(data, ScoreCache):
@@ -300,6 +325,13 @@ def calibrate(
             )
         if final is not None and final != cache.final:
             raise ValueError(f"the cache was built with final={cache.final!r}, not {final!r}")
+        # The cache's costs were fixed when it was built; a cost asked for here was ignored
+        # without a word (cost="flops", the default, cannot be told from no cost at all).
+        if (isinstance(cost, CostModel) and cost != cache.cost) or (cost == "latency" and cache.cost_unit != "seconds"):
+            raise ValueError(
+                f"the cache holds costs in {cache.cost_unit!r} ({cache.cost}), not the cost={cost!r} asked for; "
+                "a ScoreCache's costs are fixed when it is built: build_cache(model, data, cost=...)"
+            )
     else:
         if model is None:
             raise TypeError("calibrate needs the model (or a ScoreCache as data)")

@@ -7,7 +7,9 @@ costs every stage plus the final head only. Ideal speed-up = plain / sum_k f_k s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import List, Sequence
 
 import torch
@@ -96,8 +98,29 @@ def _flops(fn):
 
 @dataclass(frozen=True)
 class CostModel:
+    """FLOPs (or seconds, or a user's unit) of each stage and exit head, one entry per exit."""
+
     stage_flops: List[int]
     head_flops: List[int]
+
+    def __post_init__(self) -> None:
+        # A short list was zipped away (a 3-exit model costed as 2: IndexError deep in a
+        # calibration search) and a negative or NaN cost made "cheapest" meaningless (a silently
+        # wrong calibration): both are refused here, where the numbers come in.
+        for name in ("stage_flops", "head_flops"):
+            v = getattr(self, name)
+            if isinstance(v, (str, bytes)) or not (hasattr(v, "__len__") and hasattr(v, "__iter__")):
+                raise TypeError(f"CostModel.{name} must be a list of numbers, one per exit, got {type(v).__name__}")
+            bad = [c for c in v if isinstance(c, bool) or not isinstance(c, Real) or not (0 <= float(c) < math.inf)]
+            if bad:
+                raise ValueError(
+                    f"CostModel.{name} must hold finite numbers >= 0, one per exit; got {bad[0]!r} in {list(v)}"
+                )
+        if len(self.stage_flops) == 0 or len(self.stage_flops) != len(self.head_flops):
+            raise ValueError(
+                f"CostModel needs one stage cost and one head cost per exit (at least one exit); got "
+                f"{len(self.stage_flops)} stage costs and {len(self.head_flops)} head costs"
+            )
 
     @property
     def num_exits(self) -> int:
@@ -139,7 +162,9 @@ class CostModel:
 @torch.no_grad()
 def measure_costs(model, example) -> CostModel:
     """Count the FLOPs of every stage and head of ``model`` on one sample of ``example``."""
-    state = from_tuple([t[:1] for t in as_tuple(example)], example)
+    # Detached: an input that requires grad (a calibration or training batch straight from a
+    # preprocessing graph) makes the FLOP counter's module tracker hook autograd and fail.
+    state = from_tuple([t[:1].detach() for t in as_tuple(example)], example)
     was_training = model.training
     model.eval()
     try:

@@ -37,6 +37,13 @@ class Batches:
     """Re-iterable ``(x, y)`` mini-batches; reshuffled each epoch from ``seed`` when ``shuffle``."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64, shuffle: bool = True, seed: int = 0):
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                what = type(t).__name__ if not isinstance(t, torch.Tensor) else "a 0-d tensor"
+                raise TypeError(f"Batches needs {name} as a tensor with one row per sample, got {what}")
+        # 0 failed with a ZeroDivisionError in len(), a negative size with "__len__() should return >= 0"
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle

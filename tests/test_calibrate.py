@@ -396,6 +396,48 @@ def test_data_forms_agree_and_cache_can_be_reused():
         ee.calibrate(None, cache, "accuracy", criterion="max_prob")
 
 
+def test_inputs_that_require_grad_calibrate_like_plain_ones():
+    # The FLOP count ran the model's first row under the FLOP counter, whose module tracker hooks
+    # autograd on inputs that require grad: an AssertionError from torch, no calibration.
+    model = tiny_model()
+    x, y = tiny_data(model, N=120)
+    want = ee.calibrate(model, (x, y), "accuracy", progress=False)
+    got = ee.calibrate(model, (x.clone().requires_grad_(), y), "accuracy", progress=False)
+    assert got.thresholds == want.thresholds and got.exit_costs == want.exit_costs
+    assert got.accuracy == want.accuracy
+
+
+@pytest.mark.parametrize("final", ["last", "average"])
+def test_exits_predicting_different_classes_are_refused_like_the_runtime_does(final):
+    # Before: calibrated without a word (labels checked against the final exit's classes only),
+    # for a model EERuntime then refuses; "average" failed inside torch's broadcasting.
+    torch.manual_seed(0)
+    model = ee.MultiExitModel([nn.Linear(6, 8), nn.Linear(8, 8)], [nn.Linear(8, 3), nn.Linear(8, 5)]).eval()
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    with pytest.raises(ValueError, match="every exit must predict the same classes") as runtime_error:
+        ee.EERuntime(model, thresholds=[0.5])(x)
+    with pytest.raises(ValueError, match="exit 1 returns 5 classes but exit 0 returns 3") as calib_error:
+        ee.calibrate(model, (x, y), "accuracy", final=final, progress=False)
+    assert str(calib_error.value) == str(runtime_error.value)
+    with pytest.raises(ValueError, match="exit 1 returns 5 classes but exit 0 returns 3"):
+        ScoreCache.from_logits([torch.randn(30, 3), torch.randn(30, 5)], y, cost_model(2), final=final)
+
+
+def test_a_cost_that_the_cache_does_not_hold_is_refused():
+    # Before: ee.calibrate(None, cache, ..., cost=...) calibrated on the cache's own costs and
+    # ignored the one asked for, without a word.
+    cache, _, _ = synthetic_cache(40, 3)
+    other = CostModel([1, 1, 1], [0, 0, 1])
+    with pytest.raises(ValueError, match="the cache holds costs in 'custom'.*a ScoreCache's costs are fixed"):
+        ee.calibrate(None, cache, "accuracy", cost=other)
+    with pytest.raises(ValueError, match="not the cost='latency'"):
+        ee.calibrate(None, cache, "accuracy", cost="latency")
+    same = CostModel(list(cache.cost.stage_flops), list(cache.cost.head_flops))
+    assert (
+        ee.calibrate(None, cache, "accuracy", cost=same).thresholds == ee.calibrate(None, cache, "accuracy").thresholds
+    )
+
+
 def test_latency_and_custom_costs():
     model = tiny_model()
     x, y = tiny_data(model, N=128)
@@ -436,6 +478,25 @@ def test_to_dict_is_strict_json_and_round_trips():
 
 
 # ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(scorer_epochs=0), "scorer_epochs must be an int >= 1, got 0"),
+        (dict(scorer_epochs=-1), "scorer_epochs must be an int >= 1, got -1"),
+        (dict(scorer_hidden=0), "scorer_hidden must be an int >= 1, got 0"),
+        (dict(seed=None), "seed must be an int >= 0, got None"),
+        (dict(seed="a"), "seed must be an int >= 0, got 'a'"),
+    ],
+)
+def test_budget_scorer_settings_are_checked(kw, msg):
+    # Before: scorer_epochs=0 failed with "'NoneType' object has no attribute 'detach'",
+    # scorer_hidden=0 trained an empty scorer (a calibration, with zero-element warnings),
+    # seed=None / "a" failed inside int().
+    cache, _, _ = synthetic_cache(40, 3)
+    with pytest.raises(ValueError, match=msg):
+        ee.calibrate(None, cache, "budget", budget=0.5, progress=False, **kw)
+
+
 def test_bad_arguments_raise_clear_errors():
     model = tiny_model()
     x, y = tiny_data(model, N=32)

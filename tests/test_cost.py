@@ -106,3 +106,39 @@ def test_digits_vit_blocks_are_counted():
     block = encoder_layer_flops(17, dim, 2 * dim)  # 16 patch tokens + CLS, feed-forward 2*dim
     assert costs.stage_flops[1:] == [block] * (depth - 1)
     assert costs.stage_flops[0] > block  # the patch embedding rides with the first block
+
+
+@pytest.mark.parametrize(
+    "stage,head,match",
+    [
+        ([100, 200, 300], [5, 5], "3 stage costs and 2 head costs"),
+        ([], [], "at least one exit"),
+        ([100, -50, 300], [5, 5, 5], "finite numbers >= 0.*-50"),
+        ([float("nan"), 1, 1], [1, 1, 1], "finite numbers >= 0.*nan"),
+        ([1, 1], [1, float("inf")], "finite numbers >= 0.*inf"),
+        ([1, True], [1, 1], "finite numbers >= 0.*True"),
+        ("12", [1, 1], "list of numbers"),
+    ],
+)
+def test_cost_model_refuses_costs_that_cannot_be_weighed(stage, head, match):
+    # Before: a short list was zipped away (a calibration failed with an IndexError deep in its
+    # search) and a negative or NaN cost was taken at its word (a calibration whose "cheapest"
+    # thresholds sent everything to the exit with the negative cost, without a word).
+    with pytest.raises((ValueError, TypeError), match=match):
+        ee.CostModel(stage, head)
+
+
+def test_cost_model_takes_ints_floats_and_numpy_numbers():
+    import numpy as np
+
+    cm = ee.CostModel([np.int64(2), 3.5], (np.float32(0.5), 1))
+    assert cm.cumulative == [2.5, 7.0] and cm.plain == 6.5
+    assert ee.CostModel(np.array([2.0, 3.5]), np.array([0.5, 1.0])).cumulative == [2.5, 7.0]
+
+
+def test_calibration_refuses_a_cost_model_with_a_free_full_model():
+    from eeruntime.calibration import ScoreCache
+
+    logits = [torch.randn(10, 4), torch.randn(10, 4)]
+    with pytest.raises(ValueError, match="full-model cost > 0"):
+        ScoreCache.from_logits(logits, torch.arange(10) % 4, ee.CostModel([0, 0], [0, 0]))

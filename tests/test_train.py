@@ -183,6 +183,21 @@ def test_differentiable_trains_stages_exits_and_gates():
         assert model.eval()(x)[0].shape == (16, 4)
 
 
+@pytest.mark.parametrize("method", ["post_train", "differentiable"])
+def test_cost_term_with_inputs_that_require_grad(method):
+    # The cost term counts FLOPs on the first batch's first row; an input that required grad made
+    # torch's FLOP counter fail with an AssertionError before any training.
+    kw = dict(confidence=True) if method == "post_train" else {}
+    runs = []
+    for needs_grad in (False, True):
+        model = small_model()
+        data = [(x.clone().requires_grad_(needs_grad), y) for x, y in toy_data()]
+        hist = getattr(ee.train, method)(model, data, 1, 1e-2, cost_weight=0.5, seed=0, progress=False, **kw)
+        runs.append((hist.loss, params_by_name(model)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+
+
 def test_methods_wrap_plain_exit_modules():
     model = digits_cnn(width=4)  # its exits are plain nn.Sequential heads
     x = torch.rand(8, 1, 8, 8)
@@ -208,11 +223,39 @@ def test_methods_wrap_plain_exit_modules():
         (lambda m, d: ee.train.differentiable(m, d, 1, 1e-3, cost_weight=-0.1), "cost_weight must be"),
         (lambda m, d: ee.train.joint(m, [], 1, 1e-3), "no batches"),
         (lambda m, d: ee.train.joint(m, d, 1, 1e-3, optimizer="lbfgs"), "optimizer must be"),
+        (lambda m, d: ee.train.joint(m, d, 1, 1e-3, weight_decay=True), "weight_decay must be"),
     ],
 )
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call(small_model(), toy_data())
+
+
+def test_weights_as_a_string_and_weight_decay_as_a_bool_are_refused():
+    # Before: weights="113" trained with weights [1, 1, 3]; weight_decay=True failed inside Adam
+    # with "Boolean alpha only supported for Boolean results".
+    with pytest.raises(TypeError, match="weights must be a sequence of 3 floats"):
+        ee.train.joint(small_model(), toy_data(), 1, 1e-3, weights="113", progress=False)
+    with pytest.raises(ValueError, match="weight_decay must be a finite float >= 0, got True"):
+        ee.train.joint(small_model(), toy_data(), 1, 1e-3, weight_decay=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "make,err,match",
+    [
+        (lambda x, y: Batches(x, y, batch_size=0), ValueError, "batch_size must be an int >= 1, got 0"),
+        (lambda x, y: Batches(x, y, batch_size=-4), ValueError, "batch_size must be an int >= 1, got -4"),
+        (lambda x, y: Batches(x, y, batch_size=2.5), ValueError, "batch_size must be an int >= 1, got 2.5"),
+        (lambda x, y: Batches(x.tolist(), y), TypeError, "x as a tensor with one row per sample, got list"),
+        (lambda x, y: Batches(x, y.tolist()), TypeError, "y as a tensor with one row per sample, got list"),
+    ],
+)
+def test_batches_refuse_what_they_cannot_batch(make, err, match):
+    # Before: batch_size=0 raised ZeroDivisionError from len(), -4 "__len__() should return >= 0",
+    # a list x an AttributeError on .shape.
+    x, y = torch.randn(10, 3), torch.arange(10)
+    with pytest.raises(err, match=match):
+        make(x, y)
 
 
 def test_bad_data():
@@ -226,6 +269,65 @@ def test_bad_data():
     ee.train.joint(m, iter(list(toy_data())), 1, 1e-3, progress=False)  # one epoch of a generator is fine
     with pytest.raises(TypeError, match="MultiExitModel"):
         ee.train.joint(small_backbone(), toy_data(), 1, 1e-3)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+TRAIN_KW = {
+    "joint": {},
+    "post_train": {"confidence": True, "cost_weight": 0.3},
+    "differentiable": {"cost_weight": 0.3},
+    "two_stage": {"only": "backbone"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(TRAIN_KW))
+def test_a_nan_loss_stops_training_before_the_step(method):
+    # Before: the NaN loss was stepped on and every trained weight (and BatchNorm's running
+    # statistics) became NaN, without a word; the history said "nan".
+    good = list(toy_data())
+    x, y = good[1]
+    poisoned = x.clone()
+    poisoned[3] = float("nan")
+    base = small_model().eval()
+    base.stages[1].requires_grad_(False)  # a stage the caller froze
+    want = copy.deepcopy(base)  # trained on the batch before the poisoned one only
+    getattr(ee.train, method)(want, good[:1], 1, 1e-2, seed=0, progress=False, **TRAIN_KW[method])
+    model = copy.deepcopy(base)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match=f"{method}.*loss is nan on batch 1 of epoch 1"):
+        getattr(ee.train, method)(
+            model, [good[0], (poisoned, y), good[2]], 1, 1e-2, seed=0, progress=False, **TRAIN_KW[method]
+        )
+    got = _state(model)
+    assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
+    assert _same_state(got, _state(want))
+    assert {n: p.requires_grad for n, p in model.named_parameters() if n in flags} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m.training for m in model.modules())  # the failed run put the modes back
+
+
+@pytest.mark.parametrize("method", sorted(TRAIN_KW))
+def test_empty_batches_are_skipped(method):
+    # Before: an empty batch's mean loss was NaN (the epoch's history NaN) and Adam stepped on it
+    # anyway (its momentum moved the weights on a batch with no samples).
+    good = list(toy_data())
+    x, y = good[0]
+    base = small_model()
+    runs = []
+    for data in (good, [good[0], (x[:0], y[:0]), good[1], (x[:0], y[:0]), good[2]]):
+        m = copy.deepcopy(base)
+        h = getattr(ee.train, method)(m, data, 2, 1e-2, seed=0, progress=False, **TRAIN_KW[method])
+        h = h[0] if isinstance(h, tuple) else h
+        runs.append((_state(m), h.to_dict()))
+    assert _same_state(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and all(math.isfinite(v) for v in runs[1][1]["loss"])
 
 
 def test_same_seed_same_result_and_global_rng_untouched():

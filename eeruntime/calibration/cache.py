@@ -132,6 +132,14 @@ def _check_final(final: str) -> None:
 def _outputs(logits: List[torch.Tensor], final: str) -> List[torch.Tensor]:
     """Each exit's output as the runtime forms it: the final one averaged over exits in
     ``"average"`` mode (the same float32 running sum as the runtime)."""
+    widths = [o.shape[1] if isinstance(o, torch.Tensor) and o.dim() == 2 else None for o in logits]
+    for k, c in enumerate(widths):
+        if c is not None and widths[0] is not None and c != widths[0]:
+            # The runtime refuses such a model; a calibration of it compared exit 0's argmax with
+            # labels checked against the final exit's classes only.
+            raise ValueError(
+                f"exit {k} returns {c} classes but exit 0 returns {widths[0]}; every exit must predict the same classes"
+            )
     if final != "average":
         return logits
     acc = None
@@ -170,6 +178,12 @@ class _Accumulator:
             raise ValueError("calibration data is empty: it yielded no samples")
         if cost.num_exits != self.K:
             raise ValueError(f"the cost model has {cost.num_exits} exits but the model has {self.K}")
+        if not cost.plain > 0:
+            # every threshold would cost the same (relative costs NaN, a budget a division by zero)
+            raise ValueError(
+                f"the cost model gives the full model a cost of {cost.plain}; calibration weighs exits by "
+                "their cost and needs a full-model cost > 0"
+            )
         labels = np.concatenate(self.labels)
         preds = np.concatenate(self.preds)
         return ScoreCache(

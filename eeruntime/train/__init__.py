@@ -9,7 +9,8 @@
 
 ``data`` is any iterable of ``(x, y)`` batches, iterated once per epoch. Each method trains on
 the model's device, shows tqdm bars (``progress=False`` turns them off), is repeatable with
-``seed``, restores the model's train/eval modes and returns a :class:`History`.
+``seed``, restores the model's train/eval modes and returns a :class:`History`. Empty batches
+are skipped; a non-finite loss raises ``FloatingPointError`` before the optimiser steps on it.
 """
 
 from ..heads import equip_heads

@@ -82,7 +82,12 @@ def check_common(model, epochs, lr, weight_decay, optimizer) -> None:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite float > 0, got {lr!r}")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not math.isfinite(weight_decay)
+        or weight_decay < 0
+    ):
         raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
     if not (optimizer in OPTIMIZERS or callable(optimizer)):
         raise ValueError(
@@ -176,9 +181,9 @@ def run(
         )
     modes = {m: m.training for m in model.modules()}
     undo = None
+    opt = None
     try:
         with _seeded(seed, device):
-            opt = None
             for epoch in range(epochs):
                 sums: Dict[str, float] = {}
                 correct = torch.zeros(K, dtype=torch.int64, device=device)
@@ -186,10 +191,14 @@ def run(
                 seen = 0
                 total = len(data) if isinstance(data, collections.abc.Sized) else None
                 bar = _progress(data, total, f"{method} {epoch + 1}/{epochs}", progress)
-                for batch in bar:
+                for i, batch in enumerate(bar):
                     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                         raise TypeError(f"data must yield (x, y) pairs, got {type(batch).__name__}")
                     x, y = _to_device(batch[0], device), _labels(batch[1], device)
+                    if y.shape[0] == 0 and all(t.shape[0] == 0 for t in (x if isinstance(x, tuple) else (x,))):
+                        # An empty batch has a NaN mean loss (the epoch's history became NaN) and
+                        # Adam still stepped on it (momentum moved the weights): skip it.
+                        continue
                     if opt is None:
                         params, undo = prepare(x)
                         if not params:
@@ -197,7 +206,19 @@ def run(
                                 f"{method}: nothing to train (every parameter it trains has requires_grad=False)"
                             )
                         opt = _make_optimizer(optimizer, params, lr, weight_decay)
+                    buffers = [(b, b.detach().clone()) for b in model.buffers()]
                     out = step(x, y)
+                    if not bool(torch.isfinite(out.loss.detach())):
+                        # Stepping on it would turn every trained weight into NaN, silently; the
+                        # forward pass already fed the batch to BatchNorm's running statistics.
+                        with torch.no_grad():
+                            for b, saved in buffers:
+                                b.copy_(saved)
+                        raise FloatingPointError(
+                            f"{method}: the loss is {float(out.loss.detach())} on batch {i} of epoch {epoch + 1} "
+                            "(NaN or inf in that batch's inputs, or a learning rate too high); training stopped "
+                            "before stepping on it: the model keeps its weights and statistics of the last finite step"
+                        )
                     opt.zero_grad(set_to_none=True)
                     out.loss.backward()
                     opt.step()
@@ -230,9 +251,9 @@ def run(
                     history.exit_agreement = history.exit_agreement or []
                     history.exit_agreement.append((agree.double() / seen).tolist())
                 history.samples.append(seen)
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
     finally:
+        if opt is not None:  # no gradients left on the caller's parameters, whatever happened
+            opt.zero_grad(set_to_none=True)
         if undo is not None:
             undo()
         top = modes.get(model, model.training)

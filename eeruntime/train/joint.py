@@ -27,6 +27,8 @@ def joint_loss(logits: Sequence[torch.Tensor], y: torch.Tensor, weights: Sequenc
 def _check_weights(weights, K: int) -> List[float]:
     if weights is None:
         return [1.0] * K
+    if isinstance(weights, (str, bytes)):  # "113" read as [1.0, 1.0, 3.0] before
+        raise TypeError(f"weights must be a sequence of {K} floats (one per exit), got {type(weights).__name__}")
     try:
         w = [float(v) for v in weights]
     except TypeError:
