@@ -154,6 +154,41 @@ def test_bad_threshold(thr, error, match):
         ee.ops.exit_decision(x, thr, "entropy", backend="cpp")
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
+def test_numpy_and_odd_dtype_thresholds_are_read_as_their_real_value(backend):
+    """A numpy scalar is a real number (as EERuntime's thresholds accept it); a float8 threshold
+    tensor is read as its value. Before, numpy scalars failed with "must be a float ... got
+    float32" and a float8 tensor with the C++ dispatch's NotImplementedError."""
+    np = pytest.importorskip("numpy")
+    x = make_logits(40, 10)
+    score = score64(x, "max_prob")
+    srt = score.sort().values
+    value = float(srt[19] + srt[20]) / 2  # between two scores: no row is a near-tie
+    expected = score >= value
+    for thr in (np.float32(value), np.float64(value)):
+        _, mask = ee.ops.exit_decision(x, thr, "max_prob", backend=backend)
+        assert torch.equal(mask, expected), type(thr)
+    assert ee.ops.exit_decision(x, np.int64(2), "max_prob", backend=backend)[1].sum() == 0
+    assert ee.ops.exit_decision(x, np.int64(0), "max_prob", backend=backend)[1].all()
+    if backend != "cpp":  # float8: the torch backend converts it (auto goes there)
+        f8 = torch.tensor(value).to(torch.float8_e4m3fn)
+        conf, mask = ee.ops.exit_decision(x, f8, "max_prob", backend=backend)
+        assert torch.equal(mask, conf >= float(f8.float()))  # the kernel's own scores, against f8's value
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_complex_or_meta_threshold_is_refused_clearly(backend):
+    """Before: a complex threshold failed in C++ ('not implemented for ComplexFloat') under auto and
+    was silently cut to its real part by the torch backend; a meta one: 'Cannot copy out of meta'."""
+    x = make_logits(4, 5)
+    with pytest.raises(TypeError, match="real number.*complex64"):
+        ee.ops.exit_decision(x, torch.tensor(0.5 + 0.5j), "entropy", backend=backend)
+    with pytest.raises(ValueError, match="meta tensor"):
+        ee.ops.exit_decision(x, torch.tensor(0.5, device="meta"), "entropy", backend=backend)
+    with pytest.raises(BackendUnavailable, match="complex64"):
+        ee.ops.exit_decision(x, torch.tensor(0.5 + 0.5j), "entropy", backend="cpp")
+
+
 # ------------------------------------------------------------------------------- edges and checks
 @pytest.mark.parametrize("return_argmax", [False, True])
 def test_empty_batch(return_argmax):

@@ -111,6 +111,20 @@ def test_exit_scatter_cpp_equals_torch_backend_on_a_big_batch_and_converts_dtype
     assert torch.equal(e1[rows[~differ]], e2[rows[~differ]])
 
 
+def test_exit_scatter_float8_thresholds_are_read_as_their_value():
+    """A float8 thresholds tensor (a float dtype the op accepts) is decided on its values, as the
+    reference's .to(float32); before, auto failed in C++ with 'not implemented for Float8_e4m3fn'."""
+    x = decision_logits(30, 6, torch.float32, 3.0)
+    thresholds = torch.tensor([0.5, 0.7]).to(torch.float8_e4m3fn)
+    rows = torch.randperm(40)[:30]
+    out, conf, exit_index = outputs(40, 6)
+    keep, n_exit = ee.ops.exit_scatter(x, thresholds, "max_prob", 1, rows, out, conf, exit_index)
+    leaves = score64(x, "max_prob") >= float(thresholds[1].float())
+    assert torch.equal(keep, ~leaves) and n_exit == int(leaves.sum())
+    assert torch.equal(exit_index[rows[leaves]], torch.ones(int(leaves.sum()), dtype=torch.int64))
+    assert torch.equal(out[rows[leaves]], x[leaves])
+
+
 @needs_op
 def test_exit_scatter_bad_arguments_raise_before_writing():
     x = torch.randn(4, 3)

@@ -231,6 +231,15 @@ if _ext.available():
 FUSED_LOGITS_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 
 
+# Threshold dtypes the kernels read on the host (csrc/exit_decision_cpu.cpp's read_threshold;
+# exit_scatter's threshold_at takes the float ones): others (float8, complex) go to the torch
+# backend, which converts a real one and refuses a complex one with a clear error.
+_THRESHOLD_DTYPES = frozenset(
+    (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16)
+    + (torch.int32, torch.int64, torch.bool)
+)
+
+
 def _exit_decision_op():
     return _compiled("exit_decision")
 
@@ -254,8 +263,11 @@ def _exit_decision_why_not(logits, threshold, criterion, return_argmax=False, *,
     why = _logits_kernel_why_not("exit_decision", _exit_decision_op, logits)
     if why is not None:
         return why
-    if isinstance(threshold, torch.Tensor) and not threshold.is_cpu:
-        return f"the threshold tensor is on {threshold.device.type}; the cpp backend reads it on the host"
+    if isinstance(threshold, torch.Tensor):
+        if not threshold.is_cpu:
+            return f"the threshold tensor is on {threshold.device.type}; the cpp backend reads it on the host"
+        if threshold.dtype not in _THRESHOLD_DTYPES:
+            return f"the kernel reads a real threshold of a standard dtype, got a {threshold.dtype} tensor"
     return None
 
 
@@ -346,6 +358,8 @@ def _exit_scatter_why_not(logits, thresholds, criterion, exit, final, rows, out,
     ):
         if not t.is_cpu:
             return f"{name} is on {t.device.type}; the cpp backend runs CPU tensors"
+    if thresholds.dtype not in FUSED_LOGITS_DTYPES:
+        return f"the kernel reads float32, float16, bfloat16 or float64 thresholds, got {thresholds.dtype}"
     if not rows_writable(out):
         return "out must have distinct rows with unit stride along a row"
     return None

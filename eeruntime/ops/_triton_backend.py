@@ -66,6 +66,9 @@ def triton_why_not(logits, threshold, criterion, return_argmax=False, *, forced:
         return f"the kernel runs on CUDA tensors (or CPU ones in the interpreter), got {logits.device.type}"
     if not logits.is_cuda and not forced:
         return "CPU tensor: auto picks the Triton kernel only for CUDA tensors"
+    if isinstance(threshold, torch.Tensor) and threshold.is_complex():
+        # the launcher's .to(float32) would drop the imaginary part; the torch backend refuses it
+        return f"the threshold is a {threshold.dtype} tensor; a threshold is a real number"
     if not triton_available():
         return "triton is not installed (it could not be imported)"
     interpreted = _kernels_interpreted()

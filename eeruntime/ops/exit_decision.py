@@ -8,6 +8,7 @@ reference below, any device).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -31,11 +32,21 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
 
 
+def _check_threshold_tensor(threshold: torch.Tensor) -> None:
+    if threshold.numel() != 1:
+        raise ValueError(f"threshold must be a float or a one-element tensor, got shape {tuple(threshold.shape)}")
+    # a complex threshold has no order to compare with (its .to(float32) would drop the imaginary
+    # part with only a warning), and a meta tensor has no value to read
+    if threshold.is_complex():
+        raise TypeError(f"threshold must be a real number, got a {threshold.dtype} tensor")
+    if threshold.device.type == "meta":
+        raise ValueError("threshold is a meta tensor (no value); give a float or a one-element tensor with a value")
+
+
 def _threshold_tensor(threshold: Threshold, device: torch.device) -> torch.Tensor:
     """The threshold as a 0-dim float32 tensor on ``device`` (no copy when already so)."""
     if isinstance(threshold, torch.Tensor):
-        if threshold.numel() != 1:
-            raise ValueError(f"threshold must be a float or a one-element tensor, got shape {tuple(threshold.shape)}")
+        _check_threshold_tensor(threshold)
         return threshold.reshape(()).to(device=device, dtype=torch.float32)
     if isinstance(threshold, (float, int)) and not isinstance(threshold, bool):
         return torch.tensor(float(threshold), dtype=torch.float32, device=device)
@@ -115,9 +126,9 @@ def exit_decision(
     """Confidence score (float32 [B]) and exit flag (bool [B]) of each row of ``logits`` [B, C].
 
     ``criterion``: ``"entropy"`` exits when H < threshold; ``"max_prob"``, ``"margin"`` and
-    ``"norm_entropy"`` exit when score >= threshold. ``threshold`` is a float or a one-element
-    tensor (a device tensor lets a captured CUDA graph see new values). With ``return_argmax`` a
-    third tensor, the int64 argmax per row, is returned. ``backend``: ``"auto"`` or one of
+    ``"norm_entropy"`` exit when score >= threshold. ``threshold`` is a real number (Python or
+    numpy) or a one-element real tensor (a device tensor lets a captured CUDA graph see new
+    values). With ``return_argmax`` a third tensor, the int64 argmax per row, is returned. ``backend``: ``"auto"`` or one of
     ``dispatch.backends("exit_decision")``.
     """
     _check_logits(logits)
@@ -127,5 +138,10 @@ def exit_decision(
             "a callable criterion is applied by EERuntime itself"
         )
     check_criterion(criterion)
+    if not isinstance(threshold, (torch.Tensor, float, int)):
+        # a real number of another type (numpy's float32, int64, ...): a Python float for every
+        # backend (numpy's bool is no numbers.Real: it falls through to the backends' TypeError)
+        if isinstance(threshold, numbers.Real):
+            threshold = float(threshold)
     b = dispatch.select("exit_decision", backend, logits, threshold, criterion, return_argmax)
     return b.fn(logits, threshold, criterion, return_argmax)
