@@ -11,3 +11,15 @@ def enc_float(x: float):
 
 def dec_float(x) -> float:
     return float(x)
+
+
+def strict(doc):
+    """``doc`` (dicts, lists, tuples, numbers, strings, None) with every non-finite float spelled
+    as :func:`enc_float` spells it, so that ``json.dumps(..., allow_nan=False)`` takes it."""
+    if isinstance(doc, float):
+        return enc_float(doc)
+    if isinstance(doc, dict):
+        return {k: strict(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [strict(v) for v in doc]
+    return doc

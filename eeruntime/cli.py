@@ -187,7 +187,27 @@ def _load(a, need_labels: bool):
         raise CommandError(str(e)) from None
     if need_labels and y is None:
         raise CommandError(f"--data {a.data!r} has no labels (y); calibration needs them")
-    return dev, model, x.to(dev), None if y is None else y.to(dev)
+    x = x.to(dev)
+    _check_model_takes(model, x, a)
+    return dev, model, x, None if y is None else y.to(dev)
+
+
+def _check_model_takes(model, x, a) -> None:
+    """Run the model on two rows of ``x``: data the model cannot take (another shape, channel
+    count or dtype) is the user's to fix, said in a line, not a traceback from inside the model."""
+    import torch
+
+    from .oracle import plain_forward
+
+    try:
+        with torch.inference_mode():
+            plain_forward(model, x[:2])
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CommandError(
+            f"the model of --model {a.model!r} cannot run on the x of --data {a.data!r} "
+            f"(rows of shape {list(x.shape[1:])}, {x.dtype}): {first}"
+        ) from None
 
 
 @command("calibrate", "choose thresholds for your model on your labelled data and save the runtime")

@@ -280,3 +280,20 @@ def test_time_on_a_runtime_for_another_model(capsys, tmp_path, user_project):
 def test_bench_outside_a_checkout(capsys, tmp_path):
     code, _, err = run_cli(capsys, "bench", "--suites", str(tmp_path))
     assert code == 1 and "no benchmark suites" in err
+
+
+@pytest.mark.parametrize("command", ["calibrate", "time"])
+def test_data_the_model_cannot_take_is_said_in_a_line(capsys, tmp_path, user_project, command):
+    """x of another shape than the model takes (3 channels for a 1-channel CNN: the README's
+    newcomer with the wrong file) used to end in torch's RuntimeError and a traceback from
+    inside the model; now exit 1 naming --model, --data, the rows' shape and torch's reason."""
+    mod = user_project[0]
+    save_file({"x": torch.rand(8, 3, 8, 8), "y": torch.randint(0, 10, (8,))}, str(tmp_path / "rgb.safetensors"))
+    from eeruntime.zoo import digits_cnn
+
+    ee.EERuntime(digits_cnn(width=4), thresholds=0.5).save("saved")
+    where = ["--out", "rt"] if command == "calibrate" else ["saved", "--rounds", "1"]
+    code, _, err = run_cli(capsys, command, *where, "--model", f"{mod}:build", "--data", "rgb.safetensors")
+    assert code == 1 and err.startswith(f"eeruntime: {command}: error: the model of --model '{mod}:build'"), err
+    assert "'rgb.safetensors'" in err and "[3, 8, 8]" in err and "channels" in err, err
+    assert "Traceback" not in err and not Path("rt").exists()

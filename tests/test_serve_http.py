@@ -588,3 +588,125 @@ def test_cli_names_the_file_of_a_broken_bundle(tmp_path, capsys):
     rc = main([str(tmp_path / "bundle"), "--model", "eeruntime.zoo:digits_cnn", "--port", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and f"cannot load {tmp_path / 'bundle'}: {weights}" in err and "Traceback" not in err, err
+
+
+def _strict_json(text):
+    def bare(name):
+        raise AssertionError(f"bare {name} in a JSON answer (not strict JSON)")
+
+    return json.loads(text, parse_constant=bare)
+
+
+def _metric_samples(text):
+    """/metrics read by prometheus_client's own parser: {(family type, sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (f.type, s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def test_stats_and_metrics_stay_readable_and_counters_only_go_up_in_every_state():
+    """/metrics parses with prometheus_client and /stats is strict JSON in every state a server
+    goes through: fresh, after answers, refusals, a failing stage, a timeout and threshold swaps
+    (an infinite threshold, as `eeruntime calibrate` often chooses, included: it made /stats a
+    500 and the swap's own answer a 500 after the swap had taken effect); counters never fall."""
+    model, hook = scripted_model(3)
+    sched = StageScheduler(ee.EERuntime(model, thresholds=[0.9, float("inf")], criterion="max_prob"), timeout_s=0.5)
+    s = Served(create_app(sched, admin_token=TOKEN, max_rows=8))
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    seen, last = [], {}
+
+    def check(state):
+        m = s.client.get("/metrics")
+        assert m.status_code == 200, (state, m.text)
+        samples = _metric_samples(m.text)
+        st = s.client.get("/stats")
+        assert st.status_code == 200, (state, st.text)
+        doc = _strict_json(st.text)
+        for key, value in samples.items():
+            if key[0] == "counter":
+                assert value >= last.get(key, 0.0), (state, key, last.get(key), value)
+                last[key] = value
+        seen.append(state)
+        return samples, doc
+
+    def counter(samples, name, **labels):
+        return samples[("counter", f"eeruntime_{name}", tuple(sorted(labels.items())))]
+
+    try:
+        samples, doc = check("fresh")
+        assert doc["thresholds"] == [0.9, "inf"]
+        r = s.client.post("/v1/infer", json={"inputs": scripted_rows([0, 1, 2], [0, 1, 2]).tolist()})
+        assert r.status_code == 200 and r.json()["exit_index"] == [0, 2, 2]  # (inf at exit 1: nobody leaves there)
+        samples, _ = check("answered")
+        assert counter(samples, "requests_total", outcome="completed") == 1.0
+        assert counter(samples, "exits_total", exit="0") == 1.0 and counter(samples, "exits_total", exit="2") == 2.0
+        assert s.client.post("/v1/infer", json={"inputs": [[1.0]]}).status_code == 422
+        check("refused")
+        hook.fail_if = lambda k, ids: k == 1
+        assert s.client.post("/v1/infer", json={"inputs": scripted_rows([3], [2]).tolist()}).status_code >= 500
+        hook.fail_if = None
+        samples, _ = check("stage failed")
+        assert counter(samples, "stage_failures_total") >= 1.0
+        hook.hold(0)
+        try:
+            r = s.client.post("/v1/infer", json={"inputs": scripted_rows([4], [0]).tolist()})
+            assert r.status_code == 504, r.text
+            samples, _ = check("timed out")
+            assert counter(samples, "requests_total", outcome="timeouts") == 1.0
+        finally:
+            hook.gate.set()
+        for sent, want in (
+            ([0.5, 0.5], [0.5, 0.5]),
+            ([float("inf"), "-inf"], ["inf", "-inf"]),
+            (["inf", 0.2], ["inf", 0.2]),
+        ):
+            r = s.client.post("/admin/thresholds", content=json.dumps({"thresholds": sent}), headers=auth)
+            assert r.status_code == 200, (sent, r.text)
+            assert _strict_json(r.text)["thresholds"] == want
+            _, doc = check(f"swapped to {sent}")
+            assert doc["thresholds"] == want
+        r = s.client.post("/v1/infer", json={"inputs": scripted_rows([5, 6], [0, 1]).tolist()})
+        assert r.status_code == 200 and r.json()["exit_index"] == [2, 1]  # (inf at exit 0 now)
+        check("answered after the swaps")
+    finally:
+        s.stop()
+    assert len(seen) == 9
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 99, 100, 101, 1000, 2500])
+def test_latency_percentiles_are_numpys_nearest_rank(n):
+    """The p50/p90/p99 that /stats and /metrics serve are the nearest-rank percentiles of the
+    window's latencies (numpy's inverted_cdf). Before, ``round(x + 0.5)`` rounded half to even:
+    the p99 of 100 latencies was the largest, the p50 of 10 the 6th."""
+    import numpy as np
+
+    from eeruntime.serve.stats import PERCENTILES, SchedulerStats
+
+    rng = np.random.default_rng(n)
+    latencies = rng.exponential(0.002, n).tolist()
+    stats = SchedulerStats(num_stages=2)
+    stats.record_latencies(latencies)
+    got = stats.latency_percentiles_ms()
+    for q in PERCENTILES:
+        assert got[f"p{q}"] == pytest.approx(1000.0 * float(np.percentile(latencies, q, method="inverted_cdf"))), q
+    served = _metric_samples(
+        ee.serve.stats.prometheus_text({**stats.as_dict(), "queue_depths": [0, 0], "pending_requests": 0})
+    )
+    for q in PERCENTILES:
+        assert served[("gauge", "eeruntime_latency_ms", (("quantile", str(q)),))] == pytest.approx(got[f"p{q}"])
+
+
+def test_metrics_label_values_are_escaped_as_the_text_format_requires():
+    """A label value holding a double quote, a backslash or a newline reads back whole with
+    prometheus_client's parser (before, it was written raw and the exposition did not parse)."""
+    from eeruntime.serve.stats import SchedulerStats, prometheus_text
+
+    d = {**SchedulerStats(num_stages=2).as_dict(), "queue_depths": [0, 0], "pending_requests": 0}
+    odd = 'say "hi"\\ to\nme'
+    d["requests"] = {**d["requests"], odd: 7}
+    samples = _metric_samples(prometheus_text(d))
+    assert samples[("counter", "eeruntime_requests_total", (("outcome", odd),))] == 7.0

@@ -23,6 +23,7 @@ import hmac
 import logging
 from typing import Optional
 
+from .._json import strict
 from ..model import model_device
 from ..state import as_tuple, from_tuple
 from .codec import (
@@ -159,8 +160,8 @@ def create_app(
         return d
 
     @app.get("/stats")
-    async def stats():
-        return JSONResponse(stats_doc())
+    async def stats():  # strict JSON: an inf threshold (calibration's "never exit here") is "inf"
+        return JSONResponse(strict(stats_doc()))
 
     @app.get("/metrics")
     async def metrics():
@@ -185,12 +186,25 @@ def create_app(
         if not isinstance(doc, dict) or "thresholds" not in doc:
             return error(422, 'send {"thresholds": [t1, ...]} (one per early exit) or {"thresholds": t}')
         try:
-            sched.set_thresholds(doc["thresholds"])
+            sched.set_thresholds(_thresholds_from_json(doc["thresholds"]))
         except (TypeError, ValueError) as e:
             return error(422, str(e))
-        return {"thresholds": sched.thresholds}
+        return JSONResponse(strict({"thresholds": sched.thresholds}))
 
     return app
+
+
+_INFINITIES = {"inf": float("inf"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def _thresholds_from_json(value):
+    """Thresholds as sent to /admin/thresholds: numbers, or "inf" / "-inf" (strict JSON has no
+    infinite numbers; /stats spells an infinite threshold so), as one value or a list."""
+
+    def one(v):
+        return _INFINITIES.get(v.strip().lower(), v) if isinstance(v, str) else v
+
+    return [one(v) for v in value] if isinstance(value, list) else one(value)
 
 
 _model_dtype = model_float_dtype  # (its name where the adapters import it)

@@ -4,6 +4,7 @@ Prometheus text exposition format."""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -12,11 +13,13 @@ PERCENTILES = (50, 90, 99)
 
 
 def percentile(sorted_values: List[float], q: float) -> Optional[float]:
-    """Nearest-rank percentile of sorted values (None for none)."""
+    """Nearest-rank percentile of sorted values (None for none): the smallest value with at least
+    q % of the values at or below it (numpy's ``method="inverted_cdf"``)."""
     if not sorted_values:
         return None
-    i = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[i]
+    n = len(sorted_values)
+    rank = math.ceil(q * n / 100.0 - 1e-9)  # (less rounding: 99.9 * 1000 / 100 is 999.0000000000001)
+    return sorted_values[min(n, max(1, rank)) - 1]
 
 
 class SchedulerStats:
@@ -125,15 +128,22 @@ class SchedulerStats:
         return d
 
 
+def _escape(text: str, quotes: bool = True) -> str:
+    """A label value (or, without ``quotes``, a HELP text) as the text format requires: backslash,
+    newline (and double quote) escaped."""
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace('"', '\\"') if quotes else text
+
+
 def prometheus_text(d: dict, prefix: str = "eeruntime") -> str:
     """A ``stats_dict()`` in the Prometheus text exposition format (version 0.0.4)."""
     lines: List[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: Iterable[Tuple[Dict[str, Any], Any]]) -> None:
-        lines.append(f"# HELP {prefix}_{name} {help_}")
+        lines.append(f"# HELP {prefix}_{name} {_escape(help_, quotes=False)}")
         lines.append(f"# TYPE {prefix}_{name} {kind}")
         for labels, value in samples:
-            lab = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+            lab = "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}" if labels else ""
             lines.append(f"{prefix}_{name}{lab} {'NaN' if value is None else repr(float(value))}")
 
     req = d["requests"]
