@@ -710,3 +710,44 @@ def test_metrics_label_values_are_escaped_as_the_text_format_requires():
     d["requests"] = {**d["requests"], odd: 7}
     samples = _metric_samples(prometheus_text(d))
     assert samples[("counter", "eeruntime_requests_total", (("outcome", odd),))] == 7.0
+
+
+def test_cli_serves_a_runtime_saved_without_weights_given_weights(tmp_path, capsys, monkeypatch):
+    """`eeruntime calibrate` saves thresholds, not the model's weights: `serve --weights` loads a
+    state dict into the factory's model, as `calibrate` and `time` take it; without it the refusal
+    says so. (Before, a command-line user could not serve what `calibrate` wrote.)"""
+    from safetensors.torch import save_file
+
+    from eeruntime.serve import cli
+    from eeruntime.zoo import digits_cnn
+
+    torch.manual_seed(3)
+    model = digits_cnn().eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    ee.EERuntime(model, thresholds=[2.2, 2.25], criterion="entropy").save(tmp_path / "rt")  # no weights
+    base = [str(tmp_path / "rt"), "--model", "eeruntime.zoo:digits_cnn", "--port", "0"]
+    assert cli.main(base) == 2
+    err = capsys.readouterr().err
+    assert "holds no model weights" in err and "--weights" in err and "Traceback" not in err
+    made = []
+
+    def fake_app(sched, **kw):  # (stops the server before it serves)
+        made.append(sched)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("eeruntime.serve.server.create_app", fake_app)
+    before = sys.getswitchinterval()
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            cli.main([*base, "--weights", str(tmp_path / "w.safetensors")])
+    finally:
+        sys.setswitchinterval(before)
+        if made:
+            made[0].close()
+    x = torch.rand(6, 1, 8, 8)
+    want = ee.EERuntime(model, thresholds=[2.2, 2.25], criterion="entropy").infer(x)
+    got = made[0].rt.infer(x)
+    assert torch.equal(got.exit_index, want.exit_index)
+    torch.testing.assert_close(got.logits, want.logits)
+    assert cli.main([*base, "--weights", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err

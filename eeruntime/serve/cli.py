@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", required=True, help="the model's constructor, 'module:factory' (called with no arguments)"
     )
+    p.add_argument(
+        "--weights",
+        help="a safetensors state dict loaded into the --model factory's model (for a runtime saved without "
+        "the model's weights, e.g. by `eeruntime calibrate`; default: the bundle's own)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start); at most 65535")
     add_scheduler_arguments(p)
@@ -202,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
     import eeruntime as ee
     from eeruntime.bundle import resolve_factory
+    from eeruntime.user_inputs import load_model
 
     from .codec import InputSpec
     from .process import freeze_startup_objects, set_switch_interval
@@ -248,12 +254,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         source = args.model
-        if device.type != "cpu":
+        if args.weights is not None:
+            # the factory's model with these weights, as `eeruntime calibrate` and `time` take
+            # them (a runtime saved by `calibrate` holds thresholds, not the model's weights)
+            source = load_model(args.model, args.weights, device)
+        elif device.type != "cpu":
             factory = resolve_factory(args.model)
             source = lambda: factory().to(device)  # noqa: E731  (the bundle's weights are loaded into it there)
         rt = ee.load(args.bundle, source)
     except (ValueError, TypeError, OSError) as e:  # OSError: a file of the bundle unreadable (permissions)
-        print(f"eeruntime serve: cannot load {args.bundle}: {e}", file=sys.stderr)
+        hint = ""
+        if "holds no model weights" in str(e):
+            hint = "; or give them with --weights FILE.safetensors (a state dict of the --model factory's model)"
+        print(f"eeruntime serve: cannot load {args.bundle}: {e}{hint}", file=sys.stderr)
         return 2
     spec = None
     if args.input_shape is not None:  # checked above (scheduler_options_error)
