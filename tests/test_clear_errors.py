@@ -174,3 +174,27 @@ def test_calibration_from_logits_refuses_bad_labels():
         ScoreCache.from_logits(logits, torch.full((10,), 4), cost)
     with pytest.raises(ValueError, match="integer class indices"):
         ScoreCache.from_logits(logits, torch.zeros(10), cost)
+
+
+@pytest.mark.parametrize("wide_at", [0, 1])
+def test_exits_of_different_logit_dtypes_are_refused_not_cast_down(wide_at):
+    """Every row's logits are written into one tensor of exit 0's dtype: a float32 exit after a
+    float16 one had its values beyond float16's range turned into inf, without a word (rt.run_stage
+    returned the same rows in float32, the per-sample loop the exit's own values)."""
+    from torch import nn
+
+    import eeruntime as ee
+
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 4))]
+    exits = [nn.Linear(4, 3), nn.Linear(4, 3)]
+    narrow = 1 - wide_at
+    exits[narrow] = nn.Sequential(exits[narrow], _Half())
+    rt = ee.EERuntime(ee.MultiExitModel(stages, exits).eval(), thresholds=2.0, criterion="max_prob")
+    with pytest.raises(ValueError, match="every exit must return one dtype"):
+        rt.infer(torch.randn(5, 4))
+
+
+class _Half(torch.nn.Module):
+    def forward(self, x):
+        return x.half()
