@@ -59,6 +59,15 @@ class EagerPass:
         self.state, logits, C = spec.forward(k, self.state, self.alive)
         if self.out is None:
             self.out = logits.new_empty((self.B, C))
+        elif logits.dtype != self.out.dtype:
+            # Every row's logits are written into this one tensor, of exit 0's dtype: a wider
+            # exit's were cast down without a word (float32 logits beyond float16's range became
+            # inf). Checked per call (a stage step returns each exit's own logits, any dtype).
+            raise ValueError(
+                f"exit {k} returns {str(logits.dtype).replace('torch.', '')} logits but exit 0 returns "
+                f"{str(self.out.dtype).replace('torch.', '')}; every exit must return one dtype (the "
+                "answers share one tensor): cast in the exit heads, e.g. with .float()"
+            )
         if self.B == 0:
             return 0
         final = k == self.K - 1
