@@ -51,6 +51,26 @@ def parse_json(body: bytes):
         raise InputError("the body's JSON is nested too deeply to be read", status=400) from None
 
 
+async def read_body(request, max_bytes: int) -> bytes:
+    """A Starlette request's body, refused (413) as soon as it is known to exceed ``max_bytes``:
+    from its Content-Length before any of it is read, else while it streams in (read whole first,
+    a client could make the server hold any number of bytes). Shared by ``eeruntime serve`` and
+    the Ray replicas."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InputError("Content-Length must be a number of bytes", status=400)
+        if int(declared) > max_bytes:
+            raise InputError(f"the body has {declared} bytes; at most {max_bytes} are accepted", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise InputError(f"the body exceeds {max_bytes} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class InputSpec:
     """What one row of a request must look like: per member, its shape after the batch dim. Given
     at start (``--input-shape``) or learned from the first request the model answered, as is each
@@ -68,6 +88,13 @@ class InputSpec:
             self.shapes = [tuple(t.shape[1:]) for t in parts]
         if self.dtypes is None:
             self.dtypes = [t.dtype for t in parts]
+
+    def json_dtype(self) -> Optional[torch.dtype]:
+        """The dtype JSON numbers become: the model's float dtype, or None (as sent: ints stay
+        ints, a float among them is refused by :meth:`check`) for a model of one input that has
+        taken integers (token ids)."""
+        ids = self.dtypes is not None and len(self.dtypes) == 1 and not self.dtypes[0].is_floating_point
+        return None if ids else self.dtype
 
     def _conform(self, parts: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
         """``parts`` in the dtypes the model has taken (``dtypes``). Another width of the same kind
@@ -135,6 +162,9 @@ class TokenInputSpec(InputSpec):
     def learn(self, x) -> None:
         pass
 
+    def json_dtype(self) -> Optional[torch.dtype]:
+        return None  # token ids: as sent
+
     def check(self, x, max_rows: int):
         x = super().check(x, max_rows)
         ids = x[0] if isinstance(x, tuple) else x
@@ -180,13 +210,8 @@ def decode_json(doc, spec: InputSpec, max_rows: int):
         raise InputError(f'"inputs" must be a list of samples (batch first), got {type(data).__name__}')
     if spec.shapes is not None and len(spec.shapes) != 1:
         raise InputError("this model takes several input tensors; send them as safetensors (input_0, input_1, ...)")
-    # numbers become the model's float dtype; for a model that has taken integers (token ids),
-    # what was sent (ints stay ints, a float among them is refused by the check)
-    ids = isinstance(spec, TokenInputSpec) or (
-        spec.dtypes is not None and len(spec.dtypes) == 1 and not spec.dtypes[0].is_floating_point
-    )
     try:
-        x = torch.tensor(data, dtype=None if ids else spec.dtype)
+        x = torch.tensor(data, dtype=spec.json_dtype())
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise InputError(_ragged_message(e)) from None
     return spec.check(x, max_rows)

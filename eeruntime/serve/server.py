@@ -36,6 +36,7 @@ from .codec import (
     input_spec_for,
     model_float_dtype,
     parse_json,
+    read_body,
     refusal,
 )
 from .process import gc_stats
@@ -94,21 +95,6 @@ def create_app(
     async def validation_error(request, exc):
         return error(422, "invalid request")
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise InputError("Content-Length must be a number of bytes", status=400)
-            if int(declared) > max_body_bytes:
-                raise InputError(f"the body has {declared} bytes; at most {max_body_bytes} are accepted", status=413)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise InputError(f"the body exceeds {max_body_bytes} bytes", status=413)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     def wants_safetensors(request: Request) -> bool:
         accept = request.headers.get("accept", "")
         return any(t in accept for t in SAFETENSORS_TYPES)
@@ -118,7 +104,7 @@ def create_app(
     # about a fifth of the route's own time (docs/serving.md, "The HTTP front end's own cost").
     async def infer(request: Request):
         try:
-            body = await read_body(request)
+            body = await read_body(request, max_body_bytes)
             x = decode_body(body, request.headers.get("content-type", ""), spec, max_rows)
         except InputError as e:
             return error(e.status, str(e))
@@ -180,7 +166,7 @@ def create_app(
         if not hmac.compare_digest(given.encode(), admin_token.encode()):
             return error(403, "wrong admin token")
         try:
-            doc = parse_json(await read_body(request))
+            doc = parse_json(await read_body(request, max_body_bytes))
         except InputError as e:
             return error(e.status, str(e))
         if not isinstance(doc, dict) or "thresholds" not in doc:

@@ -15,13 +15,12 @@ a 422; an overloaded tier a 503; a timeout a 504; never a traceback.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..codec import SAFETENSORS_TYPES, InputError, InputSpec, TokenInputSpec
+from ..codec import SAFETENSORS_TYPES, InputError, InputSpec, parse_json, read_body
 
 MAX_BODY_BYTES = 64 << 20
 
@@ -68,41 +67,19 @@ def _floats_as_model(t: torch.Tensor, spec: InputSpec) -> torch.Tensor:
 
 def _from_json(body: bytes, spec: Optional[InputSpec] = None):
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body is not valid JSON") from None
-    except RecursionError:  # (nested past the parser's limit: the client's error, not a 500)
-        raise BadRequest("the body's JSON is nested too deeply to be read") from None
+        doc = parse_json(body)  # (nested past the parser's limit too: the client's error, not a 500)
+    except InputError as e:
+        raise BadRequest(str(e)) from None
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise BadRequest('a JSON body is an object with "inputs": a nested list of numbers, batch dim first')
     spec = spec or InputSpec()
-    # numbers in the model's float dtype; for a model that has taken integers (token ids), as sent
-    ids = isinstance(spec, TokenInputSpec) or (
-        spec.dtypes is not None and len(spec.dtypes) == 1 and not spec.dtypes[0].is_floating_point
-    )
     try:
-        x = torch.tensor(doc["inputs"], dtype=None if ids else spec.dtype)
+        x = torch.tensor(doc["inputs"], dtype=spec.json_dtype())
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise BadRequest(f'"inputs" must be a rectangular nested list of numbers ({e})') from None
     if x.dim() < 2:
         raise BadRequest(f'"inputs" needs a batch dimension: shape [batch, ...], got {list(x.shape)}')
     return x
-
-
-async def read_body(request, max_bytes: int) -> bytes:
-    """The request's body, refused (413) as soon as it is known to exceed ``max_bytes``: from
-    its Content-Length before any of it is read, else while it streams in (it was read whole
-    first, so a client could make the replica hold any number of bytes)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise BadRequest(f"the body has {declared} bytes; at most {max_bytes} are accepted", status=413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise BadRequest(f"the body exceeds {max_bytes} bytes, the most accepted", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def read_inputs(request, spec: InputSpec, max_bytes: Optional[int] = None):
