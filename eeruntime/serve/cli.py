@@ -209,10 +209,10 @@ def run(args: argparse.Namespace) -> int:
     from eeruntime.bundle import resolve_factory
     from eeruntime.user_inputs import load_model
 
-    from .codec import InputSpec
+    from .codec import InputSpec, model_float_dtype
     from .process import freeze_startup_objects, set_switch_interval
     from .scheduler import StageScheduler
-    from .server import _model_dtype, create_app
+    from .server import create_app
 
     token = os.environ.get(TOKEN_ENV)
     if args.admin_token_file:
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     spec = None
     if args.input_shape is not None:  # checked above (scheduler_options_error)
-        spec = InputSpec([parse_shape(args.input_shape)], dtype=_model_dtype(rt.model))
+        spec = InputSpec([parse_shape(args.input_shape)], dtype=model_float_dtype(rt.model))
     # Bind before the scheduler starts its threads, so --port 0 can say which port it got and a
     # port in use or a host that is not this machine's is said in a line, with nothing to stop.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)

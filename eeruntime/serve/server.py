@@ -34,7 +34,6 @@ from .codec import (
     encode_json,
     encode_safetensors,
     input_spec_for,
-    model_float_dtype,
     parse_json,
     read_body,
     refusal,
@@ -191,6 +190,3 @@ def _thresholds_from_json(value):
         return _INFINITIES.get(v.strip().lower(), v) if isinstance(v, str) else v
 
     return [one(v) for v in value] if isinstance(value, list) else one(value)
-
-
-_model_dtype = model_float_dtype  # (its name where the adapters import it)

@@ -44,6 +44,7 @@ from .codec import (
     encode_json,
     encode_safetensors,
     input_spec_for,
+    model_float_dtype,
     refusal,
 )
 from .process import freeze_startup_objects, set_switch_interval
@@ -104,7 +105,6 @@ class EarlyExitHandler:
         from eeruntime.bundle import resolve_factory
 
         from .scheduler import StageScheduler
-        from .server import _model_dtype
 
         config = context.model_yaml_config or {}
         opts: Dict[str, Any] = dict(config.get(CONFIG_SECTION) or {})
@@ -133,7 +133,9 @@ class EarlyExitHandler:
         shape = opts.get("input_shape")
         # (without a shape given, token ids for a text encoder: codec.TokenInputSpec)
         self.spec = (
-            InputSpec([tuple(shape)], dtype=_model_dtype(self.rt.model)) if shape else input_spec_for(self.rt.model)
+            InputSpec([tuple(shape)], dtype=model_float_dtype(self.rt.model))
+            if shape
+            else input_spec_for(self.rt.model)
         )
         self.max_rows = opts.get("max_rows", 256)
         if config.get("asyncCommunication"):
