@@ -294,6 +294,11 @@ def _pad_lengths(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ..
     return tuple(sorted(set(pad_to)))
 
 
+def _carry_rows(carry: Any, idx: torch.Tensor) -> Any:
+    """Rows ``idx`` of a step's carry (``run_stage``'s tuple of tensors, or None / () before any exit)."""
+    return None if carry is None else take_rows(carry, idx) if carry else ()
+
+
 def _layout(x: State) -> tuple:
     """What rows must share to be concatenated: per member, the shape after dim 0, dtype, device."""
     if isinstance(x, torch.Tensor):  # (the common case, at every submit: no generator, no tuple())
@@ -1222,51 +1227,44 @@ class StageScheduler:
                     kept.append(c)
                 elif bool(alive.any()):
                     idx = alive.nonzero().squeeze(1)
-                    carry = None if c.carry is None else take_rows(c.carry, idx) if c.carry else ()
                     kept.append(
-                        _Chunk(c.ids[idx], take_rows(c.state, idx), carry, c.snap, c.layout, c.ready_at, c.urgent)
+                        _Chunk(
+                            c.ids[idx],
+                            take_rows(c.state, idx),
+                            _carry_rows(c.carry, idx),
+                            c.snap,
+                            c.layout,
+                            c.ready_at,
+                            c.urgent,
+                        )
                     )
             q.clear()
             q.extend(kept)
 
     def _gather(self, k: int) -> List[_Chunk]:
         """Up to ``max_batch`` rows from the head of stage ``k``'s queue that share the oldest
-        chunk's thresholds snapshot and input layout (a batch must), oldest first."""
+        chunk's thresholds snapshot and input layout (a batch must), oldest first. Chunks unlike
+        it keep their order and place at the head; once one is passed over, the scan stops after
+        GATHER_LOOKAHEAD chunks."""
         q = self._queues[k]
         head = q[0]
         taken: List[_Chunk] = []
-        rows = 0
-        while q and rows < self.max_batch:
-            c = q[0]
-            if c.snap is not head.snap or c.layout != head.layout:
-                return self._gather_past(q, head, taken, rows)
-            if rows + c.n > self.max_batch:
-                if type(c) is _Request:  # (its rows split across batches: queued as a chunk from now on)
-                    c = q[0] = c.as_chunk()
-                c = c.split(self.max_batch - rows)
-            else:
-                q.popleft()
-            taken.append(c)
-            rows += c.n
-        return taken
-
-    def _gather_past(self, q: Deque[_Chunk], head: _Chunk, taken: List[_Chunk], rows: int) -> List[_Chunk]:
-        """:meth:`_gather` on from the first chunk unlike ``head``: it and the others unlike it stay
-        queued in their order, and chunks like it behind them join the batch (GATHER_LOOKAHEAD)."""
         skipped: List[_Chunk] = []
-        while q and rows < self.max_batch and len(skipped) + len(taken) < GATHER_LOOKAHEAD:
+        rows = 0
+        while q and rows < self.max_batch and (not skipped or len(skipped) + len(taken) < GATHER_LOOKAHEAD):
             c = q.popleft()
             if c.snap is not head.snap or c.layout != head.layout:
                 skipped.append(c)
                 continue
             if rows + c.n > self.max_batch:
-                if type(c) is _Request:
+                if type(c) is _Request:  # (its rows split across batches: queued as a chunk from now on)
                     c = c.as_chunk()
-                q.appendleft(c)  # its rest stays, behind the skipped chunks (restored below)
+                q.appendleft(c)  # its rest stays queued (behind the skipped chunks, put back below)
                 c = c.split(self.max_batch - rows)
             taken.append(c)
             rows += c.n
-        q.extendleft(reversed(skipped))
+        if skipped:
+            q.extendleft(reversed(skipped))
         return taken
 
     def _run_batch(self, k: int, chunks: List[_Chunk], fuse: bool) -> None:
@@ -1362,9 +1360,8 @@ class StageScheduler:
             if seq not in self._requests:  # answered meanwhile (a timeout, a cancel)
                 continue
             idx = (owner == seq).nonzero().squeeze(1)
-            part = None if carry is None else take_rows(carry, idx) if carry else ()
             rows = None if state is None else take_rows(state, idx)
-            self._run_step(k, rows, ids[idx], part, chunks, time.perf_counter(), alone=True)
+            self._run_step(k, rows, ids[idx], _carry_rows(carry, idx), chunks, time.perf_counter(), alone=True)
 
     def _fusable(self, chunks: List[_Chunk]) -> bool:
         """Would a step-by-step run of this stage-0 batch form exactly the batches one pass does?
