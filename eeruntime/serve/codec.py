@@ -150,14 +150,11 @@ class InputSpec:
 
 class TokenInputSpec(InputSpec):
     """The requests of a text encoder attached with ``ee.attach_exits`` (its input adapter takes
-    token ids, ``input_ids`` first): texts come in every length, so no row shape is learned
-    (the adapter checks the form at submit, and the scheduler's ``pad_to`` lets lengths share
-    batches); JSON numbers are token ids (int64), not the model's float dtype; ids sent as
-    floats are refused rather than rounded."""
-
-    def __init__(self, names: Sequence[str] = ("input_ids",)):
-        super().__init__(None)
-        self.names = tuple(names)
+    token ids, ``input_ids`` first): texts come in every length, so no row shape is learned, and
+    JSON numbers are token ids (as sent), not the model's float dtype. The adapter checks the
+    rest at submit (ids sent as floats, out of the vocabulary, too long: ``HFInputs``), whose
+    refusal the front ends answer with a 4xx; the scheduler's ``pad_to`` lets lengths share
+    batches."""
 
     def learn(self, x) -> None:
         pass
@@ -165,25 +162,13 @@ class TokenInputSpec(InputSpec):
     def json_dtype(self) -> Optional[torch.dtype]:
         return None  # token ids: as sent
 
-    def check(self, x, max_rows: int):
-        x = super().check(x, max_rows)
-        ids = x[0] if isinstance(x, tuple) else x
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            first = "inputs" if not isinstance(x, tuple) else "input_0"
-            raise InputError(
-                f"{first} holds {str(ids.dtype).replace('torch.', '')}; this model takes integer token ids "
-                f"(its inputs, in order: {', '.join(self.names)})"
-            )
-        return x
-
 
 def input_spec_for(model) -> InputSpec:
     """What the server checks requests against by default: token ids for a text encoder
     attached with ``ee.attach_exits``, else learned shapes and dtypes (floats in the model's)."""
     adapter = getattr(model, "input_adapter", None)
-    names = tuple(getattr(adapter, "names", ()))
-    if names[:1] == ("input_ids",):
-        return TokenInputSpec(names)
+    if tuple(getattr(adapter, "names", ()))[:1] == ("input_ids",):
+        return TokenInputSpec()
     return InputSpec(dtype=model_float_dtype(model))
 
 
