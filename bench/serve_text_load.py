@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import report_doc, write_report  # noqa: E402
+from common import report_doc, thresholds_for_fractions, write_report  # noqa: E402
 from serve_load import RequestBatcher, median_run, open_loop, rotated, saturated_capacity  # noqa: E402
 
 import eeruntime as ee  # noqa: E402
@@ -89,22 +89,6 @@ def pad_collate(requests: list) -> tuple:
         ids[i, : a.shape[1]] = a[0]
         mask[i, : m.shape[1]] = m[0]
     return ids, mask
-
-
-def thresholds_for(model, requests: list, fractions) -> list:
-    """max_prob thresholds under which about ``fractions[k]`` of ``requests`` leave at exit k."""
-    with torch.no_grad():
-        outs = [model(r) for r in requests]
-    scores = [torch.cat([o[k].softmax(-1).amax(-1) for o in outs]) for k in range(len(fractions))]
-    alive = torch.ones(len(requests), dtype=torch.bool)
-    thresholds = []
-    for k, f in enumerate(fractions):
-        live = scores[k][alive]
-        q = min(f * len(requests) / max(int(alive.sum()), 1), 1.0)
-        t = float(live.quantile(1.0 - q))
-        thresholds.append(t)
-        alive &= scores[k] < t
-    return thresholds
 
 
 def make_system(name: str, rt, max_batch: int, pad_to):
@@ -157,7 +141,9 @@ def run(args) -> dict:
     torch.set_num_threads(1)
     model = small_bert(args.trim, args.max_len)
     calib = texts(256, args.min_len, args.max_len, seed=1)
-    rt = ee.EERuntime(model, thresholds=thresholds_for(model, calib, args.fractions_exit), criterion="max_prob")
+    # (one padded batch: padding changes no real token's output beyond float rounding)
+    thresholds = thresholds_for_fractions(model, pad_collate(calib), args.fractions_exit, "max_prob")
+    rt = ee.EERuntime(model, thresholds=thresholds, criterion="max_prob")
     pad_to = tuple(args.pad_to)
     pool = texts(2048, args.min_len, args.max_len, seed=2)
 
