@@ -272,7 +272,7 @@ def _timeout(timeout_s: Any) -> Optional[float]:
     return float(timeout_s)
 
 
-def _pad_lengths(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ...]:
+def check_pad_to(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ...]:
     """``pad_to`` checked, as increasing lengths (() for None)."""
     if pad_to is None:
         return ()
@@ -448,7 +448,7 @@ class StageScheduler:
         self.num_stages = rt.num_exits
         # an attached HF encoder's: requests are mapped (and padded) at submit, in _check_input
         self._input_adapter = getattr(rt.model, "input_adapter", None)
-        self.pad_to = _pad_lengths(pad_to, self._input_adapter)
+        self.pad_to = check_pad_to(pad_to, self._input_adapter)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         # _submit's shortcut: a lone tensor on this device needs no other check

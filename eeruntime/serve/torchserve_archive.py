@@ -118,9 +118,9 @@ def write(args: argparse.Namespace) -> Path:
     bundle = Path(args.bundle)
     rt = ee.load(bundle, args.model)  # fails here, with the loader's message, rather than in a worker's log
     if args.pad_to:  # (lengths the model cannot pad to, likewise: the scheduler's own check)
-        from .scheduler import _pad_lengths
+        from .scheduler import check_pad_to
 
-        _pad_lengths(parse_lengths(args.pad_to), getattr(rt.model, "input_adapter", None))
+        check_pad_to(parse_lengths(args.pad_to), getattr(rt.model, "input_adapter", None))
     store = Path(args.out)
     target = store / args.name
     if store.exists() and not store.is_dir():
