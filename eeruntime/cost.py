@@ -15,6 +15,7 @@ from typing import List, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .model import set_eval
 from .state import as_tuple, call, from_tuple, stage_forward
 
 
@@ -165,8 +166,7 @@ def measure_costs(model, example) -> CostModel:
     # Detached: an input that requires grad (a calibration or training batch straight from a
     # preprocessing graph) makes the FLOP counter's module tracker hook autograd and fail.
     state = from_tuple([t[:1].detach() for t in as_tuple(example)], example)
-    was_training = model.training
-    model.eval()
+    restore = set_eval(model)
     try:
         stage_flops, head_flops = [], []
         for stage, head in zip(model.stages, model.exits):
@@ -175,5 +175,5 @@ def measure_costs(model, example) -> CostModel:
             f, _ = _flops(lambda: call(head, state))
             head_flops.append(f)
     finally:
-        model.train(was_training)
+        restore()
     return CostModel(stage_flops, head_flops)

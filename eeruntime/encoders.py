@@ -265,6 +265,11 @@ class HFLayers(nn.Module):
         elif self.trim and len(state) > 1 and not _capturing():
             state = trim_tokens(state)
         hidden, mask = state[0], (state[1] if len(state) > 1 else None)
+        if hidden.shape[0] == 0:
+            # No rows: a layer maps [B, S, H] to [B, S, H], but HF attention fails on B = 0 (a
+            # view with -1 over 0 elements). Passing the empty state on gives the empty answers
+            # (logits [0, C]) that any other model's 0-row batch gets.
+            return hidden if mask is None else (hidden, mask)
         ext = self.layer_mask(hidden, mask)
         for layer in self.layers:
             out = layer(hidden, ext) if ext is not None else layer(hidden)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, List, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,20 @@ def is_multi_exit(model: object) -> bool:
     ``nn.Module`` (they switch its modes, read its parameters and device) with ``stages`` and
     ``exits``. Each caller words its own error."""
     return isinstance(model, nn.Module) and hasattr(model, "stages") and hasattr(model, "exits")
+
+
+def set_eval(model: nn.Module) -> Callable[[], None]:
+    """Put ``model`` in eval mode; the returned callback gives every submodule back its own
+    mode. (``model.train(was_training)`` would set them all to the model's flag: a BatchNorm the
+    caller froze in a training model would train again, an MC-dropout layer stop sampling.)"""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+
+    def restore() -> None:
+        for m, training in modes.items():
+            m.training = training
+
+    return restore
 
 
 def model_device(model) -> Optional[torch.device]:

@@ -32,9 +32,13 @@ def coerce_thresholds(thresholds, num_early: int, criterion=None) -> Tuple[float
     if isinstance(thresholds, ThresholdSnapshot):
         thresholds = thresholds.values
     accepted = f"a float (one for every early exit) or a sequence of {n} floats, one per early exit, in exit order"
+    if isinstance(thresholds, np.ndarray) and thresholds.ndim == 0:
+        thresholds = thresholds[()]  # a 0-d array is one number, as a 0-dim tensor is (it cannot be iterated)
     if isinstance(thresholds, torch.Tensor):
         if thresholds.device.type == "meta":
             raise ValueError(f"thresholds are a meta tensor (no values); give {accepted}")
+        if thresholds.layout != torch.strided:
+            raise ValueError(f"thresholds are a {str(thresholds.layout).replace('torch.', '')} tensor; give {accepted}")
         if thresholds.dtype == torch.bool or thresholds.is_complex():
             raise TypeError(f"thresholds must be real numbers, got a {thresholds.dtype} tensor; give {accepted}")
         if thresholds.dim() > 1:  # flattened, a [2, 2] would pass as 4 per-exit values (a numpy array is refused too)
@@ -77,13 +81,20 @@ def _number(x, accepted: str, i=None) -> float:
     """One threshold as a float: a real number (Python, numpy or a 0-dim tensor), not a bool and
     not a string ("0.5" would parse, but a file or a form field passing strings is a bug)."""
     where = "thresholds" if i is None else f"threshold {i}"
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        x = x[()]  # as a 0-dim tensor is taken
     if isinstance(x, (bool, np.bool_)) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
         raise TypeError(f"{where} is a bool ({x}); give {accepted}")
     if isinstance(x, torch.Tensor) and x.dim() == 0 and x.device.type != "meta" and not x.is_complex():
         return float(x)
     if not isinstance(x, numbers.Real):
         raise TypeError(f"{where} is a {type(x).__name__} ({x!r}); give {accepted}")
-    return float(x)
+    try:
+        return float(x)
+    except OverflowError:  # an int past float's range (float('inf') is how to say "never exit")
+        raise ValueError(
+            f"{where} is too large for a float ({x}); give {accepted} (inf means: never exit there)"
+        ) from None
 
 
 class ThresholdSnapshot:

@@ -33,6 +33,10 @@ BAD_THRESHOLDS = [
     (torch.tensor([[0.1, 0.2]]), ValueError, r"got shape \[1, 2\]"),
     (np.array([[0.1, 0.2]]), TypeError, "threshold 0 is a ndarray"),
     (object(), TypeError, "got a object"),
+    # Before: a RuntimeError "Cannot access data pointer of Tensor that doesn't have storage" and an
+    # OverflowError "int too large to convert to float".
+    (torch.tensor([0.1, 0.2]).to_sparse(), ValueError, "sparse_coo tensor"),
+    ([0.1, 10**400], ValueError, "threshold 1 is too large"),
 ]
 
 
@@ -55,6 +59,9 @@ def test_bad_thresholds_are_refused_and_change_nothing(bad, err, words):
         ((0.25, 1), [0.25, 1.0]),
         (torch.tensor([0.25, 0.5], dtype=torch.float64), [0.25, 0.5]),
         (torch.tensor(0.25), [0.25, 0.25]),
+        (np.array(0.25), [0.25, 0.25]),  # before: TypeError "iteration over a 0-d array"
+        (np.float64(0.25), [0.25, 0.25]),
+        ([np.array(0.25), torch.tensor(0.5)], [0.25, 0.5]),
         ([float("inf"), -float("inf")], [float("inf"), -float("inf")]),
         (2, [2.0, 2.0]),
     ],

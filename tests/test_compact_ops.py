@@ -273,15 +273,16 @@ def test_mismatched_batch_and_bad_mask_raise():
 
 def test_forcing_cuda_without_it_says_how_to_build():
     keep = torch.tensor([True, False])
-    with pytest.raises(BackendUnavailable, match="EERUNTIME_BUILD_CUDA=1") as err:
+    with pytest.raises(BackendUnavailable) as err:
         ee.ops.compact(keep, [torch.zeros(2)], backend="cuda")
     if not _ext.available():
         reason = "is not built"
     elif not _ext.with_cuda():
         reason = "built without CUDA"
     else:
-        reason = "tensors are on cpu"
+        reason = "tensors are on cpu"  # the CUDA ops are there: no build line for CPU tensors
     assert reason in str(err.value)
+    assert ("EERUNTIME_BUILD_CUDA=1" in str(err.value)) == (reason != "tensors are on cpu")
     assert ee.ops.backends("compact")[:2] == ["cuda", "cpp"] and ee.ops.backends("compact")[-1] == "torch"
 
 
@@ -611,3 +612,60 @@ def test_compact_into_path_override_is_scoped_and_checked():
             assert setter(0) == 0  # the inner block restored "cub"
             raise KeyError("restored on error too")
     assert setter(-1) == default
+
+
+# ----------------------------------------------------------------- the build hint, only when it helps
+def _refusals():
+    """Forced backends refusing inputs for reasons of their own (a dtype, a device, a layout):
+    (call, what the reason says)."""
+    keep = torch.tensor([True, False, True])
+    logits = torch.randn(3, 5)
+    scatter_args = (torch.zeros(1), "entropy", 0, torch.arange(3), torch.zeros(3, 5), torch.zeros(3))
+    return [
+        (lambda: ee.ops.compact(keep.to("meta"), [torch.zeros(3, device="meta")], backend="cpp"), "on meta"),
+        (lambda: ee.ops.compact(keep, [torch.zeros(3, 2).to_sparse()], backend="cpp"), "layout"),
+        (lambda: ee.ops.compact(keep, [torch.zeros(3)], backend="cuda"), "tensors are on cpu"),
+        (lambda: ee.ops.compact_(keep, [torch.zeros(3, 4)[:, ::2]], backend="cpp"), "not dense within a row"),
+        (lambda: ee.ops.exit_decision(logits.to(torch.float8_e4m3fn), 0.5, backend="cpp"), "float8_e4m3fn"),
+        (lambda: ee.ops.exit_decision(logits.to("meta"), 0.5, backend="cpp"), "on meta"),
+        (lambda: ee.ops.exit_decision(logits.double(), 0.5, backend="triton"), "float64"),
+        (
+            lambda: ee.ops.exit_scatter(
+                logits.to(torch.float8_e5m2), *scatter_args, torch.zeros(3, dtype=torch.int64), backend="cpp"
+            ),
+            "float8_e5m2",
+        ),
+    ]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", range(8))
+def test_a_refused_input_gets_no_build_hint(case, monkeypatch):
+    # Before: every refusal of a forced backend ended with "To get the C++ ops, build it with `pip
+    # install ...`" (or the CUDA build line, or triton's install line), also when the extension was
+    # built and loaded and what it refused was the inputs' dtype, device or layout.
+    monkeypatch.setattr(_ext, "with_cuda", lambda: True)  # as on a CUDA build: the cuda face judges the inputs
+    call, reason = _refusals()[case]
+    with pytest.raises(BackendUnavailable, match=reason) as err:
+        call()
+    msg = str(err.value)
+    for hint in ("pip install", "EERUNTIME_BUILD_CUDA", "TRITON_INTERPRET", "To get the"):
+        assert hint not in msg, msg
+
+
+@pytest.mark.parametrize("case", [0, 2, 4, 5, 7])
+def test_a_missing_extension_gets_the_build_hint(case, monkeypatch):
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "_IMPORT_ERROR", None)
+    call, _ = _refusals()[case]
+    with pytest.raises(
+        BackendUnavailable, match=r"_C is not built.*To get the .*pip install --no-build-isolation -e \."
+    ):
+        call()
+
+
+def test_an_extension_without_cuda_gets_the_cuda_build_hint(monkeypatch):
+    if _ext.available():
+        monkeypatch.setattr(_ext, "with_cuda", lambda: False)
+    with pytest.raises(BackendUnavailable, match=r"(built without CUDA|not built).*EERUNTIME_BUILD_CUDA=1"):
+        ee.ops.compact(torch.tensor([True]), [torch.zeros(1)], backend="cuda")

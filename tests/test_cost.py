@@ -142,3 +142,33 @@ def test_calibration_refuses_a_cost_model_with_a_free_full_model():
     logits = [torch.randn(10, 4), torch.randn(10, 4)]
     with pytest.raises(ValueError, match="full-model cost > 0"):
         ScoreCache.from_logits(logits, torch.arange(10) % 4, ee.CostModel([0, 0], [0, 0]))
+
+
+def _mixed_mode_model():
+    """A model in training mode with one BatchNorm the caller froze (eval), and one in eval mode
+    with a dropout the caller keeps sampling (train, e.g. MC dropout)."""
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.1)) for _ in range(2)]
+    return ee.MultiExitModel(stages, [nn.Linear(6, 3), nn.Linear(6, 3)])
+
+
+@pytest.mark.parametrize(
+    "measure",
+    [
+        lambda m, x: measure_costs(m, x),
+        lambda m, x: ee.calibrate(m, (x, torch.arange(16) % 3), "greedy", grid=4, progress=False),
+        lambda m, x: ee.calibrate(m, (x, torch.arange(16) % 3), "greedy", grid=4, cost="latency", progress=False),
+    ],
+    ids=["measure_costs", "calibrate", "calibrate-latency"],
+)
+def test_measuring_leaves_every_modules_mode_as_it_was(measure):
+    # Before: the model was put in eval mode and back with model.train(was_training), which sets
+    # every submodule to the model's own flag: a BatchNorm the caller froze went back to training
+    # (its statistics moved at the next training step), an MC-dropout layer stopped sampling.
+    x = torch.randn(16, 6)
+    for top in (True, False):
+        model = _mixed_mode_model().train(top)
+        model.stages[0][1 if top else 2].train(not top)
+        before = {name: m.training for name, m in model.named_modules()}
+        measure(model, x)
+        assert {name: m.training for name, m in model.named_modules()} == before

@@ -152,6 +152,37 @@ def test_hf_inputs_as_users_pass_them():
         rt({k: v[:, :0] for k, v in x.items()})
 
 
+@pytest.mark.parametrize(
+    "make, at",
+    [
+        (bert, ["layer.0", "layer.2"]),
+        (roberta, ["encoder.layer.1"]),
+        (distilbert, ["transformer.layer.0", "transformer.layer.1"]),
+        (vit, ["vit.layers.1", "layers.2"]),
+    ],
+)
+def test_a_batch_of_no_rows_gives_empty_results_as_the_tensor_path_does(make, at):
+    # Before: rt.infer / rt.run_stage / model(x) on input_ids of shape [0, S] (or 0 images) failed
+    # inside HF attention ("cannot reshape tensor of 0 elements into shape [0, 12, -1, 8]"); a
+    # plain model's 0-row batch gives logits [0, C], exit_index [0] and confidence [0].
+    model = ee.attach_exits(make(), at=at)
+    rt = ee.EERuntime(model, thresholds=0.5, criterion="max_prob")
+    x = torch.randn(3, 3, 16, 16) if make is vit else text_batch(3)
+    empty = x[:0] if make is vit else {k: v[:0] for k, v in x.items()}
+    one = rt.infer(x[:1] if make is vit else {k: v[:1] for k, v in x.items()})
+    got = rt.infer(empty)
+    for name in ("logits", "exit_index", "confidence"):
+        a, b = getattr(got, name), getattr(one, name)[:0]  # the 1-row answer's layout, no rows
+        assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device, name
+    with torch.no_grad():
+        outs = model.eval()(empty)
+    assert [tuple(o.shape) for o in outs] == [(0, one.logits.shape[1])] * model.num_exits
+    step = rt.run_stage(0, empty, torch.zeros(0, dtype=torch.int64))
+    assert step.exit_rows.shape == (0,) and step.rows.shape == (0,)
+    assert step.logits.shape == (0, one.logits.shape[1]) and step.logits.dtype == one.logits.dtype
+    assert step.confidence.shape == (0,) and step.confidence.dtype == torch.float32
+
+
 def test_padded_tokens_never_change_a_rows_result():
     """Longer padding and garbage token ids under the mask: every row keeps its exit and logits."""
     backbone = bert()

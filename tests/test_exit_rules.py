@@ -289,6 +289,24 @@ def test_train_learned_exit_leaves_model_untouched_and_learns_correctness():
     assert u[right].mean() > u[~right].mean() + 0.05
 
 
+def test_train_learned_exit_refuses_labels_out_of_range():
+    # Before: labels past the exits' classes were compared with their predictions (never equal),
+    # and the LearnedExit trained on "every exit is wrong" without a word.
+    model = mlp_model(K=3, C=3, seed=2)
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(64) % 3
+    lte = LearnedExit(12)
+    before = {k: v.clone() for k, v in lte.state_dict().items()}
+    with pytest.raises(ValueError, match=r"learned_exit: batch 1 of epoch 1: .*class indices in \[0, 3\).*got 3"):
+        ee.train.learned_exit(model, lte, [(x, y), (x, y + 1)], epochs=1, lr=0.05, progress=False, seed=0)
+    with pytest.raises(ValueError, match=r"learned_exit: batch 0 of epoch 1: .*class indices in \[0, 3\).*got 3"):
+        lte2 = LearnedExit(12)
+        w = {k: v.clone() for k, v in lte2.state_dict().items()}
+        ee.train.learned_exit(model, lte2, [(x, y + 1)], epochs=1, lr=0.05, progress=False, seed=0)
+    assert all(torch.equal(v, w[k]) for k, v in lte2.state_dict().items())
+    assert before.keys() == lte.state_dict().keys()
+
+
 def test_calibrate_and_save_load_learned_exit(tmp_path):
     model = mlp_model(K=3, C=3, seed=5)
     x = torch.randn(200, 6, generator=torch.Generator().manual_seed(5))

@@ -830,6 +830,65 @@ def test_varying_state_shape_falls_back_to_eager_or_raises_with_graphs_true():
         assert counts == [0, 4]
 
 
+class _Double(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+def mixed_dtype_model(mixed=True):
+    """Exit 1 returns float64 logits, the others float32 (all float32 with ``mixed=False``)."""
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(3)]
+    exits = [nn.Linear(6, 4), nn.Sequential(nn.Linear(6, 4), _Double() if mixed else nn.Identity()), nn.Linear(6, 4)]
+    return ee.MultiExitModel(stages, exits).eval()
+
+
+def test_exits_of_different_logit_dtypes_are_refused_as_the_eager_loop_does():
+    # Before: the static output buffer took exit 0's dtype and the graphs cast every later exit's
+    # logits into it without a word (float64 logits rounded to float32; float32 beyond float16's
+    # range became inf), where the eager loop refuses such a model.
+    x = torch.randn(8, 6)
+    for graphs in ("auto", True):
+        rt = ee.EERuntime(mixed_dtype_model(), thresholds=2.0, criterion="max_prob", graphs=graphs)
+        with pytest.raises(ValueError, match="exit 1 returns float64 logits but exit 0 returns float32"):
+            rt._infer_eager(x, 8)  # the eager loop's own refusal, for reference
+        runner = cpu_runner(rt)
+        if graphs is True:
+            with pytest.raises(RuntimeError, match="graphs=True.*exit 1 returns float64 logits but exit 0"):
+                runner.infer(x)
+            continue
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(ValueError, match="every exit must return one dtype"):
+                runner.infer(x)  # the graphs give up, the eager loop refuses
+        assert any("CUDA graphs disabled" in str(w.message) for w in seen)
+        assert "exit 1 returns float64 logits but exit 0 returns float32" in runner.disabled_reason
+
+
+@requires_cuda
+def test_captured_graphs_refuse_exits_of_different_logit_dtypes_cuda():
+    """On a GPU: warmup refuses the model (the capture's warm-up run sees the second dtype) and
+    infer, graphs given up, raises the eager loop's error; a float32 model alongside still runs
+    on graphs (the refusal is the model's, not the device's)."""
+    x = torch.randn(8, 6, device="cuda")
+    rt = ee.EERuntime(mixed_dtype_model().cuda(), thresholds=2.0, criterion="max_prob")
+    with pytest.raises(RuntimeError, match="warmup failed.*exit 1 returns float64 logits but exit 0 returns float32"):
+        rt.warmup(8, x[:1])
+    with pytest.raises(ValueError, match="every exit must return one dtype"):
+        rt.infer(x)
+    rt = ee.EERuntime(mixed_dtype_model().cuda(), thresholds=2.0, criterion="max_prob")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="every exit must return one dtype"):
+            rt.infer(x)
+    assert any("exit 1 returns float64" in str(w.message) for w in seen)
+    rt = ee.EERuntime(mixed_dtype_model(mixed=False).cuda(), thresholds=2.0, criterion="max_prob")
+    res = rt.infer(x)
+    runner = rt._graph_runner
+    assert runner is not None and runner.disabled_reason is None and runner.num_captures > 0
+    assert res.logits.dtype == torch.float32 and torch.equal(res.exit_index.cpu(), torch.full((8,), 2))
+
+
 def test_threads_each_get_their_own_result_cpu():
     model = mlp_model()
     thr = quantile_thresholds(model, torch.randn(64, 6), "entropy")

@@ -1,8 +1,11 @@
 """ee.plot.frontier: a PNG with labelled axes, the candidates, the frontier and the chosen point."""
 
+import copy
+
 import matplotlib
 import numpy as np
 import pytest
+import torch
 from test_calibrate import synthetic_cache
 
 import eeruntime as ee
@@ -79,3 +82,51 @@ def test_frontier_budget_line_at_the_budget(tmp_path):
     line = _artist(fig, "budget: 0.6 of the full model")
     assert np.allclose(line.get_xdata(), 0.6)  # relative cost axis: the budget as a fraction
     assert not [a for a in fig.axes[0].lines if a.get_label().startswith("tolerance")]
+
+
+def _same(a, b):
+    """Structural equality of a Calibration's fields (modules by their state)."""
+    if isinstance(a, torch.nn.Module):
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+def _undominated(points):
+    """Brute force: the points no other point beats (accuracy >= and cost <=, one strict), one per
+    distinct (accuracy, cost), by cost."""
+    keep = {
+        (p[2], p[1])
+        for p in points
+        if not any((q[1] >= p[1] and q[2] <= p[2]) and (q[1] > p[1] or q[2] < p[2]) for q in points)
+    }
+    return sorted(keep)
+
+
+@pytest.mark.parametrize("method", ["sweep", "accuracy", "greedy", "budget"])
+def test_frontier_leaves_the_calibration_as_it_was_and_plots_its_points(tmp_path, method):
+    # The plot reads the calibration's lists (candidates, frontier, thresholds, settings) and must
+    # neither sort nor convert them in place.
+    cache, _, _ = synthetic_cache(150, 3, seed=6)
+    kw = {"budget": 0.6, "scorer_epochs": 5, "progress": False} if method == "budget" else {}
+    cal = ee.calibrate(None, cache, method, grid=8, **kw)
+    cal.candidates = list(reversed(cal.candidates))  # the caller's order, not the cost order
+    before = copy.deepcopy(cal)
+    fig = plot.frontier(cal, tmp_path / "f.png")
+    for name in vars(before):
+        assert _same(getattr(cal, name), getattr(before, name)), name
+    line = _artist(fig, "frontier")
+    drawn = list(zip(np.asarray(line.get_xdata()).tolist(), np.asarray(line.get_ydata()).tolist()))
+    scale = 1 / cal.plain_cost  # relative cost
+    want = [(c * scale, 100 * a) for c, a in _undominated(cal.frontier or cal.candidates)]
+    assert np.allclose(drawn, want)
+    offsets = _artist(fig, "candidates").get_offsets()
+    assert np.allclose(offsets, [(p[2] * scale, 100 * p[1]) for p in cal.candidates])

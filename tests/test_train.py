@@ -313,6 +313,59 @@ def test_a_nan_loss_stops_training_before_the_step(method):
     assert not any(m.training for m in model.modules())  # the failed run put the modes back
 
 
+BAD_LABELS = {
+    "too large": (lambda y: torch.where(y == 1, 4, y), r"class indices in \[0, 4\).*got 4"),
+    "negative": (lambda y: torch.where(y == 1, -1, y), r"class indices in \[0, (4|num_classes)\).*got -1"),
+    "one short": (lambda y: y[:-1], "15 labels for 16 samples"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_LABELS))
+@pytest.mark.parametrize("method", sorted(TRAIN_KW))
+def test_labels_out_of_range_are_refused_before_the_step(method, bad):
+    # Before: joint, differentiable and two_stage raised IndexError "Target 4 is out of bounds"
+    # from inside cross_entropy (a device-side assert on CUDA, which kills the process's CUDA
+    # context) after the forward pass had fed the batch to BatchNorm's running statistics;
+    # post_train trained on and reported accuracies against the impossible labels, silently.
+    make, match = BAD_LABELS[bad]
+    good = list(toy_data())
+    x, y = good[1]
+    base = small_model()
+    base.stages[1].requires_grad_(False)
+    want = copy.deepcopy(base)  # trained on the batch before the bad one only
+    getattr(ee.train, method)(want, good[:1], 1, 1e-2, seed=0, progress=False, **TRAIN_KW[method])
+    model = copy.deepcopy(base)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"{method}.*batch 1 of epoch 1.*{match}"):
+        getattr(ee.train, method)(
+            model, [good[0], (x, make(y)), good[2]], 1, 1e-2, seed=0, progress=False, **TRAIN_KW[method]
+        )
+    assert _same_state(_state(model), _state(want))
+    assert {n: p.requires_grad for n, p in model.named_parameters() if n in flags} == flags
+    assert all(p.grad is None for p in model.parameters())
+    # On the first batch: no optimiser step, no BatchNorm statistic moved (heads that the
+    # method adds on its first batch aside).
+    model = copy.deepcopy(base)
+    before = _state(model)
+    with pytest.raises(ValueError, match=f"{method}.*batch 0 of epoch 1.*{match}"):
+        getattr(ee.train, method)(model, [(x, make(y))], 1, 1e-2, seed=0, progress=False, **TRAIN_KW[method])
+    after = _state(model)
+    assert _same_state(before, {k: after[k] for k in before})
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_loss_functions_refuse_labels_out_of_range():
+    # Before: IndexError from inside cross_entropy / nll_loss.
+    lg = [torch.randn(3, 4), torch.randn(3, 4)]
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\).*got 7"):
+        ee.train.joint_loss(lg, torch.tensor([0, 7, 1]), [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\).*got -2"):
+        ee.train.differentiable_loss(lg, [torch.randn(3)], torch.tensor([0, -2, 1]))
+    soft = torch.softmax(torch.randn(3, 4), 1)  # class probabilities stay accepted, as in F.cross_entropy
+    loss, _ = ee.train.joint_loss(lg, soft, [1.0, 1.0])
+    assert torch.allclose(loss, sum(F.cross_entropy(v, soft) for v in lg))
+
+
 @pytest.mark.parametrize("method", sorted(TRAIN_KW))
 def test_empty_batches_are_skipped(method):
     # Before: an empty batch's mean loss was NaN (the epoch's history NaN) and Adam stepped on it

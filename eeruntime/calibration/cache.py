@@ -16,7 +16,7 @@ import torch
 from ..cost import CostModel
 from ..criteria import FINAL_MODES, Criterion, check_criterion
 from ..eenet import DEFAULT_TOP_K, exit_features
-from ..model import is_multi_exit, model_device
+from ..model import is_multi_exit, model_device, set_eval
 from ..ops.exit_decision import confidence_ref
 from ..scoring import Scorer
 from ..state import as_tuple, call, check_state, from_tuple, stage_forward
@@ -297,9 +297,8 @@ def build_cache(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     criterion = check_criterion(criterion)
     _check_final(final)
-    was_training = model.training
     device = model_device(model)
-    model.eval()
+    restore = set_eval(model)
     scorer = Scorer(criterion, decision_backend)
     keep_history = scorer.uses_history
     acc = _Accumulator(K, criterion, final, top_k)
@@ -332,7 +331,7 @@ def build_cache(
                     lambda out, k: scorer.score(out, states[k], k, logits[:k] if keep_history else ()),
                 )
     finally:
-        model.train(was_training)
+        restore()
     if first_batch is None:
         raise ValueError("calibration data is empty: it yielded no samples")
     cost_model, unit = resolve_costs(cost, model, first_batch)

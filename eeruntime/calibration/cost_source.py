@@ -7,6 +7,7 @@ from typing import Tuple
 import torch
 
 from ..cost import CostModel, measure_costs
+from ..model import set_eval
 from ..state import as_tuple, call, stage_forward
 from ..timing import median_seconds
 
@@ -19,8 +20,7 @@ def measure_latency(model, batch, warmup: int = 2, iters: int = 7) -> CostModel:
     first = as_tuple(batch)[0]
     B = max(1, first.shape[0])
     device = first.device
-    was_training = model.training
-    model.eval()
+    restore = set_eval(model)
     stage_s, head_s = [], []
     try:
         state = batch
@@ -31,7 +31,7 @@ def measure_latency(model, batch, warmup: int = 2, iters: int = 7) -> CostModel:
             out = state
             head_s.append(median_seconds(lambda: call(head, out), device, warmup, iters) / B)
     finally:
-        model.train(was_training)
+        restore()
     return CostModel(stage_s, head_s)
 
 

@@ -77,9 +77,9 @@ def _why_not(
     index_out: Optional[torch.Tensor] = None,
 ) -> Optional[str]:
     if not _ext.available():
-        return _ext.why_unavailable()
+        return dispatch.missing(_ext.why_unavailable())
     if device_type == "cuda" and not _ext.with_cuda():
-        return "the extension eeruntime._C was built without CUDA"
+        return dispatch.missing("the extension eeruntime._C was built without CUDA")
     if mask.device.type != device_type:
         return f"tensors are on {mask.device.type}; the {device_type} backend runs {device_type} tensors"
     for what, ts in (("tensors", inputs), ("outs", outs)):
@@ -118,8 +118,10 @@ def _compact_inplace_why_not(keep, tensors, *, forced):
     # In place, the tensors are outputs: their rows must be dense and distinct, like compact_into's outs.
     why = _why_not("cpu", keep, tensors, tensors)
     if why is None and _compiled("compact_") is None:
-        return "the extension eeruntime._C was built before compact_ was added; rebuild it"
-    return why.replace("outs[", "tensors[") if why else None
+        return dispatch.missing("the extension eeruntime._C was built before compact_ was added; rebuild it")
+    if why is None or isinstance(why, dispatch.Missing):
+        return why
+    return why.replace("outs[", "tensors[")
 
 
 def _scatter_why_not(device_type):
@@ -247,9 +249,9 @@ def _exit_decision_op():
 def _logits_kernel_why_not(name: str, lookup, logits) -> Optional[str]:
     """What the fused CPU kernels that read logits (exit_decision, exit_scatter) all need."""
     if not _ext.available():
-        return _ext.why_unavailable()
+        return dispatch.missing(_ext.why_unavailable())
     if lookup() is None:
-        return f"the extension eeruntime._C was built before {name} was added; rebuild it"
+        return dispatch.missing(f"the extension eeruntime._C was built before {name} was added; rebuild it")
     if not logits.is_cpu:
         return f"logits are on {logits.device.type}; the cpp backend runs CPU tensors"
     if logits.dtype not in FUSED_LOGITS_DTYPES:

@@ -69,22 +69,23 @@ def triton_why_not(logits, threshold, criterion, return_argmax=False, *, forced:
     if isinstance(threshold, torch.Tensor) and threshold.is_complex():
         # the launcher's .to(float32) would drop the imaginary part; the torch backend refuses it
         return f"the threshold is a {threshold.dtype} tensor; a threshold is a real number"
+    # The reasons below are the backend's absence (FIX says what to do); those above refuse the inputs.
     if not triton_available():
-        return "triton is not installed (it could not be imported)"
+        return dispatch.missing("triton is not installed (it could not be imported)")
     interpreted = _kernels_interpreted()
     if logits.is_cuda:
         # Forced, the interpreter also runs CUDA tensors (through host copies); auto does not
         # choose that slow path.
         if not forced and (interpreted or (interpreted is None and _interpret_env())):
-            return "TRITON_INTERPRET=1 is set, so the kernel would run in the slow interpreter"
+            return dispatch.missing("TRITON_INTERPRET=1 is set, so the kernel would run in the slow interpreter")
         return None
     if interpreted is False:
-        return (
+        return dispatch.missing(
             "CPU tensor, but the Triton kernels were already imported without TRITON_INTERPRET=1 "
             "(compiled for the GPU); set TRITON_INTERPRET=1 at the start of the process, before they are imported"
         )
     if interpreted is None and not _interpret_env():
-        return (
+        return dispatch.missing(
             "CPU tensor and TRITON_INTERPRET=1 is not set; set it before triton is imported (at the "
             "latest before eeruntime's Triton kernels are first used)"
         )

@@ -2,8 +2,8 @@
 
 Each op has one table of backends, declared in its module beside its ``*_ref``. A backend says, for concrete inputs, either ``None``
 (it can run them) or a sentence saying why it cannot. ``backend="auto"`` takes the first backend
-that can run; naming a backend that cannot run raises :class:`BackendUnavailable` with its reason
-and the fix.
+that can run; naming a backend that cannot run raises :class:`BackendUnavailable` with its reason, and the
+backend's fix when the backend itself is missing (:class:`Missing`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,18 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for by name and cannot run the given inputs."""
 
 
+class Missing(str):
+    """A reason a backend cannot run that its ``fix`` addresses: the backend itself is absent or
+    unusable here (the extension not built, triton not installed), whatever the inputs. A forced
+    backend's error carries the fix for these only: for a refusal of the inputs (a dtype, a
+    device, a layout) a build instruction would send the user the wrong way."""
+
+
+def missing(reason: Optional[str]) -> Optional[Missing]:
+    """``reason`` marked as one the backend's fix addresses (None stays None)."""
+    return None if reason is None else Missing(reason)
+
+
 @dataclass
 class Backend:
     """One row of an op's backend table."""
@@ -24,7 +36,8 @@ class Backend:
     fn: Callable
     # why_not(*args, forced=bool, **kwargs) -> None when it can run, else the reason.
     why_not: Callable[..., Optional[str]]
-    # what the user should do when this backend is forced but cannot run.
+    # what the user should do when this backend is forced but cannot run for a :class:`Missing`
+    # reason (the backend absent); refused inputs get their reason alone.
     fix: str = ""
     # it never reads device data on the host, so it may run inside a captured CUDA graph
     capturable: bool = False
@@ -67,7 +80,7 @@ def select(op: str, backend: str, *args: Any, **kwargs: Any) -> Backend:
             why = b.why_not(*args, forced=True, **kwargs)
             if why is not None:
                 msg = f"backend {backend!r} cannot run {op}: {why}"
-                if b.fix:
+                if b.fix and isinstance(why, Missing):
                     msg += f". {b.fix}"
                 raise BackendUnavailable(msg)
             return b

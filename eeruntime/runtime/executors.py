@@ -27,6 +27,18 @@ from .results import InferenceResult
 from .spec import RunSpec
 
 
+def mixed_logits_dtypes(k: int, got: torch.dtype, first: int, want: torch.dtype) -> str:
+    """Why a batch whose exits return logits of different dtypes is refused (every executor)."""
+
+    def name(d: torch.dtype) -> str:
+        return str(d).replace("torch.", "")
+
+    return (
+        f"exit {k} returns {name(got)} logits but exit {first} returns {name(want)}; every exit must "
+        "return one dtype (the answers share one tensor): cast in the exit heads, e.g. with .float()"
+    )
+
+
 class EagerPass:
     """One batch of ``B`` rows through the loop with the dispatched ops; ``thr`` is the call's
     thresholds snapshot as a float32 [K-1] tensor on the input's device."""
@@ -63,11 +75,7 @@ class EagerPass:
             # Every row's logits are written into this one tensor, of exit 0's dtype: a wider
             # exit's were cast down without a word (float32 logits beyond float16's range became
             # inf). Checked per call (a stage step returns each exit's own logits, any dtype).
-            raise ValueError(
-                f"exit {k} returns {str(logits.dtype).replace('torch.', '')} logits but exit 0 returns "
-                f"{str(self.out.dtype).replace('torch.', '')}; every exit must return one dtype (the "
-                "answers share one tensor): cast in the exit heads, e.g. with .float()"
-            )
+            raise ValueError(mixed_logits_dtypes(k, logits.dtype, 0, self.out.dtype))
         if self.B == 0:
             return 0
         final = k == self.K - 1

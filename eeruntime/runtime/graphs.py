@@ -46,7 +46,7 @@ from ..criteria import uses_history
 from ..devices import device_guard
 from ..rows_layout import new_rows
 from ..state import as_tuple, check_state
-from .executors import eager_pass
+from .executors import eager_pass, mixed_logits_dtypes
 from .loop import run_stages
 from .results import InferenceResult
 from .step import StageResult
@@ -397,6 +397,7 @@ class _Signature:
         )
         # Outputs have cap scratch rows after the cap real ones (see scatter_rows_nosync).
         self.out_logits: Optional[torch.Tensor] = None
+        self.out_logits_exit = 0  # the exit whose logits' dtype out_logits took
         self.out_conf = torch.zeros(2 * cap, dtype=torch.float32, device=dev)
         self.out_exit = torch.zeros(2 * cap, dtype=torch.int64, device=dev)
         self.pack_index = torch.zeros(cap, dtype=torch.int64, device=dev)  # compact_into's index_out
@@ -950,7 +951,7 @@ class GraphRunner:
         K = spec.num_exits
         st = sig.stages[k]
         state, logits, C = spec.forward(k, st.state(b), b)
-        self._ensure_outputs(sig, logits, C)
+        self._ensure_outputs(sig, logits, C, k)
         valid = sig.arange[:b] < st.count
         rows = st.rows[:b]
         acc = None
@@ -971,10 +972,16 @@ class GraphRunner:
         outs = [*nxt.inputs, nxt.rows] + ([nxt.acc] if acc is not None else [])
         self._pack(sig, keep, carried, outs, nxt.count)
 
-    def _ensure_outputs(self, sig: _Signature, logits: torch.Tensor, C: int) -> None:
+    def _ensure_outputs(self, sig: _Signature, logits: torch.Tensor, C: int, k: int) -> None:
         if sig.out_logits is None:
             _no_alloc_while_capturing("the output buffer")
             sig.out_logits = torch.zeros((2 * sig.cap, C), dtype=logits.dtype, device=sig.device)
+            sig.out_logits_exit = k
+        elif logits.dtype != sig.out_logits.dtype:
+            # The scatter would cast them into the one buffer without a word. Checked at each
+            # body's first run (a capture fixes the dtypes it saw): the graphs give up and the
+            # eager loop refuses the batch itself (its stage step takes each exit's own dtype).
+            raise _GraphsUnusable(mixed_logits_dtypes(k, logits.dtype, sig.out_logits_exit, sig.out_logits.dtype))
 
     def _ensure_stage(self, sig: _Signature, k: int, state, b: int, C: int) -> _StageBuffers:
         parts = as_tuple(state)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -120,14 +121,66 @@ def _to_device(x, device):
     raise TypeError(f"a batch's x must be a tensor or a tuple of tensors, got {type(x).__name__}")
 
 
-def _labels(y, device) -> torch.Tensor:
+class LabelError(ValueError):
+    """Class indices a loss cannot index with; :func:`run` adds which batch carried them."""
+
+
+# The labels of the batch the loop is stepping on and their largest value, found once before they
+# moved to the device: the losses compare it with their logits' width without a reduction (and a
+# device round trip) of their own. Only for that very tensor: pseudo-labels are other targets.
+_BATCH_LABELS: contextvars.ContextVar[Optional[Tuple[torch.Tensor, int]]] = contextvars.ContextVar(
+    "eeruntime_train_batch_labels", default=None
+)
+
+
+def _range_error(C: int, bad: int) -> LabelError:
+    return LabelError(f"labels must be class indices in [0, {C}) (the exits' logits have {C} classes), got {bad}")
+
+
+def check_classes(scores: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse integer targets ``y`` outside ``[0, C)`` for ``scores`` [B, C] with a
+    :class:`LabelError`, before cross_entropy / nll_loss index with them (an IndexError on CPU, a
+    device-side assert that ends the process's CUDA context on a GPU). Floating targets (class
+    probabilities) are left to the loss. Inside :func:`run` the batch's maximum is known already
+    (its minimum was checked there); elsewhere one min/max reduction finds both."""
+    if y.is_floating_point() or y.numel() == 0:
+        return
+    C = int(scores.shape[-1])
+    known = _BATCH_LABELS.get()
+    if known is not None and known[0] is y:
+        hi = known[1]
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0:
+            raise _range_error(C, lo)
+    if hi >= C:
+        raise _range_error(C, hi)
+
+
+def _labels(y, where: str, classes: Optional[int]) -> Optional[int]:
+    """Check a batch's labels before anything runs on them: a 1-D integer tensor, no label
+    negative. Returns the largest label (None for an empty batch), found where ``y`` lies (on the
+    CPU before it moves, for the usual loaders: no device round trip). ``classes``: the logits'
+    width seen on an earlier batch, for the message."""
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"a batch's y must be a tensor of class indices, got {type(y).__name__}")
+        raise TypeError(f"{where}: y must be a tensor of class indices, got {type(y).__name__}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
         raise TypeError(
-            f"a batch's y must be a 1-D integer tensor of class indices [B], got {y.dtype} of shape {tuple(y.shape)}"
+            f"{where}: y must be a 1-D integer tensor of class indices [B], got {y.dtype} of shape {tuple(y.shape)}"
         )
-    return y.to(device, dtype=torch.int64, non_blocking=True)
+    if y.numel() == 0:
+        return None
+    lo, hi = (int(v) for v in torch.aminmax(y))
+    if lo < 0:
+        raise ValueError(f"{where}: labels must be class indices in [0, {classes or 'num_classes'}), got {lo}")
+    return hi
+
+
+def _check_rows(x, y: torch.Tensor, where: str) -> None:
+    rows = [int(t.shape[0]) if t.dim() else None for t in (x if isinstance(x, tuple) else (x,))]
+    if any(r != y.shape[0] for r in rows):
+        shown = rows[0] if len(set(rows)) == 1 else rows
+        raise ValueError(f"{where}: {y.shape[0]} labels for {shown} samples; y must hold one class index per row of x")
 
 
 def _seeded(seed: Optional[int], device: torch.device):
@@ -180,6 +233,7 @@ def run(
             "(a list of (x, y) batches, a DataLoader, ee.data.Batches)"
         )
     modes = {m: m.training for m in model.modules()}
+    classes: Optional[int] = None  # the logits' width, once a batch has shown it
     undo = None
     opt = None
     try:
@@ -194,8 +248,12 @@ def run(
                 for i, batch in enumerate(bar):
                     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                         raise TypeError(f"data must yield (x, y) pairs, got {type(batch).__name__}")
-                    x, y = _to_device(batch[0], device), _labels(batch[1], device)
-                    if y.shape[0] == 0 and all(t.shape[0] == 0 for t in (x if isinstance(x, tuple) else (x,))):
+                    where = f"{method}: batch {i} of epoch {epoch + 1}"
+                    hi = _labels(batch[1], where, classes)
+                    x = _to_device(batch[0], device)
+                    _check_rows(x, batch[1], where)
+                    y = batch[1].to(device, dtype=torch.int64, non_blocking=True)
+                    if hi is None:
                         # An empty batch has a NaN mean loss (the epoch's history became NaN) and
                         # Adam still stepped on it (momentum moved the weights): skip it.
                         continue
@@ -207,18 +265,27 @@ def run(
                             )
                         opt = _make_optimizer(optimizer, params, lr, weight_decay)
                     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-                    out = step(x, y)
+                    token = _BATCH_LABELS.set((y, hi))
+                    try:
+                        out = step(x, y)
+                        for lg in out.logits:  # methods that do not index a loss with y (post_train)
+                            check_classes(lg, y)
+                    except LabelError as e:
+                        # The forward pass already fed the batch to BatchNorm's running statistics.
+                        _restore(buffers)
+                        raise ValueError(f"{where}: {e}") from None
+                    finally:
+                        _BATCH_LABELS.reset(token)
                     if not bool(torch.isfinite(out.loss.detach())):
                         # Stepping on it would turn every trained weight into NaN, silently; the
                         # forward pass already fed the batch to BatchNorm's running statistics.
-                        with torch.no_grad():
-                            for b, saved in buffers:
-                                b.copy_(saved)
+                        _restore(buffers)
                         raise FloatingPointError(
                             f"{method}: the loss is {float(out.loss.detach())} on batch {i} of epoch {epoch + 1} "
                             "(NaN or inf in that batch's inputs, or a learning rate too high); training stopped "
                             "before stepping on it: the model keeps its weights and statistics of the last finite step"
                         )
+                    classes = int(out.logits[-1].shape[-1])
                     opt.zero_grad(set_to_none=True)
                     out.loss.backward()
                     opt.step()
@@ -261,6 +328,12 @@ def run(
             # Modules added during training (heads, gates) follow the model's own mode.
             m.training = modes.get(m, top)
     return history
+
+
+def _restore(buffers) -> None:
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
 
 
 def freeze(params) -> Callable[[], None]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..heads import ExitHead, equip_heads
 from ..state import as_tuple, call, stage_forward
-from ._loop import History, StepResult, check_common, check_nonneg, run, unique_trainable
+from ._loop import History, StepResult, check_classes, check_common, check_nonneg, run, unique_trainable
 from .cost_terms import normalised_exit_costs, soft_cost
 
 
@@ -48,6 +48,8 @@ def soft_conditional(logits: Sequence[torch.Tensor], gate_logits: Sequence[torch
 
 def differentiable_loss(logits, gate_logits, y, costs=None, cost_weight: float = 0.0):
     """The loss of the module docstring and its parts (``ce``, ``cost``)."""
+    for lg in logits:
+        check_classes(lg, y)
     ce = F.nll_loss(soft_conditional(logits, gate_logits), y)
     terms = {"ce": ce}
     loss = ce

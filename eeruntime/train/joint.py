@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from ..heads import ExitHead
-from ._loop import History, StepResult, check_common, run, unique_trainable
+from ._loop import History, StepResult, check_classes, check_common, run, unique_trainable
 
 
 def joint_loss(logits: Sequence[torch.Tensor], y: torch.Tensor, weights: Sequence[float]):
     """``sum_n w_n CE(logits[n], y)`` and the per-exit CE values."""
+    for lg in logits:
+        check_classes(lg, y)
     ces = [F.cross_entropy(lg, y) for lg in logits]
     return sum(w * ce for w, ce in zip(weights, ces)), ces
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..state import call, stage_forward
-from ._loop import History, StepResult, check_common, freeze, run, unique_trainable
+from ._loop import History, StepResult, check_classes, check_common, freeze, run, unique_trainable
 from .joint import exit_classifier_params
 
 STAGES = (None, "backbone", "exits")
@@ -73,6 +73,7 @@ def two_stage(
 
     def step_backbone(x, y):
         outs = _stage_outputs(model, x, True, lambda k: k == K - 1)
+        check_classes(outs[-1], y)
         ce = F.cross_entropy(outs[-1], y)
         return StepResult(ce, {"ce_final": ce}, [o.detach() for o in outs])
 
@@ -87,6 +88,8 @@ def two_stage(
 
     def step_exits(x, y):
         outs = _stage_outputs(model, x, False, lambda k: k < K - 1)
+        for o in outs[:-1]:
+            check_classes(o, y)
         ces = [F.cross_entropy(o, y) for o in outs[:-1]]
         return StepResult(sum(ces), {f"ce_{k}": ce for k, ce in enumerate(ces)}, [o.detach() for o in outs])
 
