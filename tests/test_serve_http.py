@@ -5,6 +5,7 @@ and `python -m eeruntime serve` serves a bundle from a fresh process."""
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -208,6 +209,54 @@ def test_the_learned_dtypes_refuse_floats_where_integer_ids_were_taken():
     assert x.dtype == torch.int64 and x.tolist() == [[3, 1, 4]]
     with pytest.raises(ValueError, match="inputs has dtype float32; this model takes int64"):
         decode_json({"inputs": [[3, 1.5, 4]]}, spec, 8)
+
+
+@pytest.mark.parametrize(
+    "inputs,where",
+    [
+        ([[0.5, True, 2.0]], "inputs[0][1]"),  # a float model: true was 1.0
+        ([[0.5, 2.0, 3.0], [1.0, 0.0, False]], "inputs[1][2]"),  # false among the numbers 1 and 0
+        ([[True, False, True]], "inputs[0][0]"),  # all booleans: torch made a bool tensor
+        ([[[1, 2], [3, True]]], "inputs[0][1][1]"),
+    ],
+)
+@pytest.mark.parametrize("takes", ["floats", "ids", "nothing yet"])
+def test_json_booleans_are_refused_as_not_numbers_saying_where(inputs, where, takes):
+    """JSON true / false in "inputs" became 1 / 0 (torch.tensor reads a bool as a number): a
+    client's mistake answered as if it were data. Now a 422 naming the first one and saying
+    booleans are not numbers, for a float model, one that takes token ids, and before any answer."""
+    spec = InputSpec()
+    if takes != "nothing yet":
+        spec.learn(
+            torch.zeros(1, *torch.tensor(inputs).shape[1:], dtype=torch.float32 if takes == "floats" else torch.int64)
+        )
+    with pytest.raises(ValueError, match=re.escape(where) + ".*booleans are not numbers") as e:
+        decode_json({"inputs": inputs}, spec, 8)
+    assert e.value.status == 422
+    # the same numbers without the booleans are served as before (0 and 1 included)
+    numbers = json.loads(json.dumps(inputs).replace("true", "1").replace("false", "0"))
+    if takes == "ids" and "." in json.dumps(numbers):
+        return  # (floats where token ids were taken: refused as another kind, tested above)
+    x = decode_json({"inputs": numbers}, spec, 8)
+    assert x.tolist() == torch.tensor(numbers, dtype=x.dtype).tolist()
+
+
+def test_json_booleans_stay_booleans_for_a_model_that_takes_booleans():
+    """A model whose one input has been booleans (learned from a safetensors request) takes them
+    as JSON true / false too; a number among them is refused as another kind, as before."""
+    spec = InputSpec()
+    spec.learn(torch.zeros(1, 3, dtype=torch.bool))
+    x = decode_json({"inputs": [[True, False, True]]}, spec, 8)
+    assert x.dtype == torch.bool and x.tolist() == [[True, False, True]]
+    with pytest.raises(ValueError, match="inputs has dtype int64; this model takes bool"):
+        decode_json({"inputs": [[True, 2, True]]}, spec, 8)
+
+
+def test_json_booleans_get_a_422_over_http(served):
+    r = served.client.post("/v1/infer", json={"inputs": [[0.5, 1.0, True, 0.0, 2.0, 3.0]]})
+    assert r.status_code == 422 and "inputs[0][2]" in r.json()["error"], r.text
+    assert "booleans are not numbers" in r.json()["error"]
+    no_traceback(r)
 
 
 def test_concurrent_clients_each_get_their_own_rows_from_shared_batches():

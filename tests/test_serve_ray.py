@@ -425,6 +425,21 @@ def test_ray_http_bodies_the_client_got_wrong_are_400s(body, why):
         _from_json(body)
 
 
+def test_ray_http_json_booleans_are_a_422_naming_the_first():
+    """JSON true / false in "inputs" became 1 / 0 in the replica as in eeruntime serve: now the
+    same 422 as there (codec.json_tensor), for a float model and one that takes token ids."""
+    from eeruntime.serve.codec import InputSpec
+    from eeruntime.serve.ray.http import BadRequest, _from_json
+
+    ids = InputSpec()
+    ids.learn(torch.zeros(1, 3, dtype=torch.int64))
+    for spec in (InputSpec(), ids):
+        with pytest.raises(BadRequest, match=re.escape("inputs[1][0] is false") + ".*not numbers") as e:
+            _from_json(b'{"inputs": [[1, 0, 2], [false, 3, 4]]}', spec)
+        assert e.value.status == 422
+        assert _from_json(b'{"inputs": [[1, 0, 2], [0, 3, 4]]}', spec).tolist() == [[1, 0, 2], [0, 3, 4]]
+
+
 def test_ray_http_answers_are_strict_json_even_for_a_nan_row():
     """A NaN input row's logits are NaN: the answer spells them "nan" (as the HTTP server does),
     where a bare NaN made the response fail to encode (a 500)."""
