@@ -538,7 +538,7 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
     ]
 
 
-@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])  # (inf: Python set it to 0)
 def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, value):
     from eeruntime.serve.cli import main
 
@@ -555,6 +555,10 @@ def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, va
         (["--policy", "request", "--max-defer-ms", "5"], "--policy request never re-batches survivors"),
         (["--max-defer-ms", "-1"], "--max-defer-ms must be >= 0, got -1.0"),
         (["--max-wait-ms", "-2"], "--max-wait-ms must be >= 0, got -2.0"),
+        (["--max-wait-ms", "nan"], "--max-wait-ms must be >= 0, got nan"),
+        # (inf held a partial batch until it filled: a lone request waited for its timeout, a 504)
+        (["--max-wait-ms", "inf"], "--max-wait-ms must be finite (milliseconds), got inf"),
+        (["--max-defer-ms", "inf"], "--max-defer-ms must be finite (milliseconds), got inf"),
         (["--scheduler-workers", "0"], "--scheduler-workers must be >= 1 (the scheduler's worker threads), got 0"),
         # (these the scheduler took, and the server then refused every request: 413, 504)
         (["--max-rows", "0"], "--max-rows must be an integer >= 1 (the most rows per request), got 0"),

@@ -133,6 +133,8 @@ def test_litserve_adapter_defers_as_eeruntime_serve_does_unless_told(tmp_path, g
         ({"timeout_s": 0}, "timeout_s must be > 0"),
         ({"timeout_s": float("nan")}, "timeout_s must be > 0"),
         ({"max_wait_ms": -1}, "max_wait_ms must be >= 0"),
+        ({"max_wait_ms": float("inf")}, "max_wait_ms must be finite"),
+        ({"max_defer_ms": float("inf")}, "max_defer_ms must be finite"),
         ({"max_defer_ms": "5"}, "max_defer_ms must be >= 0"),
         ({"policy": "fastest"}, "policy must be one of deepest, fill, request"),
         ({"policy": "fill", "max_defer_ms": 5.0}, "max_defer_ms applies to policy deepest"),

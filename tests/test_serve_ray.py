@@ -491,6 +491,26 @@ def test_split_and_spec_errors():
         RuntimeSpec(model="no_such_module_here:f").build()
 
 
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        (["--batch-wait-ms", "inf"], "--batch-wait-ms must be finite"),
+        (["--batch-wait-ms", "nan"], "--batch-wait-ms must be >= 0"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0"),
+        (["--form", "tiers"], "--form tiers needs --stages-per-tier"),
+    ],
+)
+def test_cli_refuses_options_no_replica_could_take_in_a_line(capsys, options, words):
+    """--batch-wait-ms inf (or NaN, negative) reached the replicas, which failed to start on it;
+    the command's own refusals (--form tiers without --stages-per-tier) ended in a ValueError
+    traceback from eeruntime's main (int() of the message). Now exit status 2 and the message."""
+    from eeruntime.__main__ import main
+
+    assert main(["serve", "--ray", "--model", "models:mlp_model", *options, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
 def test_cli_config_builds_the_tiers(capsys):
     import yaml
 

@@ -5,6 +5,7 @@ nor deliver a row to another request."""
 import asyncio
 import concurrent.futures
 import gc
+import math
 import os
 import random
 import subprocess
@@ -645,6 +646,10 @@ def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
         assert 2 <= sum(1 for k, _ in order[:at] if k == 0) <= 3, order
     with pytest.raises(ValueError, match="max_defer_ms must be >= 0"):
         StageScheduler(rt, max_defer_ms=-1)
+    for key in ("max_wait_ms", "max_defer_ms"):  # (inf held a partial batch until it filled, a lone row forever)
+        for value, words in ((math.inf, "must be finite"), (math.nan, "must be >= 0"), ("5", "must be >= 0")):
+            with pytest.raises(ValueError, match=f"{key} {words}"):
+                StageScheduler(rt, **{key: value})
     with pytest.raises(ValueError, match="max_defer_ms applies to policy='deepest'"):
         StageScheduler(rt, policy="fill", max_defer_ms=5)
 

@@ -497,6 +497,8 @@ def test_torchserve_archive_with_its_store_inside_the_bundle_copies_the_bundle_a
         ("max_batch", 0, "max_batch must be an integer >= 1"),
         ("scheduler_workers", 0, "scheduler_workers must be >= 1"),
         ("policy", "fastest", "policy must be one of"),
+        ("max_wait_ms", float("inf"), "max_wait_ms must be finite"),  # (YAML's .inf)
+        ("max_defer_ms", float("inf"), "max_defer_ms must be finite"),
     ],
 )
 def test_handler_refuses_a_hand_written_config_value_out_of_range(tmp_path, asynchronous, key, value, words):

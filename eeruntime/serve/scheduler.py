@@ -46,6 +46,7 @@ import concurrent.futures
 import heapq
 import itertools
 import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -272,6 +273,19 @@ def _timeout(timeout_s: Any) -> Optional[float]:
     return float(timeout_s)
 
 
+def wait_ms_error(value: Any) -> Optional[str]:
+    """What is wrong with a wait in milliseconds (``max_wait_ms``, ``max_defer_ms``), said after
+    its name, or None. It must be a number >= 0 and finite: an infinite wait is no setting (the
+    scheduler's worker stopped on it, timestamp out of range, and until then a partial batch
+    waited to fill, a lone request until its timeout). Shared by the front ends' option checks (``cli.scheduler_options_error``).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+        return f"must be >= 0, got {value!r}"
+    if float(value) == math.inf:
+        return f"must be finite (milliseconds), got {value!r}"
+    return None
+
+
 def check_pad_to(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ...]:
     """``pad_to`` checked, as increasing lengths (() for None)."""
     if pad_to is None:
@@ -414,10 +428,12 @@ class StageScheduler:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int (worker threads), got {workers!r}")
-        if not max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-        if max_defer_ms is not None and not max_defer_ms >= 0:
-            raise ValueError(f"max_defer_ms must be >= 0 (or None: the default), got {max_defer_ms!r}")
+        bad = wait_ms_error(max_wait_ms)
+        if bad:
+            raise ValueError(f"max_wait_ms {bad}")
+        bad = None if max_defer_ms is None else wait_ms_error(max_defer_ms)
+        if bad:
+            raise ValueError(f"max_defer_ms {bad} (or None: the default)")
         if not isinstance(max_queue_rows, int) or max_queue_rows < 1:
             raise ValueError(f"max_queue_rows must be a positive int, got {max_queue_rows!r}")
         if when_full not in ("error", "wait"):

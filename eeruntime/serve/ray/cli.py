@@ -12,6 +12,7 @@ import sys
 import time
 from typing import List, Optional
 
+from ..scheduler import wait_ms_error
 from .app import FORMS, app_config
 
 
@@ -69,7 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> dict:
-    """The Serve config (``applications: [...]``) the arguments describe."""
+    """The Serve config (``applications: [...]``) the arguments describe; a wait that is
+    negative, NaN or infinite is refused here (a SystemExit saying so), not by a replica that
+    then fails to start."""
+    bad = wait_ms_error(a.batch_wait_ms)
+    if bad:
+        raise SystemExit(f"--batch-wait-ms {bad}")
     args = {
         "model": a.model,
         "model_kwargs": a.model_kwargs,
