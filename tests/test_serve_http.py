@@ -356,7 +356,7 @@ def test_health_stats_and_prometheus_metrics(served):
         "# TYPE eeruntime_exits_total counter",
         'eeruntime_exits_total{exit="0"} ',
         'eeruntime_queue_rows{stage="2"} ',
-        'eeruntime_latency_ms{quantile="99"} ',
+        'eeruntime_latency_ms{quantile="0.99"} ',  # (Prometheus' spelling of a quantile; was "99")
         'eeruntime_batch_rows_mean{stage="1"} ',
         'eeruntime_gc_collections_total{generation="2"} ',
         "eeruntime_gc_frozen_objects ",
@@ -749,8 +749,9 @@ def test_latency_percentiles_are_numpys_nearest_rank(n):
     served = _metric_samples(
         ee.serve.stats.prometheus_text({**stats.as_dict(), "queue_depths": [0, 0], "pending_requests": 0})
     )
-    for q in PERCENTILES:
-        assert served[("gauge", "eeruntime_latency_ms", (("quantile", str(q)),))] == pytest.approx(got[f"p{q}"])
+    # the labels as Prometheus writes a quantile (a fraction: "0.5", "0.9", "0.99"; were "50", ...)
+    quantiles = {float(labels[0][1]): v for (_, name, labels), v in served.items() if name == "eeruntime_latency_ms"}
+    assert quantiles == pytest.approx({q / 100: got[f"p{q}"] for q in PERCENTILES})
 
 
 def test_metrics_label_values_are_escaped_as_the_text_format_requires():
