@@ -1325,3 +1325,38 @@ def test_rows_of_a_request_leaving_out_of_order_reach_their_own_places():
         assert sched.pending() == 0
     finally:
         sched.close()
+
+
+@pytest.mark.parametrize("options", [{}, {"fused": False}, {"policy": "request"}, {"policy": "fill"}])
+def test_a_model_put_back_in_train_mode_is_served_in_eval_mode_saying_so(options):
+    """model.train() after the runtime was built (BatchNorm would then use each batch's own
+    statistics: a row's answer would depend on its batch-mates): the scheduler's steps run the
+    runtime's guard, which puts the model back in eval mode with a warning, as rt.infer does, so
+    every answer equals rt.infer of the model in eval mode."""
+    import copy
+
+    from eeruntime.zoo import digits_cnn
+
+    torch.manual_seed(5)
+    model = digits_cnn()
+    for m in model.modules():  # running statistics unlike any batch's (train mode would ignore them)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(16, 1, 8, 8)
+    with pytest.warns(UserWarning, match="put .* in eval mode"):
+        rt = ee.EERuntime(model, thresholds=[2.2, 2.25], criterion="entropy")
+    ref = ee.EERuntime(copy.deepcopy(model), thresholds=rt.thresholds, criterion="entropy").infer(x)
+    model.train()
+    # it matters (on copies: a forward in train mode updates the running statistics)
+    assert not torch.allclose(copy.deepcopy(model).stages[0](x[:4]), copy.deepcopy(model).eval().stages[0](x[:4]))
+    sched = StageScheduler(rt, max_batch=8, **options)
+    try:
+        with pytest.warns(UserWarning, match="EERuntime call: put .* in eval mode"):
+            futures = [sched.submit_nowait(x[i : i + 4]) for i in range(0, 16, 4)]
+            got = [f.result(WAIT) for f in futures]
+    finally:
+        sched.close()
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(torch.cat([g.exit_index for g in got]), ref.exit_index)
+    torch.testing.assert_close(torch.cat([g.logits for g in got]), ref.logits, rtol=1e-5, atol=1e-6)
