@@ -656,6 +656,32 @@ def test_reconfigure_refuses_batch_settings_that_would_hang_every_request(local_
     assert rep._batch_settings == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
 
 
+def test_reconfigure_takes_infinite_thresholds_spelled_as_the_answers_spell_them(local_replicas):
+    """A user_config's thresholds as strict JSON spells an infinite one ("inf", as every answer's
+    "thresholds" and eeruntime serve's /admin/thresholds do) were refused ("threshold 1 is a
+    str"): a JSON config could not set calibration's "never exit here". Now the same parser as
+    /admin/thresholds (thresholds.thresholds_from_json); other strings are still refused."""
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+
+    rep = local_replicas(RuntimeReplica, SPEC)
+    rep.reconfigure({"thresholds": [0.3, "inf", "-Inf"]})
+    assert rep.rt.thresholds == [0.3, float("inf"), float("-inf")]
+    with pytest.raises(TypeError, match="threshold 1 is a str"):
+        rep.reconfigure({"thresholds": [0.3, "0.5", 0.3]})
+    assert rep.rt.thresholds == [0.3, float("inf"), float("-inf")]
+
+
+def test_a_spec_takes_thresholds_as_numbers_or_the_infinities_and_refuses_the_rest():
+    """RuntimeSpec read its thresholds with float(): a JSON true became 1.0 and "0.5" 0.5,
+    silently; "abc" failed with float()'s own words. Now numbers and "inf" / "-inf" only."""
+    from eeruntime.serve.ray import RuntimeSpec
+
+    assert RuntimeSpec(model="models:mlp_model", thresholds=["inf", 0.5, 1]).thresholds == [float("inf"), 0.5, 1.0]
+    for bad in ([True, 0.5], ["0.5", 0.5], ["abc"], [None]):
+        with pytest.raises(TypeError, match="thresholds must be numbers"):
+            RuntimeSpec(model="models:mlp_model", thresholds=bad)
+
+
 async def asyncio_gather(*coros, return_exceptions=False):
     import asyncio
 

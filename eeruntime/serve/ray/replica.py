@@ -19,6 +19,7 @@ from typing import Any, Dict
 import torch
 
 from ...state import check_state
+from ...thresholds import thresholds_from_json
 from ..codec import input_spec_for
 from ..process import freeze_startup_objects
 from . import http
@@ -95,7 +96,7 @@ class ReplicaBase:
         # (Ray Serve reports the reconfigure as failed; the replica must not run half of it).
         settings = batch_settings({**self._batch_settings, **{k: v for k, v in config.items() if v is not None}})
         if config.get("thresholds") is not None:
-            values = config["thresholds"]
+            values = thresholds_from_json(config["thresholds"])  # ("inf" as the answers spell it)
             # On the compute thread, between two batches.
             self._executor.submit(self.rt.set_thresholds, values).result()
             self.metrics.thresholds(self.rt.thresholds)
