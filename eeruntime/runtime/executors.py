@@ -21,7 +21,7 @@ from .. import ops
 from ..ops._ext_backend import FUSED_LOGITS_DTYPES, CpuLoopOps, cpu_loop_ops, rows_writable
 from ..ownership import sole_owner
 from ..rows_layout import keep_layouts, row_order, to_rows
-from ..state import as_tuple, from_tuple
+from ..state import as_tuple, dtype_name, from_tuple
 from .loop import run_stages
 from .results import InferenceResult
 from .spec import RunSpec
@@ -64,8 +64,8 @@ class EagerPass:
             # exit's were cast down without a word (float32 logits beyond float16's range became
             # inf). Checked per call (a stage step returns each exit's own logits, any dtype).
             raise ValueError(
-                f"exit {k} returns {str(logits.dtype).replace('torch.', '')} logits but exit 0 returns "
-                f"{str(self.out.dtype).replace('torch.', '')}; every exit must return one dtype (the "
+                f"exit {k} returns {dtype_name(logits.dtype)} logits but exit 0 returns "
+                f"{dtype_name(self.out.dtype)}; every exit must return one dtype (the "
                 "answers share one tensor): cast in the exit heads, e.g. with .float()"
             )
         if self.B == 0:

@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .._json import enc_float
+from ..state import dtype_name
 from .scheduler import SchedulerClosed, SchedulerFull, StageFailed
 
 SAFETENSORS_TYPES = ("application/vnd.safetensors", "application/octet-stream")
@@ -110,8 +111,8 @@ class InputSpec:
                 if _kind(t.dtype) != _kind(want):
                     name = "inputs" if len(parts) == 1 else f"input_{i}"
                     raise InputError(
-                        f"{name} has dtype {str(t.dtype).replace('torch.', '')}; this model takes "
-                        f"{str(want).replace('torch.', '')} (the dtype of the requests it has answered"
+                        f"{name} has dtype {dtype_name(t.dtype)}; this model takes "
+                        f"{dtype_name(want)} (the dtype of the requests it has answered"
                         + ("; JSON numbers are converted to it)" if want.is_floating_point else ")")
                     )
                 t = t.to(want)
