@@ -902,6 +902,93 @@ def test_ray_http_a_text_model_takes_json_token_ids_from_the_first_request(local
     assert status in (400, 422) and "at most 40" in doc["error"], doc
 
 
+@pytest.mark.parametrize("form", ["runtime", "tiers"])
+def test_ray_pad_to_lets_texts_of_different_lengths_share_a_batch_answered_as_each_alone(local_replicas, form):
+    """Without pad_to, a replica's @serve.batch ran one rt.infer (or stage-0 step) per sequence
+    length (rows batch only with rows of the same shape): texts of eight lengths, eight batches.
+    With pad_to=(8, 16) each request is padded at the replica (as StageScheduler pads): two
+    batches here, every answer rt.infer's of the unpadded request (within float rounding; its
+    exit the same but for a row within NEAR of a threshold, by the per-sample loop)."""
+    pytest.importorskip("transformers", reason="transformers is an optional dependency (make test installs it)")
+    from reference import per_sample_loop
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.replica import rows_of
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    model = tiny_bert_text()
+    g = torch.Generator().manual_seed(5)
+    lengths = [3, 8, 5, 12, 16, 7, 1, 10]
+    reqs = [torch.randint(2, 60, (1 + i % 2, n), generator=g) for i, n in enumerate(lengths)]
+    x = torch.randint(2, 60, (64, 12), generator=g)  # thresholds under which rows leave at every exit
+    thr = [float(o.softmax(-1).amax(-1).quantile(q)) for o, q in zip(model(x)[:2], (0.6, 0.5))]
+    spec = {"model": "serve_models:tiny_bert_text", "thresholds": thr, "criterion": "max_prob", "torch_threads": 1}
+    ref_rt = ee.EERuntime(tiny_bert_text(), thresholds=thr, criterion="max_prob")
+
+    def make(pad_to):
+        if form == "runtime":
+            return local_replicas(RuntimeReplica, spec, 32, 0.05, False, pad_to)
+        return local_replicas(TierReplica, spec, 0, 0, 3, None, 32, 0.05, pad_to=pad_to)
+
+    def counting(rep):
+        """The batches' rows per call of the model on a batch's input (rt.infer, or stage 0's step)."""
+        calls, name = [], "infer" if form == "runtime" else "run_stage"
+        run = getattr(rep.rt, name)
+
+        def counted(*args, **kwargs):
+            state = args[0] if form == "runtime" else args[1] if args[0] == 0 else None
+            if state is not None:
+                calls.append(next(iter(state.values())).shape[0] if isinstance(state, dict) else rows_of(state))
+            return run(*args, **kwargs)
+
+        setattr(rep.rt, name, counted)
+        return calls
+
+    for pad_to, batches in ((None, len(set(lengths))), ((8, 16), 2)):
+        rep = make(pad_to)
+        calls = counting(rep)
+        answers = run_async(asyncio_gather(*(rep.infer(r) for r in reqs)), timeout_s=60)
+        assert len(calls) == batches and sum(calls) == sum(len(r) for r in reqs), calls
+        for r, a in zip(reqs, answers):
+            ref = ref_rt.infer(r)
+            torch.testing.assert_close(a["logits"], ref.logits, rtol=1e-4, atol=1e-5)
+            _, loop_exit, margins = per_sample_loop(
+                model, (r, torch.ones_like(r), torch.zeros_like(r)), thr, "max_prob"
+            )
+            assert torch.equal(loop_exit, ref.exit_index)
+            differs = a["exit_index"] != ref.exit_index
+            assert bool((margins[differs] < NEAR).all()), (a["exit_index"], ref.exit_index)
+        rep._executor.shutdown(wait=True)
+    exits = torch.cat([a["exit_index"] for a in answers])
+    assert 0 < int((exits < 2).sum()) < len(exits)  # (some rows left early: padding hid no difference)
+    with pytest.raises(ValueError, match="pad_to must be positive sequence lengths"):
+        make([0])
+    with pytest.raises(ValueError, match="has no input adapter"):
+        local_replicas(RuntimeReplica, SPEC, 32, 0.05, False, [8])
+
+
+def test_ray_pad_to_is_checked_where_the_app_is_built_and_reaches_it_from_the_cli(capsys):
+    """pad_to of a model that cannot pad (no token ids and mask) or lengths that are not lengths
+    are refused by build_app (and so by `serve run`), not by replicas failing to start."""
+    pytest.importorskip("transformers", reason="transformers is an optional dependency (make test installs it)")
+    import yaml
+
+    from eeruntime.__main__ import main
+    from eeruntime.serve.ray.app import build_app
+
+    with pytest.raises(ValueError, match="has no input adapter"):
+        build_app({**SPEC, "pad_to": [8]})
+    text = {"model": "serve_models:tiny_bert_text", "thresholds": [0.4, 0.45]}
+    for form in ({}, {"form": "tiers", "stages_per_tier": [1, 2], "num_exits": 3}):
+        with pytest.raises(ValueError, match="longer than this model takes"):
+            build_app({**text, **form, "pad_to": [8, 64]})
+        build_app({**text, **form, "pad_to": [16, 8]})
+    args = ["serve", "--ray", "--model", "serve_models:tiny_bert_text", "--pad-to", "8,16", "--print-config"]
+    assert main(args) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["pad_to"] == [8, 16]
+
+
 class _FailingTier:
     """A next tier whose calls raise ``error`` (as Ray hands a remote tier's exception back)."""
 

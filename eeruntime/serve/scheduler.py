@@ -308,6 +308,20 @@ def check_pad_to(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ..
     return tuple(sorted(set(pad_to)))
 
 
+def pad_tokens(x: Tuple[torch.Tensor, ...], pad_to: Tuple[int, ...], adapter: Any) -> State:
+    """``x`` (a tuple ``adapter`` made: token ids first) right-padded to the shortest length of
+    ``pad_to`` (:func:`check_pad_to`'s) that holds it, with ``adapter.pad``; a request longer
+    than every length keeps its own (it batches with requests of its length). Shared by the
+    scheduler and the Ray replicas."""
+    if not isinstance(x[0], torch.Tensor) or x[0].dim() != 2:  # (not [B, S] ids: check_state and the model judge it)
+        return x
+    length = x[0].shape[1]
+    for target in pad_to:
+        if target >= length:
+            return cast(State, adapter.pad(x, target))
+    return x
+
+
 def _carry_rows(carry: Any, idx: torch.Tensor) -> Any:
     """Rows ``idx`` of a step's carry (``run_stage``'s tuple of tensors, or None / () before any exit)."""
     return None if carry is None else take_rows(carry, idx) if carry else ()
@@ -705,16 +719,7 @@ class StageScheduler:
 
     def _pad(self, x: Tuple[torch.Tensor, ...]) -> State:
         """``x`` (the adapter's tuple) padded to the shortest of ``pad_to`` that holds it."""
-        assert self._input_adapter is not None
-        if (
-            not isinstance(x[0], torch.Tensor) or x[0].dim() != 2
-        ):  # (not [B, S] token ids: check_state and the model judge it)
-            return x
-        length = x[0].shape[1]
-        for target in self.pad_to:
-            if target >= length:
-                return cast(State, self._input_adapter.pad(x, target))
-        return x  # longer than every length: its own (it batches with requests of its length)
+        return pad_tokens(x, self.pad_to, self._input_adapter)
 
     def _register(self, req: _Request) -> None:
         """Count ``req`` as admitted and pending (under ``_cv``)."""

@@ -58,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument(
+        "--pad-to",
+        type=_ints,
+        default=None,
+        help="a text encoder's (attached with ee.attach_exits): sequence lengths, e.g. 32,64,128; each request "
+        "is padded to the shortest that holds it so texts of different lengths share batches (tier 0 for tiers)",
+    )
     p.add_argument("--max-queued-requests", type=int, default=None, help="backpressure: queued requests per deployment")
     p.add_argument("--name", default="eeruntime", help="the Serve application name")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
@@ -89,6 +96,7 @@ def config_from_args(a: argparse.Namespace) -> dict:
         ("weights", a.weights),
         ("thresholds", a.thresholds),
         ("torch_threads", a.torch_threads),
+        ("pad_to", a.pad_to),
     ):
         if value is not None:
             args[key] = value
