@@ -361,7 +361,8 @@ class StageScheduler:
             the batching servers use without this scheduler: where re-batching does not pay
             (docs/serving.md, "Session 12"), or to measure what it buys.
         max_wait_ms: how long a stage with fewer than ``max_batch`` rows may wait for more before
-            it runs anyway (0: never wait).
+            it runs anyway (0: never wait). Finite, as ``max_defer_ms`` (inf is refused: no wait
+            may be endless, a lone request's partial batch would never run).
         max_defer_ms: ``"deepest"`` policy, under a backlog: how long a ready stage with fewer
             than ``max_batch`` rows may be passed over while some stage holds a full batch. It is
             passed over only while stage 0 is behind (it holds ``max_batch`` rows for every
