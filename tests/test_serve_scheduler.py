@@ -1360,3 +1360,25 @@ def test_a_model_put_back_in_train_mode_is_served_in_eval_mode_saying_so(options
     assert not any(m.training for m in model.modules())
     assert torch.equal(torch.cat([g.exit_index for g in got]), ref.exit_index)
     torch.testing.assert_close(torch.cat([g.logits for g in got]), ref.logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_timeout_past_what_a_thread_can_wait_leaves_the_timeout_thread_running():
+    """timeout_s=1e10 (finite, beyond threading.TIMEOUT_MAX, about 9.2e9 s) stopped the timeout
+    thread (OverflowError: timestamp out of range), after which no request timed out any more,
+    as an inf one did until session 21. Now its waits are bounded: a later request's own short
+    timeout still fires, and the long one's request is answered."""
+    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=3)
+    rt = ee.EERuntime(model, thresholds=[0.9, 0.9], criterion="max_prob")
+    x = torch.randn(2, 6)
+    with StageScheduler(rt, max_batch=8, timeout_s=1e10, inline="never") as sched:
+        with parked(sched):
+            slow = sched.submit_nowait(x[:1])
+            time.sleep(0.05)  # (the timeout thread waits on the first deadline now)
+            short = sched.submit_nowait(x[1:], timeout_s=0.05)
+            try:
+                err = short.exception(5)
+            except concurrent.futures.TimeoutError:
+                err = None  # (never failed: the timeout thread had stopped)
+            assert isinstance(err, TimeoutError) and "timed out before" in str(err), err
+        assert torch.equal(slow.result(WAIT).exit_index, rt.infer(x[:1]).exit_index)
+        assert sched.stats_dict()["requests"]["timeouts"] == 1

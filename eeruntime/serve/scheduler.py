@@ -64,6 +64,11 @@ Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a request's rows of
 ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
 ROW_MASK = (1 << ROW_BITS) - 1
 INLINE_MODES = ("blocking", "always", "never")
+# The longest one wait of a scheduler's thread on a condition: past threading.TIMEOUT_MAX (about
+# 292 years) the wait raises OverflowError, and a finite timeout_s or max_wait_ms may be that long
+# (timeout_s=1e10 stopped the timeout thread: no request timed out any more). Every such wait is
+# in a loop that re-checks what it waits for, so waking early only waits again.
+MAX_WAIT_S = 3600.0
 POLICIES = ("deepest", "fill", "request")
 # _views makes the answers' views with one split per output from this many parts on
 # (measured: a split costs about half a Python slice per view, plus a fixed ~2 us)
@@ -271,6 +276,11 @@ def _timeout(timeout_s: Any) -> Optional[float]:
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0 seconds (or None: no timeout), got {timeout_s}")
     return float(timeout_s)
+
+
+def _bounded(seconds: Optional[float]) -> Optional[float]:
+    """A wait of ``seconds`` (None: until notified) at most :data:`MAX_WAIT_S`."""
+    return None if seconds is None else min(seconds, MAX_WAIT_S)
 
 
 def wait_ms_error(value: Any) -> Optional[str]:
@@ -640,7 +650,7 @@ class StageScheduler:
                 raise TimeoutError(f"no room in the scheduler within the request's timeout of {timeout_s} s")
             self._room_waiting += 1
             try:
-                self._room.wait(left)
+                self._room.wait(_bounded(left))
             finally:
                 self._room_waiting -= 1
 
@@ -1043,7 +1053,7 @@ class StageScheduler:
                         if seq in self._requests:
                             break
                         continue
-                    self._reaper_cv.wait(self._deadlines[0][0] - now if self._deadlines else None)
+                    self._reaper_cv.wait(_bounded(self._deadlines[0][0] - now) if self._deadlines else None)
             self.stats.timeouts += 1
             self._fail(seq, TimeoutError("the request timed out before all its rows left the model"), "timeout")
 
@@ -1094,7 +1104,7 @@ class StageScheduler:
                 if self._inbox or self._dead or self._closing:
                     return True
                 self._sleeping += 1
-                self._cv.wait(wait)
+                self._cv.wait(_bounded(wait))
                 self._sleeping -= 1
             return True
         if more and self._sleeping:
