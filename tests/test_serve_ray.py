@@ -498,6 +498,8 @@ def test_split_and_spec_errors():
         (["--batch-wait-ms", "nan"], "--batch-wait-ms must be >= 0"),
         (["--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0"),
         (["--form", "tiers"], "--form tiers needs --stages-per-tier"),
+        (["--duration", "nan"], "--duration must be > 0"),  # (Ray started, served nothing, stopped)
+        (["--duration", "0"], "--duration must be > 0"),
     ],
 )
 def test_cli_refuses_options_no_replica_could_take_in_a_line(capsys, options, words):

@@ -131,6 +131,8 @@ def config_from_args(a: argparse.Namespace) -> dict:
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.duration is not None and not a.duration > 0:  # (NaN or <= 0: Ray started and stopped at once)
+        raise SystemExit(f"--duration must be > 0 seconds (inf or none: until Ctrl-C), got {a.duration}")
     config = config_from_args(a)
     if a.print_config:
         import yaml
