@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
-import torch
 from torch import nn
 
 from eeruntime.bundle_schema import check_safetensors
 from eeruntime.names import lookup
+from eeruntime.state import dtype_name
 
 MODEL_WEIGHTS_NAME = "model.safetensors"
 # torch's dtype names (as the JSON records them) to safetensors' (as a file's header has them)
@@ -42,10 +42,6 @@ _SAFETENSORS_DTYPE = {
 }
 
 ModelSource = Union[nn.Module, Callable[[], nn.Module], str]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _factory_name(factory) -> Optional[str]:
@@ -72,7 +68,7 @@ def save_model_weights(model: nn.Module, path: Path, name: str, factory=None) ->
         "weights": name,
         "factory": _factory_name(factory),
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
+        "tensors": {k: {"shape": list(v.shape), "dtype": dtype_name(v.dtype)} for k, v in tensors.items()},
     }
 
 

@@ -104,6 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             return int(cmd.configure()(rest) or 0)
         except SystemExit as e:  # its own argparse: --help (0) or a usage error (2, message printed)
+            if isinstance(e.code, str):  # its own refusal, SystemExit("what was wrong"): not yet printed
+                return _fail(e.code, 2)
             return int(e.code or 0)
     parser = argparse.ArgumentParser(prog=f"{PROG} {cmd.name}", description=cmd.help)
     runner = cmd.configure(parser)

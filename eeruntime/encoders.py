@@ -27,6 +27,8 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, cast
 import torch
 from torch import nn
 
+from .state import dtype_name
+
 # Inputs of an HF encoder that the runtime carries (others are refused with a clear error).
 _PRIMARY = ("input_ids", "pixel_values")
 _HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
@@ -161,7 +163,7 @@ class HFInputs:
         would wait for the device)."""
         ids = members[0]
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got {str(ids.dtype).replace('torch.', '')}")
+            raise TypeError(f"input_ids must hold integer token ids, got {dtype_name(ids.dtype)}")
         if ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(ids.shape)}")
         if ids.shape[1] == 0:  # the model's own error is a reshape deep inside attention

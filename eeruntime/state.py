@@ -12,6 +12,12 @@ from .rows_layout import from_rows, row_order, to_rows
 State = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype's short name, as messages, bundles and the Ray wire spell it: "float32" for
+    ``torch.float32`` (torch's own ``str`` is "torch.float32")."""
+    return str(dtype).replace("torch.", "")
+
+
 def as_tuple(state: State) -> Tuple[torch.Tensor, ...]:
     return state if isinstance(state, tuple) else (state,)
 

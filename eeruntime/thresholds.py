@@ -73,6 +73,22 @@ def coerce_thresholds(thresholds, num_early: int, criterion=None) -> Tuple[float
     return tuple(values)
 
 
+_INFINITIES = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
+
+
+def thresholds_from_json(value):
+    """Thresholds as JSON sends them (``/admin/thresholds``, a Ray ``user_config``, a serve
+    config's ``thresholds``): numbers, or the strings "inf" / "-inf" (any case; strict JSON has
+    no infinite numbers, and the answers and ``/stats`` spell an infinite threshold so), as one
+    value or a list. The infinities become floats; anything else is returned as it is, for
+    :func:`coerce_thresholds` to take or refuse with its own message."""
+
+    def one(v):
+        return _INFINITIES.get(v.strip().lower(), v) if isinstance(v, str) else v
+
+    return [one(v) for v in value] if isinstance(value, list) else one(value)
+
+
 def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) or (isinstance(x, torch.Tensor) and x.dim() == 0)
 

@@ -5,6 +5,7 @@ and `python -m eeruntime serve` serves a bundle from a fresh process."""
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -210,6 +211,54 @@ def test_the_learned_dtypes_refuse_floats_where_integer_ids_were_taken():
         decode_json({"inputs": [[3, 1.5, 4]]}, spec, 8)
 
 
+@pytest.mark.parametrize(
+    "inputs,where",
+    [
+        ([[0.5, True, 2.0]], "inputs[0][1]"),  # a float model: true was 1.0
+        ([[0.5, 2.0, 3.0], [1.0, 0.0, False]], "inputs[1][2]"),  # false among the numbers 1 and 0
+        ([[True, False, True]], "inputs[0][0]"),  # all booleans: torch made a bool tensor
+        ([[[1, 2], [3, True]]], "inputs[0][1][1]"),
+    ],
+)
+@pytest.mark.parametrize("takes", ["floats", "ids", "nothing yet"])
+def test_json_booleans_are_refused_as_not_numbers_saying_where(inputs, where, takes):
+    """JSON true / false in "inputs" became 1 / 0 (torch.tensor reads a bool as a number): a
+    client's mistake answered as if it were data. Now a 422 naming the first one and saying
+    booleans are not numbers, for a float model, one that takes token ids, and before any answer."""
+    spec = InputSpec()
+    if takes != "nothing yet":
+        spec.learn(
+            torch.zeros(1, *torch.tensor(inputs).shape[1:], dtype=torch.float32 if takes == "floats" else torch.int64)
+        )
+    with pytest.raises(ValueError, match=re.escape(where) + ".*booleans are not numbers") as e:
+        decode_json({"inputs": inputs}, spec, 8)
+    assert e.value.status == 422
+    # the same numbers without the booleans are served as before (0 and 1 included)
+    numbers = json.loads(json.dumps(inputs).replace("true", "1").replace("false", "0"))
+    if takes == "ids" and "." in json.dumps(numbers):
+        return  # (floats where token ids were taken: refused as another kind, tested above)
+    x = decode_json({"inputs": numbers}, spec, 8)
+    assert x.tolist() == torch.tensor(numbers, dtype=x.dtype).tolist()
+
+
+def test_json_booleans_stay_booleans_for_a_model_that_takes_booleans():
+    """A model whose one input has been booleans (learned from a safetensors request) takes them
+    as JSON true / false too; a number among them is refused as another kind, as before."""
+    spec = InputSpec()
+    spec.learn(torch.zeros(1, 3, dtype=torch.bool))
+    x = decode_json({"inputs": [[True, False, True]]}, spec, 8)
+    assert x.dtype == torch.bool and x.tolist() == [[True, False, True]]
+    with pytest.raises(ValueError, match="inputs has dtype int64; this model takes bool"):
+        decode_json({"inputs": [[True, 2, True]]}, spec, 8)
+
+
+def test_json_booleans_get_a_422_over_http(served):
+    r = served.client.post("/v1/infer", json={"inputs": [[0.5, 1.0, True, 0.0, 2.0, 3.0]]})
+    assert r.status_code == 422 and "inputs[0][2]" in r.json()["error"], r.text
+    assert "booleans are not numbers" in r.json()["error"]
+    no_traceback(r)
+
+
 def test_concurrent_clients_each_get_their_own_rows_from_shared_batches():
     """Six clients at once over real HTTP, JSON and safetensors alike, requests of 1-4 rows: every
     answer holds exactly the client's own rows (the scripted model's class and exit per row),
@@ -307,7 +356,7 @@ def test_health_stats_and_prometheus_metrics(served):
         "# TYPE eeruntime_exits_total counter",
         'eeruntime_exits_total{exit="0"} ',
         'eeruntime_queue_rows{stage="2"} ',
-        'eeruntime_latency_ms{quantile="99"} ',
+        'eeruntime_latency_ms{quantile="0.99"} ',  # (Prometheus' spelling of a quantile; was "99")
         'eeruntime_batch_rows_mean{stage="1"} ',
         'eeruntime_gc_collections_total{generation="2"} ',
         "eeruntime_gc_frozen_objects ",
@@ -489,7 +538,7 @@ def test_cli_policy_choices_are_the_schedulers_and_reach_it(tmp_path, capsys, mo
     ]
 
 
-@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])  # (inf: Python set it to 0)
 def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, value):
     from eeruntime.serve.cli import main
 
@@ -506,6 +555,10 @@ def test_cli_refuses_a_switch_interval_that_is_not_positive(tmp_path, capsys, va
         (["--policy", "request", "--max-defer-ms", "5"], "--policy request never re-batches survivors"),
         (["--max-defer-ms", "-1"], "--max-defer-ms must be >= 0, got -1.0"),
         (["--max-wait-ms", "-2"], "--max-wait-ms must be >= 0, got -2.0"),
+        (["--max-wait-ms", "nan"], "--max-wait-ms must be >= 0, got nan"),
+        # (inf held a partial batch until it filled: a lone request waited for its timeout, a 504)
+        (["--max-wait-ms", "inf"], "--max-wait-ms must be finite (milliseconds), got inf"),
+        (["--max-defer-ms", "inf"], "--max-defer-ms must be finite (milliseconds), got inf"),
         (["--scheduler-workers", "0"], "--scheduler-workers must be >= 1 (the scheduler's worker threads), got 0"),
         # (these the scheduler took, and the server then refused every request: 413, 504)
         (["--max-rows", "0"], "--max-rows must be an integer >= 1 (the most rows per request), got 0"),
@@ -696,8 +749,9 @@ def test_latency_percentiles_are_numpys_nearest_rank(n):
     served = _metric_samples(
         ee.serve.stats.prometheus_text({**stats.as_dict(), "queue_depths": [0, 0], "pending_requests": 0})
     )
-    for q in PERCENTILES:
-        assert served[("gauge", "eeruntime_latency_ms", (("quantile", str(q)),))] == pytest.approx(got[f"p{q}"])
+    # the labels as Prometheus writes a quantile (a fraction: "0.5", "0.9", "0.99"; were "50", ...)
+    quantiles = {float(labels[0][1]): v for (_, name, labels), v in served.items() if name == "eeruntime_latency_ms"}
+    assert quantiles == pytest.approx({q / 100: got[f"p{q}"] for q in PERCENTILES})
 
 
 def test_metrics_label_values_are_escaped_as_the_text_format_requires():

@@ -74,6 +74,8 @@ def test_litserve_adapter_serves_a_bundle(tmp_path):
                 )
             bad = c.post("/predict", json={"inputs": [[1.0, 2.0], [3.0]]})
             assert bad.status_code == 422 and "rectangular" in bad.text and "Traceback" not in bad.text
+            bad = c.post("/predict", json={"inputs": [[[[0.5] * 8] * 7 + [[0.5] * 7 + [False]]]]})
+            assert bad.status_code == 422 and "inputs[0][0][7][7] is false" in bad.json()["detail"], bad.text
             # bodies that are not JSON: a 4xx saying so (LitServe's own `await request.json()` gave 500)
             json_h = {"content-type": "application/json"}
             for body, headers, status, words in [
@@ -131,6 +133,8 @@ def test_litserve_adapter_defers_as_eeruntime_serve_does_unless_told(tmp_path, g
         ({"timeout_s": 0}, "timeout_s must be > 0"),
         ({"timeout_s": float("nan")}, "timeout_s must be > 0"),
         ({"max_wait_ms": -1}, "max_wait_ms must be >= 0"),
+        ({"max_wait_ms": float("inf")}, "max_wait_ms must be finite"),
+        ({"max_defer_ms": float("inf")}, "max_defer_ms must be finite"),
         ({"max_defer_ms": "5"}, "max_defer_ms must be >= 0"),
         ({"policy": "fastest"}, "policy must be one of deepest, fill, request"),
         ({"policy": "fill", "max_defer_ms": 5.0}, "max_defer_ms applies to policy deepest"),

@@ -425,6 +425,21 @@ def test_ray_http_bodies_the_client_got_wrong_are_400s(body, why):
         _from_json(body)
 
 
+def test_ray_http_json_booleans_are_a_422_naming_the_first():
+    """JSON true / false in "inputs" became 1 / 0 in the replica as in eeruntime serve: now the
+    same 422 as there (codec.json_tensor), for a float model and one that takes token ids."""
+    from eeruntime.serve.codec import InputSpec
+    from eeruntime.serve.ray.http import BadRequest, _from_json
+
+    ids = InputSpec()
+    ids.learn(torch.zeros(1, 3, dtype=torch.int64))
+    for spec in (InputSpec(), ids):
+        with pytest.raises(BadRequest, match=re.escape("inputs[1][0] is false") + ".*not numbers") as e:
+            _from_json(b'{"inputs": [[1, 0, 2], [false, 3, 4]]}', spec)
+        assert e.value.status == 422
+        assert _from_json(b'{"inputs": [[1, 0, 2], [0, 3, 4]]}', spec).tolist() == [[1, 0, 2], [0, 3, 4]]
+
+
 def test_ray_http_answers_are_strict_json_even_for_a_nan_row():
     """A NaN input row's logits are NaN: the answer spells them "nan" (as the HTTP server does),
     where a bare NaN made the response fail to encode (a 500)."""
@@ -474,6 +489,28 @@ def test_split_and_spec_errors():
         build_app({"model": "models:mlp_model", "form": "tiers"})
     with pytest.raises(ValueError, match="cannot import"):
         RuntimeSpec(model="no_such_module_here:f").build()
+
+
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        (["--batch-wait-ms", "inf"], "--batch-wait-ms must be finite"),
+        (["--batch-wait-ms", "nan"], "--batch-wait-ms must be >= 0"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0"),
+        (["--form", "tiers"], "--form tiers needs --stages-per-tier"),
+        (["--duration", "nan"], "--duration must be > 0"),  # (Ray started, served nothing, stopped)
+        (["--duration", "0"], "--duration must be > 0"),
+    ],
+)
+def test_cli_refuses_options_no_replica_could_take_in_a_line(capsys, options, words):
+    """--batch-wait-ms inf (or NaN, negative) reached the replicas, which failed to start on it;
+    the command's own refusals (--form tiers without --stages-per-tier) ended in a ValueError
+    traceback from eeruntime's main (int() of the message). Now exit status 2 and the message."""
+    from eeruntime.__main__ import main
+
+    assert main(["serve", "--ray", "--model", "models:mlp_model", *options, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
 
 
 def test_cli_config_builds_the_tiers(capsys):
@@ -619,6 +656,32 @@ def test_reconfigure_refuses_batch_settings_that_would_hang_every_request(local_
         check_rows(mlp_model(K=K), x, a, THR, final="average")
     rep.reconfigure({"max_batch_size": 8.0, "batch_wait_timeout_s": 0})  # integral floats and 0 are fine
     assert rep._batch_settings == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
+
+
+def test_reconfigure_takes_infinite_thresholds_spelled_as_the_answers_spell_them(local_replicas):
+    """A user_config's thresholds as strict JSON spells an infinite one ("inf", as every answer's
+    "thresholds" and eeruntime serve's /admin/thresholds do) were refused ("threshold 1 is a
+    str"): a JSON config could not set calibration's "never exit here". Now the same parser as
+    /admin/thresholds (thresholds.thresholds_from_json); other strings are still refused."""
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+
+    rep = local_replicas(RuntimeReplica, SPEC)
+    rep.reconfigure({"thresholds": [0.3, "inf", "-Inf"]})
+    assert rep.rt.thresholds == [0.3, float("inf"), float("-inf")]
+    with pytest.raises(TypeError, match="threshold 1 is a str"):
+        rep.reconfigure({"thresholds": [0.3, "0.5", 0.3]})
+    assert rep.rt.thresholds == [0.3, float("inf"), float("-inf")]
+
+
+def test_a_spec_takes_thresholds_as_numbers_or_the_infinities_and_refuses_the_rest():
+    """RuntimeSpec read its thresholds with float(): a JSON true became 1.0 and "0.5" 0.5,
+    silently; "abc" failed with float()'s own words. Now numbers and "inf" / "-inf" only."""
+    from eeruntime.serve.ray import RuntimeSpec
+
+    assert RuntimeSpec(model="models:mlp_model", thresholds=["inf", 0.5, 1]).thresholds == [float("inf"), 0.5, 1.0]
+    for bad in ([True, 0.5], ["0.5", 0.5], ["abc"], [None]):
+        with pytest.raises(TypeError, match="thresholds must be numbers"):
+            RuntimeSpec(model="models:mlp_model", thresholds=bad)
 
 
 async def asyncio_gather(*coros, return_exceptions=False):
@@ -839,6 +902,93 @@ def test_ray_http_a_text_model_takes_json_token_ids_from_the_first_request(local
     assert status in (400, 422) and "integer token ids" in doc["error"], doc
     status, doc = call(json.dumps({"inputs": [[1] * 41]}).encode())
     assert status in (400, 422) and "at most 40" in doc["error"], doc
+
+
+@pytest.mark.parametrize("form", ["runtime", "tiers"])
+def test_ray_pad_to_lets_texts_of_different_lengths_share_a_batch_answered_as_each_alone(local_replicas, form):
+    """Without pad_to, a replica's @serve.batch ran one rt.infer (or stage-0 step) per sequence
+    length (rows batch only with rows of the same shape): texts of eight lengths, eight batches.
+    With pad_to=(8, 16) each request is padded at the replica (as StageScheduler pads): two
+    batches here, every answer rt.infer's of the unpadded request (within float rounding; its
+    exit the same but for a row within NEAR of a threshold, by the per-sample loop)."""
+    pytest.importorskip("transformers", reason="transformers is an optional dependency (make test installs it)")
+    from reference import per_sample_loop
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.replica import rows_of
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    model = tiny_bert_text()
+    g = torch.Generator().manual_seed(5)
+    lengths = [3, 8, 5, 12, 16, 7, 1, 10]
+    reqs = [torch.randint(2, 60, (1 + i % 2, n), generator=g) for i, n in enumerate(lengths)]
+    x = torch.randint(2, 60, (64, 12), generator=g)  # thresholds under which rows leave at every exit
+    thr = [float(o.softmax(-1).amax(-1).quantile(q)) for o, q in zip(model(x)[:2], (0.6, 0.5))]
+    spec = {"model": "serve_models:tiny_bert_text", "thresholds": thr, "criterion": "max_prob", "torch_threads": 1}
+    ref_rt = ee.EERuntime(tiny_bert_text(), thresholds=thr, criterion="max_prob")
+
+    def make(pad_to):
+        if form == "runtime":
+            return local_replicas(RuntimeReplica, spec, 32, 0.05, False, pad_to)
+        return local_replicas(TierReplica, spec, 0, 0, 3, None, 32, 0.05, pad_to=pad_to)
+
+    def counting(rep):
+        """The batches' rows per call of the model on a batch's input (rt.infer, or stage 0's step)."""
+        calls, name = [], "infer" if form == "runtime" else "run_stage"
+        run = getattr(rep.rt, name)
+
+        def counted(*args, **kwargs):
+            state = args[0] if form == "runtime" else args[1] if args[0] == 0 else None
+            if state is not None:
+                calls.append(next(iter(state.values())).shape[0] if isinstance(state, dict) else rows_of(state))
+            return run(*args, **kwargs)
+
+        setattr(rep.rt, name, counted)
+        return calls
+
+    for pad_to, batches in ((None, len(set(lengths))), ((8, 16), 2)):
+        rep = make(pad_to)
+        calls = counting(rep)
+        answers = run_async(asyncio_gather(*(rep.infer(r) for r in reqs)), timeout_s=60)
+        assert len(calls) == batches and sum(calls) == sum(len(r) for r in reqs), calls
+        for r, a in zip(reqs, answers):
+            ref = ref_rt.infer(r)
+            torch.testing.assert_close(a["logits"], ref.logits, rtol=1e-4, atol=1e-5)
+            _, loop_exit, margins = per_sample_loop(
+                model, (r, torch.ones_like(r), torch.zeros_like(r)), thr, "max_prob"
+            )
+            assert torch.equal(loop_exit, ref.exit_index)
+            differs = a["exit_index"] != ref.exit_index
+            assert bool((margins[differs] < NEAR).all()), (a["exit_index"], ref.exit_index)
+        rep._executor.shutdown(wait=True)
+    exits = torch.cat([a["exit_index"] for a in answers])
+    assert 0 < int((exits < 2).sum()) < len(exits)  # (some rows left early: padding hid no difference)
+    with pytest.raises(ValueError, match="pad_to must be positive sequence lengths"):
+        make([0])
+    with pytest.raises(ValueError, match="has no input adapter"):
+        local_replicas(RuntimeReplica, SPEC, 32, 0.05, False, [8])
+
+
+def test_ray_pad_to_is_checked_where_the_app_is_built_and_reaches_it_from_the_cli(capsys):
+    """pad_to of a model that cannot pad (no token ids and mask) or lengths that are not lengths
+    are refused by build_app (and so by `serve run`), not by replicas failing to start."""
+    pytest.importorskip("transformers", reason="transformers is an optional dependency (make test installs it)")
+    import yaml
+
+    from eeruntime.__main__ import main
+    from eeruntime.serve.ray.app import build_app
+
+    with pytest.raises(ValueError, match="has no input adapter"):
+        build_app({**SPEC, "pad_to": [8]})
+    text = {"model": "serve_models:tiny_bert_text", "thresholds": [0.4, 0.45]}
+    for form in ({}, {"form": "tiers", "stages_per_tier": [1, 2], "num_exits": 3}):
+        with pytest.raises(ValueError, match="longer than this model takes"):
+            build_app({**text, **form, "pad_to": [8, 64]})
+        build_app({**text, **form, "pad_to": [16, 8]})
+    args = ["serve", "--ray", "--model", "serve_models:tiny_bert_text", "--pad-to", "8,16", "--print-config"]
+    assert main(args) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["pad_to"] == [8, 16]
 
 
 class _FailingTier:

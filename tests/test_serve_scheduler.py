@@ -5,6 +5,7 @@ nor deliver a row to another request."""
 import asyncio
 import concurrent.futures
 import gc
+import math
 import os
 import random
 import subprocess
@@ -645,6 +646,10 @@ def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
         assert 2 <= sum(1 for k, _ in order[:at] if k == 0) <= 3, order
     with pytest.raises(ValueError, match="max_defer_ms must be >= 0"):
         StageScheduler(rt, max_defer_ms=-1)
+    for key in ("max_wait_ms", "max_defer_ms"):  # (inf held a partial batch until it filled, a lone row forever)
+        for value, words in ((math.inf, "must be finite"), (math.nan, "must be >= 0"), ("5", "must be >= 0")):
+            with pytest.raises(ValueError, match=f"{key} {words}"):
+                StageScheduler(rt, **{key: value})
     with pytest.raises(ValueError, match="max_defer_ms applies to policy='deepest'"):
         StageScheduler(rt, policy="fill", max_defer_ms=5)
 
@@ -1320,3 +1325,60 @@ def test_rows_of_a_request_leaving_out_of_order_reach_their_own_places():
         assert sched.pending() == 0
     finally:
         sched.close()
+
+
+@pytest.mark.parametrize("options", [{}, {"fused": False}, {"policy": "request"}, {"policy": "fill"}])
+def test_a_model_put_back_in_train_mode_is_served_in_eval_mode_saying_so(options):
+    """model.train() after the runtime was built (BatchNorm would then use each batch's own
+    statistics: a row's answer would depend on its batch-mates): the scheduler's steps run the
+    runtime's guard, which puts the model back in eval mode with a warning, as rt.infer does, so
+    every answer equals rt.infer of the model in eval mode."""
+    import copy
+
+    from eeruntime.zoo import digits_cnn
+
+    torch.manual_seed(5)
+    model = digits_cnn()
+    for m in model.modules():  # running statistics unlike any batch's (train mode would ignore them)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(16, 1, 8, 8)
+    with pytest.warns(UserWarning, match="put .* in eval mode"):
+        rt = ee.EERuntime(model, thresholds=[2.2, 2.25], criterion="entropy")
+    ref = ee.EERuntime(copy.deepcopy(model), thresholds=rt.thresholds, criterion="entropy").infer(x)
+    model.train()
+    # it matters (on copies: a forward in train mode updates the running statistics)
+    assert not torch.allclose(copy.deepcopy(model).stages[0](x[:4]), copy.deepcopy(model).eval().stages[0](x[:4]))
+    sched = StageScheduler(rt, max_batch=8, **options)
+    try:
+        with pytest.warns(UserWarning, match="EERuntime call: put .* in eval mode"):
+            futures = [sched.submit_nowait(x[i : i + 4]) for i in range(0, 16, 4)]
+            got = [f.result(WAIT) for f in futures]
+    finally:
+        sched.close()
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(torch.cat([g.exit_index for g in got]), ref.exit_index)
+    torch.testing.assert_close(torch.cat([g.logits for g in got]), ref.logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_timeout_past_what_a_thread_can_wait_leaves_the_timeout_thread_running():
+    """timeout_s=1e10 (finite, beyond threading.TIMEOUT_MAX, about 9.2e9 s) stopped the timeout
+    thread (OverflowError: timestamp out of range), after which no request timed out any more,
+    as an inf one did until session 21. Now its waits are bounded: a later request's own short
+    timeout still fires, and the long one's request is answered."""
+    model = mlp_model(K=3, d_in=6, width=16, C=5, seed=3)
+    rt = ee.EERuntime(model, thresholds=[0.9, 0.9], criterion="max_prob")
+    x = torch.randn(2, 6)
+    with StageScheduler(rt, max_batch=8, timeout_s=1e10, inline="never") as sched:
+        with parked(sched):
+            slow = sched.submit_nowait(x[:1])
+            time.sleep(0.05)  # (the timeout thread waits on the first deadline now)
+            short = sched.submit_nowait(x[1:], timeout_s=0.05)
+            try:
+                err = short.exception(5)
+            except concurrent.futures.TimeoutError:
+                err = None  # (never failed: the timeout thread had stopped)
+            assert isinstance(err, TimeoutError) and "timed out before" in str(err), err
+        assert torch.equal(slow.result(WAIT).exit_index, rt.infer(x[:1]).exit_index)
+        assert sched.stats_dict()["requests"]["timeouts"] == 1

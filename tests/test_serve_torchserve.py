@@ -386,8 +386,10 @@ def test_handler_answers_every_json_document_torchserve_parsed_with_its_own_stat
     good = scripted_rows([0, 1, 2], [0, 2, 1])
     jsonh, text = {"content-type": "application/json"}, {"content-type": "text/plain"}
     bodies = [5.5, 10**15, "hello", json.dumps({"inputs": good.tolist()}), True, None, {"inputs": good.tolist()}]
-    data = [{"body": b} for b in bodies] + [{"body": "hello"}]
-    call = ctx.for_batch([jsonh] * len(bodies) + [text])
+    with_bool = good.tolist()
+    with_bool[1][0] = True  # (a JSON true among the numbers: was read as 1.0)
+    data = [{"body": b} for b in bodies] + [{"body": "hello"}, {"body": {"inputs": with_bool}}]
+    call = ctx.for_batch([jsonh] * len(bodies) + [text, jsonh])
     try:
         out = handler.handle(data, call)
         if asynchronous:
@@ -395,7 +397,8 @@ def test_handler_answers_every_json_document_torchserve_parsed_with_its_own_stat
     finally:
         if asynchronous:
             handler.sched.close()
-    assert [call.status[i][0] for i in range(len(data))] == [422] * 6 + [200, 415]
+    assert [call.status[i][0] for i in range(len(data))] == [422] * 6 + [200, 415, 422]
+    assert "inputs[1][0] is true: JSON booleans are not numbers" in out[8]["error"], out[8]
     assert all('"inputs" field' in o["error"] for o in out[:6]), out[:6]
     want = handler.rt.infer(good)
     assert out[6]["exit_index"] == want.exit_index.tolist()
@@ -494,6 +497,8 @@ def test_torchserve_archive_with_its_store_inside_the_bundle_copies_the_bundle_a
         ("max_batch", 0, "max_batch must be an integer >= 1"),
         ("scheduler_workers", 0, "scheduler_workers must be >= 1"),
         ("policy", "fastest", "policy must be one of"),
+        ("max_wait_ms", float("inf"), "max_wait_ms must be finite"),  # (YAML's .inf)
+        ("max_defer_ms", float("inf"), "max_defer_ms must be finite"),
     ],
 )
 def test_handler_refuses_a_hand_written_config_value_out_of_range(tmp_path, asynchronous, key, value, words):

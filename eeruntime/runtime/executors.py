@@ -21,7 +21,7 @@ from .. import ops
 from ..ops._ext_backend import FUSED_LOGITS_DTYPES, CpuLoopOps, cpu_loop_ops, rows_writable
 from ..ownership import sole_owner
 from ..rows_layout import keep_layouts, row_order, to_rows
-from ..state import as_tuple, from_tuple
+from ..state import as_tuple, dtype_name, from_tuple
 from .loop import run_stages
 from .results import InferenceResult
 from .spec import RunSpec
@@ -30,11 +30,8 @@ from .spec import RunSpec
 def mixed_logits_dtypes(k: int, got: torch.dtype, first: int, want: torch.dtype) -> str:
     """Why a batch whose exits return logits of different dtypes is refused (every executor)."""
 
-    def name(d: torch.dtype) -> str:
-        return str(d).replace("torch.", "")
-
     return (
-        f"exit {k} returns {name(got)} logits but exit {first} returns {name(want)}; every exit must "
+        f"exit {k} returns {dtype_name(got)} logits but exit {first} returns {dtype_name(want)}; every exit must "
         "return one dtype (the answers share one tensor): cast in the exit heads, e.g. with .float()"
     )
 

@@ -84,10 +84,13 @@ def scheduler_options_error(args: argparse.Namespace, style: str = "flag") -> Op
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
+    from .scheduler import wait_ms_error  # (here: --help imports no torch)
+
     for attr in ("max_wait_ms", "max_defer_ms"):
         value = getattr(args, attr)
-        if value is not None and not (number(value) and value >= 0):
-            return f"{name(attr)} must be >= 0, got {value}"
+        bad = None if value is None else wait_ms_error(value)
+        if bad:
+            return f"{name(attr)} {bad}"
     # a bound that refuses every request (0 rows, no time) is a mistake, not a setting: refused
     # here rather than answering every request 413, 503 or 504
     for attr, what in (
@@ -235,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_body_bytes < 1:
         print(f"eeruntime serve: --max-body-bytes must be >= 1, got {args.max_body_bytes}", file=sys.stderr)
         return 2
-    if not args.switch_interval_ms > 0:
+    if not 0 < args.switch_interval_ms < float("inf"):  # (Python takes inf, and sets it to 0)
         print(f"eeruntime serve: --switch-interval-ms must be > 0, got {args.switch_interval_ms}", file=sys.stderr)
         return 2
     bad = scheduler_options_error(args)

@@ -16,11 +16,13 @@ import json
 import logging
 import math
 import sys
+from itertools import chain
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .._json import enc_float
+from ..state import dtype_name
 from .scheduler import SchedulerClosed, SchedulerFull, StageFailed
 
 SAFETENSORS_TYPES = ("application/vnd.safetensors", "application/octet-stream")
@@ -109,8 +111,8 @@ class InputSpec:
                 if _kind(t.dtype) != _kind(want):
                     name = "inputs" if len(parts) == 1 else f"input_{i}"
                     raise InputError(
-                        f"{name} has dtype {str(t.dtype).replace('torch.', '')}; this model takes "
-                        f"{str(want).replace('torch.', '')} (the dtype of the requests it has answered"
+                        f"{name} has dtype {dtype_name(t.dtype)}; this model takes "
+                        f"{dtype_name(want)} (the dtype of the requests it has answered"
                         + ("; JSON numbers are converted to it)" if want.is_floating_point else ")")
                     )
                 t = t.to(want)
@@ -184,6 +186,44 @@ def _ragged_message(e: Exception) -> str:
     return f"inputs must be a rectangular nested list of numbers (batch first): {e}"
 
 
+def json_tensor(data: list, spec: InputSpec, malformed_status: int = 422) -> torch.Tensor:
+    """JSON ``"inputs"`` (a nested list) as a tensor in the dtype JSON numbers become
+    (:meth:`InputSpec.json_dtype`). A list that is not a rectangle of numbers is an
+    :class:`InputError` (``malformed_status``: 422 for ``eeruntime serve``, LitServe and
+    TorchServe, 400 for the Ray replicas); so is a JSON boolean (422), unless the model's one
+    input has been booleans: ``torch.tensor`` reads true / false as 1 / 0, which answered a
+    client's mistake as if it were data. Shared by every front end that reads JSON itself."""
+    try:
+        x = torch.tensor(data, dtype=spec.json_dtype())
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise InputError(_ragged_message(e), status=malformed_status) from None
+    if spec.dtypes != [torch.bool]:
+        _refuse_booleans(data, x)
+    return x
+
+
+def _refuse_booleans(data: list, x: torch.Tensor) -> None:
+    """An :class:`InputError` naming the first JSON boolean in ``data`` (``x``: the tensor made
+    of it), if there is one. Cheap for the common body: a boolean became exactly 0 or 1, so a
+    tensor without either holds none (one comparison over the tensor); else one pass over the
+    elements in C (``map(type, ...)``, the levels flattened by ``chain``: ``x`` is a rectangle),
+    and a walk in Python only to say where the boolean is."""
+    if not x.numel():
+        return
+    if x.dtype != torch.bool and not ((x == 0) | (x == 1)).any():
+        return
+    flat = data
+    for _ in range(x.dim() - 1):
+        flat = list(chain.from_iterable(flat))
+    if bool not in map(type, flat):
+        return
+    at = next(i for i, v in enumerate(flat) if type(v) is bool)
+    where = "".join(f"[{int(i)}]" for i in torch.unravel_index(torch.tensor(at), x.shape))
+    raise InputError(
+        f"inputs{where} is {json.dumps(flat[at])}: JSON booleans are not numbers; send the model's inputs as numbers"
+    )
+
+
 def decode_json(doc, spec: InputSpec, max_rows: int):
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise InputError('the JSON body must be an object with an "inputs" field: {"inputs": [[...], ...]}')
@@ -195,11 +235,7 @@ def decode_json(doc, spec: InputSpec, max_rows: int):
         raise InputError(f'"inputs" must be a list of samples (batch first), got {type(data).__name__}')
     if spec.shapes is not None and len(spec.shapes) != 1:
         raise InputError("this model takes several input tensors; send them as safetensors (input_0, input_1, ...)")
-    try:
-        x = torch.tensor(data, dtype=spec.json_dtype())
-    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise InputError(_ragged_message(e)) from None
-    return spec.check(x, max_rows)
+    return spec.check(json_tensor(data, spec), max_rows)
 
 
 def decode_safetensors(body: bytes, spec: InputSpec, max_rows: int):

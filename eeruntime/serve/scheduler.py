@@ -46,6 +46,7 @@ import concurrent.futures
 import heapq
 import itertools
 import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -63,6 +64,11 @@ Outputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a request's rows of
 ROW_BITS = 24  # rows per request < 2**24; the request's sequence number sits above
 ROW_MASK = (1 << ROW_BITS) - 1
 INLINE_MODES = ("blocking", "always", "never")
+# The longest one wait of a scheduler's thread on a condition: past threading.TIMEOUT_MAX (about
+# 292 years) the wait raises OverflowError, and a finite timeout_s or max_wait_ms may be that long
+# (timeout_s=1e10 stopped the timeout thread: no request timed out any more). Every such wait is
+# in a loop that re-checks what it waits for, so waking early only waits again.
+MAX_WAIT_S = 3600.0
 POLICIES = ("deepest", "fill", "request")
 # _views makes the answers' views with one split per output from this many parts on
 # (measured: a split costs about half a Python slice per view, plus a fixed ~2 us)
@@ -272,6 +278,24 @@ def _timeout(timeout_s: Any) -> Optional[float]:
     return float(timeout_s)
 
 
+def _bounded(seconds: Optional[float]) -> Optional[float]:
+    """A wait of ``seconds`` (None: until notified) at most :data:`MAX_WAIT_S`."""
+    return None if seconds is None else min(seconds, MAX_WAIT_S)
+
+
+def wait_ms_error(value: Any) -> Optional[str]:
+    """What is wrong with a wait in milliseconds (``max_wait_ms``, ``max_defer_ms``), said after
+    its name, or None. It must be a number >= 0 and finite: an infinite wait is no setting (the
+    scheduler's worker stopped on it, timestamp out of range, and until then a partial batch
+    waited to fill, a lone request until its timeout). Shared by the front ends' option checks (``cli.scheduler_options_error``).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+        return f"must be >= 0, got {value!r}"
+    if float(value) == math.inf:
+        return f"must be finite (milliseconds), got {value!r}"
+    return None
+
+
 def check_pad_to(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ...]:
     """``pad_to`` checked, as increasing lengths (() for None)."""
     if pad_to is None:
@@ -292,6 +316,20 @@ def check_pad_to(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ..
             f"pad_to {max(pad_to)} is longer than this model takes ({longest}, its max_position_embeddings)"
         )
     return tuple(sorted(set(pad_to)))
+
+
+def pad_tokens(x: Tuple[torch.Tensor, ...], pad_to: Tuple[int, ...], adapter: Any) -> State:
+    """``x`` (a tuple ``adapter`` made: token ids first) right-padded to the shortest length of
+    ``pad_to`` (:func:`check_pad_to`'s) that holds it, with ``adapter.pad``; a request longer
+    than every length keeps its own (it batches with requests of its length). Shared by the
+    scheduler and the Ray replicas."""
+    if not isinstance(x[0], torch.Tensor) or x[0].dim() != 2:  # (not [B, S] ids: check_state and the model judge it)
+        return x
+    length = x[0].shape[1]
+    for target in pad_to:
+        if target >= length:
+            return cast(State, adapter.pad(x, target))
+    return x
 
 
 def _carry_rows(carry: Any, idx: torch.Tensor) -> Any:
@@ -333,7 +371,8 @@ class StageScheduler:
             the batching servers use without this scheduler: where re-batching does not pay
             (docs/serving.md, "Session 12"), or to measure what it buys.
         max_wait_ms: how long a stage with fewer than ``max_batch`` rows may wait for more before
-            it runs anyway (0: never wait).
+            it runs anyway (0: never wait). Finite, as ``max_defer_ms`` (inf is refused: no wait
+            may be endless, a lone request's partial batch would never run).
         max_defer_ms: ``"deepest"`` policy, under a backlog: how long a ready stage with fewer
             than ``max_batch`` rows may be passed over while some stage holds a full batch. It is
             passed over only while stage 0 is behind (it holds ``max_batch`` rows for every
@@ -414,10 +453,12 @@ class StageScheduler:
             raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int (worker threads), got {workers!r}")
-        if not max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-        if max_defer_ms is not None and not max_defer_ms >= 0:
-            raise ValueError(f"max_defer_ms must be >= 0 (or None: the default), got {max_defer_ms!r}")
+        bad = wait_ms_error(max_wait_ms)
+        if bad:
+            raise ValueError(f"max_wait_ms {bad}")
+        bad = None if max_defer_ms is None else wait_ms_error(max_defer_ms)
+        if bad:
+            raise ValueError(f"max_defer_ms {bad} (or None: the default)")
         if not isinstance(max_queue_rows, int) or max_queue_rows < 1:
             raise ValueError(f"max_queue_rows must be a positive int, got {max_queue_rows!r}")
         if when_full not in ("error", "wait"):
@@ -609,7 +650,7 @@ class StageScheduler:
                 raise TimeoutError(f"no room in the scheduler within the request's timeout of {timeout_s} s")
             self._room_waiting += 1
             try:
-                self._room.wait(left)
+                self._room.wait(_bounded(left))
             finally:
                 self._room_waiting -= 1
 
@@ -689,16 +730,7 @@ class StageScheduler:
 
     def _pad(self, x: Tuple[torch.Tensor, ...]) -> State:
         """``x`` (the adapter's tuple) padded to the shortest of ``pad_to`` that holds it."""
-        assert self._input_adapter is not None
-        if (
-            not isinstance(x[0], torch.Tensor) or x[0].dim() != 2
-        ):  # (not [B, S] token ids: check_state and the model judge it)
-            return x
-        length = x[0].shape[1]
-        for target in self.pad_to:
-            if target >= length:
-                return cast(State, self._input_adapter.pad(x, target))
-        return x  # longer than every length: its own (it batches with requests of its length)
+        return pad_tokens(x, self.pad_to, self._input_adapter)
 
     def _register(self, req: _Request) -> None:
         """Count ``req`` as admitted and pending (under ``_cv``)."""
@@ -1021,7 +1053,7 @@ class StageScheduler:
                         if seq in self._requests:
                             break
                         continue
-                    self._reaper_cv.wait(self._deadlines[0][0] - now if self._deadlines else None)
+                    self._reaper_cv.wait(_bounded(self._deadlines[0][0] - now) if self._deadlines else None)
             self.stats.timeouts += 1
             self._fail(seq, TimeoutError("the request timed out before all its rows left the model"), "timeout")
 
@@ -1072,7 +1104,7 @@ class StageScheduler:
                 if self._inbox or self._dead or self._closing:
                     return True
                 self._sleeping += 1
-                self._cv.wait(wait)
+                self._cv.wait(_bounded(wait))
                 self._sleeping -= 1
             return True
         if more and self._sleeping:

@@ -26,6 +26,7 @@ from typing import Optional
 from .._json import strict
 from ..model import model_device
 from ..state import as_tuple, from_tuple
+from ..thresholds import thresholds_from_json
 from .codec import (
     SAFETENSORS_TYPES,
     InputError,
@@ -171,22 +172,9 @@ def create_app(
         if not isinstance(doc, dict) or "thresholds" not in doc:
             return error(422, 'send {"thresholds": [t1, ...]} (one per early exit) or {"thresholds": t}')
         try:
-            sched.set_thresholds(_thresholds_from_json(doc["thresholds"]))
+            sched.set_thresholds(thresholds_from_json(doc["thresholds"]))
         except (TypeError, ValueError) as e:
             return error(422, str(e))
         return JSONResponse(strict({"thresholds": sched.thresholds}))
 
     return app
-
-
-_INFINITIES = {"inf": float("inf"), "+inf": float("inf"), "-inf": float("-inf")}
-
-
-def _thresholds_from_json(value):
-    """Thresholds as sent to /admin/thresholds: numbers, or "inf" / "-inf" (strict JSON has no
-    infinite numbers; /stats spells an infinite threshold so), as one value or a list."""
-
-    def one(v):
-        return _INFINITIES.get(v.strip().lower(), v) if isinstance(v, str) else v
-
-    return [one(v) for v in value] if isinstance(value, list) else one(value)

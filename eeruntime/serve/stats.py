@@ -196,7 +196,8 @@ def prometheus_text(d: dict, prefix: str = "eeruntime") -> str:
         "latency_ms",
         "gauge",
         f"Request latency percentiles over the last {d['latency_window']} requests.",
-        [({"quantile": k[1:]}, v) for k, v in d["latency_ms"].items()],
+        # the quantile as a fraction, as Prometheus writes one (quantile="0.99"; /stats keeps "p99")
+        [({"quantile": f"{int(k[1:]) / 100:g}"}, v) for k, v in d["latency_ms"].items()],
     )
     if "gc" in d:  # the server's process (eeruntime/serve/process.py)
         gcs = d["gc"]

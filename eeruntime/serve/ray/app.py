@@ -50,6 +50,7 @@ APP_KEYS = {
     "max_queued_requests",
     "num_exits",
     "spec",
+    "pad_to",
 }
 
 
@@ -67,7 +68,7 @@ def build_app(args: Dict[str, Any]):
     form = args.pop("form", "runtime")
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; accepted: {', '.join(FORMS)}")
-    common = {k: args.pop(k) for k in ("max_batch_size", "batch_wait_timeout_s") if k in args}
+    common = {k: args.pop(k) for k in ("max_batch_size", "batch_wait_timeout_s", "pad_to") if k in args}
     if form == "tiers":
         if "stages_per_tier" not in args:
             raise ValueError("form 'tiers' needs stages_per_tier, e.g. [1, 3]")

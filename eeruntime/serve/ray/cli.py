@@ -12,6 +12,7 @@ import sys
 import time
 from typing import List, Optional
 
+from ..scheduler import wait_ms_error
 from .app import FORMS, app_config
 
 
@@ -57,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument(
+        "--pad-to",
+        type=_ints,
+        default=None,
+        help="a text encoder's (attached with ee.attach_exits): sequence lengths, e.g. 32,64,128; each request "
+        "is padded to the shortest that holds it so texts of different lengths share batches (tier 0 for tiers)",
+    )
     p.add_argument("--max-queued-requests", type=int, default=None, help="backpressure: queued requests per deployment")
     p.add_argument("--name", default="eeruntime", help="the Serve application name")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
@@ -69,7 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> dict:
-    """The Serve config (``applications: [...]``) the arguments describe."""
+    """The Serve config (``applications: [...]``) the arguments describe; a wait that is
+    negative, NaN or infinite is refused here (a SystemExit saying so), not by a replica that
+    then fails to start."""
+    bad = wait_ms_error(a.batch_wait_ms)
+    if bad:
+        raise SystemExit(f"--batch-wait-ms {bad}")
     args = {
         "model": a.model,
         "model_kwargs": a.model_kwargs,
@@ -83,6 +96,7 @@ def config_from_args(a: argparse.Namespace) -> dict:
         ("weights", a.weights),
         ("thresholds", a.thresholds),
         ("torch_threads", a.torch_threads),
+        ("pad_to", a.pad_to),
     ):
         if value is not None:
             args[key] = value
@@ -117,6 +131,8 @@ def config_from_args(a: argparse.Namespace) -> dict:
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.duration is not None and not a.duration > 0:  # (NaN or <= 0: Ray started and stopped at once)
+        raise SystemExit(f"--duration must be > 0 seconds (inf or none: until Ctrl-C), got {a.duration}")
     config = config_from_args(a)
     if a.print_config:
         import yaml

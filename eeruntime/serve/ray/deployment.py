@@ -12,13 +12,14 @@ early exits (every stage, the final exit), the baseline of the benchmarks.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from ray import serve
 
 from ...oracle import plain_forward
 from ...runtime import cat_rows
+from ..scheduler import check_pad_to
 from .replica import ReplicaBase, batch_settings, raise_if_error, rows_of, run_groups, signature
 
 DEFAULT_MAX_BATCH = 32
@@ -32,15 +33,16 @@ class RuntimeReplica(ReplicaBase):
         max_batch_size: int = DEFAULT_MAX_BATCH,
         batch_wait_timeout_s: float = DEFAULT_WAIT_S,
         plain: bool = False,
+        pad_to: Optional[Sequence[int]] = None,
     ):
         self.plain = bool(plain)
-        self._setup(spec, max_batch_size, batch_wait_timeout_s)
+        self._setup(spec, max_batch_size, batch_wait_timeout_s, pad_to)
 
     def _batched_method(self):
         return self._batched
 
     async def infer(self, x) -> Dict[str, Any]:
-        return raise_if_error(await self._batched(x))
+        return raise_if_error(await self._batched(self._padded(x)))
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=DEFAULT_WAIT_S)
     async def _batched(self, xs: List) -> List:
@@ -64,7 +66,7 @@ class RuntimeReplica(ReplicaBase):
             exit_index = torch.full((logits.shape[0],), K - 1, dtype=torch.int64)
             confidence = torch.full((logits.shape[0],), float("nan"))
         else:
-            res = self.rt.infer(x)
+            res = self.rt.infer(self._model_input(x))
             logits, exit_index, confidence = res.logits, res.exit_index, res.confidence
         counts = torch.bincount(exit_index, minlength=K).tolist()
         self.metrics.batch(sum(sizes), counts, time.perf_counter() - t0)
@@ -97,16 +99,22 @@ def runtime_app(
     max_ongoing_requests: Optional[int] = None,
     max_queued_requests: Optional[int] = None,
     user_config: Optional[Dict[str, Any]] = None,
+    pad_to: Optional[Sequence[int]] = None,
 ):
     """A Ray Serve application serving ``spec``'s runtime (``plain=True``: the model without
     exits). Replica options pass through to ``serve.deployment``; ``user_config`` (keys
     ``thresholds``, ``max_batch_size``, ``batch_wait_timeout_s``) can be changed later without a
-    restart. The returned application goes to ``serve.run`` (or is the target of a ``serve run``
-    config, see :func:`eeruntime.serve.ray.app.build_app`)."""
+    restart. ``pad_to``: for a text encoder attached with ``ee.attach_exits``, sequence lengths
+    each request is padded to (the shortest that holds it) so that texts of different lengths
+    share a batch, as ``StageScheduler(pad_to=...)`` pads (docs/serving.md, "Text models");
+    checked here against the model, built once for it. The returned application goes to
+    ``serve.run`` (or is the target of a ``serve run`` config, see
+    :func:`eeruntime.serve.ray.app.build_app`)."""
     from .spec import RuntimeSpec
 
     spec = RuntimeSpec.from_value(spec)
     batch_settings({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
+    pad_to = check_app_pad_to(spec, pad_to)
     options = _deployment_options(
         name or ("PlainModel" if plain else "EERuntime"),
         num_replicas,
@@ -118,7 +126,15 @@ def runtime_app(
         max_batch_size,
     )
     dep = serve.deployment(RuntimeReplica).options(**options)  # type: ignore[attr-defined]  # Ray's overloads pick the decorator-factory form
-    return dep.bind(spec.to_dict(), max_batch_size, batch_wait_timeout_s, plain)
+    return dep.bind(spec.to_dict(), max_batch_size, batch_wait_timeout_s, plain, pad_to)
+
+
+def check_app_pad_to(spec, pad_to) -> Optional[List[int]]:
+    """``pad_to`` checked where the app is built (the model built once for it: whether it can
+    pad is its input adapter's), rather than by replicas that fail to start; None stays None."""
+    if pad_to is None:
+        return None
+    return list(check_pad_to(pad_to, getattr(spec.build().model, "input_adapter", None)))
 
 
 def _deployment_options(

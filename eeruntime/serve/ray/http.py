@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..codec import SAFETENSORS_TYPES, InputError, InputSpec, parse_json, read_body
+from ..codec import SAFETENSORS_TYPES, InputError, InputSpec, json_tensor, parse_json, read_body
 
 MAX_BODY_BYTES = 64 << 20
 
@@ -73,10 +73,10 @@ def _from_json(body: bytes, spec: Optional[InputSpec] = None):
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise BadRequest('a JSON body is an object with "inputs": a nested list of numbers, batch dim first')
     spec = spec or InputSpec()
-    try:
-        x = torch.tensor(doc["inputs"], dtype=spec.json_dtype())
-    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise BadRequest(f'"inputs" must be a rectangular nested list of numbers ({e})') from None
+    try:  # (a JSON boolean too: a 422 naming it, as eeruntime serve answers)
+        x = json_tensor(doc["inputs"], spec, malformed_status=400)
+    except InputError as e:
+        raise BadRequest(str(e), status=e.status) from None
     if x.dim() < 2:
         raise BadRequest(f'"inputs" needs a batch dimension: shape [batch, ...], got {list(x.shape)}')
     return x

@@ -19,8 +19,10 @@ from typing import Any, Dict
 import torch
 
 from ...state import check_state
+from ...thresholds import thresholds_from_json
 from ..codec import input_spec_for
 from ..process import freeze_startup_objects
+from ..scheduler import check_pad_to, pad_tokens
 from . import http
 from .metrics import ReplicaMetrics
 from .spec import RuntimeSpec
@@ -45,9 +47,13 @@ def overloaded_errors():
 class ReplicaBase:
     tier = 0
 
-    def _setup(self, spec, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def _setup(self, spec, max_batch_size: int, batch_wait_timeout_s: float, pad_to=None) -> None:
         self.spec = RuntimeSpec.from_value(spec)
         self.rt = self.spec.build()
+        # a text encoder's requests padded to a few lengths so that texts of different lengths
+        # share a @serve.batch (rows batch only with rows of the same shape: replica.signature)
+        self._adapter = getattr(self.rt.model, "input_adapter", None)
+        self.pad_to = check_pad_to(pad_to, self._adapter)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eeruntime-compute")
         self.metrics = ReplicaMetrics(self.rt.num_exits, tier=self.tier)
         # What a row of an HTTP request must look like: learned from the first answered request
@@ -61,6 +67,21 @@ class ReplicaBase:
         )
         self._apply_batch_settings()
         freeze_startup_objects()  # the replica's process is loaded (eeruntime/serve/process.py)
+
+    def _padded(self, x):
+        """``x`` as this replica batches it: with ``pad_to``, the input adapter's tuple (the
+        request in whatever form ``rt.infer`` takes; what the adapter refuses fails this request
+        alone, before any batch) padded to the shortest length that holds it, as
+        ``StageScheduler(pad_to=...)`` pads; else ``x`` as it is."""
+        if not self.pad_to:
+            return x
+        state = self._adapter(x)
+        return pad_tokens(state, self.pad_to, self._adapter) if isinstance(state, tuple) else state
+
+    def _model_input(self, x):
+        """A batch's input as ``rt.infer`` / ``run_stage(0, ...)`` take it: a padded state by
+        name (its tuple is in the stages' order, which they would read as the forward's)."""
+        return dict(zip(self._adapter.names, x)) if self.pad_to and isinstance(x, tuple) else x
 
     # ---------------------------------------------------------------- configuration
     def _batched_method(self):
@@ -95,7 +116,7 @@ class ReplicaBase:
         # (Ray Serve reports the reconfigure as failed; the replica must not run half of it).
         settings = batch_settings({**self._batch_settings, **{k: v for k, v in config.items() if v is not None}})
         if config.get("thresholds") is not None:
-            values = config["thresholds"]
+            values = thresholds_from_json(config["thresholds"])  # ("inf" as the answers spell it)
             # On the compute thread, between two batches.
             self._executor.submit(self.rt.set_thresholds, values).result()
             self.metrics.thresholds(self.rt.thresholds)

@@ -6,10 +6,12 @@ Ray")."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from eeruntime.names import lookup
+from eeruntime.thresholds import thresholds_from_json
 
 _FACTORY_MESSAGES = {
     "syntax": "a model factory is named 'module:function' (e.g. 'eeruntime.zoo:digits_cnn'), got {spec!r}",
@@ -59,8 +61,12 @@ class RuntimeSpec:
             raise ValueError(f"model must name a factory as 'module:function', got {self.model!r}")
         if not isinstance(self.model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
-        if isinstance(self.thresholds, Sequence) and not isinstance(self.thresholds, str):
-            self.thresholds = [float(t) for t in self.thresholds]
+        if self.thresholds is not None:
+            given = self.thresholds
+            values = thresholds_from_json(
+                list(given) if isinstance(given, Sequence) and not isinstance(given, str) else given
+            )
+            self.thresholds = [_threshold(t) for t in values] if isinstance(values, list) else _threshold(values)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -116,3 +122,12 @@ def _bundle_has_weights(path) -> bool:
     p = Path(path)
     doc = json.loads((p if p.suffix == ".json" else p / "runtime.json").read_text())
     return bool(doc.get("model"))
+
+
+def _threshold(value: Any) -> float:
+    """One threshold of a spec as a float: a number (not a bool: JSON's true is no threshold)
+    or an infinity already read from its string; anything else refused here, when the app is
+    built, rather than by every replica that fails to start on it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'thresholds must be numbers (or "inf" / "-inf"), got {value!r} ({type(value).__name__})')
+    return float(value)

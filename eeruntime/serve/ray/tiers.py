@@ -34,7 +34,7 @@ from ray import serve
 
 from ...runtime import cat_rows, take_rows
 from ...thresholds import ThresholdSnapshot
-from .deployment import DEFAULT_MAX_BATCH, DEFAULT_WAIT_S, _deployment_options
+from .deployment import DEFAULT_MAX_BATCH, DEFAULT_WAIT_S, _deployment_options, check_app_pad_to
 from .replica import (
     CONFIG_KEYS,
     ReplicaBase,
@@ -103,6 +103,7 @@ class TierReplica(ReplicaBase):
         transfer_dtype: str = "same",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
+        pad_to: Optional[Sequence[int]] = None,
     ):
         self.tier = int(tier)
         self.first, self.last = int(first), int(last)
@@ -110,8 +111,10 @@ class TierReplica(ReplicaBase):
         self._lower = check_transfer_dtype(transfer_dtype)
         self.transfer_dtype = transfer_dtype
         self.timeout_s, self.retries = check_call_limits(timeout_s, retries)
-        self._setup(spec, max_batch_size, batch_wait_timeout_s)
+        self._setup(spec, max_batch_size, batch_wait_timeout_s, pad_to)
         K = self.rt.num_exits
+        if self.pad_to and self.first != 0:
+            raise ValueError(f"tier {tier} starts at stage {first}: pad_to pads the requests tier 0 takes")
         if not 0 <= self.first < self.last <= K:
             raise ValueError(f"tier {tier}: stages {first}..{last - 1} are not inside the model's {K} stages")
         if self.last < K and next_tier is None:
@@ -142,6 +145,7 @@ class TierReplica(ReplicaBase):
         """Tier 0's entry: a request's input; the whole answer, rows in input order."""
         if self.first != 0:
             raise RuntimeError(f"tier {self.tier} starts at stage {self.first}; send inputs to tier 0")
+        x = self._padded(x)
         n = rows_of(x)
         trace = _Trace()
         parts, thresholds = await self._serve_rows(_Work(x, torch.arange(n), None, None), trace)
@@ -250,7 +254,7 @@ class TierReplica(ReplicaBase):
         counts = [0] * K
         left = []  # (exit_rows, logits, k, confidence) per stage
         for k in range(self.first, self.last):
-            res = self.rt.run_stage(k, state, ids, carry, thresholds=thr)
+            res = self.rt.run_stage(k, self._model_input(state) if k == 0 else state, ids, carry, thresholds=thr)
             counts[k] = int(res.exit_rows.numel())
             left.append((res.exit_rows, res.logits, k, res.confidence))
             state, ids, carry = res.state, res.rows, res.carry
@@ -345,6 +349,7 @@ def tiered_app(
     batch_wait_timeout_s: float = DEFAULT_WAIT_S,
     user_config: Optional[Dict[str, Any]] = None,
     name_prefix: str = "Tier",
+    pad_to: Optional[Sequence[int]] = None,
 ):
     """A Ray Serve application of chained tiers; tier 0 is the ingress.
 
@@ -353,7 +358,8 @@ def tiered_app(
     ``autoscaling_config``, ``max_ongoing_requests``, ``max_queued_requests``). ``user_config``
     goes to tier 0, whose thresholds every request carries along (so changing it hot-swaps the
     thresholds of the whole chain at once, atomically per request). ``num_exits``: the model's
-    number of stages (built once here to count them when not given).
+    number of stages (built once here to count them when not given). ``pad_to``: text
+    requests padded at tier 0 as :func:`~eeruntime.serve.ray.deployment.runtime_app` pads them.
     """
     from .spec import RuntimeSpec
 
@@ -361,6 +367,7 @@ def tiered_app(
     check_transfer_dtype(transfer_dtype)
     check_call_limits(timeout_s, retries)
     batch_settings({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
+    pad_to = check_app_pad_to(spec, pad_to)
     if num_exits is None:
         num_exits = len(spec.build().model.stages)
     bounds = split_stages(num_exits, stages_per_tier)
@@ -399,6 +406,7 @@ def tiered_app(
                 transfer_dtype,
                 timeout_s,
                 retries,
+                pad_to if t == 0 else None,
             )
         )
     return nxt

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ...state import as_tuple, from_tuple
+from ...state import as_tuple, dtype_name, from_tuple
 
 TRANSFER_DTYPES = {"same": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # numpy has no bfloat16 nor float8: those bytes travel as integers of their width and are viewed
@@ -54,7 +54,7 @@ class WireTensor:
         t = t.resolve_conj().resolve_neg().contiguous().cpu()
         if wire in _NUMPY_VIEW:
             t = t.view(_NUMPY_VIEW[wire])
-        return cls(t.numpy(), str(src).replace("torch.", ""), str(wire).replace("torch.", ""))
+        return cls(t.numpy(), dtype_name(src), dtype_name(wire))
 
     def decode(self) -> torch.Tensor:
         arr = self.array if self.array.flags.writeable else self.array.copy()
