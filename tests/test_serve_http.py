@@ -25,7 +25,7 @@ from serve_models import C, scripted_model, scripted_rows, thresholds_for
 
 import eeruntime as ee
 from eeruntime.serve import StageScheduler
-from eeruntime.serve.codec import InputSpec, decode_json
+from eeruntime.serve.codec import InputSpec, decode_body, decode_json
 from eeruntime.serve.server import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,6 +239,33 @@ def test_json_booleans_are_refused_as_not_numbers_saying_where(inputs, where, ta
         return  # (floats where token ids were taken: refused as another kind, tested above)
     x = decode_json({"inputs": numbers}, spec, 8)
     assert x.tolist() == torch.tensor(numbers, dtype=x.dtype).tolist()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"inputs": [[0.5, true, 2.0]]}',
+        b'{"inputs":[[1,0,false]]}',
+        b'{"inputs": [[0.5, 2.0, 3.0]]}',
+        b'{"inputs": [[0, 1, 0.25]]}',
+        b'{"inputs": [[1e0, -0.0, 7]], "x": "true"}',  # (refused for its field, not scanned wrongly)
+    ],
+)
+def test_the_raw_body_shortcut_decodes_as_the_full_check_does(body):
+    """decode_body skips the boolean check for a body without the substrings true / false
+    (may_hold_booleans): every body decodes, or is refused with the same message, as with the
+    check always run (decode_json of the parsed body)."""
+
+    def outcome(f):
+        try:
+            return f().tolist()
+        except ValueError as e:
+            return str(e)
+
+    spec = InputSpec()
+    fast = outcome(lambda: decode_body(body, "application/json", spec, 8))
+    full = outcome(lambda: decode_json(json.loads(body), spec, 8))
+    assert fast == full
 
 
 def test_json_booleans_stay_booleans_for_a_model_that_takes_booleans():

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..codec import SAFETENSORS_TYPES, InputError, InputSpec, json_tensor, parse_json, read_body
+from ..codec import SAFETENSORS_TYPES, InputError, InputSpec, json_tensor, may_hold_booleans, parse_json, read_body
 
 MAX_BODY_BYTES = 64 << 20
 
@@ -74,7 +74,7 @@ def _from_json(body: bytes, spec: Optional[InputSpec] = None):
         raise BadRequest('a JSON body is an object with "inputs": a nested list of numbers, batch dim first')
     spec = spec or InputSpec()
     try:  # (a JSON boolean too: a 422 naming it, as eeruntime serve answers)
-        x = json_tensor(doc["inputs"], spec, malformed_status=400)
+        x = json_tensor(doc["inputs"], spec, malformed_status=400, maybe_bools=may_hold_booleans(body))
     except InputError as e:
         raise BadRequest(str(e), status=e.status) from None
     if x.dim() < 2:
