@@ -187,11 +187,14 @@ class HFInputs:
 
 # ---------------------------------------------------------------------------- HF stages
 class HFEmbed(nn.Module):
-    """Stage-0 entry of an HF encoder: embeddings of the inputs; passes the 2-D mask on."""
+    """Stage-0 entry of an HF encoder: embeddings of the inputs; passes the 2-D mask on.
+    ``project``: the linear map a model with embeddings narrower than its layers applies to
+    them before its first layer (ELECTRA's ``embeddings_project``)."""
 
-    def __init__(self, embeddings: nn.Module, names: Sequence[str]):
+    def __init__(self, embeddings: nn.Module, names: Sequence[str], project: Optional[nn.Module] = None):
         super().__init__()
         self.embeddings = embeddings
+        self.project = project
         self.names = tuple(names)
         params = inspect.signature(embeddings.forward).parameters
         self._pass = tuple(n for n in self.names if n != "attention_mask" and n in params)
@@ -199,6 +202,8 @@ class HFEmbed(nn.Module):
     def forward(self, *inputs):
         given = dict(zip(self.names, inputs))
         hidden = self.embeddings(**{n: given[n] for n in self._pass})
+        if self.project is not None:
+            hidden = self.project(hidden)
         mask = given.get("attention_mask")
         return hidden if mask is None else (hidden, mask)
 
@@ -375,12 +380,14 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         if "token_type_ids" in order and "token_type_ids" in inspect.signature(base.embeddings.forward).parameters:
             names.append("token_type_ids")
     mask_maker = getattr(base, "get_extended_attention_mask", None)
+    # ELECTRA: embeddings of embedding_size, projected to hidden_size by the base model's forward
+    project = getattr(base, "embeddings_project", None)
     bounds = [0] + [c + 1 for c in cuts] + [len(layers)]
     stages = [
         HFLayers(
             list(layers)[lo:hi],
             base.config,
-            embed=HFEmbed(base.embeddings, names) if k == 0 else None,
+            embed=HFEmbed(base.embeddings, names, project) if k == 0 else None,
             mask_maker=mask_maker,
         )
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
