@@ -138,6 +138,8 @@ def attach_exits(
     try:
         with torch.no_grad():
             layers = encoders.encoder_layers(backbone)
+            if layers is None and encoders.is_hf_model(backbone):
+                raise encoders.unsupported(backbone, encoders.why_not_hf(backbone))
             if layers is not None:
                 built = _build_encoder(backbone, layers, names, example_input)
             else:
@@ -206,6 +208,8 @@ def split_points(backbone: nn.Module, example_input: ExampleInput = None, mode: 
     try:
         with torch.no_grad():
             names = encoders.encoder_layers(backbone)
+            if names is None and encoders.is_hf_model(backbone):
+                raise encoders.unsupported(backbone, encoders.why_not_hf(backbone))
             if names is not None:
                 built = _build_encoder(backbone, names, names[:-1], example_input)
                 return [SplitPoint(n, tuple(as_tuple(s)[0].shape[1:])) for n, s in zip(names[:-1], built.states)]
@@ -295,18 +299,30 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
     else:
         raw = call(backbone, x)
     expected = output_logits(raw)
-    states = _dry_run(split.stages, x)
+    logits = isinstance(expected, torch.Tensor) and expected.dim() == 2
+    if split.tail is None and logits:  # a classifier the split did not find (DeiT's with-teacher pair of heads)
+        raise encoders.unsupported(
+            backbone,
+            "it returns logits, but its classifier is not one eeruntime rebuilds as the final exit; attach to its "
+            f"base model (.{getattr(backbone, 'base_model_prefix', 'base_model')}) with num_classes= for a new final head",
+        )
+    if split.tail is not None and not logits:
+        raise ValueError(f"{type(backbone).__name__} returned no logits [B, C]; cannot check its classifier tail")
+    extra = "more than the hidden states and the attention mask (relative positions, rotary embeddings, ...)"
+    try:
+        states = _dry_run(split.stages, x)
+        out = call(split.tail, states[-1]) if split.tail is not None else None
+    except Exception as e:  # the layers needed what the forward computes between them
+        why = f"its forward gives its layers {extra}: run one by one they fail ({type(e).__name__}: {e})"
+        raise encoders.unsupported(backbone, why) from e
     classes = None
     if split.tail is not None:
-        if expected is None or expected.dim() != 2:
-            raise ValueError(f"{type(backbone).__name__} returned no logits [B, C]; cannot check its classifier tail")
-        out = call(split.tail, states[-1])
         if not (isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)):
-            raise ValueError(
-                f"the layers and classifier of {type(backbone).__name__}, run stage by stage, do not reproduce its "
-                "output on the dry run; its forward does something else between them (supported: BERT/RoBERTa/"
-                "DistilBERT/ViT-style sequence and image classifiers, timm VisionTransformer)"
+            why = (
+                f"its forward gives its layers {extra}, or its classifier is not the tail eeruntime rebuilds: run "
+                "stage by stage, its layers and classifier do not reproduce its output on a dry run"
             )
+            raise encoders.unsupported(backbone, why)
         classes = int(expected.shape[1])
     layouts: List[Optional[TokenLayout]] = [split.layout] * len(states)
     return _Built(_Split(list(split.stages), split.tail), states, layouts, classes, "encoder", adapter)

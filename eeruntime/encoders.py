@@ -20,6 +20,7 @@ because their forward builds masks with Python control flow that tracing cannot 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, cast
@@ -30,6 +31,43 @@ from torch import nn
 # Inputs of an HF encoder that the runtime carries (others are refused with a clear error).
 _PRIMARY = ("input_ids", "pixel_values")
 _HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
+
+# What attach_exits cuts, as its refusals name it (the families tests/test_encoder_families.py
+# and tests/test_encoders.py check against the unmodified models).
+SUPPORTED = (
+    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT and ELECTRA text encoders (sequence classifiers or base "
+    "models), ViT and DeiT image classifiers, and timm VisionTransformers"
+)
+
+
+def unsupported(model: nn.Module, why: str) -> ValueError:
+    """The error attach_exits raises for a model it cannot cut: its class (and HF model_type),
+    why, and what is supported."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    named = f"{type(model).__name__}" + (f" (model_type {kind!r})" if isinstance(kind, str) and kind else "")
+    return ValueError(f"{named} cannot be cut into early-exit stages: {why}; {SUPPORTED}")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """True for a Hugging Face transformers model (a ``PreTrainedModel``)."""
+    tf = sys.modules.get("transformers")  # a model of it exists only once it is imported
+    pre = getattr(tf, "PreTrainedModel", None) if tf is not None else None
+    return isinstance(pre, type) and isinstance(model, pre)
+
+
+def why_not_hf(model: nn.Module) -> str:
+    """Why an HF model is not an encoder :func:`hf_encoder` finds (for :func:`unsupported`).
+    These models would otherwise fall to the generic split, which cannot trace an HF forward."""
+    base = getattr(model, "base_model", model)
+    if isinstance(getattr(getattr(base, "encoder", None), "albert_layer_groups", None), nn.ModuleList):
+        return "ALBERT shares one layer group across its depth (it has no layer of its own to split after)"
+    # a key/value cache in forward's inputs (spelled past_key_values, cache or use_cache across releases)
+    if {"use_cache", "past_key_values", "cache"} & set(inspect.signature(model.forward).parameters):
+        return (
+            "it is a decoder (causal attention with a key/value cache; its sequence classifier pools the last "
+            "non-pad token), and only encoders are cut"
+        )
+    return "it has no `embeddings` module followed by a list of layers (encoder.layer, layers, transformer.layer)"
 
 
 @dataclass
@@ -369,7 +407,7 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         raise ValueError(f"{type(model).__name__} is not an HF encoder with an embeddings module and a layer list")
     base, layers = found
     if getattr(base.config, "is_decoder", False):
-        raise ValueError(f"{type(model).__name__} is configured as a decoder; early exits here cut encoders only")
+        raise unsupported(model, "it is configured as a decoder (is_decoder=True), and only encoders are cut")
     order = [n for n in inspect.signature(model.forward).parameters if n not in ("self", "kwargs")]
     primary = next((n for n in order if n in _PRIMARY), None)
     if primary is None:

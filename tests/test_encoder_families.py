@@ -65,6 +65,30 @@ def check_family(backbone, at):
             torch.testing.assert_close(alone[0], never.logits[i], rtol=1e-4, atol=1e-5)
 
 
+# ------------------------------------------------------------------ supported families
+def test_xlm_roberta_is_the_model():
+    cfg = transformers.XLMRobertaConfig(**COMMON)  # RoBERTa's layout, pad id 1, positions from the ids
+    check_family(seeded(lambda: transformers.XLMRobertaForSequenceClassification(cfg)), ["layer.0", "layer.2"])
+
+
+def test_deit_is_the_model():
+    cfg = transformers.DeiTConfig(
+        image_size=16, patch_size=4, hidden_size=H, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64
+    )
+    backbone = seeded(lambda: transformers.DeiTForImageClassification(cfg))
+    model = ee.attach_exits(backbone, at=["deit.layers.0", "layers.2"])
+    x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        never = ee.EERuntime(model, thresholds=float("inf"), criterion="max_prob").infer(x)
+        torch.testing.assert_close(never.logits, backbone(x).logits, rtol=1e-5, atol=1e-6)
+        scores = model(x)[0].softmax(-1).amax(-1).sort().values
+        thr = float(scores[5] + scores[6]) / 2
+        res = ee.EERuntime(model, thresholds=thr, criterion="max_prob").infer(x)
+    ref_logits, ref_exit, _ = per_sample_loop(model, x, [thr, thr], "max_prob")
+    assert torch.equal(res.exit_index, ref_exit) and len(set(ref_exit.tolist())) >= 2
+    torch.testing.assert_close(res.logits.double(), ref_logits, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ ELECTRA
 def test_electra_with_its_embedding_projection_is_the_model():
     """ELECTRA's embeddings are narrower than its layers (embedding_size, 128 by default) and its
@@ -74,3 +98,82 @@ def test_electra_with_its_embedding_projection_is_the_model():
         lambda: transformers.ElectraForSequenceClassification(transformers.ElectraConfig(**COMMON, embedding_size=16))
     )
     check_family(backbone, ["electra.encoder.layer.0", "layer.2"])
+
+
+# ------------------------------------------------------------------ refused, with what is supported
+def albert():
+    return transformers.AlbertForSequenceClassification(transformers.AlbertConfig(**COMMON, embedding_size=16))
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=H, n_layer=4, n_head=2, n_positions=40, num_labels=3)
+    return transformers.GPT2ForSequenceClassification(cfg)
+
+
+def llama():
+    cfg = transformers.LlamaConfig(**COMMON, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    return transformers.LlamaForSequenceClassification(cfg)
+
+
+def deberta_v2():
+    cfg = transformers.DebertaV2Config(**COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"])
+    return transformers.DebertaV2ForSequenceClassification(cfg)
+
+
+def deberta():
+    cfg = transformers.DebertaConfig(**COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"])
+    return transformers.DebertaForSequenceClassification(cfg)
+
+
+def mpnet():
+    return transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**COMMON))
+
+
+def modernbert():
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1, sep_token_id=1)
+    cfg = transformers.ModernBertConfig(**COMMON, **ids, global_attn_every_n_layers=2, local_attention=8)
+    return transformers.ModernBertForSequenceClassification(cfg)
+
+
+def deit_with_teacher():
+    cfg = transformers.DeiTConfig(
+        image_size=16, patch_size=4, hidden_size=H, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64
+    )
+    return transformers.DeiTForImageClassificationWithTeacher(cfg)
+
+
+@pytest.mark.parametrize(
+    "build, at, why",
+    [
+        # before: "cannot guess an input ... pass example_input"; with one, fx's "co_varnames is too small"
+        (albert, "layer.1", "shares one layer group across its depth"),
+        (gpt2, "h.1", "decoder"),
+        (llama, "layers.1", "decoder"),
+        # before: a traceback from inside the layers ("dropout(): argument 'input' must be Tensor, not NoneType")
+        (deberta_v2, "encoder.layer.1", "more than the hidden states and the attention mask"),
+        (modernbert, "layers.1", "more than the hidden states and the attention mask"),
+        (deberta, "encoder.layer.1", "more than the hidden states and the attention mask"),
+        (mpnet, "encoder.layer.1", "more than the hidden states and the attention mask"),
+        # before: "has no classifier (it returns no logits): pass num_classes" (it returns logits)
+        (deit_with_teacher, "layers.1", "classifier"),
+        # a BERT configured as a decoder: refused before too, without naming what is supported
+        (
+            lambda: transformers.BertForSequenceClassification(transformers.BertConfig(**COMMON, is_decoder=True)),
+            "layer.1",
+            "decoder",
+        ),
+    ],
+)
+def test_unsupported_architectures_are_refused_naming_what_is_supported(build, at, why):
+    backbone = seeded(build)
+    name = type(backbone).__name__
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{name}.*{why}.*{SUPPORTED}"):
+        ee.attach_exits(backbone, at=[at])
+    with pytest.raises(ValueError, match=f"{name}.*{why}.*{SUPPORTED}"):
+        ee.split_points(backbone)
+    if build in (albert, gpt2, llama):  # an example input does not change the answer
+        ids = text_batch(2, 8)["input_ids"]
+        with pytest.raises(ValueError, match=f"{name}.*{why}.*{SUPPORTED}"):
+            ee.attach_exits(backbone, at=[at], example_input=ids)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
