@@ -35,7 +35,7 @@ _HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
 # What attach_exits cuts, as its refusals name it (the families tests/test_encoder_families.py
 # and tests/test_encoders.py check against the unmodified models).
 SUPPORTED = (
-    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT and ELECTRA text encoders (sequence classifiers or base "
+    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA and DeBERTa (v1, v2/v3) text encoders (sequence classifiers or base "
     "models), ViT and DeiT image classifiers, and timm VisionTransformers"
 )
 
@@ -236,10 +236,15 @@ class HFEmbed(nn.Module):
         self.names = tuple(names)
         params = inspect.signature(embeddings.forward).parameters
         self._pass = tuple(n for n in self.names if n != "attention_mask" and n in params)
+        # DeBERTa's embeddings take the 2-D mask as `mask` (they zero the padded tokens' vectors)
+        self._mask_arg = "attention_mask" in self.names and "mask" in params
 
     def forward(self, *inputs):
         given = dict(zip(self.names, inputs))
-        hidden = self.embeddings(**{n: given[n] for n in self._pass})
+        kwargs = {n: given[n] for n in self._pass}
+        if self._mask_arg:
+            kwargs["mask"] = given["attention_mask"]
+        hidden = self.embeddings(**kwargs)
         if self.project is not None:
             hidden = self.project(hidden)
         mask = given.get("attention_mask")
@@ -315,6 +320,50 @@ class HFLayers(nn.Module):
         return hidden if mask is None else (hidden, mask)
 
 
+class HFRelativeLayers(HFLayers):
+    """A run of DeBERTa (v1, v2/v3) layers. Its encoder gives every layer, besides the mask it
+    builds from the 2-D mask (``get_attention_mask``), the tokens' relative positions
+    (``get_rel_pos``, from the sequence length alone) and the relative position embeddings
+    (``get_rel_embedding``); v2 with ``conv_kernel_size`` adds a convolution of the embeddings
+    to layer 0's output. All three are the encoder's own methods, called here as its forward
+    calls them; the modules they read are registered in each stage that uses them.
+
+    Trimming trailing pad columns (``trim``) is exact here too: relative positions depend on
+    the distance between tokens only, and the convolution runs in stage 0, which never trims."""
+
+    def __init__(self, layers: Sequence[nn.Module], config, encoder: nn.Module, first: bool, embed=None):
+        super().__init__(layers, config, embed=embed)
+        self.rel_embeddings = getattr(encoder, "rel_embeddings", None)
+        self.rel_norm = getattr(encoder, "LayerNorm", None)
+        self.conv = getattr(encoder, "conv", None) if first else None
+        self.__dict__["_encoder"] = encoder  # not a submodule: its layers belong to the stages
+
+    def forward(self, *state):
+        if self.embed is not None:
+            state = self.embed(*state)
+        elif self.trim and not _capturing():
+            state = trim_tokens(state)
+        hidden, mask = state
+        enc = self._encoder
+        ext = enc.get_attention_mask(mask)
+        rel_pos = enc.get_rel_pos(hidden)
+        rel_emb = enc.get_rel_embedding()
+        embedded = hidden
+        for i, layer in enumerate(self.layers):
+            out = layer(hidden, ext, query_states=None, relative_pos=rel_pos, rel_embeddings=rel_emb)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if i == 0 and self.conv is not None:
+                hidden = self.conv(embedded, hidden, mask)
+        return hidden, mask
+
+
+def _relative_encoder(base: nn.Module) -> Optional[nn.Module]:
+    """The encoder of a DeBERTa-style model (relative positions given to each layer), else None."""
+    enc = getattr(base, "encoder", None)
+    methods = ("get_rel_pos", "get_rel_embedding", "get_attention_mask")
+    return enc if isinstance(enc, nn.Module) and all(callable(getattr(enc, m, None)) for m in methods) else None
+
+
 class HFTail(nn.Module):
     """The classifier of an HF sequence / image classification model, on the last hidden state.
 
@@ -373,8 +422,11 @@ def _hf_tail(model: nn.Module, base: nn.Module) -> Optional[HFTail]:
         return HFTail("distil", clf, pre_classifier=model.pre_classifier, dropout=drop)
     if not isinstance(clf, nn.Linear):
         return HFTail("sequence", clf)
-    if getattr(base, "pooler", None) is not None:
-        return HFTail("pooler", clf, pooler=base.pooler, dropout=drop)
+    # the pooler is the base model's (BERT) or the classifier model's own (DeBERTa's ContextPooler)
+    pooler = getattr(model, "pooler", None)
+    pooler = pooler if isinstance(pooler, nn.Module) else getattr(base, "pooler", None)
+    if pooler is not None:
+        return HFTail("pooler", clf, pooler=pooler, dropout=drop)
     return HFTail("cls", clf, norm=getattr(base, "layernorm", None))
 
 
@@ -421,15 +473,17 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     # ELECTRA: embeddings of embedding_size, projected to hidden_size by the base model's forward
     project = getattr(base, "embeddings_project", None)
     bounds = [0] + [c + 1 for c in cuts] + [len(layers)]
-    stages = [
-        HFLayers(
-            list(layers)[lo:hi],
-            base.config,
-            embed=HFEmbed(base.embeddings, names, project) if k == 0 else None,
-            mask_maker=mask_maker,
-        )
-        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
-    ]
+    relative = _relative_encoder(base) if primary == "input_ids" else None
+    if relative is not None and int(getattr(base, "z_steps", 0) or 0) > 1:
+        raise unsupported(model, "its z_steps re-run the last layer with query states")
+    stages: List[HFLayers] = []
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        run = list(layers)[lo:hi]
+        embed = HFEmbed(base.embeddings, names, project) if k == 0 else None
+        if relative is not None:
+            stages.append(HFRelativeLayers(run, base.config, relative, k == 0, embed=embed))
+        else:
+            stages.append(HFLayers(run, base.config, embed=embed, mask_maker=mask_maker))
     tail = _hf_tail(model, base)
     text = primary == "input_ids"
     layout = TokenLayout(mask_index=1 if text else None, padding_mask=False, pool="cls")

@@ -89,6 +89,56 @@ def test_deit_is_the_model():
     torch.testing.assert_close(res.logits.double(), ref_logits, rtol=1e-4, atol=1e-5)
 
 
+# ------------------------------------------------------------------ DeBERTa
+def deberta_v2():
+    cfg = transformers.DebertaV2Config(**COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"])
+    return transformers.DebertaV2ForSequenceClassification(cfg)
+
+
+def deberta():
+    cfg = transformers.DebertaConfig(**COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"])
+    return transformers.DebertaForSequenceClassification(cfg)
+
+
+def deberta_v3(conv: int = 3):
+    """DeBERTa-v3's layout (DebertaV2 classes): relative positions only, log buckets, a
+    LayerNorm on the relative embeddings; ``conv``: v2-xlarge's convolution after layer 0."""
+    cfg = transformers.DebertaV2Config(
+        **COMMON,
+        relative_attention=True,
+        position_biased_input=False,
+        pos_att_type=["p2c", "c2p"],
+        position_buckets=8,
+        norm_rel_ebd="layer_norm",
+        conv_kernel_size=conv,
+        type_vocab_size=2,
+    )
+    return transformers.DebertaV2ForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("build", [deberta_v3, deberta_v2, deberta], ids=["v3-conv", "v2", "v1"])
+def test_deberta_relative_positions_are_given_to_every_stage(build):
+    """DeBERTa's encoder gives each layer the relative positions and their embeddings (and its
+    ContextPooler sits on the classifier model): the stages called the layers without them and
+    failed inside ("dropout(): argument 'input' must be Tensor, not NoneType")."""
+    backbone = seeded(build)
+    at = ["deberta.encoder.layer.0", "layer.2"]
+    check_family(backbone, at)
+    # trimming the survivors' trailing pads keeps every result: positions are relative
+    x = text_batch()
+    x = {k: torch.cat([v, torch.zeros(12, 4, dtype=v.dtype)], 1) for k, v in x.items()}
+    plain = ee.attach_exits(backbone, at=at)
+    trimmed = ee.attach_exits(backbone, at=at, trim=True)
+    trimmed.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        scores = plain(x)[0].softmax(-1).amax(-1).sort().values
+    thr = float(scores[3] + scores[4]) / 2
+    want = ee.EERuntime(plain, thresholds=thr, criterion="max_prob").infer(x)
+    got = ee.EERuntime(trimmed, thresholds=thr, criterion="max_prob").infer(x)
+    assert torch.equal(got.exit_index, want.exit_index)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------ ELECTRA
 def test_electra_with_its_embedding_projection_is_the_model():
     """ELECTRA's embeddings are narrower than its layers (embedding_size, 128 by default) and its
@@ -115,16 +165,6 @@ def llama():
     return transformers.LlamaForSequenceClassification(cfg)
 
 
-def deberta_v2():
-    cfg = transformers.DebertaV2Config(**COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"])
-    return transformers.DebertaV2ForSequenceClassification(cfg)
-
-
-def deberta():
-    cfg = transformers.DebertaConfig(**COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"])
-    return transformers.DebertaForSequenceClassification(cfg)
-
-
 def mpnet():
     return transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**COMMON))
 
@@ -149,10 +189,8 @@ def deit_with_teacher():
         (albert, "layer.1", "shares one layer group across its depth"),
         (gpt2, "h.1", "decoder"),
         (llama, "layers.1", "decoder"),
-        # before: a traceback from inside the layers ("dropout(): argument 'input' must be Tensor, not NoneType")
-        (deberta_v2, "encoder.layer.1", "more than the hidden states and the attention mask"),
+        # before: a traceback from inside the layers ("cannot unpack non-iterable NoneType object")
         (modernbert, "layers.1", "more than the hidden states and the attention mask"),
-        (deberta, "encoder.layer.1", "more than the hidden states and the attention mask"),
         (mpnet, "encoder.layer.1", "more than the hidden states and the attention mask"),
         # before: "has no classifier (it returns no logits): pass num_classes" (it returns logits)
         (deit_with_teacher, "layers.1", "classifier"),
