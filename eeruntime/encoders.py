@@ -497,7 +497,10 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         order,
         pad_token_id=config_int("pad_token_id") or 0,
         vocab_size=config_int("vocab_size"),
-        max_length=config_int("max_position_embeddings"),
+        # DeBERTa-v3 (position_biased_input=False) has no absolute positions: any length runs
+        max_length=None
+        if getattr(base.config, "position_biased_input", True) is False
+        else config_int("max_position_embeddings"),
     )
     return EncoderSplit(stages, tail, layout, _qualified(model, layers), inputs)
 

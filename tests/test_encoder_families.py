@@ -139,6 +139,19 @@ def test_deberta_relative_positions_are_given_to_every_stage(build):
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
 
 
+def test_deberta_v3_takes_sequences_longer_than_max_position_embeddings_as_the_model_does():
+    """Without absolute positions (position_biased_input=False) the model runs any length; the
+    input adapter refused one longer than max_position_embeddings ("takes at most 40")."""
+    backbone = seeded(deberta_v3)
+    model = ee.attach_exits(backbone, at=["layer.1"])
+    x = text_batch(4, S=COMMON["max_position_embeddings"] + 8)
+    with torch.no_grad():
+        got = ee.EERuntime(model, thresholds=float("inf"), criterion="max_prob").infer(x)
+        torch.testing.assert_close(got.logits, backbone(**x).logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="takes at most 40"):  # v1: absolute positions, as before
+        ee.attach_exits(seeded(deberta), at=["layer.1"])(x)
+
+
 # ------------------------------------------------------------------ ELECTRA
 def test_electra_with_its_embedding_projection_is_the_model():
     """ELECTRA's embeddings are narrower than its layers (embedding_size, 128 by default) and its
