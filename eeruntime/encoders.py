@@ -35,7 +35,7 @@ _HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
 # What attach_exits cuts, as its refusals name it (the families tests/test_encoder_families.py
 # and tests/test_encoders.py check against the unmodified models).
 SUPPORTED = (
-    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA and DeBERTa (v1, v2/v3) text encoders (sequence classifiers or base "
+    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, DeBERTa (v1, v2/v3) and MPNet text encoders (sequence classifiers or base "
     "models), ViT and DeiT image classifiers, and timm VisionTransformers"
 )
 
@@ -314,10 +314,32 @@ class HFLayers(nn.Module):
             state = trim_tokens(state)
         hidden, mask = state[0], (state[1] if len(state) > 1 else None)
         ext = self.layer_mask(hidden, mask)
+        extra = self.layer_args(hidden)
         for layer in self.layers:
-            out = layer(hidden, ext) if ext is not None else layer(hidden)
+            # no mask (images; HF's mask function gives None when every token is real): the
+            # layer's own default, unless it takes more after the mask (MPNet's bias)
+            out = layer(hidden, ext, *extra) if ext is not None or extra else layer(hidden)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden if mask is None else (hidden, mask)
+
+    def layer_args(self, hidden) -> tuple:
+        """What each layer takes after the hidden states and the mask (nothing here)."""
+        return ()
+
+
+class HFBiasLayers(HFLayers):
+    """A run of MPNet layers: besides the mask, its encoder gives every layer a relative position
+    bias (``compute_position_bias``, from the sequence length alone: trimming stays exact).
+    The bias embedding is registered in each stage; the encoder's method computes it."""
+
+    def __init__(self, layers: Sequence[nn.Module], config, encoder: nn.Module, embed=None):
+        super().__init__(layers, config, embed=embed)
+        self.relative_attention_bias = encoder.relative_attention_bias
+        self.__dict__["_encoder"] = encoder  # not a submodule: its layers belong to the stages
+
+    def layer_args(self, hidden) -> tuple:
+        encoder: Any = self.__dict__["_encoder"]
+        return (encoder.compute_position_bias(hidden),)
 
 
 class HFRelativeLayers(HFLayers):
@@ -362,6 +384,15 @@ def _relative_encoder(base: nn.Module) -> Optional[nn.Module]:
     enc = getattr(base, "encoder", None)
     methods = ("get_rel_pos", "get_rel_embedding", "get_attention_mask")
     return enc if isinstance(enc, nn.Module) and all(callable(getattr(enc, m, None)) for m in methods) else None
+
+
+def _bias_encoder(base: nn.Module) -> Optional[nn.Module]:
+    """The encoder of an MPNet-style model (a relative position bias given to each layer), else None."""
+    enc = getattr(base, "encoder", None)
+    ok = callable(getattr(enc, "compute_position_bias", None)) and isinstance(
+        getattr(enc, "relative_attention_bias", None), nn.Module
+    )
+    return enc if ok else None
 
 
 class HFTail(nn.Module):
@@ -476,12 +507,15 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     relative = _relative_encoder(base) if primary == "input_ids" else None
     if relative is not None and int(getattr(base, "z_steps", 0) or 0) > 1:
         raise unsupported(model, "its z_steps re-run the last layer with query states")
+    biased = _bias_encoder(base) if primary == "input_ids" else None
     stages: List[HFLayers] = []
     for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         run = list(layers)[lo:hi]
         embed = HFEmbed(base.embeddings, names, project) if k == 0 else None
         if relative is not None:
             stages.append(HFRelativeLayers(run, base.config, relative, k == 0, embed=embed))
+        elif biased is not None:
+            stages.append(HFBiasLayers(run, base.config, biased, embed=embed))
         else:
             stages.append(HFLayers(run, base.config, embed=embed, mask_maker=mask_maker))
     tail = _hf_tail(model, base)

@@ -152,6 +152,21 @@ def test_deberta_v3_takes_sequences_longer_than_max_position_embeddings_as_the_m
         ee.attach_exits(seeded(deberta), at=["layer.1"])(x)
 
 
+# ------------------------------------------------------------------ MPNet
+def mpnet():
+    backbone = transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**COMMON))
+    with torch.no_grad():  # a bias as large as a trained model's (its init, std 0.02, hardly moves a logit)
+        backbone.mpnet.encoder.relative_attention_bias.weight.mul_(100)
+    return backbone
+
+
+def test_mpnet_position_bias_is_given_to_every_stage():
+    """MPNet's encoder gives each layer a relative position bias: the stages called the layers
+    without it and the dry run refused the model. A row alone (every token real, so no mask at
+    all for the layers) gets the bias too."""
+    check_family(seeded(mpnet), ["mpnet.encoder.layer.0", "layer.2"])
+
+
 # ------------------------------------------------------------------ ELECTRA
 def test_electra_with_its_embedding_projection_is_the_model():
     """ELECTRA's embeddings are narrower than its layers (embedding_size, 128 by default) and its
@@ -178,10 +193,6 @@ def llama():
     return transformers.LlamaForSequenceClassification(cfg)
 
 
-def mpnet():
-    return transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**COMMON))
-
-
 def modernbert():
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1, sep_token_id=1)
     cfg = transformers.ModernBertConfig(**COMMON, **ids, global_attn_every_n_layers=2, local_attention=8)
@@ -204,7 +215,6 @@ def deit_with_teacher():
         (llama, "layers.1", "decoder"),
         # before: a traceback from inside the layers ("cannot unpack non-iterable NoneType object")
         (modernbert, "layers.1", "more than the hidden states and the attention mask"),
-        (mpnet, "encoder.layer.1", "more than the hidden states and the attention mask"),
         # before: "has no classifier (it returns no logits): pass num_classes" (it returns logits)
         (deit_with_teacher, "layers.1", "classifier"),
         # a BERT configured as a decoder: refused before too, without naming what is supported
