@@ -35,7 +35,7 @@ _HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
 # What attach_exits cuts, as its refusals name it (the families tests/test_encoder_families.py
 # and tests/test_encoders.py check against the unmodified models).
 SUPPORTED = (
-    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, DeBERTa (v1, v2/v3) and MPNet text encoders (sequence classifiers or base "
+    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, DeBERTa (v1, v2/v3), MPNet and ModernBERT text encoders (sequence classifiers or base "
     "models), ViT and DeiT image classifiers, and timm VisionTransformers"
 )
 
@@ -386,6 +386,42 @@ def _relative_encoder(base: nn.Module) -> Optional[nn.Module]:
     return enc if isinstance(enc, nn.Module) and all(callable(getattr(enc, m, None)) for m in methods) else None
 
 
+class HFRotaryLayers(HFLayers):
+    """A run of ModernBERT layers. Its forward gives each layer, by the layer's
+    ``attention_type``, a mask (full, or a sliding window of ``config.local_attention`` tokens)
+    and rotary position embeddings of the positions 0..S-1 (``rotary_emb``, registered here).
+    Both depend on token positions only, so trimming trailing pad columns stays exact."""
+
+    def __init__(self, layers: Sequence[nn.Module], config, rotary: nn.Module, embed=None):
+        super().__init__(layers, config, embed=embed)
+        self.rotary_emb = rotary
+
+    def forward(self, *state):
+        from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+
+        if self.embed is not None:
+            state = self.embed(*state)
+        elif self.trim and not _capturing():
+            state = trim_tokens(state)
+        hidden, mask = state
+        kw = dict(config=self.config, inputs_embeds=hidden, attention_mask=mask)
+        masks = {"full_attention": create_bidirectional_mask(**kw)}
+        masks["sliding_attention"] = create_bidirectional_sliding_window_mask(**kw)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        rotary = {t: self.rotary_emb(hidden, positions, t) for t in {lay.attention_type for lay in self.layers}}
+        for layer in self.layers:
+            kind = layer.attention_type
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind])
+        return hidden, mask
+
+
+def _rotary(base: nn.Module, layers: Sequence[nn.Module]) -> Optional[nn.Module]:
+    """The rotary embedding of a ModernBERT-style model (layers typed full / sliding), else None."""
+    rotary = getattr(base, "rotary_emb", None)
+    typed = all(isinstance(getattr(lay, "attention_type", None), str) for lay in layers)
+    return rotary if isinstance(rotary, nn.Module) and typed else None
+
+
 def _bias_encoder(base: nn.Module) -> Optional[nn.Module]:
     """The encoder of an MPNet-style model (a relative position bias given to each layer), else None."""
     enc = getattr(base, "encoder", None)
@@ -401,15 +437,20 @@ class HFTail(nn.Module):
     ``kind`` follows the model families' forward:
     ``pooler`` (BERT: pooler -> dropout -> classifier), ``distil`` (DistilBERT: token 0 ->
     pre_classifier -> ReLU -> dropout -> classifier), ``sequence`` (RoBERTa: a classifier module
-    that reads the whole sequence), ``cls`` (ViT: norm -> token 0 -> classifier)."""
+    that reads the whole sequence), ``cls`` (ViT: norm -> token 0 -> classifier), ``norm_head``
+    (ModernBERT: norm -> token 0, or the mean of the real tokens with ``pool="mean"`` ->
+    pre_classifier (its head) -> dropout -> classifier)."""
 
-    KINDS = ("pooler", "distil", "sequence", "cls")
+    KINDS = ("pooler", "distil", "sequence", "cls", "norm_head")
 
-    def __init__(self, kind: str, classifier: nn.Module, *, pooler=None, dropout=None, pre_classifier=None, norm=None):
+    def __init__(
+        self, kind: str, classifier: nn.Module, *, pooler=None, dropout=None, pre_classifier=None, norm=None, pool="cls"
+    ):
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f"unknown tail kind {kind!r}")
         self.kind = kind
+        self.pool = pool
         # registered in forward order
         self.pooler, self.pre_classifier, self.norm, self.dropout = pooler, pre_classifier, norm, dropout
         self.classifier = classifier
@@ -424,6 +465,14 @@ class HFTail(nn.Module):
             return self.classifier(self._drop(torch.relu(self.pre_classifier(hidden[:, 0]))))
         if self.kind == "sequence":
             return self.classifier(hidden)
+        if self.kind == "norm_head":
+            hidden = self.norm(hidden)
+            if self.pool == "mean":  # the model's own arithmetic: masked sum / number of real tokens
+                mask = rest[0].unsqueeze(-1)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+            else:
+                pooled = hidden[:, 0]
+            return self.classifier(self._drop(self.pre_classifier(pooled)))
         if self.norm is not None:
             hidden = self.norm(hidden)
         return self.classifier(hidden[:, 0])
@@ -449,6 +498,17 @@ def _hf_tail(model: nn.Module, base: nn.Module) -> Optional[HFTail]:
     if model is base or not isinstance(clf, nn.Module):
         return None
     drop = getattr(model, "dropout", None)
+    head_module = getattr(model, "head", None)
+    if isinstance(head_module, nn.Module) and isinstance(getattr(base, "final_norm", None), nn.Module):  # ModernBERT
+        pool = getattr(model.config, "classifier_pooling", "cls")
+        return HFTail(
+            "norm_head",
+            clf,
+            pre_classifier=head_module,
+            dropout=getattr(model, "drop", None),
+            norm=base.final_norm,
+            pool=pool,
+        )
     if isinstance(getattr(model, "pre_classifier", None), nn.Module):
         return HFTail("distil", clf, pre_classifier=model.pre_classifier, dropout=drop)
     if not isinstance(clf, nn.Linear):
@@ -508,12 +568,15 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     if relative is not None and int(getattr(base, "z_steps", 0) or 0) > 1:
         raise unsupported(model, "its z_steps re-run the last layer with query states")
     biased = _bias_encoder(base) if primary == "input_ids" else None
+    rotary = _rotary(base, list(layers)) if primary == "input_ids" else None
     stages: List[HFLayers] = []
     for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         run = list(layers)[lo:hi]
         embed = HFEmbed(base.embeddings, names, project) if k == 0 else None
         if relative is not None:
             stages.append(HFRelativeLayers(run, base.config, relative, k == 0, embed=embed))
+        elif rotary is not None:
+            stages.append(HFRotaryLayers(run, base.config, rotary, embed=embed))
         elif biased is not None:
             stages.append(HFBiasLayers(run, base.config, biased, embed=embed))
         else:

@@ -7,6 +7,7 @@ names what is not supported and what is."""
 import pytest
 import torch
 from reference import per_sample_loop
+from torch import nn
 
 import eeruntime as ee
 
@@ -63,6 +64,22 @@ def check_family(backbone, at):
             n = int(x["attention_mask"][i].sum())
             alone = model({k: v[i : i + 1, :n] for k, v in x.items()})[-1]
             torch.testing.assert_close(alone[0], never.logits[i], rtol=1e-4, atol=1e-5)
+
+
+def check_trim(backbone, at):
+    """attach_exits(trim=True): cutting the survivors' trailing pad columns keeps every result
+    (positions that are relative, or counted from 0, do not move)."""
+    x = {k: torch.cat([v, torch.zeros(12, 4, dtype=v.dtype)], 1) for k, v in text_batch().items()}
+    plain = ee.attach_exits(backbone, at=at)
+    trimmed = ee.attach_exits(backbone, at=at, trim=True)
+    trimmed.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        scores = plain(x)[0].softmax(-1).amax(-1).sort().values
+    thr = float(scores[3] + scores[4]) / 2
+    want = ee.EERuntime(plain, thresholds=thr, criterion="max_prob").infer(x)
+    got = ee.EERuntime(trimmed, thresholds=thr, criterion="max_prob").infer(x)
+    assert torch.equal(got.exit_index, want.exit_index)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ supported families
@@ -124,32 +141,7 @@ def test_deberta_relative_positions_are_given_to_every_stage(build):
     backbone = seeded(build)
     at = ["deberta.encoder.layer.0", "layer.2"]
     check_family(backbone, at)
-    # trimming the survivors' trailing pads keeps every result: positions are relative
-    x = text_batch()
-    x = {k: torch.cat([v, torch.zeros(12, 4, dtype=v.dtype)], 1) for k, v in x.items()}
-    plain = ee.attach_exits(backbone, at=at)
-    trimmed = ee.attach_exits(backbone, at=at, trim=True)
-    trimmed.load_state_dict(plain.state_dict())
-    with torch.no_grad():
-        scores = plain(x)[0].softmax(-1).amax(-1).sort().values
-    thr = float(scores[3] + scores[4]) / 2
-    want = ee.EERuntime(plain, thresholds=thr, criterion="max_prob").infer(x)
-    got = ee.EERuntime(trimmed, thresholds=thr, criterion="max_prob").infer(x)
-    assert torch.equal(got.exit_index, want.exit_index)
-    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
-
-
-def test_deberta_v3_takes_sequences_longer_than_max_position_embeddings_as_the_model_does():
-    """Without absolute positions (position_biased_input=False) the model runs any length; the
-    input adapter refused one longer than max_position_embeddings ("takes at most 40")."""
-    backbone = seeded(deberta_v3)
-    model = ee.attach_exits(backbone, at=["layer.1"])
-    x = text_batch(4, S=COMMON["max_position_embeddings"] + 8)
-    with torch.no_grad():
-        got = ee.EERuntime(model, thresholds=float("inf"), criterion="max_prob").infer(x)
-        torch.testing.assert_close(got.logits, backbone(**x).logits, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="takes at most 40"):  # v1: absolute positions, as before
-        ee.attach_exits(seeded(deberta), at=["layer.1"])(x)
+    check_trim(backbone, at)
 
 
 # ------------------------------------------------------------------ MPNet
@@ -165,6 +157,26 @@ def test_mpnet_position_bias_is_given_to_every_stage():
     without it and the dry run refused the model. A row alone (every token real, so no mask at
     all for the layers) gets the bias too."""
     check_family(seeded(mpnet), ["mpnet.encoder.layer.0", "layer.2"])
+    check_trim(seeded(mpnet), ["layer.0", "layer.2"])
+
+
+# ------------------------------------------------------------------ ModernBERT
+def modernbert(pooling="cls"):
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1, sep_token_id=1)
+    cfg = transformers.ModernBertConfig(
+        **COMMON, **ids, global_attn_every_n_layers=2, local_attention=8, classifier_pooling=pooling
+    )
+    return transformers.ModernBertForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_modernbert_rotary_and_sliding_window_layers_and_its_head(pooling):
+    """ModernBERT's forward gives each layer rotary embeddings and a full or sliding-window
+    mask by its type, and its classifier reads final_norm -> pool -> head: the stages called the
+    layers without them and failed inside ("cannot unpack non-iterable NoneType object")."""
+    backbone = seeded(lambda: modernbert(pooling))
+    check_family(backbone, ["model.layers.0", "layers.2"])  # 14 tokens: the window of 8 cuts some
+    check_trim(backbone, ["layers.0", "layers.2"])
 
 
 # ------------------------------------------------------------------ ELECTRA
@@ -193,12 +205,6 @@ def llama():
     return transformers.LlamaForSequenceClassification(cfg)
 
 
-def modernbert():
-    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1, sep_token_id=1)
-    cfg = transformers.ModernBertConfig(**COMMON, **ids, global_attn_every_n_layers=2, local_attention=8)
-    return transformers.ModernBertForSequenceClassification(cfg)
-
-
 def deit_with_teacher():
     cfg = transformers.DeiTConfig(
         image_size=16, patch_size=4, hidden_size=H, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64
@@ -213,8 +219,6 @@ def deit_with_teacher():
         (albert, "layer.1", "shares one layer group across its depth"),
         (gpt2, "h.1", "decoder"),
         (llama, "layers.1", "decoder"),
-        # before: a traceback from inside the layers ("cannot unpack non-iterable NoneType object")
-        (modernbert, "layers.1", "more than the hidden states and the attention mask"),
         # before: "has no classifier (it returns no logits): pass num_classes" (it returns logits)
         (deit_with_teacher, "layers.1", "classifier"),
         # a BERT configured as a decoder: refused before too, without naming what is supported
@@ -238,3 +242,36 @@ def test_unsupported_architectures_are_refused_naming_what_is_supported(build, a
         with pytest.raises(ValueError, match=f"{name}.*{why}.*{SUPPORTED}"):
             ee.attach_exits(backbone, at=[at], example_input=ids)
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+
+
+class DoubledBert(transformers.BertForSequenceClassification):
+    """A forward that does more than its layers and classifier (it doubles the logits)."""
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        out = super().forward(input_ids, attention_mask, token_type_ids, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+class NeedyLayer(nn.Module):
+    """A layer that needs more than the hidden states and the mask, as its encoder's forward
+    gives it (here: every argument BERT's encoder passes, none optional)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden, mask, encoder_hidden_states, *, encoder_attention_mask, cache, **kwargs):
+        return self.layer(hidden, mask)
+
+
+def test_a_forward_that_does_something_else_is_refused_naming_what_is_supported():
+    backbone = seeded(lambda: DoubledBert(transformers.BertConfig(**COMMON)))
+    with pytest.raises(ValueError, match=f"DoubledBert.*do not reproduce its output.*{SUPPORTED}"):
+        ee.attach_exits(backbone, at=["layer.1"])
+    needy = seeded(lambda: transformers.BertForSequenceClassification(transformers.BertConfig(**COMMON)))
+    layers = needy.bert.encoder.layer
+    for i in range(len(layers)):
+        layers[i] = NeedyLayer(layers[i])
+    with pytest.raises(ValueError, match=f"more than the hidden states.*they fail \\(TypeError: .*{SUPPORTED}"):
+        ee.attach_exits(needy, at=["layer.1"])
