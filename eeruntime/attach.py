@@ -308,6 +308,22 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
         )
     if split.tail is not None and not logits:
         raise ValueError(f"{type(backbone).__name__} returned no logits [B, C]; cannot check its classifier tail")
+    states = _reproduce(backbone, split, x, expected)
+    if adapter is not None and adapter.can_pad:
+        # row 0 alone, every token real: HF's mask function then gives the layers no mask at all
+        # (None), a path the padded batch does not take (MRA's layers fail on it)
+        solo = tuple(
+            torch.ones_like(t[:1]) if n == "attention_mask" else t[:1] for n, t in zip(adapter.names, as_tuple(x))
+        )
+        _reproduce(backbone, split, solo, output_logits(backbone(**dict(zip(adapter.names, solo)))))
+    classes = int(expected.shape[1]) if split.tail is not None else None
+    layouts: List[Optional[TokenLayout]] = [split.layout] * len(states)
+    return _Built(_Split(list(split.stages), split.tail), states, layouts, classes, "encoder", adapter)
+
+
+def _reproduce(backbone: nn.Module, split: encoders.EncoderSplit, x: State, expected: Any) -> List[State]:
+    """The stages' states on ``x``; the model is refused when they fail, or when the stages and
+    the tail do not give ``expected`` (its own logits on ``x``) bit for bit."""
     extra = "more than the hidden states and the attention mask (relative positions, rotary embeddings, ...)"
     try:
         states = _dry_run(split.stages, x)
@@ -315,7 +331,6 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
     except Exception as e:  # the layers needed what the forward computes between them
         why = f"its forward gives its layers {extra}: run one by one they fail ({type(e).__name__}: {e})"
         raise encoders.unsupported(backbone, why) from e
-    classes = None
     if split.tail is not None:
         if not (isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)):
             why = (
@@ -323,9 +338,7 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
                 "stage by stage, its layers and classifier do not reproduce its output on a dry run"
             )
             raise encoders.unsupported(backbone, why)
-        classes = int(expected.shape[1])
-    layouts: List[Optional[TokenLayout]] = [split.layout] * len(states)
-    return _Built(_Split(list(split.stages), split.tail), states, layouts, classes, "encoder", adapter)
+    return states
 
 
 def _encoder_cut(a: str, names: List[str]) -> int:

@@ -64,8 +64,8 @@ def why_not_hf(model: nn.Module) -> str:
     # a key/value cache in forward's inputs (spelled past_key_values, cache or use_cache across releases)
     if {"use_cache", "past_key_values", "cache"} & set(inspect.signature(model.forward).parameters):
         return (
-            "it is a decoder (causal attention with a key/value cache; its sequence classifier pools the last "
-            "non-pad token), and only encoders are cut"
+            "its forward takes a key/value cache, as decoders do (GPT-2, Llama: causal attention, a sequence "
+            "classifier on the last non-pad token); only encoders are cut"
         )
     return "it has no `embeddings` module followed by a list of layers (encoder.layer, layers, transformer.layer)"
 
@@ -551,6 +551,13 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     base, layers = found
     if getattr(base.config, "is_decoder", False):
         raise unsupported(model, "it is configured as a decoder (is_decoder=True), and only encoders are cut")
+    if getattr(base, "attention_type", None) == "block_sparse":  # refused before a dry run switches it
+        raise unsupported(
+            model,
+            "its block_sparse attention needs the per-block masks its forward builds (its forward also switches "
+            "to full attention for good on a short batch); set_attention_type('original_full') gives full attention, "
+            "which is cut",
+        )
     order = [n for n in inspect.signature(model.forward).parameters if n not in ("self", "kwargs")]
     primary = next((n for n in order if n in _PRIMARY), None)
     if primary is None:

@@ -244,6 +244,34 @@ def test_unsupported_architectures_are_refused_naming_what_is_supported(build, a
     assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
 
 
+def test_layers_that_fail_without_a_mask_are_refused_at_attach_not_at_the_first_unpadded_row():
+    """MRA's layers need a mask; HF's mask function gives None when every token is real. The
+    dry run (a padded batch) passed, and a request with no padding crashed inside the model
+    ("'NoneType' object has no attribute 'ndim'")."""
+    cfg = transformers.MraConfig(**{**COMMON, "max_position_embeddings": 64})
+    backbone = seeded(lambda: transformers.MraForSequenceClassification(cfg))
+    with pytest.raises(ValueError, match=f"MraForSequenceClassification.*they fail.*{SUPPORTED}"):
+        ee.attach_exits(backbone, at=["layer.1"])
+
+
+def big_bird(attention):
+    cfg = transformers.BigBirdConfig(
+        **{**COMMON, "max_position_embeddings": 64}, attention_type=attention, block_size=2, num_random_blocks=1
+    )
+    return transformers.BigBirdForSequenceClassification(cfg)
+
+
+def test_big_bird_full_attention_is_the_model_block_sparse_is_refused_and_left_as_it_was():
+    """Block-sparse attention needs masks BigBird's forward builds per block; its forward also
+    switches the model's layers to full attention for good when a batch is short, as the dry
+    run's was: attach silently changed what the caller's model computes on long inputs."""
+    check_family(seeded(lambda: big_bird("original_full")), ["layer.0", "layer.2"])
+    backbone = seeded(lambda: big_bird("block_sparse"))
+    with pytest.raises(ValueError, match=f"BigBird.*block_sparse.*original_full.*{SUPPORTED}"):
+        ee.attach_exits(backbone, at=["layer.1"])
+    assert {layer.attention_type for layer in backbone.bert.encoder.layer} == {"block_sparse"}
+
+
 class DoubledBert(transformers.BertForSequenceClassification):
     """A forward that does more than its layers and classifier (it doubles the logits)."""
 
