@@ -35,7 +35,7 @@ _HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
 # What attach_exits cuts, as its refusals name it (the families tests/test_encoder_families.py
 # and tests/test_encoders.py check against the unmodified models).
 SUPPORTED = (
-    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, DeBERTa (v1, v2/v3), MPNet and ModernBERT text encoders (sequence classifiers or base "
+    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa (v1, v2/v3), MPNet and ModernBERT text encoders (sequence classifiers or base "
     "models), ViT and DeiT image classifiers, and timm VisionTransformers"
 )
 
@@ -58,9 +58,6 @@ def is_hf_model(model: nn.Module) -> bool:
 def why_not_hf(model: nn.Module) -> str:
     """Why an HF model is not an encoder :func:`hf_encoder` finds (for :func:`unsupported`).
     These models would otherwise fall to the generic split, which cannot trace an HF forward."""
-    base = getattr(model, "base_model", model)
-    if isinstance(getattr(getattr(base, "encoder", None), "albert_layer_groups", None), nn.ModuleList):
-        return "ALBERT shares one layer group across its depth (it has no layer of its own to split after)"
     # a key/value cache in forward's inputs (spelled past_key_values, cache or use_cache across releases)
     if {"use_cache", "past_key_values", "cache"} & set(inspect.signature(model.forward).parameters):
         return (
@@ -516,26 +513,56 @@ def _hf_tail(model: nn.Module, base: nn.Module) -> Optional[HFTail]:
     # the pooler is the base model's (BERT) or the classifier model's own (DeBERTa's ContextPooler)
     pooler = getattr(model, "pooler", None)
     pooler = pooler if isinstance(pooler, nn.Module) else getattr(base, "pooler", None)
+    activation = getattr(base, "pooler_activation", None)
+    if isinstance(pooler, nn.Linear) and isinstance(activation, nn.Module):
+        pooler = AlbertPooler(pooler, activation)
     if pooler is not None:
         return HFTail("pooler", clf, pooler=pooler, dropout=drop)
     return HFTail("cls", clf, norm=getattr(base, "layernorm", None))
 
 
-def hf_encoder(model: nn.Module) -> Optional[Tuple[Any, nn.ModuleList]]:
-    """(base model, layer list) when ``model`` is an HF encoder this module can cut, else None."""
+def hf_encoder(model: nn.Module) -> Optional[Tuple[Any, List[nn.Module], List[str]]]:
+    """(base model, the layer run at each depth, the split point names) when ``model`` is an HF
+    encoder this module can cut, else None. The names are the layers' qualified names; ALBERT's
+    are ``<base>.encoder.layer.<depth>`` (one layer group runs at several depths)."""
     base = getattr(model, "base_model", None)
     if not isinstance(base, nn.Module) or not hasattr(getattr(base, "config", None), "to_dict"):
         return None
     if not isinstance(getattr(base, "embeddings", None), nn.Module):
         return None
+    shared = _albert_depths(base)
+    if shared is not None:
+        prefix = _qualified(model, [cast(nn.Module, base.encoder)])[0]
+        return base, shared, [f"{prefix}.layer.{i}" for i in range(len(shared))]
     # where the model families keep their layer list, across transformers releases
     for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
         layers: Any = base
         for a in path.split("."):
             layers = getattr(layers, a, None)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return base, layers
+            return base, list(layers), _qualified(model, layers)
     return None
+
+
+def _albert_depths(base: Any) -> Optional[List[nn.Module]]:
+    """ALBERT's layer group at each of its num_hidden_layers depths, as its encoder picks them
+    (depth i runs group int(i / (layers / groups))), else None."""
+    groups = getattr(getattr(base, "encoder", None), "albert_layer_groups", None)
+    if not isinstance(groups, nn.ModuleList) or len(groups) == 0:
+        return None
+    depth, count = int(base.config.num_hidden_layers), int(base.config.num_hidden_groups)
+    return [groups[int(i / (depth / count))] for i in range(depth)]
+
+
+class AlbertPooler(nn.Module):
+    """ALBERT's pooled output: its pooler (linear) on token 0, then its pooler_activation."""
+
+    def __init__(self, pooler: nn.Module, activation: nn.Module):
+        super().__init__()
+        self.pooler, self.pooler_activation = pooler, activation
+
+    def forward(self, hidden):
+        return self.pooler_activation(self.pooler(hidden[:, 0]))
 
 
 def _qualified(model: nn.Module, modules: Iterable[nn.Module]) -> List[str]:
@@ -548,7 +575,7 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     found = hf_encoder(model)
     if found is None:
         raise ValueError(f"{type(model).__name__} is not an HF encoder with an embeddings module and a layer list")
-    base, layers = found
+    base, layers, layer_names = found
     if getattr(base.config, "is_decoder", False):
         raise unsupported(model, "it is configured as a decoder (is_decoder=True), and only encoders are cut")
     if getattr(base, "attention_type", None) == "block_sparse":  # refused before a dry run switches it
@@ -568,17 +595,20 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         if "token_type_ids" in order and "token_type_ids" in inspect.signature(base.embeddings.forward).parameters:
             names.append("token_type_ids")
     mask_maker = getattr(base, "get_extended_attention_mask", None)
-    # ELECTRA: embeddings of embedding_size, projected to hidden_size by the base model's forward
-    project = getattr(base, "embeddings_project", None)
+    # ELECTRA (ALBERT): embeddings of embedding_size, projected to hidden_size by the base model's
+    # (encoder's) forward
+    project = getattr(
+        base, "embeddings_project", getattr(getattr(base, "encoder", None), "embedding_hidden_mapping_in", None)
+    )
     bounds = [0] + [c + 1 for c in cuts] + [len(layers)]
     relative = _relative_encoder(base) if primary == "input_ids" else None
     if relative is not None and int(getattr(base, "z_steps", 0) or 0) > 1:
         raise unsupported(model, "its z_steps re-run the last layer with query states")
     biased = _bias_encoder(base) if primary == "input_ids" else None
-    rotary = _rotary(base, list(layers)) if primary == "input_ids" else None
+    rotary = _rotary(base, layers) if primary == "input_ids" else None
     stages: List[HFLayers] = []
     for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        run = list(layers)[lo:hi]
+        run = layers[lo:hi]
         embed = HFEmbed(base.embeddings, names, project) if k == 0 else None
         if relative is not None:
             stages.append(HFRelativeLayers(run, base.config, relative, k == 0, embed=embed))
@@ -606,7 +636,7 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         if getattr(base.config, "position_biased_input", True) is False
         else config_int("max_position_embeddings"),
     )
-    return EncoderSplit(stages, tail, layout, _qualified(model, layers), inputs)
+    return EncoderSplit(stages, tail, layout, layer_names, inputs)
 
 
 # ---------------------------------------------------------------------------- timm ViT
@@ -678,7 +708,7 @@ def encoder_layers(model: nn.Module) -> Optional[List[str]]:
     not an encoder this module cuts."""
     hf = hf_encoder(model)
     if hf is not None:
-        return _qualified(model, hf[1])
+        return hf[2]
     if timm_vit(model):
         return _qualified(model, cast(Iterable[nn.Module], model.blocks))
     return None

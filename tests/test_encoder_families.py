@@ -179,6 +179,25 @@ def test_modernbert_rotary_and_sliding_window_layers_and_its_head(pooling):
     check_trim(backbone, ["layers.0", "layers.2"])
 
 
+# ------------------------------------------------------------------ ALBERT
+@pytest.mark.parametrize("groups", [1, 2])
+def test_albert_shared_layers_cut_by_depth(groups):
+    """ALBERT runs one layer group at several depths (num_hidden_groups groups over
+    num_hidden_layers depths); its split points are the depths (``albert.encoder.layer.<i>``).
+    Before: not found as an encoder ("cannot guess an input ... pass example_input", then fx
+    could not trace it)."""
+    cfg = transformers.AlbertConfig(**COMMON, embedding_size=16, num_hidden_groups=groups, inner_group_num=2)
+    backbone = seeded(lambda: transformers.AlbertForSequenceClassification(cfg))
+    names = [p.name for p in ee.split_points(backbone)]
+    assert names == [f"albert.encoder.layer.{i}" for i in range(3)]
+    check_family(backbone, ["albert.encoder.layer.0", "layer.2"])
+    check_trim(backbone, ["layer.0", "layer.2"])
+    model = ee.attach_exits(backbone, at=["layer.1"])
+    # the stages hold the embeddings, the projection and the shared groups: one set of parameters
+    base = [backbone.albert.embeddings, backbone.albert.encoder]
+    assert {id(p) for p in model.stages.parameters()} == {id(p) for m in base for p in m.parameters()}
+
+
 # ------------------------------------------------------------------ ELECTRA
 def test_electra_with_its_embedding_projection_is_the_model():
     """ELECTRA's embeddings are narrower than its layers (embedding_size, 128 by default) and its
@@ -191,10 +210,6 @@ def test_electra_with_its_embedding_projection_is_the_model():
 
 
 # ------------------------------------------------------------------ refused, with what is supported
-def albert():
-    return transformers.AlbertForSequenceClassification(transformers.AlbertConfig(**COMMON, embedding_size=16))
-
-
 def gpt2():
     cfg = transformers.GPT2Config(vocab_size=V, n_embd=H, n_layer=4, n_head=2, n_positions=40, num_labels=3)
     return transformers.GPT2ForSequenceClassification(cfg)
@@ -216,7 +231,6 @@ def deit_with_teacher():
     "build, at, why",
     [
         # before: "cannot guess an input ... pass example_input"; with one, fx's "co_varnames is too small"
-        (albert, "layer.1", "shares one layer group across its depth"),
         (gpt2, "h.1", "decoder"),
         (llama, "layers.1", "decoder"),
         # before: "has no classifier (it returns no logits): pass num_classes" (it returns logits)
@@ -237,7 +251,7 @@ def test_unsupported_architectures_are_refused_naming_what_is_supported(build, a
         ee.attach_exits(backbone, at=[at])
     with pytest.raises(ValueError, match=f"{name}.*{why}.*{SUPPORTED}"):
         ee.split_points(backbone)
-    if build in (albert, gpt2, llama):  # an example input does not change the answer
+    if build in (gpt2, llama):  # an example input does not change the answer
         ids = text_batch(2, 8)["input_ids"]
         with pytest.raises(ValueError, match=f"{name}.*{why}.*{SUPPORTED}"):
             ee.attach_exits(backbone, at=[at], example_input=ids)
