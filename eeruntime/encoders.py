@@ -134,7 +134,7 @@ class HFInputs:
         self.pad_token_id = int(pad_token_id)
         # the model's config's, when it has them: token ids are checked against them (text only)
         self.vocab_size = vocab_size
-        self.max_length = max_length  # max_position_embeddings: no longer sequence fits
+        self.max_length = max_length  # what its position embeddings hold: no longer sequence fits
 
     @property
     def can_pad(self) -> bool:
@@ -210,7 +210,7 @@ class HFInputs:
         if self.max_length is not None and ids.shape[1] > self.max_length:
             raise ValueError(
                 f"a sequence of {ids.shape[1]} tokens; this model takes at most {self.max_length} "
-                "(its max_position_embeddings)"
+                "(as many as its position embeddings hold)"
             )
         if self.vocab_size is not None and ids.device.type == "cpu" and ids.numel():
             lo, hi = (int(v) for v in ids.aminmax())
@@ -631,12 +631,21 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         order,
         pad_token_id=config_int("pad_token_id") or 0,
         vocab_size=config_int("vocab_size"),
-        # DeBERTa-v3 (position_biased_input=False) has no absolute positions: any length runs
-        max_length=None
-        if getattr(base.config, "position_biased_input", True) is False
-        else config_int("max_position_embeddings"),
+        max_length=_max_tokens(base.embeddings),
     )
     return EncoderSplit(stages, tail, layout, layer_names, inputs)
+
+
+def _max_tokens(embeddings: nn.Module) -> Optional[int]:
+    """The longest sequence an HF text encoder takes: the rows of its position embedding table,
+    less RoBERTa's offset (its positions count from padding_idx + 1: 514 rows hold 512 tokens).
+    None without a table (DeBERTa-v3's relative positions, ModernBERT's rotary embeddings): the
+    model runs any length."""
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        return None
+    pad = getattr(embeddings, "padding_idx", None)
+    return table.num_embeddings - (pad + 1 if isinstance(pad, int) and not isinstance(pad, bool) else 0)
 
 
 # ---------------------------------------------------------------------------- timm ViT

@@ -83,9 +83,11 @@ def check_trim(backbone, at):
 
 
 # ------------------------------------------------------------------ supported families
-def test_xlm_roberta_is_the_model():
-    cfg = transformers.XLMRobertaConfig(**COMMON)  # RoBERTa's layout, pad id 1, positions from the ids
-    check_family(seeded(lambda: transformers.XLMRobertaForSequenceClassification(cfg)), ["layer.0", "layer.2"])
+def test_xlm_roberta_is_the_model():  # RoBERTa's layout: pad id 1, positions counted from the ids
+    check_family(
+        seeded(lambda: transformers.XLMRobertaForSequenceClassification(transformers.XLMRobertaConfig(**COMMON))),
+        ["layer.0", "layer.2"],
+    )
 
 
 def test_deit_is_the_model():
@@ -317,6 +319,32 @@ def test_a_forward_that_does_something_else_is_refused_naming_what_is_supported(
         layers[i] = NeedyLayer(layers[i])
     with pytest.raises(ValueError, match=f"more than the hidden states.*they fail \\(TypeError: .*{SUPPORTED}"):
         ee.attach_exits(needy, at=["layer.1"])
+
+
+# ------------------------------------------------------------------ the longest input
+def xlm_roberta():
+    return transformers.XLMRobertaForSequenceClassification(transformers.XLMRobertaConfig(**COMMON))
+
+
+@pytest.mark.parametrize("build, longest", [(xlm_roberta, 38), (mpnet, 38), (modernbert, None), (deberta_v3, None)])
+def test_the_longest_input_is_what_the_position_table_holds(build, longest):
+    """RoBERTa-style positions count from padding_idx + 1: 40 position embeddings hold 38 tokens,
+    and 39 or 40 failed deep inside ("index out of range in self"). Without a position table
+    (ModernBERT's rotary embeddings, DeBERTa-v3's relative positions) the model runs any length,
+    and the adapter refused more than max_position_embeddings."""
+    backbone = seeded(build)
+    model = ee.attach_exits(backbone, at=[ee.split_points(backbone)[1].name])
+    rt = ee.EERuntime(model, thresholds=float("inf"), criterion="max_prob")
+    fits = COMMON["max_position_embeddings"] + 8 if longest is None else longest
+    x = text_batch(3, S=fits)
+    with torch.no_grad():
+        torch.testing.assert_close(rt.infer(x).logits, backbone(**x).logits, rtol=1e-5, atol=1e-6)
+    if longest is not None:
+        x = text_batch(3, S=longest + 1)
+        with pytest.raises((IndexError, RuntimeError)):  # the model's own failure, deep inside
+            backbone(**x)
+        with pytest.raises(ValueError, match=f"{longest + 1} tokens; this model takes at most {longest}"):
+            rt.infer(x)
 
 
 # ------------------------------------------------------------------ serving and bundles of the new stage kinds
