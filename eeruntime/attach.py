@@ -291,8 +291,10 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
             f"split point {at[cuts.index(cuts[-1])]!r} is the last layer: it leaves the last stage empty; valid: {_listing(names[:-1])}"
         )
     split = encoders.split_encoder(backbone, cuts)
+    _check_held(backbone, split)
     adapter = split.input_adapter
-    probe = example_input if example_input is not None else _encoder_probe(backbone)
+    primary = adapter.names[0] if adapter is not None else None
+    probe = example_input if example_input is not None else _encoder_probe(backbone, primary)
     x = adapter(probe) if adapter is not None else _as_input(probe)
     if adapter is not None:
         raw = backbone(**dict(zip(adapter.names, as_tuple(x))))
@@ -319,6 +321,24 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
     classes = int(expected.shape[1]) if split.tail is not None else None
     layouts: List[Optional[TokenLayout]] = [split.layout] * len(states)
     return _Built(_Split(list(split.stages), split.tail), states, layouts, classes, "encoder", adapter)
+
+
+# what a base model runs after its layers: a new final head does not use it, nor does every
+# classifier (BigBird's reads the tokens, not the pooler); the dry run checks the tail that does
+_AFTER_LAYERS = ("pooler", "layernorm", "final_norm", "norm", "ln_f")
+
+
+def _check_held(backbone: nn.Module, split: encoders.EncoderSplit) -> None:
+    """Refuse an encoder whose own parameters the stages and the tail do not hold: its forward
+    uses them between the layers (BEiT's shared relative position bias), and a dry run cannot
+    tell while they are zero, as a fresh model's are."""
+    base = getattr(backbone, "base_model", backbone)
+    held = {id(p) for m in [*split.stages, split.tail] if m is not None for p in m.parameters()}
+    missing = [n for n, p in base.named_parameters() if id(p) not in held and n.split(".")[0] not in _AFTER_LAYERS]
+    if missing:
+        raise encoders.unsupported(
+            backbone, f"its forward uses parameters outside its layers and classifier: {_listing(missing)}"
+        )
 
 
 def _reproduce(backbone: nn.Module, split: encoders.EncoderSplit, x: State, expected: Any) -> List[State]:
@@ -354,12 +374,14 @@ def _encoder_cut(a: str, names: List[str]) -> int:
     )
 
 
-def _encoder_probe(backbone: nn.Module) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
-    """A random batch of 2 for an encoder: token ids with a padded second row, or images."""
+def _encoder_probe(backbone: nn.Module, primary: Optional[str] = None) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
+    """A random batch of 2 for an encoder: token ids with a padded second row, or images, as
+    ``primary`` (the main input its forward takes) says; an image model's config may have a
+    vocab_size too (BEiT's, for masked image modelling)."""
     g = torch.Generator().manual_seed(0)
     p = next(iter(backbone.parameters()))
     cfg = getattr(getattr(backbone, "base_model", None), "config", None)
-    if cfg is not None and hasattr(cfg, "vocab_size"):
+    if primary != "pixel_values" and cfg is not None and hasattr(cfg, "vocab_size"):
         S = min(8, int(getattr(cfg, "max_position_embeddings", 8)))
         ids = torch.randint(0, int(cfg.vocab_size), (2, S), generator=g)
         mask = torch.ones(2, S, dtype=torch.long)

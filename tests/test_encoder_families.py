@@ -108,6 +108,45 @@ def test_deit_is_the_model():
     torch.testing.assert_close(res.logits.double(), ref_logits, rtol=1e-4, atol=1e-5)
 
 
+def beit(**kw):
+    cfg = transformers.BeitConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=H,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **kw,
+    )
+    return transformers.BeitForImageClassification(cfg)
+
+
+def test_beit_is_probed_with_images():
+    """BEiT's config has a vocab_size (for masked image modelling): attach probed it with token
+    ids and refused it ("inputs ['attention_mask', 'input_ids'] are not supported"). Mean
+    pooling (its default) is its pooler, which the tail runs."""
+    backbone = seeded(beit)
+    model = ee.attach_exits(backbone, at=["beit.layers.0", "layers.2"])
+    x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        never = ee.EERuntime(model, thresholds=float("inf"), criterion="max_prob").infer(x)
+        torch.testing.assert_close(never.logits, backbone(x).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_the_stages_would_not_run_are_refused_even_while_zero():
+    """BEiT's shared relative position bias sits outside its layers, and a fresh model's table is
+    zero: the dry run matched, attach succeeded, and the stages never added the bias (after
+    training, or with the table set, the final exit was not the model)."""
+    backbone = seeded(lambda: beit(use_shared_relative_position_bias=True))
+    with pytest.raises(
+        ValueError, match=f"Beit.*parameters outside its layers.*relative_position_bias_table.*{SUPPORTED}"
+    ):
+        ee.attach_exits(backbone, at=["layers.1"])
+    # a base model's pooler is not used by a new final head: that is not refused
+    base = seeded(lambda: transformers.BertModel(transformers.BertConfig(**COMMON)))
+    assert ee.attach_exits(base, at=["layer.1"], num_classes=3).num_exits == 2
+
+
 # ------------------------------------------------------------------ DeBERTa
 def deberta_v2():
     cfg = transformers.DebertaV2Config(**COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"])
