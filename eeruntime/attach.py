@@ -78,8 +78,10 @@ def attach_exits(
     Args:
         backbone: a trained classifier returning logits [B, C] (or an HF ``ModelOutput`` / a dict
             with ``logits``, or a tuple whose first member is the logits). HF encoders (BERT,
-            RoBERTa, DistilBERT, ViT, ...) and timm ViTs are cut between their layers (see
-            :mod:`eeruntime.encoders`); an HF base model without a classifier needs ``num_classes``.
+            RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa, MPNet, ModernBERT, ViT, ...) and timm
+            ViTs are cut between their layers (see :mod:`eeruntime.encoders`); an HF base model
+            without a classifier needs ``num_classes``. Other HF models (decoders, ...) are
+            refused with why and what is supported.
         at: the split points, in forward order: child names (``"layer1"``, ``"features.10"``),
             fx node names (``"layer1_1_relu_1"``) or torchvision's dotted node names
             (``"layer1.1.relu_1"``), submodule names, or an encoder's layers

@@ -1,4 +1,5 @@
-"""Transformer encoders cut into stages: HF (BERT, RoBERTa, DistilBERT, ViT, ...) and timm ViTs.
+"""Transformer encoders cut into stages: HF (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA,
+DeBERTa, MPNet, ModernBERT, ViT, ...; :data:`SUPPORTED`) and timm ViTs.
 
 An encoder's stages carry a token state: ``(hidden [B, S, H], attention_mask [B, S])`` for text
 (HF's mask: non-zero = real token), ``hidden`` alone for images (every patch is real). Stage 0
@@ -10,6 +11,12 @@ The input adapter (:class:`HFInputs`) turns what users pass an HF model (a dict,
 ``BatchEncoding``, a tuple in ``forward`` order, or the main tensor alone) into the fixed tuple
 stage 0 takes, filling an absent ``attention_mask`` with ones and ``token_type_ids`` with zeros
 (HF's own defaults).
+
+Families whose encoder gives each layer more than the hidden states and the mask have their
+own stage kind, calling the encoder's own methods as its forward does: DeBERTa's relative
+positions (:class:`HFRelativeLayers`), MPNet's position bias (:class:`HFBiasLayers`),
+ModernBERT's rotary embeddings and sliding-window masks (:class:`HFRotaryLayers`). ALBERT's
+layer groups are shared across depths: its split points are depths.
 
 The final exit is the model's own classifier tail (its pooler, norm, dropout and classifier, in
 its order); ``attach_exits`` checks that stages + tail give the model's logits on a dry run.
