@@ -135,6 +135,7 @@ class HFInputs:
         pad_token_id: int = 0,
         vocab_size: Optional[int] = None,
         max_length: Optional[int] = None,
+        type_vocab_size: Optional[int] = None,
     ):
         self.names = tuple(names)
         self.forward_order = tuple(forward_order)
@@ -142,6 +143,7 @@ class HFInputs:
         # the model's config's, when it has them: token ids are checked against them (text only)
         self.vocab_size = vocab_size
         self.max_length = max_length  # what its position embeddings hold: no longer sequence fits
+        self.type_vocab_size = type_vocab_size  # rows of its segment embeddings (RoBERTa's: 1)
 
     @property
     def can_pad(self) -> bool:
@@ -224,6 +226,15 @@ class HFInputs:
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(
                     f"token ids must be in [0, {self.vocab_size}) (the model's vocab_size); got ids from {lo} to {hi}"
+                )
+        types = getattr(self, "type_vocab_size", None)  # (an adapter pickled before it had one)
+        if types is not None and "token_type_ids" in self.names and ids.device.type == "cpu" and ids.numel():
+            seg = members[self.names.index("token_type_ids")]
+            lo, hi = (int(v) for v in seg.aminmax())
+            if lo < 0 or hi >= types:
+                raise ValueError(
+                    f"token_type_ids must be in [0, {types}) (the model's type_vocab_size; RoBERTa-style models "
+                    f"have 1 segment: leave token_type_ids out); got ids from {lo} to {hi}"
                 )
 
 
@@ -639,8 +650,15 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         pad_token_id=config_int("pad_token_id") or 0,
         vocab_size=config_int("vocab_size"),
         max_length=_max_tokens(base.embeddings),
+        type_vocab_size=_table_rows(base.embeddings, "token_type_embeddings"),
     )
     return EncoderSplit(stages, tail, layout, layer_names, inputs)
+
+
+def _table_rows(embeddings: nn.Module, name: str) -> Optional[int]:
+    """The rows of an embedding table of ``embeddings`` (None when it has none by that name)."""
+    table = getattr(embeddings, name, None)
+    return table.num_embeddings if isinstance(table, nn.Embedding) else None
 
 
 def _max_tokens(embeddings: nn.Module) -> Optional[int]:

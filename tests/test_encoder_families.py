@@ -386,6 +386,20 @@ def test_the_longest_input_is_what_the_position_table_holds(build, longest):
             rt.infer(x)
 
 
+def test_segment_ids_beyond_the_models_segment_table_are_refused_by_name():
+    """RoBERTa-style models have one segment (type_vocab_size 1); segment ids 1 from a BERT-style
+    tokenizer failed inside the embeddings ("index out of range in self")."""
+    cfg = transformers.XLMRobertaConfig(**COMMON, type_vocab_size=1)  # as the released checkpoints
+    backbone = seeded(lambda: transformers.XLMRobertaForSequenceClassification(cfg))
+    rt = ee.EERuntime(ee.attach_exits(backbone, at=["layer.1"]), thresholds=0.5)
+    x = {**text_batch(3), "token_type_ids": torch.ones(3, 14, dtype=torch.long)}
+    with pytest.raises(IndexError):  # the model's own failure
+        backbone(**x)
+    with pytest.raises(ValueError, match=r"token_type_ids must be in \[0, 1\).*got ids from 1 to 1"):
+        rt.infer(x)
+    assert rt.infer({**x, "token_type_ids": torch.zeros(3, 14, dtype=torch.long)}).logits.shape == (3, 3)
+
+
 # ------------------------------------------------------------------ serving and bundles of the new stage kinds
 @pytest.mark.parametrize("build", [deberta_v3, mpnet, modernbert], ids=["deberta-v3", "mpnet", "modernbert"])
 def test_new_families_served_with_pad_to_and_saved_with_their_weights(build, tmp_path):
