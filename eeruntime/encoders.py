@@ -42,8 +42,9 @@ _HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
 # What attach_exits cuts, as its refusals name it (the families tests/test_encoder_families.py
 # and tests/test_encoders.py check against the unmodified models).
 SUPPORTED = (
-    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa (v1, v2/v3), MPNet and ModernBERT text encoders (sequence classifiers or base "
-    "models), ViT and DeiT image classifiers, and timm VisionTransformers"
+    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa (v1, v2/v3), MPNet and "
+    "ModernBERT text encoders (sequence classifiers or base models), ViT and DeiT image classifiers, and "
+    "timm VisionTransformers"
 )
 
 
