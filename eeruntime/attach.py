@@ -78,8 +78,10 @@ def attach_exits(
     Args:
         backbone: a trained classifier returning logits [B, C] (or an HF ``ModelOutput`` / a dict
             with ``logits``, or a tuple whose first member is the logits). HF encoders (BERT,
-            RoBERTa, DistilBERT, ViT, ...) and timm ViTs are cut between their layers (see
-            :mod:`eeruntime.encoders`); an HF base model without a classifier needs ``num_classes``.
+            RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa, MPNet, ModernBERT, ViT, ...) and timm
+            ViTs are cut between their layers (see :mod:`eeruntime.encoders`); an HF base model
+            without a classifier needs ``num_classes``. Other HF models (decoders, ...) are
+            refused with why and what is supported.
         at: the split points, in forward order: child names (``"layer1"``, ``"features.10"``),
             fx node names (``"layer1_1_relu_1"``) or torchvision's dotted node names
             (``"layer1.1.relu_1"``), submodule names, or an encoder's layers
@@ -138,6 +140,8 @@ def attach_exits(
     try:
         with torch.no_grad():
             layers = encoders.encoder_layers(backbone)
+            if layers is None and encoders.is_hf_model(backbone):
+                raise encoders.unsupported(backbone, encoders.why_not_hf(backbone))
             if layers is not None:
                 built = _build_encoder(backbone, layers, names, example_input)
             else:
@@ -206,6 +210,8 @@ def split_points(backbone: nn.Module, example_input: ExampleInput = None, mode: 
     try:
         with torch.no_grad():
             names = encoders.encoder_layers(backbone)
+            if names is None and encoders.is_hf_model(backbone):
+                raise encoders.unsupported(backbone, encoders.why_not_hf(backbone))
             if names is not None:
                 built = _build_encoder(backbone, names, names[:-1], example_input)
                 return [SplitPoint(n, tuple(as_tuple(s)[0].shape[1:])) for n, s in zip(names[:-1], built.states)]
@@ -287,29 +293,74 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
             f"split point {at[cuts.index(cuts[-1])]!r} is the last layer: it leaves the last stage empty; valid: {_listing(names[:-1])}"
         )
     split = encoders.split_encoder(backbone, cuts)
+    _check_held(backbone, split)
     adapter = split.input_adapter
-    probe = example_input if example_input is not None else _encoder_probe(backbone)
+    primary = adapter.names[0] if adapter is not None else None
+    probe = example_input if example_input is not None else _encoder_probe(backbone, primary)
     x = adapter(probe) if adapter is not None else _as_input(probe)
     if adapter is not None:
         raw = backbone(**dict(zip(adapter.names, as_tuple(x))))
     else:
         raw = call(backbone, x)
     expected = output_logits(raw)
-    states = _dry_run(split.stages, x)
-    classes = None
-    if split.tail is not None:
-        if expected is None or expected.dim() != 2:
-            raise ValueError(f"{type(backbone).__name__} returned no logits [B, C]; cannot check its classifier tail")
-        out = call(split.tail, states[-1])
-        if not (isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)):
-            raise ValueError(
-                f"the layers and classifier of {type(backbone).__name__}, run stage by stage, do not reproduce its "
-                "output on the dry run; its forward does something else between them (supported: BERT/RoBERTa/"
-                "DistilBERT/ViT-style sequence and image classifiers, timm VisionTransformer)"
-            )
-        classes = int(expected.shape[1])
+    logits = isinstance(expected, torch.Tensor) and expected.dim() == 2
+    if split.tail is None and logits:  # a classifier the split did not find (DeiT's with-teacher pair of heads)
+        raise encoders.unsupported(
+            backbone,
+            "it returns logits, but its classifier is not one eeruntime rebuilds as the final exit; attach to its "
+            f"base model (.{getattr(backbone, 'base_model_prefix', 'base_model')}) with num_classes= for a new final head",
+        )
+    if split.tail is not None and not logits:
+        raise ValueError(f"{type(backbone).__name__} returned no logits [B, C]; cannot check its classifier tail")
+    states = _reproduce(backbone, split, x, expected)
+    if adapter is not None and adapter.can_pad:
+        # row 0 alone, every token real: HF's mask function then gives the layers no mask at all
+        # (None), a path the padded batch does not take (MRA's layers fail on it)
+        solo = tuple(
+            torch.ones_like(t[:1]) if n == "attention_mask" else t[:1] for n, t in zip(adapter.names, as_tuple(x))
+        )
+        _reproduce(backbone, split, solo, output_logits(backbone(**dict(zip(adapter.names, solo)))))
+    classes = int(expected.shape[1]) if split.tail is not None else None
     layouts: List[Optional[TokenLayout]] = [split.layout] * len(states)
     return _Built(_Split(list(split.stages), split.tail), states, layouts, classes, "encoder", adapter)
+
+
+# what a base model runs after its layers: a new final head does not use it, nor does every
+# classifier (BigBird's reads the tokens, not the pooler); the dry run checks the tail that does
+_AFTER_LAYERS = ("pooler", "layernorm", "final_norm", "norm", "ln_f")
+
+
+def _check_held(backbone: nn.Module, split: encoders.EncoderSplit) -> None:
+    """Refuse an encoder whose own parameters the stages and the tail do not hold: its forward
+    uses them between the layers (BEiT's shared relative position bias), and a dry run cannot
+    tell while they are zero, as a fresh model's are."""
+    base = getattr(backbone, "base_model", backbone)
+    held = {id(p) for m in [*split.stages, split.tail] if m is not None for p in m.parameters()}
+    missing = [n for n, p in base.named_parameters() if id(p) not in held and n.split(".")[0] not in _AFTER_LAYERS]
+    if missing:
+        raise encoders.unsupported(
+            backbone, f"its forward uses parameters outside its layers and classifier: {_listing(missing)}"
+        )
+
+
+def _reproduce(backbone: nn.Module, split: encoders.EncoderSplit, x: State, expected: Any) -> List[State]:
+    """The stages' states on ``x``; the model is refused when they fail, or when the stages and
+    the tail do not give ``expected`` (its own logits on ``x``) bit for bit."""
+    extra = "more than the hidden states and the attention mask (relative positions, rotary embeddings, ...)"
+    try:
+        states = _dry_run(split.stages, x)
+        out = call(split.tail, states[-1]) if split.tail is not None else None
+    except Exception as e:  # the layers needed what the forward computes between them
+        why = f"its forward gives its layers {extra}: run one by one they fail ({type(e).__name__}: {e})"
+        raise encoders.unsupported(backbone, why) from e
+    if split.tail is not None:
+        if not (isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.equal(out, expected)):
+            why = (
+                f"its forward gives its layers {extra}, or its classifier is not the tail eeruntime rebuilds: run "
+                "stage by stage, its layers and classifier do not reproduce its output on a dry run"
+            )
+            raise encoders.unsupported(backbone, why)
+    return states
 
 
 def _encoder_cut(a: str, names: List[str]) -> int:
@@ -325,12 +376,14 @@ def _encoder_cut(a: str, names: List[str]) -> int:
     )
 
 
-def _encoder_probe(backbone: nn.Module) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
-    """A random batch of 2 for an encoder: token ids with a padded second row, or images."""
+def _encoder_probe(backbone: nn.Module, primary: Optional[str] = None) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
+    """A random batch of 2 for an encoder: token ids with a padded second row, or images, as
+    ``primary`` (the main input its forward takes) says; an image model's config may have a
+    vocab_size too (BEiT's, for masked image modelling)."""
     g = torch.Generator().manual_seed(0)
     p = next(iter(backbone.parameters()))
     cfg = getattr(getattr(backbone, "base_model", None), "config", None)
-    if cfg is not None and hasattr(cfg, "vocab_size"):
+    if primary != "pixel_values" and cfg is not None and hasattr(cfg, "vocab_size"):
         S = min(8, int(getattr(cfg, "max_position_embeddings", 8)))
         ids = torch.randint(0, int(cfg.vocab_size), (2, S), generator=g)
         mask = torch.ones(2, S, dtype=torch.long)

@@ -1,4 +1,5 @@
-"""Transformer encoders cut into stages: HF (BERT, RoBERTa, DistilBERT, ViT, ...) and timm ViTs.
+"""Transformer encoders cut into stages: HF (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA,
+DeBERTa, MPNet, ModernBERT, ViT, ...; :data:`SUPPORTED`) and timm ViTs.
 
 An encoder's stages carry a token state: ``(hidden [B, S, H], attention_mask [B, S])`` for text
 (HF's mask: non-zero = real token), ``hidden`` alone for images (every patch is real). Stage 0
@@ -11,6 +12,12 @@ The input adapter (:class:`HFInputs`) turns what users pass an HF model (a dict,
 stage 0 takes, filling an absent ``attention_mask`` with ones and ``token_type_ids`` with zeros
 (HF's own defaults).
 
+Families whose encoder gives each layer more than the hidden states and the mask have their
+own stage kind, calling the encoder's own methods as its forward does: DeBERTa's relative
+positions (:class:`HFRelativeLayers`), MPNet's position bias (:class:`HFBiasLayers`),
+ModernBERT's rotary embeddings and sliding-window masks (:class:`HFRotaryLayers`). ALBERT's
+layer groups are shared across depths: its split points are depths.
+
 The final exit is the model's own classifier tail (its pooler, norm, dropout and classifier, in
 its order); ``attach_exits`` checks that stages + tail give the model's logits on a dry run.
 Models whose layers are called in a loop by ``forward`` are handled here, not by torch.fx,
@@ -20,6 +27,7 @@ because their forward builds masks with Python control flow that tracing cannot 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, cast
@@ -32,6 +40,41 @@ from .state import dtype_name
 # Inputs of an HF encoder that the runtime carries (others are refused with a clear error).
 _PRIMARY = ("input_ids", "pixel_values")
 _HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
+
+# What attach_exits cuts, as its refusals name it (the families tests/test_encoder_families.py
+# and tests/test_encoders.py check against the unmodified models).
+SUPPORTED = (
+    "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa (v1, v2/v3), MPNet and "
+    "ModernBERT text encoders (sequence classifiers or base models), ViT and DeiT image classifiers, and "
+    "timm VisionTransformers"
+)
+
+
+def unsupported(model: nn.Module, why: str) -> ValueError:
+    """The error attach_exits raises for a model it cannot cut: its class (and HF model_type),
+    why, and what is supported."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    named = f"{type(model).__name__}" + (f" (model_type {kind!r})" if isinstance(kind, str) and kind else "")
+    return ValueError(f"{named} cannot be cut into early-exit stages: {why}; {SUPPORTED}")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """True for a Hugging Face transformers model (a ``PreTrainedModel``)."""
+    tf = sys.modules.get("transformers")  # a model of it exists only once it is imported
+    pre = getattr(tf, "PreTrainedModel", None) if tf is not None else None
+    return isinstance(pre, type) and isinstance(model, pre)
+
+
+def why_not_hf(model: nn.Module) -> str:
+    """Why an HF model is not an encoder :func:`hf_encoder` finds (for :func:`unsupported`).
+    These models would otherwise fall to the generic split, which cannot trace an HF forward."""
+    # a key/value cache in forward's inputs (spelled past_key_values, cache or use_cache across releases)
+    if {"use_cache", "past_key_values", "cache"} & set(inspect.signature(model.forward).parameters):
+        return (
+            "its forward takes a key/value cache, as decoders do (GPT-2, Llama: causal attention, a sequence "
+            "classifier on the last non-pad token); only encoders are cut"
+        )
+    return "it has no `embeddings` module followed by a list of layers (encoder.layer, layers, transformer.layer)"
 
 
 @dataclass
@@ -95,13 +138,15 @@ class HFInputs:
         pad_token_id: int = 0,
         vocab_size: Optional[int] = None,
         max_length: Optional[int] = None,
+        type_vocab_size: Optional[int] = None,
     ):
         self.names = tuple(names)
         self.forward_order = tuple(forward_order)
         self.pad_token_id = int(pad_token_id)
         # the model's config's, when it has them: token ids are checked against them (text only)
         self.vocab_size = vocab_size
-        self.max_length = max_length  # max_position_embeddings: no longer sequence fits
+        self.max_length = max_length  # what its position embeddings hold: no longer sequence fits
+        self.type_vocab_size = type_vocab_size  # rows of its segment embeddings (RoBERTa's: 1)
 
     @property
     def can_pad(self) -> bool:
@@ -177,7 +222,7 @@ class HFInputs:
         if self.max_length is not None and ids.shape[1] > self.max_length:
             raise ValueError(
                 f"a sequence of {ids.shape[1]} tokens; this model takes at most {self.max_length} "
-                "(its max_position_embeddings)"
+                "(as many as its position embeddings hold)"
             )
         if self.vocab_size is not None and ids.device.type == "cpu" and ids.numel():
             lo, hi = (int(v) for v in ids.aminmax())
@@ -185,22 +230,41 @@ class HFInputs:
                 raise ValueError(
                     f"token ids must be in [0, {self.vocab_size}) (the model's vocab_size); got ids from {lo} to {hi}"
                 )
+        types = getattr(self, "type_vocab_size", None)  # (an adapter pickled before it had one)
+        if types is not None and "token_type_ids" in self.names and ids.device.type == "cpu" and ids.numel():
+            seg = members[self.names.index("token_type_ids")]
+            lo, hi = (int(v) for v in seg.aminmax())
+            if lo < 0 or hi >= types:
+                raise ValueError(
+                    f"token_type_ids must be in [0, {types}) (the model's type_vocab_size; RoBERTa-style models "
+                    f"have 1 segment: leave token_type_ids out); got ids from {lo} to {hi}"
+                )
 
 
 # ---------------------------------------------------------------------------- HF stages
 class HFEmbed(nn.Module):
-    """Stage-0 entry of an HF encoder: embeddings of the inputs; passes the 2-D mask on."""
+    """Stage-0 entry of an HF encoder: embeddings of the inputs; passes the 2-D mask on.
+    ``project``: the linear map a model with embeddings narrower than its layers applies to
+    them before its first layer (ELECTRA's ``embeddings_project``)."""
 
-    def __init__(self, embeddings: nn.Module, names: Sequence[str]):
+    def __init__(self, embeddings: nn.Module, names: Sequence[str], project: Optional[nn.Module] = None):
         super().__init__()
         self.embeddings = embeddings
+        self.project = project
         self.names = tuple(names)
         params = inspect.signature(embeddings.forward).parameters
         self._pass = tuple(n for n in self.names if n != "attention_mask" and n in params)
+        # DeBERTa's embeddings take the 2-D mask as `mask` (they zero the padded tokens' vectors)
+        self._mask_arg = "attention_mask" in self.names and "mask" in params
 
     def forward(self, *inputs):
         given = dict(zip(self.names, inputs))
-        hidden = self.embeddings(**{n: given[n] for n in self._pass})
+        kwargs = {n: given[n] for n in self._pass}
+        if self._mask_arg:
+            kwargs["mask"] = given["attention_mask"]
+        hidden = self.embeddings(**kwargs)
+        if self.project is not None:
+            hidden = self.project(hidden)
         mask = given.get("attention_mask")
         return hidden if mask is None else (hidden, mask)
 
@@ -273,10 +337,121 @@ class HFLayers(nn.Module):
             # (logits [0, C]) that any other model's 0-row batch gets.
             return hidden if mask is None else (hidden, mask)
         ext = self.layer_mask(hidden, mask)
+        extra = self.layer_args(hidden)
         for layer in self.layers:
-            out = layer(hidden, ext) if ext is not None else layer(hidden)
+            # no mask (images; HF's mask function gives None when every token is real): the
+            # layer's own default, unless it takes more after the mask (MPNet's bias)
+            out = layer(hidden, ext, *extra) if ext is not None or extra else layer(hidden)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden if mask is None else (hidden, mask)
+
+    def layer_args(self, hidden) -> tuple:
+        """What each layer takes after the hidden states and the mask (nothing here)."""
+        return ()
+
+
+class HFBiasLayers(HFLayers):
+    """A run of MPNet layers: besides the mask, its encoder gives every layer a relative position
+    bias (``compute_position_bias``, from the sequence length alone: trimming stays exact).
+    The bias embedding is registered in each stage; the encoder's method computes it."""
+
+    def __init__(self, layers: Sequence[nn.Module], config, encoder: nn.Module, embed=None):
+        super().__init__(layers, config, embed=embed)
+        self.relative_attention_bias = encoder.relative_attention_bias
+        self.__dict__["_encoder"] = encoder  # not a submodule: its layers belong to the stages
+
+    def layer_args(self, hidden) -> tuple:
+        encoder: Any = self.__dict__["_encoder"]
+        return (encoder.compute_position_bias(hidden),)
+
+
+class HFRelativeLayers(HFLayers):
+    """A run of DeBERTa (v1, v2/v3) layers. Its encoder gives every layer, besides the mask it
+    builds from the 2-D mask (``get_attention_mask``), the tokens' relative positions
+    (``get_rel_pos``, from the sequence length alone) and the relative position embeddings
+    (``get_rel_embedding``); v2 with ``conv_kernel_size`` adds a convolution of the embeddings
+    to layer 0's output. All three are the encoder's own methods, called here as its forward
+    calls them; the modules they read are registered in each stage that uses them.
+
+    Trimming trailing pad columns (``trim``) is exact here too: relative positions depend on
+    the distance between tokens only, and the convolution runs in stage 0, which never trims."""
+
+    def __init__(self, layers: Sequence[nn.Module], config, encoder: nn.Module, first: bool, embed=None):
+        super().__init__(layers, config, embed=embed)
+        self.rel_embeddings = getattr(encoder, "rel_embeddings", None)
+        self.rel_norm = getattr(encoder, "LayerNorm", None)
+        self.conv = getattr(encoder, "conv", None) if first else None
+        self.__dict__["_encoder"] = encoder  # not a submodule: its layers belong to the stages
+
+    def forward(self, *state):
+        if self.embed is not None:
+            state = self.embed(*state)
+        elif self.trim and not _capturing():
+            state = trim_tokens(state)
+        hidden, mask = state
+        enc = self._encoder
+        ext = enc.get_attention_mask(mask)
+        rel_pos = enc.get_rel_pos(hidden)
+        rel_emb = enc.get_rel_embedding()
+        embedded = hidden
+        for i, layer in enumerate(self.layers):
+            out = layer(hidden, ext, query_states=None, relative_pos=rel_pos, rel_embeddings=rel_emb)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if i == 0 and self.conv is not None:
+                hidden = self.conv(embedded, hidden, mask)
+        return hidden, mask
+
+
+def _relative_encoder(base: nn.Module) -> Optional[nn.Module]:
+    """The encoder of a DeBERTa-style model (relative positions given to each layer), else None."""
+    enc = getattr(base, "encoder", None)
+    methods = ("get_rel_pos", "get_rel_embedding", "get_attention_mask")
+    return enc if isinstance(enc, nn.Module) and all(callable(getattr(enc, m, None)) for m in methods) else None
+
+
+class HFRotaryLayers(HFLayers):
+    """A run of ModernBERT layers. Its forward gives each layer, by the layer's
+    ``attention_type``, a mask (full, or a sliding window of ``config.local_attention`` tokens)
+    and rotary position embeddings of the positions 0..S-1 (``rotary_emb``, registered here).
+    Both depend on token positions only, so trimming trailing pad columns stays exact."""
+
+    def __init__(self, layers: Sequence[nn.Module], config, rotary: nn.Module, embed=None):
+        super().__init__(layers, config, embed=embed)
+        self.rotary_emb = rotary
+
+    def forward(self, *state):
+        from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+
+        if self.embed is not None:
+            state = self.embed(*state)
+        elif self.trim and not _capturing():
+            state = trim_tokens(state)
+        hidden, mask = state
+        kw = dict(config=self.config, inputs_embeds=hidden, attention_mask=mask)
+        masks = {"full_attention": create_bidirectional_mask(**kw)}
+        masks["sliding_attention"] = create_bidirectional_sliding_window_mask(**kw)
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        rotary = {t: self.rotary_emb(hidden, positions, t) for t in {lay.attention_type for lay in self.layers}}
+        for layer in self.layers:
+            kind = layer.attention_type
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind])
+        return hidden, mask
+
+
+def _rotary(base: nn.Module, layers: Sequence[nn.Module]) -> Optional[nn.Module]:
+    """The rotary embedding of a ModernBERT-style model (layers typed full / sliding), else None."""
+    rotary = getattr(base, "rotary_emb", None)
+    typed = all(isinstance(getattr(lay, "attention_type", None), str) for lay in layers)
+    return rotary if isinstance(rotary, nn.Module) and typed else None
+
+
+def _bias_encoder(base: nn.Module) -> Optional[nn.Module]:
+    """The encoder of an MPNet-style model (a relative position bias given to each layer), else None."""
+    enc = getattr(base, "encoder", None)
+    ok = callable(getattr(enc, "compute_position_bias", None)) and isinstance(
+        getattr(enc, "relative_attention_bias", None), nn.Module
+    )
+    return enc if ok else None
 
 
 class HFTail(nn.Module):
@@ -285,15 +460,20 @@ class HFTail(nn.Module):
     ``kind`` follows the model families' forward:
     ``pooler`` (BERT: pooler -> dropout -> classifier), ``distil`` (DistilBERT: token 0 ->
     pre_classifier -> ReLU -> dropout -> classifier), ``sequence`` (RoBERTa: a classifier module
-    that reads the whole sequence), ``cls`` (ViT: norm -> token 0 -> classifier)."""
+    that reads the whole sequence), ``cls`` (ViT: norm -> token 0 -> classifier), ``norm_head``
+    (ModernBERT: norm -> token 0, or the mean of the real tokens with ``pool="mean"`` ->
+    pre_classifier (its head) -> dropout -> classifier)."""
 
-    KINDS = ("pooler", "distil", "sequence", "cls")
+    KINDS = ("pooler", "distil", "sequence", "cls", "norm_head")
 
-    def __init__(self, kind: str, classifier: nn.Module, *, pooler=None, dropout=None, pre_classifier=None, norm=None):
+    def __init__(
+        self, kind: str, classifier: nn.Module, *, pooler=None, dropout=None, pre_classifier=None, norm=None, pool="cls"
+    ):
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f"unknown tail kind {kind!r}")
         self.kind = kind
+        self.pool = pool
         # registered in forward order
         self.pooler, self.pre_classifier, self.norm, self.dropout = pooler, pre_classifier, norm, dropout
         self.classifier = classifier
@@ -308,6 +488,14 @@ class HFTail(nn.Module):
             return self.classifier(self._drop(torch.relu(self.pre_classifier(hidden[:, 0]))))
         if self.kind == "sequence":
             return self.classifier(hidden)
+        if self.kind == "norm_head":
+            hidden = self.norm(hidden)
+            if self.pool == "mean":  # the model's own arithmetic: masked sum / number of real tokens
+                mask = rest[0].unsqueeze(-1)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+            else:
+                pooled = hidden[:, 0]
+            return self.classifier(self._drop(self.pre_classifier(pooled)))
         if self.norm is not None:
             hidden = self.norm(hidden)
         return self.classifier(hidden[:, 0])
@@ -333,30 +521,74 @@ def _hf_tail(model: nn.Module, base: nn.Module) -> Optional[HFTail]:
     if model is base or not isinstance(clf, nn.Module):
         return None
     drop = getattr(model, "dropout", None)
+    head_module = getattr(model, "head", None)
+    if isinstance(head_module, nn.Module) and isinstance(getattr(base, "final_norm", None), nn.Module):  # ModernBERT
+        pool = getattr(model.config, "classifier_pooling", "cls")
+        return HFTail(
+            "norm_head",
+            clf,
+            pre_classifier=head_module,
+            dropout=getattr(model, "drop", None),
+            norm=base.final_norm,
+            pool=pool,
+        )
     if isinstance(getattr(model, "pre_classifier", None), nn.Module):
         return HFTail("distil", clf, pre_classifier=model.pre_classifier, dropout=drop)
     if not isinstance(clf, nn.Linear):
         return HFTail("sequence", clf)
-    if getattr(base, "pooler", None) is not None:
-        return HFTail("pooler", clf, pooler=base.pooler, dropout=drop)
+    # the pooler is the base model's (BERT) or the classifier model's own (DeBERTa's ContextPooler)
+    pooler = getattr(model, "pooler", None)
+    pooler = pooler if isinstance(pooler, nn.Module) else getattr(base, "pooler", None)
+    activation = getattr(base, "pooler_activation", None)
+    if isinstance(pooler, nn.Linear) and isinstance(activation, nn.Module):
+        pooler = AlbertPooler(pooler, activation)
+    if pooler is not None:
+        return HFTail("pooler", clf, pooler=pooler, dropout=drop)
     return HFTail("cls", clf, norm=getattr(base, "layernorm", None))
 
 
-def hf_encoder(model: nn.Module) -> Optional[Tuple[Any, nn.ModuleList]]:
-    """(base model, layer list) when ``model`` is an HF encoder this module can cut, else None."""
+def hf_encoder(model: nn.Module) -> Optional[Tuple[Any, List[nn.Module], List[str]]]:
+    """(base model, the layer run at each depth, the split point names) when ``model`` is an HF
+    encoder this module can cut, else None. The names are the layers' qualified names; ALBERT's
+    are ``<base>.encoder.layer.<depth>`` (one layer group runs at several depths)."""
     base = getattr(model, "base_model", None)
     if not isinstance(base, nn.Module) or not hasattr(getattr(base, "config", None), "to_dict"):
         return None
     if not isinstance(getattr(base, "embeddings", None), nn.Module):
         return None
+    shared = _albert_depths(base)
+    if shared is not None:
+        prefix = _qualified(model, [cast(nn.Module, base.encoder)])[0]
+        return base, shared, [f"{prefix}.layer.{i}" for i in range(len(shared))]
     # where the model families keep their layer list, across transformers releases
     for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
         layers: Any = base
         for a in path.split("."):
             layers = getattr(layers, a, None)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return base, layers
+            return base, list(layers), _qualified(model, layers)
     return None
+
+
+def _albert_depths(base: Any) -> Optional[List[nn.Module]]:
+    """ALBERT's layer group at each of its num_hidden_layers depths, as its encoder picks them
+    (depth i runs group int(i / (layers / groups))), else None."""
+    groups = getattr(getattr(base, "encoder", None), "albert_layer_groups", None)
+    if not isinstance(groups, nn.ModuleList) or len(groups) == 0:
+        return None
+    depth, count = int(base.config.num_hidden_layers), int(base.config.num_hidden_groups)
+    return [groups[int(i / (depth / count))] for i in range(depth)]
+
+
+class AlbertPooler(nn.Module):
+    """ALBERT's pooled output: its pooler (linear) on token 0, then its pooler_activation."""
+
+    def __init__(self, pooler: nn.Module, activation: nn.Module):
+        super().__init__()
+        self.pooler, self.pooler_activation = pooler, activation
+
+    def forward(self, hidden):
+        return self.pooler_activation(self.pooler(hidden[:, 0]))
 
 
 def _qualified(model: nn.Module, modules: Iterable[nn.Module]) -> List[str]:
@@ -369,9 +601,16 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
     found = hf_encoder(model)
     if found is None:
         raise ValueError(f"{type(model).__name__} is not an HF encoder with an embeddings module and a layer list")
-    base, layers = found
+    base, layers, layer_names = found
     if getattr(base.config, "is_decoder", False):
-        raise ValueError(f"{type(model).__name__} is configured as a decoder; early exits here cut encoders only")
+        raise unsupported(model, "it is configured as a decoder (is_decoder=True), and only encoders are cut")
+    if getattr(base, "attention_type", None) == "block_sparse":  # refused before a dry run switches it
+        raise unsupported(
+            model,
+            "its block_sparse attention needs the per-block masks its forward builds (its forward also switches "
+            "to full attention for good on a short batch); set_attention_type('original_full') gives full attention, "
+            "which is cut",
+        )
     order = [n for n in inspect.signature(model.forward).parameters if n not in ("self", "kwargs")]
     primary = next((n for n in order if n in _PRIMARY), None)
     if primary is None:
@@ -382,16 +621,29 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         if "token_type_ids" in order and "token_type_ids" in inspect.signature(base.embeddings.forward).parameters:
             names.append("token_type_ids")
     mask_maker = getattr(base, "get_extended_attention_mask", None)
+    # ELECTRA (ALBERT): embeddings of embedding_size, projected to hidden_size by the base model's
+    # (encoder's) forward
+    project = getattr(
+        base, "embeddings_project", getattr(getattr(base, "encoder", None), "embedding_hidden_mapping_in", None)
+    )
     bounds = [0] + [c + 1 for c in cuts] + [len(layers)]
-    stages = [
-        HFLayers(
-            list(layers)[lo:hi],
-            base.config,
-            embed=HFEmbed(base.embeddings, names) if k == 0 else None,
-            mask_maker=mask_maker,
-        )
-        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
-    ]
+    relative = _relative_encoder(base) if primary == "input_ids" else None
+    if relative is not None and int(getattr(base, "z_steps", 0) or 0) > 1:
+        raise unsupported(model, "its z_steps re-run the last layer with query states")
+    biased = _bias_encoder(base) if primary == "input_ids" else None
+    rotary = _rotary(base, layers) if primary == "input_ids" else None
+    stages: List[HFLayers] = []
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        run = layers[lo:hi]
+        embed = HFEmbed(base.embeddings, names, project) if k == 0 else None
+        if relative is not None:
+            stages.append(HFRelativeLayers(run, base.config, relative, k == 0, embed=embed))
+        elif rotary is not None:
+            stages.append(HFRotaryLayers(run, base.config, rotary, embed=embed))
+        elif biased is not None:
+            stages.append(HFBiasLayers(run, base.config, biased, embed=embed))
+        else:
+            stages.append(HFLayers(run, base.config, embed=embed, mask_maker=mask_maker))
     tail = _hf_tail(model, base)
     text = primary == "input_ids"
     layout = TokenLayout(mask_index=1 if text else None, padding_mask=False, pool="cls")
@@ -405,9 +657,28 @@ def split_hf(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         order,
         pad_token_id=config_int("pad_token_id") or 0,
         vocab_size=config_int("vocab_size"),
-        max_length=config_int("max_position_embeddings"),
+        max_length=_max_tokens(base.embeddings),
+        type_vocab_size=_table_rows(base.embeddings, "token_type_embeddings"),
     )
-    return EncoderSplit(stages, tail, layout, _qualified(model, layers), inputs)
+    return EncoderSplit(stages, tail, layout, layer_names, inputs)
+
+
+def _table_rows(embeddings: nn.Module, name: str) -> Optional[int]:
+    """The rows of an embedding table of ``embeddings`` (None when it has none by that name)."""
+    table = getattr(embeddings, name, None)
+    return table.num_embeddings if isinstance(table, nn.Embedding) else None
+
+
+def _max_tokens(embeddings: nn.Module) -> Optional[int]:
+    """The longest sequence an HF text encoder takes: the rows of its position embedding table,
+    less RoBERTa's offset (its positions count from padding_idx + 1: 514 rows hold 512 tokens).
+    None without a table (DeBERTa-v3's relative positions, ModernBERT's rotary embeddings): the
+    model runs any length."""
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        return None
+    pad = getattr(embeddings, "padding_idx", None)
+    return table.num_embeddings - (pad + 1 if isinstance(pad, int) and not isinstance(pad, bool) else 0)
 
 
 # ---------------------------------------------------------------------------- timm ViT
@@ -479,7 +750,7 @@ def encoder_layers(model: nn.Module) -> Optional[List[str]]:
     not an encoder this module cuts."""
     hf = hf_encoder(model)
     if hf is not None:
-        return _qualified(model, hf[1])
+        return hf[2]
     if timm_vit(model):
         return _qualified(model, cast(Iterable[nn.Module], model.blocks))
     return None

@@ -313,7 +313,8 @@ def check_pad_to(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ..
     longest = getattr(adapter, "max_length", None)
     if longest is not None and max(pad_to) > longest:
         raise ValueError(
-            f"pad_to {max(pad_to)} is longer than this model takes ({longest}, its max_position_embeddings)"
+            f"pad_to {max(pad_to)} is longer than this model takes ({longest} tokens, as many as its position "
+            "embeddings hold)"
         )
     return tuple(sorted(set(pad_to)))
 
