@@ -336,6 +336,12 @@ class HFLayers(nn.Module):
             # view with -1 over 0 elements). Passing the empty state on gives the empty answers
             # (logits [0, C]) that any other model's 0-row batch gets.
             return hidden if mask is None else (hidden, mask)
+        hidden = self.run_layers(hidden, mask)
+        return hidden if mask is None else (hidden, mask)
+
+    def run_layers(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layers on ``hidden`` (at least one row), given what the family's encoder gives
+        each layer; the subclasses below are the families whose layers take more."""
         ext = self.layer_mask(hidden, mask)
         extra = self.layer_args(hidden)
         for layer in self.layers:
@@ -343,7 +349,7 @@ class HFLayers(nn.Module):
             # layer's own default, unless it takes more after the mask (MPNet's bias)
             out = layer(hidden, ext, *extra) if ext is not None or extra else layer(hidden)
             hidden = out[0] if isinstance(out, tuple) else out
-        return hidden if mask is None else (hidden, mask)
+        return hidden
 
     def layer_args(self, hidden) -> tuple:
         """What each layer takes after the hidden states and the mask (nothing here)."""
@@ -383,12 +389,7 @@ class HFRelativeLayers(HFLayers):
         self.conv = getattr(encoder, "conv", None) if first else None
         self.__dict__["_encoder"] = encoder  # not a submodule: its layers belong to the stages
 
-    def forward(self, *state):
-        if self.embed is not None:
-            state = self.embed(*state)
-        elif self.trim and not _capturing():
-            state = trim_tokens(state)
-        hidden, mask = state
+    def run_layers(self, hidden, mask):
         enc = self._encoder
         ext = enc.get_attention_mask(mask)
         rel_pos = enc.get_rel_pos(hidden)
@@ -399,7 +400,7 @@ class HFRelativeLayers(HFLayers):
             hidden = out[0] if isinstance(out, tuple) else out
             if i == 0 and self.conv is not None:
                 hidden = self.conv(embedded, hidden, mask)
-        return hidden, mask
+        return hidden
 
 
 def _relative_encoder(base: nn.Module) -> Optional[nn.Module]:
@@ -419,14 +420,9 @@ class HFRotaryLayers(HFLayers):
         super().__init__(layers, config, embed=embed)
         self.rotary_emb = rotary
 
-    def forward(self, *state):
+    def run_layers(self, hidden, mask):
         from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
 
-        if self.embed is not None:
-            state = self.embed(*state)
-        elif self.trim and not _capturing():
-            state = trim_tokens(state)
-        hidden, mask = state
         kw = dict(config=self.config, inputs_embeds=hidden, attention_mask=mask)
         masks = {"full_attention": create_bidirectional_mask(**kw)}
         masks["sliding_attention"] = create_bidirectional_sliding_window_mask(**kw)
@@ -435,7 +431,7 @@ class HFRotaryLayers(HFLayers):
         for layer in self.layers:
             kind = layer.attention_type
             hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind])
-        return hidden, mask
+        return hidden
 
 
 def _rotary(base: nn.Module, layers: Sequence[nn.Module]) -> Optional[nn.Module]:

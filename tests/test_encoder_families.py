@@ -443,3 +443,22 @@ def test_new_families_served_with_pad_to_and_saved_with_their_weights(build, tmp
     back = ee.load(tmp_path / "b", lambda: factory(seed=1))
     again, want = back.infer(x), rt.infer(x)
     assert torch.equal(again.exit_index, want.exit_index) and torch.equal(again.logits, want.logits)
+
+
+@pytest.mark.parametrize(
+    "build", [deberta_v3, deberta, mpnet, modernbert], ids=["deberta-v3", "deberta", "mpnet", "modernbert"]
+)
+def test_a_batch_of_no_rows_gives_empty_results_in_every_family(build):
+    """A batch of 0 rows gives the empty answers a 1-row batch's layout has (as BERT's do,
+    tests/test_encoders.py): the families whose layers take more than a mask failed inside HF
+    attention ("cannot reshape tensor of 0 elements")."""
+    backbone = seeded(build)
+    names = ee.split_points(backbone)
+    model = ee.attach_exits(backbone, at=[names[0].name, names[2].name])
+    rt = ee.EERuntime(model, thresholds=0.5, criterion="max_prob")
+    x = text_batch(3)
+    one = rt.infer({k: v[:1] for k, v in x.items()})
+    got = rt.infer({k: v[:0] for k, v in x.items()})
+    for name in ("logits", "exit_index", "confidence"):
+        a, b = getattr(got, name), getattr(one, name)[:0]
+        assert a.shape == b.shape and a.dtype == b.dtype, name
