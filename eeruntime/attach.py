@@ -142,6 +142,10 @@ def attach_exits(
                 built = _build_encoder(backbone, layers, names, example_input)
             else:
                 built = _build_generic(backbone, names, example_input, mode)
+            C, tail = built.classes, built.split.tail
+            if num_classes is not None and C is not None and tail is not None and num_classes != C:
+                # checked on the dry run, so in eval mode: a BatchNorm of the tail keeps its statistics
+                built.split.tail = _new_classifier(tail, num_classes, backbone, C, built.states[-1])
     finally:
         for m, t in modes.items():
             m.training = t
@@ -155,8 +159,6 @@ def attach_exits(
         num_classes = C
     if C is None or tail is None:  # a base encoder (no classifier, no logits): the final exit is a new token head
         tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:])[0]
-    elif num_classes != C:
-        tail = replace_classifier(tail, num_classes, backbone, C)
 
     heads = _make_heads(head, built.states[:-1], num_classes, names, built.layouts[:-1])
     ref = next(iter(backbone.parameters()), None)
@@ -345,10 +347,40 @@ def _encoder_probe(backbone: nn.Module) -> Union[Dict[str, torch.Tensor], torch.
     return torch.randn((2, chans) + size, generator=g).to(p.device, p.dtype)
 
 
+def _new_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, classes: int, state: State) -> nn.Module:
+    """``tail`` with a new classifier (``replace_classifier``), checked on the dry run's last
+    ``state``: a tail whose logits need the old width further on (LeViT adds the output of
+    ``head``, which ends the last stage, to that of ``head_dist``, in the tail) is refused here
+    rather than failing in the model's first forward."""
+    new = replace_classifier(tail, num_classes, backbone, classes)
+    why = _logits_misfit(new, state, num_classes)
+    if why is None:
+        return new
+    name = [n for n, m in tail.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes][-1]
+    raise ValueError(
+        f"num_classes={num_classes} differs from the backbone's {classes}, but a new classifier in place of "
+        f"{name!r} (its last nn.Linear with {classes} outputs) does not give [B, {num_classes}] logits on the "
+        f"dry run ({why}); give the backbone a {num_classes}-class classifier before attaching (e.g. timm's "
+        "reset_classifier on a copy), or attach without num_classes"
+    )
+
+
+def _logits_misfit(tail: nn.Module, state: State, num_classes: int) -> Optional[str]:
+    """None when ``tail`` maps ``state`` to logits [B, num_classes]; else what it did instead."""
+    B = as_tuple(state)[0].shape[0]
+    try:
+        out = output_logits(call(tail, state))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    if isinstance(out, torch.Tensor) and tuple(out.shape) == (B, num_classes):
+        return None
+    return f"it returned {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+
+
 def replace_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, classes: int) -> nn.Module:
-    """``tail`` with its classifier (the last ``nn.Linear`` with ``classes`` outputs) replaced by a
-    new ``Linear(in, num_classes)``. The backbone is not changed: containers of the backbone on
-    the way to that layer are shallow copies (their other members stay shared)."""
+    """A copy of ``tail`` with its classifier (the last ``nn.Linear`` with ``classes`` outputs)
+    replaced by a new ``Linear(in, num_classes)``. Neither the backbone nor ``tail`` is changed:
+    the containers on the way to that layer are shallow copies (their other members stay shared)."""
     linears = [(n, m) for n, m in tail.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes]
     if not linears:
         raise ValueError(
@@ -357,15 +389,12 @@ def replace_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, c
         )
     qualname, old = linears[-1]  # the copies below share their children: old is still the module at qualname
     path = qualname.split(".")
-    owned = {id(m) for m in backbone.modules()}
-    if id(tail) in owned:
-        tail = _shallow_copy(tail)
-    parent = tail
+    # Every container on the way is copied, the backbone's and the tail's own (fx makes fresh
+    # ones for dotted names): the tail passed in stays as it was.
+    tail = parent = _shallow_copy(tail)
     for name in path[:-1]:
-        child = parent.get_submodule(name)
-        if id(child) in owned:
-            child = _shallow_copy(child)
-            parent._modules[name] = child
+        child = _shallow_copy(parent.get_submodule(name))
+        parent._modules[name] = child
         parent = child
     new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     parent._modules[path[-1]] = new.to(device=old.weight.device, dtype=old.weight.dtype)
@@ -537,7 +566,22 @@ def _blocks(backbone: nn.Module, at: Sequence[str]) -> List[Tuple[str, nn.Module
                     break
             if changed:
                 break
-    return blocks
+    return _open_single_trunk(blocks)
+
+
+def _open_single_trunk(blocks: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
+    """Open an ``nn.Sequential`` child that holds every parametrised layer but the classifier
+    (torchvision's MobileNetV3 / VGG / ConvNeXt ``features``, timm's DenseNet): unopened, no child
+    could end an early stage, and the listing of split points would be empty."""
+    while True:
+        with_params = [i for i, (_, m) in enumerate(blocks) if _has_params(m)]
+        if len(with_params) != 2:
+            return blocks
+        i = with_params[0]
+        name, trunk = blocks[i]
+        if not (isinstance(trunk, nn.Sequential) and len(trunk) > 1):
+            return blocks
+        blocks = blocks[:i] + [(f"{name}.{c}", m) for c, m in trunk.named_children()] + blocks[i + 1 :]
 
 
 def _run_blocks(

@@ -375,6 +375,38 @@ def test_num_classes_replaces_the_final_classifier_for_fine_tuning(mode):
         ee.attach_exits(seq_cnn(), at=["2"], num_classes=0)
 
 
+class TwoHeads(nn.Module):
+    """Two classifiers averaged, as in LeViT / DeiT-distilled: the first ends the last stage,
+    the second is the tail."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(8, 10)
+        self.head_dist = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 10))
+
+    def forward(self, x):
+        h = torch.flatten(self.body(x), 1)
+        return (self.head(h) + self.head_dist(h)) / 2
+
+
+def test_num_classes_refused_when_the_tail_cannot_take_a_new_classifier():
+    """Replacing fc gave a model that failed in its first forward (a shape mismatch deep in the
+    traced tail); attach checks the new tail on the dry run and says what to do instead, leaving
+    the backbone as it was (its BatchNorm statistics too: the check runs in eval mode)."""
+    backbone = TwoHeads().train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(
+        ValueError, match=r"num_classes=5 .* in place of 'head_dist.1' .* does not give \[B, 5\] logits"
+    ):
+        ee.attach_exits(backbone, at=["body"], num_classes=5, example_input=x)
+    assert backbone.training and all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    model = ee.attach_exits(backbone, at=["body"], example_input=x)  # its own 10 classes
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone.eval()(x))
+
+
 def test_num_classes_and_example_input_checks():
     emb = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="pass example_input"):

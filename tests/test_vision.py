@@ -124,3 +124,51 @@ def test_num_classes_for_fine_tuning_replaces_only_the_classifier(make):
     assert [o.shape for o in outs] == [torch.Size([4, 5])] * 2
     new = [m for m in model.exits[-1].modules() if isinstance(m, nn.Linear)][-1]
     assert new.out_features == 5 and all(new is not m for m in backbone.modules())
+
+
+@pytest.mark.parametrize(
+    "make, first",
+    [
+        (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), "features.0"),
+        (lambda: timm.create_model("densenet121", pretrained=False, num_classes=10), "features.conv0"),
+    ],
+)
+def test_a_features_sequential_is_opened_for_its_split_points(make, first):
+    """Every layer but the classifier sits in one nn.Sequential child (``features``): its children
+    are the split points (split_points listed none, and attach's error offered "(none)")."""
+    backbone = make().eval()
+    x = images(8)
+    points = ee.split_points(backbone, example_input=x)
+    assert points and points[0].name == first and all(p.name.startswith("features.") for p in points)
+    with pytest.raises(ValueError, match=f"valid split points \\(in order\\): {first}, "):
+        ee.attach_exits(backbone, at=["nonsense"], example_input=x)
+    model = ee.attach_exits(backbone, at=[points[len(points) // 2].name], example_input=x)  # a listed point works
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone(x))
+    check_rows(model, x)
+
+
+def test_num_classes_for_a_distilled_levit_is_refused_with_a_way_out():
+    """LeViT's eval output is the mean of two classifiers, ``head`` (which ends the last stage)
+    and ``head_dist`` (the tail): replacing the one in the tail built a model that failed in its
+    first forward. attach refuses, naming the way out, which works."""
+    import copy
+
+    backbone = timm.create_model("levit_128s", pretrained=False, img_size=64, num_classes=10).eval()
+    x = images(4, size=64)
+    with pytest.raises(ValueError, match=r"num_classes=5 .*'head_dist.linear'.*reset_classifier on a copy"):
+        ee.attach_exits(backbone, at=["stages.1"], num_classes=5, example_input=x)
+    five = copy.deepcopy(backbone)
+    five.reset_classifier(5)
+    model = ee.attach_exits(five, at=["stages.1"], example_input=x).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], five(x)) and model(x)[0].shape == (4, 5)
+
+
+def test_a_distilled_timm_vit_is_refused_clearly():
+    """DeiT-distilled averages two heads on two tokens, which the timm ViT split does not run."""
+    backbone = timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10
+    ).eval()
+    with pytest.raises(ValueError, match="VisionTransformerDistilled.*do not reproduce its output"):
+        ee.attach_exits(backbone, at=["blocks.3"])
