@@ -90,7 +90,8 @@ def attach_exits(
             the final exit with a new one for fine-tuning; the backbone keeps its own.
         head: ``"auto"`` (``"pool_linear"`` for feature maps, a token head for a transformer's
             [B, S, H] states), ``"pool_linear"`` (global average pool + linear; on tokens: the
-            masked mean), ``"conv"`` (PTEE branch: conv 3x3 + BN + ReLU, pool, linear), ``"cls"``
+            masked mean; on the [B, H, W, C] maps of Swin-like models, timm's ``output_fmt="NHWC"``,
+            the mean over H and W), ``"conv"`` (PTEE branch: conv 3x3 + BN + ReLU, pool, linear), ``"cls"``
             / ``"mean"`` (token heads: CLS token or masked mean, LayerNorm, linear), a factory
             ``head(state_shape, num_classes) -> nn.Module`` (``state_shape`` is the split value's
             shape without the batch dim, from the dry run on ``example_input``, which it
@@ -157,10 +158,11 @@ def attach_exits(
                 f"{type(backbone).__name__} has no classifier (it returns no logits): pass num_classes=<number of classes>"
             )
         num_classes = C
+    nhwc = _channels_last_maps(backbone)
     if C is None or tail is None:  # a base encoder (no classifier, no logits): the final exit is a new token head
-        tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:])[0]
+        tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:], nhwc)[0]
 
-    heads = _make_heads(head, built.states[:-1], num_classes, names, built.layouts[:-1])
+    heads = _make_heads(head, built.states[:-1], num_classes, names, built.layouts[:-1], nhwc)
     ref = next(iter(backbone.parameters()), None)
     for k, h in enumerate(heads):
         if confidence or gates:
@@ -981,12 +983,22 @@ def _subgraph(
 
 
 # ---------------------------------------------------------------------------- heads
+def _channels_last_maps(backbone: nn.Module) -> bool:
+    """True when the backbone's feature maps are [B, H, W, C]: timm says so in ``output_fmt``
+    (Swin, MambaOut, ...); torchvision's SwinTransformer permutes to it in its first layer."""
+    if getattr(backbone, "output_fmt", None) == "NHWC":
+        return True
+    kind = type(backbone)
+    return kind.__name__ == "SwinTransformer" and kind.__module__.startswith("torchvision.")
+
+
 def _make_heads(
     head: HeadSpec,
     states: Sequence[State],
     num_classes: int,
     at: Sequence[str],
     layouts: Sequence[Optional[TokenLayout]],
+    channels_last: bool = False,
 ) -> List[nn.Module]:
     n = len(states)
     if isinstance(head, nn.ModuleList):
@@ -1000,7 +1012,7 @@ def _make_heads(
             raise ValueError(
                 f"unknown head {head!r}; accepted: {', '.join(map(repr, HEADS))}, a factory head(state_shape, num_classes) or a list of modules"
             )
-        return [_default_head(head, s, num_classes, a, lay) for s, a, lay in zip(states, at, layouts)]
+        return [_default_head(head, s, num_classes, a, lay, channels_last) for s, a, lay in zip(states, at, layouts)]
     if callable(head):  # modules were turned into a list or refused above
         out = []
         for k, s in enumerate(states):
@@ -1020,7 +1032,9 @@ def _make_heads(
     return heads
 
 
-def _default_head(head: str, state: State, num_classes: int, at: str, layout: Optional[TokenLayout]) -> nn.Module:
+def _default_head(
+    head: str, state: State, num_classes: int, at: str, layout: Optional[TokenLayout], channels_last: bool = False
+) -> nn.Module:
     x = as_tuple(state)[0]
     if layout is not None:  # tokens [B, S, H]: pool along S, classify the H features
         if head == "conv":
@@ -1037,8 +1051,14 @@ def _default_head(head: str, state: State, num_classes: int, at: str, layout: Op
         raise ValueError(
             f"head={head!r} is a token head; split point {at!r} yields a feature map {tuple(x.shape)} (use 'pool_linear' or 'conv')"
         )
+    nhwc = channels_last and x.dim() == 4
     if head in ("auto", "pool_linear"):
-        return PoolLinearHead(x.shape[1], num_classes)
+        return PoolLinearHead(x.shape[-1] if nhwc else x.shape[1], num_classes, channels_last=nhwc)
+    if nhwc:
+        raise ValueError(
+            f"head='conv' needs a channels-first map [B, C, H, W]; split point {at!r} yields a channels-last map "
+            f"{tuple(x.shape)} ([B, H, W, C], as Swin's are): use 'pool_linear' or a head factory"
+        )
     if not 3 <= x.dim() <= 5:
         raise ValueError(f"head='conv' needs a [B, C, *spatial] map at {at!r}, got shape {tuple(x.shape)}")
     return ConvHead(x.shape[1], num_classes, dims=x.dim() - 2)

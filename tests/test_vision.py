@@ -172,3 +172,48 @@ def test_a_distilled_timm_vit_is_refused_clearly():
     ).eval()
     with pytest.raises(ValueError, match="VisionTransformerDistilled.*do not reproduce its output"):
         ee.attach_exits(backbone, at=["blocks.3"])
+
+
+@pytest.mark.parametrize(
+    "make, at, size",
+    [
+        (
+            lambda: torchvision.models.SwinTransformer(
+                patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=10
+            ),
+            ["features.1", "features.3.0"],
+            32,
+        ),
+        (
+            lambda: timm.create_model(
+                "swin_tiny_patch4_window7_224",
+                pretrained=False,
+                img_size=56,
+                window_size=7,
+                embed_dim=24,
+                depths=(2, 2),
+                num_heads=(2, 2),
+                num_classes=10,
+            ),
+            ["layers.0"],
+            56,
+        ),
+    ],
+)
+def test_swin_maps_are_channels_last_and_heads_pool_over_space(make, at, size):
+    """Swin's maps are [B, H, W, C] (timm says so in output_fmt): the default head read H as the
+    channels (a Linear(H, classes) after averaging over W and C), which only ran at the dry
+    run's image size. It now averages over H and W and classifies the C features."""
+    backbone = make().eval()
+    x = images(8, size=size)
+    model = ee.attach_exits(backbone, at=at, example_input=x).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], backbone(x))
+        state = x
+        for stage, head in zip(model.stages[:-1], model.exits[:-1]):
+            state = stage(state)
+            assert head.classifier.in_features == state.shape[-1] != state.shape[1]
+            torch.testing.assert_close(head.features(state), state.mean(dim=(1, 2)))
+    check_rows(model, x)
+    with pytest.raises(ValueError, match=r"head='conv' needs a channels-first map.*\[B, H, W, C\]"):
+        ee.attach_exits(backbone, at=at, head="conv", example_input=x)
