@@ -50,6 +50,7 @@ from .model import MultiExitModel
 from .state import State, as_tuple, call, stage_forward
 
 MODES = ("auto", "children", "fx")
+_NOT_A_NODE = "is not a node or submodule called by forward"
 HEADS = ("auto", "pool_linear", "conv") + TOKEN_POOLS
 _MAX_LISTED = 60
 
@@ -258,7 +259,17 @@ def _build_generic(backbone: nn.Module, at: Sequence[str], example_input: Exampl
         raise ValueError(
             f"the backbone must return logits [B, C] (a tensor, or an output with .logits); it returned {what}"
         )
-    split, used = _split(backbone, at, probe, expected, mode)
+    try:
+        split, used = _split(backbone, at, probe, expected, mode)
+    except ValueError as e:
+        hooks = len(backbone._forward_hooks) + len(backbone._forward_pre_hooks)
+        if hooks and "does not reproduce" in str(e):
+            raise ValueError(
+                f"{e}; {type(backbone).__name__} has {hooks} forward hook(s) on {type(backbone).__name__} itself, "
+                "which run around its forward but never in its stages: remove them before attaching (hooks on "
+                "its submodules are kept and run)"
+            ) from None
+        raise
     assert split.tail is not None  # the children and fx splits always keep the backbone's own tail
     if not isinstance(raw, torch.Tensor):
         split.tail = encoders.LogitsOf(split.tail)
@@ -492,8 +503,12 @@ def _split(
     except ValueError as children_error:
         try:
             return _split_fx(backbone, at, probe, expected), "fx"
-        except ValueError:
-            raise children_error from None
+        except ValueError as fx_error:
+            if _NOT_A_NODE not in str(fx_error):
+                raise fx_error from None  # fx knows the node: its reason is the one that applies
+            raise ValueError(
+                f"{children_error}; or an fx node name (ee.split_points(backbone, mode='fx') lists them)"
+            ) from None
 
 
 def _dry_run(stages: Sequence[nn.Module], probe: State) -> List[State]:
@@ -880,7 +895,7 @@ def _split_fx(
             n = targets[a][0]
         if n is None or pos[n] >= boundary or not splittable(n):
             if n is None:
-                why = "is not a node or submodule called by forward"
+                why = _NOT_A_NODE
             elif pos[n] >= boundary:
                 why = "is part of the classifier tail or leaves the last stage empty"
             else:

@@ -215,6 +215,34 @@ def test_unknown_split_point_names_the_valid_ones():
         ee.attach_exits(TinyResNet(), at=["layer9"])
 
 
+def test_a_children_model_refusing_a_name_says_fx_names_work_too():
+    """A backbone cut by its children (ResNet) also takes fx node names: a misspelt one was
+    answered with the children only, and an fx node that fx refuses (the flatten in the tail)
+    with "is not a child module" instead of fx's reason."""
+    with pytest.raises(
+        ValueError, match=r"'layer1.1.relu_9' is not a child.*layer3.*split_points\(backbone, mode='fx'\)"
+    ):
+        ee.attach_exits(TinyResNet(), at=["layer1.1.relu_9"])
+    with pytest.raises(ValueError, match=r"'flatten' is part of the classifier tail.*layer4.0.bn2;"):
+        ee.attach_exits(TinyResNet(), at=["flatten"])
+
+
+def test_a_forward_hook_on_the_backbone_itself_is_named_when_the_split_differs():
+    """Hooks on the backbone run around its forward, never in its stages: a hook that changes the
+    output made attach refuse with "does not reproduce" and no word of why."""
+    backbone = TinyResNet().eval()
+    backbone.register_forward_hook(lambda m, inputs, out: out * 2)
+    with pytest.raises(ValueError, match=r"does not reproduce.*1 forward hook\(s\) on TinyResNet itself"):
+        ee.attach_exits(backbone, at=["layer1"])
+    assert len(backbone._forward_hooks) == 1
+    backbone.layer4.register_forward_hook(lambda m, inputs, out: out * 2)  # hooks of its modules run in the stages
+    backbone._forward_hooks.clear()
+    x = torch.randn(4, 3, 16, 16)
+    model = ee.attach_exits(backbone, at=["layer1"], example_input=x)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone(x))
+
+
 @pytest.mark.parametrize("at", [["layer4"], ["avgpool"], ["fc"]])
 def test_split_in_the_classifier_tail_is_rejected(at):
     with pytest.raises(ValueError, match=r"classifier tail.*valid split points.*layer3"):
