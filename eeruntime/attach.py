@@ -836,6 +836,7 @@ def _split_fx(
             f"torch.fx cannot trace {type(backbone).__name__} ({type(e).__name__}: {e}); make forward traceable, "
             "or use mode='children' for a module whose children run in order"
         ) from e
+    _bind_defaults(graph, len(as_tuple(probe)))
     gm = fx.GraphModule(backbone, graph)  # shares the backbone's submodules and parameters
     recorder = _BatchRecorder(gm, as_tuple(probe)[0].shape[0])
     recorder.run(*as_tuple(probe))
@@ -928,6 +929,25 @@ def _split_fx(
     # An expanded nn.TransformerEncoder is the same math in another kernel order (see _encoder_by_layers)
     _verify(split, probe, expected, "fx", exact=not tracer.expanded)
     return split
+
+
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def _bind_defaults(graph: fx.Graph, given: int) -> None:
+    """Bind the forward arguments after the first ``given`` (those the example does not pass:
+    timm Eva's ``attn_mask=None, is_causal=False``) to their default values, as calling the
+    backbone with the example does. Traced as inputs they would be stage 0's required arguments,
+    and, never batched, they could not travel between stages. Tensor defaults stay inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[given:]:
+        if not ph.args or not isinstance(ph.args[0], _CONSTANTS):  # no default, or one fx cannot inline
+            continue
+        value = ph.args[0]
+        for user in list(ph.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is ph else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is ph else a)
+        graph.erase_node(ph)
 
 
 def _fx_layout(

@@ -194,6 +194,46 @@ def test_runtime_on_attached_model_matches_per_sample_loop():
     torch.testing.assert_close(res.logits[clear].double(), ref_logits[clear], rtol=1e-4, atol=1e-5)
 
 
+class OptionalMaskAttention(nn.Module):
+    """Timm's Eva layout: forward(x, attn_mask=None, is_causal=False), the optional arguments
+    passed down to every attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList([nn.Linear(8, 24) for _ in range(3)])
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        h = self.embed(x)
+        for qkv in self.blocks:
+            q, k, v = qkv(h).chunk(3, dim=-1)
+            h = h + F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.fc(h.mean(1))
+
+
+def test_optional_forward_arguments_take_their_defaults():
+    """The optional arguments were traced as inputs: stage 0 wanted three arguments (every listed
+    point failed on the dry run with "missing 2 required positional arguments") and, never
+    batched, they left no split point between the blocks. Arguments the example does not give
+    are bound to their defaults, as calling the backbone with the example does."""
+    torch.manual_seed(0)
+    backbone = OptionalMaskAttention().eval()
+    x = torch.randn(16, 5, 6)
+    names = [p.name for p in ee.split_points(backbone, example_input=x)]
+    assert "add" in names and "add_1" in names
+    model = ee.attach_exits(backbone, at=["add", "add_1"], example_input=x)
+    with torch.no_grad():
+        outs = model.eval()(x)
+    assert torch.equal(outs[-1], backbone(x))
+    thr = float(torch.softmax(outs[0], 1).max(1).values.median())
+    res = ee.EERuntime(model, thresholds=[thr, thr], criterion="max_prob").infer(x)
+    ref_logits, ref_exit, margin = per_sample_loop(model, x, [thr, thr], "max_prob")
+    clear = margin > 1e-5
+    assert torch.equal(res.exit_index[clear], ref_exit[clear])
+    torch.testing.assert_close(res.logits[clear].double(), ref_logits[clear], rtol=1e-4, atol=1e-5)
+
+
 def test_inplace_first_op_after_a_split_still_trains():
     # layer after 'bn1' starts with ReLU(inplace=True): the head's saved input must survive it
     backbone = TinyResNet()
