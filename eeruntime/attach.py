@@ -87,8 +87,9 @@ def attach_exits(
             (``"bert.encoder.layer.3"``, ``"encoder.layer.3"``, ``"blocks.3"``; a split point
             ends the stage after that layer). :func:`split_points` lists them.
         num_classes: the classes of every exit; default: the backbone's output width. A value
-            that differs from it replaces the backbone's classifier (its last ``nn.Linear``) in
-            the final exit with a new one for fine-tuning; the backbone keeps its own.
+            that differs from it replaces the backbone's classifier (its last ``nn.Linear``, or
+            1x1 convolution) in the final exit with a new one for fine-tuning; the backbone keeps
+            its own.
         head: ``"auto"`` (``"pool_linear"`` for feature maps, a token head for a transformer's
             [B, S, H] states), ``"pool_linear"`` (global average pool + linear; on tokens: the
             masked mean; on the [B, H, W, C] maps of Swin-like models, timm's ``output_fmt="NHWC"``,
@@ -369,10 +370,10 @@ def _new_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, clas
     why = _logits_misfit(new, state, num_classes)
     if why is None:
         return new
-    name = [n for n, m in tail.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes][-1]
+    name = [n for n, m in tail.named_modules() if _is_classifier(m, classes)][-1]
     raise ValueError(
         f"num_classes={num_classes} differs from the backbone's {classes}, but a new classifier in place of "
-        f"{name!r} (its last nn.Linear with {classes} outputs) does not give [B, {num_classes}] logits on the "
+        f"{name!r} (its last layer with {classes} outputs) does not give [B, {num_classes}] logits on the "
         f"dry run ({why}); give the backbone a {num_classes}-class classifier before attaching (e.g. timm's "
         "reset_classifier on a copy), or attach without num_classes"
     )
@@ -391,16 +392,17 @@ def _logits_misfit(tail: nn.Module, state: State, num_classes: int) -> Optional[
 
 
 def replace_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, classes: int) -> nn.Module:
-    """A copy of ``tail`` with its classifier (the last ``nn.Linear`` with ``classes`` outputs)
-    replaced by a new ``Linear(in, num_classes)``. Neither the backbone nor ``tail`` is changed:
-    the containers on the way to that layer are shallow copies (their other members stay shared)."""
-    linears = [(n, m) for n, m in tail.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes]
-    if not linears:
+    """A copy of ``tail`` with its classifier (the last ``nn.Linear`` with ``classes`` outputs, or
+    1x1 convolution with ``classes`` output channels, as in SqueezeNet and DLA) replaced by a new
+    one with ``num_classes`` outputs. Neither the backbone nor ``tail`` is changed: the
+    containers on the way to that layer are shallow copies (their other members stay shared)."""
+    found = [(n, m) for n, m in tail.named_modules() if _is_classifier(m, classes)]
+    if not found:
         raise ValueError(
             f"num_classes={num_classes} differs from the backbone's {classes}, but its classifier tail has no "
-            f"nn.Linear with {classes} outputs to replace"
+            f"nn.Linear (or 1x1 convolution) with {classes} outputs to replace"
         )
-    qualname, old = linears[-1]  # the copies below share their children: old is still the module at qualname
+    qualname, old = found[-1]  # the copies below share their children: old is still the module at qualname
     path = qualname.split(".")
     # Every container on the way is copied, the backbone's and the tail's own (fx makes fresh
     # ones for dotted names): the tail passed in stays as it was.
@@ -409,9 +411,32 @@ def replace_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, c
         child = _shallow_copy(parent.get_submodule(name))
         parent._modules[name] = child
         parent = child
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    new: nn.Module
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    else:
+        conv = cast(Union[nn.Conv1d, nn.Conv2d, nn.Conv3d], old)
+        new = type(conv)(conv.in_channels, num_classes, 1, bias=conv.bias is not None)
     parent._modules[path[-1]] = new.to(device=old.weight.device, dtype=old.weight.dtype)
     return tail
+
+
+def _is_classifier(m: nn.Module, classes: int) -> bool:
+    """A layer that can be the classifier: a Linear with ``classes`` outputs, or a plain 1x1
+    convolution (stride 1, no groups, no padding) with ``classes`` output channels."""
+    if isinstance(m, nn.Linear):
+        return m.out_features == classes
+    if type(m) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return False
+    conv = cast(Union[nn.Conv1d, nn.Conv2d, nn.Conv3d], m)
+    padding = conv.padding  # "valid" / "same" are no padding for a 1x1 kernel
+    return (
+        conv.out_channels == classes
+        and conv.groups == 1
+        and all(k == 1 for k in conv.kernel_size)
+        and all(t == 1 for t in conv.stride)
+        and (isinstance(padding, str) or all(p == 0 for p in padding))
+    )
 
 
 def _shallow_copy(m: nn.Module) -> nn.Module:

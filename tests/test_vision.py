@@ -217,3 +217,31 @@ def test_swin_maps_are_channels_last_and_heads_pool_over_space(make, at, size):
     check_rows(model, x)
     with pytest.raises(ValueError, match=r"head='conv' needs a channels-first map.*\[B, H, W, C\]"):
         ee.attach_exits(backbone, at=at, head="conv", example_input=x)
+
+
+@pytest.mark.parametrize(
+    "make, path",
+    [
+        (lambda: torchvision.models.squeezenet1_1(num_classes=10), "classifier.1"),
+        (lambda: timm.create_model("dla34", pretrained=False, num_classes=10), "fc"),
+    ],
+)
+def test_num_classes_replaces_a_1x1_conv_classifier(make, path):
+    """SqueezeNet and DLA classify with a 1x1 convolution: num_classes was refused ("no
+    nn.Linear with 10 outputs"); the conv is now replaced by a new one, and the final exit is the
+    backbone with that conv in its place."""
+    import copy
+
+    backbone = make().eval()
+    x = images(4, size=64)
+    with torch.no_grad():
+        want = backbone(x)
+    model = ee.attach_exits(backbone, at=[ee.split_points(backbone, example_input=x)[2].name], num_classes=5).eval()
+    new = [m for m in model.exits[-1].modules() if isinstance(m, nn.Conv2d) and m.out_channels == 5]
+    assert len(new) == 1 and new[0].kernel_size == (1, 1) and all(new[0] is not m for m in backbone.modules())
+    ref = copy.deepcopy(backbone)
+    parent, name = ref.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2]
+    setattr(parent, name, new[0])
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], ref(x))
+        assert torch.equal(backbone(x), want)
