@@ -121,8 +121,7 @@ def attach_exits(
         for encoders the input adapter (``model.input_adapter``: dict / tuple / tensor inputs to
         the tuple stage 0 takes) and the token layout (``model.token_layout``).
     """
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    _check_backbone(backbone)
     names = _check_at(at)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(map(repr, MODES))}")
@@ -203,8 +202,7 @@ def split_points(backbone: nn.Module, example_input: ExampleInput = None, mode: 
     state's shape at each (like timm's ``feature_info``). Encoders list their layers; other
     backbones list their children (``mode="children"``, the default when they run in order) or
     every splittable graph node by torchvision's dotted names (``mode="fx"``)."""
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    _check_backbone(backbone)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(map(repr, MODES))}")
     modes = {m: m.training for m in backbone.modules()}
@@ -446,6 +444,28 @@ def _shallow_copy(m: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- arguments
+def _check_backbone(backbone: Any) -> None:
+    """A plain nn.Module: wrappers whose forward is not the model's own Python code (DataParallel,
+    torch.compile, TorchScript) cannot be cut into stages; say what to pass instead."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    if isinstance(backbone, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(
+            f"backbone is a {type(backbone).__name__} wrapper: attach to the model it wraps, backbone.module "
+            "(the multi-exit model shares its modules)"
+        )
+    if type(backbone).__name__ == "OptimizedModule" and isinstance(getattr(backbone, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            "backbone is a torch.compile wrapper (OptimizedModule): attach to the original model, backbone._orig_mod, "
+            "and compile the stages with EERuntime(model, ..., compile=True)"
+        )
+    if isinstance(backbone, torch.jit.ScriptModule):
+        raise TypeError(
+            f"backbone is a TorchScript module ({type(backbone).__name__}): its forward cannot be cut into stages; "
+            "attach to the Python module it was scripted or traced from"
+        )
+
+
 def _check_at(at: Union[str, Sequence[str]]) -> List[str]:
     try:
         names = [at] if isinstance(at, str) else list(at)

@@ -283,6 +283,27 @@ def test_a_forward_hook_on_the_backbone_itself_is_named_when_the_split_differs()
         assert torch.equal(model.eval()(x)[-1], backbone(x))
 
 
+@pytest.mark.parametrize(
+    "wrap, hint",
+    [
+        (nn.DataParallel, r"DataParallel wrapper.*backbone\.module"),
+        (torch.compile, r"torch\.compile wrapper.*backbone\._orig_mod.*EERuntime\(model, \.\.\., compile=True\)"),
+        (lambda m: torch.jit.trace(m, torch.randn(2, 3, 8, 8)), r"TorchScript module.*the Python module"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_wrapped_backbones_are_refused_with_what_to_pass(wrap, hint):
+    """DataParallel, torch.compile and TorchScript wrap the model; attach answered "torch.fx
+    cannot trace ..." (or a children error naming 'module'), not what to pass instead."""
+    wrapped = wrap(seq_cnn().eval())
+    for call_ in (
+        lambda: ee.attach_exits(wrapped, at=["2"], example_input=torch.randn(2, 3, 8, 8)),
+        lambda: ee.split_points(wrapped),
+    ):
+        with pytest.raises(TypeError, match=hint):
+            call_()
+
+
 @pytest.mark.parametrize("at", [["layer4"], ["avgpool"], ["fc"]])
 def test_split_in_the_classifier_tail_is_rejected(at):
     with pytest.raises(ValueError, match=r"classifier tail.*valid split points.*layer3"):
