@@ -632,18 +632,18 @@ def _blocks(backbone: nn.Module, at: Sequence[str]) -> List[Tuple[str, nn.Module
 
 
 def _open_single_trunk(blocks: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
-    """Open an ``nn.Sequential`` child that holds every parametrised layer but the classifier
-    (torchvision's MobileNetV3 / VGG / ConvNeXt ``features``, timm's DenseNet): unopened, no child
-    could end an early stage, and the listing of split points would be empty."""
+    """Open a first ``nn.Sequential`` child that holds every parametrised layer but the
+    classifier (torchvision's MobileNetV3 / VGG / ConvNeXt ``features``, timm's DenseNet):
+    unopened, no child could end an early stage, and the listing of split points would be empty.
+    Only then: a split that worked before keeps its stages (and their state_dict keys)."""
     while True:
         with_params = [i for i, (_, m) in enumerate(blocks) if _has_params(m)]
-        if len(with_params) != 2:
+        if len(with_params) != 2 or with_params[0] != 0:
             return blocks
-        i = with_params[0]
-        name, trunk = blocks[i]
+        name, trunk = blocks[0]
         if not (isinstance(trunk, nn.Sequential) and len(trunk) > 1):
             return blocks
-        blocks = blocks[:i] + [(f"{name}.{c}", m) for c, m in trunk.named_children()] + blocks[i + 1 :]
+        blocks = [(f"{name}.{c}", m) for c, m in trunk.named_children()] + blocks[1:]
 
 
 def _run_blocks(
