@@ -50,6 +50,7 @@ from .model import MultiExitModel
 from .state import State, as_tuple, call, stage_forward
 
 MODES = ("auto", "children", "fx")
+_NOT_A_NODE = "is not a node or submodule called by forward"
 HEADS = ("auto", "pool_linear", "conv") + TOKEN_POOLS
 _MAX_LISTED = 60
 
@@ -88,11 +89,13 @@ def attach_exits(
             (``"bert.encoder.layer.3"``, ``"encoder.layer.3"``, ``"blocks.3"``; a split point
             ends the stage after that layer). :func:`split_points` lists them.
         num_classes: the classes of every exit; default: the backbone's output width. A value
-            that differs from it replaces the backbone's classifier (its last ``nn.Linear``) in
-            the final exit with a new one for fine-tuning; the backbone keeps its own.
+            that differs from it replaces the backbone's classifier (its last ``nn.Linear``, or
+            1x1 convolution) in the final exit with a new one for fine-tuning; the backbone keeps
+            its own.
         head: ``"auto"`` (``"pool_linear"`` for feature maps, a token head for a transformer's
             [B, S, H] states), ``"pool_linear"`` (global average pool + linear; on tokens: the
-            masked mean), ``"conv"`` (PTEE branch: conv 3x3 + BN + ReLU, pool, linear), ``"cls"``
+            masked mean; on the [B, H, W, C] maps of Swin-like models, timm's ``output_fmt="NHWC"``,
+            the mean over H and W), ``"conv"`` (PTEE branch: conv 3x3 + BN + ReLU, pool, linear), ``"cls"``
             / ``"mean"`` (token heads: CLS token or masked mean, LayerNorm, linear), a factory
             ``head(state_shape, num_classes) -> nn.Module`` (``state_shape`` is the split value's
             shape without the batch dim, from the dry run on ``example_input``, which it
@@ -120,8 +123,7 @@ def attach_exits(
         for encoders the input adapter (``model.input_adapter``: dict / tuple / tensor inputs to
         the tuple stage 0 takes) and the token layout (``model.token_layout``).
     """
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    _check_backbone(backbone)
     names = _check_at(at)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(map(repr, MODES))}")
@@ -146,6 +148,10 @@ def attach_exits(
                 built = _build_encoder(backbone, layers, names, example_input)
             else:
                 built = _build_generic(backbone, names, example_input, mode)
+            C, tail = built.classes, built.split.tail
+            if num_classes is not None and C is not None and tail is not None and num_classes != C:
+                # checked on the dry run, so in eval mode: a BatchNorm of the tail keeps its statistics
+                built.split.tail = _new_classifier(tail, num_classes, backbone, C, built.states[-1])
     finally:
         for m, t in modes.items():
             m.training = t
@@ -157,12 +163,11 @@ def attach_exits(
                 f"{type(backbone).__name__} has no classifier (it returns no logits): pass num_classes=<number of classes>"
             )
         num_classes = C
+    nhwc = _channels_last_maps(backbone)
     if C is None or tail is None:  # a base encoder (no classifier, no logits): the final exit is a new token head
-        tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:])[0]
-    elif num_classes != C:
-        tail = replace_classifier(tail, num_classes, backbone, C)
+        tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:], nhwc)[0]
 
-    heads = _make_heads(head, built.states[:-1], num_classes, names, built.layouts[:-1])
+    heads = _make_heads(head, built.states[:-1], num_classes, names, built.layouts[:-1], nhwc)
     ref = next(iter(backbone.parameters()), None)
     for k, h in enumerate(heads):
         if confidence or gates:
@@ -201,8 +206,7 @@ def split_points(backbone: nn.Module, example_input: ExampleInput = None, mode: 
     state's shape at each (like timm's ``feature_info``). Encoders list their layers; other
     backbones list their children (``mode="children"``, the default when they run in order) or
     every splittable graph node by torchvision's dotted names (``mode="fx"``)."""
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    _check_backbone(backbone)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(map(repr, MODES))}")
     modes = {m: m.training for m in backbone.modules()}
@@ -260,7 +264,17 @@ def _build_generic(backbone: nn.Module, at: Sequence[str], example_input: Exampl
         raise ValueError(
             f"the backbone must return logits [B, C] (a tensor, or an output with .logits); it returned {what}"
         )
-    split, used = _split(backbone, at, probe, expected, mode)
+    try:
+        split, used = _split(backbone, at, probe, expected, mode)
+    except ValueError as e:
+        hooks = len(backbone._forward_hooks) + len(backbone._forward_pre_hooks)
+        if hooks and "does not reproduce" in str(e):
+            raise ValueError(
+                f"{e}; {type(backbone).__name__} has {hooks} forward hook(s) on {type(backbone).__name__} itself, "
+                "which run around its forward but never in its stages: remove them before attaching (hooks on "
+                "its submodules are kept and run)"
+            ) from None
+        raise
     assert split.tail is not None  # the children and fx splits always keep the backbone's own tail
     if not isinstance(raw, torch.Tensor):
         split.tail = encoders.LogitsOf(split.tail)
@@ -398,31 +412,82 @@ def _encoder_probe(backbone: nn.Module, primary: Optional[str] = None) -> Union[
     return torch.randn((2, chans) + size, generator=g).to(p.device, p.dtype)
 
 
+def _new_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, classes: int, state: State) -> nn.Module:
+    """``tail`` with a new classifier (``replace_classifier``), checked on the dry run's last
+    ``state``: a tail whose logits need the old width further on (LeViT adds the output of
+    ``head``, which ends the last stage, to that of ``head_dist``, in the tail) is refused here
+    rather than failing in the model's first forward."""
+    new = replace_classifier(tail, num_classes, backbone, classes)
+    why = _logits_misfit(new, state, num_classes)
+    if why is None:
+        return new
+    name = [n for n, m in tail.named_modules() if _is_classifier(m, classes)][-1]
+    raise ValueError(
+        f"num_classes={num_classes} differs from the backbone's {classes}, but a new classifier in place of "
+        f"{name!r} (its last layer with {classes} outputs) does not give [B, {num_classes}] logits on the "
+        f"dry run ({why}); give the backbone a {num_classes}-class classifier before attaching (e.g. timm's "
+        "reset_classifier on a copy), or attach without num_classes"
+    )
+
+
+def _logits_misfit(tail: nn.Module, state: State, num_classes: int) -> Optional[str]:
+    """None when ``tail`` maps ``state`` to logits [B, num_classes]; else what it did instead."""
+    B = as_tuple(state)[0].shape[0]
+    try:
+        out = output_logits(call(tail, state))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    if isinstance(out, torch.Tensor) and tuple(out.shape) == (B, num_classes):
+        return None
+    return f"it returned {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+
+
 def replace_classifier(tail: nn.Module, num_classes: int, backbone: nn.Module, classes: int) -> nn.Module:
-    """``tail`` with its classifier (the last ``nn.Linear`` with ``classes`` outputs) replaced by a
-    new ``Linear(in, num_classes)``. The backbone is not changed: containers of the backbone on
-    the way to that layer are shallow copies (their other members stay shared)."""
-    linears = [(n, m) for n, m in tail.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes]
-    if not linears:
+    """A copy of ``tail`` with its classifier (the last ``nn.Linear`` with ``classes`` outputs, or
+    1x1 convolution with ``classes`` output channels, as in SqueezeNet and DLA) replaced by a new
+    one with ``num_classes`` outputs. Neither the backbone nor ``tail`` is changed: the
+    containers on the way to that layer are shallow copies (their other members stay shared)."""
+    found = [(n, m) for n, m in tail.named_modules() if _is_classifier(m, classes)]
+    if not found:
         raise ValueError(
             f"num_classes={num_classes} differs from the backbone's {classes}, but its classifier tail has no "
-            f"nn.Linear with {classes} outputs to replace"
+            f"nn.Linear (or 1x1 convolution) with {classes} outputs to replace"
         )
-    qualname, old = linears[-1]  # the copies below share their children: old is still the module at qualname
+    qualname, old = found[-1]  # the copies below share their children: old is still the module at qualname
     path = qualname.split(".")
-    owned = {id(m) for m in backbone.modules()}
-    if id(tail) in owned:
-        tail = _shallow_copy(tail)
-    parent = tail
+    # Every container on the way is copied, the backbone's and the tail's own (fx makes fresh
+    # ones for dotted names): the tail passed in stays as it was.
+    tail = parent = _shallow_copy(tail)
     for name in path[:-1]:
-        child = parent.get_submodule(name)
-        if id(child) in owned:
-            child = _shallow_copy(child)
-            parent._modules[name] = child
+        child = _shallow_copy(parent.get_submodule(name))
+        parent._modules[name] = child
         parent = child
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    new: nn.Module
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    else:
+        conv = cast(Union[nn.Conv1d, nn.Conv2d, nn.Conv3d], old)
+        new = type(conv)(conv.in_channels, num_classes, 1, bias=conv.bias is not None)
     parent._modules[path[-1]] = new.to(device=old.weight.device, dtype=old.weight.dtype)
     return tail
+
+
+def _is_classifier(m: nn.Module, classes: int) -> bool:
+    """A layer that can be the classifier: a Linear with ``classes`` outputs, or a plain 1x1
+    convolution (stride 1, no groups, no padding) with ``classes`` output channels."""
+    if isinstance(m, nn.Linear):
+        return m.out_features == classes
+    if type(m) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return False
+    conv = cast(Union[nn.Conv1d, nn.Conv2d, nn.Conv3d], m)
+    padding = conv.padding  # "valid" / "same" are no padding for a 1x1 kernel
+    return (
+        conv.out_channels == classes
+        and conv.groups == 1
+        and all(k == 1 for k in conv.kernel_size)
+        and all(t == 1 for t in conv.stride)
+        and (isinstance(padding, str) or all(p == 0 for p in padding))
+    )
 
 
 def _shallow_copy(m: nn.Module) -> nn.Module:
@@ -432,6 +497,28 @@ def _shallow_copy(m: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- arguments
+def _check_backbone(backbone: Any) -> None:
+    """A plain nn.Module: wrappers whose forward is not the model's own Python code (DataParallel,
+    torch.compile, TorchScript) cannot be cut into stages; say what to pass instead."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    if isinstance(backbone, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(
+            f"backbone is a {type(backbone).__name__} wrapper: attach to the model it wraps, backbone.module "
+            "(the multi-exit model shares its modules)"
+        )
+    if type(backbone).__name__ == "OptimizedModule" and isinstance(getattr(backbone, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            "backbone is a torch.compile wrapper (OptimizedModule): attach to the original model, backbone._orig_mod, "
+            "and compile the stages with EERuntime(model, ..., compile=True)"
+        )
+    if isinstance(backbone, torch.jit.ScriptModule):
+        raise TypeError(
+            f"backbone is a TorchScript module ({type(backbone).__name__}): its forward cannot be cut into stages; "
+            "attach to the Python module it was scripted or traced from"
+        )
+
+
 def _check_at(at: Union[str, Sequence[str]]) -> List[str]:
     try:
         names = [at] if isinstance(at, str) else list(at)
@@ -514,8 +601,12 @@ def _split(
     except ValueError as children_error:
         try:
             return _split_fx(backbone, at, probe, expected), "fx"
-        except ValueError:
-            raise children_error from None
+        except ValueError as fx_error:
+            if _NOT_A_NODE not in str(fx_error):
+                raise fx_error from None  # fx knows the node: its reason is the one that applies
+            raise ValueError(
+                f"{children_error}; or an fx node name (ee.split_points(backbone, mode='fx') lists them)"
+            ) from None
 
 
 def _dry_run(stages: Sequence[nn.Module], probe: State) -> List[State]:
@@ -590,7 +681,22 @@ def _blocks(backbone: nn.Module, at: Sequence[str]) -> List[Tuple[str, nn.Module
                     break
             if changed:
                 break
-    return blocks
+    return _open_single_trunk(blocks)
+
+
+def _open_single_trunk(blocks: List[Tuple[str, nn.Module]]) -> List[Tuple[str, nn.Module]]:
+    """Open a first ``nn.Sequential`` child that holds every parametrised layer but the
+    classifier (torchvision's MobileNetV3 / VGG / ConvNeXt ``features``, timm's DenseNet):
+    unopened, no child could end an early stage, and the listing of split points would be empty.
+    Only then: a split that worked before keeps its stages (and their state_dict keys)."""
+    while True:
+        with_params = [i for i, (_, m) in enumerate(blocks) if _has_params(m)]
+        if len(with_params) != 2 or with_params[0] != 0:
+            return blocks
+        name, trunk = blocks[0]
+        if not (isinstance(trunk, nn.Sequential) and len(trunk) > 1):
+            return blocks
+        blocks = [(f"{name}.{c}", m) for c, m in trunk.named_children()] + blocks[1:]
 
 
 def _run_blocks(
@@ -828,6 +934,7 @@ def _split_fx(
             f"torch.fx cannot trace {type(backbone).__name__} ({type(e).__name__}: {e}); make forward traceable, "
             "or use mode='children' for a module whose children run in order"
         ) from e
+    _bind_defaults(graph, len(as_tuple(probe)))
     gm = fx.GraphModule(backbone, graph)  # shares the backbone's submodules and parameters
     recorder = _BatchRecorder(gm, as_tuple(probe)[0].shape[0])
     recorder.run(*as_tuple(probe))
@@ -887,7 +994,7 @@ def _split_fx(
             n = targets[a][0]
         if n is None or pos[n] >= boundary or not splittable(n):
             if n is None:
-                why = "is not a node or submodule called by forward"
+                why = _NOT_A_NODE
             elif pos[n] >= boundary:
                 why = "is part of the classifier tail or leaves the last stage empty"
             else:
@@ -920,6 +1027,25 @@ def _split_fx(
     # An expanded nn.TransformerEncoder is the same math in another kernel order (see _encoder_by_layers)
     _verify(split, probe, expected, "fx", exact=not tracer.expanded)
     return split
+
+
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def _bind_defaults(graph: fx.Graph, given: int) -> None:
+    """Bind the forward arguments after the first ``given`` (those the example does not pass:
+    timm Eva's ``attn_mask=None, is_causal=False``) to their default values, as calling the
+    backbone with the example does. Traced as inputs they would be stage 0's required arguments,
+    and, never batched, they could not travel between stages. Tensor defaults stay inputs."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[given:]:
+        if not ph.args or not isinstance(ph.args[0], _CONSTANTS):  # no default, or one fx cannot inline
+            continue
+        value = ph.args[0]
+        for user in list(ph.users):
+            user.args = fx.node.map_arg(user.args, lambda a: value if a is ph else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is ph else a)
+        graph.erase_node(ph)
 
 
 def _fx_layout(
@@ -990,12 +1116,22 @@ def _subgraph(
 
 
 # ---------------------------------------------------------------------------- heads
+def _channels_last_maps(backbone: nn.Module) -> bool:
+    """True when the backbone's feature maps are [B, H, W, C]: timm says so in ``output_fmt``
+    (Swin, MambaOut, ...); torchvision's SwinTransformer permutes to it in its first layer."""
+    if getattr(backbone, "output_fmt", None) == "NHWC":
+        return True
+    kind = type(backbone)
+    return kind.__name__ == "SwinTransformer" and kind.__module__.startswith("torchvision.")
+
+
 def _make_heads(
     head: HeadSpec,
     states: Sequence[State],
     num_classes: int,
     at: Sequence[str],
     layouts: Sequence[Optional[TokenLayout]],
+    channels_last: bool = False,
 ) -> List[nn.Module]:
     n = len(states)
     if isinstance(head, nn.ModuleList):
@@ -1009,7 +1145,7 @@ def _make_heads(
             raise ValueError(
                 f"unknown head {head!r}; accepted: {', '.join(map(repr, HEADS))}, a factory head(state_shape, num_classes) or a list of modules"
             )
-        return [_default_head(head, s, num_classes, a, lay) for s, a, lay in zip(states, at, layouts)]
+        return [_default_head(head, s, num_classes, a, lay, channels_last) for s, a, lay in zip(states, at, layouts)]
     if callable(head):  # modules were turned into a list or refused above
         out = []
         for k, s in enumerate(states):
@@ -1029,7 +1165,9 @@ def _make_heads(
     return heads
 
 
-def _default_head(head: str, state: State, num_classes: int, at: str, layout: Optional[TokenLayout]) -> nn.Module:
+def _default_head(
+    head: str, state: State, num_classes: int, at: str, layout: Optional[TokenLayout], channels_last: bool = False
+) -> nn.Module:
     x = as_tuple(state)[0]
     if layout is not None:  # tokens [B, S, H]: pool along S, classify the H features
         if head == "conv":
@@ -1046,8 +1184,14 @@ def _default_head(head: str, state: State, num_classes: int, at: str, layout: Op
         raise ValueError(
             f"head={head!r} is a token head; split point {at!r} yields a feature map {tuple(x.shape)} (use 'pool_linear' or 'conv')"
         )
+    nhwc = channels_last and x.dim() == 4
     if head in ("auto", "pool_linear"):
-        return PoolLinearHead(x.shape[1], num_classes)
+        return PoolLinearHead(x.shape[-1] if nhwc else x.shape[1], num_classes, channels_last=nhwc)
+    if nhwc:
+        raise ValueError(
+            f"head='conv' needs a channels-first map [B, C, H, W]; split point {at!r} yields a channels-last map "
+            f"{tuple(x.shape)} ([B, H, W, C], as Swin's are): use 'pool_linear' or a head factory"
+        )
     if not 3 <= x.dim() <= 5:
         raise ValueError(f"head='conv' needs a [B, C, *spatial] map at {at!r}, got shape {tuple(x.shape)}")
     return ConvHead(x.shape[1], num_classes, dims=x.dim() - 2)

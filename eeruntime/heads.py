@@ -41,13 +41,23 @@ TOKEN_POOLS = ("cls", "mean")
 
 
 class GlobalPool(nn.Module):
-    """Average over every dimension after the channel dimension: [B, C, *S] -> [B, C] (channels
-    first, like conv feature maps); a [B, C] input passes through. When the state is a tuple, only
-    its first member is pooled (the others, e.g. a residual branch carried across an fx split,
-    belong to the next stage)."""
+    """Average over every spatial dimension: [B, C, *S] -> [B, C] (channels first, like conv
+    feature maps), or with ``channels_last`` [B, *S, C] -> [B, C] (Swin's maps); a [B, C] input
+    passes through. When the state is a tuple, only its first member is pooled (the others, e.g.
+    a residual branch carried across an fx split, belong to the next stage)."""
+
+    def __init__(self, channels_last: bool = False):
+        super().__init__()
+        self.channels_last = bool(channels_last)
 
     def forward(self, x, *rest):
-        return x.mean(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else x
+        if x.dim() <= 2:
+            return x
+        first = 1 if self.channels_last else 2
+        return x.mean(dim=tuple(range(first, first + x.dim() - 2)))
+
+    def extra_repr(self) -> str:
+        return "channels_last=True" if self.channels_last else ""
 
 
 class TokenPool(nn.Module):
@@ -239,11 +249,24 @@ def _tag(logits: torch.Tensor, head: ExitHead, feats: torch.Tensor, state) -> No
 
 
 class PoolLinearHead(ExitHead):
-    """Global average pool + linear: the smallest exit (BranchyNet-style)."""
+    """Global average pool + linear: the smallest exit (BranchyNet-style). ``channels_last``:
+    the maps are [B, *S, C] (see :class:`GlobalPool`)."""
 
-    def __init__(self, in_channels: int, num_classes: int, *, confidence: bool = False, gate: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        channels_last: bool = False,
+        confidence: bool = False,
+        gate: bool = False,
+    ):
         super().__init__(
-            GlobalPool(), nn.Linear(in_channels, num_classes), in_channels, confidence=confidence, gate=gate
+            GlobalPool(channels_last),
+            nn.Linear(in_channels, num_classes),
+            in_channels,
+            confidence=confidence,
+            gate=gate,
         )
 
 

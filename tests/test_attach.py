@@ -194,6 +194,46 @@ def test_runtime_on_attached_model_matches_per_sample_loop():
     torch.testing.assert_close(res.logits[clear].double(), ref_logits[clear], rtol=1e-4, atol=1e-5)
 
 
+class OptionalMaskAttention(nn.Module):
+    """Timm's Eva layout: forward(x, attn_mask=None, is_causal=False), the optional arguments
+    passed down to every attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList([nn.Linear(8, 24) for _ in range(3)])
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        h = self.embed(x)
+        for qkv in self.blocks:
+            q, k, v = qkv(h).chunk(3, dim=-1)
+            h = h + F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.fc(h.mean(1))
+
+
+def test_optional_forward_arguments_take_their_defaults():
+    """The optional arguments were traced as inputs: stage 0 wanted three arguments (every listed
+    point failed on the dry run with "missing 2 required positional arguments") and, never
+    batched, they left no split point between the blocks. Arguments the example does not give
+    are bound to their defaults, as calling the backbone with the example does."""
+    torch.manual_seed(0)
+    backbone = OptionalMaskAttention().eval()
+    x = torch.randn(16, 5, 6)
+    names = [p.name for p in ee.split_points(backbone, example_input=x)]
+    assert "add" in names and "add_1" in names
+    model = ee.attach_exits(backbone, at=["add", "add_1"], example_input=x)
+    with torch.no_grad():
+        outs = model.eval()(x)
+    assert torch.equal(outs[-1], backbone(x))
+    thr = float(torch.softmax(outs[0], 1).max(1).values.median())
+    res = ee.EERuntime(model, thresholds=[thr, thr], criterion="max_prob").infer(x)
+    ref_logits, ref_exit, margin = per_sample_loop(model, x, [thr, thr], "max_prob")
+    clear = margin > 1e-5
+    assert torch.equal(res.exit_index[clear], ref_exit[clear])
+    torch.testing.assert_close(res.logits[clear].double(), ref_logits[clear], rtol=1e-4, atol=1e-5)
+
+
 def test_inplace_first_op_after_a_split_still_trains():
     # layer after 'bn1' starts with ReLU(inplace=True): the head's saved input must survive it
     backbone = TinyResNet()
@@ -213,6 +253,55 @@ def test_inplace_first_op_after_a_split_still_trains():
 def test_unknown_split_point_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"'layer9' is not a child.*conv1, bn1, relu, maxpool, layer1, layer2, layer3"):
         ee.attach_exits(TinyResNet(), at=["layer9"])
+
+
+def test_a_children_model_refusing_a_name_says_fx_names_work_too():
+    """A backbone cut by its children (ResNet) also takes fx node names: a misspelt one was
+    answered with the children only, and an fx node that fx refuses (the flatten in the tail)
+    with "is not a child module" instead of fx's reason."""
+    with pytest.raises(
+        ValueError, match=r"'layer1.1.relu_9' is not a child.*layer3.*split_points\(backbone, mode='fx'\)"
+    ):
+        ee.attach_exits(TinyResNet(), at=["layer1.1.relu_9"])
+    with pytest.raises(ValueError, match=r"'flatten' is part of the classifier tail.*layer4.0.bn2;"):
+        ee.attach_exits(TinyResNet(), at=["flatten"])
+
+
+def test_a_forward_hook_on_the_backbone_itself_is_named_when_the_split_differs():
+    """Hooks on the backbone run around its forward, never in its stages: a hook that changes the
+    output made attach refuse with "does not reproduce" and no word of why."""
+    backbone = TinyResNet().eval()
+    backbone.register_forward_hook(lambda m, inputs, out: out * 2)
+    with pytest.raises(ValueError, match=r"does not reproduce.*1 forward hook\(s\) on TinyResNet itself"):
+        ee.attach_exits(backbone, at=["layer1"])
+    assert len(backbone._forward_hooks) == 1
+    backbone.layer4.register_forward_hook(lambda m, inputs, out: out * 2)  # hooks of its modules run in the stages
+    backbone._forward_hooks.clear()
+    x = torch.randn(4, 3, 16, 16)
+    model = ee.attach_exits(backbone, at=["layer1"], example_input=x)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone(x))
+
+
+@pytest.mark.parametrize(
+    "wrap, hint",
+    [
+        (nn.DataParallel, r"DataParallel wrapper.*backbone\.module"),
+        (torch.compile, r"torch\.compile wrapper.*backbone\._orig_mod.*EERuntime\(model, \.\.\., compile=True\)"),
+        (lambda m: torch.jit.trace(m, torch.randn(2, 3, 8, 8)), r"TorchScript module.*the Python module"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_wrapped_backbones_are_refused_with_what_to_pass(wrap, hint):
+    """DataParallel, torch.compile and TorchScript wrap the model; attach answered "torch.fx
+    cannot trace ..." (or a children error naming 'module'), not what to pass instead."""
+    wrapped = wrap(seq_cnn().eval())
+    for call_ in (
+        lambda: ee.attach_exits(wrapped, at=["2"], example_input=torch.randn(2, 3, 8, 8)),
+        lambda: ee.split_points(wrapped),
+    ):
+        with pytest.raises(TypeError, match=hint):
+            call_()
 
 
 @pytest.mark.parametrize("at", [["layer4"], ["avgpool"], ["fc"]])
@@ -373,6 +462,38 @@ def test_num_classes_replaces_the_final_classifier_for_fine_tuning(mode):
     assert any(m is backbone[5][0] for m in model.modules())  # the rest of the classifier is shared
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         ee.attach_exits(seq_cnn(), at=["2"], num_classes=0)
+
+
+class TwoHeads(nn.Module):
+    """Two classifiers averaged, as in LeViT / DeiT-distilled: the first ends the last stage,
+    the second is the tail."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(8, 10)
+        self.head_dist = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 10))
+
+    def forward(self, x):
+        h = torch.flatten(self.body(x), 1)
+        return (self.head(h) + self.head_dist(h)) / 2
+
+
+def test_num_classes_refused_when_the_tail_cannot_take_a_new_classifier():
+    """Replacing fc gave a model that failed in its first forward (a shape mismatch deep in the
+    traced tail); attach checks the new tail on the dry run and says what to do instead, leaving
+    the backbone as it was (its BatchNorm statistics too: the check runs in eval mode)."""
+    backbone = TwoHeads().train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(
+        ValueError, match=r"num_classes=5 .* in place of 'head_dist.1' .* does not give \[B, 5\] logits"
+    ):
+        ee.attach_exits(backbone, at=["body"], num_classes=5, example_input=x)
+    assert backbone.training and all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    model = ee.attach_exits(backbone, at=["body"], example_input=x)  # its own 10 classes
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone.eval()(x))
 
 
 def test_num_classes_and_example_input_checks():

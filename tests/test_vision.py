@@ -124,3 +124,124 @@ def test_num_classes_for_fine_tuning_replaces_only_the_classifier(make):
     assert [o.shape for o in outs] == [torch.Size([4, 5])] * 2
     new = [m for m in model.exits[-1].modules() if isinstance(m, nn.Linear)][-1]
     assert new.out_features == 5 and all(new is not m for m in backbone.modules())
+
+
+@pytest.mark.parametrize(
+    "make, first",
+    [
+        (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), "features.0"),
+        (lambda: timm.create_model("densenet121", pretrained=False, num_classes=10), "features.conv0"),
+    ],
+)
+def test_a_features_sequential_is_opened_for_its_split_points(make, first):
+    """Every layer but the classifier sits in one nn.Sequential child (``features``): its children
+    are the split points (split_points listed none, and attach's error offered "(none)")."""
+    backbone = make().eval()
+    x = images(8)
+    points = ee.split_points(backbone, example_input=x)
+    assert points and points[0].name == first and all(p.name.startswith("features.") for p in points)
+    with pytest.raises(ValueError, match=f"valid split points \\(in order\\): {first}, "):
+        ee.attach_exits(backbone, at=["nonsense"], example_input=x)
+    model = ee.attach_exits(backbone, at=[points[len(points) // 2].name], example_input=x)  # a listed point works
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone(x))
+    check_rows(model, x)
+
+
+def test_num_classes_for_a_distilled_levit_is_refused_with_a_way_out():
+    """LeViT's eval output is the mean of two classifiers, ``head`` (which ends the last stage)
+    and ``head_dist`` (the tail): replacing the one in the tail built a model that failed in its
+    first forward. attach refuses, naming the way out, which works."""
+    import copy
+
+    backbone = timm.create_model("levit_128s", pretrained=False, img_size=64, num_classes=10).eval()
+    x = images(4, size=64)
+    with pytest.raises(ValueError, match=r"num_classes=5 .*'head_dist.linear'.*reset_classifier on a copy"):
+        ee.attach_exits(backbone, at=["stages.1"], num_classes=5, example_input=x)
+    five = copy.deepcopy(backbone)
+    five.reset_classifier(5)
+    model = ee.attach_exits(five, at=["stages.1"], example_input=x).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], five(x)) and model(x)[0].shape == (4, 5)
+
+
+def test_a_distilled_timm_vit_is_refused_clearly():
+    """DeiT-distilled averages two heads on two tokens, which the timm ViT split does not run."""
+    backbone = timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10
+    ).eval()
+    with pytest.raises(ValueError, match="VisionTransformerDistilled.*do not reproduce its output"):
+        ee.attach_exits(backbone, at=["blocks.3"])
+
+
+@pytest.mark.parametrize(
+    "make, at, size",
+    [
+        (
+            lambda: torchvision.models.SwinTransformer(
+                patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=10
+            ),
+            ["features.1", "features.3.0"],
+            32,
+        ),
+        (
+            lambda: timm.create_model(
+                "swin_tiny_patch4_window7_224",
+                pretrained=False,
+                img_size=56,
+                window_size=7,
+                embed_dim=24,
+                depths=(2, 2),
+                num_heads=(2, 2),
+                num_classes=10,
+            ),
+            ["layers.0"],
+            56,
+        ),
+    ],
+)
+def test_swin_maps_are_channels_last_and_heads_pool_over_space(make, at, size):
+    """Swin's maps are [B, H, W, C] (timm says so in output_fmt): the default head read H as the
+    channels (a Linear(H, classes) after averaging over W and C), which only ran at the dry
+    run's image size. It now averages over H and W and classifies the C features."""
+    backbone = make().eval()
+    x = images(8, size=size)
+    model = ee.attach_exits(backbone, at=at, example_input=x).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], backbone(x))
+        state = x
+        for stage, head in zip(model.stages[:-1], model.exits[:-1]):
+            state = stage(state)
+            assert head.classifier.in_features == state.shape[-1] != state.shape[1]
+            torch.testing.assert_close(head.features(state), state.mean(dim=(1, 2)))
+    check_rows(model, x)
+    with pytest.raises(ValueError, match=r"head='conv' needs a channels-first map.*\[B, H, W, C\]"):
+        ee.attach_exits(backbone, at=at, head="conv", example_input=x)
+
+
+@pytest.mark.parametrize(
+    "make, path",
+    [
+        (lambda: torchvision.models.squeezenet1_1(num_classes=10), "classifier.1"),
+        (lambda: timm.create_model("dla34", pretrained=False, num_classes=10), "fc"),
+    ],
+)
+def test_num_classes_replaces_a_1x1_conv_classifier(make, path):
+    """SqueezeNet and DLA classify with a 1x1 convolution: num_classes was refused ("no
+    nn.Linear with 10 outputs"); the conv is now replaced by a new one, and the final exit is the
+    backbone with that conv in its place."""
+    import copy
+
+    backbone = make().eval()
+    x = images(4, size=64)
+    with torch.no_grad():
+        want = backbone(x)
+    model = ee.attach_exits(backbone, at=[ee.split_points(backbone, example_input=x)[2].name], num_classes=5).eval()
+    new = [m for m in model.exits[-1].modules() if isinstance(m, nn.Conv2d) and m.out_channels == 5]
+    assert len(new) == 1 and new[0].kernel_size == (1, 1) and all(new[0] is not m for m in backbone.modules())
+    ref = copy.deepcopy(backbone)
+    parent, name = ref.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2]
+    setattr(parent, name, new[0])
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], ref(x))
+        assert torch.equal(backbone(x), want)
