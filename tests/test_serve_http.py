@@ -410,6 +410,9 @@ def test_admin_threshold_swap_needs_the_token(served):
     auth = {"authorization": f"Bearer {TOKEN}"}
     r = served.client.post(url, json={"thresholds": [0.1, 0.2, 0.3]}, headers=auth)
     assert r.status_code == 422 and "got 3 thresholds" in r.json()["error"]
+    before = served.sched.thresholds
+    r = served.client.post(url, json={"thresholds": None}, headers=auth)  # was 200: the criterion's default (0.99)
+    assert r.status_code == 422 and "null" in r.json()["error"] and served.sched.thresholds == before
     r = served.client.post(url, content=b'{"thresholds":' + b"[" * 2000 + b"]" * 2000 + b"}", headers=auth)
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
     no_traceback(r)
