@@ -682,6 +682,13 @@ def test_a_spec_takes_thresholds_as_numbers_or_the_infinities_and_refuses_the_re
     for bad in ([True, 0.5], ["0.5", 0.5], ["abc"], [None]):
         with pytest.raises(TypeError, match="thresholds must be numbers"):
             RuntimeSpec(model="models:mlp_model", thresholds=bad)
+    # NaN (json.loads reads a NaN literal, `serve --ray --thresholds nan` float()'s "nan") was
+    # taken: the app was built and every replica failed to start on it
+    for bad in (float("nan"), [0.5, float("nan")]):
+        with pytest.raises(ValueError, match="NaN"):
+            RuntimeSpec(model="models:mlp_model", thresholds=bad)
+    with pytest.raises(ValueError, match="too large for a float"):  # (was float()'s OverflowError)
+        RuntimeSpec(model="models:mlp_model", thresholds=[10**400, 0.5])
 
 
 async def asyncio_gather(*coros, return_exceptions=False):
