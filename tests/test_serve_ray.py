@@ -688,7 +688,7 @@ def test_a_spec_takes_thresholds_as_numbers_or_the_infinities_and_refuses_the_re
         with pytest.raises(ValueError, match="NaN"):
             RuntimeSpec(model="models:mlp_model", thresholds=bad)
     with pytest.raises(ValueError, match="too large for a float"):  # (was float()'s OverflowError)
-        RuntimeSpec(model="models:mlp_model", thresholds=[10**400, 0.5])
+        RuntimeSpec(model="models:mlp_model", thresholds=[10**5000, 0.5])  # (not printed: 4300 digits at most)
 
 
 async def asyncio_gather(*coros, return_exceptions=False):

@@ -134,7 +134,9 @@ def _threshold(value: Any) -> float:
     try:
         number = float(value)
     except OverflowError:  # an int past float's range
-        raise ValueError(f'a threshold is too large for a float ({value}); "inf" means: never exit there') from None
+        raise ValueError(
+            'a threshold is too large for a float (an int past its range); "inf" means: never exit there'
+        ) from None
     if math.isnan(number):  # (every replica's coerce_thresholds refuses it: refused here once)
         raise ValueError('a threshold is NaN; thresholds must be numbers (or "inf" / "-inf": never exit there)')
     return number
