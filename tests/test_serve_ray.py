@@ -438,6 +438,11 @@ def test_ray_http_json_booleans_are_a_422_naming_the_first():
             _from_json(b'{"inputs": [[1, 0, 2], [false, 3, 4]]}', spec)
         assert e.value.status == 422
         assert _from_json(b'{"inputs": [[1, 0, 2], [0, 3, 4]]}', spec).tolist() == [[1, 0, 2], [0, 3, 4]]
+        # "inputs" a boolean itself: a TypeError ('bool' object is not iterable), which the
+        # replica answered as a 400 "the input does not fit the model: 'bool' object is not iterable"
+        with pytest.raises(BadRequest, match="inputs is true.*not numbers") as e:
+            _from_json(b'{"inputs": true}', spec)
+        assert e.value.status == 422
 
 
 def test_ray_http_answers_are_strict_json_even_for_a_nan_row():

@@ -222,7 +222,7 @@ def _refuse_booleans(data: list, x: torch.Tensor) -> None:
         return
     if x.dtype != torch.bool and not ((x == 0) | (x == 1)).any():
         return
-    flat = data
+    flat = [data] if x.dim() == 0 else data  # ("inputs" one number, or one boolean, itself)
     for _ in range(x.dim() - 1):
         flat = list(chain.from_iterable(flat))
     if bool not in map(type, flat):
