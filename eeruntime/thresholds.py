@@ -109,7 +109,7 @@ def _number(x, accepted: str, i=None) -> float:
         return float(x)
     except OverflowError:  # an int past float's range (float('inf') is how to say "never exit")
         raise ValueError(
-            f"{where} is too large for a float ({x}); give {accepted} (inf means: never exit there)"
+            f"{where} is too large for a float (an int past its range); give {accepted} (inf means: never exit there)"
         ) from None
 
 

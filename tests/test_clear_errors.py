@@ -51,6 +51,16 @@ def test_bad_thresholds_are_refused_and_change_nothing(bad, err, words):
         ee.EERuntime(mlp_model(K=3), thresholds=bad, criterion="max_prob")
 
 
+def test_an_int_too_long_to_print_is_refused_as_too_large_too():
+    """An int past float's range was refused by printing it: past 4300 digits Python refuses to
+    (ValueError 'Exceeds the limit (4300 digits) for integer string conversion'), said instead of
+    what is wrong and accepted; the message no longer prints it (nor the 400 digits of 10**400)."""
+    rt = ee.EERuntime(mlp_model(K=3), thresholds=[0.3, 0.6], criterion="max_prob")
+    with pytest.raises(ValueError, match="threshold 1 is too large for a float.*inf means: never exit"):
+        rt.set_thresholds([0.1, 10**5000])
+    assert rt.thresholds == [0.3, 0.6]
+
+
 @pytest.mark.parametrize(
     "good, want",
     [

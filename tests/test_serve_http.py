@@ -249,12 +249,20 @@ def test_json_booleans_are_refused_as_not_numbers_saying_where(inputs, where, ta
         b'{"inputs": [[0.5, 2.0, 3.0]]}',
         b'{"inputs": [[0, 1, 0.25]]}',
         b'{"inputs": [[1e0, -0.0, 7]], "x": "true"}',  # (refused for its field, not scanned wrongly)
+        # json.loads reads UTF-16 and UTF-32 bodies too (with or without a BOM), where true is not
+        # the bytes b"true": the shortcut skipped the check and true was served as 1.0
+        '{"inputs": [[0.5, true, 2.0]]}'.encode("utf-16"),
+        '{"inputs": [[0.5, true, 2.0]]}'.encode("utf-16-be"),
+        '{"inputs":[[1,0,false]]}'.encode("utf-32-le"),
+        '{"inputs": [[0.5, 2.0, 3.0]]}'.encode("utf-32"),
+        '{"inputs": [[0.5, 2.0, 3.0]]}'.encode("utf-8-sig"),
     ],
+    ids=["true", "false", "numbers", "0-1", "field", "utf16-true", "utf16be-true", "utf32le-false", "utf32", "bom"],
 )
 def test_the_raw_body_shortcut_decodes_as_the_full_check_does(body):
     """decode_body skips the boolean check for a body without the substrings true / false
     (may_hold_booleans): every body decodes, or is refused with the same message, as with the
-    check always run (decode_json of the parsed body)."""
+    check always run (decode_json of the parsed body), in every encoding json.loads reads."""
 
     def outcome(f):
         try:
@@ -402,6 +410,9 @@ def test_admin_threshold_swap_needs_the_token(served):
     auth = {"authorization": f"Bearer {TOKEN}"}
     r = served.client.post(url, json={"thresholds": [0.1, 0.2, 0.3]}, headers=auth)
     assert r.status_code == 422 and "got 3 thresholds" in r.json()["error"]
+    before = served.sched.thresholds
+    r = served.client.post(url, json={"thresholds": None}, headers=auth)  # was 200: the criterion's default (0.99)
+    assert r.status_code == 422 and "null" in r.json()["error"] and served.sched.thresholds == before
     r = served.client.post(url, content=b'{"thresholds":' + b"[" * 2000 + b"]" * 2000 + b"}", headers=auth)
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
     no_traceback(r)

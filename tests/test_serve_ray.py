@@ -438,6 +438,11 @@ def test_ray_http_json_booleans_are_a_422_naming_the_first():
             _from_json(b'{"inputs": [[1, 0, 2], [false, 3, 4]]}', spec)
         assert e.value.status == 422
         assert _from_json(b'{"inputs": [[1, 0, 2], [0, 3, 4]]}', spec).tolist() == [[1, 0, 2], [0, 3, 4]]
+        # "inputs" a boolean itself: a TypeError ('bool' object is not iterable), which the
+        # replica answered as a 400 "the input does not fit the model: 'bool' object is not iterable"
+        with pytest.raises(BadRequest, match="inputs is true.*not numbers") as e:
+            _from_json(b'{"inputs": true}', spec)
+        assert e.value.status == 422
 
 
 def test_ray_http_answers_are_strict_json_even_for_a_nan_row():
@@ -682,6 +687,13 @@ def test_a_spec_takes_thresholds_as_numbers_or_the_infinities_and_refuses_the_re
     for bad in ([True, 0.5], ["0.5", 0.5], ["abc"], [None]):
         with pytest.raises(TypeError, match="thresholds must be numbers"):
             RuntimeSpec(model="models:mlp_model", thresholds=bad)
+    # NaN (json.loads reads a NaN literal, `serve --ray --thresholds nan` float()'s "nan") was
+    # taken: the app was built and every replica failed to start on it
+    for bad in (float("nan"), [0.5, float("nan")]):
+        with pytest.raises(ValueError, match="NaN"):
+            RuntimeSpec(model="models:mlp_model", thresholds=bad)
+    with pytest.raises(ValueError, match="too large for a float"):  # (was float()'s OverflowError)
+        RuntimeSpec(model="models:mlp_model", thresholds=[10**5000, 0.5])  # (not printed: 4300 digits at most)
 
 
 async def asyncio_gather(*coros, return_exceptions=False):

@@ -647,7 +647,12 @@ def test_a_partial_batch_is_passed_over_for_at_most_max_defer_ms():
     with pytest.raises(ValueError, match="max_defer_ms must be >= 0"):
         StageScheduler(rt, max_defer_ms=-1)
     for key in ("max_wait_ms", "max_defer_ms"):  # (inf held a partial batch until it filled, a lone row forever)
-        for value, words in ((math.inf, "must be finite"), (math.nan, "must be >= 0"), ("5", "must be >= 0")):
+        for value, words in (
+            (math.inf, "must be finite"),
+            (10**400, "must be finite"),  # (an int past float's range: was float()'s OverflowError)
+            (math.nan, "must be >= 0"),
+            ("5", "must be >= 0"),
+        ):
             with pytest.raises(ValueError, match=f"{key} {words}"):
                 StageScheduler(rt, **{key: value})
     with pytest.raises(ValueError, match="max_defer_ms applies to policy='deepest'"):

@@ -206,8 +206,10 @@ def json_tensor(data: list, spec: InputSpec, malformed_status: int = 422, maybe_
 
 def may_hold_booleans(body: bytes) -> bool:
     """Whether a JSON ``body`` may hold a boolean: JSON spells them ``true`` and ``false``, in
-    lowercase and unescaped, so a body without either substring holds none (one scan in C)."""
-    return b"true" in body or b"false" in body
+    lowercase and unescaped, so a UTF-8 body without either substring holds none (one scan in
+    C). A body json.loads reads as UTF-16 or UTF-32 (a BOM, or zero bytes among its first four)
+    spells them in other bytes: it may."""
+    return b"true" in body or b"false" in body or json.detect_encoding(body[:4]) not in ("utf-8", "utf-8-sig")
 
 
 def _refuse_booleans(data: list, x: torch.Tensor) -> None:
@@ -220,7 +222,7 @@ def _refuse_booleans(data: list, x: torch.Tensor) -> None:
         return
     if x.dtype != torch.bool and not ((x == 0) | (x == 1)).any():
         return
-    flat = data
+    flat = [data] if x.dim() == 0 else data  # ("inputs" one number, or one boolean, itself)
     for _ in range(x.dim() - 1):
         flat = list(chain.from_iterable(flat))
     if bool not in map(type, flat):

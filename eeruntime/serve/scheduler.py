@@ -289,9 +289,15 @@ def wait_ms_error(value: Any) -> Optional[str]:
     scheduler's worker stopped on it, timestamp out of range, and until then a partial batch
     waited to fill, a lone request until its timeout). Shared by the front ends' option checks (``cli.scheduler_options_error``).
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return f"must be >= 0, got {value!r}"
-    if float(value) == math.inf:
+    try:
+        ms = float(value)
+    except OverflowError:  # an int past float's range
+        return "must be finite (milliseconds), got an int past float's range"
+    if not ms >= 0:
+        return f"must be >= 0, got {value!r}"
+    if ms == math.inf:
         return f"must be finite (milliseconds), got {value!r}"
     return None
 

@@ -171,6 +171,10 @@ def create_app(
             return error(e.status, str(e))
         if not isinstance(doc, dict) or "thresholds" not in doc:
             return error(422, 'send {"thresholds": [t1, ...]} (one per early exit) or {"thresholds": t}')
+        if doc["thresholds"] is None:  # (coerce_thresholds reads None as "the criterion's default")
+            return error(
+                422, 'thresholds is null; send {"thresholds": [t1, ...]} (one per early exit) or {"thresholds": t}'
+            )
         try:
             sched.set_thresholds(thresholds_from_json(doc["thresholds"]))
         except (TypeError, ValueError) as e:

@@ -6,6 +6,7 @@ Ray")."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -130,4 +131,12 @@ def _threshold(value: Any) -> float:
     built, rather than by every replica that fails to start on it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f'thresholds must be numbers (or "inf" / "-inf"), got {value!r} ({type(value).__name__})')
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError(
+            'a threshold is too large for a float (an int past its range); "inf" means: never exit there'
+        ) from None
+    if math.isnan(number):  # (every replica's coerce_thresholds refuses it: refused here once)
+        raise ValueError('a threshold is NaN; thresholds must be numbers (or "inf" / "-inf": never exit there)')
+    return number
