@@ -339,9 +339,12 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
     if adapter is not None and adapter.can_pad:
         # row 0 alone, every token real: HF's mask function then gives the layers no mask at all
         # (None), a path the padded batch does not take (MRA's layers fail on it)
-        solo = tuple(
-            torch.ones_like(t[:1]) if n == "attention_mask" else t[:1] for n, t in zip(adapter.names, as_tuple(x))
-        )
+        first = [t[:1] for t in as_tuple(x)]
+        if pad is not None:  # a decoder: up to its last real token (its classifier reads that one)
+            mask = first[adapter.names.index("attention_mask")]
+            end = int(((mask != 0) * torch.arange(mask.shape[1], device=mask.device)).amax()) + 1
+            first = [t[:, :end] for t in first]
+        solo = tuple(torch.ones_like(t) if n == "attention_mask" else t for n, t in zip(adapter.names, first))
         _reproduce(backbone, split, solo, output_logits(backbone(**dict(zip(adapter.names, solo)), **nocache)))
     classes = int(expected.shape[1]) if split.tail is not None else None
     layouts: List[Optional[TokenLayout]] = [split.layout] * len(states)

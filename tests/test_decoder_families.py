@@ -225,6 +225,21 @@ def test_inputs_are_taken_as_the_models_forward_takes_them():
         rt.infer({**x, "use_cache": True})
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_an_example_input_padded_as_a_tokenizer_pads_is_taken(side):
+    """attach's dry run also runs row 0 alone with every token real: a padded row 0 (pad ids at
+    its end) was then read by HF at its last non-pad token and by the stages at its last column,
+    and the model was refused as not reproducing its output."""
+    backbone = seeded(llama)
+    x = text_batch(4, 8, seed=3, side=side)
+    x = {k: v[[1, 0, 2, 3]] for k, v in x.items()}  # row 0 padded
+    assert int(x["attention_mask"][0].sum()) < 8
+    model = ee.attach_exits(backbone, at=["layers.1"], example_input=x)
+    never = ee.EERuntime(model, thresholds=float("inf"), criterion="max_prob").infer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(never.logits, backbone(**x).logits, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama"])
 def test_a_batch_of_no_rows_gives_empty_results(build):
     backbone = seeded(build)
