@@ -332,7 +332,8 @@ def trim_tokens(state: tuple, mask_index: int = 1, padding_mask: bool = False) -
     """Cut the sequence axis (dim 1) of every state member that has it to the longest real
     sequence among the rows: columns past the last real token of every row are padding for all
     of them. Exact for encoders: a padded key gets zero attention weight and tokens do not mix
-    otherwise. With left padding (or none) nothing is cut. Reads one scalar to the host."""
+    otherwise; exact for decoders too, with either padding side (causal attention: no kept token
+    sees a cut column). With left padding (or none) nothing is cut. Reads one scalar to the host."""
     mask = state[mask_index]
     S = mask.shape[1]
     real = (mask == 0) if padding_mask else (mask != 0)
@@ -750,8 +751,9 @@ def hf_decoder(model: nn.Module) -> Optional[Tuple[Any, List[nn.Module], List[st
     base = getattr(model, "base_model", None)
     if not isinstance(base, nn.Module) or getattr(getattr(base, "config", None), "model_type", None) not in DECODERS:
         return None
-    if model is not base and not isinstance(getattr(model, "score", None), nn.Linear):
-        return None  # a language-model head (GPT2LMHeadModel), ...: not a classifier
+    classifier = type(model).__name__.endswith("ForSequenceClassification")
+    if model is not base and not (classifier and isinstance(getattr(model, "score", None), nn.Linear)):
+        return None  # a language-model head (GPT2LMHeadModel), a token classifier, ...
     layers = getattr(base, "h", getattr(base, "layers", None))
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         return None

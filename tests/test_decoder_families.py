@@ -340,8 +340,12 @@ def test_a_decoder_without_a_pad_token_is_refused_saying_what_to_set():
             ),
             "decoder family 'opt' is not one",
         ),
+        (
+            lambda: transformers.LlamaForTokenClassification(transformers.LlamaConfig(**COMMON, **IDS)),
+            "without a sequence classifier",
+        ),
     ],
-    ids=["gpt2-lm-head", "opt"],
+    ids=["gpt2-lm-head", "opt", "llama-tokens"],
 )
 def test_other_decoders_are_refused_naming_what_is_supported(build, why):
     backbone = seeded(build)
