@@ -117,8 +117,9 @@ def attach_exits(
         trim: for HF text encoders and decoders, each stage after the first cuts the packed
             survivors' sequence axis to the longest real sequence among them
             (:func:`eeruntime.encoders.trim_tokens`; results unchanged: a decoder's causal
-            attention never reads a later column, with right or left padding). Off by default: a caller that concatenates stage states of
-            several batches (``cat_rows``) needs them the same length.
+            attention never reads a later column, with right or left padding). Off by default:
+            a caller that concatenates stage states of several batches (``cat_rows``) needs them
+            the same length.
             :func:`eeruntime.encoders.set_trim` switches it later.
 
     Returns:
