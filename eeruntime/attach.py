@@ -79,10 +79,12 @@ def attach_exits(
     Args:
         backbone: a trained classifier returning logits [B, C] (or an HF ``ModelOutput`` / a dict
             with ``logits``, or a tuple whose first member is the logits). HF encoders (BERT,
-            RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa, MPNet, ModernBERT, ViT, ...) and timm
-            ViTs are cut between their layers (see :mod:`eeruntime.encoders`); an HF base model
-            without a classifier needs ``num_classes``. Other HF models (decoders, ...) are
-            refused with why and what is supported.
+            RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa, MPNet, ModernBERT, ViT, ...), HF
+            decoder sequence classifiers (GPT-2, Llama, Qwen2, Mistral: causal attention, the
+            ``score`` head on each row's last real token; exit heads pool that token too) and
+            timm ViTs are cut between their layers (see :mod:`eeruntime.encoders`); an HF base
+            model without a classifier needs ``num_classes``. Other HF models (other decoder
+            families, language-model heads, ...) are refused with why and what is supported.
         at: the split points, in forward order: child names (``"layer1"``, ``"features.10"``),
             fx node names (``"layer1_1_relu_1"``) or torchvision's dotted node names
             (``"layer1.1.relu_1"``), submodule names, or an encoder's layers
@@ -96,7 +98,8 @@ def attach_exits(
             [B, S, H] states), ``"pool_linear"`` (global average pool + linear; on tokens: the
             masked mean; on the [B, H, W, C] maps of Swin-like models, timm's ``output_fmt="NHWC"``,
             the mean over H and W), ``"conv"`` (PTEE branch: conv 3x3 + BN + ReLU, pool, linear), ``"cls"``
-            / ``"mean"`` (token heads: CLS token or masked mean, LayerNorm, linear), a factory
+            / ``"mean"`` / ``"last"`` (token heads: CLS token, masked mean or last real token,
+            LayerNorm, linear; decoders' default is ``"last"``), a factory
             ``head(state_shape, num_classes) -> nn.Module`` (``state_shape`` is the split value's
             shape without the batch dim, from the dry run on ``example_input``, which it
             therefore requires), or a sequence of ready modules, one per split point.
@@ -111,10 +114,12 @@ def attach_exits(
             reproduce the output on the dry run, ``fx`` otherwise), ``"children"`` or ``"fx"``;
             ignored for encoders.
         copy: work on ``copy.deepcopy(backbone)`` instead of sharing its modules.
-        trim: for HF text encoders, each stage after the first cuts the packed survivors' sequence
-            axis to the longest real sequence among them (:func:`eeruntime.encoders.trim_tokens`;
-            results unchanged). Off by default: a caller that concatenates stage states of
-            several batches (``cat_rows``) needs them the same length.
+        trim: for HF text encoders and decoders, each stage after the first cuts the packed
+            survivors' sequence axis to the longest real sequence among them
+            (:func:`eeruntime.encoders.trim_tokens`; results unchanged: a decoder's causal
+            attention never reads a later column, with right or left padding). Off by default:
+            a caller that concatenates stage states of several batches (``cat_rows``) needs them
+            the same length.
             :func:`eeruntime.encoders.set_trim` switches it later.
 
     Returns:
@@ -310,10 +315,15 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
     _check_held(backbone, split)
     adapter = split.input_adapter
     primary = adapter.names[0] if adapter is not None else None
-    probe = example_input if example_input is not None else _encoder_probe(backbone, primary)
+    pad = getattr(adapter, "last_token_pad_id", None)
+    probe = example_input if example_input is not None else _encoder_probe(backbone, primary, pad)
     x = adapter(probe) if adapter is not None else _as_input(probe)
+    # a decoder's forward fills a key/value cache by default (config.use_cache); the stages run
+    # without one, as its forward computes with use_cache=False (with a cache, attention reads
+    # copies of the keys and values: eager attention then rounds differently in the last bit)
+    nocache = {"use_cache": False} if encoders.hf_decoder(backbone) is not None else {}
     if adapter is not None:
-        raw = backbone(**dict(zip(adapter.names, as_tuple(x))))
+        raw = backbone(**dict(zip(adapter.names, as_tuple(x))), **nocache)
     else:
         raw = call(backbone, x)
     expected = output_logits(raw)
@@ -330,10 +340,13 @@ def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], exa
     if adapter is not None and adapter.can_pad:
         # row 0 alone, every token real: HF's mask function then gives the layers no mask at all
         # (None), a path the padded batch does not take (MRA's layers fail on it)
-        solo = tuple(
-            torch.ones_like(t[:1]) if n == "attention_mask" else t[:1] for n, t in zip(adapter.names, as_tuple(x))
-        )
-        _reproduce(backbone, split, solo, output_logits(backbone(**dict(zip(adapter.names, solo)))))
+        first = [t[:1] for t in as_tuple(x)]
+        if pad is not None:  # a decoder: up to its last real token (its classifier reads that one)
+            mask = first[adapter.names.index("attention_mask")]
+            end = int(((mask != 0) * torch.arange(mask.shape[1], device=mask.device)).amax()) + 1
+            first = [t[:, :end] for t in first]
+        solo = tuple(torch.ones_like(t) if n == "attention_mask" else t for n, t in zip(adapter.names, first))
+        _reproduce(backbone, split, solo, output_logits(backbone(**dict(zip(adapter.names, solo)), **nocache)))
     classes = int(expected.shape[1]) if split.tail is not None else None
     layouts: List[Optional[TokenLayout]] = [split.layout] * len(states)
     return _Built(_Split(list(split.stages), split.tail), states, layouts, classes, "encoder", adapter)
@@ -390,10 +403,13 @@ def _encoder_cut(a: str, names: List[str]) -> int:
     )
 
 
-def _encoder_probe(backbone: nn.Module, primary: Optional[str] = None) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
+def _encoder_probe(
+    backbone: nn.Module, primary: Optional[str] = None, pad: Optional[int] = None
+) -> Union[Dict[str, torch.Tensor], torch.Tensor]:
     """A random batch of 2 for an encoder: token ids with a padded second row, or images, as
     ``primary`` (the main input its forward takes) says; an image model's config may have a
-    vocab_size too (BEiT's, for masked image modelling)."""
+    vocab_size too (BEiT's, for masked image modelling). ``pad``: a decoder classifier's pad
+    token, the ids of the padded tokens and of no real one (as a tokenizer pads)."""
     g = torch.Generator().manual_seed(0)
     p = next(iter(backbone.parameters()))
     cfg = getattr(getattr(backbone, "base_model", None), "config", None)
@@ -402,6 +418,9 @@ def _encoder_probe(backbone: nn.Module, primary: Optional[str] = None) -> Union[
         ids = torch.randint(0, int(cfg.vocab_size), (2, S), generator=g)
         mask = torch.ones(2, S, dtype=torch.long)
         mask[1, S // 2 :] = 0
+        if pad is not None:
+            ids = torch.randint(0, int(cfg.vocab_size) - 1, (2, S), generator=g)
+            ids = torch.where(mask.bool(), ids + (ids >= pad).long(), torch.full_like(ids, pad))
         return {"input_ids": ids.to(p.device), "attention_mask": mask.to(p.device)}
     if cfg is not None and hasattr(cfg, "image_size"):
         size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
@@ -1138,7 +1157,7 @@ def _make_heads(
         head = list(head)
     elif isinstance(head, nn.Module):
         raise TypeError(
-            "head must be 'auto', 'pool_linear', 'conv', 'cls', 'mean', a factory head(state_shape, num_classes), or a sequence of modules (one per split point); got a single module"
+            "head must be 'auto', 'pool_linear', 'conv', 'cls', 'mean', 'last', a factory head(state_shape, num_classes), or a sequence of modules (one per split point); got a single module"
         )
     if isinstance(head, str):
         if head not in HEADS:
@@ -1172,7 +1191,7 @@ def _default_head(
     if layout is not None:  # tokens [B, S, H]: pool along S, classify the H features
         if head == "conv":
             raise ValueError(
-                f"head='conv' needs a [B, C, *spatial] map; split point {at!r} yields tokens {tuple(x.shape)} (use 'cls' or 'mean')"
+                f"head='conv' needs a [B, C, *spatial] map; split point {at!r} yields tokens {tuple(x.shape)} (use 'cls', 'mean' or 'last')"
             )
         pool = layout.pool if head == "auto" else ("mean" if head == "pool_linear" else head)
         return SequenceHead(

@@ -1,5 +1,6 @@
 """Transformer encoders cut into stages: HF (BERT, RoBERTa, DistilBERT, ALBERT, ELECTRA,
-DeBERTa, MPNet, ModernBERT, ViT, ...; :data:`SUPPORTED`) and timm ViTs.
+DeBERTa, MPNet, ModernBERT, ViT, ...; :data:`SUPPORTED`), HF decoder sequence classifiers
+(GPT-2, Llama, Qwen2, Mistral; :data:`DECODERS`) and timm ViTs.
 
 An encoder's stages carry a token state: ``(hidden [B, S, H], attention_mask [B, S])`` for text
 (HF's mask: non-zero = real token), ``hidden`` alone for images (every patch is real). Stage 0
@@ -17,6 +18,20 @@ own stage kind, calling the encoder's own methods as its forward does: DeBERTa's
 positions (:class:`HFRelativeLayers`), MPNet's position bias (:class:`HFBiasLayers`),
 ModernBERT's rotary embeddings and sliding-window masks (:class:`HFRotaryLayers`). ALBERT's
 layer groups are shared across depths: its split points are depths.
+
+Decoders (:class:`HFDecoderLayers`) carry the same state. Each stage builds the causal mask
+combined with the padding mask (HF's ``create_causal_mask``, or its sliding-window variant for
+the layers of that kind) and, for rotary models, the rotary embeddings, as the model's forward
+does with ``use_cache=False``; positions count from column 0, as HF's forward counts them
+without ``position_ids``. The tail (:class:`HFLastTokenTail`) runs the final norm and ``score``
+and reads each row's last real token; exit heads pool that token (``"last"``). HF's classifier
+reads the last token whose id is not ``pad_token_id``, the stages the last real token by the
+mask: the same token when pad ids sit exactly at the masked end of a row, as tokenizers pad on
+either side. The input adapter refuses inputs where the two differ (ids on the CPU; ids on a
+GPU are not read, which would wait for the device), and attach refuses a classifier without a
+pad token (HF's own classifies one unpadded row at a time).
+Right padding: a text alone gives its row's answer. Left padding: HF's answer for the padded
+row (its positions start at column 0, pads included), which the stages reproduce.
 
 The final exit is the model's own classifier tail (its pooler, norm, dropout and classifier, in
 its order); ``attach_exits`` checks that stages + tail give the model's logits on a dry run.
@@ -45,8 +60,9 @@ _HF_ACCEPTED = _PRIMARY + ("attention_mask", "token_type_ids")
 # and tests/test_encoders.py check against the unmodified models).
 SUPPORTED = (
     "supported: BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT, ELECTRA, DeBERTa (v1, v2/v3), MPNet and "
-    "ModernBERT text encoders (sequence classifiers or base models), ViT and DeiT image classifiers, and "
-    "timm VisionTransformers"
+    "ModernBERT text encoders (sequence classifiers or base models), GPT-2, Llama, Qwen2 and Mistral decoders "
+    "(sequence classifiers or base models, causal attention without a key/value cache), ViT and DeiT image "
+    "classifiers, and timm VisionTransformers"
 )
 
 
@@ -68,11 +84,17 @@ def is_hf_model(model: nn.Module) -> bool:
 def why_not_hf(model: nn.Module) -> str:
     """Why an HF model is not an encoder :func:`hf_encoder` finds (for :func:`unsupported`).
     These models would otherwise fall to the generic split, which cannot trace an HF forward."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind in DECODERS:
+        return (
+            f"it is a {kind} decoder without a sequence classifier (a `score` head on the last real token); its "
+            "...ForSequenceClassification model, or its base model with num_classes=, is cut"
+        )
     # a key/value cache in forward's inputs (spelled past_key_values, cache or use_cache across releases)
     if {"use_cache", "past_key_values", "cache"} & set(inspect.signature(model.forward).parameters):
         return (
-            "its forward takes a key/value cache, as decoders do (GPT-2, Llama: causal attention, a sequence "
-            "classifier on the last non-pad token); only encoders are cut"
+            f"its forward takes a key/value cache, as decoders do, and decoder family {kind!r} is not one whose "
+            "positions, masks and classifier eeruntime rebuilds"
         )
     return "it has no `embeddings` module followed by a list of layers (encoder.layer, layers, transformer.layer)"
 
@@ -139,6 +161,7 @@ class HFInputs:
         vocab_size: Optional[int] = None,
         max_length: Optional[int] = None,
         type_vocab_size: Optional[int] = None,
+        last_token_pad_id: Optional[int] = None,
     ):
         self.names = tuple(names)
         self.forward_order = tuple(forward_order)
@@ -147,6 +170,9 @@ class HFInputs:
         self.vocab_size = vocab_size
         self.max_length = max_length  # what its position embeddings hold: no longer sequence fits
         self.type_vocab_size = type_vocab_size  # rows of its segment embeddings (RoBERTa's: 1)
+        # a decoder classifier's pad token: it reads each row's last token whose id is not this one,
+        # the stages the last real token by the mask; inputs where the two differ are refused
+        self.last_token_pad_id = last_token_pad_id
 
     @property
     def can_pad(self) -> bool:
@@ -158,7 +184,7 @@ class HFInputs:
         tokens, as a tokenizer pads: the model's pad token, attention mask 0, segment 0. The real
         tokens' outputs do not change, up to float rounding: every layer masks the padded keys
         out of attention, the rest of a layer works token by token, and the exit heads and the
-        model's tail pool the real tokens (or the first)."""
+        model's tail pool the real tokens (the first, or a decoder's last real one)."""
         extra = length - state[0].shape[1]
         if extra <= 0:
             return state
@@ -181,10 +207,19 @@ class HFInputs:
                 f"an HF model's input is a dict (or a tokenizer's BatchEncoding), a tuple in forward order "
                 f"{self.forward_order[:4]} or the {self.names[0]} tensor; got {type(x).__name__}"
             )
+        if given.get("use_cache") is False:  # what the stages do anyway (a decoder's, with no cache)
+            del given["use_cache"]
         unknown = sorted(k for k, v in given.items() if k not in self.names and v is not None)
         if unknown:
+            cache = sorted({"cache", "past_key_values", "use_cache"} & set(unknown))
+            hint = (
+                f"; the stages run without a key/value cache (a tuple is read in the forward's order "
+                f"{self.forward_order[:3]}; pass a dict of {list(self.names)})"
+                if cache
+                else ""
+            )
             raise ValueError(
-                f"inputs {unknown} are not supported by the early-exit stages; accepted: {list(self.names)}"
+                f"inputs {unknown} are not supported by the early-exit stages; accepted: {list(self.names)}{hint}"
             )
         main = given.get(self.names[0])
         if not isinstance(main, torch.Tensor):
@@ -230,6 +265,9 @@ class HFInputs:
                 raise ValueError(
                     f"token ids must be in [0, {self.vocab_size}) (the model's vocab_size); got ids from {lo} to {hi}"
                 )
+        pad = getattr(self, "last_token_pad_id", None)  # (an adapter pickled before it had one)
+        if pad is not None and ids.device.type == "cpu" and ids.numel():
+            self._check_last_token(ids, members[self.names.index("attention_mask")], pad)
         types = getattr(self, "type_vocab_size", None)  # (an adapter pickled before it had one)
         if types is not None and "token_type_ids" in self.names and ids.device.type == "cpu" and ids.numel():
             seg = members[self.names.index("token_type_ids")]
@@ -239,6 +277,27 @@ class HFInputs:
                     f"token_type_ids must be in [0, {types}) (the model's type_vocab_size; RoBERTa-style models "
                     f"have 1 segment: leave token_type_ids out); got ids from {lo} to {hi}"
                 )
+
+    @staticmethod
+    def _check_last_token(ids: torch.Tensor, mask: torch.Tensor, pad: int) -> None:
+        """A decoder classifier reads each row's last token whose id is not ``pad`` (HF's rule);
+        the stages cannot see the ids and read the last real token by the mask. Refuse a row
+        where the two differ (a real token equal to the pad token at its end, pad ids without a
+        mask, a mask that pads tokens whose ids are not the pad token): its answer would not be
+        the model's."""
+        S = ids.shape[1]
+        by_ids = cast(torch.Tensor, last_real_token(ids != pad, S))
+        by_mask = cast(torch.Tensor, last_real_token(mask, S))
+        bad = (by_ids != by_mask).nonzero()
+        if len(bad):
+            i = int(bad[0, 0])
+            raise ValueError(
+                f"row {i}: the model's classifier reads its last token whose id is not the pad token {pad} "
+                f"(position {int(by_ids[i])}), but its attention_mask's last real token is at position "
+                f"{int(by_mask[i])}; a decoder's input must hold pad_token_id exactly where the mask pads the "
+                "row's end (as a tokenizer pads; a text ending in the pad token, e.g. an EOS used as pad, is not "
+                "classified by its last token), and a padded input needs its attention_mask"
+            )
 
 
 # ---------------------------------------------------------------------------- HF stages
@@ -273,7 +332,8 @@ def trim_tokens(state: tuple, mask_index: int = 1, padding_mask: bool = False) -
     """Cut the sequence axis (dim 1) of every state member that has it to the longest real
     sequence among the rows: columns past the last real token of every row are padding for all
     of them. Exact for encoders: a padded key gets zero attention weight and tokens do not mix
-    otherwise. With left padding (or none) nothing is cut. Reads one scalar to the host."""
+    otherwise; exact for decoders too, with either padding side (causal attention: no kept token
+    sees a cut column). With left padding (or none) nothing is cut. Reads one scalar to the host."""
     mask = state[mask_index]
     S = mask.shape[1]
     real = (mask == 0) if padding_mask else (mask != 0)
@@ -677,6 +737,187 @@ def _max_tokens(embeddings: nn.Module) -> Optional[int]:
     return table.num_embeddings - (pad + 1 if isinstance(pad, int) and not isinstance(pad, bool) else 0)
 
 
+# ---------------------------------------------------------------------------- HF decoders
+# Decoder sequence classifiers cut into stages, by model_type: what each family's forward gives
+# its layers (tests/test_decoder_families.py checks each against the unmodified model). Others
+# (OPT's positions counted from the mask, GPT-Neo's local layers, ...) are refused by name.
+DECODERS = ("gpt2", "llama", "qwen2", "mistral")
+
+
+def hf_decoder(model: nn.Module) -> Optional[Tuple[Any, List[nn.Module], List[str]]]:
+    """(base model, its decoder layers, their qualified names) when ``model`` is an HF decoder
+    this module cuts (:data:`DECODERS`): a sequence classifier (a ``score`` head on the last
+    real token) or the base model itself, else None."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or getattr(getattr(base, "config", None), "model_type", None) not in DECODERS:
+        return None
+    classifier = type(model).__name__.endswith("ForSequenceClassification")
+    if model is not base and not (classifier and isinstance(getattr(model, "score", None), nn.Linear)):
+        return None  # a language-model head (GPT2LMHeadModel), a token classifier, ...
+    layers = getattr(base, "h", getattr(base, "layers", None))
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return None
+    return base, list(layers), _qualified(model, layers)
+
+
+def last_real_token(mask: Optional[torch.Tensor], length: int, padding_mask: bool = False) -> Optional[torch.Tensor]:
+    """The position of each row's last real token [B] (int64) by its 2-D mask, 0 for a row with
+    none (HF's decoder classifiers: the argmax of position * real); None without a mask (the
+    last column is every row's)."""
+    if mask is None:
+        return None
+    real = (mask == 0) if padding_mask else (mask != 0)
+    cols = torch.arange(length, device=mask.device)
+    return (real * cols).amax(dim=1) if length else cols.new_zeros(mask.shape[0])
+
+
+class HFDecoderEmbed(nn.Module):
+    """Stage-0 entry of an HF decoder: the token embeddings (GPT-2: plus the position embeddings
+    of positions 0..S-1, then its dropout, as its forward adds them); passes the 2-D mask on."""
+
+    def __init__(self, tokens: nn.Module, positions: Optional[nn.Module] = None, dropout: Optional[nn.Module] = None):
+        super().__init__()
+        self.tokens, self.positions, self.dropout = tokens, positions, dropout
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.tokens(input_ids)
+        if self.positions is not None:
+            at = torch.arange(input_ids.shape[1], device=hidden.device).unsqueeze(0)
+            hidden = hidden + self.positions(at).to(hidden.device)
+        if self.dropout is not None:
+            hidden = self.dropout(hidden)
+        return hidden, attention_mask
+
+
+class HFDecoderLayers(HFLayers):
+    """A run of HF decoder layers (GPT-2, Llama, Qwen2, Mistral). As the model's forward (with no
+    key/value cache), each stage builds the layers' causal mask combined with the padding mask
+    (``create_causal_mask``, or ``create_sliding_window_causal_mask`` for the layers of a
+    sliding-window kind) and, for rotary models, the rotary embeddings of positions 0..S-1
+    (``rotary_emb``, registered here); both from the state, so packed rows stay consistent.
+
+    Positions count from column 0, padding or not, as HF's forward counts them without
+    ``position_ids``. Trimming trailing columns (``trim``) is exact with either padding side:
+    under causal attention no kept token sees a later column, and no position moves."""
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        config,
+        kinds: Sequence[str],
+        rotary: Optional[nn.Module] = None,
+        embed: Optional[nn.Module] = None,
+    ):
+        super().__init__(layers, config, embed=embed)
+        self.rotary_emb = rotary
+        self.kinds = tuple(kinds)  # each layer's mask: "full_attention" or "sliding_attention"
+        from transformers import masking_utils
+
+        self._makers = {
+            "full_attention": masking_utils.create_causal_mask,
+            "sliding_attention": masking_utils.create_sliding_window_causal_mask,
+        }
+        params = inspect.signature(masking_utils.create_causal_mask).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # its name across releases
+        self._cache_position = "cache_position" in params
+
+    def run_layers(self, hidden, mask):
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kw = dict(config=self.config, inputs_embeds=hidden, attention_mask=mask, position_ids=positions)
+        kw[self._cache_arg] = None
+        if self._cache_position:
+            kw["cache_position"] = positions[0]
+        masks = {kind: self._makers[kind](**kw) for kind in set(self.kinds)}
+        extra = {} if self.rotary_emb is None else {"position_embeddings": self.rotary_emb(hidden, positions)}
+        for layer, kind in zip(self.layers, self.kinds):
+            out = layer(hidden, attention_mask=masks[kind], position_ids=positions, use_cache=False, **extra)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+
+class HFLastTokenTail(nn.Module):
+    """The classifier of an HF decoder: final norm -> ``score`` on every token -> each row's last
+    real token (by the mask; HF's forward reads the last token whose id is not the pad token,
+    the same one for inputs :class:`HFInputs` passes), in the model's order of operations."""
+
+    def __init__(self, norm: nn.Module, score: nn.Module):
+        super().__init__()
+        self.norm, self.score = norm, score
+
+    def forward(self, hidden, mask=None):
+        logits = self.score(self.norm(hidden))
+        last = last_real_token(mask, hidden.shape[1])
+        if last is None:
+            return logits[:, -1]
+        return logits[torch.arange(hidden.shape[0], device=logits.device), last]
+
+
+def _decoder_kinds(model: nn.Module, base: Any, n: int) -> List[str]:
+    """Each layer's mask kind, as the family's forward picks it."""
+    cfg = base.config
+    kind = cfg.model_type
+    if kind == "qwen2":
+        kinds = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n)[:n]
+    elif kind == "mistral" and getattr(cfg, "sliding_window", None) is not None:
+        kinds = ["sliding_attention"] * n
+    else:
+        kinds = ["full_attention"] * n
+    odd = sorted({k for k in kinds if k not in ("full_attention", "sliding_attention")})
+    if odd:
+        raise unsupported(model, f"its layers' attention kinds {odd} are not full or sliding-window causal attention")
+    return kinds
+
+
+def split_hf_decoder(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
+    """Cut an HF decoder (:func:`hf_decoder`) after layers ``cuts`` (0-based, increasing)."""
+    found = hf_decoder(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} is not an HF decoder classifier eeruntime cuts")
+    base, layers, layer_names = found
+    cfg = base.config
+    try:
+        import transformers.masking_utils  # noqa: F401
+    except ImportError:
+        raise unsupported(model, "decoders need transformers.masking_utils (transformers 4.53 or later)") from None
+    pad = getattr(cfg, "pad_token_id", None)
+    if model is not base and not (isinstance(pad, int) and not isinstance(pad, bool)):
+        raise ValueError(
+            f"{type(model).__name__} has no pad token (config.pad_token_id is {pad!r}): its classifier reads each "
+            "row's last token whose id is not the pad token, and without one the model classifies a single unpadded "
+            "row at a time. Set model.config.pad_token_id (the tokenizer's pad_token_id; GPT-2 and Llama tokenizers "
+            "have none: their eos_token_id, as fine-tuning scripts set it) before attaching"
+        )
+    kinds = _decoder_kinds(model, base, len(layers))
+    gpt2 = isinstance(getattr(base, "wte", None), nn.Embedding)
+    if gpt2:
+        embed = HFDecoderEmbed(base.wte, base.wpe, getattr(base, "drop", None))
+    else:
+        embed = HFDecoderEmbed(base.embed_tokens)
+    rotary = getattr(base, "rotary_emb", None)
+    names = ("input_ids", "attention_mask")
+    bounds = [0] + [c + 1 for c in cuts] + [len(layers)]
+    stages = [
+        HFDecoderLayers(layers[lo:hi], cfg, kinds[lo:hi], rotary, embed=embed if k == 0 else None)
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
+    norm = getattr(base, "ln_f", getattr(base, "norm", None))
+    if not isinstance(norm, nn.Module):
+        raise unsupported(model, "it has no final norm (ln_f or norm) after its layers")
+    tail = HFLastTokenTail(norm, cast(nn.Module, model.score)) if model is not base else None
+    order = [n for n in inspect.signature(model.forward).parameters if n not in ("self", "kwargs")]
+    vocab = getattr(cfg, "vocab_size", None)
+    inputs = HFInputs(
+        names,
+        order,
+        pad_token_id=pad if isinstance(pad, int) else 0,
+        vocab_size=vocab if isinstance(vocab, int) else None,
+        max_length=base.wpe.num_embeddings if gpt2 else None,  # rotary positions: any length
+        last_token_pad_id=pad if model is not base else None,
+    )
+    layout = TokenLayout(mask_index=1, padding_mask=False, pool="last")
+    return EncoderSplit(stages, tail, layout, layer_names, inputs)
+
+
 # ---------------------------------------------------------------------------- timm ViT
 _TIMM_EMBED = ("patch_embed", "pos_drop", "patch_drop", "norm_pre")
 
@@ -744,7 +985,7 @@ def split_timm_vit(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
 def encoder_layers(model: nn.Module) -> Optional[List[str]]:
     """The qualified names of an encoder's layers (its split points), or None when ``model`` is
     not an encoder this module cuts."""
-    hf = hf_encoder(model)
+    hf = hf_encoder(model) or hf_decoder(model)
     if hf is not None:
         return hf[2]
     if timm_vit(model):
@@ -753,6 +994,8 @@ def encoder_layers(model: nn.Module) -> Optional[List[str]]:
 
 
 def split_encoder(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
+    if hf_decoder(model) is not None:
+        return split_hf_decoder(model, cuts)
     if hf_encoder(model) is not None:
         return split_hf(model, cuts)
     return split_timm_vit(model, cuts)

@@ -37,7 +37,7 @@ __all__ = [
     "wrap_head",
     "equip_heads",
 ]
-TOKEN_POOLS = ("cls", "mean")
+TOKEN_POOLS = ("cls", "mean", "last")
 
 
 class GlobalPool(nn.Module):
@@ -63,7 +63,9 @@ class GlobalPool(nn.Module):
 class TokenPool(nn.Module):
     """Pool a token state [B, S, H] (tokens first, features last, as transformer encoders give
     them) to [B, H]: ``"cls"`` takes token 0 (BERT's [CLS], ViT's class token); ``"mean"``
-    averages the real tokens. The mask is member ``mask_index`` of the state tuple (None: every
+    averages the real tokens; ``"last"`` takes each row's last real token (a decoder's: with
+    causal attention it is the one that has seen the whole text; the last column without a
+    mask, token 0 for a row with no real token). The mask is member ``mask_index`` of the state tuple (None: every
     token is real); ``padding_mask=True`` reads it as torch's ``key_padding_mask`` (True = pad),
     else as HF's ``attention_mask`` (non-zero = real). Padded tokens never reach the result:
     they are selected out, not multiplied by 0, so even a NaN there cannot leak in."""
@@ -86,12 +88,16 @@ class TokenPool(nn.Module):
         if self.pool == "cls":
             return x[:, 0]
         if self.mask_index is None:
-            return x.mean(dim=1)
+            return x[:, -1] if self.pool == "last" else x.mean(dim=1)
         if len(rest) < self.mask_index:
             raise ValueError(
                 f"the token head reads the mask at state position {self.mask_index}, but the state has {len(rest) + 1} member(s)"
             )
         mask = rest[self.mask_index - 1]
+        if self.pool == "last":
+            real = ~mask.bool() if self.padding_mask else mask != 0
+            last = (real * torch.arange(x.shape[1], device=x.device)).amax(dim=1) if x.shape[1] else real.sum(1)
+            return x[torch.arange(x.shape[0], device=x.device), last]
         real = ~mask.bool() if self.padding_mask else mask != 0
         real = real.unsqueeze(-1)
         total = torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1)

@@ -236,7 +236,7 @@ def test_encoder_split_errors_name_the_layers():
     # two spellings of one layer made an empty stage and an exit that repeats the one before it
     with pytest.raises(ValueError, match="'layer.1' and 'bert.encoder.layer.1' name the same layer"):
         ee.attach_exits(bert(), at=["layer.1", "bert.encoder.layer.1"])
-    with pytest.raises(ValueError, match=r"needs a \[B, C, \*spatial\] map.*yields tokens.*'cls' or 'mean'"):
+    with pytest.raises(ValueError, match=r"needs a \[B, C, \*spatial\] map.*yields tokens.*'cls', 'mean' or 'last'"):
         ee.attach_exits(bert(), at=["layer.1"], head="conv")
 
 

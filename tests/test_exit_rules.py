@@ -213,6 +213,8 @@ def lte_of_row(lte, pool="cls"):
         if h.dim() == 3:
             if pool == "cls":
                 f = h[:, 0]
+            elif pool == "last":  # the row's last real token
+                f = h[:, int(rest[0][0].nonzero().max())]
             else:
                 m = rest[0].double().unsqueeze(-1)
                 f = (h * m).sum(1) / m.sum(1).clamp(min=1)
@@ -226,7 +228,7 @@ def lte_of_row(lte, pool="cls"):
     return score
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("pool", ["cls", "mean", "last"])
 @pytest.mark.parametrize("B", [0, 1, 41])
 def test_learned_exit_matches_per_sample_loop(pool, B):
     d, C, K = 8, 4, 4

@@ -10,8 +10,9 @@ backbones whose stages differ in width (CNNs). Train it with :func:`eeruntime.tr
 
 ``h_k`` is pooled from the stage's state by :func:`pool_features`: the state's first member
 [B, D] as it is, [B, S, H] tokens by the CLS token (``pool="cls"``, position 0) or the masked mean
-(``pool="mean"``, mask = the state's second member when it is [B, S]), [B, C, *spatial] maps by
-the spatial mean.
+(``pool="mean"``, mask = the state's second member when it is [B, S]) or each row's last real
+token by that mask (``pool="last"``, a decoder's; the last column without a mask),
+[B, C, *spatial] maps by the spatial mean.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..state import as_tuple
 
 __all__ = ["LearnedExit", "pool_features"]
 
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "last")
 
 
 def pool_features(state, pool: str = "cls") -> torch.Tensor:
@@ -39,6 +40,11 @@ def pool_features(state, pool: str = "cls") -> torch.Tensor:
         if pool == "cls":
             return h[:, 0]
         mask = parts[1] if len(parts) > 1 and parts[1].dim() == 2 and parts[1].shape == h.shape[:2] else None
+        if pool == "last":
+            if mask is None:
+                return h[:, -1]
+            last = ((mask != 0) * torch.arange(h.shape[1], device=h.device)).amax(dim=1)
+            return h[torch.arange(h.shape[0], device=h.device), last]
         if mask is None:
             return h.mean(dim=1)
         w = (mask != 0).to(h.dtype).unsqueeze(-1)
@@ -57,7 +63,7 @@ class LearnedExit(nn.Module):
     Args:
         in_features: the width of the pooled hidden state, one int for a head shared by every
             exit (BERxiT), or a sequence with one width per early exit (a head each).
-        pool: ``"cls"`` or ``"mean"`` for token states (see :func:`pool_features`).
+        pool: ``"cls"``, ``"mean"`` or ``"last"`` for token states (see :func:`pool_features`).
 
     With per-exit heads the final exit scores 1 (it takes every row that reaches it). Saved by
     ``rt.save`` (its config in ``runtime.json``, its weights in ``weights.safetensors``).
