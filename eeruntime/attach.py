@@ -163,7 +163,7 @@ def attach_exits(
                 f"{type(backbone).__name__} has no classifier (it returns no logits): pass num_classes=<number of classes>"
             )
         num_classes = C
-    nhwc = _channels_last_maps(backbone)
+    nhwc = (_channels_last_maps(backbone), built.image_size)
     if C is None or tail is None:  # a base encoder (no classifier, no logits): the final exit is a new token head
         tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:], nhwc)[0]
 
@@ -245,6 +245,7 @@ class _Built:
     classes: Optional[int]  # the backbone's output width (None: it returns no logits)
     mode: str
     input_adapter: Optional[Callable[..., State]] = None
+    image_size: Optional[Tuple[int, ...]] = None  # the dry run's image size (H, W) for a [B, C, H, W] input
 
 
 def _build_generic(backbone: nn.Module, at: Sequence[str], example_input: ExampleInput, mode: str) -> _Built:
@@ -280,7 +281,9 @@ def _build_generic(backbone: nn.Module, at: Sequence[str], example_input: Exampl
         split.tail = encoders.LogitsOf(split.tail)
     states = _dry_run(split.stages, probe)
     layouts = split.layouts or [_guess_layout(backbone, s) for s in states]
-    return _Built(split, states, layouts, int(expected.shape[1]), used)
+    x = as_tuple(probe)[0]
+    image_size = tuple(x.shape[2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+    return _Built(split, states, layouts, int(expected.shape[1]), used, image_size=image_size)
 
 
 def _guess_layout(backbone: nn.Module, state: State) -> Optional[TokenLayout]:
@@ -1118,11 +1121,31 @@ def _subgraph(
 # ---------------------------------------------------------------------------- heads
 def _channels_last_maps(backbone: nn.Module) -> bool:
     """True when the backbone's feature maps are [B, H, W, C]: timm says so in ``output_fmt``
-    (Swin, MambaOut, ...); torchvision's SwinTransformer permutes to it in its first layer."""
+    (Swin, MambaOut, ...); torchvision's SwinTransformer (or a subclass) permutes to it in its
+    first layer."""
     if getattr(backbone, "output_fmt", None) == "NHWC":
         return True
-    kind = type(backbone)
-    return kind.__name__ == "SwinTransformer" and kind.__module__.startswith("torchvision.")
+    return any(
+        k.__name__ == "SwinTransformer" and k.__module__.startswith("torchvision.") for k in type(backbone).__mro__
+    )
+
+
+def _is_channels_last(x: torch.Tensor, maps_nhwc: bool, image_size: Optional[Tuple[int, ...]]) -> bool:
+    """Whether the map ``x`` is [B, H, W, C]: a 4-D map of a backbone whose maps are
+    (``maps_nhwc``), unless its shape reads as [B, C, H, W] of the dry run's image (``image_size``)
+    and not as [B, H, W, C]: Swin's patch embedding is a conv, whose map is permuted only after
+    it (timm's 'patch_embed.proj', torchvision's 'features.0.0'). A map that reads both ways
+    (H == W == C, a square image) is taken as the backbone says."""
+    if not maps_nhwc or x.dim() != 4:
+        return False
+    if image_size is None or len(image_size) != 2:
+        return True
+    H, W = image_size
+
+    def of_image(h: int, w: int) -> bool:  # (h, w) is (H, W) scaled by one factor, give or take a pixel of rounding
+        return abs(h * W - w * H) <= H + W
+
+    return not (of_image(x.shape[2], x.shape[3]) and not of_image(x.shape[1], x.shape[2]))
 
 
 def _make_heads(
@@ -1131,7 +1154,7 @@ def _make_heads(
     num_classes: int,
     at: Sequence[str],
     layouts: Sequence[Optional[TokenLayout]],
-    channels_last: bool = False,
+    channels_last: Tuple[bool, Optional[Tuple[int, ...]]] = (False, None),
 ) -> List[nn.Module]:
     n = len(states)
     if isinstance(head, nn.ModuleList):
@@ -1166,7 +1189,12 @@ def _make_heads(
 
 
 def _default_head(
-    head: str, state: State, num_classes: int, at: str, layout: Optional[TokenLayout], channels_last: bool = False
+    head: str,
+    state: State,
+    num_classes: int,
+    at: str,
+    layout: Optional[TokenLayout],
+    channels_last: Tuple[bool, Optional[Tuple[int, ...]]] = (False, None),
 ) -> nn.Module:
     x = as_tuple(state)[0]
     if layout is not None:  # tokens [B, S, H]: pool along S, classify the H features
@@ -1184,7 +1212,7 @@ def _default_head(
         raise ValueError(
             f"head={head!r} is a token head; split point {at!r} yields a feature map {tuple(x.shape)} (use 'pool_linear' or 'conv')"
         )
-    nhwc = channels_last and x.dim() == 4
+    nhwc = _is_channels_last(x, *channels_last)
     if head in ("auto", "pool_linear"):
         return PoolLinearHead(x.shape[-1] if nhwc else x.shape[1], num_classes, channels_last=nhwc)
     if nhwc:

@@ -390,6 +390,46 @@ def test_head_factory_gets_the_dry_run_shapes():
     assert [o.shape for o in model.eval()(x)] == [torch.Size([2, 10])] * 3
 
 
+class ChannelsLastNet(nn.Module):
+    """Swin's layout: a conv patch embedding (its output [B, C, H, W]), permuted to [B, H, W, C]
+    for the blocks, which the backbone declares as timm does (``output_fmt = "NHWC"``)."""
+
+    output_fmt = "NHWC"
+
+    def __init__(self, C=12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, C, 4, stride=4)
+        self.norm = nn.LayerNorm(C)
+        self.blocks = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
+        self.head = nn.Linear(C, 5)
+
+    def forward(self, x):
+        x = self.norm(self.stem(x).permute(0, 2, 3, 1))
+        return self.head(self.blocks(x).mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+def test_a_channels_first_map_inside_a_channels_last_backbone_is_pooled_over_its_space(size):
+    """A backbone whose maps are [B, H, W, C] (Swin) still has a [B, C, H, W] map before the
+    permute of its patch embedding, a listed split point (timm's 'patch_embed.proj',
+    torchvision's 'features.0.0'): its head pooled over C and H and classified the W columns
+    (Linear(8, 5) for 12 channels). Each map is now read by its shape against the image's."""
+    torch.manual_seed(0)
+    backbone = ChannelsLastNet().eval()
+    x = torch.randn(6, 3, *size)
+    assert "stem" in [p.name for p in ee.split_points(backbone, example_input=x)]
+    model = ee.attach_exits(backbone, at=["stem", "blocks.0"], example_input=x).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], backbone(x))
+        nchw = backbone.stem(x)
+        nhwc = backbone.blocks[0](backbone.norm(nchw.permute(0, 2, 3, 1)))
+        for head, state, space in ((model.exits[0], nchw, (2, 3)), (model.exits[1], nhwc, (1, 2))):
+            assert head.classifier.in_features == 12
+            torch.testing.assert_close(head.features(state), state.mean(dim=space))
+    # the conv head takes the channels-first map
+    assert isinstance(ee.attach_exits(backbone, at=["stem"], head="conv", example_input=x).exits[0], ConvHead)
+
+
 def test_default_and_conv_heads_and_ready_modules():
     backbone = seq_cnn().eval()
     m = ee.attach_exits(backbone, at=["2", "5"])
