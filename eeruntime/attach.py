@@ -930,17 +930,34 @@ def _split_fx(
             f"split points {nested[0][0]!r} and {nested[0][1]!r} are nested modules; name modules that run one after the other"
         )
     tracer = _SplitTracer(leaves)
+    own = set(vars(backbone))
     try:
-        graph = tracer.trace(backbone)
-    except Exception as e:
-        raise ValueError(
-            f"torch.fx cannot trace {type(backbone).__name__} ({type(e).__name__}: {e}); make forward traceable, "
-            "or use mode='children' for a module whose children run in order"
-        ) from e
-    _bind_defaults(graph, len(as_tuple(probe)))
-    gm = fx.GraphModule(backbone, graph)  # shares the backbone's submodules and parameters
+        try:
+            graph = tracer.trace(backbone)
+        except Exception as e:
+            raise ValueError(
+                f"torch.fx cannot trace {type(backbone).__name__} ({type(e).__name__}: {e}); make forward traceable, "
+                "or use mode='children' for a module whose children run in order"
+            ) from e
+        bound = _bind_defaults(graph, len(as_tuple(probe)))
+        gm = fx.GraphModule(backbone, graph)  # shares the backbone's submodules and parameters
+    finally:
+        for name in set(vars(backbone)) - own:  # fx stores tensor constants on the traced module: gm has them
+            delattr(backbone, name)
     recorder = _BatchRecorder(gm, as_tuple(probe)[0].shape[0])
-    recorder.run(*as_tuple(probe))
+    try:
+        recorder.run(*as_tuple(probe))
+    except Exception as e:
+        if not bound:
+            raise
+        reason = str(e).split("\n")[0]
+        raise ValueError(
+            f"the fx trace of {type(backbone).__name__} fails on the example ({type(e).__name__}: {reason}); "
+            f"forward's optional argument(s) {', '.join(map(repr, bound))}, which the example does not give, were "
+            "traced as if given (Python control flow on them, such as `if mask is not None`, takes the branch of a "
+            "value) and then bound to their defaults: pass them in example_input (a tuple, in forward's order), or "
+            "use mode='children' for a module whose children run in order"
+        ) from None
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((pos[u] for u in n.users), default=-1) for n in nodes}
@@ -1032,23 +1049,35 @@ def _split_fx(
     return split
 
 
-_CONSTANTS = (type(None), bool, int, float, str)
+_CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
-def _bind_defaults(graph: fx.Graph, given: int) -> None:
+def _inlinable(v: Any) -> bool:
+    """A default fx can hold in a node's arguments: a constant, a tuple or list of them, or the
+    get_attr node fx made of a tensor default."""
+    if isinstance(v, (tuple, list)):
+        return all(_inlinable(a) for a in v)
+    return isinstance(v, _CONSTANTS) or (isinstance(v, fx.Node) and v.op == "get_attr")
+
+
+def _bind_defaults(graph: fx.Graph, given: int) -> List[str]:
     """Bind the forward arguments after the first ``given`` (those the example does not pass:
     timm Eva's ``attn_mask=None, is_causal=False``) to their default values, as calling the
     backbone with the example does. Traced as inputs they would be stage 0's required arguments,
-    and, never batched, they could not travel between stages. Tensor defaults stay inputs."""
+    and, never batched, they could not travel between stages. A tensor default is read from the
+    attribute fx stored it in. Returns the names bound."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    bound = []
     for ph in placeholders[given:]:
-        if not ph.args or not isinstance(ph.args[0], _CONSTANTS):  # no default, or one fx cannot inline
+        if not ph.args or not _inlinable(ph.args[0]):  # no default (*args, **kwargs), or one fx cannot inline
             continue
         value = ph.args[0]
         for user in list(ph.users):
             user.args = fx.node.map_arg(user.args, lambda a: value if a is ph else a)
             user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is ph else a)
+        bound.append(str(ph.target))
         graph.erase_node(ph)
+    return bound
 
 
 def _fx_layout(

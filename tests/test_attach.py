@@ -234,6 +234,64 @@ def test_optional_forward_arguments_take_their_defaults():
     torch.testing.assert_close(res.logits[clear].double(), ref_logits[clear], rtol=1e-4, atol=1e-5)
 
 
+HALF = torch.full((8,), 0.5)
+
+
+class TensorAndTupleDefaults(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, bias=HALF, dims=(1,), dtype=torch.float32):
+        return self.fc(self.b(self.a(x) + bias).mean(dims).to(dtype))
+
+
+class BranchOnAnOptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, mask=None):
+        h = self.a(x)
+        if mask is not None:  # fx traces a mask as given (a Proxy is not None)
+            h = h * mask
+        return self.fc(self.b(h).mean(1))
+
+
+def test_optional_forward_arguments_with_tensor_tuple_and_dtype_defaults_take_them_too():
+    """A tensor default crashed attach with NameError "name '_tensor_constant0' is not defined"
+    (fx's generated forward named it in its signature), and a tuple or dtype default stayed a
+    stage input, refused as "does not give batched tensors (...) valid split points: (none)".
+    Neither attach leaves an attribute on the backbone (fx stores a tensor constant on the module
+    it traces)."""
+    torch.manual_seed(0)
+    backbone = TensorAndTupleDefaults().eval()
+    before = set(vars(backbone))
+    x = torch.randn(8, 5, 6)
+    assert "a" in [p.name for p in ee.split_points(backbone, example_input=x)]
+    model = ee.attach_exits(backbone, at=["a"], example_input=x)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone(x))
+    assert set(vars(backbone)) == before
+
+
+def test_a_default_that_forward_branches_on_is_refused_naming_it():
+    """fx traces ``if mask is not None`` with the mask as given: bound to None, the traced forward
+    failed on the example with a bare TypeError from inside fx ("unsupported operand type(s) for
+    *: 'Tensor' and 'NoneType' While executing %mul ...")."""
+    backbone = BranchOnAnOptionalMask().eval()
+    x = torch.randn(4, 5, 6)
+    with pytest.raises(
+        ValueError, match=r"BranchOnAnOptionalMask.*\(TypeError: unsupported operand.*'mask'.*example_input"
+    ):
+        ee.attach_exits(backbone, at=["a"], example_input=x, mode="fx")
+    # given in the example, it is an input like x
+    mask = torch.ones(4, 5, 1)
+    model = ee.attach_exits(backbone, at=["a"], example_input=(x, mask), mode="fx")
+    with torch.no_grad():
+        assert torch.equal(model.eval()((x, mask))[-1], backbone(x, mask))
+
+
 def test_inplace_first_op_after_a_split_still_trains():
     # layer after 'bn1' starts with ReLU(inplace=True): the head's saved input must survive it
     backbone = TinyResNet()
