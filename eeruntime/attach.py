@@ -32,13 +32,29 @@ re-registered, and its train/eval mode is restored after the dry run.
 
 from __future__ import annotations
 
+import contextlib
 import copy as _copy
 import functools
 import operator
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Set, Tuple, Union, cast, overload
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+    cast,
+    overload,
+)
 
 import torch
 from torch import fx, nn
@@ -437,7 +453,8 @@ def _logits_misfit(tail: nn.Module, state: State, num_classes: int) -> Optional[
     """None when ``tail`` maps ``state`` to logits [B, num_classes]; else what it did instead."""
     B = as_tuple(state)[0].shape[0]
     try:
-        out = output_logits(call(tail, state))
+        with _fx_quiet([tail]):
+            out = output_logits(call(tail, state))
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     if isinstance(out, torch.Tensor) and tuple(out.shape) == (B, num_classes):
@@ -626,9 +643,35 @@ def _run_split(split: _Split, probe: State) -> Any:
     return call(split.tail, states[-1])
 
 
+@contextlib.contextmanager
+def _fx_quiet(modules: Iterable[Optional[nn.Module]]) -> Iterator[None]:
+    """Calls of the GraphModules in ``modules`` raise their errors without torch.fx's print: its
+    ``_WrappedCall`` writes the traceback of an error in a generated forward to stderr before
+    re-raising it, and the dry runs here turn such errors into a ValueError that says why. Each
+    GraphModule has a class of its own, whose ``__call__`` is fx's wrapper; it is set aside for
+    the block (the call made is the one the wrapper makes) and put back after."""
+    saved: Dict[Any, Any] = {}
+    for root in modules:
+        for m in root.modules() if root is not None else ():
+            cls: Any = type(m)
+            if isinstance(m, fx.GraphModule) and cls not in saved and "__call__" in vars(cls):
+                saved[cls] = vars(cls)["__call__"]
+                cls.__call__ = functools.partialmethod(_unwrapped_call, cls)
+    try:
+        yield
+    finally:
+        for cls, f in saved.items():
+            cls.__call__ = f
+
+
+def _unwrapped_call(self: nn.Module, cls: type, *args: Any, **kwargs: Any) -> Any:
+    return cls.__mro__[1].__call__(self, *args, **kwargs)  # as fx's wrapper calls: super(cls, self).__call__
+
+
 def _verify(split: _Split, probe: State, expected: torch.Tensor, how: str, exact: bool = True) -> None:
     try:
-        out = output_logits(_run_split(split, probe))
+        with _fx_quiet([*split.stages, split.tail]):
+            out = output_logits(_run_split(split, probe))
     except Exception as e:
         raise ValueError(f"the {how} split fails on the dry run ({type(e).__name__}: {e})") from e
     same = (

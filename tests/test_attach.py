@@ -594,6 +594,26 @@ def test_num_classes_refused_when_the_tail_cannot_take_a_new_classifier():
         assert torch.equal(model.eval()(x)[-1], backbone.eval()(x))
 
 
+def test_a_failing_check_on_a_traced_tail_prints_nothing_to_stderr(capfd):
+    """The new-classifier check runs the fx-traced tail; torch.fx prints the traceback of an
+    error in a GraphModule's generated forward to stderr ("Call using an FX-traced Module, line
+    ... <--- HERE") before re-raising it, which attach turns into its ValueError: the user saw a
+    traceback, then the refusal. The reason is in the ValueError, and stderr stays clean."""
+    backbone = TwoHeads().eval()
+    x = torch.randn(4, 3, 8, 8)
+    capfd.readouterr()
+    with pytest.raises(
+        ValueError, match=r"does not give \[B, 5\] logits on the dry run \(RuntimeError: The size of tensor"
+    ):
+        ee.attach_exits(backbone, at=["body"], num_classes=5, example_input=x)
+    assert capfd.readouterr().err == ""
+    # the tail's own error handling is back afterwards: fx's print is fx's business outside attach
+    model = ee.attach_exits(backbone, at=["body"], example_input=x)
+    with pytest.raises(RuntimeError):
+        model.exits[-1](torch.randn(4, 8), torch.randn(4, 7))  # the add in its generated forward fails
+    assert "FX-traced Module" in capfd.readouterr().err
+
+
 def test_num_classes_and_example_input_checks():
     emb = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="pass example_input"):
