@@ -1214,8 +1214,8 @@ def _is_channels_last(x: torch.Tensor, maps_nhwc: bool, image_size: Optional[Tup
         return True
     H, W = image_size
 
-    def of_image(h: int, w: int) -> bool:  # (h, w) is (H, W) scaled by one factor, give or take a pixel of rounding
-        return abs(h * W - w * H) <= H + W
+    def of_image(h: int, w: int) -> bool:  # (h, w) is (H, W) scaled by one factor, give or take rounding
+        return abs(h * W - w * H) < H + W
 
     return not (of_image(x.shape[2], x.shape[3]) and not of_image(x.shape[1], x.shape[2]))
 
