@@ -488,6 +488,19 @@ def test_a_channels_first_map_inside_a_channels_last_backbone_is_pooled_over_its
     assert isinstance(ee.attach_exits(backbone, at=["stem"], head="conv", example_input=x).exits[0], ConvHead)
 
 
+def test_a_pool_head_pickled_before_channels_last_still_runs():
+    """GlobalPool gained ``channels_last``; a model pickled before (``torch.save(model)`` by the
+    earlier version, its GlobalPool's state without the attribute) failed in its first forward
+    with AttributeError. It reads as the channels-first pool it was."""
+    import pickle
+
+    head = PoolLinearHead(8, 3)
+    del head.body.__dict__["channels_last"]  # the instance as the earlier class made it
+    old = pickle.loads(pickle.dumps(head))
+    x = torch.randn(4, 8, 5, 5)
+    torch.testing.assert_close(old.features(x), x.mean(dim=(2, 3)))
+
+
 def test_default_and_conv_heads_and_ready_modules():
     backbone = seq_cnn().eval()
     m = ee.attach_exits(backbone, at=["2", "5"])
