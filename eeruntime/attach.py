@@ -32,13 +32,29 @@ re-registered, and its train/eval mode is restored after the dry run.
 
 from __future__ import annotations
 
+import contextlib
 import copy as _copy
 import functools
 import operator
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Sequence, Set, Tuple, Union, cast, overload
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+    cast,
+    overload,
+)
 
 import torch
 from torch import fx, nn
@@ -168,7 +184,7 @@ def attach_exits(
                 f"{type(backbone).__name__} has no classifier (it returns no logits): pass num_classes=<number of classes>"
             )
         num_classes = C
-    nhwc = _channels_last_maps(backbone)
+    nhwc = (_channels_last_maps(backbone), built.image_size)
     if C is None or tail is None:  # a base encoder (no classifier, no logits): the final exit is a new token head
         tail = _make_heads(head, built.states[-1:], num_classes, ["(final exit)"], built.layouts[-1:], nhwc)[0]
 
@@ -250,6 +266,7 @@ class _Built:
     classes: Optional[int]  # the backbone's output width (None: it returns no logits)
     mode: str
     input_adapter: Optional[Callable[..., State]] = None
+    image_size: Optional[Tuple[int, ...]] = None  # the dry run's image size (H, W) for a [B, C, H, W] input
 
 
 def _build_generic(backbone: nn.Module, at: Sequence[str], example_input: ExampleInput, mode: str) -> _Built:
@@ -285,7 +302,9 @@ def _build_generic(backbone: nn.Module, at: Sequence[str], example_input: Exampl
         split.tail = encoders.LogitsOf(split.tail)
     states = _dry_run(split.stages, probe)
     layouts = split.layouts or [_guess_layout(backbone, s) for s in states]
-    return _Built(split, states, layouts, int(expected.shape[1]), used)
+    x = as_tuple(probe)[0]
+    image_size = tuple(x.shape[2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+    return _Built(split, states, layouts, int(expected.shape[1]), used, image_size=image_size)
 
 
 def _guess_layout(backbone: nn.Module, state: State) -> Optional[TokenLayout]:
@@ -453,7 +472,8 @@ def _logits_misfit(tail: nn.Module, state: State, num_classes: int) -> Optional[
     """None when ``tail`` maps ``state`` to logits [B, num_classes]; else what it did instead."""
     B = as_tuple(state)[0].shape[0]
     try:
-        out = output_logits(call(tail, state))
+        with _fx_quiet([tail]):
+            out = output_logits(call(tail, state))
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     if isinstance(out, torch.Tensor) and tuple(out.shape) == (B, num_classes):
@@ -642,9 +662,35 @@ def _run_split(split: _Split, probe: State) -> Any:
     return call(split.tail, states[-1])
 
 
+@contextlib.contextmanager
+def _fx_quiet(modules: Iterable[Optional[nn.Module]]) -> Iterator[None]:
+    """Calls of the GraphModules in ``modules`` raise their errors without torch.fx's print: its
+    ``_WrappedCall`` writes the traceback of an error in a generated forward to stderr before
+    re-raising it, and the dry runs here turn such errors into a ValueError that says why. Each
+    GraphModule has a class of its own, whose ``__call__`` is fx's wrapper; it is set aside for
+    the block (the call made is the one the wrapper makes) and put back after."""
+    saved: Dict[Any, Any] = {}
+    for root in modules:
+        for m in root.modules() if root is not None else ():
+            cls: Any = type(m)
+            if isinstance(m, fx.GraphModule) and cls not in saved and "__call__" in vars(cls):
+                saved[cls] = vars(cls)["__call__"]
+                cls.__call__ = functools.partialmethod(_unwrapped_call, cls)
+    try:
+        yield
+    finally:
+        for cls, f in saved.items():
+            cls.__call__ = f
+
+
+def _unwrapped_call(self: nn.Module, cls: type, *args: Any, **kwargs: Any) -> Any:
+    return cls.__mro__[1].__call__(self, *args, **kwargs)  # as fx's wrapper calls: super(cls, self).__call__
+
+
 def _verify(split: _Split, probe: State, expected: torch.Tensor, how: str, exact: bool = True) -> None:
     try:
-        out = output_logits(_run_split(split, probe))
+        with _fx_quiet([*split.stages, split.tail]):
+            out = output_logits(_run_split(split, probe))
     except Exception as e:
         raise ValueError(f"the {how} split fails on the dry run ({type(e).__name__}: {e})") from e
     same = (
@@ -946,17 +992,34 @@ def _split_fx(
             f"split points {nested[0][0]!r} and {nested[0][1]!r} are nested modules; name modules that run one after the other"
         )
     tracer = _SplitTracer(leaves)
+    own = set(vars(backbone))
     try:
-        graph = tracer.trace(backbone)
-    except Exception as e:
-        raise ValueError(
-            f"torch.fx cannot trace {type(backbone).__name__} ({type(e).__name__}: {e}); make forward traceable, "
-            "or use mode='children' for a module whose children run in order"
-        ) from e
-    _bind_defaults(graph, len(as_tuple(probe)))
-    gm = fx.GraphModule(backbone, graph)  # shares the backbone's submodules and parameters
+        try:
+            graph = tracer.trace(backbone)
+        except Exception as e:
+            raise ValueError(
+                f"torch.fx cannot trace {type(backbone).__name__} ({type(e).__name__}: {e}); make forward traceable, "
+                "or use mode='children' for a module whose children run in order"
+            ) from e
+        bound = _bind_defaults(graph, len(as_tuple(probe)))
+        gm = fx.GraphModule(backbone, graph)  # shares the backbone's submodules and parameters
+    finally:
+        for name in set(vars(backbone)) - own:  # fx stores tensor constants on the traced module: gm has them
+            delattr(backbone, name)
     recorder = _BatchRecorder(gm, as_tuple(probe)[0].shape[0])
-    recorder.run(*as_tuple(probe))
+    try:
+        recorder.run(*as_tuple(probe))
+    except Exception as e:
+        if not bound:
+            raise
+        reason = str(e).split("\n")[0]
+        raise ValueError(
+            f"the fx trace of {type(backbone).__name__} fails on the example ({type(e).__name__}: {reason}); "
+            f"forward's optional argument(s) {', '.join(map(repr, bound))}, which the example does not give, were "
+            "traced as if given (Python control flow on them, such as `if mask is not None`, takes the branch of a "
+            "value) and then bound to their defaults: pass them in example_input (a tuple, in forward's order), or "
+            "use mode='children' for a module whose children run in order"
+        ) from None
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((pos[u] for u in n.users), default=-1) for n in nodes}
@@ -1048,23 +1111,35 @@ def _split_fx(
     return split
 
 
-_CONSTANTS = (type(None), bool, int, float, str)
+_CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
-def _bind_defaults(graph: fx.Graph, given: int) -> None:
+def _inlinable(v: Any) -> bool:
+    """A default fx can hold in a node's arguments: a constant, a tuple or list of them, or the
+    get_attr node fx made of a tensor default."""
+    if isinstance(v, (tuple, list)):
+        return all(_inlinable(a) for a in v)
+    return isinstance(v, _CONSTANTS) or (isinstance(v, fx.Node) and v.op == "get_attr")
+
+
+def _bind_defaults(graph: fx.Graph, given: int) -> List[str]:
     """Bind the forward arguments after the first ``given`` (those the example does not pass:
     timm Eva's ``attn_mask=None, is_causal=False``) to their default values, as calling the
     backbone with the example does. Traced as inputs they would be stage 0's required arguments,
-    and, never batched, they could not travel between stages. Tensor defaults stay inputs."""
+    and, never batched, they could not travel between stages. A tensor default is read from the
+    attribute fx stored it in. Returns the names bound."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    bound = []
     for ph in placeholders[given:]:
-        if not ph.args or not isinstance(ph.args[0], _CONSTANTS):  # no default, or one fx cannot inline
+        if not ph.args or not _inlinable(ph.args[0]):  # no default (*args, **kwargs), or one fx cannot inline
             continue
         value = ph.args[0]
         for user in list(ph.users):
             user.args = fx.node.map_arg(user.args, lambda a: value if a is ph else a)
             user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is ph else a)
+        bound.append(str(ph.target))
         graph.erase_node(ph)
+    return bound
 
 
 def _fx_layout(
@@ -1137,11 +1212,31 @@ def _subgraph(
 # ---------------------------------------------------------------------------- heads
 def _channels_last_maps(backbone: nn.Module) -> bool:
     """True when the backbone's feature maps are [B, H, W, C]: timm says so in ``output_fmt``
-    (Swin, MambaOut, ...); torchvision's SwinTransformer permutes to it in its first layer."""
+    (Swin, MambaOut, ...); torchvision's SwinTransformer (or a subclass) permutes to it in its
+    first layer."""
     if getattr(backbone, "output_fmt", None) == "NHWC":
         return True
-    kind = type(backbone)
-    return kind.__name__ == "SwinTransformer" and kind.__module__.startswith("torchvision.")
+    return any(
+        k.__name__ == "SwinTransformer" and k.__module__.startswith("torchvision.") for k in type(backbone).__mro__
+    )
+
+
+def _is_channels_last(x: torch.Tensor, maps_nhwc: bool, image_size: Optional[Tuple[int, ...]]) -> bool:
+    """Whether the map ``x`` is [B, H, W, C]: a 4-D map of a backbone whose maps are
+    (``maps_nhwc``), unless its shape reads as [B, C, H, W] of the dry run's image (``image_size``)
+    and not as [B, H, W, C]: Swin's patch embedding is a conv, whose map is permuted only after
+    it (timm's 'patch_embed.proj', torchvision's 'features.0.0'). A map that reads both ways
+    (H == W == C, a square image) is taken as the backbone says."""
+    if not maps_nhwc or x.dim() != 4:
+        return False
+    if image_size is None or len(image_size) != 2:
+        return True
+    H, W = image_size
+
+    def of_image(h: int, w: int) -> bool:  # (h, w) is (H, W) scaled by one factor, give or take rounding
+        return abs(h * W - w * H) < H + W
+
+    return not (of_image(x.shape[2], x.shape[3]) and not of_image(x.shape[1], x.shape[2]))
 
 
 def _make_heads(
@@ -1150,7 +1245,7 @@ def _make_heads(
     num_classes: int,
     at: Sequence[str],
     layouts: Sequence[Optional[TokenLayout]],
-    channels_last: bool = False,
+    channels_last: Tuple[bool, Optional[Tuple[int, ...]]] = (False, None),
 ) -> List[nn.Module]:
     n = len(states)
     if isinstance(head, nn.ModuleList):
@@ -1185,7 +1280,12 @@ def _make_heads(
 
 
 def _default_head(
-    head: str, state: State, num_classes: int, at: str, layout: Optional[TokenLayout], channels_last: bool = False
+    head: str,
+    state: State,
+    num_classes: int,
+    at: str,
+    layout: Optional[TokenLayout],
+    channels_last: Tuple[bool, Optional[Tuple[int, ...]]] = (False, None),
 ) -> nn.Module:
     x = as_tuple(state)[0]
     if layout is not None:  # tokens [B, S, H]: pool along S, classify the H features
@@ -1203,7 +1303,7 @@ def _default_head(
         raise ValueError(
             f"head={head!r} is a token head; split point {at!r} yields a feature map {tuple(x.shape)} (use 'pool_linear' or 'conv')"
         )
-    nhwc = channels_last and x.dim() == 4
+    nhwc = _is_channels_last(x, *channels_last)
     if head in ("auto", "pool_linear"):
         return PoolLinearHead(x.shape[-1] if nhwc else x.shape[1], num_classes, channels_last=nhwc)
     if nhwc:

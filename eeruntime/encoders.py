@@ -242,8 +242,8 @@ class HFInputs:
         in the position embeddings). The ids' values are checked on the CPU only (elsewhere it
         would wait for the device)."""
         ids = members[0]
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got {dtype_name(ids.dtype)}")
+        # The shape first: an empty list becomes a float32 tensor (JSON [[]], torch.tensor([[]])),
+        # whose dtype is not what is wrong with it.
         if ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(ids.shape)}")
         if ids.shape[1] == 0:  # the model's own error is a reshape deep inside attention
@@ -251,6 +251,8 @@ class HFInputs:
                 f"input_ids has 0 tokens per row (shape {list(ids.shape)}); a row needs at least one token "
                 "(a tokenizer gives [CLS] [SEP] for an empty text)"
             )
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got {dtype_name(ids.dtype)}")
         for name, t in zip(self.names[1:], members[1:]):
             if t.shape != ids.shape:
                 raise ValueError(f"{name} has shape {list(t.shape)}; it must match input_ids' {list(ids.shape)}")

@@ -53,11 +53,11 @@ class GlobalPool(nn.Module):
     def forward(self, x, *rest):
         if x.dim() <= 2:
             return x
-        first = 1 if self.channels_last else 2
+        first = 1 if getattr(self, "channels_last", False) else 2  # (a GlobalPool pickled before it had one)
         return x.mean(dim=tuple(range(first, first + x.dim() - 2)))
 
     def extra_repr(self) -> str:
-        return "channels_last=True" if self.channels_last else ""
+        return "channels_last=True" if getattr(self, "channels_last", False) else ""
 
 
 class TokenPool(nn.Module):

@@ -234,6 +234,64 @@ def test_optional_forward_arguments_take_their_defaults():
     torch.testing.assert_close(res.logits[clear].double(), ref_logits[clear], rtol=1e-4, atol=1e-5)
 
 
+HALF = torch.full((8,), 0.5)
+
+
+class TensorAndTupleDefaults(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, bias=HALF, dims=(1,), dtype=torch.float32):
+        return self.fc(self.b(self.a(x) + bias).mean(dims).to(dtype))
+
+
+class BranchOnAnOptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, mask=None):
+        h = self.a(x)
+        if mask is not None:  # fx traces a mask as given (a Proxy is not None)
+            h = h * mask
+        return self.fc(self.b(h).mean(1))
+
+
+def test_optional_forward_arguments_with_tensor_tuple_and_dtype_defaults_take_them_too():
+    """A tensor default crashed attach with NameError "name '_tensor_constant0' is not defined"
+    (fx's generated forward named it in its signature), and a tuple or dtype default stayed a
+    stage input, refused as "does not give batched tensors (...) valid split points: (none)".
+    Neither attach leaves an attribute on the backbone (fx stores a tensor constant on the module
+    it traces)."""
+    torch.manual_seed(0)
+    backbone = TensorAndTupleDefaults().eval()
+    before = set(vars(backbone))
+    x = torch.randn(8, 5, 6)
+    assert "a" in [p.name for p in ee.split_points(backbone, example_input=x)]
+    model = ee.attach_exits(backbone, at=["a"], example_input=x)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], backbone(x))
+    assert set(vars(backbone)) == before
+
+
+def test_a_default_that_forward_branches_on_is_refused_naming_it():
+    """fx traces ``if mask is not None`` with the mask as given: bound to None, the traced forward
+    failed on the example with a bare TypeError from inside fx ("unsupported operand type(s) for
+    *: 'Tensor' and 'NoneType' While executing %mul ...")."""
+    backbone = BranchOnAnOptionalMask().eval()
+    x = torch.randn(4, 5, 6)
+    with pytest.raises(
+        ValueError, match=r"BranchOnAnOptionalMask.*\(TypeError: unsupported operand.*'mask'.*example_input"
+    ):
+        ee.attach_exits(backbone, at=["a"], example_input=x, mode="fx")
+    # given in the example, it is an input like x
+    mask = torch.ones(4, 5, 1)
+    model = ee.attach_exits(backbone, at=["a"], example_input=(x, mask), mode="fx")
+    with torch.no_grad():
+        assert torch.equal(model.eval()((x, mask))[-1], backbone(x, mask))
+
+
 def test_inplace_first_op_after_a_split_still_trains():
     # layer after 'bn1' starts with ReLU(inplace=True): the head's saved input must survive it
     backbone = TinyResNet()
@@ -390,6 +448,59 @@ def test_head_factory_gets_the_dry_run_shapes():
     assert [o.shape for o in model.eval()(x)] == [torch.Size([2, 10])] * 3
 
 
+class ChannelsLastNet(nn.Module):
+    """Swin's layout: a conv patch embedding (its output [B, C, H, W]), permuted to [B, H, W, C]
+    for the blocks, which the backbone declares as timm does (``output_fmt = "NHWC"``)."""
+
+    output_fmt = "NHWC"
+
+    def __init__(self, C=12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, C, 4, stride=4)
+        self.norm = nn.LayerNorm(C)
+        self.blocks = nn.Sequential(nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
+        self.head = nn.Linear(C, 5)
+
+    def forward(self, x):
+        x = self.norm(self.stem(x).permute(0, 2, 3, 1))
+        return self.head(self.blocks(x).mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+def test_a_channels_first_map_inside_a_channels_last_backbone_is_pooled_over_its_space(size):
+    """A backbone whose maps are [B, H, W, C] (Swin) still has a [B, C, H, W] map before the
+    permute of its patch embedding, a listed split point (timm's 'patch_embed.proj',
+    torchvision's 'features.0.0'): its head pooled over C and H and classified the W columns
+    (Linear(8, 5) for 12 channels). Each map is now read by its shape against the image's."""
+    torch.manual_seed(0)
+    backbone = ChannelsLastNet().eval()
+    x = torch.randn(6, 3, *size)
+    assert "stem" in [p.name for p in ee.split_points(backbone, example_input=x)]
+    model = ee.attach_exits(backbone, at=["stem", "blocks.0"], example_input=x).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], backbone(x))
+        nchw = backbone.stem(x)
+        nhwc = backbone.blocks[0](backbone.norm(nchw.permute(0, 2, 3, 1)))
+        for head, state, space in ((model.exits[0], nchw, (2, 3)), (model.exits[1], nhwc, (1, 2))):
+            assert head.classifier.in_features == 12
+            torch.testing.assert_close(head.features(state), state.mean(dim=space))
+    # the conv head takes the channels-first map
+    assert isinstance(ee.attach_exits(backbone, at=["stem"], head="conv", example_input=x).exits[0], ConvHead)
+
+
+def test_a_pool_head_pickled_before_channels_last_still_runs():
+    """GlobalPool gained ``channels_last``; a model pickled before (``torch.save(model)`` by the
+    earlier version, its GlobalPool's state without the attribute) failed in its first forward
+    with AttributeError. It reads as the channels-first pool it was."""
+    import pickle
+
+    head = PoolLinearHead(8, 3)
+    del head.body.__dict__["channels_last"]  # the instance as the earlier class made it
+    old = pickle.loads(pickle.dumps(head))
+    x = torch.randn(4, 8, 5, 5)
+    torch.testing.assert_close(old.features(x), x.mean(dim=(2, 3)))
+
+
 def test_default_and_conv_heads_and_ready_modules():
     backbone = seq_cnn().eval()
     m = ee.attach_exits(backbone, at=["2", "5"])
@@ -494,6 +605,26 @@ def test_num_classes_refused_when_the_tail_cannot_take_a_new_classifier():
     model = ee.attach_exits(backbone, at=["body"], example_input=x)  # its own 10 classes
     with torch.no_grad():
         assert torch.equal(model.eval()(x)[-1], backbone.eval()(x))
+
+
+def test_a_failing_check_on_a_traced_tail_prints_nothing_to_stderr(capfd):
+    """The new-classifier check runs the fx-traced tail; torch.fx prints the traceback of an
+    error in a GraphModule's generated forward to stderr ("Call using an FX-traced Module, line
+    ... <--- HERE") before re-raising it, which attach turns into its ValueError: the user saw a
+    traceback, then the refusal. The reason is in the ValueError, and stderr stays clean."""
+    backbone = TwoHeads().eval()
+    x = torch.randn(4, 3, 8, 8)
+    capfd.readouterr()
+    with pytest.raises(
+        ValueError, match=r"does not give \[B, 5\] logits on the dry run \(RuntimeError: The size of tensor"
+    ):
+        ee.attach_exits(backbone, at=["body"], num_classes=5, example_input=x)
+    assert capfd.readouterr().err == ""
+    # the tail's own error handling is back afterwards: fx's print is fx's business outside attach
+    model = ee.attach_exits(backbone, at=["body"], example_input=x)
+    with pytest.raises(RuntimeError):
+        model.exits[-1](torch.randn(4, 8), torch.randn(4, 7))  # the add in its generated forward fails
+    assert "FX-traced Module" in capfd.readouterr().err
 
 
 def test_num_classes_and_example_input_checks():

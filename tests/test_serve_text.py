@@ -213,6 +213,10 @@ def test_over_http_a_text_request_the_adapter_refuses_is_a_422_and_good_ones_equ
                 ([[-1, 2]], "token ids must be in"),
                 ([[1] * 41], "at most 40"),  # max_position_embeddings
                 ([[[1, 2]]], "must be [batch, tokens]"),
+                # rows without tokens: torch reads an empty list as float32, which was refused as
+                # "must hold integer token ids, got float32"; the ids' dtype is not what is wrong
+                ([[]], "0 tokens per row"),
+                ([[], []], "0 tokens per row"),
             ]:
                 r = s.client.post("/v1/infer", json={"inputs": inputs})
                 assert r.status_code == 422 and what in r.json()["error"], (inputs, r.text)
@@ -240,6 +244,7 @@ def test_rt_infer_refuses_token_ids_the_model_could_only_fail_on_saying_what_was
         (torch.randint(0, V, (2, 41)), ValueError, "at most 40"),  # a size mismatch in the positions
         ((ok, torch.ones(2, 5, dtype=torch.int64)), ValueError, "must match input_ids"),
         (ok[0], ValueError, r"\[batch, tokens\]"),
+        (torch.empty(2, 0), ValueError, "0 tokens per row"),  # an empty float tensor: no ids to be floats
     ]:
         with pytest.raises(err, match=what):
             rt.infer(x)

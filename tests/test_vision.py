@@ -219,6 +219,63 @@ def test_swin_maps_are_channels_last_and_heads_pool_over_space(make, at, size):
         ee.attach_exits(backbone, at=at, head="conv", example_input=x)
 
 
+def tv_swin():
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=10
+    )
+
+
+def tv_swin_subclass():
+    class MySwin(torchvision.models.SwinTransformer):
+        pass
+
+    return MySwin(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "make, conv, at",
+    [
+        (tv_swin, "features.0.0", "features.1"),
+        (tv_swin_subclass, "features.0.0", "features.1"),  # the maps are channels-last in a subclass too
+        (
+            lambda: timm.create_model(
+                "swin_tiny_patch4_window7_224",
+                pretrained=False,
+                img_size=32,
+                window_size=4,
+                embed_dim=24,
+                depths=(2, 2),
+                num_heads=(2, 2),
+                num_classes=10,
+            ),
+            "patch_embed.proj",
+            "layers.0",
+        ),
+    ],
+)
+def test_swin_patch_embedding_conv_is_channels_first(make, conv, at):
+    """Swin's patch embedding is a conv ([B, C, H, W]) permuted to [B, H, W, C] after it, and the
+    conv is a listed split point: its head pooled over C and H, a Linear(W, classes). A subclass
+    of torchvision's SwinTransformer got channels-first heads for its [B, H, W, C] maps."""
+    backbone = make().eval()
+    x = images(6, size=32)
+    assert conv in [p.name for p in ee.split_points(backbone, example_input=x, mode="fx")]
+    model = ee.attach_exits(backbone, at=[conv, at], example_input=x, mode="fx").eval()
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], backbone(x))
+        first = model.stages[0](x)
+        second = model.stages[1](first)
+        first, second = (
+            first[0] if isinstance(first, tuple) else first,
+            second[0] if isinstance(second, tuple) else second,
+        )
+        assert first.shape[1] == second.shape[-1] == 24 != first.shape[-1]
+        for head, state, space in ((model.exits[0], first, (2, 3)), (model.exits[1], second, (1, 2))):
+            assert head.classifier.in_features == 24
+            torch.testing.assert_close(head.features(state), state.mean(dim=space))
+    check_rows(model, x)
+
+
 @pytest.mark.parametrize(
     "make, path",
     [
