@@ -431,3 +431,34 @@ def test_a_cls_head_on_a_decoder_is_refused(build):
     assert [h.body.pool for h in ee.attach_exits(backbone, at=split_at(backbone), head="mean").exits[:-1]] == [
         "mean"
     ] * 2
+
+
+def test_a_learned_exit_reading_token_0_is_refused_on_a_decoder():
+    """LearnedExit pools "cls" by default: on a decoder it scored each row by token 0, which has
+    seen none of the text (see test_a_cls_head_on_a_decoder_is_refused), silently. The runtime
+    and ee.train.learned_exit refuse it naming pool="last"; "last" == the per-sample loop."""
+    from eeruntime.exit_rules import LearnedExit
+
+    backbone = seeded(llama)
+    model = ee.attach_exits(backbone, at=split_at(backbone))
+    x = text_batch(side="left")
+    with pytest.raises(ValueError, match=r"LearnedExit\(pool='cls'\) reads token 0.*decoder.*pool='last'"):
+        ee.EERuntime(model, thresholds=0.5, criterion=LearnedExit(H))
+    data = [(model.prepare_input(x), torch.zeros(12, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"LearnedExit\(pool='cls'\) reads token 0"):
+        ee.train.learned_exit(model, LearnedExit(H), data, 1, 1e-3, progress=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        lte = LearnedExit(H, pool="last").eval()
+    with torch.no_grad():
+        state = model.stages[0](*model.prepare_input(x))
+        last = (x["attention_mask"] * torch.arange(14)).amax(1)  # left padding: the last column
+        want = torch.sigmoid(lte.units[0](state[0][torch.arange(12), last]).squeeze(-1))
+        torch.testing.assert_close(lte(torch.zeros(12, 3), state, 0), want)
+    thr = float(want.sort().values[5] + want.sort().values[6]) / 2
+    res = ee.EERuntime(model, thresholds=thr, criterion=lte).infer(x)
+    ref_logits, ref_exit, _ = per_sample_loop(
+        model, model.prepare_input(x), [thr, thr], lambda logits, state: lte(logits, state, 0)
+    )
+    assert torch.equal(res.exit_index, ref_exit) and bool((ref_exit == 0).any()) and bool((ref_exit > 0).any())
+    torch.testing.assert_close(res.logits.double(), ref_logits, rtol=1e-4, atol=1e-5)
