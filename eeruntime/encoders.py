@@ -483,8 +483,6 @@ class HFRotaryLayers(HFLayers):
     def __init__(self, layers: Sequence[nn.Module], config, rotary: nn.Module, embed=None):
         super().__init__(layers, config, embed=embed)
         self.rotary_emb = rotary
-        # why cutting pad columns would change the results (None: it does not)
-        self.untrimmable = _length_dependent_rope(rotary)
 
     def run_layers(self, hidden, mask):
         from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
