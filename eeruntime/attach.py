@@ -115,7 +115,8 @@ def attach_exits(
             masked mean; on the [B, H, W, C] maps of Swin-like models, timm's ``output_fmt="NHWC"``,
             the mean over H and W), ``"conv"`` (PTEE branch: conv 3x3 + BN + ReLU, pool, linear), ``"cls"``
             / ``"mean"`` / ``"last"`` (token heads: CLS token, masked mean or last real token,
-            LayerNorm, linear; decoders' default is ``"last"``), a factory
+            LayerNorm, linear; decoders' default is ``"last"``, and ``"cls"`` is refused on them:
+            token 0 has seen only itself), a factory
             ``head(state_shape, num_classes) -> nn.Module`` (``state_shape`` is the split value's
             shape without the batch dim, from the dry run on ``example_input``, which it
             therefore requires), or a sequence of ready modules, one per split point.
@@ -133,7 +134,8 @@ def attach_exits(
         trim: for HF text encoders and decoders, each stage after the first cuts the packed
             survivors' sequence axis to the longest real sequence among them
             (:func:`eeruntime.encoders.trim_tokens`; results unchanged: a decoder's causal
-            attention never reads a later column, with right or left padding). Off by default:
+            attention never reads a later column, with right or left padding; refused for rotary
+            scaling that follows the sequence length, dynamic or longrope). Off by default:
             a caller that concatenates stage states of several batches (``cat_rows``) needs them
             the same length.
             :func:`eeruntime.encoders.set_trim` switches it later.
@@ -1289,9 +1291,17 @@ def _default_head(
 ) -> nn.Module:
     x = as_tuple(state)[0]
     if layout is not None:  # tokens [B, S, H]: pool along S, classify the H features
+        causal = layout.pool == "last"  # a decoder's tokens: each has seen only those before it
         if head == "conv":
+            use = "'last' or 'mean'" if causal else "'cls', 'mean' or 'last'"
             raise ValueError(
-                f"head='conv' needs a [B, C, *spatial] map; split point {at!r} yields tokens {tuple(x.shape)} (use 'cls', 'mean' or 'last')"
+                f"head='conv' needs a [B, C, *spatial] map; split point {at!r} yields tokens {tuple(x.shape)} (use {use})"
+            )
+        if head == "cls" and causal:
+            raise ValueError(
+                f"head='cls' reads token 0, and split point {at!r} is in a decoder: under its causal attention token 0 "
+                "has seen only itself (with left padding, a pad token), none of the text; use 'last' (each row's last "
+                "real token, the default) or 'mean'"
             )
         pool = layout.pool if head == "auto" else ("mean" if head == "pool_linear" else head)
         return SequenceHead(

@@ -173,6 +173,8 @@ class HFInputs:
         # a decoder classifier's pad token: it reads each row's last token whose id is not this one,
         # the stages the last real token by the mask; inputs where the two differ are refused
         self.last_token_pad_id = last_token_pad_id
+        # why padding an input changes its answer (None: it does not; serving's pad_to is refused)
+        self.length_dependent: Optional[str] = None
 
     @property
     def can_pad(self) -> bool:
@@ -566,12 +568,16 @@ def _capturing() -> bool:
 def set_trim(model, on: bool = True) -> int:
     """Turn length trimming on or off in every HF encoder stage of ``model`` (an attached
     encoder); returns how many stages it applies to (stage 0 embeds, it never trims)."""
-    n = 0
-    for stage in list(model.stages)[1:]:
-        if isinstance(stage, HFLayers):
-            stage.trim = bool(on)
-            n += 1
-    return n
+    stages = [stage for stage in list(model.stages)[1:] if isinstance(stage, HFLayers)]
+    why = next((getattr(s, "untrimmable", None) for s in stages if getattr(s, "untrimmable", None)), None)
+    if on and why:
+        raise ValueError(
+            f"trim=True would change this model's results: {why}, and a trimmed stage would see a shorter one; "
+            "leave trim off"
+        )
+    for stage in stages:
+        stage.trim = bool(on)
+    return len(stages)
 
 
 def _hf_tail(model: nn.Module, base: nn.Module) -> Optional[HFTail]:
@@ -812,6 +818,8 @@ class HFDecoderLayers(HFLayers):
     ):
         super().__init__(layers, config, embed=embed)
         self.rotary_emb = rotary
+        # why cutting pad columns would change the results (None: it does not)
+        self.untrimmable = _length_dependent_rope(rotary)
         self.kinds = tuple(kinds)  # each layer's mask: "full_attention" or "sliding_attention"
         from transformers import masking_utils
 
@@ -835,6 +843,16 @@ class HFDecoderLayers(HFLayers):
             out = layer(hidden, attention_mask=masks[kind], position_ids=positions, use_cache=False, **extra)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+
+def _length_dependent_rope(rotary: Optional[nn.Module]) -> Optional[str]:
+    """Why rotary embeddings whose frequencies follow the batch's sequence length (pads
+    included: HF's dynamic NTK and LongRoPE scaling) make trimming inexact, else None."""
+    kinds = getattr(rotary, "rope_type", None)
+    for kind in kinds.values() if isinstance(kinds, dict) else [kinds]:
+        if isinstance(kind, str) and ("dynamic" in kind or kind == "longrope"):
+            return f"its rotary embeddings (rope_type {kind!r}) pick their frequencies by the batch's sequence length, pads included"
+    return None
 
 
 class HFLastTokenTail(nn.Module):
@@ -916,6 +934,7 @@ def split_hf_decoder(model: nn.Module, cuts: Sequence[int]) -> EncoderSplit:
         max_length=base.wpe.num_embeddings if gpt2 else None,  # rotary positions: any length
         last_token_pad_id=pad if model is not base else None,
     )
+    inputs.length_dependent = _length_dependent_rope(rotary)
     layout = TokenLayout(mask_index=1, padding_mask=False, pool="last")
     return EncoderSplit(stages, tail, layout, layer_names, inputs)
 

@@ -38,7 +38,7 @@ def gpt2(**kw):
 
 
 def llama(**kw):
-    cfg = transformers.LlamaConfig(**COMMON, num_key_value_heads=1, **{**IDS, **kw})
+    cfg = transformers.LlamaConfig(**{**COMMON, "num_key_value_heads": 1, **IDS, **kw})
     return transformers.LlamaForSequenceClassification(cfg)
 
 
@@ -351,3 +351,114 @@ def test_other_decoders_are_refused_naming_what_is_supported(build, why):
     backbone = seeded(build)
     with pytest.raises(ValueError, match=f"{type(backbone).__name__}.*{why}.*supported: BERT.*GPT-2, Llama"):
         ee.attach_exits(backbone, at=["layers.0"])
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 2.0},
+        {
+            "rope_type": "longrope",
+            "factor": 4.0,
+            "short_factor": [1.0] * 8,
+            "long_factor": [4.0] * 8,
+            "original_max_position_embeddings": 16,
+        },
+    ],
+    ids=["dynamic", "longrope"],
+)
+def test_trim_is_refused_where_the_rotary_frequencies_follow_the_sequence_length(rope):
+    """Dynamic and LongRoPE scaling pick their frequencies by the batch's length (pads included):
+    a trimmed stage saw a shorter one and gave other logits than the model (and than untrimmed),
+    silently. Untrimmed stages are the model; trim=True and set_trim are refused naming why."""
+    backbone = seeded(llama, rope_scaling=rope, max_position_embeddings=16 if rope["rope_type"] == "dynamic" else 64)
+    model = ee.attach_exits(backbone, at=["layers.0"])
+    x = {  # 22 columns (past the original 16), no row longer than 12 real tokens
+        k: torch.cat([v, torch.zeros(8, 10, dtype=v.dtype)], 1) for k, v in text_batch(8, 12, seed=3).items()
+    }
+    with torch.no_grad():
+        want = backbone(**x).logits
+    torch.testing.assert_close(
+        ee.EERuntime(model, thresholds=float("inf"), criterion="max_prob").infer(x).logits, want, rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match=f"trim=True.*rope_type '{rope['rope_type']}'.*sequence length"):
+        ee.attach_exits(backbone, at=["layers.0"], trim=True)
+    with pytest.raises(ValueError, match=f"rope_type '{rope['rope_type']}'"):
+        ee.encoders.set_trim(model, True)
+    assert ee.encoders.set_trim(model, False) == 1
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "linear"])
+def test_pad_to_is_refused_where_padding_changes_the_rotary_frequencies(kind):
+    """pad_to pads a request to a longer sequence: with dynamic scaling past the model's original
+    length that changed its answer (its row of the padded batch is the model's answer for the
+    padded row, not for the text), silently. Refused, naming why; linear scaling is padded."""
+    from eeruntime.serve import StageScheduler
+
+    backbone = seeded(llama, rope_scaling={"rope_type": kind, "factor": 2.0}, max_position_embeddings=16)
+    rt = ee.EERuntime(ee.attach_exits(backbone, at=["layers.0"]), thresholds=float("inf"), criterion="max_prob")
+    x = text_batch(1, 10, seed=3)
+    padded = {k: torch.cat([v, torch.zeros(1, 14, dtype=v.dtype)], 1) for k, v in x.items()}  # as pad_to=(24,) pads
+    with torch.no_grad():
+        alone, as_padded = backbone(**x).logits, backbone(**padded).logits
+        torch.testing.assert_close(rt.infer(padded).logits, as_padded, rtol=1e-5, atol=1e-6)
+    if kind == "linear":
+        torch.testing.assert_close(as_padded, alone, rtol=1e-4, atol=1e-5)
+        with StageScheduler(rt, pad_to=(24,)) as sched:
+            torch.testing.assert_close(sched.submit_nowait(x).result(30).logits, rt.infer(x).logits)
+        return
+    assert not torch.allclose(as_padded, alone, rtol=1e-4, atol=1e-5)  # the model's own answers differ
+    with pytest.raises(
+        ValueError, match="pad_to would change this model's answers.*rope_type 'dynamic'.*without pad_to"
+    ):
+        StageScheduler(rt, pad_to=(24,))
+
+
+@pytest.mark.parametrize("build", FAMILIES, ids=NAMES)
+def test_a_cls_head_on_a_decoder_is_refused(build):
+    """Token 0 of a causal decoder has seen only itself (with left padding: a pad token), so a
+    "cls" exit reads nothing of the text: refused, naming "last" and "mean"."""
+    backbone = seeded(build)
+    x = text_batch(4, 8)
+    with torch.no_grad():  # token 0's state is the same whatever follows it
+        h = backbone.base_model(**x).last_hidden_state
+        other = backbone.base_model(
+            input_ids=torch.cat([x["input_ids"][:, :1], x["input_ids"][:, 1:].flip(1)], 1)
+        ).last_hidden_state
+        torch.testing.assert_close(h[:, 0], other[:, 0])
+    with pytest.raises(ValueError, match=r"head='cls' reads token 0.*causal.*use 'last'.*or 'mean'"):
+        ee.attach_exits(backbone, at=split_at(backbone), head="cls")
+    assert [h.body.pool for h in ee.attach_exits(backbone, at=split_at(backbone), head="mean").exits[:-1]] == [
+        "mean"
+    ] * 2
+
+
+def test_a_learned_exit_reading_token_0_is_refused_on_a_decoder():
+    """LearnedExit pools "cls" by default: on a decoder it scored each row by token 0, which has
+    seen none of the text (see test_a_cls_head_on_a_decoder_is_refused), silently. The runtime
+    and ee.train.learned_exit refuse it naming pool="last"; "last" == the per-sample loop."""
+    from eeruntime.exit_rules import LearnedExit
+
+    backbone = seeded(llama)
+    model = ee.attach_exits(backbone, at=split_at(backbone))
+    x = text_batch(side="left")
+    with pytest.raises(ValueError, match=r"LearnedExit\(pool='cls'\) reads token 0.*decoder.*pool='last'"):
+        ee.EERuntime(model, thresholds=0.5, criterion=LearnedExit(H))
+    data = [(model.prepare_input(x), torch.zeros(12, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"LearnedExit\(pool='cls'\) reads token 0"):
+        ee.train.learned_exit(model, LearnedExit(H), data, 1, 1e-3, progress=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        lte = LearnedExit(H, pool="last").eval()
+    with torch.no_grad():
+        state = model.stages[0](*model.prepare_input(x))
+        last = (x["attention_mask"] * torch.arange(14)).amax(1)  # left padding: the last column
+        want = torch.sigmoid(lte.units[0](state[0][torch.arange(12), last]).squeeze(-1))
+        torch.testing.assert_close(lte(torch.zeros(12, 3), state, 0), want)
+    thr = float(want.sort().values[5] + want.sort().values[6]) / 2
+    res = ee.EERuntime(model, thresholds=thr, criterion=lte).infer(x)
+    ref_logits, ref_exit, _ = per_sample_loop(
+        model, model.prepare_input(x), [thr, thr], lambda logits, state: lte(logits, state, 0)
+    )
+    assert torch.equal(res.exit_index, ref_exit) and bool((ref_exit == 0).any()) and bool((ref_exit > 0).any())
+    torch.testing.assert_close(res.logits.double(), ref_logits, rtol=1e-4, atol=1e-5)

@@ -25,7 +25,7 @@ from torch import nn
 from ..criteria import register_criterion
 from ..state import as_tuple
 
-__all__ = ["LearnedExit", "pool_features"]
+__all__ = ["LearnedExit", "check_pool_for", "pool_features"]
 
 POOLS = ("cls", "mean", "last")
 
@@ -56,6 +56,19 @@ def pool_features(state, pool: str = "cls") -> torch.Tensor:
     )
 
 
+def check_pool_for(lte, model) -> None:
+    """Refuse a ``LearnedExit`` pooling token 0 (``"cls"``, its default) on a decoder attached by
+    ``attach_exits`` (its token layout pools the last real token): under causal attention token
+    0 has seen only itself, so the scores would read none of the text."""
+    if isinstance(lte, LearnedExit) and lte.pool == "cls":
+        if getattr(getattr(model, "token_layout", None), "pool", None) == "last":
+            raise ValueError(
+                "LearnedExit(pool='cls') reads token 0, and this model is a decoder: under its causal attention "
+                "token 0 has seen only itself (with left padding, a pad token), none of the text; use "
+                "LearnedExit(..., pool='last') (each row's last real token, as the model's classifier reads) or 'mean'"
+            )
+
+
 @register_criterion("learned_exit", legacy_path="eeruntime.exit_rules.learned.LearnedExit")
 class LearnedExit(nn.Module):
     """Per-exit scorer ``f(logits, state, k, history) -> [B]``: the LTE head's certainty u_k.
@@ -63,7 +76,9 @@ class LearnedExit(nn.Module):
     Args:
         in_features: the width of the pooled hidden state, one int for a head shared by every
             exit (BERxiT), or a sequence with one width per early exit (a head each).
-        pool: ``"cls"``, ``"mean"`` or ``"last"`` for token states (see :func:`pool_features`).
+        pool: ``"cls"``, ``"mean"`` or ``"last"`` for token states (see :func:`pool_features`);
+            on a decoder attached by ``attach_exits``, ``"last"`` or ``"mean"`` (``"cls"`` is
+            refused by the runtime and the trainer: token 0 has seen none of the text).
 
     With per-exit heads the final exit scores 1 (it takes every row that reaches it). Saved by
     ``rt.save`` (its config in ``runtime.json``, its weights in ``weights.safetensors``).

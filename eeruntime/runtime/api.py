@@ -17,6 +17,7 @@ from ..compiled import compile_options, refuse_if_traced
 from ..cost import CostModel, measure_costs
 from ..criteria import Criterion
 from ..devices import device_guard
+from ..exit_rules.learned import check_pool_for
 from ..model import StagedModel, is_multi_exit, model_device
 from ..model_guard import ModelGuard
 from ..runtime_file import save_runtime
@@ -98,6 +99,7 @@ class EERuntime:
                 f"stages and exits must have the same, non-zero length; got {len(staged.stages)} and {len(staged.exits)}"
             )
         scorer = Scorer(criterion, decision_backend)
+        check_pool_for(scorer.criterion, model)
         if graphs not in ("auto", True, False):
             raise ValueError(f"graphs must be 'auto', True or False, got {graphs!r}")
         self._compile = compile_options(compile)

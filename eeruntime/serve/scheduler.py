@@ -316,6 +316,12 @@ def check_pad_to(pad_to: Optional[Sequence[int]], adapter: Any) -> Tuple[int, ..
             "ee.attach_exits (an HF model that takes input_ids and attention_mask); this model "
             + ("has no input adapter" if adapter is None else f"takes {list(getattr(adapter, 'names', ()))}")
         )
+    why = getattr(adapter, "length_dependent", None)  # (an adapter pickled before it had one: None)
+    if why:
+        raise ValueError(
+            f"pad_to would change this model's answers: {why}, and a padded request would see a longer one; "
+            "serve it without pad_to"
+        )
     longest = getattr(adapter, "max_length", None)
     if longest is not None and max(pad_to) > longest:
         raise ValueError(
@@ -428,7 +434,8 @@ class StageScheduler:
             lengths share batches (rows batch only with rows of the same shape). A request longer
             than the longest keeps its length. None (default): no padding. Answers equal
             ``rt.infer`` of the unpadded request within float rounding (the padded tokens are
-            masked out). See docs/serving.md, "Text models".
+            masked out); refused for a decoder whose rotary scaling follows the sequence length
+            (dynamic, longrope), whose answers the padding changes. See docs/serving.md, "Text models".
 
     A model with an input adapter (an attached HF encoder) takes at submit whatever ``rt.infer``
     takes (a dict or a tokenizer's ``BatchEncoding``, a tuple in the forward's order, the token

@@ -37,9 +37,11 @@ def learned_exit(
     :func:`eeruntime.train.joint`. The model's weights, buffers and modes are unchanged afterwards.
     History terms: ``mse_<k>`` per early exit with a head."""
     from ..exit_rules import LearnedExit
+    from ..exit_rules.learned import check_pool_for
 
     if not isinstance(lte, LearnedExit):
         raise TypeError(f"learned_exit trains an ee.exit_rules.LearnedExit, got {type(lte).__name__}")
+    check_pool_for(lte, model)
     check_common(model, epochs, lr, weight_decay, optimizer)
     K = len(model.exits)
     was_training = lte.training
