@@ -1178,6 +1178,10 @@ def test_ray_http_takes_a_text_models_inputs_by_name(local_replicas, form):
     assert status == 422 and "['mask']" in doc["error"] and "'attention_mask'" in doc["error"], doc
     status, doc = call(save({"input_ids": ids, "position_ids": mask}), "application/octet-stream")
     assert status == 422 and "['position_ids']" in doc["error"], doc
+    # a positional name with a named one: the ids were read alone and the mask dropped (a 200)
+    for positional in ("input", "input_0"):
+        status, doc = call(save({positional: ids, "attention_mask": mask}), "application/octet-stream")
+        assert status == 422 and f"['{positional}']" in doc["error"] and "'attention_mask'" in doc["error"], doc
     status, doc = call(json.dumps({"inputs": {"input_ids": ids.tolist(), "attention_mask": [[True] * 8] * 5}}).encode())
     assert status == 422 and "inputs.attention_mask[0][0] is true" in doc["error"], doc
     # a dict and the ids alone, mapped to one form at the replica, run as one batch

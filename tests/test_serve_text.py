@@ -444,6 +444,10 @@ def test_over_http_a_padded_batch_by_name_with_its_mask_equals_rt_infer_of_the_d
                 no_traceback(r)
             r = s.client.post("/v1/infer", content=st_save({**x, "mask": x["attention_mask"].clone()}), headers=st)
             assert r.status_code == 422 and "['mask']" in r.json()["error"] and str(names) in r.text, r.text
+            for positional in ("input", "input_0"):  # (a positional name among named ones: which is it?)
+                mixed = st_save({positional: x["input_ids"], "attention_mask": x["attention_mask"]})
+                r = s.client.post("/v1/infer", content=mixed, headers=st)
+                assert r.status_code == 422 and f"['{positional}']" in r.json()["error"], r.text
             # the old positional forms are unchanged (and name the new one when refused)
             full = x["input_ids"][:1]  # (row 0: no padding)
             r = s.client.post("/v1/infer", content=st_save({"input": full}), headers=st)

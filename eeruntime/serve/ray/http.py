@@ -60,6 +60,10 @@ def _from_safetensors(body: bytes, spec: Optional[InputSpec] = None):
         tensors = st_load(body)
     except Exception as e:  # noqa: BLE001 - any parse failure is the client's
         raise BadRequest(f"the body is not valid safetensors bytes ({type(e).__name__})") from None
+    if spec.names and not set(tensors).isdisjoint(spec.names):
+        # a text model's inputs by name (a positional name among them is refused as unknown: it
+        # was read alone and the named ones, a mask, dropped without a word)
+        return spec.check_named(tensors, sys.maxsize, "safetensors tensors")
     for name in ("inputs", "input"):  # (``input``: the name ``eeruntime serve`` reads)
         if name in tensors:
             return _floats_as_model(tensors[name], spec)
@@ -67,8 +71,6 @@ def _from_safetensors(body: bytes, spec: Optional[InputSpec] = None):
     while f"input_{len(parts)}" in tensors:
         parts.append(_floats_as_model(tensors[f"input_{len(parts)}"], spec))
     if not parts:
-        if spec.names and not set(tensors).isdisjoint(spec.names):  # a text model's inputs by name
-            return spec.check_named(tensors, sys.maxsize, "safetensors tensors")
         named = f", or by the model's input names {list(spec.names)}" if spec.names else ""
         raise BadRequest(
             f"safetensors body needs a tensor 'inputs' (or input_0, input_1, ...{named}); got {sorted(tensors)}"
