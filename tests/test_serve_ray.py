@@ -1199,3 +1199,24 @@ def test_ray_http_takes_a_text_models_inputs_by_name(local_replicas, form):
         run_async(other(http_request(json.dumps({"inputs": {"x": [[1.0] * 6]}}).encode())[0]), timeout_s=30)
     )
     assert status == 422 and "this model takes no named inputs" in doc["error"], doc
+
+
+def test_a_plain_replica_of_a_text_model_runs_the_adapters_input(local_replicas):
+    """plain=True runs the stages on a batch as it is: a text model's request (the ids alone, or
+    by name) reached stage 0 without its input adapter's mapping and failed (KeyError
+    'token_type_ids'). Now it is mapped at the replica: the answer is the model's final exit."""
+    pytest.importorskip("transformers", reason="transformers is an optional dependency (make test installs it)")
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+
+    spec = {"model": "serve_models:tiny_bert_text", "thresholds": [0.4, 0.45], "torch_threads": 1}
+    rep = local_replicas(RuntimeReplica, spec, 32, 0.05, True)
+    ids = torch.randint(2, 60, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    model = tiny_bert_text()
+    for x in (ids, {"input_ids": ids * mask, "attention_mask": mask}):
+        answer = run_async(rep.infer(x), timeout_s=30)
+        with torch.no_grad():
+            torch.testing.assert_close(answer["logits"], model(x)[-1], rtol=1e-4, atol=1e-5)
