@@ -320,7 +320,8 @@ def _guess_layout(backbone: nn.Module, state: State) -> Optional[TokenLayout]:
 
 def _build_encoder(backbone: nn.Module, names: List[str], at: Sequence[str], example_input: ExampleInput) -> _Built:
     """The encoder split at ``at``; ``names``: its layers (``encoders.encoder_layers``)."""
-    cuts = [_encoder_cut(a, names) for a in at]
+    kind = "decoder" if encoders.hf_decoder(backbone) is not None else "encoder"
+    cuts = [_encoder_cut(a, names, kind) for a in at]
     for i in range(1, len(cuts)):
         if cuts[i] == cuts[i - 1]:  # two spellings of one layer ("layer.1", "bert.encoder.layer.1"): an empty stage
             raise ValueError(
@@ -411,8 +412,9 @@ def _reproduce(backbone: nn.Module, split: encoders.EncoderSplit, x: State, expe
     return states
 
 
-def _encoder_cut(a: str, names: List[str]) -> int:
-    """The index of the layer a split point names: its qualified name or a unique dotted suffix."""
+def _encoder_cut(a: str, names: List[str], kind: str = "encoder") -> int:
+    """The index of the layer a split point names: its qualified name or a unique dotted suffix;
+    ``kind``: "encoder" or "decoder", as the refusal names the layers."""
     if a in names:
         return names.index(a)
     hits = [i for i, n in enumerate(names) if n.endswith("." + a)]
@@ -420,7 +422,7 @@ def _encoder_cut(a: str, names: List[str]) -> int:
         return hits[0]
     why = "matches several layers" if hits else "is not one of its layers"
     raise ValueError(
-        f"split point {a!r} {why}; valid split points (the encoder's layers, in order): {_listing(names[:-1])}"
+        f"split point {a!r} {why}; valid split points (the {kind}'s layers, in order): {_listing(names[:-1])}"
     )
 
 

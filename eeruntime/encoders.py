@@ -216,7 +216,8 @@ class HFInputs:
             cache = sorted({"cache", "past_key_values", "use_cache"} & set(unknown))
             hint = (
                 f"; the stages run without a key/value cache (a tuple is read in the forward's order "
-                f"{self.forward_order[:3]}; pass a dict of {list(self.names)})"
+                f"{self.forward_order[:3]}; pass a dict of {list(self.names)}; over HTTP, name the "
+                'safetensors tensors or the JSON "inputs" fields so)'
                 if cache
                 else ""
             )

@@ -462,3 +462,11 @@ def test_a_learned_exit_reading_token_0_is_refused_on_a_decoder():
     )
     assert torch.equal(res.exit_index, ref_exit) and bool((ref_exit == 0).any()) and bool((ref_exit > 0).any())
     torch.testing.assert_close(res.logits.double(), ref_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama"])
+def test_a_wrong_split_point_on_a_decoder_lists_the_decoders_layers(build):
+    """The refusal named "the encoder's layers" for a decoder's too."""
+    backbone = seeded(build)
+    with pytest.raises(ValueError, match=r"'nope' is not one of its layers; valid split points \(the decoder's layers"):
+        ee.attach_exits(backbone, at=["nope"])

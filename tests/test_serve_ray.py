@@ -1133,3 +1133,90 @@ def test_wire_carries_every_dtype_a_state_may_hold_bit_for_bit():
         assert back.dtype == t.dtype and back.shape == t.shape
         assert torch.equal(bits(back), bits(t)), t.dtype
         assert torch.equal(bits(t), keep)
+
+
+@pytest.mark.parametrize("form", ["runtime", "tiers"])
+def test_ray_http_takes_a_text_models_inputs_by_name(local_replicas, form):
+    """A text model's inputs by name (JSON "inputs" as an object of named lists, safetensors
+    tensors named input_ids, attention_mask, ...: the shared codec's forms) answer as rt.infer of
+    the same dict, a padded batch with its mask row for row; requests by name and the ids alone
+    share a batch (every request is mapped by the input adapter at the replica); an unknown name
+    is a 422 naming the accepted ones, and a model without named inputs refuses an object."""
+    pytest.importorskip("transformers", reason="transformers is an optional dependency (make test installs it)")
+    from safetensors.torch import save
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+    from eeruntime.serve.ray.tiers import TierReplica
+
+    thr = [0.4, 0.45]
+    spec = {"model": "serve_models:tiny_bert_text", "thresholds": thr, "criterion": "max_prob", "torch_threads": 1}
+    rt = ee.EERuntime(tiny_bert_text(), thresholds=thr, criterion="max_prob")
+    if form == "runtime":
+        rep = local_replicas(RuntimeReplica, spec, 32, 0.05)
+    else:
+        rep = local_replicas(TierReplica, spec, 0, 0, 3, None, 32, 0.05)
+
+    def call(body, ctype="application/json"):
+        return http_answer(run_async(rep(http_request(body, ctype)[0]), timeout_s=30))
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, 60, (5, 8), generator=g)
+    mask = (torch.arange(8)[None] < torch.tensor([8, 3, 5, 8, 2])[:, None]).long()
+    x = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": (torch.arange(8)[None] >= 4) * mask}
+    want = rt.infer(x)
+    assert not torch.allclose(rt.infer(x["input_ids"]).logits, want.logits)  # (the mask is read)
+    for body, ctype in (
+        (json.dumps({"inputs": {k: v.tolist() for k, v in x.items()}}).encode(), "application/json"),
+        (save(x), "application/vnd.safetensors"),
+    ):
+        status, doc = call(body, ctype)
+        assert status == 200, doc
+        assert doc["exit_index"] == want.exit_index.tolist(), doc
+        torch.testing.assert_close(torch.tensor(doc["logits"]), want.logits, rtol=1e-4, atol=1e-5)
+    status, doc = call(json.dumps({"inputs": {"input_ids": ids.tolist(), "mask": mask.tolist()}}).encode())
+    assert status == 422 and "['mask']" in doc["error"] and "'attention_mask'" in doc["error"], doc
+    status, doc = call(save({"input_ids": ids, "position_ids": mask}), "application/octet-stream")
+    assert status == 422 and "['position_ids']" in doc["error"], doc
+    # a positional name with a named one: the ids were read alone and the mask dropped (a 200)
+    for positional in ("input", "input_0"):
+        status, doc = call(save({positional: ids, "attention_mask": mask}), "application/octet-stream")
+        assert status == 422 and f"['{positional}']" in doc["error"] and "'attention_mask'" in doc["error"], doc
+    status, doc = call(json.dumps({"inputs": {"input_ids": ids.tolist(), "attention_mask": [[True] * 8] * 5}}).encode())
+    assert status == 422 and "inputs.attention_mask[0][0] is true" in doc["error"], doc
+    # a dict and the ids alone, mapped to one form at the replica, run as one batch
+    calls, run = [], rep.rt.infer if form == "runtime" else rep.rt.run_stage
+    if form == "runtime":
+        rep.rt.infer = lambda s, *a, **k: calls.append(s) or run(s, *a, **k)
+    else:
+        rep.rt.run_stage = lambda k, s, *a, **kw: (calls.append(s) if k == 0 else None) or run(k, s, *a, **kw)
+    answers = run_async(asyncio_gather(rep.infer(x), rep.infer(ids[:2])), timeout_s=30)
+    assert len(calls) == 1, calls
+    assert answers[0]["exit_index"].tolist() == want.exit_index.tolist()
+    assert answers[1]["exit_index"].tolist() == rt.infer(ids[:2]).exit_index.tolist()
+    other = local_replicas(RuntimeReplica, SPEC)
+    status, doc = http_answer(
+        run_async(other(http_request(json.dumps({"inputs": {"x": [[1.0] * 6]}}).encode())[0]), timeout_s=30)
+    )
+    assert status == 422 and "this model takes no named inputs" in doc["error"], doc
+
+
+def test_a_plain_replica_of_a_text_model_runs_the_adapters_input(local_replicas):
+    """plain=True runs the stages on a batch as it is: a text model's request (the ids alone, or
+    by name) reached stage 0 without its input adapter's mapping and failed (KeyError
+    'token_type_ids'). Now it is mapped at the replica: the answer is the model's final exit."""
+    pytest.importorskip("transformers", reason="transformers is an optional dependency (make test installs it)")
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.ray.deployment import RuntimeReplica
+
+    spec = {"model": "serve_models:tiny_bert_text", "thresholds": [0.4, 0.45], "torch_threads": 1}
+    rep = local_replicas(RuntimeReplica, spec, 32, 0.05, True)
+    ids = torch.randint(2, 60, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    model = tiny_bert_text()
+    for x in (ids, {"input_ids": ids * mask, "attention_mask": mask}):
+        answer = run_async(rep.infer(x), timeout_s=30)
+        with torch.no_grad():
+            torch.testing.assert_close(answer["logits"], model(x)[-1], rtol=1e-4, atol=1e-5)

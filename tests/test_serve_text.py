@@ -353,3 +353,174 @@ def test_an_input_adapter_maps_each_request_exactly_once_on_every_path(fused):
     for g, w in zip(got, want):
         assert torch.equal(g.exit_index, w.exit_index)
         torch.testing.assert_close(g.logits, w.logits)
+
+
+def named_runtime(kind: str):
+    """A BERT (tiny_text_model's) or a GPT-2 (test_decoder_families' tiny one, pad token 0),
+    attached with exits, with thresholds under which rows leave at each exit; and a padded batch
+    by name (ids, attention_mask, and for BERT token_type_ids with a second segment), its padded
+    positions holding the pad id."""
+    if kind == "bert":
+        rt = text_runtime(seed=1234)  # (tiny_bert_text's weights)
+        g = torch.Generator().manual_seed(11)
+        ids = torch.randint(2, V, (6, 10), generator=g)
+        lengths = torch.tensor([10, 7, 3, 10, 5, 8])
+        mask = (torch.arange(10)[None] < lengths[:, None]).long()
+        segments = ((torch.arange(10)[None] >= lengths[:, None] // 2) & mask.bool()).long()
+        ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
+        return rt, {"input_ids": ids, "attention_mask": mask, "token_type_ids": segments}
+    from test_decoder_families import gpt2, seeded, split_at, text_batch
+
+    backbone = seeded(gpt2)
+    model = ee.attach_exits(backbone, at=split_at(backbone))
+    with torch.no_grad():
+        outs = model(text_batch(64, 12, seed=2))
+    p0, p1 = (o.softmax(-1).amax(-1) for o in outs[:2])
+    t0 = float(p0.quantile(2 / 3))
+    t1 = float(p1[p0 < t0].quantile(1 / 2))
+    return ee.EERuntime(model, thresholds=[t0, t1], criterion="max_prob"), text_batch(6, 10, seed=3)
+
+
+def assert_rows_equal(got, want):
+    assert torch.equal(got.exit_index, want.exit_index), (got.exit_index, want.exit_index)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_over_http_a_padded_batch_by_name_with_its_mask_equals_rt_infer_of_the_dict(kind):
+    """A client could not send an attention mask by name: JSON carried the ids alone, and for
+    GPT-2 safetensors input_1 is the forward's cache slot (a 422 whose advice, a dict, HTTP could
+    not give). Now JSON "inputs" may be an object of named lists and safetensors tensors may be
+    named by the model's input names: a padded batch with its mask answers as rt.infer of the
+    same dict, row for row (the ids alone answer otherwise: the mask is read)."""
+    pytest.importorskip("httpx", reason="the [serve] extra (make test installs it)")
+    pytest.importorskip("uvicorn", reason="the [serve] extra (make test installs it)")
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+    from test_serve_http import Served, no_traceback
+
+    from eeruntime.serve.server import create_app
+
+    rt, x = named_runtime(kind)
+    want = rt.infer(x)
+    assert len(set(want.exit_index.tolist())) >= 2, want.exit_index  # a mix of exits
+    if kind == "bert":  # (GPT-2 refuses its pad ids without the mask)
+        assert not torch.allclose(rt.infer(x["input_ids"]).logits, want.logits)  # (the mask matters)
+    st = {"content-type": "application/vnd.safetensors", "accept": "application/vnd.safetensors"}
+    with StageScheduler(rt, max_batch=8) as sched:
+        s = Served(create_app(sched))
+        try:
+            r = s.client.post("/v1/infer", json={"inputs": {k: v.tolist() for k, v in x.items()}})
+            assert r.status_code == 200, r.text
+            assert_rows_equal(_result(r.json()), want)
+            r = s.client.post("/v1/infer", content=st_save(x), headers=st)
+            assert r.status_code == 200, r.text
+            assert_rows_equal(_result(st_load(r.content)), want)
+            # a mask of booleans (a tokenizer's return_tensors="pt" gives ints; numpy users bools)
+            bools = {**x, "attention_mask": x["attention_mask"].bool()}
+            r = s.client.post("/v1/infer", content=st_save(bools), headers=st)
+            assert r.status_code == 200, r.text
+            assert_rows_equal(_result(st_load(r.content)), want)
+            # the ids alone by name: every token real, as rt.infer takes them
+            alone = x["input_ids"][:1, :4]
+            r = s.client.post("/v1/infer", json={"inputs": {"input_ids": alone.tolist()}})
+            assert r.status_code == 200, r.text
+            assert_rows_equal(_result(r.json()), rt.infer({"input_ids": alone}))
+            names = list(rt.model.input_adapter.names)
+            ids, mask = x["input_ids"].tolist(), x["attention_mask"].tolist()
+            refused = [
+                ({"input_ids": ids, "attention_mask": mask, "position_ids": mask}, ["position_ids", str(names)]),
+                ({"attention_mask": mask}, ["no 'input_ids'", str(names)]),
+                ({"input_ids": ids, "attention_mask": [[1, True]]}, ["inputs.attention_mask[0][1] is true"]),
+                ({"input_ids": ids, "attention_mask": [[1.0] * 10] * 6}, ["attention_mask has dtype float32"]),
+                ({"input_ids": [[1, 2], [3]]}, ["inputs.input_ids must be a rectangular nested list"]),
+                ({"input_ids": ids, "attention_mask": mask[:2]}, ["attention_mask has 2 rows but input_ids has 6"]),
+                ({"input_ids": ids, "attention_mask": [r[:4] for r in mask]}, ["must match input_ids"]),
+                ({"input_ids": 5}, ["input_ids needs a batch dimension"]),
+            ]
+            for inputs, words in refused:
+                r = s.client.post("/v1/infer", json={"inputs": inputs})
+                assert r.status_code == 422 and all(w in r.json()["error"] for w in words), (inputs, r.text)
+                no_traceback(r)
+            r = s.client.post("/v1/infer", content=st_save({**x, "mask": x["attention_mask"].clone()}), headers=st)
+            assert r.status_code == 422 and "['mask']" in r.json()["error"] and str(names) in r.text, r.text
+            for positional in ("input", "input_0"):  # (a positional name among named ones: which is it?)
+                mixed = st_save({positional: x["input_ids"], "attention_mask": x["attention_mask"]})
+                r = s.client.post("/v1/infer", content=mixed, headers=st)
+                assert r.status_code == 422 and f"['{positional}']" in r.json()["error"], r.text
+            # the old positional forms are unchanged (and name the new one when refused)
+            full = x["input_ids"][:1]  # (row 0: no padding)
+            r = s.client.post("/v1/infer", content=st_save({"input": full}), headers=st)
+            assert r.status_code == 200, r.text
+            assert_rows_equal(_result(st_load(r.content)), rt.infer(full))
+            r = s.client.post("/v1/infer", content=st_save({"inputs": x["input_ids"]}), headers=st)
+            assert r.status_code == 422 and "input_0, input_1" in r.text and str(names) in r.text, r.text
+            if kind == "gpt2":
+                # input_1 is the cache slot in GPT-2's forward order: refused, saying to name them
+                two = st_save({"input_0": x["input_ids"], "input_1": x["attention_mask"]})
+                r = s.client.post("/v1/infer", content=two, headers=st)
+                assert r.status_code == 422 and "name the safetensors tensors" in r.json()["error"], r.text
+                no_traceback(r)
+            assert sched.stats_dict()["stage_failures"] == 0
+        finally:
+            s.stop()
+
+
+def test_over_http_a_model_without_named_inputs_refuses_inputs_by_name():
+    pytest.importorskip("httpx", reason="the [serve] extra (make test installs it)")
+    pytest.importorskip("uvicorn", reason="the [serve] extra (make test installs it)")
+    from models import mlp_model
+    from safetensors.torch import save as st_save
+    from test_serve_http import Served, no_traceback
+
+    from eeruntime.serve.server import create_app
+
+    rt = ee.EERuntime(mlp_model(), thresholds=0.5, criterion="max_prob")
+    with StageScheduler(rt, max_batch=8) as sched:
+        s = Served(create_app(sched))
+        try:
+            r = s.client.post("/v1/infer", json={"inputs": {"input_ids": [[1.0] * 6]}})
+            assert r.status_code == 422 and "this model takes no named inputs" in r.json()["error"], r.text
+            assert 'send JSON "inputs" as a nested list' in r.json()["error"]
+            no_traceback(r)
+            r = s.client.post(
+                "/v1/infer",
+                content=st_save({"input_ids": torch.ones(1, 6)}),
+                headers={"content-type": "application/octet-stream"},
+            )
+            assert r.status_code == 422 and "'input' or input_0, input_1" in r.json()["error"], r.text
+            assert s.client.post("/v1/infer", json={"inputs": [[1.0] * 6]}).status_code == 200
+        finally:
+            s.stop()
+
+
+def test_litserve_takes_a_text_models_inputs_by_name(tmp_path):
+    pytest.importorskip("litserve", reason="the [serve] extra (make test installs it)")
+    import gc
+
+    from fastapi import HTTPException
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.litserve_api import EarlyExitLitAPI
+
+    rt, x = named_runtime("bert")
+    rt.save(tmp_path / "text", weights=True)
+    api = EarlyExitLitAPI(tmp_path / "text", "serve_models:tiny_bert_text", max_batch=8)
+    assert torch.equal(tiny_bert_text()(x)[-1], rt.model(x)[-1])  # (the factory's weights are rt's)
+    switch = sys.getswitchinterval()
+    api.setup("cpu")
+    try:
+
+        async def ask(doc):
+            return await api.predict(await api.decode_request(doc))
+
+        got = asyncio.run(ask({"inputs": {k: v.tolist() for k, v in x.items()}}))
+        assert_rows_equal(got, rt.infer(x))
+        with pytest.raises(HTTPException) as e:
+            asyncio.run(ask({"inputs": {"input_ids": x["input_ids"].tolist(), "labels": [[1]]}}))
+        assert e.value.status_code == 422 and "['labels']" in e.value.detail, e.value.detail
+        assert "attention_mask" in e.value.detail
+    finally:
+        api.sched.close()
+        sys.setswitchinterval(switch)
+        gc.unfreeze()

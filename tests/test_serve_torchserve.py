@@ -558,3 +558,55 @@ def test_a_text_archive_pads_as_written_and_takes_json_token_ids(tmp_path, capsy
     finally:
         if handler.sched is not None:
             handler.sched.close()
+
+
+@pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "batch-mode"])
+def test_the_handler_takes_a_text_models_inputs_by_name(tmp_path, capsys, asynchronous):
+    """A text model's inputs by name (JSON "inputs" as an object TorchServe parsed, safetensors
+    tensors named input_ids, attention_mask, ...) answer as rt.infer of the same dict; an
+    unknown name is a 422 naming the accepted ones (its own status: the others are answered)."""
+    from safetensors.torch import save
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.torchserve_handler import EarlyExitHandler
+
+    torch.manual_seed(0)
+    rt = ee.EERuntime(tiny_bert_text(), thresholds=[0.4, 0.45], criterion="max_prob")
+    rt.save(tmp_path / "bundle", weights=True)
+    args = ["torchserve-archive", str(tmp_path / "bundle"), "--model", "serve_models:tiny_bert_text"]
+    args += ["--out", str(tmp_path / "store"), "--name", "text"]
+    assert cli_main(args + (["--batch-mode"] if not asynchronous else [])) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "store" / "text" / "model-config.yaml").read_text())
+    handler = EarlyExitHandler()
+    with (
+        mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
+        mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval"),
+    ):
+        handler.initialize(FakeContext(tmp_path / "store" / "text", config))
+    try:
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(2, 60, (4, 9), generator=g)
+        mask = (torch.arange(9)[None] < torch.tensor([9, 4, 6, 2])[:, None]).long()
+        ids = ids * mask  # (BERT's pad id, 0, where the mask pads)
+        a = {"input_ids": ids[:2], "attention_mask": mask[:2]}
+        b = {"input_ids": ids[2:], "attention_mask": mask[2:], "token_type_ids": torch.zeros_like(ids[2:])}
+        data = [
+            {"body": {"inputs": {k: v.tolist() for k, v in a.items()}}},
+            {"body": save(b)},
+            {"body": {"inputs": {"input_ids": ids[:1].tolist(), "segments": ids[:1].tolist()}}},
+        ]
+        jsonh, sth = {"content-type": "application/json"}, {"content-type": "application/vnd.safetensors"}
+        ctx = FakeContext(tmp_path / "store" / "text", config, [jsonh, sth, jsonh])
+        outs = handler.handle(data, ctx)
+        if asynchronous:
+            outs = asyncio.run(asyncio.wait_for(outs, 60))
+        assert [ctx.status[i][0] for i in range(3)] == [200, 200, 422], outs
+        for x, out in zip((a, b), outs):
+            want = rt.infer(x)
+            assert out["exit_index"] == want.exit_index.tolist(), out
+            torch.testing.assert_close(torch.tensor(out["logits"]), want.logits, rtol=1e-4, atol=1e-5)
+        assert "['segments']" in outs[2]["error"] and "'attention_mask'" in outs[2]["error"], outs[2]
+        assert not torch.equal(torch.tensor(outs[0]["logits"]), rt.infer(a["input_ids"]).logits)  # (the mask is read)
+    finally:
+        if handler.sched is not None:
+            handler.sched.close()

@@ -5,6 +5,12 @@ Inputs (batch first; one sample is a batch of one):
 - JSON ``{"inputs": <nested list>}``: one tensor, numbers only, converted to the model's dtype;
 - safetensors bytes: ``input`` (one tensor) or ``input_0``, ``input_1``, ... (a tuple state).
 
+A text model attached with ``ee.attach_exits`` (an input adapter whose ``names`` start with
+``input_ids``: :class:`TokenInputSpec`) also takes its inputs by name, as ``rt.infer`` takes a
+dict: safetensors tensors named ``input_ids``, ``attention_mask``, ... or JSON ``"inputs"`` as an
+object of nested lists (``{"inputs": {"input_ids": [[...]], "attention_mask": [[...]]}}``);
+decoded, such a request is a dict, which the scheduler's ``submit`` maps through the adapter.
+
 Outputs: JSON ``{"logits": [[...]], "exit_index": [...], "confidence": [...]}`` or the same three
 tensors as safetensors bytes. Every refusal is an :class:`InputError` whose message says what
 was wrong and what is accepted; it never carries a traceback.
@@ -77,7 +83,11 @@ class InputSpec:
     """What one row of a request must look like: per member, its shape after the batch dim. Given
     at start (``--input-shape``) or learned from the first request the model answered, as is each
     member's dtype (``dtypes``; a float member's is ``dtype``, the model's: float inputs are cast
-    to it as they are decoded). Until a request is answered, nothing of the dtypes is assumed."""
+    to it as they are decoded). Until a request is answered, nothing of the dtypes is assumed.
+    ``names``: the input names a request may give its tensors by (a text model's, as its input
+    adapter lists them; none here: see :class:`TokenInputSpec`)."""
+
+    names: Tuple[str, ...] = ()
 
     def __init__(self, shapes: Optional[Sequence[Tuple[int, ...]]] = None, dtype: torch.dtype = torch.float32):
         self.shapes = None if shapes is None else [tuple(int(d) for d in s) for s in shapes]
@@ -149,6 +159,36 @@ class InputSpec:
                 raise InputError(f"input_{i} has dtype {t.dtype}; send floating-point (or integer) tensors")
         return x
 
+    def check_named(self, given: dict, max_rows: int, what: str = "inputs") -> dict:
+        """A request given by input names (``what``: how the body named them, for the messages),
+        checked as :meth:`check` checks a tuple: names of ``names`` (a model without names
+        refuses it), the first (``input_ids``) among them, a batch dim and the same rows in each,
+        integer tensors (a mask may be bool; an empty one is left to the adapter, which says it
+        has no tokens); returned in the adapter's order, a dict as ``rt.infer`` takes one (the
+        adapter checks the rest at submit: shapes against input_ids', ids in the vocabulary, the
+        length)."""
+        check_names(given, self, what)
+        named = {n: given[n] for n in self.names if n in given}
+        main = self.names[0]
+        for name, t in named.items():
+            if t.dim() == 0:
+                raise InputError(f"{name} needs a batch dimension: send a list of samples, e.g. [[...]] for one sample")
+            ok = t.dtype in (torch.int64, torch.int32) or (t.dtype == torch.bool and name != main)
+            if not ok and t.numel():
+                raise InputError(
+                    f"{name} has dtype {dtype_name(t.dtype)}; send integers (int64 or int32: token ids, "
+                    "0/1 for attention_mask, which safetensors may also send as bool)"
+                )
+        n = named[main].shape[0]
+        if n == 0:
+            raise InputError(f"{main} holds no rows; send at least one sample")
+        if n > max_rows:
+            raise InputError(f"a request holds at most {max_rows} rows, got {n}; split it", status=413)
+        for name, t in named.items():
+            if t.shape[0] != n:
+                raise InputError(f"{name} has {t.shape[0]} rows but {main} has {n}; the inputs share the batch dim")
+        return named
+
 
 class TokenInputSpec(InputSpec):
     """The requests of a text encoder attached with ``ee.attach_exits`` (its input adapter takes
@@ -156,7 +196,12 @@ class TokenInputSpec(InputSpec):
     JSON numbers are token ids (as sent), not the model's float dtype. The adapter checks the
     rest at submit (ids sent as floats, out of the vocabulary, too long: ``HFInputs``), whose
     refusal the front ends answer with a 4xx; the scheduler's ``pad_to`` lets lengths share
-    batches."""
+    batches. ``names``: the adapter's (``input_ids`` first), by which a request may name its
+    tensors (:meth:`check_named`)."""
+
+    def __init__(self, names: Sequence[str] = ("input_ids",)):
+        super().__init__()
+        self.names = tuple(names)
 
     def learn(self, x) -> None:
         pass
@@ -169,8 +214,9 @@ def input_spec_for(model) -> InputSpec:
     """What the server checks requests against by default: token ids for a text encoder
     attached with ``ee.attach_exits``, else learned shapes and dtypes (floats in the model's)."""
     adapter = getattr(model, "input_adapter", None)
-    if tuple(getattr(adapter, "names", ()))[:1] == ("input_ids",):
-        return TokenInputSpec()
+    names = tuple(getattr(adapter, "names", ()))
+    if names[:1] == ("input_ids",):
+        return TokenInputSpec(names)
     return InputSpec(dtype=model_float_dtype(model))
 
 
@@ -182,11 +228,36 @@ def model_float_dtype(model) -> torch.dtype:
     return torch.float32
 
 
-def _ragged_message(e: Exception) -> str:
-    return f"inputs must be a rectangular nested list of numbers (batch first): {e}"
+def check_names(given, spec: InputSpec, what: str) -> None:
+    """An :class:`InputError` (422) unless ``given`` (a request's inputs by name: safetensors
+    tensors, a JSON object) names only inputs of ``spec.names``, its first (``input_ids``)
+    among them; a model without names refuses every named request, saying what it takes."""
+    if not spec.names:
+        raise InputError(
+            f"{what} are named {sorted(map(str, given))[:8]}; this model takes no named inputs (inputs by name "
+            'are for a text model attached with ee.attach_exits): send JSON "inputs" as a nested list '
+            "(batch first), or safetensors tensors named 'input' or input_0, input_1, ..."
+        )
+    unknown = sorted(set(given) - set(spec.names))
+    if unknown or spec.names[0] not in given:
+        why = f"unknown input name(s) {unknown}" if unknown else f"no {spec.names[0]!r}"
+        defaults = {"attention_mask": "every token real", "token_type_ids": "segment 0"}
+        optional = "; ".join(
+            f"{n} optional: {defaults[n]}" if n in defaults else f"{n} optional" for n in spec.names[1:]
+        )
+        raise InputError(
+            f"{what}: {why}; this model takes {list(spec.names)} by name ({spec.names[0]} required"
+            + (f"; {optional})" if optional else ")")
+        )
 
 
-def json_tensor(data: list, spec: InputSpec, malformed_status: int = 422, maybe_bools: bool = True) -> torch.Tensor:
+def _ragged_message(e: Exception, label: str = "inputs") -> str:
+    return f"{label} must be a rectangular nested list of numbers (batch first): {e}"
+
+
+def json_tensor(
+    data: list, spec: InputSpec, malformed_status: int = 422, maybe_bools: bool = True, label: str = "inputs"
+) -> torch.Tensor:
     """JSON ``"inputs"`` (a nested list) as a tensor in the dtype JSON numbers become
     (:meth:`InputSpec.json_dtype`). A list that is not a rectangle of numbers is an
     :class:`InputError` (``malformed_status``: 422 for ``eeruntime serve``, LitServe and
@@ -194,14 +265,29 @@ def json_tensor(data: list, spec: InputSpec, malformed_status: int = 422, maybe_
     input has been booleans: ``torch.tensor`` reads true / false as 1 / 0, which answered a
     client's mistake as if it were data. Shared by every front end that reads JSON itself.
     ``maybe_bools=False``: the caller knows there is none (:func:`may_hold_booleans` of the raw
-    body), and the check, about 8 us of a small request's decode (measured), is skipped."""
+    body), and the check, about 8 us of a small request's decode (measured), is skipped.
+    ``label``: what the messages call ``data`` (``inputs.attention_mask`` for a named input)."""
     try:
         x = torch.tensor(data, dtype=spec.json_dtype())
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise InputError(_ragged_message(e), status=malformed_status) from None
+        raise InputError(_ragged_message(e, label), status=malformed_status) from None
     if maybe_bools and spec.dtypes != [torch.bool]:
-        _refuse_booleans(data, x)
+        _refuse_booleans(data, x, label)
     return x
+
+
+def json_named(
+    data: dict, spec: InputSpec, max_rows: int, malformed_status: int = 422, maybe_bools: bool = True
+) -> dict:
+    """JSON ``"inputs"`` given as an object of named nested lists (a text model's inputs by name,
+    ``{"input_ids": [[...]], "attention_mask": [[...]]}``) as a dict of tensors, each read as
+    :func:`json_tensor` reads ``"inputs"`` and checked by :meth:`InputSpec.check_named`;
+    refused (422) for a model without named inputs. Shared by every front end that reads JSON."""
+    check_names(data, spec, '"inputs" fields')
+    tensors = {
+        name: json_tensor(v, spec, malformed_status, maybe_bools, label=f"inputs.{name}") for name, v in data.items()
+    }
+    return spec.check_named(tensors, max_rows, '"inputs" fields')
 
 
 def may_hold_booleans(body: bytes) -> bool:
@@ -212,7 +298,7 @@ def may_hold_booleans(body: bytes) -> bool:
     return b"true" in body or b"false" in body or json.detect_encoding(body[:4]) not in ("utf-8", "utf-8-sig")
 
 
-def _refuse_booleans(data: list, x: torch.Tensor) -> None:
+def _refuse_booleans(data: list, x: torch.Tensor, label: str = "inputs") -> None:
     """An :class:`InputError` naming the first JSON boolean in ``data`` (``x``: the tensor made
     of it), if there is one. Cheap for the common body: a boolean became exactly 0 or 1, so a
     tensor without either holds none (one comparison over the tensor); else one pass over the
@@ -230,7 +316,7 @@ def _refuse_booleans(data: list, x: torch.Tensor) -> None:
     at = next(i for i, v in enumerate(flat) if type(v) is bool)
     where = "".join(f"[{int(i)}]" for i in torch.unravel_index(torch.tensor(at), x.shape))
     raise InputError(
-        f"inputs{where} is {json.dumps(flat[at])}: JSON booleans are not numbers; send the model's inputs as numbers"
+        f"{label}{where} is {json.dumps(flat[at])}: JSON booleans are not numbers; send the model's inputs as numbers"
     )
 
 
@@ -242,7 +328,10 @@ def decode_json(doc, spec: InputSpec, max_rows: int, maybe_bools: bool = True):
         raise InputError(f'unknown field(s) {unknown}; the body takes only "inputs"')
     data = doc["inputs"]
     if not isinstance(data, list):
-        raise InputError(f'"inputs" must be a list of samples (batch first), got {type(data).__name__}')
+        if isinstance(data, dict):  # a text model's inputs by name
+            return json_named(data, spec, max_rows, maybe_bools=maybe_bools)
+        named = f", or an object of {list(spec.names)} by name" if spec.names else ""
+        raise InputError(f'"inputs" must be a list of samples (batch first){named}, got {type(data).__name__}')
     if spec.shapes is not None and len(spec.shapes) != 1:
         raise InputError("this model takes several input tensors; send them as safetensors (input_0, input_1, ...)")
     return spec.check(json_tensor(data, spec, maybe_bools=maybe_bools), max_rows)
@@ -261,8 +350,11 @@ def decode_safetensors(body: bytes, spec: InputSpec, max_rows: int):
     else:
         names = [f"input_{i}" for i in range(len(tensors))]
         if sorted(tensors) != sorted(names) or not names:
+            if spec.names and not set(tensors).isdisjoint(spec.names):  # a text model's inputs by name
+                return spec.check_named(tensors, max_rows, "safetensors tensors")
+            named = f", or by the model's input names {list(spec.names)}" if spec.names else ""
             raise InputError(
-                f"safetensors inputs must be named 'input' or input_0, input_1, ...; got {sorted(tensors)}"
+                f"safetensors inputs must be named 'input' or input_0, input_1, ...{named}; got {sorted(tensors)}"
             )
         parts = tuple(tensors[n] for n in names)
     cast_parts = tuple(t.to(spec.dtype) if t.is_floating_point() else t for t in parts)

@@ -119,7 +119,11 @@ class EarlyExitLitAPI(ls.LitAPI):
             x = decode_json(request, self.spec, self.max_rows)
         except InputError as e:
             raise HTTPException(e.status, str(e)) from None
-        return x if self.device_name in (None, "cpu") else x.to(self.device_name)
+        if self.device_name in (None, "cpu"):
+            return x
+        if isinstance(x, dict):  # a text model's inputs by name ({"inputs": {"input_ids": ...}})
+            return {k: t.to(self.device_name) for k, t in x.items()}
+        return x.to(self.device_name)
 
     async def predict(self, x, **kwargs):
         from .scheduler import SchedulerClosed, SchedulerFull, StageFailed

@@ -3,8 +3,10 @@
 Routes:
 
 - ``POST /v1/infer``: a batch as JSON ``{"inputs": [...]}`` or safetensors bytes (Content-Type
-  ``application/vnd.safetensors`` or ``application/octet-stream``); the answer is JSON, or
-  safetensors when the request's Accept header asks for it.
+  ``application/vnd.safetensors`` or ``application/octet-stream``); a text model's inputs may be
+  given by name (``{"inputs": {"input_ids": [...], "attention_mask": [...]}}``, or safetensors
+  tensors so named: :mod:`.codec`); the answer is JSON, or safetensors when the request's Accept
+  header asks for it.
 - ``GET /health``: 200 while the scheduler takes requests, 503 once it is closing.
 - ``GET /stats``: the scheduler's and the runtime's statistics as JSON; ``GET /metrics``: the same
   in the Prometheus text format.
@@ -110,7 +112,10 @@ def create_app(
             return error(e.status, str(e))
         host_x = x
         if device is not None and device.type != "cpu":
-            x = from_tuple([t.to(device, non_blocking=True) for t in as_tuple(x)], x)
+            if isinstance(x, dict):  # a text model's inputs by name
+                x = {k: t.to(device, non_blocking=True) for k, t in x.items()}
+            else:
+                x = from_tuple([t.to(device, non_blocking=True) for t in as_tuple(x)], x)
         try:
             result = await sched.submit(x)
         except (SchedulerFull, SchedulerClosed, TimeoutError, StageFailed, ValueError, TypeError) as e:

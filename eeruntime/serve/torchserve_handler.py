@@ -82,6 +82,14 @@ def _error(status: int, message: str) -> Reply:
     return status, "application/json", {"error": message}
 
 
+def _cat(xs: List[Any]) -> Any:
+    """Requests' inputs as one: dicts (a text model's inputs by name) name by name, else
+    :func:`cat_rows`."""
+    if isinstance(xs[0], dict):
+        return {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
+    return cat_rows(xs)
+
+
 def _refused(x: Any) -> bool:
     """A Reply, not an input (an input tuple holds tensors); no class of its own: TorchServe
     wants exactly one class in a handler module."""
@@ -184,7 +192,13 @@ class EarlyExitHandler:
                 log.exception("unexpected error decoding a request")
                 out.append(_error(500, "internal error"))
                 continue
-            out.append(x if self.device.type == "cpu" else from_tuple([t.to(self.device) for t in as_tuple(x)], x))
+            if self.device.type != "cpu":
+                x = (
+                    {k: t.to(self.device) for k, t in x.items()}  # a text model's inputs by name
+                    if isinstance(x, dict)
+                    else from_tuple([t.to(self.device) for t in as_tuple(x)], x)
+                )
+            out.append(x)
         return out
 
     def _decode(self, req: Any, content_type: str) -> Any:
@@ -223,10 +237,12 @@ class EarlyExitHandler:
         groups: Dict[Any, List[int]] = {}
         for i, x in enumerate(decoded):
             if not _refused(x):
-                groups.setdefault(tuple((t.shape[1:], t.dtype) for t in as_tuple(x)), []).append(i)
+                # (a text model's inputs by name, a dict, batch with dicts of the same names and shapes)
+                parts = x.items() if isinstance(x, dict) else enumerate(as_tuple(x))
+                groups.setdefault(tuple((k, t.shape[1:], t.dtype) for k, t in parts), []).append(i)
         for idxs in groups.values():
             try:
-                result = self.rt.infer(cat_rows([decoded[i] for i in idxs]))
+                result = self.rt.infer(_cat([decoded[i] for i in idxs]))
             except Exception:  # a failing model answers 500 to the requests in this call, logged here
                 log.exception("the model failed on a batch of %d requests", len(idxs))
                 for i in idxs:
@@ -234,7 +250,8 @@ class EarlyExitHandler:
                 continue
             start = 0
             for i in idxs:
-                n = as_tuple(decoded[i])[0].shape[0]
+                x = decoded[i]
+                n = (next(iter(x.values())) if isinstance(x, dict) else as_tuple(x)[0]).shape[0]
                 replies[i] = type(result)(
                     *(t[start : start + n] for t in (result.logits, result.exit_index, result.confidence))
                 )

@@ -4,7 +4,10 @@
 - JSON: ``{"inputs": [[...], ...]}`` (one tensor, batch dim first; numbers become the model's
   float dtype, or stay integers for a model that has taken integers), or
 - safetensors bytes (``application/octet-stream`` or ``application/vnd.safetensors``) with a
-  tensor ``inputs`` (or ``input``), or ``input_0``, ``input_1``, ... for a tuple input.
+  tensor ``inputs`` (or ``input``), or ``input_0``, ``input_1``, ... for a tuple input;
+- for a text model attached with ``ee.attach_exits``, its inputs by name, as ``rt.infer`` takes a
+  dict: JSON ``{"inputs": {"input_ids": [[...]], "attention_mask": [[...]]}}`` or safetensors
+  tensors so named (read and checked by the shared codec, as ``eeruntime serve`` reads them).
 
 The answer is JSON ``{"logits": [[...]], "exit_index": [...], "confidence": [...]}`` plus the
 serving facts in ``meta``. A malformed body gets a 400 saying what was wrong; one over the size
@@ -20,7 +23,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..codec import SAFETENSORS_TYPES, InputError, InputSpec, json_tensor, may_hold_booleans, parse_json, read_body
+from ..codec import (
+    SAFETENSORS_TYPES,
+    InputError,
+    InputSpec,
+    json_named,
+    json_tensor,
+    may_hold_booleans,
+    parse_json,
+    read_body,
+)
 
 MAX_BODY_BYTES = 64 << 20
 
@@ -48,6 +60,10 @@ def _from_safetensors(body: bytes, spec: Optional[InputSpec] = None):
         tensors = st_load(body)
     except Exception as e:  # noqa: BLE001 - any parse failure is the client's
         raise BadRequest(f"the body is not valid safetensors bytes ({type(e).__name__})") from None
+    if spec.names and not set(tensors).isdisjoint(spec.names):
+        # a text model's inputs by name (a positional name among them is refused as unknown: it
+        # was read alone and the named ones, a mask, dropped without a word)
+        return spec.check_named(tensors, sys.maxsize, "safetensors tensors")
     for name in ("inputs", "input"):  # (``input``: the name ``eeruntime serve`` reads)
         if name in tensors:
             return _floats_as_model(tensors[name], spec)
@@ -55,7 +71,10 @@ def _from_safetensors(body: bytes, spec: Optional[InputSpec] = None):
     while f"input_{len(parts)}" in tensors:
         parts.append(_floats_as_model(tensors[f"input_{len(parts)}"], spec))
     if not parts:
-        raise BadRequest(f"safetensors body needs a tensor 'inputs' (or input_0, input_1, ...); got {sorted(tensors)}")
+        named = f", or by the model's input names {list(spec.names)}" if spec.names else ""
+        raise BadRequest(
+            f"safetensors body needs a tensor 'inputs' (or input_0, input_1, ...{named}); got {sorted(tensors)}"
+        )
     return tuple(parts)
 
 
@@ -73,6 +92,8 @@ def _from_json(body: bytes, spec: Optional[InputSpec] = None):
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise BadRequest('a JSON body is an object with "inputs": a nested list of numbers, batch dim first')
     spec = spec or InputSpec()
+    if isinstance(doc["inputs"], dict):  # a text model's inputs by name (a 422 for another model)
+        return json_named(doc["inputs"], spec, sys.maxsize, malformed_status=400, maybe_bools=may_hold_booleans(body))
     try:  # (a JSON boolean too: a 422 naming it, as eeruntime serve answers)
         x = json_tensor(doc["inputs"], spec, malformed_status=400, maybe_bools=may_hold_booleans(body))
     except InputError as e:
@@ -94,7 +115,8 @@ async def read_inputs(request, spec: InputSpec, max_bytes: Optional[int] = None)
     # media types are case-insensitive; parameters (; charset=...) do not change the format
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     x = _from_safetensors(body, spec) if ctype in SAFETENSORS_TYPES else _from_json(body, spec)
-    return spec.check(x, max_rows=sys.maxsize)
+    # (a text model's inputs by name, a dict, were checked as they were read)
+    return x if isinstance(x, dict) else spec.check(x, max_rows=sys.maxsize)
 
 
 def answer_json(answer: Dict[str, Any]) -> Dict[str, Any]:

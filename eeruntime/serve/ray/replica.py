@@ -54,6 +54,10 @@ class ReplicaBase:
         # share a @serve.batch (rows batch only with rows of the same shape: replica.signature)
         self._adapter = getattr(self.rt.model, "input_adapter", None)
         self.pad_to = check_pad_to(pad_to, self._adapter)
+        # an input adapter with input names (an HF model's): every request is mapped by it (a dict
+        # of a text model's inputs by name could not be batched as it is), so that requests in
+        # every form rt.infer takes become its one tuple and share batches
+        self._by_name = bool(getattr(self._adapter, "names", ()))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eeruntime-compute")
         self.metrics = ReplicaMetrics(self.rt.num_exits, tier=self.tier)
         # What a row of an HTTP request must look like: learned from the first answered request
@@ -69,19 +73,20 @@ class ReplicaBase:
         freeze_startup_objects()  # the replica's process is loaded (eeruntime/serve/process.py)
 
     def _padded(self, x):
-        """``x`` as this replica batches it: with ``pad_to``, the input adapter's tuple (the
-        request in whatever form ``rt.infer`` takes; what the adapter refuses fails this request
-        alone, before any batch) padded to the shortest length that holds it, as
+        """``x`` as this replica batches it: for a model whose input adapter has input names (an
+        HF model's), the adapter's tuple (the request in whatever form ``rt.infer`` takes, a dict
+        by name included; what the adapter refuses fails this request alone, before any batch),
+        with ``pad_to`` padded to the shortest length that holds it, as
         ``StageScheduler(pad_to=...)`` pads; else ``x`` as it is."""
-        if not self.pad_to:
+        if not self._by_name:
             return x
         state = self._adapter(x)
         return pad_tokens(state, self.pad_to, self._adapter) if isinstance(state, tuple) else state
 
     def _model_input(self, x):
-        """A batch's input as ``rt.infer`` / ``run_stage(0, ...)`` take it: a padded state by
-        name (its tuple is in the stages' order, which they would read as the forward's)."""
-        return dict(zip(self._adapter.names, x)) if self.pad_to and isinstance(x, tuple) else x
+        """A batch's input as ``rt.infer`` / ``run_stage(0, ...)`` take it: the adapter's state
+        by name (its tuple is in the stages' order, which they would read as the forward's)."""
+        return dict(zip(self._adapter.names, x)) if self._by_name and isinstance(x, tuple) else x
 
     # ---------------------------------------------------------------- configuration
     def _batched_method(self):
