@@ -256,8 +256,25 @@ def test_json_booleans_are_refused_as_not_numbers_saying_where(inputs, where, ta
         '{"inputs":[[1,0,false]]}'.encode("utf-32-le"),
         '{"inputs": [[0.5, 2.0, 3.0]]}'.encode("utf-32"),
         '{"inputs": [[0.5, 2.0, 3.0]]}'.encode("utf-8-sig"),
+        '{"inputs": [[0.5, true, 2.0]]}'.encode("utf-8-sig"),
+        b' \n{"inputs": [[1e-05, false, 2.5e3]]}',  # (exponents hold an "e" too; leading whitespace)
+        b'{"inputs": [[1E+2, 0, 1]]}',
     ],
-    ids=["true", "false", "numbers", "0-1", "field", "utf16-true", "utf16be-true", "utf32le-false", "utf32", "bom"],
+    ids=[
+        "true",
+        "false",
+        "numbers",
+        "0-1",
+        "field",
+        "utf16-true",
+        "utf16be-true",
+        "utf32le-false",
+        "utf32",
+        "bom",
+        "bom-true",
+        "space-exponent-false",
+        "exponent",
+    ],
 )
 def test_the_raw_body_shortcut_decodes_as_the_full_check_does(body):
     """decode_body skips the boolean check for a body without the substrings true / false
