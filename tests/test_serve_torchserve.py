@@ -610,3 +610,53 @@ def test_the_handler_takes_a_text_models_inputs_by_name(tmp_path, capsys, asynch
     finally:
         if handler.sched is not None:
             handler.sched.close()
+
+
+def test_batch_mode_a_text_request_the_adapter_refuses_is_a_422_and_its_batch_is_answered(tmp_path, capsys):
+    """Batch mode ran every request of a TorchServe batch in one rt.infer, whose input adapter
+    refused the whole batch for one request's ids out of the vocabulary (or a mask of another
+    width than its ids: a call of its own): a 500 "the model failed" for every request in it,
+    the good ones too. Now each request is mapped by the adapter as it is decoded (as the
+    scheduler's submit maps it): the one refused gets a 422 saying why, the others their rows of
+    rt.infer, plain and named requests sharing one batch."""
+    from serve_models import tiny_bert_text
+
+    from eeruntime.serve.torchserve_handler import EarlyExitHandler
+
+    torch.manual_seed(0)
+    rt = ee.EERuntime(tiny_bert_text(), thresholds=[0.4, 0.45], criterion="max_prob")
+    rt.save(tmp_path / "bundle", weights=True)
+    args = ["torchserve-archive", str(tmp_path / "bundle"), "--model", "serve_models:tiny_bert_text"]
+    args += ["--out", str(tmp_path / "store"), "--name", "text", "--batch-mode"]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "store" / "text" / "model-config.yaml").read_text())
+    handler = EarlyExitHandler()
+    with (
+        mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
+        mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval"),
+    ):
+        handler.initialize(FakeContext(tmp_path / "store" / "text", config))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(2, 60, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    ids = ids * mask
+    named = {"input_ids": ids[:2], "attention_mask": mask[:2]}
+    plain = ids[2:]
+    bodies = [
+        {"inputs": {k: v.tolist() for k, v in named.items()}},
+        {"inputs": {"input_ids": [[1000] * 6], "attention_mask": [[1] * 6]}},  # out of the vocabulary
+        {"inputs": plain.tolist()},
+        {"inputs": {"input_ids": ids[:2].tolist(), "attention_mask": [[1] * 4] * 2}},  # 4 mask columns for 6 ids
+        {"inputs": [[1000] * 6]},
+    ]
+    ctx = FakeContext(tmp_path / "store" / "text", config, [{"content-type": "application/json"}] * len(bodies))
+    outs = handler.handle([{"body": b} for b in bodies], ctx)
+    assert [ctx.status[i][0] for i in range(len(bodies))] == [200, 422, 200, 422, 422], outs
+    for x, out in ((named, outs[0]), (plain, outs[2])):
+        want = rt.infer(x)
+        assert out["exit_index"] == want.exit_index.tolist(), out
+        torch.testing.assert_close(torch.tensor(out["logits"]), want.logits, rtol=1e-4, atol=1e-5)
+    assert "token ids must be in [0, 60)" in outs[1]["error"] and "token ids must be in" in outs[4]["error"]
+    assert "attention_mask has shape [2, 4]; it must match input_ids' [2, 6]" in outs[3]["error"], outs[3]
+    assert all("Traceback" not in str(o) for o in outs)

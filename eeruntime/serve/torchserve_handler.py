@@ -106,6 +106,7 @@ class EarlyExitHandler:
         self.spec = InputSpec()
         self.max_rows = 256
         self.device = torch.device("cpu")
+        self._by_name = False
         self.initialized = False
 
     def initialize(self, context: Any) -> None:
@@ -146,6 +147,8 @@ class EarlyExitHandler:
             else input_spec_for(self.rt.model)
         )
         self.max_rows = opts.get("max_rows", 256)
+        # an input adapter with input names (an HF model's): batch mode maps each request by it
+        self._by_name = bool(getattr(getattr(self.rt.model, "input_adapter", None), "names", ()))
         if config.get("asyncCommunication"):
             kwargs = {arg: opts[k] for k, arg in SCHEDULER_OPTIONS.items() if k in opts}
             # no deferral unless the config says (null: the scheduler's own default), as in
@@ -192,6 +195,15 @@ class EarlyExitHandler:
                 log.exception("unexpected error decoding a request")
                 out.append(_error(500, "internal error"))
                 continue
+            if self.sched is None and self._by_name:
+                # batch mode: mapped by the input adapter here, on the host (as the scheduler's
+                # submit maps each request), so that what it refuses (ids out of the vocabulary, a
+                # mask of another shape) is this request's 422, not a 500 for its whole batch
+                try:
+                    x = self.rt.model.input_adapter(x)
+                except (ValueError, TypeError) as e:
+                    out.append(_error(422, str(e)))
+                    continue
             if self.device.type != "cpu":
                 x = (
                     {k: t.to(self.device) for k, t in x.items()}  # a text model's inputs by name
@@ -242,7 +254,10 @@ class EarlyExitHandler:
                 groups.setdefault(tuple((k, t.shape[1:], t.dtype) for k, t in parts), []).append(i)
         for idxs in groups.values():
             try:
-                result = self.rt.infer(_cat([decoded[i] for i in idxs]))
+                x = _cat([decoded[i] for i in idxs])
+                if self._by_name and isinstance(x, tuple):  # the adapter's state, by name (its order is the stages')
+                    x = dict(zip(self.rt.model.input_adapter.names, x))
+                result = self.rt.infer(x)
             except Exception:  # a failing model answers 500 to the requests in this call, logged here
                 log.exception("the model failed on a batch of %d requests", len(idxs))
                 for i in idxs:
