@@ -39,6 +39,35 @@ def parked(sched, wait=30.0):
             sched._cv.notify_all()
 
 
+def check_padded_serving_and_bundle(model, rt, x, requests, thr, factory, path):
+    """The scheduler's ``pad_to`` (``requests``, the rows of the text batch ``x`` cut to their
+    real lengths, right-padded to 8 or 16 tokens in shared batches) answers each as ``rt.infer``
+    answers it alone, with a mix of exits (a differing exit only within float noise of ``thr``,
+    by the per-sample loop's margins); a bundle of ``rt`` saved with its weights and loaded into
+    ``factory(seed=1)`` (other random weights) gives ``rt.infer``'s answers on ``x``. Shared by
+    the HF encoder and decoder family tests."""
+    from reference import per_sample_loop
+
+    from eeruntime.serve import StageScheduler
+
+    with StageScheduler(rt, max_batch=32, inline="never", max_defer_ms=0, pad_to=(8, 16)) as sched:
+        with parked(sched):
+            futures = [sched.submit_nowait(r) for r in requests]
+        answers = [f.result(30) for f in futures]
+    _, _, margins = per_sample_loop(model, model.prepare_input(x), [thr, thr], "max_prob")
+    left = 0
+    for r, got, margin in zip(requests, answers, margins.tolist()):
+        want = rt.infer(r)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+        assert margin < 1e-4 or torch.equal(got.exit_index, want.exit_index)
+        left += int(want.exit_index[0] < 2)
+    assert 0 < left < len(requests)  # a mix of exits
+    rt.save(path / "b", weights=True)
+    back = ee.load(path / "b", lambda: factory(seed=1))
+    again, want = back.infer(x), rt.infer(x)
+    assert torch.equal(again.exit_index, want.exit_index) and torch.equal(again.logits, want.logits)
+
+
 def free_port():
     """A port the OS says is free on 127.0.0.1 (servers in tests bind 127.0.0.1 only)."""
     with socket.socket() as s:

@@ -148,9 +148,7 @@ def test_decoders_served_with_pad_to_and_saved_with_their_weights(build, tmp_pat
     """The scheduler's pad_to (requests right-padded to 8 or 16 tokens in shared batches) answers
     each as rt.infer answers it alone; a bundle saved with its weights and loaded into a fresh
     model (other random weights) gives rt.infer's answers."""
-    from serve_models import parked
-
-    from eeruntime.serve import StageScheduler
+    from serve_models import check_padded_serving_and_bundle
 
     def factory(seed=0):
         backbone = seeded(build, seed)
@@ -163,22 +161,7 @@ def test_decoders_served_with_pad_to_and_saved_with_their_weights(build, tmp_pat
     requests = [  # dicts: a tuple is in forward order, GPT-2's (input_ids, cache, attention_mask, ...)
         {k: v[i : i + 1, :n] for k, v in x.items()} for i, n in enumerate(x["attention_mask"].sum(1).tolist())
     ]
-    with StageScheduler(rt, max_batch=32, inline="never", max_defer_ms=0, pad_to=(8, 16)) as sched:
-        with parked(sched):
-            futures = [sched.submit_nowait(r) for r in requests]
-        answers = [f.result(30) for f in futures]
-    _, _, margins = per_sample_loop(model, model.prepare_input(x), [thr, thr], "max_prob")
-    left = 0
-    for r, got, margin in zip(requests, answers, margins.tolist()):
-        want = rt.infer(r)
-        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
-        assert margin < 1e-4 or torch.equal(got.exit_index, want.exit_index)
-        left += int(want.exit_index[0] < 2)
-    assert 0 < left < len(requests)  # a mix of exits
-    rt.save(tmp_path / "b", weights=True)
-    back = ee.load(tmp_path / "b", lambda: factory(seed=1))
-    again, want = back.infer(x), rt.infer(x)
-    assert torch.equal(again.exit_index, want.exit_index) and torch.equal(again.logits, want.logits)
+    check_padded_serving_and_bundle(model, rt, x, requests, thr, factory, tmp_path)
 
 
 @pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama"])

@@ -519,11 +519,10 @@ def test_handler_refuses_a_hand_written_config_value_out_of_range(tmp_path, asyn
     assert handler.sched is None and not handler.initialized
 
 
-@pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "batch-mode"])
-def test_a_text_archive_pads_as_written_and_takes_json_token_ids(tmp_path, capsys, asynchronous):
-    """torchserve-archive --pad-to writes pad_to into model-config.yaml; the handler's scheduler
-    pads with it, and JSON numbers are token ids from the first request (docs/serving.md, "Text
-    models")."""
+def text_handler(tmp_path, capsys, batch_mode: bool, *options: str):
+    """A tiny BERT text runtime (seeded), its bundle archived by ``torchserve-archive`` with
+    ``options`` (and ``--batch-mode``), and an ``EarlyExitHandler`` initialised from the archive
+    as TorchServe would: (rt, handler, archive config)."""
     from serve_models import tiny_bert_text
 
     from eeruntime.serve.torchserve_handler import EarlyExitHandler
@@ -532,16 +531,25 @@ def test_a_text_archive_pads_as_written_and_takes_json_token_ids(tmp_path, capsy
     rt = ee.EERuntime(tiny_bert_text(), thresholds=[0.4, 0.45], criterion="max_prob")
     rt.save(tmp_path / "bundle", weights=True)
     args = ["torchserve-archive", str(tmp_path / "bundle"), "--model", "serve_models:tiny_bert_text"]
-    args += ["--out", str(tmp_path / "store"), "--name", "text", "--pad-to", "16,8"]
-    assert cli_main(args + (["--batch-mode"] if not asynchronous else [])) == 0, capsys.readouterr().err
+    args += ["--out", str(tmp_path / "store"), "--name", "text", *options]
+    assert cli_main(args + (["--batch-mode"] if batch_mode else [])) == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "store" / "text" / "model-config.yaml").read_text())
-    assert config["eeruntime"]["pad_to"] == [16, 8]
     handler = EarlyExitHandler()
     with (
         mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
         mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval"),
     ):
         handler.initialize(FakeContext(tmp_path / "store" / "text", config))
+    return rt, handler, config
+
+
+@pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "batch-mode"])
+def test_a_text_archive_pads_as_written_and_takes_json_token_ids(tmp_path, capsys, asynchronous):
+    """torchserve-archive --pad-to writes pad_to into model-config.yaml; the handler's scheduler
+    pads with it, and JSON numbers are token ids from the first request (docs/serving.md, "Text
+    models")."""
+    rt, handler, config = text_handler(tmp_path, capsys, not asynchronous, "--pad-to", "16,8")
+    assert config["eeruntime"]["pad_to"] == [16, 8]
     try:
         if asynchronous:
             assert handler.sched.pad_to == (8, 16)
@@ -566,23 +574,8 @@ def test_the_handler_takes_a_text_models_inputs_by_name(tmp_path, capsys, asynch
     tensors named input_ids, attention_mask, ...) answer as rt.infer of the same dict; an
     unknown name is a 422 naming the accepted ones (its own status: the others are answered)."""
     from safetensors.torch import save
-    from serve_models import tiny_bert_text
 
-    from eeruntime.serve.torchserve_handler import EarlyExitHandler
-
-    torch.manual_seed(0)
-    rt = ee.EERuntime(tiny_bert_text(), thresholds=[0.4, 0.45], criterion="max_prob")
-    rt.save(tmp_path / "bundle", weights=True)
-    args = ["torchserve-archive", str(tmp_path / "bundle"), "--model", "serve_models:tiny_bert_text"]
-    args += ["--out", str(tmp_path / "store"), "--name", "text"]
-    assert cli_main(args + (["--batch-mode"] if not asynchronous else [])) == 0, capsys.readouterr().err
-    config = json.loads((tmp_path / "store" / "text" / "model-config.yaml").read_text())
-    handler = EarlyExitHandler()
-    with (
-        mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
-        mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval"),
-    ):
-        handler.initialize(FakeContext(tmp_path / "store" / "text", config))
+    rt, handler, config = text_handler(tmp_path, capsys, not asynchronous)
     try:
         g = torch.Generator().manual_seed(3)
         ids = torch.randint(2, 60, (4, 9), generator=g)
@@ -619,23 +612,7 @@ def test_batch_mode_a_text_request_the_adapter_refuses_is_a_422_and_its_batch_is
     the good ones too. Now each request is mapped by the adapter as it is decoded (as the
     scheduler's submit maps it): the one refused gets a 422 saying why, the others their rows of
     rt.infer, plain and named requests sharing one batch."""
-    from serve_models import tiny_bert_text
-
-    from eeruntime.serve.torchserve_handler import EarlyExitHandler
-
-    torch.manual_seed(0)
-    rt = ee.EERuntime(tiny_bert_text(), thresholds=[0.4, 0.45], criterion="max_prob")
-    rt.save(tmp_path / "bundle", weights=True)
-    args = ["torchserve-archive", str(tmp_path / "bundle"), "--model", "serve_models:tiny_bert_text"]
-    args += ["--out", str(tmp_path / "store"), "--name", "text", "--batch-mode"]
-    assert cli_main(args) == 0, capsys.readouterr().err
-    config = json.loads((tmp_path / "store" / "text" / "model-config.yaml").read_text())
-    handler = EarlyExitHandler()
-    with (
-        mock.patch("eeruntime.serve.torchserve_handler.freeze_startup_objects"),
-        mock.patch("eeruntime.serve.torchserve_handler.set_switch_interval"),
-    ):
-        handler.initialize(FakeContext(tmp_path / "store" / "text", config))
+    rt, handler, config = text_handler(tmp_path, capsys, True)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(2, 60, (3, 6), generator=g)
     mask = torch.ones_like(ids)
