@@ -82,14 +82,6 @@ def _error(status: int, message: str) -> Reply:
     return status, "application/json", {"error": message}
 
 
-def _cat(xs: List[Any]) -> Any:
-    """Requests' inputs as one: dicts (a text model's inputs by name) name by name, else
-    :func:`cat_rows`."""
-    if isinstance(xs[0], dict):
-        return {k: torch.cat([x[k] for x in xs]) for k in xs[0]}
-    return cat_rows(xs)
-
-
 def _refused(x: Any) -> bool:
     """A Reply, not an input (an input tuple holds tensors); no class of its own: TorchServe
     wants exactly one class in a handler module."""
@@ -249,12 +241,11 @@ class EarlyExitHandler:
         groups: Dict[Any, List[int]] = {}
         for i, x in enumerate(decoded):
             if not _refused(x):
-                # (a text model's inputs by name, a dict, batch with dicts of the same names and shapes)
-                parts = x.items() if isinstance(x, dict) else enumerate(as_tuple(x))
-                groups.setdefault(tuple((k, t.shape[1:], t.dtype) for k, t in parts), []).append(i)
+                # (a text model's request by name, a dict, reaches here as the adapter's tuple: _decode_all)
+                groups.setdefault(tuple((t.shape[1:], t.dtype) for t in as_tuple(x)), []).append(i)
         for idxs in groups.values():
             try:
-                x = _cat([decoded[i] for i in idxs])
+                x = cat_rows([decoded[i] for i in idxs])
                 if self._by_name and isinstance(x, tuple):  # the adapter's state, by name (its order is the stages')
                     x = dict(zip(self.rt.model.input_adapter.names, x))
                 result = self.rt.infer(x)
@@ -265,8 +256,7 @@ class EarlyExitHandler:
                 continue
             start = 0
             for i in idxs:
-                x = decoded[i]
-                n = (next(iter(x.values())) if isinstance(x, dict) else as_tuple(x)[0]).shape[0]
+                n = as_tuple(decoded[i])[0].shape[0]
                 replies[i] = type(result)(
                     *(t[start : start + n] for t in (result.logits, result.exit_index, result.confidence))
                 )
